@@ -1,0 +1,296 @@
+"""
+NodeConfig: the typed, validated settings of one node.
+
+Layers, lowest to highest: built-in defaults < ``--config FILE`` (TOML) <
+EC2 user-data < command line. Every layer uses the same key names (the long
+option names, ``max-upload``; ``max_upload`` is accepted too). Validation
+happens here, once, and fails with a `ConfigError` naming the key and what
+is wrong; the rest of the code receives a `NodeConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gridnode.errors import ConfigError
+from gridnode.store import parse_store_url
+
+DEFAULT_METADATA_URL = "http://169.254.169.254"
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its type, default and help text."""
+
+    key: str
+    default: Any
+    help: str
+    parse: Callable[[Any], Any]
+    metavar: str = ""
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a whole number") from None
+        if isinstance(value, float) and value != n:
+            raise ValueError("must be a whole number")
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return n
+
+    return parse
+
+
+def _positive_float(value: Any) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
+    if not f > 0:
+        raise ValueError("must be more than 0")
+    return f
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def _name(value: Any) -> str:
+    """env, pool and node ids become key segments: keep them plain."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError("must be 1-63 of A-Z a-z 0-9 _ - (starting with a letter or digit)")
+    return value
+
+
+def _opt_name(value: Any) -> str | None:
+    return None if value is None else _name(value)
+
+
+def _store(value: Any) -> str:
+    parse_store_url(_str(value))  # raises ConfigError with its own message
+    return str(value)
+
+
+def _endpoint(value: Any) -> str:
+    text = _str(value)
+    if ":" not in text:
+        raise ValueError("must be a Twisted endpoint string such as tcp:8080:interface=127.0.0.1")
+    return text
+
+
+def _url(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _str(value)
+    if not re.match(r"https?://[^/\s]+", text):
+        raise ValueError("must be an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _metadata(value: Any) -> str | None:
+    if value is None or value is False:
+        return None
+    if value is True or value == "":
+        return DEFAULT_METADATA_URL
+    return _url(value)
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of origins such as https://example.com")
+    return tuple(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("store", "file:gridnode-data", "where objects live: file:PATH or s3://BUCKET/PREFIX", _store, "URL"),
+    Setting("s3-endpoint", None, "S3 endpoint URL, for S3-compatible servers", _url, "URL"),
+    Setting("s3-region", None, "S3 region", _opt_str, "NAME"),
+    Setting("env", "dev", "environment this node joins (staging, production, ...)", _name, "NAME"),
+    Setting("pool", "default", "pool of nodes this node joins", _name, "NAME"),
+    Setting("http", "tcp:8080:interface=127.0.0.1", "HTTP API endpoint (Twisted endpoint string)",
+            _endpoint, "ENDPOINT"),
+    Setting("peer", "tcp:8081:interface=127.0.0.1", "peer protocol endpoint (Twisted endpoint string)",
+            _endpoint, "ENDPOINT"),
+    Setting("advertise", None, "host name or address other nodes and clients use to reach this node",
+            _opt_str, "HOST"),
+    Setting("node-id", None, "this node's id (default: the EC2 instance-id, else HOSTNAME-HTTPPORT)",
+            _opt_name, "ID"),
+    Setting("workers", None, "concurrent ffmpeg processes (default: CPU count)", _int_range(1, 256), "N"),
+    Setting("queue", 32, "jobs waiting for a worker before uploads get 503", _int_range(0, 100000), "N"),
+    Setting("max-upload", 4096, "largest upload accepted, in MB", _int_range(1, 1024 * 1024), "MB"),
+    Setting("min-free", 512, "refuse uploads when the work folder has less free space, in MB",
+            _int_range(0, 1024 * 1024), "MB"),
+    Setting("max-duration", 4 * 3600, "longest input accepted, in seconds", _int_range(1, 7 * 24 * 3600), "S"),
+    Setting("max-pixels", 8192 * 4320, "largest input frame accepted, in pixels", _int_range(1, 1 << 31), "N"),
+    Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
+    Setting("stale", 300.0, "registry records older than this many seconds are ignored",
+            _positive_float, "S"),
+    Setting("work-dir", "gridnode-work", "local folder for upload spool and ffmpeg scratch files",
+            _str, "DIR"),
+    Setting("secret-file", None, "file holding the pool secret (peer HMAC, upload tokens)", _opt_str, "FILE"),
+    Setting("cors-origins", (), "page origins allowed to call the API from a browser (comma-separated)",
+            _origins, "ORIGINS"),
+    Setting("instance-metadata", None,
+            f"read user-data and identity from the EC2 instance metadata service "
+            f"(default URL {DEFAULT_METADATA_URL})", _metadata, "URL"),
+    Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
+    Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
+)
+BY_KEY = {s.key: s for s in SETTINGS}
+#: keys that make no sense inside user-data or a config file
+CLI_ONLY = frozenset({"config"})
+#: keys user-data may not set: where to read user-data from is decided before
+USER_DATA_FORBIDDEN = frozenset({"instance-metadata"})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    store: str
+    s3_endpoint: str | None
+    s3_region: str | None
+    env: str
+    pool: str
+    http: str
+    peer: str
+    advertise: str | None
+    node_id: str | None
+    workers: int
+    queue: int
+    max_upload: int
+    min_free: int
+    max_duration: int
+    max_pixels: int
+    heartbeat: float
+    stale: float
+    work_dir: str
+    secret_file: str | None
+    cors_origins: tuple[str, ...]
+    instance_metadata: str | None
+    ffmpeg: str
+    ffprobe: str
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload * 1024 * 1024
+
+    def with_identity(self, instance_id: str | None = None, address: str | None = None) -> NodeConfig:
+        """Fill node-id and advertise from the instance (EC2) or the host."""
+        node_id = self.node_id or instance_id or default_node_id(self.http)
+        return dataclasses.replace(self, node_id=node_id, advertise=self.advertise or address)
+
+
+def normalize(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check a layer's keys (not values) and return them with canonical names."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        canon = str(key).replace("_", "-")
+        if canon not in BY_KEY:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(BY_KEY))}"
+            )
+        out[canon] = value
+    return out
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A TOML file of config keys, at the top level or in a [gridnode] table."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    if isinstance(data.get("gridnode"), dict):
+        data = data["gridnode"]
+    return normalize(data, f"config file {path}")
+
+
+def build_config(
+    *, file: Mapping[str, Any] | None = None, user_data: Mapping[str, Any] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Layer the sources and validate every value; raise ConfigError on the first bad one."""
+    layers = [("config file", normalize(file or {}, "config file"))]
+    ud = normalize(user_data or {}, "user-data")
+    for key in ud:
+        if key in USER_DATA_FORBIDDEN:
+            raise ConfigError(f"user-data: {key!r} cannot be set from user-data")
+    layers.append(("user-data", ud))
+    layers.append(("command line", normalize(cli or {}, "command line")))
+    merged: dict[str, tuple[str, Any]] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            merged[key] = (source, value)
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key in merged:
+            source, raw = merged[setting.key]
+            try:
+                value = setting.parse(raw)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {setting.key} = {raw!r} {e}") from None
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e.message}") from None
+        else:
+            value = setting.default
+        values[setting.key.replace("-", "_")] = value
+    if values["workers"] is None:
+        values["workers"] = _cpu_count()
+    return NodeConfig(**values)
+
+
+def endpoint_port(endpoint: str) -> int | None:
+    """The port of a ``tcp:PORT:...`` endpoint string, if it has one."""
+    parts = endpoint.split(":")
+    for part in parts[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port="):
+            return int(part[5:]) if part[5:].isdigit() else None
+    return None
+
+
+def endpoint_interface(endpoint: str) -> str | None:
+    for part in endpoint.split(":")[1:]:
+        if part.startswith("interface="):
+            return part[len("interface="):]
+    return None
+
+
+def default_node_id(http_endpoint: str) -> str:
+    """HOSTNAME-HTTPPORT, made safe to stand in a key."""
+    host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "node"
+    port = endpoint_port(http_endpoint)
+    node = f"{host[:50]}-{port}" if port is not None else host[:60]
+    return node

@@ -1,0 +1,119 @@
+"""
+The only place that builds object keys.
+
+The seed's author once generated keys that no tool could delete afterwards.
+Here every key is built from server-chosen ids and fixed words, checked
+against one rule: characters ``[A-Za-z0-9._-]`` with ``/`` as separator, no
+empty, ``.`` or ``..`` segment, at most 1024 bytes. A user's file name is
+data kept in the job record; it never reaches a key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from gridnode.errors import InvalidKey
+
+MAX_KEY_BYTES = 1024
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+# Crockford's base32: sortable, no ambiguous letters.
+_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def check_segment(segment: str, what: str = "segment") -> str:
+    """Return ``segment`` if it may stand as one part of a key, else raise."""
+    if not isinstance(segment, str) or not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+        raise InvalidKey(
+            f"{what} {segment!r} must be 1 or more of A-Z a-z 0-9 . _ - and not '.' or '..'"
+        )
+    return segment
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if every segment is safe and it fits in 1024 bytes."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKey("an empty key")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"a key of more than {MAX_KEY_BYTES} bytes")
+    for segment in key.split("/"):
+        check_segment(segment)
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key optionally ending with ``/``."""
+    if prefix == "":
+        return prefix
+    check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def join(*segments: str) -> str:
+    return check_key("/".join(check_segment(s) for s in segments))
+
+
+def new_id(now: float | None = None) -> str:
+    """
+    A 26-character sortable id: 48 bits of milliseconds, 80 random bits,
+    in Crockford's base32 (the ULID layout).
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_B32[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def is_id(value: str) -> bool:
+    return len(value) == 26 and all(c in _B32 for c in value)
+
+
+# The object layout (DESIGN.md, "Object layout in the store").
+
+def registry_prefix(env: str, pool: str) -> str:
+    return join("registry", env, pool) + "/"
+
+
+def node_records_prefix(env: str, pool: str) -> str:
+    return join("registry", env, pool, "nodes") + "/"
+
+
+def node_record(env: str, pool: str, node_id: str) -> str:
+    return join("registry", env, pool, "nodes", node_id + ".json")
+
+
+def nodes_list(env: str, pool: str) -> str:
+    return join("registry", env, pool, "nodes.json")
+
+
+def registry_page(env: str, pool: str) -> str:
+    return join("registry", env, pool, "index.html")
+
+
+def job_record(job_id: str) -> str:
+    return join("jobs", job_id + ".json")
+
+
+def jobs_prefix() -> str:
+    return "jobs/"
+
+
+def input_source(job_id: str) -> str:
+    return join("inputs", job_id, "source")
+
+
+def output(job_id: str, name: str) -> str:
+    """An output file; ``name`` may hold ``/`` for HLS trees (``hls/720p/seg0.ts``)."""
+    return check_key(join("outputs", job_id) + "/" + name)
+
+
+def outputs_prefix(job_id: str) -> str:
+    return join("outputs", job_id) + "/"
+
+
+def upload_prefix(upload_id: str) -> str:
+    return join("uploads", upload_id) + "/"

@@ -1,0 +1,141 @@
+"""
+The node as a service: it settles its configuration (reading EC2 user-data
+when asked), opens the store, and starts the HTTP API. A failure to start is
+one line on standard error and a non-zero exit, never a half-started node.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import time
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gridnode import __version__
+from gridnode.config import NodeConfig, build_config
+from gridnode.errors import GridnodeError
+from gridnode.store import ObjectStore, open_backend
+
+
+class Node:
+    """What the HTTP resources see of the node: settled config, store, counters."""
+
+    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.store = store
+        self.started = time.time()
+        self.draining = False
+
+    @property
+    def node_id(self) -> str:
+        assert self.config.node_id is not None
+        return self.config.node_id
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "env": self.config.env,
+            "pool": self.config.pool,
+            "version": __version__,
+            "state": "draining" if self.draining else "ok",
+            "store": self.store.url,
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+
+class NodeService(MultiService):
+    _log = Logger()
+
+    def __init__(
+        self, reactor: Any, config: NodeConfig, *, file: dict[str, Any] | None = None,
+        cli: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.setName("node")
+        self.reactor = reactor
+        self.config = config
+        self._file = file or {}
+        self._cli = cli or {}
+        self.node: Node | None = None
+        self.ready: Deferred[Node] = Deferred()
+        self._ports: list[Any] = []
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        # twistd re-raises SIGTERM after shutdown (exit status -15); an operator
+        # scaling in wants a clean stop and exit 0.
+        self.reactor.callWhenRunning(self._take_sigterm)
+        d = self._start()
+        d.addCallbacks(self.ready.callback, self._fatal)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        config = self.config
+        if config.instance_metadata:
+            from gridnode.instance import fetch_instance
+
+            info = yield fetch_instance(self.reactor, config.instance_metadata)
+            config = build_config(file=self._file, user_data=info.user_data, cli=self._cli)
+            config = config.with_identity(info.instance_id, info.public_hostname or info.local_ipv4)
+        else:
+            config = config.with_identity()
+        self.config = config
+        os.makedirs(config.work_dir, exist_ok=True)
+        backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+        store = ObjectStore.threaded(backend, self.reactor)
+        node = self.node = Node(self.reactor, config, store)
+
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        from gridnode.web.api import api_root
+
+        site = Site(api_root(node))
+        port = yield serverFromString(self.reactor, config.http).listen(site)
+        self._ports.append(port)
+        address = port.getHost()
+        self._log.info(
+            "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
+            node=node.node_id, env=config.env, pool=config.pool, host=address.host,
+            port=address.port, store=store.url,
+        )
+        return node
+
+    def _take_sigterm(self) -> None:
+        # Only where the reactor installed its own handler (twistd, not tests).
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.shutdown)
+
+    def shutdown(self) -> None:
+        self._log.info("SIGTERM: stopping")
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _fatal(self, failure: Failure) -> None:
+        error = failure.value
+        message = error.message if isinstance(error, GridnodeError) else str(error) or repr(error)
+        self._log.critical("gridnode cannot start: {reason}", reason=message)
+        # twistd sends sys.stderr to its log; the operator's terminal is fd 2.
+        os.write(2, f"twistd gridnode: {message}\n".encode())
+        # twistd has no way to set its exit status; exit 1 once it has cleaned up.
+        atexit.register(os._exit, 1)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        for port in self._ports:
+            yield port.stopListening()
+        yield super().stopService()

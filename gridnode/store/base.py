@@ -1,0 +1,153 @@
+"""
+The object store contract.
+
+A *backend* is a plain, blocking object (file folder, S3 bucket, memory) with
+S3's semantics: ETag is the MD5 of a single-part object's bytes, conditional
+puts with ``if_none_match="*"`` or ``if_match=etag``, conditional deletes,
+listing by prefix in key order with pagination. `ObjectStore` runs a backend's
+calls on a dedicated, bounded thread pool so the reactor never blocks; every
+method returns a Deferred.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    modified: float = 0.0
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[ObjectInfo] = field(default_factory=list)
+    #: pass as ``start_after`` to read the next page; None on the last page
+    next_after: str | None = None
+
+
+class Backend(Protocol):
+    """What every store backend does, blocking. Keys are checked by `gridnode.keys`."""
+
+    #: a URL of the store, for logs and ``/health``
+    url: str
+
+    def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: str | None = None,
+        if_match: str | None = None, content_type: str | None = None,
+    ) -> ObjectInfo: ...
+
+    def put_file(
+        self, key: str, path: str, *, if_none_match: str | None = None,
+        if_match: str | None = None, content_type: str | None = None,
+    ) -> ObjectInfo: ...
+
+    def get_bytes(self, key: str, *, max_size: int | None = None) -> tuple[bytes, ObjectInfo]: ...
+
+    def get_file(self, key: str, path: str) -> ObjectInfo: ...
+
+    def stat(self, key: str) -> ObjectInfo: ...
+
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> Page: ...
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None: ...
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str | None: ...
+
+    def local_path(self, key: str) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class ObjectStore:
+    """
+    The asynchronous face of a backend. ``run`` is how a blocking call is
+    made: in production a bounded thread pool, in unit tests a plain call.
+    """
+
+    def __init__(self, backend: Backend, run: Callable[..., Deferred[Any]]) -> None:
+        self.backend = backend
+        self._run = run
+
+    @classmethod
+    def synchronous(cls, backend: Backend) -> ObjectStore:
+        """A store whose Deferreds have fired on return: for unit tests."""
+
+        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+            try:
+                return succeed(fn(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001 - handed to the caller's errback
+                return fail(e)
+
+        return cls(backend, run)
+
+    @classmethod
+    def threaded(cls, backend: Backend, reactor: Any, threads: int = 8) -> ObjectStore:
+        """A store on its own thread pool, stopped with the reactor."""
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+
+        pool = ThreadPool(minthreads=0, maxthreads=threads, name="gridnode-store")
+        pool.start()
+        reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
+
+        return cls(backend, run)
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.put_bytes, key, data, **kw)
+
+    def put_file(self, key: str, path: str, **kw: Any) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.put_file, key, path, **kw)
+
+    def get_bytes(self, key: str, **kw: Any) -> Deferred[tuple[bytes, ObjectInfo]]:
+        return self._run(self.backend.get_bytes, key, **kw)
+
+    def get_file(self, key: str, path: str) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.get_file, key, path)
+
+    def stat(self, key: str) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.stat, key)
+
+    def list(self, prefix: str, **kw: Any) -> Deferred[Page]:
+        return self._run(self.backend.list, prefix, **kw)
+
+    def list_all(self, prefix: str) -> Deferred[builtins.list[ObjectInfo]]:
+        """Every object under ``prefix``, all pages read (in the thread)."""
+        return self._run(list_all, self.backend, prefix)
+
+    def delete(self, key: str, **kw: Any) -> Deferred[None]:
+        return self._run(self.backend.delete, key, **kw)
+
+    def presigned_url(self, key: str, expires: int = 3600) -> Deferred[str | None]:
+        return self._run(self.backend.presigned_url, key, expires)
+
+    def local_path(self, key: str) -> str | None:
+        return self.backend.local_path(key)
+
+
+def list_all(backend: Backend, prefix: str) -> list[ObjectInfo]:
+    items: list[ObjectInfo] = []
+    after: str | None = None
+    while True:
+        page = backend.list(prefix, start_after=after)
+        items.extend(page.items)
+        if page.next_after is None:
+            return items
+        after = page.next_after

@@ -1,0 +1,235 @@
+"""
+The embedded default: a local folder (``file:PATH``).
+
+An object is the file ``PATH/<key>``, so the folder can be browsed by hand.
+Beside the objects, ``PATH/.gridnode/`` holds what S3 keeps for us: ETags
+(MD5 of the bytes, written at put time), temporary files (written, then
+renamed into place, so a reader never sees half an object) and a lock that
+makes conditional puts atomic across threads and processes (several nodes
+on one laptop may share a folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from gridnode import keys
+from gridnode.errors import InvalidKey, NotFound
+from gridnode.store.base import ObjectInfo, Page
+from gridnode.store.memory import check_preconditions, check_size, page_of
+
+_CHUNK = 1 << 20
+_META = ".gridnode"
+
+
+class FileBackend:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = "file:" + self.root
+        self._meta = os.path.join(self.root, _META)
+        os.makedirs(os.path.join(self._meta, "tmp"), exist_ok=True)
+        os.makedirs(os.path.join(self._meta, "etags"), exist_ok=True)
+        self._thread_lock = threading.Lock()
+
+    # -- paths
+
+    def _path(self, key: str) -> str:
+        keys.check_key(key)
+        if key.split("/", 1)[0] == _META:
+            raise InvalidKey(f"{_META}/ is the file store's own folder")
+        path = os.path.join(self.root, *key.split("/"))
+        # check_key forbids '..', so this holds; kept as a second lock on the door.
+        if os.path.commonpath([self.root, path]) != self.root:
+            raise InvalidKey(f"{key} escapes the store")
+        return path
+
+    def _etag_path(self, key: str) -> str:
+        return os.path.join(self._meta, "etags", *key.split("/"))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock, open(os.path.join(self._meta, "lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _tmp(self) -> str:
+        return os.path.join(self._meta, "tmp", f"{os.getpid()}-{keys.new_id()}")
+
+    # -- metadata
+
+    def _info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"no object {key}") from None
+        if not os.path.isfile(path):
+            raise NotFound(f"no object {key}")
+        etag = None
+        try:
+            with open(self._etag_path(key)) as f:
+                meta = json.load(f)
+            if meta["size"] == st.st_size and meta["mtime_ns"] == st.st_mtime_ns:
+                etag = meta["etag"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if etag is None:
+            # A file put there by hand: hash it once and remember.
+            md5 = hashlib.md5()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    md5.update(chunk)
+            etag = md5.hexdigest()
+            self._write_etag(key, etag, st)
+        return ObjectInfo(key, st.st_size, etag, st.st_mtime)
+
+    def _write_etag(self, key: str, etag: str, st: os.stat_result) -> None:
+        path = self._etag_path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = self._tmp()
+        with open(tmp, "w") as f:
+            json.dump({"etag": etag, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, f)
+        os.replace(tmp, path)
+
+    def _current(self, key: str) -> ObjectInfo | None:
+        try:
+            return self._info(key)
+        except NotFound:
+            return None
+
+    # -- writes
+
+    def _commit(self, key: str, tmp: str, etag: str, if_none_match: str | None,
+                if_match: str | None) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            with self._locked():
+                if if_none_match is not None or if_match is not None:
+                    check_preconditions(key, self._current(key), if_none_match, if_match)
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise InvalidKey(f"{key} lies under another object") from None
+                if os.path.isdir(path):
+                    raise InvalidKey(f"{key} is a folder of other objects")
+                os.replace(tmp, path)
+                st = os.stat(path)
+                self._write_etag(key, etag, st)
+                return ObjectInfo(key, st.st_size, etag, st.st_mtime)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: str | None = None,
+        if_match: str | None = None, content_type: str | None = None,
+    ) -> ObjectInfo:
+        self._path(key)
+        tmp = self._tmp()
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return self._commit(key, tmp, hashlib.md5(data).hexdigest(), if_none_match, if_match)
+
+    def put_file(
+        self, key: str, path: str, *, if_none_match: str | None = None,
+        if_match: str | None = None, content_type: str | None = None,
+    ) -> ObjectInfo:
+        self._path(key)
+        tmp = self._tmp()
+        md5 = hashlib.md5()
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                md5.update(chunk)
+                dst.write(chunk)
+        return self._commit(key, tmp, md5.hexdigest(), if_none_match, if_match)
+
+    # -- reads
+
+    def get_bytes(self, key: str, *, max_size: int | None = None) -> tuple[bytes, ObjectInfo]:
+        info = self._info(key)
+        check_size(key, info.size, max_size)
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read(), info
+        except FileNotFoundError:
+            raise NotFound(f"no object {key}") from None
+
+    def get_file(self, key: str, path: str) -> ObjectInfo:
+        info = self._info(key)
+        tmp = path + ".part"
+        with open(self._path(key), "rb") as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                dst.write(chunk)
+        os.replace(tmp, path)
+        return info
+
+    def stat(self, key: str) -> ObjectInfo:
+        return self._info(key)
+
+    def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> Page:
+        keys.check_prefix(prefix)
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = os.path.join(self.root, *base.split("/")) if base else self.root
+        names = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            if dirpath == self.root:
+                dirnames[:] = [d for d in dirnames if d != _META]
+            rel = os.path.relpath(dirpath, self.root)
+            for name in filenames:
+                key = name if rel == "." else rel.replace(os.sep, "/") + "/" + name
+                if key.startswith(prefix):
+                    names.append(key)
+        names.sort(key=lambda k: k.encode("utf-8"))
+        return page_of(names, self._info, start_after, limit)
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        path = self._path(key)
+        with self._locked():
+            if if_match is not None:
+                check_preconditions(key, self._current(key), None, if_match)
+            for p in (path, self._etag_path(key)):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                    os.unlink(p)
+                _prune(os.path.dirname(p), stop=self.root)
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+        return None
+
+    def local_path(self, key: str) -> str | None:
+        path = self._path(key)
+        return path if os.path.isfile(path) else None
+
+    def close(self) -> None:
+        pass
+
+    def sweep_tmp(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files a crash left behind; returns how many."""
+        folder = os.path.join(self._meta, "tmp")
+        removed = 0
+        for name in os.listdir(folder):
+            p = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(p).st_mtime > older_than:
+                    os.unlink(p)
+                    removed += 1
+        return removed
+
+
+def _prune(folder: str, stop: str) -> None:
+    """Remove empty folders from ``folder`` up to (not including) ``stop``."""
+    while os.path.commonpath([stop, folder]) == stop and folder != stop:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)

@@ -1,0 +1,82 @@
+"""
+``twistd gridnode``: the command line and the service tree of a node.
+
+`Options` turns the command line into a validated `NodeConfig` (config
+file and command line; EC2 user-data joins at start-up, since reading it
+needs the reactor). `makeService` assembles the node's services.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from gridnode import __version__
+from gridnode.config import SETTINGS, NodeConfig, build_config, load_config_file
+from gridnode.errors import ConfigError
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == ():
+        return "none"
+    return str(default)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run one gridnode node: it accepts video uploads over HTTP, converts them with ffmpeg, "
+        "keeps originals and results in the store and serves them. Every option is also a key "
+        "of the --config file (TOML) and of EC2 user-data; the command line wins over user-data, "
+        "which wins over the config file."
+    )
+    optParameters = [["config", "c", None, "TOML file of configuration keys", str]] + [
+        [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cli: dict[str, Any] = {}
+        self.file: dict[str, Any] = {}
+        self.node_config: NodeConfig | None = None
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802 - Twisted's name
+        args = list(sys.argv[1:] if options is None else options)
+        # --instance-metadata takes an optional URL; usage.Options has no such arity.
+        for i, arg in enumerate(args):
+            if arg == "--instance-metadata" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args[i] = "--instance-metadata="
+        super().parseOptions(args)
+
+    def opt_version(self) -> None:
+        """Print gridnode's version and exit."""
+        print(f"gridnode {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:  # noqa: N802 - Twisted's name
+        self.cli = {k: v for k, v in self.opts.items() if v is not None and k != "config"}
+        try:
+            if self["config"]:
+                self.file = load_config_file(self["config"])
+            self.node_config = build_config(file=self.file, cli=self.cli)
+        except ConfigError as e:
+            # One line and a non-zero exit: twistd would print its whole usage for a UsageError.
+            raise SystemExit(f"twistd gridnode: {e.message}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:  # noqa: N802 - twistd's name
+    """The node's service tree; the reactor is the global one unless given."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from gridnode.node import NodeService
+
+    assert options.node_config is not None
+    top = MultiService()
+    top.setName("gridnode")
+    NodeService(reactor, options.node_config, file=options.file, cli=options.cli).setServiceParent(top)
+    return top

@@ -1,0 +1,186 @@
+"""
+The contract every store backend passes (klein's habit: one suite, run
+against the in-memory fake and every real backend). A test module subclasses
+`StoreContract` and provides a ``backend`` fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from gridnode.errors import InvalidKey, NotFound, PreconditionFailed
+
+
+class StoreContract:
+    @pytest.fixture
+    def backend(self) -> Any:
+        raise NotImplementedError
+
+    def test_put_and_get_bytes(self, backend: Any) -> None:
+        """Bytes put under a key come back the same, with the MD5 as ETag."""
+        info = backend.put_bytes("jobs/a.json", b'{"x": 1}')
+        assert info.etag == hashlib.md5(b'{"x": 1}').hexdigest()
+        assert info.size == 8
+        data, got = backend.get_bytes("jobs/a.json")
+        assert data == b'{"x": 1}'
+        assert got.etag == info.etag
+
+    def test_put_file_and_get_file(self, backend: Any, tmp_path: Any) -> None:
+        """A file goes in and comes out to another path byte for byte."""
+        src = tmp_path / "src.bin"
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+        src.write_bytes(payload)
+        info = backend.put_file("outputs/J/video.mp4", str(src))
+        assert info.etag == hashlib.md5(payload).hexdigest()
+        dst = tmp_path / "dst.bin"
+        backend.get_file("outputs/J/video.mp4", str(dst))
+        assert dst.read_bytes() == payload
+        assert backend.stat("outputs/J/video.mp4").size == len(payload)
+
+    def test_missing_key(self, backend: Any, tmp_path: Any) -> None:
+        """Reading or statting a missing key raises NotFound."""
+        with pytest.raises(NotFound):
+            backend.get_bytes("jobs/missing.json")
+        with pytest.raises(NotFound):
+            backend.stat("jobs/missing.json")
+        with pytest.raises(NotFound):
+            backend.get_file("jobs/missing.json", str(tmp_path / "x"))
+
+    def test_max_size(self, backend: Any) -> None:
+        """A read with max_size refuses a larger object instead of loading it."""
+        backend.put_bytes("registry/dev/p/nodes/n.json", b"x" * 100)
+        with pytest.raises(Exception) as e:
+            backend.get_bytes("registry/dev/p/nodes/n.json", max_size=10)
+        assert getattr(e.value, "code", None) == "too_large"
+
+    def test_overwrite(self, backend: Any) -> None:
+        """A plain put replaces the object and its ETag."""
+        a = backend.put_bytes("jobs/k.json", b"one")
+        b = backend.put_bytes("jobs/k.json", b"two")
+        assert a.etag != b.etag
+        assert backend.get_bytes("jobs/k.json")[0] == b"two"
+
+    def test_if_none_match(self, backend: Any) -> None:
+        """if_none_match='*' creates a key once and then fails with 412."""
+        backend.put_bytes("jobs/c.json", b"first", if_none_match="*")
+        with pytest.raises(PreconditionFailed):
+            backend.put_bytes("jobs/c.json", b"second", if_none_match="*")
+        assert backend.get_bytes("jobs/c.json")[0] == b"first"
+
+    def test_if_match(self, backend: Any) -> None:
+        """if_match succeeds on the current ETag, fails on an old one, 404s on none."""
+        a = backend.put_bytes("jobs/m.json", b"v1")
+        b = backend.put_bytes("jobs/m.json", b"v2", if_match=a.etag)
+        with pytest.raises(PreconditionFailed):
+            backend.put_bytes("jobs/m.json", b"v3", if_match=a.etag)
+        assert backend.get_bytes("jobs/m.json")[0] == b"v2"
+        backend.put_bytes("jobs/m.json", b"v3", if_match=b.etag)
+        with pytest.raises(NotFound):
+            backend.put_bytes("jobs/none.json", b"v1", if_match=a.etag)
+
+    def test_conditional_delete(self, backend: Any) -> None:
+        """delete(if_match) removes only the version it names."""
+        a = backend.put_bytes("registry/e/p/nodes/n1.json", b"inc1")
+        backend.put_bytes("registry/e/p/nodes/n1.json", b"inc2")
+        with pytest.raises(PreconditionFailed):
+            backend.delete("registry/e/p/nodes/n1.json", if_match=a.etag)
+        assert backend.get_bytes("registry/e/p/nodes/n1.json")[0] == b"inc2"
+        cur = backend.stat("registry/e/p/nodes/n1.json")
+        backend.delete("registry/e/p/nodes/n1.json", if_match=cur.etag)
+        with pytest.raises(NotFound):
+            backend.stat("registry/e/p/nodes/n1.json")
+
+    def test_delete_missing_is_quiet(self, backend: Any) -> None:
+        """A plain delete of a missing key succeeds, as S3's does."""
+        backend.delete("jobs/never.json")
+
+    def test_list_prefix_sorted_and_paginated(self, backend: Any) -> None:
+        """Listing returns only keys under the prefix, in key order, page by page."""
+        names = [f"outputs/J/f{i:03d}" for i in range(25)]
+        for n in reversed(names):
+            backend.put_bytes(n, n.encode())
+        backend.put_bytes("outputs/K/other", b"x")
+        backend.put_bytes("outputs/Jx", b"x")
+        seen = []
+        after = None
+        pages = 0
+        while True:
+            page = backend.list("outputs/J/", start_after=after, limit=10)
+            pages += 1
+            seen.extend(i.key for i in page.items)
+            if page.next_after is None:
+                break
+            after = page.next_after
+        assert seen == names
+        assert pages == 3
+        partial = [i.key for i in backend.list("outputs/J").items]
+        assert partial == names + ["outputs/Jx"]
+        assert all(i.size == len(i.key) for i in backend.list("outputs/J/").items)
+
+    def test_list_empty(self, backend: Any) -> None:
+        """An empty prefix lists nothing and has no next page."""
+        page = backend.list("registry/none/")
+        assert page.items == [] and page.next_after is None
+
+    def test_delete_leaves_nothing_listed(self, backend: Any) -> None:
+        """Every key written can be listed and deleted again."""
+        for k in ["outputs/J/hls/720p/seg0.ts", "outputs/J/hls/master.m3u8", "inputs/J/source"]:
+            backend.put_bytes(k, b"x")
+        for info in backend.list("").items:
+            backend.delete(info.key)
+        assert backend.list("").items == []
+
+    @pytest.mark.parametrize("key", ["", "/a", "a//b", "a/../b", "..", "a/./b", "a b", "a/\x00", "é", "a" * 1025])
+    def test_bad_keys_refused(self, backend: Any, key: str) -> None:
+        """Keys outside the safe alphabet are refused before any I/O."""
+        with pytest.raises(InvalidKey):
+            backend.put_bytes(key, b"x")
+
+    def test_concurrent_conditional_puts_one_wins(self, backend: Any) -> None:
+        """Of many racing if_none_match='*' puts on one key, exactly one wins."""
+        results: list[str] = []
+        barrier = threading.Barrier(8)
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            try:
+                backend.put_bytes("jobs/race.json", f"owner-{i}".encode(), if_none_match="*")
+                results.append(f"won-{i}")
+            except PreconditionFailed:
+                results.append("lost")
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [r for r in results if r.startswith("won")]
+        assert len(winners) == 1 and results.count("lost") == 7
+        assert backend.get_bytes("jobs/race.json")[0] == f"owner-{winners[0][4:]}".encode()
+
+    def test_concurrent_if_match_one_wins(self, backend: Any) -> None:
+        """Of many racing updates on the same ETag, exactly one wins."""
+        base = backend.put_bytes("jobs/claim.json", b"unclaimed")
+        wins: list[int] = []
+        barrier = threading.Barrier(6)
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            try:
+                backend.put_bytes("jobs/claim.json", f"by-{i}".encode(), if_match=base.etag)
+                wins.append(i)
+            except PreconditionFailed:
+                pass
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1
+        assert backend.get_bytes("jobs/claim.json")[0] == f"by-{wins[0]}".encode()

@@ -1,0 +1,111 @@
+"""What NodeConfig accepts, in which order the layers win, and how it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gridnode.config import build_config, default_node_id, endpoint_port, load_config_file
+from gridnode.errors import ConfigError
+
+
+class LayeringTests:
+    def test_defaults(self) -> None:
+        """With nothing given, the embedded default: file store, loopback ports."""
+        c = build_config()
+        assert c.store == "file:gridnode-data"
+        assert c.http == "tcp:8080:interface=127.0.0.1"
+        assert c.peer == "tcp:8081:interface=127.0.0.1"
+        assert (c.env, c.pool) == ("dev", "default")
+        assert c.workers >= 1
+        assert c.instance_metadata is None
+
+    def test_order(self) -> None:
+        """defaults < config file < user-data < command line, key by key."""
+        c = build_config(
+            file={"env": "staging", "pool": "a", "queue": 5, "workers": 3},
+            user_data={"pool": "b", "queue": 6},
+            cli={"queue": "7"},
+        )
+        assert (c.env, c.pool, c.queue, c.workers) == ("staging", "b", 7, 3)
+
+    def test_underscores_accepted(self) -> None:
+        """max_upload and max-upload are the same key."""
+        assert build_config(file={"max_upload": 10}).max_upload == 10
+        assert build_config(user_data={"max-upload": 11}).max_upload == 11
+
+    def test_instance_metadata_default_url(self) -> None:
+        """--instance-metadata with no URL means the EC2 link-local service."""
+        assert build_config(cli={"instance-metadata": ""}).instance_metadata == "http://169.254.169.254"
+        assert build_config(file={"instance-metadata": True}).instance_metadata == "http://169.254.169.254"
+        assert build_config(cli={"instance-metadata": "http://127.0.0.1:9/"}).instance_metadata == (
+            "http://127.0.0.1:9"
+        )
+
+    def test_cors_origins(self) -> None:
+        """Origins come as a comma-separated string or a list."""
+        assert build_config(cli={"cors-origins": "https://a, https://b"}).cors_origins == (
+            "https://a", "https://b")
+        assert build_config(file={"cors-origins": ["https://c"]}).cors_origins == ("https://c",)
+
+    def test_identity(self) -> None:
+        """node-id: explicit, else the instance id, else HOSTNAME-PORT."""
+        c = build_config()
+        assert c.with_identity("i-0abc").node_id == "i-0abc"
+        assert build_config(cli={"node-id": "n1"}).with_identity("i-0abc").node_id == "n1"
+        assert c.with_identity().node_id == default_node_id(c.http)
+        assert default_node_id("tcp:9000:interface=127.0.0.1").endswith("-9000")
+        assert c.with_identity(address="10.0.0.5").advertise == "10.0.0.5"
+
+    def test_endpoint_port(self) -> None:
+        """The HTTP port is read from endpoint strings in both spellings."""
+        assert endpoint_port("tcp:8080:interface=127.0.0.1") == 8080
+        assert endpoint_port("tcp:port=81") == 81
+        assert endpoint_port("unix:/tmp/x") is None
+
+
+class RefusalTests:
+    @pytest.mark.parametrize(
+        ("layer", "values", "needle"),
+        [
+            ("cli", {"store": "ftp://x"}, "unknown scheme"),
+            ("cli", {"workers": "many"}, "workers = 'many' must be a whole number"),
+            ("cli", {"workers": "0"}, "between 1 and 256"),
+            ("file", {"colour": "red"}, "unknown key 'colour'"),
+            ("file", {"env": "prod/../x"}, "env = "),
+            ("file", {"queue": 1.5}, "whole number"),
+            ("user_data", {"pool": ""}, "user-data: pool"),
+            ("user_data", {"instance-metadata": "http://x"}, "cannot be set from user-data"),
+            ("cli", {"http": "8080"}, "endpoint string"),
+            ("cli", {"s3-endpoint": "localhost:9000"}, "http:// or https://"),
+            ("cli", {"heartbeat": "-1"}, "more than 0"),
+            ("cli", {"store": "s3://"}, "needs a bucket"),
+        ],
+    )
+    def test_bad_values(self, layer: str, values: dict[str, object], needle: str) -> None:
+        """Each bad key or value is refused with a message that names it."""
+        with pytest.raises(ConfigError) as e:
+            build_config(**{layer: values})  # type: ignore[arg-type]
+        assert needle in e.value.message
+        assert "\n" not in e.value.message
+
+    def test_config_file(self, tmp_path: Path) -> None:
+        """A TOML file is read at the top level or from its [gridnode] table."""
+        f = tmp_path / "a.toml"
+        f.write_text('env = "staging"\npool = "east"\n')
+        assert load_config_file(str(f)) == {"env": "staging", "pool": "east"}
+        f.write_text('[gridnode]\nmax_upload = 9\n')
+        assert load_config_file(str(f)) == {"max-upload": 9}
+
+    def test_config_file_errors(self, tmp_path: Path) -> None:
+        """Unreadable files, bad TOML and unknown keys name the file."""
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_config_file(str(tmp_path / "missing.toml"))
+        bad = tmp_path / "bad.toml"
+        bad.write_text("env = \n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config_file(str(bad))
+        bad.write_text('colour = "red"\n')
+        with pytest.raises(ConfigError, match="unknown key 'colour'"):
+            load_config_file(str(bad))
