@@ -6,7 +6,6 @@ refusals and a node answering /health. These start real processes.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from pathlib import Path
 
@@ -97,7 +96,6 @@ class HealthTests:
             assert status == 404 and err["error"]["code"] == "not_found"
             assert (tmp_path / "gridnode-data").is_dir()
         finally:
-            node.signal(signal.SIGTERM)
             assert node.stop() == 0
 
     @pytest_twisted.inlineCallbacks

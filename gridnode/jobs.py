@@ -1,0 +1,129 @@
+"""
+The job: a record and its state machine, a plain object with no I/O.
+
+States (DESIGN.md): ``received -> probing -> queued -> transcoding -> storing
+-> done``, or ``failed`` / ``cancelled`` from any state that is not final.
+The record is what ``GET /jobs/<id>`` shows and what is written to
+``jobs/<id>.json`` on every state change. The user's file name is data here;
+it never becomes part of a key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gridnode import keys
+from gridnode.errors import GridnodeError
+
+RECEIVED = "received"
+PROBING = "probing"
+QUEUED = "queued"
+TRANSCODING = "transcoding"
+STORING = "storing"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+STATES = (RECEIVED, PROBING, QUEUED, TRANSCODING, STORING, DONE, FAILED, CANCELLED)
+FINAL = frozenset({DONE, FAILED, CANCELLED})
+_NEXT = {
+    RECEIVED: {PROBING},
+    PROBING: {QUEUED},
+    QUEUED: {TRANSCODING},
+    TRANSCODING: {STORING, QUEUED},  # back to queued when a node gives the job up
+    STORING: {DONE, QUEUED},
+}
+#: the largest job record a reader accepts
+MAX_RECORD_BYTES = 256 * 1024
+
+
+class BadTransition(GridnodeError):
+    code = "bad_transition"
+    status = 409
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    created: float
+    updated: float
+    name: str = ""
+    presets: list[str] = field(default_factory=list)
+    progress: float = 0.0
+    input: dict[str, Any] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    node: str = ""
+    attempts: int = 0
+    sha256: str = ""
+
+    @classmethod
+    def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
+            sha256: str = "") -> Job:
+        if not keys.is_id(job_id):
+            raise GridnodeError(f"job id {job_id!r} is not a gridnode id", code="bad_request", status=400)
+        return cls(id=job_id, state=RECEIVED, created=now, updated=now, name=name, presets=list(presets),
+                   node=node, input={"name": name, "size": size}, sha256=sha256)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+    def advance(self, state: str, now: float) -> None:
+        """Move to the next state of the happy path (or back to queued)."""
+        if state not in _NEXT.get(self.state, set()):
+            raise BadTransition(f"job {self.id} cannot go from {self.state} to {state}")
+        self.state = state
+        self.updated = now
+        if state == QUEUED:
+            self.progress = 0.0
+        if state == DONE:
+            self.progress = 1.0
+
+    def set_progress(self, progress: float, now: float) -> bool:
+        """Record transcoding progress; True when it moved (progress never goes back)."""
+        progress = min(1.0, max(0.0, progress))
+        if self.state != TRANSCODING or progress <= self.progress:
+            return False
+        self.progress = progress
+        self.updated = now
+        return True
+
+    def fail(self, code: str, message: str, now: float) -> None:
+        if self.final:
+            raise BadTransition(f"job {self.id} is {self.state} already")
+        self.state = FAILED
+        self.error = {"code": code, "message": message}
+        self.updated = now
+
+    def cancel(self, now: float) -> None:
+        if self.final:
+            raise BadTransition(f"job {self.id} is {self.state} already; nothing to cancel")
+        self.state = CANCELLED
+        self.error = {"code": "cancelled", "message": "cancelled by a client"}
+        self.updated = now
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["progress"] = round(self.progress, 4)
+        return record
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> Job:
+        """Read a stored record, refusing anything that is not one."""
+        if len(data) > MAX_RECORD_BYTES:
+            raise GridnodeError("job record too large", code="bad_record", status=500)
+        try:
+            raw = json.loads(data)
+            job = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        except (ValueError, TypeError, KeyError) as e:
+            raise GridnodeError(f"unreadable job record: {e}", code="bad_record", status=500) from None
+        if job.state not in STATES or not keys.is_id(job.id):
+            raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
+        return job
