@@ -18,8 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import __version__
-from gridnode.config import NodeConfig, build_config
+from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port
 from gridnode.errors import GridnodeError
+from gridnode.registry import Registry
 from gridnode.store import ObjectStore, open_backend
 
 
@@ -32,6 +33,7 @@ class Node:
         self.store = store
         self.started = time.time()
         self.draining = False
+        self.registry: Registry | None = None
 
     @property
     def node_id(self) -> str:
@@ -47,7 +49,17 @@ class Node:
             "state": "draining" if self.draining else "ok",
             "store": self.store.url,
             "uptime": round(time.time() - self.started, 3),
+            "registry": self.registry_health(),
         }
+
+    def registry_health(self) -> dict[str, Any]:
+        if self.registry is None:
+            return {"registered": False, "error": None}
+        return {"registered": self.registry.registered, "error": self.registry.last_error,
+                "incarnation": self.registry.record.incarnation}
+
+    def load(self) -> dict[str, float]:
+        return {}
 
 
 class NodeService(MultiService):
@@ -101,6 +113,14 @@ class NodeService(MultiService):
         port = yield serverFromString(self.reactor, config.http).listen(site)
         self._ports.append(port)
         address = port.getHost()
+        http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
+        peer_port = endpoint_port(config.peer) or 0
+        peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
+        node.registry = Registry(
+            self.reactor, store, env=config.env, pool=config.pool, node_id=node.node_id, http_url=http_url,
+            peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=node.load,
+        )
+        node.registry.start()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
             node=node.node_id, env=config.env, pool=config.pool, host=address.host,
@@ -136,6 +156,19 @@ class NodeService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        if self.node is not None and self.node.registry is not None:
+            yield self.node.registry.stop()
         for port in self._ports:
             yield port.stopListening()
         yield super().stopService()
+
+
+def public_host(advertise: str | None, bound: str) -> str:
+    """The host others should use: --advertise, else the bound interface (not 0.0.0.0)."""
+    if advertise:
+        return advertise
+    if bound in ("", "0.0.0.0", "::"):
+        import socket
+
+        return socket.gethostname()
+    return bound

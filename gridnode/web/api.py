@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode.web.http import JSONRoot, json_body
+from gridnode import keys
+from gridnode.errors import GridnodeError, NotFound
+from gridnode.web.http import JSONRoot, error_body, json_body
 
 if TYPE_CHECKING:
     from gridnode.node import Node
@@ -27,7 +30,39 @@ class HealthResource(Resource):
         return json_body(request, health, 503 if health["state"] == "draining" else 200)
 
 
+class NodesListResource(Resource):
+    """``GET /registry/nodes.json``: the live list as the registry holds it."""
+
+    isLeaf = True
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        key = keys.nodes_list(self.node.config.env, self.node.config.pool)
+
+        def found(result: tuple[bytes, Any]) -> None:
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(result[0])
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            error = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot read the registry")
+            if isinstance(error, NotFound):
+                error = NotFound("no nodes.json yet: the pool's first heartbeat has not happened")
+            request.write(error_body(request, error))
+            request.finish()
+
+        self.node.store.get_bytes(key, max_size=4 * 1024 * 1024).addCallbacks(found, failed)
+        return NOT_DONE_YET
+
+
 def api_root(node: Node) -> Resource:
     root = JSONRoot()
     root.putChild(b"health", HealthResource(node))
+    registry = JSONRoot()
+    registry.putChild(b"nodes.json", NodesListResource(node))
+    root.putChild(b"registry", registry)
     return root

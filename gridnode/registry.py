@@ -1,0 +1,293 @@
+"""
+The node registry in the store (Lei Zhu's "special bucket").
+
+``registry/<env>/<pool>/nodes/<node-id>.json`` holds one record per live
+node; ``registry/<env>/<pool>/nodes.json`` is the live list browsers and the
+command line read. A node:
+
+- registers at start with a conditional write: a record from an earlier life
+  of the same id is read first and replaced only by its ETag, with a higher
+  incarnation;
+- refreshes its record every heartbeat with its load; if the record vanished
+  (a peer declared it dead) it registers again;
+- deletes its record on a clean stop.
+
+``nodes.json`` is rewritten by one node at a time, the live node with the
+lowest id, and only when its content changed. Readers validate every record
+(size, schema) and skip malformed or stale ones with a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gridnode import __version__, keys
+from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.store.base import ObjectStore
+
+MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass
+class NodeRecord:
+    id: str
+    http_url: str
+    peer_addr: str
+    started: float
+    incarnation: int
+    heartbeat: float
+    load: dict[str, float] = field(default_factory=dict)
+    version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "http_url": self.http_url, "peer_addr": self.peer_addr, "started": self.started,
+            "incarnation": self.incarnation, "heartbeat": self.heartbeat, "load": self.load,
+            "version": self.version,
+        }
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True).encode()
+
+
+class BadRecord(GridnodeError):
+    code = "bad_record"
+
+
+def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
+    """Validate one registry record; raise BadRecord saying what is wrong."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise BadRecord(f"record of {len(data)} bytes (at most {MAX_RECORD_BYTES})")
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise BadRecord("record is not JSON") from None
+    if not isinstance(raw, dict):
+        raise BadRecord("record is not a JSON object")
+    try:
+        record = NodeRecord(
+            id=_typed(raw, "id", str), http_url=_typed(raw, "http_url", str),
+            peer_addr=_typed(raw, "peer_addr", str), started=float(_typed(raw, "started", (int, float))),
+            incarnation=_typed(raw, "incarnation", int), heartbeat=float(_typed(raw, "heartbeat", (int, float))),
+            load={str(k): float(v) for k, v in _typed(raw, "load", dict).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            version=str(raw.get("version", "")),
+        )
+    except (TypeError, ValueError) as e:
+        raise BadRecord(str(e)) from None
+    keys.check_segment(record.id, "node id")
+    if not record.http_url.startswith(("http://", "https://")):
+        raise BadRecord(f"http_url {record.http_url!r} is not an http(s) URL")
+    if expected_id is not None and record.id != expected_id:
+        raise BadRecord(f"record of {record.id!r} stored under {expected_id!r}")
+    return record
+
+
+def _typed(raw: dict[str, Any], key: str, kind: Any) -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} missing or of the wrong type")
+    return value
+
+
+def live_list(records: list[NodeRecord], now: float, stale: float) -> list[NodeRecord]:
+    """Fresh records, sorted by id."""
+    return sorted((r for r in records if now - r.heartbeat <= stale), key=lambda r: r.id)
+
+
+def nodes_json(records: list[NodeRecord], env: str, pool: str) -> bytes:
+    """The public list: what a client needs to choose a node."""
+    body = {
+        "env": env, "pool": pool,
+        "nodes": [{"id": r.id, "http_url": r.http_url, "load": r.load, "heartbeat": r.heartbeat,
+                   "version": r.version} for r in records],
+    }
+    return json.dumps(body, sort_keys=True, indent=1).encode()
+
+
+class Registry:
+    """One node's presence in the registry, driven by an injected clock."""
+
+    _log = Logger()
+
+    def __init__(
+        self, clock: Any, store: ObjectStore, *, env: str, pool: str, node_id: str, http_url: str,
+        peer_addr: str, heartbeat: float = 30.0, stale: float = 300.0,
+        load: Callable[[], dict[str, float]] = dict, now: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self.env = env
+        self.pool = pool
+        self.node_id = node_id
+        self.key = keys.node_record(env, pool, node_id)
+        self.prefix = keys.node_records_prefix(env, pool)
+        self.list_key = keys.nodes_list(env, pool)
+        self.heartbeat = heartbeat
+        self.stale = stale
+        self.load = load
+        self.now = now
+        self.record = NodeRecord(node_id, http_url, peer_addr, now(), 0, 0.0)
+        self.etag: str | None = None
+        self.registered = False
+        self.last_error: str | None = None
+        self.live: list[NodeRecord] = []
+        #: called with (records) after each read of the registry
+        self.on_read: list[Callable[[list[NodeRecord]], None]] = []
+        self._published: bytes | None = None
+        self._loop: LoopingCall | None = None
+        self._backoff = 1.0
+
+    # -- life cycle
+
+    def start(self) -> None:
+        """Register now and refresh every heartbeat; failures are retried with backoff."""
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = self.clock
+        self._loop.start(self.heartbeat, now=True)
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """Stop the heartbeat and delete our record (only the version we wrote)."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if not self.registered or self.etag is None:
+            return
+        writer = self.is_writer()
+        try:
+            yield self.store.delete(self.key, if_match=self.etag)
+            self.registered = False
+            self._log.info("deleted registry record {key}", key=self.key)
+            self.live = [r for r in self.live if r.id != self.node_id]
+            if writer:
+                yield self.publish(self.live)
+        except GridnodeError as e:
+            self._log.warn("could not delete registry record {key}: {reason}", key=self.key, reason=e.message)
+
+    @inlineCallbacks
+    def beat(self) -> Any:
+        """One heartbeat: write our record, read everyone's, maybe publish nodes.json."""
+        try:
+            yield self.write()
+            records = yield self.read()
+            self.live = live_list(records, self.now(), self.stale)
+            for callback in self.on_read:
+                callback(self.live)
+            if self.is_writer():
+                yield self.publish(self.live)
+            self._backoff = 1.0
+            self.last_error = None
+        except GridnodeError as e:
+            self.last_error = e.message
+            self._log.warn("registry unreachable ({code}): {reason}; retrying in {delay}s",
+                           code=e.code, reason=e.message, delay=self._backoff)
+            if self._loop is not None and self._loop.running:
+                self.clock.callLater(self._backoff, self._retry)
+                self._backoff = min(self._backoff * 2, max(self.heartbeat, 1.0))
+        except Exception:  # noqa: BLE001 - the heartbeat must never die
+            self._log.failure("registry heartbeat failed")
+
+    def _retry(self) -> Deferred[Any] | None:
+        if self._loop is not None and self._loop.running and self.last_error is not None:
+            return self.beat()
+        return None
+
+    # -- our record
+
+    @inlineCallbacks
+    def write(self) -> Any:
+        """Write our record: by ETag while registered, else (re-)register."""
+        self.record.heartbeat = self.now()
+        self.record.load = self.load()
+        if self.registered and self.etag is not None:
+            try:
+                info = yield self.store.put_bytes(self.key, self.record.dumps(), if_match=self.etag,
+                                                  content_type="application/json")
+                self.etag = info.etag
+                return
+            except (NotFound, PreconditionFailed) as e:
+                self._log.warn("our registry record changed under us ({code}); registering again", code=e.code)
+                self.registered = False
+        yield self.register()
+
+    @inlineCallbacks
+    def register(self) -> Any:
+        """Write our record conditionally, replacing an earlier life's record only after reading it."""
+        for _ in range(5):
+            try:
+                data, info = yield self.store.get_bytes(self.key, max_size=MAX_RECORD_BYTES)
+            except NotFound:
+                previous, etag = None, None
+            else:
+                etag = info.etag
+                try:
+                    previous = parse_record(data, self.node_id)
+                except GridnodeError:
+                    previous = None
+            # Higher than any earlier life: peers may still remember that one as dead.
+            self.record.incarnation = max(self.record.incarnation,
+                                          (previous.incarnation + 1) if previous else 0, int(self.now()))
+            try:
+                if etag is None:
+                    info = yield self.store.put_bytes(self.key, self.record.dumps(), if_none_match="*",
+                                                      content_type="application/json")
+                else:
+                    info = yield self.store.put_bytes(self.key, self.record.dumps(), if_match=etag,
+                                                      content_type="application/json")
+            except (PreconditionFailed, NotFound):
+                continue  # raced with another writer: read again
+            self.etag = info.etag
+            self.registered = True
+            self._log.info("registered as {node} incarnation {incarnation} in {key}", node=self.node_id,
+                           incarnation=self.record.incarnation, key=self.key)
+            return
+        raise GridnodeError(f"could not register {self.key}: it keeps changing", code="registry_conflict")
+
+    # -- everyone's records
+
+    @inlineCallbacks
+    def read(self) -> Any:
+        """Every valid record under the prefix; malformed ones are logged and skipped."""
+        infos = yield self.store.list_all(self.prefix)
+        records: list[NodeRecord] = []
+        for info in infos:
+            name = info.key[len(self.prefix):]
+            if "/" in name or not name.endswith(".json"):
+                self._log.warn("ignoring registry object {key}: not a node record", key=info.key)
+                continue
+            if info.size > MAX_RECORD_BYTES:
+                self._log.warn("ignoring registry record {key}: {size} bytes", key=info.key, size=info.size)
+                continue
+            try:
+                data, _ = yield self.store.get_bytes(info.key, max_size=MAX_RECORD_BYTES)
+                records.append(parse_record(data, name[: -len(".json")]))
+            except NotFound:
+                continue  # deleted between list and get
+            except GridnodeError as e:
+                if e.code in ("bad_record", "invalid_key", "too_large"):
+                    self._log.warn("ignoring registry record {key}: {reason}", key=info.key, reason=e.message)
+                    continue
+                raise
+        return records
+
+    def is_writer(self) -> bool:
+        """The live node with the lowest id writes nodes.json."""
+        ids = [r.id for r in self.live] + ([self.node_id] if self.registered else [])
+        return bool(ids) and min(ids) == self.node_id
+
+    @inlineCallbacks
+    def publish(self, records: list[NodeRecord]) -> Any:
+        body = nodes_json(records, self.env, self.pool)
+        if body == self._published:
+            return
+        yield self.store.put_bytes(self.list_key, body, content_type="application/json")
+        self._published = body
+        self._log.info("published {count} live nodes to {key}", count=len(records), key=self.list_key)

@@ -1,0 +1,106 @@
+"""The registry on an in-memory store with a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+
+from gridnode.registry import Registry, parse_record
+from gridnode.store.base import ObjectStore
+from gridnode.store.memory import MemoryBackend
+
+PREFIX = "registry/prod/east/nodes/"
+
+
+def make(store: ObjectStore, clock: Clock, node_id: str, **kw: object) -> Registry:
+    return Registry(clock, store, env="prod", pool="east", node_id=node_id,
+                    http_url=f"http://127.0.0.1/{node_id}", peer_addr="127.0.0.1:1", heartbeat=30, stale=300,
+                    now=clock.seconds, load=lambda: {"running": 1.0}, **kw)  # type: ignore[arg-type]
+
+
+def listed(store: ObjectStore) -> list[str]:
+    data, _ = store.backend.get_bytes("registry/prod/east/nodes.json")
+    return [n["id"] for n in json.loads(data)["nodes"]]
+
+
+class RegistryTests:
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = ObjectStore.synchronous(MemoryBackend())
+
+    def test_register_publish_and_leave(self) -> None:
+        """Each node writes its record; the lowest id publishes nodes.json; a clean stop removes it."""
+        a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
+        b.start()
+        a.start()
+        assert sorted(i.key for i in self.store.backend.list(PREFIX).items) == [PREFIX + "a.json", PREFIX + "b.json"]
+        self.clock.advance(30)
+        assert listed(self.store) == ["a", "b"]
+        b.stop()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a"]
+        a.stop()
+        assert listed(self.store) == []
+        assert self.store.backend.list(PREFIX).items == []
+
+    def test_restart_gets_higher_incarnation(self) -> None:
+        """A node that comes back after a crash replaces its old record with a higher incarnation."""
+        a = make(self.store, self.clock, "a")
+        a.start()
+        first = a.record.incarnation
+        a._loop.stop()  # type: ignore[union-attr]  # a crash: the record stays
+        again = make(self.store, self.clock, "a")
+        again.start()
+        data, _ = self.store.backend.get_bytes(PREFIX + "a.json")
+        assert parse_record(data).incarnation == again.record.incarnation > first
+
+    def test_reregisters_when_deleted(self) -> None:
+        """If a peer deletes our record, the next heartbeat writes it again."""
+        a = make(self.store, self.clock, "a")
+        a.start()
+        self.store.backend.delete(PREFIX + "a.json")
+        self.clock.advance(30)
+        assert self.store.backend.stat(PREFIX + "a.json").size > 0
+
+    def test_bad_records_ignored(self) -> None:
+        """Garbage, wrong schemas, huge and stale records are skipped, and the node keeps going."""
+        self.store.backend.put_bytes(PREFIX + "junk.json", b"\x00\xffnot json")
+        self.store.backend.put_bytes(PREFIX + "list.json", b"[1, 2]")
+        self.store.backend.put_bytes(PREFIX + "big.json", b" " * 70000)
+        self.store.backend.put_bytes(PREFIX + "other.json", json.dumps({
+            "id": "someone-else", "http_url": "http://x", "peer_addr": "", "started": 1, "incarnation": 1,
+            "heartbeat": 1000, "load": {}}).encode())
+        self.store.backend.put_bytes(PREFIX + "old.json", json.dumps({
+            "id": "old", "http_url": "http://x", "peer_addr": "", "started": 1, "incarnation": 1,
+            "heartbeat": 1, "load": {}}).encode())
+        self.store.backend.put_bytes(PREFIX + "sub/x.json", b"{}")
+        a = make(self.store, self.clock, "a")
+        a.start()
+        assert [r.id for r in a.live] == ["a"]
+        assert listed(self.store) == ["a"]
+        assert a.last_error is None
+
+    def test_store_down_retries(self) -> None:
+        """With the store unreachable, registration is retried with backoff and reported."""
+        from gridnode.errors import StorageUnavailable
+
+        backend = MemoryBackend()
+        real_put = backend.put_bytes
+        calls = {"n": 0}
+
+        def flaky(*args: object, **kw: object) -> object:
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise StorageUnavailable("bucket unreachable")
+            return real_put(*args, **kw)  # type: ignore[arg-type]
+
+        backend.put_bytes = flaky  # type: ignore[method-assign]
+        a = make(ObjectStore.synchronous(backend), self.clock, "a")
+        a.start()
+        assert not a.registered and a.last_error == "bucket unreachable"
+        self.clock.advance(1)
+        self.clock.advance(2)
+        self.clock.advance(4)
+        assert a.registered and a.last_error is None

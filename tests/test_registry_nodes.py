@@ -1,0 +1,66 @@
+"""Real nodes sharing one store: records appear, and vanish on a clean stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.nodes import NodeProcess, free_port, get_json, sleep
+
+pytestmark = pytest.mark.integration
+
+
+def registry_ids(store: Path) -> tuple[list[str], list[str]]:
+    folder = store / "registry" / "dev" / "p1" / "nodes"
+    records = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+    listing = store / "registry" / "dev" / "p1" / "nodes.json"
+    listed = [n["id"] for n in json.loads(listing.read_text())["nodes"]] if listing.exists() else []
+    return records, listed
+
+
+@pytest_twisted.inlineCallbacks
+def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
+    for _ in range(int(timeout / 0.1)):
+        if predicate():
+            return True
+        yield sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+class FileRegistryTests:
+    @pytest_twisted.inlineCallbacks
+    def test_three_nodes_register_and_leave(self, tmp_path: Path) -> None:
+        """3 nodes: 3 records and 3 entries in nodes.json; SIGTERM removes one; it comes back."""
+        store = tmp_path / "store"
+        nodes = []
+        for i in range(3):
+            node = NodeProcess(tmp_path / f"n{i}", [
+                "--store", f"file:{store}", "--pool", "p1", "--node-id", f"n{i}", "--heartbeat", "1",
+                "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+            node.start()
+            nodes.append(node)
+        try:
+            for node in nodes:
+                yield node.wait_ready()
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]))
+            status, listing = get_json(nodes[2].url + "/registry/nodes.json")
+            assert status == 200 and [n["id"] for n in listing["nodes"]] == ["n0", "n1", "n2"]
+            assert all(n["http_url"].startswith("http://127.0.0.1:") for n in listing["nodes"])
+            status, health = get_json(nodes[1].url + "/health")
+            assert health["registry"]["registered"] is True
+
+            assert nodes[1].stop() == 0
+            assert registry_ids(store)[0] == ["n0", "n2"]
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n2"], ["n0", "n2"]), timeout=3)
+
+            nodes[1].start()
+            yield nodes[1].wait_ready()
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]))
+        finally:
+            for node in nodes:
+                node.stop()
