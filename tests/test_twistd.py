@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.nodes import NodeProcess, free_port, get_json, run_twistd, twistd
+from tests.nodes import NodeProcess, free_port, get_json, run_twistd, sleep, twistd
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +128,43 @@ def _start_with_logger(node: NodeProcess, port: int):  # type: ignore[no-untyped
         out.close()
 
     return start
+
+
+class LayeringTests:
+    @pytest_twisted.inlineCallbacks
+    def test_file_then_user_data_then_command_line(self, tmp_path: Path) -> None:
+        """Config file sets env+pool, user-data overrides pool, the command line overrides env;
+        the node id is the instance-id from IMDSv2."""
+        from tests.imds_standin import start_imds
+
+        url, standin, port = start_imds(user_data='[gridnode]\npool = "from-user-data"\n',
+                                        instance_id="i-0feedc0ffee123456")
+        (tmp_path / "node.toml").write_text('env = "staging"\npool = "from-file"\n')
+        node = NodeProcess(tmp_path, ["--config", "node.toml", "--env", "production",
+                                      "--instance-metadata", url, "--http", f"tcp:{free_port()}:interface=127.0.0.1"])
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            status, health = get_json(base + "/health")
+            assert status == 200
+            assert (health["env"], health["pool"], health["node"]) == (
+                "production", "from-user-data", "i-0feedc0ffee123456")
+            assert standin.requests()[:2] == ["PUT /latest/api/token", "GET /latest/meta-data/instance-id"]
+        finally:
+            assert node.stop() == 0
+            standin.close()
+            yield port.stopListening()
+
+    @pytest_twisted.inlineCallbacks
+    def test_metadata_unreachable(self, tmp_path: Path) -> None:
+        """No metadata service: the node exits non-zero with one line naming the URL."""
+        dead = f"http://127.0.0.1:{free_port()}"
+        node = NodeProcess(tmp_path, ["--instance-metadata", dead, "--http", f"tcp:{free_port()}"])
+        node.start()
+        assert node.process is not None
+        for _ in range(300):
+            if node.process.poll() is not None:
+                break
+            yield sleep(0.1)
+        assert node.process.returncode == 1
+        assert "instance_metadata_unavailable" in node.text() or dead in node.text()
