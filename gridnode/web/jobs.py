@@ -1,0 +1,239 @@
+"""
+``/jobs`` and ``/results``: thin resources over the node's `JobService`.
+
+POST /jobs                 body = the video (spooled by GridRequest), 201 + job
+GET /jobs/<id>             job JSON (local view, else the stored record)
+GET /jobs/<id>/events      Server-Sent Events until a final state
+DELETE /jobs/<id>          cancel
+GET /results/<id>/<name>   the bytes (Range, ETag) or a 302 to a presigned URL
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import static
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from gridnode import keys
+from gridnode.errors import GridnodeError, InvalidKey, NotFound
+from gridnode.jobs import Job
+from gridnode.web.http import ErrorResource, error_body, json_body, not_found
+
+if TYPE_CHECKING:
+    from gridnode.pipeline import JobService
+
+_log = Logger()
+
+CONTENT_TYPES = {
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".jpg": "image/jpeg",
+    ".m3u8": "application/vnd.apple.mpegurl",
+    ".ts": "video/mp2t",
+    ".m4s": "video/iso.segment",
+}
+
+
+def arg(request: Request, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def parse_checksum(header: bytes | None) -> str | None:
+    """``Upload-Checksum: sha256 <base64>`` -> hex digest (None when absent)."""
+    if header is None:
+        return None
+    try:
+        algo, value = header.decode("ascii").split(" ", 1)
+        digest = base64.b64decode(value.strip(), validate=True)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise GridnodeError("Upload-Checksum must be 'sha256 <base64 digest>'",
+                            code="bad_checksum", status=400) from None
+    if algo.lower() != "sha256" or len(digest) != 32:
+        raise GridnodeError("Upload-Checksum: only sha256 is supported", code="bad_checksum", status=400)
+    return digest.hex()
+
+
+def deferred_json(request: Request, work: Any, status: int = 200) -> Any:
+    """Render the JSON of a Deferred's result, or its coded error."""
+
+    def done(obj: Any) -> None:
+        if not request._disconnected:
+            body = json_body(request, obj.to_json() if isinstance(obj, Job) else obj, status)
+            request.write(body)
+            request.finish()
+
+    def failed(f: Failure) -> None:
+        error = f.value if isinstance(f.value, GridnodeError) else None
+        if error is None:
+            _log.failure("request failed", f)
+            error = GridnodeError("the node failed to answer; try again or another node")
+        if not request._disconnected:
+            request.write(error_body(request, error))
+            request.finish()
+
+    ensureDeferred(work).addCallbacks(done, failed)
+    return NOT_DONE_YET
+
+
+class JobsResource(Resource):
+    def __init__(self, jobs: JobService) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
+        job_id = path.decode("ascii", "replace")
+        if not keys.is_id(job_id):
+            return ErrorResource(not_found(f"no job {job_id}"))
+        return JobResource(self.jobs, job_id)
+
+    def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        spool = request.content
+        try:
+            checksum = parse_checksum(request.getHeader(b"upload-checksum"))
+            presets = arg(request, "presets")
+            name = arg(request, "name") or ""
+            work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum)
+        except GridnodeError as e:
+            getattr(spool, "discard", lambda: None)()
+            return error_body(request, e)
+
+        def located(job: Job) -> Job:
+            request.setHeader(b"location", f"/jobs/{job.id}".encode())
+            return job
+
+        return deferred_json(request, work.addCallback(located), 201)
+
+
+class JobResource(Resource):
+    def __init__(self, jobs: JobService, job_id: str) -> None:
+        super().__init__()
+        self.jobs = jobs
+        self.job_id = job_id
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
+        if path == b"events" and not request.postpath:
+            return EventsResource(self.jobs, self.job_id)
+        return ErrorResource(not_found())
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        return deferred_json(request, self.jobs.get(self.job_id))
+
+    def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        return deferred_json(request, self.jobs.cancel(self.job_id))
+
+
+class EventsResource(Resource):
+    """Server-Sent Events: the job now, then one event per change, until final."""
+
+    isLeaf = True
+
+    def __init__(self, jobs: JobService, job_id: str) -> None:
+        super().__init__()
+        self.jobs = jobs
+        self.job_id = job_id
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        def started(job: Job) -> None:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"x-accel-buffering", b"no")
+            stream = _EventStream(request)
+            stream.send(job)
+            if job.final:
+                request.finish()
+                return
+            unsubscribe = self.jobs.watch(self.job_id, stream.send)
+            stream.on_close = unsubscribe
+            request.notifyFinish().addBoth(lambda _: unsubscribe())
+
+        def failed(f: Failure) -> None:
+            error = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot watch this job")
+            request.write(error_body(request, error))
+            request.finish()
+
+        ensureDeferred(self.jobs.get(self.job_id)).addCallbacks(started, failed)
+        return NOT_DONE_YET
+
+
+class _EventStream:
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.closed = False
+        self.on_close: Any = None
+        self.count = 0
+
+    def send(self, job: Job) -> None:
+        if self.closed:
+            return
+        self.count += 1
+        data = json.dumps(job.to_json(), sort_keys=True)
+        self.request.write(f"id: {self.count}\nevent: {job.state}\ndata: {data}\n\n".encode())
+        if job.final:
+            self.closed = True
+            self.request.finish()
+
+
+class ResultsResource(Resource):
+    """``/results/<job>/<name...>``: served from a file: store, or redirected to S3."""
+
+    isLeaf = True
+
+    def __init__(self, jobs: JobService) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath or []]
+        try:
+            if len(parts) < 2 or not keys.is_id(parts[0]):
+                raise NotFound("no such result: use /results/<job id>/<file name> from the job's outputs")
+            key = keys.output(parts[0], "/".join(parts[1:]))
+        except InvalidKey:
+            return error_body(request, NotFound("no such result"))
+        except GridnodeError as e:
+            return error_body(request, e)
+        store = self.jobs.store
+        path = store.local_path(key)
+        if path is not None:
+            return self._serve_file(request, key, path)
+
+        def redirect(url: str | None) -> None:
+            if url is None:
+                request.write(error_body(request, NotFound("no such result")))
+            else:
+                request.redirect(url.encode())
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            e = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot reach the store")
+            request.write(error_body(request, e))
+            request.finish()
+
+        store.stat(key).addCallback(lambda _: store.presigned_url(key)).addCallbacks(redirect, failed)
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def _serve_file(self, request: Request, key: str, path: str) -> Any:
+        info = self.jobs.store.backend.stat(key)  # local file: a stat, no network
+        etag = f'"{info.etag}"'.encode()
+        request.setHeader(b"etag", etag)
+        request.setHeader(b"cache-control", b"public, max-age=86400, immutable")
+        if request.getHeader(b"if-none-match") == etag:
+            request.setResponseCode(304)
+            return b""
+        f = static.File(path)
+        ext = "." + path.rsplit(".", 1)[-1] if "." in path.rsplit("/", 1)[-1] else ""
+        f.type = CONTENT_TYPES.get(ext, "application/octet-stream")
+        f.encoding = None
+        return f.render(request)

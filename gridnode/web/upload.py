@@ -1,0 +1,252 @@
+"""
+Upload bodies go to disk as they arrive, never into memory.
+
+twisted.web's stock Request buffers a body of 100 kB or more into an
+anonymous temporary file, has no size limit, and parses multipart bodies
+whole in memory. `GridRequest` asks the site, once the headers are in and
+before any body byte is read, where the body should go:
+
+- an upload route answers with a `SpoolFile` (a named file in the spool,
+  hashed as it is written, renamed later rather than copied), after the
+  admission checks: draining, queue full (503 + Retry-After), too little
+  disk (507), declared size over ``--max-upload`` (413);
+- any other route gets a small in-memory body with a hard cap.
+
+A refusal is answered at once (clients sending ``Expect: 100-continue``
+never send the body); the body of a refused request is read and dropped up
+to a bound, then the connection is closed, so the client sees the answer
+rather than a reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import IO, Any, Protocol
+
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+from gridnode.errors import GridnodeError
+
+#: bodies of non-upload requests (JSON, tus creation) stay this small
+SMALL_BODY = 64 * 1024
+#: how much of a refused body is read and dropped before the connection is closed
+DRAIN_REFUSED = 8 * 1024 * 1024
+
+
+class SpoolFile:
+    """A named file in the spool that hashes what is written to it."""
+
+    def __init__(self, path: str, mode: str = "w+b", *, offset: int = 0, limit: int | None = None) -> None:
+        self.path = path
+        self.file: IO[bytes] = open(path, mode)  # noqa: SIM115 - closed by close()/discard()
+        self.sha256 = hashlib.sha256()
+        self.size = offset
+        self.start = offset
+        self.limit = limit
+
+    def write(self, data: bytes) -> None:
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise GridnodeError(
+                f"the upload is larger than this node accepts ({self.limit} bytes)", code="too_large", status=413
+            )
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def received(self) -> int:
+        """Bytes received by this request (a tus PATCH appends at an offset)."""
+        return self.size - self.start
+
+    # twisted.web's Request.requestReceived seeks and tells the content.
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        return self.file.read(n)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        """Close and remove the file: the upload is refused or cut off."""
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    abort = discard
+
+    @staticmethod
+    def remove(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class Spool:
+    """The folder of upload bodies; every file in it belongs to an upload in progress."""
+
+    _log = Logger()
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def new(self, name: str, limit: int | None = None) -> SpoolFile:
+        return SpoolFile(self.path(name), limit=limit)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.folder)
+        return st.f_bavail * st.f_frsize
+
+    def sweep(self, keep: Callable[[str], bool] = lambda name: False) -> int:
+        """Remove files a crash left behind (at start-up), except those ``keep`` names."""
+        removed = 0
+        for name in os.listdir(self.folder):
+            if keep(name):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(name))
+                removed += 1
+        if removed:
+            self._log.info("removed {count} leftover spool files", count=removed)
+        return removed
+
+
+class BodyRouter(Protocol):
+    def __call__(self, method: bytes, path: bytes, request: Request, length: int | None) -> Any: ...
+
+
+class GridRequest(Request):
+    """A Request whose body goes where the site's body router says."""
+
+    _log = Logger()
+    _refused: GridnodeError | None = None
+    _dropped = 0
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        site = self._channel().site
+        channel = self._channel()
+        # The request line is parsed but not yet set on the request (that
+        # happens once the body is in); the channel holds it meanwhile.
+        method: bytes = getattr(channel, "_command", b"")
+        path: bytes = getattr(channel, "_path", b"").split(b"?", 1)[0]
+        try:
+            sink = site.route_body(method, path, self, length)
+        except GridnodeError as e:
+            self._refuse(e)
+            return
+        if sink is not None:
+            self.content = sink
+            return
+        if length is not None and length > SMALL_BODY:
+            self._refuse(GridnodeError(f"a body of more than {SMALL_BODY} bytes is not accepted here",
+                                       code="too_large", status=413))
+            return
+        self.content = _CappedBuffer(SMALL_BODY)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self._refused is not None:
+            self._dropped += len(data)
+            if self._dropped > DRAIN_REFUSED:
+                self._channel().transport.loseConnection()
+            return
+        content: Any = self.content
+        try:
+            content.write(data)
+        except GridnodeError as e:
+            self._refuse(e)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self._refused is not None:
+            self._channel().transport.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    _body_done = False
+
+    def _channel(self) -> Any:
+        # Twisted's stubs type channel.site/transport loosely; they are always set here.
+        return self.channel
+
+    def process(self) -> None:
+        self._body_done = True
+        super().process()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        # A body cut off mid-way: the sink decides what is kept (nothing for a
+        # plain upload; the bytes so far for a resumable one).
+        if not self._body_done:
+            abort = getattr(self.content, "abort", None)
+            if abort is not None:
+                abort()
+        super().connectionLost(reason)
+
+    def _refuse(self, error: GridnodeError) -> None:
+        """Answer now, before (or instead of) reading the body, and close after."""
+        self._refused = error
+        abort = getattr(self.content, "abort", None)
+        if abort is not None:
+            abort()
+        self.content = io.BytesIO()
+        # No "100 Continue" for a request we refuse: the client keeps its body.
+        self.requestHeaders.removeHeader(b"expect")
+        body = json.dumps(error.to_json()).encode() + b"\n"
+        try:
+            reason = HTTPStatus(error.status).phrase
+        except ValueError:
+            reason = "Error"
+        head = [
+            f"HTTP/1.1 {error.status} {reason}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            head.append(f"Retry-After: {int(retry_after)}")
+        for name, value in getattr(self._channel().site, "extra_headers", lambda: [])():
+            head.append(f"{name}: {value}")
+        self._channel().transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self._log.info("refused a request body: {code}", code=error.code)
+        reactor = getattr(self._channel().site, "reactor", None)
+        if reactor is not None:
+            # Close even if the client goes on sending slowly.
+            reactor.callLater(5, self._channel().transport.loseConnection)
+
+
+class _CappedBuffer(io.BytesIO):
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def write(self, data: Any) -> int:
+        if self.tell() + len(data) > self.cap:
+            raise GridnodeError(f"a body of more than {self.cap} bytes is not accepted here",
+                                code="too_large", status=413)
+        return super().write(data)
+
+
+class GridSite(Site):
+    """A Site that routes bodies and never parses form submissions in memory."""
+
+    requestFactory = GridRequest
+
+    def __init__(self, resource: Any, reactor: Any, route_body: BodyRouter,
+                 extra_headers: Callable[[], list[tuple[str, str]]] = lambda: []) -> None:
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        self.route_body = route_body
+        self.extra_headers = extra_headers
+        self.started = time.time()

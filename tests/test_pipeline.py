@@ -1,0 +1,208 @@
+"""The pipeline's decisions on fakes: an in-memory store, a fake clock, fake media."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from gridnode import jobs
+from gridnode.config import build_config
+from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.pipeline import Busy, JobService
+from gridnode.store.base import ObjectStore
+from gridnode.store.memory import MemoryBackend
+
+
+@dataclass
+class Preset:
+    name: str
+
+
+@dataclass
+class Probe:
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "mp4", "duration": 4.0, "width": 320, "height": 240}
+
+
+@dataclass
+class Output:
+    name: str
+    path: str
+    content_type: str = "video/mp4"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"preset": "mp4-720p", "name": self.name, "size": os.path.getsize(self.path)}
+
+
+class FakeMedia:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs: dict[str, Deferred[Any]] = {}
+        self.hooks: dict[str, Any] = {}
+        self.probe_error: GridnodeError | None = None
+
+    def parse_presets(self, text: str | None) -> list[Preset]:
+        names = (text or "mp4-720p").split(",")
+        for n in names:
+            if n not in ("mp4-720p", "poster"):
+                raise GridnodeError(f"unknown preset {n}", code="unknown_preset", status=400)
+        return [Preset(n) for n in names]
+
+    def probe(self, path: str) -> Deferred[Probe]:
+        return fail(self.probe_error) if self.probe_error else succeed(Probe())
+
+    def run(self, job_id: str, probe: Any, path: str, presets: Any, started: Any, progress: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _: None)
+        self.runs[job_id] = d
+        self.hooks[job_id] = (started, progress)
+        return d
+
+    def finish(self, job_id: str) -> None:
+        out = self.folder / f"{job_id}.mp4"
+        out.write_bytes(b"converted")
+        self.runs[job_id].callback([Output("video.mp4", str(out))])
+
+    def cancel(self, job_id: str) -> None:
+        if job_id in self.runs and not self.runs[job_id].called:
+            self.runs[job_id].errback(CancelledError())
+
+
+class PipelineTests:
+    @pytest.fixture(autouse=True)
+    def setup(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.backend = MemoryBackend()
+        self.media = FakeMedia(tmp_path)
+        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 1,
+                                   "min-free": 0, "max-upload": 1}).with_identity("n1")
+        self.jobs = JobService(self.clock, config, ObjectStore.synchronous(self.backend), self.media,
+                               now=self.clock.seconds)
+
+    def upload(self, body: bytes = b"video bytes", **kw: Any) -> Any:
+        spool = self.jobs.admit(len(body))
+        spool.write(body)
+        results: list[Any] = []
+        self.jobs.submit(spool, name=kw.get("name", "movie.mov"), presets=kw.get("presets"),
+                         checksum=kw.get("checksum")).addBoth(results.append)
+        return results[0], spool.path
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        return json.loads(self.backend.get_bytes(f"jobs/{job_id}.json")[0])
+
+    def test_happy_path(self) -> None:
+        """An upload is queued at once; input, outputs and every state's record end in the store."""
+        job, spool_path = self.upload()
+        assert job.state == jobs.QUEUED and job.input["name"] == "movie.mov"
+        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
+        seen: list[str] = []
+        self.jobs.watch(job.id, lambda j: seen.append(f"{j.state}:{j.progress}"))
+        started, progress = self.media.hooks[job.id]
+        started()
+        assert self.record(job.id)["state"] == jobs.TRANSCODING
+        progress(0.5)
+        progress(0.4)
+        self.media.finish(job.id)
+        assert seen == ["transcoding:0.0", "transcoding:0.5", "storing:0.5", "done:1.0"]
+        rec = self.record(job.id)
+        assert rec["state"] == "done" and rec["outputs"][0]["url"] == f"/results/{job.id}/video.mp4"
+        assert self.backend.get_bytes(f"outputs/{job.id}/video.mp4")[0] == b"converted"
+        assert not os.path.exists(spool_path) and job.id not in self.jobs.active
+
+    def test_checksum_mismatch_keeps_nothing(self) -> None:
+        """A wrong Upload-Checksum: refused, spool removed, nothing in the store."""
+        result, spool_path = self.upload(checksum=hashlib.sha256(b"other").hexdigest())
+        assert result.value.code == "checksum_mismatch"
+        assert not os.path.exists(spool_path)
+        assert self.backend.list("").items == []
+
+    def test_right_checksum_accepted(self) -> None:
+        """The right sha256 passes."""
+        job, _ = self.upload(checksum=hashlib.sha256(b"video bytes").hexdigest())
+        assert job.state == jobs.QUEUED
+
+    def test_not_a_video(self) -> None:
+        """A probe failure is the upload's answer; nothing is kept."""
+        self.media.probe_error = GridnodeError("not a video", code="not_a_video", status=422)
+        result, spool_path = self.upload()
+        assert result.value.code == "not_a_video"
+        assert not os.path.exists(spool_path) and self.backend.list("").items == []
+
+    def test_unknown_preset(self) -> None:
+        """An unknown preset is refused before probing."""
+        result, _ = self.upload(presets="mp4-720p,gif")
+        assert result.value.code == "unknown_preset"
+
+    def test_empty_upload(self) -> None:
+        """An empty body is not a video."""
+        result, _ = self.upload(b"")
+        assert result.value.code == "not_a_video"
+
+    def test_full_node_says_busy(self) -> None:
+        """Past workers + queue jobs, admission answers 503 with Retry-After."""
+        self.upload()
+        self.upload()
+        with pytest.raises(Busy) as e:
+            self.jobs.admit(10)
+        assert e.value.status == 503 and e.value.retry_after > 0
+
+    def test_too_large_declared(self) -> None:
+        """A declared length over --max-upload is refused before reading."""
+        with pytest.raises(GridnodeError) as e:
+            self.jobs.admit(2 * 1024 * 1024)
+        assert e.value.code == "too_large" and e.value.status == 413
+
+    def test_too_large_streamed(self) -> None:
+        """A chunked body that grows past --max-upload is stopped mid-way."""
+        spool = self.jobs.admit(None)
+        spool.write(b"x" * (1024 * 1024))
+        with pytest.raises(GridnodeError) as e:
+            spool.write(b"x")
+        assert e.value.code == "too_large"
+
+    def test_cancel_while_transcoding(self) -> None:
+        """Cancel: state cancelled, recorded, spool removed."""
+        job, spool_path = self.upload()
+        self.media.hooks[job.id][0]()
+        results: list[Any] = []
+        self.jobs.cancel(job.id).addBoth(results.append)
+        assert results[0].state == jobs.CANCELLED
+        assert self.record(job.id)["state"] == "cancelled"
+        assert not os.path.exists(spool_path)
+
+    def test_store_down_keeps_the_upload(self) -> None:
+        """With the store unreachable, the job waits with its input in the spool and resumes."""
+        real = self.backend.put_file
+        down = {"on": True}
+
+        def put_file(*a: Any, **kw: Any) -> Any:
+            if down["on"]:
+                raise StorageUnavailable("bucket unreachable")
+            return real(*a, **kw)
+
+        self.backend.put_file = put_file  # type: ignore[method-assign]
+        job, spool_path = self.upload()
+        self.clock.advance(10)
+        assert os.path.exists(spool_path) and job.id not in self.media.runs
+        down["on"] = False
+        self.clock.advance(30)
+        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
+        assert job.id in self.media.runs
+
+    def test_get_falls_back_to_store(self) -> None:
+        """A finished job is read from its stored record."""
+        job, _ = self.upload()
+        self.media.hooks[job.id][0]()
+        self.media.finish(job.id)
+        results: list[Any] = []
+        self.jobs.get(job.id).addBoth(results.append)
+        assert results[0].state == "done"
+        self.jobs.get("01ARZ3NDEKTSV4RRFFQ69G5FAV").addBoth(results.append)
+        assert results[1].value.code == "not_found"
