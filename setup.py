@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.11",
     # twisted/plugins has no __init__.py (and there is no twisted/__init__.py): list it by hand.
     packages=find_packages(include=["gridnode", "gridnode.*"]) + ["twisted.plugins"],
+    entry_points={"console_scripts": ["gridnode = gridnode.client.cli:main"]},
     package_data={"gridnode.web": ["static/*", "static/**/*"], "twisted.plugins": ["gridnode_plugin.py"]},
     install_requires=[
         "twisted>=24.7",

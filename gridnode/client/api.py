@@ -1,0 +1,311 @@
+"""
+The Python client: upload, follow and fetch jobs across a pool, moving on
+from a node that fails, hangs or is full.
+
+Every call goes through treq with the HTTP client passed in (tests give a
+StubTreq or a real client). Timeouts: a connect timeout; while uploading, a
+stall timeout (no body byte accepted for that long, as with a frozen node);
+after the body, a response timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer, ResponseFailed
+
+from gridnode.client.nodes import NodeInfo, order_for_failover
+from gridnode.errors import GridnodeError
+
+FINAL = {"done", "failed", "cancelled"}
+#: failures after which another node is worth a try
+NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, TimeoutError, CancelledError, ResponseFailed,
+                  ConnectionError)
+
+
+class NodeUnavailable(GridnodeError):
+    """This node could not take the request now; another may."""
+
+    code = "node_unavailable"
+    status = 503
+
+
+class _CountingFile:
+    """A file whose reads are counted, so a stalled upload can be seen."""
+
+    def __init__(self, f: IO[bytes], on_read: Callable[[int], None]) -> None:
+        self.f = f
+        self.on_read = on_read
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.on_read(len(data))
+        return data
+
+    def seek(self, *args: Any) -> int:
+        return self.f.seek(*args)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def default_http(reactor: Any, connect_timeout: float = 5.0) -> Any:
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    pool.retryAutomatically = False
+    return treq.client.HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+
+
+async def error_of(response: Any) -> GridnodeError:
+    """The node's coded error from a response, or one made from its status."""
+    import treq
+
+    body = await treq.content(response)
+    try:
+        err = json.loads(body)["error"]
+        error = GridnodeError(str(err["message"]), code=str(err["code"]), status=response.code)
+    except (ValueError, KeyError, TypeError):
+        error = GridnodeError(f"HTTP {response.code} from the node", code=f"http_{response.code}",
+                              status=response.code)
+    retry_after = response.headers.getRawHeaders(b"retry-after")
+    if retry_after:
+        try:
+            error.retry_after = int(retry_after[0])  # type: ignore[attr-defined]
+        except ValueError:
+            pass
+    return error
+
+
+def retryable(error: GridnodeError) -> bool:
+    return error.status >= 500 or error.status in (408, 429)
+
+
+class GridClient:
+    _log = Logger()
+
+    def __init__(self, reactor: Any, http: Any, nodes: list[NodeInfo], *, stall_timeout: float = 15.0,
+                 response_timeout: float = 60.0, request_timeout: float = 10.0,
+                 rng: random.Random | None = None) -> None:
+        self.reactor = reactor
+        self.http = http
+        self.nodes = nodes
+        self.stall_timeout = stall_timeout
+        self.response_timeout = response_timeout
+        self.request_timeout = request_timeout
+        self.rng = rng or random.Random()
+
+    def _order(self) -> list[NodeInfo]:
+        if not self.nodes:
+            raise GridnodeError("no live nodes in the registry; start a node or check --store/--env/--pool",
+                                code="no_nodes", status=503)
+        return order_for_failover(self.nodes, self.rng)
+
+    # -- upload
+
+    async def upload(self, path: str, *, presets: list[str], name: str | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> tuple[NodeInfo, dict[str, Any]]:
+        """Upload a file to the first node that takes it; returns (node, job)."""
+        size = os.path.getsize(path)
+        last: GridnodeError | None = None
+        for node in self._order():
+            try:
+                job = await self._upload_to(node, path, size, presets, name or os.path.basename(path), on_progress)
+                return node, job
+            except NodeUnavailable as e:
+                self._log.info("node {node} unavailable: {reason}; trying another", node=node.id, reason=e.message)
+                last = e
+        assert last is not None
+        raise GridnodeError(f"no node took the upload; last: {last.message}", code=last.code, status=last.status)
+
+    async def _upload_to(self, node: NodeInfo, path: str, size: int, presets: list[str], name: str,
+                         on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+        sent = [0]
+        quiet = [0.0]
+
+        def on_read(n: int) -> None:
+            sent[0] += n
+            quiet[0] = 0.0
+            if on_progress is not None:
+                on_progress(sent[0], size)
+
+        with open(path, "rb") as f:
+            body = FileBodyProducer(_CountingFile(f, on_read), cooperator=None, readSize=256 * 1024)
+            d = self.http.post(f"{node.http_url}/jobs", data=body,
+                               params={"presets": ",".join(presets), "name": name},
+                               headers={"content-type": "application/octet-stream"})
+            watchdog = LoopingCall(self._watch, d, sent, size, quiet)
+            watchdog.clock = self.reactor
+            watchdog.start(0.5, now=False)
+            try:
+                response = await d
+            except NETWORK_ERRORS as e:
+                raise NodeUnavailable(f"{node.http_url}: {_reason(e)}") from None
+            finally:
+                if watchdog.running:
+                    watchdog.stop()
+        if response.code == 201:
+            import treq
+
+            return dict(await treq.json_content(response))
+        error = await error_of(response)
+        if retryable(error):
+            raise NodeUnavailable(f"{node.http_url}: {error.code}: {error.message}")
+        raise error
+
+    def _watch(self, d: Deferred[Any], sent: list[int], size: int, quiet: list[float]) -> None:
+        quiet[0] += 0.5
+        limit = self.stall_timeout if sent[0] < size else self.response_timeout
+        if quiet[0] >= limit and not d.called:
+            d.cancel()
+
+    # -- status and progress
+
+    async def get_job(self, job_id: str, prefer: NodeInfo | None = None) -> dict[str, Any]:
+        """The job's record from any node (the owner first when known)."""
+        import treq
+
+        order = self._order()
+        if prefer is not None:
+            order = [prefer] + [n for n in order if n.id != prefer.id]
+        last: Exception | None = None
+        for node in order:
+            try:
+                response = await self.http.get(f"{node.http_url}/jobs/{job_id}", timeout=self.request_timeout)
+            except NETWORK_ERRORS as e:
+                last = e
+                continue
+            if response.code == 200:
+                return dict(await treq.json_content(response))
+            error = await error_of(response)
+            if not retryable(error):
+                raise error
+            last = error
+        raise GridnodeError(f"no node answered about job {job_id}: {_reason(last)}", code="no_nodes", status=503)
+
+    async def wait(self, job_id: str, node: NodeInfo | None = None,
+                   on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> dict[str, Any]:
+        """Follow a job to a final state: Server-Sent Events from its node, else polling any node."""
+        if node is not None:
+            try:
+                job = await self._follow_events(node, job_id, on_update)
+                if job is not None and job.get("state") in FINAL:
+                    return job
+            except NETWORK_ERRORS + (GridnodeError,) as e:  # noqa: B030
+                self._log.info("events from {node} ended ({reason}); polling", node=node.id, reason=_reason(e))
+        while True:
+            job = await self.get_job(job_id, prefer=node)
+            if on_update is not None:
+                on_update(job)
+            if job.get("state") in FINAL:
+                return job
+            await deferLater(self.reactor, poll, lambda: None)
+
+    async def _follow_events(self, node: NodeInfo, job_id: str,
+                             on_update: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
+        import treq
+
+        response = await self.http.get(f"{node.http_url}/jobs/{job_id}/events", timeout=self.request_timeout,
+                                       unbuffered=True)
+        if response.code != 200:
+            raise await error_of(response)
+        latest: list[dict[str, Any]] = []
+        buffer = [b""]
+
+        def chunk(data: bytes) -> None:
+            buffer[0] += data
+            while b"\n\n" in buffer[0]:
+                event, buffer[0] = buffer[0].split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        job = json.loads(line[6:])
+                        latest[:] = [job]
+                        if on_update is not None:
+                            on_update(job)
+
+        await treq.collect(response, chunk)
+        return latest[0] if latest else None
+
+    # -- results
+
+    async def fetch(self, job: dict[str, Any], folder: str, node: NodeInfo | None = None,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+        """Download every output of a done job into ``folder``; sizes are checked."""
+        if job.get("state") != "done":
+            raise GridnodeError(f"job {job.get('id')} is {job.get('state')}, not done; nothing to fetch",
+                                code="not_done", status=409)
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for output in job.get("outputs", []):
+            name = str(output["name"])
+            target = os.path.join(folder, *[p for p in name.split("/") if p not in ("", ".", "..")])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            last: Exception | None = None
+            for n in ([node] if node else []) + [x for x in self._order() if node is None or x.id != node.id]:
+                try:
+                    response = await self.http.get(n.http_url + output["url"], unbuffered=True,
+                                                    timeout=self.response_timeout)
+                except NETWORK_ERRORS as e:
+                    last = e
+                    continue
+                if response.code != 200:
+                    last = await error_of(response)
+                    continue
+                size = int(output.get("size") or 0)
+                got = await _download(response, target + ".part", name, size, on_progress)
+                if output.get("size") is not None and got != size:
+                    last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
+                    continue
+                os.replace(target + ".part", target)
+                paths.append(target)
+                break
+            else:
+                raise GridnodeError(f"could not download {name}: {_reason(last)}", code="download_failed",
+                                    status=503)
+        return paths
+
+
+async def _download(response: Any, path: str, name: str, size: int,
+                    on_progress: Callable[[str, int, int], None] | None) -> int:
+    import treq
+
+    got = 0
+    with open(path, "wb") as f:
+        def write(data: bytes) -> None:
+            nonlocal got
+            f.write(data)
+            got += len(data)
+            if on_progress is not None:
+                on_progress(name, got, size)
+
+        await treq.collect(response, write)
+    return got
+
+
+def _reason(e: BaseException | None) -> str:
+    if e is None:
+        return "no answer"
+    if isinstance(e, GridnodeError):
+        return f"{e.code}: {e.message}"
+    if isinstance(e, CancelledError):
+        return "timed out"
+    if isinstance(e, ResponseFailed):
+        return "connection lost: " + "; ".join(str(r.value) for r in e.reasons)
+    return str(e) or type(e).__name__
+
+
+def run(coro: Any) -> Deferred[Any]:
+    return ensureDeferred(coro)
