@@ -25,7 +25,7 @@ from gridnode.store import parse_store_url
 DEFAULT_METADATA_URL = "http://169.254.169.254"
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -266,7 +266,7 @@ def build_config(
             value = setting.default
         values[setting.key.replace("-", "_")] = value
     if values["workers"] is None:
-        values["workers"] = _cpu_count()
+        values["workers"] = cpu_count()
     return NodeConfig(**values)
 
 

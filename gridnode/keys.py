@@ -83,7 +83,7 @@ def node_records_prefix(env: str, pool: str) -> str:
 
 
 def node_record(env: str, pool: str, node_id: str) -> str:
-    return join("registry", env, pool, "nodes", node_id + ".json")
+    return join("registry", env, pool, "nodes", check_segment(node_id, "node id") + ".json")
 
 
 def nodes_list(env: str, pool: str) -> str:
@@ -95,7 +95,7 @@ def registry_page(env: str, pool: str) -> str:
 
 
 def job_record(job_id: str) -> str:
-    return join("jobs", job_id + ".json")
+    return join("jobs", check_segment(job_id, "job id") + ".json")
 
 
 def jobs_prefix() -> str:

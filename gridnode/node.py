@@ -20,20 +20,36 @@ from twisted.python.failure import Failure
 from gridnode import __version__
 from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port
 from gridnode.errors import GridnodeError
+from gridnode.pipeline import JobService
 from gridnode.registry import Registry
 from gridnode.store import ObjectStore, open_backend
+from gridnode.web.cors import CORS
 
 
 class Node:
     """What the HTTP resources see of the node: settled config, store, counters."""
 
-    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore) -> None:
+    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, jobs: JobService) -> None:
         self.reactor = reactor
         self.config = config
         self.store = store
+        self.jobs = jobs
         self.started = time.time()
-        self.draining = False
         self.registry: Registry | None = None
+        self.cors = CORS(config.cors_origins)
+
+    @property
+    def draining(self) -> bool:
+        return self.jobs.draining
+
+    def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Any:
+        """Where an upload's body goes (see web/upload.py); None for small bodies."""
+        if method == b"POST" and path.rstrip(b"/") == b"/jobs":
+            return self.jobs.admit(length)
+        return None
+
+    def extra_headers(self, request: Any) -> list[tuple[str, str]]:
+        return self.cors.headers_for(request.getHeader(b"origin"))
 
     @property
     def node_id(self) -> str:
@@ -50,6 +66,7 @@ class Node:
             "store": self.store.url,
             "uptime": round(time.time() - self.started, 3),
             "registry": self.registry_health(),
+            **self.jobs.load(),
         }
 
     def registry_health(self) -> dict[str, Any]:
@@ -59,7 +76,7 @@ class Node:
                 "incarnation": self.registry.record.incarnation}
 
     def load(self) -> dict[str, float]:
-        return {}
+        return self.jobs.load()
 
 
 class NodeService(MultiService):
@@ -102,14 +119,20 @@ class NodeService(MultiService):
         os.makedirs(config.work_dir, exist_ok=True)
         backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
         store = ObjectStore.threaded(backend, self.reactor)
-        node = self.node = Node(self.reactor, config, store)
+        from gridnode.converter import Converter
+
+        media = Converter(self.reactor, config)
+        media.start()
+        jobs = JobService(self.reactor, config, store, media)
+        jobs.start()
+        node = self.node = Node(self.reactor, config, store, jobs)
 
         from twisted.internet.endpoints import serverFromString
-        from twisted.web.server import Site
 
         from gridnode.web.api import api_root
+        from gridnode.web.upload import GridSite
 
-        site = Site(api_root(node))
+        site = GridSite(node.cors.wrap(api_root(node)), self.reactor, node.route_body, node.extra_headers)
         port = yield serverFromString(self.reactor, config.http).listen(site)
         self._ports.append(port)
         address = port.getHost()
@@ -158,6 +181,8 @@ class NodeService(MultiService):
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
         if self.node is not None and self.node.registry is not None:
             yield self.node.registry.stop()
+        if self.node is not None:
+            yield self.node.jobs.media.stop()
         for port in self._ports:
             yield port.stopListening()
         yield super().stopService()

@@ -65,6 +65,10 @@ class JobService:
         self.draining = False
         self.counts: dict[str, int] = {}
 
+    def start(self) -> None:
+        """At start-up: spool files are uploads a crash cut off; nothing refers to them."""
+        self.spool.sweep(keep=lambda name: name in self.active)
+
     # -- admission (before any body byte is read)
 
     @property
@@ -129,18 +133,12 @@ class JobService:
                                                                            active.spool_path))
             if active.cancelled:
                 raise CancelledError()
-            outputs = yield self.media.run(job.id, probe, active.spool_path, presets,
-                                           started=lambda: self._transcoding(active),
-                                           progress=lambda p: self._progress(active, p))
-            job.advance(jobs.STORING, self.now())
-            self._changed(active)
-            yield self._durably("write job record", lambda: self._save(job))
-            stored = []
-            for output in outputs:
-                if active.cancelled:
-                    raise CancelledError()
-                yield self._durably("store output", self._store_output(job.id, output))
-                stored.append({**output.to_json(), "url": f"/results/{job.id}/{output.name}"})
+            stored = yield self.media.run(job.id, probe, active.spool_path, presets,
+                                          started=lambda: self._transcoding(active),
+                                          progress=lambda p: self._progress(active, p),
+                                          finish=lambda produced: self._store_outputs(active, produced))
+            if active.cancelled:
+                raise CancelledError()
             job.outputs = stored
             job.advance(jobs.DONE, self.now())
             self._count("done")
@@ -172,6 +170,32 @@ class JobService:
             finally:
                 self.active.pop(job.id, None)
                 SpoolFile.remove(active.spool_path)
+
+    @inlineCallbacks
+    def _store_outputs(self, active: Active, produced: list[Any]) -> Any:
+        """ffmpeg is done: store every output while the scratch folder still holds them."""
+        job = active.job
+        job.advance(jobs.STORING, self.now())
+        self._changed(active)
+        yield self._durably("write job record", lambda: self._save(job))
+        stored: dict[str, dict[str, Any]] = {}
+        for output in produced:
+            if active.cancelled:
+                raise CancelledError()
+            yield self._durably("store output", self._store_output(job.id, output))
+            # One entry per preset: its first file (HLS: the master playlist, whose
+            # relative URLs lead to the rest), with the size of all its files.
+            entry = stored.get(output.preset)
+            if entry is not None:
+                entry["size"] += output.size
+                entry["files"] += 1
+                continue
+            entry = stored[output.preset] = {
+                "preset": output.preset, "name": output.name, "size": output.size, "files": 1,
+                "content_type": output.content_type, "url": f"/results/{job.id}/{output.name}"}
+            if not output.content_type.startswith("image/"):
+                entry["duration"] = job.input.get("duration")
+        return list(stored.values())
 
     def _store_output(self, job_id: str, output: Any) -> Callable[[], Deferred[Any]]:
         key = keys.output(job_id, output.name)

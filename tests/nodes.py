@@ -117,3 +117,38 @@ def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
+
+
+def request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+    """A blocking HTTP request: (status, headers with lower-case names, body)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def upload(base: str, path: Path, presets: str = "mp4-720p", **headers: str) -> tuple[int, dict[str, str], Any]:
+    """POST a file to /jobs; returns (status, headers, JSON body)."""
+    status, head, body = request("POST", f"{base}/jobs?presets={presets}&name={path.name}", path.read_bytes(),
+                                 {"content-type": "application/octet-stream", **headers})
+    return status, head, json.loads(body)
+
+
+@inlineCallbacks
+def wait_job(base: str, job_id: str, states: set[str] | frozenset[str] = frozenset({"done", "failed", "cancelled"}),
+             timeout: float = 120.0, min_progress: float = -1.0) -> Any:
+    """Poll a job until it reaches one of ``states`` (and ``min_progress``)."""
+    deadline = time.monotonic() + timeout
+    job: Any = None
+    while time.monotonic() < deadline:
+        status, job = get_json(f"{base}/jobs/{job_id}")
+        if status == 200 and job["state"] in states and job["progress"] >= min_progress:
+            return job
+        yield sleep(0.1)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")

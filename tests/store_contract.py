@@ -106,7 +106,7 @@ class StoreContract:
             backend.put_bytes(n, n.encode())
         backend.put_bytes("outputs/K/other", b"x")
         backend.put_bytes("outputs/Jx", b"x")
-        seen = []
+        seen: list[str] = []
         after = None
         pages = 0
         while True:

@@ -36,10 +36,9 @@ class Probe:
 class Output:
     name: str
     path: str
+    size: int
+    preset: str = "mp4-720p"
     content_type: str = "video/mp4"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"preset": "mp4-720p", "name": self.name, "size": os.path.getsize(self.path)}
 
 
 class FakeMedia:
@@ -59,16 +58,18 @@ class FakeMedia:
     def probe(self, path: str) -> Deferred[Probe]:
         return fail(self.probe_error) if self.probe_error else succeed(Probe())
 
-    def run(self, job_id: str, probe: Any, path: str, presets: Any, started: Any, progress: Any) -> Deferred[Any]:
+    def run(self, job_id: str, probe: Any, path: str, presets: Any, started: Any, progress: Any,
+            finish: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred(lambda _: None)
         self.runs[job_id] = d
-        self.hooks[job_id] = (started, progress)
+        self.hooks[job_id] = (started, progress, finish)
         return d
 
     def finish(self, job_id: str) -> None:
         out = self.folder / f"{job_id}.mp4"
         out.write_bytes(b"converted")
-        self.runs[job_id].callback([Output("video.mp4", str(out))])
+        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9)])
+        stored.chainDeferred(self.runs[job_id])
 
     def cancel(self, job_id: str) -> None:
         if job_id in self.runs and not self.runs[job_id].called:
@@ -104,7 +105,7 @@ class PipelineTests:
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
         seen: list[str] = []
         self.jobs.watch(job.id, lambda j: seen.append(f"{j.state}:{j.progress}"))
-        started, progress = self.media.hooks[job.id]
+        started, progress, _ = self.media.hooks[job.id]
         started()
         assert self.record(job.id)["state"] == jobs.TRANSCODING
         progress(0.5)

@@ -166,7 +166,7 @@ class FileBackend:
 
     def get_file(self, key: str, path: str) -> ObjectInfo:
         info = self._info(key)
-        tmp = path + ".part"
+        tmp = f"{path}.{keys.new_id()}.part"
         with open(self._path(key), "rb") as src, open(tmp, "wb") as dst:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 dst.write(chunk)

@@ -46,7 +46,7 @@ class MemoryBackend:
 
     def get_file(self, key: str, path: str) -> ObjectInfo:
         data, info = self.get_bytes(key)
-        tmp = path + ".part"
+        tmp = f"{path}.{keys.new_id()}.part"
         with open(tmp, "wb") as f:
             f.write(data)
         shutil.move(tmp, path)

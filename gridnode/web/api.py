@@ -11,6 +11,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.web.http import JSONRoot, error_body, json_body
+from gridnode.web.jobs import JobsResource, ResultsResource
 
 if TYPE_CHECKING:
     from gridnode.node import Node
@@ -65,4 +66,6 @@ def api_root(node: Node) -> Resource:
     registry = JSONRoot()
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)
+    root.putChild(b"jobs", JobsResource(node.jobs))
+    root.putChild(b"results", ResultsResource(node.jobs))
     return root

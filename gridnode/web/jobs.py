@@ -97,7 +97,7 @@ class JobsResource(Resource):
         return JobResource(self.jobs, job_id)
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        spool = request.content
+        spool: Any = request.content  # a SpoolFile: GridRequest routed the body there
         try:
             checksum = parse_checksum(request.getHeader(b"upload-checksum"))
             presets = arg(request, "presets")

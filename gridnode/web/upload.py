@@ -38,7 +38,7 @@ from gridnode.errors import GridnodeError
 #: bodies of non-upload requests (JSON, tus creation) stay this small
 SMALL_BODY = 64 * 1024
 #: how much of a refused body is read and dropped before the connection is closed
-DRAIN_REFUSED = 8 * 1024 * 1024
+DRAIN_REFUSED = 64 * 1024 * 1024
 
 
 class SpoolFile:
@@ -217,7 +217,7 @@ class GridRequest(Request):
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             head.append(f"Retry-After: {int(retry_after)}")
-        for name, value in getattr(self._channel().site, "extra_headers", lambda: [])():
+        for name, value in self._channel().site.extra_headers(self):
             head.append(f"{name}: {value}")
         self._channel().transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         self._log.info("refused a request body: {code}", code=error.code)
@@ -245,7 +245,7 @@ class GridSite(Site):
     requestFactory = GridRequest
 
     def __init__(self, resource: Any, reactor: Any, route_body: BodyRouter,
-                 extra_headers: Callable[[], list[tuple[str, str]]] = lambda: []) -> None:
+                 extra_headers: Callable[[Request], list[tuple[str, str]]] = lambda request: []) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.route_body = route_body
         self.extra_headers = extra_headers

@@ -1,0 +1,67 @@
+"""
+The node's media side as the pipeline sees it: presets, probe and a pool
+of ffmpeg workers (gridnode/media/), configured from `NodeConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from gridnode.config import NodeConfig, cpu_count
+from gridnode.media import presets as presets_mod
+from gridnode.media.ffmpeg import ProducedFile, collect_outputs, start_transcode
+from gridnode.media.pool import JobSlot, TranscodePool
+from gridnode.media.presets import Preset
+from gridnode.media.probe import Limits, ProbeResult, probe
+
+
+class Converter:
+    def __init__(self, reactor: Any, config: NodeConfig) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.limits = Limits(max_duration=float(config.max_duration), max_pixels=config.max_pixels)
+        # Each ffmpeg gets its share of the cores, not all of them: with every
+        # worker busy, that is less context switching and a responsive reactor.
+        self.threads = max(1, cpu_count() // config.workers)
+        self.pool = TranscodePool(reactor, os.path.join(config.work_dir, "scratch"), workers=config.workers,
+                                  queue=config.queue)
+
+    def start(self) -> None:
+        """Remove scratch folders a crash left behind."""
+        self.pool.sweep()
+
+    def stop(self) -> Deferred[None]:
+        """Cancel every job; fires when no ffmpeg is left."""
+        return self.pool.stop_all()
+
+    def parse_presets(self, text: str | None) -> list[Preset]:
+        return presets_mod.parse_presets(text)
+
+    def probe(self, path: str) -> Deferred[ProbeResult]:
+        return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits)
+
+    def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
+            started: Callable[[], None], progress: Callable[[float], None],
+            finish: Callable[[list[ProducedFile]], Deferred[Any]]) -> Deferred[Any]:
+        """Queue the job; when a worker takes it: ffmpeg, then ``finish(outputs)``
+        while the scratch folder still holds them."""
+
+        def work(slot: JobSlot) -> Deferred[Any]:
+            started()
+            out_dir = str(slot.scratch / "out")
+            process = start_transcode(self.reactor, info, input_path, out_dir, presets, ffmpeg=self.config.ffmpeg,
+                                      on_progress=progress, threads=self.threads, label=f"ffmpeg {job_id}")
+            slot.on_cancel(process.cancel)
+            d: Deferred[Any] = process.deferred
+            d.addCallback(lambda _: collect_outputs(out_dir, info, presets))
+            d.addCallback(finish)
+            return d
+
+        return self.pool.submit(job_id, work)
+
+    def cancel(self, job_id: str) -> bool:
+        return self.pool.cancel(job_id)

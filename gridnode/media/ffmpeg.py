@@ -1,0 +1,444 @@
+"""
+Running ffmpeg: progress, timeouts, cancellation (buildbot-worker's habits).
+
+- ``ProgressParser`` is sans-I/O: fed with the bytes of ``-progress pipe:1``,
+  it yields progress 0..1 against the probed duration, never going down.
+- ``FfmpegProcess`` is the ProcessProtocol: it keeps the last 64 stderr lines,
+  enforces an idle-output timeout and a maximum total time, and stops the child
+  with SIGTERM to its whole process group, then SIGKILL after a grace period;
+  a backup timer fires the result even if the process never reports its end.
+  ``deferred`` fires with ``FfmpegResult`` or fails with ``GridnodeError``:
+  ``ffmpeg_failed`` (exit status != 0; message ends with stderr's tail),
+  ``timeout`` and ``cancelled``. It only fires once the child is gone (or the
+  backup timer gave up on it), so a caller may remove the scratch folder then.
+- ``spawn_ffmpeg`` starts any argv that way; ``start_transcode`` starts the
+  argv of ``presets.build_argv``; ``collect_outputs`` lists what was written.
+
+The clock and the signal function are injected, so the timeout and kill logic
+is tested with ``task.Clock`` and a fake transport, without processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gridnode.errors import GridnodeError
+from gridnode.media.presets import Preset, build_argv, default_output_limit
+from gridnode.media.probe import ProbeResult
+
+STDERR_LINES = 64
+_MAX_LINE = 4096  # longer lines are cut: ffmpeg never writes them, a broken child might
+NICENESS = 10
+
+
+class ProgressParser:
+    """Turns ffmpeg's ``-progress`` key=value stream into progress 0..1.
+
+    ``feed(bytes)`` returns the new progress values, each higher than the one
+    before. Times come from ``out_time_us``, else ``out_time_ms`` (which ffmpeg
+    also writes in microseconds, despite its name), else ``out_time``;
+    ``progress=end`` means 1.0.
+    """
+
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+        self.progress = 0.0
+        self.ended = False
+        self.fields: dict[str, str] = {}  # the latest value of every key
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[float]:
+        updates: list[float] = []
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > _MAX_LINE:
+            self._buffer = b""
+        for raw in lines:
+            value = self._line(raw[:_MAX_LINE].decode("utf-8", "replace").strip())
+            if value is not None and value > self.progress:
+                self.progress = value
+                updates.append(value)
+        return updates
+
+    def _line(self, line: str) -> float | None:
+        key, sep, value = line.partition("=")
+        if not sep:
+            return None
+        key, value = key.strip(), value.strip()
+        self.fields[key] = value
+        if key == "progress" and value == "end":
+            self.ended = True
+            return 1.0
+        seconds: float | None = None
+        if key in ("out_time_us", "out_time_ms"):
+            try:
+                seconds = int(value) / 1e6
+            except ValueError:
+                return None
+        elif key == "out_time" and "out_time_us" not in self.fields and "out_time_ms" not in self.fields:
+            seconds = _clock_time(value)
+        if seconds is None or self.duration <= 0:
+            return None
+        return min(1.0, max(0.0, seconds / self.duration))
+
+
+def _clock_time(value: str) -> float | None:
+    """``HH:MM:SS.micro`` -> seconds; ``N/A`` and junk -> None."""
+    negative = value.startswith("-")
+    parts = value.lstrip("-").split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        seconds = int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+    except ValueError:
+        return None
+    return -seconds if negative else seconds
+
+
+class StderrTail:
+    """The last ``lines`` lines of a byte stream."""
+
+    def __init__(self, lines: int = STDERR_LINES) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        self._partial += data
+        *complete, self._partial = self._partial.split(b"\n")
+        if len(self._partial) > _MAX_LINE:
+            complete.append(self._partial)
+            self._partial = b""
+        for raw in complete:
+            text = raw[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+            if text.strip():
+                self.lines.append(text)
+
+    def tail(self) -> list[str]:
+        partial = self._partial[:_MAX_LINE].decode("utf-8", "replace").strip()
+        return list(self.lines) + ([partial] if partial else [])
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``max_time`` None: ``max_time_for(duration)``."""
+
+    idle: float = 120.0
+    max_time: float | None = None
+    kill_grace: float = 5.0  # SIGTERM -> SIGKILL
+    backup: float = 10.0  # after SIGKILL, give up waiting for the process to end
+
+
+def max_time_for(duration: float) -> float:
+    """The default ceiling on one conversion: ten times the input, at least a minute."""
+    return max(60.0, 10.0 * duration)
+
+
+@dataclass(frozen=True)
+class FfmpegResult:
+    elapsed: float
+    stderr_tail: tuple[str, ...]
+
+
+class FfmpegProcess(ProcessProtocol):
+    """One ffmpeg child. ``cancel()`` stops it; ``deferred`` tells how it ended."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        duration: float,
+        on_progress: Callable[[float], object] | None = None,
+        timeouts: Timeouts = Timeouts(),
+        killpg: Callable[[int, int], None] = os.killpg,
+        label: str = "ffmpeg",
+    ) -> None:
+        self.deferred: Deferred[FfmpegResult] = Deferred()
+        self.parser = ProgressParser(duration)
+        self.stderr = StderrTail()
+        self.pid: int | None = None  # also the process group id
+        self.label = label
+        self._clock = clock
+        self._on_progress = on_progress
+        self._timeouts = timeouts
+        self._max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(duration)
+        self._killpg = killpg
+        self._started = clock.seconds()
+        self._stopping: GridnodeError | None = None
+        self._done = False
+        self._idle_timer: IDelayedCall | None = None
+        self._total_timer: IDelayedCall | None = None
+        self._kill_timer: IDelayedCall | None = None
+        self._backup_timer: IDelayedCall | None = None
+
+    # -- ProcessProtocol
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+        self._started = self._clock.seconds()
+        self._idle_timer = self._clock.callLater(self._timeouts.idle, self._idle)
+        self._total_timer = self._clock.callLater(self._max_time, self._too_long)
+        self._log.info("{label} started as pid {pid}", label=self.label, pid=self.pid)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._timeouts.idle)
+        if childFD == 1:
+            for value in self.parser.feed(data):
+                self._report(value)
+        elif childFD == 2:
+            self.stderr.feed(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._stopping is not None and self.pid is not None:
+            # The leader is reaped now; sweep any member it left behind before
+            # the group id can be handed out again.
+            self._signal_group(signal.SIGKILL, fallback=False)
+        self._cancel_timers()
+        if self._done:
+            return
+        elapsed = self._clock.seconds() - self._started
+        if self._stopping is not None:
+            self._finish(Failure(self._stopping))
+        elif reason.check(ProcessDone):
+            self._report(1.0)
+            self._log.info("{label} pid {pid} done in {elapsed:.1f}s", label=self.label, pid=self.pid,
+                           elapsed=elapsed)
+            self._finish(FfmpegResult(elapsed, tuple(self.stderr.tail())))
+        else:
+            err = reason.value
+            how = (f"was killed by signal {err.signal}" if isinstance(err, ProcessTerminated) and err.signal
+                   else f"exited with status {getattr(err, 'exitCode', '?')}")
+            tail = self.stderr.tail()
+            self._log.warn("{label} pid {pid} {how}", label=self.label, pid=self.pid, how=how)
+            error = GridnodeError(
+                f"the conversion failed: ffmpeg {how}" + (":\n" + "\n".join(tail) if tail else ""),
+                code="ffmpeg_failed", status=422)
+            error.stderr_tail = tail  # type: ignore[attr-defined]
+            self._finish(Failure(error))
+
+    # -- control
+
+    def cancel(self) -> None:
+        """Stop the child; ``deferred`` fails with ``cancelled`` once it is gone."""
+        self._stop(GridnodeError("the job was cancelled", code="cancelled", status=409))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        self._stop(GridnodeError(
+            f"ffmpeg wrote nothing for {self._timeouts.idle:.0f} s and was stopped", code="timeout", status=504))
+
+    def _too_long(self) -> None:
+        self._total_timer = None
+        self._stop(GridnodeError(
+            f"the conversion took longer than {self._max_time:.0f} s and was stopped", code="timeout", status=504))
+
+    def _stop(self, error: GridnodeError) -> None:
+        if self._done or self._stopping is not None:
+            return
+        self._stopping = error
+        self._log.info("stopping {label} pid {pid}: {code}", label=self.label, pid=self.pid, code=error.code)
+        for timer in (self._idle_timer, self._total_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._total_timer = None
+        if self.pid is None:
+            # Never started: nothing to wait for.
+            self._finish(Failure(error))
+            return
+        self._signal_group(signal.SIGTERM)
+        self._kill_timer = self._clock.callLater(self._timeouts.kill_grace, self._kill)
+
+    def _kill(self) -> None:
+        self._kill_timer = None
+        self._log.warn("{label} pid {pid} ignored SIGTERM; sending SIGKILL", label=self.label, pid=self.pid)
+        self._signal_group(signal.SIGKILL)
+        self._backup_timer = self._clock.callLater(self._timeouts.backup, self._give_up)
+
+    def _give_up(self) -> None:
+        # buildbot's backup timer: a child stuck in the kernel may never be
+        # reaped; the job must still end.
+        self._backup_timer = None
+        self._log.error("{label} pid {pid} did not end after SIGKILL; giving up on it", label=self.label,
+                        pid=self.pid)
+        assert self._stopping is not None
+        self._finish(Failure(self._stopping))
+
+    def _signal_group(self, sig: int, fallback: bool = True) -> None:
+        transport_pid = getattr(self.transport, "pid", None)
+        if self.pid is None:
+            return
+        try:
+            self._killpg(self.pid, sig)
+            return
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self._log.warn("cannot signal process group {pid}", pid=self.pid)
+        if fallback and transport_pid is not None and self.transport is not None:
+            # No group (the child died before making one): signal the child alone.
+            try:
+                self.transport.signalProcess("KILL" if sig == signal.SIGKILL else "TERM")
+            except (ProcessExitedAlready, OSError):
+                pass
+
+    # -- helpers
+
+    def _report(self, value: float) -> None:
+        if self._on_progress is None:
+            return
+        try:
+            self._on_progress(value)
+        except Exception:  # noqa: BLE001 - a listener's bug must not kill the conversion
+            self._log.failure("progress listener failed")
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._total_timer, self._kill_timer, self._backup_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._total_timer = self._kill_timer = self._backup_timer = None
+
+    def _finish(self, result: FfmpegResult | Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancel_timers()
+        if isinstance(result, Failure):
+            self.deferred.errback(result)
+        else:
+            self.deferred.callback(result)
+
+
+# The child makes itself a process group leader and lowers its priority, then
+# execs ffmpeg: the pid Twisted holds stays ffmpeg's own pid (exec keeps it),
+# and os.killpg(pid, ...) reaches ffmpeg and anything it starts. Twisted's
+# spawnProcess has no preexec_fn, and setsid(1) may fork, which would change
+# the pid; this wrapper cannot. It costs one short Python start (-I -S).
+_WRAPPER = (
+    "import os, sys\n"
+    "os.setpgid(0, 0)\n"
+    "os.nice(int(sys.argv[1]))\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write('cannot run %s: %s\\n' % (sys.argv[2], e.strerror))\n"
+    "    sys.exit(127)\n"
+)
+
+
+def wrapped_argv(argv: Sequence[str], niceness: int = NICENESS) -> list[str]:
+    """``argv`` behind the group-leader wrapper (see ``_WRAPPER``)."""
+    return [sys.executable, "-I", "-S", "-c", _WRAPPER, str(niceness), *argv]
+
+
+def spawn_ffmpeg(
+    reactor: Any,
+    argv: Sequence[str],
+    *,
+    duration: float,
+    on_progress: Callable[[float], object] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    niceness: int = NICENESS,
+    env: Mapping[str, str] | None = None,
+    label: str = "ffmpeg",
+) -> FfmpegProcess:
+    """Start ``argv`` (a list, never a shell) in its own process group at lower priority.
+
+    ``reactor`` provides IReactorProcess and IReactorTime. Returns the running
+    ``FfmpegProcess``; wait on its ``deferred``, stop it with ``cancel()``.
+    """
+    proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
+    full = wrapped_argv(argv, niceness)
+    process_reactor: IReactorProcess = reactor
+    transport = process_reactor.spawnProcess(proto, full[0], full, env=dict(env if env is not None else os.environ))
+    if transport.pid is not None:
+        # The parent sets the group too, so it exists as soon as spawnProcess
+        # returns whichever side runs first (the shells' trick); EACCES means
+        # the child already exec'd, after making the group itself.
+        try:
+            os.setpgid(transport.pid, transport.pid)
+        except OSError:
+            pass
+    return proto
+
+
+def start_transcode(
+    reactor: Any,
+    probe: ProbeResult,
+    input_path: str,
+    out_dir: str,
+    presets: Iterable[Preset],
+    *,
+    ffmpeg: str = "ffmpeg",
+    on_progress: Callable[[float], object] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    max_output_bytes: int | None = None,
+    threads: int | None = None,
+    label: str = "ffmpeg",
+) -> FfmpegProcess:
+    """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing)."""
+    os.makedirs(out_dir, exist_ok=True)
+    argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
+                      threads=threads)
+    return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
+                        label=label)
+
+
+@dataclass(frozen=True)
+class ProducedFile:
+    preset: str
+    name: str  # relative to the output folder, "/"-separated: the object key's tail
+    path: str
+    size: int
+    content_type: str
+
+
+def collect_outputs(
+    out_dir: str, probe: ProbeResult, presets: Iterable[Preset], *, max_output_bytes: int | None = None
+) -> list[ProducedFile]:
+    """The files ffmpeg wrote, as the presets declare them.
+
+    Fails with ``ffmpeg_failed`` when a declared output is missing or empty,
+    and with ``output_too_large`` (413) when one reached the ``-fs`` limit
+    (ffmpeg stops writing there and still exits 0).
+    """
+    limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
+    found: list[ProducedFile] = []
+    for preset in dict.fromkeys(presets):
+        for declared in preset.outputs(probe):
+            pattern = os.path.join(out_dir, *declared.name.split("/"))
+            paths = sorted(glob.glob(glob.escape(pattern).replace(glob.escape("*"), "*")))
+            if not paths:
+                raise GridnodeError(f"ffmpeg did not write {declared.name}", code="ffmpeg_failed", status=422)
+            for path in paths:
+                size = os.path.getsize(path)
+                if size == 0:
+                    raise GridnodeError(f"ffmpeg wrote an empty {declared.name}", code="ffmpeg_failed",
+                                        status=422)
+                if size >= limit:
+                    raise GridnodeError(f"the output {declared.name} passed the size limit of {limit} bytes",
+                                        code="output_too_large", status=413)
+                name = os.path.relpath(path, out_dir).replace(os.sep, "/")
+                found.append(ProducedFile(preset.name, name, path, size, declared.content_type))
+    return found

@@ -1,0 +1,363 @@
+"""
+ffprobe an upload and decide whether gridnode will convert it.
+
+``probe(reactor, path)`` runs ``ffprobe -v error -of json -show_format
+-show_streams`` as a child process (never a blocking subprocess) under a time
+limit and turns its JSON into a frozen ``ProbeResult``; ``parse_probe`` is the
+pure half, fed with ffprobe's JSON, so the decisions are unit-testable.
+
+Refusals are ``GridnodeError`` with stable codes:
+
+- ``not_a_video`` (422): not media at all, audio or image only, unreadable;
+- ``unsupported_format`` (422): a container outside the allowlist, including
+  playlists and concat lists (hls, m3u8, ffconcat), which would make ffmpeg
+  open other files;
+- ``too_many_streams`` (422): more than ``Limits.max_streams`` streams;
+- ``too_long`` (413): duration over ``Limits.max_duration``, or unknown;
+- ``too_large`` (413): more pixels per frame than ``Limits.max_pixels``;
+- ``timeout`` (504): ffprobe did not answer within ``Limits.probe_timeout``;
+- ``ffprobe_unavailable`` (500): the configured ffprobe is not there.
+
+ffprobe is started with ``-protocol_whitelist file`` and a
+``-format_whitelist`` of the allowed demuxers: a playlist or concat list is
+rejected by ffprobe itself after format detection and before it would open any
+file it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gridnode.errors import GridnodeError
+
+_log = Logger()
+
+# ffprobe's format_name (the demuxer's own name list) -> the demuxer to force
+# with -f on the ffmpeg command line.
+ALLOWED_FORMATS: dict[str, str] = {
+    "mov,mp4,m4a,3gp,3g2,mj2": "mov",  # mp4, mov, 3gp
+    "matroska,webm": "matroska",
+    "avi": "avi",
+    "mpegts": "mpegts",
+    "flv": "flv",
+    "mpeg": "mpeg",  # MPEG program stream (.mpg, .vob)
+    "ogg": "ogg",
+}
+
+# Formats that name other files or URLs: refused with their own message.
+PLAYLIST_FORMATS = frozenset({"hls", "applehttp", "m3u8", "concat", "ffconcat", "dash", "webm_dash_manifest",
+                              "image2", "imagepipe", "tee", "sdp", "rtsp", "data"})
+
+# Video containers that ffmpeg reads but gridnode does not accept: these get
+# unsupported_format, anything else that is not on the allowlist not_a_video.
+_OTHER_VIDEO_FORMATS = frozenset({"asf", "mxf", "rm", "nut", "gxf", "ivf", "dv", "wtv", "h264", "hevc", "m4v",
+                                  "mpegvideo", "rawvideo", "yuv4mpegpipe", "obu", "vc1", "av1", "mjpeg",
+                                  "smjpeg", "rl2", "roq", "swf", "bink", "smk", "vivo", "xmv"})
+
+_NOT_ON_WHITELIST = re.compile(r"\[([^\]@]+?) @ 0x[0-9a-fA-F]+\] Format not on whitelist")
+
+@dataclass(frozen=True)
+class Limits:
+    """What a node accepts. Defaults: 4 h, 8192x4320, 16 streams, 30 s to probe."""
+
+    max_duration: float = 4 * 3600.0
+    max_pixels: int = 8192 * 4320
+    max_streams: int = 16
+    probe_timeout: float = 30.0
+    # ffprobe's JSON is a few kB per stream; more means something odd.
+    max_probe_output: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The checked facts about one input file."""
+
+    size: int
+    format_name: str  # ffprobe's format_name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    container: str  # short label for users: mp4, mov, 3gp, matroska, webm, avi, mpegts, flv, mpeg, ogg
+    demuxer: str  # what to force with ``-f`` on the ffmpeg input
+    duration: float  # seconds
+    width: int  # coded frame size of the first video stream
+    height: int
+    video_codec: str
+    audio_codec: str | None
+    has_audio: bool
+    rotation: int  # clockwise degrees to display: 0, 90, 180 or 270
+    display_width: int  # size as shown, after rotation and sample aspect ratio
+    display_height: int
+    stream_count: int
+    name: str | None = field(default=None, compare=False)  # the user's file name, kept as data
+
+    def to_json(self) -> dict[str, Any]:
+        """The job JSON's ``input`` object (DESIGN: HTTP API)."""
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out.update({
+            "size": self.size,
+            "format": self.container,
+            "duration": round(self.duration, 3),
+            "width": self.display_width,
+            "height": self.display_height,
+            "video_codec": self.video_codec,
+            "audio_codec": self.audio_codec,
+        })
+        return out
+
+
+def _error(code: str, status: int, message: str) -> GridnodeError:
+    return GridnodeError(message, code=code, status=status)
+
+
+def not_a_video(message: str = "this file is not a video gridnode can read; upload a video file") -> GridnodeError:
+    return _error("not_a_video", 422, message)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out and out not in (float("inf"), float("-inf")) else None
+
+
+def _rotation(stream: dict[str, Any]) -> int:
+    """Clockwise display rotation, normalised to 0/90/180/270.
+
+    ffprobe reports the display matrix as a counter-clockwise angle (what
+    ffmpeg's autorotate negates); old files carry a clockwise ``rotate`` tag.
+    """
+    degrees: float | None = None
+    for side in stream.get("side_data_list") or []:
+        if isinstance(side, dict) and _float(side.get("rotation")) is not None:
+            degrees = -float(side["rotation"])
+            break
+    if degrees is None:
+        degrees = _float((stream.get("tags") or {}).get("rotate"))
+    if degrees is None:
+        return 0
+    return int(round(degrees / 90.0)) % 4 * 90
+
+
+def _sample_aspect(stream: dict[str, Any]) -> float:
+    raw = str(stream.get("sample_aspect_ratio") or "1:1")
+    try:
+        num, den = (int(x) for x in raw.split(":"))
+    except ValueError:
+        return 1.0
+    if num <= 0 or den <= 0:
+        return 1.0
+    ratio = num / den
+    # Absurd ratios are broken metadata, not anamorphic video.
+    return ratio if 0.25 <= ratio <= 4.0 else 1.0
+
+
+def _container(format_name: str, fmt: dict[str, Any], video_codec: str) -> str:
+    if format_name.startswith("mov,"):
+        brand = str((fmt.get("tags") or {}).get("major_brand", "")).strip().lower()
+        if brand.startswith("3g"):
+            return "3gp"
+        return "mov" if brand == "qt" else "mp4"
+    if format_name == "matroska,webm":
+        return "webm" if video_codec in ("vp8", "vp9", "av1") else "matroska"
+    return format_name
+
+
+def parse_probe(
+    data: bytes | str | dict[str, Any], *, size: int, limits: Limits = Limits(), name: str | None = None
+) -> ProbeResult:
+    """Check ffprobe's JSON (``-show_format -show_streams``) against ``limits``."""
+    if isinstance(data, dict):
+        doc = data
+    else:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise not_a_video() from None
+    if not isinstance(doc, dict):
+        raise not_a_video()
+    fmt = doc.get("format")
+    streams = doc.get("streams")
+    if not isinstance(fmt, dict) or not isinstance(streams, list):
+        raise not_a_video()
+    streams = [s for s in streams if isinstance(s, dict)]
+    format_name = str(fmt.get("format_name", ""))
+    if format_name in PLAYLIST_FORMATS or set(format_name.split(",")) & PLAYLIST_FORMATS:
+        raise _error("unsupported_format", 422,
+                     f"playlists and file lists ({format_name}) are not accepted; upload the video file itself")
+    demuxer = ALLOWED_FORMATS.get(format_name)
+    if demuxer is None:
+        raise _unsupported(format_name)
+    if len(streams) > limits.max_streams:
+        raise _error("too_many_streams", 422,
+                     f"the file has {len(streams)} streams, at most {limits.max_streams} are accepted; "
+                     "remove extra tracks and upload again")
+    # Cover art is a "video" stream with one picture: not a video.
+    videos = [s for s in streams if s.get("codec_type") == "video"
+              and not (s.get("disposition") or {}).get("attached_pic")]
+    if not videos:
+        raise not_a_video("the file has no video stream; upload a video file")
+    video = videos[0]
+    width, height = int(video.get("width") or 0), int(video.get("height") or 0)
+    if width <= 0 or height <= 0:
+        raise not_a_video("the video stream has no frame size; the file may be damaged")
+    if width * height > limits.max_pixels:
+        raise _error("too_large", 413,
+                     f"the video is {width}x{height}, larger than this node accepts "
+                     f"({limits.max_pixels} pixels per frame); scale it down and upload again")
+    duration = _float(fmt.get("duration"))
+    if duration is None or duration <= 0:
+        duration = _float(video.get("duration"))
+    if duration is None or duration <= 0:
+        raise _error("too_long", 413,
+                     "the file does not say how long it is, so its length cannot be checked; "
+                     "remux it (ffmpeg -i IN -c copy OUT) and upload again")
+    if duration > limits.max_duration:
+        raise _error("too_long", 413,
+                     f"the video lasts {duration:.0f} s, longer than the {limits.max_duration:.0f} s "
+                     "this node accepts; cut it and upload again")
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    rotation = _rotation(video)
+    shown_w = max(1, round(width * _sample_aspect(video)))
+    display_w, display_h = (height, shown_w) if rotation in (90, 270) else (shown_w, height)
+    video_codec = str(video.get("codec_name") or "unknown")
+    return ProbeResult(
+        size=size,
+        format_name=format_name,
+        container=_container(format_name, fmt, video_codec),
+        demuxer=demuxer,
+        duration=duration,
+        width=width,
+        height=height,
+        video_codec=video_codec,
+        audio_codec=str(audios[0].get("codec_name") or "unknown") if audios else None,
+        has_audio=bool(audios),
+        rotation=rotation,
+        display_width=display_w,
+        display_height=display_h,
+        stream_count=len(streams),
+        name=name,
+    )
+
+
+def _unsupported(format_name: str) -> GridnodeError:
+    names = set(format_name.split(","))
+    if names & PLAYLIST_FORMATS:
+        return _error("unsupported_format", 422,
+                      f"playlists and file lists ({format_name}) are not accepted; upload the video file itself")
+    if names & _OTHER_VIDEO_FORMATS:
+        return _error("unsupported_format", 422,
+                      f"the {format_name} format is not accepted; accepted containers are "
+                      "mp4/mov, mkv/webm, avi, mpeg-ts, flv, mpeg-ps, ogg and 3gp")
+    return not_a_video()
+
+
+def probe_argv(ffprobe: str, path: str) -> list[str]:
+    """The ffprobe command line; ``file:`` keeps a name with a colon from naming a protocol."""
+    whitelist = ",".join(sorted(set(ALLOWED_FORMATS.values())))
+    return [ffprobe, "-v", "error", "-of", "json", "-show_format", "-show_streams",
+            "-protocol_whitelist", "file", "-format_whitelist", whitelist,
+            "file:" + os.path.abspath(path)]
+
+
+class _ProbeProtocol(ProcessProtocol):
+    def __init__(self, clock: IReactorTime, timeout: float, max_output: int) -> None:
+        self.ended: Deferred[tuple[bytes, bytes]] = Deferred()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._err = b""
+        self._max_output = max_output
+        self._failure: GridnodeError | None = None
+        self._clock = clock
+        self._timer: IDelayedCall | None = None
+        self._timeout = timeout
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()
+        self._timer = self._clock.callLater(self._timeout, self._stop, "timeout")
+
+    def outReceived(self, data: bytes) -> None:
+        self._out_size += len(data)
+        if self._out_size > self._max_output:
+            self._stop("output")
+            return
+        self._out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err = (self._err + data)[-8192:]
+
+    def _stop(self, why: str) -> None:
+        if self._failure is not None:
+            return
+        if why == "timeout":
+            self._timer = None
+            self._failure = _error("timeout", 504,
+                                   f"reading the file took longer than {self._timeout:.0f} s; "
+                                   "the file may be damaged")
+        else:
+            self._failure = _error("unsupported_format", 422, "the file has too many streams or too much metadata")
+        try:
+            assert self.transport is not None
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._failure is not None:
+            self.ended.errback(self._failure)
+        elif reason.check(ProcessDone):
+            self.ended.callback((b"".join(self._out), self._err))
+        else:
+            self.ended.errback(_probe_failure(self._err))
+
+
+def _probe_failure(stderr: bytes) -> GridnodeError:
+    text = stderr.decode("utf-8", "replace")
+    match = _NOT_ON_WHITELIST.search(text)
+    if match:
+        return _unsupported(match.group(1))
+    return not_a_video()
+
+
+async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None) -> ProbeResult:
+    size = os.stat(path).st_size
+    if size == 0:
+        raise not_a_video("the file is empty")
+    if shutil.which(ffprobe) is None:
+        # A node set up wrong must not blame the user's file.
+        raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
+    proto = _ProbeProtocol(reactor, limits.probe_timeout, limits.max_probe_output)
+    argv = probe_argv(ffprobe, path)
+    reactor.spawnProcess(proto, argv[0], argv, env=None)
+    out, err = await proto.ended
+    if err.strip():
+        _log.debug("ffprobe {path} said {stderr}", path=path, stderr=err.decode("utf-8", "replace")[-500:])
+    return parse_probe(out, size=size, limits=limits, name=name)
+
+
+def probe(
+    reactor: IReactorProcess, path: str, *, ffprobe: str = "ffprobe", limits: Limits = Limits(),
+    name: str | None = None,
+) -> Deferred[ProbeResult]:
+    """Run ffprobe on ``path`` and check the result. Fails with ``GridnodeError``.
+
+    ``reactor`` must provide IReactorProcess and IReactorTime. ``name`` is the
+    user's file name, carried into ``ProbeResult.to_json()``.
+    """
+    return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name))

@@ -1,0 +1,144 @@
+"""
+Small test clips made with ffmpeg's lavfi sources (testsrc2 + sine), generated
+once per test session into a temporary folder.
+
+Use the ``media_clips`` fixture (session scope, exported through
+tests/conftest.py) or call ``make_clips(folder)`` directly. Everything is small
+and short so the media tests stay fast on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.task import deferLater
+
+FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
+FFPROBE = shutil.which("ffprobe") or "/usr/bin/ffprobe"
+
+needs_ffmpeg = pytest.mark.skipif(
+    not (os.access(FFMPEG, os.X_OK) and os.access(FFPROBE, os.X_OK)), reason="ffmpeg and ffprobe are needed"
+)
+
+
+@dataclass(frozen=True)
+class Clips:
+    folder: Path
+    landscape: Path  # 640x360, 4 s, H.264 + AAC, mp4
+    portrait: Path  # coded 320x180 with rotate=90 (shown 180x320), 2 s, no audio, mp4
+    webm: Path  # 320x240, 2 s, VP9 + Opus
+    mpegts: Path  # 320x240, 2 s, H.264 + AAC in MPEG-TS
+    audio_only: Path  # 1 s of sine in an mp4
+    random: Path  # 64 kB of random bytes
+    playlist: Path  # an HLS playlist naming the landscape clip
+    concat: Path  # an ffconcat list naming the landscape clip
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", *args], check=True, timeout=60)
+
+
+def lavfi_video(size: str, seconds: float, rate: int = 25) -> list[str]:
+    return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+
+
+def lavfi_audio(seconds: float) -> list[str]:
+    return ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}"]
+
+
+def make_clips(folder: Path) -> Clips:
+    folder.mkdir(parents=True, exist_ok=True)
+    x264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+    landscape = folder / "landscape.mp4"
+    _ffmpeg(*lavfi_video("640x360", 4), *lavfi_audio(4), *x264, "-c:a", "aac", "-shortest", str(landscape))
+    # ffmpeg 5.1 writes the rotate tag into the display matrix only on a stream copy.
+    upright = folder / "upright.mp4"
+    _ffmpeg(*lavfi_video("320x180", 2), *x264, str(upright))
+    portrait = folder / "portrait.mp4"
+    _ffmpeg("-i", str(upright), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(portrait))
+    upright.unlink()
+    webm = folder / "clip.webm"
+    _ffmpeg(*lavfi_video("320x240", 2), *lavfi_audio(2), "-c:v", "libvpx-vp9", "-deadline", "realtime",
+            "-cpu-used", "8", "-c:a", "libopus", "-shortest", str(webm))
+    mpegts = folder / "clip.ts"
+    _ffmpeg(*lavfi_video("320x240", 2), *lavfi_audio(2), *x264, "-c:a", "aac", "-shortest", str(mpegts))
+    audio_only = folder / "audio.mp4"
+    _ffmpeg(*lavfi_audio(1), "-c:a", "aac", str(audio_only))
+    random = folder / "random.mp4"
+    random.write_bytes(os.urandom(64 * 1024))
+    playlist = folder / "list.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4.0,\nlandscape.mp4\n#EXT-X-ENDLIST\n")
+    concat = folder / "list.txt"
+    concat.write_text("ffconcat version 1.0\nfile landscape.mp4\n")
+    return Clips(folder, landscape, portrait, webm, mpegts, audio_only, random, playlist, concat)
+
+
+@pytest.fixture(scope="session")
+def media_clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
+    """The sample clips, made once per session."""
+    if not (os.access(FFMPEG, os.X_OK) and os.access(FFPROBE, os.X_OK)):
+        pytest.skip("ffmpeg and ffprobe are needed")
+    return make_clips(tmp_path_factory.mktemp("media"))
+
+
+def ffprobe_json(path: Path | str) -> dict[str, Any]:
+    """ffprobe's view of an output file, for assertions."""
+    import json
+
+    out = subprocess.run([FFPROBE, "-v", "error", "-of", "json", "-show_format", "-show_streams", str(path)],
+                         check=True, capture_output=True, timeout=30)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+@pytest.fixture
+def real_reactor() -> Any:
+    """The global reactor pytest-twisted runs, for tests that start real processes."""
+    from twisted.internet import reactor as global_reactor
+
+    return global_reactor
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return any(alive(int(p)) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+async def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll ``check`` every 50 ms on the real reactor until it is true."""
+    deadline = reactor.seconds() + timeout
+    while not check():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.05, lambda: None)

@@ -1,0 +1,224 @@
+"""
+Probing uploads: the pure decisions on ffprobe JSON, and real ffprobe runs on
+generated clips, junk, playlists and a probe that hangs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from gridnode.errors import GridnodeError
+from gridnode.media.probe import Limits, ProbeResult, parse_probe, probe
+from tests.media_samples import FFPROBE, Clips
+
+
+def doc(format_name: str = "mov,mp4,m4a,3gp,3g2,mj2", duration: Any = "12.5",
+        streams: list[dict[str, Any]] | None = None, **fmt: Any) -> dict[str, Any]:
+    if streams is None:
+        streams = [video(), {"codec_type": "audio", "codec_name": "aac"}]
+    return {"format": {"format_name": format_name, "duration": duration, **fmt}, "streams": streams}
+
+
+def video(width: int = 1920, height: int = 1080, **extra: Any) -> dict[str, Any]:
+    return {"codec_type": "video", "codec_name": "h264", "width": width, "height": height, **extra}
+
+
+def refused(data: dict[str, Any], limits: Limits = Limits()) -> GridnodeError:
+    with pytest.raises(GridnodeError) as info:
+        parse_probe(data, size=1000, limits=limits)
+    return info.value
+
+
+class ParseProbeTests:
+    def test_plain_mp4(self) -> None:
+        """An mp4 with H.264 and AAC becomes a ProbeResult forcing the mov demuxer."""
+        result = parse_probe(doc(tags={"major_brand": "isom"}), size=1234, name="holiday.mp4")
+        assert result == ProbeResult(size=1234, format_name="mov,mp4,m4a,3gp,3g2,mj2", container="mp4",
+                                     demuxer="mov", duration=12.5, width=1920, height=1080, video_codec="h264",
+                                     audio_codec="aac", has_audio=True, rotation=0, display_width=1920,
+                                     display_height=1080, stream_count=2)
+        assert result.name == "holiday.mp4"
+
+    def test_to_json_has_the_design_fields(self) -> None:
+        """to_json() gives DESIGN's input object: name, size, format, duration, displayed size, codecs."""
+        result = parse_probe(doc(streams=[video(rotation=0)]), size=10, name="a.mp4")
+        assert result.to_json() == {"name": "a.mp4", "size": 10, "format": "mp4", "duration": 12.5,
+                                    "width": 1920, "height": 1080, "video_codec": "h264", "audio_codec": None}
+        assert "name" not in parse_probe(doc(), size=10).to_json()
+
+    @pytest.mark.parametrize(("side", "tag", "expected"), [
+        (-90, None, 90), (90, None, 270), (180, None, 180), (-180, None, 180), (-270, None, 270),
+        (None, "90", 90), (None, "-90", 270), (None, "360", 0), (-88.9, None, 90), (None, None, 0),
+    ])
+    def test_rotation_is_normalised(self, side: float | None, tag: str | None, expected: int) -> None:
+        """Display-matrix angles (counter-clockwise) and rotate tags (clockwise) become 0/90/180/270 clockwise."""
+        stream = video()
+        if side is not None:
+            stream["side_data_list"] = [{"side_data_type": "Display Matrix", "rotation": side}]
+        if tag is not None:
+            stream["tags"] = {"rotate": tag}
+        assert parse_probe(doc(streams=[stream]), size=1).rotation == expected
+
+    def test_quarter_turn_swaps_display_size(self) -> None:
+        """A 90° rotation shows a 1920x1080 frame as 1080x1920; 180° does not swap."""
+        turned = parse_probe(doc(streams=[video(side_data_list=[{"rotation": -90}])]), size=1)
+        assert (turned.display_width, turned.display_height) == (1080, 1920)
+        upside = parse_probe(doc(streams=[video(side_data_list=[{"rotation": 180}])]), size=1)
+        assert (upside.display_width, upside.display_height) == (1920, 1080)
+
+    def test_sample_aspect_ratio_widens_display(self) -> None:
+        """Anamorphic 720x576 with SAR 64:45 is shown 1024 wide."""
+        result = parse_probe(doc(streams=[video(720, 576, sample_aspect_ratio="64:45")]), size=1)
+        assert (result.display_width, result.display_height) == (1024, 576)
+
+    @pytest.mark.parametrize(("format_name", "demuxer", "container", "codec"), [
+        ("matroska,webm", "matroska", "webm", "vp9"), ("matroska,webm", "matroska", "matroska", "h264"),
+        ("avi", "avi", "avi", "h264"), ("mpegts", "mpegts", "mpegts", "h264"), ("flv", "flv", "flv", "h264"),
+        ("mpeg", "mpeg", "mpeg", "mpeg2video"), ("ogg", "ogg", "ogg", "theora"),
+    ])
+    def test_allowed_containers(self, format_name: str, demuxer: str, container: str, codec: str) -> None:
+        """Every container on the allowlist is accepted with the demuxer to force."""
+        result = parse_probe(doc(format_name, streams=[video(codec_name=codec)]), size=1)
+        assert (result.demuxer, result.container) == (demuxer, container)
+
+    def test_3gp_and_mov_labels(self) -> None:
+        """ISO files are labelled by major brand: qt -> mov, 3gp4 -> 3gp."""
+        assert parse_probe(doc(tags={"major_brand": "qt  "}), size=1).container == "mov"
+        assert parse_probe(doc(tags={"major_brand": "3gp4"}), size=1).container == "3gp"
+
+    @pytest.mark.parametrize("format_name", ["hls", "concat", "image2", "tee"])
+    def test_playlists_refused(self, format_name: str) -> None:
+        """Formats that name other files are refused with unsupported_format and say why."""
+        error = refused(doc(format_name))
+        assert (error.code, error.status) == ("unsupported_format", 422)
+        assert "playlist" in error.message
+
+    def test_other_video_container_refused(self) -> None:
+        """A real video container off the allowlist (ASF/WMV) is unsupported_format."""
+        assert refused(doc("asf")).code == "unsupported_format"
+
+    def test_audio_format_is_not_a_video(self) -> None:
+        """A format that is no video container at all (mp3) is not_a_video."""
+        assert refused(doc("mp3")).code == "not_a_video"
+
+    def test_no_video_stream(self) -> None:
+        """An mp4 holding only audio is not_a_video (422)."""
+        error = refused(doc(streams=[{"codec_type": "audio", "codec_name": "aac"}]))
+        assert (error.code, error.status) == ("not_a_video", 422)
+
+    def test_cover_art_is_not_a_video(self) -> None:
+        """An attached picture is not a video stream."""
+        art = video(disposition={"attached_pic": 1})
+        assert refused(doc(streams=[art, {"codec_type": "audio"}])).code == "not_a_video"
+
+    def test_too_long(self) -> None:
+        """Longer than max_duration: too_long (413)."""
+        error = refused(doc(duration="14401"))
+        assert (error.code, error.status) == ("too_long", 413)
+        assert parse_probe(doc(duration="14400"), size=1).duration == 14400
+
+    def test_unknown_duration_refused(self) -> None:
+        """No duration anywhere: too_long, since the length cannot be checked."""
+        assert refused(doc(duration="N/A")).code == "too_long"
+
+    def test_stream_duration_used_when_format_has_none(self) -> None:
+        """The video stream's duration stands in for a missing format duration."""
+        assert parse_probe(doc(duration=None, streams=[video(duration="3.5")]), size=1).duration == 3.5
+
+    def test_too_large(self) -> None:
+        """More pixels than max_pixels: too_large (413); exactly 8192x4320 passes."""
+        error = refused(doc(streams=[video(8200, 4320)]))
+        assert (error.code, error.status) == ("too_large", 413)
+        assert parse_probe(doc(streams=[video(8192, 4320)]), size=1).width == 8192
+
+    def test_too_many_streams(self) -> None:
+        """More than max_streams streams: too_many_streams (422)."""
+        streams = [video()] + [{"codec_type": "audio", "codec_name": "aac"}] * 16
+        assert refused(doc(streams=streams)).code == "too_many_streams"
+        assert parse_probe(doc(streams=streams[:16]), size=1).stream_count == 16
+
+    def test_limits_are_configurable(self) -> None:
+        """Limits set per node are applied."""
+        assert refused(doc(duration="61"), Limits(max_duration=60)).code == "too_long"
+
+    @pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b'{"format": 1}', b'{"format": {}, "streams": {}}'])
+    def test_garbage_json(self, raw: bytes) -> None:
+        """Output that is not ffprobe's JSON: not_a_video."""
+        with pytest.raises(GridnodeError) as info:
+            parse_probe(raw, size=1)
+        assert info.value.code == "not_a_video"
+
+
+@pytest.mark.integration
+class ProbeProcessTests:
+    @pytest_twisted.ensureDeferred
+    async def test_landscape_clip(self, real_reactor: Any, media_clips: Clips) -> None:
+        """Real ffprobe on a 640x360 4 s mp4 with audio."""
+        result = await probe(real_reactor, str(media_clips.landscape), ffprobe=FFPROBE, name="l.mp4")
+        assert (result.container, result.demuxer, result.video_codec, result.audio_codec) == \
+            ("mp4", "mov", "h264", "aac")
+        assert (result.display_width, result.display_height) == (640, 360)
+        assert abs(result.duration - 4.0) < 0.1
+        assert result.size == os.path.getsize(media_clips.landscape)
+
+    @pytest_twisted.ensureDeferred
+    async def test_portrait_clip(self, real_reactor: Any, media_clips: Clips) -> None:
+        """A 320x180 frame with a quarter-turn and no audio is shown 180x320."""
+        result = await probe(real_reactor, str(media_clips.portrait), ffprobe=FFPROBE)
+        assert result.rotation in (90, 270)
+        assert (result.display_width, result.display_height) == (180, 320)
+        assert not result.has_audio and result.audio_codec is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_webm_and_mpegts(self, real_reactor: Any, media_clips: Clips) -> None:
+        """WebM (VP9 + Opus) and MPEG-TS are read with their own demuxers."""
+        webm = await probe(real_reactor, str(media_clips.webm), ffprobe=FFPROBE)
+        assert (webm.container, webm.demuxer, webm.video_codec, webm.audio_codec) == \
+            ("webm", "matroska", "vp9", "opus")
+        ts = await probe(real_reactor, str(media_clips.mpegts), ffprobe=FFPROBE)
+        assert ts.demuxer == "mpegts"
+
+    @pytest.mark.parametrize(("clip", "code"), [
+        ("random", "not_a_video"), ("audio_only", "not_a_video"),
+        ("playlist", "unsupported_format"), ("concat", "unsupported_format"),
+    ])
+    @pytest_twisted.ensureDeferred
+    async def test_refusals(self, real_reactor: Any, media_clips: Clips, clip: str, code: str) -> None:
+        """Random bytes and audio are not videos; an m3u8 playlist and a concat list are refused."""
+        with pytest.raises(GridnodeError) as info:
+            await probe(real_reactor, str(getattr(media_clips, clip)), ffprobe=FFPROBE)
+        assert info.value.code == code
+        assert info.value.status == 422
+
+    @pytest_twisted.ensureDeferred
+    async def test_empty_file(self, real_reactor: Any, tmp_path: Path) -> None:
+        """An empty upload is not_a_video without running ffprobe."""
+        (tmp_path / "empty").write_bytes(b"")
+        with pytest.raises(GridnodeError) as info:
+            await probe(real_reactor, str(tmp_path / "empty"), ffprobe="/nonexistent/ffprobe")
+        assert info.value.code == "not_a_video"
+
+    @pytest_twisted.ensureDeferred
+    async def test_hanging_probe_times_out(self, real_reactor: Any, tmp_path: Path) -> None:
+        """An ffprobe that never answers is killed after probe_timeout: code timeout."""
+        fake = tmp_path / "ffprobe"
+        fake.write_text("#!/bin/sh\nexec sleep 30\n")
+        fake.chmod(0o755)
+        (tmp_path / "in.mp4").write_bytes(b"x" * 100)
+        started = real_reactor.seconds()
+        with pytest.raises(GridnodeError) as info:
+            await probe(real_reactor, str(tmp_path / "in.mp4"), ffprobe=str(fake), limits=Limits(probe_timeout=0.3))
+        assert info.value.code == "timeout"
+        assert real_reactor.seconds() - started < 5
+
+    @pytest_twisted.ensureDeferred
+    async def test_missing_ffprobe(self, real_reactor: Any, media_clips: Clips) -> None:
+        """A node without ffprobe reports ffprobe_unavailable (500), not a fault in the user's file."""
+        with pytest.raises(GridnodeError) as info:
+            await probe(real_reactor, str(media_clips.landscape), ffprobe="/nonexistent/ffprobe")
+        assert (info.value.code, info.value.status) == ("ffprobe_unavailable", 500)
