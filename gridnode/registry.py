@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from gridnode import __version__, keys
@@ -143,22 +142,39 @@ class Registry:
         #: called with (records) after each read of the registry
         self.on_read: list[Callable[[list[NodeRecord]], None]] = []
         self._published: bytes | None = None
-        self._loop: LoopingCall | None = None
+        self._running = False
+        self._next: Any = None
         self._backoff = 1.0
 
     # -- life cycle
 
     def start(self) -> None:
         """Register now and refresh every heartbeat; failures are retried with backoff."""
-        self._loop = LoopingCall(self.beat)
-        self._loop.clock = self.clock
-        self._loop.start(self.heartbeat, now=True)
+        self._running = True
+        self._tick()
+
+    def _tick(self) -> None:
+        self._next = None
+        d = self.beat()
+        d.addCallback(self._schedule)
+
+    def _schedule(self, ok: bool) -> None:
+        """One chain of beats: the next after a heartbeat, or sooner with backoff after a failure."""
+        if not self._running:
+            return
+        delay = self.heartbeat
+        if not ok:
+            delay = min(self._backoff, self.heartbeat)
+            self._backoff = min(self._backoff * 2, max(self.heartbeat, 1.0))
+        self._next = self.clock.callLater(delay, self._tick)
 
     @inlineCallbacks
     def stop(self) -> Any:
         """Stop the heartbeat and delete our record (only the version we wrote)."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._running = False
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
         if not self.registered or self.etag is None:
             return
         writer = self.is_writer()
@@ -174,7 +190,8 @@ class Registry:
 
     @inlineCallbacks
     def beat(self) -> Any:
-        """One heartbeat: write our record, read everyone's, maybe publish nodes.json."""
+        """One heartbeat: write our record, read everyone's, maybe publish nodes.json.
+        Fires True, or False after a failure (logged, never raised)."""
         try:
             yield self.write()
             records = yield self.read()
@@ -185,20 +202,15 @@ class Registry:
                 yield self.publish(self.live)
             self._backoff = 1.0
             self.last_error = None
+            return True
         except GridnodeError as e:
             self.last_error = e.message
             self._log.warn("registry unreachable ({code}): {reason}; retrying in {delay}s",
-                           code=e.code, reason=e.message, delay=self._backoff)
-            if self._loop is not None and self._loop.running:
-                self.clock.callLater(self._backoff, self._retry)
-                self._backoff = min(self._backoff * 2, max(self.heartbeat, 1.0))
+                           code=e.code, reason=e.message, delay=min(self._backoff, self.heartbeat))
         except Exception:  # noqa: BLE001 - the heartbeat must never die
+            self.last_error = "internal error"
             self._log.failure("registry heartbeat failed")
-
-    def _retry(self) -> Deferred[Any] | None:
-        if self._loop is not None and self._loop.running and self.last_error is not None:
-            return self.beat()
-        return None
+        return False
 
     # -- our record
 

@@ -98,3 +98,106 @@ class S3RegistryTests:
             assert health["registry"]["registered"] is False and health["registry"]["error"]
         finally:
             assert node.stop() == 0
+
+
+class S3JobTests:
+    @pytest_twisted.inlineCallbacks
+    def test_job_in_the_bucket(self, tmp_path: Path, s3_endpoint: str, s3_bucket: str, s3_client: Any,
+                               media_clips: Any) -> None:
+        """A job on an S3-backed node leaves its input, outputs and record in the bucket, and
+        /results answers 302 to a presigned URL that serves the bytes."""
+        import urllib.error
+        import urllib.request
+
+        from tests.nodes import request, upload, wait_job
+
+        node = s3_node(tmp_path, s3_endpoint, s3_bucket, "s3job", "--min-free", "0")
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            status, _, job = upload(base, media_clips.landscape, "mp4-480p,poster")
+            assert status == 201, job
+            job = yield wait_job(base, job["id"])
+            assert job["state"] == "done", job
+            keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="grid/").get("Contents", [])}
+            jid = job["id"]
+            assert {f"grid/inputs/{jid}/source", f"grid/jobs/{jid}.json", f"grid/outputs/{jid}/mp4-480p.mp4",
+                    f"grid/outputs/{jid}/poster.jpg"} <= keys
+            stored = s3_client.get_object(Bucket=s3_bucket, Key=f"grid/jobs/{jid}.json")["Body"].read()
+            assert json.loads(stored)["state"] == "done"
+
+            class NoRedirect(urllib.request.HTTPRedirectHandler):
+                def redirect_request(self, *args: Any) -> None:
+                    return None
+
+            opener = urllib.request.build_opener(NoRedirect)
+            try:
+                opener.open(base + job["outputs"][0]["url"], timeout=10)
+                raise AssertionError("expected a redirect")
+            except urllib.error.HTTPError as e:
+                assert e.code == 302
+                location = e.headers["location"]
+            assert location.startswith(s3_endpoint) and "Signature=" in location
+            status, _, data = request("GET", location)
+            expected = s3_client.get_object(Bucket=s3_bucket, Key=f"grid/outputs/{jid}/mp4-480p.mp4")["Body"].read()
+            assert status == 200 and data == expected
+            status, _, data = request("GET", base + job["outputs"][0]["url"])  # followed
+            assert status == 200 and data == expected
+            status, missing = get_json(base + f"/results/{jid}/nothing.mp4")
+            assert status == 404 and missing["error"]["code"] == "not_found"
+        finally:
+            assert node.stop() == 0
+
+
+class S3OutageTests:
+    @pytest_twisted.inlineCallbacks
+    def test_upload_survives_an_outage(self, tmp_path: Path, media_clips: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        """With the bucket unreachable, an upload is still accepted, waits in the spool, and is
+        stored and converted once S3 is back: nothing accepted is dropped."""
+        from tests.nodes import upload, wait_job
+        from tests.s3server import CREDENTIALS, MotoServer, client
+
+        for name, value in CREDENTIALS.items():  # as the s3_endpoint fixture does for the other tests
+            monkeypatch.setenv(name, value)
+        server = MotoServer(tmp_path / "moto.log")
+        endpoint = server.start()
+        client(endpoint).create_bucket(Bucket="outage")
+        node = s3_node(tmp_path, endpoint, "outage", "o1", "--min-free", "0")
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            server.stop()
+            status, _, job = upload(base, media_clips.landscape, "poster")
+            assert status == 201, job
+            yield sleep(3)
+            status, now = get_json(f"{base}/jobs/{job['id']}")
+            assert now["state"] == "queued"
+            spool = tmp_path / "o1" / "gridnode-work" / "spool"
+            assert (spool / job["id"]).exists()
+            assert "store unreachable" in node.text()
+
+            port = endpoint.rsplit(":", 1)[1]
+            import subprocess as sp
+
+            from tests.s3server import answers, moto_server_command
+            with open(tmp_path / "moto2.log", "ab") as out:
+                again = sp.Popen(moto_server_command() + ["-H", "127.0.0.1", "-p", port], stdout=out,
+                                 stderr=sp.STDOUT, start_new_session=True)
+            try:
+                for _ in range(100):
+                    if answers(endpoint + "/"):
+                        break
+                    yield sleep(0.1)
+                client(endpoint).create_bucket(Bucket="outage")
+                final = yield wait_job(base, job["id"], timeout=90)
+                assert final["state"] == "done", final
+                assert not (spool / job["id"]).exists()
+                body = client(endpoint).get_object(Bucket="outage", Key=f"grid/inputs/{job['id']}/source")["Body"]
+                assert body.read() == media_clips.landscape.read_bytes()
+            finally:
+                again.terminate()
+                again.wait(10)
+        finally:
+            node.stop()
+            server.stop()
