@@ -155,6 +155,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
+    Setting("job-lease", 30.0, "seconds a job's owner holds it without renewing; then a peer adopts it",
+            _positive_float, "S"),
+    Setting("drain-timeout", 60.0, "on SIGTERM, seconds running jobs get to finish before peers adopt them",
+            _positive_float, "S"),
     Setting("work-dir", "gridnode-work", "local folder for upload spool and ffmpeg scratch files",
             _str, "DIR"),
     Setting("secret-file", None, "file holding the pool secret (peer HMAC, upload tokens)", _opt_str, "FILE"),
@@ -192,6 +196,8 @@ class NodeConfig:
     max_pixels: int
     heartbeat: float
     stale: float
+    job_lease: float
+    drain_timeout: float
     work_dir: str
     secret_file: str | None
     cors_origins: tuple[str, ...]

@@ -59,6 +59,8 @@ class Job:
     node: str = ""
     attempts: int = 0
     sha256: str = ""
+    #: the owner (``node``) holds the job until then; past it a peer may adopt it
+    lease_until: float = 0.0
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
@@ -91,6 +93,18 @@ class Job:
         self.progress = progress
         self.updated = now
         return True
+
+    def reclaim(self, node: str, now: float, lease: float) -> None:
+        """A node takes the job over (adoption, or its own restart): queued again, one more attempt."""
+        if self.final:
+            raise BadTransition(f"job {self.id} is {self.state} already")
+        self.state = QUEUED
+        self.node = node
+        self.attempts += 1
+        self.progress = 0.0
+        self.outputs = []
+        self.lease_until = now + lease
+        self.updated = now
 
     def fail(self, code: str, message: str, now: float) -> None:
         if self.final:

@@ -102,6 +102,15 @@ def jobs_prefix() -> str:
     return "jobs/"
 
 
+def active_marker(job_id: str) -> str:
+    """An empty object per unfinished job: what adoption scans, instead of every record."""
+    return join("active", check_segment(job_id, "job id"))
+
+
+def active_prefix() -> str:
+    return "active/"
+
+
 def input_source(job_id: str) -> str:
     return join("inputs", job_id, "source")
 

@@ -159,8 +159,16 @@ class NodeService(MultiService):
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.shutdown)
 
-    def shutdown(self) -> None:
-        self._log.info("SIGTERM: stopping")
+    @inlineCallbacks
+    def shutdown(self) -> Any:
+        """SIGTERM: drain (no new uploads, running jobs finish or go back to the pool), leave, exit 0."""
+        if self.node is not None and not self.node.jobs.draining:
+            self._log.info("SIGTERM: draining for up to {timeout}s", timeout=self.config.drain_timeout)
+            try:
+                released = yield self.node.jobs.drain(self.config.drain_timeout)
+                self._log.info("drained; {count} jobs released to the pool", count=released)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                self._log.failure("drain failed")
         if self.reactor.running:
             self.reactor.stop()
 

@@ -1,32 +1,45 @@
 """
 The conversion pipeline of one node: upload -> probe -> stored input ->
-ffmpeg pool -> stored outputs -> done.
+ffmpeg pool -> stored outputs -> done, and who owns each job.
 
-`JobService` is the I/O side around the `Job` state machine. A job record is
-written to the store on every state change. The answer to an upload (201)
-comes once the input is probed; from then on the job is never dropped: the
-input stays in the local spool until the store has it, however long the
-store is unreachable.
+`JobService` is the I/O side around the `Job` state machine.
+
+- The answer to an upload (201) comes once the input is probed. From then on
+  the job is never dropped: a local journal (``spool/<id>.json`` beside the
+  spooled body) survives a crash, and the input stays in the spool until the
+  store has it, however long the store is unreachable.
+- Every write of ``jobs/<id>.json`` is conditional on the ETag of our last
+  write. The owner renews its jobs' leases; a job whose lease ran out (its
+  owner died) is claimed by exactly one peer with a conditional write, run
+  again from the stored input, and after `MAX_ATTEMPTS` quarantined as
+  ``poison``. A node that finds its record taken over stops its own work.
+- ``active/<id>`` marks the unfinished jobs, so adoption scans only those.
+- Draining (SIGTERM): no new uploads; running jobs get ``--drain-timeout``;
+  the rest are released with an expired lease so peers adopt them at once.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from gridnode import jobs, keys
 from gridnode.config import NodeConfig
-from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
+from gridnode.errors import GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.web.upload import Spool, SpoolFile
+
+#: tries of one job (first run and adoptions) before it is quarantined as poison
+MAX_ATTEMPTS = 3
 
 
 class Busy(GridnodeError):
@@ -38,36 +51,77 @@ class Busy(GridnodeError):
         self.retry_after = retry_after
 
 
+class Lost(GridnodeError):
+    """Another node owns this job now: stop working on it, write nothing."""
+
+    code = "lost_ownership"
+    status = 409
+
+
 @dataclass
 class Active:
-    """A job this node is working on, with who is watching it."""
+    """A job this node is working on."""
 
     job: Job
     spool_path: str
+    etag: str | None = None  # of our last write of jobs/<id>.json
     watchers: list[Callable[[Job], None]] = field(default_factory=list)
     work: Deferred[Any] | None = None
-    cancelled: bool = False
+    cancelled: bool = False  # a client asked
+    lost: bool = False  # another node took the job over
+    released: bool = False  # draining: handed to the pool
+
+    @property
+    def stopping(self) -> bool:
+        return self.cancelled or self.lost or self.released
 
 
 class JobService:
     _log = Logger()
 
     def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, media: Any,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.store = store
         self.media = media
         self.now = now
+        self.rng = rng or random.Random()
         self.node_id = config.node_id or ""
+        self.lease = config.job_lease
         self.spool = Spool(os.path.join(config.work_dir, "spool"))
         self.active: dict[str, Active] = {}
         self.draining = False
         self.counts: dict[str, int] = {}
+        self._loops: list[LoopingCall] = []
 
-    def start(self) -> None:
-        """At start-up: spool files are uploads a crash cut off; nothing refers to them."""
-        self.spool.sweep(keep=lambda name: name in self.active)
+    # -- life cycle
+
+    def start(self, scan: bool = True) -> Deferred[Any]:
+        """Resume what an earlier life left in the journal, sweep the spool, then renew
+        leases and look for orphaned jobs periodically."""
+        d = self.recover()
+        d.addCallback(lambda _: self.spool.sweep(keep=self._journaled))
+        renew = LoopingCall(self.renew_leases)
+        renew.clock = self.reactor
+        renew.start(self.lease / 3, now=False)
+        self._loops.append(renew)
+        if scan:
+            adopt = LoopingCall(self.adopt_orphans)
+            adopt.clock = self.reactor
+            adopt.start(self.lease / 2 * (0.75 + self.rng.random() / 2), now=False)
+            self._loops.append(adopt)
+        return d
+
+    def stop_loops(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+
+    def _journaled(self, name: str) -> bool:
+        stem = name[:-5] if name.endswith(".json") else name
+        return stem in self.active
 
     # -- admission (before any body byte is read)
 
@@ -117,42 +171,50 @@ class JobService:
         job.input.update(probe.to_json())
         job.input["name"] = name[:255]
         job.advance(jobs.QUEUED, self.now())
+        job.attempts = 1
+        job.lease_until = self.now() + self.lease
         active = self.active[job.id] = Active(job, spool.path)
+        self._journal(active)
         self._count("accepted")
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
-        active.work = self._run(active, probe, chosen)
+        active.work = self._run(active, probe, chosen, input_stored=False)
         return job
 
+    def _journal(self, active: Active) -> None:
+        """The job beside its spooled body: what a restart resumes from."""
+        tmp = active.spool_path + ".json.tmp"
+        with open(tmp, "wb") as f:
+            f.write(active.job.dumps())
+        os.replace(tmp, active.spool_path + ".json")
+
     @inlineCallbacks
-    def _run(self, active: Active, probe: Any, presets: list[Any]) -> Any:
+    def _run(self, active: Active, probe: Any, presets: list[Any], input_stored: bool) -> Any:
         job = active.job
         try:
-            yield self._durably("write job record", lambda: self._save(job))
-            yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
-                                                                           active.spool_path))
-            if active.cancelled:
+            yield self._durably("write job record", lambda: self._save(active))
+            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+            if not input_stored:
+                yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
+                                                                               active.spool_path))
+            if active.stopping:
                 raise CancelledError()
             stored = yield self.media.run(job.id, probe, active.spool_path, presets,
                                           started=lambda: self._transcoding(active),
                                           progress=lambda p: self._progress(active, p),
                                           finish=lambda produced: self._store_outputs(active, produced))
-            if active.cancelled:
+            if active.stopping:
                 raise CancelledError()
             job.outputs = stored
             job.advance(jobs.DONE, self.now())
             self._count("done")
-            self._log.info("job {job} done: {count} outputs", job=job.id, count=len(stored), state=job.state)
-        except CancelledError:
-            if not job.final:
-                job.cancel(self.now())
-            self._count("cancelled")
-            self._log.info("job {job} cancelled", job=job.id, state=job.state)
+            self._log.info("job {job} done: {count} outputs", job=job.id, count=len(stored), state=job.state,
+                           attempts=job.attempts)
+        except (CancelledError, Lost) as e:
+            self._stopped(active, e)
         except GridnodeError as e:
-            if e.code == "cancelled" or active.cancelled:
-                if not job.final:
-                    job.cancel(self.now())
-                self._count("cancelled")
+            if e.code == "cancelled" or active.stopping:
+                self._stopped(active, e)
             else:
                 job.fail(e.code, e.message, self.now())
                 self._count("failed")
@@ -163,24 +225,57 @@ class JobService:
             job.fail("internal_error", f"the node failed on this job ({type(e).__name__}); submit it again",
                      self.now())
             self._count("failed")
-        finally:
+        yield self._finish(active)
+
+    def _stopped(self, active: Active, why: BaseException) -> None:
+        job = active.job
+        if active.lost or isinstance(why, Lost):
+            active.lost = True
+            self._log.warn("job {job}: another node took it over; stopped here", job=job.id)
+        elif active.released:
+            self._log.info("job {job} released to the pool", job=job.id)
+        else:
+            if not job.final:
+                job.cancel(self.now())
+            self._count("cancelled")
+            self._log.info("job {job} cancelled", job=job.id, state=job.state)
+
+    @inlineCallbacks
+    def _finish(self, active: Active) -> Any:
+        """Write the last record (unless the job is someone else's now) and forget the job."""
+        job = active.job
+        try:
+            if active.released and not job.final and not active.lost:
+                # Back to the pool: queued, lease expired, so a peer adopts it at once.
+                job.state = jobs.QUEUED
+                job.progress = 0.0
+                job.lease_until = 0.0
+                job.updated = self.now()
             self._changed(active)
-            try:
-                yield self._durably("write job record", lambda: self._save(job))
-            finally:
-                self.active.pop(job.id, None)
-                SpoolFile.remove(active.spool_path)
+            if not active.lost:
+                try:
+                    yield self._durably("write job record", lambda: self._save(active))
+                    if job.final:
+                        yield self._durably("unmark job", lambda: self.store.delete(keys.active_marker(job.id)))
+                except Lost:
+                    self._log.warn("job {job}: another node took it over before its end was written", job=job.id)
+        finally:
+            self.active.pop(job.id, None)
+            SpoolFile.remove(active.spool_path)
+            SpoolFile.remove(active.spool_path + ".json")
 
     @inlineCallbacks
     def _store_outputs(self, active: Active, produced: list[Any]) -> Any:
         """ffmpeg is done: store every output while the scratch folder still holds them."""
         job = active.job
+        if active.stopping:
+            raise CancelledError()
         job.advance(jobs.STORING, self.now())
         self._changed(active)
-        yield self._durably("write job record", lambda: self._save(job))
+        yield self._durably("write job record", lambda: self._save(active))
         stored: dict[str, dict[str, Any]] = {}
         for output in produced:
-            if active.cancelled:
+            if active.stopping:
                 raise CancelledError()
             yield self._durably("store output", self._store_output(job.id, output))
             # One entry per preset: its first file (HLS: the master playlist, whose
@@ -204,7 +299,19 @@ class JobService:
     def _transcoding(self, active: Active) -> None:
         active.job.advance(jobs.TRANSCODING, self.now())
         self._changed(active)
-        self._durably("write job record", lambda: self._save(active.job))
+        self._durably("write job record", lambda: self._save(active)).addErrback(self._save_failed, active)
+
+    def _save_failed(self, failure: Any, active: Active) -> None:
+        if failure.check(Lost):
+            self._lose(active)
+        else:
+            self._log.failure("job {job}: could not write its record", failure, job=active.job.id)
+
+    def _lose(self, active: Active) -> None:
+        if not active.lost:
+            active.lost = True
+            self._log.warn("job {job}: our record was taken over; stopping", job=active.job.id)
+            self.media.cancel(active.job.id)
 
     def _progress(self, active: Active, progress: float) -> None:
         if active.job.set_progress(progress, self.now()):
@@ -217,8 +324,48 @@ class JobService:
             except Exception:  # noqa: BLE001 - a broken watcher must not break the job
                 self._log.failure("job watcher failed")
 
-    def _save(self, job: Job) -> Deferred[Any]:
-        return self.store.put_bytes(keys.job_record(job.id), job.dumps(), content_type="application/json")
+    # -- the job record, owned
+
+    @inlineCallbacks
+    def _save(self, active: Active) -> Any:
+        """Write jobs/<id>.json on the condition that it is still ours."""
+        job = active.job
+        if not job.final and not active.released:
+            job.lease_until = max(job.lease_until, self.now() + self.lease)
+        data = job.dumps()
+        key = keys.job_record(job.id)
+        try:
+            if active.etag is None:
+                info = yield self.store.put_bytes(key, data, if_none_match="*", content_type="application/json")
+            else:
+                info = yield self.store.put_bytes(key, data, if_match=active.etag, content_type="application/json")
+        except (PreconditionFailed, NotFound):
+            # A retried write may have landed the first time: then the record is ours.
+            try:
+                current, info = yield self.store.get_bytes(key, max_size=jobs.MAX_RECORD_BYTES)
+            except NotFound:
+                raise Lost(f"job {job.id}: its record is gone") from None
+            if Job.loads(current).node != self.node_id:
+                raise Lost(f"job {job.id} is owned by another node now") from None
+            info = yield self.store.put_bytes(key, data, if_match=info.etag, content_type="application/json")
+        active.etag = info.etag
+        if not job.final and os.path.exists(active.spool_path):
+            self._journal(active)
+        return info
+
+    @inlineCallbacks
+    def renew_leases(self) -> Any:
+        """Renew the lease of every job we run; a job someone took over is stopped here."""
+        for active in list(self.active.values()):
+            if active.job.final or active.stopping or active.etag is None:
+                continue
+            try:
+                yield self._save(active)
+            except Lost:
+                self._lose(active)
+            except GridnodeError as e:
+                self._log.warn("could not renew the lease of job {job}: {reason}", job=active.job.id,
+                               reason=e.message)
 
     @inlineCallbacks
     def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:
@@ -236,6 +383,177 @@ class JobService:
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
+
+    # -- adoption and recovery
+
+    @inlineCallbacks
+    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Any:
+        """Claim unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``)."""
+        if self.draining:
+            return 0
+        try:
+            markers = yield self.store.list_all(keys.active_prefix())
+        except GridnodeError as e:
+            self._log.warn("cannot scan for orphaned jobs: {reason}", reason=e.message)
+            return 0
+        claimed = 0
+        ids = [m.key[len(keys.active_prefix()):] for m in markers]
+        self.rng.shuffle(ids)  # peers scanning at once start at different jobs
+        for job_id in ids:
+            if job_id in self.active or not keys.is_id(job_id) or len(self.active) >= self.capacity:
+                continue
+            try:
+                won = yield self._claim(job_id, dead)
+                claimed += int(won)
+            except GridnodeError as e:
+                self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
+        return claimed
+
+    @inlineCallbacks
+    def _claim(self, job_id: str, dead: frozenset[str] = frozenset()) -> Any:
+        key = keys.job_record(job_id)
+        try:
+            data, info = yield self.store.get_bytes(key, max_size=jobs.MAX_RECORD_BYTES)
+        except NotFound:
+            return False
+        job = Job.loads(data)
+        if job.final:
+            yield self.store.delete(keys.active_marker(job_id))
+            return False
+        earlier_life = job.node == self.node_id
+        if not (earlier_life or job.node in dead or job.lease_until < self.now()):
+            return False
+        previous = job.node
+        if job.attempts >= MAX_ATTEMPTS:
+            job.fail("poison", f"the job failed {job.attempts} times on nodes that then stopped; it is "
+                     "quarantined. Check the input, then submit it again", self.now())
+            active = Active(job, "", etag=info.etag)
+            try:
+                yield self._save(active)
+            except Lost:
+                return False
+            yield self.store.delete(keys.active_marker(job_id))
+            self._count("poison")
+            self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job_id,
+                           attempts=job.attempts, code="poison")
+            return False
+        job.reclaim(self.node_id, self.now(), self.lease)
+        try:
+            info = yield self.store.put_bytes(key, job.dumps(), if_match=info.etag, content_type="application/json")
+        except (PreconditionFailed, NotFound):
+            return False  # another node was faster
+        self._count("adopted")
+        self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
+                       attempts=job.attempts, state=job.state)
+        active = self.active[job_id] = Active(job, self.spool.path(job_id), etag=info.etag)
+        active.work = self._resume(active)
+        return True
+
+    @inlineCallbacks
+    def _resume(self, active: Active) -> Any:
+        """Run an adopted job from its stored input."""
+        job = active.job
+        stored = True
+        try:
+            if os.path.exists(active.spool_path):
+                # Our own earlier life's spool: the store may not have the input yet.
+                stored = yield self._exists(keys.input_source(job.id))
+            else:
+                yield self._durably("fetch input", lambda: self.store.get_file(keys.input_source(job.id),
+                                                                               active.spool_path))
+            chosen = self.media.parse_presets(",".join(job.presets))
+            probe = yield self.media.probe(active.spool_path)
+        except GridnodeError as e:
+            job.fail(e.code, e.message, self.now())
+            yield self._finish(active)
+            return
+        yield self._run(active, probe, chosen, input_stored=stored)
+
+    @inlineCallbacks
+    def recover(self) -> Any:
+        """At start: jobs in the local journal (accepted before a crash) run again; so do jobs
+        the store says this node owned in an earlier life."""
+        for name in sorted(os.listdir(self.spool.folder)):
+            if not name.endswith(".json") or not keys.is_id(name[:-5]):
+                continue
+            job_id = name[:-5]
+            path = self.spool.path(job_id)
+            try:
+                with open(path + ".json", "rb") as f:
+                    job = Job.loads(f.read())
+            except (OSError, GridnodeError):
+                continue
+            if not os.path.exists(path) or job.final:
+                continue
+            try:
+                won = yield self._claim(job_id)
+            except GridnodeError as e:
+                self._log.warn("cannot check job {job} in the store: {reason}", job=job_id, reason=e.message)
+                won = False
+            if not won and job_id not in self.active:
+                # Never written to the store: ours alone. Run it from the spool.
+                exists = yield self._exists(keys.job_record(job_id))
+                if exists:
+                    continue
+                job.reclaim(self.node_id, self.now(), self.lease)
+                active = self.active[job_id] = Active(job, path)
+                chosen = self.media.parse_presets(",".join(job.presets))
+                probe = yield self.media.probe(path)
+                self._log.info("job {job} resumed from the local journal", job=job_id)
+                active.work = self._run(active, probe, chosen, input_stored=False)
+        yield self.adopt_mine()
+
+    @inlineCallbacks
+    def adopt_mine(self) -> Any:
+        try:
+            markers = yield self.store.list_all(keys.active_prefix())
+        except GridnodeError:
+            return
+        for m in markers:
+            job_id = m.key[len(keys.active_prefix()):]
+            if job_id not in self.active and keys.is_id(job_id):
+                try:
+                    data, _ = yield self.store.get_bytes(keys.job_record(job_id), max_size=jobs.MAX_RECORD_BYTES)
+                    if Job.loads(data).node == self.node_id:
+                        yield self._claim(job_id)
+                except GridnodeError:
+                    continue
+
+    @inlineCallbacks
+    def _exists(self, key: str) -> Any:
+        try:
+            yield self.store.stat(key)
+            return True
+        except NotFound:
+            return False
+
+    # -- draining
+
+    @inlineCallbacks
+    def drain(self, timeout: float) -> Any:
+        """Refuse uploads; give running jobs ``timeout`` seconds, then release the rest."""
+        self.draining = True
+        self.stop_loops()
+        pending = [a.work for a in self.active.values() if a.work is not None]
+        self._log.info("draining: {count} jobs, up to {timeout}s", count=len(pending), timeout=timeout)
+        if pending:
+            # Wait for the jobs or the timeout, whichever comes first; cancelling the
+            # jobs' Deferreds would cancel the jobs, which is not what draining means.
+            done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+            timer: Deferred[None] = deferLater(self.reactor, timeout, lambda: None)
+            yield DeferredList([done, timer], fireOnOneCallback=True, consumeErrors=True)
+            if not timer.called:
+                timer.cancel()
+        left = [a for a in self.active.values() if a.work is not None]
+        for active in left:
+            active.released = True
+            self.media.cancel(active.job.id)
+        for active in left:
+            try:
+                yield active.work
+            except Exception:  # noqa: BLE001 - ending anyway
+                pass
+        return len(left)
 
     # -- what clients ask
 
@@ -283,3 +601,5 @@ class JobService:
         running = sum(1 for a in self.active.values() if a.job.state in (jobs.TRANSCODING, jobs.STORING))
         return {"running": running, "queued": len(self.active) - running, "workers": self.config.workers,
                 "free_disk": self.spool.free_bytes()}
+
+

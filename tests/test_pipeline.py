@@ -207,3 +207,140 @@ class PipelineTests:
         assert results[0].state == "done"
         self.jobs.get("01ARZ3NDEKTSV4RRFFQ69G5FAV").addBoth(results.append)
         assert results[1].value.code == "not_found"
+
+
+class OwnershipTests:
+    """Leases, adoption, poison, drain and recovery, with two nodes sharing one store."""
+
+    @pytest.fixture(autouse=True)
+    def setup(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.backend = MemoryBackend()
+        self.tmp = tmp_path
+        self.n1, self.m1 = self.service("n1")
+        self.n2, self.m2 = self.service("n2")
+
+    def service(self, node: str) -> tuple[JobService, FakeMedia]:
+        media = FakeMedia(self.tmp)
+        config = build_config(cli={"work-dir": str(self.tmp / node), "workers": 2, "queue": 2, "min-free": 0,
+                                   "job-lease": 30}).with_identity(node)
+        return JobService(self.clock, config, ObjectStore.synchronous(self.backend), media,
+                          now=self.clock.seconds), media
+
+    def upload(self, svc: JobService) -> Any:
+        spool = svc.admit(5)
+        spool.write(b"video")
+        results: list[Any] = []
+        svc.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(results.append)
+        return results[0]
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        return json.loads(self.backend.get_bytes(f"jobs/{job_id}.json")[0])
+
+    def test_owner_renews_lease(self) -> None:
+        """While its owner lives, a job's lease keeps moving and no peer adopts it."""
+        job = self.upload(self.n1)
+        self.n1.start(scan=False)
+        for _ in range(6):
+            self.clock.advance(10)
+        assert self.record(job.id)["lease_until"] > self.clock.seconds()
+        adopted: list[Any] = []
+        self.n2.adopt_orphans().addBoth(adopted.append)
+        assert adopted == [0] and job.id not in self.n2.active
+
+    def test_orphan_adopted_once_and_finished(self) -> None:
+        """When the owner stops renewing, exactly one peer claims the job, runs it from the stored
+        input with attempts 2, and finishes it."""
+        job = self.upload(self.n1)  # n1 then dies: nothing renews
+        self.clock.advance(31)
+        n3, m3 = self.service("n3")
+        a: list[Any] = []
+        b: list[Any] = []
+        self.n2.adopt_orphans().addBoth(a.append)
+        n3.adopt_orphans().addBoth(b.append)
+        assert a[0] + b[0] == 1
+        winner, media = (self.n2, self.m2) if a[0] else (n3, m3)
+        assert self.record(job.id)["node"] == winner.node_id and self.record(job.id)["attempts"] == 2
+        media.hooks[job.id][0]()
+        media.finish(job.id)
+        rec = self.record(job.id)
+        assert rec["state"] == "done" and rec["node"] == winner.node_id
+        assert self.backend.list("active/").items == []
+
+    def test_lost_owner_stops(self) -> None:
+        """A slow owner whose job was adopted finds out at its next write and writes nothing more."""
+        job = self.upload(self.n1)
+        self.clock.advance(31)
+        claimed: list[Any] = []
+        self.n2.adopt_orphans().addBoth(claimed.append)
+        assert claimed == [1]
+        self.m1.hooks[job.id][0]()  # n1 wakes up and starts ffmpeg: its write fails
+        assert job.id not in self.n1.active  # stopped there
+        rec = self.record(job.id)
+        assert rec["node"] == "n2" and rec["state"] == "queued" and rec["attempts"] == 2
+
+    def test_poison_after_three_attempts(self) -> None:
+        """A job whose owners keep dying is quarantined as failed/poison on its third adoption."""
+        job = self.upload(self.n1)
+        nodes = []
+        for i in range(2):
+            self.clock.advance(31)
+            svc, _ = self.service(f"x{i}")
+            got: list[Any] = []
+            svc.adopt_orphans().addBoth(got.append)
+            assert got == [1]
+            nodes.append(svc)
+        assert self.record(job.id)["attempts"] == 3
+        self.clock.advance(31)
+        svc, _ = self.service("last")
+        svc.adopt_orphans()
+        rec = self.record(job.id)
+        assert rec["state"] == "failed" and rec["error"]["code"] == "poison"
+        assert self.backend.list("active/").items == []
+
+    def test_drain_releases_to_the_pool(self) -> None:
+        """Draining refuses uploads, and a job still running at the timeout is released with an
+        expired lease, so a peer adopts it at once."""
+        job = self.upload(self.n1)
+        self.m1.hooks[job.id][0]()
+        drained: list[Any] = []
+        self.n1.drain(5).addBoth(drained.append)
+        with pytest.raises(Busy):
+            self.n1.admit(5)
+        self.clock.advance(5)
+        assert drained == [1]
+        rec = self.record(job.id)
+        assert rec["state"] == "queued" and rec["lease_until"] == 0.0 and rec["node"] == "n1"
+        got: list[Any] = []
+        self.n2.adopt_orphans().addBoth(got.append)
+        assert got == [1] and self.record(job.id)["node"] == "n2"
+
+    def test_drain_waits_for_running_jobs(self) -> None:
+        """A job that finishes within the drain timeout ends done on its own node."""
+        job = self.upload(self.n1)
+        self.m1.hooks[job.id][0]()
+        drained: list[Any] = []
+        self.n1.drain(60).addBoth(drained.append)
+        self.clock.advance(1)
+        self.m1.finish(job.id)
+        assert drained == [0] and self.record(job.id)["state"] == "done"
+
+    def test_restart_resumes_from_the_journal(self) -> None:
+        """Accepted, then the node crashed before the store heard of it: the restarted node (same
+        id, same work folder) runs the job from its spool."""
+        real = self.backend.put_bytes
+
+        def down(*a: Any, **kw: Any) -> Any:
+            raise StorageUnavailable("down")
+
+        self.backend.put_bytes = down  # type: ignore[method-assign]
+        job = self.upload(self.n1)
+        self.backend.put_bytes = real  # type: ignore[method-assign]
+        again, media = self.service("n1")  # the crash: a new process, same folder
+        again.start(scan=False)
+        assert job.id in again.active and job.id in media.runs
+        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video"
+        media.hooks[job.id][0]()
+        media.finish(job.id)
+        assert self.record(job.id)["state"] == "done"
