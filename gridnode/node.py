@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from gridnode import __version__
 from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port
 from gridnode.errors import GridnodeError
+from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry import Registry
 from gridnode.store import ObjectStore, open_backend
@@ -119,11 +120,13 @@ class NodeService(MultiService):
         os.makedirs(config.work_dir, exist_ok=True)
         backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
         store = ObjectStore.threaded(backend, self.reactor)
+        metrics = Metrics()
+        store._run = metrics.timed_store(store._run)
         from gridnode.converter import Converter
 
         media = Converter(self.reactor, config)
         media.start()
-        jobs = JobService(self.reactor, config, store, media)
+        jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         jobs.start()
         node = self.node = Node(self.reactor, config, store, jobs)
 
@@ -132,7 +135,8 @@ class NodeService(MultiService):
         from gridnode.web.api import api_root
         from gridnode.web.upload import GridSite
 
-        site = GridSite(node.cors.wrap(api_root(node)), self.reactor, node.route_body, node.extra_headers)
+        site = GridSite(node.cors.wrap(api_root(node)), self.reactor, node.route_body, node.extra_headers,
+                        on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
         port = yield serverFromString(self.reactor, config.http).listen(site)
         self._ports.append(port)
         address = port.getHost()

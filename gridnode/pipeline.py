@@ -35,6 +35,7 @@ from gridnode import jobs, keys
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.jobs import Job
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 from gridnode.web.upload import Spool, SpoolFile
 
@@ -67,6 +68,7 @@ class Active:
     etag: str | None = None  # of our last write of jobs/<id>.json
     watchers: list[Callable[[Job], None]] = field(default_factory=list)
     work: Deferred[Any] | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # phase -> monotonic start, for metrics
     cancelled: bool = False  # a client asked
     lost: bool = False  # another node took the job over
     released: bool = False  # draining: handed to the pool
@@ -80,7 +82,8 @@ class JobService:
     _log = Logger()
 
     def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, media: Any,
-                 now: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+                 now: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.store = store
@@ -94,6 +97,11 @@ class JobService:
         self.draining = False
         self.counts: dict[str, int] = {}
         self._loops: list[LoopingCall] = []
+        self.metrics = metrics or Metrics()
+        self.metrics.bind_load(self.load)
+        for state in jobs.STATES:
+            if state not in jobs.FINAL:
+                self.metrics.jobs_active.labels(state).set_function(self._counter_of(state))
 
     # -- life cycle
 
@@ -113,6 +121,9 @@ class JobService:
             self._loops.append(adopt)
         return d
 
+    def _counter_of(self, state: str) -> Callable[[], float]:
+        return lambda: sum(1 for a in self.active.values() if a.job.state == state)
+
     def stop_loops(self) -> None:
         for loop in self._loops:
             if loop.running:
@@ -131,6 +142,13 @@ class JobService:
 
     def admit(self, length: int | None) -> SpoolFile:
         """A spool file for a new upload, or the coded reason it is refused now."""
+        try:
+            return self._admit(length)
+        except GridnodeError as e:
+            self.metrics.upload_rejections.labels(e.code).inc()
+            raise
+
+    def _admit(self, length: int | None) -> SpoolFile:
         if self.draining:
             raise Busy("this node is draining; upload to another node of the pool", retry_after=30)
         if len(self.active) >= self.capacity:
@@ -151,6 +169,8 @@ class JobService:
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None) -> Any:
         """Check, probe and queue an uploaded body; returns the job (state queued)."""
         job_id = os.path.basename(spool.path)
+        self.metrics.upload_bytes.inc(spool.received())
+        started = time.monotonic()
         try:
             spool.close()
             if spool.size == 0:
@@ -165,15 +185,20 @@ class JobService:
                           size=spool.size, now=self.now(), sha256=digest)
             job.advance(jobs.PROBING, self.now())
             probe = yield self.media.probe(spool.path)
-        except BaseException:
+        except BaseException as e:
             spool.discard()
+            self.metrics.upload_rejections.labels(getattr(e, "code", "error")).inc()
             raise
+        self.metrics.phase_seconds.labels("probe").observe(time.monotonic() - started)
+        for preset in job.presets:
+            self.metrics.jobs_accepted.labels(preset).inc()
         job.input.update(probe.to_json())
         job.input["name"] = name[:255]
         job.advance(jobs.QUEUED, self.now())
         job.attempts = 1
         job.lease_until = self.now() + self.lease
         active = self.active[job.id] = Active(job, spool.path)
+        active.marks["accepted"] = started
         self._journal(active)
         self._count("accepted")
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
@@ -195,8 +220,11 @@ class JobService:
             yield self._durably("write job record", lambda: self._save(active))
             yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
             if not input_stored:
+                began = time.monotonic()
                 yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
                                                                                active.spool_path))
+                self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
+            active.marks["queued"] = time.monotonic()
             if active.stopping:
                 raise CancelledError()
             stored = yield self.media.run(job.id, probe, active.spool_path, presets,
@@ -244,6 +272,11 @@ class JobService:
     def _finish(self, active: Active) -> Any:
         """Write the last record (unless the job is someone else's now) and forget the job."""
         job = active.job
+        if job.final:
+            for preset in job.presets:
+                self.metrics.jobs_finished.labels(job.state, preset).inc()
+            if "accepted" in active.marks:
+                self.metrics.job_seconds.labels(job.state).observe(time.monotonic() - active.marks["accepted"])
         try:
             if active.released and not job.final and not active.lost:
                 # Back to the pool: queued, lease expired, so a peer adopts it at once.
@@ -271,6 +304,12 @@ class JobService:
         if active.stopping:
             raise CancelledError()
         job.advance(jobs.STORING, self.now())
+        now = time.monotonic()
+        if "transcoding" in active.marks:
+            took = now - active.marks["transcoding"]
+            self.metrics.phase_seconds.labels("transcode").observe(took)
+            if took > 0 and job.input.get("duration"):
+                self.metrics.ffmpeg_speed.observe(float(job.input["duration"]) / took)
         self._changed(active)
         yield self._durably("write job record", lambda: self._save(active))
         stored: dict[str, dict[str, Any]] = {}
@@ -290,6 +329,7 @@ class JobService:
                 "content_type": output.content_type, "url": f"/results/{job.id}/{output.name}"}
             if not output.content_type.startswith("image/"):
                 entry["duration"] = job.input.get("duration")
+        self.metrics.phase_seconds.labels("store_outputs").observe(time.monotonic() - now)
         return list(stored.values())
 
     def _store_output(self, job_id: str, output: Any) -> Callable[[], Deferred[Any]]:
@@ -298,6 +338,9 @@ class JobService:
 
     def _transcoding(self, active: Active) -> None:
         active.job.advance(jobs.TRANSCODING, self.now())
+        active.marks["transcoding"] = time.monotonic()
+        if "queued" in active.marks:
+            self.metrics.phase_seconds.labels("queue").observe(active.marks["transcoding"] - active.marks["queued"])
         self._changed(active)
         self._durably("write job record", lambda: self._save(active)).addErrback(self._save_failed, active)
 
@@ -443,6 +486,7 @@ class JobService:
         except (PreconditionFailed, NotFound):
             return False  # another node was faster
         self._count("adopted")
+        self.metrics.jobs_adopted.inc()
         self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
                        attempts=job.attempts, state=job.state)
         active = self.active[job_id] = Active(job, self.spool.path(job_id), etag=info.etag)

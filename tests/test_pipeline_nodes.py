@@ -82,6 +82,7 @@ class ConversionTests:
             assert (store / "jobs" / f"{job['id']}.json").exists()
             assert os.listdir(tmp_path / "gridnode-work" / "spool") == []
             assert os.listdir(tmp_path / "gridnode-work" / "scratch") == []
+            check_metrics(base)
         finally:
             assert node.stop() == 0
 
@@ -165,6 +166,28 @@ class RefusalTests:
             assert status == 201
         finally:
             node.stop()
+
+
+def check_metrics(base: str) -> None:
+    """/metrics parses with prometheus-client's own parser and has the families of a finished job."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, head, text = request("GET", base + "/metrics")
+    assert status == 200 and head["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    for name in ["gridnode_jobs_finished", "gridnode_jobs_accepted", "gridnode_jobs_active",
+                 "gridnode_job_duration_seconds", "gridnode_job_phase_duration_seconds", "gridnode_ffmpeg_speed_ratio",
+                 "gridnode_queue_length", "gridnode_workers_busy", "gridnode_upload_bytes",
+                 "gridnode_upload_rejections", "gridnode_store_operation_duration_seconds", "gridnode_store_errors"]:
+        assert name in families, name
+    done = [s for s in families["gridnode_jobs_finished"].samples
+            if s.name == "gridnode_jobs_finished_total" and s.labels == {"state": "done", "preset": "webm-480p"}]
+    assert done and done[0].value == 1
+    phases = {s.labels["phase"] for s in families["gridnode_job_phase_duration_seconds"].samples if "phase" in s.labels}
+    assert {"probe", "store_input", "queue", "transcode", "store_outputs"} <= phases
+    puts = [s for s in families["gridnode_store_operation_duration_seconds"].samples
+            if s.name.endswith("_count") and s.labels.get("operation") == "put_file"]
+    assert puts and puts[0].value >= 5
 
 
 def body_id(tmp_path: Path) -> str:

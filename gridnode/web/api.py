@@ -68,4 +68,7 @@ def api_root(node: Node) -> Resource:
     root.putChild(b"registry", registry)
     root.putChild(b"jobs", JobsResource(node.jobs))
     root.putChild(b"results", ResultsResource(node.jobs))
+    from prometheus_client.twisted import MetricsResource
+
+    root.putChild(b"metrics", MetricsResource(node.jobs.metrics.registry))
     return root

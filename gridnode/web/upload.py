@@ -167,6 +167,7 @@ class GridRequest(Request):
         try:
             content.write(data)
         except GridnodeError as e:
+            self._channel().site.on_refused(e)
             self._refuse(e)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
@@ -245,8 +246,11 @@ class GridSite(Site):
     requestFactory = GridRequest
 
     def __init__(self, resource: Any, reactor: Any, route_body: BodyRouter,
-                 extra_headers: Callable[[Request], list[tuple[str, str]]] = lambda request: []) -> None:
+                 extra_headers: Callable[[Request], list[tuple[str, str]]] = lambda request: [],
+                 on_refused: Callable[[GridnodeError], None] = lambda error: None) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.route_body = route_body
         self.extra_headers = extra_headers
+        #: told of bodies refused mid-stream (admission refusals are the router's to count)
+        self.on_refused = on_refused
         self.started = time.time()

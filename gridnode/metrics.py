@@ -1,0 +1,80 @@
+"""
+Prometheus metrics of one node, on a registry of its own (several nodes can
+live in one test process). ``GET /metrics`` serves them in the text format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATIONS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
+_STORE = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs_finished = Counter("gridnode_jobs_finished", "Jobs that reached a final state here",
+                                     ["state", "preset"], registry=r)
+        self.jobs_accepted = Counter("gridnode_jobs_accepted", "Uploads accepted as jobs", ["preset"], registry=r)
+        self.jobs_adopted = Counter("gridnode_jobs_adopted", "Orphaned jobs this node claimed", registry=r)
+        self.jobs_active = Gauge("gridnode_jobs_active", "Jobs on this node by state", ["state"], registry=r)
+        self.job_seconds = Histogram("gridnode_job_duration_seconds", "Accepted to final state",
+                                     ["state"], buckets=_DURATIONS, registry=r)
+        self.phase_seconds = Histogram("gridnode_job_phase_duration_seconds",
+                                       "Time in each phase: probe, store_input, queue, transcode, store_outputs",
+                                       ["phase"], buckets=_DURATIONS, registry=r)
+        self.ffmpeg_speed = Histogram("gridnode_ffmpeg_speed_ratio", "Seconds of input converted per second",
+                                      buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_length = Gauge("gridnode_queue_length", "Jobs waiting for a worker", registry=r)
+        self.workers_busy = Gauge("gridnode_workers_busy", "Workers running ffmpeg", registry=r)
+        self.workers = Gauge("gridnode_workers", "Configured workers", registry=r)
+        self.upload_bytes = Counter("gridnode_upload_bytes", "Upload body bytes received", registry=r)
+        self.upload_rejections = Counter("gridnode_upload_rejections", "Uploads refused, by error code",
+                                         ["reason"], registry=r)
+        self.store_seconds = Histogram("gridnode_store_operation_duration_seconds", "Store calls",
+                                       ["operation"], buckets=_STORE, registry=r)
+        self.store_errors = Counter("gridnode_store_errors", "Failed store calls", ["operation", "code"],
+                                    registry=r)
+        self.members = Gauge("gridnode_members", "Membership view by state", ["state"], registry=r)
+        self.probes = Counter("gridnode_probes", "Peer probes sent", ["result"], registry=r)
+        self.suspicions = Counter("gridnode_suspicions", "Peers this node began to suspect", registry=r)
+        self.refutations = Counter("gridnode_refutations", "Suspicions of this node it refuted", registry=r)
+        self.deaths = Counter("gridnode_dead_declarations", "Peers this node declared dead", ["confirmed"],
+                              registry=r)
+        self.peer_dropped = Counter("gridnode_peer_messages_dropped", "Peer messages dropped", ["reason"],
+                                    registry=r)
+
+    def bind_load(self, load: Callable[[], dict[str, float]]) -> None:
+        """Gauges read from the job service when scraped."""
+        self.queue_length.set_function(lambda: load().get("queued", 0.0))
+        self.workers_busy.set_function(lambda: load().get("running", 0.0))
+        self.workers.set_function(lambda: load().get("workers", 0.0))
+
+    def timed_store(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap an ObjectStore runner so each call is timed and its errors counted."""
+        import time
+
+        from gridnode.errors import GridnodeError
+
+        def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            name = getattr(fn, "__name__", "call")
+            started = time.monotonic()
+
+            def done(result: Any) -> Any:
+                self.store_seconds.labels(name).observe(time.monotonic() - started)
+                return result
+
+            def failed(failure: Any) -> Any:
+                self.store_seconds.labels(name).observe(time.monotonic() - started)
+                code = failure.value.code if isinstance(failure.value, GridnodeError) else "error"
+                if code != "not_found":
+                    self.store_errors.labels(name, code).inc()
+                return failure
+
+            return run(fn, *args, **kwargs).addCallbacks(done, failed)
+
+        return timed
