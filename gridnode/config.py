@@ -167,6 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("instance-metadata", None,
             f"read user-data and identity from the EC2 instance metadata service "
             f"(default URL {DEFAULT_METADATA_URL})", _metadata, "URL"),
+    Setting("ffmpeg-user", "auto", "user ffmpeg and ffprobe run as: a name or uid, 'none' for the node's own, "
+            "'auto' for nobody when the node runs as root", _str, "USER"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -202,6 +204,7 @@ class NodeConfig:
     secret_file: str | None
     cors_origins: tuple[str, ...]
     instance_metadata: str | None
+    ffmpeg_user: str
     ffmpeg: str
     ffprobe: str
 

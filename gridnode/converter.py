@@ -17,6 +17,28 @@ from gridnode.media.ffmpeg import ProducedFile, collect_outputs, start_transcode
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset
 from gridnode.media.probe import Limits, ProbeResult, probe
+from gridnode.media.sandbox import resolve_user, share_with
+
+
+def check_reachable(user: str, work_dir: str, name: str) -> None:
+    """The children's user must traverse every folder down to the work folder."""
+    from gridnode.errors import ConfigError
+
+    folder = os.path.abspath(work_dir)
+    for sub in ("spool", "scratch"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        os.chmod(os.path.join(folder, sub), 0o711)
+    os.chmod(folder, os.stat(folder).st_mode | 0o011)
+    uid = int(user.split(":")[0])
+    while True:
+        st = os.stat(folder)
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise ConfigError(f"ffmpeg-user {name} cannot reach {folder} (no o+x): allow it "
+                              f"(chmod o+x {folder}), move --work-dir, or set --ffmpeg-user none")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 class Converter:
@@ -27,12 +49,15 @@ class Converter:
         # Each ffmpeg gets its share of the cores, not all of them: with every
         # worker busy, that is less context switching and a responsive reactor.
         self.threads = max(1, cpu_count() // config.workers)
+        self.user = resolve_user(config.ffmpeg_user)
         self.pool = TranscodePool(reactor, os.path.join(config.work_dir, "scratch"), workers=config.workers,
                                   queue=config.queue)
 
     def start(self) -> None:
-        """Remove scratch folders a crash left behind."""
+        """Remove scratch folders a crash left behind; check the children's user can work here."""
         self.pool.sweep()
+        if self.user:
+            check_reachable(self.user, self.config.work_dir, self.config.ffmpeg_user)
 
     def stop(self) -> Deferred[None]:
         """Cancel every job; fires when no ffmpeg is left."""
@@ -42,7 +67,7 @@ class Converter:
         return presets_mod.parse_presets(text)
 
     def probe(self, path: str) -> Deferred[ProbeResult]:
-        return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits)
+        return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, user=self.user)
 
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
@@ -53,8 +78,10 @@ class Converter:
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
             out_dir = str(slot.scratch / "out")
+            share_with(self.user, str(slot.scratch))  # private (0700) to the node, and to its children
             process = start_transcode(self.reactor, info, input_path, out_dir, presets, ffmpeg=self.config.ffmpeg,
-                                      on_progress=progress, threads=self.threads, label=f"ffmpeg {job_id}")
+                                      on_progress=progress, threads=self.threads, label=f"ffmpeg {job_id}",
+                                      user=self.user)
             slot.on_cancel(process.cancel)
             d: Deferred[Any] = process.deferred
             d.addCallback(lambda _: collect_outputs(out_dir, info, presets))

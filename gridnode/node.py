@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -99,14 +100,16 @@ class NodeService(MultiService):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
-        # twistd re-raises SIGTERM after shutdown (exit status -15); an operator
-        # scaling in wants a clean stop and exit 0.
-        self.reactor.callWhenRunning(self._take_sigterm)
         d = self._start()
         d.addCallbacks(self.ready.callback, self._fatal)
 
     @inlineCallbacks
     def _start(self) -> Any:
+        # Once the reactor runs (its own signal handlers are in place), SIGTERM is
+        # ours: twistd would re-raise it after shutdown (exit status -15); an
+        # operator scaling in wants a drain and exit 0.
+        yield deferLater(self.reactor, 0, lambda: None)
+        self._take_sigterm()
         config = self.config
         if config.instance_metadata:
             from gridnode.instance import fetch_instance

@@ -57,8 +57,10 @@ class NodeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab")
         self.log_offset = self.log.stat().st_size
+        # Tests run as root in folders only root may enter; the sandbox user has its own test.
+        args = self.args if "--ffmpeg-user" in self.args else [*self.args, "--ffmpeg-user", "none"]
         self.process = subprocess.Popen(
-            [twistd(), "-n", "--pidfile=", "gridnode", *self.args],
+            [twistd(), "-n", "--pidfile=", "gridnode", *args],
             cwd=self.folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env}, start_new_session=True,
         )

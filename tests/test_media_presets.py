@@ -20,7 +20,7 @@ from gridnode.media.presets import (
     parse_presets,
     target_size,
 )
-from gridnode.media.probe import ProbeResult
+from gridnode.media.probe import FORMAT_WHITELIST, ProbeResult
 
 
 def source(width: int = 1920, height: int = 1080, *, audio: bool = True, rotation: int = 0,
@@ -129,7 +129,7 @@ class ArgvTests:
         assert argv[0] == "/usr/bin/ffmpeg"
         assert argv[1:1 + len(COMMON_OPTIONS)] == COMMON_OPTIONS
         i = argv.index("-i")
-        assert argv[i - 4:i] == ["-protocol_whitelist", "file", "-f", "mov"]
+        assert argv[i - 6:i] == ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST, "-f", "mov"]
         assert argv[i + 1].startswith("file:/") and argv[i + 1].endswith("/in put.mp4")
         assert all(isinstance(a, str) for a in argv)
 

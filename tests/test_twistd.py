@@ -73,7 +73,8 @@ class RefusalTests:
             s.bind(("127.0.0.1", 0))
             s.listen()
             port = s.getsockname()[1]
-            out = run_twistd(tmp_path, "--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "x")
+            out = run_twistd(tmp_path, "--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "x",
+                             "--ffmpeg-user", "none")
         assert out.returncode != 0
         assert "twistd gridnode:" in out.stderr and "Traceback" not in out.stderr
 
@@ -122,7 +123,7 @@ def _start_with_logger(node: NodeProcess, port: int):  # type: ignore[no-untyped
         out = open(node.log, "ab")
         node.process = subprocess.Popen(
             [twistd(), "-n", "--pidfile=", "--logger", "gridnode.logs.json_observer", "gridnode",
-             "--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "jsonnode"],
+             "--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "jsonnode", "--ffmpeg-user", "none"],
             cwd=node.folder, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
         )
         out.close()

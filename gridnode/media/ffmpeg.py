@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from twisted.python.failure import Failure
 from gridnode.errors import GridnodeError
 from gridnode.media.presets import Preset, build_argv, default_output_limit
 from gridnode.media.probe import ProbeResult
+from gridnode.media.sandbox import ChildLimits, sandboxed_argv, share_with
 
 STDERR_LINES = 64
 _MAX_LINE = 4096  # longer lines are cut: ffmpeg never writes them, a broken child might
@@ -330,26 +330,10 @@ class FfmpegProcess(ProcessProtocol):
             self.deferred.callback(result)
 
 
-# The child makes itself a process group leader and lowers its priority, then
-# execs ffmpeg: the pid Twisted holds stays ffmpeg's own pid (exec keeps it),
-# and os.killpg(pid, ...) reaches ffmpeg and anything it starts. Twisted's
-# spawnProcess has no preexec_fn, and setsid(1) may fork, which would change
-# the pid; this wrapper cannot. It costs one short Python start (-I -S).
-_WRAPPER = (
-    "import os, sys\n"
-    "os.setpgid(0, 0)\n"
-    "os.nice(int(sys.argv[1]))\n"
-    "try:\n"
-    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
-    "except OSError as e:\n"
-    "    sys.stderr.write('cannot run %s: %s\\n' % (sys.argv[2], e.strerror))\n"
-    "    sys.exit(127)\n"
-)
-
-
-def wrapped_argv(argv: Sequence[str], niceness: int = NICENESS) -> list[str]:
-    """``argv`` behind the group-leader wrapper (see ``_WRAPPER``)."""
-    return [sys.executable, "-I", "-S", "-c", _WRAPPER, str(niceness), *argv]
+def wrapped_argv(argv: Sequence[str], niceness: int = NICENESS, limits: ChildLimits | None = None) -> list[str]:
+    """``argv`` behind the sandbox wrapper (gridnode/media/sandbox.py)."""
+    limits = limits or ChildLimits(niceness=niceness)
+    return sandboxed_argv(argv, limits)
 
 
 def spawn_ffmpeg(
@@ -362,14 +346,16 @@ def spawn_ffmpeg(
     niceness: int = NICENESS,
     env: Mapping[str, str] | None = None,
     label: str = "ffmpeg",
+    limits: ChildLimits | None = None,
 ) -> FfmpegProcess:
-    """Start ``argv`` (a list, never a shell) in its own process group at lower priority.
+    """Start ``argv`` (a list, never a shell) in its own process group at lower priority,
+    under ``limits`` (default: the sandbox's defaults at ``niceness``).
 
     ``reactor`` provides IReactorProcess and IReactorTime. Returns the running
     ``FfmpegProcess``; wait on its ``deferred``, stop it with ``cancel()``.
     """
     proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
-    full = wrapped_argv(argv, niceness)
+    full = wrapped_argv(argv, niceness, limits)
     process_reactor: IReactorProcess = reactor
     transport = process_reactor.spawnProcess(proto, full[0], full, env=dict(env if env is not None else os.environ))
     if transport.pid is not None:
@@ -396,13 +382,20 @@ def start_transcode(
     max_output_bytes: int | None = None,
     threads: int | None = None,
     label: str = "ffmpeg",
+    user: str | None = None,
 ) -> FfmpegProcess:
-    """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing)."""
+    """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), as
+    ``user`` ("uid:gid") when given, under limits scaled to the input."""
     os.makedirs(out_dir, exist_ok=True)
+    share_with(user, input_path, out_dir)
+    max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(probe.duration)
+    out_limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
+    limits = ChildLimits(cpu_seconds=int(max_time * max(1, threads or os.cpu_count() or 1)) + 60,
+                         file_size=out_limit + 1024 * 1024, user=user)
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
                       threads=threads)
     return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
-                        label=label)
+                        label=label, limits=limits)
 
 
 @dataclass(frozen=True)

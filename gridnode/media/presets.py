@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gridnode.errors import GridnodeError
-from gridnode.media.probe import ProbeResult
+from gridnode.media.probe import FORMAT_WHITELIST, ProbeResult
 
 PresetKind = Literal["mp4", "webm", "poster", "hls"]
 
@@ -241,7 +241,10 @@ def build_argv(
         graph = ";".join([f"[0:v:0]split={len(branches)}{split}"]
                          + [f"[s{i}]{chain}[v{i}]" for i, chain in enumerate(branches)])
     argv = [ffmpeg, *COMMON_OPTIONS, "-v", "error",
-            "-protocol_whitelist", "file", "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path),
+            # Nested demuxers (an HLS playlist hidden in an AVI GAB2 chunk, CVE-2017-9993)
+            # inherit this list: only the allowlisted containers may ever open.
+            "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
+            "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path),
             "-filter_complex", graph]
     for opts in outputs:
         argv += opts

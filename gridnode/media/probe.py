@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
+from gridnode.media.sandbox import ChildLimits, sandboxed_argv, share_with
 
 _log = Logger()
 
@@ -264,11 +265,14 @@ def _unsupported(format_name: str) -> GridnodeError:
     return not_a_video()
 
 
+#: the demuxers ffprobe and ffmpeg may open, nested ones included
+FORMAT_WHITELIST = ",".join(sorted(set(ALLOWED_FORMATS.values())))
+
+
 def probe_argv(ffprobe: str, path: str) -> list[str]:
     """The ffprobe command line; ``file:`` keeps a name with a colon from naming a protocol."""
-    whitelist = ",".join(sorted(set(ALLOWED_FORMATS.values())))
     return [ffprobe, "-v", "error", "-of", "json", "-show_format", "-show_streams",
-            "-protocol_whitelist", "file", "-format_whitelist", whitelist,
+            "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
             "file:" + os.path.abspath(path)]
 
 
@@ -335,7 +339,8 @@ def _probe_failure(stderr: bytes) -> GridnodeError:
     return not_a_video()
 
 
-async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None) -> ProbeResult:
+async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None,
+                 user: str | None) -> ProbeResult:
     size = os.stat(path).st_size
     if size == 0:
         raise not_a_video("the file is empty")
@@ -343,7 +348,11 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
         # A node set up wrong must not blame the user's file.
         raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
     proto = _ProbeProtocol(reactor, limits.probe_timeout, limits.max_probe_output)
-    argv = probe_argv(ffprobe, path)
+    share_with(user, path)
+    # ffprobe writes no file (FSIZE 0) and gets little memory and CPU time.
+    argv = sandboxed_argv(probe_argv(ffprobe, path), ChildLimits(
+        address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
+        niceness=0, user=user))
     reactor.spawnProcess(proto, argv[0], argv, env=None)
     out, err = await proto.ended
     if err.strip():
@@ -353,11 +362,11 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
 
 def probe(
     reactor: IReactorProcess, path: str, *, ffprobe: str = "ffprobe", limits: Limits = Limits(),
-    name: str | None = None,
+    name: str | None = None, user: str | None = None,
 ) -> Deferred[ProbeResult]:
     """Run ffprobe on ``path`` and check the result. Fails with ``GridnodeError``.
 
     ``reactor`` must provide IReactorProcess and IReactorTime. ``name`` is the
     user's file name, carried into ``ProbeResult.to_json()``.
     """
-    return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name))
+    return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name, user))

@@ -1,0 +1,93 @@
+"""
+How every ffmpeg and ffprobe child starts: in a process group of its own, at
+lower CPU priority, under resource limits, and, when the node runs as root,
+as an unprivileged user.
+
+Twisted's spawnProcess has no preexec_fn, so a tiny Python wrapper does it
+and then execs the binary: the pid Twisted holds stays the binary's own
+(exec keeps it) and ``os.killpg(pid, ...)`` reaches it and anything it
+starts. setsid(1) may fork, which would change the pid; this cannot.
+Limits (setrlimit in the child) are the equivalent of util-linux prlimit
+without another binary: address space, CPU seconds, file size, open files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_WRAPPER = (
+    "import os, sys, resource\n"
+    "os.setpgid(0, 0)\n"
+    "os.nice(int(sys.argv[1]))\n"
+    "for item in filter(None, sys.argv[2].split(',')):\n"
+    "    name, value = item.split('=')\n"
+    "    resource.setrlimit(getattr(resource, 'RLIMIT_' + name), (int(value), int(value)))\n"
+    "if sys.argv[3]:\n"
+    "    uid, gid = map(int, sys.argv[3].split(':'))\n"
+    "    os.setgroups([])\n"
+    "    os.setgid(gid)\n"
+    "    os.setuid(uid)\n"
+    "try:\n"
+    "    os.execv(sys.argv[4], sys.argv[4:])\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write('cannot run %s: %s\\n' % (sys.argv[4], e.strerror))\n"
+    "    sys.exit(127)\n"
+)
+
+
+@dataclass(frozen=True)
+class ChildLimits:
+    """Resource limits of one child; None leaves a limit as it is."""
+
+    address_space: int | None = 8 * 1024**3
+    cpu_seconds: int | None = None
+    file_size: int | None = None
+    open_files: int | None = 256
+    niceness: int = 10
+    #: "uid:gid" to run as, or None to keep the node's own user
+    user: str | None = None
+
+    def spec(self) -> str:
+        pairs = [("AS", self.address_space), ("CPU", self.cpu_seconds), ("FSIZE", self.file_size),
+                 ("NOFILE", self.open_files)]
+        return ",".join(f"{name}={int(value)}" for name, value in pairs if value is not None)
+
+
+def resolve_user(name: str | None) -> str | None:
+    """``--ffmpeg-user``: a user name or uid to "uid:gid"; "auto" means nobody when root."""
+    if name in (None, "", "none"):
+        return None
+    import pwd
+
+    if name == "auto":
+        if os.geteuid() != 0:
+            return None
+        name = "nobody"
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        from gridnode.errors import ConfigError
+
+        raise ConfigError(f"ffmpeg-user: no such user {name!r}") from None
+    return f"{entry.pw_uid}:{entry.pw_gid}"
+
+
+def sandboxed_argv(argv: Sequence[str], limits: ChildLimits) -> list[str]:
+    """``argv`` behind the wrapper. The binary is looked up here: after dropping to
+    another user the wrapper may no longer read Python's own library to search PATH."""
+    binary = shutil.which(argv[0]) or argv[0]
+    return [sys.executable, "-I", "-S", "-c", _WRAPPER, str(limits.niceness), limits.spec(), limits.user or "",
+            binary, *argv[1:]]
+
+
+def share_with(user: str | None, *paths: str) -> None:
+    """Let the child's user read an input and write an output folder (no-op without one)."""
+    if not user:
+        return
+    uid, gid = map(int, user.split(":"))
+    for path in paths:
+        os.chown(path, uid, gid)
