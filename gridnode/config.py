@@ -123,6 +123,18 @@ def _metadata(value: Any) -> str | None:
     return _url(value)
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", ""):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _origins(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
@@ -162,6 +174,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("work-dir", "gridnode-work", "local folder for upload spool and ffmpeg scratch files",
             _str, "DIR"),
     Setting("secret-file", None, "file holding the pool secret (peer HMAC, upload tokens)", _opt_str, "FILE"),
+    Setting("upload-secret", None, "file holding the secret upload tokens are signed with; uploads then need "
+            "a token", _opt_str, "FILE"),
+    Setting("allow-anonymous-uploads", False, "accept uploads without a token on a non-loopback --http",
+            _bool, "BOOL"),
     Setting("cors-origins", (), "page origins allowed to call the API from a browser (comma-separated)",
             _origins, "ORIGINS"),
     Setting("instance-metadata", None,
@@ -202,6 +218,8 @@ class NodeConfig:
     drain_timeout: float
     work_dir: str
     secret_file: str | None
+    upload_secret: str | None
+    allow_anonymous_uploads: bool
     cors_origins: tuple[str, ...]
     instance_metadata: str | None
     ffmpeg_user: str
@@ -276,7 +294,21 @@ def build_config(
         values[setting.key.replace("-", "_")] = value
     if values["workers"] is None:
         values["workers"] = cpu_count()
-    return NodeConfig(**values)
+    config = NodeConfig(**values)
+    if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
+        raise ConfigError(
+            f"http: {config.http} accepts uploads from the network, so they need tokens: set upload-secret "
+            "(a file holding the secret), or allow-anonymous-uploads = true if you mean it"
+        )
+    return config
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Does this endpoint listen on loopback only?"""
+    if not endpoint.startswith(("tcp:", "tcp6:", "ssl:")):
+        return endpoint.startswith("unix:")
+    interface = endpoint_interface(endpoint)
+    return interface is not None and (interface.startswith("127.") or interface in ("::1", "localhost"))
 
 
 def endpoint_port(endpoint: str) -> int | None:

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from typing import Any
+from urllib.parse import parse_qs
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -18,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode import __version__
+from gridnode import __version__, tokens
 from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port
-from gridnode.errors import GridnodeError
+from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry import Registry
@@ -39,6 +40,7 @@ class Node:
         self.started = time.time()
         self.registry: Registry | None = None
         self.cors = CORS(config.cors_origins)
+        self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
 
     @property
     def draining(self) -> bool:
@@ -47,8 +49,22 @@ class Node:
     def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Any:
         """Where an upload's body goes (see web/upload.py); None for small bodies."""
         if method == b"POST" and path.rstrip(b"/") == b"/jobs":
+            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
+            presets = ",".join(query.get("presets", [])).split(",")
+            self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
             return self.jobs.admit(length)
         return None
+
+    def authorize(self, request: Any, presets: list[str], length: int | None) -> None:
+        """With an upload secret, an upload needs a token that allows it."""
+        if self.upload_secret is None:
+            return
+        header = request.getHeader(b"authorization") or b""
+        token = header[7:].decode("latin-1") if header[:7].lower() == b"bearer " else None
+        if token is None:
+            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
+            token = (query.get("token") or [None])[0]
+        tokens.check(tokens.verify(self.upload_secret, token), presets, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
         return self.cors.headers_for(request.getHeader(b"origin"))
@@ -201,6 +217,19 @@ class NodeService(MultiService):
         for port in self._ports:
             yield port.stopListening()
         yield super().stopService()
+
+
+def read_secret(path: str, key: str) -> bytes:
+    """A secret from a file: its bytes, stripped; at least 16 of them."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"{key}: {path} holds {len(secret)} bytes; use at least 16 random bytes "
+                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    return secret
 
 
 def public_host(advertise: str | None, bound: str) -> str:

@@ -34,8 +34,9 @@ class Options(usage.Options):
         "which wins over the config file."
     )
     optParameters = [["config", "c", None, "TOML file of configuration keys", str]] + [
-        [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS
+        [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS if s.default is not False
     ]
+    optFlags = [[s.key, None, s.help] for s in SETTINGS if s.default is False]
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +58,8 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:  # noqa: N802 - Twisted's name
-        self.cli = {k: v for k, v in self.opts.items() if v is not None and k != "config"}
+        # Flags are 0 when absent: only a given flag is a command-line setting.
+        self.cli = {k: v for k, v in self.opts.items() if v not in (None, 0) and k != "config"}
         try:
             if self["config"]:
                 self.file = load_config_file(self["config"])

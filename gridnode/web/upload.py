@@ -135,6 +135,8 @@ class GridRequest(Request):
     _log = Logger()
     _refused: GridnodeError | None = None
     _dropped = 0
+    #: the query string, known before the body (request.args is parsed only after it)
+    early_query = b""
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
         site = self._channel().site
@@ -142,7 +144,7 @@ class GridRequest(Request):
         # The request line is parsed but not yet set on the request (that
         # happens once the body is in); the channel holds it meanwhile.
         method: bytes = getattr(channel, "_command", b"")
-        path: bytes = getattr(channel, "_path", b"").split(b"?", 1)[0]
+        path, _, self.early_query = getattr(channel, "_path", b"").partition(b"?")
         try:
             sink = site.route_body(method, path, self, length)
         except GridnodeError as e:
