@@ -143,7 +143,7 @@ class GridClient:
                 on_progress(sent[0], size)
 
         with open(path, "rb") as f:
-            body = FileBodyProducer(_CountingFile(f, on_read), cooperator=None, readSize=256 * 1024)
+            body = FileBodyProducer(_CountingFile(f, on_read), readSize=256 * 1024)
             d = self.http.post(f"{node.http_url}/jobs", data=body,
                                params={"presets": ",".join(presets), "name": name},
                                headers={"content-type": "application/octet-stream"})
@@ -169,8 +169,12 @@ class GridClient:
     def _watch(self, d: Deferred[Any], sent: list[int], size: int, quiet: list[float]) -> None:
         quiet[0] += 0.5
         limit = self.stall_timeout if sent[0] < size else self.response_timeout
-        if quiet[0] >= limit and not d.called:
-            d.cancel()
+        if quiet[0] >= limit:
+            # d.called is already true while it waits on the connection's Deferred; cancel()
+            # reaches that one. Not from inside the LoopingCall: the waiting coroutine
+            # resumes in its own call.
+            quiet[0] = float("-inf")
+            self.reactor.callLater(0, d.cancel)
 
     # -- status and progress
 
@@ -243,39 +247,69 @@ class GridClient:
 
     async def fetch(self, job: dict[str, Any], folder: str, node: NodeInfo | None = None,
                     on_progress: Callable[[str, int, int], None] | None = None) -> list[str]:
-        """Download every output of a done job into ``folder``; sizes are checked."""
+        """Download every output of a done job into ``folder``; sizes are checked. An HLS
+        output is its master playlist and everything the playlists name."""
         if job.get("state") != "done":
             raise GridnodeError(f"job {job.get('id')} is {job.get('state')}, not done; nothing to fetch",
                                 code="not_done", status=409)
         os.makedirs(folder, exist_ok=True)
-        paths = []
+        nodes = ([node] if node else []) + [x for x in self._order() if node is None or x.id != node.id]
+        paths: list[str] = []
         for output in job.get("outputs", []):
             name = str(output["name"])
-            target = os.path.join(folder, *[p for p in name.split("/") if p not in ("", ".", "..")])
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            last: Exception | None = None
-            for n in ([node] if node else []) + [x for x in self._order() if node is None or x.id != node.id]:
-                try:
-                    response = await self.http.get(n.http_url + output["url"], unbuffered=True,
-                                                    timeout=self.response_timeout)
-                except NETWORK_ERRORS as e:
-                    last = e
-                    continue
-                if response.code != 200:
-                    last = await error_of(response)
-                    continue
-                size = int(output.get("size") or 0)
-                got = await _download(response, target + ".part", name, size, on_progress)
-                if output.get("size") is not None and got != size:
-                    last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
-                    continue
-                os.replace(target + ".part", target)
+            files = int(output.get("files") or 1)
+            size = int(output["size"]) if output.get("size") is not None else None
+            todo = [name]
+            got_total = 0
+            while todo:
+                current = todo.pop(0)
+                url = output["url"][: -len(name)] + current
+                one = size if files == 1 else None
+                target, got = await self._fetch_one(nodes, url, folder, current, one, on_progress)
                 paths.append(target)
-                break
-            else:
-                raise GridnodeError(f"could not download {name}: {_reason(last)}", code="download_failed",
-                                    status=503)
+                got_total += got
+                if current.endswith(".m3u8"):
+                    todo += _playlist_entries(current, target)
+            if size is not None and got_total != size:
+                raise GridnodeError(f"{name}: got {got_total} bytes of {size}", code="short_download", status=502)
         return paths
+
+    async def _fetch_one(self, nodes: list[NodeInfo], url: str, folder: str, name: str, size: int | None,
+                         on_progress: Callable[[str, int, int], None] | None) -> tuple[str, int]:
+        parts = [p for p in name.split("/") if p not in ("", ".", "..")]
+        target = os.path.join(folder, *parts)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        last: Exception | None = None
+        for n in nodes:
+            try:
+                response = await self.http.get(n.http_url + url, unbuffered=True, timeout=self.response_timeout)
+            except NETWORK_ERRORS as e:
+                last = e
+                continue
+            if response.code != 200:
+                last = await error_of(response)
+                continue
+            got = await _download(response, target + ".part", name, size or 0, on_progress)
+            if size is not None and got != size:
+                last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
+                continue
+            os.replace(target + ".part", target)
+            return target, got
+        raise GridnodeError(f"could not download {name}: {_reason(last)}", code="download_failed", status=503)
+
+
+def _playlist_entries(name: str, path: str) -> list[str]:
+    """The files an HLS playlist names, relative to it (never above the output folder)."""
+    base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
+                entry = os.path.normpath(base + line).replace(os.sep, "/")
+                if not entry.startswith(".."):
+                    out.append(entry)
+    return out
 
 
 async def _download(response: Any, path: str, name: str, size: int,
@@ -303,6 +337,8 @@ def _reason(e: BaseException | None) -> str:
     if isinstance(e, CancelledError):
         return "timed out"
     if isinstance(e, ResponseFailed):
+        if any(r.check(CancelledError) for r in e.reasons):
+            return "no answer within the timeout (--timeout)"
         return "connection lost: " + "; ".join(str(r.value) for r in e.reasons)
     return str(e) or type(e).__name__
 

@@ -123,7 +123,7 @@ async def command(reactor: Any, args: argparse.Namespace) -> int:
     out = Output(args.json)
     http = default_http(reactor, connect_timeout=min(args.timeout, 10.0))
     nodes = await find_nodes(reactor, args, http)
-    client = GridClient(reactor, http, nodes, stall_timeout=args.timeout, response_timeout=max(args.timeout, 60.0),
+    client = GridClient(reactor, http, nodes, stall_timeout=args.timeout, response_timeout=2 * args.timeout,
                         request_timeout=args.timeout)
 
     if args.command == "nodes":
@@ -199,20 +199,23 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import react
 
     def run(reactor: Any) -> Any:
-        async def go() -> None:
-            code = 1
+        async def go() -> int:
             try:
-                code = await command(reactor, args)
+                return await command(reactor, args)
             except GridnodeError as e:
                 print(f"gridnode: {e.code}: {e.message}", file=sys.stderr)
             except Exception as e:  # noqa: BLE001 - one line, never a traceback
                 print(f"gridnode: error: {type(e).__name__}: {e}", file=sys.stderr)
             finally:
                 sys.stdout.flush()
+            return 1
+
+        def exit_with(code: int) -> None:
+            # Raised from a callback, not inside the coroutine: react() reads it as the exit status.
             if code:
                 raise SystemExit(code)
 
-        return ensureDeferred(go())
+        return ensureDeferred(go()).addCallback(exit_with)
 
     react(run)
 

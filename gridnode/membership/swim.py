@@ -1,0 +1,824 @@
+"""
+SWIM + Lifeguard membership, sans I/O.
+
+``SwimMachine`` is a plain object. The I/O layer feeds it ``receive(message, now)``
+and ``tick(now)`` (call it at ``next_deadline()``), and sends or acts on what those
+calls return: wire messages (dataclasses with a ``dest`` member id and ``dest_addr``)
+and events (``MemberChanged``, ``ConfirmedDead``). No sockets, no reactor, no wall
+clock: time is the ``now`` float passed in, randomness the ``random.Random`` given.
+
+Protocol choices, and why:
+
+- Probing (SWIM): one member per protocol period, round-robin over a list shuffled
+  every round, so every member is probed within a bounded time. No ack within
+  ``probe_timeout``: ``PingReq`` through ``indirect_k`` random members; still no ack
+  at the end of the period: the target becomes *suspect*. Relays that get no ack
+  answer with a ``Nack`` (Lifeguard), so a requester whose nacks are missing knows the
+  trouble is on its side.
+- Local health (Lifeguard LHM): missed acks, missing nacks, having to refute and
+  noticing our own stall (a timer that fires late: our reactor was blocked) raise a
+  score 0..``health_max``; a good probe lowers it. Probe interval and timeout are
+  scaled by ``1 + score``, so a slow node probes less and accuses less. A timer that
+  fires late is deferred once so that the messages queued during our own stall (acks,
+  refutations) are read before we accuse anyone.
+- Suspicion (Lifeguard): the timeout starts at ``max`` and shrinks toward ``min`` as
+  independent suspicions of the same incarnation (distinct ``origin``) arrive:
+  ``max(min, max - (max - min) * log(C + 1) / log(K + 1))``. ``min`` is a constant part
+  (covers the longest stall we tolerate) plus the time a refutation needs to reach
+  everyone (log of N in base fanout+1 gossip rounds).
+- Buddy system: a member we suspect is told so directly (right away, and in every
+  probe or answer we send it), so it refutes at once by bumping its incarnation.
+- Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
+  ``gossip_fanout`` random members every ``gossip_interval`` *only while there is
+  something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times.
+  The steady state thus costs one ping and one ack per member per period.
+- Anti-entropy: every ``sync_interval`` a digest (XOR of 64-bit hashes of
+  ``member:incarnation`` of live members, and their count) goes to one random member;
+  the full table is exchanged (push-pull) only when digests differ, so steady-state
+  sync bytes do not grow with N.
+- Precedence: an update wins over the held state iff ``(incarnation, rank)`` is greater,
+  rank alive < suspect < dead < left: a join-semilattice, so merge order does not
+  matter.
+- Confirmed death (who may delete a registry record): only a member whose own
+  suspicion timer ran out, and only if a second member independently suspected that
+  incarnation, or ``registry_stale`` says the peer's heartbeat is stale. A node cut off
+  from everyone hears no second suspector, so it never confirms a death.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+LEFT = "left"
+_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
+STATES = tuple(_RANK)
+
+
+@dataclass(frozen=True)
+class SwimConfig:
+    """Timings in seconds. Defaults: memberlist's LAN profile, tuned (see bench/membership_sim.py)."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.4
+    indirect_k: int = 3
+    #: suspicion min = suspicion_min_mult * probe_interval + time for a refutation to reach all
+    suspicion_min_mult: float = 4.0
+    #: suspicion max = suspicion_max_mult * min
+    suspicion_max_mult: float = 3.0
+    retransmit_mult: int = 4
+    health_max: int = 8
+    gossip_interval: float = 0.2
+    gossip_fanout: int = 3
+    max_piggyback: int = 8
+    sync_interval: float = 30.0
+    #: False: always exchange the full table (memberlist's push-pull)
+    sync_digest: bool = True
+    #: a timer that fires this late means our own reactor was blocked
+    stall_threshold: float = 0.25
+    #: forget dead/left members after this long
+    reap_after: float = 600.0
+
+    def suspicion_bounds(self, n: int) -> tuple[float, float]:
+        """(min, max) suspicion timeout for a cluster of ``n`` live members."""
+        rounds = math.log(max(n, 2)) / math.log(self.gossip_fanout + 1)
+        lo = self.suspicion_min_mult * self.probe_interval + 2 * self.gossip_interval * rounds
+        return lo, lo * self.suspicion_max_mult
+
+    def retransmit_limit(self, n: int) -> int:
+        """How many times each node sends each update: λ·log(N)."""
+        return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+
+
+# ---------------------------------------------------------------- wire messages
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One membership fact. ``origin``: who suspected (suspect), who declared (dead), else the member."""
+
+    member: str
+    address: str
+    incarnation: int
+    state: str
+    origin: str
+
+
+@dataclass(slots=True)
+class Message:
+    dest: str
+    dest_addr: str
+    sender: str
+    sender_addr: str
+    sender_inc: int
+
+
+@dataclass(slots=True)
+class Ping(Message):
+    seq: int
+    updates: list[Update]
+
+
+@dataclass(slots=True)
+class Ack(Message):
+    seq: int
+    updates: list[Update]
+
+
+@dataclass(slots=True)
+class Nack(Message):
+    seq: int
+
+
+@dataclass(slots=True)
+class PingReq(Message):
+    seq: int
+    target: str
+    target_addr: str
+    updates: list[Update]
+
+
+@dataclass(slots=True)
+class Gossip(Message):
+    updates: list[Update]
+
+
+@dataclass(slots=True)
+class SyncDigest(Message):
+    digest: str
+    count: int
+
+
+@dataclass(slots=True)
+class SyncState(Message):
+    members: list[Update]
+    reply: bool
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    c.__name__: c for c in (Ping, Ack, Nack, PingReq, Gossip, SyncDigest, SyncState)
+}
+_UPDATE_FIELDS = ("updates", "members")
+
+
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"type": "Ping", ...fields}``; updates become lists of dicts."""
+    d: dict[str, Any] = {"type": type(msg).__name__}
+    for f in fields(msg):
+        v = getattr(msg, f.name)
+        if f.name in _UPDATE_FIELDS:
+            v = [[u.member, u.address, u.incarnation, u.state, u.origin] for u in v]
+        d[f.name] = v
+    return d
+
+
+def message_from_dict(d: dict[str, Any]) -> Message:
+    """Inverse of ``message_to_dict``; raises KeyError/TypeError/ValueError on bad input."""
+    cls = MESSAGE_TYPES[d["type"]]
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        v = d[f.name]
+        if f.name in _UPDATE_FIELDS:
+            v = [Update(str(m), str(a), int(i), _check_state(s), str(o)) for m, a, i, s, o in v]
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _check_state(s: Any) -> str:
+    if s not in _RANK:
+        raise ValueError(f"unknown member state {s!r}")
+    return str(s)
+
+
+def encoded_size(msg: Message) -> int:
+    """Bytes of the compact JSON encoding: the figure used for sync-bytes budgets."""
+    return len(json.dumps(message_to_dict(msg), separators=(",", ":")))
+
+
+def supersedes(new: Update, held: Update) -> bool:
+    """True iff ``new`` replaces ``held`` (same member): higher (incarnation, rank)."""
+    return (new.incarnation, _RANK[new.state]) > (held.incarnation, _RANK[held.state])
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanged:
+    """Our view of ``member`` changed to ``state`` at ``incarnation``."""
+
+    member: str
+    address: str
+    state: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmedDead:
+    """We may delete ``member``'s registry record if it still holds ``incarnation``."""
+
+    member: str
+    address: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    member: str
+    address: str
+    state: str
+    incarnation: int
+
+
+Output = Message | MemberChanged | ConfirmedDead
+
+# ---------------------------------------------------------------- internals
+
+_T_PROBE, _T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT, _T_GOSSIP, _T_SYNC, _T_REAP = range(8)
+
+
+class _Member:
+    __slots__ = ("id", "address", "incarnation", "state", "origin", "changed")
+
+    def __init__(self, id: str, address: str, incarnation: int, state: str, origin: str, changed: float) -> None:
+        self.id = id
+        self.address = address
+        self.incarnation = incarnation
+        self.state = state
+        self.origin = origin
+        self.changed = changed
+
+    def update(self) -> Update:
+        return Update(self.id, self.address, self.incarnation, self.state, self.origin or self.id)
+
+
+class _Suspicion:
+    __slots__ = ("incarnation", "start", "suspectors", "deadline")
+
+    def __init__(self, incarnation: int, start: float, suspectors: set[str]) -> None:
+        self.incarnation = incarnation
+        self.start = start
+        self.suspectors = suspectors
+        self.deadline = start
+
+
+class _Probe:
+    __slots__ = ("seq", "target", "acked", "nacks", "expected_nacks")
+
+    def __init__(self, seq: int, target: str) -> None:
+        self.seq = seq
+        self.target = target
+        self.acked = False
+        self.nacks = 0
+        self.expected_nacks = 0
+
+
+def _hash64(member: str, incarnation: int) -> int:
+    h = hashlib.blake2b(f"{member}:{incarnation}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big")
+
+
+class SwimMachine:
+    """The membership state machine of one node. Every method returns the outputs to act on."""
+
+    def __init__(
+        self,
+        me: str,
+        address: str,
+        *,
+        config: SwimConfig | None = None,
+        rng: random.Random | None = None,
+        incarnation: int = 0,
+        now: float = 0.0,
+    ) -> None:
+        self.me = me
+        self.address = address
+        self.config = config or SwimConfig()
+        self._rng = rng or random.Random()
+        self._inc = incarnation
+        self._now = now
+        self._health = 0
+        self._left = False
+        self._started = False
+        self._members: dict[str, _Member] = {}
+        # alive+suspect members other than us: O(1) random choice and removal
+        self._live: list[str] = []
+        self._live_pos: dict[str, int] = {}
+        self._probe_list: list[str] = []
+        self._probe_idx = 0
+        self._digest = _hash64(me, incarnation)
+        self._timers: list[tuple[float, int, int, Any]] = []
+        self._tseq = 0
+        self._seq = 0
+        self._probes: dict[int, _Probe] = {}
+        self._relays: dict[int, tuple[str, str, int]] = {}
+        self._suspicions: dict[str, _Suspicion] = {}
+        self._queue: dict[str, list[Any]] = {}  # member -> [Update, transmits]
+        self._gossip_armed = False
+        self._stale: dict[str, int] = {}  # registry-stale witness: member -> incarnation
+        self._pending: dict[str, tuple[int, set[str]]] = {}  # declared dead by us, not yet confirmed
+        self._confirmed: dict[str, int] = {}
+        self._last_stall = -math.inf
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def incarnation(self) -> int:
+        return self._inc
+
+    @property
+    def health(self) -> int:
+        """Lifeguard local health score, 0 (good) .. config.health_max."""
+        return self._health
+
+    def add_members(self, members: Iterable[tuple[str, str]], now: float) -> list[Output]:
+        """Bootstrap from the registry: (member id, address) pairs, unknown ones added as alive."""
+        self._now = now
+        out: list[Output] = []
+        for member, address in members:
+            if member != self.me and member not in self._members:
+                self._apply(Update(member, address, 0, ALIVE, member), out)
+                self._queue.pop(member, None)  # the registry told everyone already: not news
+        return out
+
+    def add_member(self, member: str, address: str, incarnation: int, now: float) -> list[Output]:
+        """Admit ``member`` alive at ``incarnation``; a rejoin with a higher incarnation re-admits it."""
+        self._now = now
+        out: list[Output] = []
+        if member != self.me:
+            self._apply(Update(member, address, incarnation, ALIVE, member), out)
+        return out
+
+    def start(self, now: float, *, join: bool = True) -> list[Output]:
+        """Arm the timers. ``join``: announce ourselves and push-pull the full table with one member."""
+        self._now = now
+        self._started = True
+        out: list[Output] = []
+        cfg = self.config
+        self._push(now + self._rng.random() * cfg.probe_interval, _T_PROBE, None)
+        self._push(now + cfg.sync_interval * (0.5 + self._rng.random()), _T_SYNC, None)
+        if self._queue:
+            self._gossip_armed = True
+            self._push(now + cfg.gossip_interval, _T_GOSSIP, None)
+        if join:
+            self._enqueue(self._self_update(), first=True)
+            for peer in self._sample(1, ()):
+                out.append(SyncState(peer, self._members[peer].address, *self._hdr(), self._full_state(), True))
+        return out
+
+    def leave(self, now: float) -> list[Output]:
+        """Graceful leave: gossip ``left`` to 2*fanout members now; the machine then goes quiet."""
+        self._now = now
+        out: list[Output] = []
+        if self._left:
+            return out
+        self._left = True
+        u = Update(self.me, self.address, self._inc, LEFT, self.me)
+        for peer in self._sample(2 * self.config.gossip_fanout, ()):
+            out.append(Gossip(peer, self._members[peer].address, *self._hdr(), [u]))
+        return out
+
+    def registry_stale(self, member: str, incarnation: int | None, now: float) -> list[Output]:
+        """External witness: ``member``'s registry heartbeat (at ``incarnation``; None: current) is stale."""
+        self._now = now
+        out: list[Output] = []
+        m = self._members.get(member)
+        if m is None:
+            return out
+        inc = m.incarnation if incarnation is None else incarnation
+        self._stale[member] = inc
+        pending = self._pending.get(member)
+        if pending is not None and pending[0] == inc:
+            self._confirm_death(m, out)
+        return out
+
+    def is_confirmed_dead(self, member: str) -> bool:
+        """True if we declared ``member`` dead and that death is confirmed (see module docstring)."""
+        m = self._members.get(member)
+        return m is not None and m.state == DEAD and self._confirmed.get(member) == m.incarnation
+
+    def member(self, member: str) -> MemberView | None:
+        if member == self.me:
+            return MemberView(self.me, self.address, LEFT if self._left else ALIVE, self._inc)
+        m = self._members.get(member)
+        return None if m is None else MemberView(m.id, m.address, m.state, m.incarnation)
+
+    def members(self) -> list[MemberView]:
+        """Every member we know (ourselves included), for /peers."""
+        views = [MemberView(m.id, m.address, m.state, m.incarnation) for m in self._members.values()]
+        return [MemberView(self.me, self.address, LEFT if self._left else ALIVE, self._inc), *views]
+
+    def live_count(self) -> int:
+        """Alive and suspect members, ourselves included."""
+        return len(self._live) + 1
+
+    def digest(self) -> tuple[str, int]:
+        return f"{self._digest:016x}", len(self._live) + 1
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` should next be called (None: nothing armed)."""
+        return self._timers[0][0] if self._timers else None
+
+    def tick(self, now: float) -> list[Output]:
+        """Run every timer due at ``now``."""
+        self._now = now
+        out: list[Output] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, key = heapq.heappop(timers)
+            if self._left:
+                continue
+            if now - when > self.config.stall_threshold and kind in (_T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT):
+                self._defer(kind, key, now)
+                continue
+            self._fire(kind, key, now, out)
+        return out
+
+    def receive(self, msg: Message, now: float) -> list[Output]:
+        """Handle one message addressed to us."""
+        self._now = now
+        out: list[Output] = []
+        if self._left:
+            return out
+        self._heard_from(msg.sender, msg.sender_addr, msg.sender_inc, out)
+        t = type(msg)
+        if t is Ping:
+            assert isinstance(msg, Ping)
+            self._apply_all(msg.updates, out)
+            out.append(Ack(msg.sender, msg.sender_addr, *self._hdr(), msg.seq, self._piggyback(msg.sender)))
+        elif t is Ack:
+            assert isinstance(msg, Ack)
+            self._apply_all(msg.updates, out)
+            self._on_ack(msg.seq, out)
+        elif t is Nack:
+            assert isinstance(msg, Nack)
+            p = self._probes.get(msg.seq)
+            if p is not None:
+                p.nacks += 1
+        elif t is PingReq:
+            assert isinstance(msg, PingReq)
+            self._apply_all(msg.updates, out)
+            seq = self._next_seq()
+            self._relays[seq] = (msg.sender, msg.sender_addr, msg.seq)
+            out.append(Ping(msg.target, msg.target_addr, *self._hdr(), seq, self._piggyback(msg.target)))
+            self._push(now + 0.8 * self.config.probe_timeout, _T_RELAY, seq)
+        elif t is Gossip:
+            assert isinstance(msg, Gossip)
+            self._apply_all(msg.updates, out)
+        elif t is SyncDigest:
+            assert isinstance(msg, SyncDigest)
+            if (msg.digest, msg.count) != self.digest():
+                out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), True))
+        elif t is SyncState:
+            assert isinstance(msg, SyncState)
+            self._apply_all(msg.members, out)
+            if msg.reply:
+                out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), False))
+        return out
+
+    # ------------------------------------------------------------ timers
+
+    def _push(self, when: float, kind: int, key: Any) -> None:
+        self._tseq += 1
+        heapq.heappush(self._timers, (when, self._tseq, kind, key))
+
+    def _defer(self, kind: int, key: Any, now: float) -> None:
+        """Our reactor was blocked: read what queued up before deciding; blame ourselves a bit."""
+        cfg = self.config
+        if now - self._last_stall > cfg.probe_interval:
+            self._health = min(cfg.health_max, self._health + 1)
+        self._last_stall = now
+        scale = 1 + self._health
+        if kind == _T_ACK:
+            self._push(now + cfg.probe_timeout * scale, kind, key)
+        elif kind == _T_PROBE_END:
+            self._push(now + cfg.probe_interval * scale, kind, key)
+        elif kind == _T_RELAY:
+            self._push(now + 0.8 * cfg.probe_timeout, kind, key)
+        else:
+            s = self._suspicions.get(key)
+            if s is not None:
+                s.deadline = max(s.deadline, now + cfg.probe_timeout)
+                self._push(s.deadline, kind, key)
+
+    def _fire(self, kind: int, key: Any, now: float, out: list[Output]) -> None:
+        cfg = self.config
+        if kind == _T_PROBE:
+            self._probe(now, out)
+        elif kind == _T_ACK:
+            p = self._probes.get(key)
+            if p is not None and not p.acked:
+                m = self._members.get(p.target)
+                if m is not None:
+                    for relay in self._sample(cfg.indirect_k, (p.target,)):
+                        out.append(
+                            PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address,
+                                    self._piggyback(relay))
+                        )
+                        p.expected_nacks += 1
+        elif kind == _T_PROBE_END:
+            p = self._probes.pop(key, None)
+            if p is not None and not p.acked:
+                missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
+                self._health = min(cfg.health_max, self._health + missing)
+                m = self._members.get(p.target)
+                if m is not None and m.state in (ALIVE, SUSPECT):
+                    self._suspect(m, out)
+        elif kind == _T_RELAY:
+            r = self._relays.pop(key, None)
+            if r is not None:
+                out.append(Nack(r[0], r[1], *self._hdr(), r[2]))
+        elif kind == _T_SUSPECT:
+            s = self._suspicions.get(key)
+            m = self._members.get(key)
+            if s is not None and m is not None and s.deadline <= now and m.state == SUSPECT:
+                self._declare_dead(m, s, out)
+        elif kind == _T_GOSSIP:
+            self._gossip(now, out)
+        elif kind == _T_SYNC:
+            self._push(now + cfg.sync_interval * (0.5 + self._rng.random()), _T_SYNC, None)
+            for peer in self._sample(1, ()):
+                addr = self._members[peer].address
+                if cfg.sync_digest:
+                    d, n = self.digest()
+                    out.append(SyncDigest(peer, addr, *self._hdr(), d, n))
+                else:
+                    out.append(SyncState(peer, addr, *self._hdr(), self._full_state(), True))
+        elif kind == _T_REAP:
+            m = self._members.get(key)
+            if m is not None and m.state in (DEAD, LEFT) and m.changed + cfg.reap_after <= now:
+                del self._members[key]
+                self._pending.pop(key, None)
+                self._confirmed.pop(key, None)
+                self._stale.pop(key, None)
+
+    # ------------------------------------------------------------ probing
+
+    def _probe(self, now: float, out: list[Output]) -> None:
+        cfg = self.config
+        scale = 1 + self._health
+        self._push(now + cfg.probe_interval * scale, _T_PROBE, None)
+        target = self._next_target()
+        if target is None:
+            return
+        m = self._members[target]
+        seq = self._next_seq()
+        self._probes[seq] = _Probe(seq, target)
+        out.append(Ping(target, m.address, *self._hdr(), seq, self._piggyback(target)))
+        self._push(now + cfg.probe_timeout * scale, _T_ACK, seq)
+        self._push(now + cfg.probe_interval * scale, _T_PROBE_END, seq)
+
+    def _next_target(self) -> str | None:
+        for _ in range(2):
+            lst = self._probe_list
+            while self._probe_idx < len(lst):
+                t = lst[self._probe_idx]
+                self._probe_idx += 1
+                if t in self._live_pos:
+                    return t
+            # a new round: reshuffle so that probe order is not predictable
+            self._probe_list = list(self._live)
+            self._rng.shuffle(self._probe_list)
+            self._probe_idx = 0
+        return None
+
+    def _on_ack(self, seq: int, out: list[Output]) -> None:
+        p = self._probes.get(seq)
+        if p is not None:
+            if not p.acked:
+                p.acked = True
+                self._health = max(0, self._health - 1)
+            return
+        r = self._relays.pop(seq, None)
+        if r is not None:
+            out.append(Ack(r[0], r[1], *self._hdr(), r[2], self._piggyback(r[0])))
+
+    # ------------------------------------------------------------ suspicion
+
+    def _suspect(self, m: _Member, out: list[Output]) -> None:
+        """Our own probe of ``m`` failed."""
+        self._apply(Update(m.id, m.address, m.incarnation, SUSPECT, self.me), out)
+        # buddy system: tell the accused right away so that it can refute
+        out.append(Gossip(m.id, m.address, *self._hdr(), self._piggyback(m.id)))
+
+    def _start_suspicion(self, m: _Member, origin: str) -> None:
+        s = _Suspicion(m.incarnation, self._now, {origin})
+        self._suspicions[m.id] = s
+        self._reschedule(m.id, s)
+
+    def _reschedule(self, member: str, s: _Suspicion) -> None:
+        n = len(self._live) + 1
+        lo, hi = self.config.suspicion_bounds(n)
+        k = min(self.config.indirect_k, n - 2)
+        c = len(s.suspectors) - 1
+        timeout = lo if k < 1 else max(lo, hi - (hi - lo) * math.log(c + 1) / math.log(k + 1))
+        s.deadline = s.start + timeout
+        self._push(s.deadline, _T_SUSPECT, member)
+
+    def _add_suspector(self, m: _Member, inc: int, origin: str, u: Update) -> None:
+        s = self._suspicions.get(m.id)
+        if m.state == SUSPECT and s is not None and s.incarnation == inc and origin not in s.suspectors:
+            s.suspectors.add(origin)
+            self._reschedule(m.id, s)
+            self._enqueue(u)  # others shrink their timers too
+        pending = self._pending.get(m.id)
+        if m.state == DEAD and pending is not None and pending[0] == inc and origin not in pending[1]:
+            pending[1].add(origin)
+
+    def _declare_dead(self, m: _Member, s: _Suspicion, out: list[Output]) -> None:
+        del self._suspicions[m.id]
+        self._apply(Update(m.id, m.address, m.incarnation, DEAD, self.me), out)
+        self._pending[m.id] = (m.incarnation, s.suspectors)
+        self._maybe_confirm(m, out)
+
+    def _maybe_confirm(self, m: _Member, out: list[Output]) -> None:
+        pending = self._pending.get(m.id)
+        if pending is None or pending[0] != m.incarnation or m.state != DEAD:
+            return
+        if len(pending[1]) >= 2 or self._stale.get(m.id) == m.incarnation:
+            self._confirm_death(m, out)
+
+    def _confirm_death(self, m: _Member, out: list[Output]) -> None:
+        pending = self._pending.get(m.id)
+        if m.state != DEAD or pending is None or pending[0] != m.incarnation:
+            return
+        del self._pending[m.id]
+        self._confirmed[m.id] = m.incarnation
+        out.append(ConfirmedDead(m.id, m.address, m.incarnation))
+
+    # ------------------------------------------------------------ state merge
+
+    def _heard_from(self, sender: str, address: str, inc: int, out: list[Output]) -> None:
+        """A message from ``sender`` proves it alive at ``inc``: admit it if new or newer."""
+        m = self._members.get(sender)
+        if sender != self.me and (m is None or inc > m.incarnation):
+            self._apply(Update(sender, address, inc, ALIVE, sender), out)
+
+    def _apply_all(self, updates: Iterable[Update], out: list[Output]) -> None:
+        for u in updates:
+            self._apply(u, out)
+
+    def _apply(self, u: Update, out: list[Output]) -> None:
+        if u.member == self.me:
+            self._about_me(u, out)
+            return
+        m = self._members.get(u.member)
+        if m is None:
+            if u.state in (DEAD, LEFT):
+                return  # nothing to learn about a stranger's death
+            m = _Member(u.member, u.address, u.incarnation, u.state, u.origin, self._now)
+            self._members[u.member] = m
+            self._live_add(m.id)
+            self._digest ^= _hash64(m.id, m.incarnation)
+            if self._started and self._probe_idx < len(self._probe_list):
+                # join the current round at a random place (memberlist does the same)
+                pos = self._rng.randint(self._probe_idx, len(self._probe_list))
+                self._probe_list.insert(pos, m.id)
+            if u.state == SUSPECT:
+                self._start_suspicion(m, u.origin)
+            self._enqueue(u)
+            out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
+            return
+        if (u.incarnation, _RANK[u.state]) <= (m.incarnation, _RANK[m.state]):
+            if u.state == SUSPECT and u.incarnation == m.incarnation:
+                self._add_suspector(m, u.incarnation, u.origin, u)
+                if m.state == DEAD:
+                    self._maybe_confirm(m, out)
+            return
+        was_live = m.state in (ALIVE, SUSPECT)
+        if was_live:
+            self._digest ^= _hash64(m.id, m.incarnation)
+        m.incarnation = u.incarnation
+        m.state = u.state
+        m.address = u.address
+        m.origin = u.origin
+        m.changed = self._now
+        if u.state == ALIVE:
+            self._suspicions.pop(m.id, None)
+            self._pending.pop(m.id, None)
+        elif u.state == SUSPECT:
+            self._start_suspicion(m, u.origin)
+        else:
+            self._suspicions.pop(m.id, None)
+            self._push(self._now + self.config.reap_after, _T_REAP, m.id)
+        is_live = u.state in (ALIVE, SUSPECT)
+        if is_live:
+            self._digest ^= _hash64(m.id, m.incarnation)
+            if not was_live:
+                self._live_add(m.id)
+        elif was_live:
+            self._live_remove(m.id)
+        self._enqueue(u)
+        out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
+
+    def _about_me(self, u: Update, out: list[Output]) -> None:
+        if self._left:
+            return
+        if u.incarnation < self._inc or (u.state == ALIVE and u.incarnation == self._inc):
+            return
+        # someone holds us suspect/dead/left (or an older life of ours as alive): refute
+        self._digest ^= _hash64(self.me, self._inc)
+        self._inc = u.incarnation + 1
+        self._digest ^= _hash64(self.me, self._inc)
+        if u.state == SUSPECT:
+            self._health = min(self.config.health_max, self._health + 1)
+        alive = self._self_update()
+        self._enqueue(alive, first=True)
+        accuser = self._members.get(u.origin)
+        if accuser is not None and accuser.state in (ALIVE, SUSPECT):
+            out.append(Gossip(accuser.id, accuser.address, *self._hdr(), self._piggyback(accuser.id)))
+
+    # ------------------------------------------------------------ dissemination
+
+    def _enqueue(self, u: Update, first: bool = False) -> None:
+        # one entry per member: a newer fact replaces an older one still in flight
+        self._queue[u.member] = [u, -1 if first else 0]
+        if not self._gossip_armed and self._started:
+            self._gossip_armed = True
+            self._push(self._now + self.config.gossip_interval, _T_GOSSIP, None)
+
+    def _take(self) -> list[Update]:
+        q = self._queue
+        if not q:
+            return []
+        limit = self.config.retransmit_limit(len(self._live) + 1)
+        cap = self.config.max_piggyback
+        entries = list(q.values()) if len(q) <= cap else heapq.nsmallest(cap, q.values(), key=lambda e: e[1])
+        taken = []
+        for e in entries:
+            taken.append(e[0])
+            e[1] += 1
+            if e[1] >= limit:
+                del q[e[0].member]
+        return taken
+
+    def _piggyback(self, dest: str) -> list[Update]:
+        ups = self._take()
+        m = self._members.get(dest)
+        if m is not None and m.state in (SUSPECT, DEAD) and not any(u.member == dest for u in ups):
+            ups.insert(0, m.update())  # buddy system: the accused hears of it in every message
+        return ups
+
+    def _gossip(self, now: float, out: list[Output]) -> None:
+        if not self._queue:
+            self._gossip_armed = False
+            return
+        self._push(now + self.config.gossip_interval, _T_GOSSIP, None)
+        for peer in self._sample(self.config.gossip_fanout, ()):
+            ups = self._piggyback(peer)
+            if not ups:
+                break
+            out.append(Gossip(peer, self._members[peer].address, *self._hdr(), ups))
+
+    def _full_state(self) -> list[Update]:
+        return [self._self_update(), *(m.update() for m in self._members.values())]
+
+    # ------------------------------------------------------------ helpers
+
+    def _hdr(self) -> tuple[str, str, int]:
+        return self.me, self.address, self._inc
+
+    def _self_update(self) -> Update:
+        return Update(self.me, self.address, self._inc, ALIVE, self.me)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _live_add(self, member: str) -> None:
+        if member not in self._live_pos:
+            self._live_pos[member] = len(self._live)
+            self._live.append(member)
+
+    def _live_remove(self, member: str) -> None:
+        i = self._live_pos.pop(member, None)
+        if i is None:
+            return
+        last = self._live.pop()
+        if last != member:
+            self._live[i] = last
+            self._live_pos[last] = i
+
+    def _sample(self, k: int, exclude: tuple[str, ...]) -> list[str]:
+        """Up to ``k`` distinct random live members not in ``exclude``."""
+        live = self._live
+        n = len(live)
+        if n <= 4 * k:
+            cands = [x for x in live if x not in exclude]
+            self._rng.shuffle(cands)
+            return cands[:k]
+        picks: list[str] = []
+        while len(picks) < k:
+            x = live[self._rng.randrange(n)]
+            if x not in exclude and x not in picks:
+                picks.append(x)
+        return picks
