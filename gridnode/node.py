@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import __version__, tokens
-from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port
+from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port, is_loopback
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
@@ -39,6 +39,7 @@ class Node:
         self.jobs = jobs
         self.started = time.time()
         self.registry: Registry | None = None
+        self.membership: Any = None
         self.cors = CORS(config.cors_origins)
         self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
 
@@ -85,6 +86,7 @@ class Node:
             "uptime": round(time.time() - self.started, 3),
             "registry": self.registry_health(),
             **self.jobs.load(),
+            "members": self.membership.machine.live_count() if self.membership is not None else 1,
         }
 
     def registry_health(self) -> dict[str, Any]:
@@ -162,17 +164,48 @@ class NodeService(MultiService):
         http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
+        membership = node.membership = yield self._membership(node, peer_addr, metrics)
         node.registry = Registry(
             self.reactor, store, env=config.env, pool=config.pool, node_id=node.node_id, http_url=http_url,
             peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=node.load,
+            incarnation=lambda: membership.machine.incarnation,
         )
+        node.registry.on_read.append(membership.registry_read)
         node.registry.start()
+        membership.start()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
             node=node.node_id, env=config.env, pool=config.pool, host=address.host,
             port=address.port, store=store.url,
         )
         return node
+
+    @inlineCallbacks
+    def _membership(self, node: Node, peer_addr: str, metrics: Metrics) -> Any:
+        """SWIM over AMP on --peer, keyed from the pool secret."""
+        from twisted.internet.endpoints import serverFromString
+
+        from gridnode.membership.service import MembershipService, new_machine
+        from gridnode.membership.wire import peer_key
+
+        config = node.config
+        if config.secret_file:
+            secret = read_secret(config.secret_file, "secret-file")
+        elif is_loopback(config.peer):
+            secret = b""  # a laptop: nothing beyond this machine can reach the port
+        else:
+            raise ConfigError(f"peer: {config.peer} is reachable from the network, so peers must authenticate: "
+                              "set secret-file (a file of at least 16 random bytes, the same on every node)")
+        machine = new_machine(node.node_id, peer_addr, int(time.time()), time.time())
+        service = MembershipService(
+            self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
+            pool=config.pool, metrics=metrics, stale=config.stale,
+            on_confirmed_dead=lambda member: node.jobs.adopt_orphans(dead=frozenset({member})),
+        )
+        for state in ("alive", "suspect", "dead", "left"):
+            metrics.members.labels(state).set_function(_members_in(machine, state))
+        yield service.listen(serverFromString(self.reactor, config.peer))
+        return service
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -210,6 +243,8 @@ class NodeService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        if self.node is not None and self.node.membership is not None:
+            yield self.node.membership.leave()
         if self.node is not None and self.node.registry is not None:
             yield self.node.registry.stop()
         if self.node is not None:
@@ -217,6 +252,10 @@ class NodeService(MultiService):
         for port in self._ports:
             yield port.stopListening()
         yield super().stopService()
+
+
+def _members_in(machine: Any, state: str) -> Any:
+    return lambda: sum(1 for v in machine.members() if v.state == state)
 
 
 def read_secret(path: str, key: str) -> bytes:

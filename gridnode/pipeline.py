@@ -171,6 +171,7 @@ class JobService:
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
+        self._log.info("job {job} received: {size} bytes", job=job_id, size=spool.received())
         try:
             spool.close()
             if spool.size == 0:
@@ -184,10 +185,14 @@ class JobService:
             job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
                           size=spool.size, now=self.now(), sha256=digest)
             job.advance(jobs.PROBING, self.now())
+            probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
+            self._log.info("job {job} probed in {elapsed:.3f}s", job=job_id, elapsed=time.monotonic() - probe_started)
         except BaseException as e:
             spool.discard()
-            self.metrics.upload_rejections.labels(getattr(e, "code", "error")).inc()
+            code = getattr(e, "code", "error")
+            self.metrics.upload_rejections.labels(code).inc()
+            self._log.info("upload {job} refused: {code}", job=job_id, code=code)
             raise
         self.metrics.phase_seconds.labels("probe").observe(time.monotonic() - started)
         for preset in job.presets:

@@ -121,6 +121,7 @@ class Registry:
         self, clock: Any, store: ObjectStore, *, env: str, pool: str, node_id: str, http_url: str,
         peer_addr: str, heartbeat: float = 30.0, stale: float = 300.0,
         load: Callable[[], dict[str, float]] = dict, now: Callable[[], float] = time.time,
+        incarnation: Callable[[], int] | None = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -135,6 +136,8 @@ class Registry:
         self.load = load
         self.now = now
         self.record = NodeRecord(node_id, http_url, peer_addr, now(), 0, 0.0)
+        #: the membership's incarnation, when there is one: the record carries the same number
+        self.incarnation = incarnation
         self.etag: str | None = None
         self.registered = False
         self.last_error: str | None = None
@@ -219,6 +222,8 @@ class Registry:
         """Write our record: by ETag while registered, else (re-)register."""
         self.record.heartbeat = self.now()
         self.record.load = self.load()
+        if self.incarnation is not None:
+            self.record.incarnation = max(self.record.incarnation, self.incarnation())
         if self.registered and self.etag is not None:
             try:
                 info = yield self.store.put_bytes(self.key, self.record.dumps(), if_match=self.etag,

@@ -192,6 +192,10 @@ class S3OutageTests:
                 client(endpoint).create_bucket(Bucket="outage")
                 final = yield wait_job(base, job["id"], timeout=90)
                 assert final["state"] == "done", final
+                for _ in range(100):  # "done" shows while the last record is written; the spool goes after
+                    if not (spool / job["id"]).exists():
+                        break
+                    yield sleep(0.1)
                 assert not (spool / job["id"]).exists()
                 body = client(endpoint).get_object(Bucket="outage", Key=f"grid/inputs/{job['id']}/source")["Body"]
                 assert body.read() == media_clips.landscape.read_bytes()

@@ -160,7 +160,7 @@ class LayeringTests:
     def test_metadata_unreachable(self, tmp_path: Path) -> None:
         """No metadata service: the node exits non-zero with one line naming the URL."""
         dead = f"http://127.0.0.1:{free_port()}"
-        node = NodeProcess(tmp_path, ["--instance-metadata", dead, "--http", f"tcp:{free_port()}"])
+        node = NodeProcess(tmp_path, ["--instance-metadata", dead, "--http", f"tcp:{free_port()}:interface=127.0.0.1"])
         node.start()
         assert node.process is not None
         for _ in range(300):

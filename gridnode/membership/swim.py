@@ -480,7 +480,11 @@ class SwimMachine:
                 out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), True))
         elif t is SyncState:
             assert isinstance(msg, SyncState)
-            self._apply_all(msg.members, out)
+            for u in msg.members:
+                # a remote death becomes a suspicion here (as memberlist does): the sender's
+                # table may be stale (it was cut off), and a live member then gets to refute
+                held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
+                self._apply(held, out)
             if msg.reply:
                 out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), False))
         return out
@@ -637,6 +641,12 @@ class SwimMachine:
     def _declare_dead(self, m: _Member, s: _Suspicion, out: list[Output]) -> None:
         del self._suspicions[m.id]
         self._apply(Update(m.id, m.address, m.incarnation, DEAD, self.me), out)
+        n = len(self._live) + 1
+        if len(s.suspectors) < 2 and min(self.config.indirect_k, n - 2) >= 1:
+            # One accuser only: hold it dead here but do not spread it. A real death draws
+            # independent suspicions (and then every node's own timer fires); a lone one is
+            # more likely our own trouble (a partition) and would be a false death everywhere.
+            self._queue.pop(m.id, None)
         self._pending[m.id] = (m.incarnation, s.suspectors)
         self._maybe_confirm(m, out)
 

@@ -60,9 +60,26 @@ class NodesListResource(Resource):
         return NOT_DONE_YET
 
 
+class PeersResource(Resource):
+    """``GET /peers``: this node's membership view."""
+
+    isLeaf = True
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
+        membership = self.node.membership
+        peers = membership.peers() if membership is not None else []
+        return json_body(request, {"node": self.node.node_id, "peers": peers,
+                                   "dropped": dict(membership.dropped) if membership is not None else {}})
+
+
 def api_root(node: Node) -> Resource:
     root = JSONRoot()
     root.putChild(b"health", HealthResource(node))
+    root.putChild(b"peers", PeersResource(node))
     registry = JSONRoot()
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)

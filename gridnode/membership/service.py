@@ -1,0 +1,337 @@
+"""
+The membership's TCP glue: AMP connections in and out, the machine's timer
+on the reactor, and what the machine's outputs mean to the rest of the node.
+
+- Out: a bounded cache of connections keyed by peer address (least recently
+  used one closed past ``max_out``), with a connect timeout; a message whose
+  connection fails is simply lost, as on UDP (SWIM expects loss).
+- In: at most ``max_in`` concurrent connections; more are closed at once.
+- Bootstrap and healing: every registry read adds the records' nodes, and
+  says which records are stale (the bucket as an independent witness).
+- ``ConfirmedDead``: delete the dead node's record only if it still holds the
+  dead incarnation (conditional delete on its ETag), then offer its jobs for
+  adoption.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from gridnode import keys
+from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.membership import swim, wire
+from gridnode.registry import MAX_RECORD_BYTES, NodeRecord, parse_record
+
+#: bytes an inbound connection may send without completing an AMP box
+MAX_UNFRAMED = 256 * 1024
+
+
+class PeerProtocol(amp.AMP):
+    """One AMP connection; inbound ones deliver to the service."""
+
+    def __init__(self, service: MembershipService | None = None,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.service = service
+        self.on_lost = on_lost
+        self._unframed = 0
+
+    def locateResponder(self, name: bytes) -> Any:  # noqa: N802 - AMP's name
+        command = name.decode("ascii", "replace")
+        if self.service is not None and command in wire.COMMANDS:
+            return lambda box: self._deliver(command, box)
+        return super().locateResponder(name)
+
+    @wire.Version.responder
+    def version(self) -> dict[str, int]:
+        return {"version": wire.VERSION}
+
+    def _deliver(self, command: str, box: amp.AmpBox) -> Any:
+        assert self.service is not None
+        try:
+            values = wire.COMMANDS[command].parseArguments(box, self)
+        except Exception:  # noqa: BLE001 - a malformed box is the sender's problem, counted
+            self.service.drop("malformed")
+            return None
+        self.service.deliver(command, values)
+        return None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self._unframed += len(data)
+        if self._unframed > MAX_UNFRAMED and self.service is not None:
+            self.service.drop("oversized")
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        super().dataReceived(data)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 - AMP's name
+        self._unframed = 0
+        super().ampBoxReceived(box)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
+        if self.service is not None:
+            self.service.inbound_lost(self)
+        if self.on_lost is not None:
+            self.on_lost()
+        super().connectionLost(reason)
+
+    def unhandledError(self, failure: Any) -> None:  # noqa: N802 - AMP's name
+        if self.service is not None:
+            self.service.drop("protocol_error")
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class _InboundFactory(Factory):
+    def __init__(self, service: MembershipService) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr: Any) -> PeerProtocol | None:  # noqa: N802 - Twisted's name
+        if len(self.service.inbound) >= self.service.max_in:
+            self.service.drop("too_many_connections")
+            return None
+        proto = PeerProtocol(self.service)
+        self.service.inbound.add(proto)
+        return proto
+
+
+class MembershipService:
+    _log = Logger()
+
+    def __init__(
+        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, store: Any = None, env: str = "",
+        pool: str = "", metrics: Any = None, on_confirmed_dead: Callable[[str], Any] | None = None,
+        stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.reactor = reactor
+        self.machine = machine
+        self.opener = wire.Opener(key, now)
+        self.key = key
+        self.store = store
+        self.env = env
+        self.pool = pool
+        self.metrics = metrics
+        self.on_confirmed_dead = on_confirmed_dead
+        self.stale = stale
+        self.max_out = max_out
+        self.max_in = max_in
+        self.connect_timeout = connect_timeout
+        self.now = now
+        self.inbound: set[PeerProtocol] = set()
+        self._out: OrderedDict[str, Any] = OrderedDict()
+        self._connecting: dict[str, list[Deferred[Any]]] = {}
+        self._timer: Any = None
+        self._running = False
+        self.last_heard: dict[str, float] = {}
+        self.dropped: dict[str, int] = {}
+        self._port: Any = None
+
+    # -- life cycle
+
+    @inlineCallbacks
+    def listen(self, endpoint: Any) -> Any:
+        self._port = yield endpoint.listen(_InboundFactory(self))
+        return self._port
+
+    def start(self, join: bool = True) -> None:
+        self._running = True
+        self.act(self.machine.start(self.now(), join=join))
+
+    @inlineCallbacks
+    def leave(self) -> Any:
+        """Tell peers we leave (``left``, not ``dead``), then stop."""
+        outputs = self.machine.leave(self.now())
+        sent = [self._send(m) for m in outputs if isinstance(m, swim.Message)]
+        for d in sent:
+            try:
+                yield d
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        yield self.stop()
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        for proto in list(self._out.values()):
+            proto.transport.loseConnection()
+        self._out.clear()
+        for p in list(self.inbound):
+            if p.transport is not None:
+                p.transport.loseConnection()
+        if self._port is not None:
+            yield self._port.stopListening()
+
+    # -- the machine
+
+    def act(self, outputs: list[swim.Output]) -> None:
+        for out in outputs:
+            if isinstance(out, swim.Message):
+                self._send(out).addErrback(lambda _: None)
+            elif isinstance(out, swim.ConfirmedDead):
+                self._confirmed_dead(out)
+            elif isinstance(out, swim.MemberChanged):
+                self._changed(out)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._running:
+            return
+        deadline = self.machine.next_deadline()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if deadline is not None:
+            self._timer = self.reactor.callLater(max(0.0, deadline - self.now()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._running:
+            self.act(self.machine.tick(self.now()))
+
+    def deliver(self, command: str, values: dict[str, Any]) -> None:
+        try:
+            msg = self.opener.open(command, values["version"], values["sent"], values["nonce"], values["payload"],
+                                   values["mac"])
+        except wire.Dropped as e:
+            self.drop(e.reason)
+            return
+        if msg.dest != self.machine.me:
+            self.drop("not_for_me")
+            return
+        self.last_heard[msg.sender] = self.now()
+        if self._running:
+            self.act(self.machine.receive(msg, self.now()))
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.peer_dropped.labels(reason).inc()
+        self._log.debug("dropped a peer message: {reason}", reason=reason)
+
+    def _changed(self, change: swim.MemberChanged) -> None:
+        self._log.info("peer {peer} is {state} (incarnation {incarnation})", peer=change.member,
+                       state=change.state, incarnation=change.incarnation)
+        if self.metrics is not None:
+            if change.state == swim.SUSPECT:
+                self.metrics.suspicions.inc()
+            elif change.state == swim.DEAD:
+                self.metrics.deaths.labels("no").inc()
+
+    # -- connections
+
+    def _send(self, msg: swim.Message) -> Deferred[Any]:
+        command, args = wire.seal(self.key, msg, self.now())
+        d = self._connection(msg.dest_addr)
+
+        def call(proto: PeerProtocol) -> Any:
+            if self.metrics is not None and isinstance(msg, (swim.Ping, swim.PingReq)):
+                self.metrics.probes.labels(type(msg).__name__.lower()).inc()
+            return proto.callRemote(command, **args)
+
+        return d.addCallback(call)
+
+    def _connection(self, address: str) -> Deferred[Any]:
+        """A connection to ``address``: cached, being made, or new (closing the least used)."""
+        proto = self._out.get(address)
+        if proto is not None:
+            self._out.move_to_end(address)
+            return succeed(proto)
+        d: Deferred[Any] = Deferred()
+        waiting = self._connecting.get(address)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._connecting[address] = [d]
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        host, _, port = address.rpartition(":")
+        endpoint = TCP4ClientEndpoint(self.reactor, host, int(port), timeout=self.connect_timeout)
+        made = PeerProtocol(None, on_lost=lambda: self._forget(address, made))
+
+        def connected(p: Any) -> None:
+            self._out[address] = p
+            while len(self._out) > self.max_out:
+                _, old = self._out.popitem(last=False)
+                old.transport.loseConnection()
+            for waiter in self._connecting.pop(address, []):
+                waiter.callback(p)
+
+        def failed(f: Any) -> None:
+            for waiter in self._connecting.pop(address, []):
+                waiter.errback(f)
+
+        connectProtocol(endpoint, made).addCallbacks(connected, failed)
+        return d
+
+    def _forget(self, address: str, proto: Any) -> None:
+        if self._out.get(address) is proto:
+            del self._out[address]
+
+    def inbound_lost(self, proto: PeerProtocol) -> None:
+        self.inbound.discard(proto)
+
+    # -- the registry as bootstrap list and witness
+
+    def registry_read(self, records: list[NodeRecord]) -> None:
+        """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale."""
+        now = self.now()
+        fresh = {r.id for r in records}
+        self.act(self.machine.add_members([(r.id, r.peer_addr) for r in records], now))
+        for r in records:
+            view = self.machine.member(r.id)
+            if view is not None and view.state in (swim.DEAD, swim.LEFT) and r.incarnation > view.incarnation:
+                self.act(self.machine.add_member(r.id, r.peer_addr, r.incarnation, now))
+        for view in self.machine.members():
+            if view.member != self.machine.me and view.member not in fresh and view.state in (swim.SUSPECT,
+                                                                                             swim.DEAD):
+                self.act(self.machine.registry_stale(view.member, None, now))
+
+    @inlineCallbacks
+    def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Any:
+        self._log.warn("peer {peer} confirmed dead at incarnation {incarnation}", peer=dead.member,
+                       incarnation=dead.incarnation)
+        if self.metrics is not None:
+            self.metrics.deaths.labels("yes").inc()
+        if self.store is not None:
+            key = keys.node_record(self.env, self.pool, dead.member)
+            try:
+                data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
+                record = parse_record(data, dead.member)
+                if record.incarnation <= dead.incarnation:
+                    yield self.store.delete(key, if_match=info.etag)
+                    self._log.info("deleted the registry record of dead peer {peer}", peer=dead.member)
+                else:
+                    self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
+                                   peer=dead.member, incarnation=record.incarnation)
+            except (NotFound, PreconditionFailed):
+                pass  # gone already, or rewritten by the node itself: not ours to delete
+            except GridnodeError as e:
+                self._log.warn("could not delete the record of {peer}: {reason}", peer=dead.member,
+                               reason=e.message)
+        if self.on_confirmed_dead is not None:
+            try:
+                yield self.on_confirmed_dead(dead.member)
+            except Exception:  # noqa: BLE001 - adoption retries on its own schedule
+                self._log.failure("adopting the jobs of {peer} failed", peer=dead.member)
+
+    # -- views
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [{"id": v.member, "address": v.address, "state": v.state, "incarnation": v.incarnation,
+                 "last_heard": self.last_heard.get(v.member)} for v in self.machine.members()]
+
+
+def new_machine(me: str, address: str, incarnation: int, now: float) -> swim.SwimMachine:
+    return swim.SwimMachine(me, address, incarnation=incarnation, now=now, rng=random.Random())
