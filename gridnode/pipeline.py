@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,8 @@ class JobService:
         self.active: dict[str, Active] = {}
         self.draining = False
         self.counts: dict[str, int] = {}
+        #: the last jobs that ended here, newest last (for the status page)
+        self.recent: deque[Job] = deque(maxlen=50)
         self._loops: list[LoopingCall] = []
         self.metrics = metrics or Metrics()
         self.metrics.bind_load(self.load)
@@ -278,6 +281,7 @@ class JobService:
         """Write the last record (unless the job is someone else's now) and forget the job."""
         job = active.job
         if job.final:
+            self.recent.append(job)
             for preset in job.presets:
                 self.metrics.jobs_finished.labels(job.state, preset).inc()
             if "accepted" in active.marks:
@@ -616,6 +620,11 @@ class JobService:
         except NotFound:
             raise NotFound(f"no job {job_id}") from None
         return Job.loads(data)
+
+    def listing(self) -> dict[str, Any]:
+        """This node's jobs now, and the last ones that ended here."""
+        return {"active": [a.job.to_json() for a in self.active.values()],
+                "recent": [j.to_json() for j in reversed(self.recent)]}
 
     def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
         """Call ``callback`` on every change of a job this node runs; returns the unsubscribe."""

@@ -116,6 +116,8 @@ class PipelineTests:
         assert rec["state"] == "done" and rec["outputs"][0]["url"] == f"/results/{job.id}/video.mp4"
         assert self.backend.get_bytes(f"outputs/{job.id}/video.mp4")[0] == b"converted"
         assert not os.path.exists(spool_path) and job.id not in self.jobs.active
+        listing = self.jobs.listing()
+        assert listing["active"] == [] and listing["recent"][0]["id"] == job.id
 
     def test_checksum_mismatch_keeps_nothing(self) -> None:
         """A wrong Upload-Checksum: refused, spool removed, nothing in the store."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
@@ -76,8 +77,36 @@ class PeersResource(Resource):
                                    "dropped": dict(membership.dropped) if membership is not None else {}})
 
 
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+class PageResource(Resource):
+    """A page of web/static, served as HTML without caching (it changes with releases)."""
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.path = os.path.join(STATIC, name)
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
+        try:
+            with open(self.path, "rb") as f:
+                body = f.read()
+        except FileNotFoundError:
+            return error_body(request, NotFound("this page is not installed"))
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        return body
+
+
 def api_root(node: Node) -> Resource:
+    from twisted.web.static import File
+
     root = JSONRoot()
+    root.putChild(b"", PageResource("index.html"))
+    root.putChild(b"status", PageResource("status.html"))
+    root.putChild(b"static", File(STATIC))
     root.putChild(b"health", HealthResource(node))
     root.putChild(b"peers", PeersResource(node))
     registry = JSONRoot()

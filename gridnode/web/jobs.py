@@ -96,6 +96,10 @@ class JobsResource(Resource):
             return ErrorResource(not_found(f"no job {job_id}"))
         return JobResource(self.jobs, job_id)
 
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
+        """``GET /jobs``: this node's running and queued jobs, and its recent finished ones."""
+        return json_body(request, self.jobs.listing())
+
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         spool: Any = request.content  # a SpoolFile: GridRequest routed the body there
         try:
