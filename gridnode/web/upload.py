@@ -35,6 +35,8 @@ from twisted.web.server import Request, Site
 
 from gridnode.errors import GridnodeError
 
+#: socket reads of an upload body
+UPLOAD_READ_SIZE = 1 << 20
 #: bodies of non-upload requests (JSON, tus creation) stay this small
 SMALL_BODY = 64 * 1024
 #: how much of a refused body is read and dropped before the connection is closed
@@ -152,6 +154,11 @@ class GridRequest(Request):
             return
         if sink is not None:
             self.content = sink
+            # Read uploads in 1 MiB pieces instead of Twisted's 64 KiB: a sixteenth of the
+            # per-chunk work (parse, hash, write) for the same bytes.
+            transport = getattr(channel, "transport", None)
+            if transport is not None and hasattr(transport, "bufferSize"):
+                transport.bufferSize = UPLOAD_READ_SIZE
             return
         if length is not None and length > SMALL_BODY:
             self._refuse(GridnodeError(f"a body of more than {SMALL_BODY} bytes is not accepted here",
