@@ -40,8 +40,12 @@ class Node:
         self.started = time.time()
         self.registry: Registry | None = None
         self.membership: Any = None
-        self.cors = CORS(config.cors_origins)
+        from gridnode.web import tus as tus_web
+
+        self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
+        self.tus = tus_web.TusService(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes,
+                                      authorize=self.authorize)
 
     @property
     def draining(self) -> bool:
@@ -54,7 +58,7 @@ class Node:
             presets = ",".join(query.get("presets", [])).split(",")
             self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
             return self.jobs.admit(length)
-        return None
+        return self.tus.route_body(method, path, request, length)
 
     def authorize(self, request: Any, presets: list[str], length: int | None) -> None:
         """With an upload secret, an upload needs a token that allows it."""
@@ -68,7 +72,7 @@ class Node:
         tokens.check(tokens.verify(self.upload_secret, token), presets, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
-        return self.cors.headers_for(request.getHeader(b"origin"))
+        return self.cors.headers_for(request.getHeader(b"origin")) + self.tus.extra_headers(request)
 
     @property
     def node_id(self) -> str:
@@ -173,6 +177,7 @@ class NodeService(MultiService):
         node.registry.on_read.append(membership.registry_read)
         node.registry.start()
         membership.start()
+        node.tus.start()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
             node=node.node_id, env=config.env, pool=config.pool, host=address.host,
@@ -243,6 +248,8 @@ class NodeService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        if self.node is not None:
+            self.node.tus.stop()
         if self.node is not None and self.node.membership is not None:
             yield self.node.membership.leave()
         if self.node is not None and self.node.registry is not None:

@@ -113,6 +113,7 @@ def api_root(node: Node) -> Resource:
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)
     root.putChild(b"jobs", JobsResource(node.jobs))
+    root.putChild(b"files", node.tus.resource())
     root.putChild(b"results", ResultsResource(node.jobs))
     from prometheus_client.twisted import MetricsResource
 

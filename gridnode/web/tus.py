@@ -306,7 +306,8 @@ class TusService:
 
     def __init__(self, reactor: Any, jobs: JobService, store: ObjectStore, *, max_upload_bytes: int,
                  expiry_seconds: float = DEFAULT_EXPIRY, sweep_interval: float | None = None,
-                 base_path: str = "/files/") -> None:
+                 base_path: str = "/files/",
+                 authorize: Callable[[Any, list[str], int | None], None] | None = None) -> None:
         self.clock = reactor
         self.jobs = jobs
         self.store = store
@@ -314,6 +315,8 @@ class TusService:
         self.expiry = expiry_seconds
         self.sweep_interval = sweep_interval or min(3600.0, expiry_seconds / 4)
         self.base = "/" + base_path.strip("/") + "/"
+        #: the node's upload-token check, called at creation as for POST /jobs: (request, presets, length)
+        self.authorize = authorize
         self._local: dict[str, _Local] = {}
         self._locks: dict[str, DeferredLock] = {}
         self._finished: dict[str, int] = {}
@@ -428,7 +431,10 @@ class TusService:
         metadata = parse_metadata(raw)
         filename = metadata_text(metadata, "filename") or ""
         presets = metadata_text(metadata, "presets")
-        self.jobs.media.parse_presets(presets)  # an unknown preset is refused now, not after the upload
+        chosen = self.jobs.media.parse_presets(presets)  # an unknown preset is refused now, not after the upload
+        if self.authorize is not None:
+            # The upload id, 80 random bits, is the capability for the requests that follow.
+            self.authorize(request, [p.name for p in chosen], length)
         # The job service's admission (draining, full, too large, low disk) with its coded errors;
         # its fresh spool name is the upload id, and later the job id.
         spool = self.jobs.admit(length)
@@ -580,7 +586,6 @@ class TusService:
                 raise _bad(f"part {index + 1} of upload {info.id} differs from its record in the store",
                            "storage_corrupt", 502)
             local.part_ids.append(part.id)
-        self._log.debug("upload {upload}: {parts} parts here", upload=info.id, parts=len(local.part_ids))
 
     def _append(self, local: _Local, source: str, source_sha256: Any) -> str:
         """Append ``source`` to the partial file, keeping its running sha256; returns the source's
@@ -642,13 +647,13 @@ class TusService:
     @inlineCallbacks
     def _delete_upload(self, upload_id: str, if_match: str | None = None) -> Any:
         """Delete the info first (the upload ends there), then every other object under the prefix."""
-        self._forget(upload_id)
         try:
             yield self.store.delete(info_key(upload_id), if_match=if_match)
         except PreconditionFailed:
             return False  # renewed meanwhile by another node: not expired after all
         except NotFound:
             pass
+        self._forget(upload_id)
         yield self._delete_stored(upload_id, info_first=False)
         return True
 
@@ -694,14 +699,16 @@ class TusService:
             if not keys.is_id(upload_id):
                 continue
             listed = {info_key(upload_id)}
-            if listed <= set(names):
+            if info_key(upload_id) in names:
                 try:
                     data, stat = yield self.store.get_bytes(info_key(upload_id), max_size=MAX_INFO_BYTES)
                     info = UploadInfo.loads(data, upload_id)
                 except NotFound:
                     continue
                 except GridnodeError as e:
+                    # Unreadable: nothing can resume it, so it goes like an orphan.
                     self._log.warn("upload {upload}: {reason}", upload=upload_id, reason=e.message)
+                    orphans |= set(names)
                     continue
                 if info.expires <= self.now():
                     gone = yield self._serialized(upload_id, partial(self._delete_upload, upload_id,
