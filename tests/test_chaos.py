@@ -121,6 +121,11 @@ class ChaosTests:
         try:
             yield a.wait_ready()
             yield b.wait_ready()
+            for _ in range(100):  # both know each other before the drain
+                status, view = get_json(b.url + "/peers")
+                if {p["id"] for p in view["peers"]} == {"d0", "d1"}:
+                    break
+                yield sleep(0.1)
             ids = []
             for _ in range(3):
                 status, _, job = upload(a.url, clip, "mp4-480p")
@@ -144,6 +149,8 @@ class ChaosTests:
                 assert job["state"] == "done", job
             status, listing = get_json(b.url + "/registry/nodes.json")
             assert [n["id"] for n in listing["nodes"]] == ["d1"]
+            status, view = get_json(b.url + "/peers")
+            assert {p["id"]: p["state"] for p in view["peers"]}["d0"] == "left"
         finally:
             a.stop()
             b.stop()
