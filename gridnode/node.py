@@ -152,7 +152,8 @@ class NodeService(MultiService):
         media = Converter(self.reactor, config)
         media.start()
         jobs = JobService(self.reactor, config, store, media, metrics=metrics)
-        jobs.start()
+        # Recover before listening: the spool sweep must not meet uploads in flight.
+        yield jobs.start()
         node = self.node = Node(self.reactor, config, store, jobs)
 
         from twisted.internet.endpoints import serverFromString
