@@ -95,6 +95,7 @@ class JobService:
         self.lease = config.job_lease
         self.spool = Spool(os.path.join(config.work_dir, "spool"))
         self.active: dict[str, Active] = {}
+        self.uploading: set[str] = set()
         self.draining = False
         self.counts: dict[str, int] = {}
         #: the last jobs that ended here, newest last (for the status page)
@@ -154,8 +155,10 @@ class JobService:
     def _admit(self, length: int | None) -> SpoolFile:
         if self.draining:
             raise Busy("this node is draining; upload to another node of the pool", retry_after=30)
-        if len(self.active) >= self.capacity:
-            raise Busy(f"this node is full ({len(self.active)} jobs); try another node or retry later")
+        taken = len(self.active) + len(self.uploading)
+        if taken >= self.capacity:
+            raise Busy(f"this node is full ({len(self.active)} jobs, {len(self.uploading)} uploads); "
+                       "try another node or retry later")
         limit = self.config.max_upload_bytes
         if length is not None and length > limit:
             raise GridnodeError(f"the upload is {length} bytes; this node accepts at most {limit}",
@@ -164,7 +167,12 @@ class JobService:
         if free - (length or 0) < self.config.min_free * 1024 * 1024:
             raise GridnodeError("this node is low on disk space; try another node",
                                 code="insufficient_storage", status=507)
-        return self.spool.new(keys.new_id(self.now()), limit=limit)
+        name = keys.new_id(self.now())
+        spool = self.spool.new(name, limit=limit)
+        # An upload in flight holds a slot until its body is over.
+        self.uploading.add(name)
+        spool.on_release = lambda: self.uploading.discard(name)
+        return spool
 
     # -- a finished upload becomes a job
 
@@ -235,10 +243,7 @@ class JobService:
             active.marks["queued"] = time.monotonic()
             if active.stopping:
                 raise CancelledError()
-            stored = yield self.media.run(job.id, probe, active.spool_path, presets,
-                                          started=lambda: self._transcoding(active),
-                                          progress=lambda p: self._progress(active, p),
-                                          finish=lambda produced: self._store_outputs(active, produced))
+            stored = yield self._queue(active, probe, presets)
             if active.stopping:
                 raise CancelledError()
             job.outputs = stored
@@ -262,6 +267,21 @@ class JobService:
                      self.now())
             self._count("failed")
         yield self._finish(active)
+
+    @inlineCallbacks
+    def _queue(self, active: Active, probe: Any, presets: list[Any]) -> Any:
+        """Hand the job to the pool; an accepted job waits for room rather than failing."""
+        while True:
+            try:
+                result = yield self.media.run(active.job.id, probe, active.spool_path, presets,
+                                              started=lambda: self._transcoding(active),
+                                              progress=lambda p: self._progress(active, p),
+                                              finish=lambda produced: self._store_outputs(active, produced))
+                return result
+            except GridnodeError as e:
+                if e.code != "busy" or active.stopping:
+                    raise
+            yield deferLater(self.reactor, 1.0, lambda: None)
 
     def _stopped(self, active: Active, why: BaseException) -> None:
         job = active.job

@@ -132,6 +132,10 @@ class MembershipTests:
             assert status == 200 and health["state"] == "ok"
             status, metrics = get_json_text(a.url + "/metrics")
             assert 'gridnode_peer_messages_dropped_total{reason="bad_mac"}' in metrics
+            yield deferToThread(flood, port, 300)
+            status, view = get_json(a.url + "/peers")
+            assert view["dropped"].get("too_many_connections", 0) >= 1, view["dropped"]
+            assert get_json(a.url + "/health")[0] == 200
             yield until(lambda: states(a).get("a1") == "alive", 5)
         finally:
             a.stop()
@@ -143,6 +147,21 @@ def get_json_text(url: str) -> tuple[int, str]:
 
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.status, r.read().decode()
+
+
+def flood(port: int, count: int) -> None:
+    """Blocking: hold ``count`` idle connections to the peer port at once, then let them go."""
+    held = []
+    try:
+        for _ in range(count):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                break
+        time.sleep(0.5)
+    finally:
+        for s in held:
+            s.close()
 
 
 def abuse(port: int, key: bytes, ping: swim.Ping) -> None:

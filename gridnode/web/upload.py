@@ -53,6 +53,13 @@ class SpoolFile:
         self.size = offset
         self.start = offset
         self.limit = limit
+        #: called once when the body is over (closed or discarded): frees the node's slot
+        self.on_release: Callable[[], None] | None = None
+
+    def _release(self) -> None:
+        release, self.on_release = self.on_release, None
+        if release is not None:
+            release()
 
     def write(self, data: bytes) -> None:
         if self.limit is not None and self.size + len(data) > self.limit:
@@ -79,10 +86,12 @@ class SpoolFile:
 
     def close(self) -> None:
         self.file.close()
+        self._release()
 
     def discard(self) -> None:
         """Close and remove the file: the upload is refused or cut off."""
         self.file.close()
+        self._release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
