@@ -1,0 +1,212 @@
+"""The SWIM + Lifeguard state machine, driven by hand over a tiny in-test network (no sockets)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gridnode.membership import swim
+from gridnode.membership.swim import ALIVE, DEAD, LEFT, SUSPECT, ConfirmedDead, MemberChanged, SwimMachine
+
+
+class Net:
+    """N machines, a clock, instant delivery, and rules for what is lost."""
+
+    def __init__(self, n: int, seed: int = 1, config: swim.SwimConfig | None = None) -> None:
+        self.now = 0.0
+        self.names = [f"n{i}" for i in range(n)]
+        self.m = {name: SwimMachine(name, f"{name}:1", rng=random.Random(seed + i), config=config, now=0.0,
+                                    incarnation=1) for i, name in enumerate(self.names)}
+        self.down: set[str] = set()  # crashed or frozen: receives and ticks nothing
+        self.cut: set[tuple[str, str]] = set()  # one-way links that lose everything
+        self.changes: dict[str, list[MemberChanged]] = {name: [] for name in self.names}
+        self.confirmed: dict[str, list[ConfirmedDead]] = {name: [] for name in self.names}
+        self.sent: dict[str, list[swim.Message]] = {name: [] for name in self.names}
+        self.queue: list[swim.Message] = []
+        for name, machine in self.m.items():
+            self.act(name, machine.add_members([(o, f"{o}:1") for o in self.names], 0.0))
+        for name, machine in self.m.items():
+            self.act(name, machine.start(0.0, join=False))
+
+    def act(self, name: str, outputs: list[swim.Output]) -> None:
+        for out in outputs:
+            if isinstance(out, swim.Message):
+                self.sent[name].append(out)
+                self.queue.append(out)
+            elif isinstance(out, MemberChanged):
+                self.changes[name].append(out)
+            elif isinstance(out, ConfirmedDead):
+                self.confirmed[name].append(out)
+
+    def run(self, seconds: float, dt: float = 0.01) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = round(self.now + dt, 6)
+            queue, self.queue = self.queue, []
+            for msg in queue:
+                if msg.dest in self.down or msg.sender in self.down or (msg.sender, msg.dest) in self.cut:
+                    continue
+                self.act(msg.dest, self.m[msg.dest].receive(msg, self.now))
+            for name, machine in self.m.items():
+                deadline = machine.next_deadline()
+                if name not in self.down and deadline is not None and deadline <= self.now:
+                    self.act(name, machine.tick(self.now))
+
+    def state(self, viewer: str, member: str) -> str | None:
+        view = self.m[viewer].member(member)
+        return None if view is None else view.state
+
+    def until(self, predicate: Callable[[], bool], limit: float) -> float:
+        start = self.now
+        while not predicate():
+            assert self.now - start < limit, "not reached in time"
+            self.run(0.1)
+        return self.now - start
+
+
+class ProbeTests:
+    def test_everyone_alive(self) -> None:
+        """Probes and acks between live members keep everyone alive; nobody is suspected."""
+        net = Net(4)
+        net.run(20)
+        assert all(net.state(a, b) == ALIVE for a in net.names for b in net.names)
+        assert not any(c.state != ALIVE for changes in net.changes.values() for c in changes)
+        assert any(isinstance(m, swim.Ping) for m in net.sent["n0"])
+
+    def test_indirect_probe_saves_a_member(self) -> None:
+        """With the direct link n0 <-> n2 lost, PingReq through others keeps n2 alive in n0's view."""
+        net = Net(4)
+        net.cut |= {("n0", "n2"), ("n2", "n0")}
+        net.run(30)
+        assert net.state("n0", "n2") == ALIVE
+        assert any(isinstance(m, swim.PingReq) and m.target == "n2" for m in net.sent["n0"])
+
+    def test_crash_suspect_then_dead(self) -> None:
+        """A crashed member is suspected, then declared dead by everyone."""
+        net = Net(5)
+        net.run(3)
+        net.down.add("n4")
+        net.until(lambda: any(net.state(n, "n4") == SUSPECT for n in net.names[:4]), 10)
+        took = net.until(lambda: all(net.state(n, "n4") == DEAD for n in net.names[:4]), 30)
+        assert took > 0
+
+    def test_lifeguard_health_rises_when_acks_go_missing(self) -> None:
+        """A node that hears no acks at all (its inbound links lost) raises its local health score."""
+        net = Net(4)
+        net.cut |= {(o, "n0") for o in net.names if o != "n0"}
+        net.run(10)
+        assert net.m["n0"].health > 0
+        assert net.m["n1"].health == 0
+
+
+class SuspicionTests:
+    def test_refutation_by_incarnation_bump(self) -> None:
+        """A live member told it is suspected bumps its incarnation and is alive everywhere again."""
+        net = Net(4)
+        net.run(2)
+        before = net.m["n3"].incarnation
+        lie = swim.Gossip("n1", "n1:1", "n0", "n0:1", net.m["n0"].incarnation,
+                          [swim.Update("n3", "n3:1", before, SUSPECT, "n0")])
+        net.queue.append(lie)
+        net.run(10)
+        assert net.m["n3"].incarnation > before
+        assert all(net.state(n, "n3") == ALIVE for n in net.names if n != "n3")
+
+    def test_suspicion_shrinks_with_confirmations(self) -> None:
+        """Lifeguard: the suspicion timeout starts at max and shrinks toward min as independent
+        suspicions of the same incarnation arrive, so three witnesses declare death sooner than one."""
+
+        def time_to_dead(witnesses: int) -> float:
+            m = SwimMachine("n0", "n0:1", rng=random.Random(5), now=0.0, incarnation=1)
+            others = [f"n{i}" for i in range(1, 7)]
+            m.add_members([(o, f"{o}:1") for o in [*others, "v"]], 0.0)
+            m.start(0.0, join=False)
+            now = 0.0
+            for origin in others[:witnesses]:
+                m.receive(swim.Gossip("n0", "n0:1", origin, f"{origin}:1", 1,
+                                      [swim.Update("v", "v:1", 0, SUSPECT, origin)]), 0.0)
+            while m.member("v").state != DEAD:  # type: ignore[union-attr]
+                now += 0.05
+                assert now < 120
+                m.tick(now)
+            return now
+
+        lo, hi = swim.SwimConfig().suspicion_bounds(8)
+        assert 0 < lo < hi
+        one, three = time_to_dead(1), time_to_dead(3)
+        assert three < one
+        assert three >= lo * 0.9
+
+    def test_rejoin_with_higher_incarnation(self) -> None:
+        """A member declared dead is admitted again when it comes back with a higher incarnation."""
+        net = Net(3)
+        net.run(2)
+        net.down.add("n2")
+        net.until(lambda: net.state("n0", "n2") == DEAD, 60)
+        dead_inc = net.m["n0"].member("n2").incarnation  # type: ignore[union-attr]
+        net.act("n0", net.m["n0"].add_member("n2", "n2:1", dead_inc + 1, net.now))
+        assert net.state("n0", "n2") == ALIVE
+
+    def test_graceful_leave(self) -> None:
+        """A member that leaves is 'left', not dead, in the others' views."""
+        net = Net(4)
+        net.run(2)
+        net.act("n3", net.m["n3"].leave(net.now))
+        net.run(2)
+        net.down.add("n3")
+        net.run(20)
+        assert all(net.state(n, "n3") == LEFT for n in net.names[:3])
+        assert not any(c for n in net.names for c in net.confirmed[n])
+
+
+class ConfirmedDeathTests:
+    def test_second_suspector_confirms(self) -> None:
+        """With several survivors, a crash is confirmed (independent suspicions of the same incarnation)."""
+        net = Net(5)
+        net.run(3)
+        net.down.add("n4")
+        net.until(lambda: any(c.member == "n4" for n in net.names[:4] for c in net.confirmed[n]), 60)
+        assert all(c.member == "n4" for n in net.names for c in net.confirmed[n])
+
+    def test_registry_witness_confirms_in_a_pool_of_two(self) -> None:
+        """In a pool of two no second suspector exists: the stale registry heartbeat confirms."""
+        net = Net(2)
+        net.run(3)
+        net.down.add("n1")
+        net.until(lambda: net.state("n0", "n1") == DEAD, 60)
+        assert net.confirmed["n0"] == []
+        net.act("n0", net.m["n0"].registry_stale("n1", None, net.now))
+        assert [c.member for c in net.confirmed["n0"]] == ["n1"]
+
+    def test_partitioned_node_confirms_nothing(self) -> None:
+        """A node cut off from everyone may suspect them all, but confirms no death."""
+        net = Net(5)
+        net.run(3)
+        for other in net.names[1:]:
+            net.cut |= {("n0", other), (other, "n0")}
+        net.run(90)
+        assert any(net.state("n0", other) != ALIVE for other in net.names[1:])
+        assert net.confirmed["n0"] == []
+
+
+class MergeTests:
+    @given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(swim.STATES)), min_size=1, max_size=12),
+           st.randoms())
+    def test_merge_order_does_not_matter(self, updates: list[tuple[int, str]], rng: random.Random) -> None:
+        """Updates about one member form a join-semilattice: any delivery order ends in the same state."""
+        ups = [swim.Update("x", "x:1", inc, state, "n9") for inc, state in updates]
+        shuffled = list(ups)
+        rng.shuffle(shuffled)
+
+        def final(order: list[swim.Update]) -> swim.Update:
+            held = order[0]
+            for u in order[1:]:
+                if swim.supersedes(u, held):
+                    held = u
+            return held
+
+        a, b = final(ups), final(shuffled)
+        assert (a.incarnation, a.state) == (b.incarnation, b.state)
