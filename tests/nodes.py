@@ -154,3 +154,18 @@ def wait_job(base: str, job_id: str, states: set[str] | frozenset[str] = frozens
             return job
         yield sleep(0.1)
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+
+@inlineCallbacks
+def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
+    """Poll ``predicate`` until true; returns the seconds it took. A predicate that raises
+    OSError or AssertionError (a node not answering yet) counts as false."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except (OSError, AssertionError):
+            pass
+        yield sleep(0.1)
+    raise AssertionError(f"condition not reached within {timeout}s")

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from gridnode.membership import swim, wire
-from tests.nodes import NodeProcess, free_port, get_json, sleep
+from tests.nodes import NodeProcess, free_port, get_json, sleep, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -22,19 +22,6 @@ def states(node: NodeProcess) -> dict[str, str]:
     status, view = get_json(node.url + "/peers", timeout=5)
     assert status == 200
     return {p["id"]: p["state"] for p in view["peers"]}
-
-
-@pytest_twisted.inlineCallbacks
-def until(predicate: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return time.monotonic() - (deadline - timeout)
-        except (OSError, AssertionError):
-            pass
-        yield sleep(0.2)
-    raise AssertionError(f"not within {timeout}s")
 
 
 def make(tmp_path: Path, store: Path, name: str, peer_port: int, *extra: str) -> NodeProcess:
@@ -64,18 +51,18 @@ class MembershipTests:
             for node in nodes.values():
                 yield node.wait_ready()
             everyone = dict.fromkeys(names, "alive")
-            yield until(lambda: all(states(n) == everyone for n in nodes.values()), 20)
+            yield wait_for(lambda: all(states(n) == everyone for n in nodes.values()), 20)
             victim = nodes["s3"]
             victim.signal(signal.SIGKILL)
             assert victim.process is not None
             victim.process.wait()
             survivors = [nodes[n] for n in names if n != "s3"]
-            took = yield until(lambda: all(states(n)["s3"] == "dead" for n in survivors)
+            took = yield wait_for(lambda: all(states(n)["s3"] == "dead" for n in survivors)
                                and "s3" not in records(store), 10)
             assert took <= 10
             victim.start()
             yield victim.wait_ready()
-            yield until(lambda: all(states(n).get("s3") == "alive" for n in survivors) and "s3" in records(store),
+            yield wait_for(lambda: all(states(n).get("s3") == "alive" for n in survivors) and "s3" in records(store),
                         10)
         finally:
             for node in nodes.values():
@@ -93,7 +80,7 @@ class MembershipTests:
         try:
             for node in nodes.values():
                 yield node.wait_ready()
-            yield until(lambda: all(len(states(n)) == 3 for n in nodes.values()), 20)
+            yield wait_for(lambda: all(len(states(n)) == 3 for n in nodes.values()), 20)
             for n in ("p1", "p2"):
                 nodes[n].signal(signal.SIGSTOP)
             yield sleep(15)
@@ -119,7 +106,7 @@ class MembershipTests:
         try:
             yield a.wait_ready()
             yield b.wait_ready()
-            yield until(lambda: states(a).get("a1") == "alive", 20)
+            yield wait_for(lambda: states(a).get("a1") == "alive", 20)
             key = wire.peer_key(b"", "dev", "default")
             ping = swim.Ping("a0", f"127.0.0.1:{port}", "evil", "127.0.0.1:1", 1, 7, [])
             yield deferToThread(abuse, port, key, ping)
@@ -136,7 +123,7 @@ class MembershipTests:
             status, view = get_json(a.url + "/peers")
             assert view["dropped"].get("too_many_connections", 0) >= 1, view["dropped"]
             assert get_json(a.url + "/health")[0] == 200
-            yield until(lambda: states(a).get("a1") == "alive", 5)
+            yield wait_for(lambda: states(a).get("a1") == "alive", 5)
         finally:
             a.stop()
             b.stop()

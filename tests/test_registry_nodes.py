@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 
-from tests.nodes import NodeProcess, free_port, get_json, sleep
+from tests.nodes import NodeProcess, free_port, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +19,6 @@ def registry_ids(store: Path) -> tuple[list[str], list[str]]:
     listing = store / "registry" / "dev" / "p1" / "nodes.json"
     listed = [n["id"] for n in json.loads(listing.read_text())["nodes"]] if listing.exists() else []
     return records, listed
-
-
-@pytest_twisted.inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return True
-        yield sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 class FileRegistryTests:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.nodes import BIN, NodeProcess, free_port, get_json, sleep
+from tests.nodes import BIN, NodeProcess, free_port, get_json, sleep, wait_for
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration
@@ -27,15 +27,6 @@ def registry(s3: Any, bucket: str) -> tuple[list[str], list[str]]:
     except s3.exceptions.NoSuchKey:
         names = []
     return records, names
-
-
-@pytest_twisted.inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return True
-        yield sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def s3_node(tmp_path: Path, endpoint: str, bucket: str, name: str, *extra: str) -> NodeProcess:

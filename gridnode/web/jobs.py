@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from gridnode import keys
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
+from gridnode.media.presets import CONTENT_TYPES
 from gridnode.web.http import ErrorResource, error_body, json_body, not_found
 
 if TYPE_CHECKING:
@@ -33,14 +34,6 @@ if TYPE_CHECKING:
 
 _log = Logger()
 
-CONTENT_TYPES = {
-    ".mp4": "video/mp4",
-    ".webm": "video/webm",
-    ".jpg": "image/jpeg",
-    ".m3u8": "application/vnd.apple.mpegurl",
-    ".ts": "video/mp2t",
-    ".m4s": "video/iso.segment",
-}
 
 
 def arg(request: Request, name: str) -> str | None:
