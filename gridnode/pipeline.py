@@ -184,7 +184,7 @@ class JobService:
         started = time.monotonic()
         self._log.info("job {job} received: {size} bytes", job=job_id, size=spool.received())
         try:
-            spool.close()
+            spool.close(release=False)  # its slot is held until the job is active or refused
             if spool.size == 0:
                 raise GridnodeError("the upload is empty; send the video as the request body",
                                     code="not_a_video", status=422)
@@ -200,7 +200,7 @@ class JobService:
             probe = yield self.media.probe(spool.path)
             self._log.info("job {job} probed in {elapsed:.3f}s", job=job_id, elapsed=time.monotonic() - probe_started)
         except BaseException as e:
-            spool.discard()
+            spool.discard()  # frees the slot too
             code = getattr(e, "code", "error")
             self.metrics.upload_rejections.labels(code).inc()
             self._log.info("upload {job} refused: {code}", job=job_id, code=code)
@@ -214,6 +214,7 @@ class JobService:
         job.attempts = 1
         job.lease_until = self.now() + self.lease
         active = self.active[job.id] = Active(job, spool.path)
+        spool.release()
         active.marks["accepted"] = started
         self._journal(active)
         self._count("accepted")

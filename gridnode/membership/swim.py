@@ -23,9 +23,13 @@ Protocol choices, and why:
   refutations) are read before we accuse anyone.
 - Suspicion (Lifeguard): the timeout starts at ``max`` and shrinks toward ``min`` as
   independent suspicions of the same incarnation (distinct ``origin``) arrive:
-  ``max(min, max - (max - min) * log(C + 1) / log(K + 1))``. ``min`` is a constant part
-  (covers the longest stall we tolerate) plus the time a refutation needs to reach
-  everyone (log of N in base fanout+1 gossip rounds).
+  ``max(min, max - (max - min) * log(C + 1) / log(K + 1))``. ``min`` must exceed the
+  longest reactor stall we tolerate (a stalled member is indistinguishable from a dead
+  one until it wakes). When the timeout runs out we send one last direct ping plus k
+  ping-reqs and declare death only if none is answered: gossip is probabilistic and a
+  refutation may have missed us. A death backed by one accuser only stays local (not
+  gossiped): a lone accuser is more likely cut off itself. A dead entry received in a
+  full-state sync counts as a suspicion (as in memberlist).
 - Buddy system: a member we suspect is told so directly (right away, and in every
   probe or answer we send it), so it refutes at once by bumping its incarnation.
 - Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
@@ -35,7 +39,8 @@ Protocol choices, and why:
 - Anti-entropy: every ``sync_interval`` a digest (XOR of 64-bit hashes of
   ``member:incarnation`` of live members, and their count) goes to one random member;
   the full table is exchanged (push-pull) only when digests differ, so steady-state
-  sync bytes do not grow with N.
+  sync bytes do not grow with N. A share of syncs goes to members held dead, so that
+  both sides of a healed partition find each other again.
 - Precedence: an update wins over the held state iff ``(incarnation, rank)`` is greater,
   rank alive < suspect < dead < left: a join-semilattice, so merge order does not
   matter.
@@ -71,8 +76,8 @@ class SwimConfig:
     probe_interval: float = 1.0
     probe_timeout: float = 0.4
     indirect_k: int = 3
-    #: suspicion min = suspicion_min_mult * probe_interval + time for a refutation to reach all
-    suspicion_min_mult: float = 4.0
+    #: suspicion min = suspicion_min_mult * probe_interval (> the longest stall we tolerate)
+    suspicion_min_mult: float = 4.5
     #: suspicion max = suspicion_max_mult * min
     suspicion_max_mult: float = 3.0
     retransmit_mult: int = 4
@@ -83,6 +88,8 @@ class SwimConfig:
     sync_interval: float = 30.0
     #: False: always exchange the full table (memberlist's push-pull)
     sync_digest: bool = True
+    #: share of syncs sent to a member held dead (heals partitions; always when none is alive)
+    sync_dead_fraction: float = 0.1
     #: a timer that fires this late means our own reactor was blocked
     stall_threshold: float = 0.25
     #: forget dead/left members after this long
@@ -90,8 +97,10 @@ class SwimConfig:
 
     def suspicion_bounds(self, n: int) -> tuple[float, float]:
         """(min, max) suspicion timeout for a cluster of ``n`` live members."""
-        rounds = math.log(max(n, 2)) / math.log(self.gossip_fanout + 1)
-        lo = self.suspicion_min_mult * self.probe_interval + 2 * self.gossip_interval * rounds
+        # n is kept for the memberlist-like log(N) term we do not need: the last-chance probe
+        # at the end of a suspicion covers a refutation that has not reached us yet
+        del n
+        lo = self.suspicion_min_mult * self.probe_interval
         return lo, lo * self.suspicion_max_mult
 
     def retransmit_limit(self, n: int) -> int:
@@ -243,7 +252,9 @@ Output = Message | MemberChanged | ConfirmedDead
 
 # ---------------------------------------------------------------- internals
 
-_T_PROBE, _T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT, _T_GOSSIP, _T_SYNC, _T_REAP = range(8)
+_T_PROBE, _T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT, _T_GOSSIP, _T_SYNC, _T_REAP, _T_FINAL = range(9)
+# timers that decide about others: when late (we were stalled) they wait for the queued messages
+_DEFERRABLE = frozenset((_T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT, _T_FINAL))
 
 
 class _Member:
@@ -262,13 +273,14 @@ class _Member:
 
 
 class _Suspicion:
-    __slots__ = ("incarnation", "start", "suspectors", "deadline")
+    __slots__ = ("incarnation", "start", "suspectors", "deadline", "checking")
 
     def __init__(self, incarnation: int, start: float, suspectors: set[str]) -> None:
         self.incarnation = incarnation
         self.start = start
         self.suspectors = suspectors
         self.deadline = start
+        self.checking = False
 
 
 class _Probe:
@@ -313,6 +325,8 @@ class SwimMachine:
         # alive+suspect members other than us: O(1) random choice and removal
         self._live: list[str] = []
         self._live_pos: dict[str, int] = {}
+        self._dead: list[str] = []  # dead (not left) members, for the occasional healing sync
+        self._dead_pos: dict[str, int] = {}
         self._probe_list: list[str] = []
         self._probe_idx = 0
         self._digest = _hash64(me, incarnation)
@@ -417,6 +431,11 @@ class SwimMachine:
         views = [MemberView(m.id, m.address, m.state, m.incarnation) for m in self._members.values()]
         return [MemberView(self.me, self.address, LEFT if self._left else ALIVE, self._inc), *views]
 
+    def suspicion_deadline(self, member: str) -> float | None:
+        """When our suspicion of ``member`` runs out (None: not suspected)."""
+        s = self._suspicions.get(member)
+        return None if s is None else s.deadline
+
     def live_count(self) -> int:
         """Alive and suspect members, ourselves included."""
         return len(self._live) + 1
@@ -437,7 +456,7 @@ class SwimMachine:
             when, _, kind, key = heapq.heappop(timers)
             if self._left:
                 continue
-            if now - when > self.config.stall_threshold and kind in (_T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT):
+            if now - when > self.config.stall_threshold and kind in _DEFERRABLE:
                 self._defer(kind, key, now)
                 continue
             self._fire(kind, key, now, out)
@@ -508,6 +527,8 @@ class SwimMachine:
             self._push(now + cfg.probe_interval * scale, kind, key)
         elif kind == _T_RELAY:
             self._push(now + 0.8 * cfg.probe_timeout, kind, key)
+        elif kind == _T_FINAL:
+            self._push(now + 2 * cfg.probe_timeout, kind, key)
         else:
             s = self._suspicions.get(key)
             if s is not None:
@@ -544,13 +565,31 @@ class SwimMachine:
         elif kind == _T_SUSPECT:
             s = self._suspicions.get(key)
             m = self._members.get(key)
-            if s is not None and m is not None and s.deadline <= now and m.state == SUSPECT:
-                self._declare_dead(m, s, out)
+            if s is not None and m is not None and s.deadline <= now and m.state == SUSPECT and not s.checking:
+                self._last_chance(m, s, out)
+        elif kind == _T_FINAL:
+            p = self._probes.pop(key, None)
+            if p is not None:
+                m = self._members.get(p.target)
+                s = self._suspicions.get(p.target)
+                if m is not None and s is not None and m.state == SUSPECT and s.incarnation == m.incarnation:
+                    if p.acked:
+                        # it answered but has not refuted yet (it will: our ping told it); start over
+                        s.checking = False
+                        s.start = now
+                        self._reschedule(m.id, s)
+                    else:
+                        self._declare_dead(m, s, out)
         elif kind == _T_GOSSIP:
             self._gossip(now, out)
         elif kind == _T_SYNC:
             self._push(now + cfg.sync_interval * (0.5 + self._rng.random()), _T_SYNC, None)
-            for peer in self._sample(1, ()):
+            peers = self._sample(1, ())
+            if self._dead and (not peers or self._rng.random() < cfg.sync_dead_fraction):
+                # now and then (always, if we hold no one alive) sync with a member we hold dead:
+                # a healed partition heals the tables too, on either side
+                peers = [self._dead[self._rng.randrange(len(self._dead))]]
+            for peer in peers:
                 addr = self._members[peer].address
                 if cfg.sync_digest:
                     d, n = self.digest()
@@ -561,6 +600,7 @@ class SwimMachine:
             m = self._members.get(key)
             if m is not None and m.state in (DEAD, LEFT) and m.changed + cfg.reap_after <= now:
                 del self._members[key]
+                self._bag_remove(self._dead, self._dead_pos, key)
                 self._pending.pop(key, None)
                 self._confirmed.pop(key, None)
                 self._stale.pop(key, None)
@@ -633,10 +673,29 @@ class SwimMachine:
         if m.state == SUSPECT and s is not None and s.incarnation == inc and origin not in s.suspectors:
             s.suspectors.add(origin)
             self._reschedule(m.id, s)
-            self._enqueue(u)  # others shrink their timers too
+            if len(s.suspectors) <= self.config.indirect_k + 1:
+                # others shrink their timers too; beyond K+1 suspectors the timeout is at min anyway
+                self._enqueue(u)
         pending = self._pending.get(m.id)
         if m.state == DEAD and pending is not None and pending[0] == inc and origin not in pending[1]:
             pending[1].add(origin)
+
+    def _last_chance(self, m: _Member, s: _Suspicion, out: list[Output]) -> None:
+        """Timeout reached: one direct and k indirect pings at once before declaring death.
+
+        A member that was stalled (or whose refutation has not reached us: gossip is
+        probabilistic) answers, and its answer carries its refutation.
+        """
+        s.checking = True
+        seq = self._next_seq()
+        p = _Probe(seq, m.id)
+        p.acked = False
+        self._probes[seq] = p
+        out.append(Ping(m.id, m.address, *self._hdr(), seq, self._piggyback(m.id)))
+        for relay in self._sample(self.config.indirect_k, (m.id,)):
+            out.append(PingReq(relay, self._members[relay].address, *self._hdr(), seq, m.id, m.address,
+                               self._piggyback(relay)))
+        self._push(self._now + 2 * self.config.probe_timeout, _T_FINAL, seq)
 
     def _declare_dead(self, m: _Member, s: _Suspicion, out: list[Output]) -> None:
         del self._suspicions[m.id]
@@ -721,6 +780,10 @@ class SwimMachine:
             self._suspicions.pop(m.id, None)
             self._push(self._now + self.config.reap_after, _T_REAP, m.id)
         is_live = u.state in (ALIVE, SUSPECT)
+        if u.state == DEAD:
+            self._bag_add(self._dead, self._dead_pos, m.id)
+        else:
+            self._bag_remove(self._dead, self._dead_pos, m.id)
         if is_live:
             self._digest ^= _hash64(m.id, m.incarnation)
             if not was_live:
@@ -805,18 +868,27 @@ class SwimMachine:
         return self._seq
 
     def _live_add(self, member: str) -> None:
-        if member not in self._live_pos:
-            self._live_pos[member] = len(self._live)
-            self._live.append(member)
+        self._bag_add(self._live, self._live_pos, member)
 
     def _live_remove(self, member: str) -> None:
-        i = self._live_pos.pop(member, None)
+        self._bag_remove(self._live, self._live_pos, member)
+
+    @staticmethod
+    def _bag_add(items: list[str], pos: dict[str, int], member: str) -> None:
+        if member not in pos:
+            pos[member] = len(items)
+            items.append(member)
+
+    @staticmethod
+    def _bag_remove(items: list[str], pos: dict[str, int], member: str) -> None:
+        # swap with the last one: O(1)
+        i = pos.pop(member, None)
         if i is None:
             return
-        last = self._live.pop()
+        last = items.pop()
         if last != member:
-            self._live[i] = last
-            self._live_pos[last] = i
+            items[i] = last
+            pos[last] = i
 
     def _sample(self, k: int, exclude: tuple[str, ...]) -> list[str]:
         """Up to ``k`` distinct random live members not in ``exclude``."""

@@ -39,6 +39,8 @@ from gridnode.errors import GridnodeError
 UPLOAD_READ_SIZE = 1 << 20
 #: bodies of non-upload requests (JSON, tus creation) stay this small
 SMALL_BODY = 64 * 1024
+#: seconds a refused request's connection may linger before it is cut
+REFUSED_LINGER = 30.0
 #: how much of a refused body is read and dropped before the connection is closed
 DRAIN_REFUSED = 64 * 1024 * 1024
 
@@ -56,7 +58,7 @@ class SpoolFile:
         #: called once when the body is over (closed or discarded): frees the node's slot
         self.on_release: Callable[[], None] | None = None
 
-    def _release(self) -> None:
+    def release(self) -> None:
         release, self.on_release = self.on_release, None
         if release is not None:
             release()
@@ -84,14 +86,15 @@ class SpoolFile:
     def read(self, n: int = -1) -> bytes:
         return self.file.read(n)
 
-    def close(self) -> None:
+    def close(self, release: bool = True) -> None:
         self.file.close()
-        self._release()
+        if release:
+            self.release()
 
     def discard(self) -> None:
         """Close and remove the file: the upload is refused or cut off."""
         self.file.close()
-        self._release()
+        self.release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -204,7 +207,11 @@ class GridRequest(Request):
         self._body_done = True
         super().process()
 
+    _linger: Any = None
+
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         # A body cut off mid-way: the sink decides what is kept (nothing for a
         # plain upload; the bytes so far for a resumable one).
         if not self._body_done:
@@ -240,10 +247,15 @@ class GridRequest(Request):
             head.append(f"{name}: {value}")
         self._channel().transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         self._log.info("refused a request body: {code}", code=error.code)
+        transport = self._channel().transport
+        # Half-close: the client reads our answer to its end while we go on reading (and
+        # dropping) what it still sends. Closing outright with its body unread would reset
+        # the connection, and a client busy sending would never see the answer.
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
         reactor = getattr(self._channel().site, "reactor", None)
         if reactor is not None:
-            # Close even if the client goes on sending slowly.
-            reactor.callLater(5, self._channel().transport.loseConnection)
+            self._linger = reactor.callLater(REFUSED_LINGER, transport.abortConnection)
 
 
 class _CappedBuffer(io.BytesIO):

@@ -1,0 +1,467 @@
+/*
+ * The upload page: pick a node (power of two choices on the registry's load
+ * figures), upload to it (tus when the node offers it, else POST /jobs),
+ * follow the job (Server-Sent Events, else polling), show the result.
+ * A node that fails mid-upload is left for another one.
+ * Plain ES2017, no build step, no framework.
+ */
+(function () {
+  "use strict";
+
+  var FINAL = ["done", "failed", "cancelled"];
+  var STATES = ["received", "probing", "queued", "transcoding", "storing"].concat(FINAL);
+  var TUS_CHUNK = 16 * 1024 * 1024;
+  var TUS_RETRY_DELAYS = [0, 1000, 3000];
+  var PROBE_TIMEOUT_MS = 5000;
+  var POLL_MS = 1000;
+
+  var $ = function (id) { return document.getElementById(id); };
+
+  /* -- errors ---------------------------------------------------------- */
+
+  /** An error the node answered with a code: the upload itself is refused, moving on will not help. */
+  function CodedError(code, message, status) {
+    var e = new Error(message);
+    e.name = "CodedError";
+    e.code = code;
+    e.status = status || 0;
+    return e;
+  }
+
+  /** The node did not answer, or answered that it is unavailable: try another node. */
+  function NodeError(message, uploadId) {
+    var e = new Error(message);
+    e.name = "NodeError";
+    e.uploadId = uploadId || null;
+    return e;
+  }
+
+  function parseErrorBody(text, status) {
+    try {
+      var doc = JSON.parse(text);
+      if (doc && doc.error && doc.error.code) {
+        return CodedError(doc.error.code, doc.error.message || "", status);
+      }
+    } catch (ignored) { /* not JSON */ }
+    return CodedError("http_" + status, (text || "").slice(0, 200) || "the node answered " + status, status);
+  }
+
+  /** 5xx and 429 mean "this node, not now": another node may take the upload. */
+  function nodeIsUnavailable(status) {
+    return status === 0 || status === 429 || status >= 500;
+  }
+
+  /* -- nodes ----------------------------------------------------------- */
+
+  function busy(node) {
+    var load = node.load || {};
+    var workers = Number(load.workers) || 1;
+    return ((Number(load.running) || 0) + (Number(load.queued) || 0)) / Math.max(workers, 1);
+  }
+
+  /** The power of two choices: two distinct nodes at random, the less busy one (random on ties). */
+  function chooseNode(nodes, tried) {
+    var left = nodes.filter(function (n) { return !tried.has(n.id); });
+    if (left.length === 0) return null;
+    if (left.length === 1) return left[0];
+    var i = Math.floor(Math.random() * left.length);
+    var j = Math.floor(Math.random() * (left.length - 1));
+    if (j >= i) j += 1;
+    var a = left[i], b = left[j];
+    var ba = busy(a), bb = busy(b);
+    if (ba === bb) return Math.random() < 0.5 ? a : b;
+    return ba < bb ? a : b;
+  }
+
+  function trimSlash(url) { return String(url || "").replace(/\/+$/, ""); }
+
+  function fetchWithTimeout(url, options, ms) {
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var opts = Object.assign({}, options || {});
+    if (controller) opts.signal = controller.signal;
+    var timer = setTimeout(function () { if (controller) controller.abort(); }, ms);
+    return fetch(url, opts).then(function (r) { clearTimeout(timer); return r; },
+      function (e) { clearTimeout(timer); throw e; });
+  }
+
+  /** The pool as the registry holds it; the node that served the page is addressed by this page's origin. */
+  async function loadNodes() {
+    var here = { id: "this node", http_url: location.origin, load: {} };
+    var nodes = [];
+    var selfId = null;
+    try {
+      var health = await fetchWithTimeout("/health", { cache: "no-store" }, PROBE_TIMEOUT_MS);
+      if (health.ok || health.status === 503) selfId = (await health.json()).node || null;
+    } catch (ignored) { /* the list below still works */ }
+    try {
+      var r = await fetchWithTimeout("/registry/nodes.json", { cache: "no-store" }, PROBE_TIMEOUT_MS);
+      if (r.ok) {
+        var doc = await r.json();
+        nodes = (doc.nodes || []).filter(function (n) { return n && n.id && n.http_url; });
+      }
+    } catch (ignored) { /* fall back to this node */ }
+    nodes = nodes.map(function (n) {
+      var base = n.id === selfId ? location.origin : trimSlash(n.http_url);
+      return { id: n.id, base: base, load: n.load || {} };
+    });
+    if (nodes.length === 0) nodes = [{ id: selfId || here.id, base: here.http_url, load: {} }];
+    return nodes;
+  }
+
+  /** Does the node speak tus at /files/? (OPTIONS answers Tus-Version.) Throws NodeError when it is down. */
+  async function offersTus(base) {
+    if (typeof window.tus === "undefined" || !window.tus.isSupported) return false;
+    var r;
+    try {
+      r = await fetchWithTimeout(base + "/files/", { method: "OPTIONS", cache: "no-store" }, PROBE_TIMEOUT_MS);
+    } catch (e) {
+      throw NodeError("no answer from " + base + " (" + e.message + ")");
+    }
+    if (r.status >= 500) throw NodeError(base + " answered " + r.status);
+    return !!r.headers.get("Tus-Version");
+  }
+
+  /* -- uploads --------------------------------------------------------- */
+
+  function uploadIdFrom(url) {
+    if (!url) return null;
+    var parts = String(url).replace(/\/+$/, "").split("/");
+    return parts[parts.length - 1] || null;
+  }
+
+  function tusUpload(base, file, presets, resumeId, onProgress) {
+    return new Promise(function (resolve, reject) {
+      var jobId = null;
+      var upload = new window.tus.Upload(file, {
+        endpoint: base + "/files/",
+        // Resume where another node of the pool left off (a shared S3 store knows the upload);
+        // a node that does not know it answers 404 and tus-js-client starts afresh at the endpoint.
+        uploadUrl: resumeId ? base + "/files/" + encodeURIComponent(resumeId) : null,
+        chunkSize: TUS_CHUNK,
+        retryDelays: TUS_RETRY_DELAYS,
+        storeFingerprintForResuming: false,
+        metadata: { filename: file.name, filetype: file.type || "application/octet-stream",
+                    presets: presets.join(",") },
+        onProgress: function (sent, total) { onProgress(sent, total); },
+        onAfterResponse: function (req, res) {
+          var job = res.getHeader("Gridnode-Job");
+          if (job) jobId = job;
+        },
+        onShouldRetry: function (err) {
+          var status = err.originalResponse ? err.originalResponse.getStatus() : 0;
+          // A full or failing node: move to another one rather than wait here.
+          if (status === 503 || status === 507) return false;
+          return status === 0 || status === 409 || status === 423 || status >= 500;
+        },
+        onError: function (err) {
+          var res = err.originalResponse;
+          var status = res ? res.getStatus() : 0;
+          var id = uploadIdFrom(upload.url) || resumeId;
+          if (nodeIsUnavailable(status) || status === 507 || status === 404 && resumeId) {
+            reject(NodeError(err.message || "upload failed", id));
+          } else {
+            reject(parseErrorBody(res.getBody(), status));
+          }
+        },
+        onSuccess: function () {
+          resolve({ jobId: jobId || uploadIdFrom(upload.url), job: null });
+        }
+      });
+      upload.start();
+    });
+  }
+
+  function postUpload(base, file, presets, onProgress) {
+    return new Promise(function (resolve, reject) {
+      var xhr = new XMLHttpRequest();
+      var query = "presets=" + encodeURIComponent(presets.join(",")) + "&name=" + encodeURIComponent(file.name);
+      xhr.open("POST", base + "/jobs?" + query);
+      xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.upload.onprogress = function (ev) {
+        if (ev.lengthComputable) onProgress(ev.loaded, ev.total);
+      };
+      xhr.onload = function () {
+        if (xhr.status === 201) {
+          onProgress(file.size, file.size);
+          var job = JSON.parse(xhr.responseText);
+          resolve({ jobId: job.id, job: job });
+        } else if (nodeIsUnavailable(xhr.status) || xhr.status === 507) {
+          reject(NodeError(base + " answered " + xhr.status));
+        } else {
+          reject(parseErrorBody(xhr.responseText, xhr.status));
+        }
+      };
+      xhr.onerror = function () { reject(NodeError("the connection to " + base + " failed")); };
+      xhr.ontimeout = xhr.onerror;
+      xhr.send(file);
+    });
+  }
+
+  /** Upload ``file``, moving from node to node until one takes it. Resolves {node, jobId, job}. */
+  async function uploadAnywhere(nodes, first, file, presets, ui) {
+    var tried = new Set();
+    var resumeId = null;
+    var node = first || chooseNode(nodes, tried);
+    while (node) {
+      tried.add(node.id);
+      ui.node(node);
+      try {
+        var useTus = await offersTus(node.base);
+        ui.log("Uploading to " + node.id + (useTus ? " (resumable, tus)" : " (POST /jobs)"));
+        var result = useTus
+          ? await tusUpload(node.base, file, presets, resumeId, ui.uploadProgress)
+          : await postUpload(node.base, file, presets, ui.uploadProgress);
+        result.node = node;
+        return result;
+      } catch (e) {
+        if (e.name !== "NodeError") throw e;
+        if (e.uploadId) resumeId = e.uploadId;
+        ui.log("Node " + node.id + " failed: " + e.message);
+        node = chooseNode(nodes, tried);
+        if (node) ui.log("Moving to node " + node.id + (resumeId ? ", resuming the upload" : ""));
+      }
+    }
+    throw CodedError("no_node", "no node of the pool could take the upload; try again later", 0);
+  }
+
+  /* -- following the job ----------------------------------------------- */
+
+  function isFinal(job) { return FINAL.indexOf(job.state) >= 0; }
+
+  /** Follow a job until it ends: Server-Sent Events, with polling as the fallback. */
+  function followJob(node, nodes, jobId, onJob) {
+    return new Promise(function (resolve) {
+      var finished = false;
+      var es = null;
+      var pollTimer = null;
+      var failures = 0;
+      // Poll the node that took the job first, then (if it went away) the others: any node
+      // answers GET /jobs/<id> from the stored record.
+      var order = [node].concat(nodes.filter(function (n) { return n.id !== node.id; }));
+      var at = 0;
+
+      function finish(job) {
+        if (finished) return;
+        finished = true;
+        if (es) es.close();
+        if (pollTimer) clearTimeout(pollTimer);
+        resolve(job);
+      }
+
+      function seen(job) {
+        if (finished || !job || job.id !== jobId) return;
+        onJob(job);
+        if (isFinal(job)) finish(job);
+      }
+
+      async function poll() {
+        if (finished) return;
+        var target = order[at % order.length];
+        try {
+          var r = await fetchWithTimeout(target.base + "/jobs/" + encodeURIComponent(jobId),
+            { cache: "no-store" }, PROBE_TIMEOUT_MS);
+          var body = await r.text();
+          if (r.ok) {
+            failures = 0;
+            seen(JSON.parse(body));
+          } else if (!nodeIsUnavailable(r.status)) {
+            var err = parseErrorBody(body, r.status);
+            finish({ id: jobId, state: "failed", progress: 0, outputs: [],
+                     error: { code: err.code, message: err.message } });
+          } else {
+            at += 1;
+          }
+        } catch (e) {
+          failures += 1;
+          at += 1;
+          if (failures > order.length * 5) {
+            finish({ id: jobId, state: "failed", progress: 0, outputs: [],
+                     error: { code: "unreachable", message: "no node answers about this job any more" } });
+          }
+        }
+        if (!finished) pollTimer = setTimeout(poll, es ? 5 * POLL_MS : POLL_MS);
+      }
+
+      if (typeof window.EventSource === "function") {
+        es = new EventSource(node.base + "/jobs/" + encodeURIComponent(jobId) + "/events");
+        var onEvent = function (ev) {
+          try { seen(JSON.parse(ev.data)); } catch (ignored) { /* a malformed event */ }
+        };
+        // The node names each event after the job's state.
+        STATES.forEach(function (s) { es.addEventListener(s, onEvent); });
+        es.onmessage = onEvent;
+        es.onerror = function () {
+          if (finished) return;
+          es.close();
+          es = null;
+          if (pollTimer) clearTimeout(pollTimer);
+          poll();
+        };
+        // A slow check beside the stream: a job another node adopted sends no events here.
+        pollTimer = setTimeout(poll, 5 * POLL_MS);
+      } else {
+        poll();
+      }
+    });
+  }
+
+  /* -- the page -------------------------------------------------------- */
+
+  function absolute(base, url) {
+    try { return new URL(url, base + "/").href; } catch (e) { return url; }
+  }
+
+  function humanSize(n) {
+    if (!(n >= 0)) return "";
+    var units = ["B", "kB", "MB", "GB", "TB"];
+    var i = 0;
+    while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+    return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+  }
+
+  function setMeter(id, fraction) {
+    var pct = Math.max(0, Math.min(100, Math.floor(fraction * 100)));
+    $(id + "-progress").value = pct;
+    var out = $(id + "-percent");
+    out.textContent = pct + "%";
+    out.setAttribute("data-value", String(pct));
+  }
+
+  function showError(code, message) {
+    $("error-code").textContent = code || "error";
+    $("error-message").textContent = message || "";
+    $("error").hidden = false;
+  }
+
+  function clearError() {
+    $("error").hidden = true;
+    $("error-code").textContent = "";
+    $("error-message").textContent = "";
+  }
+
+  function log(text) {
+    var li = document.createElement("li");
+    li.textContent = text;
+    $("log").appendChild(li);
+  }
+
+  function showResult(node, job) {
+    var outputs = job.outputs || [];
+    var list = $("outputs");
+    list.textContent = "";
+    outputs.forEach(function (o) {
+      var li = document.createElement("li");
+      var a = document.createElement("a");
+      a.href = absolute(node.base, o.url);
+      a.textContent = o.name || o.url;
+      a.setAttribute("download", "");
+      li.appendChild(a);
+      var meta = [o.preset, o.content_type, humanSize(o.size)].filter(Boolean).join(", ");
+      if (o.files > 1) meta += ", " + o.files + " files";
+      li.appendChild(document.createTextNode(" — " + meta));
+      list.appendChild(li);
+    });
+
+    var player = $("player");
+    player.textContent = "";
+    var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
+      outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
+    var poster = outputs.filter(function (o) { return o.preset === "poster" || /\.jpe?g$/.test(o.name || ""); })[0];
+    if (poster) player.setAttribute("poster", absolute(node.base, poster.url));
+    if (video) {
+      var source = document.createElement("source");
+      source.src = absolute(node.base, video.url);
+      source.type = video.content_type;
+      player.appendChild(source);
+      player.hidden = false;
+      player.load();
+    } else {
+      player.hidden = true;
+    }
+    $("result-section").hidden = false;
+  }
+
+  function checkedPresets() {
+    var chosen = Array.prototype.slice.call(document.querySelectorAll('input[name="preset"]:checked'))
+      .map(function (el) { return el.value; });
+    if (chosen.indexOf("poster") < 0) chosen.push("poster");
+    return chosen;
+  }
+
+  var nodesReady = null;
+
+  function describe(node) {
+    return "node " + node.id + " (" + node.base + "), busy " + busy(node).toFixed(2) + " when the page loaded";
+  }
+
+  function start() {
+    nodesReady = loadNodes().then(function (nodes) {
+      var first = chooseNode(nodes, new Set());
+      $("node-info").textContent = nodes.length + " node" + (nodes.length === 1 ? "" : "s") +
+        " in the pool; chosen: " + describe(first);
+      return { nodes: nodes, first: first };
+    });
+    return nodesReady;
+  }
+
+  async function submit(ev) {
+    ev.preventDefault();
+    clearError();
+    var file = $("file").files[0];
+    if (!file) {
+      showError("no_file", "choose a video file first");
+      $("file").focus();
+      return;
+    }
+    var button = $("submit");
+    button.disabled = true;
+    $("result-section").hidden = true;
+    $("progress-section").hidden = false;
+    $("log").textContent = "";
+    $("job-state").textContent = "";
+    setMeter("upload", 0);
+    setMeter("convert", 0);
+
+    try {
+      var pool = await nodesReady;
+      var presets = checkedPresets();
+      var ui = {
+        node: function (node) {
+          $("node-info").textContent = "Uploading to " + describe(node);
+        },
+        log: log,
+        uploadProgress: function (sent, total) { setMeter("upload", total > 0 ? sent / total : 0); }
+      };
+      // The first choice was made on load; after a failure, the same rule over the nodes not tried yet.
+      var taken = await uploadAnywhere(pool.nodes, pool.first, file, presets, ui);
+      setMeter("upload", 1);
+      log("Upload complete; job " + taken.jobId + " on node " + taken.node.id);
+      $("node-info").textContent = "Converting on " + describe(taken.node);
+
+      var onJob = function (job) {
+        setMeter("convert", Number(job.progress) || 0);
+        $("job-state").textContent = "Job " + job.id + ": " + job.state;
+      };
+      if (taken.job) onJob(taken.job);
+      var job = await followJob(taken.node, pool.nodes, taken.jobId, onJob);
+      $("node-info").textContent = "Converted on node " + taken.node.id + " (" + taken.node.base + ")";
+      if (job.state === "done") {
+        setMeter("convert", 1);
+        showResult(taken.node, job);
+      } else {
+        var err = job.error || {};
+        showError(err.code || job.state, err.message || "the job ended " + job.state);
+      }
+    } catch (e) {
+      showError(e.code || "upload_failed", e.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // For tests and the curious: the pure parts.
+  window.gridnodeUpload = { busy: busy, chooseNode: chooseNode };
+
+  $("upload-form").addEventListener("submit", submit);
+  start().catch(function (e) { showError("no_nodes", e.message); });
+}());

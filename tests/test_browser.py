@@ -1,0 +1,231 @@
+"""
+The upload page and the status page in a real browser (Debian's chromium via
+playwright) against real ``twistd -n gridnode`` nodes and real ffmpeg.
+
+Screenshots go to the test's tmp_path (upload.png, upload-phone.png,
+status.png, status-phone.png) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser import PageErrors, chromium_page, needs_chromium, node_args, poll, wait_ready
+from tests.media_samples import FFMPEG, Clips, lavfi_audio, lavfi_video
+from tests.nodes import NodeProcess, free_port, get_json, request, upload
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, needs_chromium]
+
+#: records every value the page's meters and job line take, from the first paint on
+RECORDER = """
+window.__seen = {upload: [], convert: [], states: []};
+document.addEventListener("DOMContentLoaded", function () {
+  function track(id, list, read) {
+    var el = document.getElementById(id);
+    new MutationObserver(function () {
+      var v = read(el);
+      if (list[list.length - 1] !== v) list.push(v);
+    }).observe(el, {attributes: true, childList: true, characterData: true, subtree: true});
+  }
+  track("upload-percent", window.__seen.upload, function (el) { return Number(el.dataset.value); });
+  track("convert-percent", window.__seen.convert, function (el) { return Number(el.dataset.value); });
+  track("job-state", window.__seen.states, function (el) { return el.textContent.split(": ").pop(); });
+});
+"""
+
+
+def fetch(url: str, method: str = "GET") -> tuple[int, str, int]:
+    """(status, content type, body length) of a blocking request."""
+    req = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, r.headers.get("content-type", ""), len(r.read())
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path / "node", node_args(tmp_path / "store"))
+    n.start()
+    try:
+        wait_ready(n)
+        yield n
+    finally:
+        n.stop()
+
+
+def submit_on_page(page: Any, clip: Path, presets: list[str]) -> None:
+    page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
+    page.set_input_files("#file", str(clip))
+    for box in page.query_selector_all('input[name="preset"]:not([disabled])'):
+        value = box.get_attribute("value")
+        if (value in presets) != box.is_checked():
+            box.click()
+    page.click("#submit")
+
+
+def check_result(page: Any, base: str) -> dict[str, Any]:
+    """The result <video> plays from the node: its <source> and poster answer 200."""
+    page.wait_for_selector("#result-section:not([hidden])", timeout=40_000)
+    seen: dict[str, Any] = page.evaluate("window.__seen")
+    assert seen["upload"] and seen["upload"][-1] == 100, seen
+    assert seen["convert"][-1] == 100 and any(0 < v for v in seen["convert"]), seen
+    assert seen["states"][-1] == "done", seen
+    assert page.is_hidden("#error"), page.inner_text("#error")
+
+    src = page.get_attribute("#player source", "src")
+    poster = page.get_attribute("#player", "poster")
+    assert src and src.startswith(f"{base}/results/") and src.endswith("/mp4-720p.mp4"), src
+    assert poster and poster.startswith(f"{base}/results/") and poster.endswith("/poster.jpg"), poster
+    status, ctype, size = fetch(src)
+    assert (status, ctype) == (200, "video/mp4") and size > 0
+    status, ctype, size = fetch(poster)
+    assert (status, ctype) == (200, "image/jpeg") and size > 0
+    # The browser itself decodes the output (Debian's chromium plays H.264 through the system ffmpeg).
+    page.wait_for_function("document.getElementById('player').readyState >= 1")
+    width = page.evaluate("document.getElementById('player').videoWidth")
+    assert width == 640, width  # never upscaled
+    return seen
+
+
+class UploadPageTests:
+    @pytest.mark.parametrize("transport", ["tus", "post"])
+    def test_upload_convert_and_play(self, node: NodeProcess, media_clips: Clips, tmp_path: Path,
+                                     transport: str) -> None:
+        """Upload with a progress bar, watch the conversion, get a playable result with a poster.
+        ``post``: the node's OPTIONS /files/ answers no Tus-Version (as before tus was mounted)."""
+        base = node.url
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.add_init_script(RECORDER)
+            if transport == "post":
+                page.route(f"{base}/files/", lambda route: route.fulfill(status=404, body="")
+                           if route.request.method == "OPTIONS" else route.continue_())
+            page.goto(f"{base}/")
+            submit_on_page(page, media_clips.landscape, ["mp4-720p", "webm-480p"])
+            seen = check_result(page, base)
+            log = page.inner_text("#log")
+            assert ("(resumable, tus)" if transport == "tus" else "(POST /jobs)") in log, log
+            links = [a.get_attribute("href") for a in page.query_selector_all("#outputs a")]
+            assert sorted(str(h).rsplit("/", 1)[-1] for h in links) == ["mp4-720p.mp4", "poster.jpg",
+                                                                      "webm-480p.webm"], links
+            page.screenshot(path=str(tmp_path / f"upload-{transport}.png"), full_page=True)
+            if transport == "tus":
+                page.set_viewport_size({"width": 390, "height": 844})
+                page.screenshot(path=str(tmp_path / "upload-phone.png"), full_page=True)
+                # nothing is wider than a phone's screen
+                assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            # In "post" mode the routed OPTIONS /files/ answers 404, which the console reports.
+            expected = [e for e in errors.errors if transport == "post" and "status of 404" in e]
+            assert errors.errors == expected[:1], errors.errors
+        job_id = str(links[0]).split("/results/", 1)[1].split("/", 1)[0]
+        _, job = get_json(f"{base}/jobs/{job_id}")
+        assert job["state"] == "done" and set(job["presets"]) == {"mp4-720p", "webm-480p", "poster"}, job
+        assert seen["states"], seen
+
+    def test_moves_to_another_node(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
+        """The registry lists a dead node that looks idler: the page tries it, fails, uploads to the live one."""
+        base = node.url
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+        def nodes_json(route: Any) -> None:
+            doc = json.loads(route.fetch().text())
+            for n in doc["nodes"]:
+                n["load"] = {**n.get("load", {}), "running": 2, "workers": 2}
+            doc["nodes"].insert(0, {"id": "gone", "http_url": dead, "heartbeat": time.time(),
+                                    "load": {"running": 0, "queued": 0, "workers": 2}})
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
+
+        with chromium_page() as page:
+            page.add_init_script(RECORDER)
+            page.route(f"{base}/registry/nodes.json", nodes_json)
+            page.goto(f"{base}/")
+            page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
+            assert "node gone" in page.inner_text("#node-info")  # the power of two choices took the idler one
+            submit_on_page(page, media_clips.landscape, ["mp4-720p"])
+            check_result(page, base)
+            log = page.inner_text("#log")
+            assert "Node gone failed" in log and "Moving to node" in log, log
+
+    def test_coded_error_is_shown(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
+        """A file that is not a video: the node's error code and message appear in the alert."""
+        with chromium_page() as page:
+            page.goto(f"{node.url}/")
+            submit_on_page(page, media_clips.random, ["mp4-720p"])
+            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+            assert page.inner_text("#error-code") == "not_a_video", page.inner_text("#error")
+            assert page.inner_text("#error-message").strip()
+            assert page.is_hidden("#result-section")
+            page.screenshot(path=str(tmp_path / "upload-error.png"), full_page=True)
+
+
+def make_long_clip(folder: Path) -> Path:
+    """30 s of 1280x720: long enough to watch its conversion rise on the status page."""
+    clip = folder / "long-720p.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", *lavfi_video("1280x720", 30), *lavfi_audio(30),
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(clip)], check=True, timeout=60)
+    return clip
+
+
+def alive_peers(base: str) -> int:
+    _, doc = get_json(f"{base}/peers", timeout=5)
+    return sum(1 for p in doc["peers"] if p["state"] == "alive")
+
+
+class StatusPageTests:
+    def test_members_and_live_progress(self, tmp_path: Path, media_clips: Clips) -> None:
+        """Three members with their state, and a running job's progress rising on the page."""
+        clip = make_long_clip(tmp_path)
+        store = tmp_path / "store"
+        nodes = [NodeProcess(tmp_path / f"n{i}", node_args(store, "--node-id", f"n{i}", "--heartbeat", "1"))
+                 for i in range(3)]
+        job_id = ""
+        try:
+            for n in nodes:
+                n.start()
+            for n in nodes:
+                wait_ready(n)
+            base = nodes[0].url
+            poll(lambda: all(alive_peers(n.url) == 3 for n in nodes), 20, "3 alive members everywhere")
+            poll(lambda: len(get_json(f"{base}/registry/nodes.json", timeout=5)[1].get("nodes", [])) == 3, 10,
+                 "3 nodes in nodes.json")
+            status, _, job = upload(base, clip, presets="mp4-720p")
+            assert status == 201, job
+            job_id = job["id"]
+
+            with chromium_page() as page:
+                errors = PageErrors(page)
+                page.goto(f"{base}/status")
+                page.wait_for_function(
+                    "document.querySelectorAll('#members tbody tr').length === 3 && "
+                    "Array.from(document.querySelectorAll('#members tbody tr .state'))"
+                    ".every(function (td) { return td.textContent === 'alive'; })")
+                names = sorted(str(r.get_attribute("data-node")) for r in page.query_selector_all("#members tbody tr"))
+                assert names == ["n0", "n1", "n2"], names
+
+                percent = f'#jobs tr[data-job="{job_id}"] .percent'
+                page.wait_for_selector(percent, timeout=20_000)
+
+                def shown() -> int:
+                    return int(page.get_attribute(percent, "data-value") or "0")
+
+                first = poll(lambda: shown() > 0 and shown(), 20, "conversion progress above 0 %")
+                later = poll(lambda: shown() > first and shown(), 20, f"conversion progress above {first} %")
+                assert 0 < first < later <= 100
+                assert "transcoding" in page.inner_text(f'#jobs tr[data-job="{job_id}"]')
+                page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+                page.set_viewport_size({"width": 390, "height": 844})
+                page.screenshot(path=str(tmp_path / "status-phone.png"), full_page=True)
+                assert errors.errors == [], errors.errors
+        finally:
+            if job_id:  # a running job would hold up the nodes' shutdown
+                request("DELETE", f"{nodes[0].url}/jobs/{job_id}", timeout=10)
+            for n in nodes:
+                n.stop()
