@@ -1,0 +1,435 @@
+"""
+Deterministic simulator of the SWIM + Lifeguard membership machine
+(gridnode/membership/swim.py): N instances of the *same* ``SwimMachine`` on a
+virtual network and a virtual clock (one event heap). No sockets, no sleeps.
+
+    .venv/bin/python bench/membership_sim.py --nodes 1000 --loss 0.01 --kill 5 --seconds 120 --json
+    .venv/bin/python bench/membership_sim.py --nodes 1000 --loss 0.05 --stall-fraction 0.05 --seconds 3600 --json
+    .venv/bin/python bench/membership_sim.py --nodes 100 --partition-one --json
+
+The model
+---------
+- Every message is lost independently with probability ``--loss``; the others
+  arrive after 0.5 ms + an exponential jitter (mean ``--jitter-ms``, 2 ms).
+- ``--one-way`` random ordered pairs (a, b) whose a->b direction drops everything
+  (default N/20).
+- Stalls: a ``--stall-fraction`` of the nodes block their reactor now and then
+  (exponential gaps, mean ``--stall-every`` s) for U(1, 5) s: they process nothing,
+  their inbox queues up; on waking they run their due timers, then the queue.
+- ``--kill K``: K nodes crash (no goodbye) at random times after ``--quiet`` s.
+  ``--joins J``: J new nodes join (bootstrapped with the registry's whole list).
+  ``--partition-one``: one node is cut off from all others for ``--partition-seconds``.
+- Figures: detect_first_s (median over kills, kill -> first suspicion anywhere),
+  dead_everywhere_median_s / _p99_s (kill -> every live node holds it dead),
+  false_positives (live nodes ever declared dead by anyone; the partitioned node
+  is reported apart), confirmed_false_deaths, msgs_per_node_s and
+  sync_bytes_per_node_s (steady state: from ``--warmup`` until the first kill, join
+  or partition), join_converged_s (join -> known alive by 99.9% of the others),
+  partition_confirmed_dead (ConfirmedDead emitted by the partitioned node; must be 0).
+- The ``memberlist`` block is computed (not simulated) from memberlist's LAN
+  configuration: probe interval 1 s, probe timeout 500 ms, suspicion timeout
+  4 * max(1, log10 N) * 1 s, gossip every 200 ms to 3 nodes, full push-pull every 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the working tree, not an installed copy that may lag
+
+from gridnode.membership.swim import (  # noqa: E402
+    ALIVE,
+    DEAD,
+    SUSPECT,
+    ConfirmedDead,
+    MemberChanged,
+    Message,
+    SwimConfig,
+    SwimMachine,
+    SyncDigest,
+    SyncState,
+    Update,
+    encoded_size,
+)
+
+_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF = range(8)
+
+
+@dataclass
+class Params:
+    nodes: int = 100
+    loss: float = 0.01
+    jitter_ms: float = 2.0
+    one_way: int = -1  # -1: nodes // 20
+    stall_fraction: float = 0.0
+    stall_every: float = 60.0
+    seconds: float = 120.0
+    warmup: float = 10.0
+    quiet: float = 40.0
+    kill: int = 0
+    joins: int = 1
+    partition_one: bool = False
+    partition_seconds: float = 30.0
+    seed: int = 1
+    config: SwimConfig = field(default_factory=SwimConfig)
+
+
+class _Node:
+    __slots__ = ("i", "id", "m", "up", "started", "stalled_until", "inbox", "wake_at")
+
+    def __init__(self, i: int, m: SwimMachine) -> None:
+        self.i = i
+        self.id = m.me
+        self.m = m
+        self.up = True
+        self.started = False
+        self.stalled_until = 0.0
+        self.inbox: list[Message] = []
+        self.wake_at = math.inf
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+class Sim:
+    def __init__(self, p: Params) -> None:
+        self.p = p
+        self.rng = random.Random(p.seed)
+        self.heap: list[tuple[float, int, int, int, Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        total = p.nodes + p.joins
+        self.nodes = [
+            _Node(i, SwimMachine(f"n{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:8081", config=p.config,
+                                 rng=random.Random(self.rng.getrandbits(64))))
+            for i in range(total)
+        ]
+        self.index = {n.id: n for n in self.nodes}
+        n = p.nodes
+        one_way = n // 20 if p.one_way < 0 else p.one_way
+        self.broken: set[tuple[str, str]] = set()
+        while n > 1 and len(self.broken) < one_way:
+            a, b = self.rng.sample(range(n), 2)
+            self.broken.add((f"n{a}", f"n{b}"))
+        self.partitioned: str | None = None
+        self.part_node: str | None = None
+        # figures
+        self.kill_at: dict[str, float] = {}
+        self.first_suspect: dict[str, float] = {}
+        self.dead_at: dict[str, dict[str, float]] = {}
+        self.kill_observers: dict[str, list[str]] = {}
+        self.join_at: dict[str, float] = {}
+        self.join_known: dict[str, set[str]] = {}
+        self.join_done: dict[str, float] = {}
+        self.false_suspicions = 0
+        self.fp_nodes: set[str] = set()
+        self.confirmed_false: set[str] = set()
+        self.confirmed_true = 0
+        self.part_confirmed = 0
+        self.part_declared_dead_by: set[str] = set()
+        self.part_local_dead: set[str] = set()
+        self.msgs = 0
+        self.msgs_total = 0
+        self.sync_bytes = 0
+        self.window_end = p.seconds
+        self.events = 0
+
+    # ------------------------------------------------------------ plumbing
+
+    def push(self, t: float, kind: int, node: int, data: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, node, data))
+
+    def reschedule(self, nd: _Node) -> None:
+        d = nd.m.next_deadline()
+        if d is not None and d < nd.wake_at:
+            nd.wake_at = d
+            self.push(max(d, self.now), _WAKE, nd.i, d)
+
+    def dispatch(self, src: _Node, outs: list[Any]) -> None:
+        p = self.p
+        now = self.now
+        in_window = p.warmup <= now < self.window_end
+        for o in outs:
+            if isinstance(o, Message):
+                self.msgs_total += 1
+                if in_window:
+                    self.msgs += 1
+                    if isinstance(o, SyncDigest | SyncState):
+                        self.sync_bytes += encoded_size(o)
+                if self.rng.random() < p.loss:
+                    continue
+                if (src.id, o.dest) in self.broken:
+                    continue
+                if self.partitioned is not None and (src.id == self.partitioned or o.dest == self.partitioned):
+                    continue
+                dst = self.index.get(o.dest)
+                if dst is None:
+                    continue
+                lat = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                self.push(now + lat, _DELIVER, dst.i, o)
+            elif isinstance(o, MemberChanged):
+                self.observe(src, o)
+            elif isinstance(o, ConfirmedDead):
+                if src.id == self.part_node and self.partitioned is not None:
+                    self.part_confirmed += 1
+                if o.member in self.kill_at:
+                    self.confirmed_true += 1
+                elif o.member != self.part_node:
+                    self.confirmed_false.add(o.member)
+
+    def observe(self, src: _Node, o: MemberChanged) -> None:
+        member = o.member
+        if member in self.kill_at:
+            if o.state == SUSPECT:
+                self.first_suspect.setdefault(member, self.now)
+            elif o.state == DEAD:
+                self.dead_at[member].setdefault(src.id, self.now)
+            return
+        if o.state == ALIVE:
+            known = self.join_known.get(member)
+            if known is not None and member not in self.join_done and src.id not in known:
+                known.add(src.id)
+                others = sum(1 for n in self.nodes if n.up and n.started and n.id not in (member, self.part_node))
+                if len(known) >= math.ceil(0.999 * others):
+                    self.join_done[member] = self.now - self.join_at[member]
+            return
+        if member == self.part_node:
+            if o.state == DEAD:
+                self.part_declared_dead_by.add(src.id)
+            return
+        if src.id == self.part_node:
+            # a node cut off from everyone may hold the others dead; it must not *confirm* it
+            if o.state == DEAD:
+                self.part_local_dead.add(member)
+            return
+        if o.state == SUSPECT:
+            self.false_suspicions += 1
+        elif o.state == DEAD:
+            self.fp_nodes.add(member)
+
+    # ------------------------------------------------------------ scenario
+
+    def setup(self) -> None:
+        p, rng = self.p, self.rng
+        registry = [(n.id, n.m.address) for n in self.nodes[: p.nodes]]
+        for nd in self.nodes[: p.nodes]:
+            nd.m.add_members(registry, 0.0)
+            nd.started = True
+            nd.m.start(0.0, join=False)
+            self.reschedule(nd)
+        prone = rng.sample(range(p.nodes), round(p.stall_fraction * p.nodes))
+        for i in prone:
+            self.push(p.warmup + rng.expovariate(1 / p.stall_every), _STALL, i)
+        span = max(1.0, p.seconds - p.quiet - 25.0)
+        victims = rng.sample(range(p.nodes), min(p.kill, p.nodes - 2))
+        for i in victims:
+            self.push(p.quiet + rng.random() * span, _KILL, i)
+        for j in range(p.joins):
+            self.push(p.quiet + rng.random() * span, _JOIN, p.nodes + j)
+        if p.partition_one:
+            cand = [i for i in range(p.nodes) if i not in victims]
+            self.push(p.quiet + rng.random() * max(1.0, span - p.partition_seconds), _PART_ON, rng.choice(cand))
+        disturbances = [t for t, _, k, _, _ in self.heap if k in (_KILL, _JOIN, _PART_ON)]
+        self.window_end = min([p.seconds, *disturbances])
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        p = self.p
+        heap = self.heap
+        nodes = self.nodes
+        while heap:
+            t, _, kind, i, data = heapq.heappop(heap)
+            if t > p.seconds:
+                break
+            self.now = t
+            self.events += 1
+            nd = nodes[i]
+            if kind == _DELIVER:
+                if not nd.up or not nd.started:
+                    continue
+                if nd.stalled_until > t:
+                    nd.inbox.append(data)
+                    continue
+                self.dispatch(nd, nd.m.receive(data, t))
+                self.reschedule(nd)
+            elif kind == _WAKE:
+                if data != nd.wake_at or not nd.up or nd.stalled_until > t:
+                    continue
+                nd.wake_at = math.inf
+                self.dispatch(nd, nd.m.tick(t))
+                self.reschedule(nd)
+            elif kind == _STALL:
+                if nd.up:
+                    dur = self.rng.uniform(1.0, 5.0)
+                    nd.stalled_until = t + dur
+                    self.push(t + dur, _UNSTALL, i)
+                    self.push(t + dur + self.rng.expovariate(1 / p.stall_every), _STALL, i)
+            elif kind == _UNSTALL:
+                nd.stalled_until = 0.0
+                if not nd.up:
+                    continue
+                nd.wake_at = math.inf
+                self.dispatch(nd, nd.m.tick(t))  # a woken reactor runs its late timers first...
+                inbox, nd.inbox = nd.inbox, []
+                for msg in inbox:  # ...then reads what queued up
+                    self.dispatch(nd, nd.m.receive(msg, t))
+                self.reschedule(nd)
+            elif kind == _KILL:
+                nd.up = False
+                self.kill_at[nd.id] = t
+                self.dead_at[nd.id] = {}
+                self.kill_observers[nd.id] = [n.id for n in nodes if n.up and n.started and n.id != self.partitioned]
+            elif kind == _JOIN:
+                registry = [(n.id, n.m.address) for n in nodes if n.started]  # the registry lags deaths
+                nd.m.add_members(registry, t)
+                nd.started = True
+                self.join_at[nd.id] = t
+                self.join_known[nd.id] = set()
+                self.dispatch(nd, nd.m.start(t, join=True))
+                self.reschedule(nd)
+            elif kind == _PART_ON:
+                self.partitioned = self.part_node = nd.id
+                self.push(t + p.partition_seconds, _PART_OFF, i)
+            elif kind == _PART_OFF:
+                self.partitioned = None
+        return self.figures()
+
+    # ------------------------------------------------------------ figures
+
+    def figures(self) -> dict[str, Any]:
+        p = self.p
+        up = {n.id for n in self.nodes if n.up}
+        detect, everywhere = [], []
+        missing = 0
+        for victim, t0 in self.kill_at.items():
+            if victim in self.first_suspect:
+                detect.append(self.first_suspect[victim] - t0)
+            seen = self.dead_at[victim]
+            # every member that was there at the kill and still is
+            times = [seen.get(x) for x in self.kill_observers[victim] if x in up]
+            if any(x is None for x in times):
+                missing += 1
+            else:
+                everywhere.append(max(x for x in times if x is not None) - t0)
+        window = max(1e-9, self.window_end - p.warmup)
+        fp = sorted(self.fp_nodes - set(self.kill_at))
+        return {
+            "nodes": p.nodes,
+            "loss": p.loss,
+            "stall_fraction": p.stall_fraction,
+            "seconds": p.seconds,
+            "seed": p.seed,
+            "kills": len(self.kill_at),
+            "detect_first_s": _round(statistics.median(detect) if detect else None),
+            "dead_everywhere_median_s": _round(statistics.median(everywhere) if everywhere else None),
+            "dead_everywhere_p99_s": _round(_pct(everywhere, 0.99)),
+            "dead_everywhere_max_s": _round(max(everywhere) if everywhere else None),
+            "kills_not_dead_everywhere": missing,
+            "false_positives": len(fp),
+            "false_suspicions": self.false_suspicions,
+            "confirmed_false_deaths": len(self.confirmed_false),
+            "confirmed_true_deaths": self.confirmed_true,
+            "msgs_per_node_s": _round(self.msgs / (p.nodes * window)),
+            "sync_bytes_per_node_s": _round(self.sync_bytes / (p.nodes * window)),
+            "steady_window_s": _round(window),
+            "join_converged_s": _round(max(self.join_done.values()) if len(self.join_done) == len(self.join_at)
+                                       and self.join_done else None),
+            "joins": len(self.join_at),
+            "partition_one": p.partition_one,
+            "partition_confirmed_dead": self.part_confirmed if p.partition_one else None,
+            "partitioned_declared_dead_by": len(self.part_declared_dead_by) if p.partition_one else None,
+            "partitioned_node_held_dead": len(self.part_local_dead) if p.partition_one else None,
+            "events": self.events,
+            "config": {k: v for k, v in vars(p.config).items()},
+            "suspicion_min_max_s": [_round(x) for x in p.config.suspicion_bounds(p.nodes)],
+            "memberlist": memberlist_figures(p.nodes),
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def memberlist_figures(n: int) -> dict[str, Any]:
+    """memberlist's LAN defaults, computed: what the same goals look like with them."""
+    probe_interval, probe_timeout = 1.0, 0.5
+    suspicion = 4 * max(1.0, math.log10(n)) * probe_interval
+    first_probe_median = math.log(2) * probe_interval  # ~one probe of any member per period, cluster-wide
+    spread = 0.2 * math.ceil(math.log(max(n, 2)) / math.log(4)) + 0.2
+    entry = Update("n999", "10.0.3.231:8081", 0, ALIVE, "n999")
+    state = SyncState("n1", "10.0.0.1:8081", "n0", "10.0.0.0:8081", 0, [entry] * n, True)
+    return {
+        "probe_interval_s": probe_interval,
+        "probe_timeout_s": probe_timeout,
+        "suspicion_timeout_s": round(suspicion, 3),
+        "detect_first_s": round(first_probe_median + probe_interval, 3),
+        "dead_everywhere_estimate_s": round(first_probe_median + probe_interval + suspicion + spread, 3),
+        "msgs_per_node_s": 2.0 + 2 / 30,
+        "sync_bytes_per_node_s": round(2 * encoded_size(state) / 30, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    d = Params()
+    ap.add_argument("--nodes", type=int, default=d.nodes)
+    ap.add_argument("--loss", type=float, default=d.loss)
+    ap.add_argument("--jitter-ms", type=float, default=d.jitter_ms)
+    ap.add_argument("--one-way", type=int, default=d.one_way)
+    ap.add_argument("--stall-fraction", type=float, default=d.stall_fraction)
+    ap.add_argument("--stall-every", type=float, default=d.stall_every)
+    ap.add_argument("--seconds", type=float, default=d.seconds)
+    ap.add_argument("--warmup", type=float, default=d.warmup)
+    ap.add_argument("--quiet", type=float, default=d.quiet, help="no kill/join/partition before this time")
+    ap.add_argument("--kill", type=int, default=d.kill)
+    ap.add_argument("--joins", type=int, default=d.joins)
+    ap.add_argument("--partition-one", action="store_true")
+    ap.add_argument("--partition-seconds", type=float, default=d.partition_seconds)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--memberlist", action="store_true", help="print only the computed memberlist block")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a SwimConfig field, e.g. --set suspicion_min_mult=2")
+    a = ap.parse_args(argv)
+    if a.memberlist:
+        print(json.dumps(memberlist_figures(a.nodes)))
+        return 0
+    cfg = SwimConfig()
+    for item in a.set:
+        k, _, v = item.partition("=")
+        cur = getattr(cfg, k)
+        cfg = replace(cfg, **{k: type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true")})
+    p = Params(nodes=a.nodes, loss=a.loss, jitter_ms=a.jitter_ms, one_way=a.one_way, stall_fraction=a.stall_fraction,
+               stall_every=a.stall_every, seconds=a.seconds, warmup=a.warmup, quiet=a.quiet, kill=a.kill,
+               joins=a.joins, partition_one=a.partition_one, partition_seconds=a.partition_seconds, seed=a.seed,
+               config=cfg)
+    t0 = time.process_time()
+    figs = Sim(p).run()
+    figs["cpu_s"] = round(time.process_time() - t0, 1)
+    if a.json:
+        print(json.dumps(figs))
+    else:
+        for k, v in figs.items():
+            print(f"{k:32} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
