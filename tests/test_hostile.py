@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
-import tempfile
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,13 +101,6 @@ def corpus(folder: Path, clips: Clips) -> dict[str, tuple[bytes, str]]:
         "random with NUL and unicode name": (os.urandom(4096), "a\x00b\u202e\U0001f4a9.mp4"),
     }
 
-
-@pytest.fixture
-def open_folder() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="gridnode-hostile-", dir="/tmp"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 class HostileInputTests:

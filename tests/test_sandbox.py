@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,14 +48,6 @@ class WrapperTests:
             resolve_user("no-such-user-here")
         assert resolve_user("none") is None
 
-
-@pytest.fixture
-def open_folder() -> Iterator[Path]:
-    """A folder every user may traverse (pytest's own tmp folders are root-only)."""
-    folder = Path(tempfile.mkdtemp(prefix="gridnode-sandbox-", dir="/tmp"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.integration
