@@ -647,16 +647,43 @@ class JobService:
         return {"active": [a.job.to_json() for a in self.active.values()],
                 "recent": [j.to_json() for j in reversed(self.recent)]}
 
-    def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
-        """Call ``callback`` on every change of a job this node runs; returns the unsubscribe."""
+    def watch(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
+        """Call ``callback`` on every change of a job; returns the unsubscribe. A job another
+        node runs (or adopted) is followed through its record in the store, every ``poll`` s."""
         active = self.active.get(job_id)
         if active is None:
-            return lambda: None
+            return self._watch_record(job_id, callback, poll)
         active.watchers.append(callback)
 
         def unsubscribe() -> None:
             if callback in active.watchers:
                 active.watchers.remove(callback)
+
+        return unsubscribe
+
+    def _watch_record(self, job_id: str, callback: Callable[[Job], None], poll: float) -> Callable[[], None]:
+        last: list[bytes] = []
+
+        @inlineCallbacks
+        def check() -> Any:
+            try:
+                job = yield self.get(job_id)
+            except GridnodeError:
+                return  # unreachable for now: try again at the next poll
+            data = job.dumps()
+            if not last or data != last[0]:
+                last[:] = [data]
+                callback(job)
+            if job.final and loop.running:
+                loop.stop()
+
+        loop = LoopingCall(check)
+        loop.clock = self.reactor
+        loop.start(poll, now=False).addErrback(lambda f: self._log.failure("watching {job}", f, job=job_id))
+
+        def unsubscribe() -> None:
+            if loop.running:
+                loop.stop()
 
         return unsubscribe
 

@@ -346,3 +346,17 @@ class OwnershipTests:
         media.hooks[job.id][0]()
         media.finish(job.id)
         assert self.record(job.id)["state"] == "done"
+
+    def test_watch_a_job_run_elsewhere(self) -> None:
+        """A node asked to follow a job another node runs follows its stored record to the end."""
+        job = self.upload(self.n1)
+        seen: list[str] = []
+        self.n2.watch(job.id, lambda j: seen.append(j.state), poll=1.0)
+        self.clock.advance(1)
+        self.m1.hooks[job.id][0]()
+        self.clock.advance(1)
+        self.m1.finish(job.id)
+        self.clock.advance(1)
+        self.clock.advance(1)
+        assert seen == ["queued", "transcoding", "done"]
+        assert self.clock.getDelayedCalls() == []  # the poll stopped at the final state

@@ -168,12 +168,14 @@ class _EventStream:
         self.closed = False
         self.on_close: Any = None
         self.count = 0
+        self.last = ""
 
     def send(self, job: Job) -> None:
-        if self.closed:
-            return
-        self.count += 1
         data = json.dumps(job.to_json(), sort_keys=True)
+        if self.closed or data == self.last:
+            return
+        self.last = data
+        self.count += 1
         self.request.write(f"id: {self.count}\nevent: {job.state}\ndata: {data}\n\n".encode())
         if job.final:
             self.closed = True
