@@ -59,9 +59,9 @@ class SpoolFile:
         self.on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
-        release, self.on_release = self.on_release, None
-        if release is not None:
-            release()
+        callback, self.on_release = self.on_release, None
+        if callback is not None:
+            callback()
 
     def write(self, data: bytes) -> None:
         if self.limit is not None and self.size + len(data) > self.limit:
