@@ -235,12 +235,14 @@ class JobService:
         job = active.job
         try:
             yield self._durably("write job record", lambda: self._save(active))
-            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
             if not input_stored:
                 began = time.monotonic()
                 yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
                                                                                active.spool_path))
                 self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
+            # Only now may peers adopt the job: before, its input is in our spool alone (and our
+            # journal resumes it if we restart).
+            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
             active.marks["queued"] = time.monotonic()
             if active.stopping:
                 raise CancelledError()
@@ -539,6 +541,7 @@ class JobService:
             probe = yield self.media.probe(active.spool_path)
         except GridnodeError as e:
             job.fail(e.code, e.message, self.now())
+            self._log.warn("adopted job {job} failed: {code}: {message}", job=job.id, code=e.code, message=e.message)
             yield self._finish(active)
             return
         yield self._run(active, probe, chosen, input_stored=stored)
