@@ -77,7 +77,7 @@ class SwimConfig:
     probe_timeout: float = 0.4
     indirect_k: int = 3
     #: suspicion min = suspicion_min_mult * probe_interval (> the longest stall we tolerate)
-    suspicion_min_mult: float = 4.5
+    suspicion_min_mult: float = 4.0
     #: suspicion max = suspicion_max_mult * min
     suspicion_max_mult: float = 3.0
     retransmit_mult: int = 4
