@@ -50,6 +50,50 @@ print("listening on 127.0.0.1:%d" % port.getHost().port, flush=True)
 reactor.run()
 """
 
+# The ceiling for any Python receiver on this machine: no HTTP parser, no hash, no
+# reactor; read the headers, then recv_into a 1 MiB buffer and os.write it to a file
+# until Content-Length, answer, remove the file. One connection at a time.
+BARE_SERVER = """\
+import os, socket, sys
+folder = sys.argv[1]
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(8)
+print("listening on 127.0.0.1:%d" % ls.getsockname()[1], flush=True)
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+while True:
+    conn, _ = ls.accept()
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    head, _, rest = head.partition(b"\\r\\n\\r\\n")
+    length = 0
+    for line in head.split(b"\\r\\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    path = os.path.join(folder, "bare.bin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, rest)
+    got = len(rest)
+    while got < length:
+        n = conn.recv_into(buf, min(len(buf), length - got))
+        if not n:
+            break
+        os.write(fd, view[:n])
+        got += n
+    os.close(fd)
+    os.unlink(path)
+    body = b'{"received": %d}' % got
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n"
+                 b"Connection: close\\r\\n\\r\\n%s" % (len(body), body))
+    conn.close()
+"""
+
 
 def twistd() -> str:
     return str(BIN / "twistd")
@@ -186,6 +230,16 @@ def node(folder: Path, *args: str, json_log: bool = False) -> Server:
 def stock_server(folder: Path) -> Server:
     """A started stock twisted.web Site that counts POSTed bytes; temp files go to ``folder``."""
     server = Server(folder, [sys.executable, "-c", STOCK_SERVER], env={"TMPDIR": str(folder)})
+    try:
+        return server.start()
+    except BaseException:
+        server.stop()
+        raise
+
+
+def bare_server(folder: Path) -> Server:
+    """A started ``BARE_SERVER`` writing into ``folder``."""
+    server = Server(folder, [sys.executable, "-c", BARE_SERVER, str(folder)])
     try:
         return server.start()
     except BaseException:

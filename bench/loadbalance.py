@@ -2,10 +2,14 @@
 Client-side load balancing: uniform random choice against the power of two
 choices (``two_choices`` from gridnode/client/nodes.py, imported, not copied),
 when clients only see load figures as stale as the registry and gossip make
-them. A seeded discrete-event simulation: no network, no sleeps, no threads.
+them, and three other two-sample rules that are *not* the client's (see
+"Policies"). A seeded discrete-event simulation: no network, no sleeps, no
+threads.
 
-    .venv/bin/python bench/loadbalance.py                  # N=10,1000; R=2,30; both mixes
+    .venv/bin/python bench/loadbalance.py                  # N=10,1000; R=2,30; both mixes (~6 s)
+    .venv/bin/python bench/loadbalance.py --seeds 10       # each figure averaged over seeds 1-10 (~1 min)
     .venv/bin/python bench/loadbalance.py --nodes 1000 --refresh 2 --mix mixed --json
+    .venv/bin/python bench/loadbalance.py --policies random,two-choices,two-choices/speed
 
 The model
 ---------
@@ -33,6 +37,33 @@ The model
 - The same job stream (arrival times and durations) and the same phases are
   used for every policy of a given N and R (common random numbers).
 
+Policies
+--------
+All of them sample exactly two nodes per job (d=2) and compare ``NodeInfo.busy``.
+
+- ``random``: a uniform random node (reads no figure).
+- ``two-choices``: ``two_choices`` imported, the client's rule when it cannot read live
+  figures (and its failover order): two distinct nodes drawn uniformly, the lower published
+  ``busy`` wins, a tie goes to either at random.
+- ``two-choices/left``: Vöcking's asymmetric "always go left" (Vöcking 2003, "How asymmetry
+  helps load balancing"): the nodes are split into two halves by a hash of their id
+  (``left_right``, a stable function of the membership that every client computes alike),
+  one candidate is drawn from each half, the less busy wins and a tie goes to the left one.
+  Theory (static, fresh figures): the gap above the mean drops from ln ln n / ln 2 to
+  ln ln n / (2 ln phi), phi the golden ratio. Node ids carry the seed, so the seeds also
+  vary how the split falls on the speeds.
+- ``two-choices/probed``: **the client's upload rule** (``GridClient._upload_order``): two
+  distinct nodes drawn uniformly, each asked ``GET /health`` (``running``, ``queued``,
+  ``workers``) with a short timeout, ranked by ``rank_checked`` (imported): the less busy
+  wins, a tie goes to either at random. Modelled optimistically: no
+  probe delay, and a job counts on its node from the moment it is placed, whereas a real
+  node counts a job only once its upload is received and probed, so uploads in flight are
+  missing from even a live figure. The published figures are not read at all, so the
+  refresh period does not matter (the row says "any"): this is also the fresh-figures
+  limit of ``two-choices``.
+- ``two-choices/left+probed``: both.
+- ``two-choices/speed``: see "Speed-aware variant"; run only when named in ``--policies``.
+
 The figure: max/mean
 --------------------
 The standard figure from the balls-into-bins literature (Azar, Broder, Karlin,
@@ -55,28 +86,49 @@ Speed-aware variant
 ``two-choices/speed`` is the same ``two_choices`` function fed with
 ``SpeedNodeInfo``, a ``NodeInfo`` whose ``busy`` divides by ``workers * speed``
 (``speed`` a figure the node would publish in its load record, 1.0 when
-absent). It is labelled as a variant; gridnode/client/nodes.py is unchanged.
-It does not help this figure: balancing jobs per unit of speed deliberately
-piles jobs on the fast nodes, which raises the maximum queue length (it is the
-right rule for waiting time on nodes that queue, not for max/mean).
+absent; nodes publish no such figure today). It is labelled as a variant;
+gridnode/client/nodes.py does not have it. It does not help this figure (about
+1.98 at N=1000, mixed, 2 s): balancing jobs per unit of speed deliberately piles
+jobs on the fast nodes, which raises the maximum queue length (it is the right
+rule for waiting time on nodes that queue, not for max/mean).
 
-What it shows (seed 1, defaults; figures move by a few hundredths with the seed)
+What it shows (``--seeds 10``: mean over seeds 1-10, per-seed range in brackets)
 ---------------------------------------------------------------------------------
+max/mean at R=2 s (R=30 s where it differs; the probed rows do not depend on R)::
+
+                            mixed N=10           mixed N=1000         uniform N=10   uniform N=1000
+    random                  1.757                2.516                1.514          2.148
+    two-choices             1.268 (30 s: 1.509)  1.493 (30 s: 2.148)  1.189 (1.383)  1.381 (1.907)
+    two-choices/left        1.277 (30 s: 1.541)  1.500 (30 s: 2.160)  1.194 (1.405)  1.375 (1.922)
+    two-choices/probed      1.245 [1.242-1.249]  1.443 [1.431-1.452]  1.171          1.312
+    two-choices/left+probed 1.248 [1.233-1.254]  1.414 [1.395-1.439]  1.171          1.306
+
 - The metric reproduces the reference: random choice on identical nodes gives
-  about 2.1-2.2 at N=1000 (about 1.5 at N=10). With the mixed speeds random
-  is worse (about 2.5): slow nodes hold 10 / mean(1/speed) = 12.9 jobs each.
-- Two choices reach the goal (<= 1.25) only at N=10 on identical nodes with the
-  2 s refresh (about 1.19; 1.27 with the speed mix, 1.25 there with fresh
-  figures). At N=1000 they do not, even with fresh figures on identical nodes (about 1.31
-  at R=0.01 s): the gap max - mean of d=2 is about ln ln n / ln 2 = 2.8 jobs,
-  which on a mean of 10 is already 1.28. The 2 s staleness adds about 0.06 and
-  the speed mix about 0.1 more; with R=30 every client herds onto the nodes
-  that looked idle at the last refresh and two choices are barely better than
-  random. No change to ``busy`` alone reaches 1.25 at N=1000.
+  about 2.15 at N=1000 (about 1.5 at N=10). With the mixed speeds random is
+  worse (about 2.5): slow nodes hold 10 / mean(1/speed) = 12.9 jobs each.
+- Reading the two candidates' loads live is what helps: it removes the
+  staleness altogether, and with it the herding at R=30 s (2.15 -> 1.44 at
+  N=1000, mixed). It is the only rule here under 1.25 at N=10 with the mixed
+  speeds (1.245; every seed 1.242-1.249).
+- "Always go left" helps only with live figures and only at N=1000 (1.443 ->
+  1.414 mixed, 1.312 -> 1.306 uniform). On stale figures it is slightly worse:
+  a tie between stale figures lasts until the next publication, and every
+  client sends it to the same (left) side. At N=10 it is noise, and which
+  speeds the hash split puts on the left moves the figure (1.233-1.254).
+- No two-sample rule here reaches 1.25 at N=1000; the best, left+probed, gives
+  1.414 with the mixed speeds and 1.306 on identical nodes. On identical nodes
+  with live figures the busiest node sits about 3 jobs above a mean of 10:
+  ln ln n / ln 2 = 2.8 is the static figure (10n jobs thrown once, none
+  leaving: two choices give about 1.20 there, "always go left" the same), and
+  jobs that leave add about 0.1. With mixed speeds it is higher still: a node
+  wins at most the arrivals it is sampled for, 2/n of them, twice its even
+  share, while a 4x node would need 2.5 times its share to hold as many jobs as
+  a 1x node; the slow nodes carry the rest and stay above the mean.
 
 The horizon is a fixed number of measured arrivals (``--arrivals``), so the
-event count is bounded whatever N is; ``two_choices`` scans the whole node list
-on every call, which is most of the running time at N=1000.
+event count is bounded whatever N is; ``two_choices`` draws its two candidates
+without copying the node list when nothing is excluded, so a run at N=1000
+takes about half a second.
 
 Finite workers
 --------------
@@ -90,6 +142,7 @@ choice. The defaults keep the issue's setting.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import json
 import random
@@ -104,7 +157,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gridnode.client.nodes import NodeInfo, two_choices  # noqa: E402
+from gridnode.client.nodes import NodeInfo, rank_checked, two_choices  # noqa: E402
 
 MIXES: dict[str, tuple[float, ...]] = {
     "mixed": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0),
@@ -112,7 +165,10 @@ MIXES: dict[str, tuple[float, ...]] = {
 }
 """Speed of node i is mix[i % len(mix)]; "mixed": 60 % at 1x, 30 % at 2x, 10 % at 4x."""
 
-POLICIES: tuple[str, ...] = ("random", "two-choices", "two-choices/speed")
+POLICIES: tuple[str, ...] = ("random", "two-choices", "two-choices/left", "two-choices/probed",
+                             "two-choices/left+probed", "two-choices/speed")
+DEFAULT_POLICIES: tuple[str, ...] = POLICIES[:5]
+"""The speed variant is run only when asked (--policies): it never helps, see the docstring."""
 PUBLISHED_WORKERS = 8.0
 """The workers figure every node publishes when --workers is 0 (unlimited)."""
 
@@ -126,6 +182,18 @@ class SpeedNodeInfo(NodeInfo):
         workers = self.load.get("workers") or 1.0
         speed = self.load.get("speed") or 1.0
         return (self.load.get("running", 0.0) + self.load.get("queued", 0.0)) / (workers * speed)
+
+
+def left_right(ids: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Vöcking's two groups for ``two-choices/left``, as indices into ``ids``: the ids ordered
+    by a hash (blake2b) of the id, the first half "left" (it takes the odd one). A stable
+    function of the membership, so independent clients agree on it."""
+    def key(i: int) -> tuple[bytes, str]:
+        return hashlib.blake2b(ids[i].encode(), digest_size=8).digest(), ids[i]
+
+    ordered = sorted(range(len(ids)), key=key)
+    mid = (len(ordered) + 1) // 2
+    return ordered[:mid], ordered[mid:]
 
 
 @dataclass(frozen=True)
@@ -153,6 +221,11 @@ class Result:
     peak: int
     arrivals: int
     events: int
+    seeds: int = 1
+    """How many seeds (``seed``, ``seed + 1``, ...) the figures average; ``peak`` is their
+    highest, ``arrivals`` and ``events`` their totals, the range that of max/mean."""
+    max_over_mean_lo: float = 0.0
+    max_over_mean_hi: float = 0.0
 
 
 def speeds(n: int, mix: str = "mixed") -> list[float]:
@@ -182,7 +255,11 @@ def simulate(p: Params, policy: str) -> Result:
     workers = p.workers
     pub_workers = float(workers) if workers else PUBLISHED_WORKERS
     make: Callable[..., NodeInfo] = SpeedNodeInfo if policy == "two-choices/speed" else NodeInfo
-    ids = [f"n{i}" for i in range(n)]
+    ids = [f"s{p.seed}-n{i}" for i in range(n)]    # the seed moves the hash split of "left" as well
+    index = {x: i for i, x in enumerate(ids)}
+    left, right = left_right(ids)
+    asymmetric = policy.startswith("two-choices/left")
+    probed = policy.endswith("probed")
 
     def info(i: int, running: int, queued: int) -> NodeInfo:
         load = {"running": float(running), "queued": float(queued), "workers": pub_workers}
@@ -204,7 +281,7 @@ def simulate(p: Params, policy: str) -> Result:
     order = sorted(range(n), key=phases.__getitem__)
     ref_k, ref_cycle = 0, 0
     next_ref = phases[order[0]]
-    stale = policy != "random"
+    stale = policy in ("two-choices", "two-choices/left", "two-choices/speed")
 
     departures: list[tuple[float, int]] = []
     t_last = 0.0
@@ -242,12 +319,27 @@ def simulate(p: Params, policy: str) -> Result:
             next_arrival = t + jobs_rng.expovariate(rate)
             if t > warmup:
                 measured += 1
-            if stale:
+            if policy == "random":
+                node = choose_rng.randrange(n)
+            elif not (asymmetric or probed):    # the product's rule, imported
                 pick = two_choices(published, choose_rng)
                 assert pick is not None
-                node = int(pick.id[1:])
+                node = index[pick.id]
             else:
-                node = choose_rng.randrange(n)
+                if asymmetric:                  # one candidate from each half
+                    i = left[choose_rng.randrange(len(left))]
+                    j = right[choose_rng.randrange(len(right))]
+                else:                           # as two_choices samples
+                    i, j = choose_rng.sample(range(n), 2)
+                if probed:                      # the two candidates' figures, current
+                    a = info(i, running[i], count[i] - running[i])
+                    b = info(j, running[j], count[j] - running[j])
+                else:
+                    a, b = published[i], published[j]
+                if asymmetric:
+                    node = j if b.busy < a.busy else i    # a tie: the "left" one
+                else:                           # the product's ranking, imported
+                    node = index[rank_checked([(a, True), (b, True)], choose_rng)[0].id]
             if workers == 0 or running[node] < workers:
                 running[node] += 1
                 heapq.heappush(departures, (t + d / speed[node], node))
@@ -284,46 +376,76 @@ def simulate(p: Params, policy: str) -> Result:
     span = t_last - warmup
     mean = area_total / span / n
     avg_max = area_max / span
-    return Result(policy, p.mix, n, p.refresh, mean, avg_max, avg_max / mean, peak, measured, events)
+    ratio = avg_max / mean
+    return Result(policy, p.mix, n, p.refresh, mean, avg_max, ratio, peak, measured, events, 1, ratio, ratio)
 
 
-def plan(nodes: Sequence[int], refreshes: Sequence[float], mixes: Sequence[str]) -> list[tuple[str, int, float, str]]:
-    """(mix, N, refresh, policy) of every run: random once per mix and N (it never reads the
-    published figures), the speed variant only where speeds differ (it equals two-choices otherwise)."""
+def reads_published(policy: str) -> bool:
+    """Whether the policy reads the published (stale) figures, so depends on the refresh period."""
+    return policy != "random" and not policy.endswith("probed")
+
+
+def plan(nodes: Sequence[int], refreshes: Sequence[float], mixes: Sequence[str],
+         policies: Sequence[str] = DEFAULT_POLICIES) -> list[tuple[str, int, float, str]]:
+    """(mix, N, refresh, policy) of every run: random and the probed policies once per mix and N
+    (they never read the published figures), the others once per refresh period; the speed
+    variant only where speeds differ (it equals two-choices otherwise)."""
     out = []
     for mix in mixes:
         for n in nodes:
-            out.append((mix, n, refreshes[0], "random"))
-            for r in refreshes:
-                out.append((mix, n, r, "two-choices"))
-                if len(set(MIXES[mix])) > 1:
-                    out.append((mix, n, r, "two-choices/speed"))
+            for policy in policies:
+                if policy == "two-choices/speed" and len(set(MIXES[mix])) == 1:
+                    continue
+                for r in refreshes if reads_published(policy) else refreshes[:1]:
+                    out.append((mix, n, r, policy))
     return out
 
 
-def run_all(nodes: Sequence[int], refreshes: Sequence[float], mixes: Sequence[str], base: Params) -> list[Result]:
-    return [simulate(replace(base, nodes=n, refresh=r, mix=mix), policy)
-            for mix, n, r, policy in plan(nodes, refreshes, mixes)]
+def averaged(p: Params, policy: str, seeds: int = 1) -> Result:
+    """``simulate`` over seeds ``p.seed`` .. ``p.seed + seeds - 1``: the mean of each figure
+    (max/mean: the mean of the per-seed ratios) and the per-seed range of max/mean."""
+    runs = [simulate(replace(p, seed=p.seed + k), policy) for k in range(seeds)]
+    if seeds == 1:
+        return runs[0]
+    ratios = [r.max_over_mean for r in runs]
+    return replace(runs[0], mean=sum(r.mean for r in runs) / seeds, max=sum(r.max for r in runs) / seeds,
+                   max_over_mean=sum(ratios) / seeds, peak=max(r.peak for r in runs),
+                   arrivals=sum(r.arrivals for r in runs), events=sum(r.events for r in runs), seeds=seeds,
+                   max_over_mean_lo=min(ratios), max_over_mean_hi=max(ratios))
+
+
+def run_all(nodes: Sequence[int], refreshes: Sequence[float], mixes: Sequence[str], base: Params,
+            policies: Sequence[str] = DEFAULT_POLICIES, seeds: int = 1) -> list[Result]:
+    return [averaged(replace(base, nodes=n, refresh=r, mix=mix), policy, seeds)
+            for mix, n, r, policy in plan(nodes, refreshes, mixes, policies)]
 
 
 def table(results: list[Result]) -> str:
-    """Markdown: one row per run; random's row stands for every refresh period."""
+    """Markdown: one row per run; the rows of random and the probed policies stand for every
+    refresh period."""
     rand = {(r.mix, r.nodes): r.max_over_mean for r in results if r.policy == "random"}
-    lines = ["| policy | speeds | N | refresh s | mean jobs/node | avg max | max/mean | random ÷ this |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    spread = any(r.seeds > 1 for r in results)
+    lines = ["| policy | speeds | N | refresh s | mean jobs/node | avg max | max/mean | random ÷ this |"
+             + (" seeds' range |" if spread else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if spread else "")]
     for r in results:
-        refresh = "any" if r.policy == "random" else f"{r.refresh:g}"
-        ratio = rand[(r.mix, r.nodes)] / r.max_over_mean
+        refresh = f"{r.refresh:g}" if reads_published(r.policy) else "any"
+        ratio = f"{rand[(r.mix, r.nodes)] / r.max_over_mean:.2f}" if (r.mix, r.nodes) in rand else "-"
         lines.append(f"| {r.policy} | {r.mix} | {r.nodes} | {refresh} | {r.mean:.2f} | {r.max:.2f} "
-                     f"| {r.max_over_mean:.3f} | {ratio:.2f} |")
+                     f"| {r.max_over_mean:.3f} | {ratio} |"
+                     + (f" {r.max_over_mean_lo:.3f}-{r.max_over_mean_hi:.3f} |" if spread else ""))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Random choice against two choices on stale load figures.")
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                    help=f"comma-separated, of: {', '.join(POLICIES)} (default: all but the speed variant)")
     ap.add_argument("--nodes", default="10,1000", help="comma-separated node counts (default 10,1000)")
     ap.add_argument("--refresh", default="2,30", help="comma-separated publish periods in s (default 2,30)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="average each figure over this many seeds, from --seed on (default 1)")
     ap.add_argument("--jobs-per-node", type=float, default=10.0)
     ap.add_argument("--mix", default="mixed,uniform", help="comma-separated speed mixes: mixed, uniform")
     ap.add_argument("--mean-duration", type=float, default=60.0, help="mean base job duration, s")
@@ -338,23 +460,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         ap.error("--nodes and --refresh take comma-separated numbers")
     mixes = [x for x in a.mix.split(",") if x]
+    policies = [x for x in a.policies.split(",") if x]
+    if not policies or any(x not in POLICIES for x in policies):
+        ap.error(f"--policies takes {', '.join(POLICIES)}")
     if not nodes or min(nodes) < 2 or not refreshes or min(refreshes) <= 0:
         ap.error("need node counts >= 2 and refresh periods > 0")
     if not mixes or any(m not in MIXES for m in mixes):
         ap.error(f"--mix takes {', '.join(MIXES)}")
-    if a.arrivals < 1 or a.jobs_per_node <= 0 or a.mean_duration <= 0 or a.workers < 0:
-        ap.error("--arrivals, --jobs-per-node and --mean-duration must be positive, --workers >= 0")
+    if a.arrivals < 1 or a.jobs_per_node <= 0 or a.mean_duration <= 0 or a.workers < 0 or a.seeds < 1:
+        ap.error("--arrivals, --jobs-per-node, --mean-duration and --seeds must be positive, --workers >= 0")
     base = Params(2, 1.0, mixes[0], a.seed, a.jobs_per_node, a.mean_duration, a.workers, a.arrivals,
                   a.warmup_durations)
     started = time.perf_counter()
-    results = run_all(nodes, refreshes, mixes, base)
+    results = run_all(nodes, refreshes, mixes, base, policies, a.seeds)
     wall = time.perf_counter() - started
     if a.json:
         params = {k: v for k, v in asdict(base).items() if k not in ("nodes", "refresh", "mix")}
-        params |= {"nodes": nodes, "refresh": refreshes, "mix": {m: list(MIXES[m]) for m in mixes}}
+        params |= {"nodes": nodes, "refresh": refreshes, "mix": {m: list(MIXES[m]) for m in mixes},
+                   "policies": policies, "seeds": a.seeds}
         print(json.dumps({"params": params, "results": [asdict(r) for r in results], "wall_s": round(wall, 2)}))
     else:
-        print(f"seed {a.seed}, {a.jobs_per_node:g} jobs/node offered, mean duration {a.mean_duration:g} s, "
+        seeds = f"seed {a.seed}" if a.seeds == 1 else f"seeds {a.seed}-{a.seed + a.seeds - 1} (averaged)"
+        print(f"{seeds}, {a.jobs_per_node:g} jobs/node offered, mean duration {a.mean_duration:g} s, "
               f"workers {a.workers or 'unlimited'}, {a.arrivals} measured arrivals per run; "
               f"speeds: mixed = 6x1 3x2 1x4 per 10 nodes, uniform = all 1")
         print(table(results))

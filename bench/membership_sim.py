@@ -17,6 +17,13 @@ The model
   (exponential gaps, mean ``--stall-every`` s) for U(1, 5) s: they process nothing,
   their inbox queues up; on waking they run their due timers, then the queue.
 - ``--kill K``: K nodes crash (no goodbye) at random times after ``--quiet`` s.
+  ``--kill-mode process`` (the default; what ``kill -9``, an OOM kill or a crash
+  does): the host's kernel answers connections to the dead port with a reset, so
+  the sender's connection is refused one round trip later (plus 1 s, the SYN
+  retransmission, when the SYN or the reset is lost). ``--kill-mode host``: the
+  instance vanishes and messages to it are silently lost, as over UDP.
+  Stalled nodes and partitions never refuse: their kernel accepts, or nothing
+  answers.
   ``--joins J``: J new nodes join (bootstrapped with the registry's whole list).
   ``--partition-one``: one node is cut off from all others for ``--partition-seconds``.
 - Figures: detect_first_s (median over kills, kill -> first suspicion anywhere),
@@ -64,7 +71,8 @@ from gridnode.membership.swim import (  # noqa: E402
     encoded_size,
 )
 
-_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF = range(8)
+_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED = range(9)
+KILL_MODES = ("process", "host")
 
 
 @dataclass
@@ -79,6 +87,7 @@ class Params:
     warmup: float = 10.0
     quiet: float = 40.0
     kill: int = 0
+    kill_mode: str = "process"
     joins: int = 1
     partition_one: bool = False
     partition_seconds: float = 30.0
@@ -173,8 +182,6 @@ class Sim:
                     self.msgs += 1
                     if isinstance(o, SyncDigest | SyncState):
                         self.sync_bytes += encoded_size(o)
-                if self.rng.random() < p.loss:
-                    continue
                 if (src.id, o.dest) in self.broken:
                     continue
                 if self.partitioned is not None and (src.id == self.partitioned or o.dest == self.partitioned):
@@ -183,6 +190,13 @@ class Sim:
                 if dst is None:
                     continue
                 lat = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                if not dst.up and p.kill_mode == "process":
+                    if self.rng.random() < 2 * p.loss:
+                        lat += 1.0  # the SYN or the reset was lost: the kernel retries once
+                    self.push(now + 2 * lat, _REFUSED, src.i, (o.dest, o.dest_addr))
+                    continue
+                if self.rng.random() < p.loss:
+                    continue
                 self.push(now + lat, _DELIVER, dst.i, o)
             elif isinstance(o, MemberChanged):
                 self.observe(src, o)
@@ -261,13 +275,13 @@ class Sim:
             self.now = t
             self.events += 1
             nd = nodes[i]
-            if kind == _DELIVER:
+            if kind == _DELIVER or kind == _REFUSED:
                 if not nd.up or not nd.started:
                     continue
                 if nd.stalled_until > t:
                     nd.inbox.append(data)
                     continue
-                self.dispatch(nd, nd.m.receive(data, t))
+                self.dispatch(nd, self.handle(nd, data, t))
                 self.reschedule(nd)
             elif kind == _WAKE:
                 if data != nd.wake_at or not nd.up or nd.stalled_until > t:
@@ -289,7 +303,7 @@ class Sim:
                 self.dispatch(nd, nd.m.tick(t))  # a woken reactor runs its late timers first...
                 inbox, nd.inbox = nd.inbox, []
                 for msg in inbox:  # ...then reads what queued up
-                    self.dispatch(nd, nd.m.receive(msg, t))
+                    self.dispatch(nd, self.handle(nd, msg, t))
                 self.reschedule(nd)
             elif kind == _KILL:
                 nd.up = False
@@ -310,6 +324,12 @@ class Sim:
             elif kind == _PART_OFF:
                 self.partitioned = None
         return self.figures()
+
+    @staticmethod
+    def handle(nd: _Node, data: Any, t: float) -> list[Any]:
+        if isinstance(data, tuple):
+            return nd.m.refused(data[0], data[1], t)
+        return nd.m.receive(data, t)
 
     # ------------------------------------------------------------ figures
 
@@ -337,6 +357,7 @@ class Sim:
             "seconds": p.seconds,
             "seed": p.seed,
             "kills": len(self.kill_at),
+            "kill_mode": p.kill_mode,
             "detect_first_s": _round(statistics.median(detect) if detect else None),
             "dead_everywhere_median_s": _round(statistics.median(everywhere) if everywhere else None),
             "dead_everywhere_p99_s": _round(_pct(everywhere, 0.99)),
@@ -399,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=d.warmup)
     ap.add_argument("--quiet", type=float, default=d.quiet, help="no kill/join/partition before this time")
     ap.add_argument("--kill", type=int, default=d.kill)
+    ap.add_argument("--kill-mode", choices=KILL_MODES, default=d.kill_mode,
+                    help="process: connections to the dead node are refused; host: silence")
     ap.add_argument("--joins", type=int, default=d.joins)
     ap.add_argument("--partition-one", action="store_true")
     ap.add_argument("--partition-seconds", type=float, default=d.partition_seconds)
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, **{k: type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true")})
     p = Params(nodes=a.nodes, loss=a.loss, jitter_ms=a.jitter_ms, one_way=a.one_way, stall_fraction=a.stall_fraction,
                stall_every=a.stall_every, seconds=a.seconds, warmup=a.warmup, quiet=a.quiet, kill=a.kill,
+               kill_mode=a.kill_mode,
                joins=a.joins, partition_one=a.partition_one, partition_seconds=a.partition_seconds, seed=a.seed,
                config=cfg)
     t0 = time.process_time()

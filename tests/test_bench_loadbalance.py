@@ -1,16 +1,18 @@
 """
 The load-balancing simulator in bench/loadbalance.py: it runs, it is
-deterministic for a seed, and two choices on stale figures beat random choice.
+deterministic for a seed, two choices on stale figures beat random choice, and
+reading the two candidates' figures live undoes the staleness.
 Behaviour only; the benchmark itself prints the figures.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from bench.loadbalance import Params, arrival_rate, main, simulate, speeds
+from bench.loadbalance import DEFAULT_POLICIES, Params, arrival_rate, averaged, left_right, main, plan, simulate, speeds
 
 SMALL = Params(nodes=20, refresh=2.0, seed=7, arrivals=3_000, warmup_durations=3.0)
 
@@ -38,6 +40,43 @@ class SimulatorTests:
         two = simulate(SMALL, "two-choices")
         assert two.max_over_mean < rand.max_over_mean - 0.2
 
+    def test_live_candidates_undo_the_staleness(self) -> None:
+        """With a 30 s refresh, two choices on the published figures herd; the same rule on the two
+        candidates' current figures does clearly better, whether or not it goes left."""
+        slow = replace(SMALL, refresh=30.0)
+        stale = simulate(slow, "two-choices").max_over_mean
+        assert simulate(slow, "two-choices/probed").max_over_mean < stale - 0.15
+        assert simulate(slow, "two-choices/left+probed").max_over_mean < stale - 0.15
+
+    def test_left_right_halves(self) -> None:
+        """The split is into halves (the left one takes the odd node), covers every node once, and
+        does not depend on the order the ids come in."""
+        ids = [f"node-{i}" for i in range(11)]
+        left, right = left_right(ids)
+        assert (len(left), len(right)) == (6, 5)
+        assert sorted(left + right) == list(range(11))
+        shuffled = ids[::-1]
+        left2, right2 = left_right(shuffled)
+        assert {shuffled[i] for i in left2} == {ids[i] for i in left}
+        assert {shuffled[i] for i in right2} == {ids[i] for i in right}
+
+    def test_averaged_over_seeds(self) -> None:
+        """--seeds averages the per-seed figures and keeps their range."""
+        runs = [simulate(replace(SMALL, seed=s), "two-choices") for s in (7, 8, 9)]
+        avg = averaged(SMALL, "two-choices", 3)
+        assert avg.seeds == 3
+        assert avg.max_over_mean == pytest.approx(sum(r.max_over_mean for r in runs) / 3)
+        assert avg.max_over_mean_lo == min(r.max_over_mean for r in runs)
+        assert avg.max_over_mean_hi == max(r.max_over_mean for r in runs)
+        assert avg.arrivals == 3 * SMALL.arrivals
+
+    def test_plan_runs_refresh_free_policies_once(self) -> None:
+        """Random and the probed policies read no published figure: one run per mix and N."""
+        runs = plan([10], [2.0, 30.0], ["uniform"], DEFAULT_POLICIES)
+        count = {pol: sum(1 for *_, p in runs if p == pol) for pol in DEFAULT_POLICIES}
+        assert count == {"random": 1, "two-choices": 2, "two-choices/left": 2, "two-choices/probed": 1,
+                         "two-choices/left+probed": 1}
+
     def test_unknown_policy_is_refused(self) -> None:
         """A policy name the simulator does not know is an error, not a silent random run."""
         with pytest.raises(ValueError):
@@ -56,17 +95,29 @@ class CommandLineTests:
         """--json prints one JSON object with a result per planned run."""
         assert main(["--nodes", "20", "--refresh", "2", "--mix", "uniform", "--arrivals", "500", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert [r["policy"] for r in out["results"]] == ["random", "two-choices"]
+        assert [r["policy"] for r in out["results"]] == list(DEFAULT_POLICIES)
         assert out["params"]["nodes"] == [20]
 
     def test_table_output(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """Without --json the figures come as a markdown table, speed variant included for mixed speeds."""
+        """Without --json the figures come as a markdown table; the speed variant only when asked,
+        and only for mixed speeds."""
         assert main(["--nodes", "20", "--refresh", "2", "--arrivals", "500"]) == 0
         out = capsys.readouterr().out
         assert "| policy | speeds | N | refresh s |" in out
+        assert "| two-choices/probed | mixed | 20 | any |" in out
+        assert "two-choices/speed" not in out
+        assert main(["--nodes", "20", "--refresh", "2", "--arrivals", "500", "--seeds", "2",
+                     "--policies", "random,two-choices/speed"]) == 0
+        out = capsys.readouterr().out
         assert "| two-choices/speed | mixed | 20 | 2 |" in out
+        assert "| two-choices/speed | uniform |" not in out
+        assert "seeds' range" in out
 
     def test_bad_arguments_exit(self) -> None:
         """Nonsense arguments stop with a usage error."""
         with pytest.raises(SystemExit):
             main(["--nodes", "1"])
+        with pytest.raises(SystemExit):
+            main(["--policies", "three-choices"])
+        with pytest.raises(SystemExit):
+            main(["--seeds", "0"])

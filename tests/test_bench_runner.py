@@ -149,12 +149,26 @@ class ReaderTests:
         assert [(r.ratio, r.verdict) for r in rows] == [("1.200", "PASS"), ("1.490", "FAIL")]
         assert "random 1.700" in rows[0].measured
 
+    def test_loadbalance_reads_the_clients_live_rule_first(self) -> None:
+        """With the live-check rule in the results, the row is about it; the stale figure is beside."""
+        results = [
+            {"policy": "random", "mix": "mixed", "nodes": 10, "refresh": 2.0, "mean": 10, "max_over_mean": 1.7},
+            {"policy": "two-choices", "mix": "mixed", "nodes": 10, "refresh": 2.0, "mean": 9, "max_over_mean": 1.27},
+            {"policy": "two-choices/probed", "mix": "mixed", "nodes": 10, "refresh": 2.0, "mean": 9,
+             "max_over_mean": 1.24},
+        ]
+        rows = read_loadbalance([{"results": results}])
+        assert [(r.ratio, r.verdict) for r in rows] == [("1.240", "PASS")]
+        assert "read live" in rows[0].measured and "stale registry loads 1.270" in rows[0].measured
+
     def test_membership_detection_rows(self) -> None:
         """Median and p99 get their own rows; a kill never seen dead everywhere fails both."""
         o = {"nodes": 1000, "loss": 0.01, "kills": 5, "seconds": 90, "dead_everywhere_median_s": 4.0,
              "dead_everywhere_p99_s": 9.0, "kills_not_dead_everywhere": 0, "detect_first_s": 1.5}
         assert [r.verdict for r in read_membership_detect([o])] == ["PASS", "FAIL"]
         assert [r.verdict for r in read_membership_detect([{**o, "kills_not_dead_everywhere": 1}])] == ["FAIL"] * 2
+        rows = read_membership_detect([{**o, "kill_mode": "process"}, {**o, "kill_mode": "host"}])
+        assert len(rows) == 4 and "refused" in rows[0].figure and "silence" in rows[2].figure
 
     def test_membership_null_figure_is_an_error(self) -> None:
         """A figure the simulation could not measure (null) is not read as a pass."""

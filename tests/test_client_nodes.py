@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from gridnode.client.nodes import NodeInfo, nodes_from_json, nodes_from_store, order_for_failover, two_choices
+from gridnode.client.nodes import (
+    NodeInfo,
+    nodes_from_json,
+    nodes_from_store,
+    order_for_failover,
+    rank_checked,
+    two_choices,
+    with_live_load,
+)
 from gridnode.errors import GridnodeError
 from gridnode.store.memory import MemoryBackend
 
@@ -15,6 +23,29 @@ from gridnode.store.memory import MemoryBackend
 def node(i: int, running: float = 0, queued: float = 0, workers: float = 2) -> NodeInfo:
     return NodeInfo(f"n{i}", f"http://127.0.0.1:{8000 + i}",
                     {"running": running, "queued": queued, "workers": workers})
+
+
+class LiveCheckTests:
+    def test_live_load_replaces_the_registry_figures(self) -> None:
+        """A /health answer's running/queued/workers win over the heartbeat's; junk is ignored."""
+        stale = node(0, running=0, queued=0, workers=2)
+        live = with_live_load(stale, {"running": 2, "queued": 6, "workers": 4, "state": "ok"})
+        assert live.load == {"running": 2.0, "queued": 6.0, "workers": 4.0} and live.busy == 2.0
+        assert with_live_load(stale, {"running": "lots", "queued": True}).load == stale.load
+        assert with_live_load(stale, ["not", "a", "dict"]).load == stale.load
+
+    def test_answered_least_busy_first_silent_last(self) -> None:
+        """Candidates that answered come first, least busy first; one that did not answer goes last."""
+        busy, idle, frozen = node(0, 4, 4), node(1, 0, 0), node(2, 0, 0)
+        for seed in range(10):
+            ranked = rank_checked([(frozen, False), (busy, True), (idle, True)], random.Random(seed))
+            assert [n.id for n in ranked] == ["n1", "n0", "n2"]
+
+    def test_ties_are_broken_at_random(self) -> None:
+        """Two candidates equally busy: either may come first."""
+        a, b = node(0, 1), node(1, 1)
+        firsts = {rank_checked([(a, True), (b, True)], random.Random(seed))[0].id for seed in range(20)}
+        assert firsts == {"n0", "n1"}
 
 
 class ChoiceTests:
@@ -28,10 +59,34 @@ class ChoiceTests:
         assert node(0, 4, 0, workers=8).busy < node(1, 2, 0, workers=2).busy
 
     def test_failover_order_covers_all_once(self) -> None:
-        """The failover order lists every node exactly once."""
+        """The failover order lists every node exactly once, a node listed twice included."""
         nodes = [node(i, i) for i in range(7)]
         order = order_for_failover(nodes, random.Random(3))
         assert sorted(n.id for n in order) == sorted(n.id for n in nodes)
+        twice = order_for_failover([*nodes, node(2, 9)], random.Random(3))
+        assert sorted(n.id for n in twice) == sorted(n.id for n in nodes)
+        assert order_for_failover([], random.Random()) == []
+        assert [n.id for n in order_for_failover([node(5)], random.Random())] == ["n5"]
+
+    def test_failover_order_is_two_choices_at_every_place(self) -> None:
+        """Each place is the less busy of two nodes drawn from those not placed yet: of two nodes
+        the idle one comes first every time; over many orders the first place carries about the
+        expected minimum of two distinct draws from 0..5 jobs (4/3, a random order: 2.5), and
+        the busiest node, which wins no draw, always comes last."""
+        assert all(order_for_failover([node(0, 3), node(1, 0)], random.Random(s))[0].id == "n1"
+                   for s in range(20))
+        nodes = [node(i, i) for i in range(6)]
+        orders = [order_for_failover(nodes, random.Random(s)) for s in range(400)]
+        first = sum(o[0].load["running"] for o in orders) / len(orders)
+        assert first < 1.7
+        assert all(o[-1].id == "n5" for o in orders)
+
+    def test_exclude(self) -> None:
+        """Excluded nodes are never chosen; nothing left gives None."""
+        nodes = [node(0, 0), node(1, 5), node(2, 5)]
+        picks = {two_choices(nodes, random.Random(s), {"n0"}).id for s in range(30)}  # type: ignore[union-attr]
+        assert picks == {"n1", "n2"}
+        assert two_choices(nodes, random.Random(), {"n0", "n1", "n2"}) is None
 
     def test_empty_and_single(self) -> None:
         """No node gives None; one node is always chosen."""

@@ -22,6 +22,8 @@ class Net:
                                     incarnation=1) for i, name in enumerate(self.names)}
         self.down: set[str] = set()  # crashed or frozen: receives and ticks nothing
         self.cut: set[tuple[str, str]] = set()  # one-way links that lose everything
+        self.refusing: set[str] = set()  # its process is gone: connecting to it is refused
+        self.rejected: set[tuple[str, str]] = set()  # one-way links a firewall rejects (refused)
         self.changes: dict[str, list[MemberChanged]] = {name: [] for name in self.names}
         self.confirmed: dict[str, list[ConfirmedDead]] = {name: [] for name in self.names}
         self.sent: dict[str, list[swim.Message]] = {name: [] for name in self.names}
@@ -47,6 +49,10 @@ class Net:
             self.now = round(self.now + dt, 6)
             queue, self.queue = self.queue, []
             for msg in queue:
+                refused = msg.dest in self.refusing or (msg.sender, msg.dest) in self.rejected
+                if refused and msg.sender not in self.down:
+                    self.act(msg.sender, self.m[msg.sender].refused(msg.dest, msg.dest_addr, self.now))
+                    continue
                 if msg.dest in self.down or msg.sender in self.down or (msg.sender, msg.dest) in self.cut:
                     continue
                 self.act(msg.dest, self.m[msg.dest].receive(msg, self.now))
@@ -190,6 +196,65 @@ class ConfirmedDeathTests:
         net.run(90)
         assert any(net.state("n0", other) != ALIVE for other in net.names[1:])
         assert net.confirmed["n0"] == []
+
+
+class RefusedTests:
+    def kill(self, refusing: bool) -> float:
+        net = Net(6)
+        net.run(3)
+        net.down.add("n5")
+        if refusing:
+            net.refusing.add("n5")
+        took = net.until(lambda: all(net.state(n, "n5") == DEAD for n in net.names[:5]), 60)
+        assert all(c.member == "n5" for n in net.names for c in net.confirmed[n])
+        assert any(net.confirmed[n] for n in net.names[:5])
+        return took
+
+    def test_refused_connections_shorten_the_suspicion(self) -> None:
+        """A process that is gone refuses connections: it is dead everywhere sooner than a silent one."""
+        cfg = swim.SwimConfig()
+        refused, silent = self.kill(refusing=True), self.kill(refusing=False)
+        assert refused < silent
+        lo, _ = cfg.suspicion_bounds(6)
+        assert refused < lo  # under the shortest suspicion a silent member can get
+
+    def test_relays_refused_too_become_witnesses(self) -> None:
+        """The first refusal sends ping-reqs at once; the relays' own refusals make them suspectors."""
+        net = Net(6)
+        net.run(3)
+        net.down.add("n5")
+        net.refusing.add("n5")
+        net.until(lambda: any(net.state(n, "n5") == SUSPECT for n in net.names[:5]), 10)
+        first = next(n for n in net.names[:5] if net.state(n, "n5") == SUSPECT)
+        net.run(0.05)
+        assert any(isinstance(m, swim.PingReq) and m.target == "n5" for m in net.sent[first])
+        suspectors = {c.member for n in net.names[:5] for c in net.changes[n]}
+        assert "n5" in suspectors
+        assert sum(net.state(n, "n5") == SUSPECT for n in net.names[:5]) >= 2
+
+    def test_a_rejecting_partition_confirms_nothing(self) -> None:
+        """Cut off by a firewall that rejects (every connection refused): suspects fast, confirms nothing."""
+        net = Net(5)
+        net.run(3)
+        for other in net.names[1:]:
+            net.rejected |= {("n0", other)}
+            net.cut |= {(other, "n0")}
+        net.run(90)
+        assert all(net.state("n0", other) == DEAD for other in net.names[1:])
+        assert net.confirmed["n0"] == []
+        assert not any(net.state(o, "n0") == DEAD for o in net.names[1:]) or all(
+            net.confirmed[o] == [] or all(c.member == "n0" for c in net.confirmed[o]) for o in net.names[1:])
+
+    def test_refusal_of_another_address_or_an_unknown_member_is_ignored(self) -> None:
+        """Only a refusal at the member's current address counts (a node that moved is not accused)."""
+        net = Net(3)
+        net.run(2)
+        assert net.m["n0"].refused("n1", "elsewhere:1", net.now) == []
+        assert net.m["n0"].refused("stranger", "stranger:1", net.now) == []
+        assert net.state("n0", "n1") == ALIVE
+        outs = net.m["n0"].refused("n1", "n1:1", net.now)
+        assert net.state("n0", "n1") == SUSPECT and outs
+        assert net.m["n0"].refused("n1", "n1:1", net.now) == []  # known already
 
 
 class MergeTests:

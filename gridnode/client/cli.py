@@ -124,7 +124,7 @@ async def command(reactor: Any, args: argparse.Namespace) -> int:
     http = default_http(reactor, connect_timeout=min(args.timeout, 10.0))
     nodes = await find_nodes(reactor, args, http)
     client = GridClient(reactor, http, nodes, stall_timeout=args.timeout, response_timeout=2 * args.timeout,
-                        request_timeout=args.timeout)
+                        request_timeout=args.timeout, check_timeout=min(2.0, args.timeout))
 
     if args.command == "nodes":
         if args.json:

@@ -1,7 +1,9 @@
 """
 Finding and choosing nodes, Lei Zhu's way: no load balancer; the client
 reads the live list from the bucket (or the public nodes.json) and picks a
-node itself by the power of two choices on the load figures.
+node itself by the power of two choices. The registry's load figures are as
+old as the last heartbeat, so for an upload the client reads the two
+candidates' loads live (``GridClient``; ``rank_checked`` decides here).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gridnode import keys
@@ -74,7 +76,7 @@ def nodes_from_json(data: bytes) -> list[NodeInfo]:
 def two_choices(nodes: list[NodeInfo], rng: random.Random, exclude: set[str] | frozenset[str] = frozenset(),
                 ) -> NodeInfo | None:
     """Sample two candidates, keep the less busy one (random where loads tie or are unknown)."""
-    candidates = [n for n in nodes if n.id not in exclude]
+    candidates = [n for n in nodes if n.id not in exclude] if exclude else nodes
     if not candidates:
         return None
     if len(candidates) == 1:
@@ -86,15 +88,43 @@ def two_choices(nodes: list[NodeInfo], rng: random.Random, exclude: set[str] | f
 
 
 def order_for_failover(nodes: list[NodeInfo], rng: random.Random) -> list[NodeInfo]:
-    """The order to try nodes in: two-choices picks first, the rest after."""
+    """The order to try nodes in: two-choices picks first, the rest after. Each place is the
+    two-choices pick among the nodes not placed yet (a node listed twice under one id counts
+    once); O(n): a placed node is swapped out of the pool instead of the pool being rebuilt."""
+    seen: set[str] = set()
+    pool: list[NodeInfo] = []
+    for n in nodes:
+        if n.id not in seen:
+            seen.add(n.id)
+            pool.append(n)
     order: list[NodeInfo] = []
-    tried: set[str] = set()
-    while True:
-        pick = two_choices(nodes, rng, tried)
-        if pick is None:
-            return order
-        order.append(pick)
-        tried.add(pick.id)
+    while len(pool) > 1:
+        i, j = rng.sample(range(len(pool)), 2)
+        k = j if pool[j].busy < pool[i].busy else i
+        order.append(pool[k])
+        pool[k] = pool[-1]
+        pool.pop()
+    return order + pool
+
+
+def with_live_load(node: NodeInfo, health: Any) -> NodeInfo:
+    """``node`` with the load figures of its ``GET /health`` answer (others kept)."""
+    load = dict(node.load)
+    if isinstance(health, dict):
+        for key in ("running", "queued", "workers"):
+            value = health.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                load[key] = float(value)
+    return replace(node, load=load)
+
+
+def rank_checked(checked: list[tuple[NodeInfo, bool]], rng: random.Random) -> list[NodeInfo]:
+    """The sampled candidates after a live check: those that answered, least busy first (in random
+    order where loads tie), then those that did not answer (frozen, draining, gone)."""
+    shuffled = list(checked)
+    rng.shuffle(shuffled)
+    answered = sorted((n for n, ok in shuffled if ok), key=lambda n: n.busy)  # stable: ties stay shuffled
+    return answered + [n for n, ok in shuffled if not ok]
 
 
 def describe(nodes: list[NodeInfo]) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
 
 - Out: a bounded cache of connections keyed by peer address (least recently
   used one closed past ``max_out``), with a connect timeout; a message whose
-  connection fails is simply lost, as on UDP (SWIM expects loss).
+  connection fails is simply lost, as on UDP (SWIM expects loss). A connection
+  *refused* is news, though: nothing listens at that address any more, so the
+  machine hears of it (``SwimMachine.refused``).
 - In: at most ``max_in`` concurrent connections; more are closed at once.
 - Bootstrap and healing: every registry read adds the records' nodes, and
   says which records are stale (the bucket as an independent witness).
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -178,7 +181,7 @@ class MembershipService:
     def act(self, outputs: list[swim.Output]) -> None:
         for out in outputs:
             if isinstance(out, swim.Message):
-                self._send(out).addErrback(lambda _: None)
+                self._send(out).addErrback(self._send_failed, out)
             elif isinstance(out, swim.ConfirmedDead):
                 self._confirmed_dead(out)
             elif isinstance(out, swim.MemberChanged):
@@ -219,6 +222,10 @@ class MembershipService:
         if self.metrics is not None:
             self.metrics.peer_dropped.labels(reason).inc()
         self._log.debug("dropped a peer message: {reason}", reason=reason)
+
+    def _send_failed(self, failure: Any, msg: swim.Message) -> None:
+        if failure.check(ConnectionRefusedError) and self._running:
+            self.act(self.machine.refused(msg.dest, msg.dest_addr, self.now()))
 
     def _changed(self, change: swim.MemberChanged) -> None:
         self._log.info("peer {peer} is {state} (incarnation {incarnation})", peer=change.member,

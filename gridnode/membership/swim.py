@@ -30,6 +30,15 @@ Protocol choices, and why:
   refutation may have missed us. A death backed by one accuser only stays local (not
   gossiped): a lone accuser is more likely cut off itself. A dead entry received in a
   full-state sync counts as a suspicion (as in memberlist).
+- Refused connections (TCP, not in SWIM's UDP world): the I/O layer reports a
+  connection to a member's address that was actively refused (``refused``). No
+  process listens there: the member's process is gone (a stalled member's kernel
+  still accepts, a lossy link drops rather than refuses). We suspect it at once, ask
+  ``indirect_k`` relays to try it too (they get refused in turn and become
+  independent suspectors), and our timeout for that incarnation is the short
+  ``refused_suspicion_mult`` periods. The rules for spreading and confirming a death
+  do not change, so a node cut off from everyone by a rejecting firewall still
+  confirms nothing.
 - Buddy system: a member we suspect is told so directly (right away, and in every
   probe or answer we send it), so it refutes at once by bumping its incarnation.
 - Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
@@ -80,6 +89,8 @@ class SwimConfig:
     suspicion_min_mult: float = 4.0
     #: suspicion max = suspicion_max_mult * min
     suspicion_max_mult: float = 3.0
+    #: suspicion timeout (in probe periods) once our own connection to the member was refused
+    refused_suspicion_mult: float = 1.0
     retransmit_mult: int = 4
     health_max: int = 8
     gossip_interval: float = 0.2
@@ -334,13 +345,14 @@ class SwimMachine:
         self._tseq = 0
         self._seq = 0
         self._probes: dict[int, _Probe] = {}
-        self._relays: dict[int, tuple[str, str, int]] = {}
+        self._relays: dict[int, tuple[str, str, int, str]] = {}  # our seq -> (requester, addr, seq, target)
         self._suspicions: dict[str, _Suspicion] = {}
         self._queue: dict[str, list[Any]] = {}  # member -> [Update, transmits]
         self._gossip_armed = False
         self._stale: dict[str, int] = {}  # registry-stale witness: member -> incarnation
         self._pending: dict[str, tuple[int, set[str]]] = {}  # declared dead by us, not yet confirmed
         self._confirmed: dict[str, int] = {}
+        self._refused: dict[str, int] = {}  # member -> incarnation whose connection we saw refused
         self._last_stall = -math.inf
 
     # ------------------------------------------------------------ public API
@@ -415,6 +427,33 @@ class SwimMachine:
             self._confirm_death(m, out)
         return out
 
+    def refused(self, member: str, address: str, now: float) -> list[Output]:
+        """The I/O layer: a connection to ``member`` at ``address`` was actively refused."""
+        self._now = now
+        out: list[Output] = []
+        m = self._members.get(member)
+        if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
+            return out
+        if self._refused.get(member) == m.incarnation:
+            return out  # known: our own probes, buddy notes and relays keep getting refused
+        self._refused[member] = m.incarnation
+        self._suspect(m, out)
+        s = self._suspicions.get(member)
+        if s is not None:
+            self._reschedule(member, s)  # the short timeout now applies to us
+        if not any(p.target == member and p.expected_nacks for p in self._probes.values()):
+            # no need to wait for an ack timeout: have relays try it now
+            seq = self._next_seq()
+            p = self._probes[seq] = _Probe(seq, member)
+            self._ping_req(p, m, out)
+            self._push(now + self.config.probe_interval * (1 + self._health), _T_PROBE_END, seq)
+        mine = Update(m.id, m.address, m.incarnation, SUSPECT, self.me)
+        for requester, addr, _, target in list(self._relays.values()):
+            if target == member and requester in self._live_pos:
+                # we relay a probe for ``requester``: our refusal is its second witness
+                out.append(Gossip(requester, addr, *self._hdr(), [mine]))
+        return out
+
     def is_confirmed_dead(self, member: str) -> bool:
         """True if we declared ``member`` dead and that death is confirmed (see module docstring)."""
         m = self._members.get(member)
@@ -487,7 +526,7 @@ class SwimMachine:
             assert isinstance(msg, PingReq)
             self._apply_all(msg.updates, out)
             seq = self._next_seq()
-            self._relays[seq] = (msg.sender, msg.sender_addr, msg.seq)
+            self._relays[seq] = (msg.sender, msg.sender_addr, msg.seq, msg.target)
             out.append(Ping(msg.target, msg.target_addr, *self._hdr(), seq, self._piggyback(msg.target)))
             self._push(now + 0.8 * self.config.probe_timeout, _T_RELAY, seq)
         elif t is Gossip:
@@ -541,15 +580,10 @@ class SwimMachine:
             self._probe(now, out)
         elif kind == _T_ACK:
             p = self._probes.get(key)
-            if p is not None and not p.acked:
+            if p is not None and not p.acked and not p.expected_nacks:
                 m = self._members.get(p.target)
                 if m is not None:
-                    for relay in self._sample(cfg.indirect_k, (p.target,)):
-                        out.append(
-                            PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address,
-                                    self._piggyback(relay))
-                        )
-                        p.expected_nacks += 1
+                    self._ping_req(p, m, out)
         elif kind == _T_PROBE_END:
             p = self._probes.pop(key, None)
             if p is not None and not p.acked:
@@ -604,6 +638,7 @@ class SwimMachine:
                 self._pending.pop(key, None)
                 self._confirmed.pop(key, None)
                 self._stale.pop(key, None)
+                self._refused.pop(key, None)
 
     # ------------------------------------------------------------ probing
 
@@ -635,6 +670,12 @@ class SwimMachine:
             self._probe_idx = 0
         return None
 
+    def _ping_req(self, p: _Probe, m: _Member, out: list[Output]) -> None:
+        for relay in self._sample(self.config.indirect_k, (p.target,)):
+            out.append(PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address,
+                               self._piggyback(relay)))
+            p.expected_nacks += 1
+
     def _on_ack(self, seq: int, out: list[Output]) -> None:
         p = self._probes.get(seq)
         if p is not None:
@@ -665,6 +706,8 @@ class SwimMachine:
         k = min(self.config.indirect_k, n - 2)
         c = len(s.suspectors) - 1
         timeout = lo if k < 1 else max(lo, hi - (hi - lo) * math.log(c + 1) / math.log(k + 1))
+        if self._refused.get(member) == s.incarnation:
+            timeout = min(timeout, self.config.refused_suspicion_mult * self.config.probe_interval)
         s.deadline = s.start + timeout
         self._push(s.deadline, _T_SUSPECT, member)
 
@@ -692,9 +735,7 @@ class SwimMachine:
         p.acked = False
         self._probes[seq] = p
         out.append(Ping(m.id, m.address, *self._hdr(), seq, self._piggyback(m.id)))
-        for relay in self._sample(self.config.indirect_k, (m.id,)):
-            out.append(PingReq(relay, self._members[relay].address, *self._hdr(), seq, m.id, m.address,
-                               self._piggyback(relay)))
+        self._ping_req(p, m, out)
         self._push(self._now + 2 * self.config.probe_timeout, _T_FINAL, seq)
 
     def _declare_dead(self, m: _Member, s: _Suspicion, out: list[Output]) -> None:
