@@ -311,6 +311,18 @@ def is_loopback(endpoint: str) -> bool:
     return interface is not None and (interface.startswith("127.") or interface in ("::1", "localhost"))
 
 
+#: the HTTP accept queue. Twisted's default, 50, overflows under a burst of clients (200 at once
+#: in tests/test_load.py), and clients whose connection overflowed it were reset.
+HTTP_BACKLOG = 1024
+
+
+def with_backlog(endpoint: str, backlog: int = HTTP_BACKLOG) -> str:
+    """``endpoint`` with ``backlog=`` added when it is a TCP endpoint string that sets none."""
+    if endpoint.split(":", 1)[0] in ("tcp", "tcp6") and not re.search(r"(^|:)backlog=", endpoint):
+        return f"{endpoint}:backlog={backlog}"
+    return endpoint
+
+
 def endpoint_port(endpoint: str) -> int | None:
     """The port of a ``tcp:PORT:...`` endpoint string, if it has one."""
     parts = endpoint.split(":")

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import __version__, tokens
-from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port, is_loopback
+from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port, is_loopback, with_backlog
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
@@ -163,7 +163,7 @@ class NodeService(MultiService):
 
         site = GridSite(node.cors.wrap(api_root(node)), self.reactor, node.route_body, node.extra_headers,
                         on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
-        port = yield serverFromString(self.reactor, config.http).listen(site)
+        port = yield serverFromString(self.reactor, with_backlog(config.http)).listen(site)
         self._ports.append(port)
         address = port.getHost()
         http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"

@@ -93,7 +93,7 @@ class JobService:
         self.rng = rng or random.Random()
         self.node_id = config.node_id or ""
         self.lease = config.job_lease
-        self.spool = Spool(os.path.join(config.work_dir, "spool"))
+        self.spool = Spool(os.path.join(config.work_dir, "spool"), reactor)
         self.active: dict[str, Active] = {}
         self.uploading: set[str] = set()
         self.draining = False
@@ -188,17 +188,22 @@ class JobService:
             if spool.size == 0:
                 raise GridnodeError("the upload is empty; send the video as the request body",
                                     code="not_a_video", status=422)
-            digest = spool.sha256.hexdigest()
-            if checksum is not None and checksum != digest:
-                raise GridnodeError("the upload's sha256 differs from its Upload-Checksum; send it again",
-                                    code="checksum_mismatch", status=460)
+            # the digest is finished by a thread reading behind the upload: the probe runs meanwhile
+            hashed = spool.digest()
+            digest = None
+            if checksum is not None:
+                digest = yield hashed
+                if checksum != digest:
+                    raise GridnodeError("the upload's sha256 differs from its Upload-Checksum; send it again",
+                                        code="checksum_mismatch", status=460)
             chosen = self.media.parse_presets(presets)
             job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now(), sha256=digest)
+                          size=spool.size, now=self.now())
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
             self._log.info("job {job} probed in {elapsed:.3f}s", job=job_id, elapsed=time.monotonic() - probe_started)
+            job.sha256 = digest if digest is not None else (yield hashed)
         except BaseException as e:
             spool.discard()  # frees the slot too
             code = getattr(e, "code", "error")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gridnode.config import build_config, default_node_id, endpoint_port, load_config_file
+from gridnode.config import HTTP_BACKLOG, build_config, default_node_id, endpoint_port, load_config_file, with_backlog
 from gridnode.errors import ConfigError
 
 
@@ -63,6 +63,13 @@ class LayeringTests:
         assert endpoint_port("tcp:8080:interface=127.0.0.1") == 8080
         assert endpoint_port("tcp:port=81") == 81
         assert endpoint_port("unix:/tmp/x") is None
+
+    def test_http_backlog(self) -> None:
+        """TCP endpoints get a deep accept queue unless they set one; others are left alone."""
+        assert with_backlog("tcp:8080:interface=127.0.0.1") == f"tcp:8080:interface=127.0.0.1:backlog={HTTP_BACKLOG}"
+        assert with_backlog("tcp:8080:backlog=10") == "tcp:8080:backlog=10"
+        assert with_backlog("tcp6:8080:interface=\\:\\:1").endswith(f":backlog={HTTP_BACKLOG}")
+        assert with_backlog("unix:/tmp/x") == "unix:/tmp/x"
 
 
 class RefusalTests:

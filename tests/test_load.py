@@ -34,8 +34,9 @@ class LoadTests:
                 try:
                     return upload(base, media_clips.portrait, "poster")
                 except ConnectionResetError:
-                    # Seen now and then under this burst on a loaded 2-core machine (cause not
-                    # yet found; see the closing note): the client retries once, as clients do.
+                    # Seen under this burst on a loaded machine while the node listened with
+                    # Twisted's default backlog of 50 (now 1024: config.with_backlog); a client
+                    # retries once, as clients do.
                     resets.append(1)
                     return upload(base, media_clips.portrait, "poster")
 

@@ -616,7 +616,7 @@ class TusService:
         os.replace(local.path, final)
         spool = SpoolFile(final, "ab")
         spool.size = info.length
-        spool.sha256 = local.sha256
+        spool.use_digest(local.sha256)
         self._local.pop(info.id, None)
         try:
             job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None)

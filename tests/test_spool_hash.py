@@ -1,0 +1,75 @@
+"""Upload bodies are hashed by a thread reading behind the writer (real reactor, real files)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+
+from gridnode.web.upload import InlineSha256, Spool, TrailingSha256
+
+
+@pytest_twisted.ensureDeferred
+async def test_trailing_digest_equals_hashlib(tmp_path: Path) -> None:
+    """Pieces of every size, written while the thread trails: the digest is the file's sha256."""
+    spool = Spool(str(tmp_path), reactor)
+    f = spool.new("job1")
+    assert isinstance(f._hash, TrailingSha256)
+    rng = bytes(range(256)) * 4096
+    pieces = [rng[: 1 + (i * 7919) % len(rng)] for i in range(40)]
+    for piece in pieces:
+        f.write(piece)
+    f.close(release=False)
+    digest = await f.digest()
+    assert digest == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert digest == hashlib.sha256((tmp_path / "job1").read_bytes()).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_body(tmp_path: Path) -> None:
+    """No write at all: the digest of nothing."""
+    f = Spool(str(tmp_path), reactor).new("empty")
+    f.close(release=False)
+    assert await f.digest() == hashlib.sha256(b"").hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_stops_the_thread(tmp_path: Path) -> None:
+    """A refused or cut-off body: the file goes, and so does its hashing thread."""
+    before = {t.name for t in threading.enumerate()}
+    f = Spool(str(tmp_path), reactor).new("cut")
+    f.write(b"x" * 100_000)
+    f.discard()
+    for _ in range(100):
+        if not any(t.name == "sha256 cut" for t in threading.enumerate()):
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert not os.path.exists(tmp_path / "cut")
+    assert "sha256 cut" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_without_a_threaded_reactor_the_hash_is_inline(tmp_path: Path) -> None:
+    """A fake clock runs no threads: bodies are hashed as they are written (unit tests)."""
+    f = Spool(str(tmp_path), Clock()).new("inline")
+    assert isinstance(f._hash, InlineSha256)
+    f.write(b"abc")
+    result: list[str] = []
+    f.digest().addCallback(result.append)
+    assert result == [hashlib.sha256(b"abc").hexdigest()]
+
+
+@pytest.mark.parametrize("size", [0, 1, TrailingSha256.READ, 3 * TrailingSha256.READ + 17])
+@pytest_twisted.ensureDeferred
+async def test_sizes_around_the_read_size(tmp_path: Path, size: int) -> None:
+    """Bodies at and around the thread's read size."""
+    body = os.urandom(size)
+    f = Spool(str(tmp_path), reactor).new(f"s{size}")
+    f.write(body)
+    f.close(release=False)
+    assert await f.digest() == hashlib.sha256(body).hexdigest()
