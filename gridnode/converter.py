@@ -84,7 +84,12 @@ class Converter:
                                       user=self.user)
             slot.on_cancel(process.cancel)
             d: Deferred[Any] = process.deferred
-            d.addCallback(lambda _: collect_outputs(out_dir, info, presets))
+
+            def transcoded(_: Any) -> list[ProducedFile]:
+                slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
+                return collect_outputs(out_dir, info, presets)
+
+            d.addCallback(transcoded)
             d.addCallback(finish)
             return d
 

@@ -78,6 +78,25 @@ class PoolTests:
         work.finish("j1")
         assert [s.job_id for s in work.started][-1] == "j4"
 
+    def test_a_freed_worker_takes_the_next_job_while_the_first_finishes(self, tmp_path: Path) -> None:
+        """free_worker(): the next job starts at once; the first keeps its scratch folder (its outputs
+        are being stored), can still be cancelled, and its result arrives when its work ends."""
+        pool, work, _ = self.make(tmp_path, workers=1)
+        first, second = collect(pool.submit("j1", work)), collect(pool.submit("j2", work))
+        assert [s.job_id for s in work.started] == ["j1"]
+        work.started[0].free_worker()
+        work.started[0].free_worker()  # once only
+        assert [s.job_id for s in work.started] == ["j1", "j2"]
+        assert pool.running == 1 and pool.has_job("j1") and (tmp_path / "scratch" / "j1").is_dir()
+        assert pool.sweep() == [] and (tmp_path / "scratch" / "j1").is_dir()
+        work.finish("j1", "stored")
+        assert first == ["stored"] and not (tmp_path / "scratch" / "j1").exists() and not pool.has_job("j1")
+        assert pool.running == 1 and second == []
+        work.started[1].free_worker()
+        assert pool.cancel("j2") and work.cancelled == ["j2"]
+        work.finish("j2")
+        assert code_of(second) == "cancelled" and pool.running == 0
+
     def test_full_queue_is_busy(self, tmp_path: Path) -> None:
         """Workers busy and queue full: busy (503) with a retry_after hint; nothing is queued."""
         pool, work, _ = self.make(tmp_path, workers=1, queue=1)

@@ -11,7 +11,10 @@ behaves so), because the scratch folder goes then. A work that registers
 nothing is stopped with ``Deferred.cancel()`` on what it returned.
 
 The work spans everything that needs the scratch folder (ffmpeg, then storing
-the outputs): the worker is held until it ends.
+the outputs), and the folder stays until it ends; the *worker* is held until the
+work calls ``slot.free_worker()`` or ends. The converter frees it as soon as
+ffmpeg has exited, so storing one job's outputs overlaps the next job's ffmpeg
+and ``workers`` bounds the ffmpeg processes, not the store writes.
 
 Errors: ``busy`` (503, ``retry_after`` seconds attribute) when the queue is
 full; ``cancelled`` (409) for a cancelled job; ``duplicate_job`` (409) for a
@@ -59,11 +62,18 @@ def cancelled_error() -> GridnodeError:
 class JobSlot:
     """What a running job gets from the pool."""
 
-    def __init__(self, job_id: str, scratch: Path) -> None:
+    def __init__(self, job_id: str, scratch: Path, on_free: Callable[[], object] | None = None) -> None:
         self.job_id = job_id
         self.scratch = scratch
         self.cancelled = False
         self._on_cancel: list[Callable[[], object]] = []
+        self._on_free = on_free
+
+    def free_worker(self) -> None:
+        """The CPU-heavy part is over: another job may take the worker (the scratch folder stays)."""
+        on_free, self._on_free = self._on_free, None
+        if on_free is not None:
+            on_free()
 
     def on_cancel(self, fn: Callable[[], object]) -> None:
         """Call ``fn`` when the job is cancelled (at once if it already is)."""
@@ -116,7 +126,8 @@ class TranscodePool:
         self.queue_limit = max(0, queue)
         self.default_retry_after = default_retry_after
         self._queue: deque[_Entry[Any]] = deque()
-        self._running: dict[str, _Entry[Any]] = {}
+        self._running: dict[str, _Entry[Any]] = {}  # holding a worker
+        self._finishing: dict[str, _Entry[Any]] = {}  # worker freed, work not ended yet
         self._recent: deque[float] = deque(maxlen=20)  # seconds per finished job, for Retry-After
 
     # -- counters for /health and /metrics
@@ -147,7 +158,8 @@ class TranscodePool:
         return int(min(300, max(5, math.ceil(mean * ahead))))
 
     def has_job(self, job_id: str) -> bool:
-        return job_id in self._running or any(e.job_id == job_id for e in self._queue)
+        return (job_id in self._running or job_id in self._finishing
+                or any(e.job_id == job_id for e in self._queue))
 
     # -- jobs
 
@@ -183,7 +195,7 @@ class TranscodePool:
                 self._log.info("job {job} cancelled while queued", job=job_id)
                 entry.result.errback(Failure(cancelled_error()))
                 return True
-        running = self._running.get(job_id)
+        running = self._running.get(job_id) or self._finishing.get(job_id)
         if running is None or running.slot is None:
             return False
         if running.slot.cancelled:
@@ -199,8 +211,8 @@ class TranscodePool:
         """Cancel everything (service shutdown); fires when every running job has ended."""
         for entry in list(self._queue):
             self.cancel(entry.job_id)
-        waiting = [e.result for e in self._running.values()]
-        for job_id in list(self._running):
+        waiting = [e.result for e in (*self._running.values(), *self._finishing.values())]
+        for job_id in [*self._running, *self._finishing]:
             self.cancel(job_id)
         if not waiting:
             return succeed(None)
@@ -212,7 +224,7 @@ class TranscodePool:
         self.scratch_root.mkdir(parents=True, exist_ok=True)
         removed = []
         for child in self.scratch_root.iterdir():
-            if child.name in self._running:
+            if child.name in self._running or child.name in self._finishing:
                 continue
             _remove(child)
             removed.append(child.name)
@@ -234,7 +246,7 @@ class TranscodePool:
             if scratch.exists() or scratch.is_symlink():
                 _remove(scratch)
             scratch.mkdir(parents=True, mode=0o700)
-            entry.slot = JobSlot(entry.job_id, scratch)
+            entry.slot = JobSlot(entry.job_id, scratch, lambda: self._free(entry))
             self._log.info("job {job} started", job=entry.job_id)
             entry.running = _as_deferred(entry.work, entry.slot)
         except Exception:  # noqa: BLE001 - a work that raises at once fails its job, not the pool
@@ -242,8 +254,14 @@ class TranscodePool:
             entry.running.errback(Failure())
         entry.running.addBoth(self._finished, entry)
 
+    def _free(self, entry: _Entry[Any]) -> None:
+        if self._running.pop(entry.job_id, None) is entry:
+            self._finishing[entry.job_id] = entry
+            self._pump()
+
     def _finished(self, result: Any, entry: _Entry[Any]) -> None:
-        del self._running[entry.job_id]
+        self._running.pop(entry.job_id, None)
+        self._finishing.pop(entry.job_id, None)
         _remove(self.scratch_root / entry.job_id)
         elapsed = self.clock.seconds() - entry.started
         cancelled = entry.slot is not None and entry.slot.cancelled
