@@ -130,7 +130,44 @@ class UploadPageTests:
         assert seen["states"], seen
 
     def test_moves_to_another_node(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
-        """The registry lists a dead node that looks idler: the page tries it, fails, uploads to the live one."""
+        """The registry lists a node that looks idler, and its /health says so too, but its upload
+        endpoint is dead: the page tries it, fails, uploads to the live one."""
+        base = node.url
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+        def nodes_json(route: Any) -> None:
+            doc = json.loads(route.fetch().text())
+            for n in doc["nodes"]:
+                n["load"] = {**n.get("load", {}), "running": 2, "workers": 2}
+            doc["nodes"].insert(0, {"id": "gone", "http_url": dead, "heartbeat": time.time(),
+                                    "load": {"running": 0, "queued": 0, "workers": 2}})
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
+
+        def gone_health(route: Any) -> None:
+            route.fulfill(status=200, content_type="application/json", headers={"Access-Control-Allow-Origin": "*"},
+                          body=json.dumps({"node": "gone", "state": "ok", "running": 0, "queued": 0, "workers": 2}))
+
+        def busy_health(route: Any) -> None:  # the live node says it is busier, so no tie
+            doc = json.loads(route.fetch().text())
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({**doc, "running": 2}))
+
+        with chromium_page() as page:
+            page.add_init_script(RECORDER)
+            page.route(f"{base}/registry/nodes.json", nodes_json)
+            page.route(f"{dead}/health", gone_health)
+            page.route(f"{base}/health", busy_health)
+            page.goto(f"{base}/")
+            page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
+            assert "node gone" in page.inner_text("#node-info")  # the power of two choices took the idler one
+            submit_on_page(page, media_clips.landscape, ["mp4-720p"])
+            check_result(page, base)
+            log = page.inner_text("#log")
+            assert "Node gone failed" in log and "Moving to node" in log, log
+
+    def test_live_check_passes_a_node_that_does_not_answer(self, node: NodeProcess, media_clips: Clips,
+                                                          tmp_path: Path) -> None:
+        """The registry says a dead node is idler, but it does not answer its health check: the page
+        uploads to the live node without trying the dead one."""
         base = node.url
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
@@ -147,11 +184,10 @@ class UploadPageTests:
             page.route(f"{base}/registry/nodes.json", nodes_json)
             page.goto(f"{base}/")
             page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
-            assert "node gone" in page.inner_text("#node-info")  # the power of two choices took the idler one
             submit_on_page(page, media_clips.landscape, ["mp4-720p"])
             check_result(page, base)
             log = page.inner_text("#log")
-            assert "Node gone failed" in log and "Moving to node" in log, log
+            assert "Uploading to" in log and "gone" not in log, log
 
     def test_coded_error_is_shown(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
         """A file that is not a video: the node's error code and message appear in the alert."""

@@ -13,6 +13,7 @@
   var TUS_CHUNK = 16 * 1024 * 1024;
   var TUS_RETRY_DELAYS = [0, 1000, 3000];
   var PROBE_TIMEOUT_MS = 5000;
+  var CHECK_TIMEOUT_MS = 2000;  // the live load check of the two candidates
   var POLL_MS = 1000;
 
   var $ = function (id) { return document.getElementById(id); };
@@ -71,6 +72,35 @@
     var ba = busy(a), bb = busy(b);
     if (ba === bb) return Math.random() < 0.5 ? a : b;
     return ba < bb ? a : b;
+  }
+
+  /** ``node`` with its live load (GET /health), or null when it does not answer as ready to work. */
+  async function withLiveLoad(node) {
+    try {
+      var r = await fetchWithTimeout(node.base + "/health", { cache: "no-store" }, CHECK_TIMEOUT_MS);
+      if (!r.ok) return null;
+      var h = await r.json();
+      return Object.assign({}, node, { load: { running: h.running, queued: h.queued, workers: h.workers } });
+    } catch (e) {
+      return null;
+    }
+  }
+
+  /**
+   * Two choices on live loads, as the command line client does: two distinct nodes at random, both
+   * asked GET /health at once; the less busy of those that answered (the registry's figures are a
+   * heartbeat old, and every page would herd onto the same nodes); the registry's figures when
+   * neither answered (a node on another origin answers only with --cors-origins).
+   */
+  async function chooseNodeLive(nodes, tried) {
+    var left = nodes.filter(function (n) { return !tried.has(n.id); });
+    if (left.length <= 1) return left[0] || null;
+    var i = Math.floor(Math.random() * left.length);
+    var j = Math.floor(Math.random() * (left.length - 1));
+    if (j >= i) j += 1;
+    var checked = (await Promise.all([withLiveLoad(left[i]), withLiveLoad(left[j])])).filter(Boolean);
+    var pair = checked.length ? checked : [left[i], left[j]];
+    return pair.length === 1 ? pair[0] : chooseNode(pair, new Set());
   }
 
   function trimSlash(url) { return String(url || "").replace(/\/+$/, ""); }
@@ -198,10 +228,10 @@
   }
 
   /** Upload ``file``, moving from node to node until one takes it. Resolves {node, jobId, job}. */
-  async function uploadAnywhere(nodes, first, file, presets, ui) {
+  async function uploadAnywhere(nodes, file, presets, ui) {
     var tried = new Set();
     var resumeId = null;
-    var node = first || chooseNode(nodes, tried);
+    var node = await chooseNodeLive(nodes, tried);
     while (node) {
       tried.add(node.id);
       ui.node(node);
@@ -217,7 +247,7 @@
         if (e.name !== "NodeError") throw e;
         if (e.uploadId) resumeId = e.uploadId;
         ui.log("Node " + node.id + " failed: " + e.message);
-        node = chooseNode(nodes, tried);
+        node = await chooseNodeLive(nodes, tried);
         if (node) ui.log("Moving to node " + node.id + (resumeId ? ", resuming the upload" : ""));
       }
     }
@@ -433,7 +463,7 @@
         uploadProgress: function (sent, total) { setMeter("upload", total > 0 ? sent / total : 0); }
       };
       // The first choice was made on load; after a failure, the same rule over the nodes not tried yet.
-      var taken = await uploadAnywhere(pool.nodes, pool.first, file, presets, ui);
+      var taken = await uploadAnywhere(pool.nodes, file, presets, ui);
       setMeter("upload", 1);
       log("Upload complete; job " + taken.jobId + " on node " + taken.node.id);
       $("node-info").textContent = "Converting on " + describe(taken.node);
@@ -460,7 +490,7 @@
   }
 
   // For tests and the curious: the pure parts.
-  window.gridnodeUpload = { busy: busy, chooseNode: chooseNode };
+  window.gridnodeUpload = { busy: busy, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive };
 
   $("upload-form").addEventListener("submit", submit);
   start().catch(function (e) { showError("no_nodes", e.message); });
