@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -73,6 +73,9 @@ class Active:
     cancelled: bool = False  # a client asked
     lost: bool = False  # another node took the job over
     released: bool = False  # draining: handed to the pool
+    #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
+    #: so over, the write of a later state
+    writing: DeferredLock = field(default_factory=DeferredLock)
 
     @property
     def stopping(self) -> bool:
@@ -98,6 +101,7 @@ class JobService:
         self.uploading: set[str] = set()
         self.draining = False
         self.counts: dict[str, int] = {}
+        self._adopting = DeferredLock()
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
         self._loops: list[LoopingCall] = []
@@ -406,9 +410,13 @@ class JobService:
 
     # -- the job record, owned
 
+    def _save(self, active: Active) -> Deferred[Any]:
+        """Write jobs/<id>.json, as the job is when the previous write of it has ended, on the
+        condition that it is still ours."""
+        return active.writing.run(self._write_record, active)
+
     @inlineCallbacks
-    def _save(self, active: Active) -> Any:
-        """Write jobs/<id>.json on the condition that it is still ours."""
+    def _write_record(self, active: Active) -> Any:
         job = active.job
         if not job.final and not active.released:
             job.lease_until = max(job.lease_until, self.now() + self.lease)
@@ -466,9 +474,16 @@ class JobService:
 
     # -- adoption and recovery
 
+    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Deferred[Any]:
+        """Claim unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``).
+
+        One pass at a time: a pass started by a confirmed death while the periodic one runs would
+        read a job the first has just claimed, take it for one of our earlier lives, and claim it
+        again (two runs of one job)."""
+        return self._adopting.run(self._adopt_pass, dead)
+
     @inlineCallbacks
-    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Any:
-        """Claim unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``)."""
+    def _adopt_pass(self, dead: frozenset[str]) -> Any:
         if self.draining:
             return 0
         try:
@@ -500,6 +515,8 @@ class JobService:
         if job.final:
             yield self.store.delete(keys.active_marker(job_id))
             return False
+        if job_id in self.active:
+            return False  # ours in this life (the scan and this read are not atomic)
         earlier_life = job.node == self.node_id
         if not (earlier_life or job.node in dead or job.lease_until < self.now()):
             return False

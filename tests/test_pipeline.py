@@ -270,6 +270,33 @@ class OwnershipTests:
         assert rec["state"] == "done" and rec["node"] == winner.node_id
         assert self.backend.list("active/").items == []
 
+    def test_two_adoption_passes_at_once_claim_a_job_once(self) -> None:
+        """A death-triggered pass while the periodic one runs: the job is claimed once (attempts 2),
+        not a second time as "ours from an earlier life"."""
+        job = self.upload(self.n1)
+        self.clock.advance(31)
+        held: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+        def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            if fn == self.backend.get_bytes and str(args[0]).startswith("jobs/"):
+                d: Deferred[Any] = Deferred()
+                held.append((fn, args, d))
+                return d
+            return succeed(fn(*args, **kwargs))
+
+        config = build_config(cli={"work-dir": str(self.tmp / "n3"), "workers": 2, "queue": 2, "min-free": 0,
+                                   "job-lease": 30}).with_identity("n3")
+        media = FakeMedia(self.tmp)
+        n3 = JobService(self.clock, config, ObjectStore(self.backend, run), media, now=self.clock.seconds)
+        passes: list[Any] = []
+        n3.adopt_orphans().addBoth(passes.append)
+        n3.adopt_orphans(dead=frozenset({"n1"})).addBoth(passes.append)
+        while held:  # the reads answer in order, each when released
+            fn, args, d = held.pop(0)
+            d.callback(fn(*args))
+        assert sorted(passes) == [0, 1], passes
+        assert self.record(job.id)["attempts"] == 2 and list(media.runs) == [job.id]
+
     def test_lost_owner_stops(self) -> None:
         """A slow owner whose job was adopted finds out at its next write and writes nothing more."""
         job = self.upload(self.n1)
@@ -360,3 +387,44 @@ class OwnershipTests:
         self.clock.advance(1)
         assert seen == ["queued", "transcoding", "done"]
         assert self.clock.getDelayedCalls() == []  # the poll stopped at the final state
+
+
+class RecordWriteOrderTests:
+    def test_a_lease_renewal_in_flight_never_lands_over_a_later_state(self, tmp_path: Path) -> None:
+        """A renewal's write is slow; the job then stores its outputs and ends. Whatever order the
+        store answers in, the record ends 'done' (one write of a job's record at a time)."""
+        clock, backend, media = Clock(), MemoryBackend(), FakeMedia(tmp_path)
+        held: list[tuple[Any, tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
+        holding = [False]
+
+        def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            if holding[0] and fn == backend.put_bytes and str(args[0]).startswith("jobs/"):
+                d: Deferred[Any] = Deferred()
+                held.append((fn, args, kwargs, d))
+                return d
+            try:
+                return succeed(fn(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001 - as ObjectStore.synchronous
+                return fail(e)
+
+        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 1, "min-free": 0,
+                                   "job-lease": 30}).with_identity("n1")
+        svc = JobService(clock, config, ObjectStore(backend, run), media, now=clock.seconds)
+        spool = svc.admit(5)
+        spool.write(b"video")
+        accepted: list[Any] = []
+        svc.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(accepted.append)
+        job = accepted[0]
+        media.hooks[job.id][0]()  # transcoding
+        holding[0] = True
+        svc.renew_leases()  # its write is held...
+        media.finish(job.id)  # ...while the job stores its outputs and ends
+        while held:  # the store answers the newest write first
+            fn, args, kwargs, d = held.pop()
+            try:
+                d.callback(fn(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001
+                d.errback(e)
+        record = json.loads(backend.get_bytes(f"jobs/{job.id}.json")[0])
+        assert record["state"] == "done", record["state"]
+        assert job.id not in svc.active
