@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
-from gridnode.web.upload import InlineSha256, Spool, TrailingSha256
+from gridnode.web.upload import InlineSha256, Spool, SpoolFile, TrailingSha256
 
 
 @pytest_twisted.ensureDeferred
@@ -73,3 +73,15 @@ async def test_sizes_around_the_read_size(tmp_path: Path, size: int) -> None:
     f.write(body)
     f.close(release=False)
     assert await f.digest() == hashlib.sha256(body).hexdigest()
+
+
+def test_a_file_not_written_from_its_start_is_hashed_inline(tmp_path: Path) -> None:
+    """Appending to a file (or from an offset): the digest is of what is written, not of the file."""
+    (tmp_path / "a").write_bytes(b"already here")
+    f = SpoolFile(str(tmp_path / "a"), "ab", reactor=reactor)
+    assert isinstance(f._hash, InlineSha256)
+    f.write(b"new")
+    result: list[str] = []
+    f.digest().addCallback(result.append)
+    assert result == [hashlib.sha256(b"new").hexdigest()]
+    f.close(release=False)

@@ -170,8 +170,9 @@ class SpoolFile:
         self.path = path
         # unbuffered: what write() returns is in the file, where a trailing hasher reads it
         self.file = open(path, mode, buffering=0)  # noqa: SIM115 - closed by close()/discard()
-        self._hash: InlineSha256 | TrailingSha256 = (
-            TrailingSha256(reactor, path) if IReactorThreads.providedBy(reactor) else InlineSha256())
+        # a trailing hasher reads the file from its start: only for a file written from its start
+        trailing = IReactorThreads.providedBy(reactor) and offset == 0 and "a" not in mode
+        self._hash: InlineSha256 | TrailingSha256 = TrailingSha256(reactor, path) if trailing else InlineSha256()
         self.size = offset
         self.start = offset
         self.limit = limit
@@ -188,9 +189,12 @@ class SpoolFile:
             raise GridnodeError(
                 f"the upload is larger than this node accepts ({self.limit} bytes)", code="too_large", status=413
             )
-        view = memoryview(data)
-        while view:
-            view = view[self.file.write(view) or 0:]
+        view, written = memoryview(data), 0
+        while written < len(data):
+            n = self.file.write(view[written:])
+            if not n:
+                raise OSError(f"nothing written to {self.path}")
+            written += n
         self._hash.wrote(data)
         self.size += len(data)
 
