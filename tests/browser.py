@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.nodes import READY, NodeProcess, free_port
+from tests.nodes import NodeProcess, free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -85,13 +85,9 @@ def wait_ready(node: NodeProcess, timeout: float = 20.0) -> str:
     """Block until ``node`` logs that it serves HTTP; returns its base URL."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = READY.search(node.text())
-        if m:
-            node.url = f"http://{m.group(1)}:{m.group(2)}"
-            return node.url
-        assert node.process is not None
-        if node.process.poll() is not None:
-            raise AssertionError(f"node exited {node.process.returncode}:\n{node.text()}")
+        url = node.ready_url()
+        if url:
+            return url
         time.sleep(0.05)
     raise AssertionError(f"node not ready in {timeout}s:\n{node.text()}")
 

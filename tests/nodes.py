@@ -69,17 +69,24 @@ class NodeProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace")[self.log_offset:]
 
+    def ready_url(self) -> str | None:
+        """The base URL once the node logs that it serves HTTP (None before); raises if it exited."""
+        m = READY.search(self.text())
+        if m:
+            self.url = f"http://{m.group(1)}:{m.group(2)}"
+            return self.url
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited {self.process.returncode}:\n{self.text()}")
+        return None
+
     @inlineCallbacks
     def wait_ready(self, timeout: float = 30.0) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = READY.search(self.text())
-            if m:
-                self.url = f"http://{m.group(1)}:{m.group(2)}"
-                return self.url
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"node exited {self.process.returncode}:\n{self.text()}")
+            url = self.ready_url()
+            if url:
+                return url
             yield sleep(0.05)
         raise AssertionError(f"node not ready in {timeout}s:\n{self.text()}")
 

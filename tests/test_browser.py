@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,20 @@ def submit_on_page(page: Any, clip: Path, presets: list[str]) -> None:
         if (value in presets) != box.is_checked():
             box.click()
     page.click("#submit")
+
+
+def registry_with_idle_gone(dead: str) -> Callable[[Any], None]:
+    """A nodes.json route: the real nodes made busy, and a node "gone" at ``dead`` listed idle."""
+
+    def nodes_json(route: Any) -> None:
+        doc = json.loads(route.fetch().text())
+        for n in doc["nodes"]:
+            n["load"] = {**n.get("load", {}), "running": 2, "workers": 2}
+        doc["nodes"].insert(0, {"id": "gone", "http_url": dead, "heartbeat": time.time(),
+                                "load": {"running": 0, "queued": 0, "workers": 2}})
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
+
+    return nodes_json
 
 
 def check_result(page: Any, base: str) -> dict[str, Any]:
@@ -135,14 +149,6 @@ class UploadPageTests:
         base = node.url
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
-        def nodes_json(route: Any) -> None:
-            doc = json.loads(route.fetch().text())
-            for n in doc["nodes"]:
-                n["load"] = {**n.get("load", {}), "running": 2, "workers": 2}
-            doc["nodes"].insert(0, {"id": "gone", "http_url": dead, "heartbeat": time.time(),
-                                    "load": {"running": 0, "queued": 0, "workers": 2}})
-            route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
-
         def gone_health(route: Any) -> None:
             route.fulfill(status=200, content_type="application/json", headers={"Access-Control-Allow-Origin": "*"},
                           body=json.dumps({"node": "gone", "state": "ok", "running": 0, "queued": 0, "workers": 2}))
@@ -153,7 +159,7 @@ class UploadPageTests:
 
         with chromium_page() as page:
             page.add_init_script(RECORDER)
-            page.route(f"{base}/registry/nodes.json", nodes_json)
+            page.route(f"{base}/registry/nodes.json", registry_with_idle_gone(dead))
             page.route(f"{dead}/health", gone_health)
             page.route(f"{base}/health", busy_health)
             page.goto(f"{base}/")
@@ -171,17 +177,9 @@ class UploadPageTests:
         base = node.url
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
-        def nodes_json(route: Any) -> None:
-            doc = json.loads(route.fetch().text())
-            for n in doc["nodes"]:
-                n["load"] = {**n.get("load", {}), "running": 2, "workers": 2}
-            doc["nodes"].insert(0, {"id": "gone", "http_url": dead, "heartbeat": time.time(),
-                                    "load": {"running": 0, "queued": 0, "workers": 2}})
-            route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
-
         with chromium_page() as page:
             page.add_init_script(RECORDER)
-            page.route(f"{base}/registry/nodes.json", nodes_json)
+            page.route(f"{base}/registry/nodes.json", registry_with_idle_gone(dead))
             page.goto(f"{base}/")
             page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
             submit_on_page(page, media_clips.landscape, ["mp4-720p"])

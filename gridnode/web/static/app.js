@@ -60,15 +60,21 @@
     return ((Number(load.running) || 0) + (Number(load.queued) || 0)) / Math.max(workers, 1);
   }
 
+  /** Two distinct nodes of ``left`` (at least two) at random. */
+  function randomPair(left) {
+    var i = Math.floor(Math.random() * left.length);
+    var j = Math.floor(Math.random() * (left.length - 1));
+    if (j >= i) j += 1;
+    return [left[i], left[j]];
+  }
+
   /** The power of two choices: two distinct nodes at random, the less busy one (random on ties). */
   function chooseNode(nodes, tried) {
     var left = nodes.filter(function (n) { return !tried.has(n.id); });
     if (left.length === 0) return null;
     if (left.length === 1) return left[0];
-    var i = Math.floor(Math.random() * left.length);
-    var j = Math.floor(Math.random() * (left.length - 1));
-    if (j >= i) j += 1;
-    var a = left[i], b = left[j];
+    var pair = randomPair(left);
+    var a = pair[0], b = pair[1];
     var ba = busy(a), bb = busy(b);
     if (ba === bb) return Math.random() < 0.5 ? a : b;
     return ba < bb ? a : b;
@@ -95,11 +101,9 @@
   async function chooseNodeLive(nodes, tried) {
     var left = nodes.filter(function (n) { return !tried.has(n.id); });
     if (left.length <= 1) return left[0] || null;
-    var i = Math.floor(Math.random() * left.length);
-    var j = Math.floor(Math.random() * (left.length - 1));
-    if (j >= i) j += 1;
-    var checked = (await Promise.all([withLiveLoad(left[i]), withLiveLoad(left[j])])).filter(Boolean);
-    var pair = checked.length ? checked : [left[i], left[j]];
+    var sampled = randomPair(left);
+    var checked = (await Promise.all(sampled.map(withLiveLoad))).filter(Boolean);
+    var pair = checked.length ? checked : sampled;
     return pair.length === 1 ? pair[0] : chooseNode(pair, new Set());
   }
 
