@@ -176,6 +176,7 @@ class NodeService(MultiService):
             incarnation=lambda: membership.machine.incarnation,
         )
         node.registry.on_read.append(membership.registry_read)
+        membership.on_gone.append(node.registry.forget)
         node.registry.start()
         membership.start()
         node.tus.start()

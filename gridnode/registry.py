@@ -13,8 +13,11 @@ command line read. A node:
 - deletes its record on a clean stop.
 
 ``nodes.json`` is rewritten by one node at a time, the live node with the
-lowest id, and only when its content changed. Readers validate every record
-(size, schema) and skip malformed or stale ones with a log line.
+lowest id, and only when its content changed: after each heartbeat's read, and
+at once when the membership reports a peer left or confirmed dead (``forget``),
+so clients stop picking it without waiting for the next heartbeat. Readers
+validate every record (size, schema) and skip malformed or stale ones with a
+log line.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from gridnode import __version__, keys
@@ -144,7 +147,10 @@ class Registry:
         self.live: list[NodeRecord] = []
         #: called with (records) after each read of the registry
         self.on_read: list[Callable[[list[NodeRecord]], None]] = []
+        #: id -> the highest incarnation the membership saw leave or confirmed dead
+        self.gone: dict[str, int] = {}
         self._published: bytes | None = None
+        self._publishing = DeferredLock()
         self._running = False
         self._next: Any = None
         self._backoff = 1.0
@@ -187,7 +193,7 @@ class Registry:
             self._log.info("deleted registry record {key}", key=self.key)
             self.live = [r for r in self.live if r.id != self.node_id]
             if writer:
-                yield self.publish(self.live)
+                yield self.publish()
         except GridnodeError as e:
             self._log.warn("could not delete registry record {key}: {reason}", key=self.key, reason=e.message)
 
@@ -198,11 +204,14 @@ class Registry:
         try:
             yield self.write()
             records = yield self.read()
-            self.live = live_list(records, self.now(), self.stale)
+            # A record deleted since it was forgotten needs no memory; one written again by a
+            # later life (higher incarnation) is live again.
+            self.gone = {i: n for i, n in self.gone.items() if any(r.id == i and r.incarnation <= n for r in records)}
+            self.live = [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
             for callback in self.on_read:
                 callback(self.live)
             if self.is_writer():
-                yield self.publish(self.live)
+                yield self.publish()
             self._backoff = 1.0
             self.last_error = None
             return True
@@ -295,13 +304,38 @@ class Registry:
                 raise
         return records
 
+    def forget(self, node_id: str, incarnation: int) -> Any:
+        """The membership saw ``node_id`` leave, or confirmed it dead, at ``incarnation``: drop its
+        records up to that incarnation from the live list, and republish now if we are the writer.
+        Never fails (a failed publish is logged; the next heartbeat publishes again)."""
+        self.gone[node_id] = max(incarnation, self.gone.get(node_id, incarnation))
+        live = [r for r in self.live if not self._forgotten(r)]
+        if len(live) == len(self.live) or not self.is_writer():
+            self.live = live
+            return succeed(None)
+        self.live = live
+        self._log.info("{peer} left or was confirmed dead: publishing the live list now", peer=node_id)
+        d = self.publish()
+        d.addErrback(lambda f: self._log.warn("could not publish {key}: {reason}", key=self.list_key,
+                                              reason=getattr(f.value, "message", str(f.value))))
+        return d
+
+    def _forgotten(self, record: NodeRecord) -> bool:
+        return record.id in self.gone and record.incarnation <= self.gone[record.id]
+
     def is_writer(self) -> bool:
         """The live node with the lowest id writes nodes.json."""
         ids = [r.id for r in self.live] + ([self.node_id] if self.registered else [])
         return bool(ids) and min(ids) == self.node_id
 
+    def publish(self) -> Any:
+        """Write the live list as it is when our turn comes: one write at a time, so an older list
+        never lands over a newer one."""
+        return self._publishing.run(self._publish)
+
     @inlineCallbacks
-    def publish(self, records: list[NodeRecord]) -> Any:
+    def _publish(self) -> Any:
+        records = self.live
         body = nodes_json(records, self.env, self.pool)
         if body == self._published:
             return

@@ -349,7 +349,7 @@ class RealFfmpegTests:
         run.cancel()
         with pytest.raises(GridnodeError):
             await run.deferred
-        await wait_for(real_reactor, lambda: not alive(grandchild), timeout=2)
+        await wait_for(real_reactor, lambda: not alive(grandchild), timeout=10)
 
     @pytest_twisted.ensureDeferred
     async def test_idle_timeout(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:

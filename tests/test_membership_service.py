@@ -31,3 +31,31 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
         assert machine.config.refused_suspicion_mult * machine.config.probe_interval < lo
     finally:
         yield service.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_that_leaves_is_reported_gone() -> None:
+    """A clean leave reaches the peer over loopback and is handed to ``on_gone`` with its
+    incarnation: the registry drops it from nodes.json without waiting for a heartbeat."""
+    addrs = {name: f"127.0.0.1:{free_port()}" for name in "ab"}
+    services = {}
+    for name, addr in addrs.items():
+        machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=time.time())
+        other = "b" if name == "a" else "a"
+        machine.add_members([(other, addrs[other])], time.time())
+        services[name] = MembershipService(reactor, machine, b"k" * 32)
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    for name, service in services.items():
+        yield service.listen(TCP4ServerEndpoint(reactor, int(addrs[name].rpartition(":")[2]), interface="127.0.0.1"))
+        service.start(join=False)
+    gone: list[tuple[str, int]] = []
+    services["a"].on_gone.append(lambda member, incarnation: gone.append((member, incarnation)))
+    try:
+        yield wait_for(lambda: services["a"].machine.member("b").state == swim.ALIVE, 10)
+        yield services["b"].leave()
+        yield wait_for(lambda: gone == [("b", 7)], 10)
+        assert services["a"].machine.member("b").state == swim.LEFT
+    finally:
+        for service in services.values():
+            yield service.stop()

@@ -45,6 +45,58 @@ class RegistryTests:
         assert listed(self.store) == []
         assert self.store.backend.list(PREFIX).items == []
 
+    def test_forget_republishes_at_once(self) -> None:
+        """A peer the membership saw leave (or confirmed dead) leaves nodes.json now, not a heartbeat
+        later; its old record is not listed again; a later life of the same id is."""
+        a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
+        b.start()
+        a.start()
+        assert listed(self.store) == ["a", "b"]
+        b._running = False  # gone without deleting its record
+        a.forget("b", b.record.incarnation)
+        assert listed(self.store) == ["a"]
+        self.clock.advance(30)  # the next read still finds b's record: still forgotten
+        assert listed(self.store) == ["a"] and a.gone == {"b": b.record.incarnation}
+        self.clock.advance(1)
+        again = make(self.store, self.clock, "b")
+        again.start()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a", "b"] and a.gone == {}
+
+    def test_forget_by_a_reader_publishes_nothing(self) -> None:
+        """Only the writer (the lowest id) publishes; the others just drop the peer from their view."""
+        a, b, c = (make(self.store, self.clock, n) for n in "abc")
+        for r in (c, b, a):
+            r.start()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a", "b", "c"]
+        puts = self.store.backend.put_bytes
+        calls: list[str] = []
+        self.store.backend.put_bytes = lambda key, *a_, **kw: calls.append(key) or puts(key, *a_, **kw)  # type: ignore
+        b.forget("c", c.record.incarnation)
+        assert calls == [] and [r.id for r in b.live] == ["a", "b"]
+
+    def test_publish_failure_is_logged_not_raised(self) -> None:
+        """A store error while republishing leaves the heartbeat to try again."""
+        from gridnode.errors import StorageUnavailable
+
+        a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
+        b.start()
+        a.start()
+
+        def down(*args: object, **kw: object) -> object:
+            raise StorageUnavailable("bucket unreachable")
+
+        real = self.store.backend.put_bytes
+        self.store.backend.put_bytes = down  # type: ignore[method-assign]
+        failures: list[object] = []
+        a.forget("b", b.record.incarnation).addErrback(failures.append)
+        assert failures == [] and listed(self.store) == ["a", "b"]
+        self.store.backend.put_bytes = real  # type: ignore[method-assign]
+        b.stop()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a"]
+
     def test_restart_gets_higher_incarnation(self) -> None:
         """A node that comes back after a crash replaces its old record with a higher incarnation."""
         a = make(self.store, self.clock, "a")

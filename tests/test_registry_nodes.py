@@ -46,7 +46,8 @@ class FileRegistryTests:
 
             assert nodes[1].stop() == 0
             assert registry_ids(store)[0] == ["n0", "n2"]
-            yield wait_for(lambda: registry_ids(store) == (["n0", "n2"], ["n0", "n2"]), timeout=3)
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n2"], ["n0", "n2"]))
+            assert "n1 left or was confirmed dead: publishing the live list now" in nodes[0].text()
 
             nodes[1].start()
             yield nodes[1].wait_ready()

@@ -125,6 +125,8 @@ class MembershipService:
         self.pool = pool
         self.metrics = metrics
         self.on_confirmed_dead = on_confirmed_dead
+        #: called with (member, incarnation) when a peer left or was confirmed dead
+        self.on_gone: list[Callable[[str, int], Any]] = []
         self.stale = stale
         self.max_out = max_out
         self.max_in = max_in
@@ -235,6 +237,12 @@ class MembershipService:
                 self.metrics.suspicions.inc()
             elif change.state == swim.DEAD:
                 self.metrics.deaths.labels("no").inc()
+        if change.state == swim.LEFT:
+            self._gone(change.member, change.incarnation)
+
+    def _gone(self, member: str, incarnation: int) -> None:
+        for callback in self.on_gone:
+            callback(member, incarnation)
 
     # -- connections
 
@@ -327,6 +335,7 @@ class MembershipService:
             except GridnodeError as e:
                 self._log.warn("could not delete the record of {peer}: {reason}", peer=dead.member,
                                reason=e.message)
+        self._gone(dead.member, dead.incarnation)
         if self.on_confirmed_dead is not None:
             try:
                 yield self.on_confirmed_dead(dead.member)
