@@ -260,6 +260,28 @@ class HealthTests:
         assert not any(isinstance(o, PingReq) for o in outs)
         assert a.member("m1") is not None and a.member("m1").state == ALIVE  # type: ignore[union-attr]
 
+    def test_last_chance_judges_only_its_own_suspicion(self) -> None:
+        """Found by the simulator (N=100, seed 1, half the nodes stalling): our last-chance check of
+        m2's suspicion at incarnation 0 was under way when m2 refuted and was suspected again at
+        incarnation 1. The unanswered check must not declare the *new* suspicion dead; that one
+        runs its own full timeout."""
+        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(3))
+        m.add_members([(f"m{i}", addr(f"m{i}")) for i in range(1, 5)], 0.0)
+        suspect = Gossip("m0", addr("m0"), "m1", addr("m1"), 0, [Update("m2", addr("m2"), 0, SUSPECT, "m1")])
+        m.receive(suspect, 1.0)
+        deadline = m.suspicion_deadline("m2")
+        assert deadline is not None
+        outs = m.tick(deadline)  # the timeout ran out: one direct ping and k ping-reqs
+        assert any(isinstance(o, Ping) and o.dest == "m2" for o in outs)
+        refuted = Update("m2", addr("m2"), 1, ALIVE, "m2")
+        again = Update("m2", addr("m2"), 1, SUSPECT, "m3")
+        m.receive(Gossip("m0", addr("m0"), "m3", addr("m3"), 0, [refuted, again]), deadline + 0.1)
+        new_deadline = m.suspicion_deadline("m2")
+        assert new_deadline is not None and new_deadline >= deadline + 0.1 + CFG.suspicion_min_mult
+        outs = m.tick(deadline + 2 * CFG.probe_timeout)  # no answer to the old check
+        assert not any(isinstance(o, MemberChanged) and o.state == DEAD for o in outs)
+        assert m.member("m2") == m.member("m2") and (m.member("m2").state, m.member("m2").incarnation) == (SUSPECT, 1)  # type: ignore[union-attr]
+
 
 def _ping_times(net: Net, sender: str) -> list[float]:
     return [t for t, m in net.sent_at if isinstance(m, Ping) and m.sender == sender]

@@ -299,14 +299,16 @@ class _Suspicion:
 
 
 class _Probe:
-    __slots__ = ("seq", "target", "acked", "nacks", "expected_nacks")
+    __slots__ = ("seq", "target", "acked", "nacks", "expected_nacks", "last_chance_of")
 
-    def __init__(self, seq: int, target: str) -> None:
+    def __init__(self, seq: int, target: str, last_chance_of: _Suspicion | None = None) -> None:
         self.seq = seq
         self.target = target
         self.acked = False
         self.nacks = 0
         self.expected_nacks = 0
+        #: the suspicion this probe is the last-chance check of: its verdict is about that one only
+        self.last_chance_of = last_chance_of
 
 
 def _hash64(member: str, incarnation: int) -> int:
@@ -610,7 +612,10 @@ class SwimMachine:
             if p is not None:
                 m = self._members.get(p.target)
                 s = self._suspicions.get(p.target)
-                if m is not None and s is not None and m.state == SUSPECT and s.incarnation == m.incarnation:
+                # Only the suspicion this check was for: the member may have refuted and been
+                # suspected again meanwhile, and that newer suspicion has its own full timeout.
+                if (m is not None and s is not None and s is p.last_chance_of and m.state == SUSPECT
+                        and s.incarnation == m.incarnation):
                     if p.acked:
                         # it answered but has not refuted yet (it will: our ping told it); start over
                         s.checking = False
@@ -735,8 +740,7 @@ class SwimMachine:
         """
         s.checking = True
         seq = self._next_seq()
-        p = _Probe(seq, m.id)
-        p.acked = False
+        p = _Probe(seq, m.id, last_chance_of=s)
         self._probes[seq] = p
         out.append(Ping(m.id, m.address, *self._hdr(), seq, self._piggyback(m.id)))
         self._ping_req(p, m, out)
