@@ -15,7 +15,9 @@ The model
   (default N/20).
 - Stalls: a ``--stall-fraction`` of the nodes block their reactor now and then
   (exponential gaps, mean ``--stall-every`` s) for U(1, 5) s: they process nothing,
-  their inbox queues up; on waking they run their due timers, then the queue.
+  their inbox queues up; on waking they read the queue, then run their due timers
+  (a reactor runs due timers before it reads its sockets, so MembershipService ticks
+  the machine one reactor turn after its timer fires).
 - ``--kill K``: K nodes crash (no goodbye) at random times after ``--quiet`` s.
   ``--kill-mode process`` (the default; what ``kill -9``, an OOM kill or a crash
   does): the host's kernel answers connections to the dead port with a reset, so
@@ -300,10 +302,10 @@ class Sim:
                 if not nd.up:
                     continue
                 nd.wake_at = math.inf
-                self.dispatch(nd, nd.m.tick(t))  # a woken reactor runs its late timers first...
                 inbox, nd.inbox = nd.inbox, []
-                for msg in inbox:  # ...then reads what queued up
+                for msg in inbox:  # a woken node reads what queued up...
                     self.dispatch(nd, self.handle(nd, msg, t))
+                self.dispatch(nd, nd.m.tick(t))  # ...then runs its late timers (MembershipService._due)
                 self.reschedule(nd)
             elif kind == _KILL:
                 nd.up = False

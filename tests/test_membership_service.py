@@ -7,6 +7,7 @@ import time
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from gridnode.membership import swim
 from gridnode.membership.service import MembershipService
@@ -59,3 +60,50 @@ def test_a_peer_that_leaves_is_reported_gone() -> None:
     finally:
         for service in services.values():
             yield service.stop()
+
+
+def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
+    """A reactor runs due timers before it reads its sockets. After a stall, the service ticks the
+    machine one reactor turn later, so an ack that arrived before its deadline is read first and
+    the probed member is not accused. (Clock cannot interleave socket reads: the turns are driven
+    by hand, in the order a real reactor runs them.)"""
+    from twisted.internet.task import Clock
+
+    from gridnode.membership import wire
+
+    clock = Clock()
+    clock.advance(1000)
+    key = b"k" * 32
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
+    machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
+    service = MembershipService(clock, machine, key, now=clock.seconds)
+    service._send = lambda msg: sent.append(msg) or Deferred()  # type: ignore[method-assign]
+    sent: list[swim.Message] = []
+
+    def turn() -> None:
+        """One pass of the reactor's timers, as runUntilCurrent does: only calls already due."""
+        due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+        for call in sorted(due, key=lambda c: c.getTime()):
+            if call.active():
+                clock.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+    service.start(join=False)
+    while not any(isinstance(m, swim.Ping) for m in sent):
+        clock.rightNow = service.machine.next_deadline()  # type: ignore[assignment]
+        turn()
+        turn()
+    ping = next(m for m in sent if isinstance(m, swim.Ping))
+    ack = swim.Ack("a", "127.0.0.1:1", "b", "127.0.0.1:2", 0, ping.seq, [])
+    # The ack arrives in time, but the reactor is blocked until just after the probe's period ends.
+    clock.rightNow = ping_period_end = clock.seconds() + machine.config.probe_interval + 0.1
+    turn()  # the timer fires: the machine is not ticked yet
+    assert service._tick_next_turn and not any(isinstance(m, swim.PingReq) for m in sent)
+    command, values = wire.seal(key, ack, clock.seconds())
+    service.deliver(command.__name__, values)  # the reactor reads its sockets
+    turn()  # next turn: the machine ticks, with the ack already read
+    assert clock.seconds() == ping_period_end
+    assert machine.member("b").state == swim.ALIVE  # type: ignore[union-attr]
+    assert not any(isinstance(m, swim.PingReq) for m in sent)
+    assert not service._tick_next_turn and service._timer is not None and service._timer.active()

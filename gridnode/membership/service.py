@@ -136,6 +136,7 @@ class MembershipService:
         self._out: OrderedDict[str, Any] = OrderedDict()
         self._connecting: dict[str, list[Deferred[Any]]] = {}
         self._timer: Any = None
+        self._tick_next_turn = False
         self._running = False
         self.last_heard: dict[str, float] = {}
         self.dropped: dict[str, int] = {}
@@ -191,17 +192,25 @@ class MembershipService:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self._running:
-            return
+        if not self._running or self._tick_next_turn:
+            return  # a tick is queued: it reschedules when it has run
         deadline = self.machine.next_deadline()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if deadline is not None:
-            self._timer = self.reactor.callLater(max(0.0, deadline - self.now()), self._tick)
+            self._timer = self.reactor.callLater(max(0.0, deadline - self.now()), self._due)
+
+    def _due(self) -> None:
+        # Tick one reactor turn later: a reactor runs due timers before it reads its sockets, so
+        # after a stall an ack or refutation already queued would otherwise be read only after the
+        # machine has accused or declared dead for want of it.
+        self._tick_next_turn = True
+        self._timer = self.reactor.callLater(0, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        self._tick_next_turn = False
         if self._running:
             self.act(self.machine.tick(self.now()))
 

@@ -2,8 +2,9 @@
 SWIM + Lifeguard membership, sans I/O.
 
 ``SwimMachine`` is a plain object. The I/O layer feeds it ``receive(message, now)``
-and ``tick(now)`` (call it at ``next_deadline()``), and sends or acts on what those
-calls return: wire messages (dataclasses with a ``dest`` member id and ``dest_addr``)
+and ``tick(now)`` (call it at ``next_deadline()``, after delivering what has already
+arrived: a tick decides on missing acks), and sends or acts on what those calls
+return: wire messages (dataclasses with a ``dest`` member id and ``dest_addr``)
 and events (``MemberChanged``, ``ConfirmedDead``). No sockets, no reactor, no wall
 clock: time is the ``now`` float passed in, randomness the ``random.Random`` given.
 
@@ -19,8 +20,8 @@ Protocol choices, and why:
   noticing our own stall (a timer that fires late: our reactor was blocked) raise a
   score 0..``health_max``; a good probe lowers it. Probe interval and timeout are
   scaled by ``1 + score``, so a slow node probes less and accuses less. A timer that
-  fires late is deferred once so that the messages queued during our own stall (acks,
-  refutations) are read before we accuse anyone.
+  fires late is deferred once so that the messages sent during our own stall (acks,
+  refutations), which may still be on their way, are read before we accuse anyone.
 - Suspicion (Lifeguard): the timeout starts at ``max`` and shrinks toward ``min`` as
   independent suspicions of the same incarnation (distinct ``origin``) arrive:
   ``max(min, max - (max - min) * log(C + 1) / log(K + 1))``. ``min`` must exceed the
