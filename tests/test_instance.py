@@ -385,7 +385,7 @@ class LoopbackTests:
         started = time.monotonic()
         with pytest.raises(GridnodeError) as info:
             await fetch_instance(reactor, url, timeout=1.0, attempts=3, backoff=0.05)
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 15.0  # bounded: no 30 s default timeout, no endless retry
         assert info.value.code == "instance_metadata_unavailable"
         assert f"{url}/latest/api/token" in info.value.message
         assert "no answer after 3 tries" in info.value.message
@@ -400,7 +400,7 @@ class LoopbackTests:
         with pytest.raises(GridnodeError) as info:
             await fetch_instance(reactor, imds.url, timeout=0.2, attempts=2, backoff=0.05)
         elapsed = time.monotonic() - started
-        assert 0.4 <= elapsed < 3.0
+        assert 0.4 <= elapsed < 15.0
         assert info.value.code == "instance_metadata_unavailable"
         assert "timed out after 0.2s" in info.value.message
         assert imds.requests() == [TOKEN, TOKEN]
