@@ -46,6 +46,8 @@ import argparse
 import heapq
 import json
 import math
+import os
+import pickle
 import random
 import statistics
 import sys
@@ -160,6 +162,8 @@ class Sim:
         self.sync_bytes = 0
         self.window_end = p.seconds
         self.events = 0
+        self.set_up = False
+        self.cpu_s = 0.0
 
     # ------------------------------------------------------------ plumbing
 
@@ -265,15 +269,34 @@ class Sim:
         disturbances = [t for t, _, k, _, _ in self.heap if k in (_KILL, _JOIN, _PART_ON)]
         self.window_end = min([p.seconds, *disturbances])
 
-    def run(self) -> dict[str, Any]:
-        self.setup()
+    def run(self, checkpoint: str | None = None, every: float = 3600.0) -> dict[str, Any]:
+        """Run to ``--seconds``, or on from where a saved simulation stopped; with ``checkpoint``,
+        save the whole simulation there every ``every`` simulated seconds (a run longer than a
+        working session goes on later with ``--resume``, exactly as if it had not stopped)."""
+        t0 = time.process_time()
+        if not self.set_up:
+            self.setup()
+            self.set_up = True
+        while not self.advance(self.p.seconds if checkpoint is None else (self.now // every + 1) * every):
+            assert checkpoint is not None
+            self.cpu_s += time.process_time() - t0
+            t0 = time.process_time()
+            save(self, checkpoint)
+        self.cpu_s += time.process_time() - t0
+        return self.figures()
+
+    def advance(self, until: float) -> bool:
+        """Process events up to ``until``; True once the simulation is over."""
         p = self.p
         heap = self.heap
         nodes = self.nodes
+        until = min(until, p.seconds)
         while heap:
             t, _, kind, i, data = heapq.heappop(heap)
-            if t > p.seconds:
-                break
+            if t > until:
+                heapq.heappush(heap, (t, _, kind, i, data))
+                self.now = until
+                return until >= p.seconds
             self.now = t
             self.events += 1
             nd = nodes[i]
@@ -325,7 +348,7 @@ class Sim:
                 self.push(t + p.partition_seconds, _PART_OFF, i)
             elif kind == _PART_OFF:
                 self.partitioned = None
-        return self.figures()
+        return True
 
     @staticmethod
     def handle(nd: _Node, data: Any, t: float) -> list[Any]:
@@ -386,6 +409,21 @@ class Sim:
         }
 
 
+def save(sim: Sim, path: str) -> None:
+    """The whole simulation (machines, network, event heap, random states) to ``path``, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(sim, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def load(path: str) -> Sim:
+    with open(path, "rb") as f:
+        sim = pickle.load(f)  # noqa: S301 - our own checkpoint file
+    assert isinstance(sim, Sim)
+    return sim
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
@@ -432,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memberlist", action="store_true", help="print only the computed memberlist block")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a SwimConfig field, e.g. --set suspicion_min_mult=2")
+    ap.add_argument("--checkpoint", metavar="FILE", help="save the simulation to FILE as it goes")
+    ap.add_argument("--checkpoint-every", type=float, default=3600.0, metavar="S",
+                    help="simulated seconds between saves (default 3600)")
+    ap.add_argument("--resume", metavar="FILE",
+                    help="go on with a saved simulation (its own settings; the others are ignored)")
     a = ap.parse_args(argv)
     if a.memberlist:
         print(json.dumps(memberlist_figures(a.nodes)))
@@ -446,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                kill_mode=a.kill_mode,
                joins=a.joins, partition_one=a.partition_one, partition_seconds=a.partition_seconds, seed=a.seed,
                config=cfg)
-    t0 = time.process_time()
-    figs = Sim(p).run()
-    figs["cpu_s"] = round(time.process_time() - t0, 1)
+    sim = load(a.resume) if a.resume else Sim(p)
+    figs = sim.run(a.checkpoint, a.checkpoint_every)
+    figs["cpu_s"] = round(sim.cpu_s, 1)
     if a.json:
         print(json.dumps(figs))
     else:
