@@ -409,17 +409,33 @@ class Sim:
         }
 
 
+def code_digest() -> str:
+    """The machine's and the simulator's source: a saved run goes on only with the same code."""
+    import hashlib
+
+    from gridnode.membership import swim
+
+    h = hashlib.sha256()
+    for path in (swim.__file__, __file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def save(sim: Sim, path: str) -> None:
     """The whole simulation (machines, network, event heap, random states) to ``path``, atomically."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        pickle.dump(sim, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((code_digest(), sim), f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
 
 
 def load(path: str) -> Sim:
     with open(path, "rb") as f:
-        sim = pickle.load(f)  # noqa: S301 - our own checkpoint file
+        code, sim = pickle.load(f)  # noqa: S301 - our own checkpoint file
+    if code != code_digest():
+        raise SystemExit(f"{path} was saved by another version of swim.py or of this simulator: "
+                         "its run cannot go on with this code; start it again")
     assert isinstance(sim, Sim)
     return sim
 

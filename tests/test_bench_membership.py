@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.membership_sim import Params, Sim, load, save
 
 SMALL = Params(nodes=30, loss=0.05, stall_fraction=0.2, seconds=300, kill=2, seed=5)
@@ -26,3 +28,16 @@ def test_a_saved_run_resumes_exactly(tmp_path: Path) -> None:
     resumed = load(path).run(path, every=100.0)  # ...and the next one goes on
     assert resumed == whole
     assert whole["kills"] == 2 and whole["events"] > 10_000
+
+
+def test_a_run_saved_by_other_code_does_not_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint is tied to the machine's and the simulator's source: changed code refuses it."""
+    import bench.membership_sim as ms
+
+    path = str(tmp_path / "sim.pkl")
+    sim = Sim(SMALL)
+    sim.setup()
+    save(sim, path)
+    monkeypatch.setattr(ms, "code_digest", lambda: "another")
+    with pytest.raises(SystemExit, match="another version"):
+        load(path)
