@@ -89,8 +89,9 @@ class SwimConfig:
     #: suspicion min = suspicion_min_mult * probe_interval. With the last-chance check (2 probe
     #: timeouts) it must outlast the longest stall we tolerate (5 s) even when the stall begins
     #: just after a suspicion that loss kept the member from refuting: 4.0 let one such stall be
-    #: confirmed dead in 24 simulated hours at N=100 (bench/membership_sim.py); 4.5 and 5.0 none
-    #: there, but 4.5 let one through in 5 simulated hours at N=1000 (README, Performance).
+    #: confirmed dead in 24 simulated hours at N=100 (bench/membership_sim.py); 4.5 and 5.0 none.
+    #: (The false positives later seen at N=1000 with 4.5 were a last-chance check that judged a
+    #: newer suspicion than its own: fixed, see ``_Probe.last_chance_of``.)
     suspicion_min_mult: float = 4.5
     #: suspicion max = suspicion_max_mult * min
     suspicion_max_mult: float = 3.0
