@@ -176,6 +176,7 @@ class NodeService(MultiService):
             incarnation=lambda: membership.machine.incarnation,
         )
         node.registry.on_read.append(membership.registry_read)
+        node.registry.wanted = membership.needs_record
         membership.on_gone.append(node.registry.forget)
         node.registry.start()
         membership.start()

@@ -10,6 +10,12 @@ command line read. A node:
   incarnation;
 - refreshes its record every heartbeat with its load; if the record vanished
   (a peer declared it dead) it registers again;
+- reads everyone's records every heartbeat: one LIST, then a GET only for the
+  records it needs in full. The writer needs them all (nodes.json carries
+  every load); the others only those of nodes their membership does not hold
+  alive (``wanted``), and take a changed ETag as that node's heartbeat, seen
+  then. N nodes GETting N records each heartbeat would be N² requests; this
+  is N + the few that matter;
 - deletes its record on a clean stop.
 
 ``nodes.json`` is rewritten by one node at a time, the live node with the
@@ -25,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
@@ -149,6 +155,10 @@ class Registry:
         self.on_read: list[Callable[[list[NodeRecord]], None]] = []
         #: id -> the highest incarnation the membership saw leave or confirmed dead
         self.gone: dict[str, int] = {}
+        #: whether a changed record must be read in full (None: always); the writer reads them all
+        self.wanted: Callable[[str], bool] | None = None
+        #: key -> (ETag, record as last read, whether the record is that ETag's content)
+        self._held: dict[str, tuple[str, NodeRecord, bool]] = {}
         self._published: bytes | None = None
         self._publishing = DeferredLock()
         self._running = False
@@ -203,7 +213,10 @@ class Registry:
         Fires True, or False after a failure (logged, never raised)."""
         try:
             yield self.write()
-            records = yield self.read()
+            everything = self.is_writer()
+            records = yield self.read(everything)
+            if not everything and self._would_write(records):
+                records = yield self.read(True)  # we just became the writer: publish exact loads
             # A record deleted since it was forgotten needs no memory; one written again by a
             # later life (higher incarnation) is live again.
             self.gone = {i: n for i, n in self.gone.items() if any(r.id == i and r.incarnation <= n for r in records)}
@@ -280,10 +293,12 @@ class Registry:
     # -- everyone's records
 
     @inlineCallbacks
-    def read(self) -> Any:
-        """Every valid record under the prefix; malformed ones are logged and skipped."""
+    def read(self, everything: bool = True) -> Any:
+        """Every valid record under the prefix; malformed ones are logged and skipped. A record is
+        fetched when it is new, or changed and needed in full (``everything``, or ``wanted``)."""
         infos = yield self.store.list_all(self.prefix)
         records: list[NodeRecord] = []
+        held: dict[str, tuple[str, NodeRecord, bool]] = {}
         for info in infos:
             name = info.key[len(self.prefix):]
             if "/" in name or not name.endswith(".json"):
@@ -292,9 +307,21 @@ class Registry:
             if info.size > MAX_RECORD_BYTES:
                 self._log.warn("ignoring registry record {key}: {size} bytes", key=info.key, size=info.size)
                 continue
+            known = self._held.get(info.key)
+            if known is not None and ((known[0] == info.etag and known[2])
+                                      or (not everything and not self._wants(known[1]))):
+                etag, record, exact = known
+                if etag != info.etag:
+                    # rewritten since we read it: alive then, which is all we need to know here
+                    record, exact = replace(record, heartbeat=max(record.heartbeat, self.now())), False
+                held[info.key] = (info.etag, record, exact)
+                records.append(record)
+                continue
             try:
-                data, _ = yield self.store.get_bytes(info.key, max_size=MAX_RECORD_BYTES)
-                records.append(parse_record(data, name[: -len(".json")]))
+                data, got = yield self.store.get_bytes(info.key, max_size=MAX_RECORD_BYTES)
+                record = parse_record(data, name[: -len(".json")])
+                held[info.key] = (got.etag, record, True)
+                records.append(record)
             except NotFound:
                 continue  # deleted between list and get
             except GridnodeError as e:
@@ -302,7 +329,15 @@ class Registry:
                     self._log.warn("ignoring registry record {key}: {reason}", key=info.key, reason=e.message)
                     continue
                 raise
+        self._held = held
         return records
+
+    def _wants(self, record: NodeRecord) -> bool:
+        return self.wanted is None or self.wanted(record.id)
+
+    def _would_write(self, records: list[NodeRecord]) -> bool:
+        ids = [r.id for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
+        return self.registered and (not ids or min(ids) >= self.node_id)
 
     def forget(self, node_id: str, incarnation: int) -> Any:
         """The membership saw ``node_id`` leave, or confirmed it dead, at ``incarnation``: drop its

@@ -107,3 +107,15 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
     assert machine.member("b").state == swim.ALIVE  # type: ignore[union-attr]
     assert not any(isinstance(m, swim.PingReq) for m in sent)
     assert not service._tick_next_turn and service._timer is not None and service._timer.active()
+
+
+def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
+    """The registry GETs a changed record only when the membership can learn from it."""
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    machine.add_members([("b", "127.0.0.1:2")], 0.0)
+    service = MembershipService(reactor, machine, b"k" * 32)
+    assert not service.needs_record("b") and not service.needs_record("a")
+    assert service.needs_record("stranger")
+    machine.receive(swim.Gossip("a", "127.0.0.1:1", "b", "127.0.0.1:2", 0,
+                                [swim.Update("b", "127.0.0.1:2", 0, swim.LEFT, "b")]), 1.0)
+    assert service.needs_record("b")

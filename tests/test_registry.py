@@ -97,6 +97,73 @@ class RegistryTests:
         self.clock.advance(30)
         assert listed(self.store) == ["a"]
 
+    def _count_gets(self) -> list[str]:
+        gets: list[str] = []
+        real = self.store.backend.get_bytes
+
+        def counted(key: str, **kw: object) -> object:
+            gets.append(key.rsplit("/", 1)[-1])
+            return real(key, **kw)  # type: ignore[arg-type]
+
+        self.store.backend.get_bytes = counted  # type: ignore[method-assign]
+        return gets
+
+    def test_readers_fetch_only_what_they_need(self) -> None:
+        """Every heartbeat the writer GETs every record (nodes.json carries the loads); a reader
+        GETs none of the nodes its membership holds alive: N GETs a round instead of N²."""
+        regs = [make(self.store, self.clock, n) for n in "abc"]
+        for r in reversed(regs):
+            r.wanted = lambda member: False
+            r.start()
+        self.clock.advance(30)
+        gets = self._count_gets()
+        self.clock.advance(30)
+        assert sorted(gets) == ["a.json", "b.json", "c.json"]  # the writer's, and only its
+        assert [[x.id for x in r.live] for r in regs] == [["a", "b", "c"]] * 3
+
+    def test_a_reader_fetches_what_it_wants(self) -> None:
+        """A record the membership asks for (a node it holds dead, or does not know) is read in full."""
+        a, b, c = (make(self.store, self.clock, n) for n in "abc")
+        for r in (c, b, a):
+            r.wanted = lambda member: member == "b"
+            r.start()
+        self.clock.advance(30)
+        gets = self._count_gets()
+        self.clock.advance(30)
+        assert sorted(gets) == ["a.json", "b.json", "b.json", "b.json", "c.json"]
+
+    def test_a_silent_node_goes_stale_for_readers(self) -> None:
+        """A node that stops writing keeps its ETag: a reader's view of it ages and goes stale."""
+        a, b, c = (make(self.store, self.clock, n) for n in "abc")
+        for r in (c, b, a):
+            r.wanted = lambda member: False
+            r.start()
+        self.clock.advance(30)
+        b._running = False  # hung: its record stays, unchanged
+        if b._next is not None:
+            b._next.cancel()
+        for _ in range(10):
+            self.clock.advance(30)
+        assert [x.id for x in c.live] == ["a", "b", "c"]
+        for _ in range(2):  # a reader dates the record by when it saw it change: a heartbeat late at most
+            self.clock.advance(30)
+        assert [x.id for x in c.live] == ["a", "c"] and listed(self.store) == ["a", "c"]
+
+    def test_a_new_writer_publishes_exact_loads(self) -> None:
+        """When the writer leaves, the next one reads every record in full before it publishes."""
+        regs = [make(self.store, self.clock, n) for n in "abc"]
+        for r in reversed(regs):
+            r.wanted = lambda member: False
+            r.load = lambda r=r: {"running": self.clock.seconds()}  # type: ignore[misc]
+            r.start()
+        self.clock.advance(30)
+        self.clock.advance(30)
+        regs[0].stop()
+        self.clock.advance(30)
+        data, _ = self.store.backend.get_bytes("registry/prod/east/nodes.json")
+        loads = {n["id"]: n["load"] for n in json.loads(data)["nodes"]}
+        assert loads == {"b": {"running": self.clock.seconds()}, "c": {"running": self.clock.seconds()}}
+
     def test_restart_gets_higher_incarnation(self) -> None:
         """A node that comes back after a crash replaces its old record with a higher incarnation."""
         a = make(self.store, self.clock, "a")

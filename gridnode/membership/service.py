@@ -322,6 +322,12 @@ class MembershipService:
                                                                                              swim.DEAD):
                 self.act(self.machine.registry_stale(view.member, None, now))
 
+    def needs_record(self, member: str) -> bool:
+        """Whether a changed registry record of ``member`` can tell us anything: not while we hold
+        it alive or suspect (the protocol knows its address and incarnation better)."""
+        view = self.machine.member(member)
+        return view is None or view.state in (swim.DEAD, swim.LEFT)
+
     @inlineCallbacks
     def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Any:
         self._log.warn("peer {peer} confirmed dead at incarnation {incarnation}", peer=dead.member,
