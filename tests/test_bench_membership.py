@@ -41,3 +41,20 @@ def test_a_run_saved_by_other_code_does_not_go_on(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(ms, "code_digest", lambda: "another")
     with pytest.raises(SystemExit, match="another version"):
         load(path)
+
+
+def test_peek_reports_a_saved_run_so_far(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/membership_peek.py prints how far a saved run got and its false positives so far."""
+    import json
+
+    from bench.membership_peek import main
+
+    path = str(tmp_path / "sim.pkl")
+    sim = Sim(SMALL)
+    sim.setup()
+    sim.set_up = True
+    sim.advance(100.0)
+    save(sim, path)
+    assert main([path]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    assert seen["simulated_s"] == 100.0 and seen["nodes"] == 30 and seen["false_positives"] == 0
