@@ -177,6 +177,7 @@ class NodeService(MultiService):
         )
         node.registry.on_read.append(membership.registry_read)
         node.registry.wanted = membership.needs_record
+        jobs.members = membership.live_members
         membership.on_gone.append(node.registry.forget)
         node.registry.start()
         membership.start()

@@ -13,7 +13,10 @@ ffmpeg pool -> stored outputs -> done, and who owns each job.
   owner died) is claimed by exactly one peer with a conditional write, run
   again from the stored input, and after `MAX_ATTEMPTS` quarantined as
   ``poison``. A node that finds its record taken over stops its own work.
-- ``active/<id>`` marks the unfinished jobs, so adoption scans only those.
+- ``active/<id>`` marks the unfinished jobs, so adoption scans only those;
+  and of those, once past its first pass, a node reads only the ones it
+  watches (``WATCHERS`` per job, by consistent hashing over the live
+  members) and ``SAMPLE`` others: not N x M reads a round.
 - Draining (SIGTERM): no new uploads; running jobs get ``--drain-timeout``;
   the rest are released with an expired lease so peers adopt them at once.
 """
@@ -38,10 +41,16 @@ from gridnode.errors import GridnodeError, NotFound, PreconditionFailed, Storage
 from gridnode.jobs import Job
 from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
+from gridnode.watchers import WatchRing
 from gridnode.web.upload import Spool, SpoolFile
 
 #: tries of one job (first run and adoptions) before it is quarantined as poison
 MAX_ATTEMPTS = 3
+#: nodes that watch each unfinished job for adoption (gridnode/watchers.py)
+WATCHERS = 2
+#: jobs watched by others that a pass reads too, at random: found even when their watchers are
+#: full or gone
+SAMPLE = 8
 
 
 class Busy(GridnodeError):
@@ -102,6 +111,10 @@ class JobService:
         self.draining = False
         self.counts: dict[str, int] = {}
         self._adopting = DeferredLock()
+        #: the live members' ids (ourselves included), when there is a membership
+        self.members: Callable[[], list[str]] | None = None
+        self._first_pass = True
+        self._ring: WatchRing | None = None
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
         self._loops: list[LoopingCall] = []
@@ -492,8 +505,7 @@ class JobService:
             self._log.warn("cannot scan for orphaned jobs: {reason}", reason=e.message)
             return 0
         claimed = 0
-        ids = [m.key[len(keys.active_prefix()):] for m in markers]
-        self.rng.shuffle(ids)  # peers scanning at once start at different jobs
+        ids = self._to_read([m.key[len(keys.active_prefix()):] for m in markers], dead)
         for job_id in ids:
             if job_id in self.active or not keys.is_id(job_id) or len(self.active) >= self.capacity:
                 continue
@@ -503,6 +515,22 @@ class JobService:
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
         return claimed
+
+    def _to_read(self, ids: list[str], dead: frozenset[str]) -> list[str]:
+        """The jobs whose records a pass reads: all of them on our first pass (an earlier life of
+        ours may have left some) or without a membership; else those we watch, then a few others."""
+        self.rng.shuffle(ids)  # peers scanning at once start at different jobs
+        if self.members is None or self._first_pass:
+            self._first_pass = False
+            return ids
+        members = frozenset(self.members()) - dead | {self.node_id}
+        if self._ring is None or self._ring.members != sorted(members):
+            self._ring = WatchRing(members)
+        ring = self._ring
+        mine = [j for j in ids if self.node_id in ring.watchers(j, WATCHERS)]
+        watched = set(mine)
+        others = [j for j in ids if j not in watched]
+        return mine + others[:SAMPLE]
 
     @inlineCallbacks
     def _claim(self, job_id: str, dead: frozenset[str] = frozenset()) -> Any:

@@ -223,9 +223,9 @@ class OwnershipTests:
         self.n1, self.m1 = self.service("n1")
         self.n2, self.m2 = self.service("n2")
 
-    def service(self, node: str) -> tuple[JobService, FakeMedia]:
+    def service(self, node: str, queue: int = 2) -> tuple[JobService, FakeMedia]:
         media = FakeMedia(self.tmp)
-        config = build_config(cli={"work-dir": str(self.tmp / node), "workers": 2, "queue": 2, "min-free": 0,
+        config = build_config(cli={"work-dir": str(self.tmp / node), "workers": 2, "queue": queue, "min-free": 0,
                                    "job-lease": 30}).with_identity(node)
         return JobService(self.clock, config, ObjectStore.synchronous(self.backend), media,
                           now=self.clock.seconds), media
@@ -296,6 +296,53 @@ class OwnershipTests:
             d.callback(fn(*args))
         assert sorted(passes) == [0, 1], passes
         assert self.record(job.id)["attempts"] == 2 and list(media.runs) == [job.id]
+
+    def test_a_pass_reads_the_jobs_it_watches_and_a_few_more(self) -> None:
+        """With a membership of 10, a node's passes after its first read the records of the jobs it
+        watches (2 watchers a job) and SAMPLE others, not every unfinished job."""
+        from gridnode.pipeline import SAMPLE, WATCHERS
+        from gridnode.watchers import WatchRing
+
+        owner, _ = self.service("n1", queue=30)
+        made = [self.upload(owner) for _ in range(30)]
+        owner.start(scan=False)
+        members = [f"n{i}" for i in range(1, 11)]
+        self.n2.members = lambda: members
+        reads: list[str] = []
+        real = self.backend.get_bytes
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
+        for _ in range(2):
+            self.n2.adopt_orphans()
+        watched = [j.id for j in made if "n2" in WatchRing(members).watchers(j.id, WATCHERS)]
+        first, second = reads[:30], reads[30:]
+        assert len(first) == 30  # the first pass reads everything: an earlier life may have left jobs
+        assert {f"jobs/{j}.json" for j in watched} <= set(second)
+        assert len(second) == len(watched) + SAMPLE < 30
+
+    def test_a_dead_nodes_jobs_go_to_their_watchers(self) -> None:
+        """A confirmed death: each survivor's pass reads only the jobs it watches and a sample, and
+        together they claim every job of the dead node exactly once."""
+        from gridnode.pipeline import SAMPLE, WATCHERS
+        from gridnode.watchers import WatchRing
+
+        owner, _ = self.service("n1", queue=20)
+        made = {self.upload(owner).id for _ in range(20)}
+        members = ["n1", "n2", "n3", "n4", "n5"]
+        ring = WatchRing(members[1:])
+        reads: list[str] = []
+        real = self.backend.get_bytes
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
+        got = []
+        for name in members[1:]:
+            svc = self.service(name, queue=20)[0]
+            svc.members = lambda: members
+            svc._first_pass = False
+            del reads[:]
+            svc.adopt_orphans(dead=frozenset({"n1"})).addBoth(got.append)
+            records = [k for k in reads if k.startswith("jobs/")]
+            assert len(records) <= sum(name in ring.watchers(j, WATCHERS) for j in made) + SAMPLE
+        assert sum(got) == 20
+        assert all(self.record(j)["node"] in members[1:] and self.record(j)["attempts"] == 2 for j in made)
 
     def test_lost_owner_stops(self) -> None:
         """A slow owner whose job was adopted finds out at its next write and writes nothing more."""

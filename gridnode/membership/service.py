@@ -322,6 +322,10 @@ class MembershipService:
                                                                                              swim.DEAD):
                 self.act(self.machine.registry_stale(view.member, None, now))
 
+    def live_members(self) -> list[str]:
+        """The ids of the members held alive or suspect, ourselves included."""
+        return [v.member for v in self.machine.members() if v.state in (swim.ALIVE, swim.SUSPECT)]
+
     def needs_record(self, member: str) -> bool:
         """Whether a changed registry record of ``member`` can tell us anything: not while we hold
         it alive or suspect (the protocol knows its address and incarnation better)."""
