@@ -210,6 +210,8 @@ class NodeService(MultiService):
             self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
             pool=config.pool, metrics=metrics, stale=config.stale,
             on_confirmed_dead=lambda member: node.jobs.adopt_orphans(dead=frozenset({member})),
+            # a drained node released its unfinished jobs just before it left: take them now
+            on_left=lambda member: node.jobs.adopt_orphans(dead=frozenset({member})),
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))

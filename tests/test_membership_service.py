@@ -37,14 +37,16 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
 @pytest_twisted.inlineCallbacks
 def test_a_peer_that_leaves_is_reported_gone() -> None:
     """A clean leave reaches the peer over loopback and is handed to ``on_gone`` with its
-    incarnation: the registry drops it from nodes.json without waiting for a heartbeat."""
+    incarnation (the registry drops it from nodes.json without waiting for a heartbeat) and to
+    ``on_left`` (the jobs a drained node released are adopted at once)."""
     addrs = {name: f"127.0.0.1:{free_port()}" for name in "ab"}
     services = {}
+    left: list[str] = []
     for name, addr in addrs.items():
         machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=time.time())
         other = "b" if name == "a" else "a"
         machine.add_members([(other, addrs[other])], time.time())
-        services[name] = MembershipService(reactor, machine, b"k" * 32)
+        services[name] = MembershipService(reactor, machine, b"k" * 32, on_left=left.append)
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
     for name, service in services.items():
@@ -56,7 +58,7 @@ def test_a_peer_that_leaves_is_reported_gone() -> None:
         yield wait_for(lambda: services["a"].machine.member("b").state == swim.ALIVE, 10)
         yield services["b"].leave()
         yield wait_for(lambda: gone == [("b", 7)], 10)
-        assert services["a"].machine.member("b").state == swim.LEFT
+        assert services["a"].machine.member("b").state == swim.LEFT and left == ["b"]
     finally:
         for service in services.values():
             yield service.stop()

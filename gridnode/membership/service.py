@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -113,6 +113,7 @@ class MembershipService:
     def __init__(
         self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, store: Any = None, env: str = "",
         pool: str = "", metrics: Any = None, on_confirmed_dead: Callable[[str], Any] | None = None,
+        on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -125,6 +126,8 @@ class MembershipService:
         self.pool = pool
         self.metrics = metrics
         self.on_confirmed_dead = on_confirmed_dead
+        #: called with a member that left cleanly (a drained node: its jobs were just released)
+        self.on_left = on_left
         #: called with (member, incarnation) when a peer left or was confirmed dead
         self.on_gone: list[Callable[[str, int], Any]] = []
         self.stale = stale
@@ -248,6 +251,9 @@ class MembershipService:
                 self.metrics.deaths.labels("no").inc()
         if change.state == swim.LEFT:
             self._gone(change.member, change.incarnation)
+            if self.on_left is not None:
+                d = maybeDeferred(self.on_left, change.member)
+                d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=change.member))
 
     def _gone(self, member: str, incarnation: int) -> None:
         for callback in self.on_gone:
