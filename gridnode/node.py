@@ -206,12 +206,15 @@ class NodeService(MultiService):
             raise ConfigError(f"peer: {config.peer} is reachable from the network, so peers must authenticate: "
                               "set secret-file (a file of at least 16 random bytes, the same on every node)")
         machine = new_machine(node.node_id, peer_addr, int(time.time()), time.time())
+
+        def adopt(member: str) -> Any:
+            return node.jobs.adopt_orphans(dead=frozenset({member}))
+
         service = MembershipService(
             self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
             pool=config.pool, metrics=metrics, stale=config.stale,
-            on_confirmed_dead=lambda member: node.jobs.adopt_orphans(dead=frozenset({member})),
-            # a drained node released its unfinished jobs just before it left: take them now
-            on_left=lambda member: node.jobs.adopt_orphans(dead=frozenset({member})),
+            # a drained node released its unfinished jobs just before it left: take them now too
+            on_confirmed_dead=adopt, on_left=adopt,
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))

@@ -215,12 +215,12 @@ class Registry:
             yield self.write()
             everything = self.is_writer()
             records = yield self.read(everything)
-            if not everything and self._would_write(records):
+            if not everything and self._writes(self._live_of(records)):
                 records = yield self.read(True)  # we just became the writer: publish exact loads
             # A record deleted since it was forgotten needs no memory; one written again by a
             # later life (higher incarnation) is live again.
             self.gone = {i: n for i, n in self.gone.items() if any(r.id == i and r.incarnation <= n for r in records)}
-            self.live = [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
+            self.live = self._live_of(records)
             for callback in self.on_read:
                 callback(self.live)
             if self.is_writer():
@@ -335,20 +335,20 @@ class Registry:
     def _wants(self, record: NodeRecord) -> bool:
         return self.wanted is None or self.wanted(record.id)
 
-    def _would_write(self, records: list[NodeRecord]) -> bool:
-        ids = [r.id for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
-        return self.registered and (not ids or min(ids) >= self.node_id)
+    def _live_of(self, records: list[NodeRecord]) -> list[NodeRecord]:
+        return [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
 
     def forget(self, node_id: str, incarnation: int) -> Any:
         """The membership saw ``node_id`` leave, or confirmed it dead, at ``incarnation``: drop its
         records up to that incarnation from the live list, and republish now if we are the writer.
         Never fails (a failed publish is logged; the next heartbeat publishes again)."""
         self.gone[node_id] = max(incarnation, self.gone.get(node_id, incarnation))
+        writer = self.is_writer()
         live = [r for r in self.live if not self._forgotten(r)]
-        if len(live) == len(self.live) or not self.is_writer():
-            self.live = live
-            return succeed(None)
+        changed = len(live) != len(self.live)
         self.live = live
+        if not (changed and writer):
+            return succeed(None)
         self._log.info("{peer} left or was confirmed dead: publishing the live list now", peer=node_id)
         d = self.publish()
         d.addErrback(lambda f: self._log.warn("could not publish {key}: {reason}", key=self.list_key,
@@ -360,7 +360,10 @@ class Registry:
 
     def is_writer(self) -> bool:
         """The live node with the lowest id writes nodes.json."""
-        ids = [r.id for r in self.live] + ([self.node_id] if self.registered else [])
+        return self._writes(self.live)
+
+    def _writes(self, live: list[NodeRecord]) -> bool:
+        ids = [r.id for r in live] + ([self.node_id] if self.registered else [])
         return bool(ids) and min(ids) == self.node_id
 
     def publish(self) -> Any:

@@ -252,8 +252,14 @@ class MembershipService:
         if change.state == swim.LEFT:
             self._gone(change.member, change.incarnation)
             if self.on_left is not None:
-                d = maybeDeferred(self.on_left, change.member)
-                d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=change.member))
+                self._offer_jobs(self.on_left, change.member)
+
+    def _offer_jobs(self, adopt: Callable[[str], Any], member: str) -> Deferred[Any]:
+        """Hand a gone member's jobs to the job layer; a failure is logged (adoption retries on its
+        own schedule)."""
+        d = maybeDeferred(adopt, member)
+        d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=member))
+        return d
 
     def _gone(self, member: str, incarnation: int) -> None:
         for callback in self.on_gone:
@@ -362,10 +368,7 @@ class MembershipService:
                                reason=e.message)
         self._gone(dead.member, dead.incarnation)
         if self.on_confirmed_dead is not None:
-            try:
-                yield self.on_confirmed_dead(dead.member)
-            except Exception:  # noqa: BLE001 - adoption retries on its own schedule
-                self._log.failure("adopting the jobs of {peer} failed", peer=dead.member)
+            yield self._offer_jobs(self.on_confirmed_dead, dead.member)
 
     # -- views
 
