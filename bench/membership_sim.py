@@ -26,6 +26,16 @@ The model
   instance vanishes and messages to it are silently lost, as over UDP.
   Stalled nodes and partitions never refuse: their kernel accepts, or nothing
   answers.
+- Host checks (``CheckHost``, see gridnode/membership/hostcheck.py): a watcher's
+  standing connection exists if, when the machine said ``Watch``, the member's host
+  was up and TCP between them worked (a link broken either way breaks TCP). A check
+  sends ``check_frames`` frames ``check_gap`` s apart, counted as messages, and ends
+  that long after: void if the watcher stalled meanwhile (the I/O layer sees its
+  frames went out late); ``refused`` if the member's process was killed (its
+  kernel closed the connection; the new try is refused); ``host_silent`` if its
+  host vanished, the link between them is broken or one of them is partitioned;
+  otherwise ``host_silent`` too with the chance that every frame or its
+  acknowledgement was lost, ``(1 - (1 - loss)^2)^check_frames``, and nothing else.
   ``--joins J``: J new nodes join (bootstrapped with the registry's whole list).
   ``--partition-one``: one node is cut off from all others for ``--partition-seconds``.
 - Figures: detect_first_s (median over kills, kill -> first suspicion anywhere),
@@ -64,6 +74,7 @@ from gridnode.membership.swim import (  # noqa: E402
     ALIVE,
     DEAD,
     SUSPECT,
+    CheckHost,
     ConfirmedDead,
     MemberChanged,
     Message,
@@ -71,11 +82,13 @@ from gridnode.membership.swim import (  # noqa: E402
     SwimMachine,
     SyncDigest,
     SyncState,
+    Unwatch,
     Update,
+    Watch,
     encoded_size,
 )
 
-_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED = range(9)
+_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED, _CHECKED = range(10)
 KILL_MODES = ("process", "host")
 
 
@@ -95,12 +108,15 @@ class Params:
     joins: int = 1
     partition_one: bool = False
     partition_seconds: float = 30.0
+    #: a host check (CheckHost) sends this many frames, one every ``check_gap`` s, and then judges
+    check_frames: int = 10
+    check_gap: float = 0.05
     seed: int = 1
     config: SwimConfig = field(default_factory=SwimConfig)
 
 
 class _Node:
-    __slots__ = ("i", "id", "m", "up", "started", "stalled_until", "inbox", "wake_at")
+    __slots__ = ("i", "id", "m", "up", "started", "stalled_until", "stall_start", "inbox", "wake_at", "watch")
 
     def __init__(self, i: int, m: SwimMachine) -> None:
         self.i = i
@@ -109,8 +125,11 @@ class _Node:
         self.up = True
         self.started = False
         self.stalled_until = 0.0
+        self.stall_start = -math.inf
         self.inbox: list[Message] = []
         self.wake_at = math.inf
+        #: standing connections: watched member -> whether it was made (the host was up then)
+        self.watch: dict[str, bool] = {}
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -204,6 +223,18 @@ class Sim:
                 if self.rng.random() < p.loss:
                     continue
                 self.push(now + lat, _DELIVER, dst.i, o)
+            elif isinstance(o, Watch):
+                dst = self.index.get(o.member)
+                src.watch[o.member] = dst is not None and (dst.up or p.kill_mode == "process") and \
+                    not self.cut(src.id, o.member)
+            elif isinstance(o, Unwatch):
+                src.watch.pop(o.member, None)
+            elif isinstance(o, CheckHost):
+                if src.watch.get(o.member):
+                    self.msgs_total += p.check_frames
+                    if in_window:
+                        self.msgs += p.check_frames
+                    self.push(now + p.check_gap * p.check_frames, _CHECKED, src.i, (o.member, o.address, now))
             elif isinstance(o, MemberChanged):
                 self.observe(src, o)
             elif isinstance(o, ConfirmedDead):
@@ -213,6 +244,25 @@ class Sim:
                     self.confirmed_true += 1
                 elif o.member != self.part_node:
                     self.confirmed_false.add(o.member)
+
+    def cut(self, a: str, b: str) -> bool:
+        """Whether TCP between ``a`` and ``b`` is broken (it needs both directions)."""
+        return (a, b) in self.broken or (b, a) in self.broken or self.partitioned in (a, b)
+
+    def check_host(self, nd: _Node, member: str, address: str, t0: float) -> list[Any]:
+        """The end of ``nd``'s host check of ``member`` (started at ``t0``), as the I/O layer does it."""
+        if nd.stall_start >= t0 or nd.stalled_until > self.now:
+            return []  # we stalled: our frames went out late, the check proves nothing (void)
+        dst = self.index[member]
+        if not dst.up and self.p.kill_mode == "process":
+            # its kernel closed the standing connection when the process died; reconnecting is refused
+            return nd.m.refused(member, address, self.now)
+        silent = not dst.up or self.cut(nd.id, member)
+        if not silent:
+            # every frame or its acknowledgement lost (TCP retransmits within the window count too)
+            q = 1 - (1 - self.p.loss) ** 2
+            silent = self.rng.random() < q ** self.p.check_frames
+        return nd.m.host_silent(member, address, self.now) if silent else []
 
     def observe(self, src: _Node, o: MemberChanged) -> None:
         member = o.member
@@ -250,7 +300,7 @@ class Sim:
         p, rng = self.p, self.rng
         registry = [(n.id, n.m.address) for n in self.nodes[: p.nodes]]
         for nd in self.nodes[: p.nodes]:
-            nd.m.add_members(registry, 0.0)
+            self.dispatch(nd, nd.m.add_members(registry, 0.0))
             nd.started = True
             nd.m.start(0.0, join=False)
             self.reschedule(nd)
@@ -300,7 +350,11 @@ class Sim:
             self.now = t
             self.events += 1
             nd = nodes[i]
-            if kind == _DELIVER or kind == _REFUSED:
+            if kind == _CHECKED:
+                if nd.up and nd.started:
+                    self.dispatch(nd, self.check_host(nd, *data))
+                    self.reschedule(nd)
+            elif kind == _DELIVER or kind == _REFUSED:
                 if not nd.up or not nd.started:
                     continue
                 if nd.stalled_until > t:
@@ -317,6 +371,7 @@ class Sim:
             elif kind == _STALL:
                 if nd.up:
                     dur = self.rng.uniform(1.0, 5.0)
+                    nd.stall_start = t
                     nd.stalled_until = t + dur
                     self.push(t + dur, _UNSTALL, i)
                     self.push(t + dur + self.rng.expovariate(1 / p.stall_every), _STALL, i)
@@ -337,7 +392,7 @@ class Sim:
                 self.kill_observers[nd.id] = [n.id for n in nodes if n.up and n.started and n.id != self.partitioned]
             elif kind == _JOIN:
                 registry = [(n.id, n.m.address) for n in nodes if n.started]  # the registry lags deaths
-                nd.m.add_members(registry, t)
+                self.dispatch(nd, nd.m.add_members(registry, t))
                 nd.started = True
                 self.join_at[nd.id] = t
                 self.join_known[nd.id] = set()

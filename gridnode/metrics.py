@@ -42,6 +42,8 @@ class Metrics:
         self.members = Gauge("gridnode_members", "Membership view by state", ["state"], registry=r)
         self.probes = Counter("gridnode_probes", "Peer probes sent", ["result"], registry=r)
         self.suspicions = Counter("gridnode_suspicions", "Peers this node began to suspect", registry=r)
+        self.host_checks = Counter("gridnode_peer_host_checks", "Checks of a suspect peer's kernel, by verdict",
+                                   ["verdict"], registry=r)
         self.refutations = Counter("gridnode_refutations", "Suspicions of this node it refuted", registry=r)
         self.deaths = Counter("gridnode_dead_declarations", "Peers this node declared dead", ["confirmed"],
                               registry=r)

@@ -28,8 +28,8 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
         assert deadline is not None
         lo, _ = machine.config.suspicion_bounds(2)
         # the silent-member timeout here would be ``lo`` (4 periods): a refusal cuts it to one
-        assert deadline - time.time() <= machine.config.refused_suspicion_mult * machine.config.probe_interval
-        assert machine.config.refused_suspicion_mult * machine.config.probe_interval < lo
+        assert deadline - time.time() <= machine.config.gone_suspicion_mult * machine.config.probe_interval
+        assert machine.config.gone_suspicion_mult * machine.config.probe_interval < lo
     finally:
         yield service.stop()
 

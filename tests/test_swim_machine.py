@@ -24,6 +24,9 @@ class Net:
         self.cut: set[tuple[str, str]] = set()  # one-way links that lose everything
         self.refusing: set[str] = set()  # its process is gone: connecting to it is refused
         self.rejected: set[tuple[str, str]] = set()  # one-way links a firewall rejects (refused)
+        self.vanished: set[str] = set()  # its host is gone: its kernel acknowledges nothing
+        self.checks: list[tuple[float, str, str, str]] = []  # (verdict due, watcher, member, address)
+        self.asked: list[tuple[str, str]] = []  # every CheckHost: (watcher, member)
         self.changes: dict[str, list[MemberChanged]] = {name: [] for name in self.names}
         self.confirmed: dict[str, list[ConfirmedDead]] = {name: [] for name in self.names}
         self.sent: dict[str, list[swim.Message]] = {name: [] for name in self.names}
@@ -42,12 +45,20 @@ class Net:
                 self.changes[name].append(out)
             elif isinstance(out, ConfirmedDead):
                 self.confirmed[name].append(out)
+            elif isinstance(out, swim.CheckHost):
+                self.checks.append((self.now + 0.5, name, out.member, out.address))
+                self.asked.append((name, out.member))
 
     def run(self, seconds: float, dt: float = 0.01) -> None:
         end = self.now + seconds
         while self.now < end:
             self.now = round(self.now + dt, 6)
             queue, self.queue = self.queue, []
+            due = [c for c in self.checks if c[0] <= self.now]
+            self.checks = [c for c in self.checks if c[0] > self.now]
+            for _, watcher, member, address in due:
+                if member in self.vanished and watcher not in self.down:
+                    self.act(watcher, self.m[watcher].host_silent(member, address, self.now))
             for msg in queue:
                 refused = msg.dest in self.refusing or (msg.sender, msg.dest) in self.rejected
                 if refused and msg.sender not in self.down:
@@ -255,6 +266,103 @@ class RefusedTests:
         outs = net.m["n0"].refused("n1", "n1:1", net.now)
         assert net.state("n0", "n1") == SUSPECT and outs
         assert net.m["n0"].refused("n1", "n1:1", net.now) == []  # known already
+
+
+class WatchTests:
+    def test_every_member_has_its_watchers_and_views_agree(self) -> None:
+        """Each member is watched by ``watchers`` others, the same ones whoever computes it."""
+        net = Net(12)
+        w = swim.SwimConfig().watchers
+        for member in net.names:
+            watchers = {n for n in net.names if member in net.m[n].watching()}
+            assert len(watchers) == w and member not in watchers
+            assert all(set(net.m[v].watchers_of(member)) == watchers for v in net.names)
+
+    def test_watchers_move_when_a_member_dies(self) -> None:
+        """When a watcher is gone from the ring, the next member before the watched one takes over."""
+        net = Net(8)
+        net.run(2)
+        member = "n0"
+        old = net.m["n1"].watchers_of(member)
+        gone = old[0]
+        net.m["n1"].receive(swim.Gossip("n1", "n1:1", "n2", "n2:1", 1, [swim.Update(gone, f"{gone}:1", 1, DEAD, "n2")]),
+                            net.now)
+        new = net.m["n1"].watchers_of(member)
+        assert gone not in new and set(old) - {gone} <= set(new) and len(new) == len(old)
+
+    def test_a_suspector_tells_the_watchers_and_they_check_once(self) -> None:
+        """The first suspector gossips its suspicion straight to the member's watchers; each asks the
+        member's kernel once per incarnation."""
+        net = Net(8)
+        net.run(2)
+        victim = "n7"
+        watchers = net.m["n0"].watchers_of(victim)
+        net.down.add(victim)
+        net.until(lambda: any(net.state(n, victim) == SUSPECT for n in net.names[:7]), 10)
+        first = next(n for n in net.names[:7] if net.state(n, victim) == SUSPECT)
+        told = {m.dest for m in net.sent[first] if isinstance(m, swim.Gossip)
+                and any(u.member == victim and u.state == SUSPECT for u in m.updates)}
+        assert set(watchers) - {first} <= told
+        net.run(1)
+        assert sorted(w for w, m in net.asked if m == victim) == sorted(watchers)
+
+    def test_a_vanished_host_is_dead_sooner_than_a_stalled_one_would_be(self) -> None:
+        """The watchers find the host silent: it is dead everywhere well before the shortest suspicion
+        a silent member could get; a stalled member (its kernel answers) is not declared dead faster."""
+        net = Net(8)
+        net.run(2)
+        net.down.add("n7")
+        net.vanished.add("n7")
+        start = net.now
+        net.until(lambda: all(net.state(n, "n7") == DEAD for n in net.names[:7]), 30)
+        lo, _ = swim.SwimConfig().suspicion_bounds(8)
+        assert net.now - start < lo
+        assert any(c.member == "n7" for n in net.names for c in net.confirmed[n])
+
+        stalled = Net(8)
+        stalled.run(2)
+        stalled.down.add("n7")  # frozen: no answers, but its kernel still acknowledges
+        stalled.run(lo)
+        assert not any(stalled.state(n, "n7") == DEAD for n in stalled.names[:7])
+
+    def test_host_silent_for_another_address_or_a_stranger_is_ignored(self) -> None:
+        """Only a check of the member's current address counts."""
+        net = Net(3)
+        net.run(2)
+        assert net.m["n0"].host_silent("n1", "elsewhere:1", net.now) == []
+        assert net.m["n0"].host_silent("stranger", "x:1", net.now) == []
+        assert net.state("n0", "n1") == ALIVE
+        assert net.m["n0"].host_silent("n1", "n1:1", net.now)
+        assert net.state("n0", "n1") == SUSPECT
+        deadline = net.m["n0"].suspicion_deadline("n1")
+        assert deadline is not None and deadline <= net.now + swim.SwimConfig().gone_suspicion_mult
+
+
+class RelayTests:
+    def test_a_relay_corrects_a_requester_that_missed_a_refutation(self) -> None:
+        """A ping-req carries what the requester holds about a suspect target; a relay that holds a
+        newer incarnation (the target refuted; the requester missed it, and the target may be stalled
+        just now) tells the requester at once."""
+        relay = SwimMachine("r", "r:1", rng=random.Random(1), now=0.0)
+        relay.add_members([("q", "q:1"), ("t", "t:1")], 0.0)
+        relay.receive(swim.Gossip("r", "r:1", "t", "t:1", 5, []), 0.0)  # t refuted: incarnation 5
+        req = swim.PingReq("r", "r:1", "q", "q:1", 0, 9, "t", "t:1", [swim.Update("t", "t:1", 4, SUSPECT, "q")])
+        outs = relay.receive(req, 1.0)
+        told = [o for o in outs if isinstance(o, swim.Gossip) and o.dest == "q"]
+        assert told and told[0].updates == [swim.Update("t", "t:1", 5, ALIVE, "t")]
+        assert any(isinstance(o, swim.Ping) and o.dest == "t" for o in outs)  # and relays the probe
+        # a ping-req about an incarnation the relay holds too: nothing to correct
+        same = swim.PingReq("r", "r:1", "q", "q:1", 0, 10, "t", "t:1", [swim.Update("t", "t:1", 5, SUSPECT, "q")])
+        assert not any(isinstance(o, swim.Gossip) and o.dest == "q" for o in relay.receive(same, 2.0))
+
+    def test_a_requester_says_what_it_holds_about_a_suspect_target(self) -> None:
+        """The last-chance check's ping-reqs carry the requester's suspicion of the target."""
+        net = Net(5)
+        net.run(2)
+        net.down.add("n4")
+        net.until(lambda: net.state("n0", "n4") == SUSPECT, 30)
+        net.until(lambda: any(isinstance(m, swim.PingReq) and m.target == "n4" and any(
+            u.member == "n4" and u.state == SUSPECT for u in m.updates) for m in net.sent["n0"]), 30)
 
 
 class MergeTests:

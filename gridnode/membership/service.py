@@ -8,6 +8,10 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
   *refused* is news, though: nothing listens at that address any more, so the
   machine hears of it (``SwimMachine.refused``).
 - In: at most ``max_in`` concurrent connections; more are closed at once.
+- Watching: a standing connection to each member the machine watches
+  (``Watch``/``Unwatch``), remade when lost. Over it, ``CheckHost`` asks the
+  member's kernel whether the host is still there (``hostcheck.HostCheck``); a
+  standing connection that is lost and then refused is a refusal like any other.
 - Bootstrap and healing: every registry read adds the records' nodes, and
   says which records are stale (the bucket as an independent witness).
 - ``ConfirmedDead``: delete the dead node's record only if it still holds the
@@ -32,6 +36,7 @@ from twisted.protocols import amp
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.membership import swim, wire
+from gridnode.membership.hostcheck import HostCheck
 from gridnode.registry import MAX_RECORD_BYTES, NodeRecord, parse_record
 
 #: bytes an inbound connection may send without completing an AMP box
@@ -107,6 +112,17 @@ class _InboundFactory(Factory):
         return proto
 
 
+class _Standing:
+    """The standing connection to one watched member."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.proto: Any = None
+        self.retry: Any = None
+        self.since = 0.0
+        self.closed = False
+
+
 class MembershipService:
     _log = Logger()
 
@@ -115,7 +131,7 @@ class MembershipService:
         pool: str = "", metrics: Any = None, on_confirmed_dead: Callable[[str], Any] | None = None,
         on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
-        now: Callable[[], float] = time.time,
+        now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck,
     ) -> None:
         self.reactor = reactor
         self.machine = machine
@@ -138,6 +154,11 @@ class MembershipService:
         self.inbound: set[PeerProtocol] = set()
         self._out: OrderedDict[str, Any] = OrderedDict()
         self._connecting: dict[str, list[Deferred[Any]]] = {}
+        self._standing: dict[str, _Standing] = {}
+        #: makes a check over a connection: ``host_check(reactor, proto).run()`` fires True when silent
+        self.host_check = host_check
+        #: host checks by verdict (silent, answered, void), for /peers and tests
+        self.checks: dict[str, int] = {}
         self._timer: Any = None
         self._tick_next_turn = False
         self._running = False
@@ -154,6 +175,8 @@ class MembershipService:
 
     def start(self, join: bool = True) -> None:
         self._running = True
+        for member in list(self._standing):
+            self._stand(member)
         self.act(self.machine.start(self.now(), join=join))
 
     @inlineCallbacks
@@ -176,6 +199,8 @@ class MembershipService:
         for proto in list(self._out.values()):
             proto.transport.loseConnection()
         self._out.clear()
+        for member in list(self._standing):
+            self._unwatch(member)
         for p in list(self.inbound):
             if p.transport is not None:
                 p.transport.loseConnection()
@@ -192,6 +217,12 @@ class MembershipService:
                 self._confirmed_dead(out)
             elif isinstance(out, swim.MemberChanged):
                 self._changed(out)
+            elif isinstance(out, swim.Watch):
+                self._watch(out.member, out.address)
+            elif isinstance(out, swim.Unwatch):
+                self._unwatch(out.member)
+            elif isinstance(out, swim.CheckHost):
+                self._check_host(out.member, out.address)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -310,6 +341,86 @@ class MembershipService:
 
         connectProtocol(endpoint, made).addCallbacks(connected, failed)
         return d
+
+    # -- watching
+
+    def _watch(self, member: str, address: str) -> None:
+        held = self._standing.get(member)
+        if held is not None and held.address == address:
+            return
+        if held is not None:
+            self._unwatch(member)
+        self._standing[member] = _Standing(address)
+        if self._running:
+            self._stand(member)
+
+    def _unwatch(self, member: str) -> None:
+        held = self._standing.pop(member, None)
+        if held is None:
+            return
+        held.closed = True
+        if held.retry is not None and held.retry.active():
+            held.retry.cancel()
+        if held.proto is not None and held.proto.transport is not None:
+            held.proto.transport.loseConnection()
+
+    def _stand(self, member: str) -> None:
+        """Make the standing connection to ``member``; remake it (after a probe period) when lost."""
+        held = self._standing.get(member)
+        if held is None or held.closed or held.proto is not None:
+            return
+        held.retry = None
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        host, _, port = held.address.rpartition(":")
+        endpoint = TCP4ClientEndpoint(self.reactor, host, int(port), timeout=self.connect_timeout)
+        made = PeerProtocol(None, on_lost=lambda: lost())
+        period = self.machine.config.probe_interval
+
+        def again(delay: float) -> None:
+            if not held.closed and self._running:
+                held.retry = self.reactor.callLater(delay, self._stand, member)
+
+        def lost() -> None:
+            if held.proto is made:
+                # at once (a crashed process's kernel closed it: the new try is refused), unless it
+                # was short-lived (the peer turns connections away): then not in a tight loop
+                held.proto = None
+                again(0 if self.reactor.seconds() - held.since > period else period)
+
+        def connected(p: Any) -> None:
+            if held.closed:
+                p.transport.loseConnection()
+                return
+            # each frame of a host check must go out at once, not wait for the last one's ACK
+            p.transport.setTcpNoDelay(True)
+            held.proto = p
+            held.since = self.reactor.seconds()
+
+        def failed(f: Any) -> None:
+            if f.check(ConnectionRefusedError) and self._running and not held.closed:
+                self.act(self.machine.refused(member, held.address, self.now()))
+            again(period)
+
+        connectProtocol(endpoint, made).addCallbacks(connected, failed)
+
+    def _check_host(self, member: str, address: str) -> None:
+        held = self._standing.get(member)
+        if held is None or held.address != address or held.proto is None:
+            return  # no standing connection (yet): nothing to ask
+        d = self.host_check(self.reactor, held.proto).run()
+
+        def judged(silent: bool | None) -> None:
+            verdict = {True: "silent", False: "answered", None: "void"}[silent]
+            self.checks[verdict] = self.checks.get(verdict, 0) + 1
+            if self.metrics is not None:
+                self.metrics.host_checks.labels(verdict).inc()
+            if silent and self._running:
+                self._log.info("peer {peer}'s host acknowledged none of our frames", peer=member)
+                self.act(self.machine.host_silent(member, address, self.now()))
+
+        d.addCallback(judged)
+        d.addErrback(lambda f: self._log.failure("host check of {peer} failed", f, peer=member))
 
     def _forget(self, address: str, proto: Any) -> None:
         if self._out.get(address) is proto:

@@ -28,7 +28,11 @@ Protocol choices, and why:
   longest reactor stall we tolerate (a stalled member is indistinguishable from a dead
   one until it wakes). When the timeout runs out we send one last direct ping plus k
   ping-reqs and declare death only if none is answered: gossip is probabilistic and a
-  refutation may have missed us. A death backed by one accuser only stays local (not
+  refutation may have missed us. Every ping-req carries what the requester holds about a
+  suspect target, and a relay that holds a newer incarnation (the target refuted since) tells
+  the requester at once: a requester that missed the refutation, say while it was stalled
+  itself, would otherwise declare dead a target that happens to stall just then. A death
+  backed by one accuser only stays local (not
   gossiped): a lone accuser is more likely cut off itself. A dead entry received in a
   full-state sync counts as a suspicion (as in memberlist).
 - Refused connections (TCP, not in SWIM's UDP world): the I/O layer reports a
@@ -37,9 +41,23 @@ Protocol choices, and why:
   still accepts, a lossy link drops rather than refuses). We suspect it at once, ask
   ``indirect_k`` relays to try it too (they get refused in turn and become
   independent suspectors), and our timeout for that incarnation is the short
-  ``refused_suspicion_mult`` periods. The rules for spreading and confirming a death
+  ``gone_suspicion_mult`` periods. The rules for spreading and confirming a death
   do not change, so a node cut off from everyone by a rejecting firewall still
   confirms nothing.
+- Silent hosts (TCP again): a vanished host (power or network lost) is silence,
+  which a stalled member also is, until the longest stall we tolerate has passed.
+  Its kernel tells them apart: a stalled member's kernel still acknowledges TCP
+  segments, a vanished one does not. Each member has ``watchers`` watchers, the
+  members just before it on a hash ring of the live members; a watcher keeps a
+  standing connection to it (``Watch``/``Unwatch``: only a connection made before
+  the host vanished can show silence; a new one just fails to connect). When a
+  watched member becomes suspect the watcher asks its kernel (``CheckHost``): the
+  I/O layer sends a few small frames over that connection and, if none was
+  acknowledged, reports ``host_silent``. That counts as a refusal does (the short
+  timeout). A suspector tells the suspect's watchers directly, so they check at
+  once. Loss alone makes a false report unlikely (every frame and every
+  acknowledgement lost), and the last-chance check and the confirmation rule still
+  apply.
 - Buddy system: a member we suspect is told so directly (right away, and in every
   probe or answer we send it), so it refutes at once by bumping its incarnation.
 - Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
@@ -62,6 +80,7 @@ Protocol choices, and why:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import json
@@ -95,8 +114,11 @@ class SwimConfig:
     suspicion_min_mult: float = 4.5
     #: suspicion max = suspicion_max_mult * min
     suspicion_max_mult: float = 3.0
-    #: suspicion timeout (in probe periods) once our own connection to the member was refused
-    refused_suspicion_mult: float = 1.0
+    #: suspicion timeout (in probe periods) once we know the member's host is gone: our connection
+    #: to it was refused, or its kernel stopped acknowledging our bytes (``refused``, ``host_silent``)
+    gone_suspicion_mult: float = 1.0
+    #: members that keep a standing connection to each member, to ask its kernel (``CheckHost``)
+    watchers: int = 3
     retransmit_mult: int = 4
     health_max: int = 8
     gossip_interval: float = 0.2
@@ -265,7 +287,30 @@ class MemberView:
     incarnation: int
 
 
-Output = Message | MemberChanged | ConfirmedDead
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """We are one of ``member``'s watchers: keep a standing connection to ``address``."""
+
+    member: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    """We no longer watch ``member``: close the standing connection."""
+
+    member: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckHost:
+    """Ask ``member``'s kernel over the standing connection; call ``host_silent`` if it does not answer."""
+
+    member: str
+    address: str
+
+
+Output = Message | MemberChanged | ConfirmedDead | Watch | Unwatch | CheckHost
 
 # ---------------------------------------------------------------- internals
 
@@ -318,6 +363,11 @@ def _hash64(member: str, incarnation: int) -> int:
     return int.from_bytes(h, "big")
 
 
+def _ring_point(member: str) -> tuple[int, str]:
+    h = hashlib.blake2b(member.encode(), digest_size=8, person=b"gridnode-ring").digest()
+    return int.from_bytes(h, "big"), member
+
+
 class SwimMachine:
     """The membership state machine of one node. Every method returns the outputs to act on."""
 
@@ -360,7 +410,11 @@ class SwimMachine:
         self._stale: dict[str, int] = {}  # registry-stale witness: member -> incarnation
         self._pending: dict[str, tuple[int, set[str]]] = {}  # declared dead by us, not yet confirmed
         self._confirmed: dict[str, int] = {}
-        self._refused: dict[str, int] = {}  # member -> incarnation whose connection we saw refused
+        self._gone: dict[str, int] = {}  # member -> incarnation whose host we know gone (refused/silent)
+        # the hash ring of live members and us: we watch the ``watchers`` members after us
+        self._ring: list[tuple[int, str]] = [_ring_point(me)]
+        self._watching: dict[str, str] = {}  # member -> address
+        self._checked: dict[str, int] = {}  # member -> incarnation whose host we asked about
         self._last_stall = -math.inf
 
     # ------------------------------------------------------------ public API
@@ -442,13 +496,9 @@ class SwimMachine:
         m = self._members.get(member)
         if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
             return out
-        if self._refused.get(member) == m.incarnation:
+        if self._gone.get(member) == m.incarnation:
             return out  # known: our own probes, buddy notes and relays keep getting refused
-        self._refused[member] = m.incarnation
-        self._suspect(m, out)
-        s = self._suspicions.get(member)
-        if s is not None:
-            self._reschedule(member, s)  # the short timeout now applies to us
+        self._host_gone(m, out)
         if not any(p.target == member and p.expected_nacks for p in self._probes.values()):
             # no need to wait for an ack timeout: have relays try it now
             seq = self._next_seq()
@@ -461,6 +511,34 @@ class SwimMachine:
                 # we relay a probe for ``requester``: our refusal is its second witness
                 out.append(Gossip(requester, addr, *self._hdr(), [mine]))
         return out
+
+    def host_silent(self, member: str, address: str, now: float) -> list[Output]:
+        """The I/O layer (after ``CheckHost``): ``member``'s kernel acknowledged none of our frames."""
+        self._now = now
+        out: list[Output] = []
+        m = self._members.get(member)
+        if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
+            return out
+        if self._gone.get(member) != m.incarnation:
+            self._host_gone(m, out)
+            s = self._suspicions.get(member)
+            if s is not None and s.deadline > now and len(s.suspectors) >= 2:
+                # the check itself was the wait; another member suspects it too: last chance now
+                s.deadline = now
+                self._push(now, _T_SUSPECT, member)
+        return out
+
+    def watching(self) -> dict[str, str]:
+        """The members we watch (member -> address)."""
+        return dict(self._watching)
+
+    def watchers_of(self, member: str) -> list[str]:
+        """The members that watch ``member`` (as we see the ring; us included)."""
+        ring = self._ring
+        i = bisect.bisect_left(ring, _ring_point(member))
+        found = i < len(ring) and ring[i][1] == member
+        others = len(ring) - found
+        return [ring[(i - j) % len(ring)][1] for j in range(1, min(self.config.watchers, others) + 1)]
 
     def is_confirmed_dead(self, member: str) -> bool:
         """True if we declared ``member`` dead and that death is confirmed (see module docstring)."""
@@ -533,6 +611,12 @@ class SwimMachine:
         elif t is PingReq:
             assert isinstance(msg, PingReq)
             self._apply_all(msg.updates, out)
+            known = self._members.get(msg.target)
+            if known is not None and known.state == ALIVE and any(
+                    u.member == msg.target and u.incarnation < known.incarnation for u in msg.updates):
+                # the requester accuses an incarnation that has refuted since: tell it (it may have
+                # missed the refutation, e.g. while stalled, and the target may be stalled right now)
+                out.append(Gossip(msg.sender, msg.sender_addr, *self._hdr(), [known.update()]))
             seq = self._next_seq()
             self._relays[seq] = (msg.sender, msg.sender_addr, msg.seq, msg.target)
             out.append(Ping(msg.target, msg.target_addr, *self._hdr(), seq, self._piggyback(msg.target)))
@@ -649,7 +733,8 @@ class SwimMachine:
                 self._pending.pop(key, None)
                 self._confirmed.pop(key, None)
                 self._stale.pop(key, None)
-                self._refused.pop(key, None)
+                self._gone.pop(key, None)
+                self._checked.pop(key, None)
 
     # ------------------------------------------------------------ probing
 
@@ -683,8 +768,10 @@ class SwimMachine:
 
     def _ping_req(self, p: _Probe, m: _Member, out: list[Output]) -> None:
         for relay in self._sample(self.config.indirect_k, (p.target,)):
-            out.append(PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address,
-                               self._piggyback(relay)))
+            ups = self._piggyback(relay)
+            if m.state != ALIVE and not any(u.member == m.id for u in ups):
+                ups.insert(0, m.update())  # what we hold about the target: a relay that knows better says so
+            out.append(PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address, ups))
             p.expected_nacks += 1
 
     def _on_ack(self, seq: int, out: list[Output]) -> None:
@@ -705,11 +792,28 @@ class SwimMachine:
         self._apply(Update(m.id, m.address, m.incarnation, SUSPECT, self.me), out)
         # buddy system: tell the accused right away so that it can refute
         out.append(Gossip(m.id, m.address, *self._hdr(), self._piggyback(m.id)))
+        # and its watchers, so that they ask its kernel now rather than when gossip reaches them
+        mine = [Update(m.id, m.address, m.incarnation, SUSPECT, self.me)]
+        for w in self.watchers_of(m.id):
+            watcher = self._members.get(w)
+            if watcher is not None and watcher.state in (ALIVE, SUSPECT) and w != m.id:
+                out.append(Gossip(w, watcher.address, *self._hdr(), mine))
 
-    def _start_suspicion(self, m: _Member, origin: str) -> None:
+    def _host_gone(self, m: _Member, out: list[Output]) -> None:
+        """We know ``m``'s host is gone: suspect it (if we did not), with the short timeout."""
+        self._gone[m.id] = m.incarnation
+        self._suspect(m, out)
+        s = self._suspicions.get(m.id)
+        if s is not None:
+            self._reschedule(m.id, s)
+
+    def _start_suspicion(self, m: _Member, origin: str, out: list[Output]) -> None:
         s = _Suspicion(m.incarnation, self._now, {origin})
         self._suspicions[m.id] = s
         self._reschedule(m.id, s)
+        if m.id in self._watching and self._checked.get(m.id) != m.incarnation:
+            self._checked[m.id] = m.incarnation
+            out.append(CheckHost(m.id, m.address))
 
     def _reschedule(self, member: str, s: _Suspicion) -> None:
         n = len(self._live) + 1
@@ -717,9 +821,10 @@ class SwimMachine:
         k = min(self.config.indirect_k, n - 2)
         c = len(s.suspectors) - 1
         timeout = lo if k < 1 else max(lo, hi - (hi - lo) * math.log(c + 1) / math.log(k + 1))
-        if self._refused.get(member) == s.incarnation:
-            timeout = min(timeout, self.config.refused_suspicion_mult * self.config.probe_interval)
-        s.deadline = s.start + timeout
+        if self._gone.get(member) == s.incarnation:
+            timeout = min(timeout, self.config.gone_suspicion_mult * self.config.probe_interval)
+        # never in the past: a timer that fires late reads as a stall of our own
+        s.deadline = max(s.start + timeout, self._now)
         self._push(s.deadline, _T_SUSPECT, member)
 
     def _add_suspector(self, m: _Member, inc: int, origin: str, u: Update) -> None:
@@ -804,9 +909,10 @@ class SwimMachine:
                 pos = self._rng.randint(self._probe_idx, len(self._probe_list))
                 self._probe_list.insert(pos, m.id)
             if u.state == SUSPECT:
-                self._start_suspicion(m, u.origin)
+                self._start_suspicion(m, u.origin, out)
             self._enqueue(u)
             out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
+            self._rewatch(out)
             return
         if (u.incarnation, _RANK[u.state]) <= (m.incarnation, _RANK[m.state]):
             if u.state == SUSPECT and u.incarnation == m.incarnation:
@@ -826,7 +932,7 @@ class SwimMachine:
             self._suspicions.pop(m.id, None)
             self._pending.pop(m.id, None)
         elif u.state == SUSPECT:
-            self._start_suspicion(m, u.origin)
+            self._start_suspicion(m, u.origin, out)
         else:
             self._suspicions.pop(m.id, None)
             self._push(self._now + self.config.reap_after, _T_REAP, m.id)
@@ -843,6 +949,8 @@ class SwimMachine:
             self._live_remove(m.id)
         self._enqueue(u)
         out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
+        if is_live != was_live or (m.id in self._watching and self._watching[m.id] != m.address):
+            self._rewatch(out)
 
     def _about_me(self, u: Update, out: list[Output]) -> None:
         if self._left:
@@ -919,10 +1027,32 @@ class SwimMachine:
         return self._seq
 
     def _live_add(self, member: str) -> None:
+        if member not in self._live_pos:
+            bisect.insort(self._ring, _ring_point(member))
         self._bag_add(self._live, self._live_pos, member)
 
     def _live_remove(self, member: str) -> None:
+        if member in self._live_pos:
+            ring = self._ring
+            i = bisect.bisect_left(ring, _ring_point(member))
+            if i < len(ring) and ring[i][1] == member:
+                del ring[i]
         self._bag_remove(self._live, self._live_pos, member)
+
+    def _rewatch(self, out: list[Output]) -> None:
+        """The ring changed: watch the ``watchers`` live members after us, and no others."""
+        ring = self._ring
+        i = bisect.bisect_left(ring, _ring_point(self.me))
+        k = min(self.config.watchers, len(ring) - 1)
+        now = {ring[(i + j) % len(ring)][1] for j in range(1, k + 1)}
+        for member in [x for x in self._watching if x not in now]:
+            del self._watching[member]
+            out.append(Unwatch(member))
+        for member in now:
+            address = self._members[member].address
+            if self._watching.get(member) != address:
+                self._watching[member] = address
+                out.append(Watch(member, address))
 
     @staticmethod
     def _bag_add(items: list[str], pos: dict[str, int], member: str) -> None:

@@ -73,8 +73,12 @@ class PeersResource(Resource):
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
         membership = self.node.membership
         peers = membership.peers() if membership is not None else []
-        return json_body(request, {"node": self.node.node_id, "peers": peers,
-                                   "dropped": dict(membership.dropped) if membership is not None else {}})
+        return json_body(request, {
+            "node": self.node.node_id, "peers": peers,
+            "dropped": dict(membership.dropped) if membership is not None else {},
+            "watching": sorted(membership.machine.watching()) if membership is not None else [],
+            "host_checks": dict(membership.checks) if membership is not None else {},
+        })
 
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")

@@ -1,0 +1,155 @@
+"""Watching members: the standing connection and asking a peer's kernel (real sockets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+from gridnode.membership import swim
+from gridnode.membership.hostcheck import tcp_acks
+from gridnode.membership.service import MembershipService
+from tests.nodes import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+linux_only = pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is Linux's")
+
+
+def _namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@linux_only
+def test_tcp_info_reads_acknowledgements() -> None:
+    """On a live loopback connection our bytes are acknowledged at once."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            peer, _ = server.accept()
+            with peer:
+                client.sendall(b"x" * 100)
+                time.sleep(0.2)
+                acks = tcp_acks(client)
+                assert acks is not None
+                unacked, since_ack = acks
+                assert unacked == 0 and 0.1 <= since_ack < 5
+
+
+@linux_only
+@pytest.mark.skipif(not _namespaces(), reason="needs a network namespace (root: unshare -n)")
+def test_a_stalled_host_answers_and_a_vanished_one_does_not() -> None:
+    """In a network namespace: a peer process stopped with SIGSTOP (a stalled reactor) still has its
+    kernel acknowledge our frames; once the namespace's loopback goes down (the host vanished)
+    nothing does, and the check says silent."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests" / "netns_hostcheck.py")],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"running": False, "stalled": False, "vanished": True}
+
+
+class _Quiet(Protocol):
+    pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal() -> None:
+    """The watcher keeps one connection to the member it watches. When the member's process goes
+    away the connection closes, the watcher connects again at once and is refused: the member is
+    suspect with the short timeout before any probe of it has failed."""
+    port = free_port()
+    accepted: list[Any] = []
+
+    class Recording(Factory):
+        def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted's name
+            p = _Quiet()
+            accepted.append(p)
+            return p
+
+    listening = yield TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(Recording())
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=time.time(),
+                               config=swim.SwimConfig(probe_interval=30.0, probe_timeout=10.0))
+    service = MembershipService(reactor, machine, b"k" * 32)
+    service.act(machine.add_members([("b", f"127.0.0.1:{port}")], time.time()))
+    assert machine.watching() == {"b": f"127.0.0.1:{port}"}
+    service.start(join=False)
+    try:
+        yield wait_for(lambda: service._standing["b"].proto is not None and accepted, 10)
+        assert machine.suspicion_deadline("b") is None
+        yield listening.stopListening()
+        for p in accepted:
+            p.transport.loseConnection()  # the process is gone: its kernel closes its connections
+        yield wait_for(lambda: machine.suspicion_deadline("b") is not None, 10)
+        deadline = machine.suspicion_deadline("b")
+        assert deadline is not None and deadline - time.time() <= machine.config.gone_suspicion_mult * 30.0
+    finally:
+        yield service.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_silent_host_check_reaches_the_machine() -> None:
+    """A watcher that learns its member is suspect asks the member's kernel; a silent verdict
+    (here forced: loopback always answers) gives the member the short timeout."""
+    server = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_Quiet))
+    addr = f"127.0.0.1:{server.getHost().port}"
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=time.time(),
+                               config=swim.SwimConfig(probe_interval=30.0, probe_timeout=10.0))
+
+    class Silent:
+        def __init__(self, reactor: Any, proto: Any) -> None:
+            assert proto.transport.getPeer().port == server.getHost().port
+
+        def run(self) -> Any:
+            return succeed(True)
+
+    service = MembershipService(reactor, machine, b"k" * 32, host_check=Silent)
+    service.act(machine.add_members([("b", addr), ("c", "127.0.0.1:3")], time.time()))
+    assert "b" in machine.watching()
+    service.start(join=False)
+    try:
+        yield wait_for(lambda: service._standing["b"].proto is not None, 10)
+        # c suspects b and tells b's watchers (us) directly
+        service.act(machine.receive(swim.Gossip("a", "127.0.0.1:1", "c", "127.0.0.1:3", 0, [
+            swim.Update("b", addr, 0, swim.SUSPECT, "c")]), time.time()))
+        assert service.checks == {"silent": 1}
+        deadline = machine.suspicion_deadline("b")
+        assert deadline is not None and deadline - time.time() < 5
+        lo, _ = machine.config.suspicion_bounds(3)
+        assert lo >= 100
+    finally:
+        yield service.stop()
+        yield server.stopListening()
+
+
+@linux_only
+@pytest.mark.integration
+@pytest.mark.skipif(not _namespaces(), reason="needs a network namespace (root: unshare -n)")
+def test_real_nodes_tell_a_stalled_host_from_a_vanished_one(tmp_path: Path) -> None:
+    """Four real nodes, the fourth on a host of its own behind a veth link (network namespaces):
+    stopped for 3 s it is suspected but not declared dead (its kernel still answers the host
+    checks); when its link goes down, every other node holds it dead through the host checks'
+    silence, and its record is deleted."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests" / "netns_vanish.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["stall_survived"] and result["record_deleted"]
+    # each of the others watches it (N=4, 3 watchers each) and found it silent: the short path
+    assert all(checks.get("silent", 0) >= 1 for checks in result["host_checks"].values()), result
+    assert result["dead_everywhere_s"] < 15
