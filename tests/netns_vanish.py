@@ -5,7 +5,7 @@ namespace of its own behind a veth pair, at 10.77.0.2: a host of its own on a re
 the victim's process is stopped for 3 s (SIGSTOP: a stalled node, whose kernel still answers):
 it must not be declared dead. Then its link goes down (the host vanished: silence). Prints one
 JSON object: whether it survived the stall, how long until every other node held it dead,
-whether its record was deleted, and the nodes' host-check counts.
+whether its record was deleted, and the nodes' host-check counts after the stall and at the end.
 
     unshare -n python tests/netns_vanish.py FOLDER
 """
@@ -93,6 +93,7 @@ def main(folder: Path) -> None:
         os.kill(victim.pid, signal.SIGCONT)
         until(lambda: all(states(http[n]).get("victim") == "alive" for n in others), 20)
         survived = not any("dead" in v for v in stalled_views)
+        after_stall = {n: peers(http[n])["host_checks"] for n in others}
         time.sleep(2)
         # the host vanishes: its link goes down, nothing answers any more
         sh(*inside, "ip", "link", "set", "gv1", "down")
@@ -100,7 +101,7 @@ def main(folder: Path) -> None:
         until(lambda: not (store / "registry" / "dev" / "default" / "nodes" / "victim.json").exists(), 15)
         checks = {n: peers(http[n])["host_checks"] for n in others}
         print(json.dumps({"stall_survived": survived, "dead_everywhere_s": round(took, 2),
-                          "record_deleted": True, "host_checks": checks}))
+                          "record_deleted": True, "checks_after_stall": after_stall, "host_checks": checks}))
     finally:
         for p in reversed(procs):
             if p.poll() is None:

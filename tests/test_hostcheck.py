@@ -91,6 +91,9 @@ def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal(
     try:
         yield wait_for(lambda: service._standing["b"].proto is not None and accepted, 10)
         assert machine.suspicion_deadline("b") is None
+        sock = service._standing["b"].proto.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         yield listening.stopListening()
         for p in accepted:
             p.transport.loseConnection()  # the process is gone: its kernel closes its connections
@@ -150,6 +153,8 @@ def test_real_nodes_tell_a_stalled_host_from_a_vanished_one(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["stall_survived"] and result["record_deleted"]
-    # each of the others watches it (N=4, 3 watchers each) and found it silent: the short path
-    assert all(checks.get("silent", 0) >= 1 for checks in result["host_checks"].values()), result
+    # the stalled host's kernel answered every check; the vanished one's did not (each of the
+    # others watches it, N=4; a watcher that stalls itself during a check gets no verdict)
+    assert not any(checks.get("silent") for checks in result["checks_after_stall"].values()), result
+    assert sum(checks.get("silent", 0) for checks in result["host_checks"].values()) >= 1, result
     assert result["dead_everywhere_s"] < 15

@@ -22,6 +22,7 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -110,6 +111,15 @@ class _InboundFactory(Factory):
         proto = PeerProtocol(self.service)
         self.service.inbound.add(proto)
         return proto
+
+
+def _keep_alive(sock: Any, idle: int = 60) -> None:
+    """Keepalives on an idle standing connection: firewalls keep its state, and a connection that
+    died unseen is noticed (and remade) within minutes, not at the next host check."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle // 4)
 
 
 class _Standing:
@@ -365,7 +375,8 @@ class MembershipService:
             held.proto.transport.loseConnection()
 
     def _stand(self, member: str) -> None:
-        """Make the standing connection to ``member``; remake it (after a probe period) when lost."""
+        """Make the standing connection to ``member``; when lost, remake it at once (after a probe
+        period if it was short-lived or could not be made). A refusal goes to the machine."""
         held = self._standing.get(member)
         if held is None or held.closed or held.proto is not None:
             return
@@ -394,6 +405,7 @@ class MembershipService:
                 return
             # each frame of a host check must go out at once, not wait for the last one's ACK
             p.transport.setTcpNoDelay(True)
+            _keep_alive(p.transport.getHandle())
             held.proto = p
             held.since = self.reactor.seconds()
 
