@@ -24,7 +24,7 @@ from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoi
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
-from gridnode.registry import Registry
+from gridnode.registry import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
 from gridnode.web.cors import CORS
 
@@ -205,7 +205,7 @@ class NodeService(MultiService):
         else:
             raise ConfigError(f"peer: {config.peer} is reachable from the network, so peers must authenticate: "
                               "set secret-file (a file of at least 16 random bytes, the same on every node)")
-        machine = new_machine(node.node_id, peer_addr, int(time.time()), time.time())
+        machine = new_machine(node.node_id, peer_addr, first_incarnation(time.time()), time.time())
 
         def adopt(member: str) -> Any:
             return node.jobs.adopt_orphans(dead=frozenset({member}))

@@ -44,6 +44,14 @@ from gridnode.store.base import ObjectStore
 MAX_RECORD_BYTES = 64 * 1024
 
 
+def first_incarnation(now: float) -> int:
+    """A new life's incarnation: the clock in milliseconds. A node that left cleanly deleted its
+    record, so only the clock says its next life is later, and a restart can take well under a
+    second (in seconds, the new life could equal the one its peers hold ``left``). A life refutes
+    far fewer than a thousand times a second, so it never climbs past the next life's start."""
+    return int(now * 1000)
+
+
 @dataclass
 class NodeRecord:
     id: str
@@ -272,8 +280,11 @@ class Registry:
                 except GridnodeError:
                     previous = None
             # Higher than any earlier life: peers may still remember that one as dead.
+            # The membership's own number when there is one: the two must agree, or a peer that saw
+            # this life leave at the machine's number would take the record for a later life.
+            life = self.incarnation() if self.incarnation is not None else first_incarnation(self.now())
             self.record.incarnation = max(self.record.incarnation,
-                                          (previous.incarnation + 1) if previous else 0, int(self.now()))
+                                          (previous.incarnation + 1) if previous else 0, life)
             try:
                 if etag is None:
                     info = yield self.store.put_bytes(self.key, self.record.dumps(), if_none_match="*",

@@ -175,6 +175,20 @@ class RegistryTests:
         data, _ = self.store.backend.get_bytes(PREFIX + "a.json")
         assert parse_record(data).incarnation == again.record.incarnation > first
 
+    def test_a_quick_return_after_a_clean_leave_gets_a_higher_incarnation(self) -> None:
+        """A node that left cleanly deleted its record; back within the same second, its new life
+        still gets a higher incarnation (peers hold the old one ``left`` and admit only a higher)."""
+        self.clock.advance(1_795_572_840.2)
+        a = make(self.store, self.clock, "a")
+        a.start()
+        first = a.record.incarnation
+        a.stop()
+        assert listed(self.store) == []
+        self.clock.advance(0.3)
+        again = make(self.store, self.clock, "a")
+        again.start()
+        assert again.record.incarnation > first
+
     def test_reregisters_when_deleted(self) -> None:
         """If a peer deletes our record, the next heartbeat writes it again."""
         a = make(self.store, self.clock, "a")
