@@ -6,6 +6,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -15,12 +16,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 
 from gridnode.membership import swim
-from gridnode.membership.hostcheck import tcp_acks
+from gridnode.membership.hostcheck import HostCheck, tcp_acks
 from gridnode.membership.service import MembershipService
 from tests.nodes import free_port, wait_for
 
@@ -61,6 +63,72 @@ def test_a_stalled_host_answers_and_a_vanished_one_does_not() -> None:
                           capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"running": False, "stalled": False, "vanished": True}
+
+
+class _FakeSocket:
+    """getsockopt(TCP_INFO) as Linux lays it out: unacked at byte 24, last_ack_recv (ms) at 56."""
+
+    def __init__(self, unacked: int, last_ack_ms: int) -> None:
+        self.unacked, self.last_ack_ms = unacked, last_ack_ms
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        raw = bytearray(104)
+        struct.pack_into("=I", raw, 24, self.unacked)
+        struct.pack_into("=I", raw, 56, self.last_ack_ms)
+        return bytes(raw)
+
+
+class _FakeTransport:
+    connected = True
+
+    def __init__(self, sock: _FakeSocket) -> None:
+        self.sock = sock
+
+    def getHandle(self) -> _FakeSocket:  # noqa: N802 - Twisted's name
+        return self.sock
+
+
+class _FakeProto:
+    def __init__(self, sock: _FakeSocket) -> None:
+        self.transport = _FakeTransport(sock)
+        self.calls = 0
+
+    def callRemote(self, command: Any) -> Any:  # noqa: N802 - AMP's name
+        self.calls += 1
+        return Deferred()
+
+
+@linux_only
+@pytest.mark.parametrize(("unacked", "last_ack_ms", "verdict"), [
+    (3, 600, True),    # frames outstanding, nothing acknowledged since the first went out
+    (0, 600, False),   # all acknowledged (the last ACK is old only because nothing was sent since)
+    (3, 100, False),   # something was acknowledged during the check
+])
+def test_the_verdict_reads_tcp_info(unacked: int, last_ack_ms: int, verdict: bool) -> None:
+    """Ten frames 50 ms apart, then TCP_INFO decides."""
+    clock = Clock()
+    proto = _FakeProto(_FakeSocket(unacked, last_ack_ms))
+    results: list[Any] = []
+    HostCheck(clock, proto).run().addCallback(results.append)
+    clock.pump([0.05] * 11)
+    assert proto.calls == 10 and results == [verdict]
+
+
+@linux_only
+def test_a_check_whose_frames_went_out_late_proves_nothing() -> None:
+    """Our own reactor stalled between two frames: no verdict (void), however silent the peer looks."""
+    clock = Clock()
+    proto = _FakeProto(_FakeSocket(3, 5000))
+    results: list[Any] = []
+    HostCheck(clock, proto).run().addCallback(results.append)
+    clock.pump([0.05] * 4 + [1.0] + [0.05] * 6)
+    assert results == [None]
+    lost = _FakeProto(_FakeSocket(3, 5000))
+    HostCheck(clock, lost).run().addCallback(results.append)
+    clock.advance(0.1)
+    lost.transport.connected = False  # type: ignore[misc]
+    clock.pump([0.05] * 10)
+    assert results == [None, None]
 
 
 class _Quiet(Protocol):
