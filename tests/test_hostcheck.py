@@ -31,8 +31,11 @@ linux_only = pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INF
 
 
 def _namespaces() -> bool:
+    """Whether we may make a network namespace with a veth link in it (root, iproute2, nsenter)."""
+    probe = "ip link set lo up && ip link add gv0 type veth peer name gv1 && command -v nsenter"
     try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(["unshare", "-n", "sh", "-c", probe], capture_output=True,
+                              timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -53,7 +56,7 @@ def test_tcp_info_reads_acknowledgements() -> None:
 
 
 @linux_only
-@pytest.mark.skipif(not _namespaces(), reason="needs a network namespace (root: unshare -n)")
+@pytest.mark.skipif(not _namespaces(), reason="needs network namespaces with veth links (root, unshare -n, iproute2)")
 def test_a_stalled_host_answers_and_a_vanished_one_does_not() -> None:
     """In a network namespace: a peer process stopped with SIGSTOP (a stalled reactor) still has its
     kernel acknowledge our frames; once the namespace's loopback goes down (the host vanished)
@@ -209,7 +212,7 @@ def test_a_silent_host_check_reaches_the_machine() -> None:
 
 @linux_only
 @pytest.mark.integration
-@pytest.mark.skipif(not _namespaces(), reason="needs a network namespace (root: unshare -n)")
+@pytest.mark.skipif(not _namespaces(), reason="needs network namespaces with veth links (root, unshare -n, iproute2)")
 def test_real_nodes_tell_a_stalled_host_from_a_vanished_one(tmp_path: Path) -> None:
     """Four real nodes, the fourth on a host of its own behind a veth link (network namespaces):
     stopped for 3 s it is suspected but not declared dead (its kernel still answers the host
