@@ -14,9 +14,10 @@ ffmpeg pool -> stored outputs -> done, and who owns each job.
   again from the stored input, and after `MAX_ATTEMPTS` quarantined as
   ``poison``. A node that finds its record taken over stops its own work.
 - ``active/<id>`` marks the unfinished jobs, so adoption scans only those;
-  and of those, once past its first pass, a node reads only the ones it
-  watches (``WATCHERS`` per job, by consistent hashing over the live
-  members) and ``SAMPLE`` others: not N x M reads a round.
+  and of those a node reads only the ones it watches (``WATCHERS`` per job,
+  by consistent hashing over the live members) and ``SAMPLE`` others: not
+  N x M reads a round. Its first pass reads them all if an earlier life of
+  its own may have left some (the registry found that life's record).
 - Draining (SIGTERM): no new uploads; running jobs get ``--drain-timeout``;
   the rest are released with an expired lease so peers adopt them at once.
 """
@@ -114,6 +115,9 @@ class JobService:
         #: the live members' ids (ourselves included), when there is a membership
         self.members: Callable[[], list[str]] | None = None
         self._first_pass = True
+        #: whether an earlier life of ours may have left jobs (None: not known): the registry found
+        #: its record at start. One that left cleanly deleted it, its jobs released to its peers.
+        self.earlier_life: Callable[[], bool | None] = lambda: None
         self._ring: WatchRing | None = None
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
@@ -517,11 +521,11 @@ class JobService:
         return claimed
 
     def _to_read(self, ids: list[str], dead: frozenset[str]) -> list[str]:
-        """The jobs whose records a pass reads: all of them on our first pass (an earlier life of
-        ours may have left some) or without a membership; else those we watch, then a few others."""
+        """The jobs whose records a pass reads: all of them without a membership, or on our first
+        pass unless we know no earlier life of ours left any; else those we watch, then a few others."""
         self.rng.shuffle(ids)  # peers scanning at once start at different jobs
-        if self.members is None or self._first_pass:
-            self._first_pass = False
+        first, self._first_pass = self._first_pass, False
+        if self.members is None or (first and self.earlier_life() is not False):
             return ids
         members = frozenset(self.members()) - dead | {self.node_id}
         if self._ring is None or self._ring.members != sorted(members):

@@ -157,6 +157,8 @@ class Registry:
         self.incarnation = incarnation
         self.etag: str | None = None
         self.registered = False
+        #: whether our first registration found a record of an earlier life (None: not registered yet)
+        self.earlier_life: bool | None = None
         self.last_error: str | None = None
         self.live: list[NodeRecord] = []
         #: called with (records) after each read of the registry
@@ -296,6 +298,8 @@ class Registry:
                 continue  # raced with another writer: read again
             self.etag = info.etag
             self.registered = True
+            if self.earlier_life is None:
+                self.earlier_life = etag is not None  # a record, even an unreadable one
             self._log.info("registered as {node} incarnation {incarnation} in {key}", node=self.node_id,
                            incarnation=self.record.incarnation, key=self.key)
             return

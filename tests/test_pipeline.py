@@ -319,6 +319,25 @@ class OwnershipTests:
         assert {f"jobs/{j}.json" for j in watched} <= set(second)
         assert len(second) == len(watched) + SAMPLE < 30
 
+    def test_a_node_with_no_earlier_life_skips_the_full_first_pass(self) -> None:
+        """The registry found no record of an earlier life of ours (new, or it left cleanly and
+        released its jobs): the first pass already reads only the watched jobs and a sample."""
+        from gridnode.pipeline import SAMPLE, WATCHERS
+        from gridnode.watchers import WatchRing
+
+        owner, _ = self.service("n1", queue=30)
+        made = [self.upload(owner) for _ in range(30)]
+        owner.start(scan=False)
+        members = [f"n{i}" for i in range(1, 11)]
+        self.n2.members = lambda: members
+        self.n2.earlier_life = lambda: False
+        reads: list[str] = []
+        real = self.backend.get_bytes
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
+        self.n2.adopt_orphans()
+        watched = [j.id for j in made if "n2" in WatchRing(members).watchers(j.id, WATCHERS)]
+        assert len(reads) == len(watched) + SAMPLE < 30
+
     def test_a_dead_nodes_jobs_go_to_their_watchers(self) -> None:
         """A confirmed death: each survivor's pass reads only the jobs it watches and a sample, and
         together they claim every job of the dead node exactly once."""

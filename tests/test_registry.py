@@ -189,6 +189,23 @@ class RegistryTests:
         again.start()
         assert again.record.incarnation > first
 
+    def test_it_says_whether_an_earlier_life_left_a_record(self) -> None:
+        """A crash leaves the record (its jobs may be waiting); a clean leave deletes it."""
+        a = make(self.store, self.clock, "a")
+        a.start()
+        assert a.earlier_life is False
+        a._running = False  # a crash: the record stays
+        crashed = make(self.store, self.clock, "a")
+        crashed.start()
+        assert crashed.earlier_life is True
+        crashed.stop()
+        clean = make(self.store, self.clock, "a")
+        clean.start()
+        assert clean.earlier_life is False
+        self.store.backend.delete(PREFIX + "a.json")  # a peer deleted it: registering again says nothing new
+        self.clock.advance(30)
+        assert clean.earlier_life is False
+
     def test_reregisters_when_deleted(self) -> None:
         """If a peer deletes our record, the next heartbeat writes it again."""
         a = make(self.store, self.clock, "a")
