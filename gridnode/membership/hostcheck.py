@@ -30,8 +30,9 @@ from gridnode.membership import wire
 # struct tcp_info (linux/tcp.h): 8 one-byte fields, then u32s: rto, ato, snd_mss, rcv_mss,
 # unacked, sacked, lost, retrans, fackets, last_data_sent, last_ack_sent, last_data_recv,
 # last_ack_recv (ms)
-_UNACKED = struct.Struct("=I"), 8 + 4 * 4
-_LAST_ACK_RECV = struct.Struct("=I"), 8 + 4 * 12
+_U32 = struct.Struct("=I")
+_UNACKED_AT = 8 + 4 * 4
+_LAST_ACK_RECV_AT = 8 + 4 * 12
 _TCP_INFO_LEN = 8 + 4 * 13
 
 
@@ -46,8 +47,8 @@ def tcp_acks(sock: socket.socket) -> tuple[int, float] | None:
         return None
     if len(raw) < _TCP_INFO_LEN:
         return None
-    unacked = _UNACKED[0].unpack_from(raw, _UNACKED[1])[0]
-    last_ack_ms = _LAST_ACK_RECV[0].unpack_from(raw, _LAST_ACK_RECV[1])[0]
+    (unacked,) = _U32.unpack_from(raw, _UNACKED_AT)
+    (last_ack_ms,) = _U32.unpack_from(raw, _LAST_ACK_RECV_AT)
     return unacked, last_ack_ms / 1000.0
 
 
