@@ -3,9 +3,10 @@
 Three nodes listen for peers on 10.77.0.1 (this namespace); a fourth, the victim, runs in a
 namespace of its own behind a veth pair, at 10.77.0.2: a host of its own on a real link. First
 the victim's process is stopped for 3 s (SIGSTOP: a stalled node, whose kernel still answers):
-it must not be declared dead. Then its link goes down (the host vanished: silence). Prints one
-JSON object: whether it survived the stall, how long until every other node held it dead,
-whether its record was deleted, and the nodes' host-check counts after the stall and at the end.
+it must not be declared dead. Then its link goes down and its process is killed (the host
+vanished: silence). Prints one JSON object: whether it survived the stall, how long until every
+other node held it dead, whether its record was deleted, and the nodes' host-check counts after
+the stall and at the end.
 
     unshare -n python tests/netns_vanish.py FOLDER
 """
@@ -95,8 +96,10 @@ def main(folder: Path) -> None:
         survived = not any("dead" in v for v in stalled_views)
         after_stall = {n: peers(http[n])["host_checks"] for n in others}
         time.sleep(2)
-        # the host vanishes: its link goes down, nothing answers any more
+        # the host vanishes: its link goes down, nothing answers any more, and nothing runs there
+        # (its node would otherwise go on writing its record into the shared folder)
         sh(*inside, "ip", "link", "set", "gv1", "down")
+        victim.kill()
         took = until(lambda: all(states(http[n]).get("victim") == "dead" for n in others), 30)
         until(lambda: not (store / "registry" / "dev" / "default" / "nodes" / "victim.json").exists(), 15)
         checks = {n: peers(http[n])["host_checks"] for n in others}
