@@ -71,14 +71,12 @@ class PeersResource(Resource):
         self.node = node
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
-        membership = self.node.membership
-        peers = membership.peers() if membership is not None else []
-        return json_body(request, {
-            "node": self.node.node_id, "peers": peers,
-            "dropped": dict(membership.dropped) if membership is not None else {},
-            "watching": sorted(membership.machine.watching()) if membership is not None else [],
-            "host_checks": dict(membership.checks) if membership is not None else {},
-        })
+        m = self.node.membership
+        if m is None:
+            return json_body(request, {"node": self.node.node_id, "peers": [], "dropped": {}, "watching": [],
+                                       "host_checks": {}})
+        return json_body(request, {"node": self.node.node_id, "peers": m.peers(), "dropped": dict(m.dropped),
+                                   "watching": sorted(m.machine.watching()), "host_checks": dict(m.checks)})
 
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
