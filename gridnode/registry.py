@@ -209,13 +209,22 @@ class Registry:
         writer = self.is_writer()
         try:
             yield self.store.delete(self.key, if_match=self.etag)
-            self.registered = False
-            self._log.info("deleted registry record {key}", key=self.key)
-            self.live = [r for r in self.live if r.id != self.node_id]
-            if writer:
-                yield self.publish()
         except GridnodeError as e:
             self._log.warn("could not delete registry record {key}: {reason}", key=self.key, reason=e.message)
+            return
+        self.registered = False
+        self._log.info("deleted registry record {key}", key=self.key)
+        self.live = [r for r in self.live if r.id != self.node_id]
+        if not writer:
+            return
+        try:
+            # our view is up to a heartbeat old: a node that registered since must not be left
+            # out of the last list we write
+            self.live = self._live_of((yield self.read(True)))
+            yield self.publish()
+        except GridnodeError as e:
+            self._log.warn("could not publish {key} on leaving: {reason}; the next writer will",
+                           key=self.list_key, reason=e.message)
 
     @inlineCallbacks
     def beat(self) -> Any:

@@ -45,6 +45,17 @@ class RegistryTests:
         assert listed(self.store) == []
         assert self.store.backend.list(PREFIX).items == []
 
+    def test_leaving_writer_reads_before_it_publishes(self) -> None:
+        """The writer's view is up to a heartbeat old when it leaves: a node that registered since
+        is in the list it leaves behind (it once wrote an empty list over a live pool)."""
+        b = make(self.store, self.clock, "b")
+        b.start()
+        assert listed(self.store) == ["b"]
+        c = make(self.store, self.clock, "c")
+        c.start()  # b has not read since
+        b.stop()
+        assert listed(self.store) == ["c"]
+
     def test_forget_republishes_at_once(self) -> None:
         """A peer the membership saw leave (or confirmed dead) leaves nodes.json now, not a heartbeat
         later; its old record is not listed again; a later life of the same id is."""
