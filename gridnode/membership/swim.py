@@ -493,12 +493,9 @@ class SwimMachine:
         """The I/O layer: a connection to ``member`` at ``address`` was actively refused."""
         self._now = now
         out: list[Output] = []
-        m = self._members.get(member)
-        if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
-            return out
-        if self._gone.get(member) == m.incarnation:
-            return out  # known: our own probes, buddy notes and relays keep getting refused
-        self._host_gone(m, out)
+        m = self._host_gone(member, address, out)
+        if m is None:
+            return out  # not news: our own probes, buddy notes and relays keep getting refused
         if not any(p.target == member and p.expected_nacks for p in self._probes.values()):
             # no need to wait for an ack timeout: have relays try it now
             seq = self._next_seq()
@@ -516,11 +513,7 @@ class SwimMachine:
         """The I/O layer (after ``CheckHost``): ``member``'s kernel acknowledged none of our frames."""
         self._now = now
         out: list[Output] = []
-        m = self._members.get(member)
-        if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
-            return out
-        if self._gone.get(member) != m.incarnation:
-            self._host_gone(m, out)
+        if self._host_gone(member, address, out) is not None:
             s = self._suspicions.get(member)
             if s is not None and s.deadline > now and len(s.suspectors) >= 2:
                 # the check itself was the wait; another member suspects it too: last chance now
@@ -799,13 +792,21 @@ class SwimMachine:
             if watcher is not None and watcher.state in (ALIVE, SUSPECT) and w != m.id:
                 out.append(Gossip(w, watcher.address, *self._hdr(), mine))
 
-    def _host_gone(self, m: _Member, out: list[Output]) -> None:
-        """We know ``m``'s host is gone: suspect it (if we did not), with the short timeout."""
+    def _host_gone(self, member: str, address: str, out: list[Output]) -> _Member | None:
+        """The I/O layer found ``member``'s host at ``address`` gone (refused or silent). If that is
+        news (we hold it live there, and not yet gone at this incarnation), suspect it with the
+        short timeout and return it; else None."""
+        m = self._members.get(member)
+        if self._left or m is None or m.address != address or m.state not in (ALIVE, SUSPECT):
+            return None
+        if self._gone.get(member) == m.incarnation:
+            return None
         self._gone[m.id] = m.incarnation
         self._suspect(m, out)
         s = self._suspicions.get(m.id)
         if s is not None:
             self._reschedule(m.id, s)
+        return m
 
     def _start_suspicion(self, m: _Member, origin: str, out: list[Output]) -> None:
         s = _Suspicion(m.incarnation, self._now, {origin})
