@@ -22,7 +22,9 @@ The model
   ``--kill-mode process`` (the default; what ``kill -9``, an OOM kill or a crash
   does): the host's kernel answers connections to the dead port with a reset, so
   the sender's connection is refused one round trip later (plus 1 s, the SYN
-  retransmission, when the SYN or the reset is lost). ``--kill-mode host``: the
+  retransmission, when the SYN or the reset is lost). Its kernel also closes the
+  standing connections its watchers hold: each watcher reads the FIN (200 ms later
+  when it is lost), reconnects at once and is refused. ``--kill-mode host``: the
   instance vanishes and messages to it are silently lost, as over UDP.
   Stalled nodes and partitions never refuse: their kernel accepts, or nothing
   answers.
@@ -245,6 +247,20 @@ class Sim:
                 elif o.member != self.part_node:
                     self.confirmed_false.add(o.member)
 
+    def close_standing(self, dead: _Node) -> None:
+        """A killed process's kernel closes its standing connections: each watcher holding one
+        reads the FIN, reconnects at once and is refused (MembershipService._stand)."""
+        p = self.p
+        for n in self.nodes:
+            if n.up and n.started and n.watch.get(dead.id) and not self.cut(n.id, dead.id):
+                fin = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                if self.rng.random() < p.loss:
+                    fin += 0.2  # the FIN was lost: retransmitted after the minimum RTO
+                syn = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                if self.rng.random() < 2 * p.loss:
+                    syn += 1.0  # the SYN or the reset was lost: the kernel retries once
+                self.push(self.now + fin + 2 * syn, _REFUSED, n.i, (dead.id, dead.m.address))
+
     def cut(self, a: str, b: str) -> bool:
         """Whether TCP between ``a`` and ``b`` is broken (it needs both directions)."""
         return (a, b) in self.broken or (b, a) in self.broken or self.partitioned in (a, b)
@@ -390,6 +406,8 @@ class Sim:
                 self.kill_at[nd.id] = t
                 self.dead_at[nd.id] = {}
                 self.kill_observers[nd.id] = [n.id for n in nodes if n.up and n.started and n.id != self.partitioned]
+                if p.kill_mode == "process":
+                    self.close_standing(nd)
             elif kind == _JOIN:
                 registry = [(n.id, n.m.address) for n in nodes if n.started]  # the registry lags deaths
                 self.dispatch(nd, nd.m.add_members(registry, t))
@@ -464,8 +482,7 @@ class Sim:
         }
 
 
-def code_digest() -> str:
-    """The machine's and the simulator's source: a saved run goes on only with the same code."""
+def _digest_of_source() -> str:
     import hashlib
 
     from gridnode.membership import swim
@@ -475,6 +492,17 @@ def code_digest() -> str:
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
+
+
+#: read once, as the code is loaded: a run saves for hours, and the files may change or move
+#: under it meanwhile (a checkout moved once and the next save failed)
+_CODE = _digest_of_source()
+
+
+def code_digest() -> str:
+    """The machine's and the simulator's source as this process loaded them: a saved run goes
+    on only with the same code."""
+    return _CODE
 
 
 def save(sim: Sim, path: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.membership_sim import Params, Sim, load, save
+from gridnode.membership.swim import SUSPECT
 
 SMALL = Params(nodes=30, loss=0.05, stall_fraction=0.2, seconds=300, kill=2, seed=5)
 
@@ -58,3 +59,18 @@ def test_peek_reports_a_saved_run_so_far(tmp_path: Path, capsys: pytest.CaptureF
     assert main([path]) == 0
     seen = json.loads(capsys.readouterr().out)
     assert seen["simulated_s"] == 100.0 and seen["nodes"] == 30 and seen["false_positives"] == 0
+
+
+def test_a_killed_process_is_suspected_by_its_watchers_at_once() -> None:
+    """A killed process's kernel closes its standing connections: each watcher reconnects at once,
+    is refused and suspects it within a few round trips, long before its next probe would."""
+    sim = Sim(Params(nodes=20, loss=0.0, seconds=120, kill=1, kill_mode="process", seed=3))
+    sim.setup()
+    sim.set_up = True
+    while not sim.kill_at:
+        assert not sim.advance(sim.now + 0.01)
+    (victim, killed), = sim.kill_at.items()
+    watchers = [n for n in sim.nodes if n.up and n.watch.get(victim)]
+    assert len(watchers) == 3
+    sim.advance(killed + 0.05)
+    assert [n.id for n in watchers if n.m.member(victim).state == SUSPECT] == [n.id for n in watchers]
