@@ -1,6 +1,7 @@
 """
 The figures so far of a membership simulation saved with ``--checkpoint``: how far it got and the
-false positives up to there, without going on with it.
+false positives up to there, without going on with it; ``same_code`` says whether this checkout's
+code saved it (only then can ``--resume`` go on with it here).
 
     .venv/bin/python bench/membership_peek.py .bench-state/fp24h.pkl
 
@@ -26,7 +27,7 @@ def peek(path: str) -> dict[str, object]:
     for name in ("Sim", "_Node", "Params"):
         if not hasattr(main, name):
             setattr(main, name, getattr(sim_module, name))
-    sim = sim_module.load(path)
+    sim, same_code = sim_module.load_any(path)
     p = sim.p
     return {
         "nodes": p.nodes, "loss": p.loss, "stall_fraction": p.stall_fraction, "seed": p.seed,
@@ -34,6 +35,8 @@ def peek(path: str) -> dict[str, object]:
         "false_positives": len(sim.fp_nodes - set(sim.kill_at)),
         "confirmed_false_deaths": len(sim.confirmed_false),
         "false_suspicions": sim.false_suspicions, "cpu_s": round(sim.cpu_s, 1),
+        # False: saved by other code (it can be read, not resumed, here)
+        "same_code": same_code,
     }
 
 

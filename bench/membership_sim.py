@@ -513,13 +513,21 @@ def save(sim: Sim, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str) -> Sim:
+def load_any(path: str) -> tuple[Sim, bool]:
+    """A saved simulation, and whether this code saved it (only then may it go on)."""
     with open(path, "rb") as f:
         code, sim = pickle.load(f)  # noqa: S301 - our own checkpoint file
-    if code != code_digest():
-        raise SystemExit(f"{path} was saved by another version of swim.py or of this simulator: "
-                         "its run cannot go on with this code; start it again")
     assert isinstance(sim, Sim)
+    return sim, code == code_digest()
+
+
+def load(path: str) -> Sim:
+    """A saved simulation to go on with: refused unless this code saved it."""
+    sim, same = load_any(path)
+    if not same:
+        raise SystemExit(f"{path} was saved by another version of swim.py or of this simulator: "
+                         "its run cannot go on with this code; go on in a worktree of the commit "
+                         "that saved it, or start it again")
     return sim
 
 

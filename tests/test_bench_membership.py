@@ -59,6 +59,23 @@ def test_peek_reports_a_saved_run_so_far(tmp_path: Path, capsys: pytest.CaptureF
     assert main([path]) == 0
     seen = json.loads(capsys.readouterr().out)
     assert seen["simulated_s"] == 100.0 and seen["nodes"] == 30 and seen["false_positives"] == 0
+    assert seen["same_code"] is True
+
+
+def test_peek_reads_a_run_saved_by_other_code(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save made by other code is still read (and said to be so): only going on is refused."""
+    import json
+
+    import bench.membership_sim as ms
+    from bench.membership_peek import main
+
+    path = str(tmp_path / "sim.pkl")
+    save(Sim(SMALL), path)
+    monkeypatch.setattr(ms, "code_digest", lambda: "another")
+    assert main([path]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    assert seen["same_code"] is False and seen["simulated_s"] == 0.0
 
 
 def test_a_killed_process_is_suspected_by_its_watchers_at_once() -> None:
