@@ -163,6 +163,14 @@ def wait_job(base: str, job_id: str, states: set[str] | frozenset[str] = frozens
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
 
 
+def heard_from(node: NodeProcess) -> list[str]:
+    """The peers ``node`` holds alive at a real incarnation (0 is the registry's bootstrap entry):
+    those it has heard from, whose leave it would therefore hear too."""
+    status, view = get_json(node.url + "/peers")
+    return [p["id"] for p in view["peers"]
+            if p["id"] != view["node"] and p["state"] == "alive" and p["incarnation"] > 0]
+
+
 @inlineCallbacks
 def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
     """Poll ``predicate`` until true; returns the seconds it took. A predicate that raises

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.nodes import NodeProcess, free_port, get_json, wait_for
+from tests.nodes import NodeProcess, free_port, get_json, heard_from, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,6 @@ def registry_ids(store: Path) -> tuple[list[str], list[str]]:
     listing = store / "registry" / "dev" / "p1" / "nodes.json"
     listed = [n["id"] for n in json.loads(listing.read_text())["nodes"]] if listing.exists() else []
     return records, listed
-
-
-def heard_from(node: NodeProcess) -> list[str]:
-    """The peers ``node`` holds alive at a real incarnation (0 is the registry's bootstrap entry)."""
-    status, view = get_json(node.url + "/peers")
-    return [p["id"] for p in view["peers"]
-            if p["id"] != view["node"] and p["state"] == "alive" and p["incarnation"] > 0]
 
 
 class FileRegistryTests:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.nodes import BIN, NodeProcess, free_port, get_json, sleep, wait_for
+from tests.nodes import BIN, NodeProcess, free_port, get_json, heard_from, sleep, wait_for
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration
@@ -66,6 +66,7 @@ class S3RegistryTests:
             assert out.returncode == 0, out.stderr
             assert sorted(json.loads(line)["id"] for line in out.stdout.splitlines()) == ["n0", "n1", "n2"]
 
+            yield wait_for(lambda: all(len(heard_from(node)) == 2 for node in nodes))  # n0 hears n1's leave
             assert nodes[1].stop() == 0
             yield wait_for(lambda: registry(s3_client, s3_bucket)[1] == ["n0", "n2"])
             assert "n1 left or was confirmed dead: publishing the live list now" in nodes[0].text()
