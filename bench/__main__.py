@@ -273,8 +273,9 @@ def read_membership_detect(objects: list[JSON]) -> list[Row]:
     for o in objects:
         med, p99 = _num(o, "dead_everywhere_median_s"), _num(o, "dead_everywhere_p99_s")
         missing = int(o.get("kills_not_dead_everywhere", 0))
-        mode = {"process": "process killed (connections refused)", "host": "host vanished (silence)"}.get(
-            str(o.get("kill_mode", "host")), str(o.get("kill_mode")))
+        modes = {"process": "process killed (its connections closed, new ones refused)",
+                 "host": "host vanished (silence)"}
+        mode = modes.get(str(o.get("kill_mode", "host")), str(o.get("kill_mode")))
         setting = (f"{mode}, N={o['nodes']}, {float(o['loss']) * 100:g}% loss, {o['kills']} kills, "
                    f"{o['seconds']:g} s simulated")
         extra = (f"detect_first {o.get('detect_first_s')} s, max {o.get('dead_everywhere_max_s')} s, "
