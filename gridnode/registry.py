@@ -220,7 +220,8 @@ class Registry:
         try:
             # our view is up to a heartbeat old: a node that registered since must not be left
             # out of the last list we write
-            self.live = self._live_of((yield self.read(True)))
+            records = yield self.read(True)
+            self.live = [r for r in self._live_of(records) if r.id != self.node_id]
             yield self.publish()
         except GridnodeError as e:
             self._log.warn("could not publish {key} on leaving: {reason}; the next writer will",
