@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from tests.media_samples import FFMPEG
-from tests.nodes import NodeProcess, free_port, get_json, sleep, upload, wait_job
+from tests.nodes import NodeProcess, free_port, get_json, heard_from, sleep, upload, wait_for, wait_job
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration
@@ -121,11 +121,8 @@ class ChaosTests:
         try:
             yield a.wait_ready()
             yield b.wait_ready()
-            for _ in range(100):  # both know each other before the drain
-                status, view = get_json(b.url + "/peers")
-                if {p["id"] for p in view["peers"]} == {"d0", "d1"}:
-                    break
-                yield sleep(0.1)
+            # both have heard from each other before the drain (so a's leave reaches b)
+            yield wait_for(lambda: heard_from(a) == ["d1"] and heard_from(b) == ["d0"])
             ids = []
             for _ in range(3):
                 status, _, job = upload(a.url, clip, "mp4-480p")
