@@ -409,8 +409,9 @@ class Sim:
                 if p.kill_mode == "process":
                     self.close_standing(nd)
             elif kind == _JOIN:
-                registry = [(n.id, n.m.address) for n in nodes if n.started]  # the registry lags deaths
-                self.dispatch(nd, nd.m.add_members(registry, t))
+                registry = [n for n in nodes if n.started]  # the registry lags deaths
+                self.dispatch(nd, nd.m.add_members([(n.id, n.m.address) for n in registry], t,
+                                                   {n.id: n.m.incarnation for n in registry}))
                 nd.started = True
                 self.join_at[nd.id] = t
                 self.join_known[nd.id] = set()

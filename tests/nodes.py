@@ -164,11 +164,11 @@ def wait_job(base: str, job_id: str, states: set[str] | frozenset[str] = frozens
 
 
 def heard_from(node: NodeProcess) -> list[str]:
-    """The peers ``node`` holds alive at a real incarnation (0 is the registry's bootstrap entry):
-    those it has heard from, whose leave it would therefore hear too."""
+    """The peers ``node`` holds alive and has had a message from (not only read in the registry):
+    they know ``node`` too, so its leave reaches them."""
     status, view = get_json(node.url + "/peers")
     return [p["id"] for p in view["peers"]
-            if p["id"] != view["node"] and p["state"] == "alive" and p["incarnation"] > 0]
+            if p["id"] != view["node"] and p["state"] == "alive" and p["last_heard"] is not None]
 
 
 @inlineCallbacks

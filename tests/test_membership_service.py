@@ -121,3 +121,26 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     machine.receive(swim.Gossip("a", "127.0.0.1:1", "b", "127.0.0.1:2", 0,
                                 [swim.Update("b", "127.0.0.1:2", 0, swim.LEFT, "b")]), 1.0)
     assert service.needs_record("b")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
+    """A node that dies before we ever hear from it: we hold it at its record's incarnation (the
+    registry bootstrap once said 0), so its confirmed death deletes that record."""
+    from gridnode import keys
+    from gridnode.registry import NodeRecord
+    from gridnode.store.base import ObjectStore
+    from gridnode.store.memory import MemoryBackend
+
+    store = ObjectStore.synchronous(MemoryBackend())
+    record = NodeRecord("b", "http://127.0.0.1:2", "127.0.0.1:2", started=1.0, incarnation=1_795_000_000_123,
+                        heartbeat=1.0)
+    key = keys.node_record("dev", "p", "b")
+    store.backend.put_bytes(key, record.dumps())
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    service = MembershipService(reactor, machine, b"k" * 32, store=store, env="dev", pool="p")
+    service.registry_read([record])
+    view = machine.member("b")
+    assert view is not None and view.incarnation == record.incarnation
+    yield service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", view.incarnation))
+    assert store.backend.list("registry/").items == []

@@ -383,3 +383,14 @@ class MergeTests:
 
         a, b = final(ups), final(shuffled)
         assert (a.incarnation, a.state) == (b.incarnation, b.state)
+
+
+class BootstrapTests:
+    def test_registry_members_are_held_at_their_records_incarnation(self) -> None:
+        """A member added from the registry is held at the incarnation its record gives (0 where
+        none is given); one already known is left as we hold it."""
+        m = SwimMachine("a", "a:1", rng=random.Random(1))
+        m.add_members([("b", "b:1"), ("c", "c:1")], 0.0, {"b": 42})
+        assert [(v.member, v.incarnation, v.state) for v in m.members()[1:]] == [("b", 42, ALIVE), ("c", 0, ALIVE)]
+        m.add_members([("b", "b:1")], 1.0, {"b": 7})
+        assert m.member("b") == swim.MemberView("b", "b:1", ALIVE, 42)

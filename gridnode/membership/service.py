@@ -447,7 +447,8 @@ class MembershipService:
         """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale."""
         now = self.now()
         fresh = {r.id for r in records}
-        self.act(self.machine.add_members([(r.id, r.peer_addr) for r in records], now))
+        self.act(self.machine.add_members([(r.id, r.peer_addr) for r in records], now,
+                                          {r.id: r.incarnation for r in records}))
         for r in records:
             view = self.machine.member(r.id)
             if view is not None and view.state in (swim.DEAD, swim.LEFT) and r.incarnation > view.incarnation:

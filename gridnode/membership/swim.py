@@ -86,7 +86,7 @@ import heapq
 import json
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -428,13 +428,18 @@ class SwimMachine:
         """Lifeguard local health score, 0 (good) .. config.health_max."""
         return self._health
 
-    def add_members(self, members: Iterable[tuple[str, str]], now: float) -> list[Output]:
-        """Bootstrap from the registry: (member id, address) pairs, unknown ones added as alive."""
+    def add_members(self, members: Iterable[tuple[str, str]], now: float,
+                    incarnations: Mapping[str, int] | None = None) -> list[Output]:
+        """Bootstrap from the registry: (member id, address) pairs, unknown ones added as alive at
+        the incarnation their record gives (0 where none is given). With the record's number, a
+        member that dies before we ever hear from it is confirmed dead at the life its record is
+        of, so that record is deleted."""
         self._now = now
         out: list[Output] = []
+        known = incarnations or {}
         for member, address in members:
             if member != self.me and member not in self._members:
-                self._apply(Update(member, address, 0, ALIVE, member), out)
+                self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
                 self._queue.pop(member, None)  # the registry told everyone already: not news
         return out
 
