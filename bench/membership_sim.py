@@ -216,7 +216,7 @@ class Sim:
                 dst = self.index.get(o.dest)
                 if dst is None:
                     continue
-                lat = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                lat = self.latency()
                 if not dst.up and p.kill_mode == "process":
                     if self.rng.random() < 2 * p.loss:
                         lat += 1.0  # the SYN or the reset was lost: the kernel retries once
@@ -247,16 +247,20 @@ class Sim:
                 elif o.member != self.part_node:
                     self.confirmed_false.add(o.member)
 
+    def latency(self) -> float:
+        """One packet's one-way delay: 0.5 ms plus an exponential jitter."""
+        return 0.0005 + self.rng.expovariate(1000.0 / self.p.jitter_ms)
+
     def close_standing(self, dead: _Node) -> None:
         """A killed process's kernel closes its standing connections: each watcher holding one
         reads the FIN, reconnects at once and is refused (MembershipService._stand)."""
         p = self.p
         for n in self.nodes:
             if n.up and n.started and n.watch.get(dead.id) and not self.cut(n.id, dead.id):
-                fin = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                fin = self.latency()
                 if self.rng.random() < p.loss:
                     fin += 0.2  # the FIN was lost: retransmitted after the minimum RTO
-                syn = 0.0005 + self.rng.expovariate(1000.0 / p.jitter_ms)
+                syn = self.latency()
                 if self.rng.random() < 2 * p.loss:
                     syn += 1.0  # the SYN or the reset was lost: the kernel retries once
                 self.push(self.now + fin + 2 * syn, _REFUSED, n.i, (dead.id, dead.m.address))
