@@ -11,7 +11,9 @@ Figures (see bench/README.md for exactly what is timed):
 
   pool      8 jobs of a 10 s 720p clip through a node with --workers 2 (POST /jobs,
             mp4-720p, until /health shows no job) vs the same ffmpeg argv run by
-            `xargs -P 2`; node wall / xargs wall, goal <= 1.03
+            `xargs -P 2`; node wall / xargs wall, goal <= 1.03. A third side runs
+            the node's own two children per job (wrapped ffprobe, then wrapped
+            ffmpeg) under the same xargs: the overhead of a node that cost nothing
   ingest    a 1 GiB POST /jobs on loopback (until the client handed the last byte
             to the kernel) vs `cp` of the file on the same filesystem;
             cp time / upload time (throughput ratio), goal >= 0.6
@@ -50,9 +52,10 @@ import _nodes
 from _nodes import Server, memory, post_file, wait_idle
 
 from gridnode.config import cpu_count
-from gridnode.media.ffmpeg import NICENESS
+from gridnode.media.ffmpeg import NICENESS, transcode_command
 from gridnode.media.presets import build_argv, parse_presets
-from gridnode.media.probe import parse_probe, probe_argv
+from gridnode.media.probe import parse_probe, probe_argv, probe_command
+from gridnode.media.sandbox import resolve_user, sandboxed_argv, share_with
 
 MiB = 1024 * 1024
 FIGURES = ("pool", "ingest", "memory", "latency")
@@ -120,7 +123,7 @@ def mib(n: float) -> str:
 # -- 1. pool overhead
 
 
-def _children_cpu() -> float:
+def _reaped_cpu() -> float:
     """User + system seconds of this process's reaped children."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -142,21 +145,34 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     presets = parse_presets("mp4-720p")
     # What gridnode.converter.Converter passes: each ffmpeg gets its share of the cores.
     threads = max(1, cpu_count() // args.workers)
+    user = resolve_user(args.ffmpeg_user or "auto")  # whom the node runs its children as
     jobs = args.jobs
 
-    def by_xargs(k: int) -> float:
-        folder = tmp / f"xargs{k}"
+    def bare(out: Path) -> str:
+        argv = build_argv("ffmpeg", info, str(clip), str(out), presets, threads=threads)
+        # At the node's priority (it starts ffmpeg at nice NICENESS): on a shared machine a
+        # niced ffmpeg loses more CPU to other work than an un-niced one would.
+        return f"exec nice -n {NICENESS} " + shlex.join(argv) + " >/dev/null\n"
+
+    def children(out: Path) -> str:
+        # Exactly the two children the node starts per job, wrapper and limits included:
+        # what the node's overhead would be if the node itself cost nothing.
+        probe = shlex.join(probe_command("ffprobe", str(clip), user=user))
+        transcode = shlex.join(sandboxed_argv(*transcode_command(info, str(clip), str(out), presets,
+                                                                 threads=threads, user=user)))
+        return f"{probe} >/dev/null && exec {transcode} >/dev/null\n"
+
+    def by_xargs(k: int, script_for: Callable[[Path], str], name: str, cpu: list[float]) -> float:
+        folder = tmp / f"{name}{k}"
         scripts = []
         for i in range(jobs):
             out = folder / f"job{i}"
             out.mkdir(parents=True)
-            argv = build_argv("ffmpeg", info, str(clip), str(out), presets, threads=threads)
+            share_with(user, str(folder), str(out))
             script = folder / f"job{i}.sh"
-            # At the node's priority (it starts ffmpeg at nice NICENESS): on a shared machine a
-            # niced ffmpeg loses more CPU to other work than an un-niced one would.
-            script.write_text(f"exec nice -n {NICENESS} " + shlex.join(argv) + " >/dev/null\n")
+            script.write_text(script_for(out))
             scripts.append(str(script))
-        cpu0 = _children_cpu()
+        cpu0 = _reaped_cpu()
         began = time.monotonic()
         proc = subprocess.Popen(["xargs", "-P", str(args.workers), "-n", "1", "sh"], stdin=subprocess.PIPE,
                                 start_new_session=True)
@@ -169,8 +185,8 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
                 proc.wait()
         took = time.monotonic() - began
         if proc.returncode != 0:
-            raise RuntimeError(f"xargs ffmpeg failed ({proc.returncode})")
-        xargs_cpu.append(_children_cpu() - cpu0)
+            raise RuntimeError(f"xargs {name} failed ({proc.returncode})")
+        cpu.append(_reaped_cpu() - cpu0)
         shutil.rmtree(folder)
         return took
 
@@ -198,25 +214,29 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
 
     node_cpu: list[float] = []
     xargs_cpu: list[float] = []
+    children_cpu: list[float] = []
     node_s: list[float] = []
     xargs_s: list[float] = []
+    children_s: list[float] = []
     with _nodes.node(tmp / "node-pool", "--workers", str(args.workers), "--min-free", "0", *node_args(args)) as server:
+        sides: dict[str, tuple[Callable[[int], float], list[float]]] = {
+            "node": (lambda r: by_node(server), node_s),
+            "xargs": (lambda r: by_xargs(r, bare, "xargs", xargs_cpu), xargs_s),
+            "children": (lambda r: by_xargs(r, children, "children", children_cpu), children_s)}
         for r in range(args.pool_rounds):
-            order = ["node", "xargs"] if r % 2 == 0 else ["xargs", "node"]
-            for side in order:
-                if side == "node":
-                    node_s.append(by_node(server))
-                else:
-                    xargs_s.append(by_xargs(r))
-                say(f"  pool round {r + 1}: {side} {(node_s if side == 'node' else xargs_s)[-1]:.2f}s")
-    n, x = median(node_s), median(xargs_s)
+            names = list(sides)
+            for side in names[r % 3:] + names[:r % 3]:  # each side goes first in turn
+                run, times = sides[side]
+                times.append(run(r))
+                say(f"  pool round {r + 1}: {side} {times[-1]:.2f}s")
+    n, x, f = median(node_s), median(xargs_s), median(children_s)
     ratio = n / x
     per_job = (n - x) * args.workers / jobs
     # Per round (node and xargs back to back): how far the machine's noise moves the ratio.
     paired = [a / b for a, b in zip(node_s, xargs_s, strict=True)]
     # CPU seconds (user + system) are far less moved by other work on the machine than wall
     # time: the node process with every child it reaped (ffprobe, ffmpeg) vs xargs' children.
-    nc, xc = median(node_cpu), median(xargs_cpu)
+    nc, xc, fc = median(node_cpu), median(xargs_cpu), median(children_cpu)
     cpu_ratio = nc / xc
     # Wall time on a shared machine: flag a verdict the rounds do not agree on.
     noisy = " (noisy: rounds disagree)" if min(paired) <= 1.03 < max(paired) else ""
@@ -225,11 +245,13 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
         "<= 1.03",
         f"node {n:.2f} s vs xargs -P {args.workers} {x:.2f} s; overhead {per_job:+.3f} s/job (threads={threads}); "
         f"per-round ratios {min(paired):.2f}..{max(paired):.2f}; CPU node {nc:.1f} s vs xargs {xc:.1f} s "
-        f"= {cpu_ratio:.3f}",
+        f"= {cpu_ratio:.3f}; the node's two children alone (wrapped ffprobe + ffmpeg under xargs) {f:.2f} s "
+        f"= {f / x:.3f} (CPU {fc / xc:.3f}), the node vs them {n / f:.3f} (CPU {nc / fc:.3f})",
         f"{ratio:.3f} {'PASS' if ratio <= 1.03 else 'FAIL'}{noisy} (CPU {cpu_ratio:.3f})", ratio <= 1.03,
         {"node_s": node_s, "xargs_s": xargs_s, "node_median_s": n, "xargs_median_s": x, "ratio": ratio,
          "paired_ratios": paired, "noisy": bool(noisy), "node_cpu_s": node_cpu, "xargs_cpu_s": xargs_cpu,
-         "cpu_ratio": cpu_ratio,
+         "cpu_ratio": cpu_ratio, "children_s": children_s, "children_cpu_s": children_cpu, "children_ratio": f / x,
+         "children_cpu_ratio": fc / xc, "node_vs_children": n / f, "node_vs_children_cpu": nc / fc,
          "overhead_s_per_job": per_job, "jobs": jobs, "workers": args.workers, "threads": threads,
          "clip_seconds": args.clip_seconds})
 

@@ -6,8 +6,10 @@ rotation, cancellation of the whole process group, idle timeout).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,11 @@ from gridnode.media.ffmpeg import (
     max_time_for,
     spawn_ffmpeg,
     start_transcode,
+    transcode_command,
 )
-from gridnode.media.presets import build_argv, parse_presets
-from gridnode.media.probe import probe
+from gridnode.media.presets import build_argv, default_output_limit, parse_presets
+from gridnode.media.probe import probe, probe_command
+from gridnode.media.sandbox import sandboxed_argv
 from tests.media_samples import FFMPEG, FFPROBE, Clips, alive, ffprobe_json, group_alive, wait_for
 
 BLOCK = b"frame=10\nfps=0.0\nout_time_us=%d\nout_time_ms=%d\nout_time=00:00:01.000000\nspeed=2x\nprogress=continue\n"
@@ -304,6 +308,22 @@ class RealFfmpegTests:
         poster = ffprobe_json(produced["poster.jpg"].path)["streams"][0]
         assert (poster["codec_name"], poster["width"], poster["height"]) == ("mjpeg", 640, 360)
         assert produced["mp4-720p.mp4"].content_type == "video/mp4"
+
+    @pytest_twisted.ensureDeferred
+    async def test_commands_scale_with_the_input(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:
+        """What the node starts per job, as bench/pipeline.py runs it by hand: a probe that works
+        behind the wrapper, and an ffmpeg whose CPU and file-size limits follow the input."""
+        clip = str(media_clips.landscape)
+        out = subprocess.run(probe_command(FFPROBE, clip), capture_output=True, check=True).stdout
+        assert float(json.loads(out)["format"]["duration"]) == pytest.approx(4.0, abs=0.2)
+        source = await probe(real_reactor, clip, ffprobe=FFPROBE)
+        argv, limits = transcode_command(source, clip, str(tmp_path), parse_presets("poster"), ffmpeg=FFMPEG,
+                                         threads=2, timeouts=Timeouts(max_time=100.0))
+        assert argv == build_argv(FFMPEG, source, clip, str(tmp_path), parse_presets("poster"), threads=2)
+        assert limits.cpu_seconds == 100 * 2 + 60
+        assert limits.file_size == default_output_limit(source) + 1024 * 1024
+        subprocess.run(sandboxed_argv(argv, limits), capture_output=True, check=True)
+        assert (tmp_path / "poster.jpg").stat().st_size > 0
 
     @pytest_twisted.ensureDeferred
     async def test_portrait_without_audio(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:

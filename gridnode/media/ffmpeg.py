@@ -388,14 +388,33 @@ def start_transcode(
     ``user`` ("uid:gid") when given, under limits scaled to the input."""
     os.makedirs(out_dir, exist_ok=True)
     share_with(user, input_path, out_dir)
+    argv, limits = transcode_command(probe, input_path, out_dir, presets, ffmpeg=ffmpeg, timeouts=timeouts,
+                                     max_output_bytes=max_output_bytes, threads=threads, user=user)
+    return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
+                        label=label, limits=limits)
+
+
+def transcode_command(
+    probe: ProbeResult,
+    input_path: str,
+    out_dir: str,
+    presets: Iterable[Preset],
+    *,
+    ffmpeg: str = "ffmpeg",
+    timeouts: Timeouts = Timeouts(),
+    max_output_bytes: int | None = None,
+    threads: int | None = None,
+    user: str | None = None,
+) -> tuple[list[str], ChildLimits]:
+    """The ffmpeg argv of a job and the limits it runs under, scaled to the input
+    (``sandboxed_argv(*transcode_command(...))`` is what the node starts)."""
     max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(probe.duration)
     out_limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
     limits = ChildLimits(cpu_seconds=int(max_time * max(1, threads or os.cpu_count() or 1)) + 60,
                          file_size=out_limit + 1024 * 1024, user=user)
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
                       threads=threads)
-    return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
-                        label=label, limits=limits)
+    return argv, limits
 
 
 @dataclass(frozen=True)

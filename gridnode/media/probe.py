@@ -339,6 +339,14 @@ def _probe_failure(stderr: bytes) -> GridnodeError:
     return not_a_video()
 
 
+def probe_command(ffprobe: str, path: str, limits: Limits = Limits(), user: str | None = None) -> list[str]:
+    """What the node starts to probe ``path``: ffprobe behind the sandbox wrapper.
+    It writes no file (FSIZE 0) and gets little memory and CPU time."""
+    return sandboxed_argv(probe_argv(ffprobe, path), ChildLimits(
+        address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
+        niceness=0, user=user))
+
+
 async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None,
                  user: str | None) -> ProbeResult:
     size = os.stat(path).st_size
@@ -349,10 +357,7 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
         raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
     proto = _ProbeProtocol(reactor, limits.probe_timeout, limits.max_probe_output)
     share_with(user, path)
-    # ffprobe writes no file (FSIZE 0) and gets little memory and CPU time.
-    argv = sandboxed_argv(probe_argv(ffprobe, path), ChildLimits(
-        address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
-        niceness=0, user=user))
+    argv = probe_command(ffprobe, path, limits, user)
     reactor.spawnProcess(proto, argv[0], argv, env=None)
     out, err = await proto.ended
     if err.strip():
