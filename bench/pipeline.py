@@ -219,6 +219,10 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     xargs_s: list[float] = []
     children_s: list[float] = []
     with _nodes.node(tmp / "node-pool", "--workers", str(args.workers), "--min-free", "0", *node_args(args)) as server:
+        # Untimed: one job first. A node is a long-running server; its first job also pays for
+        # code it imports on first use and threads it starts then, which is not the pool's cost.
+        post_file(server.host, server.port, "/jobs?presets=mp4-720p&name=warm-up.mp4", clip)
+        wait_idle(server.url, every=0.5)
         sides: dict[str, tuple[Callable[[int], float], list[float]]] = {
             "node": (lambda r: by_node(server), node_s),
             "xargs": (lambda r: by_xargs(r, bare, "xargs", xargs_cpu), xargs_s),
