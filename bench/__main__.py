@@ -449,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         benches = select(suite(args.quick), args.only)
     except ValueError as e:
         ap.error(str(e))
+    # Started in the background (sh's `&`), this process ignores SIGINT and so would every
+    # benchmark it starts: the SIGINT of an overrun would not reach them, and they would lose
+    # the chance to clean up before the SIGTERM. A handler is not inherited, so they start clean.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     command = command_line()
     began = time.monotonic()
     rows: list[Row] = []
