@@ -435,6 +435,14 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def unignore_sigint() -> None:
+    """Started in the background (sh's `&`), this process ignores SIGINT, and so would every
+    benchmark it starts: the SIGINT of an overrun would not reach them, and they would lose
+    the chance to clean up before the SIGTERM. A handler is not inherited, so they start clean."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -449,11 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benches = select(suite(args.quick), args.only)
     except ValueError as e:
         ap.error(str(e))
-    # Started in the background (sh's `&`), this process ignores SIGINT and so would every
-    # benchmark it starts: the SIGINT of an overrun would not reach them, and they would lose
-    # the chance to clean up before the SIGTERM. A handler is not inherited, so they start clean.
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    unignore_sigint()
     command = command_line()
     began = time.monotonic()
     rows: list[Row] = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from bench.__main__ import (
     select,
     suite,
     table,
+    unignore_sigint,
 )
 
 PY = sys.executable
@@ -82,6 +85,18 @@ class RunBenchTests:
         assert "timed out" in rows[0].measured
         assert "starting" in rows[0].measured
         assert marker.exists()
+
+    def test_a_runner_started_in_the_background_hands_on_a_default_sigint(self) -> None:
+        """sh's `&` leaves SIGINT ignored, and children inherit that; after unignore_sigint a
+        benchmark starts with Python's own SIGINT handler again."""
+        probe = [PY, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"
+            unignore_sigint()
+            assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "False"
+        finally:
+            signal.signal(signal.SIGINT, before)
 
     def test_timeout_of_a_process_ignoring_sigint_ends_with_sigkill(self) -> None:
         """A benchmark that ignores SIGINT and SIGTERM is still killed within the grace periods."""
