@@ -53,7 +53,7 @@ from _nodes import Server, memory, post_file, wait_idle
 
 from gridnode.config import cpu_count
 from gridnode.media.ffmpeg import NICENESS, transcode_command
-from gridnode.media.presets import build_argv, parse_presets
+from gridnode.media.presets import parse_presets
 from gridnode.media.probe import parse_probe, probe_argv, probe_command
 from gridnode.media.sandbox import resolve_user, sandboxed_argv, share_with
 
@@ -149,7 +149,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     jobs = args.jobs
 
     def bare(out: Path) -> str:
-        argv = build_argv("ffmpeg", info, str(clip), str(out), presets, threads=threads)
+        argv, _ = transcode_command(info, str(clip), str(out), presets, threads=threads)  # no wrapper
         # At the node's priority (it starts ffmpeg at nice NICENESS): on a shared machine a
         # niced ffmpeg loses more CPU to other work than an un-niced one would.
         return f"exec nice -n {NICENESS} " + shlex.join(argv) + " >/dev/null\n"
@@ -164,11 +164,13 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
 
     def by_xargs(k: int, script_for: Callable[[Path], str], name: str, cpu: list[float]) -> float:
         folder = tmp / f"{name}{k}"
+        folder.mkdir()
+        share_with(user, str(folder))
         scripts = []
         for i in range(jobs):
             out = folder / f"job{i}"
-            out.mkdir(parents=True)
-            share_with(user, str(folder), str(out))
+            out.mkdir()
+            share_with(user, str(out))
             script = folder / f"job{i}.sh"
             script.write_text(script_for(out))
             scripts.append(str(script))
@@ -227,9 +229,10 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
             "node": (lambda r: by_node(server), node_s),
             "xargs": (lambda r: by_xargs(r, bare, "xargs", xargs_cpu), xargs_s),
             "children": (lambda r: by_xargs(r, children, "children", children_cpu), children_s)}
+        names = list(sides)
         for r in range(args.pool_rounds):
-            names = list(sides)
-            for side in names[r % 3:] + names[:r % 3]:  # each side goes first in turn
+            first = r % len(names)
+            for side in names[first:] + names[:first]:  # each side goes first in turn
                 run, times = sides[side]
                 times.append(run(r))
                 say(f"  pool round {r + 1}: {side} {times[-1]:.2f}s")
