@@ -9,8 +9,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
+from gridnode import keys
 from gridnode.membership import swim
 from gridnode.membership.service import MembershipService
+from gridnode.registry import NodeRecord
+from gridnode.store.base import ObjectStore
+from gridnode.store.memory import MemoryBackend
 from tests.nodes import free_port, wait_for
 
 
@@ -127,11 +131,6 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
 def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
     """A node that dies before we ever hear from it: we hold it at its record's incarnation (the
     registry bootstrap once said 0), so its confirmed death deletes that record."""
-    from gridnode import keys
-    from gridnode.registry import NodeRecord
-    from gridnode.store.base import ObjectStore
-    from gridnode.store.memory import MemoryBackend
-
     store = ObjectStore.synchronous(MemoryBackend())
     record = NodeRecord("b", "http://127.0.0.1:2", "127.0.0.1:2", started=1.0, incarnation=1_795_000_000_123,
                         heartbeat=1.0)
