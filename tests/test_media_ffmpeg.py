@@ -400,7 +400,8 @@ class RealFfmpegTests:
 
     @pytest_twisted.ensureDeferred
     async def test_missing_binary(self, real_reactor: Any) -> None:
-        """A missing ffmpeg binary is ffmpeg_failed saying it cannot run it."""
+        """A missing ffmpeg binary is ffmpeg_failed saying which binary is missing."""
         with pytest.raises(GridnodeError) as info:
             await spawn_ffmpeg(real_reactor, ["/nonexistent/ffmpeg", "-version"], duration=1).deferred
-        assert info.value.code == "ffmpeg_failed" and "cannot run" in info.value.message
+        assert info.value.code == "ffmpeg_failed"
+        assert "/nonexistent/ffmpeg" in info.value.message and "No such file or directory" in info.value.message
