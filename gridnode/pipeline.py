@@ -190,6 +190,12 @@ class JobService:
                                 code="insufficient_storage", status=507)
         name = keys.new_id(self.now())
         spool = self.spool.new(name, limit=limit)
+        if length:
+            try:
+                spool.reserve(length)  # a race with other uploads for the last free space ends here
+            except GridnodeError:
+                spool.discard()
+                raise
         # An upload in flight holds a slot until its body is over.
         self.uploading.add(name)
         spool.on_release = lambda: self.uploading.discard(name)

@@ -19,6 +19,8 @@ from gridnode.errors import GridnodeError, StorageUnavailable
 from gridnode.pipeline import Busy, JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
+from gridnode.web import upload
+from tests.test_spool_hash import out_of_space_halfway
 
 
 @dataclass
@@ -161,6 +163,24 @@ class PipelineTests:
         with pytest.raises(GridnodeError) as e:
             self.jobs.admit(2 * 1024 * 1024)
         assert e.value.code == "too_large" and e.value.status == 413
+
+    def test_disk_taken_meanwhile_is_insufficient_storage(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Free space that other uploads took after the check: reserving the declared length
+        finds out, the upload is refused with 507 before its body is read, and it holds no slot
+        and leaves no file."""
+        probe = self.jobs.spool.new("probe")
+        reserved = probe.reserve(4096)
+        probe.discard()
+        if not reserved:
+            pytest.skip("no fallocate(2) for this folder's filesystem")
+        monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+        with pytest.raises(GridnodeError) as e:
+            self.jobs.admit(1000)
+        assert e.value.code == "insufficient_storage" and e.value.status == 507
+        assert os.listdir(self.jobs.spool.folder) == [] and not self.jobs.uploading
+        monkeypatch.undo()
+        job, _ = self.upload()  # nothing held: the next upload, with room, is taken
+        assert job.state == jobs.QUEUED
 
     def test_too_large_streamed(self) -> None:
         """A chunked body that grows past --max-upload is stopped mid-way."""

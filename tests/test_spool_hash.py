@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import threading
@@ -12,6 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
+from gridnode.errors import GridnodeError
+from gridnode.web import upload
 from gridnode.web.upload import InlineSha256, Spool, SpoolFile, TrailingSha256
 
 
@@ -85,3 +89,50 @@ def test_a_file_not_written_from_its_start_is_hashed_inline(tmp_path: Path) -> N
     f.digest().addCallback(result.append)
     assert result == [hashlib.sha256(b"new").hexdigest()]
     f.close(release=False)
+
+
+MiB = 1024 * 1024
+
+
+def _reserving(tmp_path: Path) -> Spool:
+    """A spool on a filesystem where reserve works (ext4, xfs, tmpfs...), else skip."""
+    spool = Spool(str(tmp_path))
+    probe = spool.new("probe")
+    try:
+        if not probe.reserve(4096):
+            pytest.skip("no fallocate(2) for this folder's filesystem")
+    finally:
+        probe.discard()
+    return spool
+
+
+def test_reserve_allocates_without_growing_the_file(tmp_path: Path) -> None:
+    """A declared body's blocks are reserved up front; the file's size still follows the writes."""
+    f = _reserving(tmp_path).new("job1")
+    assert f.reserve(8 * MiB)
+    st = os.stat(f.path)
+    assert st.st_size == 0 and st.st_blocks * 512 >= 8 * MiB
+    f.write(b"x" * 1000)
+    f.close(release=False)
+    assert os.path.getsize(f.path) == 1000
+
+
+def out_of_space_halfway(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2) as ext4 does it when the disk fills up meanwhile: half, then ENOSPC."""
+    assert upload._fallocate is not None
+    upload._load_fallocate()(fd, mode, offset, length // 2)
+    ctypes.set_errno(errno.ENOSPC)
+    return -1
+
+
+def test_no_room_is_insufficient_storage_and_keeps_no_blocks(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body the disk cannot hold is refused with 507 before a byte of it is read, and the
+    blocks the filesystem allocated before it ran out are given back at once."""
+    spool = _reserving(tmp_path)
+    monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+    f = spool.new("big")
+    with pytest.raises(GridnodeError) as e:
+        f.reserve(64 * MiB)
+    assert e.value.code == "insufficient_storage" and e.value.status == 507
+    assert os.stat(f.path).st_blocks == 0

@@ -9,7 +9,8 @@ before any body byte is read, where the body should go:
 - an upload route answers with a `SpoolFile` (a named file in the spool,
   hashed as it is written, renamed later rather than copied), after the
   admission checks: draining, queue full (503 + Retry-After), too little
-  disk (507), declared size over ``--max-upload`` (413);
+  disk (507), declared size over ``--max-upload`` (413); a declared size
+  is reserved on disk up front (``reserve``);
 - any other route gets a small in-memory body with a hard cap.
 
 A refusal is answered at once (clients sending ``Expect: 100-continue``
@@ -21,6 +22,8 @@ rather than a reset.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -46,6 +49,42 @@ SMALL_BODY = 64 * 1024
 REFUSED_LINGER = 30.0
 #: how much of a refused body is read and dropped before the connection is closed
 DRAIN_REFUSED = 64 * 1024 * 1024
+
+
+def _load_fallocate() -> Any:
+    """fallocate(2), which Python's os module lacks (os.posix_fallocate falls back to writing
+    zeros where a filesystem cannot), or None where the C library has none (not Linux)."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_fallocate = _load_fallocate()
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def reserve(fd: int, length: int) -> bool:
+    """Reserve ``length`` bytes of disk for the file ``fd`` is about to receive; its size does not
+    change. The filesystem then allocates the file's extents once instead of page by page as the
+    writes come (~10 % more receiving speed on ext4: bench/pipeline.py, ingest), and a body that
+    cannot fit is known before a byte of it is read. False where it cannot be done (no fallocate
+    here, or not on this filesystem); a full disk or quota is a 507 ``insufficient_storage``."""
+    if _fallocate is None or length <= 0:
+        return False
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, length) == 0:
+        return True
+    failed = ctypes.get_errno()
+    # ext4 keeps what it allocated before running out: give it back at once (a truncation to
+    # the file's own size frees the blocks past its end), not when the file is removed.
+    os.ftruncate(fd, os.fstat(fd).st_size)
+    if failed in (errno.ENOSPC, errno.EDQUOT):
+        raise GridnodeError(f"this node has no room for an upload of {length} bytes; try another node",
+                            code="insufficient_storage", status=507)
+    return False
 
 
 class InlineSha256:
@@ -197,6 +236,10 @@ class SpoolFile:
             written += n
         self._hash.wrote(data)
         self.size += len(data)
+
+    def reserve(self, length: int) -> bool:
+        """Reserve disk for a body of ``length`` bytes (``reserve``); before the first write."""
+        return reserve(self.file.fileno(), length)
 
     def digest(self) -> Deferred[str]:
         """The hex sha256 of what was written; call it once the body is complete."""
