@@ -12,7 +12,7 @@ Figures (see bench/README.md for exactly what is timed):
   pool      8 jobs of a 10 s 720p clip through a node with --workers 2 (POST /jobs,
             mp4-720p, until /health shows no job) vs the same ffmpeg argv run by
             `xargs -P 2`; node wall / xargs wall, goal <= 1.03. A third side runs
-            the node's own two children per job (wrapped ffprobe, then wrapped
+            the node's own two children per job (sandboxed ffprobe, then sandboxed
             ffmpeg) under the same xargs: the overhead of a node that cost nothing
   ingest    a 1 GiB POST /jobs on loopback (until the client handed the last byte
             to the kernel) vs `cp` of the file on the same filesystem;
@@ -149,13 +149,13 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     jobs = args.jobs
 
     def bare(out: Path) -> str:
-        argv, _ = transcode_command(info, str(clip), str(out), presets, threads=threads)  # no wrapper
+        argv, _ = transcode_command(info, str(clip), str(out), presets, threads=threads)  # not sandboxed
         # At the node's priority (it starts ffmpeg at nice NICENESS): on a shared machine a
         # niced ffmpeg loses more CPU to other work than an un-niced one would.
         return f"exec nice -n {NICENESS} " + shlex.join(argv) + " >/dev/null\n"
 
     def children(out: Path) -> str:
-        # Exactly the two children the node starts per job, wrapper and limits included:
+        # Exactly the two children the node starts per job, sandbox and limits included:
         # what the node's overhead would be if the node itself cost nothing.
         probe = shlex.join(probe_command("ffprobe", str(clip), user=user))
         transcode = shlex.join(sandboxed_argv(*transcode_command(info, str(clip), str(out), presets,
@@ -252,7 +252,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
         "<= 1.03",
         f"node {n:.2f} s vs xargs -P {args.workers} {x:.2f} s; overhead {per_job:+.3f} s/job (threads={threads}); "
         f"per-round ratios {min(paired):.2f}..{max(paired):.2f}; CPU node {nc:.1f} s vs xargs {xc:.1f} s "
-        f"= {cpu_ratio:.3f}; the node's two children alone (wrapped ffprobe + ffmpeg under xargs) {f:.2f} s "
+        f"= {cpu_ratio:.3f}; the node's two children alone (sandboxed ffprobe + ffmpeg under xargs) {f:.2f} s "
         f"= {f / x:.3f} (CPU {fc / xc:.3f}), the node vs them {n / f:.3f} (CPU {nc / fc:.3f})",
         f"{ratio:.3f} {'PASS' if ratio <= 1.03 else 'FAIL'}{noisy} (CPU {cpu_ratio:.3f})", ratio <= 1.03,
         {"node_s": node_s, "xargs_s": xargs_s, "node_median_s": n, "xargs_median_s": x, "ratio": ratio,

@@ -104,6 +104,7 @@ class PipelineTests:
         """An upload is queued at once; input, outputs and every state's record end in the store."""
         job, spool_path = self.upload()
         assert job.state == jobs.QUEUED and job.input["name"] == "movie.mov"
+        assert job.sha256 == hashlib.sha256(b"video bytes").hexdigest()  # every upload, asked or not
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
         seen: list[str] = []
         self.jobs.watch(job.id, lambda j: seen.append(f"{j.state}:{j.progress}"))

@@ -95,6 +95,7 @@ class ConversionTests:
             status, _, job = upload(base, media_clips.portrait, "mp4-480p")
             assert status == 201, job
             assert job["input"]["audio_codec"] is None
+            assert job["sha256"] == hashlib.sha256(media_clips.portrait.read_bytes()).hexdigest()
             job = yield wait_job(base, job["id"])
             assert job["state"] == "done", job
             status, _, data = request("GET", base + job["outputs"][0]["url"])
