@@ -163,8 +163,15 @@ class RefusalTests:
             assert ffmpeg_children(job["id"]) == []
             assert not (scratch / job["id"]).exists()
             assert os.listdir(tmp_path / "gridnode-work" / "spool") == []
-            status, _, job2 = upload(base, long_clip, "poster")
-            assert status == 201
+            # 24 MB: the body is spliced from the socket to the spool file (gridnode/web/splice.py)
+            data = long_clip.read_bytes()
+            right = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            status, _, job2 = upload(base, long_clip, "poster", **{"upload-checksum": f"sha256 {right}"})
+            assert status == 201, job2
+            assert job2["sha256"] == hashlib.sha256(data).hexdigest() and job2["input"]["size"] == len(data)
+            job2 = yield wait_job(base, job2["id"])
+            assert job2["state"] == "done", job2
+            assert (tmp_path / "gridnode-data" / "inputs" / job2["id"] / "source").read_bytes() == data
         finally:
             node.stop()
 

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
 from gridnode.errors import GridnodeError
+from gridnode.web.splice import BodySplice, can_splice
 
 #: socket reads of an upload body
 UPLOAD_READ_SIZE = 512 * 1024
@@ -127,8 +128,12 @@ class TrailingSha256:
         threading.Thread(target=self._trail, name="sha256 " + os.path.basename(path), daemon=True).start()
 
     def wrote(self, data: bytes) -> None:
+        self.grew(len(data))
+
+    def grew(self, n: int) -> None:
+        """``n`` more bytes are in the file (written by someone else: ``BodySplice``)."""
         with self._cond:
-            self._written += len(data)
+            self._written += n
             self._cond.notify()
 
     def result(self) -> Deferred[str]:
@@ -214,6 +219,8 @@ class SpoolFile:
         self._hash: InlineSha256 | TrailingSha256 = TrailingSha256(reactor, path) if trailing else InlineSha256()
         self.size = offset
         self.start = offset
+        #: bytes that arrived by ``grew``, not ``write``
+        self.spliced = 0
         self.limit = limit
         #: called once when the body is over (closed or discarded): frees the node's slot
         self.on_release: Callable[[], None] | None = None
@@ -236,6 +243,19 @@ class SpoolFile:
             written += n
         self._hash.wrote(data)
         self.size += len(data)
+
+    @property
+    def grows_in_place(self) -> bool:
+        """Whether bytes may reach the file without passing through ``write`` (``grew``): its
+        digest is read back from the file, not computed from the bytes written."""
+        return isinstance(self._hash, TrailingSha256)
+
+    def grew(self, n: int) -> None:
+        """``n`` bytes were appended to the file behind our back (by ``BodySplice``)."""
+        assert isinstance(self._hash, TrailingSha256)
+        self._hash.grew(n)
+        self.size += n
+        self.spliced += n
 
     def reserve(self, length: int) -> bool:
         """Reserve disk for a body of ``length`` bytes (``reserve``); before the first write."""
@@ -354,6 +374,10 @@ class GridRequest(Request):
             transport = getattr(channel, "transport", None)
             if transport is not None and hasattr(transport, "bufferSize"):
                 transport.bufferSize = UPLOAD_READ_SIZE
+            if can_splice(channel, sink, length):
+                # once the part of the body that came with the headers went the usual way
+                reactor = site.reactor
+                reactor.callLater(0, BodySplice(reactor, channel, sink).start)
             return
         if length is not None and length > SMALL_BODY:
             self._refuse(GridnodeError(f"a body of more than {SMALL_BODY} bytes is not accepted here",
