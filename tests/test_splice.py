@@ -190,3 +190,23 @@ async def test_a_chunked_body_goes_the_usual_way(site: Site) -> None:
 
     (answer,) = await deferToThread(send)
     assert answer["sha256"] == hashlib.sha256(body).hexdigest() and answer["spliced"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_stalled_past_the_idle_timeout_is_closed(real_reactor: Any, tmp_path: Path) -> None:
+    """A client that stops sending mid-body is cut off after the idle timeout like any other:
+    the connection is closed and nothing is kept."""
+    stalled = Site(real_reactor, tmp_path, timeout=1.0)
+
+    def stall() -> bytes:
+        with socket.create_connection(stalled.address, timeout=15) as sock:
+            sock.sendall(head(32 * MiB))
+            sock.sendall(os.urandom(6 * MiB))
+            return sock.recv(65536)  # blocks until the node closes the connection
+
+    try:
+        assert await deferToThread(stall) == b""
+        (sink,) = stalled.sinks
+        assert stalled.released == [sink.path] and not os.path.exists(sink.path) and sink.spliced > 0
+    finally:
+        stalled.port.stopListening()

@@ -9,9 +9,9 @@ next: util-linux ``setsid``, ``prlimit`` and ``setpriv``, coreutils ``nice``.
 exec keeps the pid, so the pid Twisted holds stays the binary's own and
 ``os.killpg(pid, ...)`` reaches it and anything it starts. (setsid(1) forks
 only when its caller leads a process group; a child just spawned never does,
-and nothing here makes it one.) The chain costs ~2 ms of CPU per child; where
-those programs are missing (not Linux), a tiny Python wrapper does the same
-work at ~7 ms.
+and nothing here makes it one.) The chain costs ~2.5 ms of CPU per child
+(bench/sandbox.py); where those programs are missing (not Linux), a tiny
+Python wrapper does the same work at ~7 ms.
 """
 
 from __future__ import annotations

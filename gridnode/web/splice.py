@@ -65,7 +65,6 @@ class BodySplice:
         self.sink = sink
         self.fd = -1
         self._pipe: tuple[int, int] | None = None
-        self.moved = 0
 
     def start(self) -> None:
         """Call once the part of the body that came with the headers went the usual way."""
@@ -75,15 +74,20 @@ class BodySplice:
         try:
             read, write = os.pipe2(os.O_CLOEXEC)
         except OSError:
+            return  # out of descriptors: the usual way
+        try:
+            # A duplicate descriptor: the reactor knows the transport by the original one (and
+            # may still be watching it for writing, e.g. for "100 Continue").
+            self.fd = os.dup(self.transport.fileno())
+        except OSError:
+            os.close(read)
+            os.close(write)
             return
         self._pipe = (read, write)
         try:
             fcntl.fcntl(write, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # a smaller pipe still works
-        # A duplicate descriptor: the reactor knows the transport by the original one (and may
-        # still be watching it for writing, e.g. for "100 Continue").
-        self.fd = os.dup(self.transport.fileno())
         self.transport.stopReading()
         self.reactor.addReader(self)
 
@@ -98,7 +102,7 @@ class BodySplice:
     def doRead(self) -> None:  # noqa: N802 - Twisted's name
         decoder = _decoder(self.channel)
         if decoder is None or self._pipe is None:
-            self._stop()
+            self.stop()
             return
         read, write = self._pipe
         budget, closed = PER_READ, False
@@ -118,23 +122,24 @@ class BodySplice:
                     done += os.splice(read, self.sink.file.fileno(), n - done, flags=os.SPLICE_F_MOVE)
                 decoder.contentLength -= n
                 self.sink.grew(n)
-                self.moved += n
                 budget -= n
         except (OSError, ValueError) as e:  # ValueError: the spool file was closed meanwhile
             if getattr(e, "errno", None) not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
                 self._log.failure("moving an upload body to {path} failed", path=self.sink.path)
-            self._stop()
+            self.stop()
             self.transport.abortConnection()
             return
         self.channel.resetTimeout()  # what dataReceived does for every read it makes
         if closed or decoder.contentLength <= 1:
-            self._stop()
+            self.stop()
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
-        self._stop()
+        self.stop()
 
-    def _stop(self) -> None:
-        """Hand the socket back to the transport (which then reads the last byte, or the end)."""
+    def stop(self) -> None:
+        """Hand the socket back to the transport (which then reads the last byte, or the end).
+        The request calls it when its connection is lost: the duplicate descriptor would keep
+        the socket open after the transport closed its own."""
         if self.fd < 0:
             return
         self.reactor.removeReader(self)

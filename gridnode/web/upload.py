@@ -71,9 +71,10 @@ _FALLOC_FL_KEEP_SIZE = 1
 def reserve(fd: int, length: int) -> bool:
     """Reserve ``length`` bytes of disk for the file ``fd`` is about to receive; its size does not
     change. The filesystem then allocates the file's extents once instead of page by page as the
-    writes come (~10 % more receiving speed on ext4: bench/pipeline.py, ingest), and a body that
-    cannot fit is known before a byte of it is read. False where it cannot be done (no fallocate
-    here, or not on this filesystem); a full disk or quota is a 507 ``insufficient_storage``."""
+    writes come (~10 % more receiving speed through a Python read loop on ext4: bench/pipeline.py,
+    ingest), and a body that cannot fit is known before a byte of it is read. False where it
+    cannot be done (no fallocate here, or not on this filesystem); a full disk or quota is a 507
+    ``insufficient_storage``."""
     if _fallocate is None or length <= 0:
         return False
     if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, length) == 0:
@@ -352,6 +353,7 @@ class GridRequest(Request):
     _log = Logger()
     _refused: GridnodeError | None = None
     _dropped = 0
+    _splice: BodySplice | None = None
     #: the query string, known before the body (request.args is parsed only after it)
     early_query = b""
 
@@ -376,8 +378,8 @@ class GridRequest(Request):
                 transport.bufferSize = UPLOAD_READ_SIZE
             if can_splice(channel, sink, length):
                 # once the part of the body that came with the headers went the usual way
-                reactor = site.reactor
-                reactor.callLater(0, BodySplice(reactor, channel, sink).start)
+                self._splice = BodySplice(site.reactor, channel, sink)
+                site.reactor.callLater(0, self._splice.start)
             return
         if length is not None and length > SMALL_BODY:
             self._refuse(GridnodeError(f"a body of more than {SMALL_BODY} bytes is not accepted here",
@@ -419,6 +421,8 @@ class GridRequest(Request):
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        if self._splice is not None:
+            self._splice.stop()
         # A body cut off mid-way: the sink decides what is kept (nothing for a
         # plain upload; the bytes so far for a resumable one).
         if not self._body_done:
