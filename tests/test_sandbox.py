@@ -16,59 +16,47 @@ from tests.media_samples import Clips
 from tests.nodes import NodeProcess, free_port, request, run_twistd, upload, wait_job
 
 
-@pytest.fixture(params=[True, False], ids=["chain", "python-wrapper"])
-def chain(request: pytest.FixtureRequest) -> bool:
-    """Both ways a child is set up: the util-linux chain and the Python wrapper."""
-    return bool(request.param)
-
-
 class WrapperTests:
-    def test_limits_apply_in_the_child(self, chain: bool) -> None:
-        """The limits, a process group and session of its own and the niceness are set before exec,
-        and the pid is the one that was spawned (nothing on the way forks)."""
+    def test_limits_apply_in_the_child(self) -> None:
+        """The wrapper sets the limits, a process group and the niceness before exec, and the pid
+        is the one that was spawned (nothing on the way forks)."""
         code = ("import os, resource; print(resource.getrlimit(resource.RLIMIT_FSIZE), "
                 "resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_CPU), "
                 "os.getpgid(0) == os.getpid(), os.nice(0), os.getpid())")
         argv = sandboxed_argv([sys.executable, "-c", code],
-                              ChildLimits(file_size=12345, open_files=50, cpu_seconds=77, niceness=7), chain=chain)
+                              ChildLimits(file_size=12345, open_files=50, cpu_seconds=77, niceness=7))
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = child.communicate(timeout=30)
         assert out.split() == ["(12345,", "12345)", "(50,", "50)", "(77,", "77)", "True", "7", str(child.pid)], err
 
-    def test_chain_is_used_on_linux(self) -> None:
-        """Where util-linux is installed the child is set up without starting Python."""
-        argv = sandboxed_argv(["ffprobe", "-version"], ChildLimits(niceness=3, user="65534:65534"))
-        names = [os.path.basename(a) for a in argv if a.startswith("/")]
-        assert names == ["setsid", "prlimit", "nice", "setpriv", "ffprobe"], argv
+    def test_the_child_stays_in_the_nodes_session(self) -> None:
+        """A group of its own, not a session: under autogroup scheduling a session of its own
+        would make its nice level count for nothing against the node."""
+        code = "import os; print(os.getsid(0))"
+        out = subprocess.run(sandboxed_argv([sys.executable, "-c", code], ChildLimits()), capture_output=True,
+                             text=True, timeout=30)
+        assert out.stdout.split() == [str(os.getsid(0))], out.stderr
 
-    def test_no_chain_programs_means_the_wrapper(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-        """Without setsid and prlimit on PATH (not Linux) the Python wrapper does the work."""
-        monkeypatch.setenv("PATH", str(tmp_path))
-        argv = sandboxed_argv([sys.executable, "-c", "print(1)"], ChildLimits())
-        assert argv[:2] == [sys.executable, "-I"]
-        monkeypatch.undo()
-        assert subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout == "1\n"
-
-    def test_file_size_limit_stops_writes(self, tmp_path: Path, chain: bool) -> None:
+    def test_file_size_limit_stops_writes(self, tmp_path: Path) -> None:
         """A child over its file-size limit cannot grow a file past it."""
         code = f"open({str(tmp_path / 'big')!r}, 'wb').write(b'x' * 100000)"
-        argv = sandboxed_argv([sys.executable, "-c", code], ChildLimits(file_size=1000), chain=chain)
+        argv = sandboxed_argv([sys.executable, "-c", code], ChildLimits(file_size=1000))
         subprocess.run(argv, capture_output=True, timeout=30)
         assert (tmp_path / "big").stat().st_size <= 1000
 
-    def test_missing_binary_exits_127(self, chain: bool) -> None:
+    def test_missing_binary_exits_127(self) -> None:
         """A binary that is not there: exit status 127 and a line that names it."""
-        out = subprocess.run(sandboxed_argv(["/nonexistent/ffmpeg"], ChildLimits(), chain=chain),
+        out = subprocess.run(sandboxed_argv(["/nonexistent/ffmpeg"], ChildLimits()),
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 127
         assert "/nonexistent/ffmpeg" in out.stderr and "No such file or directory" in out.stderr
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-    def test_runs_as_nobody(self, chain: bool) -> None:
+    def test_runs_as_nobody(self) -> None:
         """auto means nobody when root: the child's uid, gid and groups are nobody's alone."""
         user = resolve_user("auto")
         assert user is not None
-        argv = sandboxed_argv(["sh", "-c", "id -u; id -g; id -G"], ChildLimits(user=user), chain=chain)
+        argv = sandboxed_argv(["sh", "-c", "id -u; id -g; id -G"], ChildLimits(user=user))
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         uid, gid = user.split(":")
         assert out.stdout.split() == [uid, gid, gid] and uid != "0", out.stderr

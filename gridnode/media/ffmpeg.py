@@ -331,7 +331,7 @@ class FfmpegProcess(ProcessProtocol):
 
 
 def wrapped_argv(argv: Sequence[str], niceness: int = NICENESS, limits: ChildLimits | None = None) -> list[str]:
-    """``argv`` behind the sandbox (gridnode/media/sandbox.py)."""
+    """``argv`` behind the sandbox wrapper (gridnode/media/sandbox.py)."""
     limits = limits or ChildLimits(niceness=niceness)
     return sandboxed_argv(argv, limits)
 
@@ -357,10 +357,15 @@ def spawn_ffmpeg(
     proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
     full = wrapped_argv(argv, niceness, limits)
     process_reactor: IReactorProcess = reactor
-    # The child makes its own group (setsid). The parent must not make one for it: setsid(1)
-    # forks when its caller leads a group, and the pid held here would no longer be ffmpeg's.
-    # Until the group exists, _signal_group falls back to signalling the child alone.
-    process_reactor.spawnProcess(proto, full[0], full, env=dict(env if env is not None else os.environ))
+    transport = process_reactor.spawnProcess(proto, full[0], full, env=dict(env if env is not None else os.environ))
+    if transport.pid is not None:
+        # The parent sets the group too, so it exists as soon as spawnProcess
+        # returns whichever side runs first (the shells' trick); EACCES means
+        # the child already exec'd, after making the group itself.
+        try:
+            os.setpgid(transport.pid, transport.pid)
+        except OSError:
+            pass
     return proto
 
 

@@ -1,17 +1,24 @@
 """
-How every ffmpeg and ffprobe child starts: in a session and process group of
-its own, at lower CPU priority, under resource limits, and, when the node runs
-as root, as an unprivileged user.
+How every ffmpeg and ffprobe child starts: in a process group of its own, at
+lower CPU priority, under resource limits, and, when the node runs as root,
+as an unprivileged user.
 
-Twisted's spawnProcess has no preexec_fn, so the child first runs a chain of
-small programs, each of which changes one thing about itself and execs the
-next: util-linux ``setsid``, ``prlimit`` and ``setpriv``, coreutils ``nice``.
-exec keeps the pid, so the pid Twisted holds stays the binary's own and
-``os.killpg(pid, ...)`` reaches it and anything it starts. (setsid(1) forks
-only when its caller leads a process group; a child just spawned never does,
-and nothing here makes it one.) The chain costs ~2.5 ms of CPU per child
-(bench/sandbox.py); where those programs are missing (not Linux), a tiny
-Python wrapper does the same work at ~7 ms.
+Twisted's spawnProcess has no preexec_fn, so a tiny Python wrapper does it
+and then execs the binary: the pid Twisted holds stays the binary's own
+(exec keeps it) and ``os.killpg(pid, ...)`` reaches it and anything it
+starts. Limits (setrlimit in the child) are the equivalent of util-linux
+prlimit without another binary: address space, CPU seconds, file size, open
+files. It costs ~7 ms of CPU per child (bench/sandbox.py).
+
+Not a session of its own (setsid): where the kernel schedules by autogroup
+(``kernel.sched_autogroup_enabled = 1``, as on the machine the benchmarks run
+on), every session is a group that gets an equal share of the CPU whatever
+its members' nice levels, so a niced ffmpeg in a session of its own competes
+with the node as an equal (measured: a busy node kept 64 % of a core against
+two such children, 100 % against two in its own session). A chain of
+util-linux programs (setsid, prlimit, nice, setpriv) would cost ~2.5 ms
+instead of ~7, but util-linux has no program that makes a process group
+without a session.
 """
 
 from __future__ import annotations
@@ -54,14 +61,10 @@ class ChildLimits:
     #: "uid:gid" to run as, or None to keep the node's own user
     user: str | None = None
 
-    def rlimits(self) -> list[tuple[str, int]]:
-        """(RLIMIT_ name without the prefix, value) of each limit that is set."""
+    def spec(self) -> str:
         pairs = [("AS", self.address_space), ("CPU", self.cpu_seconds), ("FSIZE", self.file_size),
                  ("NOFILE", self.open_files)]
-        return [(name, int(value)) for name, value in pairs if value is not None]
-
-    def spec(self) -> str:
-        return ",".join(f"{name}={value}" for name, value in self.rlimits())
+        return ",".join(f"{name}={int(value)}" for name, value in pairs if value is not None)
 
 
 def resolve_user(name: str | None) -> str | None:
@@ -83,34 +86,12 @@ def resolve_user(name: str | None) -> str | None:
     return f"{entry.pw_uid}:{entry.pw_gid}"
 
 
-def sandboxed_argv(argv: Sequence[str], limits: ChildLimits, *, chain: bool = True) -> list[str]:
-    """``argv`` behind the chain (or, without its programs or with ``chain=False``, the
-    Python wrapper). The binary is looked up here: after dropping to another user the
-    child may no longer be able to search PATH."""
+def sandboxed_argv(argv: Sequence[str], limits: ChildLimits) -> list[str]:
+    """``argv`` behind the wrapper. The binary is looked up here: after dropping to
+    another user the wrapper may no longer read Python's own library to search PATH."""
     binary = shutil.which(argv[0]) or argv[0]
-    if chain:
-        found = _chain(limits)
-        if found is not None:
-            return [*found, binary, *argv[1:]]
     return [sys.executable, "-I", "-S", "-c", _WRAPPER, str(limits.niceness), limits.spec(), limits.user or "",
             binary, *argv[1:]]
-
-
-def _chain(limits: ChildLimits) -> list[str] | None:
-    """The programs before the binary, or None when one of them is not on PATH."""
-    steps = [["setsid"], ["prlimit", *(f"--{name.lower()}={value}" for name, value in limits.rlimits())]]
-    if limits.niceness:
-        steps.append(["nice", "-n", str(limits.niceness)])
-    if limits.user:
-        uid, gid = limits.user.split(":")
-        steps.append(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"])
-    chain = []
-    for program, *options in steps:
-        path = shutil.which(program)
-        if path is None:
-            return None
-        chain += [path, *options]
-    return chain
 
 
 def share_with(user: str | None, *paths: str) -> None:
