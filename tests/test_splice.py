@@ -210,3 +210,23 @@ async def test_a_body_stalled_past_the_idle_timeout_is_closed(real_reactor: Any,
         assert stalled.released == [sink.path] and not os.path.exists(sink.path) and sink.spliced > 0
     finally:
         stalled.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_100_continue(site: Site) -> None:
+    """curl sends `Expect: 100-continue` for a long body and waits for the interim answer: the body
+    that follows it is spliced like any other."""
+    body = os.urandom(10 * MiB + 3)
+
+    def send() -> list[dict[str, Any]]:
+        with socket.create_connection(site.address, timeout=30) as sock:
+            sock.sendall(head(len(body), "Expect: 100-continue\r\n"))
+            interim = b""
+            while not interim.endswith(b"\r\n\r\n"):
+                interim += sock.recv(1)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            sock.sendall(body)
+            return read_answers(sock, 1)
+
+    (answer,) = await deferToThread(send)
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest() and answer["spliced"] > 0
