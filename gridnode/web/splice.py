@@ -63,12 +63,19 @@ class BodySplice:
         self.channel = channel
         self.transport = channel.transport
         self.sink = sink
+        #: this request's decoder: the channel's next request brings another
+        self.decoder = _decoder(channel)
         self.fd = -1
         self._pipe: tuple[int, int] | None = None
 
+    def _current(self) -> Any:
+        """The decoder, while the channel is still reading this request's body."""
+        decoder = _decoder(self.channel)
+        return decoder if decoder is not None and decoder is self.decoder else None
+
     def start(self) -> None:
         """Call once the part of the body that came with the headers went the usual way."""
-        decoder = _decoder(self.channel)
+        decoder = self._current()
         if decoder is None or decoder.contentLength < MIN_BODY or self.transport.disconnected:
             return  # the body is (nearly) all in already, or the connection is gone
         try:
@@ -100,7 +107,7 @@ class BodySplice:
         return "BodySplice"
 
     def doRead(self) -> None:  # noqa: N802 - Twisted's name
-        decoder = _decoder(self.channel)
+        decoder = self._current()
         if decoder is None or self._pipe is None:
             self.stop()
             return
