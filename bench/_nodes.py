@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -128,6 +129,12 @@ def children_of(pid: int) -> list[int]:
                 found.append(child)
                 todo.append(child)
     return found
+
+
+def reaped_cpu() -> float:
+    """User + system seconds of this process's reaped children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def memory(pid: int) -> tuple[int, int]:

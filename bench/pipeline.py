@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shlex
 import shutil
 import signal
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import _nodes
-from _nodes import Server, memory, post_file, wait_idle
+from _nodes import Server, memory, post_file, reaped_cpu, wait_idle
 
 from gridnode.config import cpu_count
 from gridnode.media.ffmpeg import NICENESS, transcode_command
@@ -123,12 +122,6 @@ def mib(n: float) -> str:
 # -- 1. pool overhead
 
 
-def _reaped_cpu() -> float:
-    """User + system seconds of this process's reaped children."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _process_cpu(pid: int) -> float:
     """User + system seconds of ``pid`` and of the children it reaped (/proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -174,7 +167,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
             script = folder / f"job{i}.sh"
             script.write_text(script_for(out))
             scripts.append(str(script))
-        cpu0 = _reaped_cpu()
+        cpu0 = reaped_cpu()
         began = time.monotonic()
         proc = subprocess.Popen(["xargs", "-P", str(args.workers), "-n", "1", "sh"], stdin=subprocess.PIPE,
                                 start_new_session=True)
@@ -188,7 +181,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
         took = time.monotonic() - began
         if proc.returncode != 0:
             raise RuntimeError(f"xargs {name} failed ({proc.returncode})")
-        cpu.append(_reaped_cpu() - cpu0)
+        cpu.append(reaped_cpu() - cpu0)
         shutil.rmtree(folder)
         return took
 

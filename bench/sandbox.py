@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 
+from _nodes import reaped_cpu
+
 from gridnode.media.sandbox import ChildLimits, resolve_user, sandboxed_argv
-
-
-def reaped_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_per_child(argv: list[str], children: int) -> float:
@@ -45,8 +41,7 @@ def cpu_per_child(argv: list[str], children: int) -> float:
 
 def util_linux_chain(limits: ChildLimits) -> list[str] | None:
     """setsid, prlimit, nice and setpriv doing what the wrapper does (each execs the next)."""
-    limit_options = [f"--{name.lower()}={value}" for name, value in
-                     (item.split("=") for item in limits.spec().split(",") if item)]
+    limit_options = [f"--{name.lower()}={value}" for name, value in limits.rlimits()]
     steps = [["setsid"], ["prlimit", *limit_options], ["nice", "-n", str(limits.niceness)]]
     if limits.user:
         uid, gid = limits.user.split(":")

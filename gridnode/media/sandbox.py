@@ -61,10 +61,15 @@ class ChildLimits:
     #: "uid:gid" to run as, or None to keep the node's own user
     user: str | None = None
 
-    def spec(self) -> str:
+    def rlimits(self) -> list[tuple[str, int]]:
+        """(RLIMIT_ name without the prefix, value) of each limit that is set."""
         pairs = [("AS", self.address_space), ("CPU", self.cpu_seconds), ("FSIZE", self.file_size),
                  ("NOFILE", self.open_files)]
-        return ",".join(f"{name}={int(value)}" for name, value in pairs if value is not None)
+        return [(name, int(value)) for name, value in pairs if value is not None]
+
+    def spec(self) -> str:
+        """The limits as the wrapper reads them: "AS=...,NOFILE=..."."""
+        return ",".join(f"{name}={value}" for name, value in self.rlimits())
 
 
 def resolve_user(name: str | None) -> str | None:
