@@ -255,11 +255,11 @@ class JobService:
         active.work = self._run(active, probe, chosen, input_stored=False)
         return job
 
-    def _journal(self, active: Active) -> None:
-        """The job beside its spooled body: what a restart resumes from."""
+    def _journal(self, active: Active, data: bytes | None = None) -> None:
+        """The job (``data``: as just dumped) beside its spooled body: what a restart resumes from."""
         tmp = active.spool_path + ".json.tmp"
         with open(tmp, "wb") as f:
-            f.write(active.job.dumps())
+            f.write(active.job.dumps() if data is None else data)
         os.replace(tmp, active.spool_path + ".json")
 
     @inlineCallbacks
@@ -461,7 +461,7 @@ class JobService:
             info = yield self.store.put_bytes(key, data, if_match=info.etag, content_type="application/json")
         active.etag = info.etag
         if not job.final and os.path.exists(active.spool_path):
-            self._journal(active)
+            self._journal(active, data)
         return info
 
     @inlineCallbacks
