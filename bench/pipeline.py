@@ -6,6 +6,7 @@ Nothing is compared with a number measured at another time.
     .venv/bin/python bench/pipeline.py                  # all four, defaults (~2-3 min on 2 cores)
     .venv/bin/python bench/pipeline.py --quick          # smaller sizes (~30 s)
     .venv/bin/python bench/pipeline.py --only ingest --json
+    .venv/bin/python bench/pipeline.py --only pool --ffprobe /opt/ffmpeg-static/ffprobe
 
 Figures (see bench/README.md for exactly what is timed):
 
@@ -107,7 +108,8 @@ def make_body(path: Path, size: int) -> None:
 
 def node_args(args: argparse.Namespace) -> list[str]:
     """Options every node of the run gets besides the figure's own."""
-    return ["--ffmpeg-user", args.ffmpeg_user] if args.ffmpeg_user else []
+    extra = ["--ffmpeg-user", args.ffmpeg_user] if args.ffmpeg_user else []
+    return extra + (["--ffprobe", args.ffprobe] if args.ffprobe != "ffprobe" else [])
 
 
 def drop_dirty() -> None:
@@ -133,7 +135,7 @@ def _process_cpu(pid: int) -> float:
 def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     clip = tmp / "clip720.mp4"
     make_clip(clip, args.clip_seconds, "1280x720")
-    probed = subprocess.run(probe_argv("ffprobe", str(clip)), capture_output=True, check=True).stdout
+    probed = subprocess.run(probe_argv(args.ffprobe, str(clip)), capture_output=True, check=True).stdout
     info = parse_probe(probed, size=clip.stat().st_size)
     presets = parse_presets("mp4-720p")
     # What gridnode.converter.Converter passes: each ffmpeg gets its share of the cores.
@@ -150,7 +152,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     def children(out: Path) -> str:
         # Exactly the two children the node starts per job, sandbox and limits included:
         # what the node's overhead would be if the node itself cost nothing.
-        probe = shlex.join(probe_command("ffprobe", str(clip), user=user))
+        probe = shlex.join(probe_command(args.ffprobe, str(clip), user=user))
         transcode = shlex.join(sandboxed_argv(*transcode_command(info, str(clip), str(out), presets,
                                                                  threads=threads, user=user)))
         return f"{probe} >/dev/null && exec {transcode} >/dev/null\n"
@@ -430,7 +432,7 @@ def _marks(events: list[dict[str, Any]], job: str) -> dict[str, float]:
 def fig_latency(tmp: Path, args: argparse.Namespace) -> Figure:
     clip = tmp / "small.mp4"
     make_clip(clip, 2, "320x240")
-    argv = probe_argv("ffprobe", str(clip))
+    argv = probe_argv(args.ffprobe, str(clip))
     rows: list[dict[str, float]] = []
     probe_alone: list[float] = []
     with _nodes.node(tmp / "node-latency", "--workers", str(args.workers), "--min-free", "0", *node_args(args),
@@ -508,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="node --workers and xargs -P (default 2)")
     ap.add_argument("--ffmpeg-user", default=None,
                     help="pass --ffmpeg-user to every node (default: the node's own default)")
+    ap.add_argument("--ffprobe", default="ffprobe",
+                    help="the ffprobe binary of every node and of the children side (default: ffprobe on PATH)")
     ap.add_argument("--jobs", type=int, default=None, help="pool: jobs per side and round (default 8; quick 4)")
     ap.add_argument("--clip-seconds", type=float, default=None, help="pool: clip length (default 10; quick 5)")
     ap.add_argument("--pool-rounds", type=int, default=None, help="pool: rounds (default 3; quick 2)")
