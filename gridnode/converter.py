@@ -17,7 +17,7 @@ from gridnode.media.ffmpeg import ProducedFile, collect_outputs, start_transcode
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset
 from gridnode.media.probe import Limits, ProbeResult, probe
-from gridnode.media.sandbox import resolve_user, share_with
+from gridnode.media.sandbox import resolve_user, share_with, take_back
 
 
 def check_reachable(user: str, work_dir: str, name: str) -> None:
@@ -87,6 +87,7 @@ class Converter:
 
             def transcoded(_: Any) -> list[ProducedFile]:
                 slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
+                take_back(self.user, str(slot.scratch))  # what is checked now stays what is read
                 return collect_outputs(out_dir, info, presets)
 
             d.addCallback(transcoded)

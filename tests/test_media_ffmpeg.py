@@ -35,7 +35,7 @@ from gridnode.media.ffmpeg import (
     transcode_command,
 )
 from gridnode.media.presets import build_argv, default_output_limit, parse_presets
-from gridnode.media.probe import probe, probe_command
+from gridnode.media.probe import ProbeResult, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
 from tests.media_samples import FFMPEG, FFPROBE, Clips, alive, ffprobe_json, group_alive, wait_for
 
@@ -280,6 +280,45 @@ class FfmpegProcessTests:
         proc.deferred.addBoth(results.append)
         proc.processEnded(exited(0))
         assert isinstance(results[0], FfmpegResult)
+
+
+def landscape_probe() -> ProbeResult:
+    return ProbeResult(size=10_000_000, format_name="mov,mp4,m4a,3gp,3g2,mj2", container="mp4", demuxer="mov",
+                       duration=4.0, width=640, height=360, video_codec="h264", audio_codec="aac", has_audio=True,
+                       rotation=0, display_width=640, display_height=360, stream_count=2)
+
+
+class CollectOutputsTests:
+    """What ffmpeg left is read by the node, which may read more than ffmpeg's user: only plain
+    files inside the output folder count as outputs."""
+
+    def test_plain_files_are_outputs(self, tmp_path: Path) -> None:
+        (tmp_path / "mp4-480p.mp4").write_bytes(b"x" * 10)
+        (found,) = collect_outputs(str(tmp_path), landscape_probe(), parse_presets("mp4-480p"))
+        assert (found.name, found.size) == ("mp4-480p.mp4", 10)
+
+    @pytest.mark.parametrize("how", ["link to a file", "link into a linked folder", "second name of a file"])
+    def test_anything_else_fails_the_job(self, tmp_path: Path, how: str) -> None:
+        """A symbolic link to a file the node can read (a secret), a folder that is a link, or a
+        hard link to such a file: ffmpeg_failed, and nothing of the file is read."""
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"the pool secret")
+        out = tmp_path / "out"
+        out.mkdir()
+        if how == "link to a file":
+            (out / "mp4-480p.mp4").symlink_to(secret)
+            presets = parse_presets("mp4-480p")
+        elif how == "link into a linked folder":
+            (tmp_path / "elsewhere").mkdir()
+            (tmp_path / "elsewhere" / "master.m3u8").write_bytes(b"#EXTM3U\n")
+            (out / "hls").symlink_to(tmp_path / "elsewhere")
+            presets = parse_presets("hls")
+        else:
+            os.link(secret, out / "mp4-480p.mp4")
+            presets = parse_presets("mp4-480p")
+        with pytest.raises(GridnodeError) as e:
+            collect_outputs(str(out), landscape_probe(), presets)
+        assert e.value.code == "ffmpeg_failed" and "plain file" in e.value.message
 
 
 @pytest.mark.integration

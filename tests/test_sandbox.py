@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from gridnode.media.sandbox import ChildLimits, resolve_user, sandboxed_argv
+from gridnode.media.sandbox import ChildLimits, resolve_user, sandboxed_argv, share_with, take_back
 from tests.media_samples import Clips
 from tests.nodes import NodeProcess, free_port, request, run_twistd, upload, wait_job
 
@@ -93,6 +93,55 @@ class RootNodeTests:
             assert users <= {"nobody"}
             status, _, data = request("GET", base + job["outputs"][0]["url"])
             assert status == 200 and len(data) == job["outputs"][0]["size"]
+        finally:
+            node.stop()
+
+    def test_take_back_freezes_what_the_child_wrote(self, tmp_path: Path) -> None:
+        """After the child, every folder it had is the node's again (0700), so it can no longer
+        swap what the node reads; a link it planted is neither followed nor its target changed."""
+        nobody = resolve_user("auto")
+        assert nobody is not None
+        uid = int(nobody.split(":")[0])
+        scratch = tmp_path / "scratch"
+        (scratch / "out" / "hls").mkdir(parents=True)
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        for folder in (scratch, scratch / "out", scratch / "out" / "hls", outside):
+            share_with(nobody, str(folder))
+        (scratch / "out" / "hls").chmod(0o777)  # as a child could leave it
+        (scratch / "out" / "escape").symlink_to(outside)
+        (scratch / "out" / "video.mp4").write_bytes(b"v")
+        share_with(nobody, str(scratch / "out" / "video.mp4"))
+        take_back(nobody, str(scratch))
+        for folder in (scratch, scratch / "out", scratch / "out" / "hls"):
+            st = folder.stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700), folder
+        assert outside.stat().st_uid == uid and (scratch / "out" / "escape").is_symlink()
+        assert (scratch / "out" / "video.mp4").stat().st_uid == uid  # files stay as they are
+
+    @pytest_twisted.inlineCallbacks
+    def test_a_planted_link_is_not_an_output(self, open_folder: Path, media_clips: Clips) -> None:
+        """An ffmpeg that leaves a symbolic link to a file only root may read, in place of its
+        output, fails its job (ffmpeg_failed); the file is neither stored nor served."""
+        secret = open_folder / "secret"
+        secret.write_bytes(b"gridnode-test-secret-0123456789")
+        secret.chmod(0o600)
+        fake = open_folder / "fake-ffmpeg"
+        fake.write_text(f"#!/bin/sh\nfor last; do :; done\nln -s {secret} \"$last\"\n")
+        fake.chmod(0o755)
+        node = NodeProcess(open_folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
+                                         f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
+                                         "--ffmpeg-user", "auto", "--ffmpeg", str(fake), "--node-id", "planted"])
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            status, _, job = upload(base, media_clips.landscape, "mp4-480p")
+            assert status == 201, job
+            job = yield wait_job(base, job["id"])
+            assert job["state"] == "failed", job
+            assert job["error"]["code"] == "ffmpeg_failed" and "plain file" in job["error"]["message"]
+            stored = [p for p in open_folder.rglob("*") if p.is_file() and not p.is_symlink()]
+            assert not [p for p in stored if p != secret and secret.read_bytes() in p.read_bytes()]
         finally:
             node.stop()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -444,13 +445,25 @@ def collect_outputs(
             if not paths:
                 raise GridnodeError(f"ffmpeg did not write {declared.name}", code="ffmpeg_failed", status=422)
             for path in paths:
-                size = os.path.getsize(path)
+                name = os.path.relpath(path, out_dir).replace(os.sep, "/")
+                if not _plain_file(out_dir, path):
+                    raise GridnodeError(f"ffmpeg wrote {name} as something other than a plain file",
+                                        code="ffmpeg_failed", status=422)
+                size = os.lstat(path).st_size
                 if size == 0:
                     raise GridnodeError(f"ffmpeg wrote an empty {declared.name}", code="ffmpeg_failed",
                                         status=422)
                 if size >= limit:
                     raise GridnodeError(f"the output {declared.name} passed the size limit of {limit} bytes",
                                         code="output_too_large", status=413)
-                name = os.path.relpath(path, out_dir).replace(os.sep, "/")
                 found.append(ProducedFile(preset.name, name, path, size, declared.content_type))
     return found
+
+
+def _plain_file(out_dir: str, path: str) -> bool:
+    """A regular file with one name, reached from ``out_dir`` through no symbolic link: never
+    a link (or a folder behind one) to something outside that the node may read and the
+    child may not. Sound once the folder is the node's again (``sandbox.take_back``)."""
+    st = os.lstat(path)
+    inside = os.path.join(os.path.realpath(out_dir), os.path.relpath(path, out_dir))
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and os.path.realpath(path) == inside

@@ -106,3 +106,28 @@ def share_with(user: str | None, *paths: str) -> None:
     uid, gid = map(int, user.split(":"))
     for path in paths:
         os.chown(path, uid, gid)
+
+
+def take_back(user: str | None, folder: str) -> None:
+    """Undo ``share_with`` on a folder a child wrote in, before the node reads from it.
+
+    Every folder in it becomes the node's again, mode 0700, and is listed only after that,
+    so nothing running as ``user`` (a child left behind, another job's child) can add,
+    rename or swap an entry once the node has looked. Links are never followed and files are
+    left as they are: their bytes are the child's to decide anyway; where they lie is not.
+    Without this, a child that planted a symbolic link to a file only the node can read
+    would have the node store and serve that file as an output (no-op without ``user``).
+    """
+    if not user:
+        return
+    uid, gid = os.geteuid(), os.getegid()
+
+    def take(path: str) -> None:
+        os.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, 0o700)
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    take(entry.path)
+
+    take(folder)
