@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from gridnode.media.sandbox import ChildLimits, resolve_user, sandboxed_argv, share_with, take_back
+from gridnode.media.sandbox import ChildLimits, let_read, resolve_user, sandboxed_argv, share_with, take_back
 from tests.media_samples import Clips
 from tests.nodes import NodeProcess, free_port, request, run_twistd, upload, wait_job
 
@@ -60,6 +60,21 @@ class WrapperTests:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         uid, gid = user.split(":")
         assert out.stdout.split() == [uid, gid, gid] and uid != "0", out.stderr
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+    def test_an_input_is_readable_not_writable(self, open_folder: Path) -> None:
+        """A child may read the input it was given, not change it (nor another job's)."""
+        user = resolve_user("auto")
+        assert user is not None
+        source = open_folder / "source"
+        source.write_bytes(b"upload\n")
+        source.chmod(0o600)
+        let_read(user, str(source))
+        argv = sandboxed_argv(["sh", "-c", f"cat {source}; echo x >> {source} || echo refused"],
+                              ChildLimits(user=user))
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert out.stdout.split() == ["upload", "refused"], out.stderr
+        assert source.read_bytes() == b"upload\n" and source.stat().st_uid == os.geteuid()
 
     def test_unknown_user(self) -> None:
         """An unknown --ffmpeg-user is a configuration error."""

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from gridnode.errors import GridnodeError
 from gridnode.media.presets import Preset, build_argv, default_output_limit
 from gridnode.media.probe import ProbeResult
-from gridnode.media.sandbox import ChildLimits, sandboxed_argv, share_with
+from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv, share_with
 
 STDERR_LINES = 64
 _MAX_LINE = 4096  # longer lines are cut: ffmpeg never writes them, a broken child might
@@ -388,7 +388,8 @@ def start_transcode(
     """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), as
     ``user`` ("uid:gid") when given, under limits scaled to the input."""
     os.makedirs(out_dir, exist_ok=True)
-    share_with(user, input_path, out_dir)
+    let_read(user, input_path)
+    share_with(user, out_dir)
     argv, limits = transcode_command(probe, input_path, out_dir, presets, ffmpeg=ffmpeg, timeouts=timeouts,
                                      max_output_bytes=max_output_bytes, threads=threads, user=user)
     return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
-from gridnode.media.sandbox import ChildLimits, sandboxed_argv, share_with
+from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv
 
 _log = Logger()
 
@@ -356,7 +356,7 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
         # A node set up wrong must not blame the user's file.
         raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
     proto = _ProbeProtocol(reactor, limits.probe_timeout, limits.max_probe_output)
-    share_with(user, path)
+    let_read(user, path)
     argv = probe_command(ffprobe, path, limits, user)
     reactor.spawnProcess(proto, argv[0], argv, env=None)
     out, err = await proto.ended

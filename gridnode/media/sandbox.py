@@ -100,12 +100,22 @@ def sandboxed_argv(argv: Sequence[str], limits: ChildLimits) -> list[str]:
 
 
 def share_with(user: str | None, *paths: str) -> None:
-    """Let the child's user read an input and write an output folder (no-op without one)."""
+    """Give the child's user a folder to write in (no-op without one); ``take_back`` ends it."""
     if not user:
         return
     uid, gid = map(int, user.split(":"))
     for path in paths:
         os.chown(path, uid, gid)
+
+
+def let_read(user: str | None, path: str) -> None:
+    """Let the child's user read an input, and no more: the file stays the node's, in that
+    user's group, mode 0640 (no-op without a user). Were it the child's own, any child could
+    rewrite the input of another job, whose path ``ps`` shows to every user."""
+    if not user:
+        return
+    os.chown(path, os.geteuid(), int(user.split(":")[1]))
+    os.chmod(path, 0o640)
 
 
 def take_back(user: str | None, folder: str) -> None:
