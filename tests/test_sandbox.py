@@ -86,15 +86,20 @@ class WrapperTests:
 
 
 
+def root_node(folder: Path, node_id: str, *extra: str) -> NodeProcess:
+    """A node on loopback that runs its children as nobody (the node being root)."""
+    return NodeProcess(folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
+                                f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
+                                "--ffmpeg-user", "auto", "--node-id", node_id, *extra])
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 class RootNodeTests:
     @pytest_twisted.inlineCallbacks
     def test_root_node_converts_as_nobody(self, open_folder: Path, media_clips: Clips) -> None:
         """A node run as root converts with ffmpeg running as nobody."""
-        node = NodeProcess(open_folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
-                                         f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
-                                         "--ffmpeg-user", "auto", "--node-id", "rootnode"])
+        node = root_node(open_folder, "rootnode")
         node.start()
         try:
             base = yield node.wait_ready()
@@ -144,9 +149,7 @@ class RootNodeTests:
         fake = open_folder / "fake-ffmpeg"
         fake.write_text(f"#!/bin/sh\nfor last; do :; done\nln -s {secret} \"$last\"\n")
         fake.chmod(0o755)
-        node = NodeProcess(open_folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
-                                         f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
-                                         "--ffmpeg-user", "auto", "--ffmpeg", str(fake), "--node-id", "planted"])
+        node = root_node(open_folder, "planted", "--ffmpeg", str(fake))
         node.start()
         try:
             base = yield node.wait_ready()

@@ -438,6 +438,7 @@ def collect_outputs(
     (ffmpeg stops writing there and still exits 0).
     """
     limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
+    root = os.path.realpath(out_dir)
     found: list[ProducedFile] = []
     for preset in dict.fromkeys(presets):
         for declared in preset.outputs(probe):
@@ -446,11 +447,13 @@ def collect_outputs(
             if not paths:
                 raise GridnodeError(f"ffmpeg did not write {declared.name}", code="ffmpeg_failed", status=422)
             for path in paths:
-                name = os.path.relpath(path, out_dir).replace(os.sep, "/")
-                if not _plain_file(out_dir, path):
+                relative = os.path.relpath(path, out_dir)
+                name = relative.replace(os.sep, "/")
+                st = os.lstat(path)
+                if not _plain_file(st, path, os.path.join(root, relative)):
                     raise GridnodeError(f"ffmpeg wrote {name} as something other than a plain file",
                                         code="ffmpeg_failed", status=422)
-                size = os.lstat(path).st_size
+                size = st.st_size
                 if size == 0:
                     raise GridnodeError(f"ffmpeg wrote an empty {declared.name}", code="ffmpeg_failed",
                                         status=422)
@@ -461,10 +464,9 @@ def collect_outputs(
     return found
 
 
-def _plain_file(out_dir: str, path: str) -> bool:
-    """A regular file with one name, reached from ``out_dir`` through no symbolic link: never
-    a link (or a folder behind one) to something outside that the node may read and the
-    child may not. Sound once the folder is the node's again (``sandbox.take_back``)."""
-    st = os.lstat(path)
-    inside = os.path.join(os.path.realpath(out_dir), os.path.relpath(path, out_dir))
+def _plain_file(st: os.stat_result, path: str, inside: str) -> bool:
+    """``path`` (``st``: its lstat) is a regular file with one name, reached through no symbolic
+    link (``inside``: where it lies if no link below the output folder is followed): never a
+    link (or a folder behind one) to something outside that the node may read and the child
+    may not. Sound once the folder is the node's again (``sandbox.take_back``)."""
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and os.path.realpath(path) == inside
