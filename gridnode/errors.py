@@ -58,3 +58,14 @@ class PreconditionFailed(GridnodeError):
 class StorageUnavailable(GridnodeError):
     code = "storage_unavailable"
     status = 503
+
+
+class Busy(GridnodeError):
+    """No room for this work now: retry after ``retry_after`` seconds (Retry-After), or use another node."""
+
+    code = "busy"
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from gridnode import jobs, keys
 from gridnode.config import NodeConfig
-from gridnode.errors import GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
+from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
@@ -52,15 +52,6 @@ WATCHERS = 2
 #: jobs watched by others that a pass reads too, at random: found even when their watchers are
 #: full or gone
 SAMPLE = 8
-
-
-class Busy(GridnodeError):
-    code = "busy"
-    status = 503
-
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Lost(GridnodeError):

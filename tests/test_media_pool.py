@@ -16,9 +16,9 @@ from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from gridnode.errors import GridnodeError
+from gridnode.errors import Busy, GridnodeError
 from gridnode.media.ffmpeg import collect_outputs, start_transcode
-from gridnode.media.pool import BusyError, JobSlot, TranscodePool
+from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import parse_presets
 from gridnode.media.probe import probe
 from tests.media_samples import FFMPEG, FFPROBE, Clips, group_alive, wait_for
@@ -102,7 +102,7 @@ class PoolTests:
         pool, work, _ = self.make(tmp_path, workers=1, queue=1)
         pool.submit("a", work)
         pool.submit("b", work)
-        with pytest.raises(BusyError) as info:
+        with pytest.raises(Busy) as info:
             pool.submit("c", work)
         assert (info.value.code, info.value.status, info.value.retry_after) == ("busy", 503, 30)
         assert pool.queued == 1
@@ -114,7 +114,7 @@ class PoolTests:
         clock.advance(40)
         work.finish("a")
         pool.submit("b", work)
-        with pytest.raises(BusyError) as info:
+        with pytest.raises(Busy) as info:
             pool.submit("c", work)
         assert info.value.retry_after == 40
 

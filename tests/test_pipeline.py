@@ -15,8 +15,8 @@ from twisted.internet.task import Clock
 
 from gridnode import jobs
 from gridnode.config import build_config
-from gridnode.errors import GridnodeError, StorageUnavailable
-from gridnode.pipeline import Busy, JobService
+from gridnode.errors import Busy, GridnodeError, StorageUnavailable
+from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from gridnode.web import upload

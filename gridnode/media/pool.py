@@ -37,22 +37,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode.errors import GridnodeError
+from gridnode.errors import Busy, GridnodeError
 
 T = TypeVar("T")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-class BusyError(GridnodeError):
-    """The queue is full; try again after ``retry_after`` seconds (Retry-After)."""
-
-    code = "busy"
-    status = 503
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 def cancelled_error() -> GridnodeError:
@@ -166,7 +155,7 @@ class TranscodePool:
     def submit(self, job_id: str, work: Work[T]) -> Deferred[T]:
         """Queue ``work`` under ``job_id``; the Deferred fires with its result.
 
-        Raises (synchronously) ``BusyError`` when the queue is full.
+        Raises (synchronously) ``Busy`` when the queue is full.
         """
         if not _JOB_ID.fullmatch(job_id):
             raise GridnodeError(f"invalid job id {job_id[:40]!r}", code="invalid_job_id", status=400)
@@ -175,8 +164,8 @@ class TranscodePool:
         if self.running >= self.workers and self.queued >= self.queue_limit:
             retry = self.retry_after()
             self._log.info("pool full, refusing {job} (retry after {retry_after}s)", job=job_id, retry_after=retry)
-            raise BusyError(f"this node is busy ({self.running} running, {self.queued} queued); "
-                            f"try again in {retry} s or use another node", retry)
+            raise Busy(f"this node is busy ({self.running} running, {self.queued} queued); "
+                       f"try again in {retry} s or use another node", retry)
         entry: _Entry[T] = _Entry(job_id, work)
         self._queue.append(entry)
         self._log.info("job {job} queued ({queued} waiting)", job=job_id, queued=self.queued)

@@ -48,8 +48,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from gridnode import keys
-from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
-from gridnode.pipeline import Busy
+from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed
 from gridnode.web.http import error_body
 from gridnode.web.jobs import parse_checksum
 from gridnode.web.upload import SpoolFile
