@@ -85,6 +85,16 @@ class Job:
         if state == DONE:
             self.progress = 1.0
 
+    def accept(self, now: float, lease: float) -> None:
+        """Its probe passed: queued, first attempt, leased to its node for ``lease`` seconds."""
+        self.advance(QUEUED, now)
+        self.attempts = 1
+        self.lease_until = now + lease
+
+    def renew(self, now: float, lease: float) -> None:
+        """The owner still holds the job: its lease runs ``lease`` seconds from now (never shorter)."""
+        self.lease_until = max(self.lease_until, now + lease)
+
     def set_progress(self, progress: float, now: float) -> bool:
         """Record transcoding progress; True when it moved (progress never goes back)."""
         progress = min(1.0, max(0.0, progress))
@@ -104,6 +114,16 @@ class Job:
         self.progress = 0.0
         self.outputs = []
         self.lease_until = now + lease
+        self.updated = now
+
+    def release(self, now: float) -> None:
+        """Its node gives the job back to the pool (draining): queued with its lease expired, so a
+        peer adopts it at once; node and attempts stay, the adopter's `reclaim` changes them."""
+        if self.final:
+            raise BadTransition(f"job {self.id} is {self.state} already")
+        self.state = QUEUED
+        self.progress = 0.0
+        self.lease_until = 0.0
         self.updated = now
 
     def fail(self, code: str, message: str, now: float) -> None:

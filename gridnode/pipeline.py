@@ -233,9 +233,7 @@ class JobService:
             self.metrics.jobs_accepted.labels(preset).inc()
         job.input.update(probe.to_json())
         job.input["name"] = name[:255]
-        job.advance(jobs.QUEUED, self.now())
-        job.attempts = 1
-        job.lease_until = self.now() + self.lease
+        job.accept(self.now(), self.lease)
         active = self.active[job.id] = Active(job, spool.path)
         spool.release()
         active.marks["accepted"] = started
@@ -334,11 +332,7 @@ class JobService:
                 self.metrics.job_seconds.labels(job.state).observe(time.monotonic() - active.marks["accepted"])
         try:
             if active.released and not job.final and not active.lost:
-                # Back to the pool: queued, lease expired, so a peer adopts it at once.
-                job.state = jobs.QUEUED
-                job.progress = 0.0
-                job.lease_until = 0.0
-                job.updated = self.now()
+                job.release(self.now())
             self._changed(active)
             if not active.lost:
                 try:
@@ -433,7 +427,7 @@ class JobService:
     def _write_record(self, active: Active) -> Any:
         job = active.job
         if not job.final and not active.released:
-            job.lease_until = max(job.lease_until, self.now() + self.lease)
+            job.renew(self.now(), self.lease)
         data = job.dumps()
         key = keys.job_record(job.id)
         try:

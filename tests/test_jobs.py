@@ -52,6 +52,42 @@ class JobStateTests:
         assert not job.set_progress(0.4, 3.0)
         assert job.set_progress(7, 3.0) and job.progress == 1.0
 
+    def test_accept_queues_the_first_attempt_under_a_lease(self) -> None:
+        """A probed job is accepted: queued, attempt 1, leased from now; only from probing."""
+        job = new_job()
+        with pytest.raises(BadTransition):
+            job.accept(2.0, 30.0)
+        job.advance(jobs.PROBING, 2.0)
+        job.accept(3.0, 30.0)
+        assert (job.state, job.attempts, job.lease_until, job.updated) == (jobs.QUEUED, 1, 33.0, 3.0)
+
+    def test_renew_never_shortens_the_lease(self) -> None:
+        """A renewal moves the lease forward from now, never back, and changes nothing else."""
+        job = new_job()
+        job.advance(jobs.PROBING, 2.0)
+        job.accept(2.0, 30.0)
+        job.renew(10.0, 30.0)
+        assert job.lease_until == 40.0 and job.updated == 2.0 and job.state == jobs.QUEUED
+        job.renew(11.0, 5.0)
+        assert job.lease_until == 40.0
+
+    def test_release_gives_the_job_back_with_an_expired_lease(self) -> None:
+        """Draining: a running job goes back to queued, progress 0, lease expired (a peer adopts
+        it at once), same node and attempts; a final job cannot be released."""
+        job = new_job()
+        job.advance(jobs.PROBING, 2.0)
+        job.accept(2.0, 30.0)
+        job.advance(jobs.TRANSCODING, 2.0)
+        job.set_progress(0.5, 3.0)
+        job.release(4.0)
+        assert (job.state, job.progress, job.lease_until, job.updated) == (jobs.QUEUED, 0.0, 0.0, 4.0)
+        assert job.node == "n1" and job.attempts == 1
+        job.release(5.0)  # still queued (released before a worker took it)
+        assert job.state == jobs.QUEUED
+        job.cancel(6.0)
+        with pytest.raises(BadTransition):
+            job.release(7.0)
+
     def test_name_is_data(self) -> None:
         """The user's file name is kept as data, never checked as a key."""
         assert new_job().input["name"] == "../movie.mov"
