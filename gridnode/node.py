@@ -177,9 +177,9 @@ class NodeService(MultiService):
         )
         node.registry.on_read.append(membership.registry_read)
         node.registry.wanted = membership.needs_record
-        jobs.members = membership.live_members
+        jobs.adopter.members = membership.live_members
         registry = node.registry
-        jobs.earlier_life = lambda: registry.earlier_life
+        jobs.adopter.earlier_life = lambda: registry.earlier_life
         membership.on_gone.append(node.registry.forget)
         node.registry.start()
         membership.start()

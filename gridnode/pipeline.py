@@ -9,15 +9,10 @@ ffmpeg pool -> stored outputs -> done, and who owns each job.
   spooled body) survives a crash, and the input stays in the spool until the
   store has it, however long the store is unreachable.
 - Every write of ``jobs/<id>.json`` is conditional on the ETag of our last
-  write. The owner renews its jobs' leases; a job whose lease ran out (its
-  owner died) is claimed by exactly one peer with a conditional write, run
-  again from the stored input, and after `MAX_ATTEMPTS` quarantined as
-  ``poison``. A node that finds its record taken over stops its own work.
-- ``active/<id>`` marks the unfinished jobs, so adoption scans only those;
-  and of those a node reads only the ones it watches (``WATCHERS`` per job,
-  by consistent hashing over the live members) and ``SAMPLE`` others: not
-  N x M reads a round. Its first pass reads them all if an earlier life of
-  its own may have left some (the registry found that life's record).
+  write (gridnode/records.py). The owner renews its jobs' leases; a node
+  that finds its record taken over stops its own work. A job whose lease ran
+  out (its owner died) is claimed by exactly one peer (gridnode/adoption.py)
+  and run again here from the stored input.
 - Draining (SIGTERM): no new uploads; running jobs get ``--drain-timeout``;
   the rest are released with an expired lease so peers adopt them at once.
 """
@@ -36,29 +31,15 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from gridnode import jobs, keys
+from gridnode import jobs, keys, records
+from gridnode.adoption import Adopter, Claim
 from gridnode.config import NodeConfig
-from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
+from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.metrics import Metrics
+from gridnode.records import Lost
 from gridnode.store.base import ObjectStore
-from gridnode.watchers import WatchRing
 from gridnode.web.upload import Spool, SpoolFile
-
-#: tries of one job (first run and adoptions) before it is quarantined as poison
-MAX_ATTEMPTS = 3
-#: nodes that watch each unfinished job for adoption (gridnode/watchers.py)
-WATCHERS = 2
-#: jobs watched by others that a pass reads too, at random: found even when their watchers are
-#: full or gone
-SAMPLE = 8
-
-
-class Lost(GridnodeError):
-    """Another node owns this job now: stop working on it, write nothing."""
-
-    code = "lost_ownership"
-    status = 409
 
 
 @dataclass
@@ -68,7 +49,7 @@ class Active:
     job: Job
     spool_path: str
     etag: str | None = None  # of our last write of jobs/<id>.json
-    watchers: list[Callable[[Job], None]] = field(default_factory=list)
+    listeners: list[Callable[[Job], None]] = field(default_factory=list)
     work: Deferred[Any] | None = None
     marks: dict[str, float] = field(default_factory=dict)  # phase -> monotonic start, for metrics
     cancelled: bool = False  # a client asked
@@ -102,14 +83,8 @@ class JobService:
         self.uploading: set[str] = set()
         self.draining = False
         self.counts: dict[str, int] = {}
-        self._adopting = DeferredLock()
-        #: the live members' ids (ourselves included), when there is a membership
-        self.members: Callable[[], list[str]] | None = None
-        self._first_pass = True
-        #: whether an earlier life of ours may have left jobs (None: not known): the registry found
-        #: its record at start. One that left cleanly deleted it, its jobs released to its peers.
-        self.earlier_life: Callable[[], bool | None] = lambda: None
-        self._ring: WatchRing | None = None
+        #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
+        self.adopter = Adopter(store, self, self.node_id, self.lease, now=now, rng=self.rng)
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
         self._loops: list[LoopingCall] = []
@@ -237,19 +212,12 @@ class JobService:
         active = self.active[job.id] = Active(job, spool.path)
         spool.release()
         active.marks["accepted"] = started
-        self._journal(active)
+        records.journal(active.spool_path, job.dumps())
         self._count("accepted")
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
         active.work = self._run(active, probe, chosen, input_stored=False)
         return job
-
-    def _journal(self, active: Active, data: bytes | None = None) -> None:
-        """The job (``data``: as just dumped) beside its spooled body: what a restart resumes from."""
-        tmp = active.spool_path + ".json.tmp"
-        with open(tmp, "wb") as f:
-            f.write(active.job.dumps() if data is None else data)
-        os.replace(tmp, active.spool_path + ".json")
 
     @inlineCallbacks
     def _run(self, active: Active, probe: Any, presets: list[Any], input_stored: bool) -> Any:
@@ -410,11 +378,11 @@ class JobService:
             self._changed(active)
 
     def _changed(self, active: Active) -> None:
-        for watcher in list(active.watchers):
+        for listener in list(active.listeners):
             try:
-                watcher(active.job)
-            except Exception:  # noqa: BLE001 - a broken watcher must not break the job
-                self._log.failure("job watcher failed")
+                listener(active.job)
+            except Exception:  # noqa: BLE001 - a broken listener must not break the job
+                self._log.failure("job listener failed")
 
     # -- the job record, owned
 
@@ -429,24 +397,10 @@ class JobService:
         if not job.final and not active.released:
             job.renew(self.now(), self.lease)
         data = job.dumps()
-        key = keys.job_record(job.id)
-        try:
-            if active.etag is None:
-                info = yield self.store.put_bytes(key, data, if_none_match="*", content_type="application/json")
-            else:
-                info = yield self.store.put_bytes(key, data, if_match=active.etag, content_type="application/json")
-        except (PreconditionFailed, NotFound):
-            # A retried write may have landed the first time: then the record is ours.
-            try:
-                current, info = yield self.store.get_bytes(key, max_size=jobs.MAX_RECORD_BYTES)
-            except NotFound:
-                raise Lost(f"job {job.id}: its record is gone") from None
-            if Job.loads(current).node != self.node_id:
-                raise Lost(f"job {job.id} is owned by another node now") from None
-            info = yield self.store.put_bytes(key, data, if_match=info.etag, content_type="application/json")
+        info = yield records.write(self.store, job.id, data, active.etag, self.node_id)
         active.etag = info.etag
         if not job.final and os.path.exists(active.spool_path):
-            self._journal(active, data)
+            records.journal(active.spool_path, data)
         return info
 
     @inlineCallbacks
@@ -482,93 +436,21 @@ class JobService:
 
     # -- adoption and recovery
 
-    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Deferred[Any]:
-        """Claim unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``).
+    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Deferred[int]:
+        """Claim and run the unfinished jobs whose owner's lease ran out (or whose owner is in
+        ``dead``); fires with how many this node took."""
+        return self.adopter.scan(dead)
 
-        One pass at a time: a pass started by a confirmed death while the periodic one runs would
-        read a job the first has just claimed, take it for one of our earlier lives, and claim it
-        again (two runs of one job)."""
-        return self._adopting.run(self._adopt_pass, dead)
-
-    @inlineCallbacks
-    def _adopt_pass(self, dead: frozenset[str]) -> Any:
-        if self.draining:
-            return 0
-        try:
-            markers = yield self.store.list_all(keys.active_prefix())
-        except GridnodeError as e:
-            self._log.warn("cannot scan for orphaned jobs: {reason}", reason=e.message)
-            return 0
-        claimed = 0
-        ids = self._to_read([m.key[len(keys.active_prefix()):] for m in markers], dead)
-        for job_id in ids:
-            if job_id in self.active or not keys.is_id(job_id) or len(self.active) >= self.capacity:
-                continue
-            try:
-                won = yield self._claim(job_id, dead)
-                claimed += int(won)
-            except GridnodeError as e:
-                self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
-        return claimed
-
-    def _to_read(self, ids: list[str], dead: frozenset[str]) -> list[str]:
-        """The jobs whose records a pass reads: all of them without a membership, or on our first
-        pass unless we know no earlier life of ours left any; else those we watch, then a few others."""
-        self.rng.shuffle(ids)  # peers scanning at once start at different jobs
-        first, self._first_pass = self._first_pass, False
-        if self.members is None or (first and self.earlier_life() is not False):
-            return ids
-        members = frozenset(self.members()) - dead | {self.node_id}
-        if self._ring is None or self._ring.members != sorted(members):
-            self._ring = WatchRing(members)
-        ring = self._ring
-        mine = [j for j in ids if self.node_id in ring.watchers(j, WATCHERS)]
-        watched = set(mine)
-        others = [j for j in ids if j not in watched]
-        return mine + others[:SAMPLE]
-
-    @inlineCallbacks
-    def _claim(self, job_id: str, dead: frozenset[str] = frozenset()) -> Any:
-        key = keys.job_record(job_id)
-        try:
-            data, info = yield self.store.get_bytes(key, max_size=jobs.MAX_RECORD_BYTES)
-        except NotFound:
-            return False
-        job = Job.loads(data)
-        if job.final:
-            yield self.store.delete(keys.active_marker(job_id))
-            return False
-        if job_id in self.active:
-            return False  # ours in this life (the scan and this read are not atomic)
-        earlier_life = job.node == self.node_id
-        if not (earlier_life or job.node in dead or job.lease_until < self.now()):
-            return False
-        previous = job.node
-        if job.attempts >= MAX_ATTEMPTS:
-            job.fail("poison", f"the job failed {job.attempts} times on nodes that then stopped; it is "
-                     "quarantined. Check the input, then submit it again", self.now())
-            active = Active(job, "", etag=info.etag)
-            try:
-                yield self._save(active)
-            except Lost:
-                return False
-            yield self.store.delete(keys.active_marker(job_id))
-            self._count("poison")
-            self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job_id,
-                           attempts=job.attempts, code="poison")
-            return False
-        job.reclaim(self.node_id, self.now(), self.lease)
-        try:
-            info = yield self.store.put_bytes(key, job.dumps(), if_match=info.etag, content_type="application/json")
-        except (PreconditionFailed, NotFound):
-            return False  # another node was faster
+    def run_claimed(self, claim: Claim) -> None:
+        """Run a job the adopter won for this node."""
         self._count("adopted")
         self.metrics.jobs_adopted.inc()
-        self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
-                       attempts=job.attempts, state=job.state)
-        active = self.active[job_id] = Active(job, self.spool.path(job_id), etag=info.etag)
+        job = claim.job
+        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag)
         active.work = self._resume(active)
-        return True
+
+    def quarantined(self, job: Job) -> None:
+        self._count("poison")
 
     @inlineCallbacks
     def _resume(self, active: Active) -> Any:
@@ -595,51 +477,25 @@ class JobService:
     def recover(self) -> Any:
         """At start: jobs in the local journal (accepted before a crash) run again; so do jobs
         the store says this node owned in an earlier life."""
-        for name in sorted(os.listdir(self.spool.folder)):
-            if not name.endswith(".json") or not keys.is_id(name[:-5]):
-                continue
-            job_id = name[:-5]
-            path = self.spool.path(job_id)
+        for job, path in records.journaled(self.spool.folder):
             try:
-                with open(path + ".json", "rb") as f:
-                    job = Job.loads(f.read())
-            except (OSError, GridnodeError):
-                continue
-            if not os.path.exists(path) or job.final:
-                continue
-            try:
-                won = yield self._claim(job_id)
+                won = yield self.adopter.claim(job.id)
             except GridnodeError as e:
-                self._log.warn("cannot check job {job} in the store: {reason}", job=job_id, reason=e.message)
+                self._log.warn("cannot check job {job} in the store: {reason}", job=job.id, reason=e.message)
                 won = False
-            if not won and job_id not in self.active:
-                # Never written to the store: ours alone. Run it from the spool.
-                exists = yield self._exists(keys.job_record(job_id))
-                if exists:
-                    continue
-                job.reclaim(self.node_id, self.now(), self.lease)
-                active = self.active[job_id] = Active(job, path)
-                chosen = self.media.parse_presets(",".join(job.presets))
-                probe = yield self.media.probe(path)
-                self._log.info("job {job} resumed from the local journal", job=job_id)
-                active.work = self._run(active, probe, chosen, input_stored=False)
-        yield self.adopt_mine()
-
-    @inlineCallbacks
-    def adopt_mine(self) -> Any:
-        try:
-            markers = yield self.store.list_all(keys.active_prefix())
-        except GridnodeError:
-            return
-        for m in markers:
-            job_id = m.key[len(keys.active_prefix()):]
-            if job_id not in self.active and keys.is_id(job_id):
-                try:
-                    data, _ = yield self.store.get_bytes(keys.job_record(job_id), max_size=jobs.MAX_RECORD_BYTES)
-                    if Job.loads(data).node == self.node_id:
-                        yield self._claim(job_id)
-                except GridnodeError:
-                    continue
+            if won or job.id in self.active:
+                continue
+            # Never written to the store: ours alone. Run it from the spool.
+            exists = yield self._exists(keys.job_record(job.id))
+            if exists:
+                continue
+            job.reclaim(self.node_id, self.now(), self.lease)
+            active = self.active[job.id] = Active(job, path)
+            chosen = self.media.parse_presets(",".join(job.presets))
+            probe = yield self.media.probe(path)
+            self._log.info("job {job} resumed from the local journal", job=job.id)
+            active.work = self._run(active, probe, chosen, input_stored=False)
+        yield self.adopter.claim_mine()
 
     @inlineCallbacks
     def _exists(self, key: str) -> Any:
@@ -685,31 +541,31 @@ class JobService:
         if job_id in self.active:
             return self.active[job_id].job
         try:
-            data, _ = yield self.store.get_bytes(keys.job_record(job_id), max_size=jobs.MAX_RECORD_BYTES)
+            job, _ = yield records.read(self.store, job_id)
         except NotFound:
             raise NotFound(f"no job {job_id}") from None
-        return Job.loads(data)
+        return job
 
     def listing(self) -> dict[str, Any]:
         """This node's jobs now, and the last ones that ended here."""
         return {"active": [a.job.to_json() for a in self.active.values()],
                 "recent": [j.to_json() for j in reversed(self.recent)]}
 
-    def watch(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
+    def subscribe(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
         """Call ``callback`` on every change of a job; returns the unsubscribe. A job another
         node runs (or adopted) is followed through its record in the store, every ``poll`` s."""
         active = self.active.get(job_id)
         if active is None:
-            return self._watch_record(job_id, callback, poll)
-        active.watchers.append(callback)
+            return self._follow_record(job_id, callback, poll)
+        active.listeners.append(callback)
 
         def unsubscribe() -> None:
-            if callback in active.watchers:
-                active.watchers.remove(callback)
+            if callback in active.listeners:
+                active.listeners.remove(callback)
 
         return unsubscribe
 
-    def _watch_record(self, job_id: str, callback: Callable[[Job], None], poll: float) -> Callable[[], None]:
+    def _follow_record(self, job_id: str, callback: Callable[[Job], None], poll: float) -> Callable[[], None]:
         last: list[bytes] = []
 
         @inlineCallbacks
@@ -727,7 +583,7 @@ class JobService:
 
         loop = LoopingCall(check)
         loop.clock = self.reactor
-        loop.start(poll, now=False).addErrback(lambda f: self._log.failure("watching {job}", f, job=job_id))
+        loop.start(poll, now=False).addErrback(lambda f: self._log.failure("following {job}", f, job=job_id))
 
         def unsubscribe() -> None:
             if loop.running:

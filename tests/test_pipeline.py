@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from gridnode import jobs
+from gridnode.adoption import KEEPERS, SAMPLE, KeeperRing
 from gridnode.config import build_config
 from gridnode.errors import Busy, GridnodeError, StorageUnavailable
 from gridnode.pipeline import JobService
@@ -107,7 +108,7 @@ class PipelineTests:
         assert job.sha256 == hashlib.sha256(b"video bytes").hexdigest()  # every upload, asked or not
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
         seen: list[str] = []
-        self.jobs.watch(job.id, lambda j: seen.append(f"{j.state}:{j.progress}"))
+        self.jobs.subscribe(job.id, lambda j: seen.append(f"{j.state}:{j.progress}"))
         started, progress, _ = self.media.hooks[job.id]
         started()
         assert self.record(job.id)["state"] == jobs.TRANSCODING
@@ -318,69 +319,63 @@ class OwnershipTests:
         assert sorted(passes) == [0, 1], passes
         assert self.record(job.id)["attempts"] == 2 and list(media.runs) == [job.id]
 
-    def test_a_pass_reads_the_jobs_it_watches_and_a_few_more(self) -> None:
+    def test_a_pass_reads_the_jobs_it_keeps_and_a_few_more(self) -> None:
         """With a membership of 10, a node's passes after its first read the records of the jobs it
-        watches (2 watchers a job) and SAMPLE others, not every unfinished job."""
-        from gridnode.pipeline import SAMPLE, WATCHERS
-        from gridnode.watchers import WatchRing
+        keeps (2 keepers a job) and SAMPLE others, not every unfinished job."""
 
         owner, _ = self.service("n1", queue=30)
         made = [self.upload(owner) for _ in range(30)]
         owner.start(scan=False)
         members = [f"n{i}" for i in range(1, 11)]
-        self.n2.members = lambda: members
+        self.n2.adopter.members = lambda: members
         reads: list[str] = []
         real = self.backend.get_bytes
         self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
         for _ in range(2):
             self.n2.adopt_orphans()
-        watched = [j.id for j in made if "n2" in WatchRing(members).watchers(j.id, WATCHERS)]
+        kept = [j.id for j in made if "n2" in KeeperRing(members).keepers(j.id, KEEPERS)]
         first, second = reads[:30], reads[30:]
         assert len(first) == 30  # the first pass reads everything: an earlier life may have left jobs
-        assert {f"jobs/{j}.json" for j in watched} <= set(second)
-        assert len(second) == len(watched) + SAMPLE < 30
+        assert {f"jobs/{j}.json" for j in kept} <= set(second)
+        assert len(second) == len(kept) + SAMPLE < 30
 
     def test_a_node_with_no_earlier_life_skips_the_full_first_pass(self) -> None:
         """The registry found no record of an earlier life of ours (new, or it left cleanly and
-        released its jobs): the first pass already reads only the watched jobs and a sample."""
-        from gridnode.pipeline import SAMPLE, WATCHERS
-        from gridnode.watchers import WatchRing
+        released its jobs): the first pass already reads only the kept jobs and a sample."""
 
         owner, _ = self.service("n1", queue=30)
         made = [self.upload(owner) for _ in range(30)]
         owner.start(scan=False)
         members = [f"n{i}" for i in range(1, 11)]
-        self.n2.members = lambda: members
-        self.n2.earlier_life = lambda: False
+        self.n2.adopter.members = lambda: members
+        self.n2.adopter.earlier_life = lambda: False
         reads: list[str] = []
         real = self.backend.get_bytes
         self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
         self.n2.adopt_orphans()
-        watched = [j.id for j in made if "n2" in WatchRing(members).watchers(j.id, WATCHERS)]
-        assert len(reads) == len(watched) + SAMPLE < 30
+        kept = [j.id for j in made if "n2" in KeeperRing(members).keepers(j.id, KEEPERS)]
+        assert len(reads) == len(kept) + SAMPLE < 30
 
-    def test_a_dead_nodes_jobs_go_to_their_watchers(self) -> None:
-        """A confirmed death: each survivor's pass reads only the jobs it watches and a sample, and
+    def test_a_dead_nodes_jobs_go_to_their_keepers(self) -> None:
+        """A confirmed death: each survivor's pass reads only the jobs it keeps and a sample, and
         together they claim every job of the dead node exactly once."""
-        from gridnode.pipeline import SAMPLE, WATCHERS
-        from gridnode.watchers import WatchRing
 
         owner, _ = self.service("n1", queue=20)
         made = {self.upload(owner).id for _ in range(20)}
         members = ["n1", "n2", "n3", "n4", "n5"]
-        ring = WatchRing(members[1:])
+        ring = KeeperRing(members[1:])
         reads: list[str] = []
         real = self.backend.get_bytes
         self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
         got = []
         for name in members[1:]:
             svc = self.service(name, queue=20)[0]
-            svc.members = lambda: members
-            svc._first_pass = False
+            svc.adopter.members = lambda: members
+            svc.adopter._first_pass = False
             del reads[:]
             svc.adopt_orphans(dead=frozenset({"n1"})).addBoth(got.append)
             records = [k for k in reads if k.startswith("jobs/")]
-            assert len(records) <= sum(name in ring.watchers(j, WATCHERS) for j in made) + SAMPLE
+            assert len(records) <= sum(name in ring.keepers(j, KEEPERS) for j in made) + SAMPLE
         assert sum(got) == 20
         assert all(self.record(j)["node"] in members[1:] and self.record(j)["attempts"] == 2 for j in made)
 
@@ -461,11 +456,11 @@ class OwnershipTests:
         media.finish(job.id)
         assert self.record(job.id)["state"] == "done"
 
-    def test_watch_a_job_run_elsewhere(self) -> None:
+    def test_follow_a_job_run_elsewhere(self) -> None:
         """A node asked to follow a job another node runs follows its stored record to the end."""
         job = self.upload(self.n1)
         seen: list[str] = []
-        self.n2.watch(job.id, lambda j: seen.append(j.state), poll=1.0)
+        self.n2.subscribe(job.id, lambda j: seen.append(j.state), poll=1.0)
         self.clock.advance(1)
         self.m1.hooks[job.id][0]()
         self.clock.advance(1)

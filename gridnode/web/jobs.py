@@ -149,7 +149,7 @@ class EventsResource(Resource):
             if job.final:
                 request.finish()
                 return
-            unsubscribe = self.jobs.watch(self.job_id, stream.send)
+            unsubscribe = self.jobs.subscribe(self.job_id, stream.send)
             stream.on_close = unsubscribe
             request.notifyFinish().addBoth(lambda _: unsubscribe())
 

@@ -1,0 +1,81 @@
+"""
+A job's record, ``jobs/<id>.json``, in the store and in the local journal.
+
+Any node reads a record; only the job's owner writes it, and each write is
+conditional on the ETag of the owner's last one: a node whose job was taken
+over (adopted by a peer) finds out at its next write (`Lost`) instead of
+writing over the new owner. Until the store has the job, its copy beside the
+spooled body (``spool/<id>.json``, the journal) is what a restart resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from gridnode import keys
+from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.jobs import MAX_RECORD_BYTES, Job
+from gridnode.store.base import ObjectInfo, ObjectStore
+
+
+class Lost(GridnodeError):
+    """Another node owns this job now: stop working on it, write nothing."""
+
+    code = "lost_ownership"
+    status = 409
+
+
+def read(store: ObjectStore, job_id: str) -> Deferred[tuple[Job, ObjectInfo]]:
+    """The stored record and its ETag'd info; `NotFound` when there is none."""
+    d = store.get_bytes(keys.job_record(job_id), max_size=MAX_RECORD_BYTES)
+    return d.addCallback(lambda got: (Job.loads(got[0]), got[1]))
+
+
+@inlineCallbacks
+def write(store: ObjectStore, job_id: str, data: bytes, etag: str | None, owner: str) -> Any:
+    """Write a job's record (``data``) as its ``owner``: a new record (``etag`` None) or over our
+    last write (of that ETag); fires with the write's `ObjectInfo`, or fails with `Lost`."""
+    key = keys.job_record(job_id)
+    try:
+        if etag is None:
+            info = yield store.put_bytes(key, data, if_none_match="*", content_type="application/json")
+        else:
+            info = yield store.put_bytes(key, data, if_match=etag, content_type="application/json")
+    except (PreconditionFailed, NotFound):
+        # A retried write may have landed the first time: then the record is ours.
+        try:
+            current, info = yield read(store, job_id)
+        except NotFound:
+            raise Lost(f"job {job_id}: its record is gone") from None
+        if current.node != owner:
+            raise Lost(f"job {job_id} is owned by another node now") from None
+        info = yield store.put_bytes(key, data, if_match=info.etag, content_type="application/json")
+    return info
+
+
+def journal(spool_path: str, data: bytes) -> None:
+    """The record (as just dumped) beside the job's spooled body, replaced whole."""
+    tmp = spool_path + ".json.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, spool_path + ".json")
+
+
+def journaled(folder: str) -> Iterator[tuple[Job, str]]:
+    """The unfinished jobs journaled in the spool ``folder`` whose body is still there, with its
+    path, in id order; an unreadable journal is skipped."""
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or not keys.is_id(name[:-5]):
+            continue
+        path = os.path.join(folder, name[:-5])
+        try:
+            with open(path + ".json", "rb") as f:
+                job = Job.loads(f.read())
+        except (OSError, GridnodeError):
+            continue
+        if os.path.exists(path) and not job.final:
+            yield job, path
