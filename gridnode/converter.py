@@ -1,14 +1,16 @@
 """
-The node's media side as the pipeline sees it: presets, probe and a pool
-of ffmpeg workers (gridnode/media/), configured from `NodeConfig`.
+The node's media side as the pipeline sees it (`gridnode.media.interface.Media`):
+presets, probe and a pool of ffmpeg workers (gridnode/media/), configured
+from `NodeConfig`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
 from gridnode.config import NodeConfig, cpu_count
@@ -18,6 +20,9 @@ from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset
 from gridnode.media.probe import Limits, ProbeResult, probe
 from gridnode.media.sandbox import resolve_user, share_with, take_back
+
+if TYPE_CHECKING:
+    from gridnode.media.interface import Media
 
 
 def check_reachable(user: str, work_dir: str, name: str) -> None:
@@ -41,7 +46,10 @@ def check_reachable(user: str, work_dir: str, name: str) -> None:
         folder = parent
 
 
-class Converter:
+class Converter(Service):
+    """A service: started, it clears the scratch folder and checks the children's user; stopped,
+    it cancels every job."""
+
     def __init__(self, reactor: Any, config: NodeConfig) -> None:
         self.reactor = reactor
         self.config = config
@@ -53,14 +61,16 @@ class Converter:
         self.pool = TranscodePool(reactor, os.path.join(config.work_dir, "scratch"), workers=config.workers,
                                   queue=config.queue)
 
-    def start(self) -> None:
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
         """Remove scratch folders a crash left behind; check the children's user can work here."""
+        super().startService()
         self.pool.sweep()
         if self.user:
             check_reachable(self.user, self.config.work_dir, self.config.ffmpeg_user)
 
-    def stop(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
         """Cancel every job; fires when no ffmpeg is left."""
+        super().stopService()
         return self.pool.stop_all()
 
     def parse_presets(self, text: str | None) -> list[Preset]:
@@ -98,3 +108,7 @@ class Converter:
 
     def cancel(self, job_id: str) -> bool:
         return self.pool.cancel(job_id)
+
+
+if TYPE_CHECKING:
+    _media: type[Media[Preset, ProbeResult]] = Converter

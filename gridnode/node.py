@@ -13,7 +13,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -119,6 +119,8 @@ class NodeService(MultiService):
         self.node: Node | None = None
         self.ready: Deferred[Node] = Deferred()
         self._ports: list[Any] = []
+        self._media: Service | None = None
+        self._jobs: Service | None = None
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
@@ -149,11 +151,12 @@ class NodeService(MultiService):
         store._run = metrics.timed_store(store._run)
         from gridnode.converter import Converter
 
-        media = Converter(self.reactor, config)
-        media.start()
-        jobs = JobService(self.reactor, config, store, media, metrics=metrics)
+        media = self._media = Converter(self.reactor, config)
+        media.startService()
+        jobs = self._jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         # Recover before listening: the spool sweep must not meet uploads in flight.
-        yield jobs.start()
+        jobs.startService()
+        yield jobs.recovered
         node = self.node = Node(self.reactor, config, store, jobs)
 
         from twisted.internet.endpoints import serverFromString
@@ -265,8 +268,10 @@ class NodeService(MultiService):
             yield self.node.membership.leave()
         if self.node is not None and self.node.registry is not None:
             yield self.node.registry.stop()
-        if self.node is not None:
-            yield self.node.jobs.media.stop()
+        if self._jobs is not None:
+            yield self._jobs.stopService()
+        if self._media is not None:
+            yield self._media.stopService()
         for port in self._ports:
             yield port.stopListening()
         yield super().stopService()

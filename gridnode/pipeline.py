@@ -23,19 +23,22 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gridnode import jobs, keys, records
 from gridnode.adoption import Adopter, Claim
 from gridnode.config import NodeConfig
 from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
 from gridnode.jobs import Job
+from gridnode.media.interface import Described, Media, Named, Produced
 from gridnode.metrics import Metrics
 from gridnode.records import Lost
 from gridnode.store.base import ObjectStore
@@ -64,10 +67,13 @@ class Active:
         return self.cancelled or self.lost or self.released
 
 
-class JobService:
+class JobService(Service):
+    """A service: started, it recovers what an earlier life left (`recovered` fires when done),
+    renews its jobs' leases and scans for orphaned jobs; stopped, every loop it started stops."""
+
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, media: Any,
+    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, media: Media[Any, Any],
                  now: Callable[[], float] = time.time, rng: random.Random | None = None,
                  metrics: Metrics | None = None) -> None:
         self.reactor = reactor
@@ -87,7 +93,10 @@ class JobService:
         self.adopter = Adopter(store, self, self.node_id, self.lease, now=now, rng=self.rng)
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
-        self._loops: list[LoopingCall] = []
+        #: fires once the recovery that startService begins is over: the node listens only then
+        self.recovered: Deferred[None] = Deferred()
+        #: every loop running, with what fires when it has stopped
+        self._loops: dict[LoopingCall, Deferred[Any]] = {}
         self.metrics = metrics or Metrics()
         self.metrics.bind_load(self.load)
         for state in jobs.STATES:
@@ -96,30 +105,42 @@ class JobService:
 
     # -- life cycle
 
-    def start(self, scan: bool = True) -> Deferred[Any]:
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
         """Resume what an earlier life left in the journal, sweep the spool, then renew
         leases and look for orphaned jobs periodically."""
+        super().startService()
         d = self.recover()
         d.addCallback(lambda _: self.spool.sweep(keep=self._journaled))
-        renew = LoopingCall(self.renew_leases)
-        renew.clock = self.reactor
-        renew.start(self.lease / 3, now=False)
-        self._loops.append(renew)
-        if scan:
-            adopt = LoopingCall(self.adopt_orphans)
-            adopt.clock = self.reactor
-            adopt.start(self.lease / 2 * (0.75 + self.rng.random() / 2), now=False)
-            self._loops.append(adopt)
-        return d
+        d.addCallback(lambda _: None).chainDeferred(self.recovered)
+        self._every(self.lease / 3, self.renew_leases, "lease renewal")
+        self._every(self.lease / 2 * (0.75 + self.rng.random() / 2), self.adopt_orphans, "orphan scan")
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        """Stop every loop this service started: lease renewal, orphan scans, the polls of records
+        followed for subscribers. Fires once none is in the middle of a round."""
+        super().stopService()
+        stopping = list(self._loops.items())
+        for loop, _ in stopping:
+            if loop.running:
+                loop.stop()
+        return DeferredList([done for _, done in stopping]).addCallback(lambda _: None)
+
+    def _every(self, seconds: float, work: Callable[[], object], what: str) -> LoopingCall:
+        """Run ``work`` every ``seconds`` until the loop is stopped (by stopService at the latest)."""
+        loop = LoopingCall(work)
+        loop.clock = self.reactor
+        done = self._loops[loop] = loop.start(seconds, now=False)
+
+        def stopped(result: object) -> None:
+            if isinstance(result, Failure):
+                self._log.failure("{what} stopped", result, what=what)
+            del self._loops[loop]
+
+        done.addBoth(stopped)
+        return loop
 
     def _counter_of(self, state: str) -> Callable[[], float]:
         return lambda: sum(1 for a in self.active.values() if a.job.state == state)
-
-    def stop_loops(self) -> None:
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        self._loops = []
 
     def _journaled(self, name: str) -> bool:
         stem = name[:-5] if name.endswith(".json") else name
@@ -220,7 +241,7 @@ class JobService:
         return job
 
     @inlineCallbacks
-    def _run(self, active: Active, probe: Any, presets: list[Any], input_stored: bool) -> Any:
+    def _run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
         job = active.job
         try:
             yield self._durably("write job record", lambda: self._save(active))
@@ -261,7 +282,7 @@ class JobService:
         yield self._finish(active)
 
     @inlineCallbacks
-    def _queue(self, active: Active, probe: Any, presets: list[Any]) -> Any:
+    def _queue(self, active: Active, probe: Described, presets: list[Named]) -> Any:
         """Hand the job to the pool; an accepted job waits for room rather than failing."""
         while True:
             try:
@@ -315,7 +336,7 @@ class JobService:
             SpoolFile.remove(active.spool_path + ".json")
 
     @inlineCallbacks
-    def _store_outputs(self, active: Active, produced: list[Any]) -> Any:
+    def _store_outputs(self, active: Active, produced: Sequence[Produced]) -> Any:
         """ffmpeg is done: store every output while the scratch folder still holds them."""
         job = active.job
         if active.stopping:
@@ -349,7 +370,7 @@ class JobService:
         self.metrics.phase_seconds.labels("store_outputs").observe(time.monotonic() - now)
         return list(stored.values())
 
-    def _store_output(self, job_id: str, output: Any) -> Callable[[], Deferred[Any]]:
+    def _store_output(self, job_id: str, output: Produced) -> Callable[[], Deferred[Any]]:
         key = keys.output(job_id, output.name)
         return lambda: self.store.put_file(key, output.path, content_type=output.content_type)
 
@@ -511,7 +532,6 @@ class JobService:
     def drain(self, timeout: float) -> Any:
         """Refuse uploads; give running jobs ``timeout`` seconds, then release the rest."""
         self.draining = True
-        self.stop_loops()
         pending = [a.work for a in self.active.values() if a.work is not None]
         self._log.info("draining: {count} jobs, up to {timeout}s", count=len(pending), timeout=timeout)
         if pending:
@@ -581,9 +601,7 @@ class JobService:
             if job.final and loop.running:
                 loop.stop()
 
-        loop = LoopingCall(check)
-        loop.clock = self.reactor
-        loop.start(poll, now=False).addErrback(lambda f: self._log.failure("following {job}", f, job=job_id))
+        loop = self._every(poll, check, f"following job {job_id}")
 
         def unsubscribe() -> None:
             if loop.running:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from gridnode import jobs
@@ -21,62 +20,8 @@ from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from gridnode.web import upload
+from tests.fakes import FakeMedia
 from tests.test_spool_hash import out_of_space_halfway
-
-
-@dataclass
-class Preset:
-    name: str
-
-
-@dataclass
-class Probe:
-    def to_json(self) -> dict[str, Any]:
-        return {"format": "mp4", "duration": 4.0, "width": 320, "height": 240}
-
-
-@dataclass
-class Output:
-    name: str
-    path: str
-    size: int
-    preset: str = "mp4-720p"
-    content_type: str = "video/mp4"
-
-
-class FakeMedia:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.runs: dict[str, Deferred[Any]] = {}
-        self.hooks: dict[str, Any] = {}
-        self.probe_error: GridnodeError | None = None
-
-    def parse_presets(self, text: str | None) -> list[Preset]:
-        names = (text or "mp4-720p").split(",")
-        for n in names:
-            if n not in ("mp4-720p", "poster"):
-                raise GridnodeError(f"unknown preset {n}", code="unknown_preset", status=400)
-        return [Preset(n) for n in names]
-
-    def probe(self, path: str) -> Deferred[Probe]:
-        return fail(self.probe_error) if self.probe_error else succeed(Probe())
-
-    def run(self, job_id: str, probe: Any, path: str, presets: Any, started: Any, progress: Any,
-            finish: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred(lambda _: None)
-        self.runs[job_id] = d
-        self.hooks[job_id] = (started, progress, finish)
-        return d
-
-    def finish(self, job_id: str) -> None:
-        out = self.folder / f"{job_id}.mp4"
-        out.write_bytes(b"converted")
-        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9)])
-        stored.chainDeferred(self.runs[job_id])
-
-    def cancel(self, job_id: str) -> None:
-        if job_id in self.runs and not self.runs[job_id].called:
-            self.runs[job_id].errback(CancelledError())
 
 
 class PipelineTests:
@@ -265,13 +210,51 @@ class OwnershipTests:
     def test_owner_renews_lease(self) -> None:
         """While its owner lives, a job's lease keeps moving and no peer adopts it."""
         job = self.upload(self.n1)
-        self.n1.start(scan=False)
+        self.n1.startService()
         for _ in range(6):
             self.clock.advance(10)
         assert self.record(job.id)["lease_until"] > self.clock.seconds()
         adopted: list[Any] = []
         self.n2.adopt_orphans().addBoth(adopted.append)
         assert adopted == [0] and job.id not in self.n2.active
+
+    def test_stop_service_stops_every_loop(self) -> None:
+        """startService begins lease renewal and orphan scans, and `recovered` fires once recovery
+        is over; a subscriber to a job run elsewhere adds a poll of its record. stopService stops
+        all of them: nothing is left on the clock, and the lease is no longer renewed."""
+        job = self.upload(self.n1)
+        self.n1.startService()
+        self.n2.startService()
+        recovered: list[Any] = []
+        self.n1.recovered.addCallback(recovered.append)
+        assert recovered == [None]
+        seen: list[str] = []
+        self.n2.subscribe(job.id, lambda j: seen.append(j.state), poll=1.0)
+        assert len(self.clock.getDelayedCalls()) == 5  # each node's renewal and scan, n2's poll
+        self.clock.advance(1)
+        assert seen == ["queued"]
+        stopped: list[Any] = []
+        self.n1.stopService().addCallback(stopped.append)
+        self.n2.stopService().addCallback(stopped.append)
+        assert stopped == [None, None] and not self.n1.running
+        assert self.clock.getDelayedCalls() == []
+        lease = self.record(job.id)["lease_until"]
+        self.clock.advance(60)
+        assert self.record(job.id)["lease_until"] == lease
+
+    def test_a_draining_node_still_renews_its_running_jobs(self) -> None:
+        """Draining refuses new work but stops no loop (the service's stop does): a job still
+        running keeps its lease, so no peer adopts it before the drain timeout releases it, and
+        the draining node's own scans claim nothing."""
+        job = self.upload(self.n1)
+        self.m1.hooks[job.id][0]()
+        self.n1.startService()
+        self.n1.drain(60)
+        self.clock.advance(45)  # past the 30 s lease
+        assert self.record(job.id)["lease_until"] > self.clock.seconds()
+        got: list[Any] = []
+        self.n2.adopt_orphans().addBoth(got.append)
+        assert got == [0] and self.record(job.id)["node"] == "n1"
 
     def test_orphan_adopted_once_and_finished(self) -> None:
         """When the owner stops renewing, exactly one peer claims the job, runs it from the stored
@@ -325,7 +308,7 @@ class OwnershipTests:
 
         owner, _ = self.service("n1", queue=30)
         made = [self.upload(owner) for _ in range(30)]
-        owner.start(scan=False)
+        owner.startService()
         members = [f"n{i}" for i in range(1, 11)]
         self.n2.adopter.members = lambda: members
         reads: list[str] = []
@@ -345,7 +328,7 @@ class OwnershipTests:
 
         owner, _ = self.service("n1", queue=30)
         made = [self.upload(owner) for _ in range(30)]
-        owner.start(scan=False)
+        owner.startService()
         members = [f"n{i}" for i in range(1, 11)]
         self.n2.adopter.members = lambda: members
         self.n2.adopter.earlier_life = lambda: False
@@ -449,7 +432,7 @@ class OwnershipTests:
         job = self.upload(self.n1)
         self.backend.put_bytes = real  # type: ignore[method-assign]
         again, media = self.service("n1")  # the crash: a new process, same folder
-        again.start(scan=False)
+        again.startService()
         assert job.id in again.active and job.id in media.runs
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video"
         media.hooks[job.id][0]()

@@ -1,0 +1,74 @@
+"""
+What the job service needs of the media side, as a `typing.Protocol`.
+
+gridnode/converter.py's `Converter` is the real one; the unit tests drive
+tests/fakes.py's `FakeMedia`. mypy checks both against `Media` (the fake
+because tests/fakes.py is in mypy's files). The job service looks into
+presets and probe results only through `Named` and `Described`; what else
+they hold is the media side's own, handed back to it as it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+
+
+class Named(Protocol):
+    """A preset, as the job service sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class Described(Protocol):
+    """A probe result, as the job service sees it: what goes in the job's ``input``."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class Produced(Protocol):
+    """A file ffmpeg made, to be stored under ``outputs/<id>/<name>``."""
+
+    @property
+    def preset(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+
+PresetT = TypeVar("PresetT", bound=Named)
+ProbeT = TypeVar("ProbeT", bound=Described)
+
+
+class Media(Protocol[PresetT, ProbeT]):
+    def parse_presets(self, text: str | None) -> list[PresetT]:
+        """``"a,b"`` -> presets; fails with ``unknown_preset``."""
+        ...
+
+    def probe(self, path: str) -> Deferred[ProbeT]:
+        """The checked facts about an input; fails with ``not_a_video`` and kin."""
+        ...
+
+    def run(self, job_id: str, info: ProbeT, input_path: str, presets: list[PresetT],
+            started: Callable[[], None], progress: Callable[[float], None],
+            finish: Callable[[Sequence[Produced]], Deferred[Any]]) -> Deferred[Any]:
+        """Queue the job (raises ``busy`` when the queue is full); when a worker takes it,
+        ``started()``, ffmpeg with ``progress(0..1)``, then ``finish(outputs)`` while the
+        files are still there. Fires with what ``finish`` gave, or fails with ``cancelled``."""
+        ...
+
+    def cancel(self, job_id: str) -> object:
+        """Stop the job, queued or running."""
+        ...

@@ -1,0 +1,84 @@
+"""
+Fakes for unit tests, type-checked: mypy checks this module (pyproject's
+files), so `FakeMedia` keeps the shape of `gridnode.media.interface.Media`
+that the real converter has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+
+from gridnode.errors import GridnodeError
+
+if TYPE_CHECKING:
+    from gridnode.media.interface import Media, Produced
+
+
+@dataclass
+class Preset:
+    name: str
+
+
+@dataclass
+class Probe:
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "mp4", "duration": 4.0, "width": 320, "height": 240}
+
+
+@dataclass
+class Output:
+    name: str
+    path: str
+    size: int
+    preset: str = "mp4-720p"
+    content_type: str = "video/mp4"
+
+
+class FakeMedia:
+    """Presets ``mp4-720p`` and ``poster``; every probe passes (or fails with ``probe_error``);
+    a run waits until the test calls ``finish(job_id)`` or ``cancel(job_id)``, and the test plays
+    its ``started`` and ``progress`` through ``hooks[job_id]``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs: dict[str, Deferred[Any]] = {}
+        self.hooks: dict[str, tuple[Callable[[], None], Callable[[float], None],
+                                    Callable[[Sequence[Produced]], Deferred[Any]]]] = {}
+        self.probe_error: GridnodeError | None = None
+
+    def parse_presets(self, text: str | None) -> list[Preset]:
+        names = (text or "mp4-720p").split(",")
+        for n in names:
+            if n not in ("mp4-720p", "poster"):
+                raise GridnodeError(f"unknown preset {n}", code="unknown_preset", status=400)
+        return [Preset(n) for n in names]
+
+    def probe(self, path: str) -> Deferred[Probe]:
+        return fail(self.probe_error) if self.probe_error else succeed(Probe())
+
+    def run(self, job_id: str, info: Probe, input_path: str, presets: list[Preset],
+            started: Callable[[], None], progress: Callable[[float], None],
+            finish: Callable[[Sequence[Produced]], Deferred[Any]]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _: None)
+        self.runs[job_id] = d
+        self.hooks[job_id] = (started, progress, finish)
+        return d
+
+    def finish(self, job_id: str) -> None:
+        out = self.folder / f"{job_id}.mp4"
+        out.write_bytes(b"converted")
+        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9)])
+        stored.chainDeferred(self.runs[job_id])
+
+    def cancel(self, job_id: str) -> None:
+        if job_id in self.runs and not self.runs[job_id].called:
+            self.runs[job_id].errback(CancelledError())
+
+
+if TYPE_CHECKING:
+    _fake: type[Media[Preset, Probe]] = FakeMedia
