@@ -10,7 +10,7 @@ have left some (the registry found that life's record).
 A job whose owner's lease ran out, or whose owner the membership confirmed
 dead, is claimed with a write conditional on the ETag of the record just read,
 so of several nodes claiming it exactly one wins. The adopter only claims: it
-hands each job it won to its `Runner` (the node's `JobService`), which runs it
+hands each job it won to its `Host` (the node's `JobService`), which runs it
 again from the stored input. A job claimed `MAX_ATTEMPTS` times already is
 quarantined as ``poison`` instead.
 """
@@ -90,8 +90,8 @@ class Claim:
     etag: str
 
 
-class Runner(Protocol):
-    """What the adopter asks of the node's job service."""
+class Host(Protocol):
+    """What the adopter asks of the job service it claims for."""
 
     @property
     def draining(self) -> bool: ...
@@ -110,10 +110,10 @@ class Runner(Protocol):
 class Adopter:
     _log = Logger()
 
-    def __init__(self, store: ObjectStore, runner: Runner, node_id: str, lease: float, *,
+    def __init__(self, store: ObjectStore, host: Host, node_id: str, lease: float, *,
                  now: Callable[[], float], rng: random.Random) -> None:
         self.store = store
-        self.runner = runner
+        self.host = host
         self.node_id = node_id
         self.lease = lease
         self.now = now
@@ -138,7 +138,7 @@ class Adopter:
 
     @inlineCallbacks
     def _pass(self, dead: frozenset[str]) -> Any:
-        if self.runner.draining:
+        if self.host.draining:
             return 0
         try:
             markers = yield self.store.list_all(keys.active_prefix())
@@ -147,8 +147,8 @@ class Adopter:
             return 0
         claimed = 0
         for job_id in self._to_read(_ids(markers), dead):
-            active = self.runner.active
-            if job_id in active or not keys.is_id(job_id) or len(active) >= self.runner.capacity:
+            active = self.host.active
+            if job_id in active or not keys.is_id(job_id) or len(active) >= self.host.capacity:
                 continue
             try:
                 won = yield self.claim(job_id, dead)
@@ -176,7 +176,7 @@ class Adopter:
     @inlineCallbacks
     def claim(self, job_id: str, dead: frozenset[str] = frozenset()) -> Any:
         """Claim one job if its owner is gone (lease out, or in ``dead``) or was an earlier life of
-        ours; True when we won it and handed it to the runner. A final job loses its marker."""
+        ours; True when we won it and handed it to the host. A final job loses its marker."""
         try:
             job, info = yield records.read(self.store, job_id)
         except NotFound:
@@ -184,7 +184,7 @@ class Adopter:
         if job.final:
             yield self.store.delete(keys.active_marker(job_id))
             return False
-        if job_id in self.runner.active:
+        if job_id in self.host.active:
             return False  # ours in this life (the scan and this read are not atomic)
         earlier_life = job.node == self.node_id
         if not (earlier_life or job.node in dead or job.lease_until < self.now()):
@@ -201,7 +201,7 @@ class Adopter:
             return False  # another node was faster
         self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
                        attempts=job.attempts, state=job.state)
-        self.runner.run_claimed(Claim(job, info.etag))
+        self.host.run_claimed(Claim(job, info.etag))
         return True
 
     @inlineCallbacks
@@ -213,7 +213,7 @@ class Adopter:
         except records.Lost:
             return
         yield self.store.delete(keys.active_marker(job.id))
-        self.runner.quarantined(job)
+        self.host.quarantined(job)
         self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job.id,
                        attempts=job.attempts, code="poison")
 
@@ -225,7 +225,7 @@ class Adopter:
         except GridnodeError:
             return
         for job_id in _ids(markers):
-            if job_id not in self.runner.active and keys.is_id(job_id):
+            if job_id not in self.host.active and keys.is_id(job_id):
                 try:
                     job, _ = yield records.read(self.store, job_id)
                     if job.node == self.node_id:

@@ -1,20 +1,17 @@
 """
-The conversion pipeline of one node: upload -> probe -> stored input ->
-ffmpeg pool -> stored outputs -> done, and who owns each job.
+The job service of one node: what it takes on, and what it hands on.
 
-`JobService` is the I/O side around the `Job` state machine.
+`JobService` admits an upload before any body byte is read and answers it
+(201) once the input is probed; the job then goes to its `Runner`
+(gridnode/runner.py), which stores, converts and finishes it. From the 201 on
+the job is never dropped: a local journal (``spool/<id>.json`` beside the
+spooled body) survives a crash, and at start the service resumes what it finds
+there. It also runs the jobs its `Adopter` (gridnode/adoption.py) claims: a
+dead owner's, or an earlier life's of this node.
 
-- The answer to an upload (201) comes once the input is probed. From then on
-  the job is never dropped: a local journal (``spool/<id>.json`` beside the
-  spooled body) survives a crash, and the input stays in the spool until the
-  store has it, however long the store is unreachable.
-- Every write of ``jobs/<id>.json`` is conditional on the ETag of our last
-  write (gridnode/records.py). The owner renews its jobs' leases; a node
-  that finds its record taken over stops its own work. A job whose lease ran
-  out (its owner died) is claimed by exactly one peer (gridnode/adoption.py)
-  and run again here from the stored input.
-- Draining (SIGTERM): no new uploads; running jobs get ``--drain-timeout``;
-  the rest are released with an expired lease so peers adopt them at once.
+Draining (SIGTERM): no new uploads or adoptions; running jobs get
+``--drain-timeout``; the rest are released with an expired lease so peers
+adopt them at once.
 """
 
 from __future__ import annotations
@@ -22,13 +19,11 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,35 +31,13 @@ from twisted.python.failure import Failure
 from gridnode import jobs, keys, records
 from gridnode.adoption import Adopter, Claim
 from gridnode.config import NodeConfig
-from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
+from gridnode.errors import Busy, GridnodeError, NotFound
 from gridnode.jobs import Job
-from gridnode.media.interface import Described, Media, Named, Produced
+from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
-from gridnode.records import Lost
+from gridnode.runner import Active, Runner, in_store
 from gridnode.store.base import ObjectStore
 from gridnode.web.upload import Spool, SpoolFile
-
-
-@dataclass
-class Active:
-    """A job this node is working on."""
-
-    job: Job
-    spool_path: str
-    etag: str | None = None  # of our last write of jobs/<id>.json
-    listeners: list[Callable[[Job], None]] = field(default_factory=list)
-    work: Deferred[Any] | None = None
-    marks: dict[str, float] = field(default_factory=dict)  # phase -> monotonic start, for metrics
-    cancelled: bool = False  # a client asked
-    lost: bool = False  # another node took the job over
-    released: bool = False  # draining: handed to the pool
-    #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
-    #: so over, the write of a later state
-    writing: DeferredLock = field(default_factory=DeferredLock)
-
-    @property
-    def stopping(self) -> bool:
-        return self.cancelled or self.lost or self.released
 
 
 class JobService(Service):
@@ -85,23 +58,27 @@ class JobService(Service):
         self.node_id = config.node_id or ""
         self.lease = config.job_lease
         self.spool = Spool(os.path.join(config.work_dir, "spool"), reactor)
-        self.active: dict[str, Active] = {}
+        self.metrics = metrics or Metrics()
+        #: runs what it is given: accepted uploads, claimed and recovered jobs
+        self.runner = Runner(reactor, store, media, node_id=self.node_id, lease=self.lease, now=now,
+                             metrics=self.metrics)
         self.uploading: set[str] = set()
         self.draining = False
-        self.counts: dict[str, int] = {}
         #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
         self.adopter = Adopter(store, self, self.node_id, self.lease, now=now, rng=self.rng)
-        #: the last jobs that ended here, newest last (for the status page)
-        self.recent: deque[Job] = deque(maxlen=50)
         #: fires once the recovery that startService begins is over: the node listens only then
         self.recovered: Deferred[None] = Deferred()
         #: every loop running, with what fires when it has stopped
         self._loops: dict[LoopingCall, Deferred[Any]] = {}
-        self.metrics = metrics or Metrics()
         self.metrics.bind_load(self.load)
         for state in jobs.STATES:
             if state not in jobs.FINAL:
                 self.metrics.jobs_active.labels(state).set_function(self._counter_of(state))
+
+    @property
+    def active(self) -> dict[str, Active]:
+        """The jobs this node works on, by id (its runner's)."""
+        return self.runner.active
 
     # -- life cycle
 
@@ -112,7 +89,7 @@ class JobService(Service):
         d = self.recover()
         d.addCallback(lambda _: self.spool.sweep(keep=self._journaled))
         d.addCallback(lambda _: None).chainDeferred(self.recovered)
-        self._every(self.lease / 3, self.renew_leases, "lease renewal")
+        self._every(self.lease / 3, self.runner.renew_leases, "lease renewal")
         self._every(self.lease / 2 * (0.75 + self.rng.random() / 2), self.adopt_orphans, "orphan scan")
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
@@ -234,226 +211,11 @@ class JobService(Service):
         spool.release()
         active.marks["accepted"] = started
         records.journal(active.spool_path, job.dumps())
-        self._count("accepted")
+        self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
-        active.work = self._run(active, probe, chosen, input_stored=False)
+        active.work = self.runner.run(active, probe, chosen, input_stored=False)
         return job
-
-    @inlineCallbacks
-    def _run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
-        job = active.job
-        try:
-            yield self._durably("write job record", lambda: self._save(active))
-            if not input_stored:
-                began = time.monotonic()
-                yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
-                                                                               active.spool_path))
-                self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
-            # Only now may peers adopt the job: before, its input is in our spool alone (and our
-            # journal resumes it if we restart).
-            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
-            active.marks["queued"] = time.monotonic()
-            if active.stopping:
-                raise CancelledError()
-            stored = yield self._queue(active, probe, presets)
-            if active.stopping:
-                raise CancelledError()
-            job.outputs = stored
-            job.advance(jobs.DONE, self.now())
-            self._count("done")
-            self._log.info("job {job} done: {count} outputs", job=job.id, count=len(stored), state=job.state,
-                           attempts=job.attempts)
-        except (CancelledError, Lost) as e:
-            self._stopped(active, e)
-        except GridnodeError as e:
-            if e.code == "cancelled" or active.stopping:
-                self._stopped(active, e)
-            else:
-                job.fail(e.code, e.message, self.now())
-                self._count("failed")
-                self._log.warn("job {job} failed: {code}: {message}", job=job.id, code=e.code, message=e.message,
-                               state=job.state)
-        except Exception as e:  # noqa: BLE001 - a job must always end in a final state
-            self._log.failure("job {job} crashed", job=job.id)
-            job.fail("internal_error", f"the node failed on this job ({type(e).__name__}); submit it again",
-                     self.now())
-            self._count("failed")
-        yield self._finish(active)
-
-    @inlineCallbacks
-    def _queue(self, active: Active, probe: Described, presets: list[Named]) -> Any:
-        """Hand the job to the pool; an accepted job waits for room rather than failing."""
-        while True:
-            try:
-                result = yield self.media.run(active.job.id, probe, active.spool_path, presets,
-                                              started=lambda: self._transcoding(active),
-                                              progress=lambda p: self._progress(active, p),
-                                              finish=lambda produced: self._store_outputs(active, produced))
-                return result
-            except GridnodeError as e:
-                if e.code != "busy" or active.stopping:
-                    raise
-            yield deferLater(self.reactor, 1.0, lambda: None)
-
-    def _stopped(self, active: Active, why: BaseException) -> None:
-        job = active.job
-        if active.lost or isinstance(why, Lost):
-            active.lost = True
-            self._log.warn("job {job}: another node took it over; stopped here", job=job.id)
-        elif active.released:
-            self._log.info("job {job} released to the pool", job=job.id)
-        else:
-            if not job.final:
-                job.cancel(self.now())
-            self._count("cancelled")
-            self._log.info("job {job} cancelled", job=job.id, state=job.state)
-
-    @inlineCallbacks
-    def _finish(self, active: Active) -> Any:
-        """Write the last record (unless the job is someone else's now) and forget the job."""
-        job = active.job
-        if job.final:
-            self.recent.append(job)
-            for preset in job.presets:
-                self.metrics.jobs_finished.labels(job.state, preset).inc()
-            if "accepted" in active.marks:
-                self.metrics.job_seconds.labels(job.state).observe(time.monotonic() - active.marks["accepted"])
-        try:
-            if active.released and not job.final and not active.lost:
-                job.release(self.now())
-            self._changed(active)
-            if not active.lost:
-                try:
-                    yield self._durably("write job record", lambda: self._save(active))
-                    if job.final:
-                        yield self._durably("unmark job", lambda: self.store.delete(keys.active_marker(job.id)))
-                except Lost:
-                    self._log.warn("job {job}: another node took it over before its end was written", job=job.id)
-        finally:
-            self.active.pop(job.id, None)
-            SpoolFile.remove(active.spool_path)
-            SpoolFile.remove(active.spool_path + ".json")
-
-    @inlineCallbacks
-    def _store_outputs(self, active: Active, produced: Sequence[Produced]) -> Any:
-        """ffmpeg is done: store every output while the scratch folder still holds them."""
-        job = active.job
-        if active.stopping:
-            raise CancelledError()
-        job.advance(jobs.STORING, self.now())
-        now = time.monotonic()
-        if "transcoding" in active.marks:
-            took = now - active.marks["transcoding"]
-            self.metrics.phase_seconds.labels("transcode").observe(took)
-            if took > 0 and job.input.get("duration"):
-                self.metrics.ffmpeg_speed.observe(float(job.input["duration"]) / took)
-        self._changed(active)
-        yield self._durably("write job record", lambda: self._save(active))
-        stored: dict[str, dict[str, Any]] = {}
-        for output in produced:
-            if active.stopping:
-                raise CancelledError()
-            yield self._durably("store output", self._store_output(job.id, output))
-            # One entry per preset: its first file (HLS: the master playlist, whose
-            # relative URLs lead to the rest), with the size of all its files.
-            entry = stored.get(output.preset)
-            if entry is not None:
-                entry["size"] += output.size
-                entry["files"] += 1
-                continue
-            entry = stored[output.preset] = {
-                "preset": output.preset, "name": output.name, "size": output.size, "files": 1,
-                "content_type": output.content_type, "url": f"/results/{job.id}/{output.name}"}
-            if not output.content_type.startswith("image/"):
-                entry["duration"] = job.input.get("duration")
-        self.metrics.phase_seconds.labels("store_outputs").observe(time.monotonic() - now)
-        return list(stored.values())
-
-    def _store_output(self, job_id: str, output: Produced) -> Callable[[], Deferred[Any]]:
-        key = keys.output(job_id, output.name)
-        return lambda: self.store.put_file(key, output.path, content_type=output.content_type)
-
-    def _transcoding(self, active: Active) -> None:
-        active.job.advance(jobs.TRANSCODING, self.now())
-        active.marks["transcoding"] = time.monotonic()
-        if "queued" in active.marks:
-            self.metrics.phase_seconds.labels("queue").observe(active.marks["transcoding"] - active.marks["queued"])
-        self._changed(active)
-        self._durably("write job record", lambda: self._save(active)).addErrback(self._save_failed, active)
-
-    def _save_failed(self, failure: Any, active: Active) -> None:
-        if failure.check(Lost):
-            self._lose(active)
-        else:
-            self._log.failure("job {job}: could not write its record", failure, job=active.job.id)
-
-    def _lose(self, active: Active) -> None:
-        if not active.lost:
-            active.lost = True
-            self._log.warn("job {job}: our record was taken over; stopping", job=active.job.id)
-            self.media.cancel(active.job.id)
-
-    def _progress(self, active: Active, progress: float) -> None:
-        if active.job.set_progress(progress, self.now()):
-            self._changed(active)
-
-    def _changed(self, active: Active) -> None:
-        for listener in list(active.listeners):
-            try:
-                listener(active.job)
-            except Exception:  # noqa: BLE001 - a broken listener must not break the job
-                self._log.failure("job listener failed")
-
-    # -- the job record, owned
-
-    def _save(self, active: Active) -> Deferred[Any]:
-        """Write jobs/<id>.json, as the job is when the previous write of it has ended, on the
-        condition that it is still ours."""
-        return active.writing.run(self._write_record, active)
-
-    @inlineCallbacks
-    def _write_record(self, active: Active) -> Any:
-        job = active.job
-        if not job.final and not active.released:
-            job.renew(self.now(), self.lease)
-        data = job.dumps()
-        info = yield records.write(self.store, job.id, data, active.etag, self.node_id)
-        active.etag = info.etag
-        if not job.final and os.path.exists(active.spool_path):
-            records.journal(active.spool_path, data)
-        return info
-
-    @inlineCallbacks
-    def renew_leases(self) -> Any:
-        """Renew the lease of every job we run; a job someone took over is stopped here."""
-        for active in list(self.active.values()):
-            if active.job.final or active.stopping or active.etag is None:
-                continue
-            try:
-                yield self._save(active)
-            except Lost:
-                self._lose(active)
-            except GridnodeError as e:
-                self._log.warn("could not renew the lease of job {job}: {reason}", job=active.job.id,
-                               reason=e.message)
-
-    @inlineCallbacks
-    def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:
-        """Run a store action until it succeeds: while the store is unreachable, wait and retry."""
-        delay = 0.5
-        while True:
-            try:
-                result = yield action()
-                return result
-            except StorageUnavailable as e:
-                self._log.warn("{what}: store unreachable ({reason}); retrying in {delay}s", what=what,
-                               reason=e.message, delay=delay)
-                yield deferLater(self.reactor, delay, lambda: None)
-                delay = min(delay * 2, 30.0)
-
-    def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
 
     # -- adoption and recovery
 
@@ -464,35 +226,15 @@ class JobService(Service):
 
     def run_claimed(self, claim: Claim) -> None:
         """Run a job the adopter won for this node."""
-        self._count("adopted")
+        self.runner.counts["adopted"] += 1
         self.metrics.jobs_adopted.inc()
         job = claim.job
         active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag)
-        active.work = self._resume(active)
+        active.work = self.runner.resume(active)
 
     def quarantined(self, job: Job) -> None:
-        self._count("poison")
-
-    @inlineCallbacks
-    def _resume(self, active: Active) -> Any:
-        """Run an adopted job from its stored input."""
-        job = active.job
-        stored = True
-        try:
-            if os.path.exists(active.spool_path):
-                # Our own earlier life's spool: the store may not have the input yet.
-                stored = yield self._exists(keys.input_source(job.id))
-            else:
-                yield self._durably("fetch input", lambda: self.store.get_file(keys.input_source(job.id),
-                                                                               active.spool_path))
-            chosen = self.media.parse_presets(",".join(job.presets))
-            probe = yield self.media.probe(active.spool_path)
-        except GridnodeError as e:
-            job.fail(e.code, e.message, self.now())
-            self._log.warn("adopted job {job} failed: {code}: {message}", job=job.id, code=e.code, message=e.message)
-            yield self._finish(active)
-            return
-        yield self._run(active, probe, chosen, input_stored=stored)
+        """The adopter failed a job as poison instead of claiming it."""
+        self.runner.counts["poison"] += 1
 
     @inlineCallbacks
     def recover(self) -> Any:
@@ -507,7 +249,7 @@ class JobService(Service):
             if won or job.id in self.active:
                 continue
             # Never written to the store: ours alone. Run it from the spool.
-            exists = yield self._exists(keys.job_record(job.id))
+            exists = yield in_store(self.store, keys.job_record(job.id))
             if exists:
                 continue
             job.reclaim(self.node_id, self.now(), self.lease)
@@ -515,16 +257,8 @@ class JobService(Service):
             chosen = self.media.parse_presets(",".join(job.presets))
             probe = yield self.media.probe(path)
             self._log.info("job {job} resumed from the local journal", job=job.id)
-            active.work = self._run(active, probe, chosen, input_stored=False)
+            active.work = self.runner.run(active, probe, chosen, input_stored=False)
         yield self.adopter.claim_mine()
-
-    @inlineCallbacks
-    def _exists(self, key: str) -> Any:
-        try:
-            yield self.store.stat(key)
-            return True
-        except NotFound:
-            return False
 
     # -- draining
 
@@ -569,7 +303,7 @@ class JobService(Service):
     def listing(self) -> dict[str, Any]:
         """This node's jobs now, and the last ones that ended here."""
         return {"active": [a.job.to_json() for a in self.active.values()],
-                "recent": [j.to_json() for j in reversed(self.recent)]}
+                "recent": [j.to_json() for j in reversed(self.runner.recent)]}
 
     def subscribe(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
         """Call ``callback`` on every change of a job; returns the unsubscribe. A job another

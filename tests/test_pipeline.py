@@ -482,7 +482,7 @@ class RecordWriteOrderTests:
         job = accepted[0]
         media.hooks[job.id][0]()  # transcoding
         holding[0] = True
-        svc.renew_leases()  # its write is held...
+        svc.runner.renew_leases()  # its write is held...
         media.finish(job.id)  # ...while the job stores its outputs and ends
         while held:  # the store answers the newest write first
             fn, args, kwargs, d = held.pop()

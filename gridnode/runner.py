@@ -1,0 +1,324 @@
+"""
+The runs of the jobs this node owns: each from accepted (or claimed) to its
+final record, the record written at every state and owned as it goes.
+
+A run stores the input (until then the job lives in our spool and journal
+alone), marks the job active (from then on peers may adopt it), waits for a
+worker in the media pool, stores the outputs and writes the end. Every write
+of ``jobs/<id>.json`` is conditional on our last (gridnode/records.py); the
+lease in it is renewed every ``lease``/3 s, and a run whose record was taken
+over stops without writing again. A store that is unreachable is waited for,
+never a reason to drop an accepted job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from gridnode import jobs, keys, records
+from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
+from gridnode.jobs import Job
+from gridnode.media.interface import Described, Media, Named, Produced
+from gridnode.metrics import Metrics
+from gridnode.records import Lost
+from gridnode.store.base import ObjectStore
+from gridnode.web.upload import SpoolFile
+
+
+@dataclass
+class Active:
+    """A job this node is working on."""
+
+    job: Job
+    spool_path: str
+    etag: str | None = None  # of our last write of jobs/<id>.json
+    listeners: list[Callable[[Job], None]] = field(default_factory=list)
+    work: Deferred[Any] | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # phase -> monotonic start, for metrics
+    cancelled: bool = False  # a client asked
+    lost: bool = False  # another node took the job over
+    released: bool = False  # draining: handed to the pool
+    #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
+    #: so over, the write of a later state
+    writing: DeferredLock = field(default_factory=DeferredLock)
+
+    @property
+    def stopping(self) -> bool:
+        return self.cancelled or self.lost or self.released
+
+
+class Runner:
+    """Runs what the job service hands it (`run` an accepted job, `resume` a claimed one) and
+    keeps the records of the jobs running (`renew_leases`)."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, store: ObjectStore, media: Media[Any, Any], *, node_id: str, lease: float,
+                 now: Callable[[], float], metrics: Metrics) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.media = media
+        self.node_id = node_id
+        self.lease = lease
+        self.now = now
+        self.metrics = metrics
+        #: the jobs this node works on, by id
+        self.active: dict[str, Active] = {}
+        #: the last jobs that ended here, newest last (for the status page)
+        self.recent: deque[Job] = deque(maxlen=50)
+        self.counts: Counter[str] = Counter()
+
+    @inlineCallbacks
+    def run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
+        """Store the input (unless it is), mark the job active, queue it for ffmpeg, store its
+        outputs; fires when the job has ended here, its last record written."""
+        job = active.job
+        try:
+            yield self._durably("write job record", lambda: self._save(active))
+            if not input_stored:
+                began = time.monotonic()
+                yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
+                                                                               active.spool_path))
+                self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
+            # Only now may peers adopt the job: before, its input is in our spool alone (and our
+            # journal resumes it if we restart).
+            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+            active.marks["queued"] = time.monotonic()
+            if active.stopping:
+                raise CancelledError()
+            stored = yield self._queue(active, probe, presets)
+            if active.stopping:
+                raise CancelledError()
+            job.outputs = stored
+            job.advance(jobs.DONE, self.now())
+            self.counts["done"] += 1
+            self._log.info("job {job} done: {count} outputs", job=job.id, count=len(stored), state=job.state,
+                           attempts=job.attempts)
+        except (CancelledError, Lost) as e:
+            self._stopped(active, e)
+        except GridnodeError as e:
+            if e.code == "cancelled" or active.stopping:
+                self._stopped(active, e)
+            else:
+                job.fail(e.code, e.message, self.now())
+                self.counts["failed"] += 1
+                self._log.warn("job {job} failed: {code}: {message}", job=job.id, code=e.code, message=e.message,
+                               state=job.state)
+        except Exception as e:  # noqa: BLE001 - a job must always end in a final state
+            self._log.failure("job {job} crashed", job=job.id)
+            job.fail("internal_error", f"the node failed on this job ({type(e).__name__}); submit it again",
+                     self.now())
+            self.counts["failed"] += 1
+        yield self._finish(active)
+
+    @inlineCallbacks
+    def resume(self, active: Active) -> Any:
+        """Run a claimed job from its stored input (or our earlier life's spooled copy)."""
+        job = active.job
+        stored = True
+        try:
+            if os.path.exists(active.spool_path):
+                # Our own earlier life's spool: the store may not have the input yet.
+                stored = yield in_store(self.store, keys.input_source(job.id))
+            else:
+                yield self._durably("fetch input", lambda: self.store.get_file(keys.input_source(job.id),
+                                                                               active.spool_path))
+            chosen = self.media.parse_presets(",".join(job.presets))
+            probe = yield self.media.probe(active.spool_path)
+        except GridnodeError as e:
+            job.fail(e.code, e.message, self.now())
+            self._log.warn("adopted job {job} failed: {code}: {message}", job=job.id, code=e.code, message=e.message)
+            yield self._finish(active)
+            return
+        yield self.run(active, probe, chosen, input_stored=stored)
+
+
+    @inlineCallbacks
+    def _queue(self, active: Active, probe: Described, presets: list[Named]) -> Any:
+        """Hand the job to the pool; an accepted job waits for room rather than failing."""
+        while True:
+            try:
+                result = yield self.media.run(active.job.id, probe, active.spool_path, presets,
+                                              started=lambda: self._transcoding(active),
+                                              progress=lambda p: self._progress(active, p),
+                                              finish=lambda produced: self._store_outputs(active, produced))
+                return result
+            except GridnodeError as e:
+                if e.code != "busy" or active.stopping:
+                    raise
+            yield deferLater(self.reactor, 1.0, lambda: None)
+
+    def _stopped(self, active: Active, why: BaseException) -> None:
+        job = active.job
+        if active.lost or isinstance(why, Lost):
+            active.lost = True
+            self._log.warn("job {job}: another node took it over; stopped here", job=job.id)
+        elif active.released:
+            self._log.info("job {job} released to the pool", job=job.id)
+        else:
+            if not job.final:
+                job.cancel(self.now())
+            self.counts["cancelled"] += 1
+            self._log.info("job {job} cancelled", job=job.id, state=job.state)
+
+    @inlineCallbacks
+    def _finish(self, active: Active) -> Any:
+        """Write the last record (unless the job is someone else's now) and forget the job."""
+        job = active.job
+        if job.final:
+            self.recent.append(job)
+            for preset in job.presets:
+                self.metrics.jobs_finished.labels(job.state, preset).inc()
+            if "accepted" in active.marks:
+                self.metrics.job_seconds.labels(job.state).observe(time.monotonic() - active.marks["accepted"])
+        try:
+            if active.released and not job.final and not active.lost:
+                job.release(self.now())
+            self._changed(active)
+            if not active.lost:
+                try:
+                    yield self._durably("write job record", lambda: self._save(active))
+                    if job.final:
+                        yield self._durably("unmark job", lambda: self.store.delete(keys.active_marker(job.id)))
+                except Lost:
+                    self._log.warn("job {job}: another node took it over before its end was written", job=job.id)
+        finally:
+            self.active.pop(job.id, None)
+            SpoolFile.remove(active.spool_path)
+            SpoolFile.remove(active.spool_path + ".json")
+
+    @inlineCallbacks
+    def _store_outputs(self, active: Active, produced: Sequence[Produced]) -> Any:
+        """ffmpeg is done: store every output while the scratch folder still holds them."""
+        job = active.job
+        if active.stopping:
+            raise CancelledError()
+        job.advance(jobs.STORING, self.now())
+        now = time.monotonic()
+        if "transcoding" in active.marks:
+            took = now - active.marks["transcoding"]
+            self.metrics.phase_seconds.labels("transcode").observe(took)
+            if took > 0 and job.input.get("duration"):
+                self.metrics.ffmpeg_speed.observe(float(job.input["duration"]) / took)
+        self._changed(active)
+        yield self._durably("write job record", lambda: self._save(active))
+        stored: dict[str, dict[str, Any]] = {}
+        for output in produced:
+            if active.stopping:
+                raise CancelledError()
+            yield self._durably("store output", self._store_output(job.id, output))
+            # One entry per preset: its first file (HLS: the master playlist, whose
+            # relative URLs lead to the rest), with the size of all its files.
+            entry = stored.get(output.preset)
+            if entry is not None:
+                entry["size"] += output.size
+                entry["files"] += 1
+                continue
+            entry = stored[output.preset] = {
+                "preset": output.preset, "name": output.name, "size": output.size, "files": 1,
+                "content_type": output.content_type, "url": f"/results/{job.id}/{output.name}"}
+            if not output.content_type.startswith("image/"):
+                entry["duration"] = job.input.get("duration")
+        self.metrics.phase_seconds.labels("store_outputs").observe(time.monotonic() - now)
+        return list(stored.values())
+
+    def _store_output(self, job_id: str, output: Produced) -> Callable[[], Deferred[Any]]:
+        key = keys.output(job_id, output.name)
+        return lambda: self.store.put_file(key, output.path, content_type=output.content_type)
+
+    def _transcoding(self, active: Active) -> None:
+        active.job.advance(jobs.TRANSCODING, self.now())
+        active.marks["transcoding"] = time.monotonic()
+        if "queued" in active.marks:
+            self.metrics.phase_seconds.labels("queue").observe(active.marks["transcoding"] - active.marks["queued"])
+        self._changed(active)
+        self._durably("write job record", lambda: self._save(active)).addErrback(self._save_failed, active)
+
+    def _save_failed(self, failure: Any, active: Active) -> None:
+        if failure.check(Lost):
+            self._lose(active)
+        else:
+            self._log.failure("job {job}: could not write its record", failure, job=active.job.id)
+
+    def _lose(self, active: Active) -> None:
+        if not active.lost:
+            active.lost = True
+            self._log.warn("job {job}: our record was taken over; stopping", job=active.job.id)
+            self.media.cancel(active.job.id)
+
+    def _progress(self, active: Active, progress: float) -> None:
+        if active.job.set_progress(progress, self.now()):
+            self._changed(active)
+
+    def _changed(self, active: Active) -> None:
+        for listener in list(active.listeners):
+            try:
+                listener(active.job)
+            except Exception:  # noqa: BLE001 - a broken listener must not break the job
+                self._log.failure("job listener failed")
+
+    # -- the job record, owned
+
+    def _save(self, active: Active) -> Deferred[Any]:
+        """Write jobs/<id>.json, as the job is when the previous write of it has ended, on the
+        condition that it is still ours."""
+        return active.writing.run(self._write_record, active)
+
+    @inlineCallbacks
+    def _write_record(self, active: Active) -> Any:
+        job = active.job
+        if not job.final and not active.released:
+            job.renew(self.now(), self.lease)
+        data = job.dumps()
+        info = yield records.write(self.store, job.id, data, active.etag, self.node_id)
+        active.etag = info.etag
+        if not job.final and os.path.exists(active.spool_path):
+            records.journal(active.spool_path, data)
+        return info
+
+    @inlineCallbacks
+    def renew_leases(self) -> Any:
+        """Renew the lease of every job we run; a job someone took over is stopped here."""
+        for active in list(self.active.values()):
+            if active.job.final or active.stopping or active.etag is None:
+                continue
+            try:
+                yield self._save(active)
+            except Lost:
+                self._lose(active)
+            except GridnodeError as e:
+                self._log.warn("could not renew the lease of job {job}: {reason}", job=active.job.id,
+                               reason=e.message)
+
+    @inlineCallbacks
+    def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:
+        """Run a store action until it succeeds: while the store is unreachable, wait and retry."""
+        delay = 0.5
+        while True:
+            try:
+                result = yield action()
+                return result
+            except StorageUnavailable as e:
+                self._log.warn("{what}: store unreachable ({reason}); retrying in {delay}s", what=what,
+                               reason=e.message, delay=delay)
+                yield deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 30.0)
+
+
+@inlineCallbacks
+def in_store(store: ObjectStore, key: str) -> Any:
+    """Whether the store has ``key``."""
+    try:
+        yield store.stat(key)
+        return True
+    except NotFound:
+        return False
