@@ -105,7 +105,7 @@ class ProbeResult:
     name: str | None = field(default=None, compare=False)  # the user's file name, kept as data
 
     def to_json(self) -> dict[str, Any]:
-        """The job JSON's ``input`` object (DESIGN: HTTP API)."""
+        """The job JSON's ``input`` object (docs/api.md, "The job")."""
         out: dict[str, Any] = {}
         if self.name is not None:
             out["name"] = self.name
