@@ -20,8 +20,9 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gridnode.spool import Spool
 from gridnode.web import splice
-from gridnode.web.upload import GridSite, Spool
+from gridnode.web.upload import GridSite
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
 

@@ -14,9 +14,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
+import gridnode.spool
 from gridnode.errors import GridnodeError
-from gridnode.web import upload
-from gridnode.web.upload import InlineSha256, Spool, SpoolFile, TrailingSha256
+from gridnode.spool import InlineSha256, Spool, SpoolFile, TrailingSha256
 
 
 @pytest_twisted.ensureDeferred
@@ -119,8 +119,8 @@ def test_reserve_allocates_without_growing_the_file(tmp_path: Path) -> None:
 
 def out_of_space_halfway(fd: int, mode: int, offset: int, length: int) -> int:
     """fallocate(2) as ext4 does it when the disk fills up meanwhile: half, then ENOSPC."""
-    assert upload._fallocate is not None
-    upload._load_fallocate()(fd, mode, offset, length // 2)
+    assert gridnode.spool._fallocate is not None
+    gridnode.spool._load_fallocate()(fd, mode, offset, length // 2)
     ctypes.set_errno(errno.ENOSPC)
     return -1
 
@@ -130,7 +130,7 @@ def test_no_room_is_insufficient_storage_and_keeps_no_blocks(tmp_path: Path,
     """A body the disk cannot hold is refused with 507 before a byte of it is read, and the
     blocks the filesystem allocated before it ran out are given back at once."""
     spool = _reserving(tmp_path)
-    monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+    monkeypatch.setattr(gridnode.spool, "_fallocate", out_of_space_halfway)
     f = spool.new("big")
     with pytest.raises(GridnodeError) as e:
         f.reserve(64 * MiB)

@@ -50,9 +50,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.pipeline import Busy
+from gridnode.spool import SpoolFile
 from gridnode.web.http import error_body
 from gridnode.web.jobs import parse_checksum
-from gridnode.web.upload import SpoolFile
 
 if TYPE_CHECKING:
     from gridnode.jobs import Job
