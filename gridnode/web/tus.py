@@ -45,14 +45,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.pipeline import Busy
 from gridnode.spool import SpoolFile
-from gridnode.web.http import error_body
-from gridnode.web.jobs import parse_checksum
+from gridnode.web.http import error_body, parse_checksum, respond_later
 
 if TYPE_CHECKING:
     from gridnode.jobs import Job
@@ -785,14 +784,14 @@ class TusService:
             request.setHeader(b"location", f"{self.base}{outcome.info.id}".encode())
             answer(request, 201, outcome)
 
-        return respond_later(request, work, created)
+        return respond_later(request, work, created, answer_error)
 
     def _patch(self, request: Request) -> int:
         sink = request.content
         if not isinstance(sink, _ChunkSink):
             raise GridnodeError("this node does not route PATCH bodies to the tus service", code="internal_error")
         sink.end()
-        return respond_later(request, self.commit(sink), lambda outcome: answer(request, 204, outcome))
+        return respond_later(request, self.commit(sink), lambda outcome: answer(request, 204, outcome), answer_error)
 
     def _head(self, request: Request, upload_id: str) -> int:
         request.setHeader(b"cache-control", b"no-store")
@@ -827,7 +826,7 @@ class TusService:
                 request.setHeader(b"gridnode-job", job_id.encode())
             request.finish()
 
-        return respond_later(request, self._serialized(upload_id, look), found)
+        return respond_later(request, self._serialized(upload_id, look), found, answer_error)
 
     def _delete(self, request: Request, upload_id: str) -> int:
         @inlineCallbacks
@@ -840,7 +839,7 @@ class TusService:
             request.setResponseCode(204)
             request.finish()
 
-        return respond_later(request, self._serialized(upload_id, terminate), done)
+        return respond_later(request, self._serialized(upload_id, terminate), done, answer_error)
 
 
 class _FilesResource(Resource):
@@ -906,23 +905,3 @@ def answer_error(request: Request, error: GridnodeError) -> bytes:
         request.setResponseCode(460, b"Checksum Mismatch")
     # A HEAD answer has no body (twisted.web would drop it, with a warning).
     return b"" if request.method == b"HEAD" else body
-
-
-def respond_later(request: Request, work: Deferred[Any], done: Callable[[Any], None]) -> int:
-    """Answer when ``work`` fires: ``done(result)``, or its coded error."""
-
-    def succeeded(result: Any) -> None:
-        if not request._disconnected:
-            done(result)
-
-    def failed(f: Failure) -> None:
-        error = f.value if isinstance(f.value, GridnodeError) else None
-        if error is None:
-            _log.failure("tus request failed", f)
-            error = GridnodeError("the node failed to answer; try again or another node")
-        if not request._disconnected:
-            request.write(answer_error(request, error))
-            request.finish()
-
-    work.addCallbacks(succeeded, failed).addErrback(lambda f: _log.failure("tus answer failed", f))
-    return NOT_DONE_YET
