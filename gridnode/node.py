@@ -40,12 +40,14 @@ class Node:
         self.started = time.time()
         self.registry: Registry | None = None
         self.membership: Any = None
+        from gridnode.uploads.store import UploadStore, UploadSweep
         from gridnode.web import tus as tus_web
 
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
-        self.tus = tus_web.TusService(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes,
-                                      authorize=self.authorize)
+        uploads = UploadStore(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
+        self.upload_sweep = UploadSweep(uploads)
+        self.tus = tus_web.TusHandler(uploads, authorize=self.authorize)
 
     @property
     def draining(self) -> bool:
@@ -183,7 +185,7 @@ class NodeService(MultiService):
         membership.on_gone.append(node.registry.forget)
         node.registry.start()
         membership.start()
-        node.tus.start()
+        node.upload_sweep.startService()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
             node=node.node_id, env=config.env, pool=config.pool, host=address.host,
@@ -260,7 +262,7 @@ class NodeService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
         if self.node is not None:
-            self.node.tus.stop()
+            self.node.upload_sweep.stopService()
         if self.node is not None and self.node.membership is not None:
             yield self.node.membership.leave()
         if self.node is not None and self.node.registry is not None:

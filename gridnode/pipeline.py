@@ -41,9 +41,9 @@ from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.metrics import Metrics
+from gridnode.spool import Spool, SpoolFile
 from gridnode.store.base import ObjectStore
 from gridnode.watchers import WatchRing
-from gridnode.web.upload import Spool, SpoolFile
 
 #: tries of one job (first run and adoptions) before it is quarantined as poison
 MAX_ATTEMPTS = 3

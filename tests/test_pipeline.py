@@ -13,13 +13,13 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+import gridnode.spool
 from gridnode import jobs
 from gridnode.config import build_config
 from gridnode.errors import GridnodeError, StorageUnavailable
 from gridnode.pipeline import Busy, JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.web import upload
 from tests.test_spool_hash import out_of_space_halfway
 
 
@@ -174,7 +174,7 @@ class PipelineTests:
         probe.discard()
         if not reserved:
             pytest.skip("no fallocate(2) for this folder's filesystem")
-        monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+        monkeypatch.setattr(gridnode.spool, "_fallocate", out_of_space_halfway)
         with pytest.raises(GridnodeError) as e:
             self.jobs.admit(1000)
         assert e.value.code == "insufficient_storage" and e.value.status == 507
