@@ -24,7 +24,7 @@ from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoi
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
-from gridnode.registry import Registry, first_incarnation
+from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
 from gridnode.web.cors import CORS
 

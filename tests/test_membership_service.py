@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from gridnode import keys
 from gridnode.membership import swim
 from gridnode.membership.service import MembershipService
-from gridnode.registry import NodeRecord
+from gridnode.registry.records import NodeRecord
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.nodes import free_port, wait_for

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 
-from gridnode.registry import Registry, parse_record
+from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
+from gridnode.registry.records import MAX_RECORD_BYTES, RecordRead, RecordReader, parse_record
+from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 
@@ -267,3 +271,88 @@ class RegistryTests:
         self.clock.advance(2)
         self.clock.advance(4)
         assert a.registered and a.last_error is None
+
+
+def record_bytes(node_id: str, incarnation: int = 1, heartbeat: float = 1000.0) -> bytes:
+    return json.dumps({"id": node_id, "http_url": f"http://{node_id}", "peer_addr": "", "started": 1,
+                       "incarnation": incarnation, "heartbeat": heartbeat, "load": {}}).encode()
+
+
+class RecordReaderTests:
+    """The one reader of node records, without I/O: it says what to GET and judges the answers."""
+
+    def setup_method(self) -> None:
+        self.backend = MemoryBackend()
+        self.reader = RecordReader(PREFIX)
+
+    def read(self, now: float = 1000.0, wanted: Any = None) -> tuple[list[str], RecordRead]:
+        """One read against the backend: the keys it fetched, and the read."""
+        read = self.reader.begin(self.backend.list(PREFIX).items, now, wanted)
+        fetched = list(read.fetch)
+        for key in read.fetch:
+            try:
+                data, info = self.backend.get_bytes(key, max_size=MAX_RECORD_BYTES)
+            except GridnodeError as e:
+                read.failed(key, e)
+            else:
+                read.got(key, data, info.etag)
+        return fetched, read
+
+    def test_a_first_read_fetches_every_record_and_skips_what_is_not_one(self) -> None:
+        """Every record is fetched, in listing order; an object that is not a record, or too large
+        to be one, is left out without a GET, and the read says why."""
+        self.backend.put_bytes(PREFIX + "b.json", record_bytes("b"))
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.backend.put_bytes(PREFIX + "big.json", b" " * (MAX_RECORD_BYTES + 1))
+        self.backend.put_bytes(PREFIX + "sub/x.json", b"{}")
+        self.backend.put_bytes(PREFIX + "notes.txt", b"hello")
+        fetched, read = self.read()
+        assert fetched == [PREFIX + "a.json", PREFIX + "b.json"]
+        assert [r.id for r in read.done()] == ["a", "b"]
+        assert read.skipped == [(PREFIX + "big.json", f"{MAX_RECORD_BYTES + 1} bytes"),
+                                (PREFIX + "notes.txt", "not a node record"),
+                                (PREFIX + "sub/x.json", "not a node record")]
+
+    def test_unreadable_records_are_skipped_and_store_errors_fail_the_read(self) -> None:
+        """A malformed record, or one stored under another node's name, is skipped with its reason;
+        a record deleted between the listing and the GET is left out quietly; any other error is
+        the store's and fails the read."""
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.backend.put_bytes(PREFIX + "junk.json", b"\x00{{")
+        self.backend.put_bytes(PREFIX + "c.json", record_bytes("someone-else"))
+        read = self.reader.begin(self.backend.list(PREFIX).items, 1000.0)
+        read.failed(PREFIX + "a.json", NotFound("deleted since"))
+        for key in (PREFIX + "c.json", PREFIX + "junk.json"):
+            data, info = self.backend.get_bytes(key)
+            read.got(key, data, info.etag)
+        assert read.done() == []
+        assert [key for key, _ in read.skipped] == [PREFIX + "c.json", PREFIX + "junk.json"]
+        assert "stored under 'c'" in read.skipped[0][1]
+        with pytest.raises(StorageUnavailable):
+            read.failed(PREFIX + "a.json", StorageUnavailable("bucket unreachable"))
+
+    def test_a_later_read_fetches_only_new_and_wanted_changes(self) -> None:
+        """Unchanged records are not fetched again. A changed one is fetched when wanted; when not,
+        it is kept, dated by when the change was seen, and fetched in full when wanted next."""
+        for node_id in "abc":
+            self.backend.put_bytes(PREFIX + f"{node_id}.json", record_bytes(node_id, heartbeat=1000.0))
+        self.read()[1].done()
+        self.backend.put_bytes(PREFIX + "b.json", record_bytes("b", heartbeat=1010.0))
+        self.backend.put_bytes(PREFIX + "c.json", record_bytes("c", heartbeat=1010.0))
+        self.backend.put_bytes(PREFIX + "d.json", record_bytes("d", heartbeat=1010.0))
+        fetched, read = self.read(now=1030.0, wanted=lambda node_id: node_id == "c")
+        assert fetched == [PREFIX + "c.json", PREFIX + "d.json"]
+        assert {r.id: r.heartbeat for r in read.done()} == {"a": 1000.0, "b": 1030.0, "c": 1010.0, "d": 1010.0}
+        fetched, read = self.read(now=1060.0, wanted=lambda node_id: False)
+        assert fetched == [] and {r.id: r.heartbeat for r in read.done()}["b"] == 1030.0
+        fetched, read = self.read(now=1090.0)
+        assert fetched == [PREFIX + "b.json"] and {r.id: r.heartbeat for r in read.done()}["b"] == 1010.0
+
+    def test_a_failed_read_leaves_the_last_one_standing(self) -> None:
+        """Only a finished read replaces what the reader holds."""
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.read()[1].done()
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a", heartbeat=1010.0))
+        fetched, _ = self.read()  # never done
+        fetched_again, read = self.read()
+        assert fetched == fetched_again == [PREFIX + "a.json"] and read.done()[0].heartbeat == 1010.0

@@ -38,7 +38,7 @@ from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.membership import swim, wire
 from gridnode.membership.hostcheck import HostCheck
-from gridnode.registry import MAX_RECORD_BYTES, NodeRecord, parse_record
+from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, parse_record
 
 #: bytes an inbound connection may send without completing an AMP box
 MAX_UNFRAMED = 256 * 1024
