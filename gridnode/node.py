@@ -212,11 +212,16 @@ class NodeService(MultiService):
         def adopt(member: str) -> Any:
             return node.jobs.adopt_orphans(dead=frozenset({member}))
 
+        @inlineCallbacks
+        def dead(member: str, incarnation: int) -> Any:
+            if node.registry is not None:
+                yield node.registry.delete_dead(member, incarnation)
+            yield adopt(member)
+
         service = MembershipService(
-            self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
-            pool=config.pool, metrics=metrics, stale=config.stale,
+            self.reactor, machine, peer_key(secret, config.env, config.pool), metrics=metrics, stale=config.stale,
             # a drained node released its unfinished jobs just before it left: take them now too
-            on_confirmed_dead=adopt, on_left=adopt,
+            on_confirmed_dead=dead, on_left=adopt,
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))

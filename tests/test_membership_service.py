@@ -8,11 +8,13 @@ import time
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 
 from gridnode import keys
 from gridnode.membership import swim
 from gridnode.membership.service import MembershipService
 from gridnode.registry.records import NodeRecord
+from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.nodes import free_port, wait_for
@@ -127,19 +129,43 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     assert service.needs_record("b")
 
 
-@pytest_twisted.inlineCallbacks
 def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
     """A node that dies before we ever hear from it: we hold it at its record's incarnation (the
-    registry bootstrap once said 0), so its confirmed death deletes that record."""
+    registry bootstrap once said 0), so its confirmed death, reported with that incarnation,
+    deletes that record."""
+    clock = MemoryReactorClock()
     store = ObjectStore.synchronous(MemoryBackend())
     record = NodeRecord("b", "http://127.0.0.1:2", "127.0.0.1:2", started=1.0, incarnation=1_795_000_000_123,
                         heartbeat=1.0)
     key = keys.node_record("dev", "p", "b")
     store.backend.put_bytes(key, record.dumps())
+    registry = Registry(clock, store, env="dev", pool="p", node_id="a", http_url="http://127.0.0.1:1",
+                        peer_addr="127.0.0.1:1", now=clock.seconds)
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
-    service = MembershipService(reactor, machine, b"k" * 32, store=store, env="dev", pool="p")
+    service = MembershipService(clock, machine, b"k" * 32, on_confirmed_dead=registry.delete_dead)
     service.registry_read([record])
     view = machine.member("b")
     assert view is not None and view.incarnation == record.incarnation
-    yield service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", view.incarnation))
+    done = service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", view.incarnation))
+    assert done.called
     assert store.backend.list("registry/").items == []
+
+
+def test_a_confirmed_death_is_reported_through_callbacks_only() -> None:
+    """The membership tells the rest of the node of a confirmed death, first ``on_gone`` (the
+    registry republishes at once), then ``on_confirmed_dead`` with the dead incarnation (its
+    record, then its jobs), and waits for it; a failing callback is logged, not raised."""
+    calls: list[tuple[str, str, int]] = []
+    answer: Deferred[None] = Deferred()
+
+    def dead(member: str, incarnation: int) -> Deferred[None]:
+        calls.append(("dead", member, incarnation))
+        return answer
+
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    service = MembershipService(MemoryReactorClock(), machine, b"k" * 32, on_confirmed_dead=dead)
+    service.on_gone.append(lambda member, incarnation: calls.append(("gone", member, incarnation)))
+    done = service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", 5))
+    assert calls == [("gone", "b", 5), ("dead", "b", 5)] and not done.called
+    answer.errback(RuntimeError("adoption failed"))
+    assert done.called

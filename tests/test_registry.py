@@ -356,3 +356,54 @@ class RecordReaderTests:
         fetched, _ = self.read()  # never done
         fetched_again, read = self.read()
         assert fetched == fetched_again == [PREFIX + "a.json"] and read.done()[0].heartbeat == 1010.0
+
+
+class DeleteDeadTests:
+    """The registry deletes a dead peer's record, only while it holds the dead life."""
+
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.store = ObjectStore.synchronous(MemoryBackend())
+        self.registry = make(self.store, self.clock, "a")
+
+    def delete_dead(self, member: str, incarnation: int) -> None:
+        failures: list[object] = []
+        self.registry.delete_dead(member, incarnation).addErrback(failures.append)
+        assert failures == []
+
+    def test_the_dead_life_is_deleted(self) -> None:
+        """A record of the dead incarnation, or of an earlier one, is deleted."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=4))
+        self.store.backend.put_bytes(PREFIX + "c.json", record_bytes("c", incarnation=5))
+        self.delete_dead("b", 5)
+        self.delete_dead("c", 5)
+        assert self.store.backend.list(PREFIX).items == []
+
+    def test_a_later_life_keeps_its_record(self) -> None:
+        """A node back with a higher incarnation keeps its new record."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=6))
+        self.delete_dead("b", 5)
+        assert [i.key for i in self.store.backend.list(PREFIX).items] == [PREFIX + "b.json"]
+
+    def test_only_the_record_read_is_deleted(self) -> None:
+        """The delete is conditional on the ETag read: a record rewritten in between stays; one
+        gone already, or a store that fails, is no error (the deletion is logged, never raised)."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=5))
+        real_get = self.store.backend.get_bytes
+
+        def get_then_rewrite(key: str, **kw: Any) -> Any:
+            got = real_get(key, **kw)
+            self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=9))
+            return got
+
+        self.store.backend.get_bytes = get_then_rewrite  # type: ignore[method-assign]
+        self.delete_dead("b", 5)
+        self.store.backend.get_bytes = real_get  # type: ignore[method-assign]
+        assert [i.key for i in self.store.backend.list(PREFIX).items] == [PREFIX + "b.json"]
+        self.delete_dead("nobody", 5)
+
+        def down(*args: object, **kw: object) -> object:
+            raise StorageUnavailable("bucket unreachable")
+
+        self.store.backend.get_bytes = down  # type: ignore[method-assign]
+        self.delete_dead("b", 9)

@@ -14,9 +14,10 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
   standing connection that is lost and then refused is a refusal like any other.
 - Bootstrap and healing: every registry read adds the records' nodes, and
   says which records are stale (the bucket as an independent witness).
-- ``ConfirmedDead``: delete the dead node's record only if it still holds the
-  dead incarnation (conditional delete on its ETag), then offer its jobs for
-  adoption.
+- What the rest of the node hears, through callbacks only: a peer that left
+  (``on_left``) or was confirmed dead (``on_confirmed_dead``, with the dead
+  incarnation: the node deletes that life's record and adopts its jobs), and
+  either (``on_gone``: the registry drops it from nodes.json at once).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -34,14 +35,19 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from gridnode import keys
-from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.membership import swim, wire
 from gridnode.membership.hostcheck import HostCheck
-from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, parse_record
 
 #: bytes an inbound connection may send without completing an AMP box
 MAX_UNFRAMED = 256 * 1024
+
+
+class RegisteredPeer(Protocol):
+    """What the membership takes from a node's registry record (``NodeRecord``)."""
+
+    id: str
+    peer_addr: str
+    incarnation: int
 
 
 class PeerProtocol(amp.AMP):
@@ -137,9 +143,8 @@ class MembershipService:
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, store: Any = None, env: str = "",
-        pool: str = "", metrics: Any = None, on_confirmed_dead: Callable[[str], Any] | None = None,
-        on_left: Callable[[str], Any] | None = None,
+        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, metrics: Any = None,
+        on_confirmed_dead: Callable[[str, int], Any] | None = None, on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
         now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck,
     ) -> None:
@@ -147,10 +152,9 @@ class MembershipService:
         self.machine = machine
         self.opener = wire.Opener(key, now)
         self.key = key
-        self.store = store
-        self.env = env
-        self.pool = pool
         self.metrics = metrics
+        #: called with (member, incarnation) when a peer is confirmed dead, after ``on_gone``; may
+        #: return a Deferred (the node deletes that life's record, then adopts the member's jobs)
         self.on_confirmed_dead = on_confirmed_dead
         #: called with a member that left cleanly (a drained node: its jobs were just released)
         self.on_left = on_left
@@ -295,10 +299,10 @@ class MembershipService:
             if self.on_left is not None:
                 self._offer_jobs(self.on_left, change.member)
 
-    def _offer_jobs(self, adopt: Callable[[str], Any], member: str) -> Deferred[Any]:
-        """Hand a gone member's jobs to the job layer; a failure is logged (adoption retries on its
-        own schedule)."""
-        d = maybeDeferred(adopt, member)
+    def _offer_jobs(self, callback: Callable[..., Any], member: str, *args: Any) -> Deferred[Any]:
+        """Hand a gone member to the node, which adopts its jobs; a failure is logged (adoption
+        retries on its own schedule)."""
+        d = maybeDeferred(callback, member, *args)
         d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=member))
         return d
 
@@ -443,7 +447,7 @@ class MembershipService:
 
     # -- the registry as bootstrap list and witness
 
-    def registry_read(self, records: list[NodeRecord]) -> None:
+    def registry_read(self, records: Sequence[RegisteredPeer]) -> None:
         """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale."""
         now = self.now()
         fresh = {r.id for r in records}
@@ -468,31 +472,15 @@ class MembershipService:
         view = self.machine.member(member)
         return view is None or view.state in (swim.DEAD, swim.LEFT)
 
-    @inlineCallbacks
-    def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Any:
+    def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Deferred[Any]:
         self._log.warn("peer {peer} confirmed dead at incarnation {incarnation}", peer=dead.member,
                        incarnation=dead.incarnation)
         if self.metrics is not None:
             self.metrics.deaths.labels("yes").inc()
-        if self.store is not None:
-            key = keys.node_record(self.env, self.pool, dead.member)
-            try:
-                data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
-                record = parse_record(data, dead.member)
-                if record.incarnation <= dead.incarnation:
-                    yield self.store.delete(key, if_match=info.etag)
-                    self._log.info("deleted the registry record of dead peer {peer}", peer=dead.member)
-                else:
-                    self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
-                                   peer=dead.member, incarnation=record.incarnation)
-            except (NotFound, PreconditionFailed):
-                pass  # gone already, or rewritten by the node itself: not ours to delete
-            except GridnodeError as e:
-                self._log.warn("could not delete the record of {peer}: {reason}", peer=dead.member,
-                               reason=e.message)
         self._gone(dead.member, dead.incarnation)
-        if self.on_confirmed_dead is not None:
-            yield self._offer_jobs(self.on_confirmed_dead, dead.member)
+        if self.on_confirmed_dead is None:
+            return succeed(None)
+        return self._offer_jobs(self.on_confirmed_dead, dead.member, dead.incarnation)
 
     # -- views
 

@@ -16,7 +16,9 @@ command line read. A node:
   alive (``wanted``), and take a changed ETag as that node's heartbeat, seen
   then. N nodes GETting N records each heartbeat would be N² requests; this
   is N + the few that matter;
-- deletes its record on a clean stop.
+- deletes its record on a clean stop, and a dead peer's record when the
+  membership confirms the death (``delete_dead``), only if it still holds the
+  dead life.
 
 ``nodes.json`` is rewritten by one node at a time, the live node with the
 lowest id, and only when its content changed: after each heartbeat's read, and
@@ -257,6 +259,26 @@ class Registry:
 
     def _live_of(self, records: list[NodeRecord]) -> list[NodeRecord]:
         return [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
+
+    @inlineCallbacks
+    def delete_dead(self, member: str, incarnation: int) -> Any:
+        """The membership confirmed ``member`` dead at ``incarnation``: delete its record if it
+        still holds that life or an earlier one (a conditional delete on the ETag we read), so a
+        node that came back keeps its new record. Never fails (logged)."""
+        try:
+            key = keys.node_record(self.env, self.pool, member)
+            data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
+            record = parse_record(data, member)
+            if record.incarnation > incarnation:
+                self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
+                               peer=member, incarnation=record.incarnation)
+                return
+            yield self.store.delete(key, if_match=info.etag)
+            self._log.info("deleted the registry record of dead peer {peer}", peer=member)
+        except (NotFound, PreconditionFailed):
+            pass  # gone already, or rewritten by the node itself: not ours to delete
+        except GridnodeError as e:
+            self._log.warn("could not delete the record of {peer}: {reason}", peer=member, reason=e.message)
 
     def forget(self, node_id: str, incarnation: int) -> Any:
         """The membership saw ``node_id`` leave, or confirmed it dead, at ``incarnation``: drop its
