@@ -181,8 +181,8 @@ class NodeService(MultiService):
         registry = node.registry
         jobs.earlier_life = lambda: registry.earlier_life
         membership.on_gone.append(node.registry.forget)
-        node.registry.start()
-        membership.start()
+        node.registry.startService()
+        membership.startService()
         node.tus.start()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
@@ -267,9 +267,9 @@ class NodeService(MultiService):
         if self.node is not None:
             self.node.tus.stop()
         if self.node is not None and self.node.membership is not None:
-            yield self.node.membership.leave()
+            yield self.node.membership.stopService()
         if self.node is not None and self.node.registry is not None:
-            yield self.node.registry.stop()
+            yield self.node.registry.stopService()
         if self.node is not None:
             yield self.node.jobs.media.stop()
         for port in self._ports:

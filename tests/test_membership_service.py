@@ -26,8 +26,8 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
     gone = f"127.0.0.1:{free_port()}"
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=time.time())
     machine.add_members([("b", gone)], time.time())
-    service = MembershipService(reactor, machine, b"k" * 32, connect_timeout=5)
-    service.start(join=False)
+    service = MembershipService(reactor, machine, b"k" * 32, connect_timeout=5, join=False)
+    service.startService()
     try:
         yield wait_for(lambda: machine.suspicion_deadline("b") is not None, 10)
         deadline = machine.suspicion_deadline("b")
@@ -37,7 +37,7 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
         assert deadline - time.time() <= machine.config.gone_suspicion_mult * machine.config.probe_interval
         assert machine.config.gone_suspicion_mult * machine.config.probe_interval < lo
     finally:
-        yield service.stop()
+        yield service.halt()
 
 
 @pytest_twisted.inlineCallbacks
@@ -52,22 +52,22 @@ def test_a_peer_that_leaves_is_reported_gone() -> None:
         machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=time.time())
         other = "b" if name == "a" else "a"
         machine.add_members([(other, addrs[other])], time.time())
-        services[name] = MembershipService(reactor, machine, b"k" * 32, on_left=left.append)
+        services[name] = MembershipService(reactor, machine, b"k" * 32, on_left=left.append, join=False)
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
     for name, service in services.items():
         yield service.listen(TCP4ServerEndpoint(reactor, int(addrs[name].rpartition(":")[2]), interface="127.0.0.1"))
-        service.start(join=False)
+        service.startService()
     gone: list[tuple[str, int]] = []
     services["a"].on_gone.append(lambda member, incarnation: gone.append((member, incarnation)))
     try:
         yield wait_for(lambda: services["a"].machine.member("b").state == swim.ALIVE, 10)
-        yield services["b"].leave()
+        yield services["b"].stopService()
         yield wait_for(lambda: gone == [("b", 7)], 10)
         assert services["a"].machine.member("b").state == swim.LEFT and left == ["b"]
     finally:
         for service in services.values():
-            yield service.stop()
+            yield service.halt()
 
 
 def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
@@ -84,7 +84,7 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
     key = b"k" * 32
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
     machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
-    service = MembershipService(clock, machine, key, now=clock.seconds)
+    service = MembershipService(clock, machine, key, now=clock.seconds, join=False)
     service._send = lambda msg: sent.append(msg) or Deferred()  # type: ignore[method-assign]
     sent: list[swim.Message] = []
 
@@ -97,7 +97,7 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
                 call.called = 1
                 call.func(*call.args, **call.kw)
 
-    service.start(join=False)
+    service.startService()
     while not any(isinstance(m, swim.Ping) for m in sent):
         clock.rightNow = service.machine.next_deadline()  # type: ignore[assignment]
         turn()

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
@@ -37,15 +38,15 @@ class RegistryTests:
     def test_register_publish_and_leave(self) -> None:
         """Each node writes its record; the lowest id publishes nodes.json; a clean stop removes it."""
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
         assert sorted(i.key for i in self.store.backend.list(PREFIX).items) == [PREFIX + "a.json", PREFIX + "b.json"]
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b"]
-        b.stop()
+        b.stopService()
         self.clock.advance(30)
         assert listed(self.store) == ["a"]
-        a.stop()
+        a.stopService()
         assert listed(self.store) == []
         assert self.store.backend.list(PREFIX).items == []
 
@@ -53,28 +54,28 @@ class RegistryTests:
         """The writer's view is up to a heartbeat old when it leaves: a node that registered since
         is in the list it leaves behind (it once wrote an empty list over a live pool)."""
         b = make(self.store, self.clock, "b")
-        b.start()
+        b.startService()
         assert listed(self.store) == ["b"]
         c = make(self.store, self.clock, "c")
-        c.start()  # b has not read since
-        b.stop()
+        c.startService()  # b has not read since
+        b.stopService()
         assert listed(self.store) == ["c"]
 
     def test_forget_republishes_at_once(self) -> None:
         """A peer the membership saw leave (or confirmed dead) leaves nodes.json now, not a heartbeat
         later; its old record is not listed again; a later life of the same id is."""
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
         assert listed(self.store) == ["a", "b"]
-        b._running = False  # gone without deleting its record
+        b.running = False  # gone without deleting its record
         a.forget("b", b.record.incarnation)
         assert listed(self.store) == ["a"]
         self.clock.advance(30)  # the next read still finds b's record: still forgotten
         assert listed(self.store) == ["a"] and a.gone == {"b": b.record.incarnation}
         self.clock.advance(1)
         again = make(self.store, self.clock, "b")
-        again.start()
+        again.startService()
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b"] and a.gone == {}
 
@@ -82,7 +83,7 @@ class RegistryTests:
         """Only the writer (the lowest id) publishes; the others just drop the peer from their view."""
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
-            r.start()
+            r.startService()
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b", "c"]
         puts = self.store.backend.put_bytes
@@ -96,8 +97,8 @@ class RegistryTests:
         from gridnode.errors import StorageUnavailable
 
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
 
         def down(*args: object, **kw: object) -> object:
             raise StorageUnavailable("bucket unreachable")
@@ -108,7 +109,7 @@ class RegistryTests:
         a.forget("b", b.record.incarnation).addErrback(failures.append)
         assert failures == [] and listed(self.store) == ["a", "b"]
         self.store.backend.put_bytes = real  # type: ignore[method-assign]
-        b.stop()
+        b.stopService()
         self.clock.advance(30)
         assert listed(self.store) == ["a"]
 
@@ -129,7 +130,7 @@ class RegistryTests:
         regs = [make(self.store, self.clock, n) for n in "abc"]
         for r in reversed(regs):
             r.wanted = lambda member: False
-            r.start()
+            r.startService()
         self.clock.advance(30)
         gets = self._count_gets()
         self.clock.advance(30)
@@ -141,7 +142,7 @@ class RegistryTests:
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
             r.wanted = lambda member: member == "b"
-            r.start()
+            r.startService()
         self.clock.advance(30)
         gets = self._count_gets()
         self.clock.advance(30)
@@ -152,9 +153,9 @@ class RegistryTests:
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
             r.wanted = lambda member: False
-            r.start()
+            r.startService()
         self.clock.advance(30)
-        b._running = False  # hung: its record stays, unchanged
+        b.running = False  # hung: its record stays, unchanged
         if b._next is not None:
             b._next.cancel()
         for _ in range(10):
@@ -170,10 +171,10 @@ class RegistryTests:
         for r in reversed(regs):
             r.wanted = lambda member: False
             r.load = lambda r=r: {"running": self.clock.seconds()}  # type: ignore[misc]
-            r.start()
+            r.startService()
         self.clock.advance(30)
         self.clock.advance(30)
-        regs[0].stop()
+        regs[0].stopService()
         self.clock.advance(30)
         data, _ = self.store.backend.get_bytes("registry/prod/east/nodes.json")
         loads = {n["id"]: n["load"] for n in json.loads(data)["nodes"]}
@@ -182,11 +183,11 @@ class RegistryTests:
     def test_restart_gets_higher_incarnation(self) -> None:
         """A node that comes back after a crash replaces its old record with a higher incarnation."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         first = a.record.incarnation
-        a._running = False  # a crash: the record stays
+        a.running = False  # a crash: the record stays
         again = make(self.store, self.clock, "a")
-        again.start()
+        again.startService()
         data, _ = self.store.backend.get_bytes(PREFIX + "a.json")
         assert parse_record(data).incarnation == again.record.incarnation > first
 
@@ -195,27 +196,27 @@ class RegistryTests:
         still gets a higher incarnation (peers hold the old one ``left`` and admit only a higher)."""
         self.clock.advance(1_795_572_840.2)
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         first = a.record.incarnation
-        a.stop()
+        a.stopService()
         assert listed(self.store) == []
         self.clock.advance(0.3)
         again = make(self.store, self.clock, "a")
-        again.start()
+        again.startService()
         assert again.record.incarnation > first
 
     def test_it_says_whether_an_earlier_life_left_a_record(self) -> None:
         """A crash leaves the record (its jobs may be waiting); a clean leave deletes it."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         assert a.earlier_life is False
-        a._running = False  # a crash: the record stays
+        a.running = False  # a crash: the record stays
         crashed = make(self.store, self.clock, "a")
-        crashed.start()
+        crashed.startService()
         assert crashed.earlier_life is True
-        crashed.stop()
+        crashed.stopService()
         clean = make(self.store, self.clock, "a")
-        clean.start()
+        clean.startService()
         assert clean.earlier_life is False
         self.store.backend.delete(PREFIX + "a.json")  # a peer deleted it: registering again says nothing new
         self.clock.advance(30)
@@ -224,7 +225,7 @@ class RegistryTests:
     def test_reregisters_when_deleted(self) -> None:
         """If a peer deletes our record, the next heartbeat writes it again."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         self.store.backend.delete(PREFIX + "a.json")
         self.clock.advance(30)
         assert self.store.backend.stat(PREFIX + "a.json").size > 0
@@ -242,7 +243,7 @@ class RegistryTests:
             "heartbeat": 1, "load": {}}).encode())
         self.store.backend.put_bytes(PREFIX + "sub/x.json", b"{}")
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         assert [r.id for r in a.live] == ["a"]
         assert listed(self.store) == ["a"]
         assert a.last_error is None
@@ -263,7 +264,7 @@ class RegistryTests:
 
         backend.put_bytes = flaky  # type: ignore[method-assign]
         a = make(ObjectStore.synchronous(backend), self.clock, "a")
-        a.start()
+        a.startService()
         assert not a.registered and a.last_error == "bucket unreachable"
         assert len(self.clock.getDelayedCalls()) == 1  # one chain of retries, not a storm
         self.clock.advance(1)
@@ -407,3 +408,22 @@ class DeleteDeadTests:
 
         self.store.backend.get_bytes = down  # type: ignore[method-assign]
         self.delete_dead("b", 9)
+
+
+class RegistryServiceTests:
+    """The registry as a Twisted service."""
+
+    def test_it_starts_and_stops_with_its_parent(self) -> None:
+        """A child of the node's MultiService registers when it starts; when it stops, no timer is
+        left and its record is gone by the time the stop has fired."""
+        clock = Clock()
+        clock.advance(1000)
+        store = ObjectStore.synchronous(MemoryBackend())
+        node = MultiService()
+        registry = make(store, clock, "a")
+        registry.setServiceParent(node)
+        node.startService()
+        assert registry.running and registry.registered and len(clock.getDelayedCalls()) == 1
+        stopped = node.stopService()
+        assert stopped.called and not registry.running and clock.getDelayedCalls() == []
+        assert store.backend.list(PREFIX).items == []

@@ -18,6 +18,11 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
   (``on_left``) or was confirmed dead (``on_confirmed_dead``, with the dead
   incarnation: the node deletes that life's record and adopts its jobs), and
   either (``on_gone``: the registry drops it from nodes.json at once).
+
+A Twisted service: ``startService`` joins; ``stopService`` leaves (``left``,
+not ``dead``) and closes every timer and connection, and the port ``listen``
+opened. Listening is a call of its own, before the node registers: it can fail
+(the port is taken), which ``startService`` could not report.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
@@ -139,14 +145,14 @@ class _Standing:
         self.closed = False
 
 
-class MembershipService:
+class MembershipService(Service):
     _log = Logger()
 
     def __init__(
         self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, metrics: Any = None,
         on_confirmed_dead: Callable[[str, int], Any] | None = None, on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
-        now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck,
+        now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck, join: bool = True,
     ) -> None:
         self.reactor = reactor
         self.machine = machine
@@ -165,6 +171,8 @@ class MembershipService:
         self.max_in = max_in
         self.connect_timeout = connect_timeout
         self.now = now
+        #: whether starting announces us and push-pulls the full table with one member
+        self.join = join
         self.inbound: set[PeerProtocol] = set()
         self._out: OrderedDict[str, Any] = OrderedDict()
         self._connecting: dict[str, list[Deferred[Any]]] = {}
@@ -175,7 +183,6 @@ class MembershipService:
         self.checks: dict[str, int] = {}
         self._timer: Any = None
         self._tick_next_turn = False
-        self._running = False
         self.last_heard: dict[str, float] = {}
         self.dropped: dict[str, int] = {}
         self._port: Any = None
@@ -184,30 +191,34 @@ class MembershipService:
 
     @inlineCallbacks
     def listen(self, endpoint: Any) -> Any:
+        """Take peers' connections on ``endpoint`` (closed by `stopService`); fires the port."""
         self._port = yield endpoint.listen(_InboundFactory(self))
         return self._port
 
-    def start(self, join: bool = True) -> None:
-        self._running = True
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        """Join: arm the machine's timers and connect to the members we watch."""
+        super().startService()
         for member in list(self._standing):
             self._stand(member)
-        self.act(self.machine.start(self.now(), join=join))
+        self.act(self.machine.start(self.now(), join=self.join))
 
     @inlineCallbacks
-    def leave(self) -> Any:
-        """Tell peers we leave (``left``, not ``dead``), then stop."""
-        outputs = self.machine.leave(self.now())
-        sent = [self._send(m) for m in outputs if isinstance(m, swim.Message)]
-        for d in sent:
-            try:
-                yield d
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        yield self.stop()
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        """Tell peers we leave (``left``, not ``dead``), then `halt`."""
+        if self.running:
+            outputs = self.machine.leave(self.now())
+            sent = [self._send(m) for m in outputs if isinstance(m, swim.Message)]
+            for d in sent:
+                try:
+                    yield d
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+        yield self.halt()
 
     @inlineCallbacks
-    def stop(self) -> Any:
-        self._running = False
+    def halt(self) -> Any:
+        """Stop at once, telling no one: the machine's timer, every connection, the port."""
+        self.running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         for proto in list(self._out.values()):
@@ -218,8 +229,17 @@ class MembershipService:
         for p in list(self.inbound):
             if p.transport is not None:
                 p.transport.loseConnection()
-        if self._port is not None:
-            yield self._port.stopListening()
+        port, self._port = self._port, None
+        if port is not None:
+            yield port.stopListening()
+
+    # The names from before the service, still called by tests/test_hostcheck.py.
+    def start(self, join: bool = True) -> None:
+        self.join = join
+        self.startService()
+
+    def stop(self) -> Any:
+        return self.halt()
 
     # -- the machine
 
@@ -240,7 +260,7 @@ class MembershipService:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self._running or self._tick_next_turn:
+        if not self.running or self._tick_next_turn:
             return  # a tick is queued: it reschedules when it has run
         deadline = self.machine.next_deadline()
         if self._timer is not None and self._timer.active():
@@ -259,7 +279,7 @@ class MembershipService:
     def _tick(self) -> None:
         self._timer = None
         self._tick_next_turn = False
-        if self._running:
+        if self.running:
             self.act(self.machine.tick(self.now()))
 
     def deliver(self, command: str, values: dict[str, Any]) -> None:
@@ -273,7 +293,7 @@ class MembershipService:
             self.drop("not_for_me")
             return
         self.last_heard[msg.sender] = self.now()
-        if self._running:
+        if self.running:
             self.act(self.machine.receive(msg, self.now()))
 
     def drop(self, reason: str) -> None:
@@ -283,7 +303,7 @@ class MembershipService:
         self._log.debug("dropped a peer message: {reason}", reason=reason)
 
     def _send_failed(self, failure: Any, msg: swim.Message) -> None:
-        if failure.check(ConnectionRefusedError) and self._running:
+        if failure.check(ConnectionRefusedError) and self.running:
             self.act(self.machine.refused(msg.dest, msg.dest_addr, self.now()))
 
     def _changed(self, change: swim.MemberChanged) -> None:
@@ -365,7 +385,7 @@ class MembershipService:
         if held is not None:
             self._unwatch(member)
         self._standing[member] = _Standing(address)
-        if self._running:
+        if self.running:
             self._stand(member)
 
     def _unwatch(self, member: str) -> None:
@@ -393,7 +413,7 @@ class MembershipService:
         period = self.machine.config.probe_interval
 
         def again(delay: float) -> None:
-            if not held.closed and self._running:
+            if not held.closed and self.running:
                 held.retry = self.reactor.callLater(delay, self._stand, member)
 
         def lost() -> None:
@@ -414,7 +434,7 @@ class MembershipService:
             held.since = self.reactor.seconds()
 
         def failed(f: Any) -> None:
-            if f.check(ConnectionRefusedError) and self._running and not held.closed:
+            if f.check(ConnectionRefusedError) and self.running and not held.closed:
                 self.act(self.machine.refused(member, held.address, self.now()))
             again(period)
 
@@ -431,7 +451,7 @@ class MembershipService:
             self.checks[verdict] = self.checks.get(verdict, 0) + 1
             if self.metrics is not None:
                 self.metrics.host_checks.labels(verdict).inc()
-            if silent and self._running:
+            if silent and self.running:
                 self._log.info("peer {peer}'s host acknowledged none of our frames", peer=member)
                 self.act(self.machine.host_silent(member, address, self.now()))
 

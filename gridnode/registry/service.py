@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
 from twisted.logger import Logger
 
@@ -51,8 +52,9 @@ def first_incarnation(now: float) -> int:
     return int(now * 1000)
 
 
-class Registry:
-    """One node's presence in the registry, driven by an injected clock."""
+class Registry(Service):
+    """One node's presence in the registry, driven by an injected clock: registered and refreshed
+    every heartbeat while the service runs, deleted when it stops."""
 
     _log = Logger()
 
@@ -92,15 +94,14 @@ class Registry:
         self.wanted: Callable[[str], bool] | None = None
         self._published: bytes | None = None
         self._publishing = DeferredLock()
-        self._running = False
         self._next: Any = None
         self._backoff = 1.0
 
     # -- life cycle
 
-    def start(self) -> None:
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
         """Register now and refresh every heartbeat; failures are retried with backoff."""
-        self._running = True
+        super().startService()
         self._tick()
 
     def _tick(self) -> None:
@@ -110,7 +111,7 @@ class Registry:
 
     def _schedule(self, ok: bool) -> None:
         """One chain of beats: the next after a heartbeat, or sooner with backoff after a failure."""
-        if not self._running:
+        if not self.running:
             return
         delay = self.heartbeat
         if not ok:
@@ -119,9 +120,9 @@ class Registry:
         self._next = self.clock.callLater(delay, self._tick)
 
     @inlineCallbacks
-    def stop(self) -> Any:
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
         """Stop the heartbeat and delete our record (only the version we wrote)."""
-        self._running = False
+        super().stopService()
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
