@@ -24,7 +24,7 @@ from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoi
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
-from gridnode.registry import Registry, first_incarnation
+from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
 from gridnode.web.cors import CORS
 
@@ -183,8 +183,8 @@ class NodeService(MultiService):
         registry = node.registry
         jobs.earlier_life = lambda: registry.earlier_life
         membership.on_gone.append(node.registry.forget)
-        node.registry.start()
-        membership.start()
+        node.registry.startService()
+        membership.startService()
         node.upload_sweep.startService()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
@@ -214,11 +214,16 @@ class NodeService(MultiService):
         def adopt(member: str) -> Any:
             return node.jobs.adopt_orphans(dead=frozenset({member}))
 
+        @inlineCallbacks
+        def dead(member: str, incarnation: int) -> Any:
+            if node.registry is not None:
+                yield node.registry.delete_dead(member, incarnation)
+            yield adopt(member)
+
         service = MembershipService(
-            self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
-            pool=config.pool, metrics=metrics, stale=config.stale,
+            self.reactor, machine, peer_key(secret, config.env, config.pool), metrics=metrics, stale=config.stale,
             # a drained node released its unfinished jobs just before it left: take them now too
-            on_confirmed_dead=adopt, on_left=adopt,
+            on_confirmed_dead=dead, on_left=adopt,
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))
@@ -264,9 +269,9 @@ class NodeService(MultiService):
         if self.node is not None:
             self.node.upload_sweep.stopService()
         if self.node is not None and self.node.membership is not None:
-            yield self.node.membership.leave()
+            yield self.node.membership.stopService()
         if self.node is not None and self.node.registry is not None:
-            yield self.node.registry.stop()
+            yield self.node.registry.stopService()
         if self.node is not None:
             yield self.node.jobs.media.stop()
         for port in self._ports:
