@@ -51,7 +51,8 @@ class ParseProbeTests:
         assert result.name == "holiday.mp4"
 
     def test_to_json_has_the_design_fields(self) -> None:
-        """to_json() gives the job JSON's input object (docs/api.md): name, size, format, duration, displayed size, codecs."""
+        """to_json() gives the job JSON's input object (docs/api.md): name, size, format, duration,
+        displayed size, codecs."""
         result = parse_probe(doc(streams=[video(rotation=0)]), size=10, name="a.mp4")
         assert result.to_json() == {"name": "a.mp4", "size": 10, "format": "mp4", "duration": 12.5,
                                     "width": 1920, "height": 1080, "video_codec": "h264", "audio_codec": None}
