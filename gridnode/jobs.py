@@ -1,7 +1,7 @@
 """
 The job: a record and its state machine, a plain object with no I/O.
 
-States (DESIGN.md): ``received -> probing -> queued -> transcoding -> storing
+States (docs/api.md, "States"): ``received -> probing -> queued -> transcoding -> storing
 -> done``, or ``failed`` / ``cancelled`` from any state that is not final.
 The record is what ``GET /jobs/<id>`` shows and what is written to
 ``jobs/<id>.json`` on every state change. The user's file name is data here;

@@ -1,7 +1,7 @@
 """
 The only place that builds object keys.
 
-The seed's author once generated keys that no tool could delete afterwards.
+Keys built carelessly can name objects that no tool can delete afterwards.
 Here every key is built from server-chosen ids and fixed words, checked
 against one rule: characters ``[A-Za-z0-9._-]`` with ``/`` as separator, no
 empty, ``.`` or ``..`` segment, at most 1024 bytes. A user's file name is
@@ -72,7 +72,7 @@ def is_id(value: str) -> bool:
     return len(value) == 26 and all(c in _B32 for c in value)
 
 
-# The object layout (DESIGN.md, "Object layout in the store").
+# The object layout (docs/api.md, "Objects in the store").
 
 def registry_prefix(env: str, pool: str) -> str:
     return join("registry", env, pool) + "/"

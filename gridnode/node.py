@@ -24,7 +24,7 @@ from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoi
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
-from gridnode.registry import Registry, first_incarnation
+from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
 from gridnode.web.cors import CORS
 
@@ -40,12 +40,14 @@ class Node:
         self.started = time.time()
         self.registry: Registry | None = None
         self.membership: Any = None
+        from gridnode.uploads.store import UploadStore, UploadSweep
         from gridnode.web import tus as tus_web
 
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
-        self.tus = tus_web.TusService(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes,
-                                      authorize=self.authorize)
+        uploads = UploadStore(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
+        self.upload_sweep = UploadSweep(uploads)
+        self.tus = tus_web.TusHandler(uploads, authorize=self.authorize)
 
     @property
     def draining(self) -> bool:
@@ -184,9 +186,9 @@ class NodeService(MultiService):
         registry = node.registry
         jobs.adopter.earlier_life = lambda: registry.earlier_life
         membership.on_gone.append(node.registry.forget)
-        node.registry.start()
-        membership.start()
-        node.tus.start()
+        node.registry.startService()
+        membership.startService()
+        node.upload_sweep.startService()
         self._log.info(
             "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
             node=node.node_id, env=config.env, pool=config.pool, host=address.host,
@@ -215,11 +217,16 @@ class NodeService(MultiService):
         def adopt(member: str) -> Any:
             return node.jobs.adopt_orphans(dead=frozenset({member}))
 
+        @inlineCallbacks
+        def dead(member: str, incarnation: int) -> Any:
+            if node.registry is not None:
+                yield node.registry.delete_dead(member, incarnation)
+            yield adopt(member)
+
         service = MembershipService(
-            self.reactor, machine, peer_key(secret, config.env, config.pool), store=node.store, env=config.env,
-            pool=config.pool, metrics=metrics, stale=config.stale,
+            self.reactor, machine, peer_key(secret, config.env, config.pool), metrics=metrics, stale=config.stale,
             # a drained node released its unfinished jobs just before it left: take them now too
-            on_confirmed_dead=adopt, on_left=adopt,
+            on_confirmed_dead=dead, on_left=adopt,
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))
@@ -263,11 +270,11 @@ class NodeService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
         if self.node is not None:
-            self.node.tus.stop()
+            self.node.upload_sweep.stopService()
         if self.node is not None and self.node.membership is not None:
-            yield self.node.membership.leave()
+            yield self.node.membership.stopService()
         if self.node is not None and self.node.registry is not None:
-            yield self.node.registry.stop()
+            yield self.node.registry.stopService()
         if self._jobs is not None:
             yield self._jobs.stopService()
         if self._media is not None:

@@ -36,8 +36,8 @@ from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
 from gridnode.runner import Active, Runner, in_store
+from gridnode.spool import Spool, SpoolFile
 from gridnode.store.base import ObjectStore
-from gridnode.web.upload import Spool, SpoolFile
 
 
 class JobService(Service):

@@ -30,8 +30,8 @@ from gridnode.jobs import Job
 from gridnode.media.interface import Described, Media, Named, Produced
 from gridnode.metrics import Metrics
 from gridnode.records import Lost
+from gridnode.spool import SpoolFile
 from gridnode.store.base import ObjectStore
-from gridnode.web.upload import SpoolFile
 
 
 @dataclass

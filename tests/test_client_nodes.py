@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,8 @@ from gridnode.client.nodes import (
     two_choices,
     with_live_load,
 )
-from gridnode.errors import GridnodeError
+from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.registry.records import MAX_RECORD_BYTES
 from gridnode.store.memory import MemoryBackend
 
 
@@ -113,3 +115,34 @@ class DiscoveryTests:
         b.put_bytes("registry/dev/p/nodes/b.json", json.dumps({**rec, "id": "b", "heartbeat": 1}).encode())
         b.put_bytes("registry/dev/p/nodes/c.json", b"garbage")
         assert [n.id for n in nodes_from_store(b, "dev", "p", stale=300, now=1100)] == ["a"]
+
+    def test_records_in_store_are_read_as_the_node_reads_them(self) -> None:
+        """The client shares the node's reader: a record too large is skipped without a GET, one
+        stored under another node's name or deleted between list and get is skipped, and any other
+        store error is raised."""
+        b = MemoryBackend()
+        rec = {"id": "a", "http_url": "http://a", "peer_addr": "", "started": 1, "incarnation": 1,
+               "heartbeat": 1000, "load": {"running": 1}}
+        b.put_bytes("registry/dev/p/nodes/a.json", json.dumps(rec).encode())
+        b.put_bytes("registry/dev/p/nodes/big.json", b" " * (MAX_RECORD_BYTES + 1))
+        b.put_bytes("registry/dev/p/nodes/c.json", json.dumps({**rec, "id": "d"}).encode())
+        b.put_bytes("registry/dev/p/nodes/e.json", json.dumps({**rec, "id": "e"}).encode())
+        real_get = b.get_bytes
+        gets: list[str] = []
+
+        def get(key: str, **kw: Any) -> Any:
+            gets.append(key.rsplit("/", 1)[-1])
+            if key.endswith("e.json"):
+                b.delete(key)
+            return real_get(key, **kw)
+
+        b.get_bytes = get  # type: ignore[method-assign]
+        assert [n.id for n in nodes_from_store(b, "dev", "p", stale=300, now=1100)] == ["a"]
+        assert gets == ["a.json", "c.json", "e.json"]
+
+        def down(key: str, **kw: Any) -> Any:
+            raise StorageUnavailable("bucket unreachable")
+
+        b.get_bytes = down  # type: ignore[method-assign]
+        with pytest.raises(StorageUnavailable):
+            nodes_from_store(b, "dev", "p", stale=300, now=1100)

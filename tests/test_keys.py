@@ -48,7 +48,7 @@ class KeyRuleTests:
             keys.check_key("a" * 1025)
 
     def test_layout(self) -> None:
-        """The object layout of DESIGN.md."""
+        """The object layout of docs/api.md."""
         j = keys.new_id()
         assert keys.job_record(j) == f"jobs/{j}.json"
         assert keys.input_source(j) == f"inputs/{j}/source"

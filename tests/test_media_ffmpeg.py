@@ -18,7 +18,6 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
@@ -37,6 +36,7 @@ from gridnode.media.ffmpeg import (
 from gridnode.media.presets import build_argv, default_output_limit, parse_presets
 from gridnode.media.probe import ProbeResult, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
+from tests.fake_child import FakeGroups, FakeTransport, exited
 from tests.media_samples import FFMPEG, FFPROBE, Clips, alive, ffprobe_json, group_alive, wait_for
 
 BLOCK = b"frame=10\nfps=0.0\nout_time_us=%d\nout_time_ms=%d\nout_time=00:00:01.000000\nspeed=2x\nprogress=continue\n"
@@ -109,45 +109,19 @@ class StderrTailTests:
         assert len(lines) == 65 and lines[0] == "line 36" and lines[-1] == "last"
 
 
-class FakeTransport:
-    def __init__(self, pid: int = 4242) -> None:
-        self.pid: int | None = pid
-        self.signals: list[str] = []
-        self.stdin_closed = False
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-    def signalProcess(self, name: str) -> None:
-        if self.pid is None:
-            raise ProcessExitedAlready()
-        self.signals.append(name)
-
-
-def exited(code: int | None = 0, sig: int | None = None) -> Failure:
-    if code == 0 and sig is None:
-        return Failure(ProcessDone(0))
-    return Failure(ProcessTerminated(exitCode=code, signal=sig))
-
-
 class Harness:
     def __init__(self, duration: float = 10.0, timeouts: Timeouts = Timeouts(idle=5, kill_grace=3, backup=7),
                  group_exists: bool = True) -> None:
         self.clock = task.Clock()
-        self.sent: list[tuple[int, int]] = []
-        self.group_exists = group_exists
+        self.groups = FakeGroups(exists=group_exists)
+        self.sent = self.groups.sent
         self.progress: list[float] = []
         self.proc = FfmpegProcess(self.clock, duration=duration, on_progress=self.progress.append,
-                                  timeouts=timeouts, killpg=self.killpg)
+                                  timeouts=timeouts, killpg=self.groups)
         self.transport = FakeTransport()
         self.proc.makeConnection(self.transport)
         self.results: list[Any] = []
         self.proc.deferred.addBoth(self.results.append)
-
-    def killpg(self, pid: int, sig: int) -> None:
-        if not self.group_exists:
-            raise ProcessLookupError()
-        self.sent.append((pid, sig))
 
     def end(self, reason: Failure) -> None:
         self.transport.pid = None

@@ -1,19 +1,25 @@
 """
-Probing uploads: the pure decisions on ffprobe JSON, and real ffprobe runs on
-generated clips, junk, playlists and a probe that hangs.
+Probing uploads: the pure decisions on ffprobe JSON, the ffprobe child on
+``task.Clock`` and a fake transport (its time limit, group kill and backup
+timer), and real ffprobe runs on generated clips, junk, playlists and a probe
+that hangs.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import task
+from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
-from gridnode.media.probe import Limits, ProbeResult, parse_probe, probe
+from gridnode.media.probe import Limits, ProbeProcess, ProbeResult, parse_probe, probe
+from tests.fake_child import PID, FakeGroups, FakeTransport, exited
 from tests.media_samples import FFPROBE, Clips
 
 
@@ -45,7 +51,8 @@ class ParseProbeTests:
         assert result.name == "holiday.mp4"
 
     def test_to_json_has_the_design_fields(self) -> None:
-        """to_json() gives DESIGN's input object: name, size, format, duration, displayed size, codecs."""
+        """to_json() gives the job JSON's input object (docs/api.md): name, size, format, duration,
+        displayed size, codecs."""
         result = parse_probe(doc(streams=[video(rotation=0)]), size=10, name="a.mp4")
         assert result.to_json() == {"name": "a.mp4", "size": 10, "format": "mp4", "duration": 12.5,
                                     "width": 1920, "height": 1080, "video_codec": "h264", "audio_codec": None}
@@ -152,6 +159,95 @@ class ParseProbeTests:
         with pytest.raises(GridnodeError) as info:
             parse_probe(raw, size=1)
         assert info.value.code == "not_a_video"
+
+
+class ProbeRun:
+    """A ``ProbeProcess`` as ``probe()`` makes it, on a fake clock, transport and killpg."""
+
+    def __init__(self, limits: Limits = Limits(probe_timeout=30)) -> None:
+        self.clock = task.Clock()
+        self.groups = FakeGroups()
+        self.child = ProbeProcess(self.clock, limits, killpg=self.groups)
+        self.transport = FakeTransport()
+        self.child.makeConnection(self.transport)
+        self.results: list[Any] = []
+        self.child.deferred.addBoth(self.results.append)
+
+    def end(self, reason: Failure) -> None:
+        self.transport.pid = None
+        self.child.processEnded(reason)
+
+    def error(self) -> GridnodeError:
+        assert len(self.results) == 1 and isinstance(self.results[0], Failure)
+        value = self.results[0].value
+        assert isinstance(value, GridnodeError)
+        return value
+
+
+class ProbeChildTests:
+    def test_answer(self) -> None:
+        """Exit 0: stdout whole and stderr, with stdin closed and no timer left."""
+        run = ProbeRun()
+        assert run.transport.stdin_closed
+        run.child.childDataReceived(1, b'{"format": ')
+        run.child.childDataReceived(2, b"a warning\n")
+        run.child.childDataReceived(1, b"{}}")
+        run.end(exited(0))
+        assert run.results == [(b'{"format": {}}', b"a warning\n")]
+        assert run.clock.getDelayedCalls() == [] and run.groups.sent == []
+
+    def test_timeout_kills_the_group(self) -> None:
+        """Past probe_timeout: SIGTERM to ffprobe's whole process group, SIGKILL after the
+        grace, and timeout (504) once it is gone; the group is swept after the reaping."""
+        run = ProbeRun()
+        run.clock.advance(29.9)
+        assert run.groups.sent == []
+        run.clock.advance(0.1)
+        assert run.groups.sent == [(PID, signal.SIGTERM)]
+        run.clock.advance(5)
+        assert run.groups.sent == [(PID, signal.SIGTERM), (PID, signal.SIGKILL)]
+        assert run.results == []
+        run.end(exited(None, signal.SIGKILL))
+        assert (run.error().code, run.error().status) == ("timeout", 504)
+        assert "longer than 30 s" in run.error().message
+        assert run.groups.sent[-1] == (PID, signal.SIGKILL)
+        assert run.transport.signals == [] and run.clock.getDelayedCalls() == []
+
+    def test_backup_timer(self) -> None:
+        """An ffprobe never reported as ended: the probe still fails with timeout after
+        SIGKILL and the backup time; a late end changes nothing."""
+        run = ProbeRun()
+        run.clock.advance(30)
+        run.clock.advance(5)
+        assert run.groups.sent == [(PID, signal.SIGTERM), (PID, signal.SIGKILL)]
+        run.clock.advance(9.9)
+        assert run.results == []
+        run.clock.advance(0.1)
+        assert run.error().code == "timeout"
+        run.end(exited(None, signal.SIGKILL))
+        assert len(run.results) == 1
+
+    def test_too_much_output_stops_the_group(self) -> None:
+        """More JSON than max_probe_output: the group is stopped and the file refused."""
+        run = ProbeRun(Limits(max_probe_output=10))
+        run.child.childDataReceived(1, b"x" * 8)
+        assert run.groups.sent == []
+        run.child.childDataReceived(1, b"x" * 8)
+        assert run.groups.sent == [(PID, signal.SIGTERM)]
+        run.end(exited(None, signal.SIGTERM))
+        assert run.error().code == "unsupported_format"
+
+    @pytest.mark.parametrize(("stderr", "code"), [
+        (b"[hls @ 0x55d0c0a1b2c0] Format not on whitelist 'mov,avi'\n", "unsupported_format"),
+        (b"file:/tmp/x: Invalid data found when processing input\n", "not_a_video"),
+    ])
+    def test_failed_exit_is_a_refusal(self, stderr: bytes, code: str) -> None:
+        """A non-zero exit is a refusal read from stderr: a playlist demuxer off the whitelist
+        is unsupported_format, anything else not_a_video."""
+        run = ProbeRun()
+        run.child.childDataReceived(2, stderr)
+        run.end(exited(1))
+        assert run.error().code == code
 
 
 @pytest.mark.integration

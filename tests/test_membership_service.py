@@ -1,88 +1,195 @@
-"""The membership's TCP glue on a real reactor and loopback sockets (no node process)."""
+"""The membership's TCP glue, driven on a MemoryReactorClock with connections made in memory."""
 
 from __future__ import annotations
 
 import random
-import time
+from collections.abc import Callable
+from typing import Any
 
-import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 
 from gridnode import keys
 from gridnode.membership import swim
 from gridnode.membership.service import MembershipService
-from gridnode.registry import NodeRecord
+from gridnode.registry.records import NodeRecord
+from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from tests.nodes import free_port, wait_for
+
+KEY = b"k" * 32
 
 
-@pytest_twisted.inlineCallbacks
+class _Socket:
+    """What `_keep_alive` sets options on."""
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+
+class _Transport(iosim.FakeTransport):
+    def getHandle(self) -> _Socket:  # noqa: N802 - Twisted's name
+        return _Socket()
+
+
+class _Port:
+    def __init__(self, wires: Wires, address: str) -> None:
+        self.wires = wires
+        self.address = address
+
+    def stopListening(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        self.wires.listening.pop(self.address, None)
+        return succeed(None)
+
+
+class _Endpoint:
+    def __init__(self, wires: Wires, address: str) -> None:
+        self.wires = wires
+        self.address = address
+
+    def listen(self, factory: Factory) -> Deferred[_Port]:
+        self.wires.listening[self.address] = factory
+        return succeed(_Port(self.wires, self.address))
+
+
+class Wires:
+    """Services on one MemoryReactorClock, their TCP made in memory: a connection to an address
+    something listens on (`endpoint`) is completed through iosim; any other is refused."""
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        self.listening: dict[str, Factory] = {}
+        self.pumps: list[iosim.IOPump] = []
+
+    def endpoint(self, address: str) -> _Endpoint:
+        return _Endpoint(self, address)
+
+    def settle(self) -> None:
+        """Make or refuse the connections asked for and carry every byte, until nothing moves."""
+        moved = True
+        while moved:
+            moved = False
+            while self.reactor.tcpClients:
+                host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
+                connector = self.reactor.connectors.pop(0)
+                server_factory = self.listening.get(f"{host}:{port}")
+                server = server_factory.buildProtocol(None) if server_factory is not None else None
+                if server is None:
+                    factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+                else:
+                    client = factory.buildProtocol(None)
+                    self.pumps.append(iosim.connect(server, _Transport(server, isServer=True), client,
+                                                    _Transport(client, isServer=False), greet=False,
+                                                    clock=self.reactor))
+                moved = True
+            for pump in list(self.pumps):
+                moved = pump.flush() or moved
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self.pumps.remove(pump)
+
+    def run_until(self, done: Callable[[], object], seconds: float, step: float = 0.05) -> float:
+        """Let time pass in small steps until ``done()``; the simulated seconds it took."""
+        start = self.reactor.seconds()
+        self.settle()
+        while not done():
+            assert self.reactor.seconds() - start < seconds, f"condition not reached within {seconds}s"
+            self.reactor.advance(step)
+            self.settle()
+        return self.reactor.seconds() - start
+
+
 def test_a_refused_connection_is_reported_to_the_machine() -> None:
     """Nothing listens at a member's address: the refusal makes it suspect with the short timeout."""
-    gone = f"127.0.0.1:{free_port()}"
-    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=time.time())
-    machine.add_members([("b", gone)], time.time())
-    service = MembershipService(reactor, machine, b"k" * 32, connect_timeout=5)
-    service.start(join=False)
+    wires = Wires()
+    clock = wires.reactor
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
+    machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
+    service = MembershipService(clock, machine, KEY, connect_timeout=5, now=clock.seconds, join=False)
+    service.startService()
     try:
-        yield wait_for(lambda: machine.suspicion_deadline("b") is not None, 10)
+        wires.run_until(lambda: machine.suspicion_deadline("b") is not None, 10)
         deadline = machine.suspicion_deadline("b")
         assert deadline is not None
         lo, _ = machine.config.suspicion_bounds(2)
         # the silent-member timeout here would be ``lo`` (4 periods): a refusal cuts it to one
-        assert deadline - time.time() <= machine.config.gone_suspicion_mult * machine.config.probe_interval
+        assert deadline - clock.seconds() <= machine.config.gone_suspicion_mult * machine.config.probe_interval
         assert machine.config.gone_suspicion_mult * machine.config.probe_interval < lo
     finally:
-        yield service.stop()
+        service.halt()
 
 
-@pytest_twisted.inlineCallbacks
+def _pair(wires: Wires, start: bool = True, **kw: Any) -> dict[str, MembershipService]:
+    """Two members at incarnation 7 that know each other, listening (and started)."""
+    clock = wires.reactor
+    addrs = {"a": "127.0.0.1:7001", "b": "127.0.0.1:7002"}
+    services = {}
+    for name, addr in addrs.items():
+        machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=clock.seconds())
+        other = "b" if name == "a" else "a"
+        machine.add_members([(other, addrs[other])], clock.seconds())
+        services[name] = MembershipService(clock, machine, KEY, now=clock.seconds, join=False, **kw)
+    for name, service in services.items():
+        service.listen(wires.endpoint(addrs[name]))
+        if start:
+            service.startService()
+    return services
+
+
 def test_a_peer_that_leaves_is_reported_gone() -> None:
-    """A clean leave reaches the peer over loopback and is handed to ``on_gone`` with its
+    """A clean leave (stopping the service) reaches the peer and is handed to ``on_gone`` with its
     incarnation (the registry drops it from nodes.json without waiting for a heartbeat) and to
     ``on_left`` (the jobs a drained node released are adopted at once)."""
-    addrs = {name: f"127.0.0.1:{free_port()}" for name in "ab"}
-    services = {}
+    wires = Wires()
     left: list[str] = []
-    for name, addr in addrs.items():
-        machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=time.time())
-        other = "b" if name == "a" else "a"
-        machine.add_members([(other, addrs[other])], time.time())
-        services[name] = MembershipService(reactor, machine, b"k" * 32, on_left=left.append)
-    from twisted.internet.endpoints import TCP4ServerEndpoint
-
-    for name, service in services.items():
-        yield service.listen(TCP4ServerEndpoint(reactor, int(addrs[name].rpartition(":")[2]), interface="127.0.0.1"))
-        service.start(join=False)
+    services = _pair(wires, on_left=left.append)
     gone: list[tuple[str, int]] = []
     services["a"].on_gone.append(lambda member, incarnation: gone.append((member, incarnation)))
     try:
-        yield wait_for(lambda: services["a"].machine.member("b").state == swim.ALIVE, 10)
-        yield services["b"].leave()
-        yield wait_for(lambda: gone == [("b", 7)], 10)
-        assert services["a"].machine.member("b").state == swim.LEFT and left == ["b"]
+        wires.run_until(lambda: services["a"].machine.member("b").state == swim.ALIVE, 10)  # type: ignore[union-attr]
+        stopped = services["b"].stopService()
+        wires.run_until(lambda: stopped.called, 10)
+        wires.run_until(lambda: gone == [("b", 7)], 10)
+        assert services["a"].machine.member("b").state == swim.LEFT and left == ["b"]  # type: ignore[union-attr]
     finally:
         for service in services.values():
-            yield service.stop()
+            service.halt()
+
+
+def test_stopping_stops_every_timer_and_connection() -> None:
+    """As children of the node's MultiService: started with it, the members talk; stopped with it,
+    they leave no timer, connection or listening port behind."""
+    wires = Wires()
+    node = MultiService()
+    services = _pair(wires, start=False)
+    for service in services.values():
+        service.setServiceParent(node)
+    node.startService()
+    wires.run_until(lambda: "b" in services["a"].last_heard and "a" in services["b"].last_heard, 30)
+    stopped = node.stopService()
+    wires.settle()
+    assert stopped.called and not any(service.running for service in services.values())
+    assert wires.reactor.getDelayedCalls() == []
+    assert wires.pumps == [] and wires.listening == {}
 
 
 def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
     """A reactor runs due timers before it reads its sockets. After a stall, the service ticks the
     machine one reactor turn later, so an ack that arrived before its deadline is read first and
-    the probed member is not accused. (Clock cannot interleave socket reads: the turns are driven
-    by hand, in the order a real reactor runs them.)"""
-    from twisted.internet.task import Clock
-
+    the probed member is not accused. (The turns are driven by hand, in the order a real reactor
+    runs them.)"""
     from gridnode.membership import wire
 
-    clock = Clock()
+    clock = MemoryReactorClock()
     clock.advance(1000)
-    key = b"k" * 32
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
     machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
-    service = MembershipService(clock, machine, key, now=clock.seconds)
+    service = MembershipService(clock, machine, KEY, now=clock.seconds, join=False)
     service._send = lambda msg: sent.append(msg) or Deferred()  # type: ignore[method-assign]
     sent: list[swim.Message] = []
 
@@ -95,7 +202,7 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
                 call.called = 1
                 call.func(*call.args, **call.kw)
 
-    service.start(join=False)
+    service.startService()
     while not any(isinstance(m, swim.Ping) for m in sent):
         clock.rightNow = service.machine.next_deadline()  # type: ignore[assignment]
         turn()
@@ -106,7 +213,7 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
     clock.rightNow = ping_period_end = clock.seconds() + machine.config.probe_interval + 0.1
     turn()  # the timer fires: the machine is not ticked yet
     assert service._tick_next_turn and not any(isinstance(m, swim.PingReq) for m in sent)
-    command, values = wire.seal(key, ack, clock.seconds())
+    command, values = wire.seal(KEY, ack, clock.seconds())
     service.deliver(command.__name__, values)  # the reactor reads its sockets
     turn()  # next turn: the machine ticks, with the ack already read
     assert clock.seconds() == ping_period_end
@@ -119,7 +226,7 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     """The registry GETs a changed record only when the membership can learn from it."""
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
     machine.add_members([("b", "127.0.0.1:2")], 0.0)
-    service = MembershipService(reactor, machine, b"k" * 32)
+    service = MembershipService(MemoryReactorClock(), machine, KEY)
     assert not service.needs_record("b") and not service.needs_record("a")
     assert service.needs_record("stranger")
     machine.receive(swim.Gossip("a", "127.0.0.1:1", "b", "127.0.0.1:2", 0,
@@ -127,19 +234,43 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     assert service.needs_record("b")
 
 
-@pytest_twisted.inlineCallbacks
 def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
     """A node that dies before we ever hear from it: we hold it at its record's incarnation (the
-    registry bootstrap once said 0), so its confirmed death deletes that record."""
+    registry bootstrap once said 0), so its confirmed death, reported with that incarnation,
+    deletes that record."""
+    clock = MemoryReactorClock()
     store = ObjectStore.synchronous(MemoryBackend())
     record = NodeRecord("b", "http://127.0.0.1:2", "127.0.0.1:2", started=1.0, incarnation=1_795_000_000_123,
                         heartbeat=1.0)
     key = keys.node_record("dev", "p", "b")
     store.backend.put_bytes(key, record.dumps())
+    registry = Registry(clock, store, env="dev", pool="p", node_id="a", http_url="http://127.0.0.1:1",
+                        peer_addr="127.0.0.1:1", now=clock.seconds)
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
-    service = MembershipService(reactor, machine, b"k" * 32, store=store, env="dev", pool="p")
+    service = MembershipService(clock, machine, KEY, on_confirmed_dead=registry.delete_dead)
     service.registry_read([record])
     view = machine.member("b")
     assert view is not None and view.incarnation == record.incarnation
-    yield service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", view.incarnation))
+    done = service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", view.incarnation))
+    assert done.called
     assert store.backend.list("registry/").items == []
+
+
+def test_a_confirmed_death_is_reported_through_callbacks_only() -> None:
+    """The membership tells the rest of the node of a confirmed death, first ``on_gone`` (the
+    registry republishes at once), then ``on_confirmed_dead`` with the dead incarnation (its
+    record, then its jobs), and waits for it; a failing callback is logged, not raised."""
+    calls: list[tuple[str, str, int]] = []
+    answer: Deferred[None] = Deferred()
+
+    def dead(member: str, incarnation: int) -> Deferred[None]:
+        calls.append(("dead", member, incarnation))
+        return answer
+
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    service = MembershipService(MemoryReactorClock(), machine, KEY, on_confirmed_dead=dead)
+    service.on_gone.append(lambda member, incarnation: calls.append(("gone", member, incarnation)))
+    done = service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", 5))
+    assert calls == [("gone", "b", 5), ("dead", "b", 5)] and not done.called
+    answer.errback(RuntimeError("adoption failed"))
+    assert done.called

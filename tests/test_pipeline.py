@@ -12,6 +12,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+import gridnode.spool
 from gridnode import jobs
 from gridnode.adoption import KEEPERS, SAMPLE, KeeperRing
 from gridnode.config import build_config
@@ -19,7 +20,6 @@ from gridnode.errors import Busy, GridnodeError, StorageUnavailable
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.web import upload
 from tests.fakes import FakeMedia
 from tests.test_spool_hash import out_of_space_halfway
 
@@ -120,7 +120,7 @@ class PipelineTests:
         probe.discard()
         if not reserved:
             pytest.skip("no fallocate(2) for this folder's filesystem")
-        monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+        monkeypatch.setattr(gridnode.spool, "_fallocate", out_of_space_halfway)
         with pytest.raises(GridnodeError) as e:
             self.jobs.admit(1000)
         assert e.value.code == "insufficient_storage" and e.value.status == 507

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
+from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 
-from gridnode.registry import Registry, parse_record
+from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
+from gridnode.registry.records import MAX_RECORD_BYTES, RecordRead, RecordReader, parse_record
+from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 
@@ -33,15 +38,15 @@ class RegistryTests:
     def test_register_publish_and_leave(self) -> None:
         """Each node writes its record; the lowest id publishes nodes.json; a clean stop removes it."""
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
         assert sorted(i.key for i in self.store.backend.list(PREFIX).items) == [PREFIX + "a.json", PREFIX + "b.json"]
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b"]
-        b.stop()
+        b.stopService()
         self.clock.advance(30)
         assert listed(self.store) == ["a"]
-        a.stop()
+        a.stopService()
         assert listed(self.store) == []
         assert self.store.backend.list(PREFIX).items == []
 
@@ -49,28 +54,28 @@ class RegistryTests:
         """The writer's view is up to a heartbeat old when it leaves: a node that registered since
         is in the list it leaves behind (it once wrote an empty list over a live pool)."""
         b = make(self.store, self.clock, "b")
-        b.start()
+        b.startService()
         assert listed(self.store) == ["b"]
         c = make(self.store, self.clock, "c")
-        c.start()  # b has not read since
-        b.stop()
+        c.startService()  # b has not read since
+        b.stopService()
         assert listed(self.store) == ["c"]
 
     def test_forget_republishes_at_once(self) -> None:
         """A peer the membership saw leave (or confirmed dead) leaves nodes.json now, not a heartbeat
         later; its old record is not listed again; a later life of the same id is."""
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
         assert listed(self.store) == ["a", "b"]
-        b._running = False  # gone without deleting its record
+        b.running = False  # gone without deleting its record
         a.forget("b", b.record.incarnation)
         assert listed(self.store) == ["a"]
         self.clock.advance(30)  # the next read still finds b's record: still forgotten
         assert listed(self.store) == ["a"] and a.gone == {"b": b.record.incarnation}
         self.clock.advance(1)
         again = make(self.store, self.clock, "b")
-        again.start()
+        again.startService()
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b"] and a.gone == {}
 
@@ -78,7 +83,7 @@ class RegistryTests:
         """Only the writer (the lowest id) publishes; the others just drop the peer from their view."""
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
-            r.start()
+            r.startService()
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b", "c"]
         puts = self.store.backend.put_bytes
@@ -92,8 +97,8 @@ class RegistryTests:
         from gridnode.errors import StorageUnavailable
 
         a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
-        b.start()
-        a.start()
+        b.startService()
+        a.startService()
 
         def down(*args: object, **kw: object) -> object:
             raise StorageUnavailable("bucket unreachable")
@@ -104,7 +109,7 @@ class RegistryTests:
         a.forget("b", b.record.incarnation).addErrback(failures.append)
         assert failures == [] and listed(self.store) == ["a", "b"]
         self.store.backend.put_bytes = real  # type: ignore[method-assign]
-        b.stop()
+        b.stopService()
         self.clock.advance(30)
         assert listed(self.store) == ["a"]
 
@@ -125,7 +130,7 @@ class RegistryTests:
         regs = [make(self.store, self.clock, n) for n in "abc"]
         for r in reversed(regs):
             r.wanted = lambda member: False
-            r.start()
+            r.startService()
         self.clock.advance(30)
         gets = self._count_gets()
         self.clock.advance(30)
@@ -137,7 +142,7 @@ class RegistryTests:
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
             r.wanted = lambda member: member == "b"
-            r.start()
+            r.startService()
         self.clock.advance(30)
         gets = self._count_gets()
         self.clock.advance(30)
@@ -148,9 +153,9 @@ class RegistryTests:
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
         for r in (c, b, a):
             r.wanted = lambda member: False
-            r.start()
+            r.startService()
         self.clock.advance(30)
-        b._running = False  # hung: its record stays, unchanged
+        b.running = False  # hung: its record stays, unchanged
         if b._next is not None:
             b._next.cancel()
         for _ in range(10):
@@ -166,10 +171,10 @@ class RegistryTests:
         for r in reversed(regs):
             r.wanted = lambda member: False
             r.load = lambda r=r: {"running": self.clock.seconds()}  # type: ignore[misc]
-            r.start()
+            r.startService()
         self.clock.advance(30)
         self.clock.advance(30)
-        regs[0].stop()
+        regs[0].stopService()
         self.clock.advance(30)
         data, _ = self.store.backend.get_bytes("registry/prod/east/nodes.json")
         loads = {n["id"]: n["load"] for n in json.loads(data)["nodes"]}
@@ -178,11 +183,11 @@ class RegistryTests:
     def test_restart_gets_higher_incarnation(self) -> None:
         """A node that comes back after a crash replaces its old record with a higher incarnation."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         first = a.record.incarnation
-        a._running = False  # a crash: the record stays
+        a.running = False  # a crash: the record stays
         again = make(self.store, self.clock, "a")
-        again.start()
+        again.startService()
         data, _ = self.store.backend.get_bytes(PREFIX + "a.json")
         assert parse_record(data).incarnation == again.record.incarnation > first
 
@@ -191,27 +196,27 @@ class RegistryTests:
         still gets a higher incarnation (peers hold the old one ``left`` and admit only a higher)."""
         self.clock.advance(1_795_572_840.2)
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         first = a.record.incarnation
-        a.stop()
+        a.stopService()
         assert listed(self.store) == []
         self.clock.advance(0.3)
         again = make(self.store, self.clock, "a")
-        again.start()
+        again.startService()
         assert again.record.incarnation > first
 
     def test_it_says_whether_an_earlier_life_left_a_record(self) -> None:
         """A crash leaves the record (its jobs may be waiting); a clean leave deletes it."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         assert a.earlier_life is False
-        a._running = False  # a crash: the record stays
+        a.running = False  # a crash: the record stays
         crashed = make(self.store, self.clock, "a")
-        crashed.start()
+        crashed.startService()
         assert crashed.earlier_life is True
-        crashed.stop()
+        crashed.stopService()
         clean = make(self.store, self.clock, "a")
-        clean.start()
+        clean.startService()
         assert clean.earlier_life is False
         self.store.backend.delete(PREFIX + "a.json")  # a peer deleted it: registering again says nothing new
         self.clock.advance(30)
@@ -220,7 +225,7 @@ class RegistryTests:
     def test_reregisters_when_deleted(self) -> None:
         """If a peer deletes our record, the next heartbeat writes it again."""
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         self.store.backend.delete(PREFIX + "a.json")
         self.clock.advance(30)
         assert self.store.backend.stat(PREFIX + "a.json").size > 0
@@ -238,7 +243,7 @@ class RegistryTests:
             "heartbeat": 1, "load": {}}).encode())
         self.store.backend.put_bytes(PREFIX + "sub/x.json", b"{}")
         a = make(self.store, self.clock, "a")
-        a.start()
+        a.startService()
         assert [r.id for r in a.live] == ["a"]
         assert listed(self.store) == ["a"]
         assert a.last_error is None
@@ -259,7 +264,7 @@ class RegistryTests:
 
         backend.put_bytes = flaky  # type: ignore[method-assign]
         a = make(ObjectStore.synchronous(backend), self.clock, "a")
-        a.start()
+        a.startService()
         assert not a.registered and a.last_error == "bucket unreachable"
         assert len(self.clock.getDelayedCalls()) == 1  # one chain of retries, not a storm
         self.clock.advance(1)
@@ -267,3 +272,158 @@ class RegistryTests:
         self.clock.advance(2)
         self.clock.advance(4)
         assert a.registered and a.last_error is None
+
+
+def record_bytes(node_id: str, incarnation: int = 1, heartbeat: float = 1000.0) -> bytes:
+    return json.dumps({"id": node_id, "http_url": f"http://{node_id}", "peer_addr": "", "started": 1,
+                       "incarnation": incarnation, "heartbeat": heartbeat, "load": {}}).encode()
+
+
+class RecordReaderTests:
+    """The one reader of node records, without I/O: it says what to GET and judges the answers."""
+
+    def setup_method(self) -> None:
+        self.backend = MemoryBackend()
+        self.reader = RecordReader(PREFIX)
+
+    def read(self, now: float = 1000.0, wanted: Any = None) -> tuple[list[str], RecordRead]:
+        """One read against the backend: the keys it fetched, and the read."""
+        read = self.reader.begin(self.backend.list(PREFIX).items, now, wanted)
+        fetched = list(read.fetch)
+        for key in read.fetch:
+            try:
+                data, info = self.backend.get_bytes(key, max_size=MAX_RECORD_BYTES)
+            except GridnodeError as e:
+                read.failed(key, e)
+            else:
+                read.got(key, data, info.etag)
+        return fetched, read
+
+    def test_a_first_read_fetches_every_record_and_skips_what_is_not_one(self) -> None:
+        """Every record is fetched, in listing order; an object that is not a record, or too large
+        to be one, is left out without a GET, and the read says why."""
+        self.backend.put_bytes(PREFIX + "b.json", record_bytes("b"))
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.backend.put_bytes(PREFIX + "big.json", b" " * (MAX_RECORD_BYTES + 1))
+        self.backend.put_bytes(PREFIX + "sub/x.json", b"{}")
+        self.backend.put_bytes(PREFIX + "notes.txt", b"hello")
+        fetched, read = self.read()
+        assert fetched == [PREFIX + "a.json", PREFIX + "b.json"]
+        assert [r.id for r in read.done()] == ["a", "b"]
+        assert read.skipped == [(PREFIX + "big.json", f"{MAX_RECORD_BYTES + 1} bytes"),
+                                (PREFIX + "notes.txt", "not a node record"),
+                                (PREFIX + "sub/x.json", "not a node record")]
+
+    def test_unreadable_records_are_skipped_and_store_errors_fail_the_read(self) -> None:
+        """A malformed record, or one stored under another node's name, is skipped with its reason;
+        a record deleted between the listing and the GET is left out quietly; any other error is
+        the store's and fails the read."""
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.backend.put_bytes(PREFIX + "junk.json", b"\x00{{")
+        self.backend.put_bytes(PREFIX + "c.json", record_bytes("someone-else"))
+        read = self.reader.begin(self.backend.list(PREFIX).items, 1000.0)
+        read.failed(PREFIX + "a.json", NotFound("deleted since"))
+        for key in (PREFIX + "c.json", PREFIX + "junk.json"):
+            data, info = self.backend.get_bytes(key)
+            read.got(key, data, info.etag)
+        assert read.done() == []
+        assert [key for key, _ in read.skipped] == [PREFIX + "c.json", PREFIX + "junk.json"]
+        assert "stored under 'c'" in read.skipped[0][1]
+        with pytest.raises(StorageUnavailable):
+            read.failed(PREFIX + "a.json", StorageUnavailable("bucket unreachable"))
+
+    def test_a_later_read_fetches_only_new_and_wanted_changes(self) -> None:
+        """Unchanged records are not fetched again. A changed one is fetched when wanted; when not,
+        it is kept, dated by when the change was seen, and fetched in full when wanted next."""
+        for node_id in "abc":
+            self.backend.put_bytes(PREFIX + f"{node_id}.json", record_bytes(node_id, heartbeat=1000.0))
+        self.read()[1].done()
+        self.backend.put_bytes(PREFIX + "b.json", record_bytes("b", heartbeat=1010.0))
+        self.backend.put_bytes(PREFIX + "c.json", record_bytes("c", heartbeat=1010.0))
+        self.backend.put_bytes(PREFIX + "d.json", record_bytes("d", heartbeat=1010.0))
+        fetched, read = self.read(now=1030.0, wanted=lambda node_id: node_id == "c")
+        assert fetched == [PREFIX + "c.json", PREFIX + "d.json"]
+        assert {r.id: r.heartbeat for r in read.done()} == {"a": 1000.0, "b": 1030.0, "c": 1010.0, "d": 1010.0}
+        fetched, read = self.read(now=1060.0, wanted=lambda node_id: False)
+        assert fetched == [] and {r.id: r.heartbeat for r in read.done()}["b"] == 1030.0
+        fetched, read = self.read(now=1090.0)
+        assert fetched == [PREFIX + "b.json"] and {r.id: r.heartbeat for r in read.done()}["b"] == 1010.0
+
+    def test_a_failed_read_leaves_the_last_one_standing(self) -> None:
+        """Only a finished read replaces what the reader holds."""
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a"))
+        self.read()[1].done()
+        self.backend.put_bytes(PREFIX + "a.json", record_bytes("a", heartbeat=1010.0))
+        fetched, _ = self.read()  # never done
+        fetched_again, read = self.read()
+        assert fetched == fetched_again == [PREFIX + "a.json"] and read.done()[0].heartbeat == 1010.0
+
+
+class DeleteDeadTests:
+    """The registry deletes a dead peer's record, only while it holds the dead life."""
+
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.store = ObjectStore.synchronous(MemoryBackend())
+        self.registry = make(self.store, self.clock, "a")
+
+    def delete_dead(self, member: str, incarnation: int) -> None:
+        failures: list[object] = []
+        self.registry.delete_dead(member, incarnation).addErrback(failures.append)
+        assert failures == []
+
+    def test_the_dead_life_is_deleted(self) -> None:
+        """A record of the dead incarnation, or of an earlier one, is deleted."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=4))
+        self.store.backend.put_bytes(PREFIX + "c.json", record_bytes("c", incarnation=5))
+        self.delete_dead("b", 5)
+        self.delete_dead("c", 5)
+        assert self.store.backend.list(PREFIX).items == []
+
+    def test_a_later_life_keeps_its_record(self) -> None:
+        """A node back with a higher incarnation keeps its new record."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=6))
+        self.delete_dead("b", 5)
+        assert [i.key for i in self.store.backend.list(PREFIX).items] == [PREFIX + "b.json"]
+
+    def test_only_the_record_read_is_deleted(self) -> None:
+        """The delete is conditional on the ETag read: a record rewritten in between stays; one
+        gone already, or a store that fails, is no error (the deletion is logged, never raised)."""
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=5))
+        real_get = self.store.backend.get_bytes
+
+        def get_then_rewrite(key: str, **kw: Any) -> Any:
+            got = real_get(key, **kw)
+            self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=9))
+            return got
+
+        self.store.backend.get_bytes = get_then_rewrite  # type: ignore[method-assign]
+        self.delete_dead("b", 5)
+        self.store.backend.get_bytes = real_get  # type: ignore[method-assign]
+        assert [i.key for i in self.store.backend.list(PREFIX).items] == [PREFIX + "b.json"]
+        self.delete_dead("nobody", 5)
+
+        def down(*args: object, **kw: object) -> object:
+            raise StorageUnavailable("bucket unreachable")
+
+        self.store.backend.get_bytes = down  # type: ignore[method-assign]
+        self.delete_dead("b", 9)
+
+
+class RegistryServiceTests:
+    """The registry as a Twisted service."""
+
+    def test_it_starts_and_stops_with_its_parent(self) -> None:
+        """A child of the node's MultiService registers when it starts; when it stops, no timer is
+        left and its record is gone by the time the stop has fired."""
+        clock = Clock()
+        clock.advance(1000)
+        store = ObjectStore.synchronous(MemoryBackend())
+        node = MultiService()
+        registry = make(store, clock, "a")
+        registry.setServiceParent(node)
+        node.startService()
+        assert registry.running and registry.registered and len(clock.getDelayedCalls()) == 1
+        stopped = node.stopService()
+        assert stopped.called and not registry.running and clock.getDelayedCalls() == []
+        assert store.backend.list(PREFIX).items == []

@@ -1,6 +1,7 @@
 """
 Long upload bodies moved from the socket to the spool file by splice(2): a real GridSite on
-loopback TCP with a real reactor, real spool files, clients on raw sockets in threads.
+loopback TCP with a real reactor, real spool files, clients on raw sockets in threads. splice
+needs a real socket, so all of this is the integration suite.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gridnode.spool import Spool
 from gridnode.web import splice
-from gridnode.web.upload import GridSite, Spool
+from gridnode.web.upload import GridSite
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")]
 
 MiB = 1024 * 1024
 

@@ -1,4 +1,8 @@
-"""Upload bodies are hashed by a thread reading behind the writer (real reactor, real files)."""
+"""
+Spool files: their sha256, and the disk reserved for them. A body is hashed by a thread reading
+behind the writer where the reactor runs threads: those tests run the real reactor and its
+threads, so they are in the integration suite; the rest are unit tests on real files.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock, deferLater
+from zope.interface import implementer
 
+import gridnode.spool
 from gridnode.errors import GridnodeError
-from gridnode.web import upload
-from gridnode.web.upload import InlineSha256, Spool, SpoolFile, TrailingSha256
+from gridnode.spool import InlineSha256, Spool, SpoolFile, TrailingSha256
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_trailing_digest_equals_hashlib(tmp_path: Path) -> None:
     """Pieces of every size, written while the thread trails: the digest is the file's sha256."""
@@ -35,6 +42,7 @@ async def test_trailing_digest_equals_hashlib(tmp_path: Path) -> None:
     assert digest == hashlib.sha256((tmp_path / "job1").read_bytes()).hexdigest()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_empty_body(tmp_path: Path) -> None:
     """No write at all: the digest of nothing."""
@@ -43,6 +51,7 @@ async def test_empty_body(tmp_path: Path) -> None:
     assert await f.digest() == hashlib.sha256(b"").hexdigest()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_discard_stops_the_thread(tmp_path: Path) -> None:
     """A refused or cut-off body: the file goes, and so does its hashing thread."""
@@ -68,6 +77,7 @@ def test_without_a_threaded_reactor_the_hash_is_inline(tmp_path: Path) -> None:
     assert result == [hashlib.sha256(b"abc").hexdigest()]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("size", [0, 1, TrailingSha256.READ, 3 * TrailingSha256.READ + 17])
 @pytest_twisted.ensureDeferred
 async def test_sizes_around_the_read_size(tmp_path: Path, size: int) -> None:
@@ -79,10 +89,15 @@ async def test_sizes_around_the_read_size(tmp_path: Path, size: int) -> None:
     assert await f.digest() == hashlib.sha256(body).hexdigest()
 
 
+@implementer(IReactorThreads)
+class ThreadedClock(Clock):
+    """A clock that says it runs threads (it starts none): what a spool file's choice of hasher sees."""
+
+
 def test_a_file_not_written_from_its_start_is_hashed_inline(tmp_path: Path) -> None:
     """Appending to a file (or from an offset): the digest is of what is written, not of the file."""
     (tmp_path / "a").write_bytes(b"already here")
-    f = SpoolFile(str(tmp_path / "a"), "ab", reactor=reactor)
+    f = SpoolFile(str(tmp_path / "a"), "ab", reactor=ThreadedClock())
     assert isinstance(f._hash, InlineSha256)
     f.write(b"new")
     result: list[str] = []
@@ -119,8 +134,8 @@ def test_reserve_allocates_without_growing_the_file(tmp_path: Path) -> None:
 
 def out_of_space_halfway(fd: int, mode: int, offset: int, length: int) -> int:
     """fallocate(2) as ext4 does it when the disk fills up meanwhile: half, then ENOSPC."""
-    assert upload._fallocate is not None
-    upload._load_fallocate()(fd, mode, offset, length // 2)
+    assert gridnode.spool._fallocate is not None
+    gridnode.spool._load_fallocate()(fd, mode, offset, length // 2)
     ctypes.set_errno(errno.ENOSPC)
     return -1
 
@@ -130,7 +145,7 @@ def test_no_room_is_insufficient_storage_and_keeps_no_blocks(tmp_path: Path,
     """A body the disk cannot hold is refused with 507 before a byte of it is read, and the
     blocks the filesystem allocated before it ran out are given back at once."""
     spool = _reserving(tmp_path)
-    monkeypatch.setattr(upload, "_fallocate", out_of_space_halfway)
+    monkeypatch.setattr(gridnode.spool, "_fallocate", out_of_space_halfway)
     f = spool.new("big")
     with pytest.raises(GridnodeError) as e:
         f.reserve(64 * MiB)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gridnode import keys
-from gridnode.errors import GridnodeError, NotFound
-from gridnode.registry import MAX_RECORD_BYTES, BadRecord, live_list, parse_record
+from gridnode.errors import GridnodeError
+from gridnode.registry.records import MAX_RECORD_BYTES, RecordReader, live_list
 from gridnode.store.base import Backend, list_all
 
 
@@ -36,23 +36,19 @@ class NodeInfo:
 
 def nodes_from_store(backend: Backend, env: str, pool: str, stale: float = 300.0,
                      now: float | None = None) -> list[NodeInfo]:
-    """The fresh node records under the registry prefix (blocking: run it in a thread)."""
+    """The fresh node records under the registry prefix, read as the node reads them; malformed
+    ones are skipped (blocking: run it in a thread)."""
     prefix = keys.node_records_prefix(env, pool)
-    records = []
-    for info in list_all(backend, prefix):
-        name = info.key[len(prefix):]
-        if "/" in name or not name.endswith(".json"):
-            continue
+    now = time.time() if now is None else now
+    read = RecordReader(prefix).begin(list_all(backend, prefix), now)
+    for key in read.fetch:
         try:
-            data, _ = backend.get_bytes(info.key, max_size=MAX_RECORD_BYTES)
-            records.append(parse_record(data, name[:-5]))
-        except (NotFound, BadRecord):
-            continue
+            data, info = backend.get_bytes(key, max_size=MAX_RECORD_BYTES)
         except GridnodeError as e:
-            if e.code in ("too_large", "invalid_key"):
-                continue
-            raise
-    fresh = live_list(records, time.time() if now is None else now, stale)
+            read.failed(key, e)
+        else:
+            read.got(key, data, info.etag)
+    fresh = live_list(read.done(), now, stale)
     return [NodeInfo(r.id, r.http_url, r.load, r.heartbeat) for r in fresh]
 
 

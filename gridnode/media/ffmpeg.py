@@ -3,14 +3,13 @@ Running ffmpeg: progress, timeouts, cancellation (buildbot-worker's habits).
 
 - ``ProgressParser`` is sans-I/O: fed with the bytes of ``-progress pipe:1``,
   it yields progress 0..1 against the probed duration, never going down.
-- ``FfmpegProcess`` is the ProcessProtocol: it keeps the last 64 stderr lines,
-  enforces an idle-output timeout and a maximum total time, and stops the child
-  with SIGTERM to its whole process group, then SIGKILL after a grace period;
-  a backup timer fires the result even if the process never reports its end.
-  ``deferred`` fires with ``FfmpegResult`` or fails with ``GridnodeError``:
-  ``ffmpeg_failed`` (exit status != 0; message ends with stderr's tail),
-  ``timeout`` and ``cancelled``. It only fires once the child is gone (or the
-  backup timer gave up on it), so a caller may remove the scratch folder then.
+- ``FfmpegProcess`` is ffmpeg's ``child.ChildProcess`` (timeouts, SIGTERM then
+  SIGKILL to the whole process group, the backup timer): it keeps the last 64
+  stderr lines and reports progress. ``deferred`` fires with ``FfmpegResult`` or
+  fails with ``GridnodeError``: ``ffmpeg_failed`` (exit status != 0; message ends
+  with stderr's tail), ``timeout`` and ``cancelled``. It only fires once the child
+  is gone (or the backup timer gave up on it), so a caller may remove the scratch
+  folder then.
 - ``spawn_ffmpeg`` starts any argv that way; ``start_transcode`` starts the
   argv of ``presets.build_argv``; ``collect_outputs`` lists what was written.
 
@@ -22,21 +21,18 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
+from gridnode.media.child import ChildProcess, Timeouts, spawn_child
 from gridnode.media.presets import Preset, build_argv, default_output_limit
 from gridnode.media.probe import ProbeResult
 from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv, share_with
@@ -133,16 +129,6 @@ class StderrTail:
         return list(self.lines) + ([partial] if partial else [])
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds. ``max_time`` None: ``max_time_for(duration)``."""
-
-    idle: float = 120.0
-    max_time: float | None = None
-    kill_grace: float = 5.0  # SIGTERM -> SIGKILL
-    backup: float = 10.0  # after SIGKILL, give up waiting for the process to end
-
-
 def max_time_for(duration: float) -> float:
     """The default ceiling on one conversion: ten times the input, at least a minute."""
     return max(60.0, 10.0 * duration)
@@ -154,10 +140,9 @@ class FfmpegResult:
     stderr_tail: tuple[str, ...]
 
 
-class FfmpegProcess(ProcessProtocol):
-    """One ffmpeg child. ``cancel()`` stops it; ``deferred`` tells how it ended."""
-
-    _log = Logger()
+class FfmpegProcess(ChildProcess[FfmpegResult]):
+    """One ffmpeg child (``child.ChildProcess``): its progress on stdout, the tail of its
+    stderr. ``cancel()`` stops it; ``deferred`` tells how it ended."""
 
     def __init__(
         self,
@@ -169,142 +154,47 @@ class FfmpegProcess(ProcessProtocol):
         killpg: Callable[[int, int], None] = os.killpg,
         label: str = "ffmpeg",
     ) -> None:
-        self.deferred: Deferred[FfmpegResult] = Deferred()
+        max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(duration)
+        super().__init__(clock, timeouts=replace(timeouts, max_time=max_time), killpg=killpg, label=label)
         self.parser = ProgressParser(duration)
         self.stderr = StderrTail()
-        self.pid: int | None = None  # also the process group id
-        self.label = label
-        self._clock = clock
         self._on_progress = on_progress
-        self._timeouts = timeouts
-        self._max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(duration)
-        self._killpg = killpg
-        self._started = clock.seconds()
-        self._stopping: GridnodeError | None = None
-        self._done = False
-        self._idle_timer: IDelayedCall | None = None
-        self._total_timer: IDelayedCall | None = None
-        self._kill_timer: IDelayedCall | None = None
-        self._backup_timer: IDelayedCall | None = None
 
-    # -- ProcessProtocol
+    def outReceived(self, data: bytes) -> None:
+        for value in self.parser.feed(data):
+            self._report(value)
 
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.pid = self.transport.pid
-        self.transport.closeStdin()
-        self._started = self._clock.seconds()
-        self._idle_timer = self._clock.callLater(self._timeouts.idle, self._idle)
-        self._total_timer = self._clock.callLater(self._max_time, self._too_long)
-        self._log.info("{label} started as pid {pid}", label=self.label, pid=self.pid)
+    def errReceived(self, data: bytes) -> None:
+        self.stderr.feed(data)
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._timeouts.idle)
-        if childFD == 1:
-            for value in self.parser.feed(data):
-                self._report(value)
-        elif childFD == 2:
-            self.stderr.feed(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        if self._stopping is not None and self.pid is not None:
-            # The leader is reaped now; sweep any member it left behind before
-            # the group id can be handed out again.
-            self._signal_group(signal.SIGKILL, fallback=False)
-        self._cancel_timers()
-        if self._done:
-            return
-        elapsed = self._clock.seconds() - self._started
-        if self._stopping is not None:
-            self._finish(Failure(self._stopping))
-        elif reason.check(ProcessDone):
+    def outcome(self, reason: Failure) -> FfmpegResult | Failure:
+        if reason.check(ProcessDone):
+            elapsed = self.elapsed
             self._report(1.0)
             self._log.info("{label} pid {pid} done in {elapsed:.1f}s", label=self.label, pid=self.pid,
                            elapsed=elapsed)
-            self._finish(FfmpegResult(elapsed, tuple(self.stderr.tail())))
-        else:
-            err = reason.value
-            how = (f"was killed by signal {err.signal}" if isinstance(err, ProcessTerminated) and err.signal
-                   else f"exited with status {getattr(err, 'exitCode', '?')}")
-            tail = self.stderr.tail()
-            self._log.warn("{label} pid {pid} {how}", label=self.label, pid=self.pid, how=how)
-            error = GridnodeError(
-                f"the conversion failed: ffmpeg {how}" + (":\n" + "\n".join(tail) if tail else ""),
-                code="ffmpeg_failed", status=422)
-            error.stderr_tail = tail  # type: ignore[attr-defined]
-            self._finish(Failure(error))
+            return FfmpegResult(elapsed, tuple(self.stderr.tail()))
+        err = reason.value
+        how = (f"was killed by signal {err.signal}" if isinstance(err, ProcessTerminated) and err.signal
+               else f"exited with status {getattr(err, 'exitCode', '?')}")
+        tail = self.stderr.tail()
+        self._log.warn("{label} pid {pid} {how}", label=self.label, pid=self.pid, how=how)
+        error = GridnodeError(
+            f"the conversion failed: ffmpeg {how}" + (":\n" + "\n".join(tail) if tail else ""),
+            code="ffmpeg_failed", status=422)
+        error.stderr_tail = tail  # type: ignore[attr-defined]
+        return Failure(error)
 
-    # -- control
+    def timeout_error(self, idle: bool) -> GridnodeError:
+        if idle:
+            return GridnodeError(f"ffmpeg wrote nothing for {self.timeouts.idle:.0f} s and was stopped",
+                                 code="timeout", status=504)
+        return GridnodeError(f"the conversion took longer than {self.timeouts.max_time:.0f} s and was stopped",
+                             code="timeout", status=504)
 
     def cancel(self) -> None:
         """Stop the child; ``deferred`` fails with ``cancelled`` once it is gone."""
-        self._stop(GridnodeError("the job was cancelled", code="cancelled", status=409))
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping is not None
-
-    def _idle(self) -> None:
-        self._idle_timer = None
-        self._stop(GridnodeError(
-            f"ffmpeg wrote nothing for {self._timeouts.idle:.0f} s and was stopped", code="timeout", status=504))
-
-    def _too_long(self) -> None:
-        self._total_timer = None
-        self._stop(GridnodeError(
-            f"the conversion took longer than {self._max_time:.0f} s and was stopped", code="timeout", status=504))
-
-    def _stop(self, error: GridnodeError) -> None:
-        if self._done or self._stopping is not None:
-            return
-        self._stopping = error
-        self._log.info("stopping {label} pid {pid}: {code}", label=self.label, pid=self.pid, code=error.code)
-        for timer in (self._idle_timer, self._total_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._idle_timer = self._total_timer = None
-        if self.pid is None:
-            # Never started: nothing to wait for.
-            self._finish(Failure(error))
-            return
-        self._signal_group(signal.SIGTERM)
-        self._kill_timer = self._clock.callLater(self._timeouts.kill_grace, self._kill)
-
-    def _kill(self) -> None:
-        self._kill_timer = None
-        self._log.warn("{label} pid {pid} ignored SIGTERM; sending SIGKILL", label=self.label, pid=self.pid)
-        self._signal_group(signal.SIGKILL)
-        self._backup_timer = self._clock.callLater(self._timeouts.backup, self._give_up)
-
-    def _give_up(self) -> None:
-        # buildbot's backup timer: a child stuck in the kernel may never be
-        # reaped; the job must still end.
-        self._backup_timer = None
-        self._log.error("{label} pid {pid} did not end after SIGKILL; giving up on it", label=self.label,
-                        pid=self.pid)
-        assert self._stopping is not None
-        self._finish(Failure(self._stopping))
-
-    def _signal_group(self, sig: int, fallback: bool = True) -> None:
-        transport_pid = getattr(self.transport, "pid", None)
-        if self.pid is None:
-            return
-        try:
-            self._killpg(self.pid, sig)
-            return
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            self._log.warn("cannot signal process group {pid}", pid=self.pid)
-        if fallback and transport_pid is not None and self.transport is not None:
-            # No group (the child died before making one): signal the child alone.
-            try:
-                self.transport.signalProcess("KILL" if sig == signal.SIGKILL else "TERM")
-            except (ProcessExitedAlready, OSError):
-                pass
-
-    # -- helpers
+        self.stop(GridnodeError("the job was cancelled", code="cancelled", status=409))
 
     def _report(self, value: float) -> None:
         if self._on_progress is None:
@@ -313,22 +203,6 @@ class FfmpegProcess(ProcessProtocol):
             self._on_progress(value)
         except Exception:  # noqa: BLE001 - a listener's bug must not kill the conversion
             self._log.failure("progress listener failed")
-
-    def _cancel_timers(self) -> None:
-        for timer in (self._idle_timer, self._total_timer, self._kill_timer, self._backup_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._idle_timer = self._total_timer = self._kill_timer = self._backup_timer = None
-
-    def _finish(self, result: FfmpegResult | Failure) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._cancel_timers()
-        if isinstance(result, Failure):
-            self.deferred.errback(result)
-        else:
-            self.deferred.callback(result)
 
 
 def wrapped_argv(argv: Sequence[str], niceness: int = NICENESS, limits: ChildLimits | None = None) -> list[str]:
@@ -357,16 +231,7 @@ def spawn_ffmpeg(
     """
     proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
     full = wrapped_argv(argv, niceness, limits)
-    process_reactor: IReactorProcess = reactor
-    transport = process_reactor.spawnProcess(proto, full[0], full, env=dict(env if env is not None else os.environ))
-    if transport.pid is not None:
-        # The parent sets the group too, so it exists as soon as spawnProcess
-        # returns whichever side runs first (the shells' trick); EACCES means
-        # the child already exec'd, after making the group itself.
-        try:
-            os.setpgid(transport.pid, transport.pid)
-        except OSError:
-            pass
+    spawn_child(reactor, proto, full, env=dict(env if env is not None else os.environ))
     return proto
 
 

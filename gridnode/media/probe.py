@@ -2,9 +2,11 @@
 ffprobe an upload and decide whether gridnode will convert it.
 
 ``probe(reactor, path)`` runs ``ffprobe -v error -of json -show_format
--show_streams`` as a child process (never a blocking subprocess) under a time
-limit and turns its JSON into a frozen ``ProbeResult``; ``parse_probe`` is the
-pure half, fed with ffprobe's JSON, so the decisions are unit-testable.
+-show_streams`` as a child process (never a blocking subprocess; ``ProbeProcess``,
+with ffmpeg's discipline from ``child``: a time limit, SIGTERM then SIGKILL to its
+process group, the backup timer) and turns its JSON into a frozen ``ProbeResult``;
+``parse_probe`` is the pure half, fed with ffprobe's JSON, so the decisions are
+unit-testable.
 
 Refusals are ``GridnodeError`` with stable codes:
 
@@ -30,17 +32,18 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
+from gridnode.media.child import ChildProcess, Timeouts, spawn_child
 from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv
 
 _log = Logger()
@@ -102,7 +105,7 @@ class ProbeResult:
     name: str | None = field(default=None, compare=False)  # the user's file name, kept as data
 
     def to_json(self) -> dict[str, Any]:
-        """The job JSON's ``input`` object (DESIGN: HTTP API)."""
+        """The job JSON's ``input`` object (docs/api.md, "The job")."""
         out: dict[str, Any] = {}
         if self.name is not None:
             out["name"] = self.name
@@ -276,59 +279,39 @@ def probe_argv(ffprobe: str, path: str) -> list[str]:
             "file:" + os.path.abspath(path)]
 
 
-class _ProbeProtocol(ProcessProtocol):
-    def __init__(self, clock: IReactorTime, timeout: float, max_output: int) -> None:
-        self.ended: Deferred[tuple[bytes, bytes]] = Deferred()
+class ProbeProcess(ChildProcess[tuple[bytes, bytes]]):
+    """One ffprobe child (``child.ChildProcess``, stopped after ``limits.probe_timeout``):
+    ``deferred`` fires with its stdout (at most ``limits.max_probe_output`` bytes) and
+    the tail of its stderr, or fails with the refusal its end means."""
+
+    def __init__(self, clock: IReactorTime, limits: Limits = Limits(), *,
+                 killpg: Callable[[int, int], None] = os.killpg) -> None:
+        super().__init__(clock, timeouts=Timeouts(idle=None, max_time=limits.probe_timeout), killpg=killpg,
+                         label="ffprobe")
         self._out: list[bytes] = []
         self._out_size = 0
         self._err = b""
-        self._max_output = max_output
-        self._failure: GridnodeError | None = None
-        self._clock = clock
-        self._timer: IDelayedCall | None = None
-        self._timeout = timeout
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.closeStdin()
-        self._timer = self._clock.callLater(self._timeout, self._stop, "timeout")
+        self._max_output = limits.max_probe_output
+        self._timeout = limits.probe_timeout
 
     def outReceived(self, data: bytes) -> None:
         self._out_size += len(data)
         if self._out_size > self._max_output:
-            self._stop("output")
+            self.stop(_error("unsupported_format", 422, "the file has too many streams or too much metadata"))
             return
         self._out.append(data)
 
     def errReceived(self, data: bytes) -> None:
         self._err = (self._err + data)[-8192:]
 
-    def _stop(self, why: str) -> None:
-        if self._failure is not None:
-            return
-        if why == "timeout":
-            self._timer = None
-            self._failure = _error("timeout", 504,
-                                   f"reading the file took longer than {self._timeout:.0f} s; "
-                                   "the file may be damaged")
-        else:
-            self._failure = _error("unsupported_format", 422, "the file has too many streams or too much metadata")
-        try:
-            assert self.transport is not None
-            self.transport.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
+    def outcome(self, reason: Failure) -> tuple[bytes, bytes] | Failure:
+        if reason.check(ProcessDone):
+            return b"".join(self._out), self._err
+        return Failure(_probe_failure(self._err))
 
-    def processEnded(self, reason: Failure) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._failure is not None:
-            self.ended.errback(self._failure)
-        elif reason.check(ProcessDone):
-            self.ended.callback((b"".join(self._out), self._err))
-        else:
-            self.ended.errback(_probe_failure(self._err))
+    def timeout_error(self, idle: bool) -> GridnodeError:
+        return _error("timeout", 504, f"reading the file took longer than {self._timeout:.0f} s; "
+                      "the file may be damaged")
 
 
 def _probe_failure(stderr: bytes) -> GridnodeError:
@@ -355,11 +338,10 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
     if shutil.which(ffprobe) is None:
         # A node set up wrong must not blame the user's file.
         raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
-    proto = _ProbeProtocol(reactor, limits.probe_timeout, limits.max_probe_output)
+    proto = ProbeProcess(reactor, limits)
     let_read(user, path)
-    argv = probe_command(ffprobe, path, limits, user)
-    reactor.spawnProcess(proto, argv[0], argv, env=None)
-    out, err = await proto.ended
+    spawn_child(reactor, proto, probe_command(ffprobe, path, limits, user), env=None)
+    out, err = await proto.deferred
     if err.strip():
         _log.debug("ffprobe {path} said {stderr}", path=path, stderr=err.decode("utf-8", "replace")[-500:])
     return parse_probe(out, size=size, limits=limits, name=name)

@@ -14,9 +14,15 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
   standing connection that is lost and then refused is a refusal like any other.
 - Bootstrap and healing: every registry read adds the records' nodes, and
   says which records are stale (the bucket as an independent witness).
-- ``ConfirmedDead``: delete the dead node's record only if it still holds the
-  dead incarnation (conditional delete on its ETag), then offer its jobs for
-  adoption.
+- What the rest of the node hears, through callbacks only: a peer that left
+  (``on_left``) or was confirmed dead (``on_confirmed_dead``, with the dead
+  incarnation: the node deletes that life's record and adopts its jobs), and
+  either (``on_gone``: the registry drops it from nodes.json at once).
+
+A Twisted service: ``startService`` joins; ``stopService`` leaves (``left``,
+not ``dead``) and closes every timer and connection, and the port ``listen``
+opened. Listening is a call of its own, before the node registers: it can fail
+(the port is taken), which ``startService`` could not report.
 """
 
 from __future__ import annotations
@@ -25,23 +31,29 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from gridnode import keys
-from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.membership import swim, wire
 from gridnode.membership.hostcheck import HostCheck
-from gridnode.registry import MAX_RECORD_BYTES, NodeRecord, parse_record
 
 #: bytes an inbound connection may send without completing an AMP box
 MAX_UNFRAMED = 256 * 1024
+
+
+class RegisteredPeer(Protocol):
+    """What the membership takes from a node's registry record (``NodeRecord``)."""
+
+    id: str
+    peer_addr: str
+    incarnation: int
 
 
 class PeerProtocol(amp.AMP):
@@ -133,24 +145,22 @@ class _Standing:
         self.closed = False
 
 
-class MembershipService:
+class MembershipService(Service):
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, store: Any = None, env: str = "",
-        pool: str = "", metrics: Any = None, on_confirmed_dead: Callable[[str], Any] | None = None,
-        on_left: Callable[[str], Any] | None = None,
+        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, metrics: Any = None,
+        on_confirmed_dead: Callable[[str, int], Any] | None = None, on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
-        now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck,
+        now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck, join: bool = True,
     ) -> None:
         self.reactor = reactor
         self.machine = machine
         self.opener = wire.Opener(key, now)
         self.key = key
-        self.store = store
-        self.env = env
-        self.pool = pool
         self.metrics = metrics
+        #: called with (member, incarnation) when a peer is confirmed dead, after ``on_gone``; may
+        #: return a Deferred (the node deletes that life's record, then adopts the member's jobs)
         self.on_confirmed_dead = on_confirmed_dead
         #: called with a member that left cleanly (a drained node: its jobs were just released)
         self.on_left = on_left
@@ -161,6 +171,8 @@ class MembershipService:
         self.max_in = max_in
         self.connect_timeout = connect_timeout
         self.now = now
+        #: whether starting announces us and push-pulls the full table with one member
+        self.join = join
         self.inbound: set[PeerProtocol] = set()
         self._out: OrderedDict[str, Any] = OrderedDict()
         self._connecting: dict[str, list[Deferred[Any]]] = {}
@@ -171,7 +183,6 @@ class MembershipService:
         self.checks: dict[str, int] = {}
         self._timer: Any = None
         self._tick_next_turn = False
-        self._running = False
         self.last_heard: dict[str, float] = {}
         self.dropped: dict[str, int] = {}
         self._port: Any = None
@@ -180,30 +191,34 @@ class MembershipService:
 
     @inlineCallbacks
     def listen(self, endpoint: Any) -> Any:
+        """Take peers' connections on ``endpoint`` (closed by `stopService`); fires the port."""
         self._port = yield endpoint.listen(_InboundFactory(self))
         return self._port
 
-    def start(self, join: bool = True) -> None:
-        self._running = True
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        """Join: arm the machine's timers and connect to the members we watch."""
+        super().startService()
         for member in list(self._standing):
             self._stand(member)
-        self.act(self.machine.start(self.now(), join=join))
+        self.act(self.machine.start(self.now(), join=self.join))
 
     @inlineCallbacks
-    def leave(self) -> Any:
-        """Tell peers we leave (``left``, not ``dead``), then stop."""
-        outputs = self.machine.leave(self.now())
-        sent = [self._send(m) for m in outputs if isinstance(m, swim.Message)]
-        for d in sent:
-            try:
-                yield d
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        yield self.stop()
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        """Tell peers we leave (``left``, not ``dead``), then `halt`."""
+        if self.running:
+            outputs = self.machine.leave(self.now())
+            sent = [self._send(m) for m in outputs if isinstance(m, swim.Message)]
+            for d in sent:
+                try:
+                    yield d
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+        yield self.halt()
 
     @inlineCallbacks
-    def stop(self) -> Any:
-        self._running = False
+    def halt(self) -> Any:
+        """Stop at once, telling no one: the machine's timer, every connection, the port."""
+        self.running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         for proto in list(self._out.values()):
@@ -214,8 +229,17 @@ class MembershipService:
         for p in list(self.inbound):
             if p.transport is not None:
                 p.transport.loseConnection()
-        if self._port is not None:
-            yield self._port.stopListening()
+        port, self._port = self._port, None
+        if port is not None:
+            yield port.stopListening()
+
+    # The names from before the service, still called by tests/test_hostcheck.py.
+    def start(self, join: bool = True) -> None:
+        self.join = join
+        self.startService()
+
+    def stop(self) -> Any:
+        return self.halt()
 
     # -- the machine
 
@@ -236,7 +260,7 @@ class MembershipService:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self._running or self._tick_next_turn:
+        if not self.running or self._tick_next_turn:
             return  # a tick is queued: it reschedules when it has run
         deadline = self.machine.next_deadline()
         if self._timer is not None and self._timer.active():
@@ -255,7 +279,7 @@ class MembershipService:
     def _tick(self) -> None:
         self._timer = None
         self._tick_next_turn = False
-        if self._running:
+        if self.running:
             self.act(self.machine.tick(self.now()))
 
     def deliver(self, command: str, values: dict[str, Any]) -> None:
@@ -269,7 +293,7 @@ class MembershipService:
             self.drop("not_for_me")
             return
         self.last_heard[msg.sender] = self.now()
-        if self._running:
+        if self.running:
             self.act(self.machine.receive(msg, self.now()))
 
     def drop(self, reason: str) -> None:
@@ -279,7 +303,7 @@ class MembershipService:
         self._log.debug("dropped a peer message: {reason}", reason=reason)
 
     def _send_failed(self, failure: Any, msg: swim.Message) -> None:
-        if failure.check(ConnectionRefusedError) and self._running:
+        if failure.check(ConnectionRefusedError) and self.running:
             self.act(self.machine.refused(msg.dest, msg.dest_addr, self.now()))
 
     def _changed(self, change: swim.MemberChanged) -> None:
@@ -295,10 +319,10 @@ class MembershipService:
             if self.on_left is not None:
                 self._offer_jobs(self.on_left, change.member)
 
-    def _offer_jobs(self, adopt: Callable[[str], Any], member: str) -> Deferred[Any]:
-        """Hand a gone member's jobs to the job layer; a failure is logged (adoption retries on its
-        own schedule)."""
-        d = maybeDeferred(adopt, member)
+    def _offer_jobs(self, callback: Callable[..., Any], member: str, *args: Any) -> Deferred[Any]:
+        """Hand a gone member to the node, which adopts its jobs; a failure is logged (adoption
+        retries on its own schedule)."""
+        d = maybeDeferred(callback, member, *args)
         d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=member))
         return d
 
@@ -361,7 +385,7 @@ class MembershipService:
         if held is not None:
             self._unwatch(member)
         self._standing[member] = _Standing(address)
-        if self._running:
+        if self.running:
             self._stand(member)
 
     def _unwatch(self, member: str) -> None:
@@ -389,7 +413,7 @@ class MembershipService:
         period = self.machine.config.probe_interval
 
         def again(delay: float) -> None:
-            if not held.closed and self._running:
+            if not held.closed and self.running:
                 held.retry = self.reactor.callLater(delay, self._stand, member)
 
         def lost() -> None:
@@ -410,7 +434,7 @@ class MembershipService:
             held.since = self.reactor.seconds()
 
         def failed(f: Any) -> None:
-            if f.check(ConnectionRefusedError) and self._running and not held.closed:
+            if f.check(ConnectionRefusedError) and self.running and not held.closed:
                 self.act(self.machine.refused(member, held.address, self.now()))
             again(period)
 
@@ -427,7 +451,7 @@ class MembershipService:
             self.checks[verdict] = self.checks.get(verdict, 0) + 1
             if self.metrics is not None:
                 self.metrics.host_checks.labels(verdict).inc()
-            if silent and self._running:
+            if silent and self.running:
                 self._log.info("peer {peer}'s host acknowledged none of our frames", peer=member)
                 self.act(self.machine.host_silent(member, address, self.now()))
 
@@ -443,7 +467,7 @@ class MembershipService:
 
     # -- the registry as bootstrap list and witness
 
-    def registry_read(self, records: list[NodeRecord]) -> None:
+    def registry_read(self, records: Sequence[RegisteredPeer]) -> None:
         """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale."""
         now = self.now()
         fresh = {r.id for r in records}
@@ -468,31 +492,15 @@ class MembershipService:
         view = self.machine.member(member)
         return view is None or view.state in (swim.DEAD, swim.LEFT)
 
-    @inlineCallbacks
-    def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Any:
+    def _confirmed_dead(self, dead: swim.ConfirmedDead) -> Deferred[Any]:
         self._log.warn("peer {peer} confirmed dead at incarnation {incarnation}", peer=dead.member,
                        incarnation=dead.incarnation)
         if self.metrics is not None:
             self.metrics.deaths.labels("yes").inc()
-        if self.store is not None:
-            key = keys.node_record(self.env, self.pool, dead.member)
-            try:
-                data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
-                record = parse_record(data, dead.member)
-                if record.incarnation <= dead.incarnation:
-                    yield self.store.delete(key, if_match=info.etag)
-                    self._log.info("deleted the registry record of dead peer {peer}", peer=dead.member)
-                else:
-                    self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
-                                   peer=dead.member, incarnation=record.incarnation)
-            except (NotFound, PreconditionFailed):
-                pass  # gone already, or rewritten by the node itself: not ours to delete
-            except GridnodeError as e:
-                self._log.warn("could not delete the record of {peer}: {reason}", peer=dead.member,
-                               reason=e.message)
         self._gone(dead.member, dead.incarnation)
-        if self.on_confirmed_dead is not None:
-            yield self._offer_jobs(self.on_confirmed_dead, dead.member)
+        if self.on_confirmed_dead is None:
+            return succeed(None)
+        return self._offer_jobs(self.on_confirmed_dead, dead.member, dead.incarnation)
 
     # -- views
 

@@ -1,4 +1,4 @@
-"""The API resource tree of a node (DESIGN.md, "HTTP API of a node")."""
+"""The API resource tree of a node (docs/api.md, "Endpoints")."""
 
 from __future__ import annotations
 

@@ -1,14 +1,22 @@
-"""Small helpers every resource uses: JSON bodies and coded errors."""
+"""Small helpers every resource uses: JSON bodies, coded errors, answers that come later."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from gridnode.errors import GridnodeError
+
+_log = Logger()
 
 
 def json_body(request: Request, obj: Any, status: int = 200) -> bytes:
@@ -23,6 +31,44 @@ def error_body(request: Request, error: GridnodeError) -> bytes:
     if retry_after is not None:
         request.setHeader(b"retry-after", str(int(retry_after)).encode())
     return json_body(request, error.to_json(), error.status)
+
+
+def respond_later(request: Request, work: Any, done: Callable[[Any], None],
+                  error: Callable[[Request, GridnodeError], bytes] = error_body) -> int:
+    """Answer when ``work`` (a Deferred or a coroutine) fires: ``done(result)`` writes the answer
+    and finishes the request, or ``error`` renders its coded error. Nothing is written to a client
+    that went away meanwhile."""
+
+    def succeeded(result: Any) -> None:
+        if not request._disconnected:
+            done(result)
+
+    def failed(f: Failure) -> None:
+        error_ = f.value if isinstance(f.value, GridnodeError) else None
+        if error_ is None:
+            _log.failure("request failed", f)
+            error_ = GridnodeError("the node failed to answer; try again or another node")
+        if not request._disconnected:
+            request.write(error(request, error_))
+            request.finish()
+
+    ensureDeferred(work).addCallbacks(succeeded, failed).addErrback(lambda f: _log.failure("answer failed", f))
+    return NOT_DONE_YET
+
+
+def parse_checksum(header: bytes | None) -> str | None:
+    """``Upload-Checksum: sha256 <base64>`` -> hex digest (None when absent)."""
+    if header is None:
+        return None
+    try:
+        algo, value = header.decode("ascii").split(" ", 1)
+        digest = base64.b64decode(value.strip(), validate=True)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise GridnodeError("Upload-Checksum must be 'sha256 <base64 digest>'",
+                            code="bad_checksum", status=400) from None
+    if algo.lower() != "sha256" or len(digest) != 32:
+        raise GridnodeError("Upload-Checksum: only sha256 is supported", code="bad_checksum", status=400)
+    return digest.hex()
 
 
 def not_found(what: str = "no such resource") -> GridnodeError:

@@ -10,14 +10,12 @@ GET /results/<id>/<name>   the bytes (Range, ETag) or a 302 to a presigned URL
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from twisted.internet.defer import ensureDeferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.resource import Resource
@@ -27,13 +25,10 @@ from gridnode import keys
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
-from gridnode.web.http import ErrorResource, error_body, json_body, not_found
+from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
 
 if TYPE_CHECKING:
     from gridnode.pipeline import JobService
-
-_log = Logger()
-
 
 
 def arg(request: Request, name: str) -> str | None:
@@ -41,41 +36,14 @@ def arg(request: Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def parse_checksum(header: bytes | None) -> str | None:
-    """``Upload-Checksum: sha256 <base64>`` -> hex digest (None when absent)."""
-    if header is None:
-        return None
-    try:
-        algo, value = header.decode("ascii").split(" ", 1)
-        digest = base64.b64decode(value.strip(), validate=True)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise GridnodeError("Upload-Checksum must be 'sha256 <base64 digest>'",
-                            code="bad_checksum", status=400) from None
-    if algo.lower() != "sha256" or len(digest) != 32:
-        raise GridnodeError("Upload-Checksum: only sha256 is supported", code="bad_checksum", status=400)
-    return digest.hex()
-
-
-def deferred_json(request: Request, work: Any, status: int = 200) -> Any:
-    """Render the JSON of a Deferred's result, or its coded error."""
+def answer_json(request: Request, status: int = 200) -> Callable[[Any], None]:
+    """For `respond_later`: answer a job's JSON (or any JSON-ready object's) and finish."""
 
     def done(obj: Any) -> None:
-        if not request._disconnected:
-            body = json_body(request, obj.to_json() if isinstance(obj, Job) else obj, status)
-            request.write(body)
-            request.finish()
+        request.write(json_body(request, obj.to_json() if isinstance(obj, Job) else obj, status))
+        request.finish()
 
-    def failed(f: Failure) -> None:
-        error = f.value if isinstance(f.value, GridnodeError) else None
-        if error is None:
-            _log.failure("request failed", f)
-            error = GridnodeError("the node failed to answer; try again or another node")
-        if not request._disconnected:
-            request.write(error_body(request, error))
-            request.finish()
-
-    ensureDeferred(work).addCallbacks(done, failed)
-    return NOT_DONE_YET
+    return done
 
 
 class JobsResource(Resource):
@@ -108,7 +76,7 @@ class JobsResource(Resource):
             request.setHeader(b"location", f"/jobs/{job.id}".encode())
             return job
 
-        return deferred_json(request, work.addCallback(located), 201)
+        return respond_later(request, work.addCallback(located), answer_json(request, 201))
 
 
 class JobResource(Resource):
@@ -123,10 +91,10 @@ class JobResource(Resource):
         return ErrorResource(not_found())
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        return deferred_json(request, self.jobs.get(self.job_id))
+        return respond_later(request, self.jobs.get(self.job_id), answer_json(request))
 
     def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        return deferred_json(request, self.jobs.cancel(self.job_id))
+        return respond_later(request, self.jobs.cancel(self.job_id), answer_json(request))
 
 
 class EventsResource(Resource):

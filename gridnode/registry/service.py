@@ -16,32 +16,32 @@ command line read. A node:
   alive (``wanted``), and take a changed ETag as that node's heartbeat, seen
   then. N nodes GETting N records each heartbeat would be N² requests; this
   is N + the few that matter;
-- deletes its record on a clean stop.
+- deletes its record on a clean stop, and a dead peer's record when the
+  membership confirms the death (``delete_dead``), only if it still holds the
+  dead life.
 
 ``nodes.json`` is rewritten by one node at a time, the live node with the
 lowest id, and only when its content changed: after each heartbeat's read, and
 at once when the membership reports a peer left or confirmed dead (``forget``),
-so clients stop picking it without waiting for the next heartbeat. Readers
-validate every record (size, schema) and skip malformed or stale ones with a
-log line.
+so clients stop picking it without waiting for the next heartbeat. Records
+are read by `records.RecordReader`, which validates every one (size, schema)
+and skips malformed ones (logged here); stale ones are left out of the list.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from gridnode import __version__, keys
+from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, RecordReader, live_list, nodes_json, parse_record
 from gridnode.store.base import ObjectStore
-
-MAX_RECORD_BYTES = 64 * 1024
 
 
 def first_incarnation(now: float) -> int:
@@ -52,85 +52,9 @@ def first_incarnation(now: float) -> int:
     return int(now * 1000)
 
 
-@dataclass
-class NodeRecord:
-    id: str
-    http_url: str
-    peer_addr: str
-    started: float
-    incarnation: int
-    heartbeat: float
-    load: dict[str, float] = field(default_factory=dict)
-    version: str = __version__
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "http_url": self.http_url, "peer_addr": self.peer_addr, "started": self.started,
-            "incarnation": self.incarnation, "heartbeat": self.heartbeat, "load": self.load,
-            "version": self.version,
-        }
-
-    def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True).encode()
-
-
-class BadRecord(GridnodeError):
-    code = "bad_record"
-
-
-def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
-    """Validate one registry record; raise BadRecord saying what is wrong."""
-    if len(data) > MAX_RECORD_BYTES:
-        raise BadRecord(f"record of {len(data)} bytes (at most {MAX_RECORD_BYTES})")
-    try:
-        raw = json.loads(data)
-    except ValueError:
-        raise BadRecord("record is not JSON") from None
-    if not isinstance(raw, dict):
-        raise BadRecord("record is not a JSON object")
-    try:
-        record = NodeRecord(
-            id=_typed(raw, "id", str), http_url=_typed(raw, "http_url", str),
-            peer_addr=_typed(raw, "peer_addr", str), started=float(_typed(raw, "started", (int, float))),
-            incarnation=_typed(raw, "incarnation", int), heartbeat=float(_typed(raw, "heartbeat", (int, float))),
-            load={str(k): float(v) for k, v in _typed(raw, "load", dict).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            version=str(raw.get("version", "")),
-        )
-    except (TypeError, ValueError) as e:
-        raise BadRecord(str(e)) from None
-    keys.check_segment(record.id, "node id")
-    if not record.http_url.startswith(("http://", "https://")):
-        raise BadRecord(f"http_url {record.http_url!r} is not an http(s) URL")
-    if expected_id is not None and record.id != expected_id:
-        raise BadRecord(f"record of {record.id!r} stored under {expected_id!r}")
-    return record
-
-
-def _typed(raw: dict[str, Any], key: str, kind: Any) -> Any:
-    value = raw.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"field {key!r} missing or of the wrong type")
-    return value
-
-
-def live_list(records: list[NodeRecord], now: float, stale: float) -> list[NodeRecord]:
-    """Fresh records, sorted by id."""
-    return sorted((r for r in records if now - r.heartbeat <= stale), key=lambda r: r.id)
-
-
-def nodes_json(records: list[NodeRecord], env: str, pool: str) -> bytes:
-    """The public list: what a client needs to choose a node."""
-    body = {
-        "env": env, "pool": pool,
-        "nodes": [{"id": r.id, "http_url": r.http_url, "load": r.load, "heartbeat": r.heartbeat,
-                   "version": r.version} for r in records],
-    }
-    return json.dumps(body, sort_keys=True, indent=1).encode()
-
-
-class Registry:
-    """One node's presence in the registry, driven by an injected clock."""
+class Registry(Service):
+    """One node's presence in the registry, driven by an injected clock: registered and refreshed
+    every heartbeat while the service runs, deleted when it stops."""
 
     _log = Logger()
 
@@ -147,6 +71,7 @@ class Registry:
         self.node_id = node_id
         self.key = keys.node_record(env, pool, node_id)
         self.prefix = keys.node_records_prefix(env, pool)
+        self.reader = RecordReader(self.prefix)
         self.list_key = keys.nodes_list(env, pool)
         self.heartbeat = heartbeat
         self.stale = stale
@@ -167,19 +92,16 @@ class Registry:
         self.gone: dict[str, int] = {}
         #: whether a changed record must be read in full (None: always); the writer reads them all
         self.wanted: Callable[[str], bool] | None = None
-        #: key -> (ETag, record as last read, whether the record is that ETag's content)
-        self._held: dict[str, tuple[str, NodeRecord, bool]] = {}
         self._published: bytes | None = None
         self._publishing = DeferredLock()
-        self._running = False
         self._next: Any = None
         self._backoff = 1.0
 
     # -- life cycle
 
-    def start(self) -> None:
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
         """Register now and refresh every heartbeat; failures are retried with backoff."""
-        self._running = True
+        super().startService()
         self._tick()
 
     def _tick(self) -> None:
@@ -189,7 +111,7 @@ class Registry:
 
     def _schedule(self, ok: bool) -> None:
         """One chain of beats: the next after a heartbeat, or sooner with backoff after a failure."""
-        if not self._running:
+        if not self.running:
             return
         delay = self.heartbeat
         if not ok:
@@ -198,9 +120,9 @@ class Registry:
         self._next = self.clock.callLater(delay, self._tick)
 
     @inlineCallbacks
-    def stop(self) -> Any:
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
         """Stop the heartbeat and delete our record (only the version we wrote)."""
-        self._running = False
+        super().stopService()
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
@@ -321,47 +243,43 @@ class Registry:
     def read(self, everything: bool = True) -> Any:
         """Every valid record under the prefix; malformed ones are logged and skipped. A record is
         fetched when it is new, or changed and needed in full (``everything``, or ``wanted``)."""
-        infos = yield self.store.list_all(self.prefix)
-        records: list[NodeRecord] = []
-        held: dict[str, tuple[str, NodeRecord, bool]] = {}
-        for info in infos:
-            name = info.key[len(self.prefix):]
-            if "/" in name or not name.endswith(".json"):
-                self._log.warn("ignoring registry object {key}: not a node record", key=info.key)
-                continue
-            if info.size > MAX_RECORD_BYTES:
-                self._log.warn("ignoring registry record {key}: {size} bytes", key=info.key, size=info.size)
-                continue
-            known = self._held.get(info.key)
-            if known is not None and ((known[0] == info.etag and known[2])
-                                      or (not everything and not self._wants(known[1]))):
-                etag, record, exact = known
-                if etag != info.etag:
-                    # rewritten since we read it: alive then, which is all we need to know here
-                    record, exact = replace(record, heartbeat=max(record.heartbeat, self.now())), False
-                held[info.key] = (info.etag, record, exact)
-                records.append(record)
-                continue
-            try:
-                data, got = yield self.store.get_bytes(info.key, max_size=MAX_RECORD_BYTES)
-                record = parse_record(data, name[: -len(".json")])
-                held[info.key] = (got.etag, record, True)
-                records.append(record)
-            except NotFound:
-                continue  # deleted between list and get
-            except GridnodeError as e:
-                if e.code in ("bad_record", "invalid_key", "too_large"):
-                    self._log.warn("ignoring registry record {key}: {reason}", key=info.key, reason=e.message)
-                    continue
-                raise
-        self._held = held
-        return records
-
-    def _wants(self, record: NodeRecord) -> bool:
-        return self.wanted is None or self.wanted(record.id)
+        listing = yield self.store.list_all(self.prefix)
+        read = self.reader.begin(listing, self.now(), None if everything else self.wanted)
+        try:
+            for key in read.fetch:
+                try:
+                    data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
+                except GridnodeError as e:
+                    read.failed(key, e)
+                else:
+                    read.got(key, data, info.etag)
+        finally:
+            for key, reason in read.skipped:
+                self._log.warn("ignoring registry record {key}: {reason}", key=key, reason=reason)
+        return read.done()
 
     def _live_of(self, records: list[NodeRecord]) -> list[NodeRecord]:
         return [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
+
+    @inlineCallbacks
+    def delete_dead(self, member: str, incarnation: int) -> Any:
+        """The membership confirmed ``member`` dead at ``incarnation``: delete its record if it
+        still holds that life or an earlier one (a conditional delete on the ETag we read), so a
+        node that came back keeps its new record. Never fails (logged)."""
+        try:
+            key = keys.node_record(self.env, self.pool, member)
+            data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
+            record = parse_record(data, member)
+            if record.incarnation > incarnation:
+                self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
+                               peer=member, incarnation=record.incarnation)
+                return
+            yield self.store.delete(key, if_match=info.etag)
+            self._log.info("deleted the registry record of dead peer {peer}", peer=member)
+        except (NotFound, PreconditionFailed):
+            pass  # gone already, or rewritten by the node itself: not ours to delete
+        except GridnodeError as e:
+            self._log.warn("could not delete the record of {peer}: {reason}", peer=member, reason=e.message)
 
     def forget(self, node_id: str, incarnation: int) -> Any:
         """The membership saw ``node_id`` leave, or confirmed it dead, at ``incarnation``: drop its

@@ -1,0 +1,200 @@
+"""
+Node records: the format of ``registry/<env>/<pool>/nodes/<node-id>.json``
+and of the public ``nodes.json``, and the one reader of records, shared by
+the node's `Registry` and the client library.
+
+The reader does no I/O. It is given a listing of the records' prefix, says
+which records to GET, takes the answers, and ends with the valid records: the
+node drives it with its asynchronous store, the client with a blocking
+backend, and both get the same checks (size, schema, key, id) and the same
+skips. Kept from one read to the next, it GETs only what it must: a record
+it has not read, or one that changed and is needed in full (``wanted``);
+a changed record it does not need is taken as that node's heartbeat, seen
+then.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, Protocol
+
+from gridnode import __version__, keys
+from gridnode.errors import GridnodeError, NotFound
+
+MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass
+class NodeRecord:
+    id: str
+    http_url: str
+    peer_addr: str
+    started: float
+    incarnation: int
+    heartbeat: float
+    load: dict[str, float] = field(default_factory=dict)
+    version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "http_url": self.http_url, "peer_addr": self.peer_addr, "started": self.started,
+            "incarnation": self.incarnation, "heartbeat": self.heartbeat, "load": self.load,
+            "version": self.version,
+        }
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True).encode()
+
+
+class BadRecord(GridnodeError):
+    code = "bad_record"
+
+
+def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
+    """Validate one registry record; raise BadRecord saying what is wrong."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise BadRecord(f"record of {len(data)} bytes (at most {MAX_RECORD_BYTES})")
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise BadRecord("record is not JSON") from None
+    if not isinstance(raw, dict):
+        raise BadRecord("record is not a JSON object")
+    try:
+        record = NodeRecord(
+            id=_typed(raw, "id", str), http_url=_typed(raw, "http_url", str),
+            peer_addr=_typed(raw, "peer_addr", str), started=float(_typed(raw, "started", (int, float))),
+            incarnation=_typed(raw, "incarnation", int), heartbeat=float(_typed(raw, "heartbeat", (int, float))),
+            load={str(k): float(v) for k, v in _typed(raw, "load", dict).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            version=str(raw.get("version", "")),
+        )
+    except (TypeError, ValueError) as e:
+        raise BadRecord(str(e)) from None
+    keys.check_segment(record.id, "node id")
+    if not record.http_url.startswith(("http://", "https://")):
+        raise BadRecord(f"http_url {record.http_url!r} is not an http(s) URL")
+    if expected_id is not None and record.id != expected_id:
+        raise BadRecord(f"record of {record.id!r} stored under {expected_id!r}")
+    return record
+
+
+def _typed(raw: dict[str, Any], key: str, kind: Any) -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} missing or of the wrong type")
+    return value
+
+
+def live_list(records: list[NodeRecord], now: float, stale: float) -> list[NodeRecord]:
+    """Fresh records, sorted by id."""
+    return sorted((r for r in records if now - r.heartbeat <= stale), key=lambda r: r.id)
+
+
+def nodes_json(records: list[NodeRecord], env: str, pool: str) -> bytes:
+    """The public list: what a client needs to choose a node."""
+    body = {
+        "env": env, "pool": pool,
+        "nodes": [{"id": r.id, "http_url": r.http_url, "load": r.load, "heartbeat": r.heartbeat,
+                   "version": r.version} for r in records],
+    }
+    return json.dumps(body, sort_keys=True, indent=1).encode()
+
+
+class Listed(Protocol):
+    """What the reader needs of a listed object (the store's ``ObjectInfo``)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def etag(self) -> str: ...
+
+
+class _Held(NamedTuple):
+    etag: str
+    record: NodeRecord
+    #: whether ``record`` is that ETag's content (not an older content, dated by a changed ETag)
+    exact: bool
+
+
+#: errors that make a record unreadable, not the read: the record is skipped
+_SKIPPED = frozenset({"bad_record", "invalid_key", "too_large"})
+
+
+class RecordReader:
+    """The records under one prefix, read again and again: `begin` one `RecordRead` per listing."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        #: key -> what the last finished read knew of it
+        self._held: dict[str, _Held] = {}
+
+    def begin(self, listing: Iterable[Listed], now: float,
+              wanted: Callable[[str], bool] | None = None) -> RecordRead:
+        """A read of ``listing`` (every object under the prefix). ``wanted``: whether a changed
+        record of a node id must be read in full (None: every one); ``now`` dates the others."""
+        return RecordRead(self, listing, now, wanted)
+
+
+class RecordRead:
+    """One read: ``fetch`` lists the keys to GET; hand each answer to `got` or `failed`, then
+    `done` gives the records. ``skipped`` says which objects were left out, and why."""
+
+    def __init__(self, reader: RecordReader, listing: Iterable[Listed], now: float,
+                 wanted: Callable[[str], bool] | None) -> None:
+        self._reader = reader
+        self.fetch: list[str] = []
+        #: (key, reason) of every object left out, for the caller's log
+        self.skipped: list[tuple[str, str]] = []
+        #: the records' keys in listing order
+        self._order: list[str] = []
+        self._held: dict[str, _Held] = {}
+        for info in listing:
+            name = info.key[len(reader.prefix):]
+            if "/" in name or not name.endswith(".json"):
+                self.skipped.append((info.key, "not a node record"))
+                continue
+            if info.size > MAX_RECORD_BYTES:
+                self.skipped.append((info.key, f"{info.size} bytes"))
+                continue
+            self._order.append(info.key)
+            known = reader._held.get(info.key)
+            if known is not None and ((known.etag == info.etag and known.exact)
+                                      or (wanted is not None and not wanted(known.record.id))):
+                if known.etag != info.etag:
+                    # rewritten since we read it: alive then, which is all we need to know here
+                    known = _Held(info.etag, replace(known.record, heartbeat=max(known.record.heartbeat, now)),
+                                  False)
+                self._held[info.key] = known
+            else:
+                self.fetch.append(info.key)
+
+    def got(self, key: str, data: bytes, etag: str) -> None:
+        """The GET of ``key`` answered ``data`` at ``etag``."""
+        name = key[len(self._reader.prefix):]
+        try:
+            record = parse_record(data, name[: -len(".json")])
+        except GridnodeError as e:
+            self.failed(key, e)
+            return
+        self._held[key] = _Held(etag, record, True)
+
+    def failed(self, key: str, error: GridnodeError) -> None:
+        """The GET of ``key`` failed: an unreadable record is skipped, a record deleted since the
+        listing is left out, any other error (the store's) is raised again: the read failed."""
+        if isinstance(error, NotFound):
+            return
+        if error.code not in _SKIPPED:
+            raise error
+        self.skipped.append((key, error.message))
+
+    def done(self) -> list[NodeRecord]:
+        """The valid records, in listing order; the reader keeps them for its next read."""
+        self._reader._held = self._held
+        return [self._held[key].record for key in self._order if key in self._held]

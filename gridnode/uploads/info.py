@@ -1,0 +1,69 @@
+"""An upload's state as the store holds it: ``uploads/<id>/info`` and the parts it lists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from gridnode import keys
+from gridnode.errors import GridnodeError
+
+#: an info object larger than this is not read
+MAX_INFO_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Part:
+    """A committed chunk: ``uploads/<upload>/part-<n>-<id>``."""
+
+    id: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    id: str
+    length: int
+    offset: int
+    created: float
+    expires: float
+    #: the Upload-Metadata header as the client sent it (echoed on HEAD)
+    metadata: str = ""
+    filename: str = ""
+    presets: str | None = None
+    parts: tuple[Part, ...] = ()
+
+    def dumps(self) -> bytes:
+        doc = {"id": self.id, "length": self.length, "offset": self.offset, "created": self.created,
+               "expires": self.expires, "metadata": self.metadata, "filename": self.filename,
+               "presets": self.presets, "parts": [[p.id, p.size, p.sha256] for p in self.parts]}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, data: bytes, upload_id: str) -> UploadInfo:
+        """Parse and check an info object: the store is shared, so trust nothing in it."""
+        try:
+            doc = json.loads(data)
+            parts = tuple(Part(str(p[0]), int(p[1]), str(p[2])) for p in doc["parts"])
+            info = cls(id=str(doc["id"]), length=int(doc["length"]), offset=int(doc["offset"]),
+                       created=float(doc["created"]), expires=float(doc["expires"]),
+                       metadata=str(doc.get("metadata") or ""), filename=str(doc.get("filename") or ""),
+                       presets=None if doc.get("presets") is None else str(doc["presets"]), parts=parts)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise GridnodeError(f"the stored state of upload {upload_id} is unreadable; start a new upload",
+                                code="storage_corrupt", status=500) from None
+        if (info.id != upload_id or not all(keys.is_id(p.id) for p in parts)
+                or info.offset != sum(p.size for p in parts) or info.offset > info.length):
+            raise GridnodeError(f"the stored state of upload {upload_id} is inconsistent; start a new upload",
+                                code="storage_corrupt", status=500)
+        return info
+
+
+def info_key(upload_id: str) -> str:
+    return keys.check_key(keys.upload_prefix(upload_id) + "info")
+
+
+def part_key(upload_id: str, number: int, part_id: str) -> str:
+    """Part ``number`` (1-based); ``part_id`` is a fresh id per attempt, checked before use."""
+    return keys.check_key(keys.upload_prefix(upload_id) + f"part-{number:05d}-{keys.check_segment(part_id)}")
