@@ -347,3 +347,16 @@ def default_node_id(http_endpoint: str) -> str:
     port = endpoint_port(http_endpoint)
     node = f"{host[:50]}-{port}" if port is not None else host[:60]
     return node
+
+
+def read_secret(path: str, key: str) -> bytes:
+    """A secret from a file: its bytes, stripped; at least 16 of them."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"{key}: {path} holds {len(secret)} bytes; use at least 16 random bytes "
+                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    return secret

@@ -1,7 +1,8 @@
 """
 The node as a service: it settles its configuration (reading EC2 user-data
-when asked), opens the store, and starts the HTTP API. A failure to start is
-one line on standard error and a non-zero exit, never a half-started node.
+when asked), opens the store, and starts its parts as child services. A
+failure to start is one line on standard error and a non-zero exit, never a
+half-started node.
 """
 
 from __future__ import annotations
@@ -11,101 +12,61 @@ import os
 import signal
 import time
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode import __version__, tokens
-from gridnode.config import NodeConfig, build_config, endpoint_interface, endpoint_port, is_loopback, with_backlog
+from gridnode.config import (
+    NodeConfig,
+    build_config,
+    endpoint_interface,
+    endpoint_port,
+    is_loopback,
+    read_secret,
+    with_backlog,
+)
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
-from gridnode.web.cors import CORS
+from gridnode.uploads.store import UploadStore, UploadSweep
+from gridnode.web.view import NodeView
 
 
-class Node:
-    """What the HTTP resources see of the node: settled config, store, counters."""
+class Listener(Service):
+    """Listens on an endpoint while it runs; ``listening`` fires with the port (or the failure)."""
 
-    def __init__(self, reactor: Any, config: NodeConfig, store: ObjectStore, jobs: JobService) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.store = store
-        self.jobs = jobs
-        self.started = time.time()
-        self.registry: Registry | None = None
-        self.membership: Any = None
-        from gridnode.uploads.store import UploadStore, UploadSweep
-        from gridnode.web import tus as tus_web
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.listening: Deferred[Any] = Deferred()
+        self._port: Any = None
 
-        self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
-        self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
-        uploads = UploadStore(reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
-        self.upload_sweep = UploadSweep(uploads)
-        self.tus = tus_web.TusHandler(uploads, authorize=self.authorize)
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
 
-    @property
-    def draining(self) -> bool:
-        return self.jobs.draining
+        def listened(port: Any) -> Any:
+            self._port = port
+            return port
 
-    def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Any:
-        """Where an upload's body goes (see web/upload.py); None for small bodies."""
-        if method == b"POST" and path.rstrip(b"/") == b"/jobs":
-            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
-            presets = ",".join(query.get("presets", [])).split(",")
-            self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
-            return self.jobs.admit(length)
-        return self.tus.route_body(method, path, request, length)
+        self.endpoint.listen(self.factory).addCallback(listened).chainDeferred(self.listening)
 
-    def authorize(self, request: Any, presets: list[str], length: int | None) -> None:
-        """With an upload secret, an upload needs a token that allows it."""
-        if self.upload_secret is None:
-            return
-        header = request.getHeader(b"authorization") or b""
-        token = header[7:].decode("latin-1") if header[:7].lower() == b"bearer " else None
-        if token is None:
-            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
-            token = (query.get("token") or [None])[0]
-        tokens.check(tokens.verify(self.upload_secret, token), presets, length)
-
-    def extra_headers(self, request: Any) -> list[tuple[str, str]]:
-        return self.cors.headers_for(request.getHeader(b"origin")) + self.tus.extra_headers(request)
-
-    @property
-    def node_id(self) -> str:
-        assert self.config.node_id is not None
-        return self.config.node_id
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "node": self.node_id,
-            "env": self.config.env,
-            "pool": self.config.pool,
-            "version": __version__,
-            "state": "draining" if self.draining else "ok",
-            "store": self.store.url,
-            "uptime": round(time.time() - self.started, 3),
-            "registry": self.registry_health(),
-            **self.jobs.load(),
-            "members": self.membership.machine.live_count() if self.membership is not None else 1,
-        }
-
-    def registry_health(self) -> dict[str, Any]:
-        if self.registry is None:
-            return {"registered": False, "error": None}
-        return {"registered": self.registry.registered, "error": self.registry.last_error,
-                "incarnation": self.registry.record.incarnation}
-
-    def load(self) -> dict[str, float]:
-        return self.jobs.load()
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted's name
+        super().stopService()
+        port, self._port = self._port, None
+        return port.stopListening() if port is not None else None
 
 
 class NodeService(MultiService):
+    """The node: its parts are its children, started in order once the configuration is settled
+    (converter, job service, upload sweep, HTTP, registry, membership) and stopped one at a time
+    in the reverse order: the membership leaves, the registry deletes our record, HTTP stops
+    listening, then the loops and the ffmpeg children stop."""
+
     _log = Logger()
 
     def __init__(
@@ -118,11 +79,8 @@ class NodeService(MultiService):
         self.config = config
         self._file = file or {}
         self._cli = cli or {}
-        self.node: Node | None = None
-        self.ready: Deferred[Node] = Deferred()
-        self._ports: list[Any] = []
-        self._media: Service | None = None
-        self._jobs: Service | None = None
+        self.view: NodeView | None = None
+        self.ready: Deferred[NodeView] = Deferred()
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
@@ -136,6 +94,60 @@ class NodeService(MultiService):
         # operator scaling in wants a drain and exit 0.
         yield deferLater(self.reactor, 0, lambda: None)
         self._take_sigterm()
+        config = yield self._settle()
+        os.makedirs(config.work_dir, exist_ok=True)
+        metrics = Metrics()
+        backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+        store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store)
+        from twisted.internet.endpoints import serverFromString
+
+        from gridnode.converter import Converter
+        from gridnode.web.api import api_root
+        from gridnode.web.upload import GridSite
+
+        media = Converter(self.reactor, config)
+        media.setServiceParent(self)
+        jobs = JobService(self.reactor, config, store, media, metrics=metrics)
+        jobs.setServiceParent(self)
+        # Recover before listening: the spool sweep must not meet uploads in flight.
+        yield jobs.recovered
+        uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
+        UploadSweep(uploads).setServiceParent(self)
+        view = self.view = NodeView(config, store, jobs, uploads)
+        site = GridSite(view.cors.wrap(api_root(view)), self.reactor, view.route_body, view.extra_headers,
+                        on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
+        http = Listener(serverFromString(self.reactor, with_backlog(config.http)), site)
+        http.setServiceParent(self)
+        address = (yield http.listening).getHost()
+        http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
+        peer_port = endpoint_port(config.peer) or 0
+        peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
+        membership = yield self._membership(config, jobs, peer_addr, metrics)
+        registry = Registry(
+            self.reactor, store, env=config.env, pool=config.pool, node_id=view.node_id, http_url=http_url,
+            peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=jobs.load,
+            incarnation=lambda: membership.machine.incarnation,
+        )
+        registry.on_read.append(membership.registry_read)
+        registry.wanted = membership.needs_record
+        membership.on_gone.append(registry.forget)
+        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
+        jobs.adopter.members = membership.live_members
+        jobs.adopter.earlier_life = lambda: registry.earlier_life
+        view.registry, view.membership = registry, membership
+        registry.setServiceParent(self)
+        membership.setServiceParent(self)
+        self._log.info(
+            "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
+            node=view.node_id, env=config.env, pool=config.pool, host=address.host,
+            port=address.port, store=store.url,
+        )
+        return view
+
+    @inlineCallbacks
+    def _settle(self) -> Any:
+        """The configuration with this instance's user-data layered in (--instance-metadata) and
+        the node's identity."""
         config = self.config
         if config.instance_metadata:
             from gridnode.instance import fetch_instance
@@ -146,65 +158,16 @@ class NodeService(MultiService):
         else:
             config = config.with_identity()
         self.config = config
-        os.makedirs(config.work_dir, exist_ok=True)
-        backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
-        store = ObjectStore.threaded(backend, self.reactor)
-        metrics = Metrics()
-        store._run = metrics.timed_store(store._run)
-        from gridnode.converter import Converter
-
-        media = self._media = Converter(self.reactor, config)
-        media.startService()
-        jobs = self._jobs = JobService(self.reactor, config, store, media, metrics=metrics)
-        # Recover before listening: the spool sweep must not meet uploads in flight.
-        jobs.startService()
-        yield jobs.recovered
-        node = self.node = Node(self.reactor, config, store, jobs)
-
-        from twisted.internet.endpoints import serverFromString
-
-        from gridnode.web.api import api_root
-        from gridnode.web.upload import GridSite
-
-        site = GridSite(node.cors.wrap(api_root(node)), self.reactor, node.route_body, node.extra_headers,
-                        on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
-        port = yield serverFromString(self.reactor, with_backlog(config.http)).listen(site)
-        self._ports.append(port)
-        address = port.getHost()
-        http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
-        peer_port = endpoint_port(config.peer) or 0
-        peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
-        membership = node.membership = yield self._membership(node, peer_addr, metrics)
-        node.registry = Registry(
-            self.reactor, store, env=config.env, pool=config.pool, node_id=node.node_id, http_url=http_url,
-            peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=node.load,
-            incarnation=lambda: membership.machine.incarnation,
-        )
-        node.registry.on_read.append(membership.registry_read)
-        node.registry.wanted = membership.needs_record
-        jobs.adopter.members = membership.live_members
-        registry = node.registry
-        jobs.adopter.earlier_life = lambda: registry.earlier_life
-        membership.on_gone.append(node.registry.forget)
-        node.registry.startService()
-        membership.startService()
-        node.upload_sweep.startService()
-        self._log.info(
-            "gridnode {node} ({env}/{pool}) serving HTTP on {host}:{port}, store {store}",
-            node=node.node_id, env=config.env, pool=config.pool, host=address.host,
-            port=address.port, store=store.url,
-        )
-        return node
+        return config
 
     @inlineCallbacks
-    def _membership(self, node: Node, peer_addr: str, metrics: Metrics) -> Any:
-        """SWIM over AMP on --peer, keyed from the pool secret."""
+    def _membership(self, config: NodeConfig, jobs: JobService, peer_addr: str, metrics: Metrics) -> Any:
+        """SWIM over AMP on --peer, keyed from the pool secret, listening (not yet started)."""
         from twisted.internet.endpoints import serverFromString
 
         from gridnode.membership.service import MembershipService, new_machine
         from gridnode.membership.wire import peer_key
 
-        config = node.config
         if config.secret_file:
             secret = read_secret(config.secret_file, "secret-file")
         elif is_loopback(config.peer):
@@ -212,26 +175,24 @@ class NodeService(MultiService):
         else:
             raise ConfigError(f"peer: {config.peer} is reachable from the network, so peers must authenticate: "
                               "set secret-file (a file of at least 16 random bytes, the same on every node)")
-        machine = new_machine(node.node_id, peer_addr, first_incarnation(time.time()), time.time())
-
-        def adopt(member: str) -> Any:
-            return node.jobs.adopt_orphans(dead=frozenset({member}))
-
-        @inlineCallbacks
-        def dead(member: str, incarnation: int) -> Any:
-            if node.registry is not None:
-                yield node.registry.delete_dead(member, incarnation)
-            yield adopt(member)
-
+        assert config.node_id is not None
+        machine = new_machine(config.node_id, peer_addr, first_incarnation(time.time()), time.time())
         service = MembershipService(
             self.reactor, machine, peer_key(secret, config.env, config.pool), metrics=metrics, stale=config.stale,
             # a drained node released its unfinished jobs just before it left: take them now too
-            on_confirmed_dead=dead, on_left=adopt,
+            on_left=lambda member: jobs.adopt_orphans(dead=frozenset({member})),
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))
         yield service.listen(serverFromString(self.reactor, config.peer))
         return service
+
+    @staticmethod
+    @inlineCallbacks
+    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int) -> Any:
+        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted."""
+        yield registry.delete_dead(member, incarnation)
+        yield jobs.adopt_orphans(dead=frozenset({member}))
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -243,11 +204,11 @@ class NodeService(MultiService):
 
     @inlineCallbacks
     def shutdown(self) -> Any:
-        """SIGTERM: drain (no new uploads, running jobs finish or go back to the pool), leave, exit 0."""
-        if self.node is not None and not self.node.jobs.draining:
+        """SIGTERM: drain (no new uploads, running jobs finish or go back to the pool), then stop."""
+        if self.view is not None and not self.view.jobs.draining:
             self._log.info("SIGTERM: draining for up to {timeout}s", timeout=self.config.drain_timeout)
             try:
-                released = yield self.node.jobs.drain(self.config.drain_timeout)
+                released = yield self.view.jobs.drain(self.config.drain_timeout)
                 self._log.info("drained; {count} jobs released to the pool", count=released)
             except Exception:  # noqa: BLE001 - stopping anyway
                 self._log.failure("drain failed")
@@ -269,36 +230,16 @@ class NodeService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
-        if self.node is not None:
-            self.node.upload_sweep.stopService()
-        if self.node is not None and self.node.membership is not None:
-            yield self.node.membership.stopService()
-        if self.node is not None and self.node.registry is not None:
-            yield self.node.registry.stopService()
-        if self._jobs is not None:
-            yield self._jobs.stopService()
-        if self._media is not None:
-            yield self._media.stopService()
-        for port in self._ports:
-            yield port.stopListening()
-        yield super().stopService()
+        # One part at a time, the last started first (MultiService would stop them all at once):
+        # a peer hears we left before our record goes, and ffmpeg is stopped last.
+        Service.stopService(self)
+        for part in reversed(list(self)):
+            if part.running:
+                yield maybeDeferred(part.stopService)
 
 
 def _members_in(machine: Any, state: str) -> Any:
     return lambda: sum(1 for v in machine.members() if v.state == state)
-
-
-def read_secret(path: str, key: str) -> bytes:
-    """A secret from a file: its bytes, stripped; at least 16 of them."""
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"{key}: {path} holds {len(secret)} bytes; use at least 16 random bytes "
-                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
-    return secret
 
 
 def public_host(advertise: str | None, bound: str) -> str:

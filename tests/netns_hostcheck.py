@@ -19,7 +19,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from gridnode.membership.hostcheck import HostCheck
-from gridnode.membership.service import PeerProtocol
+from gridnode.membership.peer import PeerProtocol
 
 PEER = """
 import socket, sys, time

@@ -26,7 +26,7 @@ KEY = b"k" * 32
 
 
 class _Socket:
-    """What `_keep_alive` sets options on."""
+    """What `keep_alive` sets options on."""
 
     def setsockopt(self, *args: Any) -> None:
         pass

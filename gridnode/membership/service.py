@@ -28,7 +28,6 @@ opened. Listening is a call of its own, before the node registers: it can fail
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -39,13 +38,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, suc
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from gridnode.membership import swim, wire
 from gridnode.membership.hostcheck import HostCheck
-
-#: bytes an inbound connection may send without completing an AMP box
-MAX_UNFRAMED = 256 * 1024
+from gridnode.membership.peer import PeerProtocol, keep_alive
 
 
 class RegisteredPeer(Protocol):
@@ -54,62 +50,6 @@ class RegisteredPeer(Protocol):
     id: str
     peer_addr: str
     incarnation: int
-
-
-class PeerProtocol(amp.AMP):
-    """One AMP connection; inbound ones deliver to the service."""
-
-    def __init__(self, service: MembershipService | None = None,
-                 on_lost: Callable[[], None] | None = None) -> None:
-        super().__init__()
-        self.service = service
-        self.on_lost = on_lost
-        self._unframed = 0
-
-    def locateResponder(self, name: bytes) -> Any:  # noqa: N802 - AMP's name
-        command = name.decode("ascii", "replace")
-        if self.service is not None and command in wire.COMMANDS:
-            return lambda box: self._deliver(command, box)
-        return super().locateResponder(name)
-
-    @wire.Version.responder
-    def version(self) -> dict[str, int]:
-        return {"version": wire.VERSION}
-
-    def _deliver(self, command: str, box: amp.AmpBox) -> Any:
-        assert self.service is not None
-        try:
-            values = wire.COMMANDS[command].parseArguments(box, self)
-        except Exception:  # noqa: BLE001 - a malformed box is the sender's problem, counted
-            self.service.drop("malformed")
-            return None
-        self.service.deliver(command, values)
-        return None
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._unframed += len(data)
-        if self._unframed > MAX_UNFRAMED and self.service is not None:
-            self.service.drop("oversized")
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        super().dataReceived(data)
-
-    def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 - AMP's name
-        self._unframed = 0
-        super().ampBoxReceived(box)
-
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
-        if self.service is not None:
-            self.service.inbound_lost(self)
-        if self.on_lost is not None:
-            self.on_lost()
-        super().connectionLost(reason)
-
-    def unhandledError(self, failure: Any) -> None:  # noqa: N802 - AMP's name
-        if self.service is not None:
-            self.service.drop("protocol_error")
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class _InboundFactory(Factory):
@@ -123,15 +63,6 @@ class _InboundFactory(Factory):
         proto = PeerProtocol(self.service)
         self.service.inbound.add(proto)
         return proto
-
-
-def _keep_alive(sock: Any, idle: int = 60) -> None:
-    """Keepalives on an idle standing connection: firewalls keep its state, and a connection that
-    died unseen is noticed (and remade) within minutes, not at the next host check."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle // 4)
 
 
 class _Standing:
@@ -429,7 +360,7 @@ class MembershipService(Service):
                 return
             # each frame of a host check must go out at once, not wait for the last one's ACK
             p.transport.setTcpNoDelay(True)
-            _keep_alive(p.transport.getHandle())
+            keep_alive(p.transport.getHandle())
             held.proto = p
             held.since = self.reactor.seconds()
 

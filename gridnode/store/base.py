@@ -106,6 +106,10 @@ class ObjectStore:
 
         return cls(backend, run)
 
+    def wrapped(self, wrap: Callable[[Callable[..., Deferred[Any]]], Callable[..., Deferred[Any]]]) -> ObjectStore:
+        """The same backend, each call made through ``wrap(run)`` (the metrics time them)."""
+        return ObjectStore(self.backend, wrap(self._run))
+
     @property
     def url(self) -> str:
         return self.backend.url

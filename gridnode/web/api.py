@@ -15,7 +15,7 @@ from gridnode.web.http import JSONRoot, error_body, json_body
 from gridnode.web.jobs import JobsResource, ResultsResource
 
 if TYPE_CHECKING:
-    from gridnode.node import Node
+    from gridnode.web.view import NodeView
 
 
 class HealthResource(Resource):
@@ -23,7 +23,7 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeView) -> None:
         super().__init__()
         self.node = node
 
@@ -37,7 +37,7 @@ class NodesListResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeView) -> None:
         super().__init__()
         self.node = node
 
@@ -66,7 +66,7 @@ class PeersResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeView) -> None:
         super().__init__()
         self.node = node
 
@@ -102,7 +102,7 @@ class PageResource(Resource):
         return body
 
 
-def api_root(node: Node) -> Resource:
+def api_root(node: NodeView) -> Resource:
     from twisted.web.static import File
 
     root = JSONRoot()
