@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
-from gridnode import keys, records
+from gridnode import job_records, keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectInfo, ObjectStore
@@ -178,7 +178,7 @@ class Adopter:
         """Claim one job if its owner is gone (lease out, or in ``dead``) or was an earlier life of
         ours; True when we won it and handed it to the host. A final job loses its marker."""
         try:
-            job, info = yield records.read(self.store, job_id)
+            job, info = yield job_records.read(self.store, job_id)
         except NotFound:
             return False
         if job.final:
@@ -209,8 +209,8 @@ class Adopter:
         job.fail("poison", f"the job failed {job.attempts} times on nodes that then stopped; it is "
                  "quarantined. Check the input, then submit it again", self.now())
         try:
-            yield records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
-        except records.Lost:
+            yield job_records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
+        except job_records.Lost:
             return
         yield self.store.delete(keys.active_marker(job.id))
         self.host.quarantined(job)
@@ -227,7 +227,7 @@ class Adopter:
         for job_id in _ids(markers):
             if job_id not in self.host.active and keys.is_id(job_id):
                 try:
-                    job, _ = yield records.read(self.store, job_id)
+                    job, _ = yield job_records.read(self.store, job_id)
                     if job.node == self.node_id:
                         yield self.claim(job_id)
                 except GridnodeError:

@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode import jobs, keys, records
+from gridnode import job_records, jobs, keys
 from gridnode.adoption import Adopter, Claim
 from gridnode.config import NodeConfig
 from gridnode.errors import Busy, GridnodeError, NotFound
@@ -210,7 +210,7 @@ class JobService(Service):
         active = self.active[job.id] = Active(job, spool.path)
         spool.release()
         active.marks["accepted"] = started
-        records.journal(active.spool_path, job.dumps())
+        job_records.journal(active.spool_path, job.dumps())
         self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
@@ -240,7 +240,7 @@ class JobService(Service):
     def recover(self) -> Any:
         """At start: jobs in the local journal (accepted before a crash) run again; so do jobs
         the store says this node owned in an earlier life."""
-        for job, path in records.journaled(self.spool.folder):
+        for job, path in job_records.journaled(self.spool.folder):
             try:
                 won = yield self.adopter.claim(job.id)
             except GridnodeError as e:
@@ -295,7 +295,7 @@ class JobService(Service):
         if job_id in self.active:
             return self.active[job_id].job
         try:
-            job, _ = yield records.read(self.store, job_id)
+            job, _ = yield job_records.read(self.store, job_id)
         except NotFound:
             raise NotFound(f"no job {job_id}") from None
         return job

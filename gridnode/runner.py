@@ -5,7 +5,7 @@ final record, the record written at every state and owned as it goes.
 A run stores the input (until then the job lives in our spool and journal
 alone), marks the job active (from then on peers may adopt it), waits for a
 worker in the media pool, stores the outputs and writes the end. Every write
-of ``jobs/<id>.json`` is conditional on our last (gridnode/records.py); the
+of ``jobs/<id>.json`` is conditional on our last (gridnode/job_records.py); the
 lease in it is renewed every ``lease``/3 s, and a run whose record was taken
 over stops without writing again. A store that is unreachable is waited for,
 never a reason to drop an accepted job.
@@ -24,12 +24,12 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlin
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gridnode import jobs, keys, records
+from gridnode import job_records, jobs, keys
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
+from gridnode.job_records import Lost
 from gridnode.jobs import Job
 from gridnode.media.interface import Described, Media, Named, Produced
 from gridnode.metrics import Metrics
-from gridnode.records import Lost
 from gridnode.spool import SpoolFile
 from gridnode.store.base import ObjectStore
 
@@ -279,10 +279,10 @@ class Runner:
         if not job.final and not active.released:
             job.renew(self.now(), self.lease)
         data = job.dumps()
-        info = yield records.write(self.store, job.id, data, active.etag, self.node_id)
+        info = yield job_records.write(self.store, job.id, data, active.etag, self.node_id)
         active.etag = info.etag
         if not job.final and os.path.exists(active.spool_path):
-            records.journal(active.spool_path, data)
+            job_records.journal(active.spool_path, data)
         return info
 
     @inlineCallbacks
