@@ -351,6 +351,7 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.integration  # the default treq client over real loopback TCP; the rest runs in memory
 class LoopbackTests:
     @pytest_twisted.ensureDeferred
     async def test_reads_over_tcp(self, imds: ImdsStandin) -> None:
