@@ -12,8 +12,9 @@ import pytest
 import pytest_twisted
 
 from gridnode.media.sandbox import ChildLimits, let_read, resolve_user, sandboxed_argv, share_with, take_back
+from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, free_port, request, run_twistd, upload, wait_job
+from tests.nodes import NodeProcess, request, run_twistd, upload, wait_job
 
 
 class ResolveUserTests:
