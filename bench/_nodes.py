@@ -1,35 +1,37 @@
 """
-Processes for the benchmarks: a real ``twistd -n gridnode`` node or a stock
-twisted.web server, started in a folder of their own, waited on by their
-"serving/listening on HOST:PORT" line, and always stopped again (with every
-child they started, ffmpeg included, which lives in a process group of its own).
+Servers for the benchmarks: a real ``twistd -n gridnode`` node or a stock twisted.web server,
+started in a folder of their own, waited on by their "serving/listening on HOST:PORT" line, and
+always stopped again (with every child they started). The process itself is
+tests/nodes.py's ``ServerProcess``, which the integration tests use too.
 
 Plus the small blocking clients the benchmarks need: a raw-socket POST that
 sends the body with ``sendfile`` (the kernel copies; the client costs almost no
 CPU) and records when the last byte was handed to the kernel and when the
-answer arrived, a JSON GET, and /proc readers.
-
-Deliberately independent of tests/ (benchmarks must not import the test suite).
+answer arrived, and /proc readers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import resource
-import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
-READY = re.compile(r"(?:serving HTTP|listening) on ([0-9.]+):(\d+)")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # for tests/ (appended: the benchmarks' gridnode stays the installed package the nodes run)
+    sys.path.append(str(ROOT))
+
+from tests.helpers import free_port  # noqa: E402
+from tests.nodes import ServerProcess, get_json, gridnode_argv  # noqa: E402
+
+__all__ = ["ServerProcess", "bare_server", "get_json", "memory", "node", "post_file", "reaped_cpu", "stock_server",
+           "wait_idle"]
 
 # A stock twisted.web Site whose resource only counts the body's bytes. The
 # body is buffered by twisted.web itself (a temporary file above 100 kB).
@@ -96,41 +98,6 @@ while True:
 """
 
 
-def twistd() -> str:
-    return str(BIN / "twistd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (scanned from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2:].split()
-        parents[int(entry)] = int(fields[1])
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for child, parent in parents.items():
-            if parent == p and child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
 def reaped_cpu() -> float:
     """User + system seconds of this process's reaped children."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -149,109 +116,33 @@ def memory(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-@dataclass
-class Server:
-    """A server process in ``folder``; its output goes to ``folder/out.log``."""
-
-    folder: Path
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    url: str = ""
-    host: str = ""
-    port: int = 0
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "out.log"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 60.0) -> Server:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                self.argv, cwd=self.folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env}, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = READY.search(self.text())
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                self.url = f"http://{self.host}:{self.port}"
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.argv[0]} exited {self.process.returncode}:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.argv[0]} not ready in {timeout}s:\n{self.text()[-3000:]}")
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, then SIGKILL; then kill whatever it left (ffmpeg runs in its own group)."""
-        if self.process is None:
-            return
-        left = children_of(self.process.pid) if self.process.poll() is None else []
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        for pid in left:
-            for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
-                with contextlib.suppress(OSError):
-                    kill(pid)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def _started(server: ServerProcess, timeout: float = 60.0) -> ServerProcess:
+    """``server`` started and ready (stopped again if it does not get there)."""
+    try:
+        server.start()
+        server.block_until_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
-def node(folder: Path, *args: str, json_log: bool = False) -> Server:
+def node(folder: Path, *args: str, json_log: bool = False) -> ServerProcess:
     """A started ``twistd -n gridnode`` in ``folder`` (its store and work folder live there)."""
-    logger = ["--logger", "gridnode.logs.json_observer"] if json_log else []
-    argv = [twistd(), "-n", "--pidfile=", *logger, "gridnode",
-            "--http", "tcp:0:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
-            "--node-id", "bench", "--store", "file:store", "--work-dir", "work", "--drain-timeout", "2", *args]
-    server = Server(folder, argv)
-    try:
-        return server.start()
-    except BaseException:
-        server.stop()
-        raise
+    return _started(ServerProcess(folder, gridnode_argv(
+        "--http", "tcp:0:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
+        "--node-id", "bench", "--store", "file:store", "--work-dir", "work", "--drain-timeout", "2", *args,
+        json_log=json_log)))
 
 
-def stock_server(folder: Path) -> Server:
+def stock_server(folder: Path) -> ServerProcess:
     """A started stock twisted.web Site that counts POSTed bytes; temp files go to ``folder``."""
-    server = Server(folder, [sys.executable, "-c", STOCK_SERVER], env={"TMPDIR": str(folder)})
-    try:
-        return server.start()
-    except BaseException:
-        server.stop()
-        raise
+    return _started(ServerProcess(folder, [sys.executable, "-c", STOCK_SERVER], env={"TMPDIR": str(folder)}))
 
 
-def bare_server(folder: Path) -> Server:
+def bare_server(folder: Path) -> ServerProcess:
     """A started ``BARE_SERVER`` writing into ``folder``."""
-    server = Server(folder, [sys.executable, "-c", BARE_SERVER, str(folder)])
-    try:
-        return server.start()
-    except BaseException:
-        server.stop()
-        raise
+    return _started(ServerProcess(folder, [sys.executable, "-c", BARE_SERVER, str(folder)]))
 
 
 @dataclass
@@ -315,17 +206,6 @@ def dechunk(data: bytes) -> bytes:
         out.append(data[:size])
         data = data[size + 2:]
     return b"".join(out)
-
-
-def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
 
 
 def wait_idle(base: str, timeout: float = 600.0, every: float = 0.05) -> float:

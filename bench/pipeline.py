@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import _nodes
-from _nodes import Server, memory, post_file, reaped_cpu, wait_idle
+from _nodes import ServerProcess, memory, post_file, reaped_cpu, wait_idle
 
 from gridnode.config import cpu_count
 from gridnode.media.ffmpeg import NICENESS, transcode_command
@@ -187,7 +187,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
         shutil.rmtree(folder)
         return took
 
-    def by_node(server: Server) -> float:
+    def by_node(server: ServerProcess) -> float:
         cpu0 = _process_cpu(server.pid)
         # The end is the node's own record of its last job becoming done (``updated``, its
         # time.time() on this machine), not when a poll saw it: polling every 50 ms would cost
@@ -331,7 +331,7 @@ def fig_ingest(tmp: Path, args: argparse.Namespace) -> Figure:
 # -- 3. memory while receiving
 
 
-def _peak_growth(server: Server, body: Path, size: int, target: str) -> tuple[int, int, int]:
+def _peak_growth(server: ServerProcess, body: Path, size: int, target: str) -> tuple[int, int, int]:
     """(baseline RSS, peak RSS, answer status) of ``server`` receiving ``size`` bytes."""
     # Warm the code paths with a small body first, then settle.
     post_file(server.host, server.port, target, body, size=MiB)

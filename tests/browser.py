@@ -6,23 +6,22 @@ the browser is the system's ``/usr/bin/chromium`` (apt package ``chromium``,
 installed by ``scripts/setup --test``), or the one ``$CHROMIUM`` names.
 
 These helpers are blocking (playwright's sync API): the browser tests are
-plain pytest tests, not reactor tests, so real nodes are waited on by polling
-their log here rather than with ``NodeProcess.wait_ready``'s Deferred.
+plain pytest tests, not reactor tests, so real nodes are waited on by blocking
+(``NodeProcess.block_until_ready``, ``tests.helpers.poll``), not with Deferreds.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.nodes import NodeProcess, free_port
+from tests.helpers import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -79,30 +78,3 @@ def node_args(store: Path, *extra: str) -> list[str]:
     return ["--store", f"file:{store}", "--min-free", "0",
             "--http", f"tcp:{free_port()}:interface=127.0.0.1",
             "--peer", f"tcp:{free_port()}:interface=127.0.0.1", *extra]
-
-
-def wait_ready(node: NodeProcess, timeout: float = 20.0) -> str:
-    """Block until ``node`` logs that it serves HTTP; returns its base URL."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        url = node.ready_url()
-        if url:
-            return url
-        time.sleep(0.05)
-    raise AssertionError(f"node not ready in {timeout}s:\n{node.text()}")
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Block until ``predicate()`` is truthy (OSError counts as not yet); returns its value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except OSError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not reached within {timeout}s (last: {last!r})")

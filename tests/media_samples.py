@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
+
+from tests import helpers
 
 FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
 FFPROBE = shutil.which("ffprobe") or "/usr/bin/ffprobe"
@@ -135,10 +137,7 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-async def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll ``check`` every 50 ms on the real reactor until it is true."""
-    deadline = reactor.seconds() + timeout
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.05, lambda: None)
+def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 5.0) -> Deferred[float]:
+    """``tests.helpers.wait_for`` every 50 ms, spelt as test_media_ffmpeg.py and test_media_pool.py
+    (other branches) call it; new tests call tests.helpers."""
+    return helpers.wait_for(check, timeout, interval=0.05, reactor=reactor)

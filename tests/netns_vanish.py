@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import poll
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -42,12 +44,10 @@ def states(http_port: int) -> dict[str, str]:
         return {}
 
 
-def until(predicate: Any, timeout: float) -> float:
+def until(predicate: Any, timeout: float, what: str) -> float:
+    """Seconds until ``predicate`` held (``poll`` every 50 ms)."""
     start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise SystemExit(f"not reached within {timeout} s")
-        time.sleep(0.05)
+    poll(predicate, timeout, what, interval=0.05)
     return time.monotonic() - start
 
 
@@ -82,7 +82,7 @@ def main(folder: Path) -> None:
                                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         victim = procs[-1]
         others = [n for n in names if n != "victim"]
-        until(lambda: all(states(http[n]) == dict.fromkeys(names, "alive") for n in others), 30)
+        until(lambda: all(states(http[n]) == dict.fromkeys(names, "alive") for n in others), 30, "all alive")
         time.sleep(2)
         # a stall: no answers for 3 s, but the kernel acknowledges; nobody may declare it dead
         os.kill(victim.pid, signal.SIGSTOP)
@@ -92,7 +92,7 @@ def main(folder: Path) -> None:
             stalled_views.append([states(http[n]).get("victim") for n in others])
             time.sleep(0.1)
         os.kill(victim.pid, signal.SIGCONT)
-        until(lambda: all(states(http[n]).get("victim") == "alive" for n in others), 20)
+        until(lambda: all(states(http[n]).get("victim") == "alive" for n in others), 20, "victim alive again")
         survived = not any("dead" in v for v in stalled_views)
         after_stall = {n: peers(http[n])["host_checks"] for n in others}
         time.sleep(2)
@@ -100,8 +100,9 @@ def main(folder: Path) -> None:
         # (its node would otherwise go on writing its record into the shared folder)
         sh(*inside, "ip", "link", "set", "gv1", "down")
         victim.kill()
-        took = until(lambda: all(states(http[n]).get("victim") == "dead" for n in others), 30)
-        until(lambda: not (store / "registry" / "dev" / "default" / "nodes" / "victim.json").exists(), 15)
+        took = until(lambda: all(states(http[n]).get("victim") == "dead" for n in others), 30, "victim dead")
+        until(lambda: not (store / "registry" / "dev" / "default" / "nodes" / "victim.json").exists(), 15,
+              "victim's record deleted")
         checks = {n: peers(http[n])["host_checks"] for n in others}
         print(json.dumps({"stall_survived": survived, "dead_everywhere_s": round(took, 2),
                           "record_deleted": True, "checks_after_stall": after_stall, "host_checks": checks}))

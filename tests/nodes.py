@@ -1,111 +1,185 @@
 """
-Real nodes for integration tests: ``twistd -n gridnode`` processes started
-from the installed package, in their own folder, waited on by log line
-(Tahoe-LAFS's habit) rather than by sleeping a fixed time.
+Real servers for integration tests and benchmarks (bench/_nodes.py uses these too): a process in
+a folder of its own, waited on by the log line that says where it listens (Tahoe-LAFS's habit)
+rather than by sleeping a fixed time, and stopped with every process it started. A node is
+``twistd -n gridnode`` from the installed package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import inlineCallbacks
+
+# free_port and wait_for are still imported from here by test_membership_service.py and
+# test_tus_nodes.py; their home is tests/helpers.py
+from tests.helpers import free_port as free_port
+from tests.helpers import sleep
+from tests.helpers import wait_for as wait_for
 
 BIN = os.path.dirname(sys.executable)
-READY = re.compile(r"serving HTTP on ([0-9.]+):(\d+)")
+READY = re.compile(r"(?:serving HTTP|listening) on ([0-9.]+):(\d+)")
 
 
 def twistd() -> str:
     return os.path.join(BIN, "twistd")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def gridnode_argv(*args: str, json_log: bool = False) -> list[str]:
+    """``twistd -n gridnode ARGS``; ``json_log``: one JSON object per log line."""
+    logger = ["--logger", "gridnode.logs.json_observer"] if json_log else []
+    return [twistd(), "-n", "--pidfile=", *logger, "gridnode", *args]
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (scanned from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
 
 
-@dataclass
-class NodeProcess:
-    folder: Path
-    args: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    url: str = ""
-    log_offset: int = 0
-    env: dict[str, str] = field(default_factory=dict)
+class ServerProcess:
+    """``argv`` run in ``folder``, its output appended to ``folder/log``; ready once it logs
+    "serving HTTP on HOST:PORT" or "listening on HOST:PORT". Started again, ``text()`` is the new
+    run's output only."""
+
+    def __init__(self, folder: Path, argv: list[str], *, env: dict[str, str] | None = None,
+                 log: str = "out.log") -> None:
+        self.folder = folder
+        self.argv = argv
+        self.env = env or {}
+        self.log = folder / log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.host = ""
+        self.port = 0
+        self._offset = 0
 
     @property
-    def log(self) -> Path:
-        return self.folder / "twistd.out"
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def start(self) -> None:
+        """Start the process (in a session of its own) and return at once."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")
-        self.log_offset = self.log.stat().st_size
-        # Tests run as root in folders only root may enter; the sandbox user has its own test.
-        args = self.args if "--ffmpeg-user" in self.args else [*self.args, "--ffmpeg-user", "none"]
-        self.process = subprocess.Popen(
-            [twistd(), "-n", "--pidfile=", "gridnode", *args],
-            cwd=self.folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, start_new_session=True,
-        )
-        out.close()
+        with open(self.log, "ab") as out:
+            self._offset = out.tell()
+            self.process = subprocess.Popen(
+                self.argv, cwd=self.folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True)
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")[self.log_offset:]
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def ready_url(self) -> str | None:
-        """The base URL once the node logs that it serves HTTP (None before); raises if it exited."""
+        """The base URL once the process logged where it listens (None before); raises if it exited."""
         m = READY.search(self.text())
         if m:
-            self.url = f"http://{m.group(1)}:{m.group(2)}"
+            self.host, self.port = m.group(1), int(m.group(2))
+            self.url = f"http://{self.host}:{self.port}"
             return self.url
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"node exited {self.process.returncode}:\n{self.text()}")
+            raise RuntimeError(self._why(f"exited {self.process.returncode}"))
         return None
+
+    def block_until_ready(self, timeout: float = 60.0) -> str:
+        """``ready_url()``, waited for by sleeping (nothing else runs meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while (url := self.ready_url()) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(self._why(f"not ready in {timeout}s"))
+            time.sleep(0.05)
+        return url
 
     @inlineCallbacks
     def wait_ready(self, timeout: float = 30.0) -> Any:
+        """``ready_url()``, waited for on the reactor (a Deferred)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            url = self.ready_url()
-            if url:
-                return url
+        while (url := self.ready_url()) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(self._why(f"not ready in {timeout}s"))
             yield sleep(0.05)
-        raise AssertionError(f"node not ready in {timeout}s:\n{self.text()}")
+        return url
+
+    def _why(self, what: str) -> str:
+        return f"{self.argv[0]} in {self.folder} {what}:\n{self.text()[-4000:]}"
 
     def signal(self, sig: int) -> None:
         assert self.process is not None
         if self.process.poll() is None:
             os.kill(self.process.pid, sig)
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL to its group after ``timeout``; then kill whatever it left (ffmpeg
+        runs in a process group of its own). Returns its exit status."""
         if self.process is None:
             return 0
+        left = children_of(self.process.pid) if self.process.poll() is None else []
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        for pid in left:
+            for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+                with contextlib.suppress(OSError):
+                    kill(pid)
         return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NodeProcess(ServerProcess):
+    """A node for a test: ``twistd -n gridnode ARGS`` in ``folder``, its output in ``twistd.out``.
+    Its children run as the node's own user unless ARGS say otherwise: tests run as root in
+    folders only root may enter (the sandbox tests choose the user)."""
+
+    def __init__(self, folder: Path, args: list[str], *, env: dict[str, str] | None = None,
+                 json_log: bool = False) -> None:
+        if "--ffmpeg-user" not in args:
+            args = [*args, "--ffmpeg-user", "none"]
+        super().__init__(folder, gridnode_argv(*args, json_log=json_log), env=env, log="twistd.out")
 
 
 def run_twistd(folder: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -169,18 +243,3 @@ def heard_from(node: NodeProcess) -> list[str]:
     status, view = get_json(node.url + "/peers")
     return [p["id"] for p in view["peers"]
             if p["id"] != view["node"] and p["state"] == "alive" and p["last_heard"] is not None]
-
-
-@inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until true; returns the seconds it took. A predicate that raises
-    OSError or AssertionError (a node not answering yet) counts as false."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if predicate():
-                return time.monotonic() - start
-        except (OSError, AssertionError):
-            pass
-        yield sleep(0.1)
-    raise AssertionError(f"condition not reached within {timeout}s")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import free_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "gridnode-test",
@@ -45,17 +46,6 @@ def moto_server_command() -> list[str]:
     if exe is None:
         raise RuntimeError("moto_server not found: pip install 'moto[server]'")
     return [exe]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def closed_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    return free_port()
 
 
 def answers(url: str, timeout: float = 0.5) -> bool:

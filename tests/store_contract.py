@@ -146,6 +146,7 @@ class StoreContract:
         with pytest.raises(InvalidKey):
             backend.put_bytes(key, b"x")
 
+    @pytest.mark.integration  # real threads racing
     def test_concurrent_conditional_puts_one_wins(self, backend: Any) -> None:
         """Of many racing if_none_match='*' puts on one key, exactly one wins."""
         results: list[str] = []
@@ -168,6 +169,7 @@ class StoreContract:
         assert len(winners) == 1 and results.count("lost") == 7
         assert backend.get_bytes("jobs/race.json")[0] == f"owner-{winners[0][4:]}".encode()
 
+    @pytest.mark.integration  # real threads racing
     def test_concurrent_if_match_one_wins(self, backend: Any) -> None:
         """Of many racing updates on the same ETag, exactly one wins."""
         base = backend.put_bytes("jobs/claim.json", b"unclaimed")

@@ -53,6 +53,7 @@ def fake(name: str, code: str, interpret: Any = None, budget: float = 20.0) -> B
     return Bench(name, "fake", f"fake {name}", "<= 1", ((PY, "-c", code),), budget, interpret or first)
 
 
+@pytest.mark.integration  # real child processes: their output, exit status, signals and budgets
 class RunBenchTests:
     def test_json_output_becomes_rows(self) -> None:
         """A benchmark that prints a JSON line (among other lines) gives the rows its reader builds."""
@@ -256,6 +257,7 @@ class SuiteTests:
         with pytest.raises(ValueError):
             select(benches, ["nosuch"])
 
+    @pytest.mark.integration  # runs its fake benchmarks as processes
     def test_main_prints_and_writes_the_table(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
         """main() runs the chosen benchmarks, prints header and table, writes --markdown, and exits 1
@@ -270,6 +272,7 @@ class SuiteTests:
         assert out.read_text() == printed
         assert main(["--only", "good"]) == 0
 
+    @pytest.mark.integration  # runs its fake benchmarks as processes
     def test_suite_limit_skips_what_does_not_fit(self, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
         """Once the suite's time limit is spent, the remaining benchmarks are ERROR rows, not run."""

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.browser import PageErrors, chromium_page, needs_chromium, node_args, poll, wait_ready
+from tests.browser import PageErrors, chromium_page, needs_chromium, node_args
+from tests.helpers import free_port, poll
 from tests.media_samples import FFMPEG, Clips, lavfi_audio, lavfi_video
-from tests.nodes import NodeProcess, free_port, get_json, request, upload
+from tests.nodes import NodeProcess, get_json, request, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, needs_chromium]
 
@@ -54,7 +55,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path / "node", node_args(tmp_path / "store"))
     n.start()
     try:
-        wait_ready(n)
+        n.block_until_ready(20.0)
         yield n
     finally:
         n.stop()
@@ -225,7 +226,7 @@ class StatusPageTests:
             for n in nodes:
                 n.start()
             for n in nodes:
-                wait_ready(n)
+                n.block_until_ready(20.0)
             base = nodes[0].url
             poll(lambda: all(alive_peers(n.url) == 3 for n in nodes), 20, "3 alive members everywhere")
             poll(lambda: len(get_json(f"{base}/registry/nodes.json", timeout=5)[1].get("nodes", [])) == 3, 10,

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from tests.helpers import free_port, sleep, wait_for
 from tests.media_samples import FFMPEG
-from tests.nodes import NodeProcess, free_port, get_json, heard_from, sleep, upload, wait_for, wait_job
+from tests.nodes import NodeProcess, get_json, heard_from, upload, wait_job
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration

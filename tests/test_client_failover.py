@@ -12,8 +12,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from tests.helpers import free_port, sleep
 from tests.media_samples import Clips
-from tests.nodes import BIN, NodeProcess, free_port, get_json, sleep
+from tests.nodes import BIN, NodeProcess, get_json
 
 pytestmark = pytest.mark.integration
 

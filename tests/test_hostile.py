@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from tests.helpers import free_port
 from tests.media_samples import FFMPEG, Clips
-from tests.nodes import NodeProcess, free_port, get_json, request, wait_job
+from tests.nodes import NodeProcess, get_json, request, wait_job
 
 pytestmark = pytest.mark.integration
 

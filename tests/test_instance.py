@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import time
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ from twisted.python.failure import Failure
 
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.instance import InstanceInfo, fetch_instance, parse_user_data
+from tests.helpers import closed_port
 from tests.imds_standin import ImdsStandin, imds
 
 __all__ = ["imds"]  # the fixture, imported for the loopback tests
@@ -345,12 +345,7 @@ class UserDataTests:
         assert parse_user_data(json.dumps(data)) == data
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
+@pytest.mark.integration  # the default treq client over real loopback TCP; the rest runs in memory
 class LoopbackTests:
     @pytest_twisted.ensureDeferred
     async def test_reads_over_tcp(self, imds: ImdsStandin) -> None:

@@ -10,8 +10,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from tests.helpers import free_port, sleep
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, free_port, get_json, sleep, upload, wait_job
+from tests.nodes import NodeProcess, get_json, upload, wait_job
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from gridnode.membership import swim, wire
-from tests.nodes import NodeProcess, free_port, get_json, sleep, wait_for
+from tests.helpers import free_port, sleep, wait_for
+from tests.nodes import NodeProcess, get_json
 
 pytestmark = pytest.mark.integration
 

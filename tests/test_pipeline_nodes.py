@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from tests.helpers import free_port
 from tests.media_samples import FFMPEG, Clips, ffprobe_json
-from tests.nodes import NodeProcess, free_port, get_json, request, upload, wait_job
+from tests.nodes import NodeProcess, get_json, request, upload, wait_job
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.nodes import NodeProcess, free_port, get_json, heard_from, wait_for
+from tests.helpers import free_port, wait_for
+from tests.nodes import NodeProcess, get_json, heard_from
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.nodes import BIN, NodeProcess, free_port, get_json, heard_from, sleep, wait_for
+from tests.helpers import free_port, sleep, wait_for
+from tests.nodes import BIN, NodeProcess, get_json, heard_from
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration

@@ -12,10 +12,22 @@ import pytest
 import pytest_twisted
 
 from gridnode.media.sandbox import ChildLimits, let_read, resolve_user, sandboxed_argv, share_with, take_back
+from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, free_port, request, run_twistd, upload, wait_job
+from tests.nodes import NodeProcess, request, run_twistd, upload, wait_job
 
 
+class ResolveUserTests:
+    def test_unknown_user(self) -> None:
+        """An unknown --ffmpeg-user is a configuration error."""
+        from gridnode.errors import ConfigError
+
+        with pytest.raises(ConfigError):
+            resolve_user("no-such-user-here")
+        assert resolve_user("none") is None
+
+
+@pytest.mark.integration  # real children: the kernel applies the limits, the uid and the group
 class WrapperTests:
     def test_limits_apply_in_the_child(self) -> None:
         """The wrapper sets the limits, a process group and the niceness before exec, and the pid
@@ -75,15 +87,6 @@ class WrapperTests:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert out.stdout.split() == ["upload", "refused"], out.stderr
         assert source.read_bytes() == b"upload\n" and source.stat().st_uid == os.geteuid()
-
-    def test_unknown_user(self) -> None:
-        """An unknown --ffmpeg-user is a configuration error."""
-        from gridnode.errors import ConfigError
-
-        with pytest.raises(ConfigError):
-            resolve_user("no-such-user-here")
-        assert resolve_user("none") is None
-
 
 
 def root_node(folder: Path, node_id: str, *extra: str) -> NodeProcess:
@@ -170,6 +173,7 @@ class RootNodeTests:
         assert "cannot reach" in out.stderr and "--ffmpeg-user none" in out.stderr
 
 
+@pytest.mark.integration  # runs bench/sandbox.py as a process
 def test_sandbox_benchmark_prints_its_three_sides() -> None:
     """bench/sandbox.py runs (a tiny run: the figure itself is for the README, not asserted)."""
     root = Path(__file__).resolve().parent.parent

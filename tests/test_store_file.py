@@ -58,6 +58,7 @@ class FileStoreTests(StoreContract):
             backend.put_bytes("jobs/x.json", b"2", if_none_match="*")
         assert os.listdir(os.path.join(backend.root, ".gridnode", "tmp")) == []
 
+    @pytest.mark.integration  # real processes racing
     def test_conditional_puts_across_processes(self, backend: FileBackend) -> None:
         """Two nodes sharing a folder: racing processes, exactly one wins."""
         ctx = multiprocessing.get_context("fork")

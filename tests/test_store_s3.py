@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -18,17 +17,11 @@ import pytest
 from gridnode.errors import ConfigError, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.store import open_backend
 from gridnode.store.s3 import MULTIPART_THRESHOLD, PART_SIZE, S3Backend
+from tests.helpers import closed_port
 from tests.store_contract import StoreContract
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.s3server"]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: bound by us, then released."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class S3StoreTests(StoreContract):

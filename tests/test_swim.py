@@ -1,16 +1,14 @@
 """
 The sans-I/O SWIM + Lifeguard machine (gridnode/membership/swim.py), driven by
-hand: a few machines, a fake clock and a tiny in-test router. No sockets, no
-reactor, no sleeps.
+hand or on the simulated network of tests/swimnet.py. No sockets, no reactor, no
+sleeps.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import random
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,99 +36,23 @@ from gridnode.membership.swim import (
     message_from_dict,
     message_to_dict,
 )
+from tests.swimnet import SwimNet, address
 
 CFG = SwimConfig(sync_interval=30.0)
 
 
-def addr(name: str) -> str:
-    return f"127.0.0.1:{8000 + int(name[1:])}"
-
-
-class Net:
-    """N machines, 1 ms links, a clock; ``down`` nodes neither send nor receive, ``cut`` drops a->b."""
-
-    def __init__(self, n: int, config: SwimConfig = CFG, seed: int = 1) -> None:
-        self.now = 0.0
-        self.config = config
-        self.machines: dict[str, SwimMachine] = {}
-        self.down: set[str] = set()
-        self.cut: set[tuple[str, str]] = set()
-        self.isolated: set[str] = set()
-        self.events: list[tuple[float, str, Any]] = []
-        self.sent: list[Message] = []
-        self.sent_at: list[tuple[float, Message]] = []
-        self._wire: list[tuple[float, int, Message]] = []
-        self._seq = 0
-        names = [f"m{i}" for i in range(n)]
-        for i, name in enumerate(names):
-            self.machines[name] = SwimMachine(name, addr(name), config=config, rng=random.Random(seed * 100 + i))
-        for name, m in self.machines.items():
-            m.add_members([(x, addr(x)) for x in names], 0.0)
-            self.handle(name, m.start(0.0, join=False))
-
-    def add(self, name: str, incarnation: int = 0) -> SwimMachine:
-        """A (re)started node that bootstraps from the registry and joins."""
-        m = SwimMachine(name, addr(name), config=self.config, rng=random.Random(7), incarnation=incarnation,
-                        now=self.now)
-        self.machines[name] = m
-        self.down.discard(name)
-        m.add_members([(x, addr(x)) for x in self.machines], self.now)
-        self.handle(name, m.start(self.now, join=True))
-        return m
-
-    def handle(self, src: str, outs: list[Any]) -> None:
-        for o in outs:
-            if isinstance(o, Message):
-                self.sent.append(o)
-                self.sent_at.append((self.now, o))
-                if (src, o.dest) in self.cut or src in self.isolated or o.dest in self.isolated:
-                    continue
-                self._seq += 1
-                heapq.heappush(self._wire, (self.now + 0.001, self._seq, o))
-            else:
-                self.events.append((self.now, src, o))
-
-    def run(self, until: float) -> None:
-        while True:
-            nxt = [(d, name) for name, m in self.machines.items()
-                   if name not in self.down and (d := m.next_deadline()) is not None]
-            t_timer = min(nxt)[0] if nxt else math.inf
-            t_msg = self._wire[0][0] if self._wire else math.inf
-            t = min(t_timer, t_msg)
-            if t > until:
-                self.now = until
-                return
-            self.now = max(self.now, t)
-            if t_msg <= t_timer:
-                _, _, msg = heapq.heappop(self._wire)
-                if msg.dest in self.down or msg.dest not in self.machines:
-                    continue
-                self.handle(msg.dest, self.machines[msg.dest].receive(msg, self.now))
-            else:
-                for d, name in sorted(nxt):
-                    if d <= self.now:
-                        self.handle(name, self.machines[name].tick(self.now))
-
-    def changes(self, member: str, state: str | None = None) -> list[tuple[float, str, MemberChanged]]:
-        return [(t, obs, e) for t, obs, e in self.events
-                if isinstance(e, MemberChanged) and e.member == member and (state is None or e.state == state)]
-
-    def confirmed(self, member: str | None = None) -> list[tuple[float, str, ConfirmedDead]]:
-        return [(t, obs, e) for t, obs, e in self.events
-                if isinstance(e, ConfirmedDead) and (member is None or e.member == member)]
-
-    def view(self, observer: str, member: str) -> tuple[str, int] | None:
-        v = self.machines[observer].member(member)
-        return None if v is None else (v.state, v.incarnation)
+def network(n: int) -> SwimNet:
+    """m0 ... m{n-1} on 1 ms links."""
+    return SwimNet(n, prefix="m", config=CFG)
 
 
 class ProbeTests:
     def test_probe_and_ack(self) -> None:
         """Two healthy members ping and ack each other every period and never suspect each other."""
-        net = Net(2)
+        net = network(2)
         net.run(10.0)
-        pings = [m for m in net.sent if isinstance(m, Ping)]
-        acks = [m for m in net.sent if isinstance(m, Ack)]
+        pings = [m for m in net.sent() if isinstance(m, Ping)]
+        acks = [m for m in net.sent() if isinstance(m, Ack)]
         assert 15 <= len(pings) <= 22
         assert len(acks) == len(pings)
         assert net.changes("m0", SUSPECT) == [] and net.changes("m1", SUSPECT) == []
@@ -138,29 +60,29 @@ class ProbeTests:
 
     def test_indirect_probe_when_direct_path_lost(self) -> None:
         """With m0<->m1 cut both ways, m0 reaches m1 through PingReq relays and never suspects it."""
-        net = Net(4)
+        net = network(4)
         net.cut |= {("m0", "m1"), ("m1", "m0")}
         net.run(30.0)
-        assert any(isinstance(m, PingReq) and m.sender == "m0" and m.target == "m1" for m in net.sent)
+        assert any(isinstance(m, PingReq) and m.sender == "m0" and m.target == "m1" for m in net.sent())
         assert [e for e in net.changes("m1", SUSPECT) if e[1] == "m0"] == []
         assert net.view("m0", "m1") == (ALIVE, 0)
 
     def test_wire_messages_carry_id_address_incarnation(self) -> None:
         """Every message names its destination, sender, sender address and incarnation."""
-        net = Net(3)
+        net = network(3)
         net.run(3.0)
-        for m in net.sent:
-            assert m.dest in net.machines and m.dest_addr == addr(m.dest)
-            assert m.sender_addr == addr(m.sender) and m.sender_inc == 0
+        for m in net.sent():
+            assert m.dest in net.machines and m.dest_addr == address(m.dest)
+            assert m.sender_addr == address(m.sender) and m.sender_inc == 0
 
 
 class SuspicionTests:
     def test_suspect_then_dead(self) -> None:
         """A crashed member becomes suspect, then dead everywhere within the max suspicion timeout."""
-        net = Net(4)
+        net = network(4)
         net.run(5.0)
         net.down.add("m3")
-        net.run(60.0)
+        net.run(55.0)
         for obs in ("m0", "m1", "m2"):
             assert net.view(obs, "m3") == (DEAD, 0)
         first_suspect = min(t for t, _, _ in net.changes("m3", SUSPECT))
@@ -171,29 +93,30 @@ class SuspicionTests:
 
     def test_refutation_by_incarnation_bump(self) -> None:
         """A member that hears itself suspected bumps its incarnation and everyone holds it alive again."""
-        net = Net(3)
+        net = network(3)
         net.run(2.0)
         m2 = net.machines["m2"]
-        outs = m2.receive(Gossip("m2", addr("m2"), "m0", addr("m0"), 0, [Update("m2", addr("m2"), 0, SUSPECT, "m0")]),
+        outs = m2.receive(Gossip("m2", address("m2"), "m0", address("m0"), 0,
+                                 [Update("m2", address("m2"), 0, SUSPECT, "m0")]),
                           net.now)
         assert m2.incarnation == 1
         # the accuser is told at once
         told = [o for o in outs if isinstance(o, Gossip) and o.dest == "m0"]
-        assert told and Update("m2", addr("m2"), 1, ALIVE, "m2") in told[0].updates
-        net.handle("m2", outs)
-        net.run(10.0)
+        assert told and Update("m2", address("m2"), 1, ALIVE, "m2") in told[0].updates
+        net.act("m2", outs)
+        net.run(8.0)
         assert net.view("m0", "m2") == (ALIVE, 1) and net.view("m1", "m2") == (ALIVE, 1)
         assert net.changes("m2", DEAD) == []
 
     def test_suspected_member_refutes_through_buddy_probe(self) -> None:
         """A member cut off for a few periods is suspected, learns it from a probe, refutes; nobody declares it dead."""
-        net = Net(5)
+        net = network(5)
         net.run(3.0)
         net.isolated.add("m4")
-        net.run(5.5)
+        net.run(2.5)
         assert net.changes("m4", SUSPECT)
         net.isolated.clear()
-        net.run(40.0)
+        net.run(34.5)
         assert net.changes("m4", DEAD) == []
         assert net.machines["m4"].incarnation >= 1
         assert all(net.view(o, "m4") == (ALIVE, net.machines["m4"].incarnation) for o in ("m0", "m1", "m2", "m3"))
@@ -201,27 +124,29 @@ class SuspicionTests:
     def test_timeout_shrinks_with_independent_confirmations(self) -> None:
         """Lifeguard: the suspicion timeout starts at max and drops toward min as distinct suspectors arrive."""
         names = [f"m{i}" for i in range(8)]
-        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(1))
-        m.add_members([(x, addr(x)) for x in names], 0.0)
+        m = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
+        m.add_members([(x, address(x)) for x in names], 0.0)
         lo, hi = CFG.suspicion_bounds(8)
         k = CFG.indirect_k
         deadlines = []
         for c, origin in enumerate(["m1", "m2", "m3", "m4", "m5"]):
-            m.receive(Gossip("m0", addr("m0"), origin, addr(origin), 0, [Update("m7", addr("m7"), 0, SUSPECT, origin)]),
+            m.receive(Gossip("m0", address("m0"), origin, address(origin), 0,
+                             [Update("m7", address("m7"), 0, SUSPECT, origin)]),
                       10.0 + c)
             deadlines.append(m.suspicion_deadline("m7"))
         expected = [10.0 + max(lo, hi - (hi - lo) * math.log(c + 1) / math.log(k + 1)) for c in range(5)]
         assert deadlines == expected
         assert deadlines[0] == 10.0 + hi and deadlines[3] == deadlines[4] == 10.0 + lo
         # the same suspector twice is no confirmation
-        m.receive(Gossip("m0", addr("m0"), "m1", addr("m1"), 0, [Update("m7", addr("m7"), 0, SUSPECT, "m1")]), 20.0)
+        m.receive(Gossip("m0", address("m0"), "m1", address("m1"), 0,
+                         [Update("m7", address("m7"), 0, SUSPECT, "m1")]), 20.0)
         assert m.suspicion_deadline("m7") == 10.0 + lo
 
 
 class HealthTests:
     def test_health_rises_on_missed_acks_and_slows_probing(self) -> None:
         """A node whose probes go unanswered raises its health score up to the max and probes less often."""
-        net = Net(4)
+        net = network(4)
         net.isolated.add("m0")
         net.run(120.0)
         m0 = net.machines["m0"]
@@ -234,20 +159,20 @@ class HealthTests:
 
     def test_health_recovers_after_good_probes(self) -> None:
         """Acked probes bring the health score back to 0."""
-        net = Net(4)
+        net = network(4)
         net.isolated.add("m0")
         net.run(30.0)
         assert net.machines["m0"].health > 0
         net.isolated.clear()
-        net.run(400.0)
+        net.run(370.0)
         assert net.machines["m0"].health == 0
 
     def test_own_stall_is_not_blamed_on_the_target(self) -> None:
         """A timer that fires late (our reactor was blocked) waits for the queued ack instead of accusing."""
-        a = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(1))
-        b = SwimMachine("m1", addr("m1"), config=CFG, rng=random.Random(2))
-        a.add_members([("m1", addr("m1"))], 0.0)
-        b.add_members([("m0", addr("m0"))], 0.0)
+        a = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
+        b = SwimMachine("m1", address("m1"), config=CFG, rng=random.Random(2))
+        a.add_members([("m1", address("m1"))], 0.0)
+        b.add_members([("m0", address("m0"))], 0.0)
         a.start(0.0, join=False)
         t = a.next_deadline()
         assert t is not None
@@ -265,17 +190,17 @@ class HealthTests:
         m2's suspicion at incarnation 0 was under way when m2 refuted and was suspected again at
         incarnation 1. The unanswered check must not declare the *new* suspicion dead; that one
         runs its own full timeout."""
-        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(3))
-        m.add_members([(f"m{i}", addr(f"m{i}")) for i in range(1, 5)], 0.0)
-        suspect = Gossip("m0", addr("m0"), "m1", addr("m1"), 0, [Update("m2", addr("m2"), 0, SUSPECT, "m1")])
+        m = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(3))
+        m.add_members([(f"m{i}", address(f"m{i}")) for i in range(1, 5)], 0.0)
+        suspect = Gossip("m0", address("m0"), "m1", address("m1"), 0, [Update("m2", address("m2"), 0, SUSPECT, "m1")])
         m.receive(suspect, 1.0)
         deadline = m.suspicion_deadline("m2")
         assert deadline is not None
         outs = m.tick(deadline)  # the timeout ran out: one direct ping and k ping-reqs
         assert any(isinstance(o, Ping) and o.dest == "m2" for o in outs)
-        refuted = Update("m2", addr("m2"), 1, ALIVE, "m2")
-        again = Update("m2", addr("m2"), 1, SUSPECT, "m3")
-        m.receive(Gossip("m0", addr("m0"), "m3", addr("m3"), 0, [refuted, again]), deadline + 0.1)
+        refuted = Update("m2", address("m2"), 1, ALIVE, "m2")
+        again = Update("m2", address("m2"), 1, SUSPECT, "m3")
+        m.receive(Gossip("m0", address("m0"), "m3", address("m3"), 0, [refuted, again]), deadline + 0.1)
         new_deadline = m.suspicion_deadline("m2")
         assert new_deadline is not None and new_deadline >= deadline + 0.1 + CFG.suspicion_min_mult
         outs = m.tick(deadline + 2 * CFG.probe_timeout)  # no answer to the old check
@@ -283,42 +208,43 @@ class HealthTests:
         assert m.member("m2") == m.member("m2") and (m.member("m2").state, m.member("m2").incarnation) == (SUSPECT, 1)  # type: ignore[union-attr]
 
 
-def _ping_times(net: Net, sender: str) -> list[float]:
-    return [t for t, m in net.sent_at if isinstance(m, Ping) and m.sender == sender]
+def _ping_times(net: SwimNet, sender: str) -> list[float]:
+    return [t for t, _, _ in net.emitted(Ping, by=sender)]
 
 
 class LeaveAndRejoinTests:
     def test_graceful_left(self) -> None:
         """A member that leaves is held left by everyone, never suspect, and no death is confirmed."""
-        net = Net(4)
+        net = network(4)
         net.run(3.0)
-        net.handle("m3", net.machines["m3"].leave(net.now))
+        net.act("m3", net.machines["m3"].leave(net.now))
         net.down.add("m3")
-        net.run(60.0)
+        net.run(57.0)
         for obs in ("m0", "m1", "m2"):
             assert net.view(obs, "m3") == (LEFT, 0)
         assert net.changes("m3", SUSPECT) == [] and net.confirmed("m3") == []
 
     def test_rejoin_with_higher_incarnation_is_readmitted(self) -> None:
         """A node declared dead that restarts (fresh machine, incarnation 0) refutes its death and is alive again."""
-        net = Net(4)
+        net = network(4)
         net.run(2.0)
         net.down.add("m3")
-        net.run(40.0)
+        net.run(38.0)
         assert net.view("m0", "m3") == (DEAD, 0)
         m3 = net.add("m3")
-        net.run(60.0)
+        net.run(20.0)
         assert m3.incarnation >= 1
         for obs in ("m0", "m1", "m2"):
             assert net.view(obs, "m3") == (ALIVE, m3.incarnation)
 
     def test_add_member_with_higher_incarnation_readmits(self) -> None:
         """add_member (a registry record with a newer incarnation) re-admits a dead member; an older one does not."""
-        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(1))
-        m.add_members([("m1", addr("m1"))], 0.0)
-        m.receive(Gossip("m0", addr("m0"), "m2", addr("m2"), 0, [Update("m1", addr("m1"), 3, DEAD, "m2")]), 1.0)
+        m = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
+        m.add_members([("m1", address("m1"))], 0.0)
+        m.receive(Gossip("m0", address("m0"), "m2", address("m2"), 0,
+                         [Update("m1", address("m1"), 3, DEAD, "m2")]), 1.0)
         assert m.member("m1") == m.member("m1") and (m.member("m1").state, m.member("m1").incarnation) == (DEAD, 3)  # type: ignore[union-attr]
-        assert m.add_member("m1", addr("m1"), 3, 2.0) == []
+        assert m.add_member("m1", address("m1"), 3, 2.0) == []
         outs = m.add_member("m1", "10.0.0.9:8081", 4, 3.0)
         assert MemberChanged("m1", "10.0.0.9:8081", ALIVE, 4) in outs
 
@@ -326,20 +252,20 @@ class LeaveAndRejoinTests:
 class ConfirmedDeathTests:
     def test_confirmed_by_a_second_suspector(self) -> None:
         """A crash is suspected by several members independently: the node whose timer ran out confirms it."""
-        net = Net(5)
+        net = network(5)
         net.run(3.0)
         net.down.add("m4")
-        net.run(60.0)
+        net.run(57.0)
         confirmed = net.confirmed("m4")
         assert confirmed and all(e.incarnation == 0 for _, _, e in confirmed)
         assert any(net.machines[obs].is_confirmed_dead("m4") for _, obs, _ in confirmed)
 
     def test_partitioned_node_confirms_no_death(self) -> None:
         """A node cut off from everyone may hold peers dead, but never emits ConfirmedDead."""
-        net = Net(5)
+        net = network(5)
         net.run(3.0)
         net.isolated.add("m0")
-        net.run(200.0)
+        net.run(197.0)
         assert [e for e in net.confirmed() if e[1] == "m0"] == []
         assert not any(net.machines["m0"].is_confirmed_dead(x) for x in ("m1", "m2", "m3", "m4"))
         # the others do confirm the unreachable m0
@@ -347,22 +273,23 @@ class ConfirmedDeathTests:
 
     def test_confirmed_by_registry_stale_witness(self) -> None:
         """A lone suspector's death is confirmed only once the registry says that incarnation's heartbeat is stale."""
-        net = Net(3)
+        net = network(3)
         net.run(2.0)
         net.down |= {"m1", "m2"}
-        net.run(80.0)
+        net.run(78.0)
         m0 = net.machines["m0"]
         assert net.view("m0", "m1") == (DEAD, 0) and net.confirmed() == []
         assert m0.registry_stale("m1", 5, net.now) == []  # another incarnation: no
         outs = m0.registry_stale("m1", 0, net.now)
-        assert outs == [ConfirmedDead("m1", addr("m1"), 0)]
+        assert outs == [ConfirmedDead("m1", address("m1"), 0)]
         assert m0.is_confirmed_dead("m1") and not m0.is_confirmed_dead("m2")
 
     def test_stale_witness_before_death(self) -> None:
         """A registry-stale witness given while the member is still suspect confirms the death when it comes."""
-        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(3))
-        m.add_members([(f"m{i}", addr(f"m{i}")) for i in range(1, 5)], 0.0)
-        m.receive(Gossip("m0", addr("m0"), "m1", addr("m1"), 0, [Update("m2", addr("m2"), 0, SUSPECT, "m1")]), 1.0)
+        m = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(3))
+        m.add_members([(f"m{i}", address(f"m{i}")) for i in range(1, 5)], 0.0)
+        m.receive(Gossip("m0", address("m0"), "m1", address("m1"), 0,
+                         [Update("m2", address("m2"), 0, SUSPECT, "m1")]), 1.0)
         assert m.registry_stale("m2", None, 1.5) == []
         deadline = m.suspicion_deadline("m2")
         assert deadline is not None
@@ -370,19 +297,20 @@ class ConfirmedDeathTests:
         # the last-chance probe goes out first: the accused gets one more chance to answer
         assert any(isinstance(o, Ping) and o.dest == "m2" for o in outs)
         assert [o for o in outs if isinstance(o, PingReq) and o.target == "m2"]
-        assert ConfirmedDead("m2", addr("m2"), 0) not in outs
+        assert ConfirmedDead("m2", address("m2"), 0) not in outs
         outs = m.tick(deadline + 2 * CFG.probe_timeout)
-        assert ConfirmedDead("m2", addr("m2"), 0) in outs
+        assert ConfirmedDead("m2", address("m2"), 0) in outs
 
 
 class DisseminationTests:
     def test_piggyback_retransmit_limit(self) -> None:
         """Each update is sent retransmit_mult*ceil(log10(N+1)) times, then dropped from the queue."""
         n = 20
-        m = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(1))
-        m.add_members([(f"m{i}", addr(f"m{i}")) for i in range(1, n)], 0.0)
+        m = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
+        m.add_members([(f"m{i}", address(f"m{i}")) for i in range(1, n)], 0.0)
         m.start(0.0, join=False)
-        m.receive(Gossip("m0", addr("m0"), "m1", addr("m1"), 0, [Update("m5", addr("m5"), 2, ALIVE, "m5")]), 0.01)
+        m.receive(Gossip("m0", address("m0"), "m1", address("m1"), 0,
+                         [Update("m5", address("m5"), 2, ALIVE, "m5")]), 0.01)
         carried = 0
         t = 0.01
         while t < 30.0:
@@ -393,21 +321,22 @@ class DisseminationTests:
                 if isinstance(o, Ping | Gossip | PingReq):
                     carried += sum(1 for u in o.updates if u.member == "m5")
                 if isinstance(o, Ping):  # answer probes so that nothing else happens
-                    m.receive(Ack("m0", addr("m0"), o.dest, o.dest_addr, 0, o.seq, []), t)
+                    m.receive(Ack("m0", address("m0"), o.dest, o.dest_addr, 0, o.seq, []), t)
         assert carried == CFG.retransmit_limit(n) == 8
 
     def test_sync_by_digest_then_full_state(self) -> None:
         """Equal tables exchange a digest only; different tables trigger a push-pull of the full state."""
         names = [f"m{i}" for i in range(5)]
-        a = SwimMachine("m0", addr("m0"), config=CFG, rng=random.Random(1))
-        b = SwimMachine("m1", addr("m1"), config=CFG, rng=random.Random(2))
-        a.add_members([(x, addr(x)) for x in names], 0.0)
-        b.add_members([(x, addr(x)) for x in names], 0.0)
+        a = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
+        b = SwimMachine("m1", address("m1"), config=CFG, rng=random.Random(2))
+        a.add_members([(x, address(x)) for x in names], 0.0)
+        b.add_members([(x, address(x)) for x in names], 0.0)
         d, n = a.digest()
-        assert b.receive(SyncDigest("m1", addr("m1"), "m0", addr("m0"), 0, d, n), 1.0) == []
-        b.receive(Gossip("m1", addr("m1"), "m2", addr("m2"), 0, [Update("m9", addr("m9"), 0, ALIVE, "m9")]), 2.0)
+        assert b.receive(SyncDigest("m1", address("m1"), "m0", address("m0"), 0, d, n), 1.0) == []
+        b.receive(Gossip("m1", address("m1"), "m2", address("m2"), 0,
+                         [Update("m9", address("m9"), 0, ALIVE, "m9")]), 2.0)
         d, n = a.digest()
-        outs = b.receive(SyncDigest("m1", addr("m1"), "m0", addr("m0"), 0, d, n), 3.0)
+        outs = b.receive(SyncDigest("m1", address("m1"), "m0", address("m0"), 0, d, n), 3.0)
         full = [o for o in outs if isinstance(o, SyncState)]
         assert len(full) == 1 and full[0].reply and len(full[0].members) == 6
         back = a.receive(full[0], 3.1)
@@ -417,10 +346,10 @@ class DisseminationTests:
 
     def test_join_announces_itself(self) -> None:
         """A node that joins late is known alive by every member shortly after."""
-        net = Net(5)
+        net = network(5)
         net.run(3.0)
         net.add("m5")
-        net.run(8.0)
+        net.run(5.0)
         assert all(net.view(o, "m5") == (ALIVE, 0) for o in ("m0", "m1", "m2", "m3", "m4"))
 
 

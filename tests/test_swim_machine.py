@@ -1,109 +1,42 @@
-"""The SWIM + Lifeguard state machine, driven by hand over a tiny in-test network (no sockets)."""
+"""The SWIM + Lifeguard state machine, driven by hand and on the simulated network of tests/swimnet.py."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gridnode.membership import swim
-from gridnode.membership.swim import ALIVE, DEAD, LEFT, SUSPECT, ConfirmedDead, MemberChanged, SwimMachine
+from gridnode.membership.swim import ALIVE, DEAD, LEFT, SUSPECT, SwimMachine
+from tests.swimnet import SwimNet
 
 
-class Net:
-    """N machines, a clock, instant delivery, and rules for what is lost."""
-
-    def __init__(self, n: int, seed: int = 1, config: swim.SwimConfig | None = None) -> None:
-        self.now = 0.0
-        self.names = [f"n{i}" for i in range(n)]
-        self.m = {name: SwimMachine(name, f"{name}:1", rng=random.Random(seed + i), config=config, now=0.0,
-                                    incarnation=1) for i, name in enumerate(self.names)}
-        self.down: set[str] = set()  # crashed or frozen: receives and ticks nothing
-        self.cut: set[tuple[str, str]] = set()  # one-way links that lose everything
-        self.refusing: set[str] = set()  # its process is gone: connecting to it is refused
-        self.rejected: set[tuple[str, str]] = set()  # one-way links a firewall rejects (refused)
-        self.vanished: set[str] = set()  # its host is gone: its kernel acknowledges nothing
-        self.checks: list[tuple[float, str, str, str]] = []  # (verdict due, watcher, member, address)
-        self.asked: list[tuple[str, str]] = []  # every CheckHost: (watcher, member)
-        self.changes: dict[str, list[MemberChanged]] = {name: [] for name in self.names}
-        self.confirmed: dict[str, list[ConfirmedDead]] = {name: [] for name in self.names}
-        self.sent: dict[str, list[swim.Message]] = {name: [] for name in self.names}
-        self.queue: list[swim.Message] = []
-        for name, machine in self.m.items():
-            self.act(name, machine.add_members([(o, f"{o}:1") for o in self.names], 0.0))
-        for name, machine in self.m.items():
-            self.act(name, machine.start(0.0, join=False))
-
-    def act(self, name: str, outputs: list[swim.Output]) -> None:
-        for out in outputs:
-            if isinstance(out, swim.Message):
-                self.sent[name].append(out)
-                self.queue.append(out)
-            elif isinstance(out, MemberChanged):
-                self.changes[name].append(out)
-            elif isinstance(out, ConfirmedDead):
-                self.confirmed[name].append(out)
-            elif isinstance(out, swim.CheckHost):
-                self.checks.append((self.now + 0.5, name, out.member, out.address))
-                self.asked.append((name, out.member))
-
-    def run(self, seconds: float, dt: float = 0.01) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.now = round(self.now + dt, 6)
-            queue, self.queue = self.queue, []
-            due = [c for c in self.checks if c[0] <= self.now]
-            self.checks = [c for c in self.checks if c[0] > self.now]
-            for _, watcher, member, address in due:
-                if member in self.vanished and watcher not in self.down:
-                    self.act(watcher, self.m[watcher].host_silent(member, address, self.now))
-            for msg in queue:
-                refused = msg.dest in self.refusing or (msg.sender, msg.dest) in self.rejected
-                if refused and msg.sender not in self.down:
-                    self.act(msg.sender, self.m[msg.sender].refused(msg.dest, msg.dest_addr, self.now))
-                    continue
-                if msg.dest in self.down or msg.sender in self.down or (msg.sender, msg.dest) in self.cut:
-                    continue
-                self.act(msg.dest, self.m[msg.dest].receive(msg, self.now))
-            for name, machine in self.m.items():
-                deadline = machine.next_deadline()
-                if name not in self.down and deadline is not None and deadline <= self.now:
-                    self.act(name, machine.tick(self.now))
-
-    def state(self, viewer: str, member: str) -> str | None:
-        view = self.m[viewer].member(member)
-        return None if view is None else view.state
-
-    def until(self, predicate: Callable[[], bool], limit: float) -> float:
-        start = self.now
-        while not predicate():
-            assert self.now - start < limit, "not reached in time"
-            self.run(0.1)
-        return self.now - start
+def network(n: int) -> SwimNet:
+    """n0 ... n{n-1}, each at incarnation 1, on 1 ms links."""
+    return SwimNet(n, incarnation=1)
 
 
 class ProbeTests:
     def test_everyone_alive(self) -> None:
         """Probes and acks between live members keep everyone alive; nobody is suspected."""
-        net = Net(4)
+        net = network(4)
         net.run(20)
         assert all(net.state(a, b) == ALIVE for a in net.names for b in net.names)
-        assert not any(c.state != ALIVE for changes in net.changes.values() for c in changes)
-        assert any(isinstance(m, swim.Ping) for m in net.sent["n0"])
+        assert not any(c.state != ALIVE for _, _, c in net.changes())
+        assert any(isinstance(m, swim.Ping) for m in net.sent("n0"))
 
     def test_indirect_probe_saves_a_member(self) -> None:
         """With the direct link n0 <-> n2 lost, PingReq through others keeps n2 alive in n0's view."""
-        net = Net(4)
+        net = network(4)
         net.cut |= {("n0", "n2"), ("n2", "n0")}
         net.run(30)
         assert net.state("n0", "n2") == ALIVE
-        assert any(isinstance(m, swim.PingReq) and m.target == "n2" for m in net.sent["n0"])
+        assert any(isinstance(m, swim.PingReq) and m.target == "n2" for m in net.sent("n0"))
 
     def test_crash_suspect_then_dead(self) -> None:
         """A crashed member is suspected, then declared dead by everyone."""
-        net = Net(5)
+        net = network(5)
         net.run(3)
         net.down.add("n4")
         net.until(lambda: any(net.state(n, "n4") == SUSPECT for n in net.names[:4]), 10)
@@ -112,24 +45,24 @@ class ProbeTests:
 
     def test_lifeguard_health_rises_when_acks_go_missing(self) -> None:
         """A node that hears no acks at all (its inbound links lost) raises its local health score."""
-        net = Net(4)
+        net = network(4)
         net.cut |= {(o, "n0") for o in net.names if o != "n0"}
         net.run(10)
-        assert net.m["n0"].health > 0
-        assert net.m["n1"].health == 0
+        assert net.machines["n0"].health > 0
+        assert net.machines["n1"].health == 0
 
 
 class SuspicionTests:
     def test_refutation_by_incarnation_bump(self) -> None:
         """A live member told it is suspected bumps its incarnation and is alive everywhere again."""
-        net = Net(4)
+        net = network(4)
         net.run(2)
-        before = net.m["n3"].incarnation
-        lie = swim.Gossip("n1", "n1:1", "n0", "n0:1", net.m["n0"].incarnation,
+        before = net.machines["n3"].incarnation
+        lie = swim.Gossip("n1", "n1:1", "n0", "n0:1", net.machines["n0"].incarnation,
                           [swim.Update("n3", "n3:1", before, SUSPECT, "n0")])
-        net.queue.append(lie)
+        net.act("n0", [lie])
         net.run(10)
-        assert net.m["n3"].incarnation > before
+        assert net.machines["n3"].incarnation > before
         assert all(net.state(n, "n3") == ALIVE for n in net.names if n != "n3")
 
     def test_suspicion_shrinks_with_confirmations(self) -> None:
@@ -159,66 +92,66 @@ class SuspicionTests:
 
     def test_rejoin_with_higher_incarnation(self) -> None:
         """A member declared dead is admitted again when it comes back with a higher incarnation."""
-        net = Net(3)
+        net = network(3)
         net.run(2)
         net.down.add("n2")
         net.until(lambda: net.state("n0", "n2") == DEAD, 60)
-        dead_inc = net.m["n0"].member("n2").incarnation  # type: ignore[union-attr]
-        net.act("n0", net.m["n0"].add_member("n2", "n2:1", dead_inc + 1, net.now))
+        dead_inc = net.machines["n0"].member("n2").incarnation  # type: ignore[union-attr]
+        net.act("n0", net.machines["n0"].add_member("n2", "n2:1", dead_inc + 1, net.now))
         assert net.state("n0", "n2") == ALIVE
 
     def test_graceful_leave(self) -> None:
         """A member that leaves is 'left', not dead, in the others' views."""
-        net = Net(4)
+        net = network(4)
         net.run(2)
-        net.act("n3", net.m["n3"].leave(net.now))
+        net.act("n3", net.machines["n3"].leave(net.now))
         net.run(2)
         net.down.add("n3")
         net.run(20)
         assert all(net.state(n, "n3") == LEFT for n in net.names[:3])
-        assert not any(c for n in net.names for c in net.confirmed[n])
+        assert not net.confirmed()
 
 
 class ConfirmedDeathTests:
     def test_second_suspector_confirms(self) -> None:
         """With several survivors, a crash is confirmed (independent suspicions of the same incarnation)."""
-        net = Net(5)
+        net = network(5)
         net.run(3)
         net.down.add("n4")
-        net.until(lambda: any(c.member == "n4" for n in net.names[:4] for c in net.confirmed[n]), 60)
-        assert all(c.member == "n4" for n in net.names for c in net.confirmed[n])
+        net.until(lambda: any(obs in net.names[:4] for _, obs, _ in net.confirmed("n4")), 60)
+        assert all(c.member == "n4" for _, _, c in net.confirmed())
 
     def test_registry_witness_confirms_in_a_pool_of_two(self) -> None:
         """In a pool of two no second suspector exists: the stale registry heartbeat confirms."""
-        net = Net(2)
+        net = network(2)
         net.run(3)
         net.down.add("n1")
         net.until(lambda: net.state("n0", "n1") == DEAD, 60)
-        assert net.confirmed["n0"] == []
-        net.act("n0", net.m["n0"].registry_stale("n1", None, net.now))
-        assert [c.member for c in net.confirmed["n0"]] == ["n1"]
+        assert [c for _, obs, c in net.confirmed() if obs == "n0"] == []
+        net.act("n0", net.machines["n0"].registry_stale("n1", None, net.now))
+        assert [c.member for _, obs, c in net.confirmed() if obs == "n0"] == ["n1"]
 
     def test_partitioned_node_confirms_nothing(self) -> None:
         """A node cut off from everyone may suspect them all, but confirms no death."""
-        net = Net(5)
+        net = network(5)
         net.run(3)
         for other in net.names[1:]:
             net.cut |= {("n0", other), (other, "n0")}
         net.run(90)
         assert any(net.state("n0", other) != ALIVE for other in net.names[1:])
-        assert net.confirmed["n0"] == []
+        assert [c for _, obs, c in net.confirmed() if obs == "n0"] == []
 
 
 class RefusedTests:
     def kill(self, refusing: bool) -> float:
-        net = Net(6)
+        net = network(6)
         net.run(3)
         net.down.add("n5")
         if refusing:
             net.refusing.add("n5")
         took = net.until(lambda: all(net.state(n, "n5") == DEAD for n in net.names[:5]), 60)
-        assert all(c.member == "n5" for n in net.names for c in net.confirmed[n])
-        assert any(net.confirmed[n] for n in net.names[:5])
+        assert all(c.member == "n5" for _, _, c in net.confirmed())
+        assert any(obs in net.names[:5] for _, obs, _ in net.confirmed())
         return took
 
     def test_refused_connections_shorten_the_suspicion(self) -> None:
@@ -231,85 +164,85 @@ class RefusedTests:
 
     def test_relays_refused_too_become_witnesses(self) -> None:
         """The first refusal sends ping-reqs at once; the relays' own refusals make them suspectors."""
-        net = Net(6)
+        net = network(6)
         net.run(3)
         net.down.add("n5")
         net.refusing.add("n5")
         net.until(lambda: any(net.state(n, "n5") == SUSPECT for n in net.names[:5]), 10)
-        first = next(n for n in net.names[:5] if net.state(n, "n5") == SUSPECT)
+        _, first, _ = net.changes("n5", SUSPECT)[0]
         net.run(0.05)
-        assert any(isinstance(m, swim.PingReq) and m.target == "n5" for m in net.sent[first])
-        suspectors = {c.member for n in net.names[:5] for c in net.changes[n]}
+        assert any(isinstance(m, swim.PingReq) and m.target == "n5" for m in net.sent(first))
+        suspectors = {c.member for _, obs, c in net.changes() if obs in net.names[:5]}
         assert "n5" in suspectors
         assert sum(net.state(n, "n5") == SUSPECT for n in net.names[:5]) >= 2
 
     def test_a_rejecting_partition_confirms_nothing(self) -> None:
         """Cut off by a firewall that rejects (every connection refused): suspects fast, confirms nothing."""
-        net = Net(5)
+        net = network(5)
         net.run(3)
         for other in net.names[1:]:
             net.rejected |= {("n0", other)}
             net.cut |= {(other, "n0")}
         net.run(90)
         assert all(net.state("n0", other) == DEAD for other in net.names[1:])
-        assert net.confirmed["n0"] == []
+        assert [c for _, obs, c in net.confirmed() if obs == "n0"] == []
         # the others may rightly confirm n0 (nobody can reach it), but no one else
-        assert all(c.member == "n0" for o in net.names[1:] for c in net.confirmed[o])
+        assert all(c.member == "n0" for _, obs, c in net.confirmed() if obs in net.names[1:])
 
     def test_refusal_of_another_address_or_an_unknown_member_is_ignored(self) -> None:
         """Only a refusal at the member's current address counts (a node that moved is not accused)."""
-        net = Net(3)
+        net = network(3)
         net.run(2)
-        assert net.m["n0"].refused("n1", "elsewhere:1", net.now) == []
-        assert net.m["n0"].refused("stranger", "stranger:1", net.now) == []
+        assert net.machines["n0"].refused("n1", "elsewhere:1", net.now) == []
+        assert net.machines["n0"].refused("stranger", "stranger:1", net.now) == []
         assert net.state("n0", "n1") == ALIVE
-        outs = net.m["n0"].refused("n1", "n1:1", net.now)
+        outs = net.machines["n0"].refused("n1", "n1:1", net.now)
         assert net.state("n0", "n1") == SUSPECT and outs
-        assert net.m["n0"].refused("n1", "n1:1", net.now) == []  # known already
+        assert net.machines["n0"].refused("n1", "n1:1", net.now) == []  # known already
 
 
 class WatchTests:
     def test_every_member_has_its_watchers_and_views_agree(self) -> None:
         """Each member is watched by ``watchers`` others, the same ones whoever computes it."""
-        net = Net(12)
+        net = network(12)
         w = swim.SwimConfig().watchers
         for member in net.names:
-            watchers = {n for n in net.names if member in net.m[n].watching()}
+            watchers = {n for n in net.names if member in net.machines[n].watching()}
             assert len(watchers) == w and member not in watchers
-            assert all(set(net.m[v].watchers_of(member)) == watchers for v in net.names)
+            assert all(set(net.machines[v].watchers_of(member)) == watchers for v in net.names)
 
     def test_watchers_move_when_a_member_dies(self) -> None:
         """When a watcher is gone from the ring, the next member before the watched one takes over."""
-        net = Net(8)
+        net = network(8)
         net.run(2)
         member = "n0"
-        old = net.m["n1"].watchers_of(member)
+        old = net.machines["n1"].watchers_of(member)
         gone = old[0]
-        net.m["n1"].receive(swim.Gossip("n1", "n1:1", "n2", "n2:1", 1, [swim.Update(gone, f"{gone}:1", 1, DEAD, "n2")]),
-                            net.now)
-        new = net.m["n1"].watchers_of(member)
+        net.machines["n1"].receive(
+            swim.Gossip("n1", "n1:1", "n2", "n2:1", 1, [swim.Update(gone, f"{gone}:1", 1, DEAD, "n2")]), net.now)
+        new = net.machines["n1"].watchers_of(member)
         assert gone not in new and set(old) - {gone} <= set(new) and len(new) == len(old)
 
     def test_a_suspector_tells_the_watchers_and_they_check_once(self) -> None:
         """The first suspector gossips its suspicion straight to the member's watchers; each asks the
         member's kernel once per incarnation."""
-        net = Net(8)
+        net = network(8)
         net.run(2)
         victim = "n7"
-        watchers = net.m["n0"].watchers_of(victim)
+        watchers = net.machines["n0"].watchers_of(victim)
         net.down.add(victim)
         net.until(lambda: any(net.state(n, victim) == SUSPECT for n in net.names[:7]), 10)
-        first = next(n for n in net.names[:7] if net.state(n, victim) == SUSPECT)
-        told = {m.dest for m in net.sent[first] if isinstance(m, swim.Gossip)
+        _, first, _ = net.changes(victim, SUSPECT)[0]
+        told = {m.dest for m in net.sent(first) if isinstance(m, swim.Gossip)
                 and any(u.member == victim and u.state == SUSPECT for u in m.updates)}
         assert set(watchers) - {first} <= told
         net.run(1)
-        assert sorted(w for w, m in net.asked if m == victim) == sorted(watchers)
+        assert sorted(w for _, w, check in net.emitted(swim.CheckHost) if check.member == victim) == sorted(watchers)
 
     def test_a_vanished_host_is_dead_sooner_than_a_stalled_one_would_be(self) -> None:
         """The watchers find the host silent: it is dead everywhere well before the shortest suspicion
         a silent member could get; a stalled member (its kernel answers) is not declared dead faster."""
-        net = Net(8)
+        net = network(8)
         net.run(2)
         net.down.add("n7")
         net.vanished.add("n7")
@@ -317,9 +250,9 @@ class WatchTests:
         net.until(lambda: all(net.state(n, "n7") == DEAD for n in net.names[:7]), 30)
         lo, _ = swim.SwimConfig().suspicion_bounds(8)
         assert net.now - start < lo
-        assert any(c.member == "n7" for n in net.names for c in net.confirmed[n])
+        assert net.confirmed("n7")
 
-        stalled = Net(8)
+        stalled = network(8)
         stalled.run(2)
         stalled.down.add("n7")  # frozen: no answers, but its kernel still acknowledges
         stalled.run(lo)
@@ -327,14 +260,14 @@ class WatchTests:
 
     def test_host_silent_for_another_address_or_a_stranger_is_ignored(self) -> None:
         """Only a check of the member's current address counts."""
-        net = Net(3)
+        net = network(3)
         net.run(2)
-        assert net.m["n0"].host_silent("n1", "elsewhere:1", net.now) == []
-        assert net.m["n0"].host_silent("stranger", "x:1", net.now) == []
+        assert net.machines["n0"].host_silent("n1", "elsewhere:1", net.now) == []
+        assert net.machines["n0"].host_silent("stranger", "x:1", net.now) == []
         assert net.state("n0", "n1") == ALIVE
-        assert net.m["n0"].host_silent("n1", "n1:1", net.now)
+        assert net.machines["n0"].host_silent("n1", "n1:1", net.now)
         assert net.state("n0", "n1") == SUSPECT
-        deadline = net.m["n0"].suspicion_deadline("n1")
+        deadline = net.machines["n0"].suspicion_deadline("n1")
         assert deadline is not None and deadline <= net.now + swim.SwimConfig().gone_suspicion_mult
 
 
@@ -357,12 +290,12 @@ class RelayTests:
 
     def test_a_requester_says_what_it_holds_about_a_suspect_target(self) -> None:
         """The last-chance check's ping-reqs carry the requester's suspicion of the target."""
-        net = Net(5)
+        net = network(5)
         net.run(2)
         net.down.add("n4")
         net.until(lambda: net.state("n0", "n4") == SUSPECT, 30)
         net.until(lambda: any(isinstance(m, swim.PingReq) and m.target == "n4" and any(
-            u.member == "n4" and u.state == SUSPECT for u in m.updates) for m in net.sent["n0"]), 30)
+            u.member == "n4" and u.state == SUSPECT for u in m.updates) for m in net.sent("n0")), 30)
 
 
 class MergeTests:

@@ -10,8 +10,9 @@ import pytest_twisted
 from gridnode import tokens
 from gridnode.config import build_config
 from gridnode.errors import ConfigError, GridnodeError
+from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, free_port, upload
+from tests.nodes import NodeProcess, upload
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.nodes import NodeProcess, free_port, get_json, run_twistd, sleep, twistd
+from tests.helpers import free_port, sleep
+from tests.nodes import NodeProcess, get_json, run_twistd, twistd
 
 pytestmark = pytest.mark.integration
 
@@ -103,8 +104,8 @@ class HealthTests:
     def test_json_log_lines(self, tmp_path: Path) -> None:
         """``--logger gridnode.logs.json_observer`` writes one JSON object per line with named fields."""
         port = free_port()
-        node = NodeProcess(tmp_path, [])
-        node.start = _start_with_logger(node, port)  # type: ignore[method-assign]
+        node = NodeProcess(tmp_path, ["--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "jsonnode"],
+                           json_log=True)
         node.start()
         try:
             yield node.wait_ready()
@@ -113,22 +114,6 @@ class HealthTests:
             assert ready and ready[0]["node"] == "jsonnode" and ready[0]["level"] == "info"
         finally:
             assert node.stop() == 0
-
-
-def _start_with_logger(node: NodeProcess, port: int):  # type: ignore[no-untyped-def]
-    import os
-
-    def start() -> None:
-        node.folder.mkdir(parents=True, exist_ok=True)
-        out = open(node.log, "ab")
-        node.process = subprocess.Popen(
-            [twistd(), "-n", "--pidfile=", "--logger", "gridnode.logs.json_observer", "gridnode",
-             "--http", f"tcp:{port}:interface=127.0.0.1", "--node-id", "jsonnode", "--ffmpeg-user", "none"],
-            cwd=node.folder, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-        )
-        out.close()
-
-    return start
 
 
 class LayeringTests:
