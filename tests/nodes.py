@@ -20,11 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-# free_port and wait_for are still imported from here by test_membership_service.py and
-# test_tus_nodes.py; their home is tests/helpers.py
-from tests.helpers import free_port as free_port
 from tests.helpers import sleep
-from tests.helpers import wait_for as wait_for
 
 BIN = os.path.dirname(sys.executable)
 READY = re.compile(r"(?:serving HTTP|listening) on ([0-9.]+):(\d+)")

@@ -191,7 +191,7 @@ def _accept(reactor: MemoryReactorClock, port: int, server: Protocol) -> tuple[_
 def _watcher(reactor: MemoryReactorClock, **service: Any) -> tuple[swim.SwimMachine, MembershipService]:
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=reactor.seconds(),
                                config=swim.SwimConfig(probe_interval=30.0, probe_timeout=10.0))
-    return machine, MembershipService(reactor, machine, b"k" * 32, now=reactor.seconds, **service)
+    return machine, MembershipService(reactor, machine, b"k" * 32, now=reactor.seconds, join=False, **service)
 
 
 def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal() -> None:
@@ -202,7 +202,7 @@ def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal(
     machine, service = _watcher(reactor)
     service.act(machine.add_members([("b", "127.0.0.1:9002")], reactor.seconds()))
     assert machine.watching() == {"b": "127.0.0.1:9002"}
-    service.start(join=False)
+    service.startService()
     try:
         client_io, server_io, pump = _accept(reactor, 9002, _Quiet())
         assert (client_io.getPeer().host, client_io.getPeer().port) == ("127.0.0.1", 9002)
@@ -224,7 +224,7 @@ def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal(
         deadline = machine.suspicion_deadline("b")
         assert deadline is not None and deadline - reactor.seconds() <= machine.config.gone_suspicion_mult * 30.0
     finally:
-        service.stop()
+        service.halt()
 
 
 def test_a_silent_host_check_reaches_the_machine() -> None:
@@ -245,7 +245,7 @@ def test_a_silent_host_check_reaches_the_machine() -> None:
     addr = "127.0.0.1:9002"
     service.act(machine.add_members([("b", addr), ("c", "127.0.0.1:3")], reactor.seconds()))
     assert "b" in machine.watching()
-    service.start(join=False)
+    service.startService()
     try:
         _accept(reactor, 9002, _Quiet())
         assert service._standing["b"].proto is not None
@@ -259,7 +259,7 @@ def test_a_silent_host_check_reaches_the_machine() -> None:
         lo, _ = machine.config.suspicion_bounds(3)
         assert lo >= 100
     finally:
-        service.stop()
+        service.halt()
 
 
 @linux_only

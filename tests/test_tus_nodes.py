@@ -21,8 +21,9 @@ from tusclient.uploader import Uploader
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, free_port, wait_job
+from tests.nodes import NodeProcess, wait_job
 from tests.test_tus import TUS, Node, Pool, metadata, sha, video
 
 pytest_plugins = ["tests.s3server"]

@@ -164,14 +164,6 @@ class MembershipService(Service):
         if port is not None:
             yield port.stopListening()
 
-    # The names from before the service, still called by tests/test_hostcheck.py.
-    def start(self, join: bool = True) -> None:
-        self.join = join
-        self.startService()
-
-    def stop(self) -> Any:
-        return self.halt()
-
     # -- the machine
 
     def act(self, outputs: list[swim.Output]) -> None:
