@@ -55,7 +55,7 @@ from gridnode.config import cpu_count
 from gridnode.media.ffmpeg import NICENESS, transcode_command
 from gridnode.media.presets import parse_presets
 from gridnode.media.probe import parse_probe, probe_argv, probe_command
-from gridnode.media.sandbox import resolve_user, sandboxed_argv, share_with
+from gridnode.media.sandbox import Sandbox, resolve_user, sandboxed_argv, share_with
 
 MiB = 1024 * 1024
 FIGURES = ("pool", "ingest", "memory", "latency")
@@ -109,7 +109,7 @@ def make_body(path: Path, size: int) -> None:
 def node_args(args: argparse.Namespace) -> list[str]:
     """Options every node of the run gets besides the figure's own."""
     extra = ["--ffmpeg-user", args.ffmpeg_user] if args.ffmpeg_user else []
-    return extra + (["--ffprobe", args.ffprobe] if args.ffprobe != "ffprobe" else [])
+    return extra + ["--sandbox", args.sandbox] + (["--ffprobe", args.ffprobe] if args.ffprobe != "ffprobe" else [])
 
 
 def drop_dirty() -> None:
@@ -141,6 +141,7 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     # What gridnode.converter.Converter passes: each ffmpeg gets its share of the cores.
     threads = max(1, cpu_count() // args.workers)
     user = resolve_user(args.ffmpeg_user or "auto")  # whom the node runs its children as
+    sandbox = Sandbox(boxed=args.sandbox == "bwrap", user=user)  # and how (--sandbox)
     jobs = args.jobs
 
     def bare(out: Path) -> str:
@@ -152,9 +153,9 @@ def fig_pool(tmp: Path, args: argparse.Namespace) -> Figure:
     def children(out: Path) -> str:
         # Exactly the two children the node starts per job, sandbox and limits included:
         # what the node's overhead would be if the node itself cost nothing.
-        probe = shlex.join(probe_command(args.ffprobe, str(clip), user=user))
+        probe = shlex.join(probe_command(args.ffprobe, str(clip), sandbox=sandbox))
         transcode = shlex.join(sandboxed_argv(*transcode_command(info, str(clip), str(out), presets,
-                                                                 threads=threads, user=user)))
+                                                                 threads=threads, sandbox=sandbox)))
         return f"{probe} >/dev/null && exec {transcode} >/dev/null\n"
 
     def by_xargs(k: int, script_for: Callable[[Path], str], name: str, cpu: list[float]) -> float:
@@ -510,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="node --workers and xargs -P (default 2)")
     ap.add_argument("--ffmpeg-user", default=None,
                     help="pass --ffmpeg-user to every node (default: the node's own default)")
+    ap.add_argument("--sandbox", choices=("bwrap", "weak"), default="bwrap",
+                    help="--sandbox of every node and of the children side (default bwrap, the node's default)")
     ap.add_argument("--ffprobe", default="ffprobe",
                     help="the ffprobe binary of every node and of the children side (default: ffprobe on PATH)")
     ap.add_argument("--jobs", type=int, default=None, help="pool: jobs per side and round (default 8; quick 4)")

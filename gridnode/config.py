@@ -94,6 +94,12 @@ def _opt_name(value: Any) -> str | None:
     return None if value is None else _name(value)
 
 
+def _sandbox(value: Any) -> str:
+    if value not in ("bwrap", "weak"):
+        raise ValueError("must be bwrap (a box of its own for every ffmpeg and ffprobe) or weak (none)")
+    return str(value)
+
+
 def _store(value: Any) -> str:
     parse_store_url(_str(value))  # raises ConfigError with its own message
     return str(value)
@@ -185,6 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
             f"(default URL {DEFAULT_METADATA_URL})", _metadata, "URL"),
     Setting("ffmpeg-user", "auto", "user ffmpeg and ffprobe run as: a name or uid, 'none' for the node's own, "
             "'auto' for nobody when the node runs as root", _str, "USER"),
+    Setting("sandbox", "bwrap", "how ffmpeg and ffprobe are confined: 'bwrap', a box of their own (the node "
+            "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -223,6 +231,7 @@ class NodeConfig:
     cors_origins: tuple[str, ...]
     instance_metadata: str | None
     ffmpeg_user: str
+    sandbox: str
     ffmpeg: str
     ffprobe: str
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.media import presets as presets_mod
@@ -19,54 +20,66 @@ from gridnode.media.ffmpeg import ProducedFile, collect_outputs, start_transcode
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset
 from gridnode.media.probe import Limits, ProbeResult, probe
-from gridnode.media.sandbox import resolve_user, share_with, take_back
+from gridnode.media.sandbox import (
+    Host,
+    Sandbox,
+    announce,
+    check_reachable,
+    choose,
+    find_host,
+    private_folder,
+    resolve_user,
+    share_with,
+    take_back,
+)
 
 if TYPE_CHECKING:
     from gridnode.media.interface import Media
 
 
-def check_reachable(user: str, work_dir: str, name: str) -> None:
-    """The children's user must traverse every folder down to the work folder."""
-    from gridnode.errors import ConfigError
-
-    folder = os.path.abspath(work_dir)
-    for sub in ("spool", "scratch"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        os.chmod(os.path.join(folder, sub), 0o711)
-    os.chmod(folder, os.stat(folder).st_mode | 0o011)
-    uid = int(user.split(":")[0])
-    while True:
-        st = os.stat(folder)
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
-            raise ConfigError(f"ffmpeg-user {name} cannot reach {folder} (no o+x): allow it "
-                              f"(chmod o+x {folder}), move --work-dir, or set --ffmpeg-user none")
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return
-        folder = parent
-
-
 class Converter(Service):
-    """A service: started, it clears the scratch folder and checks the children's user; stopped,
-    it cancels every job."""
+    """A service: started, it settles how children run (``sandbox``: a box, or the node does not
+    start unless ``--sandbox weak``), makes the work folders the node's own and clears the
+    scratch folder; stopped, it cancels every job."""
 
-    def __init__(self, reactor: Any, config: NodeConfig) -> None:
+    _log = Logger()
+
+    def __init__(self, reactor: Any, config: NodeConfig,
+                 find: Callable[..., Host] = find_host) -> None:
         self.reactor = reactor
         self.config = config
         self.limits = Limits(max_duration=float(config.max_duration), max_pixels=config.max_pixels)
         # Each ffmpeg gets its share of the cores, not all of them: with every
         # worker busy, that is less context switching and a responsive reactor.
         self.threads = max(1, cpu_count() // config.workers)
-        self.user = resolve_user(config.ffmpeg_user)
+        user = resolve_user(config.ffmpeg_user)
+        #: as the configuration asks; ``startService`` confirms it or refuses to start
+        self.sandbox = Sandbox(boxed=config.sandbox == "bwrap", user=user)
+        self._find = find
         self.pool = TranscodePool(reactor, os.path.join(config.work_dir, "scratch"), workers=config.workers,
                                   queue=config.queue)
 
+    @property
+    def user(self) -> str | None:
+        return self.sandbox.user
+
     def startService(self) -> None:  # noqa: N802 - Twisted's name
-        """Remove scratch folders a crash left behind; check the children's user can work here."""
+        """Settle the sandbox (a trial box); make the work folders the node's own, passable by the
+        children's group only; remove scratch folders a crash left behind."""
         super().startService()
-        self.pool.sweep()
+        work = self.config.work_dir
+        for folder in (os.path.join(work, "spool"), os.path.join(work, "scratch")):
+            private_folder(folder, self.user)
         if self.user:
-            check_reachable(self.user, self.config.work_dir, self.config.ffmpeg_user)
+            check_reachable(self.user, work, self.config.ffmpeg_user)
+        host = self._find(self.user, trial=self.sandbox.boxed, trial_binary=self.config.ffprobe)
+        self.sandbox = choose(self.config.sandbox, host, self.user)
+        line = announce(self.sandbox)
+        if self.sandbox.boxed:
+            self._log.info(line)
+        else:
+            self._log.warn(line)
+        self.pool.sweep()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
         """Cancel every job; fires when no ffmpeg is left."""
@@ -77,7 +90,7 @@ class Converter(Service):
         return presets_mod.parse_presets(text)
 
     def probe(self, path: str) -> Deferred[ProbeResult]:
-        return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, user=self.user)
+        return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, sandbox=self.sandbox)
 
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
@@ -91,7 +104,7 @@ class Converter(Service):
             share_with(self.user, str(slot.scratch))  # private (0700) to the node, and to its children
             process = start_transcode(self.reactor, info, input_path, out_dir, presets, ffmpeg=self.config.ffmpeg,
                                       on_progress=progress, threads=self.threads, label=f"ffmpeg {job_id}",
-                                      user=self.user)
+                                      sandbox=self.sandbox)
             slot.on_cancel(process.cancel)
             d: Deferred[Any] = process.deferred
 

@@ -95,6 +95,8 @@ class NodeService(MultiService):
         yield deferLater(self.reactor, 0, lambda: None)
         self._take_sigterm()
         config = yield self._settle()
+        # Every file and folder the node makes is its own (0600/0700): spool, journal, store.
+        os.umask(0o077)
         os.makedirs(config.work_dir, exist_ok=True)
         metrics = Metrics()
         backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)

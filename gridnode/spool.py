@@ -190,8 +190,10 @@ class SpoolFile:
     def __init__(self, path: str, mode: str = "w+b", *, offset: int = 0, limit: int | None = None,
                  reactor: Any = None) -> None:
         self.path = path
-        # unbuffered: what write() returns is in the file, where a trailing hasher reads it
-        self.file = open(path, mode, buffering=0)  # noqa: SIM115 - closed by close()/discard()
+        # unbuffered: what write() returns is in the file, where a trailing hasher reads it;
+        # 0600: an upload is the node's alone (a child is let read its own: sandbox.let_read)
+        self.file = open(path, mode, buffering=0,  # noqa: SIM115 - closed by close()/discard()
+                         opener=lambda p, flags: os.open(p, flags, 0o600))
         # a trailing hasher reads the file from its start: only for a file written from its start
         trailing = IReactorThreads.providedBy(reactor) and offset == 0 and "a" not in mode
         self._hash: InlineSha256 | TrailingSha256 = TrailingSha256(reactor, path) if trailing else InlineSha256()
@@ -294,7 +296,7 @@ class Spool:
         self.folder = folder
         #: with a reactor that runs threads, bodies are hashed in a thread of their own
         self.reactor = reactor
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)  # the converter settles who else may pass
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)

@@ -8,6 +8,7 @@ rather than by sleeping a fixed time, and stopped with every process it started.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -166,15 +167,28 @@ class ServerProcess:
         self.stop()
 
 
+@functools.cache
+def boxes_here(user: str | None = None) -> str | None:
+    """None where this host boxes children run as ``user`` ("uid:gid"; None: ours), else why
+    not: a trial box, as a node makes at start (gridnode.media.sandbox.find_host)."""
+    from gridnode.media.sandbox import find_host
+
+    host = find_host(user, trial_binary="ffprobe")
+    return host.missing or host.refused or (None if host.bwrap else "bubblewrap is not installed")
+
+
 class NodeProcess(ServerProcess):
     """A node for a test: ``twistd -n gridnode ARGS`` in ``folder``, its output in ``twistd.out``.
     Its children run as the node's own user unless ARGS say otherwise: tests run as root in
-    folders only root may enter (the sandbox tests choose the user)."""
+    folders only root may enter (the sandbox tests choose the user). Where this host cannot
+    box them, the node runs them with ``--sandbox weak`` unless ARGS choose."""
 
     def __init__(self, folder: Path, args: list[str], *, env: dict[str, str] | None = None,
                  json_log: bool = False) -> None:
         if "--ffmpeg-user" not in args:
             args = [*args, "--ffmpeg-user", "none"]
+        if "--sandbox" not in args and boxes_here() is not None:
+            args = [*args, "--sandbox", "weak"]
         super().__init__(folder, gridnode_argv(*args, json_log=json_log), env=env, log="twistd.out")
 
 

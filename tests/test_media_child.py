@@ -76,11 +76,12 @@ class ChildProcessTests:
         assert run.results == [b"{}"]
 
     def test_a_failed_end_is_the_subclass_failure(self) -> None:
-        """A non-zero exit gives whatever Failure outcome returns, and no signal is sent."""
+        """A non-zero exit gives whatever Failure outcome returns; what the child left in its
+        group is swept (SIGKILL), as after any end."""
         run = Run()
         run.end(exited(1))
         assert len(run.results) == 1 and run.results[0].check(ProcessTerminated)
-        assert run.groups.sent == []
+        assert run.groups.sent == [(PID, signal.SIGKILL)]
 
     def test_no_limits_no_timers(self) -> None:
         """idle and max_time None: nothing is scheduled and silence for an hour stops nothing."""
@@ -116,11 +117,12 @@ class ChildProcessTests:
         assert run.error().message == "first"
 
     def test_stop_after_the_end_does_nothing(self) -> None:
-        """Once the result is out, a stop sends no signal and starts no timer."""
+        """Once the result is out (the group swept at the end), a stop sends no signal and starts
+        no timer."""
         run = Run()
         run.end(exited(0))
         run.child.stop(GridnodeError("late", code="cancelled", status=409))
-        assert run.groups.sent == [] and run.clock.getDelayedCalls() == []
+        assert run.groups.sent == [(PID, signal.SIGKILL)] and run.clock.getDelayedCalls() == []
         assert run.results == [b""]
 
     def test_stop_before_the_start_fails_at_once(self) -> None:

@@ -36,7 +36,7 @@ from gridnode.media.ffmpeg import (
 from gridnode.media.presets import build_argv, default_output_limit, parse_presets
 from gridnode.media.probe import ProbeResult, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
-from tests.fake_child import FakeGroups, FakeTransport, exited
+from tests.fake_child import PID, FakeGroups, FakeTransport, exited
 from tests.media_samples import FFMPEG, FFPROBE, Clips, alive, ffprobe_json, group_alive, wait_for
 
 BLOCK = b"frame=10\nfps=0.0\nout_time_us=%d\nout_time_ms=%d\nout_time=00:00:01.000000\nspeed=2x\nprogress=continue\n"
@@ -156,7 +156,7 @@ class FfmpegProcessTests:
         error = h.error()
         assert error.code == "ffmpeg_failed" and "status 1" in error.message
         assert error.message.endswith("first\nInvalid data found when processing input")
-        assert h.sent == []
+        assert h.sent == [(PID, signal.SIGKILL)]  # what it left in its group is swept
 
     def test_killed_by_signal_is_failure(self) -> None:
         """A child killed from outside (OOM killer) is ffmpeg_failed naming the signal."""

@@ -194,7 +194,7 @@ class ProbeChildTests:
         run.child.childDataReceived(1, b"{}}")
         run.end(exited(0))
         assert run.results == [(b'{"format": {}}', b"a warning\n")]
-        assert run.clock.getDelayedCalls() == [] and run.groups.sent == []
+        assert run.clock.getDelayedCalls() == [] and run.groups.sent == [(PID, signal.SIGKILL)]  # the sweep
 
     def test_timeout_kills_the_group(self) -> None:
         """Past probe_timeout: SIGTERM to ffprobe's whole process group, SIGKILL after the

@@ -1,36 +1,217 @@
-"""ffmpeg and ffprobe children: limits, and an unprivileged user when the node is root."""
+"""ffmpeg and ffprobe children: the chain that starts them (perl, bwrap, prlimit), the box, the
+mode the node settles at start, the node's own folders, and an attacker in a box."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 
-from gridnode.media.sandbox import ChildLimits, let_read, resolve_user, sandboxed_argv, share_with, take_back
+from gridnode.errors import ConfigError
+from gridnode.media.sandbox import (
+    Box,
+    ChildLimits,
+    Host,
+    Sandbox,
+    Tools,
+    announce,
+    check_reachable,
+    child_env,
+    choose,
+    find_host,
+    let_read,
+    private_folder,
+    resolve_user,
+    sandboxed_argv,
+    share_with,
+    system_view,
+    take_back,
+)
 from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, request, run_twistd, upload, wait_job
+from tests.nodes import NodeProcess, boxes_here, request, run_twistd, upload, wait_job
+
+TOOLS = Tools(perl="/p/perl", prlimit="/p/prlimit", bwrap="/p/bwrap")
+VIEW = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--proc", "/proc"]
 
 
-class ResolveUserTests:
-    def test_unknown_user(self) -> None:
-        """An unknown --ffmpeg-user is a configuration error."""
-        from gridnode.errors import ConfigError
+def after(argv: list[str], option: str, count: int = 1) -> list[str]:
+    """The ``count`` arguments after the first ``option``."""
+    i = argv.index(option)
+    return argv[i + 1:i + 1 + count]
 
-        with pytest.raises(ConfigError):
-            resolve_user("no-such-user-here")
-        assert resolve_user("none") is None
+
+def pairs(argv: list[str], option: str) -> list[tuple[str, str]]:
+    return [(argv[i + 1], argv[i + 2]) for i, a in enumerate(argv) if a == option]
+
+
+class ArgvTests:
+    def test_weak_chain(self) -> None:
+        """No box: perl (group, nice, user), then prlimit without a process limit (outside a box
+        it would count every process of the user), then the binary by its real path."""
+        limits = ChildLimits(cpu_seconds=77, file_size=5, open_files=50, niceness=7, user="65534:65534")
+        argv = sandboxed_argv(["/usr/bin/ffprobe", "-v"], limits, found=TOOLS)
+        assert argv[:2] == ["/p/perl", "-e"] and argv[3:5] == ["7", "65534:65534"]
+        assert "/p/bwrap" not in argv
+        assert argv[5:] == ["/p/prlimit", f"--as={8 * 1024**3}", "--cpu=77", "--fsize=5", "--nofile=50", "--",
+                            os.path.realpath("/usr/bin/ffprobe"), "-v"]
+
+    def test_box_chain(self) -> None:
+        """A box: bwrap with every namespace, no way back to capabilities or a new user
+        namespace, dying with its parent; the system view, the input read-only and the output
+        folder writable at their own paths, the node's working folder, a read-only root; then
+        prlimit with the process limit, then the binary."""
+        box = Box(reads=("/w/spool/J",), writes=("/w/scratch/J/out",))
+        limits = ChildLimits(processes=99, box=box)
+        argv = sandboxed_argv(["/usr/bin/ffmpeg", "-i", "x"], limits, found=TOOLS, view=VIEW, cwd="/w")
+        bwrap = argv.index("/p/bwrap")
+        assert argv[bwrap + 1:bwrap + 8] == ["--unshare-all", "--unshare-user", "--disable-userns",
+                                             "--die-with-parent", "--as-pid-1", "--cap-drop", "ALL"]
+        assert argv[bwrap + 8:bwrap + 8 + len(VIEW)] == VIEW
+        assert pairs(argv, "--ro-bind")[1:] == [("/w/spool/J", "/w/spool/J")]  # after /usr
+        assert pairs(argv, "--bind") == [("/w/scratch/J/out", "/w/scratch/J/out")]
+        end = argv.index("--", bwrap)
+        assert argv[end - 6:end] == ["--dir", "/w", "--chdir", "/w", "--remount-ro", "/"]
+        assert argv[end + 1] == "/p/prlimit" and "--nproc=99" in argv[end + 1:]
+        assert argv[-3:] == [os.path.realpath("/usr/bin/ffmpeg"), "-i", "x"]
+        assert "--share-net" not in argv and "--new-session" not in argv  # see sandbox.py on sessions
+
+    def test_a_binary_outside_the_view_is_bound_alone(self, tmp_path: Path) -> None:
+        """A binary the system view does not show (a static build, a test's script) is bound
+        read-only by itself; one under /usr is not bound again."""
+        script = tmp_path / "ffmpeg"
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755)
+        outside = sandboxed_argv([str(script)], ChildLimits(box=Box()), found=TOOLS, view=VIEW, cwd="/")
+        assert (str(script), str(script)) in pairs(outside, "--ro-bind")
+        inside = sandboxed_argv(["/usr/bin/env"], ChildLimits(box=Box()), found=TOOLS, view=VIEW, cwd="/")
+        assert pairs(inside, "--ro-bind") == [("/usr", "/usr")]
+
+    def test_system_view(self) -> None:
+        """Merged /usr shows /bin as the same link; a real folder is bound read-only; what the
+        host lacks is left out; /etc gives the loader's cache and alternatives; no tty."""
+        view = system_view({"usr": None, "bin": "usr/bin", "lib64": "usr/lib64"})
+        assert pairs(view, "--ro-bind") == [("/usr", "/usr")]
+        assert pairs(view, "--symlink") == [("usr/bin", "/bin"), ("usr/lib64", "/lib64")]
+        assert pairs(view, "--ro-bind-try") == [("/etc/ld.so.cache", "/etc/ld.so.cache"),
+                                                ("/etc/alternatives", "/etc/alternatives")]
+        devices = [src for src, _ in pairs(view, "--dev-bind-try")]
+        assert "/dev/null" in devices and not any("tty" in d or "pts" in d for d in devices)
+        assert "--dev" not in view and after(view, "--proc") == ["/proc"]
+
+    def test_sandbox_limits(self) -> None:
+        """A boxed sandbox gives a child's limits its user and a box of absolute paths; a weak one
+        the user alone, and the process limit is then left out."""
+        base = ChildLimits(cpu_seconds=1)
+        boxed = Sandbox(boxed=True, user="1:2").limits(base, reads=["in"], writes=["out"])
+        assert boxed.user == "1:2" and boxed.cpu_seconds == 1
+        assert boxed.box == Box((os.path.abspath("in"),), (os.path.abspath("out"),))
+        assert ("nproc", 256) in boxed.rlimits()
+        weak = Sandbox(boxed=False, user="1:2").limits(base, reads=["in"])
+        assert weak.box is None and weak.user == "1:2" and "nproc" not in dict(weak.rlimits())
+        assert (Sandbox(boxed=True).mode, Sandbox(boxed=False).mode) == ("bwrap", "weak")
+
+    def test_child_env_is_an_allowlist(self) -> None:
+        """A child's environment: a PATH of its own and the locale, never a credential or a
+        variable its wrapper would obey."""
+        env = child_env({"AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "k", "HOME": "/root",
+                         "PATH": "/root/bin:/usr/bin", "PERL5OPT": "-Mx", "LD_PRELOAD": "/x.so",
+                         "LC_ALL": "C", "LANG": "de_DE.UTF-8", "FFREPORT": "file=/tmp/r"})
+        assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "de_DE.UTF-8", "LC_ALL": "C"}
+        assert child_env({})["LANG"] == "C.UTF-8"
+
+
+def completed(code: int, stderr: bytes = b"") -> Any:
+    return lambda argv, **kw: subprocess.CompletedProcess(argv, code, b"", stderr)
+
+
+class ModeTests:
+    def test_choose(self) -> None:
+        """bwrap where a trial box ran; weak only when asked for, whatever the host offers."""
+        works = Host("/usr/bin/bwrap")
+        assert choose("bwrap", works, "65534:65534") == Sandbox(boxed=True, user="65534:65534")
+        assert choose("weak", works, None) == Sandbox(boxed=False, user=None)
+        assert choose("weak", Host(None), None) == Sandbox(boxed=False)
+
+    def test_no_box_is_a_refusal_saying_what_to_do(self) -> None:
+        """Wanted a box and none can be made: the node does not start, and says how to get one
+        or how to accept less; a missing perl or prlimit stops either mode."""
+        with pytest.raises(ConfigError) as missing:
+            choose("bwrap", Host(None), None)
+        assert "apt-get install bubblewrap" in missing.value.message and "--sandbox weak" in missing.value.message
+        with pytest.raises(ConfigError) as refused:
+            choose("bwrap", Host("/usr/bin/bwrap", refused="bwrap: No permissions to create new namespace"),
+                   "65534:65534")
+        message = refused.value.message
+        assert "No permissions" in message and "user 65534" in message and "--sandbox weak" in message
+        for wanted in ("bwrap", "weak"):
+            with pytest.raises(ConfigError, match="perl"):
+                choose(wanted, Host("/usr/bin/bwrap", missing="perl"), None)
+
+    def test_find_host_tries_the_box_the_children_get(self) -> None:
+        """The trial is a box as the children's user, running the trial binary; its last
+        words are kept when it fails; without ``trial`` nothing runs."""
+        ran: list[list[str]] = []
+
+        def run(argv: list[str], **kw: Any) -> Any:
+            ran.append(argv)
+            return completed(1, b"bwrap: setting up uid map: Permission denied\n")(argv)
+
+        host = find_host("65534:65534", trial_binary="sh", run=run)
+        assert host.refused == "bwrap: setting up uid map: Permission denied"
+        argv = ran[0]
+        assert argv[4] == "65534:65534" and "--unshare-all" in argv and argv[-1] == "-version"
+        assert find_host(None, run=completed(0)).refused is None
+        ran.clear()
+        find_host(None, trial=False, run=run)
+        assert ran == []
+
+    def test_announce(self) -> None:
+        """One line at start: the box, or WEAK in capitals."""
+        assert announce(Sandbox(boxed=True, user="65534:65534")).startswith("sandbox: bwrap")
+        assert "WITHOUT a box" in announce(Sandbox(boxed=False))
+
+
+class FolderTests:
+    def test_private_folder(self, tmp_path: Path) -> None:
+        """0700 for the node alone; 0710 in the children's group when they run as another user
+        (they may pass to what their box binds, not list); an existing folder is closed too."""
+        mine = tmp_path / "spool"
+        mine.mkdir(mode=0o755)
+        private_folder(str(mine), None)
+        assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+        group = tmp_path / "scratch"
+        private_folder(str(group), f"{os.getuid()}:{os.getgid()}")
+        st = group.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_uid) == (0o710, os.getgid(), os.geteuid())
+
+    def test_check_reachable(self, open_folder: Path) -> None:
+        """The work folder is let pass; a folder above it that does not let the user pass stops
+        the node with what to do."""
+        above = open_folder / "above"
+        work = above / "work"
+        work.mkdir(parents=True)
+        work.chmod(0o700)
+        above.chmod(0o700)
+        user = "65534:65534"
+        with pytest.raises(ConfigError, match="cannot reach .*above.*chmod o\\+x"):
+            check_reachable(user, str(work), "nobody")
+        above.chmod(0o711)
+        check_reachable(user, str(work), "nobody")
+        assert work.stat().st_mode & 0o001
 
 
 @pytest.mark.integration  # real children: the kernel applies the limits, the uid and the group
 class WrapperTests:
     def test_limits_apply_in_the_child(self) -> None:
-        """The wrapper sets the limits, a process group and the niceness before exec, and the pid
+        """The chain sets the limits, a process group and the niceness before exec, and the pid
         is the one that was spawned (nothing on the way forks)."""
         code = ("import os, resource; print(resource.getrlimit(resource.RLIMIT_FSIZE), "
                 "resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_CPU), "
@@ -42,12 +223,20 @@ class WrapperTests:
         assert out.split() == ["(12345,", "12345)", "(50,", "50)", "(77,", "77)", "True", "7", str(child.pid)], err
 
     def test_the_child_stays_in_the_nodes_session(self) -> None:
-        """A group of its own, not a session: under autogroup scheduling a session of its own
-        would make its nice level count for nothing against the node."""
+        """A group of its own, not a session, boxed or not: under autogroup scheduling a session
+        of its own would make its nice level count for nothing against the node."""
         code = "import os; print(os.getsid(0))"
         out = subprocess.run(sandboxed_argv([sys.executable, "-c", code], ChildLimits()), capture_output=True,
                              text=True, timeout=30)
         assert out.stdout.split() == [str(os.getsid(0))], out.stderr
+        if boxes_here() is None:
+            box = sandboxed_argv(["sh", "-c", "echo up; sleep 1"], ChildLimits(box=Box()))
+            child = subprocess.Popen(box, stdout=subprocess.PIPE, text=True)
+            try:
+                assert child.stdout is not None and child.stdout.readline() == "up\n"
+                assert os.getsid(child.pid) == os.getsid(0) and os.getpgid(child.pid) == child.pid
+            finally:
+                child.communicate(timeout=30)
 
     def test_file_size_limit_stops_writes(self, tmp_path: Path) -> None:
         """A child over its file-size limit cannot grow a file past it."""
@@ -89,11 +278,11 @@ class WrapperTests:
         assert source.read_bytes() == b"upload\n" and source.stat().st_uid == os.geteuid()
 
 
-def root_node(folder: Path, node_id: str, *extra: str) -> NodeProcess:
+def root_node(folder: Path, node_id: str, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
     """A node on loopback that runs its children as nobody (the node being root)."""
     return NodeProcess(folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
                                 f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
-                                "--ffmpeg-user", "auto", "--node-id", node_id, *extra])
+                                "--ffmpeg-user", "auto", "--node-id", node_id, *extra], env=env)
 
 
 @pytest.mark.integration
@@ -101,7 +290,7 @@ def root_node(folder: Path, node_id: str, *extra: str) -> NodeProcess:
 class RootNodeTests:
     @pytest_twisted.inlineCallbacks
     def test_root_node_converts_as_nobody(self, open_folder: Path, media_clips: Clips) -> None:
-        """A node run as root converts with ffmpeg running as nobody."""
+        """A node run as root converts with ffmpeg running as nobody; its folders are its own."""
         node = root_node(open_folder, "rootnode")
         node.start()
         try:
@@ -116,6 +305,14 @@ class RootNodeTests:
             assert users <= {"nobody"}
             status, _, data = request("GET", base + job["outputs"][0]["url"])
             assert status == 200 and len(data) == job["outputs"][0]["size"]
+            store = open_folder / "gridnode-data"
+            assert stat.S_IMODE(store.stat().st_mode) == 0o700
+            for path in store.rglob("*"):
+                mode = stat.S_IMODE(path.lstat().st_mode)
+                assert mode == (0o700 if path.is_dir() else 0o600), path
+            work = open_folder / "gridnode-work"
+            for sub in ("spool", "scratch"):
+                assert stat.S_IMODE((work / sub).stat().st_mode) == 0o710
         finally:
             node.stop()
 
@@ -174,12 +371,13 @@ class RootNodeTests:
 
 
 @pytest.mark.integration  # runs bench/sandbox.py as a process
-def test_sandbox_benchmark_prints_its_three_sides() -> None:
+def test_sandbox_benchmark_prints_its_sides() -> None:
     """bench/sandbox.py runs (a tiny run: the figure itself is for the README, not asserted)."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, str(root / "bench" / "sandbox.py"), "--children", "2", "--rounds", "1",
-                          "--json"], capture_output=True, text=True, timeout=60, cwd=root)
+                          "--json"], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["figure"] == "sandbox"
-    assert min(result["bare_ms"], result["chain_ms"], result["wrapper_ms"]) > 0
+    assert min(result["bare_ms"], result["weak_ms"]) > 0
+    assert result["box_ms"] is None or result["box_ms"] > 0

@@ -1,15 +1,17 @@
 """
 How the node runs a child (ffmpeg, ffprobe): buildbot-worker's habits, in one place.
 
-- ``spawn_child`` starts an argv made by ``sandbox.sandboxed_argv``: the wrapper makes
-  the child the leader of a process group of its own, in the node's session, and the
-  parent makes the same group too, so it exists as soon as ``spawn_child`` returns.
+- ``spawn_child`` starts an argv made by ``sandbox.sandboxed_argv``, with an environment
+  of its own (``sandbox.child_env``: never the node's credentials): the wrapper makes the
+  child the leader of a process group of its own, in the node's session, and the parent
+  makes the same group too, so it exists as soon as ``spawn_child`` returns.
 - ``ChildProcess`` is the ProcessProtocol both children share. It enforces an
   idle-output timeout and a maximum total time (each optional) and stops the child
   with SIGTERM to its whole process group, then SIGKILL after a grace period; a backup
-  timer fires the result even if the process never reports its end. ``deferred``
-  fires exactly once, and only once the child is gone (or the backup timer gave up on
-  it), so a caller may remove the child's scratch folder then.
+  timer fires the result even if the process never reports its end. Whichever way the
+  child ends, what is left in its group gets SIGKILL (a box ends everything else: its pid
+  namespace). ``deferred`` fires exactly once, and only once the child is gone (or the
+  backup timer gave up on it), so a caller may remove the child's scratch folder then.
 
 A subclass keeps only its own parsing: ``outReceived``/``errReceived`` for what the
 child writes, ``outcome`` for what the child's own end means, ``timeout_error`` for
@@ -33,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
+from gridnode.media.sandbox import child_env
 
 T = TypeVar("T")
 
@@ -114,9 +117,10 @@ class ChildProcess(ProcessProtocol, Generic[T]):
         super().childDataReceived(childFD, data)  # to outReceived / errReceived
 
     def processEnded(self, reason: Failure) -> None:
-        if self._stopping is not None and self.pid is not None:
-            # The leader is reaped now; sweep any member it left behind before
-            # the group id can be handed out again.
+        if self.pid is not None:
+            # The leader is reaped now; sweep any member it left behind (after a normal end
+            # too: a child that exits leaves its own children running) before the group id
+            # can be handed out again.
             self._signal_group(signal.SIGKILL, fallback=False)
         self._cancel_timers()
         if self._done:
@@ -205,8 +209,9 @@ def spawn_child(
     env: Mapping[str, str] | None,
     setpgid: Callable[[int, int], None] = os.setpgid,
 ) -> None:
-    """Start ``argv`` (a list, never a shell; made by ``sandboxed_argv``) with ``proto``."""
-    transport = reactor.spawnProcess(proto, argv[0], list(argv), env=env)
+    """Start ``argv`` (a list, never a shell; made by ``sandboxed_argv``) with ``proto``, in
+    ``env`` (None: ``child_env()``, the allowlist)."""
+    transport = reactor.spawnProcess(proto, argv[0], list(argv), env=child_env() if env is None else env)
     if transport.pid is not None:
         # The parent sets the group too, so it exists as soon as spawnProcess
         # returns whichever side runs first (the shells' trick); EACCES means

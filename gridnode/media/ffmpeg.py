@@ -35,7 +35,7 @@ from gridnode.errors import GridnodeError
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
 from gridnode.media.presets import Preset, build_argv, default_output_limit
 from gridnode.media.probe import ProbeResult
-from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv, share_with
+from gridnode.media.sandbox import ChildLimits, Sandbox, ffmpeg_processes, let_read, sandboxed_argv, share_with
 
 STDERR_LINES = 64
 _MAX_LINE = 4096  # longer lines are cut: ffmpeg never writes them, a broken child might
@@ -231,7 +231,7 @@ def spawn_ffmpeg(
     """
     proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
     full = wrapped_argv(argv, niceness, limits)
-    spawn_child(reactor, proto, full, env=dict(env if env is not None else os.environ))
+    spawn_child(reactor, proto, full, env=env)
     return proto
 
 
@@ -248,15 +248,15 @@ def start_transcode(
     max_output_bytes: int | None = None,
     threads: int | None = None,
     label: str = "ffmpeg",
-    user: str | None = None,
+    sandbox: Sandbox = Sandbox(),
 ) -> FfmpegProcess:
-    """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), as
-    ``user`` ("uid:gid") when given, under limits scaled to the input."""
+    """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), in a
+    box of its own as ``sandbox`` says, under limits scaled to the input."""
     os.makedirs(out_dir, exist_ok=True)
-    let_read(user, input_path)
-    share_with(user, out_dir)
+    let_read(sandbox.user, input_path)
+    share_with(sandbox.user, out_dir)
     argv, limits = transcode_command(probe, input_path, out_dir, presets, ffmpeg=ffmpeg, timeouts=timeouts,
-                                     max_output_bytes=max_output_bytes, threads=threads, user=user)
+                                     max_output_bytes=max_output_bytes, threads=threads, sandbox=sandbox)
     return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
                         label=label, limits=limits)
 
@@ -271,14 +271,16 @@ def transcode_command(
     timeouts: Timeouts = Timeouts(),
     max_output_bytes: int | None = None,
     threads: int | None = None,
-    user: str | None = None,
+    sandbox: Sandbox = Sandbox(),
 ) -> tuple[list[str], ChildLimits]:
-    """The ffmpeg argv of a job and the limits it runs under, scaled to the input
-    (``sandboxed_argv(*transcode_command(...))`` is what the node starts)."""
+    """The ffmpeg argv of a job and the limits it runs under, scaled to the input, in a box
+    that shows it ``input_path`` and ``out_dir`` alone (``sandboxed_argv(*transcode_command(...))``
+    is what the node starts)."""
     max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(probe.duration)
     out_limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
-    limits = ChildLimits(cpu_seconds=int(max_time * max(1, threads or os.cpu_count() or 1)) + 60,
-                         file_size=out_limit + 1024 * 1024, user=user)
+    limits = sandbox.limits(ChildLimits(cpu_seconds=int(max_time * max(1, threads or os.cpu_count() or 1)) + 60,
+                                        file_size=out_limit + 1024 * 1024, processes=ffmpeg_processes()),
+                            reads=[input_path], writes=[out_dir])
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
                       threads=threads)
     return argv, limits

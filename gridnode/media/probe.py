@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
-from gridnode.media.sandbox import ChildLimits, let_read, sandboxed_argv
+from gridnode.media.sandbox import ChildLimits, Sandbox, let_read, sandboxed_argv
 
 _log = Logger()
 
@@ -322,16 +322,16 @@ def _probe_failure(stderr: bytes) -> GridnodeError:
     return not_a_video()
 
 
-def probe_command(ffprobe: str, path: str, limits: Limits = Limits(), user: str | None = None) -> list[str]:
-    """What the node starts to probe ``path``: ffprobe behind the sandbox wrapper.
-    It writes no file (FSIZE 0) and gets little memory and CPU time."""
-    return sandboxed_argv(probe_argv(ffprobe, path), ChildLimits(
+def probe_command(ffprobe: str, path: str, limits: Limits = Limits(), sandbox: Sandbox = Sandbox()) -> list[str]:
+    """What the node starts to probe ``path``: ffprobe in its box (``sandbox``), seeing ``path``
+    alone. It writes no file (FSIZE 0) and gets little memory and CPU time."""
+    return sandboxed_argv(probe_argv(ffprobe, path), sandbox.limits(ChildLimits(
         address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
-        niceness=0, user=user))
+        processes=64, niceness=0), reads=[path]))
 
 
 async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None,
-                 user: str | None) -> ProbeResult:
+                 sandbox: Sandbox) -> ProbeResult:
     size = os.stat(path).st_size
     if size == 0:
         raise not_a_video("the file is empty")
@@ -339,8 +339,8 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
         # A node set up wrong must not blame the user's file.
         raise _error("ffprobe_unavailable", 500, f"this node cannot run ffprobe ({ffprobe}); tell its operator")
     proto = ProbeProcess(reactor, limits)
-    let_read(user, path)
-    spawn_child(reactor, proto, probe_command(ffprobe, path, limits, user), env=None)
+    let_read(sandbox.user, path)
+    spawn_child(reactor, proto, probe_command(ffprobe, path, limits, sandbox), env=None)
     out, err = await proto.deferred
     if err.strip():
         _log.debug("ffprobe {path} said {stderr}", path=path, stderr=err.decode("utf-8", "replace")[-500:])
@@ -349,11 +349,11 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
 
 def probe(
     reactor: IReactorProcess, path: str, *, ffprobe: str = "ffprobe", limits: Limits = Limits(),
-    name: str | None = None, user: str | None = None,
+    name: str | None = None, sandbox: Sandbox = Sandbox(),
 ) -> Deferred[ProbeResult]:
     """Run ffprobe on ``path`` and check the result. Fails with ``GridnodeError``.
 
     ``reactor`` must provide IReactorProcess and IReactorTime. ``name`` is the
     user's file name, carried into ``ProbeResult.to_json()``.
     """
-    return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name, user))
+    return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name, sandbox))

@@ -15,6 +15,12 @@ bytes, as S3 gives them; a file put with ``put_file`` (videos) gets a random
 token instead, because hashing every input and output was a quarter of the
 node's own CPU per job and nothing compares that ETag with the bytes. A file
 put there by hand gets its MD5, computed once on first use.
+
+The folder is the node's own: every folder it makes is 0700 and every file 0600, and the
+root is made 0700 at open (unless it is a shared folder, sticky as /tmp is, or another
+user's), so a store an older version left world-readable is closed too. No child of the
+node (an ffmpeg that a hostile upload took over) and no other user can read a tenant's
+inputs or job records.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -44,8 +51,11 @@ class FileBackend:
         self.root = os.path.abspath(root)
         self.url = "file:" + self.root
         self._meta = os.path.join(self.root, _META)
-        os.makedirs(os.path.join(self._meta, "tmp"), exist_ok=True)
-        os.makedirs(os.path.join(self._meta, "etags"), exist_ok=True)
+        _makedirs(os.path.join(self._meta, "tmp"))
+        _makedirs(os.path.join(self._meta, "etags"))
+        st = os.stat(self.root)
+        if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
+            os.chmod(self.root, 0o700)
         self._thread_lock = threading.Lock()
 
     # -- paths
@@ -65,7 +75,7 @@ class FileBackend:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._thread_lock, open(os.path.join(self._meta, "lock"), "a") as f:
+        with self._thread_lock, open(os.path.join(self._meta, "lock"), "a", opener=_private) as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -105,9 +115,9 @@ class FileBackend:
 
     def _write_etag(self, key: str, etag: str, st: os.stat_result) -> None:
         path = self._etag_path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _makedirs(os.path.dirname(path))
         tmp = self._tmp()
-        with open(tmp, "w") as f:
+        with open(tmp, "w", opener=_private) as f:
             json.dump({"etag": etag, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, f)
         os.replace(tmp, path)
 
@@ -127,7 +137,7 @@ class FileBackend:
                 if if_none_match is not None or if_match is not None:
                     check_preconditions(key, self._current(key), if_none_match, if_match)
                 try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    _makedirs(os.path.dirname(path))
                 except (FileExistsError, NotADirectoryError):
                     raise InvalidKey(f"{key} lies under another object") from None
                 if os.path.isdir(path):
@@ -146,7 +156,7 @@ class FileBackend:
     ) -> ObjectInfo:
         self._path(key)
         tmp = self._tmp()
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=_private) as f:
             f.write(data)
         return self._commit(key, tmp, hashlib.md5(data).hexdigest(), if_none_match, if_match)
 
@@ -156,6 +166,7 @@ class FileBackend:
     ) -> ObjectInfo:
         self._path(key)
         tmp = self._tmp()
+        os.close(_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # copyfile keeps its mode
         shutil.copyfile(path, tmp)  # in the kernel (sendfile): the bytes never pass through Python
         return self._commit(key, tmp, secrets.token_hex(16), if_none_match, if_match)
 
@@ -173,7 +184,7 @@ class FileBackend:
     def get_file(self, key: str, path: str) -> ObjectInfo:
         info = self._info(key)
         tmp = f"{path}.{keys.new_id()}.part"
-        with open(self._path(key), "rb") as src, open(tmp, "wb") as dst:
+        with open(self._path(key), "rb") as src, open(tmp, "wb", opener=_private) as dst:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 dst.write(chunk)
         os.replace(tmp, path)
@@ -229,6 +240,24 @@ class FileBackend:
                     os.unlink(p)
                     removed += 1
         return removed
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for a file only the node may read: 0600 whatever the umask."""
+    return os.open(path, flags, 0o600)
+
+
+def _makedirs(path: str) -> None:
+    """``path`` and its missing parents, each made 0700 (``os.makedirs`` gives its mode to the
+    last folder only); a file in the way raises FileExistsError as ``os.makedirs`` does."""
+    if os.path.isdir(path):
+        return
+    _makedirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def _prune(folder: str, stop: str) -> None:

@@ -76,6 +76,8 @@ class NodeView:
             "version": __version__,
             "state": "draining" if self.draining else "ok",
             "store": self.store.url,
+            # the node started only if this holds: a box for every child, or weak on purpose
+            "sandbox": self.config.sandbox,
             "uptime": round(time.time() - self.started, 3),
             "registry": self.registry_health(),
             **self.jobs.load(),
