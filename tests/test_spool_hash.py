@@ -10,6 +10,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -151,3 +152,19 @@ def test_no_room_is_insufficient_storage_and_keeps_no_blocks(tmp_path: Path,
         f.reserve(64 * MiB)
     assert e.value.code == "insufficient_storage" and e.value.status == 507
     assert os.stat(f.path).st_blocks == 0
+
+
+def test_a_spool_file_is_the_nodes_alone(tmp_path: Path) -> None:
+    """An upload body is 0600 and its folder 0700 whatever the umask: no other user, and no
+    child of the node, reads another tenant's upload (a child is let read its own input only:
+    gridnode.media.sandbox.let_read)."""
+    old = os.umask(0o022)
+    try:
+        spool = Spool(str(tmp_path / "spool"))
+        body = spool.new("J")
+        body.write(b"video")
+        body.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(spool.folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(body.path).st_mode) == 0o600

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,34 @@ class FileStoreTests(StoreContract):
         path = os.path.join(backend.root, "outputs", "J", "poster.jpg")
         assert open(path, "rb").read() == b"jpeg"
         assert backend.local_path("outputs/J/poster.jpg") == path
+
+    def test_the_store_is_the_nodes_own(self, tmp_path: Path) -> None:
+        """Whatever the umask, every folder the store makes is 0700 and every file 0600 (objects,
+        ETags, the lock, a file fetched out of it), and a root an older version left open is
+        closed at open; a shared sticky folder as root is left as it is."""
+        old = os.umask(0o022)
+        try:
+            root = tmp_path / "store"
+            root.mkdir(mode=0o755)
+            backend = FileBackend(str(root))
+            backend.put_bytes("jobs/J.json", b"{}")
+            source = tmp_path / "video"
+            source.write_bytes(b"v")
+            backend.put_file("inputs/J/source", str(source))
+            backend.get_file("inputs/J/source", str(tmp_path / "fetched"))
+            with backend._locked():
+                pass
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        for path in root.rglob("*"):
+            assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+        assert stat.S_IMODE((tmp_path / "fetched").stat().st_mode) == 0o600
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        FileBackend(str(shared))
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
 
     def test_own_folder_is_not_a_key(self, backend: FileBackend) -> None:
         """The store's metadata folder is neither writable nor listed."""
