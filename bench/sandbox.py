@@ -1,13 +1,14 @@
 """
-What starting a child costs: the CPU of one ``ffprobe -version`` (a child whose cost is all
-start-up) started four ways, side by side in one run:
+What starting a child costs: the CPU of one ``true`` (a child that is nothing but its start;
+``--binary ffprobe`` runs ``ffprobe -version``, which adds its own 50-80 ms and their noise)
+started four ways, side by side in one run:
 
-  bare      ffprobe itself
+  bare      the binary itself
   box       as the node starts it (``--sandbox bwrap``, the default): perl (process group,
-            nice, user), bwrap (the box), prlimit (limits), ffprobe
-  weak      as ``--sandbox weak`` starts it: perl, prlimit, ffprobe
+            nice, user), bwrap (the box), prlimit (limits), the binary
+  weak      as ``--sandbox weak`` starts it: perl, prlimit, the binary
   python    the first step in Python instead of perl (what the node ran until the box came:
-            its wrapper did group, nice, limits and user, then ffprobe)
+            its wrapper did group, nice, limits and user, then the binary)
 
 each with the limits, niceness and user (``--ffmpeg-user auto``: nobody when root) the node
 gives ffmpeg. The sides alternate, round after round; the figure is CPU seconds (user +
@@ -16,8 +17,7 @@ other work on the machine moves far less than wall time. Ending a network namesp
 kernel-worker CPU that no process is billed for; the kworker threads' CPU over each side is
 measured too and the box's excess over bare is added to its figure.
 
-Goal: box <= bare + 8 ms. ``--binary true`` shows the set-up alone, with less noise than
-ffprobe's 50-80 ms of its own.
+Goal: box <= bare + 8 ms.
 
     .venv/bin/python bench/sandbox.py [--children 40] [--rounds 5] [--binary ffprobe] [--json]
 """
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--children", type=int, default=40, help="children per side and round (default 40)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    ap.add_argument("--binary", default="ffprobe",
-                    help="the child, run with -version (default ffprobe; `true` shows the set-up alone)")
+    ap.add_argument("--binary", default="true",
+                    help="the child, run with -version (default true: the set-up alone; ffprobe: a real one)")
     args = ap.parse_args(argv)
 
     binary = [os.path.realpath(shutil.which(args.binary) or args.binary), "-version"]
