@@ -18,7 +18,7 @@ class ConverterServiceTests:
         """startService removes the scratch folders a crash left; stopService cancels the running
         and the queued job and fires once the running one has ended."""
         config = build_config(cli={"work-dir": str(tmp_path), "workers": 1, "queue": 1,
-                                   "ffmpeg-user": "none"}).with_identity("n1")
+                                   "ffmpeg-user": "none", "sandbox": "weak"}).with_identity("n1")  # no trial box
         converter = Converter(Clock(), config)
         leftover = tmp_path / "scratch" / "01ARZ3NDEKTSV4RRFFQ69G5FAV"
         leftover.mkdir(parents=True)

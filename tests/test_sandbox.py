@@ -36,7 +36,7 @@ from gridnode.media.sandbox import (
 )
 from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, boxes_here, request, run_twistd, upload, wait_job
+from tests.nodes import NodeProcess, boxes_here, get_json, request, run_twistd, upload, wait_job
 
 TOOLS = Tools(perl="/p/perl", prlimit="/p/prlimit", bwrap="/p/bwrap")
 VIEW = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--proc", "/proc"]
@@ -179,6 +179,45 @@ class ModeTests:
         assert "WITHOUT a box" in announce(Sandbox(boxed=False))
 
 
+class ConverterStartTests:
+    def config(self, tmp_path: Path, sandbox: str) -> Any:
+        from gridnode.config import build_config
+
+        return build_config(cli={"work-dir": str(tmp_path), "ffmpeg-user": "none", "sandbox": sandbox,
+                                 "workers": 1}).with_identity("n1")
+
+    def test_no_box_no_start(self, tmp_path: Path) -> None:
+        """The converter settles the sandbox as it starts: where the trial box fails, the node
+        does not start (ConfigError, one line)."""
+        from twisted.internet.task import Clock
+
+        from gridnode.converter import Converter
+
+        asked: list[Any] = []
+
+        def find(user: str | None, **kw: Any) -> Host:
+            asked.append((user, kw["trial"]))
+            return Host("/usr/bin/bwrap", refused="bwrap: Creating new namespace failed: Operation not permitted")
+
+        converter = Converter(Clock(), self.config(tmp_path, "bwrap"), find=find)
+        with pytest.raises(ConfigError, match="trial box failed .*Operation not permitted.*--sandbox weak"):
+            converter.startService()
+        assert asked == [(None, True)]
+
+    def test_weak_on_purpose(self, tmp_path: Path) -> None:
+        """--sandbox weak: no trial box, the children unboxed, and the spool and scratch folders the
+        node's own all the same."""
+        from twisted.internet.task import Clock
+
+        from gridnode.converter import Converter
+
+        converter = Converter(Clock(), self.config(tmp_path, "weak"), find=lambda user, **kw: Host(None))
+        converter.startService()
+        assert converter.sandbox == Sandbox(boxed=False, user=None)
+        for sub in ("spool", "scratch"):
+            assert stat.S_IMODE((tmp_path / sub).stat().st_mode) == 0o700
+
+
 class FolderTests:
     def test_private_folder(self, tmp_path: Path) -> None:
         """0700 for the node alone; 0710 in the children's group when they run as another user
@@ -316,9 +355,28 @@ class RootNodeTests:
         finally:
             node.stop()
 
+    @pytest_twisted.inlineCallbacks
+    def test_weak_root_node_says_so(self, open_folder: Path, media_clips: Clips) -> None:
+        """--sandbox weak: the node says so at start and in /health, and still converts as nobody
+        through its group's way to the work folder."""
+        node = root_node(open_folder, "weaknode", "--sandbox", "weak")
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            assert "SANDBOX WEAK" in node.text()
+            status, health = get_json(base + "/health")
+            assert health["sandbox"] == "weak"
+            status, _, job = upload(base, media_clips.landscape, "mp4-480p")
+            assert status == 201, job
+            job = yield wait_job(base, job["id"])
+            assert job["state"] == "done", job
+        finally:
+            node.stop()
+
     def test_take_back_freezes_what_the_child_wrote(self, tmp_path: Path) -> None:
-        """After the child, every folder it had is the node's again (0700), so it can no longer
-        swap what the node reads; a link it planted is neither followed nor its target changed."""
+        """After the child, every folder it had is the node's again (0710: its group may pass,
+        not list, add or rename), so it can no longer swap what the node reads; a link it planted
+        is neither followed nor its target changed."""
         nobody = resolve_user("auto")
         assert nobody is not None
         uid = int(nobody.split(":")[0])
@@ -333,9 +391,10 @@ class RootNodeTests:
         (scratch / "out" / "video.mp4").write_bytes(b"v")
         share_with(nobody, str(scratch / "out" / "video.mp4"))
         take_back(nobody, str(scratch))
+        gid = int(nobody.split(":")[1])
         for folder in (scratch, scratch / "out", scratch / "out" / "hls"):
             st = folder.stat()
-            assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700), folder
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.geteuid(), gid, 0o710), folder
         assert outside.stat().st_uid == uid and (scratch / "out" / "escape").is_symlink()
         assert (scratch / "out" / "video.mp4").stat().st_uid == uid  # files stay as they are
 

@@ -360,20 +360,21 @@ def let_read(user: str | None, path: str) -> None:
 def take_back(user: str | None, folder: str) -> None:
     """Undo ``share_with`` on a folder a child wrote in, before the node reads from it.
 
-    Every folder in it becomes the node's again, mode 0700, and is listed only after that,
-    so nothing running as ``user`` (a child left behind, another job's child) can add,
-    rename or swap an entry once the node has looked. Links are never followed and files are
-    left as they are: their bytes are the child's to decide anyway; where they lie is not.
-    Without this, a child that planted a symbolic link to a file only the node can read
-    would have the node store and serve that file as an output (no-op without ``user``).
+    Every folder in it becomes the node's again, mode 0710 in ``user``'s group (as
+    ``private_folder``: a later box, an ffprobe of the outputs, may pass to what it binds), and
+    is listed only after that, so nothing running as ``user`` can add, rename or swap an entry
+    once the node has looked. Links are never followed and files are left as they are: their
+    bytes are the child's to decide anyway; where they lie is not. Without this, a child that
+    planted a symbolic link to a file only the node can read would have the node store and
+    serve that file as an output (no-op without ``user``).
     """
     if not user:
         return
-    uid, gid = os.geteuid(), os.getegid()
+    uid, gid = os.geteuid(), int(user.split(":")[1])
 
     def take(path: str) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
-        os.chmod(path, 0o700)
+        os.chmod(path, 0o710)
         with os.scandir(path) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
