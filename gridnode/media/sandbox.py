@@ -9,11 +9,12 @@ node holds stays the first step's and is the leader of a process group of its ow
   bwrap     box only: namespaces of its own (user, pid, network, mount, ipc, uts, cgroup), a
             file-system view of the system's binaries and libraries, read-only, plus the
             child's input (read-only) and output folder (writable), a fresh /proc, no
-            terminal; every process left in it dies with it (``--die-with-parent``: the box's
-            pid 1 gets SIGKILL when this bwrap ends, and with it the whole pid namespace)
+            terminal. The child is the box's pid 1: when it ends, on any path, the kernel
+            kills every other process in the box before bwrap, and so the node, hears of the
+            end; ``--die-with-parent`` ends the box with its bwrap, which dies with the node
   prlimit   the resource limits; in a box also RLIMIT_NPROC, which the kernel (5.14 and
             later) counts per user namespace, so a fork bomb is bounded per box and never
-            starves another job's ffmpeg
+            starves another job's ffmpeg (root, uid 0, is never limited)
   binary    ffmpeg or ffprobe, its environment an allowlist (``child_env``)
 
 Why perl rather than Python or util-linux: the first step must make a process group without
@@ -28,8 +29,8 @@ a child's files let that user's group through (``private_folder``).
 
 Where the node runs as root, the child's user (``--ffmpeg-user``, ``nobody`` by default) is
 who runs bwrap, so the box's user namespace belongs to that user and RLIMIT_NPROC counts
-in it; as another user, the node's own user does (bwrap then needs unprivileged user
-namespaces, as Debian and Fedora allow). ``find_host`` tries a box once at start and
+in it; a node that is not root runs bwrap as itself. Either way bwrap runs unprivileged and
+needs user namespaces for that user (Debian and Fedora allow them). ``find_host`` tries a box once at start and
 ``choose`` turns what it found and what was asked into the node's ``Sandbox``, or a refusal.
 bench/sandbox.py measures what each step costs.
 """
@@ -242,7 +243,8 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 @dataclass(frozen=True)
 class Host:
     """What ``find_host`` found: bwrap's path (None: not installed) and, when a trial box
-    failed, why (its last words); ``missing``: a program the chain needs that is not there."""
+    failed, why (its last words; None: it ran, or none was tried); ``missing``: the programs
+    the chain needs that are not there."""
 
     bwrap: str | None
     refused: str | None = None
