@@ -173,11 +173,12 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float, "S"),
     Setting("work-dir", "gridnode-work", "local folder for upload spool and ffmpeg scratch files",
             _str, "DIR"),
-    Setting("secret-file", None, "file holding the pool secret (peer HMAC, upload tokens)", _opt_str, "FILE"),
-    Setting("upload-secret", None, "file holding the secret upload tokens are signed with; uploads then need "
-            "a token", _opt_str, "FILE"),
-    Setting("allow-anonymous-uploads", False, "accept uploads without a token on a non-loopback --http",
-            _bool, "BOOL"),
+    Setting("secret-file", None, "keyring file of the pool's peer secret (lines 'ID SECRET'; the first signs, "
+            "all verify)", _opt_str, "FILE"),
+    Setting("upload-secret", None, "keyring file of the access-token keys (lines 'ID SECRET'; the first signs, "
+            "all verify): every job, upload, result and ops request then needs a JWT", _opt_str, "FILE"),
+    Setting("allow-anonymous-uploads", False, "serve a non-loopback --http without tokens: anyone who reaches "
+            "it may upload, and read, watch, download and cancel every job", _bool, "BOOL"),
     Setting("cors-origins", (), "page origins allowed to call the API from a browser (comma-separated)",
             _origins, "ORIGINS"),
     Setting("instance-metadata", None,
@@ -297,8 +298,9 @@ def build_config(
     config = NodeConfig(**values)
     if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
         raise ConfigError(
-            f"http: {config.http} accepts uploads from the network, so they need tokens: set upload-secret "
-            "(a file holding the secret), or allow-anonymous-uploads = true if you mean it"
+            f"http: {config.http} is reachable from the network, so requests need tokens: set upload-secret "
+            "(a keyring file), or allow-anonymous-uploads = true if anyone who reaches it may upload, read and "
+            "cancel jobs"
         )
     return config
 
@@ -347,16 +349,3 @@ def default_node_id(http_endpoint: str) -> str:
     port = endpoint_port(http_endpoint)
     node = f"{host[:50]}-{port}" if port is not None else host[:60]
     return node
-
-
-def read_secret(path: str, key: str) -> bytes:
-    """A secret from a file: its bytes, stripped; at least 16 of them."""
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"{key}: {path} holds {len(secret)} bytes; use at least 16 random bytes "
-                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
-    return secret

@@ -168,8 +168,9 @@ class JobService(Service):
     # -- a finished upload becomes a job
 
     @inlineCallbacks
-    def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None) -> Any:
-        """Check, probe and queue an uploaded body; returns the job (state queued)."""
+    def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
+               tenant: str = "") -> Any:
+        """Check, probe and queue an uploaded body for ``tenant``; returns the job (state queued)."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
@@ -189,7 +190,7 @@ class JobService(Service):
                                         code="checksum_mismatch", status=460)
             chosen = self.media.parse_presets(presets)
             job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now())
+                          size=spool.size, now=self.now(), tenant=tenant)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
@@ -300,10 +301,10 @@ class JobService(Service):
             raise NotFound(f"no job {job_id}") from None
         return job
 
-    def listing(self) -> dict[str, Any]:
-        """This node's jobs now, and the last ones that ended here."""
-        return {"active": [a.job.to_json() for a in self.active.values()],
-                "recent": [j.to_json() for j in reversed(self.runner.recent)]}
+    def listing(self, tenant: str | None = None) -> dict[str, Any]:
+        """This node's jobs now, and the last ones that ended here: ``tenant``'s only, unless None."""
+        return {"active": [a.job.to_json() for a in self.active.values() if tenant in (None, a.job.tenant)],
+                "recent": [j.to_json() for j in reversed(self.runner.recent) if tenant in (None, j.tenant)]}
 
     def subscribe(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
         """Call ``callback`` on every change of a job; returns the unsubscribe. A job another

@@ -22,8 +22,9 @@ class Chunk:
     kept."""
 
     def __init__(self, path: str, upload_id: str, start: int, limit: int, checksum: str | None,
-                 creation: UploadInfo | None, cut_off: Callable[[Chunk], None]) -> None:
+                 creation: UploadInfo | None, cut_off: Callable[[Chunk], None], tenant: str | None = None) -> None:
         self.upload_id = upload_id
+        self.tenant = tenant  # who sends it (None: anyone may); the commit checks the upload is theirs
         self.start = start
         self.limit = limit
         self.checksum = checksum  # hex sha256 the client announced, or None

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -104,15 +103,34 @@ def http_date(when: float) -> str:
 # -- the handler
 
 
+class UploadAccess(Protocol):
+    """The node's authorization as the tus handler asks it (gridnode/web/access.py)."""
+
+    def creator(self, request: Any, presets: list[str], length: int | None) -> str:
+        """The tenant a new upload belongs to, once the token allows it (else the coded refusal)."""
+
+    def owner_filter(self, request: Any) -> str | None:
+        """Whose uploads ``request`` may touch: a tenant, or None for any."""
+
+
+class _Anyone:
+    def creator(self, request: Any, presets: list[str], length: int | None) -> str:
+        return ""
+
+    def owner_filter(self, request: Any) -> str | None:
+        return None
+
+
 class TusHandler:
     """The tus endpoint of one node, over its `UploadStore`."""
 
     def __init__(self, uploads: UploadStore, *, base_path: str = "/files/",
-                 authorize: Callable[[Any, list[str], int | None], None] | None = None) -> None:
+                 access: UploadAccess | None = None) -> None:
         self.uploads = uploads
         self.base = "/" + base_path.strip("/") + "/"
-        #: the node's upload-token check, called at creation as for POST /jobs: (request, presets, length)
-        self.authorize = authorize
+        #: who may create an upload and whose uploads a request reaches; another tenant's upload
+        #: answers 404, as one that never was
+        self.access: UploadAccess = access or _Anyone()
 
     @property
     def max_upload_bytes(self) -> int:
@@ -167,7 +185,7 @@ class TusHandler:
         check_offset_stream(request)
         start = parse_count(request.getHeader(b"upload-offset"), "Upload-Offset")
         checksum = parse_checksum(request.getHeader(b"upload-checksum"))
-        return self.uploads.chunk(upload_id, start, length, checksum)
+        return self.uploads.chunk(upload_id, start, length, checksum, self.access.owner_filter(request))
 
     def _creation_sink(self, request: Any, length: int | None) -> Chunk:
         check_version(request)
@@ -190,10 +208,8 @@ class TusHandler:
         filename = metadata_text(metadata, "filename") or ""
         presets = metadata_text(metadata, "presets")
         chosen = self.uploads.check_presets(presets)
-        if self.authorize is not None:
-            # The upload id, 80 random bits, is the capability for the requests that follow.
-            self.authorize(request, chosen, length)
-        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets)
+        tenant = self.access.creator(request, chosen, length)
+        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets, tenant=tenant)
 
     # -- requests (the resource calls these)
 
@@ -268,14 +284,16 @@ class TusHandler:
                 request.setHeader(b"gridnode-job", progress.job_id.encode())
             request.finish()
 
-        return respond_later(request, self.uploads.progress(upload_id), found, answer_error)
+        return respond_later(request, self.uploads.progress(upload_id, self.access.owner_filter(request)), found,
+                             answer_error)
 
     def _delete(self, request: Request, upload_id: str) -> int:
         def done(_: Any) -> None:
             request.setResponseCode(204)
             request.finish()
 
-        return respond_later(request, self.uploads.terminate(upload_id), done, answer_error)
+        return respond_later(request, self.uploads.terminate(upload_id, self.access.owner_filter(request)), done,
+                             answer_error)
 
 
 class _FilesResource(Resource):

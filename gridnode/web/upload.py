@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
 from gridnode.errors import GridnodeError
+from gridnode.web.access import redacted_log_line
 from gridnode.web.splice import BodySplice, can_splice
 
 #: socket reads of an upload body
@@ -189,7 +190,8 @@ class GridSite(Site):
     def __init__(self, resource: Any, reactor: Any, route_body: BodyRouter,
                  extra_headers: Callable[[Request], list[tuple[str, str]]] = lambda request: [],
                  on_refused: Callable[[GridnodeError], None] = lambda error: None) -> None:
-        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        # The access log never shows a ?token= value.
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False, logFormatter=redacted_log_line)
         self.route_body = route_body
         self.extra_headers = extra_headers
         #: told of bodies refused mid-stream (admission refusals are the router's to count)
