@@ -174,6 +174,8 @@ class NodeTests:
         r = node.request("POST", "/files/", {**STREAM, "Upload-Length": "10"}, b"x" * 10)
         assert code(r) == (401, "unauthorized") and r.headers["Tus-Resumable"] == "1.0.0"
         assert node.spooled() == []
+        counted = node.jobs.metrics.registry.get_sample_value("gridnode_auth_refusals_total", {"code": "unauthorized"})
+        assert counted == len(routes) + 2  # the metric operators alert on
         for path in ("/health", "/", "/status"):
             assert node.request("GET", path).status_code == 200, path
 

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 
 from gridnode import __version__
 from gridnode.config import NodeConfig
+from gridnode.errors import GridnodeError
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
@@ -49,7 +50,11 @@ class NodeView:
         """Called for every request once its head is in: authorize it, then say where an upload's
         body goes (see web/upload.py); None for small bodies."""
         early_query: bytes = getattr(request, "early_query", b"")
-        self.access.authorize(request, method, path, early_query)
+        try:
+            self.access.authorize(request, method, path, early_query)
+        except GridnodeError as e:
+            self.jobs.metrics.auth_refusals.labels(e.code).inc()
+            raise
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
             query = parse_qs(early_query.decode("latin-1"))
