@@ -128,12 +128,15 @@ class MemoryNode:
         self.site = GridSite(self.view.cors.wrap(api_root(self.view)), clock, self.view.route_body,
                              self.view.extra_headers)
 
-    def raw(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
-        """What the connection answered (possibly a stream still open), closed afterwards."""
+    def raw(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"",
+            data: bytes | None = None) -> bytes:
+        """What the connection answered (possibly a stream still open), closed afterwards; ``data``:
+        the request's bytes as they are, instead of one made of the rest."""
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         channel.makeConnection(transport)
-        data = request_bytes(method, path, headers or {}, len(body)) + body
+        if data is None:
+            data = request_bytes(method, path, headers or {}, len(body)) + body
         for at in range(0, len(data), READ):
             channel.dataReceived(data[at:at + READ])
         answer = transport.value()
@@ -239,6 +242,14 @@ class NodeTests:
         assert code(node.upload(narrow)) == (403, "forbidden")  # asks for poster
         r = node.request("POST", "/jobs?presets=mp4-720p", {**narrow, "Content-Type": "video/mp4"}, b"x" * 101)
         assert code(r) == (413, "too_large")
+        # chunked: no length to check before the body, so the bytes themselves are counted
+        head = (f"POST /jobs?presets=mp4-720p HTTP/1.1\r\nHost: gridnode\r\nTransfer-Encoding: chunked\r\n"
+                f"Authorization: {narrow['Authorization']}\r\n\r\n").encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (40, b"y" * 40) for _ in range(4)) + b"0\r\n\r\n"
+        answer = parse_answer(node.raw("POST", "/jobs", data=head + chunks), "POST")
+        assert code(answer) == (413, "too_large") and node.spooled() == []
+        small = b"".join(b"%x\r\n%s\r\n" % (40, b"y" * 40) for _ in range(2)) + b"0\r\n\r\n"
+        assert node.raw("POST", "/jobs", data=head + small).startswith(b"HTTP/1.1 201")
 
     def test_tus_uploads_belong_to_their_creator(self, node: MemoryNode) -> None:
         """bob's HEAD, PATCH and DELETE of alice's upload answer 404 and change nothing; alice (and an

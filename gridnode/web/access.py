@@ -164,6 +164,11 @@ class Access:
             tokens.check_upload(caller.grant, presets, length)
         return caller.tenant
 
+    def upload_limit(self, request: Any) -> int | None:
+        """The most bytes the caller's token lets one upload hold (None: no limit of the token's)."""
+        grant = self.caller(request).grant
+        return grant.max_size if grant is not None else None
+
     def owner_filter(self, request: Any) -> str | None:
         """Whose uploads and jobs ``request`` may touch: a tenant, or None for any."""
         return self.caller(request).tenant_filter

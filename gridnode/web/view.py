@@ -60,7 +60,12 @@ class NodeView:
             query = parse_qs(early_query.decode("latin-1"))
             presets = ",".join(query.get("presets", [])).split(",")
             self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
-            return self.jobs.admit(length)
+            spool = self.jobs.admit(length)
+            # A chunked body declares no length: the token's max_size holds on the bytes themselves.
+            most = self.access.upload_limit(request)
+            if most is not None:
+                spool.limit = most if spool.limit is None else min(spool.limit, most)
+            return spool
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
