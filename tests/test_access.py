@@ -227,6 +227,17 @@ class NodeTests:
         r = node.upload(ALICE, path="/%6Aobs")
         assert r.status_code == 201 and r.json()["tenant"] == "alice"
 
+    def test_public_prefixes_lead_nowhere_else(self, node: MemoryNode) -> None:
+        """Paths that start public but name a protected resource after it reach no job data: the
+        public resources are leaves (or refuse '..'), so the tree never walks on to /jobs."""
+        job = node.upload(ALICE).json()["id"]
+        for path in ("//jobs", "/status/../jobs", "/health/../jobs", "/registry/../jobs", f"//jobs/{job}",
+                     "/%2Fjobs", f"/status/%2E%2E/jobs/{job}", "/static/..%2Fjobs"):
+            raw = node.raw("GET", path)
+            assert b'"active"' not in raw and job.encode() not in raw, (path, raw[:200])
+        assert node.raw("DELETE", f"/status/../jobs/{job}").split(b" ")[1] != b"200"
+        assert node.jobs.active[job].job.state != "cancelled"
+
     def test_query_tokens_only_where_headers_cannot_go(self, node: MemoryNode) -> None:
         """?token= works on /events (EventSource sends no headers) and /results, nowhere else."""
         job = node.upload(ALICE).json()["id"]

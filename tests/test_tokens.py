@@ -169,6 +169,27 @@ class ConfigTests:
         assert "read" in text and "cancel" in text
 
 
+class BearerTests:
+    def test_every_request_carries_the_token(self) -> None:
+        """The client's HTTP wrapper adds the bearer header to each call, beside the caller's headers."""
+        from gridnode.client.api import BearerHTTP
+
+        calls: list[tuple[str, dict[str, Any]]] = []
+
+        class Recorder:
+            def __getattr__(self, method: str) -> Any:
+                return lambda *args, **kwargs: calls.append((method, kwargs))
+
+        http = BearerHTTP(Recorder(), "T")
+        http.get("u", timeout=3)
+        http.post("u", data=b"x", headers={"content-type": "video/mp4"})
+        http.delete("u")
+        http.request("HEAD", "u", headers=None)
+        assert [m for m, _ in calls] == ["get", "post", "delete", "request"]
+        assert all(kw["headers"]["Authorization"] == "Bearer T" for _, kw in calls)
+        assert calls[1][1]["headers"]["content-type"] == "video/mp4" and calls[0][1]["timeout"] == 3
+
+
 class TokenCommandTests:
     def test_prints_a_token(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """`gridnode token` prints a JWT that PyJWT verifies with the file's first key, as asked."""
