@@ -65,6 +65,11 @@ def unauthorized(message: str) -> GridnodeError:
     return GridnodeError(message, code="unauthorized", status=401)
 
 
+def missing_token() -> GridnodeError:
+    return unauthorized("this node needs an access token: send 'Authorization: Bearer <token>', a JWT minted "
+                        "by your application with a key of the pool's token keyring")
+
+
 def forbidden(message: str) -> GridnodeError:
     return GridnodeError(message, code="forbidden", status=403)
 
@@ -95,8 +100,7 @@ def mint(ring: Keyring, *, sub: str, scopes: frozenset[str] | set[str] | list[st
 def verify(ring: Keyring, token: str | None, now: float | None = None) -> Grant:
     """The grant a token carries, or a coded 401 that says what is wrong with it."""
     if not token:
-        raise unauthorized("this node needs an access token: send 'Authorization: Bearer <token>', a JWT "
-                           "minted by your application with the pool's token key")
+        raise missing_token()
     if len(token) > MAX_TOKEN_BYTES:
         raise unauthorized(f"the access token is longer than {MAX_TOKEN_BYTES} bytes")
     try:

@@ -82,6 +82,19 @@ class RouteTests:
         assert segments(b"/%6Aobs") == [b"jobs"]
         assert segments(b"/results/ID/hls%2Fmaster.m3u8") == [b"results", b"ID", b"hls/master.m3u8"]
 
+    def test_public_routes_reach_no_job(self) -> None:
+        """With a keyring, a request that came by a public route passes, but whatever asks who it is
+        (a job, an upload) gets 401: a public path that ever led to job data would fail closed."""
+        from gridnode.errors import GridnodeError
+        from gridnode.keyring import parse_keyring
+
+        access = Access(lambda: parse_keyring(SECRET.encode(), "test"))
+        request = DummyRequest([b""])
+        assert access.authorize(request, b"GET", b"//jobs", b"").grant is None
+        with pytest.raises(GridnodeError) as e:
+            access.owner_filter(request)
+        assert e.value.code == "unauthorized"
+
     def test_no_keyring_is_open(self) -> None:
         """Without a keyring every request goes on, as every tenant's."""
         access = Access(None)

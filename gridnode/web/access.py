@@ -81,6 +81,8 @@ class Caller:
     """Who sent a request: a verified grant, or None where the node has no keyring (anyone)."""
 
     grant: Grant | None
+    #: came by a public route of a node with a keyring: whatever asks who it is gets 401
+    anonymous: bool = False
 
     @property
     def tenant(self) -> str:
@@ -97,6 +99,7 @@ class Caller:
 
 
 OPEN = Caller(None)
+ANONYMOUS = Caller(None, anonymous=True)
 
 
 def token_of(request: Any, query: bytes, allowed_in_query: bool) -> str | None:
@@ -139,7 +142,7 @@ class Access:
             return OPEN
         needed = need(method, segments(path))
         if needed.scope is None:
-            return OPEN
+            return ANONYMOUS
         token = token_of(request, query, needed.query_token and method in (b"GET", b"HEAD"))
         grant = tokens.verify(self.keyring(), token, self.now())
         if needed.scope != ANY and not grant.allows(needed.scope):
@@ -148,11 +151,15 @@ class Access:
         return Caller(grant)
 
     def caller(self, request: Any) -> Caller:
-        """Who sent ``request``: decided before its body; decided now for one that came another way."""
+        """Who sent ``request``: decided before its body; decided now for one that came another way.
+        A request that came by a public route has no say over jobs or uploads (fails closed, should
+        a public path ever lead to one)."""
         known = self._callers.get(request)
         if known is None:
             uri = bytes(getattr(request, "uri", b"") or b"")
             known = self.authorize(request, request.method, request.path, uri.partition(b"?")[2])
+        if known.anonymous:
+            raise tokens.missing_token()
         return known
 
     # -- uploads (the tus handler and POST /jobs)
