@@ -103,22 +103,33 @@ class UploadStore:
 
     def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None) -> UploadInfo:
         """Admit a new upload; it is not stored yet (`create`, or the commit of its first chunk)."""
-        # The job service's admission (draining, full, too large, low disk) with its coded errors;
-        # its fresh spool name is the upload id, and later the job id.
-        spool = self.jobs.admit(length)
-        spool.discard()
+        # The job service's admission (draining, full, too large, low disk) with its coded errors.
+        self.jobs.check_admission(length)
         now = self.now()
-        return UploadInfo(id=os.path.basename(spool.path), length=length, offset=0, created=now,
+        return UploadInfo(id=keys.new_id(self.jobs.now()), length=length, offset=0, created=now,
                           expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets)
 
     def first_chunk(self, info: UploadInfo, length: int | None, checksum: str | None) -> Chunk:
         """Where the body of a creation request goes; the upload is created as it is committed."""
         if length is not None and length > info.length:
             raise _bad(f"the body ({length} bytes) is longer than Upload-Length ({info.length})", "too_large", 413)
-        return self._chunk(info.id, 0, info.length, checksum, info)
+        return self._chunk(info.id, 0, info.length, length, checksum, info)
+
+    def find(self, upload_id: str) -> UploadInfo | Deferred[UploadInfo]:
+        """The upload a chunk is for, before any byte of the chunk is read: NotFound, or 410 once
+        expired. This node's view when it has one (the commit reads the store again anyway);
+        otherwise a Deferred, once the store has answered, serialized with the upload's commits."""
+        if upload_id in self._finished:
+            raise NotFound(f"upload {upload_id} is complete: it became job {upload_id}")
+        local = self._local.get(upload_id)
+        if local is not None and local.info.expires > self.now():
+            return local.info
+        read: Deferred[LocalCopy] = self._serialized(upload_id, lambda: self._read(upload_id))
+        return read.addCallback(lambda copy: copy.info)
 
     def chunk(self, upload_id: str, start: int, length: int | None, checksum: str | None) -> Chunk:
-        """Where a chunk at ``start`` goes, or the coded refusal (answered before its body)."""
+        """Where a chunk at ``start`` goes, or the coded refusal (answered before its body); once
+        `find` has answered for the upload."""
         if self.jobs.draining:
             raise Busy("this node is draining; resume the upload on another node of the pool", retry_after=30)
         limit = self.max_upload_bytes - start
@@ -134,12 +145,18 @@ class UploadStore:
         if length is not None and length > limit:
             raise _bad(f"this chunk of {length} bytes at offset {start} goes past the upload's length",
                        "too_large", 413)
-        return self._chunk(upload_id, start, limit, checksum, None)
+        return self._chunk(upload_id, start, limit, length, checksum, None)
 
-    def _chunk(self, upload_id: str, start: int, limit: int, checksum: str | None,
+    def _chunk(self, upload_id: str, start: int, limit: int, length: int | None, checksum: str | None,
                creation: UploadInfo | None) -> Chunk:
-        path = self.spool_path(f"{upload_id}.{keys.new_id()}.chunk")
-        return Chunk(path, upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off)
+        name = f"{upload_id}.{keys.new_id()}.chunk"
+        # A chunk in flight takes a slot as a POST /jobs body does (503 busy when the node is full,
+        # 507 below --min-free), and gives it back once it is committed or dropped.
+        release = self.jobs.hold(name, length, limit)
+        meter = self.jobs.space.meter("this node ran low on disk space while the chunk arrived, and dropped it; "
+                                      "resume the upload (HEAD for its offset) on another node")
+        return Chunk(self.spool_path(name), upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off,
+                     meter=meter, on_release=release)
 
     # -- the operations (serialized per upload on this node)
 

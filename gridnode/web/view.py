@@ -45,20 +45,25 @@ class NodeView:
         if method == b"POST" and path.rstrip(b"/") == b"/jobs":
             query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
             presets = ",".join(query.get("presets", [])).split(",")
-            self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
-            return self.jobs.admit(length)
+            # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
+            # it holds on the bytes received, so a chunked body cannot pass it either.
+            limit = self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
+            return self.jobs.admit(length, limit=limit)
         return self.tus.route_body(method, path, request, length)
 
-    def authorize(self, request: Any, presets: list[str], length: int | None) -> None:
-        """With an upload secret, an upload needs a token that allows it."""
+    def authorize(self, request: Any, presets: list[str], length: int | None) -> int | None:
+        """With an upload secret, an upload needs a token that allows it; returns the most bytes
+        the token allows (None: no cap of its own)."""
         if self.upload_secret is None:
-            return
+            return None
         header = request.getHeader(b"authorization") or b""
         token = header[7:].decode("latin-1") if header[:7].lower() == b"bearer " else None
         if token is None:
             query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
             token = (query.get("token") or [None])[0]
-        tokens.check(tokens.verify(self.upload_secret, token), presets, length)
+        grant = tokens.verify(self.upload_secret, token)
+        tokens.check(grant, presets, length)
+        return grant.max_size
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
         return self.cors.headers_for(request.getHeader(b"origin")) + self.tus.extra_headers(request)
