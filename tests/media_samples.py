@@ -3,8 +3,9 @@ Small test clips made with ffmpeg's lavfi sources (testsrc2 + sine), generated
 once per test session into a temporary folder.
 
 Use the ``media_clips`` fixture (session scope, exported through
-tests/conftest.py) or call ``make_clips(folder)`` directly. Everything is small
-and short so the media tests stay fast on two cores.
+tests/conftest.py; ``long_clip`` is a 30 s clip for jobs that must run a
+while) or call ``make_clips(folder)`` directly. Everything else is small and
+short so the media tests stay fast on two cores.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ def media_clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
     if not (os.access(FFMPEG, os.X_OK) and os.access(FFPROBE, os.X_OK)):
         pytest.skip("ffmpeg and ffprobe are needed")
     return make_clips(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture(scope="session")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 s of 1280x720 (~24 MB): long enough to cancel mid-way and to keep a worker busy."""
+    if not os.access(FFMPEG, os.X_OK):
+        pytest.skip("ffmpeg is needed")
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25",
+                    "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-y", str(path)], check=True, timeout=120)
+    return path
 
 
 def ffprobe_json(path: Path | str) -> dict[str, Any]:
