@@ -100,12 +100,11 @@ class Converter(Service):
             slot.on_cancel(process.cancel)
             d: Deferred[Any] = process.deferred
 
-            def transcoded(result: FfmpegResult) -> Deferred[list[ProducedFile]]:
+            def transcoded(result: FfmpegResult) -> list[ProducedFile]:
                 slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
                 take_back(self.user, str(slot.scratch))  # what is checked now stays what is read
                 found = collect_outputs(out_dir, info, presets, max_output_bytes=per_output)
-                return measure_outputs(self.reactor, found, info, presets, stderr=result.stderr_tail,
-                                       ffprobe=self.config.ffprobe, limits=self.limits, user=self.user)
+                return measure_outputs(found, info, presets, result.stderr_tail)  # whole, or not done
 
             d.addCallback(transcoded)
             d.addCallback(finish)

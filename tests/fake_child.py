@@ -60,13 +60,11 @@ class FakeProcessReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[str, list[str], Any]] = []
-        self.spawn_options: list[dict[str, Any]] = []  # childFDs and the rest, per spawn
         self.protocols: list[Any] = []
 
     def spawnProcess(self, processProtocol: Any, executable: str, args: Any = (), env: Any = None,
                      **kwargs: Any) -> FakeTransport:
         self.spawned.append((executable, list(args), env))
-        self.spawn_options.append(kwargs)
         self.protocols.append(processProtocol)
         transport = FakeTransport()
         processProtocol.makeConnection(transport)

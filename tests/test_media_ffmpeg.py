@@ -547,18 +547,20 @@ class ActualLimitsTests:
 
     @pytest_twisted.ensureDeferred
     async def test_outputs_read_back(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:
-        """Real outputs of a whole clip measure its 4 s (mp4 by ffprobe on its stdin, HLS by its
-        playlists); the outputs of a faststart mp4 cut in half measure about 10 s of its 20:
-        input_truncated."""
+        """Real outputs of a whole clip measure its 4 s, as ffprobe reads them; the outputs of a
+        faststart mp4 cut in half measure about 10 s of its 20: input_truncated, with ffmpeg's
+        decode errors."""
         source = await probe(real_reactor, str(media_clips.landscape), ffprobe=FFPROBE)
-        presets = parse_presets("mp4-480p,poster,hls")
+        presets = parse_presets("mp4-480p,webm-480p,poster,hls")
         await start_transcode(real_reactor, source, str(media_clips.landscape), str(tmp_path / "a"), presets,
                               ffmpeg=FFMPEG).deferred
-        found = collect_outputs(str(tmp_path / "a"), source, presets)
-        measured = await measure_outputs(real_reactor, found, source, presets, ffprobe=FFPROBE)
+        measured = measure_outputs(collect_outputs(str(tmp_path / "a"), source, presets), source, presets)
         durations = {f.name: f.duration for f in measured if f.duration is not None}
-        assert set(durations) == {"mp4-480p.mp4", "hls/master.m3u8"}
+        assert set(durations) == {"mp4-480p.mp4", "webm-480p.webm", "hls/master.m3u8"}
         assert all(d == pytest.approx(4.0, abs=0.2) for d in durations.values()), durations
+        for name in ("mp4-480p.mp4", "webm-480p.webm"):
+            seen = float(ffprobe_json(tmp_path / "a" / name)["format"]["duration"])
+            assert durations[name] == pytest.approx(seen, abs=0.05), name
 
         half = cut_faststart(tmp_path)
         source = await probe(real_reactor, str(half), ffprobe=FFPROBE)
@@ -568,5 +570,6 @@ class ActualLimitsTests:
                                        ffmpeg=FFMPEG).deferred
         found = collect_outputs(str(tmp_path / "b"), source, presets)
         with pytest.raises(GridnodeError) as info:
-            await measure_outputs(real_reactor, found, source, presets, stderr=result.stderr_tail, ffprobe=FFPROBE)
+            measure_outputs(found, source, presets, result.stderr_tail)
         assert info.value.code == "input_truncated" and "of the input's 20.0 s" in info.value.message
+        assert "partial file" in info.value.message

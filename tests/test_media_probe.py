@@ -28,7 +28,6 @@ from gridnode.media.probe import (
     parse_probe,
     probe,
     probe_argv,
-    probe_duration,
 )
 from tests.fake_child import PID, FakeGroups, FakeProcessReactor, FakeTransport, exited
 from tests.media_samples import FFPROBE, Clips
@@ -319,44 +318,6 @@ class LimitRefusalTests:
                                    b"35389440, see the documentation if you wish to increase it\n")
         proto.processEnded(exited(0))
         assert isinstance(results[0], Failure) and results[0].value.code == "too_large"
-
-
-class ProbeDurationTests:
-    def run(self, tmp_path: Path) -> tuple[FakeProcessReactor, list[Any]]:
-        out = tmp_path / "mp4-720p.mp4"
-        out.write_bytes(b"an output")
-        reactor = FakeProcessReactor()
-        results: list[Any] = []
-        probe_duration(reactor, str(out), name="mp4-720p.mp4", demuxer="mov",
-                       ffprobe="ffprobe").addBoth(results.append)
-        return reactor, results
-
-    def test_reads_the_output_on_stdin(self, tmp_path: Path) -> None:
-        """ffprobe gets the output as an open file on its stdin (no path to it), forced to the
-        output's demuxer, and answers its duration."""
-        reactor, results = self.run(tmp_path)
-        (_exe, argv, _env), = reactor.spawned
-        assert isinstance(reactor.spawn_options[0]["childFDs"][0], int)
-        assert argv[-3:] == ["-f", "mov", "pipe:0"] and not any("mp4-720p" in a for a in argv)
-        assert "pipe" == argv[argv.index("-protocol_whitelist") + 1]
-        reactor.protocols[0].childDataReceived(1, b'{"format": {"duration": "9.966"}}')
-        reactor.protocols[0].processEnded(exited(0))
-        assert results == [9.966]
-
-    @pytest.mark.parametrize("answer", [b"{}", b'{"format": {}}', b'{"format": {"duration": "N/A"}}', b"junk"])
-    def test_no_duration_is_ffmpeg_failed(self, tmp_path: Path, answer: bytes) -> None:
-        """An output ffprobe finds no duration in: ffmpeg_failed naming the output."""
-        reactor, results = self.run(tmp_path)
-        reactor.protocols[0].childDataReceived(1, answer)
-        reactor.protocols[0].processEnded(exited(0))
-        assert results[0].value.code == "ffmpeg_failed" and "mp4-720p.mp4" in results[0].value.message
-
-    def test_unreadable_is_ffmpeg_failed(self, tmp_path: Path) -> None:
-        """An output ffprobe cannot read at all: ffmpeg_failed, not a refusal of the user's file."""
-        reactor, results = self.run(tmp_path)
-        reactor.protocols[0].childDataReceived(2, b"pipe:0: Invalid data found when processing input\n")
-        reactor.protocols[0].processEnded(exited(1))
-        assert results[0].value.code == "ffmpeg_failed" and "cannot be read back" in results[0].value.message
 
 
 def json_doc(data: dict[str, Any]) -> bytes:

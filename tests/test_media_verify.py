@@ -1,12 +1,13 @@
 """
 What is checked of a conversion while and after ffmpeg runs (gridnode/media/verify.py): the
 output folder's size on a fake clock and a fake folder, HLS playlists, the duration
-comparison, and the read-back of every output on a reactor that spawns nothing.
+comparison, the container headers an output's duration is read from, and the read-back.
 """
 
 from __future__ import annotations
 
-import os
+import io
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
-from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
+from gridnode.media.headers import mp4_duration, webm_duration
 from gridnode.media.presets import job_output_limit, parse_presets
 from gridnode.media.probe import ProbeResult
 from gridnode.media.verify import (
@@ -29,7 +30,6 @@ from gridnode.media.verify import (
     tolerance,
     truncation,
 )
-from tests.fake_child import FakeProcessReactor, exited
 
 
 def source(duration: float = 20.0, streams_duration: float | None = None, size: int = 1000) -> ProbeResult:
@@ -184,74 +184,130 @@ class TruncationTests:
         assert len(kept) == 20 and kept[0].startswith("line 44 ") and all(len(k) == 300 for k in kept)
 
 
-class MeasureOutputsTests:
-    """The read-back after ffmpeg exits, on a reactor that spawns nothing: the test answers
-    for each ffprobe."""
+def box(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(body)) + kind + body
 
-    def produce(self, tmp_path: Path, presets: str) -> tuple[list[ProducedFile], Any]:
+
+def mp4(seconds: float, timescale: int = 1000, version: int = 0) -> bytes:
+    """An mp4's header as ffmpeg lays it out (ftyp, moov with mvhd first), then its data."""
+    if version == 0:
+        mvhd = bytes(4) + bytes(8) + struct.pack(">II", timescale, round(seconds * timescale)) + bytes(80)
+    else:
+        mvhd = b"\x01" + bytes(3) + bytes(16) + struct.pack(">IQ", timescale, round(seconds * timescale)) + bytes(80)
+    return box(b"ftyp", b"isom" + bytes(4)) + box(b"moov", box(b"mvhd", mvhd) + box(b"trak", bytes(40))) + \
+        box(b"mdat", bytes(100))
+
+
+def element(ident: int, body: bytes) -> bytes:
+    """An EBML element: its id's bytes, an 8-byte size, its body."""
+    return ident.to_bytes((ident.bit_length() + 7) // 8, "big") + (0x01 << 56 | len(body)).to_bytes(8, "big") + body
+
+
+def webm(seconds: float, scale: int = 1_000_000, width: int = 8) -> bytes:
+    """A webm's header as ffmpeg lays it out: EBML header, Segment (SeekHead, Info, ...)."""
+    duration = struct.pack(">d" if width == 8 else ">f", seconds * 1e9 / scale)
+    info = element(0x2AD7B1, scale.to_bytes(3, "big")) + element(0x4489, duration)
+    segment = element(0x114D9B74, bytes(30)) + element(0x1549A966, info) + element(0x1654AE6B, bytes(50))
+    return element(0x1A45DFA3, bytes(20)) + element(0x18538067, segment)
+
+
+class HeadersTests:
+    @pytest.mark.parametrize("version", [0, 1])
+    def test_mp4(self, version: int) -> None:
+        """An mp4 lasts its movie header's duration over its timescale (both header versions)."""
+        data = mp4(9.966, timescale=90000, version=version)
+        assert mp4_duration(io.BytesIO(data), len(data)) == pytest.approx(9.966)
+
+    @pytest.mark.parametrize(("scale", "width"), [(1_000_000, 8), (1_000_000, 4), (1000, 8)])
+    def test_webm(self, scale: int, width: int) -> None:
+        """A webm lasts its Info's Duration in TimecodeScale units (a float of 4 or 8 bytes)."""
+        data = webm(4.02, scale, width)
+        assert webm_duration(io.BytesIO(data), len(data)) == pytest.approx(4.02, abs=1e-6)
+
+    def test_no_header(self) -> None:
+        """A file cut before its header, another container, or an unknown duration: None."""
+        data = mp4(4.0)
+        assert mp4_duration(io.BytesIO(data[:40]), 40) is None
+        assert mp4_duration(io.BytesIO(webm(4.0)), len(webm(4.0))) is None
+        assert webm_duration(io.BytesIO(data), len(data)) is None
+        unknown = data.replace(struct.pack(">II", 1000, 4000), struct.pack(">II", 1000, 0xFFFFFFFF))
+        assert mp4_duration(io.BytesIO(unknown), len(unknown)) is None
+
+    @given(st.binary(max_size=300), st.integers(0, 400))
+    def test_any_bytes(self, data: bytes, cut: int) -> None:
+        """Whatever the bytes, a reader answers a number of seconds or None, and never raises."""
+        for raw in (data, mp4(4.0)[:cut] + data, webm(4.0)[:cut] + data):
+            for read in (mp4_duration, webm_duration):
+                seconds = read(io.BytesIO(raw), len(raw))
+                assert seconds is None or seconds >= 0
+
+    @given(st.integers(0, 200), st.integers(0, 255))
+    def test_any_byte_changed(self, at: int, value: int) -> None:
+        """A header with any one byte changed still reads as a number or None."""
+        for raw, read in ((mp4(4.0), mp4_duration), (webm(4.0), webm_duration)):
+            changed = bytearray(raw)
+            changed[at % len(raw)] = value
+            seconds = read(io.BytesIO(bytes(changed)), len(changed))
+            assert seconds is None or seconds >= 0
+
+
+class MeasureOutputsTests:
+    """The read-back after ffmpeg exits, on files shaped as ffmpeg writes them."""
+
+    def produce(self, tmp_path: Path, presets: str, seconds: float = 10.0) -> tuple[list[ProducedFile], Any]:
         files = []
         for preset in parse_presets(presets):
             for declared in preset.outputs(source()):
                 name = declared.name.replace("*", "000")
                 path = tmp_path / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(PLAYLIST + "#EXTINF:6.0,\nseg_000.ts\n#EXTINF:4.0,\nseg_001.ts\n#EXT-X-ENDLIST\n"
-                                if name.endswith("index.m3u8") else "data")
-                files.append(ProducedFile(preset.name, name, str(path), 4, declared.content_type))
+                if name.endswith("index.m3u8"):
+                    path.write_text(PLAYLIST + f"#EXTINF:6.0,\nseg_000.ts\n#EXTINF:{seconds - 6},\nseg_001.ts\n"
+                                    "#EXT-X-ENDLIST\n")
+                elif preset.kind in ("mp4", "webm"):
+                    path.write_bytes(mp4(seconds) if preset.kind == "mp4" else webm(seconds))
+                else:
+                    path.write_bytes(b"data")
+                files.append(ProducedFile(preset.name, name, str(path), path.stat().st_size, declared.content_type))
         return files, parse_presets(presets)
 
     def test_durations_on_each_presets_first_file(self, tmp_path: Path) -> None:
-        """mp4 and webm are read back by ffprobe (one child each), HLS from its playlists (no
-        child), a poster not at all; each preset's first file carries its duration."""
-        files, presets = self.produce(tmp_path, "mp4-720p,poster,hls")
-        reactor = FakeProcessReactor()
-        results: list[Any] = []
-        measure_outputs(reactor, files, source(10.0), presets).addBoth(results.append)
-        assert len(reactor.protocols) == 1  # the mp4 only
-        reactor.protocols[0].childDataReceived(1, b'{"format": {"duration": "9.98"}}')
-        reactor.protocols[0].processEnded(exited(0))
-        (done,) = results
-        durations = {f.name: f.duration for f in done}
-        assert durations["mp4-720p.mp4"] == 9.98 and durations["poster.jpg"] is None
-        assert durations["hls/master.m3u8"] == 10.0 and durations["hls/720p/index.m3u8"] is None
+        """mp4 and webm from their headers, HLS from its playlists, a poster not at all; each
+        preset's first file carries its duration."""
+        files, presets = self.produce(tmp_path, "mp4-720p,webm-480p,poster,hls", seconds=9.98)
+        durations = {f.name: f.duration for f in measure_outputs(files, source(10.0), presets)}
+        assert durations["mp4-720p.mp4"] == pytest.approx(9.98) and durations["poster.jpg"] is None
+        assert durations["webm-480p.webm"] == pytest.approx(9.98)
+        assert durations["hls/master.m3u8"] == pytest.approx(9.98) and durations["hls/720p/index.m3u8"] is None
 
     def test_a_short_rung_truncates(self, tmp_path: Path) -> None:
         """HLS is as long as its shortest rung: one cut short fails the job, its name said."""
         files, presets = self.produce(tmp_path, "hls")
-        short = tmp_path / "hls" / "480p" / "index.m3u8"
-        short.write_text(PLAYLIST + "#EXTINF:2.0,\nseg_000.ts\n#EXT-X-ENDLIST\n")
-        results: list[Any] = []
-        measure_outputs(FakeProcessReactor(), files, source(10.0), presets).addBoth(results.append)
-        assert isinstance(results[0], Failure) and results[0].value.code == "input_truncated"
-        assert "hls/480p/index.m3u8" in results[0].value.message
+        (tmp_path / "hls" / "480p" / "index.m3u8").write_text(PLAYLIST + "#EXTINF:2.0,\nseg_000.ts\n#EXT-X-ENDLIST\n")
+        with pytest.raises(GridnodeError) as e:
+            measure_outputs(files, source(10.0), presets)
+        assert e.value.code == "input_truncated" and "hls/480p/index.m3u8" in e.value.message
 
     def test_compared_with_the_converted_streams(self, tmp_path: Path) -> None:
         """A file whose data track runs longer than its video and audio: the outputs are whole
         when as long as those."""
-        files, presets = self.produce(tmp_path, "hls")
-        results: list[Any] = []
-        measure_outputs(FakeProcessReactor(), files, source(30.0, streams_duration=10.0),
-                        presets).addBoth(results.append)
-        assert not isinstance(results[0], Failure)
+        files, presets = self.produce(tmp_path, "mp4-720p")
+        measure_outputs(files, source(30.0, streams_duration=10.0), presets)
+        with pytest.raises(GridnodeError):
+            measure_outputs(files, source(30.0), presets)
 
     def test_truncated_carries_stderr(self, tmp_path: Path) -> None:
         """input_truncated keeps the decode errors ffmpeg reported."""
-        files, presets = self.produce(tmp_path, "mp4-720p")
-        reactor = FakeProcessReactor()
-        results: list[Any] = []
-        measure_outputs(reactor, files, source(20.0), presets,
-                        stderr=["[h264 @ 0x1] error while decoding MB 4 2"]).addBoth(results.append)
-        reactor.protocols[0].childDataReceived(1, b'{"format": {"duration": "10.0"}}')
-        reactor.protocols[0].processEnded(exited(0))
-        error = results[0].value
-        assert isinstance(error, GridnodeError) and error.code == "input_truncated"
-        assert "error while decoding MB 4 2" in error.message
+        files, presets = self.produce(tmp_path, "webm-480p", seconds=10.0)
+        with pytest.raises(GridnodeError) as e:
+            measure_outputs(files, source(20.0), presets, ["[h264 @ 0x1] error while decoding MB 4 2"])
+        assert e.value.code == "input_truncated" and "error while decoding MB 4 2" in e.value.message
 
-    def test_playlist_that_is_not_whole_is_ffmpeg_failed(self, tmp_path: Path) -> None:
-        """A rung's playlist without its end: ffmpeg_failed, the output named."""
-        files, presets = self.produce(tmp_path, "hls")
-        (tmp_path / "hls" / "360p" / "index.m3u8").write_text(PLAYLIST)
-        results: list[Any] = []
-        measure_outputs(FakeProcessReactor(), files, source(10.0), presets).addBoth(results.append)
-        assert results[0].value.code == "ffmpeg_failed" and "hls/360p/index.m3u8" in results[0].value.message
-        assert os.path.exists(tmp_path / "hls" / "360p" / "index.m3u8")
+    @pytest.mark.parametrize(("name", "text"), [("hls/360p/index.m3u8", PLAYLIST), ("mp4-720p.mp4", "junk")])
+    def test_no_duration_is_ffmpeg_failed(self, tmp_path: Path, name: str, text: str) -> None:
+        """A rung's playlist without its end, an mp4 without a header: ffmpeg_failed, the output named."""
+        files, presets = self.produce(tmp_path, "mp4-720p,hls")
+        (tmp_path / name).write_text(text)
+        with pytest.raises(GridnodeError) as e:
+            measure_outputs(files, source(10.0), presets)
+        assert e.value.code == "ffmpeg_failed" and name in e.value.message

@@ -204,12 +204,9 @@ def spawn_child(
     *,
     env: Mapping[str, str] | None,
     setpgid: Callable[[int, int], None] = os.setpgid,
-    stdin: int | None = None,
 ) -> None:
-    """Start ``argv`` (a list, never a shell; made by ``sandboxed_argv``) with ``proto``;
-    ``stdin``: an open file the child reads as its fd 0 (else a pipe, closed at once)."""
-    fds: dict[int, int | str] = {0: stdin if stdin is not None else "w", 1: "r", 2: "r"}
-    transport = reactor.spawnProcess(proto, argv[0], list(argv), env=env, childFDs=fds)
+    """Start ``argv`` (a list, never a shell; made by ``sandboxed_argv``) with ``proto``."""
+    transport = reactor.spawnProcess(proto, argv[0], list(argv), env=env)
     if transport.pid is not None:
         # The parent sets the group too, so it exists as soon as spawnProcess
         # returns whichever side runs first (the shells' trick); EACCES means

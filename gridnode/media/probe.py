@@ -28,8 +28,6 @@ rejected by ffprobe itself after format detection and before it would open any
 file it names. ``limit_refusal`` reads what ffprobe and ffmpeg say on stderr when a
 limit stops them (a frame over ``-max_pixels``, a stream past ``-max_streams``): a
 limit on what the file holds, not on what its header declares.
-
-``probe_duration`` reads back how long an output is, for ``verify``.
 """
 
 from __future__ import annotations
@@ -320,12 +318,6 @@ def probe_argv(ffprobe: str, path: str, limits: Limits = Limits()) -> list[str]:
             "file:" + os.path.abspath(path)]
 
 
-def duration_argv(ffprobe: str, demuxer: str) -> list[str]:
-    """ffprobe asked for one output's duration, the file on its stdin (``pipe:0``)."""
-    return [ffprobe, "-v", "error", "-of", "json", "-show_entries", "format=duration",
-            "-protocol_whitelist", "pipe", "-format_whitelist", FORMAT_WHITELIST, "-f", demuxer, "pipe:0"]
-
-
 class ProbeProcess(ChildProcess[tuple[bytes, bytes]]):
     """One ffprobe child (``child.ChildProcess``, stopped after ``limits.probe_timeout``):
     ``deferred`` fires with its stdout (at most ``limits.max_probe_output`` bytes) and
@@ -390,21 +382,12 @@ def _probe_failure(stderr: bytes) -> GridnodeError:
     return not_a_video()
 
 
-def _child_limits(limits: Limits, user: str | None) -> ChildLimits:
-    # ffprobe writes no file (FSIZE 0) and gets little memory and CPU time.
-    return ChildLimits(address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0,
-                       open_files=64, niceness=0, user=user)
-
-
 def probe_command(ffprobe: str, path: str, limits: Limits = Limits(), user: str | None = None) -> list[str]:
-    """What the node starts to probe ``path``: ffprobe behind the sandbox wrapper."""
-    return sandboxed_argv(probe_argv(ffprobe, path, limits), _child_limits(limits, user))
-
-
-def duration_command(ffprobe: str, demuxer: str, limits: Limits = Limits(), user: str | None = None) -> list[str]:
-    """What the node starts to read back an output's duration: as ``probe_command``, but the
-    child gets the output as an open file on its stdin, and no path to it."""
-    return sandboxed_argv(duration_argv(ffprobe, demuxer), _child_limits(limits, user))
+    """What the node starts to probe ``path``: ffprobe behind the sandbox wrapper.
+    It writes no file (FSIZE 0) and gets little memory and CPU time."""
+    return sandboxed_argv(probe_argv(ffprobe, path, limits), ChildLimits(
+        address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
+        niceness=0, user=user))
 
 
 async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: str | None,
@@ -440,35 +423,3 @@ def probe(
     """
     return Deferred.fromCoroutine(_probe(reactor, path, ffprobe, limits, name, user))
 
-
-def unreadable_output(name: str, why: str) -> GridnodeError:
-    return _error("ffmpeg_failed", 422, f"ffmpeg wrote {name}, but it cannot be read back ({why})")
-
-
-async def _duration(reactor: Any, path: str, name: str, demuxer: str, ffprobe: str, limits: Limits,
-                    user: str | None) -> float:
-    proto = ProbeProcess(reactor, limits)
-    # O_NOFOLLOW: the path was checked to be a plain file (ffmpeg.collect_outputs).
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        spawn_child(reactor, proto, duration_command(ffprobe, demuxer, limits, user), env=None, stdin=fd)
-    finally:
-        os.close(fd)
-    try:
-        out, _err = await proto.deferred
-    except GridnodeError as e:
-        raise unreadable_output(name, f"ffprobe: {e.code}") from None
-    try:
-        seconds = _float(json.loads(out)["format"]["duration"])
-    except (ValueError, TypeError, KeyError):
-        seconds = None
-    if seconds is None or seconds < 0:
-        raise unreadable_output(name, "ffprobe finds no duration in it")
-    return seconds
-
-
-def probe_duration(reactor: IReactorProcess, path: str, *, name: str, demuxer: str, ffprobe: str = "ffprobe",
-                   limits: Limits = Limits(), user: str | None = None) -> Deferred[float]:
-    """How long the output at ``path`` (a plain file, ``name`` to users) lasts, in seconds, as
-    ffprobe reads it with ``demuxer``. Fails with ``ffmpeg_failed`` when it cannot be read."""
-    return Deferred.fromCoroutine(_duration(reactor, path, name, demuxer, ffprobe, limits, user))

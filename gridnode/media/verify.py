@@ -9,9 +9,9 @@ actually made, not what its input declared.
 - ``hls_duration``: a media playlist's length, the sum of its ``#EXTINF``.
 - ``truncation``: an output shorter than the input by more than ``tolerance`` means the
   input could not be read to its end: ``input_truncated``, with ffmpeg's own lines.
-- ``measure_outputs``: after ffmpeg exited, how long each output lasts (ffprobe for mp4
-  and webm, the playlists for HLS), checked by ``truncation``; the durations go into the
-  job JSON.
+- ``measure_outputs``: after ffmpeg exited, how long each output lasts (mp4 and webm:
+  their headers, read in Python by ``headers``; HLS: its playlists), checked by
+  ``truncation``; the durations go into the job JSON.
 
 ``OutputWatch`` takes its clock and its measure, so it is tested on a fake of each.
 """
@@ -21,15 +21,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
+from gridnode.media.headers import mp4_duration, webm_duration
 from gridnode.media.presets import Preset, output_too_large
-from gridnode.media.probe import Limits, ProbeResult, probe_duration, unreadable_output
+from gridnode.media.probe import ProbeResult
 
 #: ffmpeg's -progress period: no point measuring more often
 MIN_INTERVAL = 0.5
@@ -46,7 +45,6 @@ TOLERANCE_SECONDS = 1.0
 TOLERANCE_SHARE = 0.01
 #: ffmpeg's lines kept in an input_truncated message
 STDERR_LINES = 20
-_DEMUXERS = {"mp4": "mov", "webm": "matroska"}
 
 
 def folder_size(folder: str, max_files: int = MAX_FILES) -> tuple[int, int]:
@@ -149,47 +147,52 @@ def truncation(expected: float, durations: Mapping[str, float], stderr: Sequence
     return GridnodeError(message, code="input_truncated", status=422)
 
 
-def _read_playlist(output: ProducedFile) -> float:
+def unreadable_output(name: str, why: str) -> GridnodeError:
+    return GridnodeError(f"ffmpeg wrote {name}, but it cannot be read back ({why})", code="ffmpeg_failed",
+                         status=422)
+
+
+def output_duration(output: ProducedFile, kind: str) -> float:
+    """Seconds ``output`` (a plain file: ``ffmpeg.collect_outputs``) lasts: an mp4's or webm's
+    header (``headers``), or an HLS media playlist's segments. ``ffmpeg_failed`` when unreadable."""
+    # O_NOFOLLOW: where the file lies was checked; it is read, never followed.
     fd = os.open(output.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_PLAYLIST + 1)
-    seconds = hls_duration(data.decode("utf-8", "replace")) if len(data) <= MAX_PLAYLIST else None
+        size = os.fstat(f.fileno()).st_size
+        if kind == "hls":
+            data = f.read(MAX_PLAYLIST + 1)
+            seconds = hls_duration(data.decode("utf-8", "replace")) if len(data) <= MAX_PLAYLIST else None
+        else:
+            seconds = (mp4_duration if kind == "mp4" else webm_duration)(f, size)
     if seconds is None:
-        raise unreadable_output(output.name, "not a whole HLS playlist")
+        raise unreadable_output(output.name, "no duration in it")
     return seconds
 
 
-async def _measure(reactor: Any, found: Sequence[ProducedFile], probe: ProbeResult, presets: Sequence[Preset],
-                   stderr: Sequence[str], ffprobe: str, limits: Limits, user: str | None) -> list[ProducedFile]:
+def measure_outputs(found: Sequence[ProducedFile], probe: ProbeResult, presets: Sequence[Preset],
+                    stderr: Sequence[str] = ()) -> list[ProducedFile]:
+    """``found`` (from ``ffmpeg.collect_outputs``) with each preset's first file carrying how
+    long the preset's output lasts (mp4, webm: the file; HLS: its shortest rung's playlist;
+    posters: None). Raises ``input_truncated`` (``truncation``, with ``stderr``: ffmpeg's last
+    lines) or ``ffmpeg_failed`` (an output without a readable duration)."""
     lengths: dict[str, float] = {}  # output name -> seconds
     by_preset: dict[str, float] = {}
     for preset in dict.fromkeys(presets):
         mine = [f for f in found if f.preset == preset.name]
-        if preset.kind in _DEMUXERS:
-            main = mine[0]
-            lengths[main.name] = await probe_duration(reactor, main.path, name=main.name,
-                                                      demuxer=_DEMUXERS[preset.kind], ffprobe=ffprobe,
-                                                      limits=limits, user=user)
+        if preset.kind in ("mp4", "webm"):
+            measured = mine[:1]
         elif preset.kind == "hls":
             # Every rung must be whole; the preset is as long as its shortest.
-            for rung in (f for f in mine if f.name.endswith("/index.m3u8")):
-                lengths[rung.name] = _read_playlist(rung)
-        rungs = [lengths[f.name] for f in mine if f.name in lengths]
-        if rungs:
-            by_preset[preset.name] = min(rungs)
+            measured = [f for f in mine if f.name.endswith("/index.m3u8")]
+        else:
+            continue
+        for output in measured:
+            lengths[output.name] = output_duration(output, preset.kind)
+        if measured:
+            by_preset[preset.name] = min(lengths[f.name] for f in measured)
     error = truncation(probe.converted_duration, lengths, stderr)
     if error is not None:
         raise error
     first = {f.preset: f for f in reversed(found)}  # each preset's first file: what the job lists
     return [replace(f, duration=by_preset[f.preset]) if first[f.preset] is f and f.preset in by_preset else f
             for f in found]
-
-
-def measure_outputs(reactor: Any, found: Sequence[ProducedFile], probe: ProbeResult, presets: Sequence[Preset], *,
-                    stderr: Sequence[str] = (), ffprobe: str = "ffprobe", limits: Limits = Limits(),
-                    user: str | None = None) -> Deferred[list[ProducedFile]]:
-    """``found`` (from ``ffmpeg.collect_outputs``) with each preset's first file carrying how
-    long the preset's output lasts (mp4 and webm: ffprobe, as ``user``; HLS: its shortest
-    rung's playlist; posters: None). Fails with ``input_truncated`` (``truncation``, with
-    ``stderr``: ffmpeg's last lines) or ``ffmpeg_failed`` (an output that cannot be read)."""
-    return Deferred.fromCoroutine(_measure(reactor, found, probe, list(presets), stderr, ffprobe, limits, user))
