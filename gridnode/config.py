@@ -80,8 +80,14 @@ def _positive_float(value: Any) -> float:
     return f
 
 
-def _opt_positive_float(value: Any) -> float | None:
-    return None if value is None else _positive_float(value)
+def _opt_megabytes(value: Any) -> float | None:
+    """A size in MB, fractions allowed, up to 1 TiB; None: unset."""
+    if value is None:
+        return None
+    f = _positive_float(value)
+    if not f <= 1024 * 1024:
+        raise ValueError("must be at most 1048576 (1 TiB)")
+    return f
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -170,7 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-pixels", 8192 * 4320, "largest input frame accepted, in pixels", _int_range(1, 1 << 31), "N"),
     Setting("max-output", None, "largest output, in MB: each file and each HLS rung; a job's outputs together "
             "may hold this times their number (default: 256, or 4 times the input when that is more)",
-            _opt_positive_float, "MB"),
+            _opt_megabytes, "MB"),
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
