@@ -114,17 +114,21 @@ class FolderSizeTests:
         elsewhere.mkdir()
         (elsewhere / "big").write_bytes(b"x" * 10_000)
         (tmp_path / "hls" / "link").symlink_to(elsewhere)
-        total, files = folder_size(str(tmp_path))
-        assert files == 3 and 150 <= total < 150 + 4096
+        total, entries = folder_size(str(tmp_path))
+        assert entries == 5 and 150 <= total < 150 + 4096  # 2 folders, 2 files, 1 link
 
     def test_missing_folder_is_empty(self, tmp_path: Path) -> None:
         """Before ffmpeg made its folder, the watch finds nothing."""
         assert folder_size(str(tmp_path / "none")) == (0, 0)
 
-    def test_walk_stops_past_the_file_limit(self, tmp_path: Path) -> None:
-        """A folder of too many files is not walked to its end."""
+    @pytest.mark.parametrize("kind", ["files", "folders"])
+    def test_walk_stops_past_the_entry_limit(self, tmp_path: Path, kind: str) -> None:
+        """A folder of too many files, or of too many empty folders, is not walked to its end."""
         for i in range(30):
-            (tmp_path / f"f{i}").write_bytes(b"")
+            if kind == "files":
+                (tmp_path / f"f{i}").write_bytes(b"")
+            else:
+                (tmp_path / f"d{i}").mkdir()
         assert folder_size(str(tmp_path), max_files=10)[1] == 11
 
 

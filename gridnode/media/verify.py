@@ -48,9 +48,9 @@ STDERR_LINES = 20
 
 
 def folder_size(folder: str, max_files: int = MAX_FILES) -> tuple[int, int]:
-    """(bytes, files) of everything below ``folder``, links not followed; the walk stops past
-    ``max_files`` files. Entries that go while it walks (ffmpeg renames its playlists into
-    place) are skipped."""
+    """(bytes, entries) of everything below ``folder``, links not followed; the walk stops past
+    ``max_files`` entries. Entries that go while it walks (ffmpeg renames its playlists into
+    place) or cannot be read are skipped: this runs on the reactor, and must not raise."""
     total = files = 0
     stack = [folder]
     while stack and files <= max_files:
@@ -59,15 +59,15 @@ def folder_size(folder: str, max_files: int = MAX_FILES) -> tuple[int, int]:
                 for entry in entries:
                     if files > max_files:
                         break
+                    files += 1  # a folder counts too: a million empty ones must not hold the reactor
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                             continue
                         total += entry.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:
+                    except OSError:
                         continue
-                    files += 1
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             continue
     return total, files
 
