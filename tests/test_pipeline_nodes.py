@@ -48,6 +48,9 @@ class ConversionTests:
             assert job["progress"] == 1.0
             outputs = {o["preset"]: o for o in job["outputs"]}
             assert sorted(outputs) == ["hls", "mp4-720p", "poster", "webm-480p"]
+            for preset in ("hls", "mp4-720p", "webm-480p"):  # as measured, each
+                assert outputs[preset]["duration"] == pytest.approx(4.0, abs=0.2), outputs[preset]
+            assert "duration" not in outputs["poster"]
             codecs = {}
             for preset in ("mp4-720p", "webm-480p"):
                 status, _, data = request("GET", base + outputs[preset]["url"])
