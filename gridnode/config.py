@@ -80,6 +80,16 @@ def _positive_float(value: Any) -> float:
     return f
 
 
+def _opt_megabytes(value: Any) -> float | None:
+    """A size in MB, fractions allowed, up to 1 TiB; None: unset."""
+    if value is None:
+        return None
+    f = _positive_float(value)
+    if not f <= 1024 * 1024:
+        raise ValueError("must be at most 1048576 (1 TiB)")
+    return f
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
@@ -164,6 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
             _int_range(0, 1024 * 1024), "MB"),
     Setting("max-duration", 4 * 3600, "longest input accepted, in seconds", _int_range(1, 7 * 24 * 3600), "S"),
     Setting("max-pixels", 8192 * 4320, "largest input frame accepted, in pixels", _int_range(1, 1 << 31), "N"),
+    Setting("max-output", None, "largest output, in MB: each file and each HLS rung; a job's outputs together "
+            "may hold this times their number (default: 256, or 4 times the input when that is more)",
+            _opt_megabytes, "MB"),
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
@@ -213,6 +226,7 @@ class NodeConfig:
     min_free: int
     max_duration: int
     max_pixels: int
+    max_output: float | None
     heartbeat: float
     stale: float
     job_lease: float
@@ -230,6 +244,10 @@ class NodeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload * 1024 * 1024
+
+    @property
+    def max_output_bytes(self) -> int | None:
+        return None if self.max_output is None else max(1, int(self.max_output * 1024 * 1024))
 
     def with_identity(self, instance_id: str | None = None, address: str | None = None) -> NodeConfig:
         """Fill node-id and advertise from the instance (EC2) or the host."""

@@ -33,7 +33,8 @@ from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
-from gridnode.uploads.store import UploadStore, UploadSweep
+from gridnode.uploads.store import UploadStore
+from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.view import NodeView
 
 

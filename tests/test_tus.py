@@ -40,7 +40,8 @@ from gridnode.errors import GridnodeError
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.uploads.store import UploadStore, UploadSweep
+from gridnode.uploads.store import UploadStore
+from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.tus import EXPOSE_HEADERS, TusHandler, parse_metadata
 from gridnode.web.upload import GridSite
 from tests.test_pipeline import FakeMedia
@@ -174,8 +175,9 @@ class Pool:
         self.store = ObjectStore.synchronous(self.backend)
         self.nodes: list[Node] = []
 
-    def node(self, name: str = "n1", expiry: float = 3600.0, max_upload_mb: int = 4) -> Node:
-        config = build_config(cli={"work-dir": str(self.tmp_path / name), "workers": 2, "queue": 8,
+    def node(self, name: str = "n1", expiry: float = 3600.0, max_upload_mb: int = 4, workers: int = 2,
+             queue: int = 8) -> Node:
+        config = build_config(cli={"work-dir": str(self.tmp_path / name), "workers": workers, "queue": queue,
                                    "min-free": 0, "max-upload": max_upload_mb}).with_identity(name)
         media = FakeMedia(self.tmp_path)
         jobs = JobService(self.reactor, config, self.store, media)

@@ -1,7 +1,6 @@
 """
 `UploadStore`: the uploads of the pool as this node sees them (tusd's DataStore; see
-gridnode/uploads/__init__.py for the design), and `UploadSweep`, the service that sweeps
-expired and orphaned uploads.
+gridnode/uploads/__init__.py for the design); gridnode/uploads/sweep.py runs its sweep.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -109,12 +106,10 @@ class UploadStore:
     def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None,
                    tenant: str = "") -> UploadInfo:
         """Admit a new upload; it is not stored yet (`create`, or the commit of its first chunk)."""
-        # The job service's admission (draining, full, too large, low disk) with its coded errors;
-        # its fresh spool name is the upload id, and later the job id.
-        spool = self.jobs.admit(length)
-        spool.discard()
+        # The job service's admission (draining, full, too large, low disk) with its coded errors.
+        self.jobs.check_admission(length)
         now = self.now()
-        return UploadInfo(id=os.path.basename(spool.path), length=length, offset=0, created=now,
+        return UploadInfo(id=keys.new_id(self.jobs.now()), length=length, offset=0, created=now,
                           expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets,
                           tenant=tenant)
 
@@ -122,12 +117,24 @@ class UploadStore:
         """Where the body of a creation request goes; the upload is created as it is committed."""
         if length is not None and length > info.length:
             raise _bad(f"the body ({length} bytes) is longer than Upload-Length ({info.length})", "too_large", 413)
-        return self._chunk(info.id, 0, info.length, checksum, info)
+        return self._chunk(info.id, 0, info.length, length, checksum, info)
+
+    def find(self, upload_id: str) -> UploadInfo | Deferred[UploadInfo]:
+        """The upload a chunk is for, before any byte of the chunk is read: NotFound, or 410 once
+        expired. This node's view when it has one (the commit reads the store again anyway);
+        otherwise a Deferred, once the store has answered, serialized with the upload's commits."""
+        if upload_id in self._finished:
+            raise NotFound(f"upload {upload_id} is complete: it became job {upload_id}")
+        local = self._local.get(upload_id)
+        if local is not None and local.info.expires > self.now():
+            return local.info
+        read: Deferred[LocalCopy] = self._serialized(upload_id, lambda: self._read(upload_id))
+        return read.addCallback(lambda copy: copy.info)
 
     def chunk(self, upload_id: str, start: int, length: int | None, checksum: str | None,
               tenant: str | None = None) -> Chunk:
         """Where ``tenant``'s chunk at ``start`` goes (None: anyone's), or the coded refusal (answered
-        before its body)."""
+        before its body); once `find` has answered for the upload."""
         if self.jobs.draining:
             raise Busy("this node is draining; resume the upload on another node of the pool", retry_after=30)
         limit = self.max_upload_bytes - start
@@ -143,12 +150,18 @@ class UploadStore:
         if length is not None and length > limit:
             raise _bad(f"this chunk of {length} bytes at offset {start} goes past the upload's length",
                        "too_large", 413)
-        return self._chunk(upload_id, start, limit, checksum, None, tenant)
+        return self._chunk(upload_id, start, limit, length, checksum, None, tenant)
 
-    def _chunk(self, upload_id: str, start: int, limit: int, checksum: str | None,
+    def _chunk(self, upload_id: str, start: int, limit: int, length: int | None, checksum: str | None,
                creation: UploadInfo | None, tenant: str | None = None) -> Chunk:
-        path = self.spool_path(f"{upload_id}.{keys.new_id()}.chunk")
-        return Chunk(path, upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off, tenant=tenant)
+        name = f"{upload_id}.{keys.new_id()}.chunk"
+        # A chunk in flight takes a slot as a POST /jobs body does (503 busy when the node is full,
+        # 507 below --min-free), and gives it back once it is committed or dropped.
+        release = self.jobs.hold(name, length, limit)
+        meter = self.jobs.space.meter("this node ran low on disk space while the chunk arrived, and dropped it; "
+                                      "resume the upload (HEAD for its offset) on another node")
+        return Chunk(self.spool_path(name), upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off,
+                     meter=meter, tenant=tenant, on_release=release)
 
     # -- the operations (serialized per upload on this node)
 
@@ -471,25 +484,3 @@ class UploadStore:
             if upload_id not in groups and upload_id not in self._locks:
                 self._forget(upload_id)  # ended on another node
         return expired
-
-
-class UploadSweep(Service):
-    """Sweeps expired and orphaned uploads from the store every ``interval`` seconds (by default a
-    quarter of the expiry, at most an hour) while it runs, on the store's clock."""
-
-    def __init__(self, uploads: UploadStore, interval: float | None = None) -> None:
-        self.uploads = uploads
-        self.interval = interval or min(3600.0, uploads.expiry / 4)
-        self._loop: LoopingCall | None = None
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        self._loop = LoopingCall(self.uploads.sweep)
-        self._loop.clock = self.uploads.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted's name
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return super().stopService()

@@ -9,9 +9,11 @@ A finished upload becomes a job whose id is the upload's id.
 
 A PATCH body (or a creation POST's) is routed, before any byte of it is
 read, to a chunk file of the store (``route_body``, called by GridRequest);
-its refusals (draining, wrong offset, too large) are answered before the
-body. A HEAD waits for the commits in flight, so the offset it answers
-includes a chunk that was just cut off.
+its refusals (unknown or expired upload, draining, full, low disk, wrong
+offset, too large) are answered before the body. A PATCH for an upload this
+node has not seen waits for the store's answer with the body unread. A HEAD
+waits for the commits in flight, so the offset it answers includes a chunk
+that was just cut off.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import binascii
 from email.utils import formatdate
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.uploads.files import Chunk
-from gridnode.uploads.info import UploadInfo
-from gridnode.uploads.store import Outcome, Progress, UploadStore
+from gridnode.uploads.info import UploadInfo, owned_by
+from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
 from gridnode.web.http import error_body, parse_checksum, respond_later
 
 TUS_VERSION = "1.0.0"
@@ -165,9 +168,11 @@ class TusHandler:
             ours = True
         return [("Tus-Resumable", TUS_VERSION), ("Tus-Version", TUS_VERSION)] if ours else []
 
-    def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Chunk | None:
-        """A sink for ``POST /files/`` with a body and ``PATCH /files/<id>``; None for anything else.
-        Raises the coded refusal (answered before the body is read)."""
+    def route_body(self, method: bytes, path: bytes, request: Any,
+                   length: int | None) -> Chunk | Deferred[Chunk] | None:
+        """A sink for ``POST /files/`` with a body and ``PATCH /files/<id>`` (or a Deferred of it, once
+        the store has said whether the upload exists); None for anything else. Raises (or fails
+        with) the coded refusal, answered before the body is read."""
         method = effective_method(method, request)
         if method not in (b"PATCH", b"POST"):
             return None
@@ -180,12 +185,22 @@ class TusHandler:
             return self._creation_sink(request, length)
         return None
 
-    def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk:
+    def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk | Deferred[Chunk]:
         check_version(request)
         check_offset_stream(request)
         start = parse_count(request.getHeader(b"upload-offset"), "Upload-Offset")
         checksum = parse_checksum(request.getHeader(b"upload-checksum"))
-        return self.uploads.chunk(upload_id, start, length, checksum, self.access.owner_filter(request))
+        tenant = self.access.owner_filter(request)
+
+        def sink(info: UploadInfo) -> Chunk:
+            # The upload's stored info is known here, before a byte of the chunk is read: another
+            # tenant's upload answers 404 as one that never was.
+            if not owned_by(info, tenant):
+                raise not_yours(upload_id)
+            return self.uploads.chunk(upload_id, start, length, checksum, tenant)
+
+        found = self.uploads.find(upload_id)
+        return found.addCallback(sink) if isinstance(found, Deferred) else sink(found)
 
     def _creation_sink(self, request: Any, length: int | None) -> Chunk:
         check_version(request)
@@ -208,6 +223,8 @@ class TusHandler:
         filename = metadata_text(metadata, "filename") or ""
         presets = metadata_text(metadata, "presets")
         chosen = self.uploads.check_presets(presets)
+        # The upload id is the upload's name; its tenant, recorded here, is checked on every request
+        # that follows. A token's cap is checked against Upload-Length here: no chunk may pass that.
         tenant = self.access.creator(request, chosen, length)
         return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets, tenant=tenant)
 
@@ -216,25 +233,30 @@ class TusHandler:
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"tus-resumable", TUS_VERSION.encode())
         try:
-            upload_id = self.target(request.path)
-            method = effective_method(request.method, request)
-            if upload_id is None:
-                raise NotFound("no such resource")
-            if method == b"OPTIONS":
-                return self._options(request)
-            check_version(request)
-            if upload_id == "" and method == b"POST":
-                return self._post(request)
-            if upload_id and method == b"HEAD":
-                return self._head(request, upload_id)
-            if upload_id and method == b"PATCH":
-                return self._patch(request)
-            if upload_id and method == b"DELETE":
-                return self._delete(request, upload_id)
-            request.setHeader(b"allow", b"OPTIONS, POST" if upload_id == "" else b"OPTIONS, HEAD, PATCH, DELETE")
-            raise _bad(f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", 405)
+            return self._render(request)
         except GridnodeError as e:
+            if isinstance(request.content, Chunk):
+                request.content.remove()  # refused before its commit: the file and its slot go
             return answer_error(request, e)
+
+    def _render(self, request: Request) -> bytes | int:
+        upload_id = self.target(request.path)
+        method = effective_method(request.method, request)
+        if upload_id is None:
+            raise NotFound("no such resource")
+        if method == b"OPTIONS":
+            return self._options(request)
+        check_version(request)
+        if upload_id == "" and method == b"POST":
+            return self._post(request)
+        if upload_id and method == b"HEAD":
+            return self._head(request, upload_id)
+        if upload_id and method == b"PATCH":
+            return self._patch(request)
+        if upload_id and method == b"DELETE":
+            return self._delete(request, upload_id)
+        request.setHeader(b"allow", b"OPTIONS, POST" if upload_id == "" else b"OPTIONS, HEAD, PATCH, DELETE")
+        raise _bad(f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", 405)
 
     def _options(self, request: Request) -> bytes:
         request.setResponseCode(204)

@@ -60,12 +60,9 @@ class NodeView:
             query = parse_qs(early_query.decode("latin-1"))
             presets = ",".join(query.get("presets", [])).split(",")
             self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
-            spool = self.jobs.admit(length)
-            # A chunked body declares no length: the token's max_size holds on the bytes themselves.
-            most = self.access.upload_limit(request)
-            if most is not None:
-                spool.limit = most if spool.limit is None else min(spool.limit, most)
-            return spool
+            # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
+            # it holds on the bytes received, so a chunked body cannot pass it either.
+            return self.jobs.admit(length, limit=self.access.upload_limit(request))
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
