@@ -15,5 +15,6 @@ setup(
         "boto3>=1.35",
         "prometheus-client>=0.20",
         "tqdm>=4.66",
+        "PyJWT>=2.8",
     ],
 )

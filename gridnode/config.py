@@ -80,6 +80,16 @@ def _positive_float(value: Any) -> float:
     return f
 
 
+def _opt_megabytes(value: Any) -> float | None:
+    """A size in MB, fractions allowed, up to 1 TiB; None: unset."""
+    if value is None:
+        return None
+    f = _positive_float(value)
+    if not f <= 1024 * 1024:
+        raise ValueError("must be at most 1048576 (1 TiB)")
+    return f
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
@@ -170,6 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
             _int_range(0, 1024 * 1024), "MB"),
     Setting("max-duration", 4 * 3600, "longest input accepted, in seconds", _int_range(1, 7 * 24 * 3600), "S"),
     Setting("max-pixels", 8192 * 4320, "largest input frame accepted, in pixels", _int_range(1, 1 << 31), "N"),
+    Setting("max-output", None, "largest output, in MB: each file and each HLS rung; a job's outputs together "
+            "may hold this times their number (default: 256, or 4 times the input when that is more)",
+            _opt_megabytes, "MB"),
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
@@ -179,11 +192,12 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float, "S"),
     Setting("work-dir", "gridnode-work", "local folder for upload spool and ffmpeg scratch files",
             _str, "DIR"),
-    Setting("secret-file", None, "file holding the pool secret (peer HMAC, upload tokens)", _opt_str, "FILE"),
-    Setting("upload-secret", None, "file holding the secret upload tokens are signed with; uploads then need "
-            "a token", _opt_str, "FILE"),
-    Setting("allow-anonymous-uploads", False, "accept uploads without a token on a non-loopback --http",
-            _bool, "BOOL"),
+    Setting("secret-file", None, "keyring file of the pool's peer secret (lines 'ID SECRET'; the first signs, "
+            "all verify)", _opt_str, "FILE"),
+    Setting("upload-secret", None, "keyring file of the access-token keys (lines 'ID SECRET'; the first signs, "
+            "all verify): every job, upload, result and ops request then needs a JWT", _opt_str, "FILE"),
+    Setting("allow-anonymous-uploads", False, "serve a non-loopback --http without tokens: anyone who reaches "
+            "it may upload, and read, watch, download and cancel every job", _bool, "BOOL"),
     Setting("cors-origins", (), "page origins allowed to call the API from a browser (comma-separated)",
             _origins, "ORIGINS"),
     Setting("instance-metadata", None,
@@ -220,6 +234,7 @@ class NodeConfig:
     min_free: int
     max_duration: int
     max_pixels: int
+    max_output: float | None
     heartbeat: float
     stale: float
     job_lease: float
@@ -238,6 +253,10 @@ class NodeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload * 1024 * 1024
+
+    @property
+    def max_output_bytes(self) -> int | None:
+        return None if self.max_output is None else max(1, int(self.max_output * 1024 * 1024))
 
     def with_identity(self, instance_id: str | None = None, address: str | None = None) -> NodeConfig:
         """Fill node-id and advertise from the instance (EC2) or the host."""
@@ -306,8 +325,9 @@ def build_config(
     config = NodeConfig(**values)
     if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
         raise ConfigError(
-            f"http: {config.http} accepts uploads from the network, so they need tokens: set upload-secret "
-            "(a file holding the secret), or allow-anonymous-uploads = true if you mean it"
+            f"http: {config.http} is reachable from the network, so requests need tokens: set upload-secret "
+            "(a keyring file), or allow-anonymous-uploads = true if anyone who reaches it may upload, read and "
+            "cancel jobs"
         )
     return config
 
@@ -356,16 +376,3 @@ def default_node_id(http_endpoint: str) -> str:
     port = endpoint_port(http_endpoint)
     node = f"{host[:50]}-{port}" if port is not None else host[:60]
     return node
-
-
-def read_secret(path: str, key: str) -> bytes:
-    """A secret from a file: its bytes, stripped; at least 16 of them."""
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"{key}: {path} holds {len(secret)} bytes; use at least 16 random bytes "
-                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
-    return secret

@@ -16,9 +16,9 @@ from twisted.logger import Logger
 
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.media import presets as presets_mod
-from gridnode.media.ffmpeg import ProducedFile, collect_outputs, start_transcode
+from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, start_transcode
 from gridnode.media.pool import JobSlot, TranscodePool
-from gridnode.media.presets import Preset
+from gridnode.media.presets import Preset, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult, probe
 from gridnode.media.sandbox import (
     Host,
@@ -32,6 +32,7 @@ from gridnode.media.sandbox import (
     share_with,
     take_back,
 )
+from gridnode.media.verify import OutputWatch, measure_outputs
 
 if TYPE_CHECKING:
     from gridnode.media.interface import Media
@@ -95,23 +96,28 @@ class Converter(Service):
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[list[ProducedFile]], Deferred[Any]]) -> Deferred[Any]:
-        """Queue the job; when a worker takes it: ffmpeg, then ``finish(outputs)``
-        while the scratch folder still holds them."""
+        """Queue the job; when a worker takes it: ffmpeg (its output folder watched against
+        the job's output limit), its outputs checked whole, then ``finish(outputs)`` while the
+        scratch folder still holds them."""
+        per_output = self.config.max_output_bytes
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
             out_dir = str(slot.scratch / "out")
             share_with(self.user, str(slot.scratch))  # private (0700) to the node, and to its children
+            watch = OutputWatch(self.reactor, out_dir, job_output_limit(info, presets, per_output))
             process = start_transcode(self.reactor, info, input_path, out_dir, presets, ffmpeg=self.config.ffmpeg,
-                                      on_progress=progress, threads=self.threads, label=f"ffmpeg {job_id}",
-                                      sandbox=self.sandbox)
+                                      on_progress=progress, on_tick=watch.tick, max_output_bytes=per_output,
+                                      threads=self.threads, label=f"ffmpeg {job_id}", sandbox=self.sandbox,
+                                      input_limits=self.limits)
             slot.on_cancel(process.cancel)
             d: Deferred[Any] = process.deferred
 
-            def transcoded(_: Any) -> list[ProducedFile]:
+            def transcoded(result: FfmpegResult) -> list[ProducedFile]:
                 slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
                 take_back(self.user, str(slot.scratch))  # what is checked now stays what is read
-                return collect_outputs(out_dir, info, presets)
+                found = collect_outputs(out_dir, info, presets, max_output_bytes=per_output)
+                return measure_outputs(found, info, presets, result.stderr_tail)  # whole, or not done
 
             d.addCallback(transcoded)
             d.addCallback(finish)

@@ -61,14 +61,17 @@ class Job:
     sha256: str = ""
     #: the owner (``node``) holds the job until then; past it a peer may adopt it
     lease_until: float = 0.0
+    #: the ``sub`` of the token that created it ("" on a node without tokens): only that tenant
+    #: (and an admin) sees the job
+    tenant: str = ""
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
-            sha256: str = "") -> Job:
+            sha256: str = "", tenant: str = "") -> Job:
         if not keys.is_id(job_id):
             raise GridnodeError(f"job id {job_id!r} is not a gridnode id", code="bad_request", status=400)
         return cls(id=job_id, state=RECEIVED, created=now, updated=now, name=name, presets=list(presets),
-                   node=node, input={"name": name, "size": size}, sha256=sha256)
+                   node=node, input={"name": name, "size": size}, sha256=sha256, tenant=tenant)
 
     @property
     def final(self) -> bool:
@@ -161,6 +164,6 @@ class Job:
             job = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
         except (ValueError, TypeError, KeyError) as e:
             raise GridnodeError(f"unreadable job record: {e}", code="bad_record", status=500) from None
-        if job.state not in STATES or not keys.is_id(job.id):
+        if job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str):
             raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
         return job

@@ -25,15 +25,16 @@ from gridnode.config import (
     endpoint_interface,
     endpoint_port,
     is_loopback,
-    read_secret,
     with_backlog,
 )
 from gridnode.errors import ConfigError, GridnodeError
+from gridnode.keyring import Keyring, KeyringFile
 from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
-from gridnode.uploads.store import UploadStore, UploadSweep
+from gridnode.uploads.store import UploadStore
+from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.view import NodeView
 
 
@@ -97,6 +98,9 @@ class NodeService(MultiService):
         config = yield self._settle()
         # Every file and folder the node makes is its own (0600/0700): spool, journal, store.
         os.umask(0o077)
+        # Secrets first: a bad keyring stops the node before anything else starts.
+        tokens = self._keyring(config.upload_secret, "upload-secret") if config.upload_secret else None
+        peer_ring = self._keyring(config.secret_file, "secret-file") if config.secret_file else None
         os.makedirs(config.work_dir, exist_ok=True)
         metrics = Metrics()
         backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
@@ -115,7 +119,7 @@ class NodeService(MultiService):
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
         UploadSweep(uploads).setServiceParent(self)
-        view = self.view = NodeView(config, store, jobs, uploads)
+        view = self.view = NodeView(config, store, jobs, uploads, tokens)
         site = GridSite(view.cors.wrap(api_root(view)), self.reactor, view.route_body, view.extra_headers,
                         on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
         http = Listener(serverFromString(self.reactor, with_backlog(config.http)), site)
@@ -124,7 +128,7 @@ class NodeService(MultiService):
         http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
-        membership = yield self._membership(config, jobs, peer_addr, metrics)
+        membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
         registry = Registry(
             self.reactor, store, env=config.env, pool=config.pool, node_id=view.node_id, http_url=http_url,
             peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=jobs.load,
@@ -163,24 +167,25 @@ class NodeService(MultiService):
         return config
 
     @inlineCallbacks
-    def _membership(self, config: NodeConfig, jobs: JobService, peer_addr: str, metrics: Metrics) -> Any:
+    def _membership(self, config: NodeConfig, jobs: JobService, peer_addr: str, metrics: Metrics,
+                    ring: KeyringFile | None) -> Any:
         """SWIM over AMP on --peer, keyed from the pool secret, listening (not yet started)."""
         from twisted.internet.endpoints import serverFromString
 
         from gridnode.membership.service import MembershipService, new_machine
-        from gridnode.membership.wire import peer_key
+        from gridnode.membership.wire import fixed_keys, peer_key, peer_keys
 
-        if config.secret_file:
-            secret = read_secret(config.secret_file, "secret-file")
+        if ring is not None:
+            keys = peer_keys(lambda: ring.ring().secrets, config.env, config.pool)
         elif is_loopback(config.peer):
-            secret = b""  # a laptop: nothing beyond this machine can reach the port
+            keys = fixed_keys(peer_key(b"", config.env, config.pool))  # a laptop: only this machine reaches it
         else:
             raise ConfigError(f"peer: {config.peer} is reachable from the network, so peers must authenticate: "
                               "set secret-file (a file of at least 16 random bytes, the same on every node)")
         assert config.node_id is not None
         machine = new_machine(config.node_id, peer_addr, first_incarnation(time.time()), time.time())
         service = MembershipService(
-            self.reactor, machine, peer_key(secret, config.env, config.pool), metrics=metrics, stale=config.stale,
+            self.reactor, machine, keys, metrics=metrics, stale=config.stale,
             # a drained node released its unfinished jobs just before it left: take them now too
             on_left=lambda member: jobs.adopt_orphans(dead=frozenset({member})),
         )
@@ -188,6 +193,18 @@ class NodeService(MultiService):
             metrics.members.labels(state).set_function(_members_in(machine, state))
         yield service.listen(serverFromString(self.reactor, config.peer))
         return service
+
+    def _keyring(self, path: str, setting: str) -> KeyringFile:
+        """A keyring file the node follows while it runs (a rotation needs no restart)."""
+
+        def changed(setting: str, ring: Keyring | None, error: str | None) -> None:
+            if ring is None:
+                self._log.error("{setting}: the changed keyring is not used: {reason}", setting=setting, reason=error)
+            else:
+                self._log.info("{setting}: keyring read again, keys {keys} (the first signs)", setting=setting,
+                               keys=" ".join(k.id for k in ring.keys))
+
+        return KeyringFile(path, setting, on_change=changed)
 
     @staticmethod
     @inlineCallbacks

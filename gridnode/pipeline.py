@@ -36,7 +36,7 @@ from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
 from gridnode.runner import Active, Runner, in_store
-from gridnode.spool import Spool, SpoolFile
+from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
 
 
@@ -58,6 +58,8 @@ class JobService(Service):
         self.node_id = config.node_id or ""
         self.lease = config.job_lease
         self.spool = Spool(os.path.join(config.work_dir, "spool"), reactor)
+        #: ``--min-free`` at admission and while bodies stream in (POST /jobs and tus chunks alike)
+        self.space = FreeSpace(self.spool.free_bytes, config.min_free * 1024 * 1024)
         self.metrics = metrics or Metrics()
         #: runs what it is given: accepted uploads, claimed and recovered jobs
         self.runner = Runner(reactor, store, media, node_id=self.node_id, lease=self.lease, now=now,
@@ -129,47 +131,69 @@ class JobService(Service):
     def capacity(self) -> int:
         return self.config.workers + self.config.queue
 
-    def admit(self, length: int | None) -> SpoolFile:
-        """A spool file for a new upload, or the coded reason it is refused now."""
+    def admit(self, length: int | None, limit: int | None = None) -> SpoolFile:
+        """A spool file for a new upload of ``length`` bytes (None: not declared), or the coded
+        reason it is refused now. ``limit`` is the caller's own cap on the bytes received (an
+        upload token's ``max_size``), under ``--max-upload``; both hold on a chunked body too."""
         try:
-            return self._admit(length)
+            return self._admit(length, limit)
         except GridnodeError as e:
             self.metrics.upload_rejections.labels(e.code).inc()
             raise
 
-    def _admit(self, length: int | None) -> SpoolFile:
+    def hold(self, name: str, length: int | None, limit: int | None = None) -> Callable[[], None]:
+        """The same admission for a body that goes elsewhere (a tus chunk): the coded refusal, or a
+        slot held for ``name`` until the function returned is called."""
+        try:
+            self.check_admission(length, limit)
+        except GridnodeError as e:
+            self.metrics.upload_rejections.labels(e.code).inc()
+            raise
+        return self._slot(name)
+
+    def check_admission(self, length: int | None, limit: int | None = None) -> None:
+        """Draining or full (503 busy), over the limit (413), too little disk (507); nothing is held."""
         if self.draining:
             raise Busy("this node is draining; upload to another node of the pool", retry_after=30)
         taken = len(self.active) + len(self.uploading)
         if taken >= self.capacity:
             raise Busy(f"this node is full ({len(self.active)} jobs, {len(self.uploading)} uploads); "
                        "try another node or retry later")
-        limit = self.config.max_upload_bytes
+        limit = self.limit(limit)
         if length is not None and length > limit:
-            raise GridnodeError(f"the upload is {length} bytes; this node accepts at most {limit}",
-                                code="too_large", status=413)
-        free = self.spool.free_bytes()
-        if free - (length or 0) < self.config.min_free * 1024 * 1024:
-            raise GridnodeError("this node is low on disk space; try another node",
-                                code="insufficient_storage", status=507)
+            raise GridnodeError(f"the upload is {length} bytes; at most {limit} are allowed here (this node's "
+                                "--max-upload, or your upload token's max_size)", code="too_large", status=413)
+        self.space.check(length)
+
+    def limit(self, limit: int | None = None) -> int:
+        """The most bytes a body may bring: ``--max-upload``, or less where the caller says so."""
+        node = self.config.max_upload_bytes
+        return node if limit is None else min(node, max(limit, 0))
+
+    def _admit(self, length: int | None, limit: int | None) -> SpoolFile:
+        self.check_admission(length, limit)
         name = keys.new_id(self.now())
-        spool = self.spool.new(name, limit=limit)
+        spool = self.spool.new(name, limit=self.limit(limit), meter=self.space.meter())
         if length:
             try:
                 spool.reserve(length)  # a race with other uploads for the last free space ends here
             except GridnodeError:
                 spool.discard()
                 raise
-        # An upload in flight holds a slot until its body is over.
-        self.uploading.add(name)
-        spool.on_release = lambda: self.uploading.discard(name)
+        spool.on_release = self._slot(name)
         return spool
+
+    def _slot(self, name: str) -> Callable[[], None]:
+        """An upload in flight holds a slot until its body is over (or its job is active)."""
+        self.uploading.add(name)
+        return lambda: self.uploading.discard(name)
 
     # -- a finished upload becomes a job
 
     @inlineCallbacks
-    def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None) -> Any:
-        """Check, probe and queue an uploaded body; returns the job (state queued)."""
+    def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
+               tenant: str = "") -> Any:
+        """Check, probe and queue an uploaded body for ``tenant``; returns the job (state queued)."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
@@ -189,7 +213,7 @@ class JobService(Service):
                                         code="checksum_mismatch", status=460)
             chosen = self.media.parse_presets(presets)
             job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now())
+                          size=spool.size, now=self.now(), tenant=tenant)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
@@ -300,10 +324,10 @@ class JobService(Service):
             raise NotFound(f"no job {job_id}") from None
         return job
 
-    def listing(self) -> dict[str, Any]:
-        """This node's jobs now, and the last ones that ended here."""
-        return {"active": [a.job.to_json() for a in self.active.values()],
-                "recent": [j.to_json() for j in reversed(self.runner.recent)]}
+    def listing(self, tenant: str | None = None) -> dict[str, Any]:
+        """This node's jobs now, and the last ones that ended here: ``tenant``'s only, unless None."""
+        return {"active": [a.job.to_json() for a in self.active.values() if tenant in (None, a.job.tenant)],
+                "recent": [j.to_json() for j in reversed(self.runner.recent) if tenant in (None, j.tenant)]}
 
     def subscribe(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:
         """Call ``callback`` on every change of a job; returns the unsubscribe. A job another

@@ -226,8 +226,8 @@ class Runner:
             entry = stored[output.preset] = {
                 "preset": output.preset, "name": output.name, "size": output.size, "files": 1,
                 "content_type": output.content_type, "url": f"/results/{job.id}/{output.name}"}
-            if not output.content_type.startswith("image/"):
-                entry["duration"] = job.input.get("duration")
+            if output.duration is not None:
+                entry["duration"] = round(output.duration, 3)  # measured, not the input's
         self.metrics.phase_seconds.labels("store_outputs").observe(time.monotonic() - now)
         return list(stored.values())
 

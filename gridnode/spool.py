@@ -7,7 +7,8 @@ written (``InlineSha256``) or, where the reactor runs threads, by a thread
 reading the file behind the writer (``TrailingSha256``), so that the
 reactor thread only receives and writes. A declared size is reserved on
 disk up front (``reserve``), so a body that cannot fit is refused before a
-byte of it is read. The web layer routes request bodies here
+byte of it is read; a body of no declared size is watched as it grows
+(``FreeSpace``). The web layer routes request bodies here
 (gridnode/web/upload.py); the job service owns the spool.
 """
 
@@ -61,9 +62,60 @@ def reserve(fd: int, length: int) -> bool:
     # the file's own size frees the blocks past its end), not when the file is removed.
     os.ftruncate(fd, os.fstat(fd).st_size)
     if failed in (errno.ENOSPC, errno.EDQUOT):
-        raise GridnodeError(f"this node has no room for an upload of {length} bytes; try another node",
-                            code="insufficient_storage", status=507)
+        raise no_room(f"this node has no room for an upload of {length} bytes; try another node")
     return False
+
+
+#: while a body streams in, the free space is looked at once per this many bytes of it
+CHECK_EVERY = 4 * 1024 * 1024
+
+
+def no_room(message: str) -> GridnodeError:
+    return GridnodeError(message, code="insufficient_storage", status=507)
+
+
+class FreeSpace:
+    """The work folder's free space against ``--min-free``: checked when an upload is admitted,
+    and while its body streams in, by the `Meter` each body has."""
+
+    def __init__(self, free_bytes: Callable[[], int], min_free: int, every: int = CHECK_EVERY) -> None:
+        self.free_bytes = free_bytes
+        self.min_free = min_free
+        self.every = every
+
+    def check(self, length: int | None = None,
+              message: str = "this node is low on disk space; try another node") -> None:
+        """507 when fewer than ``min_free`` bytes would be left once ``length`` more are written."""
+        if self.free_bytes() - (length or 0) < self.min_free:
+            raise no_room(message)
+
+    def meter(self, message: str = "this node ran low on disk space while the body arrived, and kept "
+                                   "nothing of it; send it to another node") -> Meter:
+        """A `Meter` for one body; ``message`` says what a body refused mid-way should do."""
+        return Meter(self, message)
+
+
+class Meter:
+    """One body's bytes against the free space. A statvfs per read would cost more than the read
+    itself: the space is looked at once per ``every`` bytes, so a body stops within that much of
+    ``min_free``. Bytes reserved up front (``reserve``) need no look."""
+
+    def __init__(self, space: FreeSpace, message: str) -> None:
+        self.space = space
+        self.message = message
+        self.reserved = 0
+        self.total = 0
+        self._unchecked = 0
+
+    def add(self, n: int) -> None:
+        """``n`` more bytes (about to be) written; a 507 once the folder crossed ``min_free``."""
+        self.total += n
+        if self.total <= self.reserved:
+            return
+        self._unchecked += n
+        if self._unchecked >= self.space.every:
+            self._unchecked = 0
+            self.space.check(message=self.message)
 
 
 class InlineSha256:
@@ -188,7 +240,7 @@ class SpoolFile:
     """A named file in the spool that hashes what is written to it (``digest``)."""
 
     def __init__(self, path: str, mode: str = "w+b", *, offset: int = 0, limit: int | None = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, meter: Meter | None = None) -> None:
         self.path = path
         # unbuffered: what write() returns is in the file, where a trailing hasher reads it;
         # 0600: an upload is the node's alone (a child is let read its own: sandbox.let_read)
@@ -202,6 +254,8 @@ class SpoolFile:
         #: bytes that arrived by ``grew``, not ``write``
         self.spliced = 0
         self.limit = limit
+        #: watches the free space as the body grows (None: not watched)
+        self.meter = meter
         #: called once when the body is over (closed or discarded): frees the node's slot
         self.on_release: Callable[[], None] | None = None
 
@@ -212,9 +266,10 @@ class SpoolFile:
 
     def write(self, data: bytes) -> None:
         if self.limit is not None and self.size + len(data) > self.limit:
-            raise GridnodeError(
-                f"the upload is larger than this node accepts ({self.limit} bytes)", code="too_large", status=413
-            )
+            raise GridnodeError(f"the upload is larger than allowed here ({self.limit} bytes: this node's "
+                                "--max-upload, or your upload token's max_size)", code="too_large", status=413)
+        if self.meter is not None:
+            self.meter.add(len(data))
         view, written = memoryview(data), 0
         while written < len(data):
             n = self.file.write(view[written:])
@@ -231,15 +286,21 @@ class SpoolFile:
         return isinstance(self._hash, TrailingSha256)
 
     def grew(self, n: int) -> None:
-        """``n`` bytes were appended to the file behind our back (by ``BodySplice``)."""
+        """``n`` bytes were appended to the file behind our back (by ``BodySplice``); a 507 when the
+        folder crossed ``--min-free`` meanwhile."""
         assert isinstance(self._hash, TrailingSha256)
         self._hash.grew(n)
         self.size += n
         self.spliced += n
+        if self.meter is not None:
+            self.meter.add(n)
 
     def reserve(self, length: int) -> bool:
         """Reserve disk for a body of ``length`` bytes (``reserve``); before the first write."""
-        return reserve(self.file.fileno(), length)
+        done = reserve(self.file.fileno(), length)
+        if done and self.meter is not None:
+            self.meter.reserved = length
+        return done
 
     def digest(self) -> Deferred[str]:
         """The hex sha256 of what was written; call it once the body is complete."""
@@ -301,8 +362,8 @@ class Spool:
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    def new(self, name: str, limit: int | None = None) -> SpoolFile:
-        return SpoolFile(self.path(name), limit=limit, reactor=self.reactor)
+    def new(self, name: str, limit: int | None = None, meter: Meter | None = None) -> SpoolFile:
+        return SpoolFile(self.path(name), limit=limit, reactor=self.reactor, meter=meter)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.folder)

@@ -1,5 +1,5 @@
 """
-Shared pytest fixtures. The media clips (``media_clips``) and ``real_reactor``
+Shared pytest fixtures. The media clips (``media_clips``, ``long_clip``) and ``real_reactor``
 fixture live in tests/media_samples.py; they are exported here so any test
 module can ask for them.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.media_samples import media_clips, real_reactor
+from tests.media_samples import long_clip, media_clips, real_reactor
 
-__all__ = ["media_clips", "open_folder", "real_reactor"]
+__all__ = ["long_clip", "media_clips", "open_folder", "real_reactor"]
 
 
 @pytest.fixture

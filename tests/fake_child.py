@@ -60,10 +60,12 @@ class FakeProcessReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[str, list[str], Any]] = []
+        self.protocols: list[Any] = []
 
     def spawnProcess(self, processProtocol: Any, executable: str, args: Any = (), env: Any = None,
                      **kwargs: Any) -> FakeTransport:
         self.spawned.append((executable, list(args), env))
+        self.protocols.append(processProtocol)
         transport = FakeTransport()
         processProtocol.makeConnection(transport)
         return transport

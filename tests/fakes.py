@@ -37,6 +37,7 @@ class Output:
     size: int
     preset: str = "mp4-720p"
     content_type: str = "video/mp4"
+    duration: float | None = None
 
 
 class FakeMedia:
@@ -72,7 +73,7 @@ class FakeMedia:
     def finish(self, job_id: str) -> None:
         out = self.folder / f"{job_id}.mp4"
         out.write_bytes(b"converted")
-        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9)])
+        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9, duration=3.96)])
         stored.chainDeferred(self.runs[job_id])
 
     def cancel(self, job_id: str) -> None:

@@ -3,14 +3,16 @@ Small test clips made with ffmpeg's lavfi sources (testsrc2 + sine), generated
 once per test session into a temporary folder.
 
 Use the ``media_clips`` fixture (session scope, exported through
-tests/conftest.py) or call ``make_clips(folder)`` directly. Everything is small
-and short so the media tests stay fast on two cores.
+tests/conftest.py; ``long_clip`` is a 30 s clip for jobs that must run a
+while) or call ``make_clips(folder)`` directly. Everything else is small and
+short so the media tests stay fast on two cores.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,12 +84,89 @@ def make_clips(folder: Path) -> Clips:
     return Clips(folder, landscape, portrait, webm, mpegts, audio_only, random, playlist, concat)
 
 
+def late_giant_frames(folder: Path, small: int = 10, giant: int = 2, side: int = 16000) -> Path:
+    """An AVI of MJPEG whose header and first ``small`` frames say 64x64, followed by
+    ``giant`` frames whose JPEG headers say ``side`` x ``side`` (16000: 7 times the default
+    --max-pixels). Each giant frame is the small one's scan padded with comments to 1 MB:
+    ffmpeg's MJPEG decoder refuses a frame far larger than its packet before allocating it,
+    and allocates (~400 MB each) one that is not."""
+    raw = folder / "small.mjpeg"
+    _ffmpeg(*lavfi_video("64x64", small / 25), "-c:v", "mjpeg", "-f", "mjpeg", str(raw))
+    frames = raw.read_bytes()
+    first = frames[:frames.index(b"\xff\xd9") + 2]
+    sof = first.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    padding = (b"\xff\xfe" + struct.pack(">H", 65535) + bytes(65533)) * ((side // 8) ** 2 // 4 // 65537 + 1)
+    big = first[:2] + padding + first[2:sof + 5] + struct.pack(">HH", side, side) + first[sof + 9:]
+    raw.write_bytes(frames + big * giant)
+    out = folder / "late-giant.avi"
+    _ffmpeg("-f", "mjpeg", "-framerate", "25", "-i", str(raw), "-c", "copy", str(out))
+    raw.unlink()
+    return out
+
+
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[bytes, int, int]]:
+    """(type, start, end) of the ISO BMFF boxes in ``data[start:end]`` (32-bit sizes only)."""
+    end = len(data) if end is None else end
+    found = []
+    while start + 8 <= end:
+        size = struct.unpack(">I", data[start:start + 4])[0]
+        found.append((data[start + 4:start + 8], start, start + size))
+        start += size
+    return found
+
+
+def many_tracks(folder: Path, tracks: int = 10_000) -> Path:
+    """An mp4 of ``tracks`` video tracks: one frame's track, copied into its moov under new
+    track ids (all its copies share the one frame's data). ~5 MB for 10,000."""
+    one = folder / "one-track.mp4"
+    _ffmpeg(*lavfi_video("16x16", 0.04), "-c:v", "libx264", "-preset", "ultrafast", str(one))
+    data = one.read_bytes()
+    top = {kind: (a, b) for kind, a, b in _boxes(data)}
+    a, b = top[b"moov"]
+    assert b == len(data), "moov last: growing it moves no sample"
+    trak_a, trak_b = next((x, y) for kind, x, y in _boxes(data, a + 8, b) if kind == b"trak")
+    trak = data[trak_a:trak_b]
+    tkhd = trak.index(b"tkhd") - 4
+    version = trak[tkhd + 8]
+    at = tkhd + 12 + (16 if version == 1 else 8)  # track_ID after creation and modification times
+    copies = [trak[:at] + struct.pack(">I", i + 2) + trak[at + 4:] for i in range(tracks - 1)]
+    body = data[a + 8:b] + b"".join(copies)
+    out = folder / "many-tracks.mp4"
+    out.write_bytes(data[:a] + struct.pack(">I", 8 + len(body)) + b"moov" + body)
+    one.unlink()
+    return out
+
+
+def cut_faststart(folder: Path, seconds: float = 20.0) -> Path:
+    """A faststart mp4 (index first) of ``seconds`` of 160x90 video (10 fps) and audio, cut to
+    half its bytes: its header still says ``seconds``, its data holds about half."""
+    whole = folder / "whole.mp4"
+    _ffmpeg(*lavfi_video("160x90", seconds, rate=10), *lavfi_audio(seconds), "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", "-movflags", "+faststart", str(whole))
+    data = whole.read_bytes()
+    half = folder / "half.mp4"
+    half.write_bytes(data[:len(data) // 2])
+    whole.unlink()
+    return half
+
+
 @pytest.fixture(scope="session")
 def media_clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
     """The sample clips, made once per session."""
     if not (os.access(FFMPEG, os.X_OK) and os.access(FFPROBE, os.X_OK)):
         pytest.skip("ffmpeg and ffprobe are needed")
     return make_clips(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture(scope="session")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 s of 1280x720 (~24 MB): long enough to cancel mid-way and to keep a worker busy."""
+    if not os.access(FFMPEG, os.X_OK):
+        pytest.skip("ffmpeg is needed")
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25",
+                    "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-y", str(path)], check=True, timeout=120)
+    return path
 
 
 def ffprobe_json(path: Path | str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ the stall and at the end.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -67,7 +68,7 @@ def main(folder: Path) -> None:
         sh(*inside, "ip", "link", "set", "gv1", "up")
         store = folder / "store"
         secret = folder / "secret"
-        secret.write_bytes(os.urandom(32))
+        secret.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")  # a keyring of one key, as written by hand
         names = ["v0", "v1", "v2", "victim"]
         http = {n: 18080 + i for i, n in enumerate(names)}
         for n in names:

@@ -35,6 +35,12 @@ class LayeringTests:
         assert build_config(file={"max_upload": 10}).max_upload == 10
         assert build_config(user_data={"max-upload": 11}).max_upload == 11
 
+    def test_max_output(self) -> None:
+        """--max-output in MB, fractions allowed; unset: the per-input default (None)."""
+        assert build_config().max_output_bytes is None
+        assert build_config(cli={"max-output": "0.5"}).max_output_bytes == 512 * 1024
+        assert build_config(file={"max-output": 300}).max_output_bytes == 300 * 1024 * 1024
+
     def test_instance_metadata_default_url(self) -> None:
         """--instance-metadata with no URL means the EC2 link-local service."""
         assert build_config(cli={"instance-metadata": ""}).instance_metadata == "http://169.254.169.254"
@@ -87,6 +93,9 @@ class RefusalTests:
             ("cli", {"http": "8080"}, "endpoint string"),
             ("cli", {"s3-endpoint": "localhost:9000"}, "http:// or https://"),
             ("cli", {"heartbeat": "-1"}, "more than 0"),
+            ("cli", {"max-output": "0"}, "more than 0"),
+            ("file", {"max-output": "lots"}, "must be a number"),
+            ("cli", {"max-output": "inf"}, "at most 1048576"),
             ("cli", {"store": "s3://"}, "needs a bucket"),
         ],
     )

@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
-from gridnode.membership import swim
+from gridnode.membership import swim, wire
 from gridnode.membership.hostcheck import HostCheck, tcp_acks
 from gridnode.membership.service import MembershipService
 
@@ -191,7 +191,8 @@ def _accept(reactor: MemoryReactorClock, port: int, server: Protocol) -> tuple[_
 def _watcher(reactor: MemoryReactorClock, **service: Any) -> tuple[swim.SwimMachine, MembershipService]:
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=reactor.seconds(),
                                config=swim.SwimConfig(probe_interval=30.0, probe_timeout=10.0))
-    return machine, MembershipService(reactor, machine, b"k" * 32, now=reactor.seconds, join=False, **service)
+    return machine, MembershipService(reactor, machine, wire.fixed_keys(b"k" * 32), now=reactor.seconds, join=False,
+                                      **service)
 
 
 def test_a_watched_member_gets_a_standing_connection_and_its_crash_is_a_refusal() -> None:

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.helpers import free_port
-from tests.media_samples import FFMPEG, Clips
-from tests.nodes import NodeProcess, get_json, request, wait_job
+from tests.helpers import free_port, wait_for
+from tests.media_samples import FFMPEG, Clips, cut_faststart, late_giant_frames, many_tracks
+from tests.nodes import NodeProcess, get_json, request, upload, wait_job
 
 pytestmark = pytest.mark.integration
 
 CODES = {"not_a_video", "unsupported_format", "too_long", "too_large", "too_many_streams", "ffmpeg_failed",
-         "timeout", "output_too_large"}
+         "timeout", "output_too_large", "input_truncated"}
 SECRET = Path("/etc/passwd").read_bytes().split(b"\n")[0]  # "root:x:0:0:..."
 
 
@@ -143,5 +143,50 @@ class HostileInputTests:
             assert not (store / "outputs").exists() or not any((store / "outputs").rglob("*.mp4"))
             work = open_folder / "gridnode-work"
             assert os.listdir(work / "spool") == [] and os.listdir(work / "scratch") == []
+        finally:
+            node.stop()
+
+
+class ActualLimitsTests:
+    @pytest_twisted.inlineCallbacks
+    def test_what_the_file_holds_not_what_it_declares(self, open_folder: Path, tmp_path: Path,
+                                                      media_clips: Clips) -> None:
+        """On a real node (its ffmpeg as nobody when root), each limit holds on what happens:
+        an MJPEG AVI declaring 64x64 with later 16000x16000 frames is too_large; an HLS job past
+        --max-output is output_too_large; an mp4 of 10,000 tracks is too_many_streams at the
+        upload; a faststart mp4 cut to half its bytes is accepted, then failed with
+        input_truncated saying how much could be read, and nothing is stored under outputs/."""
+        giant, many, half = late_giant_frames(tmp_path), many_tracks(tmp_path), cut_faststart(tmp_path)
+        node = NodeProcess(open_folder, ["--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer",
+                                         f"tcp:{free_port()}:interface=127.0.0.1", "--min-free", "0",
+                                         "--ffmpeg-user", "auto", "--workers", "2", "--max-output", "0.3"])
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            status, _, body = upload(base, many, "mp4-480p")
+            assert (status, body["error"]["code"]) == (422, "too_many_streams"), body
+            jobs = {}
+            for label, path, presets in [("giant", giant, "mp4-480p"), ("hls", media_clips.landscape, "hls"),
+                                         ("half", half, "mp4-480p,poster")]:
+                status, _, body = upload(base, path, presets)
+                assert status == 201, (label, body)
+                jobs[label] = body
+            assert jobs["half"]["input"]["duration"] == pytest.approx(20.0, abs=0.1)
+            ended = {}
+            for label, job in jobs.items():
+                ended[label] = yield wait_job(base, job["id"], timeout=120)
+                assert ended[label]["state"] == "failed", (label, ended[label])
+            codes = {label: job["error"]["code"] for label, job in ended.items()}
+            assert codes == {"giant": "too_large", "hls": "output_too_large", "half": "input_truncated"}
+            assert "of the input's 20.0 s" in ended["half"]["error"]["message"]
+            assert ended["half"]["outputs"] == []
+            store = open_folder / "gridnode-data"
+            for job in jobs.values():
+                assert not (store / "outputs" / job["id"]).exists()
+            status, health = get_json(base + "/health")
+            assert status == 200 and health["state"] == "ok"
+            work = open_folder / "gridnode-work"
+            # The spool goes once the last record is written, a moment after the job shows failed.
+            yield wait_for(lambda: os.listdir(work / "spool") == [] and os.listdir(work / "scratch") == [])
         finally:
             node.stop()

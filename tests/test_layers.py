@@ -15,8 +15,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gridnode"
 #: modules that wire the layers together
 ASSEMBLY = {"gridnode.node"}
-#: what the client library may import of the package besides itself
-CLIENT_MAY_IMPORT = {"gridnode", "gridnode.errors", "gridnode.keys", "gridnode.registry", "gridnode.registry.records"}
+#: what the client library may import of the package besides itself (tokens and keyring: `gridnode
+#: token` mints with the standard library and PyJWT only)
+CLIENT_MAY_IMPORT = {"gridnode", "gridnode.errors", "gridnode.keys", "gridnode.registry", "gridnode.registry.records",
+                     "gridnode.tokens", "gridnode.keyring"}
 #: the one module allowed over the size limit: the SWIM machine, one protocol in one place
 MAX_LINES = 500
 LONG_MODULES = {"gridnode.membership.swim"}
@@ -122,3 +124,19 @@ def test_nothing_points_outside_the_repository() -> None:
             text = path.read_text(errors="replace")
             found += [f"{rel}: {word}" for word in outside if word in text]
     assert found == []
+
+
+def test_what_the_client_mints_with_is_light() -> None:
+    """`gridnode token` imports gridnode.tokens and gridnode.keyring: the standard library and PyJWT
+    only (no Twisted, boto3 or server code), so the client stays a small install."""
+    mods = modules()
+    allowed = {"__future__", "collections", "dataclasses", "os", "re", "time", "typing", "jwt", "gridnode"}
+    for name in ("gridnode.tokens", "gridnode.keyring"):
+        tops: set[str] = set()
+        for node in ast.walk(ast.parse(mods[name].read_text())):
+            if isinstance(node, ast.Import):
+                tops |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                tops.add(node.module.split(".")[0])
+        assert tops <= allowed, (name, sorted(tops - allowed))
+        assert graph()[name] <= {"gridnode.errors", "gridnode.keyring"}, (name, graph()[name])

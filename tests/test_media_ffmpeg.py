@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,21 @@ from gridnode.media.ffmpeg import (
     transcode_command,
 )
 from gridnode.media.presets import build_argv, default_output_limit, parse_presets
-from gridnode.media.probe import ProbeResult, probe, probe_command
+from gridnode.media.probe import Limits, ProbeResult, decoder_pixels, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
+from gridnode.media.verify import OutputWatch, measure_outputs
 from tests.fake_child import PID, FakeGroups, FakeTransport, exited
-from tests.media_samples import FFMPEG, FFPROBE, Clips, alive, ffprobe_json, group_alive, wait_for
+from tests.media_samples import (
+    FFMPEG,
+    FFPROBE,
+    Clips,
+    alive,
+    cut_faststart,
+    ffprobe_json,
+    group_alive,
+    late_giant_frames,
+    wait_for,
+)
 
 BLOCK = b"frame=10\nfps=0.0\nout_time_us=%d\nout_time_ms=%d\nout_time=00:00:01.000000\nspeed=2x\nprogress=continue\n"
 
@@ -111,13 +123,13 @@ class StderrTailTests:
 
 class Harness:
     def __init__(self, duration: float = 10.0, timeouts: Timeouts = Timeouts(idle=5, kill_grace=3, backup=7),
-                 group_exists: bool = True) -> None:
+                 group_exists: bool = True, on_tick: Callable[[], GridnodeError | None] | None = None) -> None:
         self.clock = task.Clock()
         self.groups = FakeGroups(exists=group_exists)
         self.sent = self.groups.sent
         self.progress: list[float] = []
         self.proc = FfmpegProcess(self.clock, duration=duration, on_progress=self.progress.append,
-                                  timeouts=timeouts, killpg=self.groups)
+                                  on_tick=on_tick, timeouts=timeouts, killpg=self.groups)
         self.transport = FakeTransport()
         self.proc.makeConnection(self.transport)
         self.results: list[Any] = []
@@ -240,6 +252,51 @@ class FfmpegProcessTests:
         h.clock.advance(3)
         assert h.transport.signals == ["TERM", "KILL"]
 
+    def test_frame_over_max_pixels_stops_the_group(self) -> None:
+        """The decoder's line for a frame over -max_pixels (ffmpeg itself would go on to the next
+        frame): the group is stopped at once, and the job fails with too_large, not ffmpeg_failed."""
+        h = Harness()
+        h.proc.childDataReceived(2, b"[mjpeg @ 0x55d1] Picture size 16000x16000 exceeds specified max pixel "
+                                    b"count 35389440, see the documentation if you wish to increase it\n")
+        assert h.sent == [(4242, signal.SIGTERM)]
+        h.proc.childDataReceived(2, b"[mjpeg @ 0x55d1] Picture size 16000x16000 exceeds specified max pixel "
+                                    b"count 35389440, see the documentation if you wish to increase it\n")
+        assert h.sent == [(4242, signal.SIGTERM)]  # once
+        h.end(exited(255))
+        assert (h.error().code, h.error().status) == ("too_large", 413)
+        assert "16000x16000" in h.error().message
+
+    def test_stream_past_max_streams_stops_the_group(self) -> None:
+        """A stream the demuxer finds past -max_streams while reading (an MPEG-TS that adds
+        streams) stops the job with too_many_streams, even when ffmpeg would exit 0."""
+        h = Harness()
+        h.proc.childDataReceived(2, b"[mpegts @ 0x1] Number of streams exceeds max_streams parameter (16), see the "
+                                    b"documentation if you wish to increase it\n")
+        h.end(exited(0))
+        assert h.error().code == "too_many_streams"
+
+    def test_tick_answer_stops_the_group(self) -> None:
+        """on_tick is asked once per progress report (not per line); its first error stops the
+        group, and the job fails with that error."""
+        answers: list[GridnodeError | None] = [None, GridnodeError("over", code="output_too_large", status=413)]
+        asked: list[int] = []
+
+        def tick() -> GridnodeError | None:
+            asked.append(1)
+            return answers.pop(0) if answers else None
+
+        h = Harness(on_tick=tick)
+        h.proc.childDataReceived(1, block(1_000_000))
+        assert len(asked) == 1 and h.sent == []
+        h.proc.childDataReceived(1, b"frame=20\nout_time_us=2000000\n")  # a report not ended yet
+        assert len(asked) == 1
+        h.proc.childDataReceived(1, b"progress=continue\n")
+        assert len(asked) == 2 and h.sent == [(4242, signal.SIGTERM)]
+        h.proc.childDataReceived(1, block(3_000_000))
+        assert len(asked) == 2  # stopping: not asked again
+        h.end(exited(255))
+        assert h.error().code == "output_too_large"
+
     def test_progress_listener_errors_are_contained(self) -> None:
         """A listener that raises does not break the conversion."""
         clock = task.Clock()
@@ -271,6 +328,20 @@ class CollectOutputsTests:
         (found,) = collect_outputs(str(tmp_path), landscape_probe(), parse_presets("mp4-480p"))
         assert (found.name, found.size) == ("mp4-480p.mp4", 10)
 
+    def test_outputs_together_over_their_limit(self, tmp_path: Path) -> None:
+        """HLS segments each under -fs but together over the job's limit (one output here:
+        640x360 keeps one rung): output_too_large, as a job that ended between two watches."""
+        rung = tmp_path / "hls" / "360p"
+        rung.mkdir(parents=True)
+        (tmp_path / "hls" / "master.m3u8").write_bytes(b"#EXTM3U\n")
+        (rung / "index.m3u8").write_bytes(b"#EXTM3U\n")
+        for i in range(3):
+            (rung / f"seg_{i:03d}.ts").write_bytes(b"x" * 40)
+        collect_outputs(str(tmp_path), landscape_probe(), parse_presets("hls"), max_output_bytes=200)
+        with pytest.raises(GridnodeError) as e:
+            collect_outputs(str(tmp_path), landscape_probe(), parse_presets("hls"), max_output_bytes=120)
+        assert (e.value.code, e.value.status) == ("output_too_large", 413) and "120 bytes" in e.value.message
+
     @pytest.mark.parametrize("how", ["link to a file", "link into a linked folder", "second name of a file"])
     def test_anything_else_fails_the_job(self, tmp_path: Path, how: str) -> None:
         """A symbolic link to a file the node can read (a secret), a folder that is a link, or a
@@ -293,6 +364,19 @@ class CollectOutputsTests:
         with pytest.raises(GridnodeError) as e:
             collect_outputs(str(out), landscape_probe(), presets)
         assert e.value.code == "ffmpeg_failed" and "plain file" in e.value.message
+
+
+class ArgvLimitsTests:
+    def test_decoders_and_demuxer_get_the_limits(self) -> None:
+        """Every job's ffmpeg is told the node's pixel and stream limits before its input, so a
+        frame or a stream past them stops it whatever the header declared."""
+        limits = Limits(max_pixels=640 * 360, max_streams=5)
+        argv = build_argv("ffmpeg", landscape_probe(), "/in.mp4", "/out", parse_presets("hls"), input_limits=limits)
+        at = argv.index("-i")
+        assert argv[argv.index("-max_pixels") + 1] == str(decoder_pixels(limits, landscape_probe()))
+        assert argv.index("-max_pixels") < at
+        assert argv[argv.index("-max_streams") + 1] == "5" and argv.index("-max_streams") < at
+        assert "-max_pixels" in build_argv("ffmpeg", landscape_probe(), "/in.mp4", "/out", parse_presets("poster"))
 
 
 @pytest.mark.integration
@@ -418,3 +502,74 @@ class RealFfmpegTests:
             await spawn_ffmpeg(real_reactor, ["/nonexistent/ffmpeg", "-version"], duration=1).deferred
         assert info.value.code == "ffmpeg_failed"
         assert "/nonexistent/ffmpeg" in info.value.message and "No such file or directory" in info.value.message
+
+
+@pytest.mark.integration
+class ActualLimitsTests:
+    """Limits on what ffmpeg actually meets and makes, not on what the input declared."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_late_giant_frames_stop_the_decode(self, real_reactor: Any, tmp_path: Path) -> None:
+        """An MJPEG AVI that declares 64x64 is accepted; its 16000x16000 frames stop the decode:
+        too_large, the whole process group gone."""
+        clip = late_giant_frames(tmp_path)
+        source = await probe(real_reactor, str(clip), ffprobe=FFPROBE)
+        assert (source.width, source.height) == (64, 64)
+        run = start_transcode(real_reactor, source, str(clip), str(tmp_path / "out"), parse_presets("mp4-480p"),
+                              ffmpeg=FFMPEG)
+        with pytest.raises(GridnodeError) as info:
+            await run.deferred
+        assert (info.value.code, info.value.status) == ("too_large", 413)
+        assert "16000x16000" in info.value.message
+        assert run.pid is not None and not group_alive(run.pid)
+
+    @pytest_twisted.ensureDeferred
+    async def test_hls_over_its_limit_is_stopped_while_running(self, real_reactor: Any, tmp_path: Path) -> None:
+        """HLS, which -fs does not bound (ffmpeg writes each 6 s segment whole), of an 18 s clip
+        read at 3 times its pace: the first segment passes 10 kB and the watch stops ffmpeg
+        there, before its third segment."""
+        clip = tmp_path / "clip.mp4"
+        subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x90:duration=18",
+                        "-c:v", "libx264", "-preset", "ultrafast", str(clip)], check=True, timeout=60)
+        source = await probe(real_reactor, str(clip), ffprobe=FFPROBE)
+        out = tmp_path / "out"
+        out.mkdir()
+        argv = build_argv(FFMPEG, source, str(clip), str(out), parse_presets("hls"))
+        argv[argv.index("-protocol_whitelist"):argv.index("-protocol_whitelist")] = ["-readrate", "3"]
+        watch = OutputWatch(real_reactor, str(out), 10_000)
+        run = spawn_ffmpeg(real_reactor, argv, duration=source.duration, on_tick=watch.tick)
+        with pytest.raises(GridnodeError) as info:
+            await run.deferred
+        assert (info.value.code, info.value.status) == ("output_too_large", 413)
+        assert watch.total > 10_000
+        assert not (out / "hls" / "360p" / "seg_002.ts").exists()  # stopped before its last segment
+        assert run.pid is not None and not group_alive(run.pid)
+
+    @pytest_twisted.ensureDeferred
+    async def test_outputs_read_back(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:
+        """Real outputs of a whole clip measure its 4 s, as ffprobe reads them; the outputs of a
+        faststart mp4 cut in half measure about 10 s of its 20: input_truncated, with ffmpeg's
+        decode errors."""
+        source = await probe(real_reactor, str(media_clips.landscape), ffprobe=FFPROBE)
+        presets = parse_presets("mp4-480p,webm-480p,poster,hls")
+        await start_transcode(real_reactor, source, str(media_clips.landscape), str(tmp_path / "a"), presets,
+                              ffmpeg=FFMPEG).deferred
+        measured = measure_outputs(collect_outputs(str(tmp_path / "a"), source, presets), source, presets)
+        durations = {f.name: f.duration for f in measured if f.duration is not None}
+        assert set(durations) == {"mp4-480p.mp4", "webm-480p.webm", "hls/master.m3u8"}
+        assert all(d == pytest.approx(4.0, abs=0.2) for d in durations.values()), durations
+        for name in ("mp4-480p.mp4", "webm-480p.webm"):
+            seen = float(ffprobe_json(tmp_path / "a" / name)["format"]["duration"])
+            assert durations[name] == pytest.approx(seen, abs=0.05), name
+
+        half = cut_faststart(tmp_path)
+        source = await probe(real_reactor, str(half), ffprobe=FFPROBE)
+        assert source.duration == pytest.approx(20.0, abs=0.1)
+        presets = parse_presets("mp4-480p")
+        result = await start_transcode(real_reactor, source, str(half), str(tmp_path / "b"), presets,
+                                       ffmpeg=FFMPEG).deferred
+        found = collect_outputs(str(tmp_path / "b"), source, presets)
+        with pytest.raises(GridnodeError) as info:
+            measure_outputs(found, source, presets, result.stderr_tail)
+        assert info.value.code == "input_truncated" and "of the input's 20.0 s" in info.value.message
+        assert "partial file" in info.value.message

@@ -20,7 +20,7 @@ from gridnode.media.presets import (
     parse_presets,
     target_size,
 )
-from gridnode.media.probe import FORMAT_WHITELIST, ProbeResult
+from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
 
 def source(width: int = 1920, height: int = 1080, *, audio: bool = True, rotation: int = 0,
@@ -124,12 +124,14 @@ class ArgvTests:
                           max_output_bytes=1000)
 
     def test_common_options_and_forced_input(self) -> None:
-        """Every argv: no stdin, progress on stdout, file protocol only, forced demuxer, absolute file: input."""
+        """Every argv: no stdin, progress on stdout, file protocol only, the stream and pixel limits,
+        forced demuxer, absolute file: input."""
         argv = self.argv()
         assert argv[0] == "/usr/bin/ffmpeg"
         assert argv[1:1 + len(COMMON_OPTIONS)] == COMMON_OPTIONS
         i = argv.index("-i")
-        assert argv[i - 6:i] == ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST, "-f", "mov"]
+        assert argv[i - 10:i] == ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
+                                  *input_options(Limits(), source()), "-f", "mov"]
         assert argv[i + 1].startswith("file:/") and argv[i + 1].endswith("/in put.mp4")
         assert all(isinstance(a, str) for a in argv)
 

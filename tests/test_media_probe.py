@@ -7,6 +7,7 @@ that hangs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -18,8 +19,17 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
-from gridnode.media.probe import Limits, ProbeProcess, ProbeResult, parse_probe, probe
-from tests.fake_child import PID, FakeGroups, FakeTransport, exited
+from gridnode.media.probe import (
+    Limits,
+    ProbeProcess,
+    ProbeResult,
+    decoder_pixels,
+    limit_refusal,
+    parse_probe,
+    probe,
+    probe_argv,
+)
+from tests.fake_child import PID, FakeGroups, FakeProcessReactor, FakeTransport, exited
 from tests.media_samples import FFPROBE, Clips
 
 
@@ -149,6 +159,15 @@ class ParseProbeTests:
         assert refused(doc(streams=streams)).code == "too_many_streams"
         assert parse_probe(doc(streams=streams[:16]), size=1).stream_count == 16
 
+    def test_converted_duration_is_the_converted_streams(self) -> None:
+        """What a whole output lasts: the first video and audio stream where the file says, never
+        more than the file; the file's duration where no stream says."""
+        audio = {"codec_type": "audio", "codec_name": "aac", "duration": "9.5"}
+        longer_data = [video(duration="8.0"), audio, {"codec_type": "data", "duration": "30"}]
+        assert parse_probe(doc(duration="30", streams=longer_data), size=1).converted_duration == 9.5
+        assert parse_probe(doc(duration="5", streams=[video(duration="8.0")]), size=1).converted_duration == 5.0
+        assert parse_probe(doc(duration="12.5"), size=1).converted_duration == 12.5
+
     def test_limits_are_configurable(self) -> None:
         """Limits set per node are applied."""
         assert refused(doc(duration="61"), Limits(max_duration=60)).code == "too_long"
@@ -240,14 +259,69 @@ class ProbeChildTests:
     @pytest.mark.parametrize(("stderr", "code"), [
         (b"[hls @ 0x55d0c0a1b2c0] Format not on whitelist 'mov,avi'\n", "unsupported_format"),
         (b"file:/tmp/x: Invalid data found when processing input\n", "not_a_video"),
+        (b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x5581] Number of streams exceeds max_streams parameter (16), see the "
+         b"documentation if you wish to increase it\nfile:/x: Cannot allocate memory\n", "too_many_streams"),
+        (b"[mjpeg @ 0x55] Picture size 16000x16000 exceeds specified max pixel count 35389440, see the "
+         b"documentation if you wish to increase it\n", "too_large"),
     ])
     def test_failed_exit_is_a_refusal(self, stderr: bytes, code: str) -> None:
         """A non-zero exit is a refusal read from stderr: a playlist demuxer off the whitelist
-        is unsupported_format, anything else not_a_video."""
+        is unsupported_format, a demuxer stopped at -max_streams too_many_streams (an mp4 of
+        10,000 tracks), a decoder stopped at -max_pixels too_large, anything else not_a_video."""
         run = ProbeRun()
         run.child.childDataReceived(2, stderr)
         run.end(exited(1))
         assert run.error().code == code
+
+
+class LimitRefusalTests:
+    def test_messages_of_the_limits(self) -> None:
+        """libavutil's and libavformat's lines when -max_pixels or -max_streams stops them become
+        too_large (413) and too_many_streams (422) naming the sizes; other lines mean nothing."""
+        big = limit_refusal("[mjpeg @ 0x5] Picture size 16000x16000 exceeds specified max pixel count 35389440, "
+                            "see the documentation if you wish to increase it")
+        assert big is not None and (big.code, big.status) == ("too_large", 413)
+        assert "16000x16000" in big.message
+        many = limit_refusal("Number of streams exceeds max_streams parameter (16), see the documentation")
+        assert many is not None and (many.code, many.status) == ("too_many_streams", 422)
+        assert "16 streams" in many.message
+        assert limit_refusal("[h264 @ 0x1] error while decoding MB 3 4") is None
+        assert limit_refusal("Picture size 0x0 is invalid") is None
+
+    def test_every_probe_carries_the_limits(self) -> None:
+        """ffprobe is told the node's stream and pixel limits before it opens the input."""
+        argv = probe_argv("ffprobe", "/in", Limits(max_pixels=10_000, max_streams=3))
+        at = argv.index("file:/in")
+        assert argv[argv.index("-max_streams") + 1] == "3" and argv.index("-max_streams") < at
+        assert argv[argv.index("-max_pixels") + 1] == "16400" and argv.index("-max_pixels") < at
+
+    def test_decoder_limit_allows_for_rounded_widths(self) -> None:
+        """A decoder compares a frame's width rounded up to 64: the limit given to it allows 64
+        columns of sqrt(max-pixels) rows (1 % at the default), and the probed frame always
+        decodes (66x4000 at a limit of exactly its pixels: 128x4000 as the decoder sees it)."""
+        assert decoder_pixels(Limits()) == 8192 * 4320 + 64 * 5948
+        exact = Limits(max_pixels=66 * 4000)
+        frame = parse_probe(doc(streams=[video(66, 4000)]), size=1, limits=exact)
+        assert decoder_pixels(exact, frame) == 128 * 4000
+        assert decoder_pixels(Limits(), frame) == decoder_pixels(Limits())
+
+    def test_a_limit_met_while_ffprobe_succeeds_refuses(self, tmp_path: Path) -> None:
+        """ffprobe exits 0, but a decoder it ran met a frame over -max_pixels: too_large, whatever
+        the JSON declares."""
+        reactor = FakeProcessReactor()
+        (tmp_path / "in.avi").write_bytes(b"x" * 100)
+        results: list[Any] = []
+        probe(reactor, str(tmp_path / "in.avi"), ffprobe="/bin/true").addBoth(results.append)
+        (proto,) = reactor.protocols
+        proto.childDataReceived(1, json_doc(doc(format_name="avi", streams=[video(64, 64)])))
+        proto.childDataReceived(2, b"[mjpeg @ 0x1] Picture size 16000x16000 exceeds specified max pixel count "
+                                   b"35389440, see the documentation if you wish to increase it\n")
+        proto.processEnded(exited(0))
+        assert isinstance(results[0], Failure) and results[0].value.code == "too_large"
+
+
+def json_doc(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
 
 
 @pytest.mark.integration

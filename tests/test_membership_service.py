@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from gridnode import keys
-from gridnode.membership import swim
+from gridnode.membership import swim, wire
 from gridnode.membership.service import MembershipService
 from gridnode.registry.records import NodeRecord
 from gridnode.registry.service import Registry
@@ -110,7 +110,8 @@ def test_a_refused_connection_is_reported_to_the_machine() -> None:
     clock = wires.reactor
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
     machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
-    service = MembershipService(clock, machine, KEY, connect_timeout=5, now=clock.seconds, join=False)
+    service = MembershipService(clock, machine, wire.fixed_keys(KEY), connect_timeout=5, now=clock.seconds,
+                                join=False)
     service.startService()
     try:
         wires.run_until(lambda: machine.suspicion_deadline("b") is not None, 10)
@@ -133,7 +134,7 @@ def _pair(wires: Wires, start: bool = True, **kw: Any) -> dict[str, MembershipSe
         machine = swim.SwimMachine(name, addr, incarnation=7, rng=random.Random(2), now=clock.seconds())
         other = "b" if name == "a" else "a"
         machine.add_members([(other, addrs[other])], clock.seconds())
-        services[name] = MembershipService(clock, machine, KEY, now=clock.seconds, join=False, **kw)
+        services[name] = MembershipService(clock, machine, wire.fixed_keys(KEY), now=clock.seconds, join=False, **kw)
     for name, service in services.items():
         service.listen(wires.endpoint(addrs[name]))
         if start:
@@ -183,13 +184,11 @@ def test_the_machine_ticks_after_what_queued_up_is_read() -> None:
     machine one reactor turn later, so an ack that arrived before its deadline is read first and
     the probed member is not accused. (The turns are driven by hand, in the order a real reactor
     runs them.)"""
-    from gridnode.membership import wire
-
     clock = MemoryReactorClock()
     clock.advance(1000)
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
     machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
-    service = MembershipService(clock, machine, KEY, now=clock.seconds, join=False)
+    service = MembershipService(clock, machine, wire.fixed_keys(KEY), now=clock.seconds, join=False)
     service._send = lambda msg: sent.append(msg) or Deferred()  # type: ignore[method-assign]
     sent: list[swim.Message] = []
 
@@ -226,7 +225,7 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     """The registry GETs a changed record only when the membership can learn from it."""
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
     machine.add_members([("b", "127.0.0.1:2")], 0.0)
-    service = MembershipService(MemoryReactorClock(), machine, KEY)
+    service = MembershipService(MemoryReactorClock(), machine, wire.fixed_keys(KEY))
     assert not service.needs_record("b") and not service.needs_record("a")
     assert service.needs_record("stranger")
     machine.receive(swim.Gossip("a", "127.0.0.1:1", "b", "127.0.0.1:2", 0,
@@ -247,7 +246,7 @@ def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
     registry = Registry(clock, store, env="dev", pool="p", node_id="a", http_url="http://127.0.0.1:1",
                         peer_addr="127.0.0.1:1", now=clock.seconds)
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
-    service = MembershipService(clock, machine, KEY, on_confirmed_dead=registry.delete_dead)
+    service = MembershipService(clock, machine, wire.fixed_keys(KEY), on_confirmed_dead=registry.delete_dead)
     service.registry_read([record])
     view = machine.member("b")
     assert view is not None and view.incarnation == record.incarnation
@@ -268,7 +267,7 @@ def test_a_confirmed_death_is_reported_through_callbacks_only() -> None:
         return answer
 
     machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
-    service = MembershipService(MemoryReactorClock(), machine, KEY, on_confirmed_dead=dead)
+    service = MembershipService(MemoryReactorClock(), machine, wire.fixed_keys(KEY), on_confirmed_dead=dead)
     service.on_gone.append(lambda member, incarnation: calls.append(("gone", member, incarnation)))
     done = service._confirmed_dead(swim.ConfirmedDead("b", "127.0.0.1:2", 5))
     assert calls == [("gone", "b", 5), ("dead", "b", 5)] and not done.called

@@ -63,6 +63,7 @@ class PipelineTests:
         assert seen == ["transcoding:0.0", "transcoding:0.5", "storing:0.5", "done:1.0"]
         rec = self.record(job.id)
         assert rec["state"] == "done" and rec["outputs"][0]["url"] == f"/results/{job.id}/video.mp4"
+        assert rec["outputs"][0]["duration"] == 3.96  # as the output measured, not the input's 4.0
         assert self.backend.get_bytes(f"outputs/{job.id}/video.mp4")[0] == b"converted"
         assert not os.path.exists(spool_path) and job.id not in self.jobs.active
         listing = self.jobs.listing()

@@ -12,19 +12,10 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import free_port
-from tests.media_samples import FFMPEG, Clips, ffprobe_json
+from tests.media_samples import Clips, ffprobe_json
 from tests.nodes import NodeProcess, get_json, request, upload, wait_job
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 s of 1280x720: long enough to cancel mid-way and to keep a worker busy."""
-    path = tmp_path_factory.mktemp("long") / "long.mp4"
-    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25",
-                    "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-y", str(path)], check=True, timeout=120)
-    return path
 
 
 def start(tmp_path: Path, *extra: str) -> NodeProcess:
@@ -57,6 +48,9 @@ class ConversionTests:
             assert job["progress"] == 1.0
             outputs = {o["preset"]: o for o in job["outputs"]}
             assert sorted(outputs) == ["hls", "mp4-720p", "poster", "webm-480p"]
+            for preset in ("hls", "mp4-720p", "webm-480p"):  # as measured, each
+                assert outputs[preset]["duration"] == pytest.approx(4.0, abs=0.2), outputs[preset]
+            assert "duration" not in outputs["poster"]
             codecs = {}
             for preset in ("mp4-720p", "webm-480p"):
                 status, _, data = request("GET", base + outputs[preset]["url"])

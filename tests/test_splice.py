@@ -6,11 +6,13 @@ needs a real socket, so all of this is the integration suite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from gridnode.spool import Spool
+from gridnode.spool import FreeSpace, Meter, Spool
 from gridnode.web import splice
 from gridnode.web.upload import GridSite
 
@@ -57,6 +59,8 @@ class Receiver(Resource):
 class Site:
     def __init__(self, reactor: Any, folder: Path, timeout: float | None = None) -> None:
         self.spool = Spool(str(folder), reactor)
+        #: gives each body a free-space meter, when set
+        self.meter: Callable[[], Meter] | None = None
         self.sinks: list[Any] = []
         self.released: list[str] = []
         self.site = GridSite(Receiver(), reactor, self.route)
@@ -65,7 +69,7 @@ class Site:
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
 
     def route(self, method: bytes, path: bytes, request: Any, length: int | None) -> Any:
-        sink = self.spool.new(f"body{len(self.sinks)}")
+        sink = self.spool.new(f"body{len(self.sinks)}", meter=self.meter() if self.meter else None)
         sink.on_release = lambda: self.released.append(sink.path)
         self.sinks.append(sink)
         return sink
@@ -233,3 +237,28 @@ async def test_expect_100_continue(site: Site) -> None:
 
     (answer,) = await deferToThread(send)
     assert answer["sha256"] == hashlib.sha256(body).hexdigest() and answer["spliced"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sink_that_refuses_mid_splice(site: Site, real_reactor: Any) -> None:
+    """A sink refusing bytes already spliced into it (the disk fell below --min-free): the node
+    answers 507 at once, drops the rest of the body, and removes the file."""
+    site.meter = FreeSpace(lambda: 0, min_free=1).meter  # the first look finds the disk full
+
+    def send() -> list[dict[str, Any]]:
+        with socket.create_connection(site.address, timeout=30) as sock:
+            sock.sendall(head(24 * MiB))
+            with contextlib.suppress(OSError):
+                for _ in range(24):
+                    sock.sendall(os.urandom(MiB))
+            return read_answers(sock, 1)
+
+    (answer,) = await deferToThread(send)
+    assert answer["error"]["code"] == "insufficient_storage"
+    (sink,) = site.sinks
+    for _ in range(100):
+        if site.released:
+            break
+        await deferLater(real_reactor, 0.05, lambda: None)
+    assert site.released == [sink.path] and not os.path.exists(sink.path) and sink.spliced > 0
+    assert sink.size <= splice.PIPE_SIZE + 4 * MiB  # refused at the first look: nothing written after it

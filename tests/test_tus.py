@@ -40,7 +40,8 @@ from gridnode.errors import GridnodeError
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.uploads.store import UploadStore, UploadSweep
+from gridnode.uploads.store import UploadStore
+from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.tus import EXPOSE_HEADERS, TusHandler, parse_metadata
 from gridnode.web.upload import GridSite
 from tests.test_pipeline import FakeMedia
@@ -174,8 +175,9 @@ class Pool:
         self.store = ObjectStore.synchronous(self.backend)
         self.nodes: list[Node] = []
 
-    def node(self, name: str = "n1", expiry: float = 3600.0, max_upload_mb: int = 4) -> Node:
-        config = build_config(cli={"work-dir": str(self.tmp_path / name), "workers": 2, "queue": 8,
+    def node(self, name: str = "n1", expiry: float = 3600.0, max_upload_mb: int = 4, workers: int = 2,
+             queue: int = 8) -> Node:
+        config = build_config(cli={"work-dir": str(self.tmp_path / name), "workers": workers, "queue": queue,
                                    "min-free": 0, "max-upload": max_upload_mb}).with_identity(name)
         media = FakeMedia(self.tmp_path)
         jobs = JobService(self.reactor, config, self.store, media)
@@ -476,23 +478,39 @@ class ProtocolTests:
         assert head(node, upload_id).headers["Upload-Offset"] == "0"
 
     def test_creation_is_authorized(self, pool: Pool) -> None:
-        """The node's token check sees the presets and length at creation, and its refusal is the answer."""
+        """The node's authorization sees the presets and length at creation, and its refusal is the
+        answer; the tenant it names owns the upload, and another tenant's HEAD, PATCH and DELETE
+        answer 404 as for an upload that never was."""
         node = pool.node()
         seen: list[tuple[list[str], int | None]] = []
 
-        def authorize(request: Any, presets: list[str], length: int | None) -> None:
-            seen.append((presets, length))
-            if request.getHeader(b"authorization") != b"Bearer ok":
-                raise GridnodeError("an upload token is needed", code="unauthorized", status=401)
+        class Access:
+            def creator(self, request: Any, presets: list[str], length: int | None) -> str:
+                seen.append((presets, length))
+                if request.getHeader(b"authorization") is None:
+                    raise GridnodeError("an upload token is needed", code="unauthorized", status=401)
+                return self.owner_filter(request) or ""
 
-        node.tus.authorize = authorize
+            def owner_filter(self, request: Any) -> str | None:
+                header = request.getHeader(b"authorization")
+                return header.decode().split()[-1] if header else None
+
+        node.tus.access = Access()
         meta = metadata(presets="poster")
         r = node.request("POST", node.base, {**TUS, "Upload-Length": "10", "Upload-Metadata": meta})
         assert r.status_code == 401 and pool.keys() == []
         r = node.request("POST", node.base, {**STREAM, "Upload-Length": "10", "Upload-Metadata": meta,
-                                              "Authorization": "Bearer ok"}, b"x" * 4)
+                                              "Authorization": "Bearer alice"}, b"x" * 4)
         assert r.status_code == 201
         assert seen == [(["poster"], 10), (["poster"], 10)]
+        upload_id = r.headers["Location"].rsplit("/", 1)[1]
+        bob = {"Authorization": "Bearer bob"}
+        assert node.request("HEAD", node.base + upload_id, {**TUS, **bob}).status_code == 404
+        r = node.request("PATCH", node.base + upload_id, {**STREAM, **bob, "Upload-Offset": "4"}, b"y" * 6)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert node.request("DELETE", node.base + upload_id, {**TUS, **bob}).status_code == 404
+        alice = {"Authorization": "Bearer alice"}
+        assert node.request("HEAD", node.base + upload_id, {**TUS, **alice}).headers["Upload-Offset"] == "4"
 
     def test_expose_headers(self) -> None:
         """The headers a browser must be able to read include the offset, location and job."""

@@ -77,6 +77,32 @@ def default_http(reactor: Any, connect_timeout: float = 5.0) -> Any:
     return treq.client.HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
 
 
+class BearerHTTP:
+    """An HTTP client (treq's interface) that sends ``Authorization: Bearer <token>`` with every
+    request: a pool with a token keyring answers nothing about jobs without one."""
+
+    def __init__(self, http: Any, token: str) -> None:
+        self.http = http
+        self.token = token
+
+    def _signed(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        headers = dict(kwargs.get("headers") or {})
+        headers["Authorization"] = f"Bearer {self.token}"
+        return {**kwargs, "headers": headers}
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self.http.request(method, url, **self._signed(kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.http.get(url, **self._signed(kwargs))
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        return self.http.post(url, **self._signed(kwargs))
+
+    def delete(self, url: str, **kwargs: Any) -> Any:
+        return self.http.delete(url, **self._signed(kwargs))
+
+
 async def error_of(response: Any) -> GridnodeError:
     """The node's coded error from a response, or one made from its status."""
     import treq

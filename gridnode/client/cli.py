@@ -5,6 +5,10 @@
     gridnode status JOB
     gridnode nodes
     gridnode fetch JOB DIR
+    gridnode token --secret-file F --sub TENANT --scope "upload read" [--ttl 1h]
+
+A pool with a token keyring wants ``--token`` (or ``GRIDNODE_TOKEN``): a JWT
+from your application, or from ``gridnode token``.
 
 Nodes are found from ``--store URL`` (+ ``--env``, ``--pool``), or from
 ``--registry-url URL`` (a public nodes.json), or named with ``--node URL``.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -42,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     common.add_argument("--timeout", type=float, default=30.0,
                         help="seconds a node may stay silent before the next one is tried (default: %(default)s)")
+    common.add_argument("--token", default=os.environ.get("GRIDNODE_TOKEN"),
+                        help="access token (JWT) sent to the nodes, for a pool with a token keyring "
+                             "(default: $GRIDNODE_TOKEN)")
 
     p = argparse.ArgumentParser(prog="gridnode", description="Upload videos to a gridnode pool and fetch results.")
     p.add_argument("--version", action="version", version=f"gridnode {__version__}")
@@ -57,7 +65,51 @@ def parser() -> argparse.ArgumentParser:
     fe = sub.add_parser("fetch", parents=[common], help="download a done job's results")
     fe.add_argument("job")
     fe.add_argument("dir")
+    tk = sub.add_parser("token", help="print an access token (JWT) signed with a keyring's first key")
+    tk.add_argument("--secret-file", required=True, metavar="FILE", help="the pool's token keyring (upload-secret)")
+    tk.add_argument("--sub", required=True, metavar="TENANT", help="the tenant the token acts for")
+    tk.add_argument("--scope", required=True, help='space-separated among: upload read cancel ops admin')
+    tk.add_argument("--ttl", default="1h", type=duration, help="lifetime: 90s, 15m, 1h, 7d (default: %(default)s)")
+    tk.add_argument("--presets", help="comma-separated presets its uploads may ask for (default: any)")
+    tk.add_argument("--max-size", type=size, metavar="BYTES", help="largest upload: bytes, or 500M, 2G")
     return p
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d{1,9})\s*([smhd]?)\s*", text.lower())
+    if not m or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 1h or 7d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def size(text: str) -> int:
+    """``1048576``, ``500M``, ``2G`` -> bytes (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 500M or 2G")
+    return int(m.group(1)) * _SIZES[m.group(2)]
+
+
+def mint_token(args: argparse.Namespace) -> str:
+    from gridnode import tokens
+    from gridnode.keyring import read_keyring
+
+    try:
+        scopes = tokens.parse_scope(args.scope)
+    except ValueError as e:
+        raise GridnodeError(f"--scope: {e}", code="bad_argument") from None
+    if not scopes:
+        raise GridnodeError("--scope: name at least one of upload read cancel ops admin", code="bad_argument")
+    if not 0 < len(args.sub) <= tokens.MAX_TENANT:
+        raise GridnodeError(f"--sub: the tenant is 1-{tokens.MAX_TENANT} characters", code="bad_argument")
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
+    ring = read_keyring(args.secret_file, "--secret-file")
+    return tokens.mint(ring, sub=args.sub, scopes=scopes, ttl=args.ttl, presets=presets, max_size=args.max_size)
 
 
 class Output:
@@ -118,12 +170,13 @@ async def find_nodes(reactor: Any, args: argparse.Namespace, http: Any) -> list[
 
 
 async def command(reactor: Any, args: argparse.Namespace) -> int:
-    from gridnode.client.api import GridClient, default_http
+    from gridnode.client.api import BearerHTTP, GridClient, default_http
 
     out = Output(args.json)
     http = default_http(reactor, connect_timeout=min(args.timeout, 10.0))
-    nodes = await find_nodes(reactor, args, http)
-    client = GridClient(reactor, http, nodes, stall_timeout=args.timeout, response_timeout=2 * args.timeout,
+    nodes = await find_nodes(reactor, args, http)  # a registry URL never sees the token
+    to_nodes = BearerHTTP(http, args.token) if args.token else http
+    client = GridClient(reactor, to_nodes, nodes, stall_timeout=args.timeout, response_timeout=2 * args.timeout,
                         request_timeout=args.timeout, check_timeout=min(2.0, args.timeout))
 
     if args.command == "nodes":
@@ -195,6 +248,13 @@ def _job_line(job: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.command == "token":
+        try:
+            print(mint_token(args))
+        except GridnodeError as e:
+            print(f"gridnode: {e.code}: {e.message}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 

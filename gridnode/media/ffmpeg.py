@@ -7,9 +7,12 @@ Running ffmpeg: progress, timeouts, cancellation (buildbot-worker's habits).
   SIGKILL to the whole process group, the backup timer): it keeps the last 64
   stderr lines and reports progress. ``deferred`` fires with ``FfmpegResult`` or
   fails with ``GridnodeError``: ``ffmpeg_failed`` (exit status != 0; message ends
-  with stderr's tail), ``timeout`` and ``cancelled``. It only fires once the child
-  is gone (or the backup timer gave up on it), so a caller may remove the scratch
-  folder then.
+  with stderr's tail), ``timeout`` and ``cancelled``; ``too_large`` and
+  ``too_many_streams`` when a stderr line says a limit stopped a decoder or the
+  demuxer (``probe.limit_refusal``), and whatever its ``on_tick`` answers on a
+  progress report (``verify.OutputWatch``: ``output_too_large``): the child is
+  stopped then. It only fires once the child is gone (or the backup timer gave up
+  on it), so a caller may remove the scratch folder then.
 - ``spawn_ffmpeg`` starts any argv that way; ``start_transcode`` starts the
   argv of ``presets.build_argv``; ``collect_outputs`` lists what was written.
 
@@ -33,8 +36,8 @@ from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
-from gridnode.media.presets import Preset, build_argv, default_output_limit
-from gridnode.media.probe import ProbeResult
+from gridnode.media.presets import Preset, build_argv, default_output_limit, job_output_limit, output_too_large
+from gridnode.media.probe import Limits, ProbeResult, limit_refusal
 from gridnode.media.sandbox import ChildLimits, Sandbox, ffmpeg_processes, let_read, sandboxed_argv, share_with
 
 STDERR_LINES = 64
@@ -48,13 +51,14 @@ class ProgressParser:
     ``feed(bytes)`` returns the new progress values, each higher than the one
     before. Times come from ``out_time_us``, else ``out_time_ms`` (which ffmpeg
     also writes in microseconds, despite its name), else ``out_time``;
-    ``progress=end`` means 1.0.
+    ``progress=end`` means 1.0. ``ticks`` counts the reports (each ends with ``progress=``).
     """
 
     def __init__(self, duration: float) -> None:
         self.duration = duration
         self.progress = 0.0
         self.ended = False
+        self.ticks = 0
         self.fields: dict[str, str] = {}  # the latest value of every key
         self._buffer = b""
 
@@ -77,6 +81,8 @@ class ProgressParser:
             return None
         key, value = key.strip(), value.strip()
         self.fields[key] = value
+        if key == "progress":
+            self.ticks += 1
         if key == "progress" and value == "end":
             self.ended = True
             return 1.0
@@ -113,16 +119,20 @@ class StderrTail:
         self.lines: deque[str] = deque(maxlen=lines)
         self._partial = b""
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> list[str]:
+        """Take ``data``; returns the lines it completed."""
         self._partial += data
         *complete, self._partial = self._partial.split(b"\n")
         if len(self._partial) > _MAX_LINE:
             complete.append(self._partial)
             self._partial = b""
+        added = []
         for raw in complete:
             text = raw[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r")
             if text.strip():
                 self.lines.append(text)
+                added.append(text)
+        return added
 
     def tail(self) -> list[str]:
         partial = self._partial[:_MAX_LINE].decode("utf-8", "replace").strip()
@@ -142,7 +152,8 @@ class FfmpegResult:
 
 class FfmpegProcess(ChildProcess[FfmpegResult]):
     """One ffmpeg child (``child.ChildProcess``): its progress on stdout, the tail of its
-    stderr. ``cancel()`` stops it; ``deferred`` tells how it ended."""
+    stderr. ``cancel()`` stops it; ``deferred`` tells how it ended. ``on_tick`` is asked
+    after each progress report; an error it answers stops the child with that error."""
 
     def __init__(
         self,
@@ -150,6 +161,7 @@ class FfmpegProcess(ChildProcess[FfmpegResult]):
         *,
         duration: float,
         on_progress: Callable[[float], object] | None = None,
+        on_tick: Callable[[], GridnodeError | None] | None = None,
         timeouts: Timeouts = Timeouts(),
         killpg: Callable[[int, int], None] = os.killpg,
         label: str = "ffmpeg",
@@ -159,13 +171,23 @@ class FfmpegProcess(ChildProcess[FfmpegResult]):
         self.parser = ProgressParser(duration)
         self.stderr = StderrTail()
         self._on_progress = on_progress
+        self._on_tick = on_tick
 
     def outReceived(self, data: bytes) -> None:
+        ticks = self.parser.ticks
         for value in self.parser.feed(data):
             self._report(value)
+        if self._on_tick is not None and self.parser.ticks > ticks and not self.stopping:
+            error = self._on_tick()
+            if error is not None:
+                self.stop(error)
 
     def errReceived(self, data: bytes) -> None:
-        self.stderr.feed(data)
+        for line in self.stderr.feed(data):
+            # ffmpeg goes on past a frame a decoder refused: stop it at the first.
+            error = limit_refusal(line)
+            if error is not None:
+                self.stop(error)
 
     def outcome(self, reason: Failure) -> FfmpegResult | Failure:
         if reason.check(ProcessDone):
@@ -217,6 +239,7 @@ def spawn_ffmpeg(
     *,
     duration: float,
     on_progress: Callable[[float], object] | None = None,
+    on_tick: Callable[[], GridnodeError | None] | None = None,
     timeouts: Timeouts = Timeouts(),
     niceness: int = NICENESS,
     env: Mapping[str, str] | None = None,
@@ -229,7 +252,8 @@ def spawn_ffmpeg(
     ``reactor`` provides IReactorProcess and IReactorTime. Returns the running
     ``FfmpegProcess``; wait on its ``deferred``, stop it with ``cancel()``.
     """
-    proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, timeouts=timeouts, label=label)
+    proto = FfmpegProcess(reactor, duration=duration, on_progress=on_progress, on_tick=on_tick, timeouts=timeouts,
+                          label=label)
     full = wrapped_argv(argv, niceness, limits)
     spawn_child(reactor, proto, full, env=env)
     return proto
@@ -244,21 +268,25 @@ def start_transcode(
     *,
     ffmpeg: str = "ffmpeg",
     on_progress: Callable[[float], object] | None = None,
+    on_tick: Callable[[], GridnodeError | None] | None = None,
     timeouts: Timeouts = Timeouts(),
     max_output_bytes: int | None = None,
     threads: int | None = None,
     label: str = "ffmpeg",
     sandbox: Sandbox = Sandbox(),
+    input_limits: Limits = Limits(),
 ) -> FfmpegProcess:
     """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), in a
-    box of its own as ``sandbox`` says, under limits scaled to the input."""
+    box of its own as ``sandbox`` says, under limits scaled to the input; ``on_tick``: see
+    ``FfmpegProcess`` (the converter watches the output folder's size with it)."""
     os.makedirs(out_dir, exist_ok=True)
     let_read(sandbox.user, input_path)
     share_with(sandbox.user, out_dir)
     argv, limits = transcode_command(probe, input_path, out_dir, presets, ffmpeg=ffmpeg, timeouts=timeouts,
-                                     max_output_bytes=max_output_bytes, threads=threads, sandbox=sandbox)
-    return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, timeouts=timeouts,
-                        label=label, limits=limits)
+                                     max_output_bytes=max_output_bytes, threads=threads, sandbox=sandbox,
+                                     input_limits=input_limits)
+    return spawn_ffmpeg(reactor, argv, duration=probe.duration, on_progress=on_progress, on_tick=on_tick,
+                        timeouts=timeouts, label=label, limits=limits)
 
 
 def transcode_command(
@@ -272,6 +300,7 @@ def transcode_command(
     max_output_bytes: int | None = None,
     threads: int | None = None,
     sandbox: Sandbox = Sandbox(),
+    input_limits: Limits = Limits(),
 ) -> tuple[list[str], ChildLimits]:
     """The ffmpeg argv of a job and the limits it runs under, scaled to the input, in a box
     that shows it ``input_path`` and ``out_dir`` alone (``sandboxed_argv(*transcode_command(...))``
@@ -282,7 +311,7 @@ def transcode_command(
                                         file_size=out_limit + 1024 * 1024, processes=ffmpeg_processes()),
                             reads=[input_path], writes=[out_dir])
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
-                      threads=threads)
+                      threads=threads, input_limits=input_limits)
     return argv, limits
 
 
@@ -293,6 +322,9 @@ class ProducedFile:
     path: str
     size: int
     content_type: str
+    #: seconds, as measured once ffmpeg has exited (``verify.measure_outputs``), on each
+    #: preset's first file; None for a poster
+    duration: float | None = None
 
 
 def collect_outputs(
@@ -302,12 +334,14 @@ def collect_outputs(
 
     Fails with ``ffmpeg_failed`` when a declared output is missing or empty,
     and with ``output_too_large`` (413) when one reached the ``-fs`` limit
-    (ffmpeg stops writing there and still exits 0).
+    (ffmpeg stops writing there and still exits 0) or all of them together passed
+    ``job_output_limit`` (a job may end between two checks of ``verify.OutputWatch``).
     """
     limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
+    presets = list(dict.fromkeys(presets))
     root = os.path.realpath(out_dir)
     found: list[ProducedFile] = []
-    for preset in dict.fromkeys(presets):
+    for preset in presets:
         for declared in preset.outputs(probe):
             pattern = os.path.join(out_dir, *declared.name.split("/"))
             paths = sorted(glob.glob(glob.escape(pattern).replace(glob.escape("*"), "*")))
@@ -328,6 +362,10 @@ def collect_outputs(
                     raise GridnodeError(f"the output {declared.name} passed the size limit of {limit} bytes",
                                         code="output_too_large", status=413)
                 found.append(ProducedFile(preset.name, name, path, size, declared.content_type))
+    together = job_output_limit(probe, presets, limit)
+    total = sum(f.size for f in found)
+    if total > together:
+        raise output_too_large(together, total)
     return found
 
 

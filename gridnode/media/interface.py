@@ -47,6 +47,11 @@ class Produced(Protocol):
     @property
     def content_type(self) -> str: ...
 
+    @property
+    def duration(self) -> float | None:
+        """Seconds the output lasts, as measured (on each preset's first file; None for images)."""
+        ...
+
 
 PresetT = TypeVar("PresetT", bound=Named)
 ProbeT = TypeVar("ProbeT", bound=Described)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gridnode.errors import GridnodeError
-from gridnode.media.probe import FORMAT_WHITELIST, ProbeResult
+from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
 PresetKind = Literal["mp4", "webm", "poster", "hls"]
 
@@ -144,6 +144,23 @@ def default_output_limit(probe: ProbeResult) -> int:
     return max(256 * 1024 * 1024, 4 * probe.size)
 
 
+def job_output_limit(probe: ProbeResult, presets: Iterable[Preset], per_output: int | None = None) -> int:
+    """What a job's outputs may hold together: ``per_output`` (default ``default_output_limit``)
+    for each output, an HLS rung counting as one. ``-fs`` bounds each mp4, webm and poster
+    file but no HLS segment list, so this total is what bounds HLS."""
+    limit = per_output if per_output is not None else default_output_limit(probe)
+    count = sum(len(hls_rungs(probe, p.ladder)) if p.kind == "hls" else 1 for p in dict.fromkeys(presets))
+    return limit * count
+
+
+def output_too_large(limit: int, total: int | None = None, files: int | None = None) -> GridnodeError:
+    """A job's outputs passed ``job_output_limit``: ``total`` bytes or ``files`` files written."""
+    what = f"; {files} files written" if files is not None else f"; {total} bytes written" if total else ""
+    return GridnodeError(f"the outputs of this job passed their limit ({limit} bytes together{what}); "
+                         "convert a shorter video or fewer presets",
+                         code="output_too_large", status=413)
+
+
 def _scale(w: int, h: int) -> str:
     return f"scale={w}:{h}:flags=bicubic,setsar=1"
 
@@ -157,13 +174,16 @@ def build_argv(
     *,
     max_output_bytes: int | None = None,
     threads: int | None = None,
+    input_limits: Limits = Limits(),
 ) -> list[str]:
     """One ffmpeg argv writing every preset's outputs under ``out_dir``.
 
     ``out_dir`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
     named as ``Preset.outputs`` says. ``max_output_bytes`` is ``-fs`` for each
     output (default ``default_output_limit``); ``threads`` caps each encoder's
-    threads (``-threads``), for nodes running several jobs at once.
+    threads (``-threads``), for nodes running several jobs at once. The decoder
+    stops at a frame over ``input_limits.max_pixels``, the demuxer at a stream past
+    ``input_limits.max_streams`` (``probe.input_options``).
     """
     chosen = list(dict.fromkeys(presets))
     if not chosen:
@@ -244,6 +264,7 @@ def build_argv(
             # Nested demuxers (an HLS playlist hidden in an AVI GAB2 chunk, CVE-2017-9993)
             # inherit this list: only the allowlisted containers may ever open.
             "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
+            *input_options(input_limits, probe),
             "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path),
             "-filter_complex", graph]
     for opts in outputs:

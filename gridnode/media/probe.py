@@ -14,21 +14,26 @@ Refusals are ``GridnodeError`` with stable codes:
 - ``unsupported_format`` (422): a container outside the allowlist, including
   playlists and concat lists (hls, m3u8, ffconcat), which would make ffmpeg
   open other files;
-- ``too_many_streams`` (422): more than ``Limits.max_streams`` streams;
+- ``too_many_streams`` (422): more than ``Limits.max_streams`` streams, counted in the JSON
+  or by the demuxer itself (``-max_streams``: past it, ffprobe stops reading the header);
 - ``too_long`` (413): duration over ``Limits.max_duration``, or unknown;
-- ``too_large`` (413): more pixels per frame than ``Limits.max_pixels``;
+- ``too_large`` (413): more pixels per frame than ``Limits.max_pixels``, declared or met by a
+  decoder (``-max_pixels``);
 - ``timeout`` (504): ffprobe did not answer within ``Limits.probe_timeout``;
 - ``ffprobe_unavailable`` (500): the configured ffprobe is not there.
 
 ffprobe is started with ``-protocol_whitelist file`` and a
 ``-format_whitelist`` of the allowed demuxers: a playlist or concat list is
 rejected by ffprobe itself after format detection and before it would open any
-file it names.
+file it names. ``limit_refusal`` reads what ffprobe and ffmpeg say on stderr when a
+limit stops them (a frame over ``-max_pixels``, a stream past ``-max_streams``): a
+limit on what the file holds, not on what its header declares.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -71,6 +76,10 @@ _OTHER_VIDEO_FORMATS = frozenset({"asf", "mxf", "rm", "nut", "gxf", "ivf", "dv",
                                   "smjpeg", "rl2", "roq", "swf", "bink", "smk", "vivo", "xmv"})
 
 _NOT_ON_WHITELIST = re.compile(r"\[([^\]@]+?) @ 0x[0-9a-fA-F]+\] Format not on whitelist")
+# What libavutil's av_image_check_size2 and libavformat's avformat_new_stream log (at
+# error level) when -max_pixels or -max_streams stops them.
+_PIXELS = re.compile(r"Picture size (\d{1,9})x(\d{1,9}) exceeds specified max pixel count \d{1,19}")
+_STREAMS = re.compile(r"Number of streams exceeds max_streams parameter \((\d{1,9})\)")
 
 @dataclass(frozen=True)
 class Limits:
@@ -103,6 +112,15 @@ class ProbeResult:
     display_height: int
     stream_count: int
     name: str | None = field(default=None, compare=False)  # the user's file name, kept as data
+    #: how long the first video and audio streams last (what gridnode converts), where the
+    #: file says; None: only the file's ``duration`` is known
+    streams_duration: float | None = None
+
+    @property
+    def converted_duration(self) -> float:
+        """How long a whole output of this input lasts: a stream gridnode does not convert
+        (a second audio track, a data track) may make the file longer than that."""
+        return self.streams_duration or self.duration
 
     def to_json(self) -> dict[str, Any]:
         """The job JSON's ``input`` object (docs/api.md, "The job")."""
@@ -233,6 +251,8 @@ def parse_probe(
                      f"the video lasts {duration:.0f} s, longer than the {limits.max_duration:.0f} s "
                      "this node accepts; cut it and upload again")
     audios = [s for s in streams if s.get("codec_type") == "audio"]
+    # The streams gridnode converts, as long as the file says they are, and never longer than it.
+    stated = [d for d in (_float(s.get("duration")) for s in [video, *audios[:1]]) if d is not None and d > 0]
     rotation = _rotation(video)
     shown_w = max(1, round(width * _sample_aspect(video)))
     display_w, display_h = (height, shown_w) if rotation in (90, 270) else (shown_w, height)
@@ -253,6 +273,7 @@ def parse_probe(
         display_height=display_h,
         stream_count=len(streams),
         name=name,
+        streams_duration=min(max(stated), duration) if stated else None,
     )
 
 
@@ -272,10 +293,28 @@ def _unsupported(format_name: str) -> GridnodeError:
 FORMAT_WHITELIST = ",".join(sorted(set(ALLOWED_FORMATS.values())))
 
 
-def probe_argv(ffprobe: str, path: str) -> list[str]:
+def decoder_pixels(limits: Limits, frame: ProbeResult | None = None) -> int:
+    """``-max_pixels``: ``limits.max_pixels`` as a decoder applies it. A decoder rounds a
+    frame's width up to 64 before it compares (ffmpeg 5.1's buffers), so the limit allows 64
+    columns of sqrt(max_pixels) rows (1 % at the default), and always the probed ``frame``:
+    a frame a few columns over the limit may pass, never a larger one."""
+    most = limits.max_pixels + 64 * math.isqrt(limits.max_pixels)
+    if frame is not None:
+        most = max(most, -(-frame.width // 64) * 64 * frame.height)
+    return most
+
+
+def input_options(limits: Limits, frame: ProbeResult | None = None) -> list[str]:
+    """What ffprobe and ffmpeg are told before they open an input: the demuxer stops at
+    ``max_streams`` streams, every decoder at a frame over ``max_pixels`` (each says so on
+    stderr: ``limit_refusal``), so a header that lies is not believed."""
+    return ["-max_streams", str(limits.max_streams), "-max_pixels", str(decoder_pixels(limits, frame))]
+
+
+def probe_argv(ffprobe: str, path: str, limits: Limits = Limits()) -> list[str]:
     """The ffprobe command line; ``file:`` keeps a name with a colon from naming a protocol."""
     return [ffprobe, "-v", "error", "-of", "json", "-show_format", "-show_streams",
-            "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
+            "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST, *input_options(limits),
             "file:" + os.path.abspath(path)]
 
 
@@ -314,8 +353,29 @@ class ProbeProcess(ChildProcess[tuple[bytes, bytes]]):
                       "the file may be damaged")
 
 
+def limit_refusal(text: str) -> GridnodeError | None:
+    """The refusal a limit's message in ffprobe's or ffmpeg's stderr means, else None."""
+    match = _PIXELS.search(text)
+    if match:
+        # The count in the line is the decoder's (decoder_pixels), not the node's limit.
+        width, height = int(match.group(1)), int(match.group(2))
+        return _error("too_large", 413,
+                      f"a frame in the video is {width}x{height}, larger than this node accepts, whatever the "
+                      "file's header says; scale it down and upload again")
+    match = _STREAMS.search(text)
+    if match:
+        most = int(match.group(1))
+        return _error("too_many_streams", 422,
+                      f"the file has more than {most} streams, at most {most} are accepted; "
+                      "remove extra tracks and upload again")
+    return None
+
+
 def _probe_failure(stderr: bytes) -> GridnodeError:
     text = stderr.decode("utf-8", "replace")
+    limit = limit_refusal(text)
+    if limit is not None:
+        return limit
     match = _NOT_ON_WHITELIST.search(text)
     if match:
         return _unsupported(match.group(1))
@@ -325,7 +385,7 @@ def _probe_failure(stderr: bytes) -> GridnodeError:
 def probe_command(ffprobe: str, path: str, limits: Limits = Limits(), sandbox: Sandbox = Sandbox()) -> list[str]:
     """What the node starts to probe ``path``: ffprobe in its box (``sandbox``), seeing ``path``
     alone. It writes no file (FSIZE 0) and gets little memory and CPU time."""
-    return sandboxed_argv(probe_argv(ffprobe, path), sandbox.limits(ChildLimits(
+    return sandboxed_argv(probe_argv(ffprobe, path, limits), sandbox.limits(ChildLimits(
         address_space=2 * 1024**3, cpu_seconds=int(limits.probe_timeout) + 5, file_size=0, open_files=64,
         processes=64, niceness=0), reads=[path]))
 
@@ -344,6 +404,11 @@ async def _probe(reactor: Any, path: str, ffprobe: str, limits: Limits, name: st
     out, err = await proto.deferred
     if err.strip():
         _log.debug("ffprobe {path} said {stderr}", path=path, stderr=err.decode("utf-8", "replace")[-500:])
+        # A limit may stop a demuxer or decoder without failing ffprobe (a stream past
+        # -max_streams found while reading packets, a frame past -max_pixels).
+        limit = limit_refusal(err.decode("utf-8", "replace"))
+        if limit is not None:
+            raise limit
     return parse_probe(out, size=size, limits=limits, name=name)
 
 

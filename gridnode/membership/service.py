@@ -80,15 +80,16 @@ class MembershipService(Service):
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, machine: swim.SwimMachine, key: bytes, *, metrics: Any = None,
+        self, reactor: Any, machine: swim.SwimMachine, keys: wire.PeerKeys, *, metrics: Any = None,
         on_confirmed_dead: Callable[[str, int], Any] | None = None, on_left: Callable[[str], Any] | None = None,
         stale: float = 300.0, max_out: int = 64, max_in: int = 256, connect_timeout: float = 2.0,
         now: Callable[[], float] = time.time, host_check: Callable[..., Any] = HostCheck, join: bool = True,
     ) -> None:
         self.reactor = reactor
         self.machine = machine
-        self.opener = wire.Opener(key, now)
-        self.key = key
+        self.opener = wire.Opener(keys, now)
+        #: the pool's MAC keys now (a keyring re-read while the node runs): the first seals
+        self.keys = keys
         self.metrics = metrics
         #: called with (member, incarnation) when a peer is confirmed dead, after ``on_gone``; may
         #: return a Deferred (the node deletes that life's record, then adopts the member's jobs)
@@ -256,7 +257,7 @@ class MembershipService(Service):
     # -- connections
 
     def _send(self, msg: swim.Message) -> Deferred[Any]:
-        command, args = wire.seal(self.key, msg, self.now())
+        command, args = wire.seal(self.keys()[0], msg, self.now())
         d = self._connection(msg.dest_addr)
 
         def call(proto: PeerProtocol) -> Any:

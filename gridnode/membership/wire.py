@@ -10,9 +10,12 @@ as the Ack to a Ping, and may come back over another connection). A
 Every command carries the message as compact JSON (``payload``, a dict of
 plain fields, never pickle), the sender's clock (``sent``), a random
 ``nonce`` and ``mac`` = HMAC-SHA256 over version, command, sent, nonce and
-payload, keyed from the pool secret. A receiver drops, and counts by reason:
-a wrong MAC (``bad_mac``), a timestamp outside the window (``stale``), a
-nonce seen within the window (``replay``), a payload over the size limit
+payload, keyed from the pool secret. The secret is a keyring
+(gridnode/keyring.py): a message is sealed with the first key and opened
+with any, so a pool moves to a new secret node by node without a partition.
+A receiver drops, and counts by reason: a MAC that no key gives
+(``bad_mac``), a timestamp outside the window (``stale``), a nonce seen
+within the window (``replay``), a payload over the size limit
 (``oversized``), an unreadable one (``malformed``) or one from another
 protocol version (``version``). AMP's own framing limits any key to 255 and
 any value to 65,535 bytes; a connection that sends more than a box's worth
@@ -27,7 +30,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.protocols import amp
@@ -40,9 +43,32 @@ WINDOW = 30.0
 MAX_PAYLOAD = 60_000
 
 
+#: the pool's MAC keys now, newest first: the first seals, any of them opens
+PeerKeys = Callable[[], Sequence[bytes]]
+
+
 def peer_key(secret: bytes, env: str, pool: str) -> bytes:
     """The MAC key: derived from the pool secret, bound to the environment and pool."""
     return hmac.new(secret, f"gridnode-peer-v{VERSION}:{env}:{pool}".encode(), hashlib.sha256).digest()
+
+
+def fixed_keys(*keys: bytes) -> PeerKeys:
+    return lambda: keys
+
+
+def peer_keys(secrets: Callable[[], Sequence[bytes]], env: str, pool: str) -> PeerKeys:
+    """The MAC keys of the secrets ``secrets()`` answers now (a keyring the node re-reads),
+    derived again only when they change."""
+    derived: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+
+    def keys() -> Sequence[bytes]:
+        current = tuple(secrets())
+        if current not in derived:
+            derived.clear()
+            derived[current] = tuple(peer_key(s, env, pool) for s in current)
+        return derived[current]
+
+    return keys
 
 
 def _args() -> list[tuple[bytes, amp.Argument]]:
@@ -120,8 +146,8 @@ class Dropped(Exception):
 class Opener:
     """Checks and opens sealed messages; remembers nonces for the replay window."""
 
-    def __init__(self, key: bytes, now: Callable[[], float] = time.time, max_nonces: int = 200_000) -> None:
-        self.key = key
+    def __init__(self, keys: PeerKeys, now: Callable[[], float] = time.time, max_nonces: int = 200_000) -> None:
+        self.keys = keys
         self.now = now
         self.max_nonces = max_nonces
         self._seen: OrderedDict[bytes, float] = OrderedDict()
@@ -132,7 +158,8 @@ class Opener:
             raise Dropped("version")
         if len(payload) > MAX_PAYLOAD:
             raise Dropped("oversized")
-        if not hmac.compare_digest(mac, _mac(self.key, command, version, sent, nonce, payload)):
+        if not any(hmac.compare_digest(mac, _mac(key, command, version, sent, nonce, payload))
+                   for key in self.keys()):
             raise Dropped("bad_mac")
         now = self.now()
         if abs(now - sent) > WINDOW:

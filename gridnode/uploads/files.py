@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gridnode.errors import GridnodeError
+from gridnode.spool import Meter
 from gridnode.uploads.info import UploadInfo
 
 _BLOCK = 1024 * 1024
@@ -19,16 +20,22 @@ _BLOCK = 1024 * 1024
 class Chunk:
     """Where GridRequest writes one chunk's body (a PATCH's, or a creation POST's): a file in the
     spool, hashed as it is written. ``cut_off`` is told of a body that ended mid-way and may be
-    kept."""
+    kept. ``meter`` watches the free space as it grows; ``on_release`` frees the node's slot
+    once the file is removed (after its commit, or refused)."""
 
     def __init__(self, path: str, upload_id: str, start: int, limit: int, checksum: str | None,
-                 creation: UploadInfo | None, cut_off: Callable[[Chunk], None]) -> None:
+                 creation: UploadInfo | None, cut_off: Callable[[Chunk], None], *,
+                 meter: Meter | None = None, tenant: str | None = None,
+                 on_release: Callable[[], None] | None = None) -> None:
         self.upload_id = upload_id
+        self.tenant = tenant  # who sends it (None: anyone may); the commit checks the upload is theirs
         self.start = start
         self.limit = limit
         self.checksum = checksum  # hex sha256 the client announced, or None
         self.creation = creation  # the upload to create first (POST with a body)
         self.cut_off = cut_off
+        self.meter = meter
+        self.on_release = on_release
         self.path = path
         self.file = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
         self.sha256 = hashlib.sha256()
@@ -41,6 +48,12 @@ class Chunk:
             self.refused = True
             raise GridnodeError(f"this chunk goes past the upload's length or this node's limit "
                                 f"({self.start + self.limit} bytes)", code="too_large", status=413)
+        if self.meter is not None:
+            try:
+                self.meter.add(len(data))
+            except GridnodeError:
+                self.refused = True  # a node short of disk keeps none of it
+                raise
         self.file.write(data)
         self.sha256.update(data)
         self.size += len(data)
@@ -81,6 +94,9 @@ class Chunk:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        release, self.on_release = self.on_release, None
+        if release is not None:
+            release()
 
 
 @dataclass

@@ -33,11 +33,14 @@ class UploadInfo:
     filename: str = ""
     presets: str | None = None
     parts: tuple[Part, ...] = ()
+    #: the ``sub`` of the token that created it ("" without tokens): only that tenant may go on
+    tenant: str = ""
 
     def dumps(self) -> bytes:
         doc = {"id": self.id, "length": self.length, "offset": self.offset, "created": self.created,
                "expires": self.expires, "metadata": self.metadata, "filename": self.filename,
-               "presets": self.presets, "parts": [[p.id, p.size, p.sha256] for p in self.parts]}
+               "presets": self.presets, "parts": [[p.id, p.size, p.sha256] for p in self.parts],
+               "tenant": self.tenant}
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -49,7 +52,8 @@ class UploadInfo:
             info = cls(id=str(doc["id"]), length=int(doc["length"]), offset=int(doc["offset"]),
                        created=float(doc["created"]), expires=float(doc["expires"]),
                        metadata=str(doc.get("metadata") or ""), filename=str(doc.get("filename") or ""),
-                       presets=None if doc.get("presets") is None else str(doc["presets"]), parts=parts)
+                       presets=None if doc.get("presets") is None else str(doc["presets"]), parts=parts,
+                       tenant=str(doc.get("tenant") or ""))
         except (ValueError, KeyError, TypeError, IndexError):
             raise GridnodeError(f"the stored state of upload {upload_id} is unreadable; start a new upload",
                                 code="storage_corrupt", status=500) from None
@@ -58,6 +62,11 @@ class UploadInfo:
             raise GridnodeError(f"the stored state of upload {upload_id} is inconsistent; start a new upload",
                                 code="storage_corrupt", status=500)
         return info
+
+
+def owned_by(info: UploadInfo, tenant: str | None) -> bool:
+    """May ``tenant`` (None: any, an admin or a node without tokens) go on with this upload?"""
+    return tenant is None or info.tenant == tenant
 
 
 def info_key(upload_id: str) -> str:

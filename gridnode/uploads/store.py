@@ -1,7 +1,6 @@
 """
 `UploadStore`: the uploads of the pool as this node sees them (tusd's DataStore; see
-gridnode/uploads/__init__.py for the design), and `UploadSweep`, the service that sweeps
-expired and orphaned uploads.
+gridnode/uploads/__init__.py for the design); gridnode/uploads/sweep.py runs its sweep.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,7 +20,7 @@ from gridnode import keys
 from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed
 from gridnode.spool import SpoolFile
 from gridnode.uploads.files import Chunk, LocalCopy
-from gridnode.uploads.info import MAX_INFO_BYTES, Part, UploadInfo, info_key, part_key
+from gridnode.uploads.info import MAX_INFO_BYTES, Part, UploadInfo, info_key, owned_by, part_key
 
 if TYPE_CHECKING:
     from gridnode.jobs import Job
@@ -40,6 +37,11 @@ _UPLOADS_ROOT = "uploads/"
 
 def _bad(message: str, code: str, status: int = 400) -> GridnodeError:
     return GridnodeError(message, code=code, status=status)
+
+
+def not_yours(upload_id: str) -> NotFound:
+    """Gone, never was, or another tenant's: one answer, so that ids tell nothing."""
+    return NotFound(f"no upload {upload_id}: it finished, expired or was terminated; start a new upload")
 
 
 def offset_mismatch(expected: int | None, got: int) -> GridnodeError:
@@ -85,7 +87,7 @@ class UploadStore:
         self.expiry = expiry_seconds
         self._local: dict[str, LocalCopy] = {}
         self._locks: dict[str, DeferredLock] = {}
-        self._finished: dict[str, int] = {}
+        self._finished: dict[str, tuple[int, str]] = {}  # upload id -> (length, tenant)
         self._orphans: set[str] = set()  # store keys no info lists, seen by the last sweep
 
     def spool_path(self, name: str) -> str:
@@ -101,24 +103,38 @@ class UploadStore:
         after the upload."""
         return [p.name for p in self.jobs.media.parse_presets(presets)]
 
-    def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None) -> UploadInfo:
+    def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None,
+                   tenant: str = "") -> UploadInfo:
         """Admit a new upload; it is not stored yet (`create`, or the commit of its first chunk)."""
-        # The job service's admission (draining, full, too large, low disk) with its coded errors;
-        # its fresh spool name is the upload id, and later the job id.
-        spool = self.jobs.admit(length)
-        spool.discard()
+        # The job service's admission (draining, full, too large, low disk) with its coded errors.
+        self.jobs.check_admission(length)
         now = self.now()
-        return UploadInfo(id=os.path.basename(spool.path), length=length, offset=0, created=now,
-                          expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets)
+        return UploadInfo(id=keys.new_id(self.jobs.now()), length=length, offset=0, created=now,
+                          expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets,
+                          tenant=tenant)
 
     def first_chunk(self, info: UploadInfo, length: int | None, checksum: str | None) -> Chunk:
         """Where the body of a creation request goes; the upload is created as it is committed."""
         if length is not None and length > info.length:
             raise _bad(f"the body ({length} bytes) is longer than Upload-Length ({info.length})", "too_large", 413)
-        return self._chunk(info.id, 0, info.length, checksum, info)
+        return self._chunk(info.id, 0, info.length, length, checksum, info)
 
-    def chunk(self, upload_id: str, start: int, length: int | None, checksum: str | None) -> Chunk:
-        """Where a chunk at ``start`` goes, or the coded refusal (answered before its body)."""
+    def find(self, upload_id: str) -> UploadInfo | Deferred[UploadInfo]:
+        """The upload a chunk is for, before any byte of the chunk is read: NotFound, or 410 once
+        expired. This node's view when it has one (the commit reads the store again anyway);
+        otherwise a Deferred, once the store has answered, serialized with the upload's commits."""
+        if upload_id in self._finished:
+            raise NotFound(f"upload {upload_id} is complete: it became job {upload_id}")
+        local = self._local.get(upload_id)
+        if local is not None and local.info.expires > self.now():
+            return local.info
+        read: Deferred[LocalCopy] = self._serialized(upload_id, lambda: self._read(upload_id))
+        return read.addCallback(lambda copy: copy.info)
+
+    def chunk(self, upload_id: str, start: int, length: int | None, checksum: str | None,
+              tenant: str | None = None) -> Chunk:
+        """Where ``tenant``'s chunk at ``start`` goes (None: anyone's), or the coded refusal (answered
+        before its body); once `find` has answered for the upload."""
         if self.jobs.draining:
             raise Busy("this node is draining; resume the upload on another node of the pool", retry_after=30)
         limit = self.max_upload_bytes - start
@@ -134,12 +150,18 @@ class UploadStore:
         if length is not None and length > limit:
             raise _bad(f"this chunk of {length} bytes at offset {start} goes past the upload's length",
                        "too_large", 413)
-        return self._chunk(upload_id, start, limit, checksum, None)
+        return self._chunk(upload_id, start, limit, length, checksum, None, tenant)
 
-    def _chunk(self, upload_id: str, start: int, limit: int, checksum: str | None,
-               creation: UploadInfo | None) -> Chunk:
-        path = self.spool_path(f"{upload_id}.{keys.new_id()}.chunk")
-        return Chunk(path, upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off)
+    def _chunk(self, upload_id: str, start: int, limit: int, length: int | None, checksum: str | None,
+               creation: UploadInfo | None, tenant: str | None = None) -> Chunk:
+        name = f"{upload_id}.{keys.new_id()}.chunk"
+        # A chunk in flight takes a slot as a POST /jobs body does (503 busy when the node is full,
+        # 507 below --min-free), and gives it back once it is committed or dropped.
+        release = self.jobs.hold(name, length, limit)
+        meter = self.jobs.space.meter("this node ran low on disk space while the chunk arrived, and dropped it; "
+                                      "resume the upload (HEAD for its offset) on another node")
+        return Chunk(self.spool_path(name), upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off,
+                     meter=meter, tenant=tenant, on_release=release)
 
     # -- the operations (serialized per upload on this node)
 
@@ -156,21 +178,26 @@ class UploadStore:
 
         return self._serialized(info.id, create)
 
-    def progress(self, upload_id: str) -> Deferred[Progress]:
-        """How far the upload is, once the commits in flight are done; NotFound or 410 when it is over."""
+    def progress(self, upload_id: str, tenant: str | None = None) -> Deferred[Progress]:
+        """How far ``tenant``'s upload is (None: anyone's), once the commits in flight are done;
+        NotFound or 410 when it is over."""
 
         @inlineCallbacks
         def look() -> Any:
             if upload_id in self._finished:
-                length = self._finished[upload_id]
+                length, owner = self._finished[upload_id]
+                if tenant not in (None, owner):
+                    raise not_yours(upload_id)
                 return Progress(length, length, None, upload_id)
             try:
-                local = yield self._read(upload_id)
+                local = yield self._read(upload_id, tenant)
             except NotFound as gone:
                 # Finished on another node: the job has the upload's id.
                 try:
                     job = yield self.jobs.get(upload_id)
                 except NotFound:
+                    raise gone from None
+                if tenant not in (None, job.tenant):
                     raise gone from None
                 size = int(job.input.get("size") or 0)
                 return Progress(size, size, None, job.id)
@@ -178,12 +205,12 @@ class UploadStore:
 
         return self._serialized(upload_id, look)
 
-    def terminate(self, upload_id: str) -> Deferred[None]:
-        """End an upload: its info, parts and local copy are removed."""
+    def terminate(self, upload_id: str, tenant: str | None = None) -> Deferred[None]:
+        """End ``tenant``'s upload (None: anyone's): its info, parts and local copy are removed."""
 
         @inlineCallbacks
         def terminate() -> Any:
-            yield self._read(upload_id)
+            yield self._read(upload_id, tenant)
             yield self._delete_upload(upload_id)
             self._log.info("upload {upload} terminated", upload=upload_id)
 
@@ -231,15 +258,17 @@ class UploadStore:
     # -- reading the truth
 
     @inlineCallbacks
-    def _read(self, upload_id: str) -> Any:
-        """The stored info (refreshing this node's view); NotFound or 410 when the upload is over."""
+    def _read(self, upload_id: str, tenant: str | None = None) -> Any:
+        """The stored info (refreshing this node's view); NotFound or 410 when the upload is over,
+        and NotFound, as if it never was, when it is not ``tenant``'s (None: anyone's)."""
         try:
             data, stat = yield self.store.get_bytes(info_key(upload_id), max_size=MAX_INFO_BYTES)
         except NotFound:
             self._forget(upload_id)
-            raise NotFound(f"no upload {upload_id}: it finished, expired or was terminated; "
-                           "start a new upload") from None
+            raise not_yours(upload_id) from None
         info = UploadInfo.loads(data, upload_id)
+        if not owned_by(info, tenant):
+            raise not_yours(upload_id)
         if info.expires <= self.now():
             yield self._delete_upload(upload_id, if_match=stat.etag)
             raise _bad(f"upload {upload_id} expired; start a new upload", "upload_expired", 410)
@@ -266,7 +295,7 @@ class UploadStore:
             local.reset()
             self._log.info("upload {upload} created: {length} bytes", upload=upload_id, length=chunk.creation.length)
         else:
-            local = yield self._read(upload_id)
+            local = yield self._read(upload_id, chunk.tenant)
         info = local.info
         if chunk.start != info.offset:
             raise offset_mismatch(info.offset, chunk.start)
@@ -346,20 +375,21 @@ class UploadStore:
         spool.use_digest(local.sha256)
         self._local.pop(info.id, None)
         try:
-            job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None)
+            job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None,
+                                         tenant=info.tenant)
         except Exception as e:
             self._log.info("upload {upload} refused on completion: {reason}", upload=info.id,
                            reason=e.message if isinstance(e, GridnodeError) else repr(e))
             yield self._delete_stored(info.id)
             raise
-        self._remember_finished(info.id, info.length)
+        self._remember_finished(info.id, info.length, info.tenant)
         yield self._delete_stored(info.id)
         self._log.info("upload {upload} complete: {length} bytes, job {job}", upload=info.id, length=info.length,
                        job=job.id)
         return job
 
-    def _remember_finished(self, upload_id: str, length: int) -> None:
-        self._finished[upload_id] = length
+    def _remember_finished(self, upload_id: str, length: int, tenant: str) -> None:
+        self._finished[upload_id] = (length, tenant)
         while len(self._finished) > REMEMBER_FINISHED:
             del self._finished[next(iter(self._finished))]
 
@@ -454,25 +484,3 @@ class UploadStore:
             if upload_id not in groups and upload_id not in self._locks:
                 self._forget(upload_id)  # ended on another node
         return expired
-
-
-class UploadSweep(Service):
-    """Sweeps expired and orphaned uploads from the store every ``interval`` seconds (by default a
-    quarter of the expiry, at most an hour) while it runs, on the store's clock."""
-
-    def __init__(self, uploads: UploadStore, interval: float | None = None) -> None:
-        self.uploads = uploads
-        self.interval = interval or min(3600.0, uploads.expiry / 4)
-        self._loop: LoopingCall | None = None
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        self._loop = LoopingCall(self.uploads.sweep)
-        self._loop.clock = self.uploads.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted's name
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return super().stopService()

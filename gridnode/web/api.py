@@ -1,4 +1,5 @@
-"""The API resource tree of a node (docs/api.md, "Endpoints")."""
+"""The API resource tree of a node (docs/api.md, "Endpoints"). Who may reach which resource is
+decided before it is reached, in one place: gridnode/web/access.py."""
 
 from __future__ import annotations
 
@@ -114,9 +115,9 @@ def api_root(node: NodeView) -> Resource:
     registry = JSONRoot()
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)
-    root.putChild(b"jobs", JobsResource(node.jobs))
+    root.putChild(b"jobs", JobsResource(node.jobs, node.access))
     root.putChild(b"files", node.tus.resource())
-    root.putChild(b"results", ResultsResource(node.jobs))
+    root.putChild(b"results", ResultsResource(node.jobs, node.access))
     from prometheus_client.twisted import MetricsResource
 
     root.putChild(b"metrics", MetricsResource(node.jobs.metrics.registry))

@@ -6,6 +6,10 @@ GET /jobs/<id>             job JSON (local view, else the stored record)
 GET /jobs/<id>/events      Server-Sent Events until a final state
 DELETE /jobs/<id>          cancel
 GET /results/<id>/<name>   the bytes (Range, ETag) or a 302 to a presigned URL
+
+Every request was authorized before its body (gridnode/web/access.py); here
+a caller is kept to its own tenant's jobs: another tenant's job answers 404,
+word for word as one that does not exist.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from gridnode import keys
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
+from gridnode.spool import SpoolFile
 from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
 
 if TYPE_CHECKING:
     from gridnode.pipeline import JobService
+    from gridnode.web.access import Access
 
 
 def arg(request: Request, name: str) -> str | None:
@@ -46,28 +52,50 @@ def answer_json(request: Request, status: int = 200) -> Callable[[Any], None]:
     return done
 
 
+def no_job(job_id: str) -> NotFound:
+    """The answer for a job that does not exist, and for another tenant's."""
+    return NotFound(f"no job {job_id}")
+
+
+async def visible_job(jobs: JobService, access: Access, request: Request, job_id: str) -> Job:
+    """The job, if the caller's tenant may see it; else the same 404 as for no job at all."""
+    try:
+        job: Job = await jobs.get(job_id)
+    except NotFound:
+        raise no_job(job_id) from None
+    if not access.caller(request).sees(job.tenant):
+        raise no_job(job_id)
+    return job
+
+
 class JobsResource(Resource):
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, access: Access) -> None:
         super().__init__()
         self.jobs = jobs
+        self.access = access
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         job_id = path.decode("ascii", "replace")
         if not keys.is_id(job_id):
-            return ErrorResource(not_found(f"no job {job_id}"))
-        return JobResource(self.jobs, job_id)
+            return ErrorResource(no_job(job_id))
+        return JobResource(self.jobs, self.access, job_id)
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
-        """``GET /jobs``: this node's running and queued jobs, and its recent finished ones."""
-        return json_body(request, self.jobs.listing())
+        """``GET /jobs``: this node's running and queued jobs, and its recent finished ones (the
+        caller's tenant's)."""
+        return json_body(request, self.jobs.listing(self.access.owner_filter(request)))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         spool: Any = request.content  # a SpoolFile: GridRequest routed the body there
         try:
+            if not isinstance(spool, SpoolFile):
+                raise GridnodeError("this upload's body was not routed to the spool; POST it to /jobs",
+                                    code="internal_error", status=500)
             checksum = parse_checksum(request.getHeader(b"upload-checksum"))
             presets = arg(request, "presets")
             name = arg(request, "name") or ""
-            work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum)
+            tenant = self.access.caller(request).tenant
+            work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant)
         except GridnodeError as e:
             getattr(spool, "discard", lambda: None)()
             return error_body(request, e)
@@ -80,21 +108,27 @@ class JobsResource(Resource):
 
 
 class JobResource(Resource):
-    def __init__(self, jobs: JobService, job_id: str) -> None:
+    def __init__(self, jobs: JobService, access: Access, job_id: str) -> None:
         super().__init__()
         self.jobs = jobs
+        self.access = access
         self.job_id = job_id
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         if path == b"events" and not request.postpath:
-            return EventsResource(self.jobs, self.job_id)
+            return EventsResource(self.jobs, self.access, self.job_id)
         return ErrorResource(not_found())
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        return respond_later(request, self.jobs.get(self.job_id), answer_json(request))
+        return respond_later(request, visible_job(self.jobs, self.access, request, self.job_id),
+                             answer_json(request))
 
     def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        return respond_later(request, self.jobs.cancel(self.job_id), answer_json(request))
+        async def cancel() -> Any:
+            await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
+            return await self.jobs.cancel(self.job_id)
+
+        return respond_later(request, cancel(), answer_json(request))
 
 
 class EventsResource(Resource):
@@ -102,9 +136,10 @@ class EventsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, jobs: JobService, job_id: str) -> None:
+    def __init__(self, jobs: JobService, access: Access, job_id: str) -> None:
         super().__init__()
         self.jobs = jobs
+        self.access = access
         self.job_id = job_id
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
@@ -126,7 +161,7 @@ class EventsResource(Resource):
             request.write(error_body(request, error))
             request.finish()
 
-        ensureDeferred(self.jobs.get(self.job_id)).addCallbacks(started, failed)
+        ensureDeferred(visible_job(self.jobs, self.access, request, self.job_id)).addCallbacks(started, failed)
         return NOT_DONE_YET
 
 
@@ -155,9 +190,10 @@ class ResultsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, access: Access) -> None:
         super().__init__()
         self.jobs = jobs
+        self.access = access
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath or []]
@@ -169,6 +205,34 @@ class ResultsResource(Resource):
             return error_body(request, NotFound("no such result"))
         except GridnodeError as e:
             return error_body(request, e)
+        if self.access.owner_filter(request) is None:
+            return self._serve(request, key)
+
+        def checked(seen: bool) -> None:
+            if not seen:
+                raise NotFound("no such result")
+            if request._disconnected:
+                return
+            body = self._serve(request, key)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            e = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot reach the store")
+            if isinstance(e, NotFound):
+                e = NotFound("no such result")
+            if not request._disconnected:
+                request.write(error_body(request, e))
+                request.finish()
+
+        self.access.may_read_job(request, parts[0], self.jobs.get).addCallback(checked).addErrback(failed)
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def _serve(self, request: Request, key: str) -> Any:
+        """The result's bytes, or NOT_DONE_YET while a redirect is worked out."""
         store = self.jobs.store
         path = store.local_path(key)
         if path is not None:
@@ -189,13 +253,13 @@ class ResultsResource(Resource):
         store.stat(key).addCallback(lambda _: store.presigned_url(key)).addCallbacks(redirect, failed)
         return NOT_DONE_YET
 
-    render_HEAD = render_GET
-
     def _serve_file(self, request: Request, key: str, path: str) -> Any:
         info = self.jobs.store.backend.stat(key)  # local file: a stat, no network
         etag = f'"{info.etag}"'.encode()
         request.setHeader(b"etag", etag)
-        request.setHeader(b"cache-control", b"public, max-age=86400, immutable")
+        # A tenant's result may sit in the browser's cache, never in one shared with other tenants.
+        shared = b"public" if self.access.open else b"private"
+        request.setHeader(b"cache-control", shared + b", max-age=86400, immutable")
         if request.getHeader(b"if-none-match") == etag:
             request.setResponseCode(304)
             return b""

@@ -22,10 +22,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.logger import Logger
+
+from gridnode.errors import GridnodeError
 
 #: bodies shorter than this are read the usual way: setting up costs more than it saves
 MIN_BODY = 4 * 1024 * 1024
@@ -54,15 +57,19 @@ def can_splice(channel: Any, sink: Any, length: int | None) -> bool:
 
 
 class BodySplice:
-    """Moves the rest of one request body into ``sink``; an IReadDescriptor of its own."""
+    """Moves the rest of one request body into ``sink``; an IReadDescriptor of its own. A refusal
+    of the sink's (the disk below ``--min-free``) goes to ``refuse``, and the rest of the body
+    back to twisted.web, which drops it."""
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, channel: Any, sink: Any) -> None:
+    def __init__(self, reactor: Any, channel: Any, sink: Any,
+                 refuse: Callable[[GridnodeError], None] = lambda error: None) -> None:
         self.reactor = reactor
         self.channel = channel
         self.transport = channel.transport
         self.sink = sink
+        self.refuse = refuse
         #: this request's decoder: the channel's next request brings another
         self.decoder = _decoder(channel)
         self.fd = -1
@@ -128,8 +135,12 @@ class BodySplice:
                 while done < n:
                     done += os.splice(read, self.sink.file.fileno(), n - done, flags=os.SPLICE_F_MOVE)
                 decoder.contentLength -= n
-                self.sink.grew(n)
                 budget -= n
+                self.sink.grew(n)
+        except GridnodeError as e:
+            self.stop()
+            self.refuse(e)
+            return
         except (OSError, ValueError) as e:  # ValueError: the spool file was closed meanwhile
             if getattr(e, "errno", None) not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
                 self._log.failure("moving an upload body to {path} failed", path=self.sink.path)

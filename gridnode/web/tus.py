@@ -9,27 +9,29 @@ A finished upload becomes a job whose id is the upload's id.
 
 A PATCH body (or a creation POST's) is routed, before any byte of it is
 read, to a chunk file of the store (``route_body``, called by GridRequest);
-its refusals (draining, wrong offset, too large) are answered before the
-body. A HEAD waits for the commits in flight, so the offset it answers
-includes a chunk that was just cut off.
+its refusals (unknown or expired upload, draining, full, low disk, wrong
+offset, too large) are answered before the body. A PATCH for an upload this
+node has not seen waits for the store's answer with the body unread. A HEAD
+waits for the commits in flight, so the offset it answers includes a chunk
+that was just cut off.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.uploads.files import Chunk
-from gridnode.uploads.info import UploadInfo
-from gridnode.uploads.store import Outcome, Progress, UploadStore
+from gridnode.uploads.info import UploadInfo, owned_by
+from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
 from gridnode.web.http import error_body, parse_checksum, respond_later
 
 TUS_VERSION = "1.0.0"
@@ -104,15 +106,34 @@ def http_date(when: float) -> str:
 # -- the handler
 
 
+class UploadAccess(Protocol):
+    """The node's authorization as the tus handler asks it (gridnode/web/access.py)."""
+
+    def creator(self, request: Any, presets: list[str], length: int | None) -> str:
+        """The tenant a new upload belongs to, once the token allows it (else the coded refusal)."""
+
+    def owner_filter(self, request: Any) -> str | None:
+        """Whose uploads ``request`` may touch: a tenant, or None for any."""
+
+
+class _Anyone:
+    def creator(self, request: Any, presets: list[str], length: int | None) -> str:
+        return ""
+
+    def owner_filter(self, request: Any) -> str | None:
+        return None
+
+
 class TusHandler:
     """The tus endpoint of one node, over its `UploadStore`."""
 
     def __init__(self, uploads: UploadStore, *, base_path: str = "/files/",
-                 authorize: Callable[[Any, list[str], int | None], None] | None = None) -> None:
+                 access: UploadAccess | None = None) -> None:
         self.uploads = uploads
         self.base = "/" + base_path.strip("/") + "/"
-        #: the node's upload-token check, called at creation as for POST /jobs: (request, presets, length)
-        self.authorize = authorize
+        #: who may create an upload and whose uploads a request reaches; another tenant's upload
+        #: answers 404, as one that never was
+        self.access: UploadAccess = access or _Anyone()
 
     @property
     def max_upload_bytes(self) -> int:
@@ -147,9 +168,11 @@ class TusHandler:
             ours = True
         return [("Tus-Resumable", TUS_VERSION), ("Tus-Version", TUS_VERSION)] if ours else []
 
-    def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Chunk | None:
-        """A sink for ``POST /files/`` with a body and ``PATCH /files/<id>``; None for anything else.
-        Raises the coded refusal (answered before the body is read)."""
+    def route_body(self, method: bytes, path: bytes, request: Any,
+                   length: int | None) -> Chunk | Deferred[Chunk] | None:
+        """A sink for ``POST /files/`` with a body and ``PATCH /files/<id>`` (or a Deferred of it, once
+        the store has said whether the upload exists); None for anything else. Raises (or fails
+        with) the coded refusal, answered before the body is read."""
         method = effective_method(method, request)
         if method not in (b"PATCH", b"POST"):
             return None
@@ -162,12 +185,22 @@ class TusHandler:
             return self._creation_sink(request, length)
         return None
 
-    def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk:
+    def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk | Deferred[Chunk]:
         check_version(request)
         check_offset_stream(request)
         start = parse_count(request.getHeader(b"upload-offset"), "Upload-Offset")
         checksum = parse_checksum(request.getHeader(b"upload-checksum"))
-        return self.uploads.chunk(upload_id, start, length, checksum)
+        tenant = self.access.owner_filter(request)
+
+        def sink(info: UploadInfo) -> Chunk:
+            # The upload's stored info is known here, before a byte of the chunk is read: another
+            # tenant's upload answers 404 as one that never was.
+            if not owned_by(info, tenant):
+                raise not_yours(upload_id)
+            return self.uploads.chunk(upload_id, start, length, checksum, tenant)
+
+        found = self.uploads.find(upload_id)
+        return found.addCallback(sink) if isinstance(found, Deferred) else sink(found)
 
     def _creation_sink(self, request: Any, length: int | None) -> Chunk:
         check_version(request)
@@ -190,35 +223,40 @@ class TusHandler:
         filename = metadata_text(metadata, "filename") or ""
         presets = metadata_text(metadata, "presets")
         chosen = self.uploads.check_presets(presets)
-        if self.authorize is not None:
-            # The upload id, 80 random bits, is the capability for the requests that follow.
-            self.authorize(request, chosen, length)
-        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets)
+        # The upload id is the upload's name; its tenant, recorded here, is checked on every request
+        # that follows. A token's cap is checked against Upload-Length here: no chunk may pass that.
+        tenant = self.access.creator(request, chosen, length)
+        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets, tenant=tenant)
 
     # -- requests (the resource calls these)
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"tus-resumable", TUS_VERSION.encode())
         try:
-            upload_id = self.target(request.path)
-            method = effective_method(request.method, request)
-            if upload_id is None:
-                raise NotFound("no such resource")
-            if method == b"OPTIONS":
-                return self._options(request)
-            check_version(request)
-            if upload_id == "" and method == b"POST":
-                return self._post(request)
-            if upload_id and method == b"HEAD":
-                return self._head(request, upload_id)
-            if upload_id and method == b"PATCH":
-                return self._patch(request)
-            if upload_id and method == b"DELETE":
-                return self._delete(request, upload_id)
-            request.setHeader(b"allow", b"OPTIONS, POST" if upload_id == "" else b"OPTIONS, HEAD, PATCH, DELETE")
-            raise _bad(f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", 405)
+            return self._render(request)
         except GridnodeError as e:
+            if isinstance(request.content, Chunk):
+                request.content.remove()  # refused before its commit: the file and its slot go
             return answer_error(request, e)
+
+    def _render(self, request: Request) -> bytes | int:
+        upload_id = self.target(request.path)
+        method = effective_method(request.method, request)
+        if upload_id is None:
+            raise NotFound("no such resource")
+        if method == b"OPTIONS":
+            return self._options(request)
+        check_version(request)
+        if upload_id == "" and method == b"POST":
+            return self._post(request)
+        if upload_id and method == b"HEAD":
+            return self._head(request, upload_id)
+        if upload_id and method == b"PATCH":
+            return self._patch(request)
+        if upload_id and method == b"DELETE":
+            return self._delete(request, upload_id)
+        request.setHeader(b"allow", b"OPTIONS, POST" if upload_id == "" else b"OPTIONS, HEAD, PATCH, DELETE")
+        raise _bad(f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", 405)
 
     def _options(self, request: Request) -> bytes:
         request.setResponseCode(204)
@@ -268,14 +306,16 @@ class TusHandler:
                 request.setHeader(b"gridnode-job", progress.job_id.encode())
             request.finish()
 
-        return respond_later(request, self.uploads.progress(upload_id), found, answer_error)
+        return respond_later(request, self.uploads.progress(upload_id, self.access.owner_filter(request)), found,
+                             answer_error)
 
     def _delete(self, request: Request, upload_id: str) -> int:
         def done(_: Any) -> None:
             request.setResponseCode(204)
             request.finish()
 
-        return respond_later(request, self.uploads.terminate(upload_id), done, answer_error)
+        return respond_later(request, self.uploads.terminate(upload_id, self.access.owner_filter(request)), done,
+                             answer_error)
 
 
 class _FilesResource(Resource):

@@ -10,12 +10,17 @@ before any body byte is read, where the body should go:
   or a tus chunk), after the admission checks: draining, queue full (503 +
   Retry-After), too little disk (507), declared size over ``--max-upload``
   (413); a declared size is reserved on disk up front;
+- or with a Deferred of that sink, when the answer needs the store (a tus
+  PATCH for an upload this node has not seen): the transport stops reading
+  meanwhile, so nothing of the body is read (beyond what came with the
+  headers) before the upload is known to exist;
 - any other route gets a small in-memory body with a hard cap.
 
-A refusal is answered at once (clients sending ``Expect: 100-continue``
-never send the body); the body of a refused request is read and dropped up
-to a bound, then the connection is closed, so the client sees the answer
-rather than a reset.
+The sink counts the bytes actually received against its limit and the free
+space (chunked bodies declare no size), and may refuse mid-stream. A refusal
+is answered at once (clients sending ``Expect: 100-continue`` never send the
+body); the body of a refused request is read and dropped up to a bound, then
+the connection is closed, so the client sees the answer rather than a reset.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
 from gridnode.errors import GridnodeError
+from gridnode.web.access import redacted_log_line
 from gridnode.web.splice import BodySplice, can_splice
 
 #: socket reads of an upload body
@@ -57,18 +65,33 @@ class GridRequest(Request):
     #: the query string, known before the body (request.args is parsed only after it)
     early_query = b""
 
+    #: the route, while the router waits for the store (the transport reads nothing meanwhile)
+    _routing: Deferred[Any] | None = None
+    #: body bytes that arrived with the headers of a request whose route is not known yet
+    _held: list[bytes]
+    #: requestReceived's arguments, when the body ended before its route was known
+    _received: tuple[bytes, bytes, bytes] | None = None
+    _continue = False
+
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
-        site = self._channel().site
         channel = self._channel()
         # The request line is parsed but not yet set on the request (that
         # happens once the body is in); the channel holds it meanwhile.
         method: bytes = getattr(channel, "_command", b"")
         path, _, self.early_query = getattr(channel, "_path", b"").partition(b"?")
         try:
-            sink = site.route_body(method, path, self, length)
+            sink = channel.site.route_body(method, path, self, length)
         except GridnodeError as e:
             self._refuse(e)
             return
+        if isinstance(sink, Deferred):
+            self._await_route(sink, length)
+            return
+        self._take(sink, length)
+
+    def _take(self, sink: Any, length: int | None) -> None:
+        """Send the body to ``sink`` (None: a small body in memory)."""
+        channel = self._channel()
         if sink is not None:
             self.content = sink
             # Read uploads in 512 KiB pieces instead of Twisted's 64 KiB: an eighth of the
@@ -78,8 +101,8 @@ class GridRequest(Request):
                 transport.bufferSize = UPLOAD_READ_SIZE
             if can_splice(channel, sink, length):
                 # once the part of the body that came with the headers went the usual way
-                self._splice = BodySplice(site.reactor, channel, sink)
-                site.reactor.callLater(0, self._splice.start)
+                self._splice = BodySplice(channel.site.reactor, channel, sink, refuse=self._refuse_midway)
+                channel.site.reactor.callLater(0, self._splice.start)
             return
         if length is not None and length > SMALL_BODY:
             self._refuse(GridnodeError(f"a body of more than {SMALL_BODY} bytes is not accepted here",
@@ -87,7 +110,61 @@ class GridRequest(Request):
             return
         self.content = _CappedBuffer(SMALL_BODY)
 
+    def _await_route(self, route: Deferred[Any], length: int | None) -> None:
+        """Read nothing of the body until ``route`` names its sink. Only what came with the headers
+        (one read at most) is held in memory; a client that asked for "100 Continue" is told to
+        send its body once it has somewhere to go, and not at all if it is refused."""
+        channel = self._channel()
+        self._routing, self._held = route, []
+        expect = self.requestHeaders.getRawHeaders(b"expect") or [b""]
+        self._continue = expect[0].lower() == b"100-continue" and getattr(channel, "_version", b"") == b"HTTP/1.1"
+        self.requestHeaders.removeHeader(b"expect")  # or the channel says "100 Continue" right away
+        channel.transport.pauseProducing()
+        route.addCallbacks(lambda sink: self._routed(sink, length), self._route_refused)
+
+    def _routed(self, sink: Any, length: int | None) -> None:
+        self._routing = None
+        if self._disconnected:
+            getattr(sink, "abort", lambda: None)()  # the client left meanwhile: the sink gives back its slot
+            return
+        self._take(sink, length)
+        held, self._held = self._held, []
+        for data in held:
+            self.handleContentChunk(data)
+        if self._received is not None:
+            received, self._received = self._received, None
+            self.requestReceived(*received)
+            return
+        if self._refused is None:
+            if self._continue:
+                self._channel()._send100Continue()
+            self._read_again()
+
+    def _route_refused(self, failure: Failure) -> None:
+        self._routing, self._held = None, []
+        error = failure.value if isinstance(failure.value, GridnodeError) else None
+        if error is None:
+            self._log.failure("routing a request body failed", failure)
+            error = GridnodeError("the node failed to take this request; try again or another node")
+        if self._disconnected:
+            return
+        self._refuse(error)
+        if self._received is not None:
+            received, self._received = self._received, None
+            self.requestReceived(*received)  # refused: closes the connection
+            return
+        self._read_again()  # read and drop what the client still sends, so that it sees the answer
+
+    def _read_again(self) -> None:
+        transport = self._channel().transport
+        if not transport.disconnecting:
+            transport.resumeProducing()
+
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self._routing is not None:
+            self._held.append(data)
+            self._channel().transport.pauseProducing()  # again, should anything have resumed it
+            return
         if self._refused is not None:
             self._dropped += len(data)
             if self._dropped > DRAIN_REFUSED:
@@ -97,12 +174,19 @@ class GridRequest(Request):
         try:
             content.write(data)
         except GridnodeError as e:
-            self._channel().site.on_refused(e)
-            self._refuse(e)
+            self._refuse_midway(e)
+
+    def _refuse_midway(self, error: GridnodeError) -> None:
+        """The sink refused the body as it arrived (over its limit, the disk below --min-free)."""
+        self._channel().site.on_refused(error)
+        self._refuse(error)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
         if self._refused is not None:
             self._channel().transport.loseConnection()
+            return
+        if self._routing is not None:
+            self._received = (command, path, version)  # processed once the route is known
             return
         super().requestReceived(command, path, version)
 
@@ -189,7 +273,8 @@ class GridSite(Site):
     def __init__(self, resource: Any, reactor: Any, route_body: BodyRouter,
                  extra_headers: Callable[[Request], list[tuple[str, str]]] = lambda request: [],
                  on_refused: Callable[[GridnodeError], None] = lambda error: None) -> None:
-        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        # The access log never shows a ?token= value.
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False, logFormatter=redacted_log_line)
         self.route_body = route_body
         self.extra_headers = extra_headers
         #: told of bodies refused mid-stream (admission refusals are the router's to count)

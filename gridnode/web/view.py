@@ -1,8 +1,9 @@
 """
 What the HTTP side sees of a node: its settled configuration, store, jobs
-and uploads, and (once they run) its registry and membership. It decides
-where an upload's body goes and whether a token allows it; the resources
-under it render what it holds.
+and uploads, and (once they run) its registry and membership. Before any
+body byte is read it has every request authorized (gridnode/web/access.py)
+and decides where an upload's body goes; the resources under it render what
+it holds.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from gridnode import __version__, tokens
-from gridnode.config import NodeConfig, read_secret
+from gridnode import __version__
+from gridnode.config import NodeConfig
+from gridnode.errors import GridnodeError
 from gridnode.web import tus as tus_web
+from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
 
 if TYPE_CHECKING:
+    from gridnode.keyring import KeyringFile
     from gridnode.membership.service import MembershipService
     from gridnode.pipeline import JobService
     from gridnode.registry.service import Registry
@@ -25,7 +29,8 @@ if TYPE_CHECKING:
 
 
 class NodeView:
-    def __init__(self, config: NodeConfig, store: ObjectStore, jobs: JobService, uploads: UploadStore) -> None:
+    def __init__(self, config: NodeConfig, store: ObjectStore, jobs: JobService, uploads: UploadStore,
+                 tokens: KeyringFile | None = None) -> None:
         self.config = config
         self.store = store
         self.jobs = jobs
@@ -33,32 +38,32 @@ class NodeView:
         self.registry: Registry | None = None
         self.membership: MembershipService | None = None
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
-        self.upload_secret = read_secret(config.upload_secret, "upload-secret") if config.upload_secret else None
-        self.tus = tus_web.TusHandler(uploads, authorize=self.authorize)
+        #: the one authorization of every request (open when the node has no token keyring)
+        self.access = Access(tokens.ring if tokens is not None else None)
+        self.tus = tus_web.TusHandler(uploads, access=self.access)
 
     @property
     def draining(self) -> bool:
         return self.jobs.draining
 
     def route_body(self, method: bytes, path: bytes, request: Any, length: int | None) -> Any:
-        """Where an upload's body goes (see web/upload.py); None for small bodies."""
-        if method == b"POST" and path.rstrip(b"/") == b"/jobs":
-            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
+        """Called for every request once its head is in: authorize it, then say where an upload's
+        body goes (see web/upload.py); None for small bodies."""
+        early_query: bytes = getattr(request, "early_query", b"")
+        try:
+            self.access.authorize(request, method, path, early_query)
+        except GridnodeError as e:
+            self.jobs.metrics.auth_refusals.labels(e.code).inc()
+            raise
+        # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
+        if method == b"POST" and segments(path) == [b"jobs"]:
+            query = parse_qs(early_query.decode("latin-1"))
             presets = ",".join(query.get("presets", [])).split(",")
-            self.authorize(request, [p for p in presets if p] or ["mp4-720p"], length)
-            return self.jobs.admit(length)
+            self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
+            # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
+            # it holds on the bytes received, so a chunked body cannot pass it either.
+            return self.jobs.admit(length, limit=self.access.upload_limit(request))
         return self.tus.route_body(method, path, request, length)
-
-    def authorize(self, request: Any, presets: list[str], length: int | None) -> None:
-        """With an upload secret, an upload needs a token that allows it."""
-        if self.upload_secret is None:
-            return
-        header = request.getHeader(b"authorization") or b""
-        token = header[7:].decode("latin-1") if header[:7].lower() == b"bearer " else None
-        if token is None:
-            query = parse_qs(getattr(request, "early_query", b"").decode("latin-1"))
-            token = (query.get("token") or [None])[0]
-        tokens.check(tokens.verify(self.upload_secret, token), presets, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
         return self.cors.headers_for(request.getHeader(b"origin")) + self.tus.extra_headers(request)

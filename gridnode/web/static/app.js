@@ -2,8 +2,9 @@
  * The upload page: pick a node (power of two choices on the registry's load
  * figures), upload to it (tus when the node offers it, else POST /jobs),
  * follow the job (Server-Sent Events, else polling), show the result.
- * A node that fails mid-upload is left for another one.
- * Plain ES2017, no build step, no framework.
+ * A node that fails mid-upload is left for another one. Requests that need
+ * the pool's access token carry it (token.js: from the URL fragment or the
+ * token field). Plain ES2017, no build step, no framework.
  */
 (function () {
   "use strict";
@@ -17,6 +18,7 @@
   var POLL_MS = 1000;
 
   var $ = function (id) { return document.getElementById(id); };
+  var token = window.gridnodeToken;
 
   /* -- errors ---------------------------------------------------------- */
 
@@ -173,6 +175,7 @@
         uploadUrl: resumeId ? base + "/files/" + encodeURIComponent(resumeId) : null,
         chunkSize: TUS_CHUNK,
         retryDelays: TUS_RETRY_DELAYS,
+        headers: token.headers(),
         storeFingerprintForResuming: false,
         metadata: { filename: file.name, filetype: file.type || "application/octet-stream",
                     presets: presets.join(",") },
@@ -211,6 +214,7 @@
       var query = "presets=" + encodeURIComponent(presets.join(",")) + "&name=" + encodeURIComponent(file.name);
       xhr.open("POST", base + "/jobs?" + query);
       xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      if (token.get()) xhr.setRequestHeader("Authorization", "Bearer " + token.get());
       xhr.upload.onprogress = function (ev) {
         if (ev.lengthComputable) onProgress(ev.loaded, ev.total);
       };
@@ -293,7 +297,7 @@
         var target = order[at % order.length];
         try {
           var r = await fetchWithTimeout(target.base + "/jobs/" + encodeURIComponent(jobId),
-            { cache: "no-store" }, PROBE_TIMEOUT_MS);
+            { cache: "no-store", headers: token.headers() }, PROBE_TIMEOUT_MS);
           var body = await r.text();
           if (r.ok) {
             failures = 0;
@@ -317,7 +321,8 @@
       }
 
       if (typeof window.EventSource === "function") {
-        es = new EventSource(node.base + "/jobs/" + encodeURIComponent(jobId) + "/events");
+        // An EventSource sends no headers: the token rides in the URL (never logged by the node).
+        es = new EventSource(token.url(node.base + "/jobs/" + encodeURIComponent(jobId) + "/events"));
         var onEvent = function (ev) {
           try { seen(JSON.parse(ev.data)); } catch (ignored) { /* a malformed event */ }
         };
@@ -343,6 +348,13 @@
 
   function absolute(base, url) {
     try { return new URL(url, base + "/").href; } catch (e) { return url; }
+  }
+
+  /** A result's URL for a link or a <video src> (no headers there): the token is added only
+   * for the node's own /results/, never for a URL elsewhere (a presigned S3 URL). */
+  function resultUrl(node, url) {
+    var full = absolute(node.base, url);
+    return full.indexOf(node.base + "/results/") === 0 ? token.url(full) : full;
   }
 
   function humanSize(n) {
@@ -386,7 +398,7 @@
     outputs.forEach(function (o) {
       var li = document.createElement("li");
       var a = document.createElement("a");
-      a.href = absolute(node.base, o.url);
+      a.href = resultUrl(node, o.url);
       a.textContent = o.name || o.url;
       a.setAttribute("download", "");
       li.appendChild(a);
@@ -401,10 +413,10 @@
     var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
       outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
     var poster = outputs.filter(function (o) { return o.preset === "poster" || /\.jpe?g$/.test(o.name || ""); })[0];
-    if (poster) player.setAttribute("poster", absolute(node.base, poster.url));
+    if (poster) player.setAttribute("poster", resultUrl(node, poster.url));
     if (video) {
       var source = document.createElement("source");
-      source.src = absolute(node.base, video.url);
+      source.src = resultUrl(node, video.url);
       source.type = video.content_type;
       player.appendChild(source);
       player.hidden = false;
@@ -496,6 +508,7 @@
   // For tests and the curious: the pure parts.
   window.gridnodeUpload = { busy: busy, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive };
 
+  token.bind($("token"));
   $("upload-form").addEventListener("submit", submit);
   start().catch(function (e) { showError("no_nodes", e.message); });
 }());

@@ -2,7 +2,9 @@
  * The status page: the pool's members (GET /peers merged with
  * /registry/nodes.json), this node's running and queued jobs with live
  * progress (one EventSource per active job), and its recent failures.
- * Refreshed every few seconds. Plain ES2017, no build step.
+ * Refreshed every few seconds. With a token keyring it needs a token with
+ * scopes ops (members) and read (jobs; admin for every tenant's): token.js.
+ * Plain ES2017, no build step.
  */
 (function () {
   "use strict";
@@ -13,13 +15,14 @@
   var FINAL = ["done", "failed", "cancelled"];
 
   var $ = function (id) { return document.getElementById(id); };
+  var token = window.gridnodeToken;
   var streams = new Map(); // job id -> EventSource
   var jobs = new Map(); // job id -> latest job JSON (active ones)
 
   function getJSON(url) {
     var controller = typeof AbortController === "function" ? new AbortController() : null;
     var timer = setTimeout(function () { if (controller) controller.abort(); }, TIMEOUT_MS);
-    return fetch(url, { cache: "no-store", signal: controller ? controller.signal : undefined })
+    return fetch(url, { cache: "no-store", headers: token.headers(), signal: controller ? controller.signal : undefined })
       .then(function (r) {
         clearTimeout(timer);
         if (!r.ok) throw new Error(url + " answered " + r.status);
@@ -126,7 +129,7 @@
 
   function watch(id) {
     if (streams.has(id) || typeof window.EventSource !== "function") return;
-    var es = new EventSource("/jobs/" + encodeURIComponent(id) + "/events");
+    var es = new EventSource(token.url("/jobs/" + encodeURIComponent(id) + "/events"));
     var onEvent = function (ev) {
       var job;
       try { job = JSON.parse(ev.data); } catch (ignored) { return; }
@@ -211,6 +214,11 @@
     }
   }
 
+  token.bind($("token"), function () {
+    streams.forEach(function (es) { es.close(); });
+    streams.clear();
+    refresh();
+  });
   refresh();
   setInterval(refresh, REFRESH_MS);
 }());
