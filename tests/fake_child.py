@@ -13,6 +13,8 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from gridnode.errors import GridnodeError
+
 PID = 4242
 
 
@@ -44,6 +46,32 @@ class FakeGroups:
         if not self.exists:
             raise ProcessLookupError()
         self.sent.append((pid, sig))
+
+
+class ChildRun:
+    """A child protocol on a `FakeTransport`, its result collected: what the tests of every
+    `ChildProcess` (ffmpeg's, ffprobe's, the base's own) drive it with."""
+
+    transport: FakeTransport
+    results: list[Any]
+
+    def attach(self, child: Any, start: bool = True) -> None:
+        self._child = child
+        self.transport = FakeTransport()
+        self.results = []
+        child.deferred.addBoth(self.results.append)
+        if start:
+            child.makeConnection(self.transport)
+
+    def end(self, reason: Failure) -> None:
+        self.transport.pid = None
+        self._child.processEnded(reason)
+
+    def error(self) -> GridnodeError:
+        assert len(self.results) == 1 and isinstance(self.results[0], Failure)
+        value = self.results[0].value
+        assert isinstance(value, GridnodeError)
+        return value
 
 
 def exited(code: int | None = 0, sig: int | None = None) -> Failure:

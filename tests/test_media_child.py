@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
-from tests.fake_child import PID, FakeGroups, FakeProcessReactor, FakeTransport, exited
+from tests.fake_child import PID, ChildRun, FakeGroups, FakeProcessReactor, exited
 
 
 class Collect(ChildProcess[bytes]):
@@ -37,27 +37,13 @@ class Collect(ChildProcess[bytes]):
         return GridnodeError("idle" if idle else "too long", code="timeout", status=504)
 
 
-class Run:
+class Run(ChildRun):
     def __init__(self, timeouts: Timeouts = Timeouts(idle=5, max_time=20, kill_grace=3, backup=7),
                  groups: FakeGroups | None = None, start: bool = True) -> None:
         self.clock = task.Clock()
         self.groups = groups or FakeGroups()
         self.child = Collect(self.clock, timeouts, self.groups)
-        self.transport = FakeTransport()
-        self.results: list[Any] = []
-        self.child.deferred.addBoth(self.results.append)
-        if start:
-            self.child.makeConnection(self.transport)
-
-    def end(self, reason: Failure) -> None:
-        self.transport.pid = None
-        self.child.processEnded(reason)
-
-    def error(self) -> GridnodeError:
-        assert len(self.results) == 1 and isinstance(self.results[0], Failure)
-        value = self.results[0].value
-        assert isinstance(value, GridnodeError)
-        return value
+        self.attach(self.child, start)
 
 
 class ChildProcessTests:

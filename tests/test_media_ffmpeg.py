@@ -19,7 +19,6 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
-from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import (
@@ -38,7 +37,7 @@ from gridnode.media.presets import build_argv, default_output_limit, parse_prese
 from gridnode.media.probe import Limits, ProbeResult, decoder_pixels, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
 from gridnode.media.verify import OutputWatch, measure_outputs
-from tests.fake_child import PID, FakeGroups, FakeTransport, exited
+from tests.fake_child import PID, ChildRun, FakeGroups, FakeTransport, exited
 from tests.media_samples import (
     FFMPEG,
     FFPROBE,
@@ -121,7 +120,7 @@ class StderrTailTests:
         assert len(lines) == 65 and lines[0] == "line 36" and lines[-1] == "last"
 
 
-class Harness:
+class Harness(ChildRun):
     def __init__(self, duration: float = 10.0, timeouts: Timeouts = Timeouts(idle=5, kill_grace=3, backup=7),
                  group_exists: bool = True, on_tick: Callable[[], GridnodeError | None] | None = None) -> None:
         self.clock = task.Clock()
@@ -130,20 +129,7 @@ class Harness:
         self.progress: list[float] = []
         self.proc = FfmpegProcess(self.clock, duration=duration, on_progress=self.progress.append,
                                   on_tick=on_tick, timeouts=timeouts, killpg=self.groups)
-        self.transport = FakeTransport()
-        self.proc.makeConnection(self.transport)
-        self.results: list[Any] = []
-        self.proc.deferred.addBoth(self.results.append)
-
-    def end(self, reason: Failure) -> None:
-        self.transport.pid = None
-        self.proc.processEnded(reason)
-
-    def error(self) -> GridnodeError:
-        assert len(self.results) == 1 and isinstance(self.results[0], Failure)
-        value = self.results[0].value
-        assert isinstance(value, GridnodeError)
-        return value
+        self.attach(self.proc)
 
 
 class FfmpegProcessTests:

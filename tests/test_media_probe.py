@@ -29,7 +29,7 @@ from gridnode.media.probe import (
     probe,
     probe_argv,
 )
-from tests.fake_child import PID, FakeGroups, FakeProcessReactor, FakeTransport, exited
+from tests.fake_child import PID, ChildRun, FakeGroups, FakeProcessReactor, exited
 from tests.media_samples import FFPROBE, Clips
 
 
@@ -180,27 +180,14 @@ class ParseProbeTests:
         assert info.value.code == "not_a_video"
 
 
-class ProbeRun:
+class ProbeRun(ChildRun):
     """A ``ProbeProcess`` as ``probe()`` makes it, on a fake clock, transport and killpg."""
 
     def __init__(self, limits: Limits = Limits(probe_timeout=30)) -> None:
         self.clock = task.Clock()
         self.groups = FakeGroups()
         self.child = ProbeProcess(self.clock, limits, killpg=self.groups)
-        self.transport = FakeTransport()
-        self.child.makeConnection(self.transport)
-        self.results: list[Any] = []
-        self.child.deferred.addBoth(self.results.append)
-
-    def end(self, reason: Failure) -> None:
-        self.transport.pid = None
-        self.child.processEnded(reason)
-
-    def error(self) -> GridnodeError:
-        assert len(self.results) == 1 and isinstance(self.results[0], Failure)
-        value = self.results[0].value
-        assert isinstance(value, GridnodeError)
-        return value
+        self.attach(self.child)
 
 
 class ProbeChildTests:
