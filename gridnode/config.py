@@ -196,6 +196,9 @@ SETTINGS: tuple[Setting, ...] = (
             "all verify)", _opt_str, "FILE"),
     Setting("upload-secret", None, "keyring file of the access-token keys (lines 'ID SECRET'; the first signs, "
             "all verify): every job, upload, result and ops request then needs a JWT", _opt_str, "FILE"),
+    Setting("result-url-ttl", 3600, "seconds a result URL in a job's JSON stays valid, where the node has an "
+            "upload-secret (the URL is signed; a fresh one on every read of the job)", _int_range(1, 7 * 24 * 3600),
+            "S"),
     Setting("allow-anonymous-uploads", False, "serve a non-loopback --http without tokens: anyone who reaches "
             "it may upload, and read, watch, download and cancel every job", _bool, "BOOL"),
     Setting("cors-origins", (), "page origins allowed to call the API from a browser (comma-separated)",
@@ -242,6 +245,7 @@ class NodeConfig:
     work_dir: str
     secret_file: str | None
     upload_secret: str | None
+    result_url_ttl: int
     allow_anonymous_uploads: bool
     cors_origins: tuple[str, ...]
     instance_metadata: str | None

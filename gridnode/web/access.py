@@ -14,7 +14,9 @@ tenant to its own jobs and uploads (`Caller.sees`): another tenant's answer
 A token comes as ``Authorization: Bearer <token>``; ``?token=`` only on
 GETs a browser makes without a script's headers (an ``EventSource`` of
 /events, a ``<video src>`` of /results), and the access log never shows it
-(`redacted_log_line`). Without a keyring everyone may do everything.
+(`redacted_log_line`). A signed result URL (web/result_urls.py) needs no
+token: its resource checks its signature. Without a keyring everyone may do
+everything.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from twisted.web.http import combinedLogFormatter, unquote
 from gridnode import tokens
 from gridnode.keyring import Keyring
 from gridnode.tokens import CANCEL, OPS, READ, UPLOAD, Grant
+from gridnode.web.result_urls import is_signature
 
 #: "any valid token": a route with no scope of its own (unknown paths answer 404 after it)
 ANY = "any"
@@ -68,6 +71,8 @@ def need(method: bytes, parts: list[bytes]) -> Need:
             return Need(CANCEL)
         return Need(READ, query_token=reading and parts[2:] == [b"events"]) if reading else Need(ANY)
     if first == b"results":
+        if reading and len(parts) > 3 and is_signature(parts[2].decode("latin-1")):
+            return Need(None)  # the URL's own signature is its authority (web/result_urls.py)
         return Need(READ, query_token=True) if reading else Need(ANY)
     if first == b"files":
         return Need(UPLOAD)

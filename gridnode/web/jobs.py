@@ -6,10 +6,12 @@ GET /jobs/<id>             job JSON (local view, else the stored record)
 GET /jobs/<id>/events      Server-Sent Events until a final state
 DELETE /jobs/<id>          cancel
 GET /results/<id>/<name>   the bytes (Range, ETag) or a 302 to a presigned URL
+GET /results/<id>/~<signature>/<name>   the same, for a signed URL (no token)
 
 Every request was authorized before its body (gridnode/web/access.py); here
 a caller is kept to its own tenant's jobs: another tenant's job answers 404,
-word for word as one that does not exist.
+word for word as one that does not exist. A job's JSON is rendered here, its
+result URLs made at that moment (`ResultUrls.job_json`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.resource import Resource
@@ -31,6 +33,7 @@ from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
 from gridnode.spool import SpoolFile
 from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
+from gridnode.web.result_urls import ResultUrls, is_signature
 
 if TYPE_CHECKING:
     from gridnode.pipeline import JobService
@@ -42,11 +45,15 @@ def arg(request: Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def answer_json(request: Request, status: int = 200) -> Callable[[Any], None]:
-    """For `respond_later`: answer a job's JSON (or any JSON-ready object's) and finish."""
+#: the largest HLS playlist the node passes on from an S3 store itself (a 10 h rung is ~100 KiB)
+MAX_PLAYLIST_BYTES = 1024 * 1024
+
+
+def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callable[[Any], None]:
+    """For `respond_later`: answer a job's JSON (its result URLs made now) and finish."""
 
     def done(obj: Any) -> None:
-        request.write(json_body(request, obj.to_json() if isinstance(obj, Job) else obj, status))
+        request.write(json_body(request, urls.job_json(obj.to_json()) if isinstance(obj, Job) else obj, status))
         request.finish()
 
     return done
@@ -69,21 +76,22 @@ async def visible_job(jobs: JobService, access: Access, request: Request, job_id
 
 
 class JobsResource(Resource):
-    def __init__(self, jobs: JobService, access: Access) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
+        self.urls = urls
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         job_id = path.decode("ascii", "replace")
         if not keys.is_id(job_id):
             return ErrorResource(no_job(job_id))
-        return JobResource(self.jobs, self.access, job_id)
+        return JobResource(self.jobs, self.access, self.urls, job_id)
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
         """``GET /jobs``: this node's running and queued jobs, and its recent finished ones (the
         caller's tenant's)."""
-        return json_body(request, self.jobs.listing(self.access.owner_filter(request)))
+        return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         spool: Any = request.content  # a SpoolFile: GridRequest routed the body there
@@ -104,31 +112,32 @@ class JobsResource(Resource):
             request.setHeader(b"location", f"/jobs/{job.id}".encode())
             return job
 
-        return respond_later(request, work.addCallback(located), answer_json(request, 201))
+        return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
 
 
 class JobResource(Resource):
-    def __init__(self, jobs: JobService, access: Access, job_id: str) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls, job_id: str) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
+        self.urls = urls
         self.job_id = job_id
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         if path == b"events" and not request.postpath:
-            return EventsResource(self.jobs, self.access, self.job_id)
+            return EventsResource(self.jobs, self.access, self.urls, self.job_id)
         return ErrorResource(not_found())
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         return respond_later(request, visible_job(self.jobs, self.access, request, self.job_id),
-                             answer_json(request))
+                             answer_json(request, self.urls))
 
     def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         async def cancel() -> Any:
             await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
             return await self.jobs.cancel(self.job_id)
 
-        return respond_later(request, cancel(), answer_json(request))
+        return respond_later(request, cancel(), answer_json(request, self.urls))
 
 
 class EventsResource(Resource):
@@ -136,10 +145,11 @@ class EventsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, jobs: JobService, access: Access, job_id: str) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls, job_id: str) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
+        self.urls = urls
         self.job_id = job_id
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
@@ -147,7 +157,7 @@ class EventsResource(Resource):
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-store")
             request.setHeader(b"x-accel-buffering", b"no")
-            stream = _EventStream(request)
+            stream = _EventStream(request, self.urls)
             stream.send(job)
             if job.final:
                 request.finish()
@@ -166,41 +176,52 @@ class EventsResource(Resource):
 
 
 class _EventStream:
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, urls: ResultUrls) -> None:
         self.request = request
+        self.urls = urls
         self.closed = False
         self.on_close: Any = None
         self.count = 0
         self.last = ""
 
     def send(self, job: Job) -> None:
-        data = json.dumps(job.to_json(), sort_keys=True)
+        record = job.to_json()
+        data = json.dumps(record, sort_keys=True)  # compared before signing: a URL made later is no change
         if self.closed or data == self.last:
             return
         self.last = data
         self.count += 1
-        self.request.write(f"id: {self.count}\nevent: {job.state}\ndata: {data}\n\n".encode())
+        signed = json.dumps(self.urls.job_json(record), sort_keys=True)
+        self.request.write(f"id: {self.count}\nevent: {job.state}\ndata: {signed}\n\n".encode())
         if job.final:
             self.closed = True
             self.request.finish()
 
 
 class ResultsResource(Resource):
-    """``/results/<job>/<name...>``: served from a file: store, or redirected to S3."""
+    """``/results/<job>/<name...>`` (a token with scope read) and ``/results/<job>/~<signature>/<name...>``
+    (a signed URL: no token). From a file: store the bytes; from S3 a playlist is passed on by the
+    node (its relative URLs then lead back here, signature and all) and any other file is a 302 to
+    a presigned URL."""
 
     isLeaf = True
 
-    def __init__(self, jobs: JobService, access: Access) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
+        self.urls = urls
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath or []]
+        signed = len(parts) > 1 and is_signature(parts[1])
         try:
             if len(parts) < 2 or not keys.is_id(parts[0]):
                 raise NotFound("no such result: use /results/<job id>/<file name> from the job's outputs")
-            key = keys.output(parts[0], "/".join(parts[1:]))
+            name = "/".join(parts[2:] if signed else parts[1:])
+            key = keys.output(parts[0], name)
+            if signed:
+                return self._serve(request, key, self.urls.verify(parts[0], parts[1], name))
         except InvalidKey:
             return error_body(request, NotFound("no such result"))
         except GridnodeError as e:
@@ -231,35 +252,54 @@ class ResultsResource(Resource):
 
     render_HEAD = render_GET
 
-    def _serve(self, request: Request, key: str) -> Any:
-        """The result's bytes, or NOT_DONE_YET while a redirect is worked out."""
+    def _serve(self, request: Request, key: str, valid: int | None = None) -> Any:
+        """The result's bytes, or NOT_DONE_YET while the store answers. ``valid``: the seconds a
+        signed URL has left (no cache keeps it longer, no presigned URL outlives it)."""
         store = self.jobs.store
         path = store.local_path(key)
         if path is not None:
-            return self._serve_file(request, key, path)
+            return self._serve_file(request, key, path, valid)
 
-        def redirect(url: str | None) -> None:
-            if url is None:
+        def answer(result: tuple[bytes, Any] | str | None) -> None:
+            if request._disconnected:
+                return
+            if result is None:
                 request.write(error_body(request, NotFound("no such result")))
+            elif isinstance(result, str):
+                request.redirect(result.encode())
             else:
-                request.redirect(url.encode())
+                self._cache_headers(request, valid)
+                request.setHeader(b"content-type", CONTENT_TYPES[".m3u8"].encode())
+                request.write(result[0])
             request.finish()
 
         def failed(f: Failure) -> None:
             e = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot reach the store")
-            request.write(error_body(request, e))
-            request.finish()
+            if not request._disconnected:
+                request.write(error_body(request, e))
+                request.finish()
 
-        store.stat(key).addCallback(lambda _: store.presigned_url(key)).addCallbacks(redirect, failed)
+        work: Deferred[Any]
+        if key.endswith(".m3u8"):
+            # A redirected playlist's relative URLs would resolve against the presigned URL, where
+            # they name objects with no signature: the node passes it on, one GET to the store.
+            work = store.get_bytes(key, max_size=MAX_PLAYLIST_BYTES)
+        else:
+            work = store.stat(key).addCallback(lambda _: store.presigned_url(key, valid or 3600))
+        work.addCallbacks(answer, failed)
         return NOT_DONE_YET
 
-    def _serve_file(self, request: Request, key: str, path: str) -> Any:
+    def _cache_headers(self, request: Request, valid: int | None) -> None:
+        # A tenant's result may sit in the browser's cache, never in one shared with other tenants.
+        shared = b"public" if self.access.open else b"private"
+        age = 86400 if valid is None else min(86400, valid)
+        request.setHeader(b"cache-control", shared + b", max-age=%d, immutable" % age)
+
+    def _serve_file(self, request: Request, key: str, path: str, valid: int | None) -> Any:
         info = self.jobs.store.backend.stat(key)  # local file: a stat, no network
         etag = f'"{info.etag}"'.encode()
         request.setHeader(b"etag", etag)
-        # A tenant's result may sit in the browser's cache, never in one shared with other tenants.
-        shared = b"public" if self.access.open else b"private"
-        request.setHeader(b"cache-control", shared + b", max-age=86400, immutable")
+        self._cache_headers(request, valid)
         if request.getHeader(b"if-none-match") == etag:
             request.setResponseCode(304)
             return b""

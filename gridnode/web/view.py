@@ -18,6 +18,7 @@ from gridnode.errors import GridnodeError
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
+from gridnode.web.result_urls import ResultUrls
 
 if TYPE_CHECKING:
     from gridnode.keyring import KeyringFile
@@ -40,6 +41,8 @@ class NodeView:
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         #: the one authorization of every request (open when the node has no token keyring)
         self.access = Access(tokens.ring if tokens is not None else None)
+        #: result URLs in a job's JSON: signed with the same keyring (none: plain paths)
+        self.result_urls = ResultUrls(tokens.ring if tokens is not None else None, config.result_url_ttl)
         self.tus = tus_web.TusHandler(uploads, access=self.access)
 
     @property

@@ -350,11 +350,13 @@
     try { return new URL(url, base + "/").href; } catch (e) { return url; }
   }
 
-  /** A result's URL for a link or a <video src> (no headers there): the token is added only
-   * for the node's own /results/, never for a URL elsewhere (a presigned S3 URL). */
+  /** A result's URL for a link or a <video src> (no headers there). A node with tokens gives
+   * signed URLs (/results/<job>/~<signature>/<name>) that need none; the token is added only to
+   * the node's own plain /results/ URL, never to a signed one or a URL elsewhere. */
   function resultUrl(node, url) {
     var full = absolute(node.base, url);
-    return full.indexOf(node.base + "/results/") === 0 ? token.url(full) : full;
+    var plain = full.indexOf(node.base + "/results/") === 0 && !/\/results\/[^/]+\/~/.test(full);
+    return plain ? token.url(full) : full;
   }
 
   function humanSize(n) {
