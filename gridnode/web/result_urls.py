@@ -108,7 +108,7 @@ class ResultUrls:
         return f"/results/{job_id}/{MARK}{expires}.{key.id}.{_mac(key, job_id, scope_of(name), expires)}/{name}"
 
     def verify(self, job_id: str, segment: str, name: str) -> int:
-        """The seconds left to a URL's signature ``segment`` for ``name`` of ``job_id``; else the
+        """The whole seconds left to a URL's signature ``segment`` for ``name`` of ``job_id``; else the
         coded 403: `bad_signature` (not made by this pool's keys for this job and scope, or
         changed) or `url_expired`. ``name`` must have passed `keys.output` already."""
         if self.keyring is None:
@@ -127,7 +127,7 @@ class ResultUrls:
             # signed by a node with a longer --result-url-ttl: this node gives no URL so long a life
             raise bad_signature(f"this result URL claims {math.ceil(left)} s of validity, more than this node's "
                                 f"result-url-ttl ({self.ttl} s): read the job again for a fresh one")
-        return math.ceil(left)
+        return max(1, int(left))  # a presigned URL of this life ends with the signed one
 
     def job_json(self, record: dict[str, Any]) -> dict[str, Any]:
         """A job's JSON (``Job.to_json()``) as a reader gets it: each output's ``url`` made now.
