@@ -34,6 +34,7 @@ from gridnode.store.base import ObjectStore
 from gridnode.store.file import FileBackend
 from gridnode.store.memory import MemoryBackend
 from gridnode.uploads.store import UploadStore
+from gridnode.web.access import redact_uri
 from gridnode.web.api import api_root
 from gridnode.web.result_urls import LEEWAY_SECONDS, ResultUrls, parse_signature, scope_of
 from gridnode.web.upload import GridSite
@@ -414,3 +415,18 @@ class S3StoreTests:
         job = node.done_job(ALICE)["id"]
         node.put(job, "hls/master.m3u8", b"#" * (1024 * 1024 + 1))
         assert code(fetch(node, node.view.result_urls.url(job, "hls/master.m3u8"))) == (413, "too_large")
+
+
+class LogTests:
+    @pytest.mark.parametrize(("uri", "logged"), [
+        (b"/results/J/~1764.k1.MAC-_x/mp4-720p.mp4", b"/results/J/~1764.k1.REDACTED/mp4-720p.mp4"),
+        (b"/results/J/~1764.k.1.MAC/hls/720p/seg_000.ts?token=t", b"/results/J/~1764.k.1.REDACTED/hls/720p/seg_000.ts"
+                                                                  b"?token=REDACTED"),
+        (b"/results/J/%7E1764.k1.MAC/a.mp4", b"/results/J/%7E1764.k1.REDACTED/a.mp4"),
+        (b"/results/J/a.mp4", b"/results/J/a.mp4"),
+        (b"/jobs/J/~1.k1.MAC/x", b"/jobs/J/~1.k1.MAC/x"),
+    ])
+    def test_the_mac_is_not_logged(self, uri: bytes, logged: bytes) -> None:
+        """The access log keeps a signed URL's expiry and key id, never its MAC (which opens the
+        result to whoever reads the log)."""
+        assert redact_uri(uri) == logged

@@ -14,13 +14,14 @@ tenant to its own jobs and uploads (`Caller.sees`): another tenant's answer
 A token comes as ``Authorization: Bearer <token>``; ``?token=`` only on
 GETs a browser makes without a script's headers (an ``EventSource`` of
 /events, a ``<video src>`` of /results), and the access log never shows it
-(`redacted_log_line`). A signed result URL (web/result_urls.py) needs no
+(`redacted_log_line`; nor a signed URL's MAC). A signed result URL (web/result_urls.py) needs no
 token: its resource checks its signature. Without a keyring everyone may do
 everything.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import weakref
 from collections import OrderedDict
@@ -43,6 +44,8 @@ ANY = "any"
 _PUBLIC = frozenset({b"", b"status", b"static", b"health", b"registry"})
 #: job owners remembered for result requests (an owner never changes)
 _OWNERS_KEPT = 10_000
+#: a signed result URL's MAC (web/result_urls.py): what follows the last "." of its segment
+_SIGNED_MAC = re.compile(rb"(/results/[^/?]*/(?:~|%7[Ee])[^/?]*\.)[^/?.]+")
 
 
 @dataclass(frozen=True)
@@ -219,10 +222,11 @@ class _Redacted:
 
 def redact_uri(uri: bytes) -> bytes:
     """``uri`` with the value of every ``token`` parameter (however its name is spelled or
-    encoded) replaced."""
+    encoded), and a signed result URL's MAC, replaced: a log reader gets nothing that opens a job."""
     path, sep, query = uri.partition(b"?")
+    path = _SIGNED_MAC.sub(rb"\1REDACTED", path)
     if not sep:
-        return uri
+        return path
     pairs = [b"token=REDACTED" if unquote(p.split(b"=", 1)[0].replace(b"+", b" ")).strip().lower() == b"token"
              else p for p in query.split(b"&")]
     return path + b"?" + b"&".join(pairs)
