@@ -364,6 +364,9 @@ class FileStoreTests:
             assert code(fetch(file_node, url)) == expected, url[:200]
             assert code(fetch(file_node, url, BOB)) == expected, url[:200]
         assert fetch(file_node, f"/results/{job}/video.mp4", ALICE).status_code == 200  # the token route stays
+        refused = file_node.jobs.metrics.registry.get_sample_value("gridnode_auth_refusals_total",
+                                                                   {"code": "bad_signature"})
+        assert refused == 2 * sum(1 for c in cases.values() if c[1] == "bad_signature")  # what operators watch
 
     def test_hls_from_relative_urls(self, file_node: SignedNode) -> None:
         """An HLS player starts at the master playlist's URL and follows its relative URLs: each

@@ -221,7 +221,12 @@ class ResultsResource(Resource):
             name = "/".join(parts[2:] if signed else parts[1:])
             key = keys.output(parts[0], name)
             if signed:
-                return self._serve(request, key, self.urls.verify(parts[0], parts[1], name))
+                try:
+                    valid = self.urls.verify(parts[0], parts[1], name)
+                except GridnodeError as e:
+                    self.jobs.metrics.auth_refusals.labels(e.code).inc()
+                    raise
+                return self._serve(request, key, valid)
         except InvalidKey:
             return error_body(request, NotFound("no such result"))
         except GridnodeError as e:
