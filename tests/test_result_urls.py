@@ -433,3 +433,18 @@ class LogTests:
         """The access log keeps a signed URL's expiry and key id, never its MAC (which opens the
         result to whoever reads the log)."""
         assert redact_uri(uri) == logged
+
+
+class OptionTests:
+    @pytest.mark.parametrize(("value", "ok"), [(None, 3600), (1, 1), ("90", 90), (604800, 604800), (0, None),
+                                              (-5, None), (604801, None), ("1h", None), (1.5, None), (True, None)])
+    def test_result_url_ttl(self, value: Any, ok: int | None) -> None:
+        """--result-url-ttl: whole seconds from 1 to 7 days (an S3 presigned URL's longest life);
+        anything else is one line naming the key."""
+        cli = {} if value is None else {"result-url-ttl": value}
+        if ok is None:
+            with pytest.raises(GridnodeError) as e:
+                build_config(cli=cli)
+            assert e.value.code == "bad_config" and "result-url-ttl" in e.value.message
+        else:
+            assert build_config(cli=cli).result_url_ttl == ok
