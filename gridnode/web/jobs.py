@@ -160,8 +160,7 @@ class EventsResource(Resource):
             stream = _EventStream(request, self.urls)
             stream.send(job)
             if job.final:
-                request.finish()
-                return
+                return  # its one event ended the stream
             unsubscribe = self.jobs.subscribe(self.job_id, stream.send)
             stream.on_close = unsubscribe
             request.notifyFinish().addBoth(lambda _: unsubscribe())
