@@ -142,7 +142,8 @@ class Converter(Service):
                 if not ran_out(getattr(error, "stderr_tail", ()), self.space.free()):
                     return failure
                 written, _ = folder_size(out_dir)
-                more = learned_needs(needs, written, process.parser.progress, limit)
+                reached = process.parser.out_seconds / info.duration if info.duration > 0 else 0.0
+                more = learned_needs(needs, written, min(1.0, reached), limit)
                 self._learn(job_id, more)
                 self._log.warn("job {job}: ffmpeg ran out of scratch space after {written} bytes; it waits for "
                                "{needs} bytes free", job=job_id, written=written, needs=more)

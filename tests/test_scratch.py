@@ -19,8 +19,10 @@ from twisted.python.failure import Failure
 
 from gridnode import jobs
 from gridnode.config import build_config
+from gridnode.converter import Converter
 from gridnode.errors import GridnodeError
 from gridnode.jobs import Job
+from gridnode.media.ffmpeg import ProgressParser
 from gridnode.media.interface import SCRATCH_WAIT, WAITING_SCRATCH
 from gridnode.media.pool import RECHECK, JobSlot, TranscodePool
 from gridnode.media.presets import job_output_limit, parse_presets
@@ -37,6 +39,7 @@ from gridnode.pipeline import JobService
 from gridnode.runner import SCRATCH_RETRIES
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
+from tests.fake_child import FakeProcessReactor, exited
 from tests.fakes import FakeMedia
 from tests.test_media_presets import source
 
@@ -94,7 +97,7 @@ class RanOutTests:
     def test_learned_needs(self) -> None:
         """What it wrote scaled by its progress; doubled when it made none; at least a bit more
         than it wrote and than it was thought to need; at most the limit."""
-        assert learned_needs(MB, 4 * MB, 0.5, 100 * MB) == int(8 * MB * 1.1)
+        assert learned_needs(MB, 4 * MB, 0.5, 100 * MB) == 10 * MB
         assert learned_needs(3 * MB, 2 * MB, 0.0, 100 * MB) == 6 * MB
         assert learned_needs(20 * MB, 4 * MB, 0.9, 100 * MB) == 20 * MB
         assert learned_needs(MB, 4 * MB, 1.0, 100 * MB) == 5 * MB  # written + FULL_BELOW
@@ -308,3 +311,92 @@ class JobWaitingTests:
         job.reclaim("n2", 2, 30)
         assert job.waiting == ""
 
+
+
+class ConverterRunsOutTests:
+    """The converter's verdict on a failed ffmpeg, on a fake process reactor: ran out of space or
+    not, and what its next run waits for."""
+
+    @pytest.fixture(autouse=True)
+    def setup(self, tmp_path: Path) -> None:
+        self.reactor = FakeProcessReactor()
+        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "ffmpeg-user": "none",
+                                   "sandbox": "weak", "max-output": 16}).with_identity("n1")
+        self.converter = Converter(self.reactor, config)
+        self.free = Space(100 * MB)
+        self.converter.space.free = self.free
+        self.input = tmp_path / "in.mp4"
+        self.input.write_bytes(b"x")
+        self.probe = source(640, 360, duration=10.0)
+        self.presets = parse_presets("mp4-480p")
+        self.finished: list[Any] = []
+
+    def run(self) -> list[Any]:
+        results: list[Any] = []
+
+        def finish(outputs: Any) -> Deferred[Any]:
+            self.finished.append(outputs)
+            return Deferred()
+
+        self.converter.run("job1", self.probe, str(self.input), self.presets, started=lambda: None,
+                           progress=lambda p: None, finish=finish).addBoth(results.append)
+        return results
+
+    def ffmpeg_writes(self, size: int, stderr: bytes, at: float = 4.0, end: Failure | None = None) -> None:
+        proto = self.reactor.protocols[-1]
+        out = self.converter.pool.scratch_root / "job1" / "out"
+        with open(out / "mp4-480p.mp4", "wb") as f:
+            f.truncate(size)  # sparse: its size is what counts
+        proto.childDataReceived(1, b"out_time_us=%d\nprogress=continue\n" % int(at * 1e6))
+        proto.childDataReceived(2, stderr)
+        proto.childDataReceived(1, b"progress=end\n")  # a failed ffmpeg ends its reports so too
+        proto.processEnded(end or exited(1))
+
+    def test_enospc_is_scratch_full_and_the_next_run_waits_for_what_it_showed(self) -> None:
+        """ffmpeg's ENOSPC line: the run fails with scratch_full (never ffmpeg_failed), its partial
+        output goes with the scratch folder, and the job's next run waits until the bytes the run
+        showed it needs (what it wrote, scaled by how far it got) are free."""
+        results = self.run()
+        assert len(self.reactor.protocols) == 1
+        self.ffmpeg_writes(2 * MB, b"av_interleaved_write_frame(): No space left on device\n")
+        failure = results[0]
+        assert isinstance(failure, Failure) and failure.value.code == "scratch_full", failure
+        assert not (self.converter.pool.scratch_root / "job1").exists()
+        needs = learned_needs(0, 2 * MB, 0.4, 16 * MB)  # 4 s of 10 written: 5 MB and a quarter
+        assert needs == int(6.25 * MB) and needs > output_estimate(self.probe, self.presets, 16 * MB)
+        self.free.bytes = needs - 1
+        self.run()
+        assert len(self.reactor.protocols) == 1 and self.converter.pool.held == 1
+        self.free.bytes = needs
+        self.reactor.advance(RECHECK)
+        assert len(self.reactor.protocols) == 2
+
+    def test_a_full_filesystem_at_exit_is_scratch_full_too(self) -> None:
+        """No ENOSPC line (a muxer that says 'I/O error'), but the filesystem is full as it exits."""
+        results = self.run()
+        self.free.bytes = 0
+        self.ffmpeg_writes(1000, b"Error writing trailer: Input/output error\n")
+        assert results[0].value.code == "scratch_full"
+
+    def test_a_broken_input_with_room_still_fails(self) -> None:
+        """An ordinary failure with room on the disk stays ffmpeg_failed."""
+        results = self.run()
+        self.ffmpeg_writes(1000, b"Invalid data found when processing input\n")
+        assert results[0].value.code == "ffmpeg_failed"
+
+    def test_output_too_large_is_never_taken_for_enospc(self) -> None:
+        """Outputs over their limit (--max-output 16) stop ffmpeg with output_too_large, even with a
+        full disk and an ENOSPC line."""
+        results = self.run()
+        self.free.bytes = 0
+        self.ffmpeg_writes(17 * MB, b"No space left on device\n", end=exited(sig=15))
+        assert results[0].value.code == "output_too_large" and self.finished == []
+
+
+class ProgressAtTheEndTests:
+    def test_out_seconds_is_how_far_a_failed_run_got(self) -> None:
+        """A run that failed at 6 s of 10 ends its reports with progress=end: progress says 1.0,
+        ``out_seconds`` 6."""
+        parser = ProgressParser(10.0)
+        parser.feed(b"out_time_us=3784853\nprogress=continue\nout_time_us=5960078\nprogress=end\n")
+        assert parser.progress == 1.0 and parser.out_seconds == pytest.approx(5.960078)

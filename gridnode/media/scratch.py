@@ -15,7 +15,7 @@ the free space injected; no I/O but ``free_bytes``.
 - ``ran_out``: did a failed ffmpeg run out of space? Its stderr says ``No space left on
   device``, or the filesystem has less than ``FULL_BELOW`` free as it exits.
 - ``learned_needs``: after such a run, the bytes the job needs: what it wrote, scaled to
-  the whole by its progress (doubled when it made none), so it waits for that much.
+  the whole by how far it got (+25 %; doubled when it got nowhere), so it waits for that much.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def learned_needs(needs: int, written: int, progress: float, limit: int) -> int:
     ``progress`` (0..1): more than it wrote, and never less than it was thought to need;
     at most ``limit`` (its outputs' limit together)."""
     if progress >= MIN_PROGRESS:
-        guess = int(written / progress * 1.1)
+        guess = int(written / progress * MARGIN)
     else:
         guess = 2 * max(needs, written)
     return min(limit, max(needs, guess, written + FULL_BELOW))
