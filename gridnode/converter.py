@@ -34,7 +34,15 @@ from gridnode.media.sandbox import (
     share_with,
     take_back,
 )
-from gridnode.media.scratch import ScratchSpace, free_bytes, learned_needs, output_estimate, ran_out, scratch_full
+from gridnode.media.scratch import (
+    ScratchSpace,
+    free_bytes,
+    learned_needs,
+    output_estimate,
+    ran_out,
+    scratch_full,
+    wait_limit,
+)
 from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
 if TYPE_CHECKING:
@@ -139,7 +147,7 @@ class Converter(Service):
                 error = failure.value
                 if not (isinstance(error, GridnodeError) and error.code == "ffmpeg_failed"):
                     return failure  # output_too_large, timeout, cancelled...: never a lack of space
-                if not ran_out(getattr(error, "stderr_tail", ()), self.space.free()):
+                if not ran_out(getattr(error, "stderr_tail", ()), self.space.free_now()):
                     return failure
                 written, _ = folder_size(out_dir)
                 reached = process.parser.out_seconds / info.duration if info.duration > 0 else 0.0
@@ -153,7 +161,8 @@ class Converter(Service):
             d.addCallback(finish)
             return d
 
-        return self.pool.submit(job_id, work, needs=needs, wait_limit=max_time_for(info.duration), on_hold=waiting)
+        return self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
+                                on_hold=waiting)
 
     def _learn(self, job_id: str, needs: int) -> None:
         # A job handed to the pool never comes back for its entry: keep the newest few.

@@ -28,12 +28,14 @@ from gridnode.media.pool import RECHECK, JobSlot, TranscodePool
 from gridnode.media.presets import job_output_limit, parse_presets
 from gridnode.media.scratch import (
     FULL_BELOW,
+    MAX_WAIT,
     ScratchSpace,
     learned_needs,
     output_estimate,
     ran_out,
     scratch_full,
     scratch_wait,
+    wait_limit,
 )
 from gridnode.pipeline import JobService
 from gridnode.runner import SCRATCH_RETRIES
@@ -93,6 +95,12 @@ class RanOutTests:
         assert not ran_out(["Invalid data found when processing input"], free=10 * MB)
         assert not ran_out(["av_interleaved_write_frame(): File too large"], free=10 * MB)
         assert not ran_out([], free=FULL_BELOW)
+        assert not ran_out(["Error muxing a packet"], free=None)  # the filesystem could not be asked
+
+    def test_the_wait_is_bounded(self) -> None:
+        """A job waits as long as its conversion may take, and never past MAX_WAIT: the queue
+        behind it waits too."""
+        assert wait_limit(60.0) == 60.0 and wait_limit(40 * 3600.0) == MAX_WAIT
 
     def test_learned_needs(self) -> None:
         """What it wrote scaled by its progress; doubled when it made none; at least a bit more
@@ -189,6 +197,15 @@ class PoolSpaceTests:
         self.submit("a", needs=500)
         self.pool.stop_all()
         assert self.clock.getDelayedCalls() == []
+
+    def test_a_filesystem_that_cannot_be_asked_lets_the_job_start(self) -> None:
+        """statvfs failing (the folder gone): the job starts, and its run tells."""
+        def broken() -> int:
+            raise FileNotFoundError("scratch")
+        assert self.pool.space is not None
+        self.pool.space.free = broken
+        self.submit("a", needs=500)
+        assert self.started == ["a"]
 
     def test_without_needs_or_space_nothing_waits(self) -> None:
         """needs 0 (or a pool without a space) starts as before."""

@@ -41,6 +41,9 @@ ENOSPC_TEXT = "No space left on device"
 FULL_BELOW = 1024 * 1024
 #: below this progress, what was written says little about the whole
 MIN_PROGRESS = 0.05
+#: the longest a job waits for scratch space before it goes to the pool: the queue behind it
+#: waits too, so not its conversion's own limit (up to 40 h for a 4 h input)
+MAX_WAIT = 600.0
 
 
 def preset_bytes(probe: ProbeResult, preset: Preset) -> float:
@@ -75,10 +78,15 @@ def learned_needs(needs: int, written: int, progress: float, limit: int) -> int:
     return min(limit, max(needs, guess, written + FULL_BELOW))
 
 
-def ran_out(stderr: Sequence[str], free: int) -> bool:
+def ran_out(stderr: Sequence[str], free: int | None) -> bool:
     """Did a failed ffmpeg run out of scratch space? ``stderr``: its last lines; ``free``:
-    the bytes free on the scratch filesystem as it exited."""
-    return free < FULL_BELOW or any(ENOSPC_TEXT in line for line in stderr)
+    the bytes free on the scratch filesystem as it exited (None: unknown)."""
+    return (free is not None and free < FULL_BELOW) or any(ENOSPC_TEXT in line for line in stderr)
+
+
+def wait_limit(max_time: float) -> float:
+    """How long a job whose conversion may take ``max_time`` seconds waits for scratch space."""
+    return min(max_time, MAX_WAIT)
 
 
 def scratch_full(needs: int) -> GridnodeError:
@@ -104,8 +112,17 @@ class ScratchSpace:
     def __init__(self, free: Callable[[], int]) -> None:
         self.free = free
 
+    def free_now(self) -> int | None:
+        """The bytes free, or None where the filesystem cannot be asked."""
+        try:
+            return self.free()
+        except OSError:
+            return None
+
     def fits(self, needs: int, promised: int = 0) -> bool:
         """Is there room for ``needs`` more bytes, beside ``promised`` bytes the jobs already
         converting may still write? (What they wrote is counted twice: in use, and promised.
-        That errs on the side of waiting, and only while they convert.)"""
-        return needs <= 0 or self.free() - promised >= needs
+        That errs on the side of waiting, and only while they convert.) A filesystem that cannot
+        be asked says yes: the run will tell."""
+        free = self.free_now()
+        return needs <= 0 or free is None or free - promised >= needs
