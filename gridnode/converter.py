@@ -19,6 +19,7 @@ from gridnode.config import NodeConfig, cpu_count
 from gridnode.errors import GridnodeError
 from gridnode.media import presets as presets_mod
 from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, max_time_for, start_transcode
+from gridnode.media.interface import SCRATCH_FULL
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult, probe
@@ -123,7 +124,7 @@ class Converter(Service):
         ``scratch_full``, and the job's next run waits for what it showed it needs."""
         per_output = self.config.max_output_bytes
         limit = job_output_limit(info, presets, per_output)
-        needs = max(output_estimate(info, presets, per_output), self._needs.pop(job_id, 0))
+        needs = max(output_estimate(info, presets, per_output), self._needs.get(job_id, 0))
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
@@ -161,8 +162,14 @@ class Converter(Service):
             d.addCallback(finish)
             return d
 
-        return self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
-                                on_hold=waiting)
+        def forget(result: Any) -> Any:
+            if not (isinstance(result, Failure) and getattr(result.value, "code", None) == SCRATCH_FULL):
+                self._needs.pop(job_id, None)  # what a run showed is for the job's next run only
+            return result
+
+        queued = self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
+                                  on_hold=waiting)
+        return queued.addBoth(forget)
 
     def _learn(self, job_id: str, needs: int) -> None:
         # A job handed to the pool never comes back for its entry: keep the newest few.

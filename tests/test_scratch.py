@@ -388,6 +388,16 @@ class ConverterRunsOutTests:
         self.reactor.advance(RECHECK)
         assert len(self.reactor.protocols) == 2
 
+    def test_what_a_run_showed_is_for_the_next_run_only(self) -> None:
+        """The learned needs stay for the job's next run (one refused busy keeps them); a run that
+        ends any other way than scratch_full forgets them."""
+        self.run()
+        self.ffmpeg_writes(2 * MB, b"No space left on device\n")
+        assert self.converter._needs["job1"] == int(6.25 * MB)
+        self.run()
+        self.ffmpeg_writes(1000, b"Invalid data found when processing input\n")
+        assert "job1" not in self.converter._needs
+
     def test_a_full_filesystem_at_exit_is_scratch_full_too(self) -> None:
         """No ENOSPC line (a muxer that says 'I/O error'), but the filesystem is full as it exits."""
         results = self.run()
