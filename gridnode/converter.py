@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gridnode.config import NodeConfig, cpu_count
+from gridnode.errors import GridnodeError
 from gridnode.media import presets as presets_mod
-from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, start_transcode
+from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, max_time_for, start_transcode
+from gridnode.media.interface import SCRATCH_FULL
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult, probe
@@ -32,10 +35,23 @@ from gridnode.media.sandbox import (
     share_with,
     take_back,
 )
-from gridnode.media.verify import OutputWatch, measure_outputs
+from gridnode.media.scratch import (
+    ScratchSpace,
+    free_bytes,
+    learned_needs,
+    output_estimate,
+    ran_out,
+    scratch_full,
+    wait_limit,
+)
+from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
 if TYPE_CHECKING:
     from gridnode.media.interface import Media
+
+
+#: jobs whose learned scratch needs are kept
+MAX_LEARNED = 1000
 
 
 class Converter(Service):
@@ -57,8 +73,12 @@ class Converter(Service):
         #: as the configuration asks; ``startService`` confirms it or refuses to start
         self.sandbox = Sandbox(boxed=config.sandbox == "bwrap", user=user)
         self._find = find
-        self.pool = TranscodePool(reactor, os.path.join(config.work_dir, "scratch"), workers=config.workers,
-                                  queue=config.queue)
+        scratch = os.path.join(config.work_dir, "scratch")
+        #: the scratch filesystem's free space, which each job's outputs are checked against
+        self.space = ScratchSpace(lambda: free_bytes(scratch))
+        self.pool = TranscodePool(reactor, scratch, workers=config.workers, queue=config.queue, space=self.space)
+        #: job id -> the scratch bytes a run that ran out showed it needs (its next run waits for them)
+        self._needs: dict[str, int] = {}
 
     @property
     def user(self) -> str | None:
@@ -95,17 +115,22 @@ class Converter(Service):
 
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
-            finish: Callable[[list[ProducedFile]], Deferred[Any]]) -> Deferred[Any]:
-        """Queue the job; when a worker takes it: ffmpeg (its output folder watched against
+            finish: Callable[[list[ProducedFile]], Deferred[Any]],
+            waiting: Callable[[], None] | None = None) -> Deferred[Any]:
+        """Queue the job until a worker and the scratch space its outputs need are free
+        (``waiting()`` when it waits for space); then ffmpeg (its output folder watched against
         the job's output limit), its outputs checked whole, then ``finish(outputs)`` while the
-        scratch folder still holds them."""
+        scratch folder still holds them. An ffmpeg that ran out of space fails the run with
+        ``scratch_full``, and the job's next run waits for what it showed it needs."""
         per_output = self.config.max_output_bytes
+        limit = job_output_limit(info, presets, per_output)
+        needs = max(output_estimate(info, presets, per_output), self._needs.get(job_id, 0))
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
             out_dir = str(slot.scratch / "out")
             share_with(self.user, str(slot.scratch))  # private (0700) to the node, and to its children
-            watch = OutputWatch(self.reactor, out_dir, job_output_limit(info, presets, per_output))
+            watch = OutputWatch(self.reactor, out_dir, limit)
             process = start_transcode(self.reactor, info, input_path, out_dir, presets, ffmpeg=self.config.ffmpeg,
                                       on_progress=progress, on_tick=watch.tick, max_output_bytes=per_output,
                                       threads=self.threads, label=f"ffmpeg {job_id}", sandbox=self.sandbox,
@@ -119,11 +144,38 @@ class Converter(Service):
                 found = collect_outputs(out_dir, info, presets, max_output_bytes=per_output)
                 return measure_outputs(found, info, presets, result.stderr_tail)  # whole, or not done
 
-            d.addCallback(transcoded)
+            def failed(failure: Failure) -> Failure:
+                error = failure.value
+                if not (isinstance(error, GridnodeError) and error.code == "ffmpeg_failed"):
+                    return failure  # output_too_large, timeout, cancelled...: never a lack of space
+                if not ran_out(getattr(error, "stderr_tail", ()), self.space.free_now()):
+                    return failure
+                written, _ = folder_size(out_dir)
+                reached = process.parser.out_seconds / info.duration if info.duration > 0 else 0.0
+                more = learned_needs(needs, written, min(1.0, reached), limit)
+                self._learn(job_id, more)
+                self._log.warn("job {job}: ffmpeg ran out of scratch space after {written} bytes; it waits for "
+                               "{needs} bytes free", job=job_id, written=written, needs=more)
+                return Failure(scratch_full(more))  # the pool removes the partial outputs with the folder
+
+            d.addCallbacks(transcoded, failed)
             d.addCallback(finish)
             return d
 
-        return self.pool.submit(job_id, work)
+        def forget(result: Any) -> Any:
+            if not (isinstance(result, Failure) and getattr(result.value, "code", None) == SCRATCH_FULL):
+                self._needs.pop(job_id, None)  # what a run showed is for the job's next run only
+            return result
+
+        queued = self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
+                                  on_hold=waiting)
+        return queued.addBoth(forget)
+
+    def _learn(self, job_id: str, needs: int) -> None:
+        # A job handed to the pool never comes back for its entry: keep the newest few.
+        self._needs[job_id] = needs
+        while len(self._needs) > MAX_LEARNED:
+            del self._needs[next(iter(self._needs))]
 
     def cancel(self, job_id: str) -> bool:
         return self.pool.cancel(job_id)

@@ -64,6 +64,9 @@ class Job:
     #: the ``sub`` of the token that created it ("" on a node without tokens): only that tenant
     #: (and an admin) sees the job
     tenant: str = ""
+    #: what a queued job waits for beyond a worker: "scratch_space" (its outputs need more
+    #: scratch space than is free), else ""
+    waiting: str = ""
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
@@ -83,6 +86,8 @@ class Job:
             raise BadTransition(f"job {self.id} cannot go from {self.state} to {state}")
         self.state = state
         self.updated = now
+        if state != QUEUED:
+            self.waiting = ""
         if state == QUEUED:
             self.progress = 0.0
         if state == DONE:
@@ -112,6 +117,7 @@ class Job:
         if self.final:
             raise BadTransition(f"job {self.id} is {self.state} already")
         self.state = QUEUED
+        self.waiting = ""
         self.node = node
         self.attempts += 1
         self.progress = 0.0
@@ -125,6 +131,7 @@ class Job:
         if self.final:
             raise BadTransition(f"job {self.id} is {self.state} already")
         self.state = QUEUED
+        self.waiting = ""
         self.progress = 0.0
         self.lease_until = 0.0
         self.updated = now
@@ -133,6 +140,7 @@ class Job:
         if self.final:
             raise BadTransition(f"job {self.id} is {self.state} already")
         self.state = FAILED
+        self.waiting = ""
         self.error = {"code": code, "message": message}
         self.updated = now
 
@@ -140,6 +148,7 @@ class Job:
         if self.final:
             raise BadTransition(f"job {self.id} is {self.state} already; nothing to cancel")
         self.state = CANCELLED
+        self.waiting = ""
         self.error = {"code": "cancelled", "message": "cancelled by a client"}
         self.updated = now
 
@@ -164,6 +173,7 @@ class Job:
             job = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
         except (ValueError, TypeError, KeyError) as e:
             raise GridnodeError(f"unreadable job record: {e}", code="bad_record", status=500) from None
-        if job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str):
+        if (job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str)
+                or not isinstance(job.waiting, str)):
             raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
         return job

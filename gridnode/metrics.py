@@ -29,6 +29,10 @@ class Metrics:
                                        ["phase"], buckets=_DURATIONS, registry=r)
         self.ffmpeg_speed = Histogram("gridnode_ffmpeg_speed_ratio", "Seconds of input converted per second",
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.scratch_full = Counter("gridnode_scratch_full", "Jobs that found too little scratch space: held "
+                                    "before ffmpeg (start) or ffmpeg ran out (run)", ["when"], registry=r)
+        self.scratch_waiting = Gauge("gridnode_jobs_waiting_scratch", "Jobs waiting for scratch space",
+                                     registry=r)
         self.queue_length = Gauge("gridnode_queue_length", "Jobs waiting for a worker", registry=r)
         self.workers_busy = Gauge("gridnode_workers_busy", "Workers running ffmpeg", registry=r)
         self.workers = Gauge("gridnode_workers", "Configured workers", registry=r)

@@ -28,7 +28,7 @@ from gridnode import job_records, jobs, keys
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
 from gridnode.job_records import Lost
 from gridnode.jobs import Job
-from gridnode.media.interface import Described, Media, Named, Produced
+from gridnode.media.interface import SCRATCH_FULL, SCRATCH_WAIT, WAITING_SCRATCH, Described, Media, Named, Produced
 from gridnode.metrics import Metrics
 from gridnode.spool import SpoolFile
 from gridnode.store.base import ObjectStore
@@ -56,6 +56,10 @@ class Active:
         return self.cancelled or self.lost or self.released
 
 
+#: runs of one job that may run out of scratch space on this node before it goes to the pool
+SCRATCH_RETRIES = 3
+
+
 class Runner:
     """Runs what the job service hands it (`run` an accepted job, `resume` a claimed one) and
     keeps the records of the jobs running (`renew_leases`)."""
@@ -76,6 +80,8 @@ class Runner:
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
         self.counts: Counter[str] = Counter()
+        metrics.scratch_waiting.set_function(
+            lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
     @inlineCallbacks
     def run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
@@ -144,18 +150,44 @@ class Runner:
 
     @inlineCallbacks
     def _queue(self, active: Active, probe: Described, presets: list[Named]) -> Any:
-        """Hand the job to the pool; an accepted job waits for room rather than failing."""
+        """Hand the job to the pool; an accepted job waits for room rather than failing. A run
+        that ran out of scratch space is no fault of the job: it waits for space and runs again
+        (no attempt counted), up to ``SCRATCH_RETRIES`` times; a job that waited its longest
+        for space, or ran out again, goes to the pool, as a draining node's jobs go."""
+        short = 0
         while True:
             try:
                 result = yield self.media.run(active.job.id, probe, active.spool_path, presets,
                                               started=lambda: self._transcoding(active),
                                               progress=lambda p: self._progress(active, p),
-                                              finish=lambda produced: self._store_outputs(active, produced))
+                                              finish=lambda produced: self._store_outputs(active, produced),
+                                              waiting=lambda: self._waiting(active, "start"))
                 return result
             except GridnodeError as e:
-                if e.code != "busy" or active.stopping:
+                if active.stopping or e.code not in ("busy", SCRATCH_FULL, SCRATCH_WAIT):
                     raise
+                if e.code == SCRATCH_FULL and short < SCRATCH_RETRIES:
+                    short += 1
+                    self._waiting(active, "run", e.message)
+                    continue  # the pool holds it until the space is there
+                if e.code != "busy":
+                    self._log.warn("job {job}: {reason}; handing it to the pool", job=active.job.id, reason=e.message)
+                    active.released = True
+                    raise CancelledError() from None
             yield deferLater(self.reactor, 1.0, lambda: None)
+
+    def _waiting(self, active: Active, when: str, why: str = "") -> None:
+        """The job waits for scratch space: held before its start, or after ffmpeg ran out."""
+        job = active.job
+        self.metrics.scratch_full.labels(when).inc()
+        if when == "run":
+            self._log.warn("job {job}: {reason}", job=job.id, reason=why)
+        if job.state != jobs.QUEUED:
+            job.advance(jobs.QUEUED, self.now())
+        job.waiting = WAITING_SCRATCH
+        job.updated = self.now()
+        self._changed(active)
+        self._durably("write job record", lambda: self._save(active)).addErrback(self._save_failed, active)
 
     def _stopped(self, active: Active, why: BaseException) -> None:
         job = active.job
@@ -236,7 +268,7 @@ class Runner:
         return lambda: self.store.put_file(key, output.path, content_type=output.content_type)
 
     def _transcoding(self, active: Active) -> None:
-        active.job.advance(jobs.TRANSCODING, self.now())
+        active.job.advance(jobs.TRANSCODING, self.now())  # and waits no more
         active.marks["transcoding"] = time.monotonic()
         if "queued" in active.marks:
             self.metrics.phase_seconds.labels("queue").observe(active.marks["transcoding"] - active.marks["queued"])

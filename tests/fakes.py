@@ -42,8 +42,9 @@ class Output:
 
 class FakeMedia:
     """Presets ``mp4-720p`` and ``poster``; every probe passes (or fails with ``probe_error``);
-    a run waits until the test calls ``finish(job_id)`` or ``cancel(job_id)``, and the test plays
-    its ``started`` and ``progress`` through ``hooks[job_id]``."""
+    a run waits until the test calls ``finish(job_id)``, ``cancel(job_id)`` or ``fail(job_id, error)``,
+    and the test plays its ``started`` and ``progress`` through ``hooks[job_id]``, and its
+    ``waiting`` (held for scratch space) through ``waits[job_id]``; ``started_runs`` counts runs."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -51,6 +52,8 @@ class FakeMedia:
         self.hooks: dict[str, tuple[Callable[[], None], Callable[[float], None],
                                     Callable[[Sequence[Produced]], Deferred[Any]]]] = {}
         self.probe_error: GridnodeError | None = None
+        self.waits: dict[str, Callable[[], None] | None] = {}
+        self.started_runs: dict[str, int] = {}
 
     def parse_presets(self, text: str | None) -> list[Preset]:
         names = (text or "mp4-720p").split(",")
@@ -64,11 +67,18 @@ class FakeMedia:
 
     def run(self, job_id: str, info: Probe, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
-            finish: Callable[[Sequence[Produced]], Deferred[Any]]) -> Deferred[Any]:
+            finish: Callable[[Sequence[Produced]], Deferred[Any]],
+            waiting: Callable[[], None] | None = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred(lambda _: None)
         self.runs[job_id] = d
         self.hooks[job_id] = (started, progress, finish)
+        self.waits[job_id] = waiting
+        self.started_runs[job_id] = self.started_runs.get(job_id, 0) + 1
         return d
+
+    def fail(self, job_id: str, error: GridnodeError) -> None:
+        """The run ends with ``error`` (e.g. ``scratch_full``, as the converter ends it)."""
+        self.runs[job_id].errback(error)
 
     def finish(self, job_id: str) -> None:
         out = self.folder / f"{job_id}.mp4"

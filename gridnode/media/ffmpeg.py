@@ -51,7 +51,9 @@ class ProgressParser:
     ``feed(bytes)`` returns the new progress values, each higher than the one
     before. Times come from ``out_time_us``, else ``out_time_ms`` (which ffmpeg
     also writes in microseconds, despite its name), else ``out_time``;
-    ``progress=end`` means 1.0. ``ticks`` counts the reports (each ends with ``progress=``).
+    ``progress=end`` means 1.0. ``ticks`` counts the reports (each ends with ``progress=``);
+    ``out_seconds`` is the last time reported: ffmpeg ends a failed run's reports with
+    ``progress=end`` too, so that time alone says how far it got.
     """
 
     def __init__(self, duration: float) -> None:
@@ -59,6 +61,7 @@ class ProgressParser:
         self.progress = 0.0
         self.ended = False
         self.ticks = 0
+        self.out_seconds = 0.0
         self.fields: dict[str, str] = {}  # the latest value of every key
         self._buffer = b""
 
@@ -94,7 +97,10 @@ class ProgressParser:
                 return None
         elif key == "out_time" and "out_time_us" not in self.fields and "out_time_ms" not in self.fields:
             seconds = _clock_time(value)
-        if seconds is None or self.duration <= 0:
+        if seconds is None:
+            return None
+        self.out_seconds = max(self.out_seconds, seconds)
+        if self.duration <= 0:
             return None
         return min(1.0, max(0.0, seconds / self.duration))
 

@@ -15,6 +15,14 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
+#: error codes the media side fails a run with when scratch space is short; the job service
+#: never fails a job with them: ``SCRATCH_FULL`` (ffmpeg ran out: the job waits and runs
+#: again), ``SCRATCH_WAIT`` (it waited its longest: the job goes to the pool)
+SCRATCH_FULL = "scratch_full"
+SCRATCH_WAIT = "scratch_wait"
+#: the job record's ``waiting`` while the job waits for scratch space
+WAITING_SCRATCH = "scratch_space"
+
 
 class Named(Protocol):
     """A preset, as the job service sees it."""
@@ -68,10 +76,14 @@ class Media(Protocol[PresetT, ProbeT]):
 
     def run(self, job_id: str, info: ProbeT, input_path: str, presets: list[PresetT],
             started: Callable[[], None], progress: Callable[[float], None],
-            finish: Callable[[Sequence[Produced]], Deferred[Any]]) -> Deferred[Any]:
+            finish: Callable[[Sequence[Produced]], Deferred[Any]],
+            waiting: Callable[[], None] | None = None) -> Deferred[Any]:
         """Queue the job (raises ``busy`` when the queue is full); when a worker takes it,
         ``started()``, ffmpeg with ``progress(0..1)``, then ``finish(outputs)`` while the
-        files are still there. Fires with what ``finish`` gave, or fails with ``cancelled``."""
+        files are still there. Fires with what ``finish`` gave, or fails with ``cancelled``.
+        ``waiting()``: the job is held for scratch space before it starts. Fails with
+        ``SCRATCH_FULL`` when ffmpeg ran out of it (its partial outputs gone), and with
+        ``SCRATCH_WAIT`` when the space never came."""
         ...
 
     def cancel(self, job_id: str) -> object:

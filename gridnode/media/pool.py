@@ -16,6 +16,13 @@ work calls ``slot.free_worker()`` or ends. The converter frees it as soon as
 ffmpeg has exited, so storing one job's outputs overlaps the next job's ffmpeg
 and ``workers`` bounds the ffmpeg processes, not the store writes.
 
+Scratch space (``space``, gridnode/media/scratch.py): a job submitted with ``needs`` bytes
+starts only when that much is free beside what the jobs converting were promised. The
+queue stays first in, first out: a job held for space holds those behind it too (a large
+job is never overtaken for ever by small ones), and no worker is taken while it waits.
+The pool looks again every ``RECHECK`` seconds and whenever a job ends; a job held longer
+than its ``wait_limit`` fails with ``scratch_wait``, for its owner to hand it to the pool.
+
 Errors: ``busy`` (503, ``retry_after`` seconds attribute) when the queue is
 full; ``cancelled`` (409) for a cancelled job; ``duplicate_job`` (409) for a
 job id already in the pool; ``invalid_job_id`` (400).
@@ -38,10 +45,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import Busy, GridnodeError
+from gridnode.media.scratch import ScratchSpace, scratch_wait
 
 T = TypeVar("T")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+#: seconds between two looks at the free space while a job is held for it
+RECHECK = 5.0
 
 
 def cancelled_error() -> GridnodeError:
@@ -86,9 +96,14 @@ Work = Callable[[JobSlot], "Deferred[T] | Coroutine[Any, Any, T]"]
 
 
 class _Entry(Generic[T]):
-    def __init__(self, job_id: str, work: Work[T]) -> None:
+    def __init__(self, job_id: str, work: Work[T], needs: int = 0, wait_limit: float = float("inf"),
+                 on_hold: Callable[[], object] | None = None) -> None:
         self.job_id = job_id
         self.work = work
+        self.needs = needs
+        self.wait_limit = wait_limit
+        self.on_hold = on_hold
+        self.held_since: float | None = None
         self.result: Deferred[T] = Deferred()
         self.slot: JobSlot | None = None
         self.running: Deferred[Any] | None = None
@@ -108,6 +123,7 @@ class TranscodePool:
         workers: int | None = None,
         queue: int = 32,
         default_retry_after: int = 30,
+        space: ScratchSpace | None = None,
     ) -> None:
         self.clock = clock
         self.scratch_root = Path(scratch_root)
@@ -118,6 +134,8 @@ class TranscodePool:
         self._running: dict[str, _Entry[Any]] = {}  # holding a worker
         self._finishing: dict[str, _Entry[Any]] = {}  # worker freed, work not ended yet
         self._recent: deque[float] = deque(maxlen=20)  # seconds per finished job, for Retry-After
+        self.space = space
+        self._recheck: Any = None  # the call that looks at the free space again
 
     # -- counters for /health and /metrics
 
@@ -152,8 +170,11 @@ class TranscodePool:
 
     # -- jobs
 
-    def submit(self, job_id: str, work: Work[T]) -> Deferred[T]:
-        """Queue ``work`` under ``job_id``; the Deferred fires with its result.
+    def submit(self, job_id: str, work: Work[T], *, needs: int = 0, wait_limit: float = float("inf"),
+               on_hold: Callable[[], object] | None = None) -> Deferred[T]:
+        """Queue ``work`` under ``job_id``; the Deferred fires with its result. ``needs``: bytes of
+        scratch space it starts with; ``on_hold()`` is called when it is first held for them, and
+        after ``wait_limit`` seconds held it fails with ``scratch_wait``.
 
         Raises (synchronously) ``Busy`` when the queue is full.
         """
@@ -166,7 +187,7 @@ class TranscodePool:
             self._log.info("pool full, refusing {job} (retry after {retry_after}s)", job=job_id, retry_after=retry)
             raise Busy(f"this node is busy ({self.running} running, {self.queued} queued); "
                        f"try again in {retry} s or use another node", retry)
-        entry: _Entry[T] = _Entry(job_id, work)
+        entry: _Entry[T] = _Entry(job_id, work, needs, wait_limit, on_hold)
         self._queue.append(entry)
         self._log.info("job {job} queued ({queued} waiting)", job=job_id, queued=self.queued)
         self._pump()
@@ -183,6 +204,7 @@ class TranscodePool:
                 self._queue.remove(entry)
                 self._log.info("job {job} cancelled while queued", job=job_id)
                 entry.result.errback(Failure(cancelled_error()))
+                self._pump()  # it may have held the queue for space
                 return True
         running = self._running.get(job_id) or self._finishing.get(job_id)
         if running is None or running.slot is None:
@@ -198,6 +220,8 @@ class TranscodePool:
 
     def stop_all(self) -> Deferred[None]:
         """Cancel everything (service shutdown); fires when every running job has ended."""
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
         for entry in list(self._queue):
             self.cancel(entry.job_id)
         waiting = [e.result for e in (*self._running.values(), *self._finishing.values())]
@@ -223,9 +247,42 @@ class TranscodePool:
 
     # -- internals
 
+    @property
+    def held(self) -> int:
+        """Jobs held for scratch space now: the head of the queue, or none."""
+        return 1 if self._queue and self._queue[0].held_since is not None else 0
+
     def _pump(self) -> None:
         while self._queue and self.running < self.workers:
+            head = self._queue[0]
+            if not self._room_for(head):
+                if self._hold(head):
+                    continue  # it waited its longest and left the queue: look at the next
+                return
             self._start(self._queue.popleft())
+
+    def _room_for(self, entry: _Entry[Any]) -> bool:
+        if self.space is None or entry.needs <= 0:
+            return True
+        promised = sum(e.needs for e in self._running.values())
+        return self.space.fits(entry.needs, promised)
+
+    def _hold(self, entry: _Entry[Any]) -> bool:
+        """Hold ``entry`` for space; True when it waited its longest and has left the queue."""
+        now = self.clock.seconds()
+        if entry.held_since is None:
+            entry.held_since = now
+            self._log.info("job {job} waits for {needs} bytes of scratch space", job=entry.job_id, needs=entry.needs)
+            if entry.on_hold is not None:
+                entry.on_hold()
+        waited = now - entry.held_since
+        if waited > entry.wait_limit:
+            self._queue.popleft()
+            entry.result.errback(Failure(scratch_wait(entry.needs, waited)))
+            return True
+        if self._recheck is None or not self._recheck.active():
+            self._recheck = self.clock.callLater(RECHECK, self._pump)
+        return False
 
     def _start(self, entry: _Entry[Any]) -> None:
         scratch = self.scratch_root / entry.job_id
