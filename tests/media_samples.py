@@ -220,3 +220,9 @@ def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 5.0) ->
     """``tests.helpers.wait_for`` every 50 ms, spelt as test_media_ffmpeg.py and test_media_pool.py
     (other branches) call it; new tests call tests.helpers."""
     return helpers.wait_for(check, timeout, interval=0.05, reactor=reactor)
+
+
+def group_gone(reactor: Any, pgid: int) -> Deferred[float]:
+    """Fires once no process of group ``pgid`` is left; fails after 10 s. A group killed with
+    SIGKILL takes a moment to go (a member freeing a large decode), after its leader is reaped."""
+    return wait_for(reactor, lambda: not group_alive(pgid), timeout=10.0)

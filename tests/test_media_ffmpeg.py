@@ -45,7 +45,7 @@ from tests.media_samples import (
     alive,
     cut_faststart,
     ffprobe_json,
-    group_alive,
+    group_gone,
     late_giant_frames,
     wait_for,
 )
@@ -439,7 +439,8 @@ class RealFfmpegTests:
         with pytest.raises(GridnodeError) as info:
             await run.deferred
         assert info.value.code == "cancelled"
-        assert not alive(pid) and not group_alive(pid)
+        await group_gone(real_reactor, pid)
+        assert not alive(pid)
 
     @pytest_twisted.ensureDeferred
     async def test_cancel_reaches_grandchildren(self, real_reactor: Any, tmp_path: Path) -> None:
@@ -468,7 +469,8 @@ class RealFfmpegTests:
             await run.deferred
         assert info.value.code == "timeout"
         assert real_reactor.seconds() - started < 3
-        assert run.pid is not None and not group_alive(run.pid)
+        assert run.pid is not None
+        await group_gone(real_reactor, run.pid)
 
     @pytest_twisted.ensureDeferred
     async def test_broken_input_fails_with_stderr(self, real_reactor: Any, media_clips: Clips,
@@ -507,7 +509,8 @@ class ActualLimitsTests:
             await run.deferred
         assert (info.value.code, info.value.status) == ("too_large", 413)
         assert "16000x16000" in info.value.message
-        assert run.pid is not None and not group_alive(run.pid)
+        assert run.pid is not None
+        await group_gone(real_reactor, run.pid)
 
     @pytest_twisted.ensureDeferred
     async def test_hls_over_its_limit_is_stopped_while_running(self, real_reactor: Any, tmp_path: Path) -> None:
@@ -529,7 +532,8 @@ class ActualLimitsTests:
         assert (info.value.code, info.value.status) == ("output_too_large", 413)
         assert watch.total > 10_000
         assert not (out / "hls" / "360p" / "seg_002.ts").exists()  # stopped before its last segment
-        assert run.pid is not None and not group_alive(run.pid)
+        assert run.pid is not None
+        await group_gone(real_reactor, run.pid)
 
     @pytest_twisted.ensureDeferred
     async def test_outputs_read_back(self, real_reactor: Any, media_clips: Clips, tmp_path: Path) -> None:
