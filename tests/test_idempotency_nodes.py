@@ -1,0 +1,163 @@
+"""
+``Idempotency-Key`` on real nodes: a POST /jobs whose connection is cut before its answer, retried
+with the same key on another node of the pool (the file: store shared by both, and S3 on moto):
+one job. And the client library: one key for every try of an upload.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from gridnode.client.api import GridClient, default_http
+from gridnode.client.nodes import NodeInfo
+from tests.helpers import free_port
+from tests.media_samples import Clips
+from tests.nodes import NodeProcess, get_json, request, wait_job
+
+pytest_plugins = ["tests.s3server"]
+pytestmark = pytest.mark.integration
+
+
+def cut_off_post(base: str, path: Path, key: str) -> None:
+    """Send a whole POST /jobs and close the connection without reading a byte of the answer."""
+    host, port = base.removeprefix("http://").split(":")
+    body = path.read_bytes()
+    head = (f"POST /jobs?presets=poster&name={path.name} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/octet-stream\r\nIdempotency-Key: {key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        s.shutdown(socket.SHUT_WR)  # the request is whole; the answer is never read
+
+
+def post(base: str, path: Path, key: str) -> tuple[int, dict[str, str], Any]:
+    """POST /jobs with ``key``; while the node says the first try is being accepted, again (bounded)."""
+    for _ in range(30):
+        status, head, body = request("POST", f"{base}/jobs?presets=poster&name={path.name}", path.read_bytes(),
+                                     {"content-type": "application/octet-stream", "idempotency-key": key})
+        doc = json.loads(body)
+        if status != 409:
+            return status, head, doc
+        assert doc["error"]["code"] == "idempotency_key_in_use", doc
+        time.sleep(int(head["retry-after"]))
+    raise AssertionError("the key stayed in use")
+
+
+def jobs_of(base: str) -> set[str]:
+    status, listing = get_json(f"{base}/jobs")
+    assert status == 200
+    return {j["id"] for j in listing["active"] + listing["recent"]}
+
+
+def store_args(kind: str, tmp_path: Path, request_: pytest.FixtureRequest) -> list[str]:
+    if kind == "file":
+        return ["--store", f"file:{tmp_path / 'shared'}"]
+    endpoint, bucket = request_.getfixturevalue("s3_endpoint"), request_.getfixturevalue("s3_bucket")
+    return ["--store", f"s3://{bucket}/grid", "--s3-endpoint", endpoint]
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+@pytest_twisted.inlineCallbacks
+def test_cut_connection_retried_on_another_node_makes_one_job(tmp_path: Path, media_clips: Clips, store: str,
+                                                              request: pytest.FixtureRequest) -> None:
+    """A POST /jobs cut off before its answer, retried with the same key on the other node of the pool (and
+    again on the first): 201 each time, the same job; it ends done; the pool holds one job and one input.
+    Another key makes another job."""
+    shared = store_args(store, tmp_path, request)
+    nodes = [NodeProcess(tmp_path / f"n{i}", [*shared, "--node-id", f"n{i}", "--min-free", "0",
+                                              "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                              "--peer", f"tcp:{free_port()}:interface=127.0.0.1"]) for i in range(2)]
+    for n in nodes:
+        n.start()
+    try:
+        a = yield nodes[0].wait_ready()
+        b = yield nodes[1].wait_ready()
+        clip = media_clips.landscape
+        yield deferToThread(cut_off_post, a, clip, "retry-me")
+        for _ in range(200):  # the cut-off request is accepted all the same
+            if jobs_of(a):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        (first,) = jobs_of(a)
+        status, head, job = yield deferToThread(post, b, clip, "retry-me")
+        assert status == 201, job
+        assert job["id"] == first and head["location"] == f"/jobs/{first}"
+        assert head["idempotent-replayed"] == "true"
+        status, _, again = yield deferToThread(post, a, clip, "retry-me")
+        assert (status, again["id"]) == (201, first)
+        done = yield wait_job(a, first)
+        assert done["state"] == "done", done
+        assert jobs_of(a) == {first} and jobs_of(b) == set()  # one job in the pool: b made none
+        status, _, other = yield deferToThread(post, b, clip, "another-key")
+        assert status == 201 and other["id"] != first
+        inputs = yield deferToThread(stored_inputs, store, tmp_path, request)
+        assert inputs == sorted([first, other["id"]]) or inputs == [first]  # other's may not be stored yet
+        assert first in inputs
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def stored_inputs(store: str, tmp_path: Path, request_: pytest.FixtureRequest) -> list[str]:
+    if store == "file":
+        return sorted(p.name for p in (tmp_path / "shared" / "inputs").iterdir())
+    s3, bucket = request_.getfixturevalue("s3_client"), request_.getfixturevalue("s3_bucket")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="grid/inputs/").get("Contents", [])
+    return sorted({item["Key"].split("/")[2] for item in listed})
+
+
+class CuttingNode(Resource):
+    """Takes POST /jobs, but cuts the connection of the first one the pool gets once its body is in, as a
+    dying node does; ``seen`` (shared by the pool) lists the keys of every try, in order."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, seen: list[str | None]) -> None:
+        super().__init__()
+        self.name = name
+        self.seen = seen
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/health":
+            return json.dumps({"node": self.name, "state": "ok", "running": 0, "queued": 0, "workers": 1}).encode()
+        key = request.getHeader(b"idempotency-key")
+        self.seen.append(key.decode() if key is not None else None)
+        if len(self.seen) == 1:
+            request.transport.abortConnection()
+            return NOT_DONE_YET
+        request.setResponseCode(201)
+        return json.dumps({"id": "01" + "0" * 24, "state": "queued"}).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_sends_one_key_for_every_try(tmp_path: Path) -> None:
+    """An upload whose first node cuts the connection moves to the next with the same Idempotency-Key; the
+    client's next upload has a key of its own."""
+    seen: list[str | None] = []
+    resources = [CuttingNode("n0", seen), CuttingNode("n1", seen)]
+    ports = [reactor.listenTCP(0, Site(r), interface="127.0.0.1") for r in resources]
+    nodes = [NodeInfo(r.name, f"http://127.0.0.1:{p.getHost().port}") for r, p in zip(resources, ports, strict=True)]
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x" * 1000)
+    client = GridClient(reactor, default_http(reactor), nodes, check_timeout=0)
+    try:
+        first, _ = await client.upload(str(clip), presets=["poster"])
+        second, _ = await client.upload(str(clip), presets=["poster"])
+        assert len(seen) == 3 and all(seen), seen
+        assert seen[0] == seen[1] != seen[2]  # the cut try's key went on to the next node; a new upload, a new key
+    finally:
+        for p in ports:
+            await p.stopListening()
