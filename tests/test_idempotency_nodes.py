@@ -110,6 +110,55 @@ def test_cut_connection_retried_on_another_node_makes_one_job(tmp_path: Path, me
             n.stop()
 
 
+def tus_create(base: str, size: int, key: str) -> tuple[int, dict[str, str]]:
+    status, head, _ = request("POST", f"{base}/files/", None, {"Tus-Resumable": "1.0.0", "Upload-Length": str(size),
+                                                              "Upload-Metadata": "presets cG9zdGVy",
+                                                              "Idempotency-Key": key})
+    return status, head
+
+
+def tus_patch(base: str, location: str, offset: int, data: bytes) -> tuple[int, dict[str, str]]:
+    status, head, _ = request("PATCH", base + location, data, {
+        "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
+    return status, head
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+@pytest_twisted.inlineCallbacks
+def test_tus_creation_retried_on_another_node(tmp_path: Path, media_clips: Clips, store: str,
+                                              request: pytest.FixtureRequest) -> None:
+    """A tus creation retried with its key on the other node: the same upload, at its offset; finished there,
+    a retry names its job; one job."""
+    shared = store_args(store, tmp_path, request)
+    nodes = [NodeProcess(tmp_path / f"n{i}", [*shared, "--node-id", f"n{i}", "--min-free", "0",
+                                              "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                              "--peer", f"tcp:{free_port()}:interface=127.0.0.1"]) for i in range(2)]
+    for n in nodes:
+        n.start()
+    try:
+        a = yield nodes[0].wait_ready()
+        b = yield nodes[1].wait_ready()
+        data = media_clips.landscape.read_bytes()
+        half = len(data) // 2
+        status, head = yield deferToThread(tus_create, a, len(data), "tus-key")
+        assert status == 201
+        location = head["location"]
+        status, _ = yield deferToThread(tus_patch, a, location, 0, data[:half])
+        assert status == 204
+        status, again = yield deferToThread(tus_create, b, len(data), "tus-key")
+        assert status == 201 and again["location"] == location and again["upload-offset"] == str(half), again
+        status, done = yield deferToThread(tus_patch, b, location, half, data[half:])
+        assert status == 204 and "gridnode-job" in done
+        status, last = yield deferToThread(tus_create, a, len(data), "tus-key")
+        assert status == 201 and last["gridnode-job"] == done["gridnode-job"], last
+        job = yield wait_job(b, done["gridnode-job"])
+        assert job["state"] == "done", job
+        assert jobs_of(a) == set() and jobs_of(b) == {job["id"]}
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def stored_inputs(store: str, tmp_path: Path, request_: pytest.FixtureRequest) -> list[str]:
     if store == "file":
         return sorted(p.name for p in (tmp_path / "shared" / "inputs").iterdir())
