@@ -271,6 +271,17 @@ class JobsTests:
         clock.advance(idempotency.TTL)
         assert post(node, ALICE, "k").json()["id"] != first.json()["id"]
 
+    def test_a_draining_node_still_answers_a_retry(self, node: MemoryNode) -> None:
+        """The key is looked up before admission: a draining node answers a retry (201, the job, for POST /jobs;
+        the upload for tus) and refuses new work (503 busy)."""
+        job = post(node, ALICE, "k").json()["id"]
+        upload = create(node, ALICE, "t").headers["Location"]
+        node.jobs.draining = True
+        assert post(node, ALICE, "k").json()["id"] == job
+        assert create(node, ALICE, "t").headers["Location"] == upload
+        assert code(post(node, ALICE, "new")) == (503, "busy")
+        assert code(create(node, ALICE, "new-t")) == (503, "busy")
+
     def test_without_a_key_nothing_changes(self, node: MemoryNode) -> None:
         """No header: two POSTs, two jobs, nothing under idempotency/."""
         assert post(node, ALICE, None).json()["id"] != post(node, ALICE, None).json()["id"]

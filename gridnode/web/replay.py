@@ -37,17 +37,16 @@ def key_of(request: Any) -> str | None:
 
 
 def route(ledger: Ledger, request: Any, intent: Intent, fetch: Callable[[str], Deferred[Any]],
-          replayed: Callable[[str, Any], EarlyAnswer], admit: Callable[[], Any], made: Any = None) -> Deferred[Any]:
+          replayed: Callable[[str, Any], EarlyAnswer], admit: Callable[[Claim], Any]) -> Deferred[Any]:
     """Where the body of a creation request with a key goes: nowhere for a retry (its `EarlyAnswer`,
-    ``replayed(target, work)``), else where ``admit()`` says, the request's claim kept on it (with
-    ``made``, what the router made for it)."""
+    ``replayed(target, work)``), else where ``admit(claim)`` says, the request's claim kept on it.
+    Admission comes after the lookup: a full or draining node still answers a retry."""
 
     def routed(found: Found | Claim) -> Any:
         if isinstance(found, Found):
             return replayed(found.target, found.work)
-        found.made = made
         request.idempotency = found
-        return admit()
+        return admit(found)
 
     d: Deferred[Any] = ledger.find(intent, fetch)
     return d.addCallback(routed)

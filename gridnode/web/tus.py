@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from twisted.web.server import Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
-from gridnode.idempotency import UPLOAD, Intent, Ledger
+from gridnode.idempotency import UPLOAD, Claim, Intent, Ledger
 from gridnode.uploads.files import Chunk
 from gridnode.uploads.info import UploadInfo, owned_by
 from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
@@ -109,6 +110,17 @@ def http_date(when: float) -> str:
 
 
 # -- the handler
+
+
+@dataclass(frozen=True)
+class Creation:
+    """A creation request, checked: what it declared, and the tenant its upload will belong to."""
+
+    length: int
+    metadata: str  # the Upload-Metadata header as sent
+    filename: str
+    presets: str | None
+    tenant: str
 
 
 class UploadAccess(Protocol):
@@ -200,11 +212,16 @@ class TusHandler:
         if key is None:
             return self._creation_sink(request, length) if with_body else None
         check_version(request)
-        info = self._new_upload(request)
-        intent = Intent.of(info.tenant, key, UPLOAD, length=info.length, metadata=info.metadata)
-        return replay.route(self.ledger, request, intent, replay.upload_fetcher(self.uploads, info.tenant),
-                            replay.upload_answer(self.base), lambda: self._creation_sink(request, length, info)
-                            if with_body else None, made=info)
+        creation = self._checked_creation(request)
+        intent = Intent.of(creation.tenant, key, UPLOAD, length=creation.length, metadata=creation.metadata)
+
+        def admitted(claim: Claim) -> Chunk | None:
+            # Admission (busy, draining, disk) comes after the lookup: a retry is answered even then.
+            info = claim.made = self._admit(creation)
+            return self._creation_sink(request, length, info) if with_body else None
+
+        return replay.route(self.ledger, request, intent, replay.upload_fetcher(self.uploads, creation.tenant),
+                            replay.upload_answer(self.base), admitted)
 
     def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk | Deferred[Chunk]:
         check_version(request)
@@ -231,6 +248,14 @@ class TusHandler:
 
     def _new_upload(self, request: Any) -> UploadInfo:
         """Check a creation request and admit it; the upload is not stored yet."""
+        return self._admit(self._checked_creation(request))
+
+    def _admit(self, c: Creation) -> UploadInfo:
+        return self.uploads.new_upload(c.length, metadata=c.metadata, filename=c.filename, presets=c.presets,
+                                       tenant=c.tenant)
+
+    def _checked_creation(self, request: Any) -> Creation:
+        """What a creation request declared, checked, and whose it is."""
         if request.getHeader(b"upload-length") is None and request.getHeader(b"upload-defer-length") is not None:
             raise _bad("Upload-Defer-Length is not supported: send Upload-Length", "defer_length_unsupported")
         length = parse_count(request.getHeader(b"upload-length"), "Upload-Length")
@@ -247,7 +272,7 @@ class TusHandler:
         # The upload id is the upload's name; its tenant, recorded here, is checked on every request
         # that follows. A token's cap is checked against Upload-Length here: no chunk may pass that.
         tenant = self.access.creator(request, chosen, length)
-        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets, tenant=tenant)
+        return Creation(length, raw, filename, presets, tenant)
 
     # -- requests (the resource calls these)
 

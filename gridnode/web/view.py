@@ -73,7 +73,7 @@ class NodeView:
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
                                checksum=request.getHeader(b"upload-checksum"))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant), replay.job_answer,
-                                lambda: self.jobs.admit(length, limit=limit))
+                                lambda claim: self.jobs.admit(length, limit=limit))
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
