@@ -210,3 +210,33 @@ async def test_the_client_sends_one_key_for_every_try(tmp_path: Path) -> None:
     finally:
         for p in ports:
             await p.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_reads_a_replay_sent_while_its_body_streams(tmp_path: Path, long_clip: Path) -> None:
+    """The retry of a ~24 MB upload through the client library: the node answers before reading the body,
+    the client takes that answer (the same job), and its body producer ends without an error."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event["log_failure"])
+
+    globalLogPublisher.addObserver(observe)
+    node = NodeProcess(tmp_path / "n", ["--min-free", "0", "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                        "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+    node.start()
+    try:
+        base = await node.wait_ready()
+        client = GridClient(reactor, default_http(reactor), [NodeInfo("n", base)], check_timeout=0)
+        _, first = await client.upload(str(long_clip), presets=["poster"], idempotency_key="big")
+        _, again = await client.upload(str(long_clip), presets=["poster"], idempotency_key="big")
+        assert again["id"] == first["id"]
+        assert jobs_of(base) == {first["id"]}
+        await deferLater(reactor, 0.2, lambda: None)  # the body producer's next turns, should it fail
+        assert failures == []
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        node.stop()

@@ -238,6 +238,9 @@ class GridClient:
             watchdog.start(0.5, now=False)
             try:
                 response = await d
+                # A node may answer before the whole body is sent (a refusal, an Idempotency-Key's
+                # replay): the rest of the body is not sent (started, as an answer came).
+                body.stopProducing()
             except NETWORK_ERRORS as e:
                 raise NodeUnavailable(f"{node.http_url}: {_reason(e)}") from None
             finally:
