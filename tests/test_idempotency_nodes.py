@@ -240,3 +240,38 @@ async def test_the_client_reads_a_replay_sent_while_its_body_streams(tmp_path: P
     finally:
         globalLogPublisher.removeObserver(observe)
         node.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_command_run_again_with_its_key_makes_no_new_jobs(tmp_path: Path, media_clips: Clips) -> None:
+    """`gridnode upload A B --idempotency-key K` run twice: the same two jobs (K-1, K-2); a bad key is the node's
+    coded refusal, on one line."""
+    from tests.nodes import BIN
+
+    node = NodeProcess(tmp_path / "n", ["--store", f"file:{tmp_path / 'store'}", "--min-free", "0",
+                                        "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                        "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+    node.start()
+    try:
+        base = yield node.wait_ready()
+
+        def run(*args: str) -> Any:
+            import subprocess
+
+            return subprocess.run([f"{BIN}/gridnode", "upload", "--node", base, "--json", "--preset", "poster",
+                                   *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL)
+
+        files = [str(media_clips.portrait), str(media_clips.webm)]
+        runs = []
+        for _ in range(2):
+            out = yield deferToThread(run, *files, "--idempotency-key", "nightly-42")
+            assert out.returncode == 0, out.stderr
+            runs.append([json.loads(line)["job"]["id"] for line in out.stdout.splitlines()
+                         if json.loads(line)["event"] == "uploaded"])
+        assert runs[0] == runs[1] and len(set(runs[0])) == 2
+        assert jobs_of(base) == set(runs[0])
+        out = yield deferToThread(run, files[0], "--idempotency-key", "bad\tkey")
+        assert out.returncode != 0 and "bad_idempotency_key" in out.stderr and len(out.stderr.splitlines()) == 1
+    finally:
+        node.stop()
