@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
@@ -105,6 +106,41 @@ def test_cut_connection_retried_on_another_node_makes_one_job(tmp_path: Path, me
         inputs = yield deferToThread(stored_inputs, store, tmp_path, request)
         assert inputs == sorted([first, other["id"]]) or inputs == [first]  # other's may not be stored yet
         assert first in inputs
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+@pytest_twisted.inlineCallbacks
+def test_two_nodes_racing_with_one_key_make_one_job(tmp_path: Path, media_clips: Clips, store: str,
+                                                    request: pytest.FixtureRequest) -> None:
+    """The same keyed POST /jobs sent to both nodes at once, five keys in a row: each key's two answers are
+    201 with one job (the loser's answer is the winner's job), and the pool holds five jobs."""
+    shared = store_args(store, tmp_path, request)
+    nodes = [NodeProcess(tmp_path / f"n{i}", [*shared, "--node-id", f"n{i}", "--min-free", "0",
+                                              "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                              "--peer", f"tcp:{free_port()}:interface=127.0.0.1"]) for i in range(2)]
+    for n in nodes:
+        n.start()
+    try:
+        bases = []
+        for n in nodes:
+            bases.append((yield n.wait_ready()))
+        clip = media_clips.portrait
+        made = set()
+        for i in range(5):
+            answers = yield DeferredList([deferToThread(post, base, clip, f"race-{i}") for base in bases],
+                                         consumeErrors=True)
+            results = [r for ok, r in answers if ok]
+            assert len(results) == 2, answers
+            assert [status for status, _, _ in results] == [201, 201], results
+            ids = {job["id"] for _, _, job in results}
+            assert len(ids) == 1, results
+            made |= ids
+        assert len(made) == 5
+        assert jobs_of(bases[0]) | jobs_of(bases[1]) == made
+        assert not jobs_of(bases[0]) & jobs_of(bases[1])
     finally:
         for n in nodes:
             n.stop()
