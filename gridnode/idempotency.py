@@ -167,13 +167,16 @@ class Claim:
 
 
 class Ledger:
-    """The keys' entries in the store; ``now`` is the clock their ages are read on."""
+    """The keys' entries in the store; ``now`` is the clock their ages are read on, ``replayed(kind)``
+    is told of every request answered with earlier work."""
 
     _log = Logger()
 
-    def __init__(self, store: Any, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Any, now: Callable[[], float] = time.time,
+                 replayed: Callable[[str], None] = lambda kind: None) -> None:
         self.store = store
         self.now = now
+        self.replayed = replayed
 
     @inlineCallbacks
     def find(self, intent: Intent, fetch: Callable[[str], Deferred[Any]]) -> Any:
@@ -195,6 +198,7 @@ class Ledger:
             raise reused()
         work = yield fetch(entry.target)
         if work is not None:
+            self.replayed(intent.kind)
             return Found(entry.target, work)
         if age < PENDING:
             raise KeyInUse()
@@ -209,6 +213,7 @@ class Ledger:
                                               content_type="application/json", **condition)
         except (PreconditionFailed, NotFound):
             winner = yield self._winner(claim.intent)
+            self.replayed(claim.intent.kind)
             raise Replay(winner) from None
         claim.etag = stat.etag
 

@@ -198,6 +198,8 @@ class JobsTests:
         assert again.headers["Idempotent-Replayed"] == "true" and again.headers["Connection"] == "close"
         assert list(node.jobs.active) == [job] and node.spooled() == spooled
         assert len(entries(node)) == 1
+        replays = node.jobs.metrics.registry.get_sample_value("gridnode_idempotent_replays_total", {"kind": "job"})
+        assert replays == 1
 
     def test_another_tenant_with_the_same_key_gets_its_own_job(self, node: MemoryNode) -> None:
         """bob sending alice's key string makes bob's own job; alice's is never answered to him."""
@@ -255,6 +257,7 @@ class JobsTests:
         assert lost.status_code == 201, lost.text
         assert lost.json()["id"] == won.json()["id"] and lost.headers["Idempotent-Replayed"] == "true"
         assert list(node.jobs.active) == [won.json()["id"]]
+        assert node.jobs.metrics.registry.get_sample_value("gridnode_idempotent_replays_total", {"kind": "job"}) == 1
         assert all(name.startswith(won.json()["id"]) for name in node.spooled())
         assert not node.jobs.uploading
 

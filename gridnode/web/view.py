@@ -43,7 +43,8 @@ class NodeView:
         #: the one authorization of every request (open when the node has no token keyring)
         self.access = Access(tokens.ring if tokens is not None else None)
         #: the Idempotency-Keys of POST /jobs and tus creations, in the store
-        self.ledger = Ledger(store, now=uploads.now)
+        self.ledger = Ledger(store, now=uploads.now,
+                             replayed=lambda kind: jobs.metrics.idempotent_replays.labels(kind).inc())
         self.tus = tus_web.TusHandler(uploads, access=self.access, ledger=self.ledger)
 
     @property
