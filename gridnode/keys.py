@@ -126,3 +126,12 @@ def outputs_prefix(job_id: str) -> str:
 
 def upload_prefix(upload_id: str) -> str:
     return join("uploads", upload_id) + "/"
+
+
+def idempotency_entry(digest: str) -> str:
+    """A client's Idempotency-Key's entry, named by a hash of its tenant and key (gridnode/idempotency.py)."""
+    return join("idempotency", check_segment(digest, "digest") + ".json")
+
+
+def idempotency_prefix() -> str:
+    return "idempotency/"

@@ -39,6 +39,8 @@ class Metrics:
         self.upload_bytes = Counter("gridnode_upload_bytes", "Upload body bytes received", registry=r)
         self.upload_rejections = Counter("gridnode_upload_rejections", "Uploads refused, by error code",
                                          ["reason"], registry=r)
+        self.idempotent_replays = Counter("gridnode_idempotent_replays", "Requests answered with the job or upload "
+                                          "their Idempotency-Key made before, by kind", ["kind"], registry=r)
         self.auth_refusals = Counter("gridnode_auth_refusals", "Requests refused for their token, by error code",
                                      ["code"], registry=r)
         self.store_seconds = Histogram("gridnode_store_operation_duration_seconds", "Store calls",

@@ -192,8 +192,10 @@ class JobService(Service):
 
     @inlineCallbacks
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
-               tenant: str = "") -> Any:
-        """Check, probe and queue an uploaded body for ``tenant``; returns the job (state queued)."""
+               tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None) -> Any:
+        """Check, probe and queue an uploaded body for ``tenant``; returns the job (state queued).
+        ``claim(job_id)``, called once the job passed every check and before it is accepted, writes
+        its Idempotency-Key's entry (gridnode/idempotency.py); should it fail, the job is dropped."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
@@ -219,6 +221,8 @@ class JobService(Service):
             probe = yield self.media.probe(spool.path)
             self._log.info("job {job} probed in {elapsed:.3f}s", job=job_id, elapsed=time.monotonic() - probe_started)
             job.sha256 = digest if digest is not None else (yield hashed)
+            if claim is not None:
+                yield claim(job_id)
         except BaseException as e:
             spool.discard()  # frees the slot too
             code = getattr(e, "code", "error")

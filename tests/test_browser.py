@@ -145,6 +145,9 @@ class UploadPageTests:
         _, job = get_json(f"{base}/jobs/{job_id}")
         assert job["state"] == "done" and set(job["presets"]) == {"mp4-720p", "webm-480p", "poster"}, job
         assert seen["states"], seen
+        # The page sent an Idempotency-Key with the upload (one per file): its entry names the job.
+        entries = list((tmp_path / "store" / "idempotency").iterdir())
+        assert [json.loads(e.read_bytes())["target"] for e in entries] == [job_id], entries
 
     def test_moves_to_another_node(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
         """The registry lists a node that looks idler, and its /health says so too, but its upload

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -36,6 +37,10 @@ FINAL = {"done", "failed", "cancelled"}
 #: failures after which another node is worth a try
 NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, TimeoutError, CancelledError, ResponseFailed,
                   ConnectionError)
+
+
+#: tries on one node while it answers that the upload's key is still being accepted
+IN_USE_TRIES = 5
 
 
 class NodeUnavailable(GridnodeError):
@@ -173,13 +178,18 @@ class GridClient:
     # -- upload
 
     async def upload(self, path: str, *, presets: list[str], name: str | None = None,
-                     on_progress: Callable[[int, int], None] | None = None) -> tuple[NodeInfo, dict[str, Any]]:
-        """Upload a file to the first node that takes it; returns (node, job)."""
+                     on_progress: Callable[[int, int], None] | None = None,
+                     idempotency_key: str | None = None) -> tuple[NodeInfo, dict[str, Any]]:
+        """Upload a file to the first node that takes it; returns (node, job). Every try carries one
+        Idempotency-Key (a new one unless given): a try whose answer was lost made its job already,
+        and the next node answers that job instead of making a second."""
         size = os.path.getsize(path)
+        key = idempotency_key or str(uuid.uuid4())
         last: GridnodeError | None = None
         for node in await self._upload_order():
             try:
-                job = await self._upload_to(node, path, size, presets, name or os.path.basename(path), on_progress)
+                job = await self._upload_keyed(node, path, size, presets, name or os.path.basename(path),
+                                               on_progress, key)
                 return node, job
             except NodeUnavailable as e:
                 self._log.info("node {node} unavailable: {reason}; trying another", node=node.id, reason=e.message)
@@ -187,8 +197,26 @@ class GridClient:
         assert last is not None
         raise GridnodeError(f"no node took the upload; last: {last.message}", code=last.code, status=last.status)
 
+    async def _upload_keyed(self, node: NodeInfo, path: str, size: int, presets: list[str], name: str,
+                            on_progress: Callable[[int, int], None] | None, key: str) -> dict[str, Any]:
+        """`_upload_to`, asked again after its Retry-After while the node says that the first try with
+        the key is still being accepted (a few times, then the next node)."""
+        for _ in range(IN_USE_TRIES - 1):
+            try:
+                return await self._upload_to(node, path, size, presets, name, on_progress, key)
+            except GridnodeError as e:
+                if e.code != "idempotency_key_in_use":
+                    raise
+                await deferLater(self.reactor, float(getattr(e, "retry_after", 2)), lambda: None)
+        try:
+            return await self._upload_to(node, path, size, presets, name, on_progress, key)
+        except GridnodeError as e:
+            if e.code == "idempotency_key_in_use":
+                raise NodeUnavailable(f"{node.http_url}: {e.message}") from None
+            raise
+
     async def _upload_to(self, node: NodeInfo, path: str, size: int, presets: list[str], name: str,
-                         on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+                         on_progress: Callable[[int, int], None] | None, key: str | None = None) -> dict[str, Any]:
         sent = [0]
         quiet = [0.0]
 
@@ -200,14 +228,19 @@ class GridClient:
 
         with open(path, "rb") as f:
             body = FileBodyProducer(_CountingFile(f, on_read), readSize=256 * 1024)
+            headers = {"content-type": "application/octet-stream"}
+            if key is not None:
+                headers["idempotency-key"] = key
             d = self.http.post(f"{node.http_url}/jobs", data=body,
-                               params={"presets": ",".join(presets), "name": name},
-                               headers={"content-type": "application/octet-stream"})
+                               params={"presets": ",".join(presets), "name": name}, headers=headers)
             watchdog = LoopingCall(self._watch, d, sent, size, quiet)
             watchdog.clock = self.reactor
             watchdog.start(0.5, now=False)
             try:
                 response = await d
+                # A node may answer before the whole body is sent (a refusal, an Idempotency-Key's
+                # replay): the rest of the body is not sent (started, as an answer came).
+                body.stopProducing()
             except NETWORK_ERRORS as e:
                 raise NodeUnavailable(f"{node.http_url}: {_reason(e)}") from None
             finally:

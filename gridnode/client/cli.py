@@ -1,7 +1,7 @@
 """
 ``gridnode``: the command line client.
 
-    gridnode upload FILE... [--preset P]... [--wait] [--output DIR]
+    gridnode upload FILE... [--preset P]... [--wait] [--output DIR] [--idempotency-key KEY]
     gridnode status JOB
     gridnode nodes
     gridnode fetch JOB DIR
@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--preset", action="append", default=[], help="output preset (repeatable; default mp4-720p)")
     up.add_argument("--wait", action="store_true", help="follow the conversion to its end")
     up.add_argument("--output", metavar="DIR", help="download the results here (implies --wait)")
+    up.add_argument("--idempotency-key", metavar="KEY",
+                    help="the upload's Idempotency-Key (the Nth of several files: KEY-N), so that running the "
+                         "same command again within 24 h gets the same jobs instead of new ones; without it, "
+                         "each file gets a new key, kept over its tries")
     st = sub.add_parser("status", parents=[common], help="show a job")
     st.add_argument("job")
     sub.add_parser("nodes", parents=[common], help="list the live nodes")
@@ -204,11 +208,14 @@ async def command(reactor: Any, args: argparse.Namespace) -> int:
         return 0
 
     failures = 0
-    for path in args.files:
+    for number, path in enumerate(args.files, start=1):
         if not os.path.isfile(path):
             raise GridnodeError(f"{path}: no such file", code="no_such_file")
         label = os.path.basename(path)
-        node, job = await client.upload(path, presets=args.preset or ["mp4-720p"],
+        key = args.idempotency_key
+        if key is not None and len(args.files) > 1:
+            key = f"{key}-{number}"
+        node, job = await client.upload(path, presets=args.preset or ["mp4-720p"], idempotency_key=key,
                                         on_progress=lambda d, t: out.progress(label, d, t))  # noqa: B023
         out.event("uploaded", f"{path}: job {job['id']} on {node.id} ({node.http_url})", job=job, node=node.id)
         if not (args.wait or args.output):

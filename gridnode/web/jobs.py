@@ -17,6 +17,7 @@ result URLs made at that moment (`ResultUrls.job_json`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -32,6 +33,7 @@ from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
 from gridnode.spool import SpoolFile
+from gridnode.web import replay
 from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
 from gridnode.web.result_urls import ResultUrls, is_signature
 
@@ -103,13 +105,20 @@ class JobsResource(Resource):
             presets = arg(request, "presets")
             name = arg(request, "name") or ""
             tenant = self.access.caller(request).tenant
-            work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant)
+            claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
+            work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
+                                    claim=claim.claim if claim is not None else None)
         except GridnodeError as e:
             getattr(spool, "discard", lambda: None)()
             return error_body(request, e)
+        if claim is not None:
+            # Another request with the key won: its job is the answer (this one's was dropped).
+            work.addErrback(replay.settled(claim, replay.job_fetcher(self.jobs, tenant)))
 
         def located(job: Job) -> Job:
             request.setHeader(b"location", f"/jobs/{job.id}".encode())
+            if claim is not None and job.id != os.path.basename(spool.path):
+                request.setHeader(*(h.encode() for h in replay.REPLAYED))
             return job
 
         return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))

@@ -20,18 +20,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from email.utils import formatdate
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
+from gridnode.idempotency import UPLOAD, Claim, Intent, Ledger
 from gridnode.uploads.files import Chunk
 from gridnode.uploads.info import UploadInfo, owned_by
 from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
+from gridnode.web import replay
 from gridnode.web.http import error_body, parse_checksum, respond_later
 
 TUS_VERSION = "1.0.0"
@@ -42,10 +47,11 @@ OFFSET_STREAM = b"application/offset+octet-stream"
 
 #: request headers a browser page must be allowed to send (Access-Control-Allow-Headers)
 ALLOW_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Metadata", "Upload-Offset", "Upload-Checksum",
-                 "Upload-Defer-Length", "Content-Type", "X-HTTP-Method-Override")
+                 "Upload-Defer-Length", "Content-Type", "X-HTTP-Method-Override", "Idempotency-Key")
 #: response headers a browser page must be allowed to read (Access-Control-Expose-Headers)
 EXPOSE_HEADERS = ("Upload-Offset", "Location", "Upload-Length", "Tus-Version", "Tus-Resumable", "Tus-Max-Size",
-                  "Tus-Extension", "Upload-Metadata", "Upload-Expires", "Gridnode-Job", "Tus-Checksum-Algorithm")
+                  "Tus-Extension", "Upload-Metadata", "Upload-Expires", "Gridnode-Job", "Tus-Checksum-Algorithm",
+                  "Idempotent-Replayed")
 
 MAX_METADATA = 8 * 1024
 
@@ -106,6 +112,17 @@ def http_date(when: float) -> str:
 # -- the handler
 
 
+@dataclass(frozen=True)
+class Creation:
+    """A creation request, checked: what it declared, and the tenant its upload will belong to."""
+
+    length: int
+    metadata: str  # the Upload-Metadata header as sent
+    filename: str
+    presets: str | None
+    tenant: str
+
+
 class UploadAccess(Protocol):
     """The node's authorization as the tus handler asks it (gridnode/web/access.py)."""
 
@@ -128,8 +145,10 @@ class TusHandler:
     """The tus endpoint of one node, over its `UploadStore`."""
 
     def __init__(self, uploads: UploadStore, *, base_path: str = "/files/",
-                 access: UploadAccess | None = None) -> None:
+                 access: UploadAccess | None = None, ledger: Ledger | None = None) -> None:
         self.uploads = uploads
+        #: the Idempotency-Keys of creation requests, in the store
+        self.ledger = ledger or Ledger(uploads.store, now=uploads.now)
         self.base = "/" + base_path.strip("/") + "/"
         #: who may create an upload and whose uploads a request reaches; another tenant's upload
         #: answers 404, as one that never was
@@ -181,9 +200,28 @@ class TusHandler:
             return None
         if method == b"PATCH" and upload_id:
             return self._patch_sink(upload_id, request, length)
-        if method == b"POST" and upload_id == "" and (length is None or length > 0):
-            return self._creation_sink(request, length)
+        if method == b"POST" and upload_id == "":
+            return self._creation_route(request, length)
         return None
+
+    def _creation_route(self, request: Any, length: int | None) -> Chunk | Deferred[Any] | None:
+        """A creation's sink (None: no body); with an Idempotency-Key, once the store has said whether
+        the key made an upload already (then the answer, before the body)."""
+        with_body = length is None or length > 0
+        key = replay.key_of(request)
+        if key is None:
+            return self._creation_sink(request, length) if with_body else None
+        check_version(request)
+        creation = self._checked_creation(request)
+        intent = Intent.of(creation.tenant, key, UPLOAD, length=creation.length, metadata=creation.metadata)
+
+        def admitted(claim: Claim) -> Chunk | None:
+            # Admission (busy, draining, disk) comes after the lookup: a retry is answered even then.
+            info = claim.made = self._admit(creation)
+            return self._creation_sink(request, length, info) if with_body else None
+
+        return replay.route(self.ledger, request, intent, replay.upload_fetcher(self.uploads, creation.tenant),
+                            replay.upload_answer(self.base), admitted)
 
     def _patch_sink(self, upload_id: str, request: Any, length: int | None) -> Chunk | Deferred[Chunk]:
         check_version(request)
@@ -202,14 +240,22 @@ class TusHandler:
         found = self.uploads.find(upload_id)
         return found.addCallback(sink) if isinstance(found, Deferred) else sink(found)
 
-    def _creation_sink(self, request: Any, length: int | None) -> Chunk:
+    def _creation_sink(self, request: Any, length: int | None, info: UploadInfo | None = None) -> Chunk:
         check_version(request)
         check_offset_stream(request)
         checksum = parse_checksum(request.getHeader(b"upload-checksum"))
-        return self.uploads.first_chunk(self._new_upload(request), length, checksum)
+        return self.uploads.first_chunk(info or self._new_upload(request), length, checksum)
 
     def _new_upload(self, request: Any) -> UploadInfo:
         """Check a creation request and admit it; the upload is not stored yet."""
+        return self._admit(self._checked_creation(request))
+
+    def _admit(self, c: Creation) -> UploadInfo:
+        return self.uploads.new_upload(c.length, metadata=c.metadata, filename=c.filename, presets=c.presets,
+                                       tenant=c.tenant)
+
+    def _checked_creation(self, request: Any) -> Creation:
+        """What a creation request declared, checked, and whose it is."""
         if request.getHeader(b"upload-length") is None and request.getHeader(b"upload-defer-length") is not None:
             raise _bad("Upload-Defer-Length is not supported: send Upload-Length", "defer_length_unsupported")
         length = parse_count(request.getHeader(b"upload-length"), "Upload-Length")
@@ -226,7 +272,7 @@ class TusHandler:
         # The upload id is the upload's name; its tenant, recorded here, is checked on every request
         # that follows. A token's cap is checked against Upload-Length here: no chunk may pass that.
         tenant = self.access.creator(request, chosen, length)
-        return self.uploads.new_upload(length, metadata=raw, filename=filename, presets=presets, tenant=tenant)
+        return Creation(length, raw, filename, presets, tenant)
 
     # -- requests (the resource calls these)
 
@@ -268,15 +314,33 @@ class TusHandler:
 
     def _post(self, request: Request) -> bytes | int:
         sink = request.content
+        claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
         if isinstance(sink, Chunk):
             sink.end()
-            work = self.uploads.commit(sink)
+            chunk, upload_id = sink, sink.upload_id
+            make = partial(self.uploads.commit, sink)
         elif request.content is not None and request.content.seek(0, 2) > 0:
             raise GridnodeError("this node does not route POST bodies to the tus service", code="internal_error")
         else:
-            work = self.uploads.create(self._new_upload(request))
+            info = claim.made if claim is not None else self._new_upload(request)
+            chunk, upload_id, make = None, info.id, partial(self.uploads.create, info)
+        work = replay.accept(claim, upload_id, make)
+        if claim is not None:
+            def dropped(failure: Failure) -> Failure:
+                if chunk is not None:
+                    chunk.remove()  # lost the key's race before its commit: its bytes go
+                return failure
 
-        def created(outcome: Outcome) -> None:
+            work.addErrback(dropped)
+            work.addErrback(replay.settled(claim, replay.upload_fetcher(self.uploads, claim.intent.tenant)))
+
+        def created(outcome: Outcome | Progress) -> None:
+            if isinstance(outcome, Progress):  # another request with the key won: its upload
+                request.setResponseCode(201)
+                for name, value in replay.upload_headers(self.base, replay.upload_id_of(outcome), outcome):
+                    request.setHeader(name.encode(), value.encode())
+                request.finish()
+                return
             request.setHeader(b"location", f"{self.base}{outcome.info.id}".encode())
             answer(request, 201, outcome)
 

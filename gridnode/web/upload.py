@@ -11,9 +11,12 @@ before any body byte is read, where the body should go:
   Retry-After), too little disk (507), declared size over ``--max-upload``
   (413); a declared size is reserved on disk up front;
 - or with a Deferred of that sink, when the answer needs the store (a tus
-  PATCH for an upload this node has not seen): the transport stops reading
-  meanwhile, so nothing of the body is read (beyond what came with the
-  headers) before the upload is known to exist;
+  PATCH for an upload this node has not seen, a request with an
+  Idempotency-Key): the transport stops reading meanwhile, so nothing of the
+  body is read (beyond what came with the headers) before the upload is
+  known to exist;
+- or with an `EarlyAnswer`, the whole answer, written before the body is
+  read (the retry of a request already accepted);
 - any other route gets a small in-memory body with a hard cap.
 
 The sink counts the bytes actually received against its limit and the free
@@ -29,6 +32,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -51,6 +55,23 @@ REFUSED_LINGER = 30.0
 DRAIN_REFUSED = 64 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class EarlyAnswer:
+    """An answer the router gives instead of a sink: sent before the body, which is read and dropped
+    as a refused one's is."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, error: GridnodeError) -> EarlyAnswer:
+        retry_after = getattr(error, "retry_after", None)
+        headers = (("Retry-After", str(int(retry_after))),) if retry_after is not None else ()
+        return cls(error.status, json.dumps(error.to_json()).encode() + b"\n",
+                   (("Content-Type", "application/json"), *headers))
+
+
 class BodyRouter(Protocol):
     def __call__(self, method: bytes, path: bytes, request: Request, length: int | None) -> Any: ...
 
@@ -59,11 +80,15 @@ class GridRequest(Request):
     """A Request whose body goes where the site's body router says."""
 
     _log = Logger()
-    _refused: GridnodeError | None = None
+    #: the answer sent before the body (a refusal, or a replay): what is left of the body is dropped
+    _refused: EarlyAnswer | None = None
     _dropped = 0
     _splice: BodySplice | None = None
     #: the query string, known before the body (request.args is parsed only after it)
     early_query = b""
+    #: the router's `gridnode.idempotency.Claim` for a request with an Idempotency-Key: the resource
+    #: that accepts its work writes the key's entry through it
+    idempotency: Any = None
 
     #: the route, while the router waits for the store (the transport reads nothing meanwhile)
     _routing: Deferred[Any] | None = None
@@ -86,6 +111,9 @@ class GridRequest(Request):
             return
         if isinstance(sink, Deferred):
             self._await_route(sink, length)
+            return
+        if isinstance(sink, EarlyAnswer):
+            self._answer_now(sink)
             return
         self._take(sink, length)
 
@@ -127,6 +155,9 @@ class GridRequest(Request):
         if self._disconnected:
             getattr(sink, "abort", lambda: None)()  # the client left meanwhile: the sink gives back its slot
             return
+        if isinstance(sink, EarlyAnswer):
+            self._settle_early(sink)
+            return
         self._take(sink, length)
         held, self._held = self._held, []
         for data in held:
@@ -148,10 +179,16 @@ class GridRequest(Request):
             error = GridnodeError("the node failed to take this request; try again or another node")
         if self._disconnected:
             return
-        self._refuse(error)
+        self._log.info("refused a request body: {code}", code=error.code)
+        self._settle_early(EarlyAnswer.of(error))
+
+    def _settle_early(self, answer: EarlyAnswer) -> None:
+        """Answer a request whose route was awaited without its body."""
+        self._routing, self._held = None, []
+        self._answer_now(answer)
         if self._received is not None:
             received, self._received = self._received, None
-            self.requestReceived(*received)  # refused: closes the connection
+            self.requestReceived(*received)  # answered early: closes the connection
             return
         self._read_again()  # read and drop what the client still sends, so that it sees the answer
 
@@ -216,32 +253,28 @@ class GridRequest(Request):
         super().connectionLost(reason)
 
     def _refuse(self, error: GridnodeError) -> None:
-        """Answer now, before (or instead of) reading the body, and close after."""
-        self._refused = error
+        """Answer the coded error now, before (or instead of) reading the body, and close after."""
+        self._answer_now(EarlyAnswer.of(error))
+        self._log.info("refused a request body: {code}", code=error.code)
+
+    def _answer_now(self, answer: EarlyAnswer) -> None:
+        """Send ``answer`` before (or instead of) reading the body, and close after."""
+        self._refused = answer
         abort = getattr(self.content, "abort", None)
         if abort is not None:
             abort()
         self.content = io.BytesIO()
-        # No "100 Continue" for a request we refuse: the client keeps its body.
+        # No "100 Continue" for a request answered already: the client keeps its body.
         self.requestHeaders.removeHeader(b"expect")
-        body = json.dumps(error.to_json()).encode() + b"\n"
         try:
-            reason = HTTPStatus(error.status).phrase
+            reason = HTTPStatus(answer.status).phrase
         except ValueError:
             reason = "Error"
-        head = [
-            f"HTTP/1.1 {error.status} {reason}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            head.append(f"Retry-After: {int(retry_after)}")
+        head = [f"HTTP/1.1 {answer.status} {reason}", *(f"{name}: {value}" for name, value in answer.headers),
+                f"Content-Length: {len(answer.body)}", "Connection: close"]
         for name, value in self._channel().site.extra_headers(self):
             head.append(f"{name}: {value}")
-        self._channel().transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        self._log.info("refused a request body: {code}", code=error.code)
+        self._channel().transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + answer.body)
         transport = self._channel().transport
         # Half-close: the client reads our answer to its end while we go on reading (and
         # dropping) what it still sends. Closing outright with its body unread would reset

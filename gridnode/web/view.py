@@ -15,6 +15,8 @@ from urllib.parse import parse_qs
 from gridnode import __version__
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
+from gridnode.idempotency import JOB, Intent, Ledger
+from gridnode.web import replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
@@ -43,7 +45,10 @@ class NodeView:
         self.access = Access(tokens.ring if tokens is not None else None)
         #: result URLs in a job's JSON: signed with the same keyring (none: plain paths)
         self.result_urls = ResultUrls(tokens.ring if tokens is not None else None, config.result_url_ttl)
-        self.tus = tus_web.TusHandler(uploads, access=self.access)
+        #: the Idempotency-Keys of POST /jobs and tus creations, in the store
+        self.ledger = Ledger(store, now=uploads.now,
+                             replayed=lambda kind: jobs.metrics.idempotent_replays.labels(kind).inc())
+        self.tus = tus_web.TusHandler(uploads, access=self.access, ledger=self.ledger)
 
     @property
     def draining(self) -> bool:
@@ -62,10 +67,18 @@ class NodeView:
         if method == b"POST" and segments(path) == [b"jobs"]:
             query = parse_qs(early_query.decode("latin-1"))
             presets = ",".join(query.get("presets", [])).split(",")
-            self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
+            tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
+            key = replay.key_of(request)
             # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
             # it holds on the bytes received, so a chunked body cannot pass it either.
-            return self.jobs.admit(length, limit=self.access.upload_limit(request))
+            limit = self.access.upload_limit(request)
+            if key is None:
+                return self.jobs.admit(length, limit=limit)
+            intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
+                               checksum=request.getHeader(b"upload-checksum"))
+            return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
+                                replay.job_answer(self.result_urls.job_json),
+                                lambda claim: self.jobs.admit(length, limit=limit))
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:

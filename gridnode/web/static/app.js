@@ -165,7 +165,15 @@
     return parts[parts.length - 1] || null;
   }
 
-  function tusUpload(base, file, presets, resumeId, onProgress) {
+  /** One Idempotency-Key per file: every try of its upload, on any node, carries it, so a try whose
+   *  answer was lost is answered again (the same job or upload) instead of making a second one. */
+  function newIdempotencyKey() {
+    var bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);  // crypto.randomUUID needs https; this does not
+    return Array.from(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
+  }
+
+  function tusUpload(base, file, presets, resumeId, onProgress, key) {
     return new Promise(function (resolve, reject) {
       var jobId = null;
       var upload = new window.tus.Upload(file, {
@@ -175,7 +183,7 @@
         uploadUrl: resumeId ? base + "/files/" + encodeURIComponent(resumeId) : null,
         chunkSize: TUS_CHUNK,
         retryDelays: TUS_RETRY_DELAYS,
-        headers: token.headers(),
+        headers: token.headers({ "Idempotency-Key": key }),
         storeFingerprintForResuming: false,
         metadata: { filename: file.name, filetype: file.type || "application/octet-stream",
                     presets: presets.join(",") },
@@ -208,12 +216,13 @@
     });
   }
 
-  function postUpload(base, file, presets, onProgress) {
+  function postUpload(base, file, presets, onProgress, key) {
     return new Promise(function (resolve, reject) {
       var xhr = new XMLHttpRequest();
       var query = "presets=" + encodeURIComponent(presets.join(",")) + "&name=" + encodeURIComponent(file.name);
       xhr.open("POST", base + "/jobs?" + query);
       xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.setRequestHeader("Idempotency-Key", key);
       if (token.get()) xhr.setRequestHeader("Authorization", "Bearer " + token.get());
       xhr.upload.onprogress = function (ev) {
         if (ev.lengthComputable) onProgress(ev.loaded, ev.total);
@@ -223,7 +232,8 @@
           onProgress(file.size, file.size);
           var job = JSON.parse(xhr.responseText);
           resolve({ jobId: job.id, job: job });
-        } else if (nodeIsUnavailable(xhr.status) || xhr.status === 507) {
+        } else if (nodeIsUnavailable(xhr.status) || xhr.status === 507 ||
+                   xhr.status === 409 && xhr.responseText.indexOf("idempotency_key_in_use") >= 0) {
           reject(NodeError(base + " answered " + xhr.status));
         } else {
           reject(parseErrorBody(xhr.responseText, xhr.status));
@@ -239,6 +249,7 @@
   async function uploadAnywhere(nodes, file, presets, ui) {
     var tried = new Set();
     var resumeId = null;
+    var key = newIdempotencyKey();
     var node = await chooseNodeLive(nodes, tried);
     while (node) {
       tried.add(node.id);
@@ -247,8 +258,8 @@
         var useTus = await offersTus(node.base);
         ui.log("Uploading to " + node.id + (useTus ? " (resumable, tus)" : " (POST /jobs)"));
         var result = useTus
-          ? await tusUpload(node.base, file, presets, resumeId, ui.uploadProgress)
-          : await postUpload(node.base, file, presets, ui.uploadProgress);
+          ? await tusUpload(node.base, file, presets, resumeId, ui.uploadProgress, key)
+          : await postUpload(node.base, file, presets, ui.uploadProgress, key);
         result.node = node;
         return result;
       } catch (e) {
