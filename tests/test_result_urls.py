@@ -324,6 +324,19 @@ class FileStoreTests:
         assert data["state"] == "done" and "/~" in data["outputs"][0]["url"]
         assert fetch(file_node, data["outputs"][0]["url"]).status_code == 200
 
+    def test_a_replayed_answer_signs_its_urls(self, file_node: SignedNode) -> None:
+        """The retry of a finished job's POST (same Idempotency-Key) answers its JSON as a read does:
+        result URLs signed now, playable with no header."""
+        keyed = {**ALICE, "Idempotency-Key": "clip-1"}
+        job = file_node.upload(keyed).json()["id"]
+        file_node.media.hooks[job][0]()
+        file_node.media.finish(job)
+        again = file_node.upload(keyed)
+        assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+        url = again.json()["outputs"][0]["url"]
+        assert again.json()["id"] == job and "/~" in url
+        assert fetch(file_node, url).status_code == 200
+
     def test_expires(self, file_node: SignedNode) -> None:
         """Once its ttl has passed the URL answers 403 url_expired as JSON; a fresh read works."""
         job = file_node.done_job(ALICE)
