@@ -103,6 +103,7 @@ class NodeService(MultiService):
         peer_ring = self._keyring(config.secret_file, "secret-file") if config.secret_file else None
         os.makedirs(config.work_dir, exist_ok=True)
         metrics = Metrics()
+        metrics.queue_capacity.set(config.queue)
         backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
         store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store)
         from twisted.internet.endpoints import serverFromString
