@@ -24,6 +24,7 @@ from gridnode.config import (
     build_config,
     endpoint_interface,
     endpoint_port,
+    endpoint_scheme,
     is_loopback,
     with_backlog,
 )
@@ -126,7 +127,7 @@ class NodeService(MultiService):
         http = Listener(serverFromString(self.reactor, with_backlog(config.http)), site)
         http.setServiceParent(self)
         address = (yield http.listening).getHost()
-        http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
+        http_url = f"{endpoint_scheme(config.http)}://{public_host(config.advertise, address.host)}:{address.port}"
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
