@@ -98,20 +98,23 @@ def gridnode(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Completed
 class TLSNodeTests:
     @pytest_twisted.inlineCallbacks
     def test_node_serves_and_converts_over_https(self, tmp_path: Path, media_clips: Clips) -> Any:
-        """Over https with the certificate as CA: /health answers, a clip is converted and its
-        result downloaded; plain http to the same port gets no answer; the node's record and
+        """Over https with the certificate as CA: /health and /metrics answer, a clip is converted
+        and its result downloaded; plain http to the same port gets no answer; the node's record and
         nodes.json carry its https URL."""
         key, cert = self_signed(tmp_path)
         store = tmp_path / "store"
         port = free_port()
         node = NodeProcess(tmp_path / "n1", [
-            "--store", f"file:{store}", "--node-id", "n1", "--heartbeat", "1",
+            "--store", f"file:{store}", "--node-id", "n1", "--heartbeat", "1", "--queue", "7",
             "--http", f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
             "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
         node.start()
         try:
             yield node.wait_ready()
             base = f"https://127.0.0.1:{port}"
+            # what Prometheus scrapes (deploy/prometheus/ with scheme https): the queue alert's bound
+            status, body = fetch(base + "/metrics", cert)
+            assert status == 200 and "\ngridnode_queue_capacity 7.0\n" in body.decode()
             status, body = fetch(base + "/health", cert)
             assert status == 200 and json.loads(body)["state"] == "ok"
             with pytest.raises((urllib.error.URLError, ConnectionError)):
