@@ -3,15 +3,18 @@ Rolling upgrades: what a node reads of records and peer messages written by the 
 it and the release after it (docs/operations.md, "Rolling upgrades"). Fields a reader does not know
 are ignored; a node record of a higher format, or a peer message of another protocol version, is
 skipped with its reason, never a crash. (No earlier release was published, so there is no old wheel
-to run against: these tests write the other releases' records and messages by hand.)
+to run against: these tests write the other releases' records and messages by hand, and put such a
+record beside real nodes.)
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +31,8 @@ from gridnode.registry.records import (
     parse_record,
 )
 from gridnode.store.memory import MemoryBackend
+from tests.helpers import free_port, sleep, wait_for
+from tests.nodes import NodeProcess, get_json
 
 PREFIX = "registry/prod/east/nodes/"
 KNOWN = {"id", "http_url", "peer_addr", "started", "incarnation", "heartbeat", "load", "version", "format"}
@@ -190,3 +195,40 @@ class PeerMessageVersionTests:
         with pytest.raises(wire.Dropped) as e:
             self.open(self.seal_payload({**payload, "updates": "a shape no one knows"}, version))
         assert e.value.reason == "version"
+
+
+@pytest.mark.integration
+class MixedPoolTests:
+    @pytest_twisted.inlineCallbacks
+    def test_nodes_carry_on_beside_a_newer_record(self, tmp_path: Path) -> Any:
+        """Two real nodes sharing a store with the record of a node of a newer, incompatible format:
+        both keep serving and list each other in nodes.json, leave the newer node out, and each
+        logs why once, however often that record changes."""
+        store = tmp_path / "store"
+        folder = store / "registry" / "dev" / "p1" / "nodes"
+        nodes = [NodeProcess(tmp_path / f"n{i}", [
+            "--store", f"file:{store}", "--pool", "p1", "--node-id", f"n{i}", "--heartbeat", "0.5",
+            "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--peer", f"tcp:{free_port()}:interface=127.0.0.1"]) for i in range(2)]
+        for node in nodes:
+            node.start()
+        try:
+            for node in nodes:
+                yield node.wait_ready()
+            yield wait_for(lambda: (folder / "n0.json").exists() and (folder / "n1.json").exists())
+            newer = record("n9", format=FORMAT + 1, version="9.0.0", http_url={"moved": "elsewhere"})
+            (folder / "n9.json").write_bytes(data(newer))
+            why = "ignoring registry record registry/dev/p1/nodes/n9.json: record format 2"
+            yield wait_for(lambda: all(why in node.text() for node in nodes))
+            for beat in range(3):  # the newer node heartbeats: its record changes, for the same reason
+                (folder / "n9.json").write_bytes(data({**newer, "heartbeat": 2000.0 + beat}))
+                yield sleep(1.5)
+            assert [node.text().count(why) for node in nodes] == [1, 1]
+            for node in nodes:
+                status, listing = get_json(node.url + "/registry/nodes.json")
+                assert status == 200 and [n["id"] for n in listing["nodes"]] == ["n0", "n1"]
+                assert listing["format"] == FORMAT
+                assert get_json(node.url + "/health")[1]["state"] == "ok"
+        finally:
+            for node in nodes:
+                node.stop()
