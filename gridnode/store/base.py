@@ -4,7 +4,9 @@ The object store contract.
 A *backend* is a plain, blocking object (file folder, S3 bucket, memory) with
 S3's semantics: ETag is the MD5 of a single-part object's bytes, conditional
 puts with ``if_none_match="*"`` or ``if_match=etag``, conditional deletes,
-listing by prefix in key order with pagination. `ObjectStore` runs a backend's
+listing by prefix in key order with pagination, and multipart uploads (an
+object put in numbered parts, then completed or aborted: how a body still
+arriving is stored as it comes). `ObjectStore` runs a backend's
 calls on a dedicated, bounded thread pool so the reactor never blocks; every
 method returns a Deferred.
 """
@@ -12,6 +14,7 @@ method returns a Deferred.
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -41,6 +44,10 @@ class Backend(Protocol):
 
     #: a URL of the store, for logs and ``/health``
     url: str
+    #: the part size a body still arriving is streamed to the store in (gridnode/store/streamed.py);
+    #: None: the store takes a body whole once it is complete (a local folder: a copy there costs
+    #: less than the parts would)
+    part_size: int | None
 
     def put_bytes(
         self, key: str, data: bytes, *, if_none_match: str | None = None,
@@ -63,6 +70,20 @@ class Backend(Protocol):
     def delete(self, key: str, *, if_match: str | None = None) -> None: ...
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None: ...
+
+    # A multipart upload: begun, parts put (numbered from 1; every part but the last of
+    # ``part_size`` at least on S3, 5 MiB), then finished (the object appears whole, at once)
+    # or aborted (nothing is left). Until then the key's current object, if any, is unchanged.
+
+    def begin_upload(self, key: str, *, content_type: str | None = None) -> str: ...
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int, length: int) -> str: ...
+
+    def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo: ...
+
+    def abort_upload(self, key: str, upload_id: str) -> None: ...
+
+    def list_uploads(self, prefix: str) -> builtins.list[tuple[str, str]]: ...
 
     def local_path(self, key: str) -> str | None: ...
 
@@ -142,8 +163,36 @@ class ObjectStore:
     def presigned_url(self, key: str, expires: int = 3600) -> Deferred[str | None]:
         return self._run(self.backend.presigned_url, key, expires)
 
+    @property
+    def part_size(self) -> int | None:
+        return self.backend.part_size
+
+    def begin_upload(self, key: str, **kw: Any) -> Deferred[str]:
+        return self._run(self.backend.begin_upload, key, **kw)
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int,
+                 length: int) -> Deferred[str]:
+        return self._run(self.backend.put_part, key, upload_id, number, path, offset, length)
+
+    def finish_upload(self, key: str, upload_id: str,
+                      parts: builtins.list[tuple[str, int]]) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.finish_upload, key, upload_id, parts)
+
+    def abort_upload(self, key: str, upload_id: str) -> Deferred[None]:
+        return self._run(self.backend.abort_upload, key, upload_id)
+
     def local_path(self, key: str) -> str | None:
         return self.backend.local_path(key)
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file ``path`` from ``offset``: a part of a body (never more than
+    a part is read into memory at once)."""
+    with open(path, "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise OSError(f"{path} holds {len(data)} bytes at {offset}, not the {length} of the part")
+    return data
 
 
 def list_all(backend: Backend, prefix: str) -> list[ObjectInfo]:

@@ -1,0 +1,173 @@
+"""
+A body put into the store while it is still arriving: `StreamedPut`.
+
+An upload is acknowledged only once its input is in the store (docs/api.md,
+201). Put after the last byte, a large body would keep its client waiting for
+the whole transfer; so on a store that takes parts (S3: ``part_size``), the
+body becomes a multipart upload begun at admission, and every ``part_size``
+bytes that reach the spool file (written by Python or spliced by the kernel:
+the bytes are read back from the file by offset, never kept) go up as one
+part on the store's thread pool, at most ``in_flight`` at once, so memory stays
+bounded whatever the body's size. After the last byte only the tail part and
+the completion remain. A store that takes bodies whole (``part_size`` None: a
+local folder) gets the file in one put once it is complete.
+
+A part that fails (after botocore's retries) fails the body: the next bytes
+written raise its `StorageUnavailable`, and the web layer answers 503 at once
+(gridnode/web/upload.py). `abort` leaves nothing behind: parts in flight are
+waited for, then the multipart upload is aborted; an object already put is
+deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.store.base import ObjectStore
+
+#: parts of one body on their way at once: memory is bounded by this many parts
+IN_FLIGHT = 4
+
+
+class StreamedPut:
+    """The file ``path``, still growing, put under ``key``. Driven from the reactor thread:
+    `begin`, `grew` as bytes arrive, then `finish` once the body is complete, or `abort`."""
+
+    _log = Logger()
+
+    def __init__(self, store: ObjectStore, key: str, path: str, *, in_flight: int = IN_FLIGHT,
+                 content_type: str | None = None) -> None:
+        self.store = store
+        self.key = key
+        self.path = path
+        self.part_size = store.part_size
+        self.in_flight = in_flight
+        self.content_type = content_type
+        self.upload_id: str | None = None
+        #: bytes in the file so far, and the offset of the first not handed to a part
+        self.size = 0
+        self._next = 0
+        self._final = False
+        self._aborted = False
+        self._parts: dict[int, tuple[str, int]] = {}
+        self._running: dict[int, Deferred[Any]] = {}
+        self._begun: Deferred[Any] | None = None
+        #: the call that makes the object (the whole put, or the completion), once made
+        self._closing: Deferred[Any] | None = None
+        self._drained: Deferred[None] | None = None
+        #: the first failure of a part: every later call raises it
+        self.failure: GridnodeError | None = None
+
+    def streams(self, length: int | None) -> bool:
+        """Whether a body of ``length`` bytes (None: not declared) goes up in parts as it arrives."""
+        return self.part_size is not None and (length is None or length > self.part_size)
+
+    def begin(self) -> Deferred[Any]:
+        """Begin the multipart upload (before the body is read: a store that cannot be reached
+        refuses the upload with nothing of it read)."""
+        assert self.part_size is not None and self._begun is None
+        self._begun = self.store.begin_upload(self.key, content_type=self.content_type)
+
+        def begun(upload_id: str) -> None:
+            self.upload_id = upload_id
+            if self._aborted:
+                self._abort_stored()
+            else:
+                self._pump()
+
+        return self._begun.addCallback(begun)
+
+    def grew(self, size: int) -> None:
+        """The file holds ``size`` bytes now; the failure of an earlier part is raised here."""
+        if self.failure is not None:
+            raise self.failure
+        self.size = size
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand complete parts (and, once final, the tail) to the store, ``in_flight`` at most."""
+        if self.upload_id is None or self._aborted or self.failure is not None:
+            return
+        assert self.part_size is not None
+        while len(self._running) < self.in_flight:
+            length = min(self.part_size, self.size - self._next)
+            if length <= 0 or (length < self.part_size and not self._final):
+                break
+            number = len(self._parts) + len(self._running) + 1
+            offset, self._next = self._next, self._next + length
+            d = self.store.put_part(self.key, self.upload_id, number, self.path, offset, length)
+            self._running[number] = d
+            d.addBoth(self._part_done, number, length)
+        if self._final and not self._running and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def _part_done(self, result: Any, number: int, length: int) -> None:
+        del self._running[number]
+        if isinstance(result, Failure):
+            if self.failure is None:
+                error = result.value
+                self.failure = error if isinstance(error, StorageUnavailable) else StorageUnavailable(
+                    f"the store failed to take part {number} of this upload "
+                    f"({error.message if isinstance(error, GridnodeError) else type(error).__name__}); "
+                    "send it again, to this node or another")
+                self._log.warn("{key}: part {number} failed: {reason}", key=self.key, number=number,
+                               reason=self.failure.message)
+        else:
+            self._parts[number] = (result, length)
+        self._pump()
+        if self.failure is not None and not self._running and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    @inlineCallbacks
+    def finish(self, size: int) -> Any:
+        """The body is complete at ``size`` bytes: fires with the object once it is stored."""
+        self.size = size
+        self._final = True
+        if self.failure is not None:
+            raise self.failure
+        if self._begun is None:
+            self._closing = self.store.put_file(self.key, self.path, content_type=self.content_type)
+            info = yield self._closing
+            return info
+        yield self._begun
+        self._drained = Deferred()
+        self._pump()
+        yield self._drained
+        if self.failure is not None:
+            raise self.failure
+        assert self.upload_id is not None
+        parts = [self._parts[n] for n in sorted(self._parts)]
+        self._closing = self.store.finish_upload(self.key, self.upload_id, parts)
+        info = yield self._closing
+        return info
+
+    def abort(self) -> Deferred[None]:
+        """Leave nothing in the store (best effort: a store that cannot be reached keeps an
+        incomplete upload; the bucket's lifecycle rule removes it, docs/operations.md)."""
+        if self._aborted:
+            return succeed(None)
+        self._aborted = True
+        return self._abort_stored()
+
+    @inlineCallbacks
+    def _abort_stored(self) -> Any:
+        try:
+            if self._closing is not None:
+                [(made, _)] = yield DeferredList([self._closing], consumeErrors=True)
+                if made:
+                    yield self.store.delete(self.key)
+                    return
+            if self.upload_id is not None:
+                # S3 keeps a part that lands after the abort: wait for those in flight first
+                yield DeferredList(list(self._running.values()), consumeErrors=True)
+                yield self.store.abort_upload(self.key, self.upload_id)
+        except GridnodeError as e:
+            self._log.warn("{key}: an aborted upload may be left in the store: {reason}", key=self.key,
+                           reason=e.message)

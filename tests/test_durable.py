@@ -1,0 +1,165 @@
+"""
+Acknowledged means stored: a POST /jobs body streams into the store as it arrives, and the job is
+answered only once its input, record and active marker are there (on fakes: an in-memory store
+whose calls the test releases one by one, a fake clock, fake media).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+
+from gridnode import jobs
+from gridnode.config import build_config
+from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.pipeline import JobService
+from gridnode.store.base import ObjectStore
+from gridnode.store.memory import MemoryBackend
+from gridnode.store.streamed import StreamedPut
+from tests.fakes import FakeMedia
+
+PART = 1024
+
+
+class HeldStore:
+    """Runs a backend's calls only when the test says: ``calls`` holds them, in order."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], Deferred[Any], Callable[[], Any]]] = []
+        self.store = ObjectStore(backend, self.run)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((fn.__name__, args, d, lambda: fn(*args, **kwargs)))
+        return d
+
+    def release_all(self, limit: int = 1000) -> list[str]:
+        """Run every held call (and those they lead to), oldest first; their names."""
+        names = []
+        for _ in range(limit):
+            if not self.calls:
+                return names
+            name, _, d, call = self.calls.pop(0)
+            names.append(name)
+            maybeDeferred(call).chainDeferred(d)
+        raise AssertionError("calls keep coming")
+
+
+class DurableTests:
+    @pytest.fixture(autouse=True)
+    def setup(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.backend = MemoryBackend(part_size=PART)
+        self.held = HeldStore(self.backend)
+        self.media = FakeMedia(tmp_path)
+        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 2,
+                                   "min-free": 0}).with_identity("n1")
+        self.jobs = JobService(self.clock, config, self.held.store, self.media, now=self.clock.seconds)
+
+    def admitted(self, length: int | None) -> Any:
+        route = self.jobs.admit(length)
+        assert isinstance(route, Deferred)  # a body of more than a part streams: begun first
+        got: list[Any] = []
+        route.addBoth(got.append)
+        assert self.held.release_all() == ["begin_upload"]
+        return got[0]
+
+    def test_no_answer_before_input_record_and_marker(self) -> None:
+        """The job's answer waits for the completion of the input, then the record, then the
+        active marker; when it comes, all three are in the store."""
+        body = os.urandom(3 * PART + 100)
+        spool = self.admitted(len(body))
+        spool.write(body)
+        assert [c[0] for c in self.held.calls] == ["put_part"] * 3  # full parts go as they arrive
+        answered: list[Any] = []
+        self.jobs.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(answered.append)
+        order = []
+        while self.held.calls:
+            name, args, d, call = self.held.calls.pop(0)
+            order.append((name, args[0] if name.startswith("put") else None))
+            assert not answered, f"answered before {name} ran"
+            maybeDeferred(call).chainDeferred(d)
+        job = answered[0]
+        assert job.state == jobs.QUEUED
+        assert order == [("put_part", f"inputs/{job.id}/source")] * 4 + [("finish_upload", None),
+                                                                          ("put_bytes", f"jobs/{job.id}.json"),
+                                                                          ("put_bytes", f"active/{job.id}")]
+        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == body
+        assert self.backend.list_uploads("") == []
+
+    def test_parts_in_flight_are_bounded(self) -> None:
+        """However fast the body arrives, at most IN_FLIGHT parts are on their way (memory stays
+        bounded); the rest follow as they finish."""
+        spool = self.admitted(None)
+        spool.write(b"x" * (10 * PART))
+        assert len(self.held.calls) == 4
+        self.held.release_all()
+        assert len(self.backend._uploads[self.backend.list_uploads("")[0][1]][1]) == 10
+
+    def test_store_down_at_admission(self) -> None:
+        """The multipart upload cannot be begun: 503 storage_unavailable before any body byte,
+        with no spool file and no slot held."""
+        route = self.jobs.admit(None)
+        got: list[Any] = []
+        route.addBoth(got.append)
+        _, _, d, _ = self.held.calls.pop(0)
+        d.errback(StorageUnavailable("bucket unreachable"))
+        assert got[0].value.code == "storage_unavailable" and got[0].value.retry_after > 0
+        assert os.listdir(self.jobs.spool.folder) == [] and not self.jobs.uploading
+
+    def test_store_down_mid_stream(self) -> None:
+        """A part the store refused (after the client's retries) refuses the body at its next
+        bytes with 503 storage_unavailable; discarded, the upload leaves nothing in the store."""
+        spool = self.admitted(None)
+        spool.write(b"x" * (2 * PART))
+        _, _, d, _ = self.held.calls.pop(0)
+        d.errback(StorageUnavailable("bucket unreachable"))
+        with pytest.raises(GridnodeError) as e:
+            spool.write(b"y")
+        assert e.value.code == "storage_unavailable" and e.value.status == 503
+        spool.discard()
+        self.held.release_all()
+        assert self.backend.list_uploads("") == [] and self.backend.list("").items == []
+        assert not os.path.exists(spool.path) and not self.jobs.uploading
+
+    def test_cut_upload_aborts(self) -> None:
+        """A body cut off mid-way (the request's abort) aborts its multipart upload once the parts
+        in flight have landed: nothing is left behind."""
+        spool = self.admitted(None)
+        spool.write(b"x" * (3 * PART))
+        spool.abort()
+        assert self.held.release_all()[-1] == "abort_upload"
+        assert self.backend.list_uploads("") == [] and self.backend.list("").items == []
+
+    def test_refused_after_the_input_is_stored(self) -> None:
+        """Not a video: the probe refuses it while the input completes; the stored object is
+        deleted, and the record is never written."""
+        self.media.probe_error = GridnodeError("not a video", code="not_a_video", status=422)
+        spool = self.admitted(2 * PART)
+        spool.write(b"x" * (2 * PART))
+        answered: list[Any] = []
+        self.jobs.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(answered.append)
+        self.held.release_all()
+        assert answered[0].value.code == "not_a_video"
+        assert self.backend.list("").items == [] and self.backend.list_uploads("") == []
+
+    def test_small_body_is_one_put(self) -> None:
+        """A body no longer than a part is put whole once complete: no multipart upload."""
+        spool = self.jobs.admit(PART)
+        assert not isinstance(spool, Deferred)
+        spool.write(b"v" * PART)
+        answered: list[Any] = []
+        self.jobs.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(answered.append)
+        assert self.held.release_all() == ["put_file", "put_bytes", "put_bytes"]
+        assert self.backend.get_bytes(f"inputs/{answered[0].id}/source")[0] == b"v" * PART
+
+    def test_streams_only_on_a_parted_store(self) -> None:
+        """A store without a part size (a local folder) takes bodies whole."""
+        put = StreamedPut(ObjectStore.synchronous(MemoryBackend()), "inputs/J/source", "/nonexistent")
+        assert not put.streams(None) and not put.streams(10**9)
