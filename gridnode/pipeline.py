@@ -275,10 +275,15 @@ class JobService(Service):
         if not isinstance(put, StreamedPut):
             put = spool.follower = StreamedPut(self.store, keys.input_source(os.path.basename(spool.path)),
                                                spool.path)
-        began = time.monotonic()
+        began, job_id = time.monotonic(), os.path.basename(spool.path)
+
+        def stored(info: Any) -> None:
+            took = time.monotonic() - began
+            self.metrics.phase_seconds.labels("store_input").observe(took)
+            self._log.info("job {job} input stored {elapsed:.3f}s after its last byte", job=job_id, elapsed=took)
+
         d: Deferred[Any] = put.finish(spool.size)
-        return d.addCallback(lambda info: self.metrics.phase_seconds.labels("store_input").observe(
-            time.monotonic() - began))
+        return d.addCallback(stored)
 
     @inlineCallbacks
     def _accept_durably(self, active: Active) -> Any:
