@@ -84,6 +84,9 @@ def moto(tmp: Path) -> Iterator[str]:
     try:
         client(endpoint).create_bucket(Bucket="bench")
         yield endpoint
+    except BaseException:
+        say(f"moto's log ends:\n{(tmp / 'moto.log').read_text(errors='replace')[-3000:]}")
+        raise
     finally:
         server.stop()
 

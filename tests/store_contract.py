@@ -234,3 +234,21 @@ class StoreContract:
         with pytest.raises(GridnodeError):
             backend.put_part("inputs/L/source", upload, 1, str(src), 0, 10)
         assert backend.list_uploads("") == []
+
+    def test_parts_copied_from_stored_objects(self, backend: Any, tmp_path: Any) -> None:
+        """Stored objects become parts inside the store (no bytes through the caller), followed by
+        a part from a file: the object is their concatenation. A missing source is NotFound."""
+        part = 5 * 1024 * 1024
+        first, second, tail = os.urandom(part), os.urandom(part + 1), b"the end"
+        backend.put_bytes("uploads/U/1", first)
+        backend.put_bytes("uploads/U/2", second)
+        src = tmp_path / "tail"
+        src.write_bytes(tail)
+        upload = backend.begin_upload("inputs/U/source")
+        parts = [(backend.copy_part("inputs/U/source", upload, 1, "uploads/U/1"), part),
+                 (backend.copy_part("inputs/U/source", upload, 2, "uploads/U/2"), part + 1),
+                 (backend.put_part("inputs/U/source", upload, 3, str(src), 0, len(tail)), len(tail))]
+        with pytest.raises(NotFound):
+            backend.copy_part("inputs/U/source", upload, 4, "uploads/U/missing")
+        backend.finish_upload("inputs/U/source", upload, parts)
+        assert backend.get_bytes("inputs/U/source")[0] == first + second + tail

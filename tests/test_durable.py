@@ -163,3 +163,40 @@ class DurableTests:
         """A store without a part size (a local folder) takes bodies whole."""
         put = StreamedPut(ObjectStore.synchronous(MemoryBackend()), "inputs/J/source", "/nonexistent")
         assert not put.streams(None) and not put.streams(10**9)
+
+
+class CopyFirstTests:
+    def test_stored_parts_are_copied_not_sent(self, tmp_path: Path) -> None:
+        """A tus upload's committed chunks (5 MiB or more each) become the input's first parts by
+        copies inside the store; only the bytes past them are read from the file and sent."""
+        mib = 1024 * 1024
+        backend = MemoryBackend(part_size=8 * mib)
+        first, second, tail = os.urandom(5 * mib), os.urandom(6 * mib), b"last chunk"
+        backend.put_bytes("uploads/U/part-1", first)
+        backend.put_bytes("uploads/U/part-2", second)
+        path = tmp_path / "assembled"
+        path.write_bytes(first + second + tail)
+        held = HeldStore(backend)
+        put = StreamedPut(held.store, "inputs/U/source", str(path))
+        assert put.copy_first([("uploads/U/part-1", len(first)), ("uploads/U/part-2", len(second))])
+        done: list[Any] = []
+        put.finish(path.stat().st_size).addBoth(done.append)
+        calls = []
+        while held.calls:
+            name, args, d, call = held.calls.pop(0)
+            seen = {"put_part": args[2:3] + args[4:], "copy_part": args[-1]}.get(name)
+            calls.append((name, seen))
+            maybeDeferred(call).chainDeferred(d)
+        assert calls == [("begin_upload", None), ("copy_part", "uploads/U/part-1"),
+                         ("copy_part", "uploads/U/part-2"), ("put_part", (3, 11 * mib, len(tail))),
+                         ("finish_upload", None)]
+        assert done[0].size == path.stat().st_size
+        assert backend.get_bytes("inputs/U/source")[0] == first + second + tail
+
+    def test_small_chunks_are_put_whole(self, tmp_path: Path) -> None:
+        """A chunk under S3's smallest part cannot be copied as one: the assembled file is put
+        whole instead."""
+        put = StreamedPut(ObjectStore.synchronous(MemoryBackend(part_size=8 * 1024 * 1024)), "inputs/U/source",
+                          str(tmp_path / "f"))
+        assert not put.copy_first([("uploads/U/part-1", 1000)])
+        assert not StreamedPut(ObjectStore.synchronous(MemoryBackend()), "k/x", "f").copy_first([("a/b", 10**8)])

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThread
 
 from tests.helpers import sleep
 from tests.media_samples import FFMPEG
@@ -113,5 +114,29 @@ class AcknowledgedMeansStoredTests:
                 yield sleep(0.05)
             assert uploads == [] and spool == []
             assert s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="grid/inputs/").get("KeyCount", 0) == 0
+        finally:
+            n.stop()
+
+    @pytest_twisted.inlineCallbacks
+    def test_tus_completion_copies_the_stored_chunks(self, tmp_path: Path, s3_endpoint: str, s3_bucket: str,
+                                                     s3_client: Any, clips: list[Path]) -> None:
+        """A tus upload in 6 MiB chunks on S3: the completing PATCH is answered with the job's input
+        in the bucket, made of the committed chunks copied inside the store and the last chunk."""
+        from tusclient import client as tus
+
+        n = node(tmp_path, s3_endpoint, s3_bucket, "t0")
+        n.start()
+        try:
+            yield n.wait_ready()
+            uploader = tus.TusClient(n.url + "/files/").uploader(
+                str(clips[0]), chunk_size=6 * 1024 * 1024, metadata={"filename": "big.mp4", "presets": "poster"})
+            yield deferToThread(uploader.upload)
+            upload_id = uploader.url.rstrip("/").rsplit("/", 1)[1]
+            stored = s3_client.get_object(Bucket=s3_bucket, Key=f"grid/inputs/{upload_id}/source")["Body"].read()
+            assert stored == clips[0].read_bytes()
+            assert f"inputs/{upload_id}/source: {clips[0].stat().st_size // (6 * 1024 * 1024)} stored parts copied" \
+                in n.text()
+            job = yield wait_job(n.url, upload_id)
+            assert job["state"] == "done", job
         finally:
             n.stop()

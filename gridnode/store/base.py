@@ -23,6 +23,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 T = TypeVar("T")
 
+#: the smallest part of a multipart upload but its last (S3's rule)
+MIN_PART = 5 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -71,13 +74,16 @@ class Backend(Protocol):
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None: ...
 
-    # A multipart upload: begun, parts put (numbered from 1; every part but the last of
-    # ``part_size`` at least on S3, 5 MiB), then finished (the object appears whole, at once)
-    # or aborted (nothing is left). Until then the key's current object, if any, is unchanged.
+    # A multipart upload: begun, parts put from a file or copied from a stored object inside the
+    # store (numbered from 1; every part but the last of ``MIN_PART`` at least on S3), then
+    # finished (the object appears whole, at once) or aborted (nothing is left). Until then the
+    # key's current object, if any, is unchanged.
 
     def begin_upload(self, key: str, *, content_type: str | None = None) -> str: ...
 
     def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int, length: int) -> str: ...
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str: ...
 
     def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo: ...
 
@@ -173,6 +179,9 @@ class ObjectStore:
     def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int,
                  length: int) -> Deferred[str]:
         return self._run(self.backend.put_part, key, upload_id, number, path, offset, length)
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> Deferred[str]:
+        return self._run(self.backend.copy_part, key, upload_id, number, source)
 
     def finish_upload(self, key: str, upload_id: str,
                       parts: builtins.list[tuple[str, int]]) -> Deferred[ObjectInfo]:

@@ -233,6 +233,10 @@ class FileBackend:
                 os.unlink(os.path.join(folder, name))
         return etag
 
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str:
+        self._info(source)  # NotFound for a missing source
+        return self.put_part(key, upload_id, number, self._path(source), 0, os.path.getsize(self._path(source)))
+
     def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
         folder = self._parts(key, upload_id)
         tmp = self._tmp()

@@ -91,6 +91,12 @@ class MemoryBackend:
             parts[number] = data
         return hashlib.md5(data).hexdigest()
 
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str:
+        data = self.get_bytes(source)[0]
+        with self._lock:
+            self._upload(key, upload_id)[number] = data
+        return hashlib.md5(data).hexdigest()
+
     def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
         with self._lock:
             put = self._upload(key, upload_id)

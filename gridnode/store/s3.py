@@ -384,6 +384,13 @@ class S3Backend:
                                             Body=data)
         return self._etag(resp.get("ETag"))
 
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str:
+        full = self._key(key)
+        with self._errors(source, "UploadPartCopy"):
+            resp = self._client.upload_part_copy(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                                                 CopySource={"Bucket": self.bucket, "Key": self._key(source)})
+        return self._etag(resp.get("CopyPartResult", {}).get("ETag"))
+
     def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
         full = self._key(key)
         named = [{"PartNumber": n, "ETag": self._quoted(etag)} for n, (etag, _) in enumerate(parts, start=1)]

@@ -12,6 +12,10 @@ bounded whatever the body's size. After the last byte only the tail part and
 the completion remain. A store that takes bodies whole (``part_size`` None: a
 local folder) gets the file in one put once it is complete.
 
+A body assembled here from parts already stored (a tus upload) may start with
+those, copied inside the store (`copy_first`), so that only its last bytes
+travel again.
+
 A part that fails (after botocore's retries) fails the body: the next bytes
 written raise its `StorageUnavailable`, and the web layer answers 503 at once
 (gridnode/web/upload.py). `abort` leaves nothing behind: parts in flight are
@@ -28,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError, StorageUnavailable
-from gridnode.store.base import ObjectStore
+from gridnode.store.base import MIN_PART, ObjectStore
 
 #: parts of one body on their way at once: memory is bounded by this many parts
 IN_FLIGHT = 4
@@ -55,6 +59,8 @@ class StreamedPut:
         self._final = False
         self._aborted = False
         self._parts: dict[int, tuple[str, int]] = {}
+        #: stored objects that become the first parts by copies inside the store
+        self._sources: list[tuple[str, int]] = []
         self._running: dict[int, Deferred[Any]] = {}
         self._begun: Deferred[Any] | None = None
         #: the call that makes the object (the whole put, or the completion), once made
@@ -62,6 +68,17 @@ class StreamedPut:
         self._drained: Deferred[None] | None = None
         #: the first failure of a part: every later call raises it
         self.failure: GridnodeError | None = None
+
+    def copy_first(self, sources: list[tuple[str, int]]) -> bool:
+        """Make the stored objects ``sources`` (key, size) the object's first parts, copied inside
+        the store (S3 UploadPartCopy: no byte through this node), the file's bytes past their total
+        following: a tus upload's committed chunks, when every one is a valid part (``MIN_PART``
+        at least). False, and nothing changed, where that cannot be; call before `finish`."""
+        if self.part_size is None or not sources or any(size < MIN_PART for _, size in sources):
+            return False
+        self._sources = list(sources)
+        self._next = sum(size for _, size in sources)
+        return True
 
     def streams(self, length: int | None) -> bool:
         """Whether a body of ``length`` bytes (None: not declared) goes up in parts as it arrives."""
@@ -77,8 +94,17 @@ class StreamedPut:
             self.upload_id = upload_id
             if self._aborted:
                 self._abort_stored()
-            else:
-                self._pump()
+                return
+            if self._sources:
+                self._log.info("{key}: {count} stored parts copied inside the store", key=self.key,
+                               count=len(self._sources))
+            copies = [(number, size, self.store.copy_part(self.key, upload_id, number, source))
+                      for number, (source, size) in enumerate(self._sources, start=1)]
+            for number, _, d in copies:  # all numbered before any may end and the file's parts follow
+                self._running[number] = d
+            for number, size, d in copies:
+                d.addBoth(self._part_done, number, size)
+            self._pump()
 
         return self._begun.addCallback(begun)
 
@@ -132,6 +158,8 @@ class StreamedPut:
         self._final = True
         if self.failure is not None:
             raise self.failure
+        if self._begun is None and self._sources:
+            self.begin()
         if self._begun is None:
             self._closing = self.store.put_file(self.key, self.path, content_type=self.content_type)
             info = yield self._closing
