@@ -6,9 +6,9 @@ An upload is acknowledged only once its input is in the store (docs/api.md,
 the whole transfer; so on a store that takes parts (S3: ``part_size``), the
 body becomes a multipart upload begun at admission, and every ``part_size``
 bytes that reach the spool file (written by Python or spliced by the kernel:
-the bytes are read back from the file by offset, never kept) go up as one
-part on the store's thread pool, at most ``in_flight`` at once, so memory stays
-bounded whatever the body's size. After the last byte only the tail part and
+the bytes are read back from the file by offset as they are sent, never kept)
+go up as one part on the store's thread pool, at most ``in_flight`` at once, so
+memory stays bounded whatever the body's size. After the last byte only the tail part and
 the completion remain. A store that takes bodies whole (``part_size`` None: a
 local folder) gets the file in one put once it is complete.
 
@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from gridnode.errors import GridnodeError, StorageUnavailable
 from gridnode.store.base import MIN_PART, ObjectStore
 
-#: parts of one body on their way at once: memory is bounded by this many parts
+#: parts of one body on their way at once (the store's thread pool bounds them node-wide)
 IN_FLIGHT = 4
 
 
