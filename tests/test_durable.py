@@ -200,3 +200,67 @@ class CopyFirstTests:
                           str(tmp_path / "f"))
         assert not put.copy_first([("uploads/U/part-1", 1000)])
         assert not StreamedPut(ObjectStore.synchronous(MemoryBackend()), "k/x", "f").copy_first([("a/b", 10**8)])
+
+
+class HttpTests:
+    """The same, through a node's whole HTTP side (tests/test_limits.py's Site) on a parted store."""
+
+    def site(self, tmp_path: Path) -> Any:
+        from tests.test_limits import Site
+
+        return Site(tmp_path, max_upload_mb=4, backend=MemoryBackend(part_size=64 * 1024))
+
+    def test_201_comes_with_input_record_and_marker(self, tmp_path: Path) -> None:
+        """A chunked POST /jobs streams in parts; its 201 finds the input, record and marker stored."""
+        from tests.test_limits import chunked
+
+        node = self.site(tmp_path)
+        body = os.urandom(300 * 1024)
+        r, _ = node.post(chunked("/jobs?name=m.mov", {}, body))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert node.backend.get_bytes(f"inputs/{job_id}/source")[0] == body
+        assert {i.key for i in node.backend.list("").items} == {f"inputs/{job_id}/source", f"jobs/{job_id}.json",
+                                                               f"active/{job_id}"}
+
+    def test_store_down_at_admission_reads_no_body(self, tmp_path: Path) -> None:
+        """The store refuses to begin the upload: 503 storage_unavailable with Retry-After, before
+        the body is read; nothing kept."""
+        from tests.test_limits import Connection, chunked
+
+        node = self.site(tmp_path)
+
+        def down(*a: Any, **kw: Any) -> Any:
+            raise StorageUnavailable("bucket unreachable")
+
+        node.backend.begin_upload = down  # type: ignore[method-assign]
+        conn = Connection(node.site)
+        request = chunked("/jobs?name=m.mov", {}, os.urandom(2 * 1024 * 1024))
+        head = request.index(b"\r\n\r\n") + 4
+        conn.send(request[:head])  # the answer comes before any body byte
+        r = conn.answer("POST")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        assert int(r.headers["Retry-After"]) > 0
+        assert node.spool() == [] and not node.jobs.uploading
+
+    def test_store_down_mid_stream(self, tmp_path: Path) -> None:
+        """A part the store refuses stops the body: 503 storage_unavailable + Retry-After, the
+        connection closed, no spool file, no multipart upload and no object left."""
+        from tests.test_limits import chunked
+
+        node = self.site(tmp_path)
+        real = node.backend.put_part
+        calls: list[int] = []
+
+        def flaky(*a: Any, **kw: Any) -> Any:
+            calls.append(1)
+            if len(calls) > 2:
+                raise StorageUnavailable("bucket unreachable")
+            return real(*a, **kw)
+
+        node.backend.put_part = flaky  # type: ignore[method-assign]
+        r, conn = node.post(chunked("/jobs?name=m.mov", {}, os.urandom(2 * 1024 * 1024)))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+        assert int(r.headers["Retry-After"]) > 0 and r.headers["Connection"] == "close"
+        assert node.spool() == [] and not node.jobs.uploading
+        assert node.backend.list_uploads("") == [] and node.backend.list("").items == []
