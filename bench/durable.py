@@ -217,28 +217,31 @@ def fig_ingest(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     body = tmp / "ingest.mp4"
     padded_clip(body, size)
     copy = tmp / "copy.bin"
-    up: list[float] = []
-    cp: list[float] = []
+    times: dict[str, list[float]] = {"upload": [], "cp": [], "cp+sync": []}
     with node(tmp / "ingest", args.ingest_mib) as server:
         post_video(server, body)  # warm-up, untimed
         for r in range(args.ingest_rounds):
-            for side in (["upload", "cp"] if r % 2 == 0 else ["cp", "upload"]):
+            for side in (list(times) if r % 2 == 0 else list(reversed(times))):
                 if side == "upload":
                     p = post_video(server, body)
-                    up.append(p.answered - p.started)
+                    times[side].append(p.answered - p.started)
                 else:
+                    # cp: the page cache only; cp+sync: until the copy is on disk, as a 201 now is
                     began = time.monotonic()
                     subprocess.run(["cp", str(body), str(copy)], check=True)
-                    cp.append(time.monotonic() - began)
+                    if side == "cp+sync":
+                        subprocess.run(["sync", str(copy)], check=True)
+                    times[side].append(time.monotonic() - began)
                     copy.unlink()
-                say(f"  ingest round {r + 1}: {side} {(up if side == 'upload' else cp)[-1]:.2f}s")
+                say(f"  ingest round {r + 1}: {side} {times[side][-1]:.2f}s")
                 os.sync()  # untimed: what one side left dirty does not tax the other
     body.unlink()
-    u, c = statistics.median(up), statistics.median(cp)
+    u, c, cs = (statistics.median(times[side]) for side in ("upload", "cp", "cp+sync"))
     return {"figure": "ingest", "title": f"ingest to a durable 201, {args.ingest_mib} MiB, file: store, vs cp",
             "goal": ">= 0.6", "measured": f"upload to 201 {size / u / MiB:.0f} MiB/s ({u:.2f} s) vs cp "
-                                          f"{size / c / MiB:.0f} MiB/s ({c:.2f} s): {c / u:.2f}",
-            "pass": c / u >= 0.6, "upload_s": up, "cp_s": cp, "ratio": c / u}
+                                          f"{size / c / MiB:.0f} MiB/s ({c:.2f} s): {c / u:.2f}; vs cp + sync FILE "
+                                          f"{size / cs / MiB:.0f} MiB/s ({cs:.2f} s): {cs / u:.2f}",
+            "pass": c / u >= 0.6, "times_s": times, "ratio": c / u, "ratio_vs_cp_sync": cs / u}
 
 
 def peak_growth(server: ServerProcess, body: Path) -> tuple[int, int, int]:

@@ -59,8 +59,11 @@ class Backend(Protocol):
 
     def put_file(
         self, key: str, path: str, *, if_none_match: str | None = None,
-        if_match: str | None = None, content_type: str | None = None,
-    ) -> ObjectInfo: ...
+        if_match: str | None = None, content_type: str | None = None, handed_over: bool = False,
+    ) -> ObjectInfo:
+        """``handed_over``: the caller never writes the file again (it may remove it), so a folder
+        store may keep the file itself (a hard link) rather than a copy."""
+        ...
 
     def get_bytes(self, key: str, *, max_size: int | None = None) -> tuple[bytes, ObjectInfo]: ...
 
@@ -192,6 +195,20 @@ class ObjectStore:
 
     def local_path(self, key: str) -> str | None:
         return self.backend.local_path(key)
+
+    def flush(self, path: str) -> Deferred[None]:
+        """Write what is written of the local file ``path`` to disk, on the store's threads: a body
+        bound for a store that takes it whole is flushed as it arrives, so the put that makes it
+        durable has only its tail left to write."""
+        return self._run(fdatasync, path)
+
+
+def fdatasync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:

@@ -20,7 +20,9 @@ Durable before it is acknowledged: a put returns once the object's bytes and its
 are on disk (the temporary file fsynced, renamed, its folder fsynced, and every folder made for
 it), so a 201 survives a power cut as an S3 answer would. A multipart upload (S3's, for the
 contract) keeps its parts under ``.gridnode/parts/<upload id>/`` until it is finished or aborted;
-the node itself streams nothing here (``part_size`` None: a body is put whole once complete).
+the node itself streams nothing here (``part_size`` None: a body is put whole once complete,
+fsynced as it arrived, and taken by a hard link where the caller hands its file over and both lie
+on one filesystem: an upload is then written to disk once, not copied).
 
 The folder is the node's own: every folder it makes is 0700 and every file 0600, and the
 root is made 0700 at open (unless it is a shared folder, sticky as /tmp is, or another
@@ -178,12 +180,18 @@ class FileBackend:
 
     def put_file(
         self, key: str, path: str, *, if_none_match: str | None = None,
-        if_match: str | None = None, content_type: str | None = None,
+        if_match: str | None = None, content_type: str | None = None, handed_over: bool = False,
     ) -> ObjectInfo:
         self._path(key)
         tmp = self._tmp()
-        os.close(_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # copyfile keeps its mode
-        shutil.copyfile(path, tmp)  # in the kernel (sendfile): the bytes never pass through Python
+        try:
+            if not handed_over:
+                raise OSError("a copy: the caller keeps its file")
+            # the spool's own body, on this filesystem: the store takes its inode, not a copy
+            os.link(path, tmp)
+        except OSError:
+            os.close(_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # copyfile keeps its mode
+            shutil.copyfile(path, tmp)  # in the kernel (sendfile): the bytes never pass through Python
         _fsync_file(tmp)
         return self._commit(key, tmp, secrets.token_hex(16), if_none_match, if_match)
 

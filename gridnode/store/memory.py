@@ -36,7 +36,7 @@ class MemoryBackend:
             self._objects[key] = (bytes(data), info)
         return info
 
-    def put_file(self, key: str, path: str, **kw: str | None) -> ObjectInfo:
+    def put_file(self, key: str, path: str, *, handed_over: bool = False, **kw: str | None) -> ObjectInfo:
         with open(path, "rb") as f:
             return self.put_bytes(key, f.read(), **kw)
 

@@ -258,7 +258,7 @@ class S3Backend:
 
     def put_file(
         self, key: str, path: str, *, if_none_match: str | None = None,
-        if_match: str | None = None, content_type: str | None = None,
+        if_match: str | None = None, content_type: str | None = None, handed_over: bool = False,
     ) -> ObjectInfo:
         full = self._key(key)
         args = self._conditions(if_none_match, if_match, content_type)

@@ -10,7 +10,8 @@ the bytes are read back from the file by offset as they are sent, never kept)
 go up as one part on the store's thread pool, at most ``in_flight`` at once, so
 memory stays bounded whatever the body's size. After the last byte only the tail part and
 the completion remain. A store that takes bodies whole (``part_size`` None: a
-local folder) gets the file in one put once it is complete.
+local folder) gets the file in one put once it is complete, the file flushed to
+disk as it arrived so that the put's fsync has only the tail left to write.
 
 A body assembled here from parts already stored (a tus upload) may start with
 those, copied inside the store (`copy_first`), so that only its last bytes
@@ -36,6 +37,8 @@ from gridnode.store.base import MIN_PART, ObjectStore
 
 #: parts of one body on their way at once (the store's thread pool bounds them node-wide)
 IN_FLIGHT = 4
+#: a body the store takes whole is flushed to disk every this many bytes as it arrives
+FLUSH_EVERY = 32 * 1024 * 1024
 
 
 class StreamedPut:
@@ -58,6 +61,9 @@ class StreamedPut:
         self._next = 0
         self._final = False
         self._aborted = False
+        #: a body the store takes whole: flushed to disk up to here, a flush in flight
+        self._flushed = 0
+        self._flushing = False
         self._parts: dict[int, tuple[str, int]] = {}
         #: stored objects that become the first parts by copies inside the store
         self._sources: list[tuple[str, int]] = []
@@ -113,7 +119,25 @@ class StreamedPut:
         if self.failure is not None:
             raise self.failure
         self.size = size
-        self._pump()
+        if self.part_size is None:
+            self._flush()
+        else:
+            self._pump()
+
+    def _flush(self) -> None:
+        """A body the store takes whole goes to disk as it arrives (one flush at a time, every
+        ``FLUSH_EVERY`` bytes), so its put before the answer has only the tail left to write."""
+        if self._flushing or self.size - self._flushed < FLUSH_EVERY or self._aborted:
+            return
+        self._flushing, upto = True, self.size
+
+        def flushed(result: Any) -> None:
+            self._flushing = False
+            if not isinstance(result, Failure):
+                self._flushed = upto
+            # a failure here is the put's to meet: it fsyncs the whole file again
+
+        self.store.flush(self.path).addBoth(flushed)
 
     def _pump(self) -> None:
         """Hand complete parts (and, once final, the tail) to the store, ``in_flight`` at most."""
@@ -161,7 +185,9 @@ class StreamedPut:
         if self._begun is None and self._sources:
             self.begin()
         if self._begun is None:
-            self._closing = self.store.put_file(self.key, self.path, content_type=self.content_type)
+            # the spool's file is never written again: a folder store may keep it as it is
+            self._closing = self.store.put_file(self.key, self.path, content_type=self.content_type,
+                                                handed_over=True)
             info = yield self._closing
             return info
         yield self._begun
