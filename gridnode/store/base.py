@@ -14,6 +14,7 @@ method returns a Deferred.
 from __future__ import annotations
 
 import builtins
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,3 +231,50 @@ def list_all(backend: Backend, prefix: str) -> list[ObjectInfo]:
         if page.next_after is None:
             return items
         after = page.next_after
+
+
+class FileWindow(io.RawIOBase):
+    """``length`` bytes of the file ``path`` from ``offset``, as a seekable file of their own."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+        if os.fstat(self._file.fileno()).st_size < offset + length:
+            self._file.close()
+            raise OSError(f"{path} holds fewer than the {offset + length} bytes of this part")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        data = os.pread(self._file.fileno(), n, self._offset + self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + pos))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import io
 import os
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 from gridnode import keys
 from gridnode.errors import ConfigError, GridnodeError, InvalidKey, NotFound, PreconditionFailed, StorageUnavailable
-from gridnode.store.base import ObjectInfo, Page
+from gridnode.store.base import FileWindow, ObjectInfo, Page
 from gridnode.store.memory import check_size
 
 MB = 1024 * 1024
@@ -459,49 +458,3 @@ class S3Backend:
         if close is not None:
             close()
 
-
-class FileWindow(io.RawIOBase):
-    """``length`` bytes of the file ``path`` from ``offset``, as a seekable file of their own."""
-
-    def __init__(self, path: str, offset: int, length: int) -> None:
-        super().__init__()
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        self._offset = offset
-        self._length = length
-        self._pos = 0
-        if os.fstat(self._file.fileno()).st_size < offset + length:
-            self._file.close()
-            raise OSError(f"{path} holds fewer than the {offset + length} bytes of this part")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def __len__(self) -> int:
-        return self._length
-
-    def read(self, size: int | None = -1) -> bytes:
-        left = self._length - self._pos
-        n = left if size is None or size < 0 else min(size, left)
-        data = os.pread(self._file.fileno(), n, self._offset + self._pos) if n > 0 else b""
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, min(self._length, base + pos))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
