@@ -8,8 +8,8 @@ body becomes a multipart upload begun at admission, and every ``part_size``
 bytes that reach the spool file (written by Python or spliced by the kernel:
 the bytes are read back from the file by offset as they are sent, never kept)
 go up as one part on the store's thread pool, at most ``in_flight`` at once, so
-memory stays bounded whatever the body's size. After the last byte only the tail part and
-the completion remain. A store that takes bodies whole (``part_size`` None: a
+memory stays bounded whatever the body's size. After the last byte only the
+tail part and the completion remain. A store that takes bodies whole (``part_size`` None: a
 local folder) gets the file in one put once it is complete, the file flushed to
 disk as it arrived so that the put's fsync has only the tail left to write.
 
