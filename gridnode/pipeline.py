@@ -282,8 +282,17 @@ class JobService(Service):
             self.metrics.phase_seconds.labels("store_input").observe(took)
             self._log.info("job {job} input stored {elapsed:.3f}s after its last byte", job=job_id, elapsed=took)
 
+        def failed(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, GridnodeError) and not isinstance(error, StorageUnavailable):
+                # whatever the store said of the input (a lost completion, a refusal), the upload
+                # is not stored: the client sends it again
+                raise StorageUnavailable(f"the store did not take this upload ({error.message}); "
+                                         "send it again") from error
+            return failure
+
         d: Deferred[Any] = put.finish(spool.size)
-        return d.addCallback(stored)
+        return d.addCallbacks(stored, failed)
 
     @inlineCallbacks
     def _accept_durably(self, active: Active) -> Any:

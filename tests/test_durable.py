@@ -264,3 +264,31 @@ class HttpTests:
         assert int(r.headers["Retry-After"]) > 0 and r.headers["Connection"] == "close"
         assert node.spool() == [] and not node.jobs.uploading
         assert node.backend.list_uploads("") == [] and node.backend.list("").items == []
+
+
+class S3CompletionTests:
+    def test_a_retried_completion_that_had_landed(self) -> None:
+        """CompleteMultipartUpload retried after a timeout meets NoSuchUpload (the first try
+        completed the object): the object of the right size is the answer, not a failure."""
+        from botocore.exceptions import ClientError
+
+        from gridnode.store.s3 import S3Backend
+
+        class Client:
+            size = 10
+
+            def complete_multipart_upload(self, **kw: Any) -> Any:
+                raise ClientError({"Error": {"Code": "NoSuchUpload"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
+                                  "CompleteMultipartUpload")
+
+            def head_object(self, **kw: Any) -> Any:
+                return {"ContentLength": self.size, "ETag": '"abc-2"'}
+
+        client = Client()
+        backend = S3Backend("bucket", client=client)
+        info = backend.finish_upload("inputs/J/source", "u1", [("e1", 6), ("e2", 4)])
+        assert (info.size, info.etag) == (10, "abc-2")
+        client.size = 3  # another object there: the completion did fail
+        with pytest.raises(GridnodeError) as e:
+            backend.finish_upload("inputs/J/source", "u1", [("e1", 6), ("e2", 4)])
+        assert e.value.code == "not_found"

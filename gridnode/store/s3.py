@@ -393,10 +393,19 @@ class S3Backend:
     def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
         full = self._key(key)
         named = [{"PartNumber": n, "ETag": self._quoted(etag)} for n, (etag, _) in enumerate(parts, start=1)]
-        with self._errors(key, "CompleteMultipartUpload"):
-            resp = self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                                          MultipartUpload={"Parts": named})
-        return ObjectInfo(key, sum(size for _, size in parts), self._etag(resp.get("ETag")), time.time())
+        size = sum(length for _, length in parts)
+        try:
+            with self._errors(key, "CompleteMultipartUpload"):
+                resp = self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                              MultipartUpload={"Parts": named})
+        except NotFound:
+            # NoSuchUpload on a retry (the first try timed out on a large object, and completed):
+            # the object is there
+            info = self.stat(key)
+            if info.size != size:
+                raise
+            return info
+        return ObjectInfo(key, size, self._etag(resp.get("ETag")), time.time())
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         full = self._key(key)
