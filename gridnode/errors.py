@@ -56,8 +56,12 @@ class PreconditionFailed(GridnodeError):
 
 
 class StorageUnavailable(GridnodeError):
+    """The store cannot be reached: an upload is refused rather than kept on this node's disk
+    alone; the client retries after ``retry_after`` seconds (Retry-After) or uses another node."""
+
     code = "storage_unavailable"
     status = 503
+    retry_after = 10
 
 
 class Busy(GridnodeError):

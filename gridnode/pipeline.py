@@ -1,13 +1,15 @@
 """
 The job service of one node: what it takes on, and what it hands on.
 
-`JobService` admits an upload before any body byte is read and answers it
-(201) once the input is probed; the job then goes to its `Runner`
-(gridnode/runner.py), which stores, converts and finishes it. From the 201 on
-the job is never dropped: a local journal (``spool/<id>.json`` beside the
-spooled body) survives a crash, and at start the service resumes what it finds
-there. It also runs the jobs its `Adopter` (gridnode/adoption.py) claims: a
-dead owner's, or an earlier life's of this node.
+`JobService` admits an upload before any body byte is read (on S3 the body
+streams into the store as it arrives: gridnode/store/streamed.py) and answers
+it (201) once the input is probed and the job durably accepted: its input,
+record and active marker in the store, so a peer adopts it should this node
+and its disk be lost. The job then goes to its `Runner` (gridnode/runner.py),
+which converts and finishes it. A local journal (``spool/<id>.json`` beside
+the spooled body) lets a restarted node resume from its own copy. It also
+runs the jobs its `Adopter` (gridnode/adoption.py) claims: a dead owner's, or
+an earlier life's of this node.
 
 Draining (SIGTERM): no new uploads or adoptions; running jobs get
 ``--drain-timeout``; the rest are released with an expired lease so peers
@@ -31,13 +33,14 @@ from twisted.python.failure import Failure
 from gridnode import job_records, jobs, keys
 from gridnode.adoption import Adopter, Claim
 from gridnode.config import NodeConfig
-from gridnode.errors import Busy, GridnodeError, NotFound
+from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
 from gridnode.runner import Active, Runner, in_store
 from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
+from gridnode.store.streamed import StreamedPut
 
 
 class JobService(Service):
@@ -131,15 +134,29 @@ class JobService(Service):
     def capacity(self) -> int:
         return self.config.workers + self.config.queue
 
-    def admit(self, length: int | None, limit: int | None = None) -> SpoolFile:
+    def admit(self, length: int | None, limit: int | None = None) -> SpoolFile | Deferred[SpoolFile]:
         """A spool file for a new upload of ``length`` bytes (None: not declared), or the coded
         reason it is refused now. ``limit`` is the caller's own cap on the bytes received (an
-        upload token's ``max_size``), under ``--max-upload``; both hold on a chunked body too."""
+        upload token's ``max_size``), under ``--max-upload``; both hold on a chunked body too.
+        On a store that takes parts the body goes there as it arrives: a Deferred then, once its
+        multipart upload is begun (``503 storage_unavailable`` with nothing read, when the store
+        cannot be reached)."""
         try:
-            return self._admit(length, limit)
+            spool = self._admit(length, limit)
         except GridnodeError as e:
             self.metrics.upload_rejections.labels(e.code).inc()
             raise
+        put = StreamedPut(self.store, keys.input_source(os.path.basename(spool.path)), spool.path)
+        spool.follower = put
+        if not put.streams(length):
+            return spool
+
+        def refused(failure: Failure) -> Failure:
+            spool.discard()
+            self.metrics.upload_rejections.labels(getattr(failure.value, "code", "error")).inc()
+            return failure
+
+        return put.begin().addCallbacks(lambda _: spool, refused)
 
     def hold(self, name: str, length: int | None, limit: int | None = None) -> Callable[[], None]:
         """The same admission for a body that goes elsewhere (a tus chunk): the coded refusal, or a
@@ -193,18 +210,24 @@ class JobService(Service):
     @inlineCallbacks
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
                tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None) -> Any:
-        """Check, probe and queue an uploaded body for ``tenant``; returns the job (state queued).
-        ``claim(job_id)``, called once the job passed every check and before it is accepted, writes
-        its Idempotency-Key's entry (gridnode/idempotency.py); should it fail, the job is dropped."""
+        """Check, probe, store and queue an uploaded body for ``tenant``; returns the job (state
+        queued) once it is durably accepted: its input, record and active marker in the store.
+        ``claim(job_id)``, called once the job passed every check and before anything of it but its
+        input is stored, writes its Idempotency-Key's entry (gridnode/idempotency.py); should it
+        fail (another request with the key won), the job is dropped and never written."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
         self._log.info("job {job} received: {size} bytes", job=job_id, size=spool.received())
+        stored: Deferred[Any] | None = None
         try:
             spool.close(release=False)  # its slot is held until the job is active or refused
             if spool.size == 0:
                 raise GridnodeError("the upload is empty; send the video as the request body",
                                     code="not_a_video", status=422)
+            # The input goes into the store (its last part and the completion, when it streamed in
+            # as it arrived) while the digest and the probe run.
+            stored = self._store_input(spool)
             # the digest is finished by a thread reading behind the upload: the probe runs meanwhile
             hashed = spool.digest()
             digest = None
@@ -223,27 +246,76 @@ class JobService(Service):
             job.sha256 = digest if digest is not None else (yield hashed)
             if claim is not None:
                 yield claim(job_id)
+            job.input.update(probe.to_json())
+            job.input["name"] = name[:255]
+            job.accept(self.now(), self.lease)
+            active = Active(job, spool.path)
+            yield stored
+            yield self._accept_durably(active)
         except BaseException as e:
-            spool.discard()  # frees the slot too
+            if stored is not None:
+                stored.addErrback(lambda _: None)  # its failure is this one, or moot
+            spool.discard()  # frees the slot, and removes what reached the store
             code = getattr(e, "code", "error")
             self.metrics.upload_rejections.labels(code).inc()
             self._log.info("upload {job} refused: {code}", job=job_id, code=code)
             raise
+        # Accepted: from here the job is the pool's (a peer adopts it should this node die).
         self.metrics.phase_seconds.labels("probe").observe(time.monotonic() - started)
         for preset in job.presets:
             self.metrics.jobs_accepted.labels(preset).inc()
-        job.input.update(probe.to_json())
-        job.input["name"] = name[:255]
-        job.accept(self.now(), self.lease)
-        active = self.active[job.id] = Active(job, spool.path)
+        self.active[job.id] = active
         spool.release()
         active.marks["accepted"] = started
-        job_records.journal(active.spool_path, job.dumps())
         self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
-        active.work = self.runner.run(active, probe, chosen, input_stored=False)
+        active.work = self.runner.run(active, probe, chosen, input_stored=True)
         return job
+
+    def _store_input(self, spool: SpoolFile) -> Deferred[Any]:
+        """Put the body into the store as its job's input: the end of what streamed in as it
+        arrived, or the whole file (a tus upload assembled here, a store that takes files whole)."""
+        put = spool.follower
+        if not isinstance(put, StreamedPut):
+            put = spool.follower = StreamedPut(self.store, keys.input_source(os.path.basename(spool.path)),
+                                               spool.path)
+        began, job_id = time.monotonic(), os.path.basename(spool.path)
+
+        def stored(info: Any) -> None:
+            took = time.monotonic() - began
+            self.metrics.phase_seconds.labels("store_input").observe(took)
+            self._log.info("job {job} input stored {elapsed:.3f}s after its last byte", job=job_id, elapsed=took)
+
+        def failed(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, GridnodeError) and not isinstance(error, StorageUnavailable):
+                # whatever the store said of the input (a lost completion, a refusal), the upload
+                # is not stored: the client sends it again
+                raise StorageUnavailable(f"the store did not take this upload ({error.message}); "
+                                         "send it again") from error
+            return failure
+
+        d: Deferred[Any] = put.finish(spool.size)
+        return d.addCallbacks(stored, failed)
+
+    @inlineCallbacks
+    def _accept_durably(self, active: Active) -> Any:
+        """The durable acceptance of a job whose input is stored: its record, then its active
+        marker (a peer adopts only what is marked, and finds the record and input there). Not
+        retried: the client is told 503 and sends again; what was written is removed."""
+        try:
+            yield self.runner.store_accepted(active)
+        except GridnodeError as e:
+            for key in (keys.active_marker(active.job.id), keys.job_record(active.job.id)):
+                try:
+                    yield self.store.delete(key)
+                except GridnodeError:
+                    pass  # unmarked, a record is never adopted; the input goes with the refusal
+            if isinstance(e, StorageUnavailable):
+                raise
+            raise StorageUnavailable(f"the store refused this job's record ({e.message}); send it again") from e
+        self._log.info("job {job} stored: input, record and active marker", job=active.job.id)
 
     # -- adoption and recovery
 
@@ -266,8 +338,10 @@ class JobService(Service):
 
     @inlineCallbacks
     def recover(self) -> Any:
-        """At start: jobs in the local journal (accepted before a crash) run again; so do jobs
-        the store says this node owned in an earlier life."""
+        """At start: jobs in the local journal (accepted before a crash) run again from their
+        spooled copy, which spares fetching the input; so do jobs the store says this node owned
+        in an earlier life. The store is the truth: a job is journaled only once its record is
+        stored, so a journal whose record is missing was never acknowledged by this version."""
         for job, path in job_records.journaled(self.spool.folder):
             try:
                 won = yield self.adopter.claim(job.id)
@@ -276,7 +350,8 @@ class JobService(Service):
                 won = False
             if won or job.id in self.active:
                 continue
-            # Never written to the store: ours alone. Run it from the spool.
+            # No record: journaled by an earlier version, which answered 201 before storing
+            # anything. Ours alone: run it from the spool.
             exists = yield in_store(self.store, keys.job_record(job.id))
             if exists:
                 continue

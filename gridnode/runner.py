@@ -2,9 +2,10 @@
 The runs of the jobs this node owns: each from accepted (or claimed) to its
 final record, the record written at every state and owned as it goes.
 
-A run stores the input (until then the job lives in our spool and journal
-alone), marks the job active (from then on peers may adopt it), waits for a
-worker in the media pool, stores the outputs and writes the end. Every write
+A new upload's job comes with its input, record and active marker in the store
+already (`store_accepted`, before its 201: peers may adopt it from then on); a
+job claimed from an earlier life may still need its input stored and its
+marker written. A run then waits for a worker in the media pool, stores the outputs and writes the end. Every write
 of ``jobs/<id>.json`` is conditional on our last (gridnode/job_records.py); the
 lease in it is renewed every ``lease``/3 s, and a run whose record was taken
 over stops without writing again. A store that is unreachable is waited for,
@@ -47,6 +48,8 @@ class Active:
     cancelled: bool = False  # a client asked
     lost: bool = False  # another node took the job over
     released: bool = False  # draining: handed to the pool
+    #: the store has its record, input and active marker: a peer may adopt it
+    stored: bool = False
     #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
     #: so over, the write of a later state
     writing: DeferredLock = field(default_factory=DeferredLock)
@@ -84,20 +87,31 @@ class Runner:
             lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
     @inlineCallbacks
+    def store_accepted(self, active: Active) -> Any:
+        """A new job whose input is stored: its record, then its active marker, once each (the
+        caller answers the client with a failure). The record goes first: a peer that finds the
+        marker finds the record and the input too."""
+        yield self._save(active)
+        yield self.store.put_bytes(keys.active_marker(active.job.id), b"")
+        active.stored = True
+
+    @inlineCallbacks
     def run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
-        """Store the input (unless it is), mark the job active, queue it for ffmpeg, store its
-        outputs; fires when the job has ended here, its last record written."""
+        """Store the input (unless it is), mark the job active (unless it is), queue it for ffmpeg,
+        store its outputs; fires when the job has ended here, its last record written."""
         job = active.job
         try:
-            yield self._durably("write job record", lambda: self._save(active))
-            if not input_stored:
-                began = time.monotonic()
-                yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
-                                                                               active.spool_path))
-                self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
-            # Only now may peers adopt the job: before, its input is in our spool alone (and our
-            # journal resumes it if we restart).
-            yield self._durably("mark job active", lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+            if not active.stored:
+                yield self._durably("write job record", lambda: self._save(active))
+                if not input_stored:
+                    began = time.monotonic()
+                    yield self._durably("store input", lambda: self.store.put_file(keys.input_source(job.id),
+                                                                                   active.spool_path))
+                    self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
+                # Only now may peers adopt the job: before, its input is in our spool alone.
+                yield self._durably("mark job active",
+                                    lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+                active.stored = True
             active.marks["queued"] = time.monotonic()
             if active.stopping:
                 raise CancelledError()

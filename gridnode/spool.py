@@ -21,7 +21,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
@@ -236,6 +236,15 @@ class TrailingSha256:
         deferToThreadPool(self.reactor, self.reactor.getThreadPool(), rest).addCallbacks(fire, fail)
 
 
+class Follower(Protocol):
+    """Told of a body's growth as it is written (gridnode/store/streamed.py: `StreamedPut` puts it
+    into the store as it arrives); ``grew`` may refuse the body with a coded error."""
+
+    def grew(self, size: int) -> None: ...
+
+    def abort(self) -> Any: ...
+
+
 class SpoolFile:
     """A named file in the spool that hashes what is written to it (``digest``)."""
 
@@ -258,6 +267,8 @@ class SpoolFile:
         self.meter = meter
         #: called once when the body is over (closed or discarded): frees the node's slot
         self.on_release: Callable[[], None] | None = None
+        #: follows the body as it grows (puts it into the store); aborted when it is discarded
+        self.follower: Follower | None = None
 
     def release(self) -> None:
         callback, self.on_release = self.on_release, None
@@ -278,6 +289,8 @@ class SpoolFile:
             written += n
         self._hash.wrote(data)
         self.size += len(data)
+        if self.follower is not None:
+            self.follower.grew(self.size)
 
     @property
     def grows_in_place(self) -> bool:
@@ -294,6 +307,8 @@ class SpoolFile:
         self.spliced += n
         if self.meter is not None:
             self.meter.add(n)
+        if self.follower is not None:
+            self.follower.grew(self.size)
 
     def reserve(self, length: int) -> bool:
         """Reserve disk for a body of ``length`` bytes (``reserve``); before the first write."""
@@ -333,7 +348,10 @@ class SpoolFile:
             self.release()
 
     def discard(self) -> None:
-        """Close and remove the file: the upload is refused or cut off."""
+        """Close and remove the file, and what its follower put: the upload is refused or cut off."""
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            follower.abort()
         self._hash.cancel()
         self.file.close()
         self.release()

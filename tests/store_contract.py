@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gridnode.errors import InvalidKey, NotFound, PreconditionFailed
+from gridnode.errors import GridnodeError, InvalidKey, NotFound, PreconditionFailed
 
 
 class StoreContract:
@@ -191,3 +191,64 @@ class StoreContract:
             t.join()
         assert len(wins) == 1
         assert backend.get_bytes("jobs/claim.json")[0] == f"by-{wins[0]}".encode()
+
+    def test_multipart_upload_round_trips(self, backend: Any, tmp_path: Any) -> None:
+        """Parts read from a file by offset, then finished, make one object of those bytes; the
+        key's former object stays as it was until the finish, and the upload is gone after."""
+        part = 5 * 1024 * 1024  # S3's smallest part but the last
+        payload = os.urandom(2 * part + 1234)
+        src = tmp_path / "body"
+        src.write_bytes(payload)
+        backend.put_bytes("inputs/J/source", b"before")
+        upload = backend.begin_upload("inputs/J/source")
+        assert backend.list_uploads("inputs/") == [("inputs/J/source", upload)]
+        parts = []
+        for number, offset in enumerate(range(0, len(payload), part), start=1):
+            length = min(part, len(payload) - offset)
+            parts.append((backend.put_part("inputs/J/source", upload, number, str(src), offset, length), length))
+        assert backend.get_bytes("inputs/J/source")[0] == b"before"
+        info = backend.finish_upload("inputs/J/source", upload, parts)
+        assert info.size == len(payload)
+        assert backend.get_bytes("inputs/J/source")[0] == payload
+        assert backend.list_uploads("inputs/") == []
+
+    def test_aborted_upload_leaves_nothing(self, backend: Any, tmp_path: Any) -> None:
+        """An aborted upload leaves no object and no upload in progress; aborting twice is fine."""
+        src = tmp_path / "body"
+        src.write_bytes(b"x" * 1000)
+        upload = backend.begin_upload("inputs/K/source")
+        backend.put_part("inputs/K/source", upload, 1, str(src), 0, 1000)
+        backend.abort_upload("inputs/K/source", upload)
+        backend.abort_upload("inputs/K/source", upload)
+        assert backend.list_uploads("") == []
+        with pytest.raises(NotFound):
+            backend.stat("inputs/K/source")
+
+    def test_part_of_an_unknown_upload(self, backend: Any, tmp_path: Any) -> None:
+        """A part for an upload that was aborted (or never begun) is refused, not stored (S3 says
+        404 NoSuchUpload; moto a 500)."""
+        src = tmp_path / "body"
+        src.write_bytes(b"x" * 10)
+        upload = backend.begin_upload("inputs/L/source")
+        backend.abort_upload("inputs/L/source", upload)
+        with pytest.raises(GridnodeError):
+            backend.put_part("inputs/L/source", upload, 1, str(src), 0, 10)
+        assert backend.list_uploads("") == []
+
+    def test_parts_copied_from_stored_objects(self, backend: Any, tmp_path: Any) -> None:
+        """Stored objects become parts inside the store (no bytes through the caller), followed by
+        a part from a file: the object is their concatenation. A missing source is NotFound."""
+        part = 5 * 1024 * 1024
+        first, second, tail = os.urandom(part), os.urandom(part + 1), b"the end"
+        backend.put_bytes("uploads/U/1", first)
+        backend.put_bytes("uploads/U/2", second)
+        src = tmp_path / "tail"
+        src.write_bytes(tail)
+        upload = backend.begin_upload("inputs/U/source")
+        parts = [(backend.copy_part("inputs/U/source", upload, 1, "uploads/U/1"), part),
+                 (backend.copy_part("inputs/U/source", upload, 2, "uploads/U/2"), part + 1),
+                 (backend.put_part("inputs/U/source", upload, 3, str(src), 0, len(tail)), len(tail))]
+        with pytest.raises(NotFound):
+            backend.copy_part("inputs/U/source", upload, 4, "uploads/U/missing")
+        backend.finish_upload("inputs/U/source", upload, parts)
+        assert backend.get_bytes("inputs/U/source")[0] == first + second + tail

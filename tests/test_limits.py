@@ -135,7 +135,8 @@ class Disk:
 class Site:
     """A node's whole HTTP side (NodeView, api_root, GridSite) on fakes, as node.py assembles it."""
 
-    def __init__(self, tmp_path: Path, secret: bytes | None = None, max_upload_mb: int = 1) -> None:
+    def __init__(self, tmp_path: Path, secret: bytes | None = None, max_upload_mb: int = 1,
+                 backend: MemoryBackend | None = None) -> None:
         cli: dict[str, Any] = {"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 2, "min-free": 0,
                                "max-upload": max_upload_mb}
         if secret is not None:
@@ -144,7 +145,8 @@ class Site:
         config = build_config(cli=cli).with_identity("n1")
         self.clock = Clock()
         self.media = FakeMedia(tmp_path)
-        self.store = ObjectStore.synchronous(MemoryBackend())
+        self.backend = backend or MemoryBackend()
+        self.store = ObjectStore.synchronous(self.backend)
         self.jobs = JobService(self.clock, config, self.store, self.media, now=self.clock.seconds)
         uploads = UploadStore(self.clock, self.jobs, self.store, max_upload_bytes=config.max_upload_bytes)
         ring = KeyringFile(cli["upload-secret"], "upload-secret") if secret is not None else None

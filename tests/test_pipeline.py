@@ -148,8 +148,10 @@ class PipelineTests:
         assert self.record(job.id)["state"] == "cancelled"
         assert not os.path.exists(spool_path)
 
-    def test_store_down_keeps_the_upload(self) -> None:
-        """With the store unreachable, the job waits with its input in the spool and resumes."""
+    def test_store_down_refuses_the_upload(self) -> None:
+        """With the store unreachable when the body is complete, the upload is refused with 503
+        storage_unavailable and a Retry-After, and nothing of it is kept, here or in the store:
+        the client sends it again, to this node or another."""
         real = self.backend.put_file
         down = {"on": True}
 
@@ -159,13 +161,29 @@ class PipelineTests:
             return real(*a, **kw)
 
         self.backend.put_file = put_file  # type: ignore[method-assign]
-        job, spool_path = self.upload()
-        self.clock.advance(10)
-        assert os.path.exists(spool_path) and job.id not in self.media.runs
+        result, spool_path = self.upload()
+        assert result.value.code == "storage_unavailable" and result.value.status == 503
+        assert result.value.retry_after > 0
+        assert not os.path.exists(spool_path) and not self.jobs.uploading and not self.jobs.active
+        assert self.backend.list("").items == [] and self.media.runs == {}
         down["on"] = False
-        self.clock.advance(30)
-        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video bytes"
-        assert job.id in self.media.runs
+        job, _ = self.upload()
+        assert job.state == jobs.QUEUED and job.id in self.media.runs
+
+    def test_record_refused_removes_the_input(self) -> None:
+        """The input is stored but the record cannot be written: 503, and the input, record and
+        marker are removed (no half-accepted job for a peer to find)."""
+        real = self.backend.put_bytes
+
+        def put_bytes(key: str, *a: Any, **kw: Any) -> Any:
+            if key.startswith("active/"):
+                raise StorageUnavailable("bucket unreachable")
+            return real(key, *a, **kw)
+
+        self.backend.put_bytes = put_bytes  # type: ignore[method-assign]
+        result, _ = self.upload()
+        assert result.value.code == "storage_unavailable"
+        assert self.backend.list("").items == [] and not self.jobs.active
 
     def test_get_falls_back_to_store(self) -> None:
         """A finished job is read from its stored record."""
@@ -422,20 +440,16 @@ class OwnershipTests:
         assert drained == [0] and self.record(job.id)["state"] == "done"
 
     def test_restart_resumes_from_the_journal(self) -> None:
-        """Accepted, then the node crashed before the store heard of it: the restarted node (same
-        id, same work folder) runs the job from its spool."""
-        real = self.backend.put_bytes
-
-        def down(*a: Any, **kw: Any) -> Any:
-            raise StorageUnavailable("down")
-
-        self.backend.put_bytes = down  # type: ignore[method-assign]
+        """Accepted (its input, record and marker stored before the answer), then the node
+        crashed: the restarted node (same id, same work folder) takes the job back and runs it
+        from its spooled copy, without fetching the input again."""
         job = self.upload(self.n1)
-        self.backend.put_bytes = real  # type: ignore[method-assign]
+        fetched: list[str] = []
+        real = self.backend.get_file
+        self.backend.get_file = lambda key, path: fetched.append(key) or real(key, path)  # type: ignore[method-assign]
         again, media = self.service("n1")  # the crash: a new process, same folder
         again.startService()
-        assert job.id in again.active and job.id in media.runs
-        assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == b"video"
+        assert job.id in again.active and job.id in media.runs and fetched == []
         media.hooks[job.id][0]()
         media.finish(job.id)
         assert self.record(job.id)["state"] == "done"

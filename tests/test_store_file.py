@@ -107,3 +107,18 @@ def _claim(root: str, i: int, queue: multiprocessing.Queue[str]) -> None:
         queue.put("won")
     except PreconditionFailed:
         queue.put("lost")
+
+    def test_a_handed_over_file_is_kept_not_copied(self, backend: FileBackend, tmp_path: Path) -> None:
+        """A file the caller hands over (a spooled upload it never writes again) becomes the object
+        itself on the same filesystem (written to disk once, not copied) and outlives the caller's
+        name for it; a file not handed over is copied."""
+        src = tmp_path / "body"
+        src.write_bytes(b"spooled upload")
+        backend.put_file("inputs/J/source", str(src), handed_over=True)
+        stored = backend.local_path("inputs/J/source")
+        assert stored is not None and os.stat(stored).st_ino == src.stat().st_ino
+        src.unlink()
+        assert backend.get_bytes("inputs/J/source")[0] == b"spooled upload"
+        src.write_bytes(b"kept by its caller")
+        backend.put_file("inputs/K/source", str(src))
+        assert os.stat(backend.local_path("inputs/K/source") or "").st_ino != src.stat().st_ino

@@ -36,7 +36,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from gridnode import jobs as job_states
 from gridnode import keys
 from gridnode.config import build_config
-from gridnode.errors import GridnodeError
+from gridnode.errors import GridnodeError, StorageUnavailable
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -458,6 +458,33 @@ class ProtocolTests:
         assert "Gridnode-Job" not in r.headers
         assert pool.keys() == [] and node.spool_files() == []
         assert head(node, upload_id).status_code == 404
+
+    def test_store_down_on_completion_keeps_the_upload(self, pool: Pool) -> None:
+        """The store cannot take the completed upload's input: the last PATCH answers 503
+        storage_unavailable with Retry-After, the upload stays at its offset before that chunk (its
+        parts are in the store) and no job exists; sent again once the store is back, the chunk
+        completes it, and the answer comes with the input and the job record stored."""
+        node = pool.node()
+        upload_id = create(node, 20, filename="m.mov")
+        patch(node, upload_id, 0, b"x" * 10)
+        real = pool.backend.put_file
+
+        def down(key: str, *a: Any, **kw: Any) -> Any:
+            if key.startswith("inputs/"):
+                raise StorageUnavailable("bucket unreachable")
+            return real(key, *a, **kw)
+
+        pool.backend.put_file = down  # type: ignore[method-assign]
+        r = patch(node, upload_id, 10, b"y" * 10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        assert int(r.headers["Retry-After"]) > 0 and "Gridnode-Job" not in r.headers
+        assert head(node, upload_id).headers["Upload-Offset"] == "10"
+        assert not node.jobs.active and pool.keys("jobs/") == [] and pool.keys("inputs/") == []
+        pool.backend.put_file = real  # type: ignore[method-assign]
+        r = patch(node, upload_id, 10, b"y" * 10)
+        assert r.status_code == 204 and r.headers["Gridnode-Job"] == upload_id
+        assert pool.stored_input(upload_id) == b"x" * 10 + b"y" * 10
+        assert pool.keys("jobs/") == [f"jobs/{upload_id}.json"] and pool.keys("active/") == [f"active/{upload_id}"]
 
     def test_method_override(self, pool: Pool) -> None:
         """A client that can only POST says PATCH in X-HTTP-Method-Override."""

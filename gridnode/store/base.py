@@ -4,7 +4,9 @@ The object store contract.
 A *backend* is a plain, blocking object (file folder, S3 bucket, memory) with
 S3's semantics: ETag is the MD5 of a single-part object's bytes, conditional
 puts with ``if_none_match="*"`` or ``if_match=etag``, conditional deletes,
-listing by prefix in key order with pagination. `ObjectStore` runs a backend's
+listing by prefix in key order with pagination, and multipart uploads (an
+object put in numbered parts, then completed or aborted: how a body still
+arriving is stored as it comes). `ObjectStore` runs a backend's
 calls on a dedicated, bounded thread pool so the reactor never blocks; every
 method returns a Deferred.
 """
@@ -12,6 +14,8 @@ method returns a Deferred.
 from __future__ import annotations
 
 import builtins
+import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -19,6 +23,9 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 
 T = TypeVar("T")
+
+#: the smallest part of a multipart upload but its last (S3's rule)
+MIN_PART = 5 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,10 @@ class Backend(Protocol):
 
     #: a URL of the store, for logs and ``/health``
     url: str
+    #: the part size a body still arriving is streamed to the store in (gridnode/store/streamed.py);
+    #: None: the store takes a body whole once it is complete (a local folder: a copy there costs
+    #: less than the parts would)
+    part_size: int | None
 
     def put_bytes(
         self, key: str, data: bytes, *, if_none_match: str | None = None,
@@ -49,8 +60,11 @@ class Backend(Protocol):
 
     def put_file(
         self, key: str, path: str, *, if_none_match: str | None = None,
-        if_match: str | None = None, content_type: str | None = None,
-    ) -> ObjectInfo: ...
+        if_match: str | None = None, content_type: str | None = None, handed_over: bool = False,
+    ) -> ObjectInfo:
+        """``handed_over``: the caller never writes the file again (it may remove it), so a folder
+        store may keep the file itself (a hard link) rather than a copy."""
+        ...
 
     def get_bytes(self, key: str, *, max_size: int | None = None) -> tuple[bytes, ObjectInfo]: ...
 
@@ -63,6 +77,23 @@ class Backend(Protocol):
     def delete(self, key: str, *, if_match: str | None = None) -> None: ...
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None: ...
+
+    # A multipart upload: begun, parts put from a file or copied from a stored object inside the
+    # store (numbered from 1; every part but the last of ``MIN_PART`` at least on S3), then
+    # finished (the object appears whole, at once) or aborted (nothing is left). Until then the
+    # key's current object, if any, is unchanged.
+
+    def begin_upload(self, key: str, *, content_type: str | None = None) -> str: ...
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int, length: int) -> str: ...
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str: ...
+
+    def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo: ...
+
+    def abort_upload(self, key: str, upload_id: str) -> None: ...
+
+    def list_uploads(self, prefix: str) -> builtins.list[tuple[str, str]]: ...
 
     def local_path(self, key: str) -> str | None: ...
 
@@ -142,8 +173,53 @@ class ObjectStore:
     def presigned_url(self, key: str, expires: int = 3600) -> Deferred[str | None]:
         return self._run(self.backend.presigned_url, key, expires)
 
+    @property
+    def part_size(self) -> int | None:
+        return self.backend.part_size
+
+    def begin_upload(self, key: str, **kw: Any) -> Deferred[str]:
+        return self._run(self.backend.begin_upload, key, **kw)
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int,
+                 length: int) -> Deferred[str]:
+        return self._run(self.backend.put_part, key, upload_id, number, path, offset, length)
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> Deferred[str]:
+        return self._run(self.backend.copy_part, key, upload_id, number, source)
+
+    def finish_upload(self, key: str, upload_id: str,
+                      parts: builtins.list[tuple[str, int]]) -> Deferred[ObjectInfo]:
+        return self._run(self.backend.finish_upload, key, upload_id, parts)
+
+    def abort_upload(self, key: str, upload_id: str) -> Deferred[None]:
+        return self._run(self.backend.abort_upload, key, upload_id)
+
     def local_path(self, key: str) -> str | None:
         return self.backend.local_path(key)
+
+    def flush(self, path: str) -> Deferred[None]:
+        """Write what is written of the local file ``path`` to disk, on the store's threads: a body
+        bound for a store that takes it whole is flushed as it arrives, so the put that makes it
+        durable has only its tail left to write."""
+        return self._run(fdatasync, path)
+
+
+def fdatasync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file ``path`` from ``offset``: a part of a body (never more than
+    a part is read into memory at once)."""
+    with open(path, "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise OSError(f"{path} holds {len(data)} bytes at {offset}, not the {length} of the part")
+    return data
 
 
 def list_all(backend: Backend, prefix: str) -> list[ObjectInfo]:
@@ -155,3 +231,50 @@ def list_all(backend: Backend, prefix: str) -> list[ObjectInfo]:
         if page.next_after is None:
             return items
         after = page.next_after
+
+
+class FileWindow(io.RawIOBase):
+    """``length`` bytes of the file ``path`` from ``offset``, as a seekable file of their own."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+        if os.fstat(self._file.fileno()).st_size < offset + length:
+            self._file.close()
+            raise OSError(f"{path} holds fewer than the {offset + length} bytes of this part")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        data = os.pread(self._file.fileno(), n, self._offset + self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + pos))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import shutil
 import threading
@@ -9,15 +10,19 @@ import time
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
-from gridnode.store.base import ObjectInfo, Page
+from gridnode.store.base import ObjectInfo, Page, read_range
 
 
 class MemoryBackend:
     url = "memory:"
 
-    def __init__(self) -> None:
+    def __init__(self, part_size: int | None = None) -> None:
         self._objects: dict[str, tuple[bytes, ObjectInfo]] = {}
         self._lock = threading.Lock()
+        #: any size: tests stream bodies in small parts
+        self.part_size = part_size
+        #: multipart uploads in progress: id -> (key, parts by number)
+        self._uploads: dict[str, tuple[str, dict[int, bytes]]] = {}
 
     def put_bytes(
         self, key: str, data: bytes, *, if_none_match: str | None = None,
@@ -31,7 +36,7 @@ class MemoryBackend:
             self._objects[key] = (bytes(data), info)
         return info
 
-    def put_file(self, key: str, path: str, **kw: str | None) -> ObjectInfo:
+    def put_file(self, key: str, path: str, *, handed_over: bool = False, **kw: str | None) -> ObjectInfo:
         with open(path, "rb") as f:
             return self.put_bytes(key, f.read(), **kw)
 
@@ -71,6 +76,51 @@ class MemoryBackend:
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         return None
+
+    def begin_upload(self, key: str, *, content_type: str | None = None) -> str:
+        keys.check_key(key)
+        upload_id = keys.new_id()
+        with self._lock:
+            self._uploads[upload_id] = (key, {})
+        return upload_id
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int, length: int) -> str:
+        data = read_range(path, offset, length)
+        with self._lock:
+            parts = self._upload(key, upload_id)
+            parts[number] = data
+        return hashlib.md5(data).hexdigest()
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str:
+        data = self.get_bytes(source)[0]
+        with self._lock:
+            self._upload(key, upload_id)[number] = data
+        return hashlib.md5(data).hexdigest()
+
+    def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
+        with self._lock:
+            put = self._upload(key, upload_id)
+            if [(hashlib.md5(put.get(n, b"")).hexdigest(), len(put.get(n, b""))) for n in range(1, len(parts) + 1)] \
+                    != list(parts):
+                raise GridnodeError(f"{key}: the parts named are not the parts put", code="storage_error",
+                                    status=502)
+            data = b"".join(put[n] for n in range(1, len(parts) + 1))
+            del self._uploads[upload_id]
+        return self.put_bytes(key, data)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    def list_uploads(self, prefix: str) -> builtins.list[tuple[str, str]]:
+        with self._lock:
+            return sorted((key, upload_id) for upload_id, (key, _) in self._uploads.items() if key.startswith(prefix))
+
+    def _upload(self, key: str, upload_id: str) -> dict[int, bytes]:
+        found = self._uploads.get(upload_id)
+        if found is None or found[0] != key:
+            raise NotFound(f"no upload {upload_id} of {key}")
+        return found[1]
 
     def local_path(self, key: str) -> str | None:
         return None

@@ -13,12 +13,16 @@ plugin loads pulls it in. Credentials come from the standard AWS chain
   parts, and large reads are parallel ranged GETs pinned to one ETag;
 - transport retries are botocore's (standard mode: exponential backoff with
   jitter on 5xx, throttling and connection errors), with short timeouts;
+- a body still arriving is streamed in as a multipart upload, ``part_size``
+  parts read from its file by offset (gridnode/store/streamed.py drives it;
+  tusd's S3 store does the same);
 - every botocore failure becomes a `GridnodeError` that names the bucket and
   says what to check.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import threading
@@ -29,7 +33,7 @@ from typing import Any
 
 from gridnode import keys
 from gridnode.errors import ConfigError, GridnodeError, InvalidKey, NotFound, PreconditionFailed, StorageUnavailable
-from gridnode.store.base import ObjectInfo, Page
+from gridnode.store.base import FileWindow, ObjectInfo, Page
 from gridnode.store.memory import check_size
 
 MB = 1024 * 1024
@@ -44,7 +48,7 @@ MULTIPART_THRESHOLD = 16 * MB
 PART_SIZE = 8 * MB
 CONCURRENCY = 10
 
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 _DENIED = {"403", "AccessDenied", "AllAccessDisabled", "AccountProblem"}
 _CREDENTIALS = {
@@ -95,6 +99,7 @@ class S3Backend:
         self._where = f"{self.url} (endpoint {endpoint_url or 'AWS default'})"
         self._multipart_threshold = multipart_threshold
         self._part_size = part_size
+        self.part_size: int | None = part_size
         self._concurrency = concurrency
         self._manager: Any = None
         self._manager_lock = threading.Lock()
@@ -252,7 +257,7 @@ class S3Backend:
 
     def put_file(
         self, key: str, path: str, *, if_none_match: str | None = None,
-        if_match: str | None = None, content_type: str | None = None,
+        if_match: str | None = None, content_type: str | None = None, handed_over: bool = False,
     ) -> ObjectInfo:
         full = self._key(key)
         args = self._conditions(if_none_match, if_match, content_type)
@@ -360,6 +365,68 @@ class S3Backend:
         with self._errors(key, "DeleteObject"):
             self._client.delete_object(Bucket=self.bucket, Key=full, **args)
 
+    # -- multipart uploads (a body put as it arrives)
+
+    def begin_upload(self, key: str, *, content_type: str | None = None) -> str:
+        full = self._key(key)
+        args = {"ContentType": content_type} if content_type is not None else {}
+        with self._errors(key, "CreateMultipartUpload"):
+            resp = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **args)
+        return str(resp["UploadId"])
+
+    def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int, length: int) -> str:
+        full = self._key(key)
+        # a window on the file, not its bytes: botocore reads it in small blocks to hash and to
+        # send (and rewinds it to retry), so a part costs no memory of its size
+        with FileWindow(path, offset, length) as body, self._errors(key, "UploadPart"):
+            resp = self._client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                                            Body=body, ContentLength=length)
+        return self._etag(resp.get("ETag"))
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str) -> str:
+        full = self._key(key)
+        with self._errors(source, "UploadPartCopy"):
+            resp = self._client.upload_part_copy(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                                                 CopySource={"Bucket": self.bucket, "Key": self._key(source)})
+        return self._etag(resp.get("CopyPartResult", {}).get("ETag"))
+
+    def finish_upload(self, key: str, upload_id: str, parts: builtins.list[tuple[str, int]]) -> ObjectInfo:
+        full = self._key(key)
+        named = [{"PartNumber": n, "ETag": self._quoted(etag)} for n, (etag, _) in enumerate(parts, start=1)]
+        size = sum(length for _, length in parts)
+        try:
+            with self._errors(key, "CompleteMultipartUpload"):
+                resp = self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                              MultipartUpload={"Parts": named})
+        except NotFound:
+            # NoSuchUpload on a retry (the first try timed out on a large object, and completed):
+            # the object is there
+            info = self.stat(key)
+            if info.size != size:
+                raise
+            return info
+        return ObjectInfo(key, size, self._etag(resp.get("ETag")), time.time())
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        full = self._key(key)
+        try:
+            with self._errors(key, "AbortMultipartUpload"):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except NotFound:
+            pass  # aborted or completed already: nothing is left
+
+    def list_uploads(self, prefix: str) -> builtins.list[tuple[str, str]]:
+        keys.check_prefix(prefix)
+        found: builtins.list[tuple[str, str]] = []
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        while True:
+            with self._errors(prefix, "ListMultipartUploads"):
+                resp = self._client.list_multipart_uploads(**args)
+            found += [(self._strip(u["Key"]), u["UploadId"]) for u in resp.get("Uploads", [])]
+            if not resp.get("IsTruncated"):
+                return sorted(found)
+            args.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         full = self._key(key)
         with self._errors(key, "presigning"):
@@ -399,3 +466,4 @@ class S3Backend:
         close = getattr(self._client, "close", None)
         if close is not None:
             close()
+

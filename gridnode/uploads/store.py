@@ -17,8 +17,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import keys
-from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed
+from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.spool import SpoolFile
+from gridnode.store.streamed import StreamedPut
 from gridnode.uploads.files import Chunk, LocalCopy
 from gridnode.uploads.info import MAX_INFO_BYTES, Part, UploadInfo, info_key, owned_by, part_key
 
@@ -373,10 +374,20 @@ class UploadStore:
         spool = SpoolFile(final, "ab")
         spool.size = info.length
         spool.use_digest(local.sha256)
+        # The job's input: on S3, the committed chunks copied inside the bucket when each is a
+        # valid part (5 MiB+), only this last chunk sent again; else the assembled file put whole.
+        put = spool.follower = StreamedPut(self.store, keys.input_source(info.id), final)
+        put.copy_first([(part_key(info.id, n, p.id), p.size) for n, p in enumerate(info.parts, start=1)])
         self._local.pop(info.id, None)
         try:
+            # answered once the job's input (this file, put whole) and record are in the store
             job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None,
                                          tenant=info.tenant)
+        except StorageUnavailable:
+            # The upload stays as it was before this chunk (its parts are in the store): the
+            # client is told 503 and sends the last chunk again, here or to another node.
+            self._log.info("upload {upload}: the store cannot take its input now; kept", upload=info.id)
+            raise
         except Exception as e:
             self._log.info("upload {upload} refused on completion: {reason}", upload=info.id,
                            reason=e.message if isinstance(e, GridnodeError) else repr(e))

@@ -12,15 +12,16 @@ before any body byte is read, where the body should go:
   (413); a declared size is reserved on disk up front;
 - or with a Deferred of that sink, when the answer needs the store (a tus
   PATCH for an upload this node has not seen, a request with an
-  Idempotency-Key): the transport stops reading meanwhile, so nothing of the
-  body is read (beyond what came with the headers) before the upload is
-  known to exist;
+  Idempotency-Key, a POST /jobs body whose S3 multipart upload is begun
+  first): the transport stops reading meanwhile, so nothing of the body is
+  read (beyond what came with the headers) before the store has answered;
 - or with an `EarlyAnswer`, the whole answer, written before the body is
   read (the retry of a request already accepted);
 - any other route gets a small in-memory body with a hard cap.
 
 The sink counts the bytes actually received against its limit and the free
-space (chunked bodies declare no size), and may refuse mid-stream. A refusal
+space (chunked bodies declare no size), and may refuse mid-stream (so may the
+store that takes the body as it arrives: 503 storage_unavailable). A refusal
 is answered at once (clients sending ``Expect: 100-continue`` never send the
 body); the body of a refused request is read and dropped up to a bound, then
 the connection is closed, so the client sees the answer rather than a reset.
