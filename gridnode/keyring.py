@@ -77,7 +77,7 @@ def parse_keyring(data: bytes, where: str) -> Keyring:
     """The keys of a keyring file's bytes, or a ConfigError naming ``where`` and the line."""
     keys: list[Key] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        line = raw.strip(b" \t\r")
+        line = raw.strip()  # ASCII whitespace, the same that split() below separates words by
         if not line or line.startswith(b"#"):
             continue
         words = line.split(None, 1)

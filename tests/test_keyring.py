@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gridnode.errors import ConfigError
@@ -57,6 +57,8 @@ class ParseTests:
         """A key's repr names its id only."""
         assert "Zm9v" not in repr(parse_keyring(K1, "f"))
 
+    @example(b"\x0c")  # a line of whitespace that is neither space, tab nor CR: once an IndexError
+    @example(b"\x0b\n" + K1)
     @given(st.binary(max_size=300))
     def test_garbage_is_refused_or_read(self, data: bytes) -> None:
         """Any bytes either parse into keys of 32+ printable bytes or raise ConfigError, nothing else."""
