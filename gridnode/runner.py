@@ -288,7 +288,8 @@ class Runner:
             self.media.cancel(active.job.id)
 
     def _progress(self, active: Active, progress: float) -> None:
-        if active.job.set_progress(progress, self.now()):
+        # a stopped ffmpeg says "progress=end" (1.0) as it goes: a cancelled job keeps what it had
+        if not active.stopping and active.job.set_progress(progress, self.now()):
             self._changed(active)
 
     def _changed(self, active: Active) -> None:

@@ -148,6 +148,25 @@ class PipelineTests:
         assert self.record(job.id)["state"] == "cancelled"
         assert not os.path.exists(spool_path)
 
+    def test_cancelled_job_keeps_its_progress(self) -> None:
+        """ffmpeg stopped by a cancel reports "progress=end" on its way out: the cancelled job
+        keeps the progress it had, not 1.0."""
+        job, _ = self.upload()
+        started, progress, _ = self.media.hooks[job.id]
+        started()
+        progress(0.25)
+        cancel = self.media.cancel
+
+        def cancel_like_ffmpeg(job_id: str) -> None:
+            progress(1.0)  # what a SIGTERMed ffmpeg's last report says
+            cancel(job_id)
+
+        self.media.cancel = cancel_like_ffmpeg  # type: ignore[method-assign]
+        results: list[Any] = []
+        self.jobs.cancel(job.id).addBoth(results.append)
+        assert results[0].state == jobs.CANCELLED and results[0].progress == 0.25
+        assert self.record(job.id)["progress"] == 0.25
+
     def test_store_down_keeps_the_upload(self) -> None:
         """With the store unreachable, the job waits with its input in the spool and resumes."""
         real = self.backend.put_file

@@ -16,7 +16,7 @@ from gridnode import __version__
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
 from gridnode.idempotency import JOB, Intent, Ledger
-from gridnode.web import replay
+from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
@@ -65,20 +65,29 @@ class NodeView:
             raise
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
-            query = parse_qs(early_query.decode("latin-1"))
+            query = parse_qs(early_query.decode("latin-1"), keep_blank_values=True)
+            if "presets" in query:  # refused before the body: an unknown or empty preset
+                self.jobs.media.parse_presets(",".join(query["presets"]))
+            # a form's file part is its body less the form's parts; it is what the limits count
+            boundary = form.boundary_of(request.getHeader(b"content-type"))
+            size = form.file_bound(length) if boundary is not None else length
             presets = ",".join(query.get("presets", [])).split(",")
-            tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
+            tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], size)
             key = replay.key_of(request)
             # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
             # it holds on the bytes received, so a chunked body cannot pass it either.
             limit = self.access.upload_limit(request)
+
+            def sink(claim: Any = None) -> Any:
+                spool = self.jobs.admit(size, limit=limit)
+                return spool if boundary is None else form.FormBody(spool, boundary)
+
             if key is None:
-                return self.jobs.admit(length, limit=limit)
+                return sink()
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
                                checksum=request.getHeader(b"upload-checksum"))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
-                                replay.job_answer(self.result_urls.job_json),
-                                lambda claim: self.jobs.admit(length, limit=limit))
+                                replay.job_answer(self.result_urls.job_json), sink)
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
