@@ -16,6 +16,7 @@ from gridnode import __version__
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
 from gridnode.idempotency import JOB, Intent, Ledger
+from gridnode.store_health import StoreHealth
 from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
@@ -33,12 +34,14 @@ if TYPE_CHECKING:
 
 class NodeView:
     def __init__(self, config: NodeConfig, store: ObjectStore, jobs: JobService, uploads: UploadStore,
-                 tokens: KeyringFile | None = None) -> None:
+                 tokens: KeyringFile | None = None, store_health: StoreHealth | None = None) -> None:
         self.config = config
         self.store = store
         self.jobs = jobs
         self.started = time.time()
         self.registry: Registry | None = None
+        #: what the node's store calls say (the assembly wraps the store with its `watch`)
+        self.store_health = store_health or StoreHealth()
         self.membership: MembershipService | None = None
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         #: the one authorization of every request (open when the node has no token keyring)
@@ -99,12 +102,14 @@ class NodeView:
         return self.config.node_id
 
     def health(self) -> dict[str, Any]:
+        reasons = self.troubles()
         return {
             "node": self.node_id,
             "env": self.config.env,
             "pool": self.config.pool,
             "version": __version__,
-            "state": "draining" if self.draining else "ok",
+            "state": "draining" if self.draining else "degraded" if reasons else "ok",
+            "reasons": reasons,
             "store": self.store.url,
             # the node started only if this holds: a box for every child, or weak on purpose
             "sandbox": self.config.sandbox,
@@ -113,6 +118,14 @@ class NodeView:
             **self.jobs.load(),
             "members": self.membership.machine.live_count() if self.membership is not None else 1,
         }
+
+    def troubles(self) -> list[str]:
+        """Why the node cannot do all its work now (it still takes uploads: they wait in its spool)."""
+        if self.store_health.error is not None:
+            return [f"store unreachable: {self.store_health.error}"]
+        if self.registry is not None and self.registry.last_error is not None:
+            return [f"registry: {self.registry.last_error}"]
+        return []
 
     def registry_health(self) -> dict[str, Any]:
         if self.registry is None:
