@@ -81,7 +81,7 @@ class NodeService(MultiService):
 
     def __init__(
         self, reactor: Any, config: NodeConfig, *, file: dict[str, Any] | None = None,
-        cli: dict[str, Any] | None = None,
+        cli: dict[str, Any] | None = None, file_path: str | None = None,
     ) -> None:
         super().__init__()
         self.setName("node")
@@ -89,6 +89,7 @@ class NodeService(MultiService):
         self.config = config
         self._file = file or {}
         self._cli = cli or {}
+        self._file_path = file_path
         self.view: NodeView | None = None
         self._media: Any = None
         self.ready: Deferred[NodeView] = Deferred()
@@ -111,9 +112,18 @@ class NodeService(MultiService):
         # Secrets first: a bad keyring stops the node before anything else starts.
         tokens = self._keyring(config.upload_secret, "upload-secret") if config.upload_secret else None
         peer_ring = self._keyring(config.secret_file, "secret-file") if config.secret_file else None
-        os.makedirs(config.work_dir, exist_ok=True)
+        try:
+            os.makedirs(config.work_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"work-dir: cannot make {config.work_dir} ({e.strerror or e}); choose a folder "
+                              "the node may create and write") from None
         metrics = Metrics()
-        backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+        try:
+            backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+        except OSError as e:
+            where = f" at {e.filename}" if e.filename else ""
+            raise ConfigError(f"store: cannot open {config.store} ({e.strerror or e}{where}); a file: store needs "
+                              "a folder the node may create and write") from None
         store_health = StoreHealth()
         store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store).wrapped(store_health.watch)
         from twisted.internet.endpoints import serverFromString
@@ -170,7 +180,8 @@ class NodeService(MultiService):
             from gridnode.instance import fetch_instance
 
             info = yield fetch_instance(self.reactor, config.instance_metadata)
-            config = build_config(file=self._file, user_data=info.user_data, cli=self._cli)
+            config = build_config(file=self._file, user_data=info.user_data, cli=self._cli,
+                                  file_path=self._file_path)
             config = config.with_identity(info.instance_id, info.public_hostname or info.local_ipv4)
         else:
             config = config.with_identity()
