@@ -162,6 +162,15 @@ def _bool(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _log_level(value: Any) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return str(value)
+
+
 def _origins(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
@@ -221,6 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
             "'auto' for nobody when the node runs as root", _str, "USER"),
     Setting("sandbox", "bwrap", "how ffmpeg and ffprobe are confined: 'bwrap', a box of their own (the node "
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
+    Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
+            "warn, error", _log_level, "LEVEL"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -262,6 +273,7 @@ class NodeConfig:
     instance_metadata: str | None
     ffmpeg_user: str
     sandbox: str
+    log_level: str
     ffmpeg: str
     ffprobe: str
 

@@ -157,6 +157,7 @@ class NodeService(MultiService):
         )
         registry.on_read.append(membership.registry_read)
         registry.wanted = membership.needs_record
+        registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
         membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
         jobs.adopter.members = membership.live_members

@@ -78,6 +78,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:  # noqa: N80
     from gridnode.node import NodeService
 
     assert options.node_config is not None
+    # twistd begins logging after makeService: the level filter goes on its observers once it runs
+    from twisted.logger import globalLogPublisher
+
+    from gridnode.logs import filter_levels
+
+    reactor.callWhenRunning(filter_levels, globalLogPublisher, options.node_config.log_level)
     top = MultiService()
     top.setName("gridnode")
     NodeService(reactor, options.node_config, file=options.file, cli=options.cli,
