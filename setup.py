@@ -10,7 +10,8 @@ setup(
     entry_points={"console_scripts": ["gridnode = gridnode.client.cli:main"]},
     package_data={"gridnode.web": ["static/*", "static/**/*"], "twisted.plugins": ["gridnode_plugin.py"]},
     install_requires=[
-        "twisted>=24.7",
+        # [tls]: pyOpenSSL and service_identity, for ssl: endpoints and https nodes
+        "twisted[tls]>=24.7",
         "treq>=24.9",
         "boto3>=1.35",
         "prometheus-client>=0.20",

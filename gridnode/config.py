@@ -375,8 +375,8 @@ HTTP_BACKLOG = 1024
 
 
 def with_backlog(endpoint: str, backlog: int = HTTP_BACKLOG) -> str:
-    """``endpoint`` with ``backlog=`` added when it is a TCP endpoint string that sets none."""
-    if endpoint.split(":", 1)[0] in ("tcp", "tcp6") and not re.search(r"(^|:)backlog=", endpoint):
+    """``endpoint`` with ``backlog=`` added when it is a TCP or TLS endpoint string that sets none."""
+    if endpoint.split(":", 1)[0] in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", endpoint):
         return f"{endpoint}:backlog={backlog}"
     return endpoint
 
@@ -390,6 +390,11 @@ def endpoint_port(endpoint: str) -> int | None:
         if part.startswith("port="):
             return int(part[5:]) if part[5:].isdigit() else None
     return None
+
+
+def endpoint_scheme(endpoint: str) -> str:
+    """The URL scheme clients use to reach an HTTP endpoint: TLS endpoints serve ``https``."""
+    return "https" if endpoint.split(":", 1)[0] == "ssl" else "http"
 
 
 def endpoint_interface(endpoint: str) -> str | None:

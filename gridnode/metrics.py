@@ -34,6 +34,9 @@ class Metrics:
         self.scratch_waiting = Gauge("gridnode_jobs_waiting_scratch", "Jobs waiting for scratch space",
                                      registry=r)
         self.queue_length = Gauge("gridnode_queue_length", "Jobs waiting for a worker", registry=r)
+        # the `queue` setting, so an alert can say "near full" without knowing each node's config
+        self.queue_capacity = Gauge("gridnode_queue_capacity", "Jobs that may wait for a worker (queue)",
+                                    registry=r)
         self.workers_busy = Gauge("gridnode_workers_busy", "Workers running ffmpeg", registry=r)
         self.workers = Gauge("gridnode_workers", "Configured workers", registry=r)
         self.upload_bytes = Counter("gridnode_upload_bytes", "Upload body bytes received", registry=r)

@@ -24,6 +24,7 @@ from gridnode.config import (
     build_config,
     endpoint_interface,
     endpoint_port,
+    endpoint_scheme,
     is_loopback,
     with_backlog,
 )
@@ -118,6 +119,7 @@ class NodeService(MultiService):
             raise ConfigError(f"work-dir: cannot make {config.work_dir} ({e.strerror or e}); choose a folder "
                               "the node may create and write") from None
         metrics = Metrics()
+        metrics.queue_capacity.set(config.queue)
         try:
             backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
         except OSError as e:
@@ -146,7 +148,7 @@ class NodeService(MultiService):
         http = Listener(serverFromString(self.reactor, with_backlog(config.http)), site)
         http.setServiceParent(self)
         address = (yield http.listening).getHost()
-        http_url = f"http://{public_host(config.advertise, address.host)}:{address.port}"
+        http_url = f"{endpoint_scheme(config.http)}://{public_host(config.advertise, address.host)}:{address.port}"
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)

@@ -20,6 +20,13 @@ within the window (``replay``), a payload over the size limit
 protocol version (``version``). AMP's own framing limits any key to 255 and
 any value to 65,535 bytes; a connection that sends more than a box's worth
 without completing one is closed (``oversized``).
+
+Compatibility (rolling upgrades): a receiver reads only the payload fields it
+knows, so a release may add top-level fields to a message and still share a
+pool with the release before it. A new command, member state or element of an
+update, or any change an older node would misread, needs a new ``VERSION``:
+older nodes drop those messages (``version``) and count them, never crash; a
+release that raises it must open the previous version too for a roll to work.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ skips. Kept from one read to the next, it GETs only what it must: a record
 it has not read, or one that changed and is needed in full (``wanted``);
 a changed record it does not need is taken as that node's heartbeat, seen
 then.
+
+Versions: a record carries ``format``, the major version of this layout. A
+reader ignores fields it does not know, so a release that only adds fields
+keeps the number and old and new nodes read each other's records during a
+rolling upgrade; a record of a higher format (a change older readers would
+misread) is skipped, with a reason that says so, never guessed at. A record
+without ``format`` is format 1 (written before the field existed).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from gridnode import __version__, keys
 from gridnode.errors import GridnodeError, NotFound
 
 MAX_RECORD_BYTES = 64 * 1024
+#: the record layout's major version: raise it only for a change older readers would misread
+FORMAT = 1
 
 
 @dataclass
@@ -41,7 +50,7 @@ class NodeRecord:
         return {
             "id": self.id, "http_url": self.http_url, "peer_addr": self.peer_addr, "started": self.started,
             "incarnation": self.incarnation, "heartbeat": self.heartbeat, "load": self.load,
-            "version": self.version,
+            "version": self.version, "format": FORMAT,
         }
 
     def dumps(self) -> bytes:
@@ -50,6 +59,16 @@ class NodeRecord:
 
 class BadRecord(GridnodeError):
     code = "bad_record"
+
+
+def _check_format(raw: dict[str, Any]) -> None:
+    """Refuse a record of a format this reader does not know, before reading any other field."""
+    found = raw.get("format", 1)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise BadRecord(f"field 'format' is {found!r}, not a format number")
+    if found > FORMAT:
+        raise BadRecord(f"record format {found} (gridnode {str(raw.get('version', '?'))[:40]!r}); this node reads "
+                        f"format {FORMAT} and older: upgrade it")
 
 
 def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
@@ -62,6 +81,7 @@ def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
         raise BadRecord("record is not JSON") from None
     if not isinstance(raw, dict):
         raise BadRecord("record is not a JSON object")
+    _check_format(raw)
     try:
         record = NodeRecord(
             id=_typed(raw, "id", str), http_url=_typed(raw, "http_url", str),
@@ -96,7 +116,7 @@ def live_list(records: list[NodeRecord], now: float, stale: float) -> list[NodeR
 def nodes_json(records: list[NodeRecord], env: str, pool: str) -> bytes:
     """The public list: what a client needs to choose a node."""
     body = {
-        "env": env, "pool": pool,
+        "env": env, "pool": pool, "format": FORMAT,
         "nodes": [{"id": r.id, "http_url": r.http_url, "load": r.load, "heartbeat": r.heartbeat,
                    "version": r.version} for r in records],
     }
@@ -134,6 +154,9 @@ class RecordReader:
         self.prefix = prefix
         #: key -> what the last finished read knew of it
         self._held: dict[str, _Held] = {}
+        #: key -> (ETag, why) of a record the last read skipped as unreadable: not fetched again
+        #: until it changes, and its reason not reported again while it stays the same
+        self._unreadable: dict[str, tuple[str, str]] = {}
 
     def begin(self, listing: Iterable[Listed], now: float,
               wanted: Callable[[str], bool] | None = None) -> RecordRead:
@@ -155,6 +178,7 @@ class RecordRead:
         #: the records' keys in listing order
         self._order: list[str] = []
         self._held: dict[str, _Held] = {}
+        self._unreadable: dict[str, tuple[str, str]] = {}
         for info in listing:
             name = info.key[len(reader.prefix):]
             if "/" in name or not name.endswith(".json"):
@@ -162,6 +186,10 @@ class RecordRead:
                 continue
             if info.size > MAX_RECORD_BYTES:
                 self.skipped.append((info.key, f"{info.size} bytes"))
+                continue
+            bad = reader._unreadable.get(info.key)
+            if bad is not None and bad[0] == info.etag:
+                self._unreadable[info.key] = bad
                 continue
             self._order.append(info.key)
             known = reader._held.get(info.key)
@@ -181,7 +209,10 @@ class RecordRead:
         try:
             record = parse_record(data, name[: -len(".json")])
         except GridnodeError as e:
-            self.failed(key, e)
+            before = self._reader._unreadable.get(key)
+            self._unreadable[key] = (etag, e.message)
+            if before is None or before[1] != e.message:
+                self.failed(key, e)
             return
         self._held[key] = _Held(etag, record, True)
 
@@ -197,4 +228,5 @@ class RecordRead:
     def done(self) -> list[NodeRecord]:
         """The valid records, in listing order; the reader keeps them for its next read."""
         self._reader._held = self._held
+        self._reader._unreadable = self._unreadable
         return [self._held[key].record for key in self._order if key in self._held]
