@@ -124,8 +124,9 @@ class JobsResource(Resource):
             claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
             work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
                                     claim=claim.claim if claim is not None else None)
-        except GridnodeError as e:
+        except GridnodeError as e:  # refused before the job service saw it (which counts its own)
             getattr(spool, "discard", lambda: None)()
+            self.jobs.metrics.upload_rejections.labels(e.code).inc()
             return error_body(request, e)
         if claim is not None:
             # Another request with the key won: its job is the answer (this one's was dropped).

@@ -69,10 +69,14 @@ class NodeView:
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
             query = parse_qs(early_query.decode("latin-1"), keep_blank_values=True)
-            if "presets" in query:  # refused before the body: an unknown or empty preset
-                self.jobs.media.parse_presets(",".join(query["presets"]))
-            # a form's file part is its body less the form's parts; it is what the limits count
-            boundary = form.boundary_of(request.getHeader(b"content-type"))
+            try:
+                if "presets" in query:  # refused before the body: an unknown or empty preset
+                    self.jobs.media.parse_presets(",".join(query["presets"]))
+                # a form's file part is its body less the form's parts; it is what the limits count
+                boundary = form.boundary_of(request.getHeader(b"content-type"))
+            except GridnodeError as e:
+                self.jobs.metrics.upload_rejections.labels(e.code).inc()
+                raise
             size = form.file_bound(length) if boundary is not None else length
             presets = ",".join(query.get("presets", [])).split(",")
             tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], size)
