@@ -17,5 +17,6 @@ setup(
         "prometheus-client>=0.20",
         "tqdm>=4.66",
         "PyJWT>=2.8",
+        "multipart>=1.2",
     ],
 )

@@ -116,9 +116,20 @@ def _store(value: Any) -> str:
 
 
 def _endpoint(value: Any) -> str:
+    """A Twisted server endpoint string, parsed as Twisted will parse it at start (no socket yet)."""
+    example = "a Twisted endpoint string such as tcp:8080:interface=127.0.0.1"
     text = _str(value)
     if ":" not in text:
-        raise ValueError("must be a Twisted endpoint string such as tcp:8080:interface=127.0.0.1")
+        raise ValueError(f"must be {example}")
+    from twisted.internet.endpoints import serverFromString  # not the reactor: nothing listens here
+
+    try:
+        serverFromString(None, text)
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+        raise ValueError(f"is not {example} ({str(e)[:120]})") from None
+    port = endpoint_port(text)
+    if port is not None and port > 65535:
+        raise ValueError(f"has port {port}; ports go up to 65535")
     return text
 
 
@@ -149,6 +160,15 @@ def _bool(value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _log_level(value: Any) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return str(value)
 
 
 def _origins(value: Any) -> tuple[str, ...]:
@@ -210,6 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
             "'auto' for nobody when the node runs as root", _str, "USER"),
     Setting("sandbox", "bwrap", "how ffmpeg and ffprobe are confined: 'bwrap', a box of their own (the node "
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
+    Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
+            "warn, error", _log_level, "LEVEL"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -251,6 +273,7 @@ class NodeConfig:
     instance_metadata: str | None
     ffmpeg_user: str
     sandbox: str
+    log_level: str
     ffmpeg: str
     ffprobe: str
 
@@ -297,10 +320,12 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def build_config(
     *, file: Mapping[str, Any] | None = None, user_data: Mapping[str, Any] | None = None,
-    cli: Mapping[str, Any] | None = None,
+    cli: Mapping[str, Any] | None = None, file_path: str | None = None,
 ) -> NodeConfig:
-    """Layer the sources and validate every value; raise ConfigError on the first bad one."""
-    layers = [("config file", normalize(file or {}, "config file"))]
+    """Layer the sources and validate every value; raise ConfigError on the first bad one, naming
+    its source (the config file by its path), key and value."""
+    file_source = f"config file {file_path}" if file_path else "config file"
+    layers = [(file_source, normalize(file or {}, file_source))]
     ud = normalize(user_data or {}, "user-data")
     for key in ud:
         if key in USER_DATA_FORBIDDEN:

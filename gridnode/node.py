@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,6 +34,7 @@ from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
+from gridnode.store_health import StoreHealth
 from gridnode.uploads.store import UploadStore
 from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.view import NodeView
@@ -63,6 +64,14 @@ class Listener(Service):
         return port.stopListening() if port is not None else None
 
 
+#: seconds the parts of a stopping node have in all (after the drain) before each is left behind
+STOP_BUDGET = 2.0
+#: the same after a second SIGTERM
+HURRIED_STOP = 0.5
+#: the least one part is waited for
+MIN_PART_STOP = 0.2
+
+
 class NodeService(MultiService):
     """The node: its parts are its children, started in order once the configuration is settled
     (converter, job service, upload sweep, HTTP, registry, membership) and stopped one at a time
@@ -73,7 +82,7 @@ class NodeService(MultiService):
 
     def __init__(
         self, reactor: Any, config: NodeConfig, *, file: dict[str, Any] | None = None,
-        cli: dict[str, Any] | None = None,
+        cli: dict[str, Any] | None = None, file_path: str | None = None,
     ) -> None:
         super().__init__()
         self.setName("node")
@@ -81,7 +90,9 @@ class NodeService(MultiService):
         self.config = config
         self._file = file or {}
         self._cli = cli or {}
+        self._file_path = file_path
         self.view: NodeView | None = None
+        self._media: Any = None
         self.ready: Deferred[NodeView] = Deferred()
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
@@ -102,18 +113,28 @@ class NodeService(MultiService):
         # Secrets first: a bad keyring stops the node before anything else starts.
         tokens = self._keyring(config.upload_secret, "upload-secret") if config.upload_secret else None
         peer_ring = self._keyring(config.secret_file, "secret-file") if config.secret_file else None
-        os.makedirs(config.work_dir, exist_ok=True)
+        try:
+            os.makedirs(config.work_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"work-dir: cannot make {config.work_dir} ({e.strerror or e}); choose a folder "
+                              "the node may create and write") from None
         metrics = Metrics()
         metrics.queue_capacity.set(config.queue)
-        backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
-        store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store)
+        try:
+            backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+        except OSError as e:
+            where = f" at {e.filename}" if e.filename else ""
+            raise ConfigError(f"store: cannot open {config.store} ({e.strerror or e}{where}); a file: store needs "
+                              "a folder the node may create and write") from None
+        store_health = StoreHealth()
+        store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store).wrapped(store_health.watch)
         from twisted.internet.endpoints import serverFromString
 
         from gridnode.converter import Converter
         from gridnode.web.api import api_root
         from gridnode.web.upload import GridSite
 
-        media = Converter(self.reactor, config)
+        media = self._media = Converter(self.reactor, config)
         media.setServiceParent(self)
         jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         jobs.setServiceParent(self)
@@ -121,7 +142,7 @@ class NodeService(MultiService):
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
         UploadSweep(uploads).setServiceParent(self)
-        view = self.view = NodeView(config, store, jobs, uploads, tokens)
+        view = self.view = NodeView(config, store, jobs, uploads, tokens, store_health)
         site = GridSite(view.cors.wrap(api_root(view)), self.reactor, view.route_body, view.extra_headers,
                         on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
         http = Listener(serverFromString(self.reactor, with_backlog(config.http)), site)
@@ -138,6 +159,7 @@ class NodeService(MultiService):
         )
         registry.on_read.append(membership.registry_read)
         registry.wanted = membership.needs_record
+        registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
         membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
         jobs.adopter.members = membership.live_members
@@ -161,7 +183,8 @@ class NodeService(MultiService):
             from gridnode.instance import fetch_instance
 
             info = yield fetch_instance(self.reactor, config.instance_metadata)
-            config = build_config(file=self._file, user_data=info.user_data, cli=self._cli)
+            config = build_config(file=self._file, user_data=info.user_data, cli=self._cli,
+                                  file_path=self._file_path)
             config = config.with_identity(info.instance_id, info.public_hostname or info.local_ipv4)
         else:
             config = config.with_identity()
@@ -223,11 +246,24 @@ class NodeService(MultiService):
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.shutdown)
 
+    _stopping = False
+    #: seconds the parts have in all to stop once the drain is over (each waits for what is left)
+    stop_budget = STOP_BUDGET
+
     @inlineCallbacks
     def shutdown(self) -> Any:
-        """SIGTERM: drain (no new uploads, running jobs finish or go back to the pool), then stop."""
+        """SIGTERM: drain (no new uploads, running jobs finish or go back to the pool), then stop.
+        A second SIGTERM stops at once: the drain waits no longer, the parts get a second to stop."""
+        if self._stopping:
+            self._log.warn("second SIGTERM: stopping now")
+            self.stop_budget = HURRIED_STOP
+            if self.view is not None:
+                self.view.jobs.hurry()
+            return
+        self._stopping = True
         if self.view is not None and not self.view.jobs.draining:
-            self._log.info("SIGTERM: draining for up to {timeout}s", timeout=self.config.drain_timeout)
+            self._log.info("SIGTERM: draining for up to {timeout}s (a second SIGTERM stops at once)",
+                           timeout=self.config.drain_timeout)
             try:
                 released = yield self.view.jobs.drain(self.config.drain_timeout)
                 self._log.info("drained; {count} jobs released to the pool", count=released)
@@ -254,9 +290,25 @@ class NodeService(MultiService):
         # One part at a time, the last started first (MultiService would stop them all at once):
         # a peer hears we left before our record goes, and ffmpeg is stopped last.
         Service.stopService(self)
+        deadline = self.reactor.seconds() + self.stop_budget
         for part in reversed(list(self)):
-            if part.running:
-                yield maybeDeferred(part.stopService)
+            if not part.running:
+                continue
+            stopping = maybeDeferred(part.stopService)
+            if part is self._media:
+                yield stopping  # the ffmpeg children must go: its own timers bound it
+                continue
+            # A part whose stop needs the store (our record's delete, a lease renewal in flight)
+            # waits for it no longer than the budget: the store may be down.
+            left = max(deadline - self.reactor.seconds(), MIN_PART_STOP)
+            stopping.addTimeout(left, self.reactor)
+            try:
+                yield stopping
+            except CancelledError:
+                self._log.warn("{part} did not stop within {seconds:.1f}s; stopping the rest",
+                               part=type(part).__name__, seconds=left)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                self._log.failure("{part} failed to stop", part=type(part).__name__)
 
 
 def _members_in(machine: Any, state: str) -> Any:

@@ -42,6 +42,14 @@ from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
 from gridnode.store.streamed import StreamedPut
 
+#: seconds a drain waits for the records that hand its released jobs back to the pool
+RELEASE_GRACE = 2.0
+
+
+def _listed(ids: dict[str, Any], most: int = 10) -> str:
+    """``": a, b, c"`` (the first ``most`` of them) for a log line; "" when there are none."""
+    return (": " + ", ".join(list(ids)[:most]) + (" ..." if len(ids) > most else "")) if ids else ""
+
 
 class JobService(Service):
     """A service: started, it recovers what an earlier life left (`recovered` fires when done),
@@ -69,6 +77,8 @@ class JobService(Service):
                              metrics=self.metrics)
         self.uploading: set[str] = set()
         self.draining = False
+        #: fired by `hurry`: a drain waits no longer
+        self._hurried: Deferred[None] = Deferred()
         #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
         self.adopter = Adopter(store, self, self.node_id, self.lease, now=now, rng=self.rng)
         #: fires once the recovery that startService begins is over: the node listens only then
@@ -251,7 +261,7 @@ class JobService(Service):
             job.accept(self.now(), self.lease)
             active = Active(job, spool.path)
             yield stored
-            yield self._accept_durably(active)
+            yield self.runner.store_accepted(active)
         except BaseException as e:
             if stored is not None:
                 stored.addErrback(lambda _: None)  # its failure is this one, or moot
@@ -298,24 +308,6 @@ class JobService(Service):
 
         d: Deferred[Any] = put.finish(spool.size)
         return d.addCallbacks(stored, failed)
-
-    @inlineCallbacks
-    def _accept_durably(self, active: Active) -> Any:
-        """The durable acceptance of a job whose input is stored: its record, then its active
-        marker (a peer adopts only what is marked, and finds the record and input there). Not
-        retried: the client is told 503 and sends again; what was written is removed."""
-        try:
-            yield self.runner.store_accepted(active)
-        except GridnodeError as e:
-            for key in (keys.active_marker(active.job.id), keys.job_record(active.job.id)):
-                try:
-                    yield self.store.delete(key)
-                except GridnodeError:
-                    pass  # unmarked, a record is never adopted; the input goes with the refusal
-            if isinstance(e, StorageUnavailable):
-                raise
-            raise StorageUnavailable(f"the store refused this job's record ({e.message}); send it again") from e
-        self._log.info("job {job} stored: input, record and active marker", job=active.job.id)
 
     # -- adoption and recovery
 
@@ -366,29 +358,52 @@ class JobService(Service):
     # -- draining
 
     @inlineCallbacks
-    def drain(self, timeout: float) -> Any:
-        """Refuse uploads; give running jobs ``timeout`` seconds, then release the rest."""
+    def drain(self, timeout: float, grace: float = RELEASE_GRACE) -> Any:
+        """Refuse uploads; give running jobs ``timeout`` seconds, then release the rest and give the
+        record writes that hand them back ``grace`` seconds: with the store down those retry for
+        ever, and what is not written by then is left to the job's lease (peers adopt it) and the
+        local journal (this node resumes it at its next start). `hurry` ends both waits at once."""
         self.draining = True
-        pending = [a.work for a in self.active.values() if a.work is not None]
-        self._log.info("draining: {count} jobs, up to {timeout}s", count=len(pending), timeout=timeout)
+        pending = {a.job.id: a.work for a in self.active.values() if a.work is not None}
+        self._log.info("draining: waiting up to {timeout}s for {count} jobs{ids}", count=len(pending),
+                       timeout=timeout, ids=_listed(pending))
         if pending:
             # Wait for the jobs or the timeout, whichever comes first; cancelling the
             # jobs' Deferreds would cancel the jobs, which is not what draining means.
-            done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
-            timer: Deferred[None] = deferLater(self.reactor, timeout, lambda: None)
-            yield DeferredList([done, timer], fireOnOneCallback=True, consumeErrors=True)
-            if not timer.called:
-                timer.cancel()
-        left = [a for a in self.active.values() if a.work is not None]
+            yield self._first_of(DeferredList(list(pending.values()), consumeErrors=True), timeout)
+        left = [a for a in self.active.values() if a.work is not None and not a.work.called]
+        if left:
+            self._log.info("draining: {count} jobs still running; released to the pool{ids}", count=len(left),
+                           ids=_listed({a.job.id: a for a in left}))
         for active in left:
             active.released = True
             self.media.cancel(active.job.id)
-        for active in left:
-            try:
-                yield active.work
-            except Exception:  # noqa: BLE001 - ending anyway
-                pass
+        if left:
+            works = [a.work for a in left if a.work is not None]
+            yield self._first_of(DeferredList(works, consumeErrors=True), grace)
+            for active in left:
+                if active.work is not None and not active.work.called:
+                    self._log.warn("draining: job {job} ({state}) could not be handed back in {grace}s (the store "
+                                   "is unreachable?); its lease and the local journal settle it", job=active.job.id,
+                                   state=active.job.state, grace=grace)
         return len(left)
+
+    def hurry(self) -> None:
+        """End a drain's waits now (a second SIGTERM)."""
+        if not self._hurried.called:
+            self._hurried.callback(None)
+
+    def _first_of(self, work: Deferred[Any], seconds: float) -> Deferred[Any]:
+        """Fires when ``work`` does, after ``seconds``, or on `hurry`, whichever comes first."""
+        timer: Deferred[None] = deferLater(self.reactor, seconds, lambda: None)
+        first = DeferredList([work, timer, self._hurried], fireOnOneCallback=True, consumeErrors=True)
+
+        def done(result: Any) -> Any:
+            if not timer.called:
+                timer.cancel()
+            return result
+
+        return first.addBoth(done)
 
     # -- what clients ask
 

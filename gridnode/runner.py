@@ -88,12 +88,24 @@ class Runner:
 
     @inlineCallbacks
     def store_accepted(self, active: Active) -> Any:
-        """A new job whose input is stored: its record, then its active marker, once each (the
-        caller answers the client with a failure). The record goes first: a peer that finds the
-        marker finds the record and the input too."""
-        yield self._save(active)
-        yield self.store.put_bytes(keys.active_marker(active.job.id), b"")
+        """A new job whose input is stored: its record, then its active marker (a peer adopts only
+        what is marked, and finds the record and the input there). Not retried: on failure what was
+        written is removed and `StorageUnavailable` raised; the client is told 503 and sends again."""
+        job_id = active.job.id
+        try:
+            yield self._save(active)
+            yield self.store.put_bytes(keys.active_marker(job_id), b"")
+        except GridnodeError as e:
+            for key in (keys.active_marker(job_id), keys.job_record(job_id)):
+                try:
+                    yield self.store.delete(key)
+                except GridnodeError:
+                    pass  # unmarked, a record is never adopted; the input goes with the refusal
+            if isinstance(e, StorageUnavailable):
+                raise
+            raise StorageUnavailable(f"the store refused this job's record ({e.message}); send it again") from e
         active.stored = True
+        self._log.info("job {job} stored: input, record and active marker", job=job_id)
 
     @inlineCallbacks
     def run(self, active: Active, probe: Described, presets: list[Named], input_stored: bool) -> Any:
@@ -302,7 +314,8 @@ class Runner:
             self.media.cancel(active.job.id)
 
     def _progress(self, active: Active, progress: float) -> None:
-        if active.job.set_progress(progress, self.now()):
+        # a stopped ffmpeg says "progress=end" (1.0) as it goes: a cancelled job keeps what it had
+        if not active.stopping and active.job.set_progress(progress, self.now()):
             self._changed(active)
 
     def _changed(self, active: Active) -> None:

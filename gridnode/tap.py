@@ -63,7 +63,7 @@ class Options(usage.Options):
         try:
             if self["config"]:
                 self.file = load_config_file(self["config"])
-            self.node_config = build_config(file=self.file, cli=self.cli)
+            self.node_config = build_config(file=self.file, cli=self.cli, file_path=self["config"])
         except ConfigError as e:
             # One line and a non-zero exit: twistd would print its whole usage for a UsageError.
             raise SystemExit(f"twistd gridnode: {e.message}") from None
@@ -78,7 +78,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:  # noqa: N80
     from gridnode.node import NodeService
 
     assert options.node_config is not None
+    # twistd begins logging after makeService: the level filter goes on its observers once it runs
+    from twisted.logger import globalLogPublisher
+
+    from gridnode.logs import filter_levels
+
+    reactor.callWhenRunning(filter_levels, globalLogPublisher, options.node_config.log_level)
     top = MultiService()
     top.setName("gridnode")
-    NodeService(reactor, options.node_config, file=options.file, cli=options.cli).setServiceParent(top)
+    NodeService(reactor, options.node_config, file=options.file, cli=options.cli,
+                file_path=options["config"]).setServiceParent(top)
     return top

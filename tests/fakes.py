@@ -56,7 +56,7 @@ class FakeMedia:
         self.started_runs: dict[str, int] = {}
 
     def parse_presets(self, text: str | None) -> list[Preset]:
-        names = (text or "mp4-720p").split(",")
+        names = (text if text is not None else "mp4-720p").split(",")  # "" is no preset: refused
         for n in names:
             if n not in ("mp4-720p", "poster"):
                 raise GridnodeError(f"unknown preset {n}", code="unknown_preset", status=400)

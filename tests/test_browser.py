@@ -317,6 +317,11 @@ class StatusPageTests:
                 later = poll(lambda: shown() > first and shown(), 20, f"conversion progress above {first} %")
                 assert 0 < first < later <= 100
                 assert "transcoding" in page.inner_text(f'#jobs tr[data-job="{job_id}"]')
+                # this node's row shows its live load (its /health), not nodes.json's heartbeat-old one
+                own = [c.inner_text() for c in page.query_selector_all('#members tr[data-node="n0"] td')]
+                assert own[2] == "1" and "(heartbeat)" not in own[5], own
+                other = [c.inner_text() for c in page.query_selector_all('#members tr[data-node="n1"] td')]
+                assert "(heartbeat)" in other[5], other
                 page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
                 page.set_viewport_size({"width": 390, "height": 844})
                 page.screenshot(path=str(tmp_path / "status-phone.png"), full_page=True)

@@ -97,6 +97,10 @@ class RefusalTests:
             ("file", {"max-output": "lots"}, "must be a number"),
             ("cli", {"max-output": "inf"}, "at most 1048576"),
             ("cli", {"store": "s3://"}, "needs a bucket"),
+            ("cli", {"http": "tcp:notaport"}, "command line: http = 'tcp:notaport' is not a Twisted endpoint"),
+            ("cli", {"peer": "tcp:7000:bogus=1"}, "peer = 'tcp:7000:bogus=1' is not a Twisted endpoint"),
+            ("cli", {"http": "nope:1"}, "Unknown endpoint type"),
+            ("cli", {"http": "tcp:70000"}, "ports go up to 65535"),
         ],
     )
     def test_bad_values(self, layer: str, values: dict[str, object], needle: str) -> None:
@@ -113,6 +117,20 @@ class RefusalTests:
         assert load_config_file(str(f)) == {"env": "staging", "pool": "east"}
         f.write_text('[gridnode]\nmax_upload = 9\n')
         assert load_config_file(str(f)) == {"max-upload": 9}
+
+    def test_a_bad_value_names_the_file_and_key(self, tmp_path: Path) -> None:
+        """``workers = 'two'`` in a config file: the message names the file, the key and the value."""
+        f = tmp_path / "node.toml"
+        f.write_text("workers = 'two'\n")
+        with pytest.raises(ConfigError) as e:
+            build_config(file=load_config_file(str(f)), file_path=str(f))
+        assert e.value.message.startswith(f"config file {f}: workers = 'two' must be a whole number")
+
+    def test_a_bad_endpoint_is_named_before_the_token_rule(self) -> None:
+        """A bad --http is about the endpoint, not about upload tokens."""
+        with pytest.raises(ConfigError) as e:
+            build_config(cli={"http": "tcp:notaport"})
+        assert "http = 'tcp:notaport'" in e.value.message and "token" not in e.value.message
 
     def test_config_file_errors(self, tmp_path: Path) -> None:
         """Unreadable files, bad TOML and unknown keys name the file."""

@@ -39,8 +39,14 @@ def value_after(argv: list[str], option: str) -> str:
 class ParsePresetsTests:
     def test_default(self) -> None:
         """No presets asked for: mp4-720p."""
-        assert [p.name for p in parse_presets("")] == ["mp4-720p"]
         assert [p.name for p in parse_presets(None)] == ["mp4-720p"]
+
+    def test_empty_is_refused(self) -> None:
+        """``presets=`` given empty (or only commas) is an error, not the default: docs say so."""
+        for text in ("", " ", ",,"):
+            with pytest.raises(GridnodeError) as e:
+                parse_presets(text)
+            assert e.value.code == "unknown_preset" and "mp4-720p" in e.value.message
 
     def test_order_kept_and_repeats_dropped(self) -> None:
         """Names are taken in order, trimmed, once each."""

@@ -17,7 +17,7 @@ from gridnode import jobs
 from gridnode.adoption import KEEPERS, SAMPLE, KeeperRing
 from gridnode.config import build_config
 from gridnode.errors import Busy, GridnodeError, StorageUnavailable
-from gridnode.pipeline import JobService
+from gridnode.pipeline import RELEASE_GRACE, JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.fakes import FakeMedia
@@ -147,6 +147,25 @@ class PipelineTests:
         assert results[0].state == jobs.CANCELLED
         assert self.record(job.id)["state"] == "cancelled"
         assert not os.path.exists(spool_path)
+
+    def test_cancelled_job_keeps_its_progress(self) -> None:
+        """ffmpeg stopped by a cancel reports "progress=end" on its way out: the cancelled job
+        keeps the progress it had, not 1.0."""
+        job, _ = self.upload()
+        started, progress, _ = self.media.hooks[job.id]
+        started()
+        progress(0.25)
+        cancel = self.media.cancel
+
+        def cancel_like_ffmpeg(job_id: str) -> None:
+            progress(1.0)  # what a SIGTERMed ffmpeg's last report says
+            cancel(job_id)
+
+        self.media.cancel = cancel_like_ffmpeg  # type: ignore[method-assign]
+        results: list[Any] = []
+        self.jobs.cancel(job.id).addBoth(results.append)
+        assert results[0].state == jobs.CANCELLED and results[0].progress == 0.25
+        assert self.record(job.id)["progress"] == 0.25
 
     def test_store_down_refuses_the_upload(self) -> None:
         """With the store unreachable when the body is complete, the upload is refused with 503
@@ -438,6 +457,34 @@ class OwnershipTests:
         self.clock.advance(1)
         self.m1.finish(job.id)
         assert drained == [0] and self.record(job.id)["state"] == "done"
+
+    def test_drain_ends_in_time_with_the_store_down(self) -> None:
+        """With the store unreachable, the record that hands a released job back retries for ever:
+        the drain still ends at its timeout plus the release grace, the job's journal kept."""
+        job = self.upload(self.n1)
+        self.m1.hooks[job.id][0]()
+
+        def down(*a: Any, **kw: Any) -> Any:
+            raise StorageUnavailable("down")
+
+        self.backend.put_bytes = down  # type: ignore[method-assign]
+        drained: list[Any] = []
+        self.n1.drain(5).addBoth(drained.append)
+        self.clock.advance(5)
+        assert drained == []  # released; its record is being retried
+        self.clock.advance(RELEASE_GRACE)
+        assert drained == [1]
+        assert os.path.exists(self.n1.active[job.id].spool_path + ".json")  # the journal resumes it
+
+    def test_hurry_ends_a_drain_at_once(self) -> None:
+        """A second SIGTERM (`hurry`) ends the wait for running jobs and for their release at once."""
+        job = self.upload(self.n1)
+        self.m1.hooks[job.id][0]()
+        drained: list[Any] = []
+        self.n1.drain(600).addBoth(drained.append)
+        self.clock.advance(1)
+        self.n1.hurry()
+        assert drained == [1] and self.record(job.id)["lease_until"] == 0.0
 
     def test_restart_resumes_from_the_journal(self) -> None:
         """Accepted (its input, record and marker stored before the answer), then the node

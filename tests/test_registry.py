@@ -79,6 +79,85 @@ class RegistryTests:
         self.clock.advance(30)
         assert listed(self.store) == ["a", "b"] and a.gone == {}
 
+    def test_a_dead_writers_successor_publishes_on_forget(self) -> None:
+        """The writer (lowest id) confirmed dead: the node that now writes publishes at once (it
+        used to ask whether it wrote before dropping the dead writer, and waited a heartbeat)."""
+        a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
+        b.startService()
+        a.startService()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a", "b"]
+        a.running = False  # killed: its record stays
+        b.forget("a", a.record.incarnation)
+        assert listed(self.store) == ["b"]
+
+    def test_follow_lists_a_joiner_and_drops_the_dead_within_a_settle(self) -> None:
+        """With the membership's view: a node the writer's membership holds alive but the list lacks
+        is read in and listed at the next look (a second), not a heartbeat later; one it holds dead
+        (not yet confirmed) leaves the list as soon, also when it was the writer. Nothing is
+        written while nothing changed."""
+        view: dict[str, dict[str, str]] = {"a": {}, "b": {}, "c": {}}
+        a, b = make(self.store, self.clock, "a"), make(self.store, self.clock, "b")
+        for r in (a, b):
+            r.held = lambda r=r: view[r.node_id]  # type: ignore[misc]
+            r.startService()
+        self.clock.advance(30)
+        assert listed(self.store) == ["a", "b"]
+        puts = self._count_puts()
+        self.clock.advance(5)
+        assert puts == []  # steady: no request beyond the heartbeats
+        c = make(self.store, self.clock, "c")
+        c.startService()  # registered; the writer has not read since
+        assert listed(self.store) == ["a", "b"]
+        view["a"]["c"] = "alive"  # its membership heard from c
+        self.clock.advance(1)
+        assert listed(self.store) == ["a", "b", "c"]
+        view["b"].update(a="dead", c="alive")  # a is killed: b holds it dead, unconfirmed; its record stays
+        a.running = False
+        a._follower.stop()  # type: ignore[union-attr]
+        self.clock.advance(1)
+        assert listed(self.store) == ["b", "c"]
+        view["b"]["a"] = "alive"  # it was only stalled and refuted: it writes the list again, at
+        view["a"]["b"] = "alive"  # its next heartbeat at the latest
+        a.running = True
+        a._follower.start(1, now=False)  # type: ignore[union-attr]
+        a._tick()
+        assert listed(self.store) == ["a", "b", "c"]
+
+    def test_follow_reads_a_missing_joiner_again_with_backoff(self) -> None:
+        """A member held alive whose record is not there yet is looked for again after 2, 4, ... s,
+        not every second."""
+        view: dict[str, str] = {"z": "alive"}
+        a = make(self.store, self.clock, "a")
+        a.held = lambda: view
+        a.startService()
+        lists = self._count_lists()
+        for _ in range(8):
+            self.clock.advance(1)
+        assert len(lists) == 3  # at 1, 3 and 7 s
+
+    def _count_puts(self) -> list[str]:
+        puts: list[str] = []
+        real = self.store.backend.put_bytes
+
+        def counted(key: str, *a: object, **kw: object) -> object:
+            puts.append(key.rsplit("/", 1)[-1])
+            return real(key, *a, **kw)  # type: ignore[arg-type]
+
+        self.store.backend.put_bytes = counted  # type: ignore[method-assign]
+        return puts
+
+    def _count_lists(self) -> list[str]:
+        lists: list[str] = []
+        real = self.store.backend.list
+
+        def counted(prefix: str, **kw: object) -> object:
+            lists.append(prefix)
+            return real(prefix, **kw)  # type: ignore[arg-type]
+
+        self.store.backend.list = counted  # type: ignore[method-assign]
+        return lists
+
     def test_forget_by_a_reader_publishes_nothing(self) -> None:
         """Only the writer (the lowest id) publishes; the others just drop the peer from their view."""
         a, b, c = (make(self.store, self.clock, n) for n in "abc")

@@ -58,6 +58,20 @@ class RefusalTests:
         assert "store" in lines[0] and "ftp" in lines[0]
         assert "Traceback" not in out.stderr
 
+    def test_config_errors_name_the_key(self, tmp_path: Path) -> None:
+        """A bad --http names the endpoint, a --store folder that cannot be made names store, a bad
+        value in a config file names the file: one line each, exit 1, no traceback."""
+        (tmp_path / "node.toml").write_text("workers = 'two'\n")
+        cases = [(["--http", "tcp:notaport"], "http = 'tcp:notaport' is not a Twisted endpoint"),
+                 (["--store", "file:/proc/nope/data", "--http", "tcp:0:interface=127.0.0.1"],
+                  "store: cannot open file:/proc/nope/data"),
+                 (["--config", "node.toml"], "config file node.toml: workers = 'two' must be a whole number")]
+        for args, needle in cases:
+            out = run_twistd(tmp_path, *args)
+            lines = [line for line in out.stderr.splitlines() if line.strip()]  # the log is on stdout
+            assert out.returncode == 1 and len(lines) == 1 and needle in lines[0], (args, lines)
+            assert "Traceback" not in out.stderr and "token" not in lines[0]
+
     def test_unknown_config_key(self, tmp_path: Path) -> None:
         """A config file with an unknown key: non-zero exit, one line naming the key."""
         (tmp_path / "node.toml").write_text('env = "staging"\ncolour = "red"\n')

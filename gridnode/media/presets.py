@@ -103,13 +103,15 @@ PRESETS: dict[str, Preset] = {
 
 
 def parse_presets(text: str | None) -> list[Preset]:
-    """``"a,b"`` -> presets, in order, without repeats; empty -> the default.
+    """``"a,b"`` -> presets, in order, without repeats; None (not given) -> the default.
 
-    Unknown names fail with ``unknown_preset`` (400) listing the known ones.
+    Unknown names, and a value given empty (``presets=``: a form left blank, a script's empty
+    variable), fail with ``unknown_preset`` (400) listing the known ones.
     """
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    names = [n.strip() for n in (text if text is not None else DEFAULT_PRESET).split(",") if n.strip()]
     if not names:
-        names = [DEFAULT_PRESET]
+        raise GridnodeError(f"presets is empty; leave it out for the default ({DEFAULT_PRESET}) or name some of: "
+                            f"{', '.join(PRESETS)}", code="unknown_preset", status=400)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise GridnodeError(

@@ -22,8 +22,12 @@ command line read. A node:
 
 ``nodes.json`` is rewritten by one node at a time, the live node with the
 lowest id, and only when its content changed: after each heartbeat's read, and
-at once when the membership reports a peer left or confirmed dead (``forget``),
-so clients stop picking it without waiting for the next heartbeat. Records
+soon after the membership's view changes (``follow``, a look every ``settle``
+seconds, itself the debounce): a member it holds dead (even before the death is
+confirmed: the list only guides clients, who check a node's /health anyway) or
+left is left out, and a member it holds alive but the list lacks (a node that
+just started) is read in, so a node appears within seconds of joining and
+disappears within seconds of dying, without waiting for a heartbeat. Records
 are read by `records.RecordReader`, which validates every one (size, schema)
 and skips malformed ones (logged here); stale ones are left out of the list.
 """
@@ -31,11 +35,12 @@ and skips malformed ones (logged here); stale ones are left out of the list.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gridnode import keys
@@ -62,7 +67,7 @@ class Registry(Service):
         self, clock: Any, store: ObjectStore, *, env: str, pool: str, node_id: str, http_url: str,
         peer_addr: str, heartbeat: float = 30.0, stale: float = 300.0,
         load: Callable[[], dict[str, float]] = dict, now: Callable[[], float] = time.time,
-        incarnation: Callable[[], int] | None = None,
+        incarnation: Callable[[], int] | None = None, settle: float = 1.0,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -93,9 +98,23 @@ class Registry(Service):
         #: whether a changed record must be read in full (None: always); the writer reads them all
         self.wanted: Callable[[str], bool] | None = None
         self._published: bytes | None = None
+        #: whether we were the writer when we last asked (`takes_writing`)
+        self._writing = False
         self._publishing = DeferredLock()
         self._next: Any = None
         self._backoff = 1.0
+        #: the membership's view: member id -> "alive", "suspect", "dead" or "left" (None: no membership)
+        self.held: Callable[[], Mapping[str, str]] | None = None
+        #: seconds between looks at the membership's view (`follow`)
+        self.settle = settle
+        self._follower: LoopingCall | None = None
+        self._following = False
+        #: members held alive but not listed, last looked for in the store; when to look again
+        self._sought: frozenset[str] = frozenset()
+        self._seek_again = 0.0
+        self._seek_delay = settle
+        #: a publish by `follow` failed: leave it to the heartbeats until one succeeds
+        self._follow_failed = False
 
     # -- life cycle
 
@@ -103,6 +122,11 @@ class Registry(Service):
         """Register now and refresh every heartbeat; failures are retried with backoff."""
         super().startService()
         self._tick()
+        if self.held is not None:
+            self._follower = LoopingCall(self.follow)
+            self._follower.clock = self.clock
+            self._follower.start(self.settle, now=False).addErrback(
+                lambda f: self._log.failure("following the membership stopped", f))
 
     def _tick(self) -> None:
         self._next = None
@@ -126,6 +150,8 @@ class Registry(Service):
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
+        if self._follower is not None and self._follower.running:
+            self._follower.stop()
         if not self.registered or self.etag is None:
             return
         writer = self.is_writer()
@@ -165,10 +191,14 @@ class Registry(Service):
             self.live = self._live_of(records)
             for callback in self.on_read:
                 callback(self.live)
-            if self.is_writer():
+            if self.takes_writing():
+                # written every heartbeat (its loads changed anyway): another writer may have written
+                # since, while we stalled or both of us held the other dead
+                self._published = None
                 yield self.publish()
             self._backoff = 1.0
             self.last_error = None
+            self._follow_failed = False
             return True
         except GridnodeError as e:
             self.last_error = e.message
@@ -286,11 +316,11 @@ class Registry(Service):
         records up to that incarnation from the live list, and republish now if we are the writer.
         Never fails (a failed publish is logged; the next heartbeat publishes again)."""
         self.gone[node_id] = max(incarnation, self.gone.get(node_id, incarnation))
-        writer = self.is_writer()
         live = [r for r in self.live if not self._forgotten(r)]
         changed = len(live) != len(self.live)
         self.live = live
-        if not (changed and writer):
+        # the writer as the list stands now: a dead writer's successor publishes
+        if not (self.takes_writing() and changed):
             return succeed(None)
         self._log.info("{peer} left or was confirmed dead: publishing the live list now", peer=node_id)
         d = self.publish()
@@ -301,13 +331,75 @@ class Registry(Service):
     def _forgotten(self, record: NodeRecord) -> bool:
         return record.id in self.gone and record.incarnation <= self.gone[record.id]
 
+    def _held_down(self) -> set[str]:
+        """The members our membership holds dead or left (only the list leaves them out: their
+        records go when a death is confirmed)."""
+        held = self.held() if self.held is not None else {}
+        return {m for m, state in held.items() if state in ("dead", "left") and m != self.node_id}
+
+    def listed(self) -> list[NodeRecord]:
+        """The live records nodes.json lists: not those of members held dead or left."""
+        down = self._held_down()
+        return [r for r in self.live if r.id not in down]
+
     def is_writer(self) -> bool:
-        """The live node with the lowest id writes nodes.json."""
-        return self._writes(self.live)
+        """The listed node with the lowest id writes nodes.json."""
+        return self._writes(self.listed())
+
+    def takes_writing(self) -> bool:
+        """`is_writer`, noting a takeover: a node that just became the writer publishes its list
+        once even if it wrote the same before (another writer may have written since)."""
+        writer = self.is_writer()
+        if writer and not self._writing:
+            self._published = None
+        self._writing = writer
+        return writer
 
     def _writes(self, live: list[NodeRecord]) -> bool:
-        ids = [r.id for r in live] + ([self.node_id] if self.registered else [])
+        down = self._held_down()
+        ids = [r.id for r in live if r.id not in down] + ([self.node_id] if self.registered else [])
         return bool(ids) and min(ids) == self.node_id
+
+    # -- following the membership
+
+    def follow(self) -> Any:
+        """A look at the membership's view (every ``settle`` s): the writer publishes what changed
+        (no request when nothing did), and reads the records in when a member it holds alive is
+        not listed (a LIST and that record's GET; again after 2, 4, ... s while it is missing)."""
+        if not self.registered or self.held is None or self._following or self._follow_failed:
+            return succeed(None)
+        if not self.takes_writing():
+            return succeed(None)
+        self._following = True
+        listed = {r.id for r in self.live}
+        missing = frozenset(m for m, state in self.held().items()
+                            if state == "alive" and m != self.node_id and m not in listed)
+        if missing and (missing != self._sought or self.now() >= self._seek_again):
+            self._seek_delay = 2 * self.settle if missing != self._sought else min(2 * self._seek_delay, self.heartbeat)
+            self._sought, self._seek_again = missing, self.now() + self._seek_delay
+            self._log.info("{peers} joined: reading the registry for the live list", peers=", ".join(sorted(missing)))
+            work = self._read_in()
+        else:
+            work = self.publish()
+
+        def failed(f: Any) -> None:
+            self._follow_failed = True
+            self._log.warn("could not publish {key}: {reason}; the next heartbeat will", key=self.list_key,
+                           reason=getattr(f.value, "message", str(f.value)))
+
+        def done(_: Any) -> None:
+            self._following = False
+
+        return work.addErrback(failed).addBoth(done)
+
+    @inlineCallbacks
+    def _read_in(self) -> Any:
+        records = yield self.read(True)
+        self.live = self._live_of(records)
+        for callback in self.on_read:
+            callback(self.live)
+        if self.is_writer():
+            yield self.publish()
 
     def publish(self) -> Any:
         """Write the live list as it is when our turn comes: one write at a time, so an older list
@@ -316,7 +408,7 @@ class Registry(Service):
 
     @inlineCallbacks
     def _publish(self) -> Any:
-        records = self.live
+        records = self.listed()
         body = nodes_json(records, self.env, self.pool)
         if body == self._published:
             return

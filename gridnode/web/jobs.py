@@ -34,6 +34,7 @@ from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
 from gridnode.spool import SpoolFile
 from gridnode.web import replay
+from gridnode.web.form import FormBody
 from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
 from gridnode.web.result_urls import ResultUrls, is_signature
 
@@ -66,6 +67,12 @@ def no_job(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id}")
 
 
+def bad_job_id(text: str) -> GridnodeError:
+    """A path segment that cannot be a job id: the caller's mistake, whoever's jobs exist."""
+    return GridnodeError(f"{text[:40]!r} is not a job id: use the id a POST /jobs answered (26 letters and digits)",
+                         code="bad_job_id", status=400)
+
+
 async def visible_job(jobs: JobService, access: Access, request: Request, job_id: str) -> Job:
     """The job, if the caller's tenant may see it; else the same 404 as for no job at all."""
     try:
@@ -87,7 +94,7 @@ class JobsResource(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         job_id = path.decode("ascii", "replace")
         if not keys.is_id(job_id):
-            return ErrorResource(no_job(job_id))
+            return ErrorResource(bad_job_id(job_id))
         return JobResource(self.jobs, self.access, self.urls, job_id)
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
@@ -96,20 +103,30 @@ class JobsResource(Resource):
         return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
-        spool: Any = request.content  # a SpoolFile: GridRequest routed the body there
+        body: Any = request.content  # a SpoolFile (or a form's, around one): GridRequest routed the body there
+        spool: Any = body.spool if isinstance(body, FormBody) else body
         try:
             if not isinstance(spool, SpoolFile):
                 raise GridnodeError("this upload's body was not routed to the spool; POST it to /jobs",
                                     code="internal_error", status=500)
+            fields: dict[str, str] = {}
+            if isinstance(body, FormBody):
+                body.finish()
+                fields = {"name": body.filename, **body.fields}
             checksum = parse_checksum(request.getHeader(b"upload-checksum"))
+            # the query string wins over a form's field: it is what was authorized before the body
             presets = arg(request, "presets")
-            name = arg(request, "name") or ""
+            if presets is None and "presets" in fields:
+                presets = fields["presets"]
+                self.access.creator(request, [p.strip() for p in presets.split(",") if p.strip()], None)
+            name = arg(request, "name") or fields.get("name") or ""
             tenant = self.access.caller(request).tenant
             claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
             work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
                                     claim=claim.claim if claim is not None else None)
-        except GridnodeError as e:
+        except GridnodeError as e:  # refused before the job service saw it (which counts its own)
             getattr(spool, "discard", lambda: None)()
+            self.jobs.metrics.upload_rejections.labels(e.code).inc()
             return error_body(request, e)
         if claim is not None:
             # Another request with the key won: its job is the answer (this one's was dropped).
@@ -224,7 +241,9 @@ class ResultsResource(Resource):
         parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath or []]
         signed = len(parts) > 1 and is_signature(parts[1])
         try:
-            if len(parts) < 2 or not keys.is_id(parts[0]):
+            if parts and not keys.is_id(parts[0]):
+                raise bad_job_id(parts[0])
+            if len(parts) < 2:
                 raise NotFound("no such result: use /results/<job id>/<file name> from the job's outputs")
             name = "/".join(parts[2:] if signed else parts[1:])
             key = keys.output(parts[0], name)

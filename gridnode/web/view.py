@@ -12,11 +12,14 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from twisted.internet.defer import Deferred
+
 from gridnode import __version__
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
 from gridnode.idempotency import JOB, Intent, Ledger
-from gridnode.web import replay
+from gridnode.store_health import StoreHealth
+from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
@@ -33,12 +36,14 @@ if TYPE_CHECKING:
 
 class NodeView:
     def __init__(self, config: NodeConfig, store: ObjectStore, jobs: JobService, uploads: UploadStore,
-                 tokens: KeyringFile | None = None) -> None:
+                 tokens: KeyringFile | None = None, store_health: StoreHealth | None = None) -> None:
         self.config = config
         self.store = store
         self.jobs = jobs
         self.started = time.time()
         self.registry: Registry | None = None
+        #: what the node's store calls say (the assembly wraps the store with its `watch`)
+        self.store_health = store_health or StoreHealth()
         self.membership: MembershipService | None = None
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         #: the one authorization of every request (open when the node has no token keyring)
@@ -65,20 +70,37 @@ class NodeView:
             raise
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
-            query = parse_qs(early_query.decode("latin-1"))
+            query = parse_qs(early_query.decode("latin-1"), keep_blank_values=True)
+            try:
+                if "presets" in query:  # refused before the body: an unknown or empty preset
+                    self.jobs.media.parse_presets(",".join(query["presets"]))
+                # a form's file part is its body less the form's parts; it is what the limits count
+                boundary = form.boundary_of(request.getHeader(b"content-type"))
+            except GridnodeError as e:
+                self.jobs.metrics.upload_rejections.labels(e.code).inc()
+                raise
+            size = form.file_bound(length) if boundary is not None else length
             presets = ",".join(query.get("presets", [])).split(",")
-            tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], length)
+            tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], size)
             key = replay.key_of(request)
             # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
             # it holds on the bytes received, so a chunked body cannot pass it either.
             limit = self.access.upload_limit(request)
+
+            def sink(claim: Any = None) -> Any:
+                spool = self.jobs.admit(size, limit=limit)  # a Deferred where the store is asked first
+                if boundary is None:
+                    return spool
+                if isinstance(spool, Deferred):
+                    return spool.addCallback(form.FormBody, boundary)
+                return form.FormBody(spool, boundary)
+
             if key is None:
-                return self.jobs.admit(length, limit=limit)
+                return sink()
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
                                checksum=request.getHeader(b"upload-checksum"))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
-                                replay.job_answer(self.result_urls.job_json),
-                                lambda claim: self.jobs.admit(length, limit=limit))
+                                replay.job_answer(self.result_urls.job_json), sink)
         return self.tus.route_body(method, path, request, length)
 
     def extra_headers(self, request: Any) -> list[tuple[str, str]]:
@@ -90,12 +112,14 @@ class NodeView:
         return self.config.node_id
 
     def health(self) -> dict[str, Any]:
+        reasons = self.troubles()
         return {
             "node": self.node_id,
             "env": self.config.env,
             "pool": self.config.pool,
             "version": __version__,
-            "state": "draining" if self.draining else "ok",
+            "state": "draining" if self.draining else "degraded" if reasons else "ok",
+            "reasons": reasons,
             "store": self.store.url,
             # the node started only if this holds: a box for every child, or weak on purpose
             "sandbox": self.config.sandbox,
@@ -104,6 +128,14 @@ class NodeView:
             **self.jobs.load(),
             "members": self.membership.machine.live_count() if self.membership is not None else 1,
         }
+
+    def troubles(self) -> list[str]:
+        """Why the node cannot do all its work now (it still takes uploads: they wait in its spool)."""
+        if self.store_health.error is not None:
+            return [f"store unreachable: {self.store_health.error}"]
+        if self.registry is not None and self.registry.last_error is not None:
+            return [f"registry: {self.registry.last_error}"]
+        return []
 
     def registry_health(self) -> dict[str, Any]:
         if self.registry is None:

@@ -1,6 +1,9 @@
 /*
  * The status page: the pool's members (GET /peers merged with
- * /registry/nodes.json), this node's running and queued jobs with live
+ * /registry/nodes.json; this node's load from its own GET /health, since
+ * nodes.json's figures are a heartbeat old; the others' are those, marked
+ * "(heartbeat)": asking every member from every open page would cost N
+ * requests every few seconds), this node's running and queued jobs with live
  * progress (one EventSource per active job), and its recent failures.
  * Refreshed every few seconds. With a token keyring it needs a token with
  * scopes ops (members) and read (jobs; admin for every tenant's): token.js.
@@ -11,6 +14,7 @@
 
   var REFRESH_MS = 3000;
   var TIMEOUT_MS = 5000;
+  var LIVE_TIMEOUT_MS = 2000; // a member's own /health: its live load
   var STATES = ["received", "probing", "queued", "transcoding", "storing", "done", "failed", "cancelled"];
   var FINAL = ["done", "failed", "cancelled"];
 
@@ -28,6 +32,31 @@
         if (!r.ok) throw new Error(url + " answered " + r.status);
         return r.json();
       }, function (e) { clearTimeout(timer); throw e; });
+  }
+
+  /** This node's GET /health (public; also answered while draining), or null when it does not answer in time. */
+  function health() {
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = setTimeout(function () { if (controller) controller.abort(); }, LIVE_TIMEOUT_MS);
+    return fetch("/health", { cache: "no-store", signal: controller ? controller.signal : undefined })
+      .then(function (r) { clearTimeout(timer); return r.ok || r.status === 503 ? r.json() : null; })
+      .catch(function () { clearTimeout(timer); return null; });
+  }
+
+  /** ``members`` with this node's live load and state (its own /health) in its row, which is added
+   *  when neither /peers nor nodes.json had it. */
+  function withOwnLoad(members, h) {
+    if (!h || !h.node) return members;
+    var m = members.find(function (x) { return x.id === h.node; });
+    if (!m) {
+      m = { id: h.node, state: "alive" };
+      members.push(m);
+      members.sort(function (a, b) { return a.id < b.id ? -1 : a.id > b.id ? 1 : 0; });
+    }
+    m.load = { running: h.running, queued: h.queued, workers: h.workers };
+    m.live = true;
+    if (h.state && h.state !== "ok") m.health = h.state;
+    return members;
   }
 
   function cell(row, text, cls) {
@@ -50,7 +79,7 @@
 
   /* -- members --------------------------------------------------------- */
 
-  function renderMembers(peersDoc, nodesDoc) {
+  function mergeMembers(peersDoc, nodesDoc) {
     var byId = new Map();
     ((peersDoc && peersDoc.peers) || []).forEach(function (p) {
       byId.set(p.id, { id: p.id, state: p.state, address: p.address, incarnation: p.incarnation });
@@ -62,8 +91,10 @@
       m.http_url = n.http_url;
       byId.set(n.id, m);
     });
-    var self = peersDoc ? peersDoc.node : null;
-    var members = Array.from(byId.values()).sort(function (a, b) { return a.id < b.id ? -1 : a.id > b.id ? 1 : 0; });
+    return Array.from(byId.values()).sort(function (a, b) { return a.id < b.id ? -1 : a.id > b.id ? 1 : 0; });
+  }
+
+  function renderMembers(members, self) {
     var body = $("members").tBodies[0];
     body.textContent = "";
     members.forEach(function (m) {
@@ -71,13 +102,14 @@
       tr.setAttribute("data-node", m.id);
       var name = cell(tr, m.id + (m.id === self ? " (this node)" : ""));
       name.setAttribute("data-label", "Node");
-      var st = cell(tr, m.state || "", "state state-" + (m.state || "unknown").replace(/\s+/g, "-"));
+      var shown = (m.state || "") + (m.health ? " (" + m.health + ")" : "");
+      var st = cell(tr, shown, "state state-" + (m.state || "unknown").replace(/\s+/g, "-"));
       st.setAttribute("data-label", "State");
       var load = m.load || {};
       var workers = Number(load.workers) || 0;
       var busy = workers ? ((Number(load.running) || 0) + (Number(load.queued) || 0)) / workers : null;
       [["Running", num(load.running)], ["Queued", num(load.queued)], ["Workers", num(load.workers)],
-       ["Busy", busy === null ? "" : busy.toFixed(2)], ["Heartbeat", ago(m.heartbeat)],
+       ["Busy", busy === null ? "" : busy.toFixed(2) + (m.live ? "" : " (heartbeat)")], ["Heartbeat", ago(m.heartbeat)],
        ["Address", [m.http_url, m.address ? "peer " + m.address : ""].filter(Boolean).join(", ")]]
         .forEach(function (pair) { cell(tr, pair[1]).setAttribute("data-label", pair[0]); });
       body.appendChild(tr);
@@ -199,9 +231,11 @@
       var results = await Promise.all([
         getJSON("/peers").catch(function (e) { problems.push("peers: " + e.message); return null; }),
         getJSON("/registry/nodes.json").catch(function (e) { problems.push("registry: " + e.message); return null; }),
-        getJSON("/jobs").catch(function (e) { problems.push("jobs: " + e.message); return null; })
+        getJSON("/jobs").catch(function (e) { problems.push("jobs: " + e.message); return null; }),
+        health()
       ]);
-      var members = renderMembers(results[0], results[1]);
+      var self = results[3] ? results[3].node : results[0] ? results[0].node : null;
+      var members = renderMembers(withOwnLoad(mergeMembers(results[0], results[1]), results[3]), self);
       var active = results[2] ? renderJobs(results[2]) : [];
       var alive = members.filter(function (m) { return m.state === "alive"; }).length;
       $("summary").textContent = (results[0] ? "Node " + results[0].node + ": " : "") + members.length +
