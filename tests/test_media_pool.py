@@ -224,6 +224,14 @@ class PoolTests:
         work.fail("a", CancelledError())
         assert code_of(a) == "cancelled" and stopped == [None]
 
+    def test_stop_all_does_not_wait_for_outputs_being_stored(self, tmp_path: Path) -> None:
+        """A job whose ffmpeg is done (its worker freed) and whose outputs wait on the store does
+        not hold the stop: the store may be down, and no ffmpeg of it is left."""
+        pool, work, _ = self.make(tmp_path, workers=1)
+        storing = collect(pool.submit("a", work))
+        work.started[0].free_worker()
+        assert collect(pool.stop_all()) == [None] and storing == []
+
     def test_default_workers_is_cpu_count(self, tmp_path: Path) -> None:
         """workers defaults to the CPU count."""
         assert TranscodePool(task.Clock(), tmp_path).workers == (os.cpu_count() or 1)

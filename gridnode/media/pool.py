@@ -219,12 +219,14 @@ class TranscodePool:
         return True
 
     def stop_all(self) -> Deferred[None]:
-        """Cancel everything (service shutdown); fires when every running job has ended."""
+        """Cancel everything (service shutdown); fires when no ffmpeg of a job is left. A job whose
+        ffmpeg is done and whose outputs are being stored is not waited for: that waits on the store,
+        which may be down, and a stopping node's jobs are the pool's anyway."""
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
         for entry in list(self._queue):
             self.cancel(entry.job_id)
-        waiting = [e.result for e in (*self._running.values(), *self._finishing.values())]
+        waiting = [e.result for e in self._running.values()]
         for job_id in [*self._running, *self._finishing]:
             self.cancel(job_id)
         if not waiting:
