@@ -22,21 +22,23 @@ import os
 import random
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, ResponseFailed
+from twisted.web.client import FileBodyProducer, RequestGenerationFailed, ResponseFailed
 
+from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import NodeInfo, order_for_failover, rank_checked, with_live_load
 from gridnode.errors import GridnodeError
 
 FINAL = {"done", "failed", "cancelled"}
 #: failures after which another node is worth a try
 NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, TimeoutError, CancelledError, ResponseFailed,
-                  ConnectionError)
+                  RequestGenerationFailed, ConnectionError)
 
 
 #: tries on one node while it answers that the upload's key is still being accepted
@@ -44,10 +46,16 @@ IN_USE_TRIES = 5
 
 
 class NodeUnavailable(GridnodeError):
-    """This node could not take the request now; another may."""
+    """This node could not take the request now; another may. Its code says why: refused
+    (``node_unavailable``), stalled (``timed_out``), cut (``connection_lost``), or the node's own."""
 
     code = "node_unavailable"
     status = 503
+
+
+def unavailable(node: NodeInfo, e: BaseException) -> NodeUnavailable:
+    code, reason = network_failure(e)
+    return NodeUnavailable(f"{node.id} ({node.http_url}): {reason}", code=code)
 
 
 class _CountingFile:
@@ -146,6 +154,9 @@ class GridClient:
         self.request_timeout = request_timeout
         self.check_timeout = check_timeout
         self.rng = rng or random.Random()
+        #: this client's uploads in flight, per node id: a node counts a job only once it has
+        #: answered, so parallel uploads would otherwise all see the same idle node
+        self.sending: dict[str, int] = {}
 
     def _order(self) -> list[NodeInfo]:
         if not self.nodes:
@@ -160,8 +171,18 @@ class GridClient:
             return order
         pair = self.rng.sample(order, 2)
         checked = await gatherResults([ensureDeferred(self._check(n)) for n in pair])
-        chosen = rank_checked(checked, self.rng)
+        chosen = rank_checked([(self._with_sending(n), ok) for n, ok in checked], self.rng)
         return chosen + [n for n in order if n.id not in {pair[0].id, pair[1].id}]
+
+    async def check_all(self) -> list[tuple[NodeInfo, bool]]:
+        """Every node with its live load, and whether it answered ``/health`` as ready (at once)."""
+        return list(await gatherResults([ensureDeferred(self._check(n)) for n in self.nodes]))
+
+    def _with_sending(self, node: NodeInfo) -> NodeInfo:
+        sending = self.sending.get(node.id, 0)
+        if not sending:
+            return node
+        return replace(node, load={**node.load, "queued": node.load.get("queued", 0.0) + sending})
 
     async def _check(self, node: NodeInfo) -> tuple[NodeInfo, bool]:
         """``node`` with its live load, and whether it answered ``/health`` as ready to work."""
@@ -187,6 +208,8 @@ class GridClient:
         key = idempotency_key or str(uuid.uuid4())
         last: GridnodeError | None = None
         for node in await self._upload_order():
+            # counted from the choice on, with no wait between: the next upload's choice sees it
+            self.sending[node.id] = self.sending.get(node.id, 0) + 1
             try:
                 job = await self._upload_keyed(node, path, size, presets, name or os.path.basename(path),
                                                on_progress, key)
@@ -194,8 +217,12 @@ class GridClient:
             except NodeUnavailable as e:
                 self._log.info("node {node} unavailable: {reason}; trying another", node=node.id, reason=e.message)
                 last = e
+            finally:
+                self.sending[node.id] -= 1
         assert last is not None
-        raise GridnodeError(f"no node took the upload; last: {last.message}", code=last.code, status=last.status)
+        tried = "the one node" if len(self.nodes) == 1 else "no node took the upload"
+        raise GridnodeError(f"{tried}: {last.message}; {hint(last.code) or 'try again later'}", code=last.code,
+                            status=last.status)
 
     async def _upload_keyed(self, node: NodeInfo, path: str, size: int, presets: list[str], name: str,
                             on_progress: Callable[[int, int], None] | None, key: str) -> dict[str, Any]:
@@ -242,7 +269,7 @@ class GridClient:
                 # replay): the rest of the body is not sent (started, as an answer came).
                 body.stopProducing()
             except NETWORK_ERRORS as e:
-                raise NodeUnavailable(f"{node.http_url}: {_reason(e)}") from None
+                raise unavailable(node, e) from None
             finally:
                 if watchdog.running:
                     watchdog.stop()
@@ -252,7 +279,7 @@ class GridClient:
             return dict(await treq.json_content(response))
         error = await error_of(response)
         if retryable(error):
-            raise NodeUnavailable(f"{node.http_url}: {error.code}: {error.message}")
+            raise NodeUnavailable(f"{node.id}: {error.message}", code=error.code, status=error.status)
         raise error
 
     def _watch(self, d: Deferred[Any], sent: list[int], size: int, quiet: list[float]) -> None:
@@ -287,7 +314,13 @@ class GridClient:
             if not retryable(error):
                 raise error
             last = error
-        raise GridnodeError(f"no node answered about job {job_id}: {_reason(last)}", code="no_nodes", status=503)
+        code = "no_nodes"
+        if isinstance(last, NETWORK_ERRORS):
+            code = network_failure(last)[0]
+        elif isinstance(last, GridnodeError):
+            code = last.code
+        raise GridnodeError(f"no node answered about job {job_id}: {_reason(last)}; {hint(code) or 'try again later'}",
+                            code=code, status=503)
 
     async def wait(self, job_id: str, node: NodeInfo | None = None,
                    on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> dict[str, Any]:
@@ -423,12 +456,8 @@ def _reason(e: BaseException | None) -> str:
         return "no answer"
     if isinstance(e, GridnodeError):
         return f"{e.code}: {e.message}"
-    if isinstance(e, CancelledError):
-        return "timed out"
-    if isinstance(e, ResponseFailed):
-        if any(r.check(CancelledError) for r in e.reasons):
-            return "no answer within the timeout (--timeout)"
-        return "connection lost: " + "; ".join(str(r.value) for r in e.reasons)
+    if isinstance(e, NETWORK_ERRORS):
+        return network_failure(e)[1]
     return str(e) or type(e).__name__
 
 
