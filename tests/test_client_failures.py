@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TCPTimedOutError
 from twisted.python.failure import Failure
-from twisted.web.client import RequestGenerationFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 from gridnode.client.api import NETWORK_ERRORS
 from gridnode.client.failures import as_line, network_failure, user_error
@@ -31,6 +31,7 @@ CASES = [
     # cut mid-upload or before the answer
     (wrapped(RequestGenerationFailed, ConnectionLost("gone")), "connection_lost"),
     (wrapped(ResponseNeverReceived, ConnectionLost("gone")), "connection_lost"),
+    (wrapped(RequestTransmissionFailed, ConnectionLost("gone")), "connection_lost"),
     (wrapped(ResponseFailed, ConnectionLost("gone")), "connection_lost"),
 ]
 

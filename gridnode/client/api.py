@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gat
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, RequestGenerationFailed, ResponseFailed
+from twisted.web.client import FileBodyProducer, RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed
 
 from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import NodeInfo, order_for_failover, rank_checked, with_live_load
@@ -38,7 +38,7 @@ from gridnode.errors import GridnodeError
 FINAL = {"done", "failed", "cancelled"}
 #: failures after which another node is worth a try
 NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, TimeoutError, CancelledError, ResponseFailed,
-                  RequestGenerationFailed, ConnectionError)
+                  RequestGenerationFailed, RequestTransmissionFailed, ConnectionError)
 
 
 #: tries on one node while it answers that the upload's key is still being accepted
