@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import random
+
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
+from gridnode.client.api import GridClient
 from gridnode.client.batch import FileResult, result_folder, run_batch, table
 from gridnode.client.failures import user_error
+from gridnode.client.nodes import NodeInfo
 from gridnode.errors import GridnodeError
 
 
@@ -95,3 +102,28 @@ class TableTests:
         """upload --output and fetch share DIR/<job>/; a job id cannot climb out."""
         assert result_folder("out", "01ABC") == "out/01ABC"
         assert result_folder("out", "../x") == "out/x"
+
+
+class SpreadTests:
+    def test_uploads_in_flight_count_when_choosing(self) -> None:
+        """Nodes answer /health all idle (a node counts a job only once it answered the upload): the
+        client's own uploads in flight make the second choice another node, for any seed."""
+        class Health(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: object) -> bytes:  # noqa: N802 - Twisted's name
+                return json.dumps({"state": "ok", "running": 0, "queued": 0, "workers": 1}).encode()
+
+        nodes = [NodeInfo(f"n{i}", f"http://n{i}.test") for i in range(3)]
+        for seed in range(20):
+            client = GridClient(Clock(), StubTreq(Health()), nodes, rng=random.Random(seed))
+            first = self.result(ensureDeferred(client._upload_order()))[0]
+            client.sending[first.id] = 1
+            second = self.result(ensureDeferred(client._upload_order()))[0]
+            assert second.id != first.id, seed
+
+    def result(self, d: Deferred) -> list:
+        out: list = []
+        d.addBoth(out.append)
+        assert out and isinstance(out[0], list), out
+        return out[0]

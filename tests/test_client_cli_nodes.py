@@ -128,6 +128,32 @@ class FailureLineTests:
             finally:
                 node.signal(signal.SIGCONT)
 
+    def test_node_frozen_while_the_client_waits(self, tmp_path: Path, long_clip: Path) -> None:
+        """Frozen (SIGSTOP) after taking the job, while `upload --wait` follows its events: the client
+        notices (its /health does not answer), stops following, and with no other node ends with
+        one timed_out JSON object instead of waiting forever."""
+        with NodeProcess(tmp_path / "n", [*node_args(tmp_path / "store", "slow"), "--workers", "1"]) as node:
+            node.start()
+            node.block_until_ready()
+            client = subprocess.Popen(
+                [os.path.join(BIN, "gridnode"), "upload", str(long_clip), "--node", node.url, "--wait", "--json",
+                 "--timeout", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.DEVNULL)
+            try:
+                assert client.stdout is not None
+                first = json.loads(client.stdout.readline())
+                assert first["event"] == "uploaded", first
+                node.signal(signal.SIGSTOP)
+                stdout, stderr = client.communicate(timeout=90)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                node.signal(signal.SIGCONT)
+        events = [json.loads(line) for line in stdout.splitlines()]
+        assert client.returncode == 1 and stderr == "", stderr
+        errors = [e for e in events if e["event"] == "error"]
+        assert len(errors) == 1 and errors[0]["error"]["code"] == "timed_out", events
+
     def test_closed_port_is_node_unavailable(self, tmp_path: Path, media_clips: Clips) -> None:
         one_line(gridnode("upload", str(media_clips.portrait), "--node", f"http://127.0.0.1:{free_port()}",
                           "--timeout", "2", cwd=tmp_path), "node_unavailable")

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import io
 import tomllib
+from pathlib import Path
 
 from gridnode.client.discovery import parse_config
-from gridnode.client.pool import Screen, client_config, describe_health, node_argv, plan, store_url
+from gridnode.client.pool import (
+    Screen,
+    client_config,
+    describe_health,
+    node_argv,
+    plan,
+    run_pool,
+    store_url,
+    write_config,
+)
 
 
 class PlanTests:
@@ -46,3 +58,32 @@ class LinesTests:
         screen.show([("node1", "starting"), ("node2", "starting")])
         screen.show([("node1", "ok"), ("node2", "starting")])
         assert out.getvalue().splitlines() == ["node1  starting", "node2  starting", "node1  ok"]
+
+
+class ConfigAndLockTests:
+    def test_write_config_keeps_a_users_own_file(self, tmp_path: Path) -> None:
+        """--write-config writes the file, rewrites its own, and leaves one the user wrote alone."""
+        path = tmp_path / "cfg" / "gridnode" / "client.toml"
+        assert "written" in write_config(str(path), "file:/a/store")
+        assert "written" in write_config(str(path), "file:/b/store")
+        assert tomllib.loads(path.read_text()) == {"store": "file:/b/store"}
+        path.write_text('store = "s3://mine/grid"\n')
+        said = write_config(str(path), "file:/c/store")
+        assert "left as it is" in said and "GRIDNODE_STORE=file:/c/store" in said
+        assert path.read_text() == 'store = "s3://mine/grid"\n'
+
+    def test_a_second_pool_in_one_folder_is_refused(self, tmp_path: Path) -> None:
+        """Its nodes would take the first pool's ids on the same store: one coded line, exit 1,
+        nothing started."""
+        (tmp_path / "pool").mkdir()
+        held = open(tmp_path / "pool" / "pool.lock", "a+")  # noqa: SIM115 - held for the test
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            out = io.StringIO()
+            args = argparse.Namespace(dir=str(tmp_path / "pool"), nodes=2, node_args=[], workers=None,
+                                      drain_timeout=10, write_config=False)
+            assert run_pool(args, out) == 1
+            assert out.getvalue().startswith("gridnode: pool_running: ")
+            assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["pool.lock"]
+        finally:
+            held.close()

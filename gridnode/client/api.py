@@ -23,14 +23,20 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed
+from twisted.web.client import (
+    FileBodyProducer,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
 
+from gridnode.client.bodies import CountingFile, StreamReader, download, playlist_entries
 from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import NodeInfo, order_for_failover, rank_checked, with_live_load
 from gridnode.errors import GridnodeError
@@ -56,28 +62,6 @@ class NodeUnavailable(GridnodeError):
 def unavailable(node: NodeInfo, e: BaseException) -> NodeUnavailable:
     code, reason = network_failure(e)
     return NodeUnavailable(f"{node.id} ({node.http_url}): {reason}", code=code)
-
-
-class _CountingFile:
-    """A file whose reads are counted, so a stalled upload can be seen."""
-
-    def __init__(self, f: IO[bytes], on_read: Callable[[int], None]) -> None:
-        self.f = f
-        self.on_read = on_read
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.on_read(len(data))
-        return data
-
-    def seek(self, *args: Any) -> int:
-        return self.f.seek(*args)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def close(self) -> None:
-        self.f.close()
 
 
 def default_http(reactor: Any, connect_timeout: float = 5.0) -> Any:
@@ -254,7 +238,7 @@ class GridClient:
                 on_progress(sent[0], size)
 
         with open(path, "rb") as f:
-            body = FileBodyProducer(_CountingFile(f, on_read), readSize=256 * 1024)
+            body = FileBodyProducer(CountingFile(f, on_read), readSize=256 * 1024)
             headers = {"content-type": "application/octet-stream"}
             if key is not None:
                 headers["idempotency-key"] = key
@@ -342,7 +326,6 @@ class GridClient:
 
     async def _follow_events(self, node: NodeInfo, job_id: str,
                              on_update: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
-        import treq
 
         response = await self.http.get(f"{node.http_url}/jobs/{job_id}/events", timeout=self.request_timeout,
                                        unbuffered=True)
@@ -362,8 +345,41 @@ class GridClient:
                         if on_update is not None:
                             on_update(job)
 
-        await treq.collect(response, chunk)
+        quiet = [0.0]
+
+        def counted(data: bytes) -> None:
+            quiet[0] = 0.0
+            chunk(data)
+
+        reader = StreamReader(counted)
+        response.deliverBody(reader)
+        d = reader.finished
+        guard = LoopingCall(self._guard_events, node, reader, quiet)
+        guard.clock = self.reactor
+        guard.start(1.0, now=False)
+        try:
+            await d
+        finally:
+            if guard.running:
+                guard.stop()
         return latest[0] if latest else None
+
+    def _guard_events(self, node: NodeInfo, reader: StreamReader, quiet: list[float]) -> None:
+        """A node sends no event while a job waits in its queue, so silence alone says nothing: after
+        ``stall_timeout`` of it, the node's ``/health`` is asked; if it does not answer (frozen, gone)
+        the stream is dropped and the job is polled from any node instead."""
+        quiet[0] += 1.0
+        if quiet[0] < self.stall_timeout:
+            return
+        quiet[0] = float("-inf")  # one check at a time
+
+        def checked(result: tuple[NodeInfo, bool]) -> None:
+            if result[1]:
+                quiet[0] = 0.0
+            else:
+                reader.abort()
+
+        ensureDeferred(self._check(node)).addCallback(checked)
 
     # -- results
 
@@ -391,7 +407,7 @@ class GridClient:
                 paths.append(target)
                 got_total += got
                 if current.endswith(".m3u8"):
-                    todo += _playlist_entries(current, target)
+                    todo += playlist_entries(current, target)
             if size is not None and got_total != size:
                 raise GridnodeError(f"{name}: got {got_total} bytes of {size}", code="short_download", status=502)
         return paths
@@ -411,44 +427,13 @@ class GridClient:
             if response.code != 200:
                 last = await error_of(response)
                 continue
-            got = await _download(response, target + ".part", name, size or 0, on_progress)
+            got = await download(response, target + ".part", name, size or 0, on_progress)
             if size is not None and got != size:
                 last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
                 continue
             os.replace(target + ".part", target)
             return target, got
         raise GridnodeError(f"could not download {name}: {_reason(last)}", code="download_failed", status=503)
-
-
-def _playlist_entries(name: str, path: str) -> list[str]:
-    """The files an HLS playlist names, relative to it (never above the output folder)."""
-    base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
-                entry = os.path.normpath(base + line).replace(os.sep, "/")
-                if not entry.startswith(".."):
-                    out.append(entry)
-    return out
-
-
-async def _download(response: Any, path: str, name: str, size: int,
-                    on_progress: Callable[[str, int, int], None] | None) -> int:
-    import treq
-
-    got = 0
-    with open(path, "wb") as f:
-        def write(data: bytes) -> None:
-            nonlocal got
-            f.write(data)
-            got += len(data)
-            if on_progress is not None:
-                on_progress(name, got, size)
-
-        await treq.collect(response, write)
-    return got
 
 
 def _reason(e: BaseException | None) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -98,6 +99,21 @@ def node_argv(python: str, node: PoolNode, store: str, *, workers: int, drain_ti
 def client_config(store: str) -> str:
     """The client.toml that finds this pool from any folder."""
     return f"# written by `gridnode pool`: where the command line client finds its pool\nstore = {json.dumps(store)}\n"
+
+
+def write_config(path: str, store: str) -> str:
+    """Write the client config for ``store`` unless the file there is the user's own (one that
+    ``gridnode pool`` did not write); returns what to tell the user."""
+    try:
+        with open(path) as f:
+            if not f.readline().startswith(client_config("")[:20]):
+                return (f"{path} is yours: left as it is; from any folder: export GRIDNODE_STORE={store}")
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(client_config(store))
+    return f"client config written to {path}: `gridnode upload FILE --wait` finds this pool from any folder"
 
 
 def describe_health(health: dict[str, Any] | None, exited: int | None) -> str:
@@ -193,6 +209,15 @@ def run_pool(args: argparse.Namespace, out: TextIO | None = None) -> int:
     extra = list(args.node_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    os.makedirs(args.dir, exist_ok=True)
+    lock = open(os.path.join(args.dir, "pool.lock"), "a+")  # held (and closed) with this process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        # a second pool on the same store would start nodes with the first one's ids
+        out.write(f"gridnode: pool_running: another `gridnode pool` runs in {os.path.abspath(args.dir)}; "
+                  f"stop it, or give this one its own --dir\n")
+        return 1
     nodes = plan(args.dir, args.nodes, free_ports(2 * args.nodes))
     store = store_url(args.dir)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.nodes)
@@ -221,11 +246,7 @@ def run_pool(args: argparse.Namespace, out: TextIO | None = None) -> int:
         screen.say(f"  {node.id}  {node.url}/")
     screen.say(f"page: {nodes[0].url}/   status: {nodes[0].url}/status")
     if args.write_config:
-        path = config_path(os.environ)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(client_config(store))
-        screen.say(f"client config written to {path}: `gridnode upload FILE --wait` finds this pool from any folder")
+        screen.say(write_config(config_path(os.environ), store))
     else:
         screen.say(f"from any folder: export GRIDNODE_STORE={store}  (or run with --write-config to put it "
                    f"in {config_path(os.environ)})")
