@@ -36,7 +36,7 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
-from gridnode.client.bodies import CountingFile, StreamReader, download, playlist_entries
+from gridnode.client.bodies import CountingFile, StreamReader, download, playlist_entries, read_stream
 from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import NodeInfo, order_for_failover, rank_checked, with_live_load
 from gridnode.errors import GridnodeError
@@ -345,37 +345,21 @@ class GridClient:
                         if on_update is not None:
                             on_update(job)
 
-        quiet = [0.0]
-
-        def counted(data: bytes) -> None:
-            quiet[0] = 0.0
-            chunk(data)
-
-        reader = StreamReader(counted)
-        response.deliverBody(reader)
-        d = reader.finished
-        guard = LoopingCall(self._guard_events, node, reader, quiet)
-        guard.clock = self.reactor
-        guard.start(1.0, now=False)
-        try:
-            await d
-        finally:
-            if guard.running:
-                guard.stop()
+        await read_stream(response, chunk, self.reactor, lambda reader: self._guard_events(node, reader))
         return latest[0] if latest else None
 
-    def _guard_events(self, node: NodeInfo, reader: StreamReader, quiet: list[float]) -> None:
+    def _guard_events(self, node: NodeInfo, reader: StreamReader) -> None:
         """A node sends no event while a job waits in its queue, so silence alone says nothing: after
         ``stall_timeout`` of it, the node's ``/health`` is asked; if it does not answer (frozen, gone)
         the stream is dropped and the job is polled from any node instead."""
-        quiet[0] += 1.0
-        if quiet[0] < self.stall_timeout:
+        if reader.checking or reader.quiet() < self.stall_timeout:
             return
-        quiet[0] = float("-inf")  # one check at a time
+        reader.checking = True
 
         def checked(result: tuple[NodeInfo, bool]) -> None:
+            reader.checking = False
             if result[1]:
-                quiet[0] = 0.0
+                reader.heard()
             else:
                 reader.abort()
 
@@ -427,7 +411,12 @@ class GridClient:
             if response.code != 200:
                 last = await error_of(response)
                 continue
-            got = await download(response, target + ".part", name, size or 0, on_progress)
+            try:
+                got = await download(response, target + ".part", name, size or 0, on_progress, clock=self.reactor,
+                                     stall_timeout=self.stall_timeout)
+            except NETWORK_ERRORS as e:
+                last = e
+                continue
             if size is not None and got != size:
                 last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
                 continue

@@ -10,11 +10,14 @@ import os
 from collections.abc import Callable
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+
+from gridnode.errors import GridnodeError
 
 
 class CountingFile:
@@ -41,29 +44,46 @@ class CountingFile:
 
 class StreamReader(Protocol):
     """A streamed response body handed to ``on_data`` as it comes; ``abort()`` closes the
-    connection (a frozen node never closes it), and ``finished`` then fails as a lost connection."""
+    connection (a frozen node never closes it), and ``finished`` then fails with CancelledError:
+    the node stalled, which the user is told as ``timed_out``. ``quiet()``: seconds since the last
+    byte (or since ``heard()``), on the clock given."""
 
-    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+    def __init__(self, on_data: Callable[[bytes], None], clock: Any) -> None:
         self.on_data = on_data
+        self.clock = clock
         self.finished: Deferred[None] = Deferred()
+        self.last = clock.seconds()
+        self.stalled = False
+        self.checking = False
+
+    def quiet(self) -> float:
+        return float(self.clock.seconds() - self.last)
+
+    def heard(self) -> None:
+        self.last = self.clock.seconds()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self.heard()
         try:
             self.on_data(data)
         except Exception:  # noqa: BLE001 - a bad event ends the stream; the caller polls instead
-            self.abort()
             if not self.finished.called:
-                self.finished.errback()
+                self.finished.errback(GridnodeError("the node sent a stream gridnode cannot read",
+                                                    code="bad_stream", status=502))
+            self.abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 - Twisted's name
         if self.finished.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if self.stalled:
+            self.finished.errback(CancelledError())
+        elif reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(None)
         else:
             self.finished.errback(reason)
 
     def abort(self) -> None:
+        self.stalled = True
         # the body's transport is a producer proxy: stopping it closes the connection
         producer: Any = self.transport
         if producer is not None:
@@ -84,10 +104,25 @@ def playlist_entries(name: str, path: str) -> list[str]:
     return out
 
 
-async def download(response: Any, path: str, name: str, size: int,
-                    on_progress: Callable[[str, int, int], None] | None) -> int:
-    import treq
+async def read_stream(response: Any, on_data: Callable[[bytes], None], clock: Any,
+                      on_tick: Callable[[StreamReader], None]) -> None:
+    """Read ``response``'s body into ``on_data``; ``on_tick(reader)`` runs every second meanwhile
+    (it may ``abort()`` a stream that went quiet)."""
+    reader = StreamReader(on_data, clock)
+    response.deliverBody(reader)
+    guard = LoopingCall(on_tick, reader)
+    guard.clock = clock
+    guard.start(1.0, now=False)
+    try:
+        await reader.finished
+    finally:
+        if guard.running:
+            guard.stop()
 
+
+async def download(response: Any, path: str, name: str, size: int,
+                   on_progress: Callable[[str, int, int], None] | None, *, clock: Any, stall_timeout: float) -> int:
+    """The body into ``path``; a download silent for ``stall_timeout`` seconds is dropped."""
     got = 0
     with open(path, "wb") as f:
         def write(data: bytes) -> None:
@@ -97,5 +132,9 @@ async def download(response: Any, path: str, name: str, size: int,
             if on_progress is not None:
                 on_progress(name, got, size)
 
-        await treq.collect(response, write)
+        def tick(reader: StreamReader) -> None:
+            if reader.quiet() >= stall_timeout:
+                reader.abort()
+
+        await read_stream(response, write, clock, tick)
     return got
