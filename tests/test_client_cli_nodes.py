@@ -154,6 +154,27 @@ class FailureLineTests:
         errors = [e for e in events if e["event"] == "error"]
         assert len(errors) == 1 and errors[0]["error"]["code"] == "timed_out", events
 
+    def test_ctrl_c_is_one_line_and_exit_130(self, tmp_path: Path, long_clip: Path) -> None:
+        """Ctrl-C while waiting: one `interrupted` line (the cancelled work reports nothing), exit 130
+        (it exited 0, silently, before)."""
+        with NodeProcess(tmp_path / "n", [*node_args(tmp_path / "store", "n1"), "--workers", "1"]) as node:
+            node.start()
+            node.block_until_ready()
+            client = subprocess.Popen(
+                [os.path.join(BIN, "gridnode"), "upload", str(long_clip), "--node", node.url, "--wait"],
+                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            try:
+                assert client.stdout is not None
+                assert "long.mp4: job " in client.stdout.readline()
+                client.send_signal(signal.SIGINT)
+                _, stderr = client.communicate(timeout=60)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+        assert client.returncode == 130
+        assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("gridnode: interrupted: "), stderr
+
     def test_closed_port_is_node_unavailable(self, tmp_path: Path, media_clips: Clips) -> None:
         one_line(gridnode("upload", str(media_clips.portrait), "--node", f"http://127.0.0.1:{free_port()}",
                           "--timeout", "2", cwd=tmp_path), "node_unavailable")

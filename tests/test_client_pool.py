@@ -60,6 +60,22 @@ class LinesTests:
         assert out.getvalue().splitlines() == ["node1  starting", "node2  starting", "node1  ok"]
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class TerminalTests:
+    def test_lines_are_redrawn_in_place(self) -> None:
+        """On a terminal the node lines are rewritten where they stand (cursor up, clear line)."""
+        out = Terminal()
+        screen = Screen(out)
+        screen.show([("node1", "starting"), ("node2", "starting")])
+        screen.show([("node1", "ok"), ("node2", "ok")])
+        assert out.getvalue() == ("\x1b[2Knode1  starting\n\x1b[2Knode2  starting\n"
+                                  "\x1b[2F\x1b[2Knode1  ok\n\x1b[2Knode2  ok\n")
+
+
 class ConfigAndLockTests:
     def test_write_config_keeps_a_users_own_file(self, tmp_path: Path) -> None:
         """--write-config writes the file, rewrites its own, and leaves one the user wrote alone."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -319,26 +320,52 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import react
 
     out = Output(args.json)
+    #: Ctrl-C (or SIGTERM) seen: the work in flight is cancelled, and what it reports is not shown
+    stopped: list[int] = []
+    interrupted = GridnodeError("stopped by Ctrl-C; jobs already uploaded go on (`gridnode status JOB`)",
+                                code="interrupted", status=499)
 
     def run(reactor: Any) -> Any:
         async def go() -> int:
             try:
-                return await command(reactor, args, out)
+                code = await command(reactor, args, out)
             except Exception as e:  # noqa: BLE001 - one coded line, never a traceback
                 out.close()
                 if args.debug and not isinstance(e, GridnodeError):
                     _log_detail(e)
-                out.failed(user_error(e, network_errors=NETWORK_ERRORS))
+                if not stopped:
+                    out.failed(user_error(e, network_errors=NETWORK_ERRORS))
+                code = 1
             finally:
                 sys.stdout.flush()
-            return 1
+            if stopped:
+                out.quiet = False
+                out.failed(interrupted)
+                return 128 + stopped[0]
+            return code
 
         def exit_with(code: int) -> None:
             # Raised from a callback, not inside the coroutine: react() reads it as the exit status.
             if code:
                 raise SystemExit(code)
 
-        return ensureDeferred(go()).addCallback(exit_with)
+        done = ensureDeferred(go()).addCallback(exit_with)
+
+        def stop(number: int, _frame: Any) -> None:
+            # Without this, Twisted's own handler stops the reactor and the client exits 0, silently.
+            if stopped:
+                os._exit(128 + number)  # a second Ctrl-C: at once
+            stopped.append(number)
+            out.close()
+            out.quiet = True
+            reactor.callFromThread(done.cancel)
+
+        def install() -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, stop)
+
+        reactor.callWhenRunning(install)
+        return done
 
     react(run)
 

@@ -21,8 +21,12 @@ class Output:
         self.stderr = stderr or sys.stderr
         self.tty = self.stdout.isatty() and not as_json
         self.bars: dict[int, Any] = {}
+        #: set once the user stopped the run: what the cancelled work reports is not shown
+        self.quiet = False
 
     def _print(self, text: str, to: TextIO) -> None:
+        if self.quiet:
+            return
         if self.bars:
             from tqdm import tqdm
 
@@ -46,19 +50,20 @@ class Output:
 
     def progress(self, slot: int, label: str, done: float, total: float, unit: str = "B") -> None:
         """Bar number ``slot`` (one per file) shows ``label`` at done/total; nothing off a terminal."""
-        if not self.tty:
+        if not self.tty or self.quiet:
             return
         from tqdm import tqdm
 
         bar = self.bars.get(slot)
+        if bar is not None and bar.desc != label:  # a new phase (uploading, converting): a new bar
+            bar.close()
+            bar = None
         if bar is None:
+            # a percentage has no rate worth showing
+            rate = "" if unit == "%" else ", {rate_fmt}"
             bar = self.bars[slot] = tqdm(total=total, desc=label, unit=unit, unit_scale=unit == "B",
-                                         leave=False, position=slot, file=self.stdout)
-        elif bar.desc != label:
-            bar.reset(total=total)
-            bar.unit = unit
-            bar.unit_scale = unit == "B"
-            bar.set_description(label, refresh=False)
+                                         leave=False, position=slot, file=self.stdout,
+                                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}" + rate + "]")
         bar.total = total
         bar.n = done
         bar.refresh()
