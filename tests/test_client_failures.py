@@ -76,3 +76,43 @@ class OutputTests:
         stdout, stderr = io.StringIO(), io.StringIO()
         Output(False, stdout, stderr).failed(GridnodeError("m", code="timed_out"))
         assert (stdout.getvalue(), stderr.getvalue()) == ("", "gridnode: timed_out: m\n")
+
+
+class HostileTextTests:
+    def test_escapes_from_a_node_do_not_reach_the_terminal(self) -> None:
+        """A node's message or code with an escape sequence or newlines stays one inert line."""
+        line = as_line(GridnodeError("bad\x1b[2J\r\nthing", code="x\x07y"))
+        assert line == "gridnode: x y: bad [2J thing" and line.isprintable()
+
+    def test_a_job_of_any_shape_is_one_line(self) -> None:
+        """status/--wait lines from a hostile or broken node: wrong types are left out, no exception."""
+        from gridnode.client.cli import _job_line
+
+        assert _job_line({"id": "J", "state": "transcoding", "progress": "lots", "error": "boom",
+                          "outputs": "x"}) == "J  transcoding"
+        assert _job_line({"id": "J\x1b[31m", "state": "done", "outputs": [{"name": "a.mp4"}, 3]}) == (
+            "J [31m  done  a.mp4")
+
+    def test_a_named_nodes_id_must_be_a_plain_id(self) -> None:
+        """--node URL: the id its /health gives is used only if it is a plain id, else its URL."""
+        from treq.testing import StubTreq
+        from twisted.internet.defer import ensureDeferred
+        from twisted.web.resource import Resource
+
+        from gridnode.client.cli import _named_nodes
+
+        class Health(Resource):
+            isLeaf = True
+
+            def __init__(self, node: object) -> None:
+                super().__init__()
+                self.node = node
+
+            def render_GET(self, request: object) -> bytes:  # noqa: N802 - Twisted's name
+                return json.dumps({"node": self.node, "state": "ok", "running": 1}).encode()
+
+        for given, shown in (("n1", "n1"), ("evil\x1b[2J", "http://x.test"), (["n"], "http://x.test"),
+                             ("a" * 200, "http://x.test")):
+            got: list = []
+            ensureDeferred(_named_nodes(("http://x.test",), StubTreq(Health(given)), 1.0)).addBoth(got.append)
+            assert [n.id for n in got[0]] == [shown]

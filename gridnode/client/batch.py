@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gridnode.client.failures import printable
 from gridnode.errors import GridnodeError
 
 #: the final states of a file in the batch that are not failures
@@ -83,6 +84,7 @@ def table(results: list[FileResult]) -> str:
 
 
 def align(rows: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

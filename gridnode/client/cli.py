@@ -30,10 +30,11 @@ from gridnode import __version__
 from gridnode.client.api import NETWORK_ERRORS, BearerHTTP, GridClient, default_http
 from gridnode.client.batch import FileResult, align, result_folder, run_batch, table
 from gridnode.client.discovery import Where, find_where
-from gridnode.client.failures import network_failure, user_error
+from gridnode.client.failures import network_failure, printable, user_error
 from gridnode.client.nodes import NodeInfo, describe, with_live_load
 from gridnode.client.output import Output
 from gridnode.errors import GridnodeError
+from gridnode.keys import check_segment
 
 
 def parser() -> argparse.ArgumentParser:
@@ -176,7 +177,11 @@ async def _named_nodes(urls: tuple[str, ...], http: Any, timeout: float) -> list
         except (*NETWORK_ERRORS, ValueError):
             return NodeInfo(url, url)
         node = health.get("node") if isinstance(health, dict) else None
-        return with_live_load(NodeInfo(node if isinstance(node, str) and node else url, url), health)
+        try:  # a node id is a key segment; anything else (a hostile answer) is not shown
+            node_id = check_segment(node, "node id") if isinstance(node, str) and len(node) <= 128 else url
+        except GridnodeError:
+            node_id = url
+        return with_live_load(NodeInfo(node_id, url), health)
 
     return list(await gatherResults([ensureDeferred(one(u)) for u in urls]))
 
@@ -245,8 +250,9 @@ async def _upload(reactor: Any, client: GridClient, args: argparse.Namespace, ou
 
         def update(j: dict[str, Any]) -> None:
             result.state = str(j.get("state"))
-            if j.get("state") == "transcoding":
-                out.progress(index, f"{label} converting", round(float(j.get("progress") or 0) * 100, 1), 100, "%")
+            progress = j.get("progress")
+            if j.get("state") == "transcoding" and isinstance(progress, (int, float)):
+                out.progress(index, f"{label} converting", round(float(progress) * 100, 1), 100, "%")
             else:
                 out.event("job", None, file=path, job=j, node=node.id)
 
@@ -292,16 +298,21 @@ def _log_detail(e: BaseException) -> None:
 
 
 def _job_line(job: dict[str, Any]) -> str:
-    """A job on one line: id, state, progress while converting, the error, the outputs' names."""
+    """A job on one line: id, state, progress while converting, the error, the outputs' names
+    (whatever shape the node's JSON has: a field of the wrong type is left out)."""
     line = f"{job.get('id')}  {job.get('state')}"
-    if job.get("state") == "transcoding":
-        line += f"  {float(job.get('progress') or 0) * 100:.0f}%"
-    if job.get("error"):
-        line += f"  {job['error'].get('code')}: {' '.join(str(job['error'].get('message')).split())}"
-    names = [str(o.get("name")) for o in job.get("outputs") or []]
+    progress = job.get("progress")
+    if job.get("state") == "transcoding" and isinstance(progress, (int, float)):
+        line += f"  {float(progress) * 100:.0f}%"
+    error = job.get("error")
+    if isinstance(error, dict):
+        line += f"  {error.get('code')}: {error.get('message')}"
+    outputs = job.get("outputs")
+    names = [str(o.get("name")) for o in outputs if isinstance(o, dict)] if isinstance(outputs, list) else []
     if names:
         line += "  " + " ".join(names)
-    return line
+    return printable(line)
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)

@@ -73,10 +73,15 @@ def user_error(e: BaseException, *, network_errors: tuple[type[BaseException], .
                          code=INTERNAL, status=500)
 
 
+def printable(text: str) -> str:
+    """``text`` on one line with no control characters: what a node sends (a message, an id) is
+    shown on the user's terminal, where an escape sequence would act."""
+    return "".join(c if c.isprintable() else " " for c in str(text))
+
+
 def as_line(error: GridnodeError) -> str:
-    """The one line for stderr; a newline in a node's message cannot make it two."""
-    message = " ".join(error.message.split())
-    return f"gridnode: {error.code}: {message}"
+    """The one line for stderr; a newline or escape in a node's message cannot make it two."""
+    return f"gridnode: {printable(error.code)}: {' '.join(printable(error.message).split())}"
 
 
 def as_json(error: GridnodeError, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from gridnode.client.failures import as_json, as_line
+from gridnode.client.failures import as_json, as_line, printable
 from gridnode.errors import GridnodeError
 
 
@@ -39,7 +39,7 @@ class Output:
         if self.as_json:
             self._print(json.dumps({"event": kind, **fields}, sort_keys=True), self.stdout)
         elif text is not None:
-            self._print(text, self.stdout)
+            self._print("\n".join(printable(line) for line in text.split("\n")), self.stdout)
 
     def failed(self, error: GridnodeError, **fields: Any) -> None:
         """A failure: one line on stderr, or one JSON object on stdout with ``--json``."""
