@@ -50,6 +50,7 @@ class LinesTests:
         assert describe_health({"state": "ok", "running": 1, "queued": 0, "workers": 2}, None) == (
             "ok  running 1  queued 0  workers 2")
         assert "registry: no bucket" in describe_health({"state": "degraded", "registry": {"error": "no bucket"}}, None)
+        assert describe_health({"state": "ok", "registry": {"registered": False}}, None) == "registering"
 
     def test_plain_lines_only_on_change_off_a_terminal(self) -> None:
         """Not a tty: a node's line is printed again only when it changes."""

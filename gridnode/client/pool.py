@@ -124,8 +124,13 @@ def describe_health(health: dict[str, Any] | None, exited: int | None) -> str:
         return "starting"
     if not health:
         return "not answering"
-    words = [str(health.get("state", "?"))]
-    error = (health.get("registry") or {}).get("error") if isinstance(health.get("registry"), dict) else None
+    found = health.get("registry")
+    registry: dict[str, Any] = found if isinstance(found, dict) else {}
+    state = str(health.get("state", "?"))
+    if state == "ok" and registry.get("registered") is False:
+        state = "registering"  # clients cannot find it yet
+    words = [state]
+    error = registry.get("error")
     for key in ("running", "queued", "workers"):
         if isinstance(health.get(key), (int, float)):
             words.append(f"{key} {health[key]:g}")
