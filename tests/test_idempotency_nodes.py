@@ -303,11 +303,15 @@ def test_the_command_run_again_with_its_key_makes_no_new_jobs(tmp_path: Path, me
         for _ in range(2):
             out = yield deferToThread(run, *files, "--idempotency-key", "nightly-42")
             assert out.returncode == 0, out.stderr
-            runs.append([json.loads(line)["job"]["id"] for line in out.stdout.splitlines()
-                         if json.loads(line)["event"] == "uploaded"])
-        assert runs[0] == runs[1] and len(set(runs[0])) == 2
-        assert jobs_of(base) == set(runs[0])
+            # files are uploaded in parallel: their events come in any order, each naming its file
+            runs.append({json.loads(line)["file"]: json.loads(line)["job"]["id"] for line in out.stdout.splitlines()
+                         if json.loads(line)["event"] == "uploaded"})
+        assert runs[0] == runs[1] and len(set(runs[0].values())) == 2
+        assert jobs_of(base) == set(runs[0].values())
         out = yield deferToThread(run, files[0], "--idempotency-key", "bad\tkey")
-        assert out.returncode != 0 and "bad_idempotency_key" in out.stderr and len(out.stderr.splitlines()) == 1
+        # --json: the failure is one JSON object on stdout, nothing on stderr
+        errors = [json.loads(line) for line in out.stdout.splitlines() if json.loads(line)["event"] == "error"]
+        assert out.returncode != 0 and out.stderr == ""
+        assert [e["error"]["code"] for e in errors] == ["bad_idempotency_key"]
     finally:
         node.stop()

@@ -22,21 +22,29 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from typing import IO, Any
+from dataclasses import replace
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, ResponseFailed
+from twisted.web.client import (
+    FileBodyProducer,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
 
+from gridnode.client.bodies import CountingFile, StreamReader, download, playlist_entries, read_stream
+from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import NodeInfo, order_for_failover, rank_checked, with_live_load
 from gridnode.errors import GridnodeError
 
 FINAL = {"done", "failed", "cancelled"}
 #: failures after which another node is worth a try
 NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, TimeoutError, CancelledError, ResponseFailed,
-                  ConnectionError)
+                  RequestGenerationFailed, RequestTransmissionFailed, ConnectionError)
 
 
 #: tries on one node while it answers that the upload's key is still being accepted
@@ -44,32 +52,16 @@ IN_USE_TRIES = 5
 
 
 class NodeUnavailable(GridnodeError):
-    """This node could not take the request now; another may."""
+    """This node could not take the request now; another may. Its code says why: refused
+    (``node_unavailable``), stalled (``timed_out``), cut (``connection_lost``), or the node's own."""
 
     code = "node_unavailable"
     status = 503
 
 
-class _CountingFile:
-    """A file whose reads are counted, so a stalled upload can be seen."""
-
-    def __init__(self, f: IO[bytes], on_read: Callable[[int], None]) -> None:
-        self.f = f
-        self.on_read = on_read
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.on_read(len(data))
-        return data
-
-    def seek(self, *args: Any) -> int:
-        return self.f.seek(*args)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def close(self) -> None:
-        self.f.close()
+def unavailable(node: NodeInfo, e: BaseException) -> NodeUnavailable:
+    code, reason = network_failure(e)
+    return NodeUnavailable(f"{node.id} ({node.http_url}): {reason}", code=code)
 
 
 def default_http(reactor: Any, connect_timeout: float = 5.0) -> Any:
@@ -146,6 +138,9 @@ class GridClient:
         self.request_timeout = request_timeout
         self.check_timeout = check_timeout
         self.rng = rng or random.Random()
+        #: this client's uploads in flight, per node id: a node counts a job only once it has
+        #: answered, so parallel uploads would otherwise all see the same idle node
+        self.sending: dict[str, int] = {}
 
     def _order(self) -> list[NodeInfo]:
         if not self.nodes:
@@ -160,8 +155,18 @@ class GridClient:
             return order
         pair = self.rng.sample(order, 2)
         checked = await gatherResults([ensureDeferred(self._check(n)) for n in pair])
-        chosen = rank_checked(checked, self.rng)
+        chosen = rank_checked([(self._with_sending(n), ok) for n, ok in checked], self.rng)
         return chosen + [n for n in order if n.id not in {pair[0].id, pair[1].id}]
+
+    async def check_all(self) -> list[tuple[NodeInfo, bool]]:
+        """Every node with its live load, and whether it answered ``/health`` as ready (at once)."""
+        return list(await gatherResults([ensureDeferred(self._check(n)) for n in self.nodes]))
+
+    def _with_sending(self, node: NodeInfo) -> NodeInfo:
+        sending = self.sending.get(node.id, 0)
+        if not sending:
+            return node
+        return replace(node, load={**node.load, "queued": node.load.get("queued", 0.0) + sending})
 
     async def _check(self, node: NodeInfo) -> tuple[NodeInfo, bool]:
         """``node`` with its live load, and whether it answered ``/health`` as ready to work."""
@@ -187,6 +192,8 @@ class GridClient:
         key = idempotency_key or str(uuid.uuid4())
         last: GridnodeError | None = None
         for node in await self._upload_order():
+            # counted from the choice on, with no wait between: the next upload's choice sees it
+            self.sending[node.id] = self.sending.get(node.id, 0) + 1
             try:
                 job = await self._upload_keyed(node, path, size, presets, name or os.path.basename(path),
                                                on_progress, key)
@@ -194,8 +201,12 @@ class GridClient:
             except NodeUnavailable as e:
                 self._log.info("node {node} unavailable: {reason}; trying another", node=node.id, reason=e.message)
                 last = e
+            finally:
+                self.sending[node.id] -= 1
         assert last is not None
-        raise GridnodeError(f"no node took the upload; last: {last.message}", code=last.code, status=last.status)
+        tried = "the one node" if len(self.nodes) == 1 else "no node took the upload"
+        raise GridnodeError(f"{tried}: {last.message}; {hint(last.code) or 'try again later'}", code=last.code,
+                            status=last.status)
 
     async def _upload_keyed(self, node: NodeInfo, path: str, size: int, presets: list[str], name: str,
                             on_progress: Callable[[int, int], None] | None, key: str) -> dict[str, Any]:
@@ -227,7 +238,7 @@ class GridClient:
                 on_progress(sent[0], size)
 
         with open(path, "rb") as f:
-            body = FileBodyProducer(_CountingFile(f, on_read), readSize=256 * 1024)
+            body = FileBodyProducer(CountingFile(f, on_read), readSize=256 * 1024)
             headers = {"content-type": "application/octet-stream"}
             if key is not None:
                 headers["idempotency-key"] = key
@@ -242,7 +253,7 @@ class GridClient:
                 # replay): the rest of the body is not sent (started, as an answer came).
                 body.stopProducing()
             except NETWORK_ERRORS as e:
-                raise NodeUnavailable(f"{node.http_url}: {_reason(e)}") from None
+                raise unavailable(node, e) from None
             finally:
                 if watchdog.running:
                     watchdog.stop()
@@ -252,7 +263,7 @@ class GridClient:
             return dict(await treq.json_content(response))
         error = await error_of(response)
         if retryable(error):
-            raise NodeUnavailable(f"{node.http_url}: {error.code}: {error.message}")
+            raise NodeUnavailable(f"{node.id}: {error.message}", code=error.code, status=error.status)
         raise error
 
     def _watch(self, d: Deferred[Any], sent: list[int], size: int, quiet: list[float]) -> None:
@@ -287,7 +298,13 @@ class GridClient:
             if not retryable(error):
                 raise error
             last = error
-        raise GridnodeError(f"no node answered about job {job_id}: {_reason(last)}", code="no_nodes", status=503)
+        code = "no_nodes"
+        if isinstance(last, NETWORK_ERRORS):
+            code = network_failure(last)[0]
+        elif isinstance(last, GridnodeError):
+            code = last.code
+        raise GridnodeError(f"no node answered about job {job_id}: {_reason(last)}; {hint(code) or 'try again later'}",
+                            code=code, status=503)
 
     async def wait(self, job_id: str, node: NodeInfo | None = None,
                    on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> dict[str, Any]:
@@ -309,7 +326,6 @@ class GridClient:
 
     async def _follow_events(self, node: NodeInfo, job_id: str,
                              on_update: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
-        import treq
 
         response = await self.http.get(f"{node.http_url}/jobs/{job_id}/events", timeout=self.request_timeout,
                                        unbuffered=True)
@@ -329,8 +345,25 @@ class GridClient:
                         if on_update is not None:
                             on_update(job)
 
-        await treq.collect(response, chunk)
+        await read_stream(response, chunk, self.reactor, lambda reader: self._guard_events(node, reader))
         return latest[0] if latest else None
+
+    def _guard_events(self, node: NodeInfo, reader: StreamReader) -> None:
+        """A node sends no event while a job waits in its queue, so silence alone says nothing: after
+        ``stall_timeout`` of it, the node's ``/health`` is asked; if it does not answer (frozen, gone)
+        the stream is dropped and the job is polled from any node instead."""
+        if reader.checking or reader.quiet() < self.stall_timeout:
+            return
+        reader.checking = True
+
+        def checked(result: tuple[NodeInfo, bool]) -> None:
+            reader.checking = False
+            if result[1]:
+                reader.heard()
+            else:
+                reader.abort()
+
+        ensureDeferred(self._check(node)).addCallback(checked)
 
     # -- results
 
@@ -358,7 +391,7 @@ class GridClient:
                 paths.append(target)
                 got_total += got
                 if current.endswith(".m3u8"):
-                    todo += _playlist_entries(current, target)
+                    todo += playlist_entries(current, target)
             if size is not None and got_total != size:
                 raise GridnodeError(f"{name}: got {got_total} bytes of {size}", code="short_download", status=502)
         return paths
@@ -378,7 +411,12 @@ class GridClient:
             if response.code != 200:
                 last = await error_of(response)
                 continue
-            got = await _download(response, target + ".part", name, size or 0, on_progress)
+            try:
+                got = await download(response, target + ".part", name, size or 0, on_progress, clock=self.reactor,
+                                     stall_timeout=self.stall_timeout)
+            except NETWORK_ERRORS as e:
+                last = e
+                continue
             if size is not None and got != size:
                 last = GridnodeError(f"{name}: got {got} bytes of {size}", code="short_download")
                 continue
@@ -387,48 +425,13 @@ class GridClient:
         raise GridnodeError(f"could not download {name}: {_reason(last)}", code="download_failed", status=503)
 
 
-def _playlist_entries(name: str, path: str) -> list[str]:
-    """The files an HLS playlist names, relative to it (never above the output folder)."""
-    base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
-                entry = os.path.normpath(base + line).replace(os.sep, "/")
-                if not entry.startswith(".."):
-                    out.append(entry)
-    return out
-
-
-async def _download(response: Any, path: str, name: str, size: int,
-                    on_progress: Callable[[str, int, int], None] | None) -> int:
-    import treq
-
-    got = 0
-    with open(path, "wb") as f:
-        def write(data: bytes) -> None:
-            nonlocal got
-            f.write(data)
-            got += len(data)
-            if on_progress is not None:
-                on_progress(name, got, size)
-
-        await treq.collect(response, write)
-    return got
-
-
 def _reason(e: BaseException | None) -> str:
     if e is None:
         return "no answer"
     if isinstance(e, GridnodeError):
         return f"{e.code}: {e.message}"
-    if isinstance(e, CancelledError):
-        return "timed out"
-    if isinstance(e, ResponseFailed):
-        if any(r.check(CancelledError) for r in e.reasons):
-            return "no answer within the timeout (--timeout)"
-        return "connection lost: " + "; ".join(str(r.value) for r in e.reasons)
+    if isinstance(e, NETWORK_ERRORS):
+        return network_failure(e)[1]
     return str(e) or type(e).__name__
 
 

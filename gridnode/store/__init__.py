@@ -37,13 +37,15 @@ def parse_store_url(url: str) -> StoreURL:
     )
 
 
-def open_backend(url: str, *, s3_endpoint: str | None = None, s3_region: str | None = None) -> Backend:
-    """The blocking backend a store URL names (boto3 is imported only for s3://)."""
+def open_backend(url: str, *, s3_endpoint: str | None = None, s3_region: str | None = None,
+                 read_only: bool = False) -> Backend:
+    """The blocking backend a store URL names (boto3 is imported only for s3://); ``read_only``: a
+    file: store creates nothing (S3 creates nothing anyway)."""
     parsed = parse_store_url(url)
     if parsed.scheme == "file":
         from gridnode.store.file import FileBackend
 
-        return FileBackend(parsed.path)
+        return FileBackend(parsed.path, read_only=read_only)
     from gridnode.store.s3 import S3Backend
 
     return S3Backend(parsed.bucket, prefix=parsed.prefix, endpoint_url=s3_endpoint, region=s3_region)

@@ -59,10 +59,15 @@ class FileBackend:
     #: bodies are put whole once complete: a copy in the kernel beats parts written and joined
     part_size: int | None = None
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, read_only: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.url = "file:" + self.root
         self._meta = os.path.join(self.root, _META)
+        # A reader (the command line client looking for nodes) leaves no trace where it looks.
+        self.read_only = read_only
+        if read_only:
+            self._thread_lock = threading.Lock()
+            return
         _makedirs(os.path.join(self._meta, "tmp"))
         _makedirs(os.path.join(self._meta, "etags"))
         _makedirs(os.path.join(self._meta, "parts"))
@@ -123,7 +128,8 @@ class FileBackend:
                 for chunk in iter(lambda: f.read(_CHUNK), b""):
                     md5.update(chunk)
             etag = md5.hexdigest()
-            self._write_etag(key, etag, st)
+            if not self.read_only:
+                self._write_etag(key, etag, st)
         return ObjectInfo(key, st.st_size, etag, st.st_mtime)
 
     def _write_etag(self, key: str, etag: str, st: os.stat_result) -> None:

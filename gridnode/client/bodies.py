@@ -1,0 +1,140 @@
+"""
+Request and response bodies for the client: an upload file whose reads are
+counted (a stalled upload is seen by its count standing still), a streamed
+response read as it comes and closable from our side, and result downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from gridnode.errors import GridnodeError
+
+
+class CountingFile:
+    """A file whose reads are counted, so a stalled upload can be seen."""
+
+    def __init__(self, f: IO[bytes], on_read: Callable[[int], None]) -> None:
+        self.f = f
+        self.on_read = on_read
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.on_read(len(data))
+        return data
+
+    def seek(self, *args: Any) -> int:
+        return self.f.seek(*args)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class StreamReader(Protocol):
+    """A streamed response body handed to ``on_data`` as it comes; ``abort()`` closes the
+    connection (a frozen node never closes it), and ``finished`` then fails with CancelledError:
+    the node stalled, which the user is told as ``timed_out``. ``quiet()``: seconds since the last
+    byte (or since ``heard()``), on the clock given."""
+
+    def __init__(self, on_data: Callable[[bytes], None], clock: Any) -> None:
+        self.on_data = on_data
+        self.clock = clock
+        self.finished: Deferred[None] = Deferred()
+        self.last = clock.seconds()
+        self.stalled = False
+        self.checking = False
+
+    def quiet(self) -> float:
+        return float(self.clock.seconds() - self.last)
+
+    def heard(self) -> None:
+        self.last = self.clock.seconds()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self.heard()
+        try:
+            self.on_data(data)
+        except Exception:  # noqa: BLE001 - a bad event ends the stream; the caller polls instead
+            if not self.finished.called:
+                self.finished.errback(GridnodeError("the node sent a stream gridnode cannot read",
+                                                    code="bad_stream", status=502))
+            self.abort()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 - Twisted's name
+        if self.finished.called:
+            return
+        if self.stalled:
+            self.finished.errback(CancelledError())
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
+
+    def abort(self) -> None:
+        self.stalled = True
+        # the body's transport is a producer proxy: stopping it closes the connection
+        producer: Any = self.transport
+        if producer is not None:
+            producer.stopProducing()
+
+
+def playlist_entries(name: str, path: str) -> list[str]:
+    """The files an HLS playlist names, relative to it (never above the output folder)."""
+    base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
+                entry = os.path.normpath(base + line).replace(os.sep, "/")
+                if not entry.startswith(".."):
+                    out.append(entry)
+    return out
+
+
+async def read_stream(response: Any, on_data: Callable[[bytes], None], clock: Any,
+                      on_tick: Callable[[StreamReader], None]) -> None:
+    """Read ``response``'s body into ``on_data``; ``on_tick(reader)`` runs every second meanwhile
+    (it may ``abort()`` a stream that went quiet)."""
+    reader = StreamReader(on_data, clock)
+    response.deliverBody(reader)
+    guard = LoopingCall(on_tick, reader)
+    guard.clock = clock
+    guard.start(1.0, now=False)
+    try:
+        await reader.finished
+    finally:
+        if guard.running:
+            guard.stop()
+
+
+async def download(response: Any, path: str, name: str, size: int,
+                   on_progress: Callable[[str, int, int], None] | None, *, clock: Any, stall_timeout: float) -> int:
+    """The body into ``path``; a download silent for ``stall_timeout`` seconds is dropped."""
+    got = 0
+    with open(path, "wb") as f:
+        def write(data: bytes) -> None:
+            nonlocal got
+            f.write(data)
+            got += len(data)
+            if on_progress is not None:
+                on_progress(name, got, size)
+
+        def tick(reader: StreamReader) -> None:
+            if reader.quiet() >= stall_timeout:
+                reader.abort()
+
+        await read_stream(response, write, clock, tick)
+    return got

@@ -1,0 +1,78 @@
+"""Streamed bodies on the client: a stream gone quiet is dropped from our side as a stall; on fakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from gridnode.client.bodies import StreamReader, download
+from gridnode.errors import GridnodeError
+
+
+class FakeResponse:
+    """Delivers its body to a protocol; stopping the transport loses the connection, as TCP does."""
+
+    def __init__(self) -> None:
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 - Twisted's name
+        self.protocol = protocol
+        response = self
+
+        class Transport:
+            def stopProducing(self) -> None:  # noqa: N802 - Twisted's name
+                response.protocol.connectionLost(Failure(ConnectionDone()))
+
+        protocol.makeConnection(Transport())
+
+
+def outcome(d: Deferred) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out[0] if out else None
+
+
+class StreamReaderTests:
+    def test_done_and_cut(self) -> None:
+        """A body that ends is done; one whose connection is cut fails with the cut."""
+        done = StreamReader(lambda b: None, Clock())
+        done.connectionLost(Failure(ResponseDone()))
+        assert outcome(done.finished) is None
+        cut = StreamReader(lambda b: None, Clock())
+        cut.connectionLost(Failure(ConnectionDone()))
+        assert outcome(cut.finished).check(ConnectionDone)
+
+    def test_a_bad_event_is_a_coded_error(self) -> None:
+        def bad(data: bytes) -> None:
+            raise ValueError("not json")
+
+        response = FakeResponse()
+        reader = StreamReader(bad, Clock())
+        response.deliverBody(reader)
+        reader.dataReceived(b"data: {")
+        failure = outcome(reader.finished)
+        assert failure.check(GridnodeError) and failure.value.code == "bad_stream"
+
+
+class DownloadTests:
+    def test_a_quiet_download_is_dropped_as_a_stall(self, tmp_path: Path) -> None:
+        """Bytes keep it going; stall_timeout seconds of silence close it with CancelledError
+        (told to the user as timed_out)."""
+        clock, response = Clock(), FakeResponse()
+        d = ensureDeferred(download(response, str(tmp_path / "x.part"), "x", 10, None, clock=clock,
+                                    stall_timeout=3))
+        ended: list[Any] = []
+        d.addBoth(ended.append)
+        for _ in range(5):
+            clock.advance(2)
+            response.protocol.dataReceived(b"ab")
+        assert ended == []
+        clock.advance(3)
+        assert len(ended) == 1 and ended[0].check(CancelledError)
+        assert (tmp_path / "x.part").read_bytes() == b"ab" * 5
