@@ -362,7 +362,12 @@ class SpoolFile:
 
     @staticmethod
     def remove(path: str) -> None:
+        """Remove a body whose job is over. A ``file:`` store may hold the same inode as the job's
+        input (it links the spool file rather than copy it), which a child was let read (0640,
+        ``sandbox.let_read``; unreachable meanwhile under the store's 0700 folders): private again
+        before the spool lets go of it."""
         with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
             os.unlink(path)
 
 
@@ -394,7 +399,7 @@ class Spool:
             if keep(name):
                 continue
             with contextlib.suppress(OSError):
-                os.unlink(self.path(name))
+                SpoolFile.remove(self.path(name))
                 removed += 1
         if removed:
             self._log.info("removed {count} leftover spool files", count=removed)
