@@ -211,6 +211,16 @@ class ReaderTests:
         assert sync.verdict == "FAIL"  # 6.0 / 4.0 = 1.5
         assert sync.ratio == "1.50"
 
+    def test_membership_scale_counts_every_message_and_the_largest(self) -> None:
+        """With the simulator's byte figures: a row for all messages' bytes, one for the largest."""
+        objs = [{"nodes": n, "loss": 0.01, "msgs_per_node_s": 2.0, "sync_bytes_per_node_s": 5.0,
+                 "bytes_per_node_s": b, "max_message_bytes": big, "max_message_limit": 60_000,
+                 "oversized_messages": over}
+                for n, b, big, over in ((10, 800.0, 400, 0), (1000, 1000.0, 61_000, 1))]
+        _, _, every, largest = read_membership_scale(objs)
+        assert every.verdict == "FAIL" and every.ratio == "1.25" and "N=1000: 1000" in every.measured
+        assert largest.verdict == "FAIL" and "61,000 bytes; 1 over" in largest.measured
+
 
 class TableTests:
     def test_table_shape(self) -> None:
