@@ -437,6 +437,9 @@ class SwimMachine:
         self._watching: dict[str, str] = {}  # member -> address
         self._checked: dict[str, int] = {}  # member -> incarnation whose host we asked about
         self._last_stall = -math.inf
+        # applying many updates at once (add_members, a SyncState): the ring is looked at once, after
+        self._batch = False
+        self._rewatch_due = False
 
     # ------------------------------------------------------------ public API
 
@@ -458,10 +461,12 @@ class SwimMachine:
         self._now = now
         out: list[Output] = []
         known = incarnations or {}
+        self._batch = True
         for member, address in members:
             if member != self.me and member not in self._members:
                 self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
                 self._queue.pop(member, None)  # the registry told everyone already: not news
+        self._end_batch(out)
         return out
 
     def add_member(self, member: str, address: str, incarnation: int, now: float) -> list[Output]:
@@ -649,11 +654,13 @@ class SwimMachine:
             self._on_digest(msg, out)
         elif t is SyncState:
             assert isinstance(msg, SyncState)
+            self._batch = True
             for u in msg.members:
                 # a remote death becomes a suspicion here (as memberlist does): the sender's
                 # table may be stale (it was cut off), and a live member then gets to refute
                 held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
                 self._apply(held, out)
+            self._end_batch(out)
             if msg.want:
                 self._send_buckets(msg.sender, msg.sender_addr, msg.buckets, msg.want, False, out)
             elif msg.reply and not msg.buckets:
@@ -941,7 +948,7 @@ class SwimMachine:
                 self._start_suspicion(m, u.origin, out)
             self._enqueue(u)
             out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
-            self._rewatch(out)
+            self._ring_changed(out)
             return
         if (u.incarnation, _RANK[u.state]) <= (m.incarnation, _RANK[m.state]):
             if u.state == SUSPECT and u.incarnation == m.incarnation:
@@ -979,7 +986,7 @@ class SwimMachine:
         self._enqueue(u)
         out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
         if is_live != was_live or (m.id in self._watching and self._watching[m.id] != m.address):
-            self._rewatch(out)
+            self._ring_changed(out)
 
     def _about_me(self, u: Update, out: list[Output]) -> None:
         if self._left:
@@ -1108,6 +1115,18 @@ class SwimMachine:
             if i < len(ring) and ring[i][1] == member:
                 del ring[i]
         self._bag_remove(self._live, self._live_pos, member)
+
+    def _ring_changed(self, out: list[Output]) -> None:
+        if self._batch:
+            self._rewatch_due = True  # once at the end of the batch: a registry or a sync adds thousands
+        else:
+            self._rewatch(out)
+
+    def _end_batch(self, out: list[Output]) -> None:
+        self._batch = False
+        if self._rewatch_due:
+            self._rewatch_due = False
+            self._rewatch(out)
 
     def _rewatch(self, out: list[Output]) -> None:
         """The ring changed: watch the ``watchers`` live members after us, and no others."""
