@@ -116,3 +116,15 @@ def test_the_simulator_reports_bytes_of_every_message() -> None:
     figures = Sim(Params(nodes=40, loss=0.01, seconds=60, joins=0, seed=2)).run()
     assert figures["bytes_per_node_s"] > 10 * figures["sync_bytes_per_node_s"] > 0
     assert figures["oversized_messages"] == 0 and 0 < figures["max_message_bytes"] <= figures["max_message_limit"]
+
+
+def test_the_sync_bench_converges_within_the_limit() -> None:
+    """bench/membership_sync.py: each scenario ends level and under the limit; the whole table as
+    one message (the sync before buckets) is the one over it."""
+    from bench.membership_sync import run
+
+    results = {o["scenario"]: o for o in run(1200, 12, 1)}
+    assert all(results[s]["converged"] and not results[s]["over_limit"] for s in ("steady", "missed", "joiner"))
+    assert results["steady"]["messages"] == 1
+    assert results["missed"]["members_sent"] < 1200 // 2
+    assert results["whole"]["over_limit"] == 1
