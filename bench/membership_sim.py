@@ -51,7 +51,10 @@ The model
   sync_bytes_per_node_s (the sync messages alone) in the steady state (from ``--warmup``
   until the first kill, join or partition), max_message_bytes (the largest payload of
   the whole run) and oversized_messages (payloads over the wire's limit: must be 0),
-  join_converged_s (join -> known alive by 99.9% of the others), partition_confirmed_dead
+  join_converged_s (join -> known alive by 99.9% of the others), partition_level_s (the
+  partition's end -> the cut-off node's live table is the others': its digest equals that
+  of most of 5 others, looked at every 0.5 s; it missed every update while cut off, and
+  everyone held it dead), partition_confirmed_dead
   (ConfirmedDead emitted by the partitioned node; must be 0).
 - The ``memberlist`` block is computed (not simulated) from memberlist's LAN
   configuration: probe interval 1 s, probe timeout 500 ms, suspicion timeout
@@ -175,7 +178,7 @@ def _version_frame() -> int:
 
 CHECK_FRAME_BYTES = _version_frame()
 
-_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED, _CHECKED = range(10)
+_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED, _CHECKED, _LEVEL = range(11)
 KILL_MODES = ("process", "host")
 
 
@@ -249,6 +252,8 @@ class Sim:
             self.broken.add((self.nodes[a].id, self.nodes[b].id))
         self.partitioned: str | None = None
         self.part_node: str | None = None
+        self.part_healed: float | None = None
+        self.part_level: float | None = None
         # figures
         self.kill_at: dict[str, float] = {}
         self.first_suspect: dict[str, float] = {}
@@ -522,7 +527,21 @@ class Sim:
                 self.push(t + p.partition_seconds, _PART_OFF, i)
             elif kind == _PART_OFF:
                 self.partitioned = None
+                self.part_healed = t
+                self.push(t + 0.5, _LEVEL, i)
+            elif kind == _LEVEL:
+                if self.level(nd):
+                    self.part_level = t - (self.part_healed or t)
+                else:
+                    self.push(t + 0.5, _LEVEL, i)
         return True
+
+    def level(self, nd: _Node) -> bool:
+        """Whether ``nd``'s live table is the pool's: its digest equals that of most of 5 others
+        (one of them may be in the middle of an update)."""
+        others = [n for n in self.nodes if n.up and n.started and n is not nd][:5]
+        mine = nd.m.digest()
+        return sum(n.m.digest() == mine for n in others) >= 3
 
     @staticmethod
     def handle(nd: _Node, data: Any, t: float) -> list[Any]:
@@ -578,6 +597,7 @@ class Sim:
             "joins": len(self.join_at),
             "partition_one": p.partition_one,
             "partition_confirmed_dead": self.part_confirmed if p.partition_one else None,
+            "partition_level_s": _round(self.part_level),
             "partitioned_declared_dead_by": len(self.part_declared_dead_by) if p.partition_one else None,
             "partitioned_node_held_dead": len(self.part_local_dead) if p.partition_one else None,
             "events": self.events,

@@ -128,3 +128,10 @@ def test_the_sync_bench_converges_within_the_limit() -> None:
     assert results["steady"]["messages"] == 1
     assert results["missed"]["members_sent"] < 1200 // 2
     assert results["whole"]["over_limit"] == 1
+
+
+def test_a_cut_off_node_is_level_again_after_the_partition() -> None:
+    """The simulator's partition_level_s: the node cut off for 30 s, held dead by all and missing
+    every update meanwhile, ends with the pool's table (by anti-entropy and refutation)."""
+    figures = Sim(Params(nodes=40, loss=0.01, seconds=150, partition_one=True, joins=3, seed=2)).run()
+    assert figures["partition_level_s"] is not None and figures["partition_confirmed_dead"] == 0
