@@ -1,6 +1,6 @@
 """
 Anti-entropy by buckets (gridnode/membership/sync.py and its use in ``SwimMachine``): digests per
-bucket, only differing buckets sent, every message under the wire's limits whatever the id and
+bucket over live members, only differing buckets sent, every message under the wire's limits whatever the id and
 address lengths, a joiner that knows nothing, and members of the protocol before buckets.
 """
 
@@ -85,7 +85,7 @@ class BucketTests:
         """Every coarser digest is the XOR of the finer ones, so any two bucket counts compare."""
         d = sync.Digests()
         for member, addr in ec2_pool(300):
-            d.toggle(member, 0, ALIVE, addr)
+            d.toggle(member, 0, addr)
         whole = d.fold(1)[0]
         for n in (2, 16, 64, sync.FINE):
             acc = 0
@@ -94,18 +94,30 @@ class BucketTests:
             assert acc == whole
         assert len(d.encode(64)) == 64 * 16 and sync.decode(d.encode(64)) == d.fold(64)
 
-    def test_a_change_of_state_or_address_changes_the_digest_and_toggling_back_restores_it(self) -> None:
-        """The digest covers (id, incarnation, state, address): each of them counts."""
+    def test_incarnation_and_address_change_the_digest_and_toggling_back_restores_it(self) -> None:
+        """A live entry is (id, incarnation, address): each of them counts."""
         d = sync.Digests()
-        d.toggle("i-0a", 1, ALIVE, "a:1")
+        d.toggle("i-0a", 1, "a:1")
         before = d.encode(1)
-        for other in (("i-0a", 2, ALIVE, "a:1"), ("i-0a", 1, "suspect", "a:1"), ("i-0a", 1, ALIVE, "b:1")):
-            d.toggle("i-0a", 1, ALIVE, "a:1")
+        for other in (("i-0a", 2, "a:1"), ("i-0a", 1, "b:1"), ("i-0b", 1, "a:1")):
+            d.toggle("i-0a", 1, "a:1")
             d.toggle(*other)
             assert d.encode(1) != before
             d.toggle(*other)
-            d.toggle("i-0a", 1, ALIVE, "a:1")
+            d.toggle("i-0a", 1, "a:1")
             assert d.encode(1) == before
+
+    def test_the_digest_holds_live_members_only_and_a_suspicion_leaves_it_alone(self) -> None:
+        """A member held suspect is still live (gossip carries the suspicion); one held dead or
+        left is out of the digest (members forget the dead at different times)."""
+        pool = ec2_pool(40)
+        a, b = machine(pool[0], pool), machine(pool[1], pool, seed=2)
+        x = pool[7]
+        b.receive(Gossip(b.me, b.address, pool[5][0], pool[5][1], 0, [Update(x[0], x[1], 0, "suspect", pool[5][0])]),
+                  0.5)
+        assert a.digest() == b.digest()
+        b.receive(Gossip(b.me, b.address, pool[5][0], pool[5][1], 0, [Update(x[0], x[1], 0, DEAD, pool[5][0])]), 0.6)
+        assert a.digest() != b.digest() and b.digest()[1] == a.digest()[1] - 1
 
     def test_bucket_count_follows_the_pool_size(self) -> None:
         """About 16 members a bucket, a power of two, at most FINE."""

@@ -106,7 +106,7 @@ class MembershipService(Service):
         self.max_in = max_in
         self.connect_timeout = connect_timeout
         self.now = now
-        #: whether starting announces us and push-pulls the full table with one member
+        #: whether starting announces us and syncs with one member at once
         self.join = join
         self.inbound: set[PeerProtocol] = set()
         self._out: OrderedDict[str, Any] = OrderedDict()

@@ -419,7 +419,7 @@ class SwimMachine:
         # per-bucket digests of the live table, us included (sync.py)
         self._digests = sync.Digests()
         self._bucket = sync.bucket_of(me)
-        self._digests.toggle(me, incarnation, ALIVE, address, self._bucket)
+        self._digests.toggle(me, incarnation, address, self._bucket)
         self._timers: list[tuple[float, int, int, Any]] = []
         self._tseq = 0
         self._seq = 0
@@ -478,7 +478,7 @@ class SwimMachine:
         return out
 
     def start(self, now: float, *, join: bool = True) -> list[Output]:
-        """Arm the timers. ``join``: announce ourselves and push-pull the full table with one member."""
+        """Arm the timers. ``join``: announce ourselves and open a sync with one member at once."""
         self._now = now
         self._started = True
         out: list[Output] = []
@@ -994,9 +994,9 @@ class SwimMachine:
         if u.incarnation < self._inc or (u.state == ALIVE and u.incarnation == self._inc):
             return
         # someone holds us suspect/dead/left (or an older life of ours as alive): refute
-        self._digests.toggle(self.me, self._inc, ALIVE, self.address, self._bucket)
+        self._digests.toggle(self.me, self._inc, self.address, self._bucket)
         self._inc = u.incarnation + 1
-        self._digests.toggle(self.me, self._inc, ALIVE, self.address, self._bucket)
+        self._digests.toggle(self.me, self._inc, self.address, self._bucket)
         if u.state == SUSPECT:
             self._health = min(self.config.health_max, self._health + 1)
         alive = self._self_update()
@@ -1051,7 +1051,7 @@ class SwimMachine:
 
     def _toggle(self, m: _Member) -> None:
         """Put a live member's entry in our digests, or take it out (before it changes)."""
-        self._digests.toggle(m.id, m.incarnation, m.state, m.address, m.bucket)
+        self._digests.toggle(m.id, m.incarnation, m.address, m.bucket)
 
     def _open_sync(self, peer: str, addr: str, out: list[Output]) -> None:
         d, n = self.digest()

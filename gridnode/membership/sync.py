@@ -3,8 +3,11 @@ Anti-entropy by buckets: what two members compare before they send any part of t
 and how a part is cut into messages that fit the wire.
 
 Members are hashed by id into ``FINE`` buckets. A table's digest of a bucket is the XOR of a
-64-bit hash of ``(id, incarnation, state, address)`` over the bucket's live (alive or suspect)
-members, kept as the table changes (`Digests`). Coarser digests (any power of two up to
+64-bit hash of ``(id, incarnation, address)`` over the bucket's live (alive or suspect) members,
+kept as the table changes (`Digests`): the state counts as live or not (in the digest or out).
+Alive and suspect hash alike: a suspicion is news gossip spreads within a second or two, and with
+them apart syncs at 5 % loss repaired what gossip was about to (N=1000: 9.76 messages a node a
+second instead of 9.32). Coarser digests (any power of two up to
 ``FINE``) are XORs of neighbouring fine ones, so two members that count the pool differently
 still compare like with like: a digest message says how many buckets it has.
 
@@ -53,8 +56,8 @@ def coarse(fine: int, buckets: int) -> int:
     return fine // (FINE // buckets)
 
 
-def entry_hash(member: str, incarnation: int, state: str, address: str) -> int:
-    h = hashlib.blake2b(f"{member}\0{incarnation}\0{state}\0{address}".encode(), digest_size=8).digest()
+def entry_hash(member: str, incarnation: int, address: str) -> int:
+    h = hashlib.blake2b(f"{member}\0{incarnation}\0{address}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big")
 
 
@@ -79,10 +82,10 @@ class Digests:
     def __init__(self) -> None:
         self.fine = [0] * FINE
 
-    def toggle(self, member: str, incarnation: int, state: str, address: str, fine: int | None = None) -> None:
-        """Add the entry if it is not in, take it out if it is (XOR)."""
+    def toggle(self, member: str, incarnation: int, address: str, fine: int | None = None) -> None:
+        """Add a live member's entry if it is not in, take it out if it is (XOR)."""
         i = bucket_of(member) if fine is None else fine
-        self.fine[i] ^= entry_hash(member, incarnation, state, address)
+        self.fine[i] ^= entry_hash(member, incarnation, address)
 
     def fold(self, buckets: int) -> list[int]:
         width = FINE // buckets
