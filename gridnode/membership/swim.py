@@ -462,11 +462,13 @@ class SwimMachine:
         out: list[Output] = []
         known = incarnations or {}
         self._batch = True
-        for member, address in members:
-            if member != self.me and member not in self._members:
-                self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
-                self._queue.pop(member, None)  # the registry told everyone already: not news
-        self._end_batch(out)
+        try:
+            for member, address in members:
+                if member != self.me and member not in self._members:
+                    self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
+                    self._queue.pop(member, None)  # the registry told everyone already: not news
+        finally:
+            self._end_batch(out)
         return out
 
     def add_member(self, member: str, address: str, incarnation: int, now: float) -> list[Output]:
@@ -655,12 +657,14 @@ class SwimMachine:
         elif t is SyncState:
             assert isinstance(msg, SyncState)
             self._batch = True
-            for u in msg.members:
-                # a remote death becomes a suspicion here (as memberlist does): the sender's
-                # table may be stale (it was cut off), and a live member then gets to refute
-                held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
-                self._apply(held, out)
-            self._end_batch(out)
+            try:
+                for u in msg.members:
+                    # a remote death becomes a suspicion here (as memberlist does): the sender's
+                    # table may be stale (it was cut off), and a live member then gets to refute
+                    held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
+                    self._apply(held, out)
+            finally:
+                self._end_batch(out)
             if msg.want:
                 self._send_buckets(msg.sender, msg.sender_addr, msg.buckets, msg.want, False, out)
             elif msg.reply and not msg.buckets:
