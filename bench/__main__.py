@@ -19,7 +19,7 @@ On a budget overrun the benchmark's process group gets SIGINT (the scripts unwin
 
 ``--only NAME`` takes a benchmark name (``pool``, ``ingest``, ``memory``, ``latency``,
 ``store_upload``, ``loadbalance``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
-``membership_join``) or a group (``pipeline``, ``membership``); it is repeatable.
+``membership_join``, ``membership_sync``) or a group (``pipeline``, ``membership``); it is repeatable.
 """
 
 from __future__ import annotations
@@ -345,6 +345,23 @@ def read_membership_scale(objects: list[JSON]) -> list[Row]:
     return rows
 
 
+def read_membership_sync(objects: list[JSON]) -> list[Row]:
+    """bench/membership_sync.py: one row per scenario but the whole table (the comparison)."""
+    whole = next((o for o in objects if o["scenario"] == "whole"), None)
+    note = f"; the whole table as one message: {int(whole['bytes']):,} B" if whole is not None else ""
+    rows = []
+    for o in objects:
+        if o["scenario"] == "whole":
+            continue
+        ok = bool(o["converged"]) and not int(o["over_limit"])
+        largest, limit = int(o["max_message_bytes"]), int(o["limit"])
+        rows.append(Row(f"membership: anti-entropy, {o['scenario']}, N={o['nodes']}, EC2 ids and DNS names",
+                        f"level after; every message <= {limit:,} B",
+                        f"{'level' if o['converged'] else 'NOT level'}; {o['messages']} messages, "
+                        f"{int(o['bytes']):,} B, largest {largest:,} B{note}", f"{largest / limit:.2f}", verdict(ok)))
+    return rows
+
+
 def read_membership_join(objects: list[JSON]) -> list[Row]:
     o = objects[-1]
     t = _num(o, "join_converged_s")
@@ -397,6 +414,10 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
         Bench("membership_join", "membership", "membership: join converged, 5% loss", "<= 2.5 s",
               (sim + ("--nodes", big, "--loss", "0.05", "--joins", "5", "--seconds", "90"),),
               40, read_membership_join),
+        Bench("membership_sync", "membership", "membership: anti-entropy between tables of N",
+              "level; <= 60,000 B a message",
+              ((python, "bench/membership_sync.py", "--json", "--nodes", "1000" if quick else "5000"),),
+              30, read_membership_sync),
     ]
     return benches
 
