@@ -19,7 +19,7 @@ On a budget overrun the benchmark's process group gets SIGINT (the scripts unwin
 
 ``--only NAME`` takes a benchmark name (``pool``, ``ingest``, ``memory``, ``latency``,
 ``store_upload``, ``loadbalance``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
-``membership_join``) or a group (``pipeline``, ``membership``); it is repeatable.
+``membership_join``, ``membership_sync``) or a group (``pipeline``, ``membership``); it is repeatable.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def read_membership_scale(objects: list[JSON]) -> list[Row]:
     ml = by_n[-1].get("memberlist", {}).get("sync_bytes_per_node_s")
     ml_note = f"; memberlist full push-pull at N={ns[-1]}: {ml} B/s" if ml is not None else ""
     loss = float(by_n[0]["loss"]) * 100
-    return [
+    rows = [
         Row(f"membership: messages per node per second, steady state, {loss:g}% loss",
             f"<= 4 and flat (every N within ±{FLAT:.0%} of N={ns[0]})",
             f"{listing}; largest deviation {spread:.1%}", f"{max(msgs) / 4.0:.2f}", verdict(ok_msgs)),
@@ -327,6 +327,39 @@ def read_membership_scale(objects: list[JSON]) -> list[Row]:
             f"not growing with N (N={ns[-1]} ÷ N={ns[0]} <= {1 + FLAT:.2f})",
             f"{sync_listing} B/s{ml_note}", f"{growth:.2f}", verdict(growth <= 1 + FLAT)),
     ]
+    if all("bytes_per_node_s" in o for o in by_n):
+        # every message as the wire frames it (EC2 ids, DNS names), not the syncs alone
+        every = [_num(o, "bytes_per_node_s") for o in by_n]
+        grown = every[-1] / every[0] if every[0] else float("inf")
+        listing = ", ".join(f"N={n}: {b:.0f}" for n, b in zip(ns, every, strict=True))
+        rows.append(Row(f"membership: bytes per node per second, all messages, N={ns[0]} vs N={ns[-1]}",
+                        f"not growing with N (N={ns[-1]} ÷ N={ns[0]} <= {1 + FLAT:.2f})", f"{listing} B/s",
+                        f"{grown:.2f}", verdict(grown <= 1 + FLAT)))
+    if all("max_message_bytes" in o for o in by_n):
+        largest = max(int(o["max_message_bytes"]) for o in by_n)
+        over = sum(int(o.get("oversized_messages", 0)) for o in by_n)
+        limit = int(by_n[0].get("max_message_limit", 60_000))
+        rows.append(Row("membership: largest message payload, every N", f"<= {limit:,} bytes, none over",
+                        f"{largest:,} bytes; {over} over the limit", f"{largest / limit:.2f}",
+                        verdict(largest <= limit and over == 0)))
+    return rows
+
+
+def read_membership_sync(objects: list[JSON]) -> list[Row]:
+    """bench/membership_sync.py: one row per scenario but the whole table (the comparison)."""
+    whole = next((o for o in objects if o["scenario"] == "whole"), None)
+    note = f"; the whole table as one message: {int(whole['bytes']):,} B" if whole is not None else ""
+    rows = []
+    for o in objects:
+        if o["scenario"] == "whole":
+            continue
+        ok = bool(o["converged"]) and not int(o["over_limit"])
+        largest, limit = int(o["max_message_bytes"]), int(o["limit"])
+        rows.append(Row(f"membership: anti-entropy, {o['scenario']}, N={o['nodes']}, EC2 ids and DNS names",
+                        f"level after; every message <= {limit:,} B",
+                        f"{'level' if o['converged'] else 'NOT level'}; {o['messages']} messages, "
+                        f"{int(o['bytes']):,} B, largest {largest:,} B{note}", f"{largest / limit:.2f}", verdict(ok)))
+    return rows
 
 
 def read_membership_join(objects: list[JSON]) -> list[Row]:
@@ -373,7 +406,7 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
               (sim + ("--nodes", big, "--loss", "0.05", "--stall-fraction", "0.05",
                       "--seconds", "120" if quick else "600"),),
               60 if quick else 220, read_membership_fp),
-        Bench("membership_scale", "membership", "membership: msgs and sync bytes per node across N",
+        Bench("membership_scale", "membership", "membership: msgs and bytes per node across N",
               "<= 4 msgs/s, flat; sync not growing",
               tuple(sim + ("--nodes", str(n), "--loss", "0.01", "--joins", "0", "--seconds", "60")
                     for n in ((10, 100, 300) if quick else (10, 100, 1000))),
@@ -381,6 +414,10 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
         Bench("membership_join", "membership", "membership: join converged, 5% loss", "<= 2.5 s",
               (sim + ("--nodes", big, "--loss", "0.05", "--joins", "5", "--seconds", "90"),),
               40, read_membership_join),
+        Bench("membership_sync", "membership", "membership: anti-entropy between tables of N",
+              "level; <= 60,000 B a message",
+              ((python, "bench/membership_sync.py", "--json", "--nodes", "1000" if quick else "5000"),),
+              30, read_membership_sync),
     ]
     return benches
 

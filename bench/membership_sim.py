@@ -40,16 +40,27 @@ The model
   acknowledgement was lost, ``(1 - (1 - loss)^2)^check_frames``, and nothing else.
   ``--joins J``: J new nodes join (bootstrapped with the registry's whole list).
   ``--partition-one``: one node is cut off from all others for ``--partition-seconds``.
+- Names: every node has an EC2 instance id (``i-`` and 17 hex digits) and a public DNS
+  name as its address (``ec2-203-0-113-25.compute-1.amazonaws.com:8081``), so every
+  message has the size it has in a real pool.
 - Figures: detect_first_s (median over kills, kill -> first suspicion anywhere),
   dead_everywhere_median_s / _p99_s (kill -> every live node holds it dead),
   false_positives (live nodes ever declared dead by anyone; the partitioned node
-  is reported apart), confirmed_false_deaths, msgs_per_node_s and
-  sync_bytes_per_node_s (steady state: from ``--warmup`` until the first kill, join
-  or partition), join_converged_s (join -> known alive by 99.9% of the others),
-  partition_confirmed_dead (ConfirmedDead emitted by the partitioned node; must be 0).
+  is reported apart), confirmed_false_deaths, msgs_per_node_s, bytes_per_node_s (every
+  message, as the AMP box the wire sends: sealed, framed, above TCP) and
+  sync_bytes_per_node_s (the sync messages alone) in the steady state (from ``--warmup``
+  until the first kill, join or partition), max_message_bytes (the largest payload of
+  the whole run) and oversized_messages (payloads over the wire's limit: must be 0),
+  join_converged_s (join -> known alive by 99.9% of the others), partition_level_s (the
+  partition's end -> the cut-off node's live table is the others': its digest equals that
+  of most of 5 others, looked at every 0.5 s; it missed every update while cut off, and
+  everyone held it dead), partition_confirmed_dead
+  (ConfirmedDead emitted by the partitioned node; must be 0).
 - The ``memberlist`` block is computed (not simulated) from memberlist's LAN
   configuration: probe interval 1 s, probe timeout 500 ms, suspicion timeout
-  4 * max(1, log10 N) * 1 s, gossip every 200 ms to 3 nodes, full push-pull every 30 s.
+  4 * max(1, log10 N) * 1 s, gossip every 200 ms to 3 nodes, a full push-pull every
+  30 s scaled by ``pushPullScale`` (x ceil(log2 N - log2 32) + 1 above 32 nodes: x6 at
+  N=1000), its table sized in this encoding with the same names.
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the working tree, not an installed copy that may lag
 
+from gridnode.membership import wire  # noqa: E402
 from gridnode.membership.swim import (  # noqa: E402
     ALIVE,
     DEAD,
@@ -80,6 +92,7 @@ from gridnode.membership.swim import (  # noqa: E402
     ConfirmedDead,
     MemberChanged,
     Message,
+    Ping,
     SwimConfig,
     SwimMachine,
     SyncDigest,
@@ -87,10 +100,85 @@ from gridnode.membership.swim import (  # noqa: E402
     Unwatch,
     Update,
     Watch,
-    encoded_size,
 )
 
-_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED, _CHECKED = range(10)
+#: a pool's region: its instances' public DNS names end so (us-east-1's are the shortest)
+DNS_SUFFIX = "compute-1.amazonaws.com"
+PEER_PORT = 8081
+
+
+def ec2_id(rng: random.Random) -> str:
+    """An EC2 instance id: ``i-`` and 17 hex digits."""
+    return f"i-{rng.getrandbits(68):017x}"
+
+
+def ec2_address(rng: random.Random) -> str:
+    """A public DNS name and the peer port, e.g. ``ec2-203-0-113-25.compute-1.amazonaws.com:8081``."""
+    a, b, c, d = rng.randint(3, 223), rng.randint(0, 255), rng.randint(0, 255), rng.randint(1, 254)
+    return f"ec2-{a}-{b}-{c}-{d}.{DNS_SUFFIX}:{PEER_PORT}"
+
+
+_FRAMING: dict[str, int] = {}
+_FIELDS: dict[type, tuple[tuple[str, ...], int]] = {}
+
+
+def payload_size(msg: Message) -> int:
+    """``encoded_size(msg)`` counted from the fields' lengths, without encoding (the ids, addresses
+    and states are plain ASCII: nothing is escaped); a quarter of the run's time otherwise."""
+    t = type(msg)
+    known = _FIELDS.get(t)
+    if known is None:
+        names = tuple(f.name for f in fields(t))
+        # {"type":"Name"} plus, per field, a comma, the quoted key and a colon
+        known = _FIELDS[t] = names, 11 + len(t.__name__) + sum(len(n) + 4 for n in names)
+    names, size = known
+    for name in names:
+        v = getattr(msg, name)
+        if isinstance(v, str):
+            size += len(v) + 2
+        elif isinstance(v, bool):
+            size += 4 if v else 5
+        elif isinstance(v, int):
+            size += len(str(v))
+        else:  # a list: of updates (5 fields: 4 quoted strings), or of bucket numbers
+            size += 1 + len(v) if v else 2
+            for x in v:
+                if isinstance(x, Update):
+                    size += (len(x.member) + len(x.address) + len(x.state) + len(x.origin)
+                             + len(str(x.incarnation)) + 14)
+                else:
+                    size += len(str(x))
+    return size
+
+
+def wire_bytes(msg: Message) -> tuple[int, int]:
+    """(payload, AMP box) bytes of ``msg`` as the wire seals and frames it: the box adds the command
+    name, version, timestamp, nonce and MAC, each with its key and 2-byte lengths."""
+    payload = payload_size(msg)
+    name = type(msg).__name__
+    framing = _FRAMING.get(name)
+    if framing is None:
+        command, args = wire.seal(b"k" * 32, msg, 1_764_700_000.123456)
+        box = command.makeArguments(args, None)
+        box[b"_command"] = command.commandName
+        # AmpBox.serialize: each key and value after a 2-byte length, then 2 zero bytes (counted
+        # by hand: serialize refuses a value over 65,535 bytes, which memberlist's table can be)
+        framing = _FRAMING[name] = sum(4 + len(k) + len(v) for k, v in box.items()) + 2 - len(args["payload"])
+    return payload, payload + framing
+
+
+def _version_frame() -> int:
+    """A host check's frame: a Version command and its answer's box."""
+    from twisted.protocols import amp
+
+    ask = amp.AmpBox({b"_command": b"Version", b"_ask": b"1"})
+    answer = amp.AmpBox({b"_answer": b"1", b"version": b"1"})
+    return len(ask.serialize()) + len(answer.serialize())
+
+
+CHECK_FRAME_BYTES = _version_frame()
+
+_WAKE, _DELIVER, _STALL, _UNSTALL, _KILL, _JOIN, _PART_ON, _PART_OFF, _REFUSED, _CHECKED, _LEVEL = range(11)
 KILL_MODES = ("process", "host")
 
 
@@ -149,8 +237,9 @@ class Sim:
         self.seq = 0
         self.now = 0.0
         total = p.nodes + p.joins
+        names = random.Random(p.seed * 7919 + 1)
         self.nodes = [
-            _Node(i, SwimMachine(f"n{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:8081", config=p.config,
+            _Node(i, SwimMachine(ec2_id(names), ec2_address(names), config=p.config,
                                  rng=random.Random(self.rng.getrandbits(64))))
             for i in range(total)
         ]
@@ -160,9 +249,11 @@ class Sim:
         self.broken: set[tuple[str, str]] = set()
         while n > 1 and len(self.broken) < one_way:
             a, b = self.rng.sample(range(n), 2)
-            self.broken.add((f"n{a}", f"n{b}"))
+            self.broken.add((self.nodes[a].id, self.nodes[b].id))
         self.partitioned: str | None = None
         self.part_node: str | None = None
+        self.part_healed: float | None = None
+        self.part_level: float | None = None
         # figures
         self.kill_at: dict[str, float] = {}
         self.first_suspect: dict[str, float] = {}
@@ -181,6 +272,9 @@ class Sim:
         self.msgs = 0
         self.msgs_total = 0
         self.sync_bytes = 0
+        self.bytes = 0
+        self.max_payload = 0
+        self.oversized = 0
         self.window_end = p.seconds
         self.events = 0
         self.set_up = False
@@ -205,10 +299,16 @@ class Sim:
         for o in outs:
             if isinstance(o, Message):
                 self.msgs_total += 1
+                payload, box = wire_bytes(o)
+                self.max_payload = max(self.max_payload, payload)
+                if payload > wire.MAX_PAYLOAD:
+                    self.oversized += 1  # the service would count it and send nothing
+                    continue
                 if in_window:
                     self.msgs += 1
+                    self.bytes += box
                     if isinstance(o, SyncDigest | SyncState):
-                        self.sync_bytes += encoded_size(o)
+                        self.sync_bytes += box
                 if (src.id, o.dest) in self.broken:
                     continue
                 if self.partitioned is not None and (src.id == self.partitioned or o.dest == self.partitioned):
@@ -236,6 +336,7 @@ class Sim:
                     self.msgs_total += p.check_frames
                     if in_window:
                         self.msgs += p.check_frames
+                        self.bytes += p.check_frames * CHECK_FRAME_BYTES
                     self.push(now + p.check_gap * p.check_frames, _CHECKED, src.i, (o.member, o.address, now))
             elif isinstance(o, MemberChanged):
                 self.observe(src, o)
@@ -426,7 +527,21 @@ class Sim:
                 self.push(t + p.partition_seconds, _PART_OFF, i)
             elif kind == _PART_OFF:
                 self.partitioned = None
+                self.part_healed = t
+                self.push(t + 0.5, _LEVEL, i)
+            elif kind == _LEVEL:
+                if self.level(nd):
+                    self.part_level = t - (self.part_healed or t)
+                else:
+                    self.push(t + 0.5, _LEVEL, i)
         return True
+
+    def level(self, nd: _Node) -> bool:
+        """Whether ``nd``'s live table is the pool's: its digest equals that of most of 5 others
+        (one of them may be in the middle of an update)."""
+        others = [n for n in self.nodes if n.up and n.started and n is not nd][:5]
+        mine = nd.m.digest()
+        return sum(n.m.digest() == mine for n in others) >= 3
 
     @staticmethod
     def handle(nd: _Node, data: Any, t: float) -> list[Any]:
@@ -471,13 +586,18 @@ class Sim:
             "confirmed_false_deaths": len(self.confirmed_false),
             "confirmed_true_deaths": self.confirmed_true,
             "msgs_per_node_s": _round(self.msgs / (p.nodes * window)),
+            "bytes_per_node_s": _round(self.bytes / (p.nodes * window)),
             "sync_bytes_per_node_s": _round(self.sync_bytes / (p.nodes * window)),
+            "max_message_bytes": self.max_payload,
+            "max_message_limit": wire.MAX_PAYLOAD,
+            "oversized_messages": self.oversized,
             "steady_window_s": _round(window),
             "join_converged_s": _round(max(self.join_done.values()) if len(self.join_done) == len(self.join_at)
                                        and self.join_done else None),
             "joins": len(self.join_at),
             "partition_one": p.partition_one,
             "partition_confirmed_dead": self.part_confirmed if p.partition_one else None,
+            "partition_level_s": _round(self.part_level),
             "partitioned_declared_dead_by": len(self.part_declared_dead_by) if p.partition_one else None,
             "partitioned_node_held_dead": len(self.part_local_dead) if p.partition_one else None,
             "events": self.events,
@@ -546,17 +666,33 @@ def memberlist_figures(n: int) -> dict[str, Any]:
     suspicion = 4 * max(1.0, math.log10(n)) * probe_interval
     first_probe_median = math.log(2) * probe_interval  # ~one probe of any member per period, cluster-wide
     spread = 0.2 * math.ceil(math.log(max(n, 2)) / math.log(4)) + 0.2
-    entry = Update("n999", "10.0.3.231:8081", 0, ALIVE, "n999")
-    state = SyncState("n1", "10.0.0.1:8081", "n0", "10.0.0.0:8081", 0, [entry] * n, True)
+    names = random.Random(0)
+    me, peer = (ec2_id(names), ec2_address(names)), (ec2_id(names), ec2_address(names))
+    entry = Update(me[0], me[1], 0, ALIVE, me[0])
+    # its push-pull: the whole table each way, one sent and one answered per node per interval
+    state = SyncState(*peer, *me, 0, [entry] * n, True)
+    push_pull = 30.0 * push_pull_scale(n)
+    _, state_bytes = wire_bytes(state)
+    _, ping_bytes = wire_bytes(Ping(*peer, *me, 0, 1, []))
     return {
         "probe_interval_s": probe_interval,
         "probe_timeout_s": probe_timeout,
         "suspicion_timeout_s": round(suspicion, 3),
         "detect_first_s": round(first_probe_median + probe_interval, 3),
         "dead_everywhere_estimate_s": round(first_probe_median + probe_interval + suspicion + spread, 3),
-        "msgs_per_node_s": 2.0 + 2 / 30,
-        "sync_bytes_per_node_s": round(2 * encoded_size(state) / 30, 1),
+        "push_pull_interval_s": push_pull,
+        "msgs_per_node_s": round(2.0 + 2 / push_pull, 3),
+        "sync_bytes_per_node_s": round(2 * state_bytes / push_pull, 1),
+        # a probe and its answer per period, no piggyback: a lower bound of the rest
+        "probe_bytes_per_node_s": 2 * ping_bytes,
     }
+
+
+def push_pull_scale(n: int) -> float:
+    """memberlist's ``pushPullScale``: the push-pull interval's multiplier above 32 nodes."""
+    if n <= 32:
+        return 1.0
+    return math.ceil(math.log2(n) - math.log2(32)) + 1.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,16 +45,19 @@ def address(name: str) -> str:
 
 
 class SwimNet:
-    """``n`` machines named ``{prefix}0`` ... ``{prefix}{n-1}``, each knowing all the others, started
-    at time 0 without a join (the registry told them of each other)."""
+    """``n`` machines named ``{prefix}0`` ... ``{prefix}{n-1}`` (or ``names``, at ``addresses``),
+    each knowing all the others, started at time 0 without a join (the registry told them of each
+    other)."""
 
     def __init__(self, n: int, *, prefix: str = "n", config: SwimConfig | None = None, seed: int = 1,
-                 incarnation: int = 0, delay: float = 0.001) -> None:
+                 incarnation: int = 0, delay: float = 0.001, names: list[str] | None = None,
+                 addresses: dict[str, str] | None = None) -> None:
         self.now = 0.0
         self.config = config or SwimConfig()
         self.delay = delay
-        self.names = [f"{prefix}{i}" for i in range(n)]
-        self.machines = {name: SwimMachine(name, address(name), config=self.config, incarnation=incarnation,
+        self.names = list(names) if names is not None else [f"{prefix}{i}" for i in range(n)]
+        self.addresses = addresses or {}
+        self.machines = {name: SwimMachine(name, self.address(name), config=self.config, incarnation=incarnation,
                                            rng=random.Random(seed * 100 + i)) for i, name in enumerate(self.names)}
         self.down: set[str] = set()
         self.cut: set[tuple[str, str]] = set()
@@ -67,27 +70,38 @@ class SwimNet:
         #: what is due on the wire: (time, order, the machine it is for, a message or an I/O verdict)
         self._wire: list[tuple[float, int, str, Any]] = []
         self._order = 0
+        #: each machine's next deadline as of its last call (only a call changes it)
+        self._deadlines: dict[str, float] = {}
         for name, machine in self.machines.items():
-            self.act(name, machine.add_members([(x, address(x)) for x in self.names], 0.0))
+            self.act(name, machine.add_members([(x, self.address(x)) for x in self.names], 0.0))
         for name, machine in self.machines.items():
             self.act(name, machine.start(0.0, join=False))
 
-    def add(self, name: str, incarnation: int = 0) -> SwimMachine:
-        """A (re)started node that bootstraps from the registry and joins."""
-        machine = SwimMachine(name, address(name), config=self.config, rng=random.Random(7), incarnation=incarnation,
-                              now=self.now)
+    def address(self, name: str) -> str:
+        return self.addresses.get(name) or address(name)
+
+    def add(self, name: str, incarnation: int = 0, knows: list[str] | None = None, join: bool = True) -> SwimMachine:
+        """A (re)started node that bootstraps from the registry (or knows only ``knows``) and joins
+        (``join``: announces itself and syncs at once)."""
+        machine = SwimMachine(name, self.address(name), config=self.config, rng=random.Random(7),
+                              incarnation=incarnation, now=self.now)
         self.machines[name] = machine
         if name not in self.names:
             self.names.append(name)
         self.down.discard(name)
-        self.act(name, machine.add_members([(x, address(x)) for x in self.machines], self.now))
-        self.act(name, machine.start(self.now, join=True))
+        known = list(self.machines) if knows is None else knows
+        self.act(name, machine.add_members([(x, self.address(x)) for x in known], self.now))
+        self.act(name, machine.start(self.now, join=join))
         return machine
 
     # -- what the machines do
 
     def act(self, name: str, outputs: list[Output]) -> None:
         """Carry out ``outputs`` of ``name``'s machine (as MembershipService.act does)."""
+        machine = self.machines.get(name)
+        if machine is not None:
+            deadline = machine.next_deadline()
+            self._deadlines[name] = math.inf if deadline is None else deadline
         for out in outputs:
             self.log.append((self.now, name, out))
             if isinstance(out, Message):
@@ -121,10 +135,12 @@ class SwimNet:
     def run(self, seconds: float) -> None:
         """Let ``seconds`` of virtual time pass: deliver what is due, then run due timers."""
         end = self.now + seconds
+        for name, machine in self.machines.items():  # a test may have called a machine itself
+            deadline = machine.next_deadline()
+            self._deadlines[name] = math.inf if deadline is None else deadline
         while True:
-            timers = [(d, name) for name, m in self.machines.items()
-                      if name not in self.down and (d := m.next_deadline()) is not None]
-            t_timer = min(timers)[0] if timers else math.inf
+            down = self.down
+            t_timer = min((d for name, d in self._deadlines.items() if name not in down), default=math.inf)
             t_wire = self._wire[0][0] if self._wire else math.inf
             t = min(t_timer, t_wire)
             if t > end:
@@ -135,9 +151,8 @@ class SwimNet:
                 _, _, name, what = heapq.heappop(self._wire)
                 self._arrive(name, what)
             else:
-                for d, name in sorted(timers):
-                    if d <= self.now:
-                        self.act(name, self.machines[name].tick(self.now))
+                for name in sorted(n for n, d in self._deadlines.items() if d <= self.now and n not in down):
+                    self.act(name, self.machines[name].tick(self.now))
 
     def until(self, predicate: Callable[[], bool], limit: float) -> float:
         """Run until ``predicate`` holds (at most ``limit`` seconds); returns the seconds it took."""

@@ -6,6 +6,7 @@ itself prints the figures.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,46 @@ def test_a_killed_process_is_suspected_by_its_watchers_at_once() -> None:
     assert len(watchers) == 3
     sim.advance(killed + 0.05)
     assert [n.id for n in watchers if n.m.member(victim).state == SUSPECT] == [n.id for n in watchers]
+
+
+def test_the_simulator_counts_message_sizes_exactly() -> None:
+    """Its quick count of a payload's bytes is the encoding's length, for every kind of message."""
+    import bench.membership_sim as ms
+    from gridnode.membership import swim
+
+    names = random.Random(4)
+    a, b = (ms.ec2_id(names), ms.ec2_address(names)), (ms.ec2_id(names), ms.ec2_address(names))
+    u = swim.Update(a[0], a[1], 12, swim.SUSPECT, b[0])
+    hdr = (*a, *b, 3)
+    msgs = [swim.Ping(*hdr, 17, []), swim.Ack(*hdr, 0, [u, u]), swim.Nack(*hdr, 5),
+            swim.PingReq(*hdr, 1, *b, [u]), swim.Gossip(*hdr, []), swim.SyncDigest(*hdr, "0" * 32, 5),
+            swim.SyncState(*hdr, [u] * 3, True, 4, [1, 2]), swim.SyncState(*hdr, [], False, 0, [])]
+    assert [ms.payload_size(m) for m in msgs] == [swim.encoded_size(m) for m in msgs]
+    assert a[0].startswith("i-") and len(a[0]) == 19 and a[1].endswith(".compute-1.amazonaws.com:8081")
+
+
+def test_the_simulator_reports_bytes_of_every_message() -> None:
+    """Bytes per node per second count every message (probes too), not the syncs alone; nothing is
+    over the wire's limit."""
+    figures = Sim(Params(nodes=40, loss=0.01, seconds=60, joins=0, seed=2)).run()
+    assert figures["bytes_per_node_s"] > 10 * figures["sync_bytes_per_node_s"] > 0
+    assert figures["oversized_messages"] == 0 and 0 < figures["max_message_bytes"] <= figures["max_message_limit"]
+
+
+def test_the_sync_bench_converges_within_the_limit() -> None:
+    """bench/membership_sync.py: each scenario ends level and under the limit; the whole table as
+    one message (the sync before buckets) is the one over it."""
+    from bench.membership_sync import run
+
+    results = {o["scenario"]: o for o in run(1200, 12, 1)}
+    assert all(results[s]["converged"] and not results[s]["over_limit"] for s in ("steady", "missed", "joiner"))
+    assert results["steady"]["messages"] == 1
+    assert results["missed"]["members_sent"] < 1200 // 2
+    assert results["whole"]["over_limit"] == 1
+
+
+def test_a_cut_off_node_is_level_again_after_the_partition() -> None:
+    """The simulator's partition_level_s: the node cut off for 30 s, held dead by all and missing
+    every update meanwhile, ends with the pool's table (by anti-entropy and refutation)."""
+    figures = Sim(Params(nodes=40, loss=0.01, seconds=150, partition_one=True, joins=3, seed=2)).run()
+    assert figures["partition_level_s"] is not None and figures["partition_confirmed_dead"] == 0

@@ -31,6 +31,7 @@ from bench.__main__ import (
     read_membership_fp,
     read_membership_join,
     read_membership_scale,
+    read_membership_sync,
     read_pipeline,
     read_store_upload,
     run_bench,
@@ -211,6 +212,29 @@ class ReaderTests:
         assert sync.verdict == "FAIL"  # 6.0 / 4.0 = 1.5
         assert sync.ratio == "1.50"
 
+    def test_membership_sync_rows(self) -> None:
+        """A row per scenario: PASS when level and nothing over the limit; the whole table is a note."""
+        base = {"nodes": 5000, "limit": 60_000, "members_sent": 1}
+        rows = read_membership_sync([
+            {**base, "scenario": "missed", "messages": 4, "bytes": 107_000, "max_message_bytes": 49_675,
+             "over_limit": 0, "converged": True},
+            {**base, "scenario": "joiner", "messages": 12, "bytes": 540_000, "max_message_bytes": 59_805,
+             "over_limit": 0, "converged": False},
+            {**base, "scenario": "whole", "messages": 1, "bytes": 526_315, "max_message_bytes": 526_315,
+             "over_limit": 1, "converged": None}])
+        assert [r.verdict for r in rows] == ["PASS", "FAIL"]
+        assert "526,315 B" in rows[0].measured and "NOT level" in rows[1].measured
+
+    def test_membership_scale_counts_every_message_and_the_largest(self) -> None:
+        """With the simulator's byte figures: a row for all messages' bytes, one for the largest."""
+        objs = [{"nodes": n, "loss": 0.01, "msgs_per_node_s": 2.0, "sync_bytes_per_node_s": 5.0,
+                 "bytes_per_node_s": b, "max_message_bytes": big, "max_message_limit": 60_000,
+                 "oversized_messages": over}
+                for n, b, big, over in ((10, 800.0, 400, 0), (1000, 1000.0, 61_000, 1))]
+        _, _, every, largest = read_membership_scale(objs)
+        assert every.verdict == "FAIL" and every.ratio == "1.25" and "N=1000: 1000" in every.measured
+        assert largest.verdict == "FAIL" and "61,000 bytes; 1 over" in largest.measured
+
 
 class TableTests:
     def test_table_shape(self) -> None:
@@ -244,7 +268,7 @@ class SuiteTests:
             benches = suite(quick)
             scripts = {c[1] for b in benches for c in b.commands}
             assert scripts == {"bench/pipeline.py", "bench/store_upload.py", "bench/loadbalance.py",
-                               "bench/membership_sim.py"}
+                               "bench/membership_sim.py", "bench/membership_sync.py"}
             assert all(0 < b.budget_s <= TOTAL_S for b in benches)
             assert all(any("--json" in c for c in b.commands) for b in benches)
 
@@ -253,7 +277,7 @@ class SuiteTests:
         benches = suite()
         assert [b.name for b in select(benches, ["pool"])] == ["pool"]
         assert {b.name for b in select(benches, ["membership"])} == {
-            "membership_detect", "membership_fp", "membership_scale", "membership_join"}
+            "membership_detect", "membership_fp", "membership_scale", "membership_join", "membership_sync"}
         with pytest.raises(ValueError):
             select(benches, ["nosuch"])
 

@@ -273,3 +273,64 @@ def test_a_confirmed_death_is_reported_through_callbacks_only() -> None:
     assert calls == [("gone", "b", 5), ("dead", "b", 5)] and not done.called
     answer.errback(RuntimeError("adoption failed"))
     assert done.called
+
+
+def _huge_state(to: str, addr: str, size: int) -> swim.SyncState:
+    """A SyncState from a to ``to`` whose payload is about ``size`` bytes (one member's long address)."""
+    big = swim.Update("x", "h" * size + ":1", 0, swim.ALIVE, "x")
+    return swim.SyncState(to, addr, "a", "127.0.0.1:7001", 7, [big], False, 1, [])
+
+
+def test_a_message_over_the_limit_is_counted_logged_and_not_sent() -> None:
+    """A payload over the wire's limit would be dropped by the receiver (or refused by AMP): the
+    sender counts it (``send_oversized``, in /peers ``dropped``), logs it, and opens no connection."""
+    from twisted.logger import capturedLogs
+
+    wires = Wires()
+    services = _pair(wires, start=False)
+    a = services["a"]
+    with capturedLogs() as logs:
+        a.act([_huge_state("b", "127.0.0.1:7002", wire.MAX_PAYLOAD)])
+    assert a.dropped == {"send_oversized": 1}
+    assert wires.reactor.tcpClients == []
+    assert any("over the limit" in str(e.get("log_format")) for e in logs)
+    a.halt()
+
+
+def test_a_send_that_fails_is_counted_and_logged(monkeypatch: Any) -> None:
+    """The path that used to swallow errors: a message AMP refuses to frame (a value over 65,535
+    bytes, here with the size check lifted) fails after the connection is made, and is counted
+    (``send_failed``) and logged; the peer still gets the messages after it."""
+    from twisted.logger import capturedLogs
+
+    wires = Wires()
+    services = _pair(wires)
+    a, b = services["a"], services["b"]
+    try:
+        wires.run_until(lambda: "a" in b.last_heard, 10)
+        monkeypatch.setattr(wire, "MAX_PAYLOAD", 10**6)
+        with capturedLogs() as logs:
+            a.act([_huge_state("b", "127.0.0.1:7002", 70_000)])
+            wires.settle()
+        assert a.dropped == {"send_failed": 1}
+        assert any(e.get("log_failure") is not None and "not sent" in str(e.get("log_format")) for e in logs)
+        heard = b.last_heard["a"]
+        wires.run_until(lambda: b.last_heard["a"] > heard, 10)
+    finally:
+        for service in services.values():
+            service.halt()
+
+
+def test_a_refused_send_is_counted() -> None:
+    """A connection refused is counted with the failed sends (and told to the machine, as before)."""
+    wires = Wires()
+    clock = wires.reactor
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=clock.seconds())
+    machine.add_members([("b", "127.0.0.1:2")], clock.seconds())
+    service = MembershipService(clock, machine, wire.fixed_keys(KEY), now=clock.seconds, join=False)
+    service.startService()
+    try:
+        wires.run_until(lambda: service.dropped.get("send_failed", 0) >= 1, 10)
+        assert machine.member("b").state == swim.SUSPECT  # type: ignore[union-attr]
+    finally:
+        service.halt()

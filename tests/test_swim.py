@@ -325,7 +325,8 @@ class DisseminationTests:
         assert carried == CFG.retransmit_limit(n) == 8
 
     def test_sync_by_digest_then_full_state(self) -> None:
-        """Equal tables exchange a digest only; different tables trigger a push-pull of the full state."""
+        """Equal tables exchange a digest only; different tables trigger a push-pull of the buckets
+        that differ (at 6 members there is one bucket: the whole table; tests/test_sync.py goes on)."""
         names = [f"m{i}" for i in range(5)]
         a = SwimMachine("m0", address("m0"), config=CFG, rng=random.Random(1))
         b = SwimMachine("m1", address("m1"), config=CFG, rng=random.Random(2))

@@ -4,9 +4,12 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
 
 - Out: a bounded cache of connections keyed by peer address (least recently
   used one closed past ``max_out``), with a connect timeout; a message whose
-  connection fails is simply lost, as on UDP (SWIM expects loss). A connection
-  *refused* is news, though: nothing listens at that address any more, so the
-  machine hears of it (``SwimMachine.refused``).
+  connection fails is lost, as on UDP (SWIM expects loss), and counted with the
+  dropped ones (``send_failed``). A connection *refused* is news, though: nothing
+  listens at that address any more, so the machine hears of it
+  (``SwimMachine.refused``). A message over the wire's size limit is not sent,
+  counted (``send_oversized``) and logged: the machine cuts its syncs to fit, so
+  one is a bug to report.
 - In: at most ``max_in`` concurrent connections; more are closed at once.
 - Watching: a standing connection to each member the machine watches
   (``Watch``/``Unwatch``), remade when lost. Over it, ``CheckHost`` asks the
@@ -35,7 +38,7 @@ from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -103,7 +106,7 @@ class MembershipService(Service):
         self.max_in = max_in
         self.connect_timeout = connect_timeout
         self.now = now
-        #: whether starting announces us and push-pulls the full table with one member
+        #: whether starting announces us and syncs with one member at once
         self.join = join
         self.inbound: set[PeerProtocol] = set()
         self._out: OrderedDict[str, Any] = OrderedDict()
@@ -227,6 +230,15 @@ class MembershipService(Service):
         self._log.debug("dropped a peer message: {reason}", reason=reason)
 
     def _send_failed(self, failure: Any, msg: swim.Message) -> None:
+        """Counted, logged, and a refusal told to the machine; never silent: a sync that cannot be
+        sent would otherwise stop anti-entropy without a trace."""
+        self.drop("send_failed")
+        if failure.check(ConnectError, ConnectionClosed, DNSLookupError):
+            # the peer is gone or unreachable: loss SWIM expects, common around a death
+            self._log.debug("{kind} to {peer} not sent: {error}", kind=type(msg).__name__, peer=msg.dest,
+                            error=failure.getErrorMessage())
+        else:
+            self._log.failure("{kind} to {peer} not sent", failure, kind=type(msg).__name__, peer=msg.dest)
         if failure.check(ConnectionRefusedError) and self.running:
             self.act(self.machine.refused(msg.dest, msg.dest_addr, self.now()))
 
@@ -258,6 +270,12 @@ class MembershipService(Service):
 
     def _send(self, msg: swim.Message) -> Deferred[Any]:
         command, args = wire.seal(self.keys()[0], msg, self.now())
+        if len(args["payload"]) > wire.MAX_PAYLOAD:
+            # the receiver would drop it (and AMP refuses a value over 65,535 bytes)
+            self.drop("send_oversized")
+            self._log.warn("{kind} to {peer} not sent: {size} bytes, over the limit of {limit}",
+                           kind=type(msg).__name__, peer=msg.dest, size=len(args["payload"]), limit=wire.MAX_PAYLOAD)
+            return succeed(None)
         d = self._connection(msg.dest_addr)
 
         def call(proto: PeerProtocol) -> Any:

@@ -64,10 +64,11 @@ Protocol choices, and why:
   ``gossip_fanout`` random members every ``gossip_interval`` *only while there is
   something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times.
   The steady state thus costs one ping and one ack per member per period.
-- Anti-entropy: every ``sync_interval`` a digest (XOR of 64-bit hashes of
-  ``member:incarnation`` of live members, and their count) goes to one random member;
-  the full table is exchanged (push-pull) only when digests differ, so steady-state
-  sync bytes do not grow with N. A share of syncs goes to members held dead, so that
+- Anti-entropy (gridnode/membership/sync.py): every ``sync_interval`` the pool-wide digest
+  of the live table goes to one random member; where it differs, the two compare per-bucket
+  digests and push-pull only the buckets that differ, each message under the wire's size
+  limit, so steady-state sync bytes do not grow with N and a repair costs the difference, not
+  the table. A joiner opens the same way. A share of syncs goes to members held dead, so that
   both sides of a healed partition find each other again.
 - Precedence: an update wins over the held state iff ``(incarnation, rank)`` is greater,
   rank alive < suspect < dead < left: a join-semilattice, so merge order does not
@@ -87,8 +88,10 @@ import json
 import math
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+
+from gridnode.membership import sync
 
 ALIVE = "alive"
 SUSPECT = "suspect"
@@ -125,7 +128,7 @@ class SwimConfig:
     gossip_fanout: int = 3
     max_piggyback: int = 8
     sync_interval: float = 30.0
-    #: False: always exchange the full table (memberlist's push-pull)
+    #: False: always exchange the full table (memberlist's push-pull), cut into messages that fit
     sync_digest: bool = True
     #: share of syncs sent to a member held dead (heals partitions; always when none is alive)
     sync_dead_fraction: float = 0.1
@@ -202,14 +205,21 @@ class Gossip(Message):
 
 @dataclass(slots=True)
 class SyncDigest(Message):
+    """``digest``: 16 hex digits per bucket (sync.py); one bucket opens a sync, more answer it."""
+
     digest: str
     count: int
 
 
 @dataclass(slots=True)
 class SyncState(Message):
+    """Our members of some buckets (of ``buckets``; 0: the whole table). ``want``: the buckets the
+    receiver should send back its members of (``reply`` says whether there are any)."""
+
     members: list[Update]
     reply: bool
+    buckets: int = 0
+    want: list[int] = field(default_factory=list)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -234,11 +244,18 @@ def message_from_dict(d: dict[str, Any]) -> Message:
     cls = MESSAGE_TYPES[d["type"]]
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
+        if f.name not in d and (f.default is not MISSING or f.default_factory is not MISSING):
+            continue  # a field added since: an older member leaves it out
         v = d[f.name]
         if f.name in _UPDATE_FIELDS:
             v = [Update(str(m), str(a), int(i), _check_state(s), str(o)) for m, a, i, s, o in v]
         kwargs[f.name] = v
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    if isinstance(msg, SyncDigest):
+        sync.decode(msg.digest)
+    elif isinstance(msg, SyncState):
+        sync.check_want(msg.buckets, msg.want)
+    return msg
 
 
 def _check_state(s: Any) -> str:
@@ -250,6 +267,10 @@ def _check_state(s: Any) -> str:
 def encoded_size(msg: Message) -> int:
     """Bytes of the compact JSON encoding: the figure used for sync-bytes budgets."""
     return len(json.dumps(message_to_dict(msg), separators=(",", ":")))
+
+
+def _update_size(u: Update) -> int:
+    return len(json.dumps([u.member, u.address, u.incarnation, u.state, u.origin], separators=(",", ":")))
 
 
 def supersedes(new: Update, held: Update) -> bool:
@@ -320,7 +341,7 @@ _DEFERRABLE = frozenset((_T_ACK, _T_PROBE_END, _T_RELAY, _T_SUSPECT, _T_FINAL))
 
 
 class _Member:
-    __slots__ = ("id", "address", "incarnation", "state", "origin", "changed")
+    __slots__ = ("id", "address", "incarnation", "state", "origin", "changed", "bucket")
 
     def __init__(self, id: str, address: str, incarnation: int, state: str, origin: str, changed: float) -> None:
         self.id = id
@@ -329,6 +350,8 @@ class _Member:
         self.state = state
         self.origin = origin
         self.changed = changed
+        #: its fine sync bucket (sync.bucket_of), hashed once
+        self.bucket = sync.bucket_of(id)
 
     def update(self) -> Update:
         return Update(self.id, self.address, self.incarnation, self.state, self.origin or self.id)
@@ -356,11 +379,6 @@ class _Probe:
         self.expected_nacks = 0
         #: the suspicion this probe is the last-chance check of: its verdict is about that one only
         self.last_chance_of = last_chance_of
-
-
-def _hash64(member: str, incarnation: int) -> int:
-    h = hashlib.blake2b(f"{member}:{incarnation}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big")
 
 
 def _ring_point(member: str) -> tuple[int, str]:
@@ -398,7 +416,10 @@ class SwimMachine:
         self._dead_pos: dict[str, int] = {}
         self._probe_list: list[str] = []
         self._probe_idx = 0
-        self._digest = _hash64(me, incarnation)
+        # per-bucket digests of the live table, us included (sync.py)
+        self._digests = sync.Digests()
+        self._bucket = sync.bucket_of(me)
+        self._digests.toggle(me, incarnation, address, self._bucket)
         self._timers: list[tuple[float, int, int, Any]] = []
         self._tseq = 0
         self._seq = 0
@@ -416,6 +437,9 @@ class SwimMachine:
         self._watching: dict[str, str] = {}  # member -> address
         self._checked: dict[str, int] = {}  # member -> incarnation whose host we asked about
         self._last_stall = -math.inf
+        # applying many updates at once (add_members, a SyncState): the ring is looked at once, after
+        self._batch = False
+        self._rewatch_due = False
 
     # ------------------------------------------------------------ public API
 
@@ -437,10 +461,14 @@ class SwimMachine:
         self._now = now
         out: list[Output] = []
         known = incarnations or {}
-        for member, address in members:
-            if member != self.me and member not in self._members:
-                self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
-                self._queue.pop(member, None)  # the registry told everyone already: not news
+        self._batch = True
+        try:
+            for member, address in members:
+                if member != self.me and member not in self._members:
+                    self._apply(Update(member, address, known.get(member, 0), ALIVE, member), out)
+                    self._queue.pop(member, None)  # the registry told everyone already: not news
+        finally:
+            self._end_batch(out)
         return out
 
     def add_member(self, member: str, address: str, incarnation: int, now: float) -> list[Output]:
@@ -452,7 +480,7 @@ class SwimMachine:
         return out
 
     def start(self, now: float, *, join: bool = True) -> list[Output]:
-        """Arm the timers. ``join``: announce ourselves and push-pull the full table with one member."""
+        """Arm the timers. ``join``: announce ourselves and open a sync with one member at once."""
         self._now = now
         self._started = True
         out: list[Output] = []
@@ -465,7 +493,7 @@ class SwimMachine:
         if join:
             self._enqueue(self._self_update(), first=True)
             for peer in self._sample(1, ()):
-                out.append(SyncState(peer, self._members[peer].address, *self._hdr(), self._full_state(), True))
+                self._open_sync(peer, self._members[peer].address, out)
         return out
 
     def leave(self, now: float) -> list[Output]:
@@ -563,8 +591,9 @@ class SwimMachine:
         """Alive and suspect members, ourselves included."""
         return len(self._live) + 1
 
-    def digest(self) -> tuple[str, int]:
-        return f"{self._digest:016x}", len(self._live) + 1
+    def digest(self, buckets: int = 1) -> tuple[str, int]:
+        """Our live table's digest in ``buckets`` buckets (sync.py), and how many it holds live."""
+        return self._digests.encode(buckets), len(self._live) + 1
 
     def next_deadline(self) -> float | None:
         """When ``tick`` should next be called (None: nothing armed)."""
@@ -624,17 +653,23 @@ class SwimMachine:
             self._apply_all(msg.updates, out)
         elif t is SyncDigest:
             assert isinstance(msg, SyncDigest)
-            if (msg.digest, msg.count) != self.digest():
-                out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), True))
+            self._on_digest(msg, out)
         elif t is SyncState:
             assert isinstance(msg, SyncState)
-            for u in msg.members:
-                # a remote death becomes a suspicion here (as memberlist does): the sender's
-                # table may be stale (it was cut off), and a live member then gets to refute
-                held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
-                self._apply(held, out)
-            if msg.reply:
-                out.append(SyncState(msg.sender, msg.sender_addr, *self._hdr(), self._full_state(), False))
+            self._batch = True
+            try:
+                for u in msg.members:
+                    # a remote death becomes a suspicion here (as memberlist does): the sender's
+                    # table may be stale (it was cut off), and a live member then gets to refute
+                    held = Update(u.member, u.address, u.incarnation, SUSPECT, u.origin) if u.state == DEAD else u
+                    self._apply(held, out)
+            finally:
+                self._end_batch(out)
+            if msg.want:
+                self._send_buckets(msg.sender, msg.sender_addr, msg.buckets, msg.want, False, out)
+            elif msg.reply and not msg.buckets:
+                # an older member's whole table, asking for ours
+                self._send_buckets(msg.sender, msg.sender_addr, 1, [0], False, out)
         return out
 
     # ------------------------------------------------------------ timers
@@ -719,10 +754,9 @@ class SwimMachine:
             for peer in peers:
                 addr = self._members[peer].address
                 if cfg.sync_digest:
-                    d, n = self.digest()
-                    out.append(SyncDigest(peer, addr, *self._hdr(), d, n))
+                    self._open_sync(peer, addr, out)
                 else:
-                    out.append(SyncState(peer, addr, *self._hdr(), self._full_state(), True))
+                    self._send_buckets(peer, addr, 1, [0], True, out)
         elif kind == _T_REAP:
             m = self._members.get(key)
             if m is not None and m.state in (DEAD, LEFT) and m.changed + cfg.reap_after <= now:
@@ -909,7 +943,7 @@ class SwimMachine:
             m = _Member(u.member, u.address, u.incarnation, u.state, u.origin, self._now)
             self._members[u.member] = m
             self._live_add(m.id)
-            self._digest ^= _hash64(m.id, m.incarnation)
+            self._toggle(m)
             if self._started and self._probe_idx < len(self._probe_list):
                 # join the current round at a random place (memberlist does the same)
                 pos = self._rng.randint(self._probe_idx, len(self._probe_list))
@@ -918,7 +952,7 @@ class SwimMachine:
                 self._start_suspicion(m, u.origin, out)
             self._enqueue(u)
             out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
-            self._rewatch(out)
+            self._ring_changed(out)
             return
         if (u.incarnation, _RANK[u.state]) <= (m.incarnation, _RANK[m.state]):
             if u.state == SUSPECT and u.incarnation == m.incarnation:
@@ -928,7 +962,7 @@ class SwimMachine:
             return
         was_live = m.state in (ALIVE, SUSPECT)
         if was_live:
-            self._digest ^= _hash64(m.id, m.incarnation)
+            self._toggle(m)
         m.incarnation = u.incarnation
         m.state = u.state
         m.address = u.address
@@ -948,7 +982,7 @@ class SwimMachine:
         else:
             self._bag_remove(self._dead, self._dead_pos, m.id)
         if is_live:
-            self._digest ^= _hash64(m.id, m.incarnation)
+            self._toggle(m)
             if not was_live:
                 self._live_add(m.id)
         elif was_live:
@@ -956,7 +990,7 @@ class SwimMachine:
         self._enqueue(u)
         out.append(MemberChanged(m.id, m.address, m.state, m.incarnation))
         if is_live != was_live or (m.id in self._watching and self._watching[m.id] != m.address):
-            self._rewatch(out)
+            self._ring_changed(out)
 
     def _about_me(self, u: Update, out: list[Output]) -> None:
         if self._left:
@@ -964,9 +998,9 @@ class SwimMachine:
         if u.incarnation < self._inc or (u.state == ALIVE and u.incarnation == self._inc):
             return
         # someone holds us suspect/dead/left (or an older life of ours as alive): refute
-        self._digest ^= _hash64(self.me, self._inc)
+        self._digests.toggle(self.me, self._inc, self.address, self._bucket)
         self._inc = u.incarnation + 1
-        self._digest ^= _hash64(self.me, self._inc)
+        self._digests.toggle(self.me, self._inc, self.address, self._bucket)
         if u.state == SUSPECT:
             self._health = min(self.config.health_max, self._health + 1)
         alive = self._self_update()
@@ -1017,8 +1051,49 @@ class SwimMachine:
                 break
             out.append(Gossip(peer, self._members[peer].address, *self._hdr(), ups))
 
-    def _full_state(self) -> list[Update]:
-        return [self._self_update(), *(m.update() for m in self._members.values())]
+    # ------------------------------------------------------------ anti-entropy (sync.py)
+
+    def _toggle(self, m: _Member) -> None:
+        """Put a live member's entry in our digests, or take it out (before it changes)."""
+        self._digests.toggle(m.id, m.incarnation, m.address, m.bucket)
+
+    def _open_sync(self, peer: str, addr: str, out: list[Output]) -> None:
+        d, n = self.digest()
+        out.append(SyncDigest(peer, addr, *self._hdr(), d, n))
+
+    def _on_digest(self, msg: SyncDigest, out: list[Output]) -> None:
+        theirs = sync.decode(msg.digest)
+        n = len(theirs)
+        if n == 1:
+            if self._digests.fold(1) == theirs:
+                return
+            mine = sync.buckets_for(len(self._live) + 1)
+            if mine > 1:
+                # tell where we differ; the opener then sends those buckets and asks for ours
+                d, count = self.digest(mine)
+                out.append(SyncDigest(msg.sender, msg.sender_addr, *self._hdr(), d, count))
+                return
+        want = sync.differing(self._digests.fold(n), theirs)
+        if want:
+            self._send_buckets(msg.sender, msg.sender_addr, n, want, True, out)
+
+    def _send_buckets(self, dest: str, addr: str, buckets: int, want: list[int], ask: bool,
+                      out: list[Output]) -> None:
+        """Our members (dead and left too: the other may have missed a death) of ``want`` out of
+        ``buckets`` buckets, in as many messages as it takes to keep each under the size limit;
+        ``ask``: ask for theirs of the same buckets."""
+        chosen = set(want)
+        parts: dict[int, list[Update]] = {i: [] for i in sorted(chosen)}
+        if sync.coarse(self._bucket, buckets) in chosen:
+            parts[sync.coarse(self._bucket, buckets)].append(self._self_update())
+        for m in self._members.values():
+            i = sync.coarse(m.bucket, buckets)
+            if i in chosen:
+                parts[i].append(m.update())
+        room = sync.MAX_MESSAGE_BYTES - encoded_size(SyncState(dest, addr, *self._hdr(), [], False, buckets, []))
+        for members, named in sync.pack(list(parts.items()), _update_size, room):
+            wanted = named if ask else []
+            out.append(SyncState(dest, addr, *self._hdr(), members, bool(wanted), buckets, wanted))
 
     # ------------------------------------------------------------ helpers
 
@@ -1044,6 +1119,18 @@ class SwimMachine:
             if i < len(ring) and ring[i][1] == member:
                 del ring[i]
         self._bag_remove(self._live, self._live_pos, member)
+
+    def _ring_changed(self, out: list[Output]) -> None:
+        if self._batch:
+            self._rewatch_due = True  # once at the end of the batch: a registry or a sync adds thousands
+        else:
+            self._rewatch(out)
+
+    def _end_batch(self, out: list[Output]) -> None:
+        self._batch = False
+        if self._rewatch_due:
+            self._rewatch_due = False
+            self._rewatch(out)
 
     def _rewatch(self, out: list[Output]) -> None:
         """The ring changed: watch the ``watchers`` live members after us, and no others."""

@@ -42,12 +42,13 @@ from typing import Any
 
 from twisted.protocols import amp
 
-from gridnode.membership import swim
+from gridnode.membership import swim, sync
 
 VERSION = 1
 #: seconds a message's timestamp may differ from ours
 WINDOW = 30.0
-MAX_PAYLOAD = 60_000
+#: a payload's most bytes (the machine cuts its syncs to fit it)
+MAX_PAYLOAD = sync.MAX_MESSAGE_BYTES
 
 
 #: the pool's MAC keys now, newest first: the first seals, any of them opens
@@ -109,11 +110,11 @@ class Gossip(_OneWay):
 
 
 class SyncDigest(_OneWay):
-    """Anti-entropy, first step: the digest of my live table."""
+    """Anti-entropy: the digest of my live table, pool-wide (opening) or per bucket (answer)."""
 
 
 class SyncState(_OneWay):
-    """Anti-entropy: my whole table (push-pull), only where digests differ."""
+    """Anti-entropy: my members of the buckets whose digests differ (push-pull), in parts that fit."""
 
 
 class Version(amp.Command):
