@@ -90,6 +90,21 @@ def _opt_megabytes(value: Any) -> float | None:
     return f
 
 
+def _store_rate(value: Any) -> float | None:
+    """Requests a second, or None for 'auto' (the node's share of the pool's budget)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        raise ValueError("must be 'auto' or a number of requests a second, such as 20")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be 'auto' or a number of requests a second, such as 20") from None
+    if not 0.1 <= f <= 100000:
+        raise ValueError("must be 'auto' or between 0.1 and 100000 requests a second")
+    return f
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
@@ -183,6 +198,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "file:gridnode-data", "where objects live: file:PATH or s3://BUCKET/PREFIX", _store, "URL"),
     Setting("s3-endpoint", None, "S3 endpoint URL, for S3-compatible servers", _url, "URL"),
     Setting("s3-region", None, "S3 region", _opt_str, "NAME"),
+    Setting("store-rate", "auto", "store requests a second this node sends (bodies aside): a number, or 'auto', "
+            "its share of 1,750/s across the live pool (see docs/operations.md)", _store_rate, "N"),
     Setting("env", "dev", "environment this node joins (staging, production, ...)", _name, "NAME"),
     Setting("pool", "default", "pool of nodes this node joins", _name, "NAME"),
     Setting("http", "tcp:8080:interface=127.0.0.1", "HTTP API endpoint (Twisted endpoint string)",
@@ -247,6 +264,7 @@ class NodeConfig:
     store: str
     s3_endpoint: str | None
     s3_region: str | None
+    store_rate: float | None
     env: str
     pool: str
     http: str
@@ -351,6 +369,7 @@ def build_config(
         values[setting.key.replace("-", "_")] = value
     if values["workers"] is None:
         values["workers"] = cpu_count()
+    values["store_rate"] = _store_rate(values["store_rate"])  # the default, 'auto', is None
     config = NodeConfig(**values)
     if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
         raise ConfigError(

@@ -6,6 +6,7 @@ live in one test process). ``GET /metrics`` serves them in the text format.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -50,6 +51,16 @@ class Metrics:
                                        ["operation"], buckets=_STORE, registry=r)
         self.store_errors = Counter("gridnode_store_errors", "Failed store calls", ["operation", "code"],
                                     registry=r)
+        self.store_token_wait = Histogram("gridnode_store_token_wait_seconds", "Time store calls waited for a "
+                                          "token of the node's request budget (--store-rate), by lane",
+                                          ["lane"], buckets=_STORE, registry=r)
+        self.store_waiting = Gauge("gridnode_store_waiting", "Store calls waiting for a token now, by lane",
+                                   ["lane"], registry=r)
+        self.store_rate = Gauge("gridnode_store_rate", "Store requests a second this node may send now "
+                                "(--store-rate, or its share of the pool's)", registry=r)
+        self.store_throttled = Counter("gridnode_store_throttled", "Store answers that asked us to slow down "
+                                       "(S3's 503 SlowDown), each try; botocore retries them",
+                                       ["operation"], registry=r)
         self.members = Gauge("gridnode_members", "Membership view by state", ["state"], registry=r)
         self.probes = Counter("gridnode_probes", "Peer probes sent", ["result"], registry=r)
         self.suspicions = Counter("gridnode_suspicions", "Peers this node began to suspect", registry=r)
@@ -66,6 +77,15 @@ class Metrics:
         self.queue_length.set_function(lambda: load().get("queued", 0.0))
         self.workers_busy.set_function(lambda: load().get("running", 0.0))
         self.workers.set_function(lambda: load().get("workers", 0.0))
+
+    def bind_gate(self, gate: Any) -> None:
+        """The store's request gate (gridnode/store/rate.py): its waits, queues and rate."""
+        from gridnode.store.rate import LANES
+
+        gate.waited = lambda lane, seconds: self.store_token_wait.labels(lane).observe(seconds)
+        for lane in LANES:
+            self.store_waiting.labels(lane).set_function(partial(gate.waiting, lane))
+        self.store_rate.set_function(lambda: gate.rate)
 
     def timed_store(self, run: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap an ObjectStore runner so each call is timed and its errors counted."""

@@ -34,6 +34,8 @@ from gridnode.metrics import Metrics
 from gridnode.pipeline import JobService
 from gridnode.registry.service import Registry, first_incarnation
 from gridnode.store import ObjectStore, open_backend
+from gridnode.store.base import THREADS
+from gridnode.store.rate import BACKGROUND, Gate
 from gridnode.store_health import StoreHealth
 from gridnode.uploads.store import UploadStore
 from gridnode.uploads.sweep import UploadSweep
@@ -121,13 +123,18 @@ class NodeService(MultiService):
         metrics = Metrics()
         metrics.queue_capacity.set(config.queue)
         try:
-            backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region)
+            backend = open_backend(config.store, s3_endpoint=config.s3_endpoint, s3_region=config.s3_region,
+                                   on_throttled=lambda operation: metrics.store_throttled.labels(operation).inc())
         except OSError as e:
             where = f" at {e.filename}" if e.filename else ""
             raise ConfigError(f"store: cannot open {config.store} ({e.strerror or e}{where}); a file: store needs "
                               "a folder the node may create and write") from None
         store_health = StoreHealth()
         store = ObjectStore.threaded(backend, self.reactor).wrapped(metrics.timed_store).wrapped(store_health.watch)
+        # every request but bodies spends this node's budget (--store-rate), by lane
+        gate = Gate(self.reactor, rate=config.store_rate, slots=THREADS)
+        metrics.bind_gate(gate)
+        store = store.gated(gate)
         from twisted.internet.endpoints import serverFromString
 
         from gridnode.converter import Converter
@@ -153,8 +160,8 @@ class NodeService(MultiService):
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
         registry = Registry(
-            self.reactor, store, env=config.env, pool=config.pool, node_id=view.node_id, http_url=http_url,
-            peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=jobs.load,
+            self.reactor, store.in_lane(BACKGROUND), env=config.env, pool=config.pool, node_id=view.node_id,
+            http_url=http_url, peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=jobs.load,
             incarnation=lambda: membership.machine.incarnation,
         )
         registry.on_read.append(membership.registry_read)
@@ -163,6 +170,7 @@ class NodeService(MultiService):
         membership.on_gone.append(registry.forget)
         membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
         jobs.adopter.members = membership.live_members
+        gate.members = lambda: len(membership.live_members())
         jobs.adopter.earlier_life = lambda: registry.earlier_life
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)

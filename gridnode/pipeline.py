@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,7 +40,9 @@ from gridnode.metrics import Metrics
 from gridnode.runner import Active, Runner, in_store
 from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
+from gridnode.store.rate import BACKGROUND
 from gridnode.store.streamed import StreamedPut
+from gridnode.timers import SPREAD, JitteredLoop
 
 #: seconds a drain waits for the records that hand its released jobs back to the pool
 RELEASE_GRACE = 2.0
@@ -74,17 +76,17 @@ class JobService(Service):
         self.metrics = metrics or Metrics()
         #: runs what it is given: accepted uploads, claimed and recovered jobs
         self.runner = Runner(reactor, store, media, node_id=self.node_id, lease=self.lease, now=now,
-                             metrics=self.metrics)
+                             metrics=self.metrics, rng=self.rng)
         self.uploading: set[str] = set()
         self.draining = False
         #: fired by `hurry`: a drain waits no longer
         self._hurried: Deferred[None] = Deferred()
         #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
-        self.adopter = Adopter(store, self, self.node_id, self.lease, now=now, rng=self.rng)
+        self.adopter = Adopter(store.in_lane(BACKGROUND), self, self.node_id, self.lease, now=now, rng=self.rng)
         #: fires once the recovery that startService begins is over: the node listens only then
         self.recovered: Deferred[None] = Deferred()
         #: every loop running, with what fires when it has stopped
-        self._loops: dict[LoopingCall, Deferred[Any]] = {}
+        self._loops: dict[JitteredLoop, Deferred[Any]] = {}
         self.metrics.bind_load(self.load)
         for state in jobs.STATES:
             if state not in jobs.FINAL:
@@ -99,13 +101,13 @@ class JobService(Service):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         """Resume what an earlier life left in the journal, sweep the spool, then renew
-        leases and look for orphaned jobs periodically."""
+        leases and look for orphaned jobs periodically (each wait jittered: gridnode/timers.py)."""
         super().startService()
         d = self.recover()
         d.addCallback(lambda _: self.spool.sweep(keep=self._journaled))
         d.addCallback(lambda _: None).chainDeferred(self.recovered)
         self._every(self.lease / 3, self.runner.renew_leases, "lease renewal")
-        self._every(self.lease / 2 * (0.75 + self.rng.random() / 2), self.adopt_orphans, "orphan scan")
+        self._every(self.lease / 2, self.adopt_orphans, "orphan scan")
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
         """Stop every loop this service started: lease renewal, orphan scans, the polls of records
@@ -117,11 +119,11 @@ class JobService(Service):
                 loop.stop()
         return DeferredList([done for _, done in stopping]).addCallback(lambda _: None)
 
-    def _every(self, seconds: float, work: Callable[[], object], what: str) -> LoopingCall:
-        """Run ``work`` every ``seconds`` until the loop is stopped (by stopService at the latest)."""
-        loop = LoopingCall(work)
-        loop.clock = self.reactor
-        done = self._loops[loop] = loop.start(seconds, now=False)
+    def _every(self, seconds: float, work: Callable[[], object], what: str, spread: float = SPREAD) -> JitteredLoop:
+        """Run ``work`` every ``seconds`` (each wait jittered by ``spread``) until the loop is stopped
+        (by stopService at the latest)."""
+        loop = JitteredLoop(self.reactor, work, seconds, self.rng, spread)
+        done = self._loops[loop] = loop.start(now=False)
 
         def stopped(result: object) -> None:
             if isinstance(result, Failure):
@@ -321,7 +323,7 @@ class JobService(Service):
         self.runner.counts["adopted"] += 1
         self.metrics.jobs_adopted.inc()
         job = claim.job
-        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag)
+        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag, leased=job.lease_until)
         active.work = self.runner.resume(active)
 
     def quarantined(self, job: Job) -> None:
@@ -453,7 +455,8 @@ class JobService(Service):
             if job.final and loop.running:
                 loop.stop()
 
-        loop = self._every(poll, check, f"following job {job_id}")
+        # a subscriber's own pace: it reads and writes nothing the pool shares
+        loop = self._every(poll, check, f"following job {job_id}", spread=0.0)
 
         def unsubscribe() -> None:
             if loop.running:

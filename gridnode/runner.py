@@ -15,13 +15,14 @@ never a reason to drop an accepted job.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -33,6 +34,8 @@ from gridnode.media.interface import SCRATCH_FULL, SCRATCH_WAIT, WAITING_SCRATCH
 from gridnode.metrics import Metrics
 from gridnode.spool import SpoolFile
 from gridnode.store.base import ObjectStore
+from gridnode.store.rate import KEEP
+from gridnode.timers import jittered
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Active:
     released: bool = False  # draining: handed to the pool
     #: the store has its record, input and active marker: a peer may adopt it
     stored: bool = False
+    #: the lease our last stored write of jobs/<id>.json holds (what peers see)
+    leased: float = 0.0
     #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
     #: so over, the write of a later state
     writing: DeferredLock = field(default_factory=DeferredLock)
@@ -61,6 +66,8 @@ class Active:
 
 #: runs of one job that may run out of scratch space on this node before it goes to the pool
 SCRATCH_RETRIES = 3
+#: seconds before a failed lease renewal is tried again (then doubled, up to a sixth of the lease)
+RENEW_RETRY = 0.5
 
 
 class Runner:
@@ -70,9 +77,12 @@ class Runner:
     _log = Logger()
 
     def __init__(self, reactor: Any, store: ObjectStore, media: Media[Any, Any], *, node_id: str, lease: float,
-                 now: Callable[[], float], metrics: Metrics) -> None:
+                 now: Callable[[], float], metrics: Metrics, rng: random.Random | None = None) -> None:
         self.reactor = reactor
         self.store = store
+        #: the record writes, which carry the lease: first in the store's queue (gridnode/store/rate.py)
+        self.keeping = store.in_lane(KEEP)
+        self.rng = rng or random.Random()
         self.media = media
         self.node_id = node_id
         self.lease = lease
@@ -338,25 +348,46 @@ class Runner:
         if not job.final and not active.released:
             job.renew(self.now(), self.lease)
         data = job.dumps()
-        info = yield job_records.write(self.store, job.id, data, active.etag, self.node_id)
-        active.etag = info.etag
+        info = yield job_records.write(self.keeping, job.id, data, active.etag, self.node_id)
+        active.etag, active.leased = info.etag, job.lease_until
         if not job.final and os.path.exists(active.spool_path):
             job_records.journal(active.spool_path, data)
         return info
 
+    def renew_leases(self) -> Deferred[Any]:
+        """Renew the lease of every job we run, all at once: one write slowed by the store (503
+        SlowDown retried) must not hold back the others'. A job someone took over is stopped here."""
+        until = self.now() + self.lease
+        return DeferredList([self._renew(a, until) for a in list(self.active.values())
+                             if not (a.job.final or a.stopping or a.etag is None)], consumeErrors=True)
+
     @inlineCallbacks
-    def renew_leases(self) -> Any:
-        """Renew the lease of every job we run; a job someone took over is stopped here."""
-        for active in list(self.active.values()):
-            if active.job.final or active.stopping or active.etag is None:
-                continue
+    def _renew(self, active: Active, until: float) -> Any:
+        """One job's renewal, tried again after jittered waits while the store is unreachable or
+        throttles us, until ``until`` (a lease after the round began: by then the record has run
+        out anyway, and the next round tries afresh). The waits double, but never reach past the
+        stored lease: half the time it has left (`RENEW_RETRY` at least), so a renewal lands
+        within a second of a throttling spell's end while the lease holds."""
+        delay = RENEW_RETRY
+        while True:
             try:
                 yield self._save(active)
+                return
             except Lost:
                 self._lose(active)
+                return
             except GridnodeError as e:
-                self._log.warn("could not renew the lease of job {job}: {reason}", job=active.job.id,
-                               reason=e.message)
+                retry = isinstance(e, StorageUnavailable) and self.now() + delay < until
+                self._log.warn("could not renew the lease of job {job}: {reason}{again}", job=active.job.id,
+                               reason=e.message, again=f"; again in ~{delay:.1f}s" if retry else "")
+                if not retry:
+                    return
+            left = active.leased - self.now()
+            wait = delay if left <= 0 else min(delay, max(RENEW_RETRY, left / 2))
+            yield deferLater(self.reactor, jittered(wait, self.rng), lambda: None)
+            if active.stopping or active.job.final:
+                return
+            delay = min(2 * delay, self.lease / 6)
 
     @inlineCallbacks
     def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:
@@ -367,9 +398,10 @@ class Runner:
                 result = yield action()
                 return result
             except StorageUnavailable as e:
-                self._log.warn("{what}: store unreachable ({reason}); retrying in {delay}s", what=what,
-                               reason=e.message, delay=delay)
-                yield deferLater(self.reactor, delay, lambda: None)
+                wait = jittered(delay, self.rng)  # nodes that failed together do not retry together
+                self._log.warn("{what}: store unreachable ({reason}); retrying in {delay:.1f}s", what=what,
+                               reason=e.message, delay=wait)
+                yield deferLater(self.reactor, wait, lambda: None)
                 delay = min(delay * 2, 30.0)
 
 

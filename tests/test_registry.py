@@ -19,6 +19,9 @@ PREFIX = "registry/prod/east/nodes/"
 
 
 def make(store: ObjectStore, clock: Clock, node_id: str, **kw: object) -> Registry:
+    """A registry whose heartbeats are exactly ``heartbeat`` apart (no jitter: these tests count
+    them), unless ``spread`` says otherwise."""
+    kw.setdefault("spread", 0.0)
     return Registry(clock, store, env="prod", pool="east", node_id=node_id,
                     http_url=f"http://127.0.0.1/{node_id}", peer_addr="127.0.0.1:1", heartbeat=30, stale=300,
                     now=clock.seconds, load=lambda: {"running": 1.0}, **kw)  # type: ignore[arg-type]
@@ -120,7 +123,7 @@ class RegistryTests:
         view["b"]["a"] = "alive"  # it was only stalled and refuted: it writes the list again, at
         view["a"]["b"] = "alive"  # its next heartbeat at the latest
         a.running = True
-        a._follower.start(1, now=False)  # type: ignore[union-attr]
+        a._follower.start(now=False)  # type: ignore[union-attr]
         a._tick()
         assert listed(self.store) == ["a", "b", "c"]
 

@@ -34,19 +34,21 @@ and skips malformed ones (logged here); stale ones are left out of the list.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredLock, inlineCallbacks, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, RecordReader, live_list, nodes_json, parse_record
 from gridnode.store.base import ObjectStore
+from gridnode.store.rate import KEEP
+from gridnode.timers import SPREAD, JitteredLoop, jittered
 
 
 def first_incarnation(now: float) -> int:
@@ -68,9 +70,16 @@ class Registry(Service):
         peer_addr: str, heartbeat: float = 30.0, stale: float = 300.0,
         load: Callable[[], dict[str, float]] = dict, now: Callable[[], float] = time.time,
         incarnation: Callable[[], int] | None = None, settle: float = 1.0,
+        rng: random.Random | None = None, spread: float = SPREAD,
     ) -> None:
         self.clock = clock
         self.store = store
+        #: our own record's writes: a heartbeat keeps this node listed, so it waits for no scan
+        self.keeping = store.in_lane(KEEP)
+        #: heartbeats (and the looks at the membership) are `spread` apart from their period, so
+        #: nodes started together do not write together for ever
+        self.rng = rng or random.Random()
+        self.spread = spread
         self.env = env
         self.pool = pool
         self.node_id = node_id
@@ -107,7 +116,7 @@ class Registry(Service):
         self.held: Callable[[], Mapping[str, str]] | None = None
         #: seconds between looks at the membership's view (`follow`)
         self.settle = settle
-        self._follower: LoopingCall | None = None
+        self._follower: JitteredLoop | None = None
         self._following = False
         #: members held alive but not listed, last looked for in the store; when to look again
         self._sought: frozenset[str] = frozenset()
@@ -123,9 +132,8 @@ class Registry(Service):
         super().startService()
         self._tick()
         if self.held is not None:
-            self._follower = LoopingCall(self.follow)
-            self._follower.clock = self.clock
-            self._follower.start(self.settle, now=False).addErrback(
+            self._follower = JitteredLoop(self.clock, self.follow, self.settle, self.rng, self.spread)
+            self._follower.start(now=False).addErrback(
                 lambda f: self._log.failure("following the membership stopped", f))
 
     def _tick(self) -> None:
@@ -141,7 +149,7 @@ class Registry(Service):
         if not ok:
             delay = min(self._backoff, self.heartbeat)
             self._backoff = min(self._backoff * 2, max(self.heartbeat, 1.0))
-        self._next = self.clock.callLater(delay, self._tick)
+        self._next = self.clock.callLater(jittered(delay, self.rng, self.spread), self._tick)
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802 - Twisted's name
@@ -220,8 +228,8 @@ class Registry(Service):
             self.record.incarnation = max(self.record.incarnation, self.incarnation())
         if self.registered and self.etag is not None:
             try:
-                info = yield self.store.put_bytes(self.key, self.record.dumps(), if_match=self.etag,
-                                                  content_type="application/json")
+                info = yield self.keeping.put_bytes(self.key, self.record.dumps(), if_match=self.etag,
+                                                    content_type="application/json")
                 self.etag = info.etag
                 return
             except (NotFound, PreconditionFailed) as e:
@@ -234,7 +242,7 @@ class Registry(Service):
         """Write our record conditionally, replacing an earlier life's record only after reading it."""
         for _ in range(5):
             try:
-                data, info = yield self.store.get_bytes(self.key, max_size=MAX_RECORD_BYTES)
+                data, info = yield self.keeping.get_bytes(self.key, max_size=MAX_RECORD_BYTES)
             except NotFound:
                 previous, etag = None, None
             else:
@@ -251,11 +259,11 @@ class Registry(Service):
                                           (previous.incarnation + 1) if previous else 0, life)
             try:
                 if etag is None:
-                    info = yield self.store.put_bytes(self.key, self.record.dumps(), if_none_match="*",
-                                                      content_type="application/json")
+                    info = yield self.keeping.put_bytes(self.key, self.record.dumps(), if_none_match="*",
+                                                        content_type="application/json")
                 else:
-                    info = yield self.store.put_bytes(self.key, self.record.dumps(), if_match=etag,
-                                                      content_type="application/json")
+                    info = yield self.keeping.put_bytes(self.key, self.record.dumps(), if_match=etag,
+                                                        content_type="application/json")
             except (PreconditionFailed, NotFound):
                 continue  # raced with another writer: read again
             self.etag = info.etag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -38,9 +39,10 @@ def parse_store_url(url: str) -> StoreURL:
 
 
 def open_backend(url: str, *, s3_endpoint: str | None = None, s3_region: str | None = None,
-                 read_only: bool = False) -> Backend:
+                 read_only: bool = False, on_throttled: Callable[[str], None] | None = None) -> Backend:
     """The blocking backend a store URL names (boto3 is imported only for s3://); ``read_only``: a
-    file: store creates nothing (S3 creates nothing anyway)."""
+    file: store creates nothing (S3 creates nothing anyway); ``on_throttled(operation)``: S3 asked
+    to slow down (each try)."""
     parsed = parse_store_url(url)
     if parsed.scheme == "file":
         from gridnode.store.file import FileBackend
@@ -48,7 +50,8 @@ def open_backend(url: str, *, s3_endpoint: str | None = None, s3_region: str | N
         return FileBackend(parsed.path, read_only=read_only)
     from gridnode.store.s3 import S3Backend
 
-    return S3Backend(parsed.bucket, prefix=parsed.prefix, endpoint_url=s3_endpoint, region=s3_region)
+    return S3Backend(parsed.bucket, prefix=parsed.prefix, endpoint_url=s3_endpoint, region=s3_region,
+                     on_throttled=on_throttled)
 
 
 from gridnode.store.base import Backend, ObjectStore  # noqa: E402 - after the light helpers

@@ -7,7 +7,7 @@ puts with ``if_none_match="*"`` or ``if_match=etag``, conditional deletes,
 listing by prefix in key order with pagination, and multipart uploads (an
 object put in numbered parts, then completed or aborted: how a body still
 arriving is stored as it comes). `ObjectStore` runs a backend's
-calls on a dedicated, bounded thread pool so the reactor never blocks; every
+calls on dedicated, bounded thread pools so the reactor never blocks; every
 method returns a Deferred.
 """
 
@@ -20,12 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+
+from gridnode.store.rate import ANSWER, LANES, Gate
 
 T = TypeVar("T")
 
 #: the smallest part of a multipart upload but its last (S3's rule)
 MIN_PART = 5 * 1024 * 1024
+#: threads of a store's calls, and as many again for its bodies
+THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,20 @@ class ObjectStore:
     """
     The asynchronous face of a backend. ``run`` is how a blocking call is
     made: in production a bounded thread pool, in unit tests a plain call.
+    Bodies (inputs, outputs, multipart parts) go through ``data_run``, their own
+    threads, so a record write never queues behind another upload's parts.
+    With a `Gate` (gridnode/store/rate.py), every other call waits for a token
+    in this store's ``lane`` first; bodies take none.
     """
 
-    def __init__(self, backend: Backend, run: Callable[..., Deferred[Any]]) -> None:
+    def __init__(self, backend: Backend, run: Callable[..., Deferred[Any]], *,
+                 data_run: Callable[..., Deferred[Any]] | None = None, gate: Gate | None = None,
+                 lane: str = ANSWER) -> None:
         self.backend = backend
         self._run = run
+        self._data_run = data_run or run
+        self.gate = gate
+        self.lane = lane
 
     @classmethod
     def synchronous(cls, backend: Backend) -> ObjectStore:
@@ -123,76 +136,110 @@ class ObjectStore:
         return cls(backend, run)
 
     @classmethod
-    def threaded(cls, backend: Backend, reactor: Any, threads: int = 8) -> ObjectStore:
-        """A store on its own thread pool, stopped with the reactor."""
+    def threaded(cls, backend: Backend, reactor: Any, threads: int = THREADS) -> ObjectStore:
+        """A store on two thread pools of ``threads`` each (calls, bodies), stopped with the reactor."""
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
 
-        pool = ThreadPool(minthreads=0, maxthreads=threads, name="gridnode-store")
-        pool.start()
-        reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+        def pool_run(name: str) -> Callable[..., Deferred[Any]]:
+            pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
+            pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
 
-        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-            return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
+            def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, pool, fn, *args, **kwargs)
 
-        return cls(backend, run)
+            return run
+
+        return cls(backend, pool_run("gridnode-store"), data_run=pool_run("gridnode-store-data"))
 
     def wrapped(self, wrap: Callable[[Callable[..., Deferred[Any]]], Callable[..., Deferred[Any]]]) -> ObjectStore:
         """The same backend, each call made through ``wrap(run)`` (the metrics time them)."""
-        return ObjectStore(self.backend, wrap(self._run))
+        return ObjectStore(self.backend, wrap(self._run), data_run=wrap(self._data_run), gate=self.gate,
+                           lane=self.lane)
+
+    def gated(self, gate: Gate) -> ObjectStore:
+        """The same backend, every call but bodies' waiting for a token of ``gate``."""
+        return ObjectStore(self.backend, self._run, data_run=self._data_run, gate=gate, lane=self.lane)
+
+    def in_lane(self, lane: str) -> ObjectStore:
+        """The same store, its calls waiting in ``lane`` for their tokens (`KEEP`, `ANSWER`,
+        `BACKGROUND`)."""
+        if lane not in LANES:
+            raise ValueError(f"no lane {lane!r}")
+        return ObjectStore(self.backend, self._run, data_run=self._data_run, gate=self.gate, lane=lane)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """One request on a record, marker or listing: through the gate, when there is one."""
+        if self.gate is None:
+            return self._run(fn, *args, **kwargs)
+        return self.gate.run(self.lane, lambda: self._run(fn, *args, **kwargs))
 
     @property
     def url(self) -> str:
         return self.backend.url
 
     def put_bytes(self, key: str, data: bytes, **kw: Any) -> Deferred[ObjectInfo]:
-        return self._run(self.backend.put_bytes, key, data, **kw)
+        return self._call(self.backend.put_bytes, key, data, **kw)
 
     def put_file(self, key: str, path: str, **kw: Any) -> Deferred[ObjectInfo]:
-        return self._run(self.backend.put_file, key, path, **kw)
+        return self._data_run(self.backend.put_file, key, path, **kw)
 
     def get_bytes(self, key: str, **kw: Any) -> Deferred[tuple[bytes, ObjectInfo]]:
-        return self._run(self.backend.get_bytes, key, **kw)
+        return self._call(self.backend.get_bytes, key, **kw)
 
     def get_file(self, key: str, path: str) -> Deferred[ObjectInfo]:
-        return self._run(self.backend.get_file, key, path)
+        return self._data_run(self.backend.get_file, key, path)
 
     def stat(self, key: str) -> Deferred[ObjectInfo]:
-        return self._run(self.backend.stat, key)
+        return self._call(self.backend.stat, key)
 
     def list(self, prefix: str, **kw: Any) -> Deferred[Page]:
-        return self._run(self.backend.list, prefix, **kw)
+        return self._call(self.backend.list, prefix, **kw)
 
     def list_all(self, prefix: str) -> Deferred[builtins.list[ObjectInfo]]:
-        """Every object under ``prefix``, all pages read (in the thread)."""
-        return self._run(list_all, self.backend, prefix)
+        """Every object under ``prefix``, all pages read: in the thread, or a page a token."""
+        if self.gate is None:
+            return self._run(list_all, self.backend, prefix)
+        return self._paged(prefix)
+
+    @inlineCallbacks
+    def _paged(self, prefix: str) -> Any:
+        items: builtins.list[ObjectInfo] = []
+        after: str | None = None
+        while True:
+            page = yield self.list(prefix, start_after=after)
+            items.extend(page.items)
+            if page.next_after is None:
+                return items
+            after = page.next_after
 
     def delete(self, key: str, **kw: Any) -> Deferred[None]:
-        return self._run(self.backend.delete, key, **kw)
+        return self._call(self.backend.delete, key, **kw)
 
     def presigned_url(self, key: str, expires: int = 3600) -> Deferred[str | None]:
-        return self._run(self.backend.presigned_url, key, expires)
+        return self._run(self.backend.presigned_url, key, expires)  # signed here: no request
 
     @property
     def part_size(self) -> int | None:
         return self.backend.part_size
 
     def begin_upload(self, key: str, **kw: Any) -> Deferred[str]:
-        return self._run(self.backend.begin_upload, key, **kw)
+        return self._data_run(self.backend.begin_upload, key, **kw)
 
     def put_part(self, key: str, upload_id: str, number: int, path: str, offset: int,
                  length: int) -> Deferred[str]:
-        return self._run(self.backend.put_part, key, upload_id, number, path, offset, length)
+        return self._data_run(self.backend.put_part, key, upload_id, number, path, offset, length)
 
     def copy_part(self, key: str, upload_id: str, number: int, source: str) -> Deferred[str]:
-        return self._run(self.backend.copy_part, key, upload_id, number, source)
+        return self._data_run(self.backend.copy_part, key, upload_id, number, source)
 
     def finish_upload(self, key: str, upload_id: str,
                       parts: builtins.list[tuple[str, int]]) -> Deferred[ObjectInfo]:
-        return self._run(self.backend.finish_upload, key, upload_id, parts)
+        return self._data_run(self.backend.finish_upload, key, upload_id, parts)
 
     def abort_upload(self, key: str, upload_id: str) -> Deferred[None]:
-        return self._run(self.backend.abort_upload, key, upload_id)
+        return self._data_run(self.backend.abort_upload, key, upload_id)
 
     def local_path(self, key: str) -> str | None:
         return self.backend.local_path(key)
@@ -201,7 +248,7 @@ class ObjectStore:
         """Write what is written of the local file ``path`` to disk, on the store's threads: a body
         bound for a store that takes it whole is flushed as it arrives, so the put that makes it
         durable has only its tail left to write."""
-        return self._run(fdatasync, path)
+        return self._data_run(fdatasync, path)
 
 
 def fdatasync(path: str) -> None:

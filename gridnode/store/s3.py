@@ -12,7 +12,12 @@ plugin loads pulls it in. Credentials come from the standard AWS chain
   large unconditional files go through boto3's transfer manager in parallel
   parts, and large reads are parallel ranged GETs pinned to one ETag;
 - transport retries are botocore's (standard mode: exponential backoff with
-  jitter on 5xx, throttling and connection errors), with short timeouts;
+  full jitter on 5xx, throttling and connection errors, a throttled try
+  waiting rand(0, 1) x 2^i s, ``x-amz-retry-after`` honoured), with short
+  timeouts; each throttled answer (``503 SlowDown``) is counted
+  (``on_throttled``). Adaptive mode is not used: its limiter sleeps in the
+  store's threads, where a lease renewal would queue behind it; the node's
+  own budget (gridnode/store/rate.py) paces requests before they are sent;
 - a body still arriving is streamed in as a multipart upload, ``part_size``
   parts read from its file by offset (gridnode/store/streamed.py drives it;
   tusd's S3 store does the same);
@@ -27,13 +32,13 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
 from gridnode import keys
 from gridnode.errors import ConfigError, GridnodeError, InvalidKey, NotFound, PreconditionFailed, StorageUnavailable
-from gridnode.store.base import FileWindow, ObjectInfo, Page
+from gridnode.store.base import THREADS, FileWindow, ObjectInfo, Page
 from gridnode.store.memory import check_size
 
 MB = 1024 * 1024
@@ -51,6 +56,9 @@ CONCURRENCY = 10
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 _DENIED = {"403", "AccessDenied", "AllAccessDisabled", "AccountProblem"}
+#: what S3 (and botocore's standard retry mode) calls being asked to slow down
+THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                       "TooManyRequestsException", "RequestThrottled", "503"})
 _CREDENTIALS = {
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
 }
@@ -80,6 +88,7 @@ class S3Backend:
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
         concurrency: int = CONCURRENCY,
+        on_throttled: Callable[[str], None] | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ConfigError(f"store: {bucket!r} is not an S3 bucket name")
@@ -114,8 +123,8 @@ class S3Backend:
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 retries={"mode": retry_mode, "total_max_attempts": max_attempts},  # tries in all, not retries
-                # The transfer manager's parts plus concurrent small calls.
-                max_pool_connections=max(10, concurrency + 4),
+                # The transfer manager's parts plus the store's two thread pools (calls, bodies).
+                max_pool_connections=concurrency + 2 * THREADS + 4,
                 signature_version="s3v4",
                 # S3-compatible servers on an address or port want path-style URLs.
                 s3={"addressing_style": "path" if endpoint_url else "auto"},
@@ -127,6 +136,10 @@ class S3Backend:
                 config=config,
             )
         self._client = client
+        self.on_throttled = on_throttled
+        events = getattr(getattr(client, "meta", None), "events", None)
+        if events is not None:
+            events.register("response-received.s3", self._answered)
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=part_size,
@@ -134,6 +147,16 @@ class S3Backend:
             use_threads=True,
             preferred_transfer_client="classic",
         )
+
+    def _answered(self, event_name: str = "", parsed_response: Any = None, response_dict: Any = None,
+                  **_: Any) -> None:
+        """Every answer S3 gives (each try of a call): count the throttled ones."""
+        if self.on_throttled is None:
+            return
+        code = str(((parsed_response or {}).get("Error") or {}).get("Code", ""))
+        status = (response_dict or {}).get("status_code")
+        if code in THROTTLED or status == 503:
+            self.on_throttled(event_name.rsplit(".", 1)[-1])
 
     # -- keys and errors
 
@@ -190,7 +213,10 @@ class S3Backend:
                     f"access denied to {self._where} ({detail}): the node's credentials need "
                     f"s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket on {self.bucket}"
                 )
-            if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
+            if code in THROTTLED or status == 503:
+                return StorageUnavailable(f"{self._where} asks this node to slow down ({detail}) after retries; "
+                                          "the node tries again later (see --store-rate)")
+            if status >= 500 or code == "RequestTimeout":
                 return StorageUnavailable(f"{self._where} keeps failing ({detail}) after retries; try again later")
             return GridnodeError(f"S3 refused {what} {key} at {self._where}: {detail}", code="storage_error",
                                  status=502)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from gridnode import keys
 from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
 from gridnode.spool import SpoolFile
+from gridnode.store.rate import BACKGROUND
 from gridnode.store.streamed import StreamedPut
 from gridnode.uploads.files import Chunk, LocalCopy
 from gridnode.uploads.info import MAX_INFO_BYTES, Part, UploadInfo, info_key, owned_by, part_key
@@ -456,7 +457,8 @@ class UploadStore:
 
     @inlineCallbacks
     def _sweep(self) -> Any:
-        objects = yield self.store.list_all(_UPLOADS_ROOT)
+        scan = self.store.in_lane(BACKGROUND)  # behind what clients wait for
+        objects = yield scan.list_all(_UPLOADS_ROOT)
         groups: dict[str, list[str]] = {}
         for item in objects:
             upload_id = item.key[len(_UPLOADS_ROOT):].partition("/")[0]
@@ -469,7 +471,7 @@ class UploadStore:
             listed = {info_key(upload_id)}
             if info_key(upload_id) in names:
                 try:
-                    data, stat = yield self.store.get_bytes(info_key(upload_id), max_size=MAX_INFO_BYTES)
+                    data, stat = yield scan.get_bytes(info_key(upload_id), max_size=MAX_INFO_BYTES)
                     info = UploadInfo.loads(data, upload_id)
                 except NotFound:
                     continue
