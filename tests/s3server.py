@@ -153,3 +153,86 @@ def s3_bucket(s3_endpoint: str) -> Iterator[str]:
     name = make_bucket(s3_endpoint)
     yield name
     remove_bucket(s3_endpoint, name)
+
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class SlowDownProxy:
+    """An S3 endpoint in front of another (moto) that answers ``503 SlowDown`` to the requests
+    ``throttle(method, path)`` picks, as S3 does while a prefix scales, and passes the rest on.
+    Threads of its own: the tests' blocking HTTP calls hold the reactor, and the node behind
+    them needs its store to answer. ``slowed`` counts the SlowDowns sent."""
+
+    def __init__(self, target: str, throttle: Any) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.throttle = throttle
+        self.slowed = 0
+        self._lock = threading.Lock()
+        where = urlsplit(target)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # botocore's Expect: 100-continue needs it
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return out
+                        out += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _pass(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    slow = bool(proxy.throttle(self.command, self.path))
+                    proxy.slowed += int(slow)
+                if slow:
+                    self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("expect", "connection", "transfer-encoding", "content-length")}
+                conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self._answer(resp.status, resp.getheaders(), data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _pass  # noqa: N815 - http.server's names
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

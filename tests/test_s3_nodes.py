@@ -195,3 +195,53 @@ class S3OutageTests:
         finally:
             node.stop()
             server.stop()
+
+
+class S3ThrottlingTests:
+    @pytest_twisted.inlineCallbacks
+    def test_a_throttled_store_ends_the_job_here(self, tmp_path: Path, s3_endpoint: str, s3_bucket: str,
+                                                 s3_client: Any, media_clips: Any) -> None:
+        """S3 answers every other write of a job record with 503 SlowDown (a prefix scaling): the
+        node's writes are retried with jittered backoff and counted, its job ends done on that node
+        (attempts 1), and its peer, scanning with a short lease, adopts nothing."""
+        from tests.nodes import upload, wait_job
+        from tests.s3server import SlowDownProxy
+
+        writes = [0]
+
+        def throttle(method: str, path: str) -> bool:
+            if method != "PUT" or f"/{s3_bucket}/grid/jobs/" not in path:
+                return False
+            writes[0] += 1
+            return writes[0] % 2 == 1
+
+        proxy = SlowDownProxy(s3_endpoint, throttle)
+        lease = ("--job-lease", "6", "--min-free", "0")
+        nodes = [s3_node(tmp_path, proxy.endpoint, s3_bucket, name, *lease) for name in ("t1", "t2")]
+        for node in nodes:
+            node.start()
+        try:
+            base = yield nodes[0].wait_ready()
+            yield nodes[1].wait_ready()
+            status, _, job = upload(base, media_clips.landscape, "poster")
+            assert status == 201, job
+            final = yield wait_job(base, job["id"], timeout=90)
+            assert final["state"] == "done", final
+            yield sleep(4)  # another scan or two of the peer's, past the lease
+            record = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=f"grid/jobs/{job['id']}.json")["Body"]
+                                .read())
+            assert record["state"] == "done" and record["node"] == "t1" and record["attempts"] == 1
+            assert proxy.slowed >= 2
+            assert "adopted" not in nodes[1].text()
+            import urllib.request
+
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            counted = [line for line in metrics.splitlines()
+                       if line.startswith('gridnode_store_throttled_total{operation="PutObject"}')]
+            assert counted and float(counted[0].split()[-1]) >= 1, metrics[-2000:]
+            assert 'gridnode_store_token_wait_seconds_count{lane="keep"}' in metrics
+        finally:
+            for node in nodes:
+                node.stop()
+            proxy.close()

@@ -176,6 +176,42 @@ class S3FailureTests:
             server.shutdown()
             server.server_close()
 
+    def test_slowdown_is_retried_with_backoff_and_counted(self, s3_endpoint: str) -> None:
+        """A server that answers 503 SlowDown twice, then takes the write: botocore's retries (with
+        their jittered backoff) carry the put through, and each throttled answer is counted."""
+        hits: list[str] = []
+
+        class SlowThenOk(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+                hits.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                slow = len(hits) <= 2
+                body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                self.send_response(503 if slow else 200)
+                if not slow:
+                    body = b""
+                    self.send_header("ETag", '"9a0364b9e99bb480dd25e1f0284c8555"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), SlowThenOk)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        throttled: list[str] = []
+        try:
+            backend = S3Backend("b", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+                                on_throttled=throttled.append)
+            info = backend.put_bytes("jobs/x.json", b"content")
+            assert info.etag == "9a0364b9e99bb480dd25e1f0284c8555"
+            assert len(hits) == 3 and throttled == ["PutObject", "PutObject"]
+            backend.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+
     def test_transport_defaults(self, s3_endpoint: str) -> None:
         """By default: botocore's standard retry mode, 4 tries in all, short connect and read timeouts."""
         backend = S3Backend("b", endpoint_url=s3_endpoint)
