@@ -21,9 +21,9 @@ token: it takes one even from an empty bucket, which then owes it, and the
 other lanes wait until it is paid back. Its requests are bounded by the
 node's own jobs (a lease renewal each every ``job-lease``/3), never by an
 event, and a renewal held back past its lease would hand a healthy job to a
-peer. A request also waits for one of the store's
-control threads (``slots``), so the lanes' order holds while calls are slow
-(throttled, retried inside botocore) rather than in the thread pool's FIFO.
+peer. A request also waits for one of the store's control threads
+(``slots``), so the lanes' order holds while calls are slow (throttled,
+retried inside botocore) rather than in the thread pool's FIFO.
 
 Bodies (inputs, outputs, multipart parts: gridnode/store/base.py) take no
 token and have threads of their own: their number follows each job's own
@@ -45,8 +45,8 @@ LANES = (KEEP, ANSWER, BACKGROUND)
 #: requests/s a whole pool may send to one prefix: half of S3's 3,500 PUT/COPY/POST/DELETE per
 #: second per partitioned prefix (the lower of its two limits; GET/HEAD take 5,500)
 POOL_BUDGET = 1750.0
-#: the least a node is given whatever the pool's size: above ~1,750 nodes the pool needs more
-#: prefixes, or a higher --store-rate and S3's partitioning to catch up
+#: the least a node is given whatever the pool's size (it wins from 875 nodes: past ~1,750 the
+#: pool's steady rate alone passes the budget, and it needs S3's partitioning to catch up)
 MIN_RATE = 1.0
 #: the bucket holds this many seconds' worth of tokens: the most a node sends at once after a quiet
 #: spell, so a pool's busiest second is (1 + BURST) x its rate

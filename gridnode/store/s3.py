@@ -13,11 +13,10 @@ plugin loads pulls it in. Credentials come from the standard AWS chain
   parts, and large reads are parallel ranged GETs pinned to one ETag;
 - transport retries are botocore's (standard mode: exponential backoff with
   full jitter on 5xx, throttling and connection errors, a throttled try
-  waiting rand(0, 1) x 2^i s, ``x-amz-retry-after`` honoured), with short
-  timeouts; each throttled answer (``503 SlowDown``) is counted
-  (``on_throttled``). Adaptive mode is not used: its limiter sleeps in the
-  store's threads, where a lease renewal would queue behind it; the node's
-  own budget (gridnode/store/rate.py) paces requests before they are sent;
+  waiting rand(0, 1) x 2^i s), with short timeouts; each throttled answer
+  (``503 SlowDown``) is counted (``on_throttled``). Not adaptive mode: its
+  limiter sleeps in the store's threads, where a lease renewal would queue
+  behind it; the node's own budget (gridnode/store/rate.py) paces requests;
 - a body still arriving is streamed in as a multipart upload, ``part_size``
   parts read from its file by offset (gridnode/store/streamed.py drives it;
   tusd's S3 store does the same);
