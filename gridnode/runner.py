@@ -271,7 +271,8 @@ class Runner:
             if took > 0 and job.input.get("duration"):
                 ratio = float(job.input["duration"]) / took
                 self.metrics.ffmpeg_speed.observe(ratio)
-                self.speed.observe(ratio)
+                if any(p.duration is not None for p in produced):  # a poster alone is no conversion speed
+                    self.speed.observe(ratio)
         self._changed(active)
         yield self._durably("write job record", lambda: self._save(active))
         stored: dict[str, dict[str, Any]] = {}

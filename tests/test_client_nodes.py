@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gridnode.client.nodes import (
+    SPREAD,
     TYPICAL_INPUT_S,
     Candidates,
     NodeInfo,
@@ -184,6 +185,14 @@ class CandidateTests:
         unknown = [node(0, speed=1.0), node(1), node(2, speed=1.0)]
         firsts = [Candidates(unknown).draw(rng)[0].id for _ in range(3000)]
         assert 0.28 < firsts.count("n1") / 3000 < 0.39
+
+    def test_an_outlandish_speed_is_asked_at_most_spread_times_as_often(self) -> None:
+        """One node claiming the highest speed readers take among 19 at 1x is drawn first about
+        8 times in 27 (its weight capped at SPREAD times the median), not 98 times in 100."""
+        nodes = [node(i, speed=1.0) for i in range(19)] + [node(19, speed=MAX_SPEED)]
+        rng = random.Random(2)
+        firsts = [Candidates(nodes).draw(rng)[0].id for _ in range(3000)]
+        assert SPREAD == 8.0 and 0.25 < firsts.count("n19") / 3000 < 0.35
 
     def test_a_lopsided_pool_still_draws_two(self) -> None:
         """One node with nearly all the weight: the second draw leaves it out instead of retrying."""

@@ -85,6 +85,16 @@ class PipelineTests:
         assert load["work"] == 0.0 and load["running"] == 0
         assert 0 < load["speed"] <= MAX_SPEED  # 4 s of input over the test's real seconds
 
+    def test_a_job_with_no_timed_output_measures_no_speed(self) -> None:
+        """A poster alone takes a frame, not the input: its ratio would make the node look hundreds
+        of times faster than it converts, and draw every client's uploads."""
+        job, _ = self.upload(presets="poster")
+        started, _, _ = self.media.hooks[job.id]
+        started()
+        self.media.finish(job.id, duration=None)
+        assert self.record(job.id)["state"] == "done"
+        assert "speed" not in self.jobs.load()
+
     def test_checksum_mismatch_keeps_nothing(self) -> None:
         """A wrong Upload-Checksum: refused, spool removed, nothing in the store."""
         result, spool_path = self.upload(checksum=hashlib.sha256(b"other").hexdigest())

@@ -61,6 +61,9 @@ class NodeInfo:
         return (ahead + TYPICAL_INPUT_S) / speed
 
 
+#: how much more (or less) often than a typical node a node may be drawn, whatever its speed says:
+#: per worker, instance types of one pool differ by a few times, not by a hundred
+SPREAD = 8.0
 #: seconds of input of a typical job: what a job stands for where a node does not say its
 #: ``work`` (one older than the figure), and the new job's own length, which the client does not know
 TYPICAL_INPUT_S = 60.0
@@ -123,11 +126,16 @@ class Candidates:
     proportion to its speed (`_speeds`): a node that converts twice as fast can take twice the
     work, so it is asked twice as often. Drawn uniformly, two slow candidates would come up often
     (4 times in 9 when two nodes in three are slow), and then the job runs slowly however idle
-    the fast nodes are. Built once per node list, O(n); a draw is O(log n)."""
+    the fast nodes are. A weight stays within ``SPREAD`` times the median's either way: a node
+    whose figure is wrong (a bug, a lie, a run of odd files) is asked at most that many times as
+    often as a typical one, not in nearly every pair. Built once per node list, O(n); a draw is
+    O(log n)."""
 
     def __init__(self, nodes: list[NodeInfo]) -> None:
         self.nodes = nodes
-        self._weights = _speeds(nodes)
+        speeds = _speeds(nodes)
+        median = sorted(speeds)[len(speeds) // 2] if speeds else 1.0
+        self._weights = [min(max(s, median / SPREAD), median * SPREAD) for s in speeds]
         self._cumulative = list(accumulate(self._weights))
 
     def draw(self, rng: random.Random) -> list[NodeInfo]:
