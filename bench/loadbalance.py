@@ -1,142 +1,114 @@
 """
-Client-side load balancing: uniform random choice against the power of two
-choices (``two_choices`` from gridnode/client/nodes.py, imported, not copied),
-when clients only see load figures as stale as the registry and gossip make
-them, and three other two-sample rules that are *not* the client's (see
-"Policies"). A seeded discrete-event simulation: no network, no sleeps, no
-threads.
+Client-side load balancing, in seeded discrete-event simulations (no network,
+no sleeps, no threads) that call the client's own choice code, imported from
+gridnode/client/nodes.py, not copied: ``Candidates`` (the pair to ask),
+``rank_checked`` (the pair ranked on live figures) and ``two_choices`` (the
+same ranking on the registry's figures). Two figures:
 
-    .venv/bin/python bench/loadbalance.py                  # N=10,1000; R=2,30; both mixes (~6 s)
-    .venv/bin/python bench/loadbalance.py --seeds 10       # each figure averaged over seeds 1-10 (~1 min)
+- ``--wait``: **the goal figure** (issue 19). How long a job waits for its
+  result when instance types differ, under random choice, the client's rule
+  and a central dispatcher that sees every node; p99 and mean. Model and
+  policies: bench/loadwait.py.
+- the default: max/mean jobs per node, the balls-into-bins figure, on load
+  figures fresh or as stale as the registry makes them (below).
+
+    .venv/bin/python bench/loadbalance.py --wait                # N=10,1000, a third of the nodes 2x (~4 s)
+    .venv/bin/python bench/loadbalance.py --wait --mix thirds,mixed,uniform --seeds 5
+    .venv/bin/python bench/loadbalance.py                       # max/mean: N=10,1000; R=2,30; both mixes (~10 s)
+    .venv/bin/python bench/loadbalance.py --seeds 10            # each figure averaged over seeds 1-10 (~3 min)
     .venv/bin/python bench/loadbalance.py --nodes 1000 --refresh 2 --mix mixed --json
-    .venv/bin/python bench/loadbalance.py --policies random,two-choices,two-choices/speed
 
-The model
----------
+The max/mean model
+------------------
 - N nodes. Speeds follow a fixed, documented mix by node index: of every ten
   nodes six have speed 1, three speed 2 and one speed 4 (N=10 gives exactly
   6/3/1). A job of base duration ``d`` holds its node for ``d / speed``. Every
   node publishes the same ``workers`` figure (same instance size, different CPU
-  generations), so ``NodeInfo.busy`` compares job counts.
+  generations), its ``work`` (seconds of input left) and its ``speed``.
 - Jobs arrive as one Poisson stream for the whole pool; base durations are
   exponential with mean ``--mean-duration`` (60 s). The arrival rate is set so
   that under random choice the expected number of jobs per node in the system
   is ``--jobs-per-node`` (10): ``rate = J * N / (mean_duration * mean(1/speed))``.
-  Two choices sends more work to the fast nodes, so its measured mean is lower;
-  the table prints the measured mean of each run.
+  Rules that send more work to the fast nodes measure a lower mean; the table
+  prints the measured mean of each run.
 - Each node serves every job it holds at once (``--workers 0``, the default):
   the dynamic balls-into-bins setting (bins = nodes, balls = jobs that leave
   when done). With ``--workers K`` a node runs K jobs at a time and queues the
-  rest FIFO (the "supermarket model"); see "Finite workers" below.
+  rest FIFO (the "supermarket model"; max = O(log n) under random choice).
 - ``--mix uniform`` gives every node speed 1: the textbook setting, in which
   random choice must land near the reference 2.2. Both mixes run by default.
-- Staleness: node i publishes ``{"running", "queued", "workers"}`` at
-  ``phase_i + k * R`` with a uniform random phase in [0, R). Clients build
-  ``NodeInfo`` objects from the last published figures only. R=2 s stands for
-  gossip on top of the 30 s registry heartbeat; R=30 is the heartbeat alone.
+- Staleness: node i publishes its figures at ``phase_i + k * R`` with a
+  uniform random phase in [0, R). Clients build ``NodeInfo`` objects from the
+  last published figures only. R=2 s stands for gossip on top of the 30 s
+  registry heartbeat; R=30 is the heartbeat alone.
 - The same job stream (arrival times and durations) and the same phases are
   used for every policy of a given N and R (common random numbers).
 
-Policies
---------
-All of them sample exactly two nodes per job (d=2) and compare ``NodeInfo.busy``.
-
+Policies (all sample two nodes per job)
+---------------------------------------
 - ``random``: a uniform random node (reads no figure).
-- ``two-choices``: ``two_choices`` imported, the client's rule when it cannot read live
-  figures (and its failover order): two distinct nodes drawn uniformly, the lower published
-  ``busy`` wins, a tie goes to either at random.
+- ``two-choices``: ``two_choices`` imported, the client's ranking on the published figures (its
+  failover order ranks the same way): two distinct nodes drawn uniformly, the one with the
+  least expected wait wins (``NodeInfo.expected_wait``: work ahead ÷ speed, then the job's own
+  run), then the less busy, then either at random.
 - ``two-choices/left``: Vöcking's asymmetric "always go left" (Vöcking 2003, "How asymmetry
-  helps load balancing"): the nodes are split into two halves by a hash of their id
-  (``left_right``, a stable function of the membership that every client computes alike),
-  one candidate is drawn from each half, the less busy wins and a tie goes to the left one.
-  Theory (static, fresh figures): the gap above the mean drops from ln ln n / ln 2 to
-  ln ln n / (2 ln phi), phi the golden ratio. Node ids carry the seed, so the seeds also
-  vary how the split falls on the speeds.
+  helps load balancing"), *not* the client's: the nodes are split into two halves by a hash of
+  their id (``left_right``), one candidate is drawn from each half, the less busy (by count)
+  wins and a tie goes to the left one. Node ids carry the seed, so the seeds also vary how the
+  split falls on the speeds.
 - ``two-choices/probed``: **the client's upload rule** (``GridClient._upload_order``): two
-  distinct nodes drawn uniformly, each asked ``GET /health`` (``running``, ``queued``,
-  ``workers``) with a short timeout, ranked by ``rank_checked`` (imported): the less busy
-  wins, a tie goes to either at random. Modelled optimistically: no
-  probe delay, and a job counts on its node from the moment it is placed, whereas a real
-  node counts a job only once its upload is received and probed, so uploads in flight are
-  missing from even a live figure. The published figures are not read at all, so the
-  refresh period does not matter (the row says "any"): this is also the fresh-figures
-  limit of ``two-choices``.
-- ``two-choices/left+probed``: both.
-- ``two-choices/speed``: see "Speed-aware variant"; run only when named in ``--policies``.
+  distinct nodes drawn by ``Candidates`` (a chance in proportion to speed), each asked
+  ``GET /health``, ranked by ``rank_checked`` on those figures. Modelled optimistically: no
+  probe delay, and a job counts on its node from the moment it is placed. The published
+  figures are not read, so the refresh period does not matter (the row says "any").
+- ``two-choices/left+probed``: "always go left" on live figures.
 
 The figure: max/mean
 --------------------
 The standard figure from the balls-into-bins literature (Azar, Broder, Karlin,
-Upfal 1994; Berenbrink, Czumaj, Steger, Vöcking 2000 for the heavily loaded
-case m >> n; Mitzenmacher's supermarket model for the dynamic one) is the
-maximum load at a typical moment: the expectation of max over nodes, taken in
-equilibrium. Here that is the time average, over the measured window, of the
-maximum queue length (queued + running) over nodes, divided by the time average
-of the mean queue length over nodes. The peak over the whole window is not
-used: it grows with the length of the window, so it measures the run, not the
-policy. For m = 10n balls into n = 1000 bins at random the expected maximum is
-about m/n + sqrt(2 (m/n) ln n) = 10 + 11.8, a ratio near 2.2 (the issue's
-reference figure); in equilibrium the dynamic model with unlimited workers has
-Poisson(10) node loads under random choice, which gives the same figure. Two
-choices give m/n + ln ln n / ln 2 + O(1) instead. A warm-up of
-``--warmup-durations`` mean durations (from an empty pool) is not measured.
+Upfal 1994; Berenbrink, Czumaj, Steger, Vöcking 2000; Mitzenmacher's
+supermarket model for the dynamic case) is the maximum load at a typical
+moment: here the time average, over the measured window, of the maximum queue
+length (queued + running) over nodes, divided by the time average of the mean.
+For m = 10n balls into n = 1000 bins at random the expected maximum is about
+m/n + sqrt(2 (m/n) ln n) = 10 + 11.8, a ratio near 2.2; two choices give
+m/n + ln ln n / ln 2 + O(1) instead. A warm-up of ``--warmup-durations`` mean
+durations (from an empty pool) is not measured.
 
-Speed-aware variant
--------------------
-``two-choices/speed`` is the same ``two_choices`` function fed with
-``SpeedNodeInfo``, a ``NodeInfo`` whose ``busy`` divides by ``workers * speed``
-(``speed`` a figure the node would publish in its load record, 1.0 when
-absent; nodes publish no such figure today). It is labelled as a variant;
-gridnode/client/nodes.py does not have it. It does not help this figure (about
-1.98 at N=1000, mixed, 2 s): balancing jobs per unit of speed deliberately piles
-jobs on the fast nodes, which raises the maximum queue length (it is the right
-rule for waiting time on nodes that queue, not for max/mean).
+What it shows (``--seeds 10``, 2026-12-03; per-seed range in brackets)
+----------------------------------------------------------------------
+max/mean at R=2 s (R=30 s in brackets where it differs)::
 
-What it shows (``--seeds 10``: mean over seeds 1-10, per-seed range in brackets)
----------------------------------------------------------------------------------
-max/mean at R=2 s (R=30 s where it differs; the probed rows do not depend on R)::
-
-                            mixed N=10           mixed N=1000         uniform N=10   uniform N=1000
-    random                  1.757                2.516                1.514          2.148
-    two-choices             1.268 (30 s: 1.509)  1.493 (30 s: 2.148)  1.189 (1.383)  1.381 (1.907)
-    two-choices/left        1.277 (30 s: 1.541)  1.500 (30 s: 2.160)  1.194 (1.405)  1.375 (1.922)
-    two-choices/probed      1.245 [1.242-1.249]  1.443 [1.431-1.452]  1.171          1.312
-    two-choices/left+probed 1.248 [1.233-1.254]  1.414 [1.395-1.439]  1.171          1.306
+                            mixed N=10     mixed N=1000   uniform N=10   uniform N=1000
+    random                  1.757          2.516          1.514          2.148
+    two-choices             1.377 (1.493)  1.898 (2.146)  1.341 (1.407)  1.770 (1.932)
+    two-choices/left        1.277 (1.541)  1.500 (2.160)  1.194 (1.405)  1.375 (1.922)
+    two-choices/probed      1.939          2.954          1.339          1.765
+    two-choices/left+probed 1.248          1.414          1.171          1.306
 
 - The metric reproduces the reference: random choice on identical nodes gives
-  about 2.15 at N=1000 (about 1.5 at N=10). With the mixed speeds random is
-  worse (about 2.5): slow nodes hold 10 / mean(1/speed) = 12.9 jobs each.
-- Reading the two candidates' loads live is what helps: it removes the
-  staleness altogether, and with it the herding at R=30 s (2.15 -> 1.44 at
-  N=1000, mixed). It is the only rule here under 1.25 at N=10 with the mixed
-  speeds (1.245; every seed 1.242-1.249).
-- "Always go left" helps only with live figures and only at N=1000 (1.443 ->
-  1.414 mixed, 1.312 -> 1.306 uniform). On stale figures it is slightly worse:
-  a tie between stale figures lasts until the next publication, and every
-  client sends it to the same (left) side. At N=10 it is noise, and which
-  speeds the hash split puts on the left moves the figure (1.233-1.254).
-- No two-sample rule here reaches 1.25 at N=1000; the best, left+probed, gives
-  1.414 with the mixed speeds and 1.306 on identical nodes. On identical nodes
-  with live figures the busiest node sits about 3 jobs above a mean of 10:
-  ln ln n / ln 2 = 2.8 is the static figure (10n jobs thrown once, none
-  leaving: two choices give about 1.20 there, "always go left" the same), and
-  jobs that leave add about 0.1. With mixed speeds it is higher still: a node
-  wins at most the arrivals it is sampled for, 2/n of them, twice its even
-  share, while a 4x node would need 2.5 times its share to hold as many jobs as
-  a 1x node; the slow nodes carry the rest and stay above the mean.
-
-The horizon is a fixed number of measured arrivals (``--arrivals``), so the
-event count is bounded whatever N is; ``two_choices`` draws its two candidates
-without copying the node list when nothing is excluded, so a run at N=1000
-takes about half a second.
-
-Finite workers
---------------
-With ``--workers K`` a node's queue has a geometric tail once all K workers are
-busy (the supermarket model: max = O(log n) under random choice, against
-O(log log n)); at N=1000 and K=16 random choice measures about 2.9 on identical
-nodes. Small K with the default load overloads the slow nodes under random
-choice. The defaults keep the issue's setting.
+  about 2.15 at N=1000. With the mixed speeds random is worse (about 2.5):
+  slow nodes hold 10 / mean(1/speed) = 12.9 jobs each.
+- No two-sample rule reaches 1.25 at N=1000. When the client ranked by job
+  count (until 2026-12-03) its rule measured 1.245 at N=10 and 1.443 at N=1000
+  (mixed; 1.312 on identical nodes), and the best rule tried, left+probed by
+  count, measures 1.414. The floor is the static two-choice gap: the busiest
+  node sits about ln ln n / ln 2 = 2.8 jobs above a mean of 10 (~1.28); jobs
+  that leave add to it; with mixed speeds a node wins at most the arrivals it
+  is sampled for, twice its even share, while a 4x node would need 2.5 times
+  its share to hold as many jobs as a 1x node.
+- The client now ranks by expected wait and draws its pair by speed, and this
+  figure doubles (1.443 -> 2.954 at N=1000, mixed): on purpose. A job on a 4x
+  node is done 4 times sooner, so the rule keeps the fast nodes fuller; the
+  count of jobs is the wrong yardstick for a mixed pool, the wait is
+  (``--wait``: p99 1.06 times a central dispatcher's at N=1000, against 1.18
+  when ranking by count). On identical nodes it rises too (1.312 -> 1.765):
+  in this model every job runs at once, so only the count matters, while the
+  rule compares seconds of input left (``work``), which is what a node with
+  finite workers makes a new job wait for.
+- "Always go left" helps only on live figures and only at N=1000; on stale
+  figures a tie lasts until the next publication, and every client sends it to
+  the same (left) side.
 """
 
 from __future__ import annotations
@@ -149,7 +121,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -157,7 +129,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gridnode.client.nodes import NodeInfo, rank_checked, two_choices  # noqa: E402
+from bench.loadwait import WAIT_MIXES, WAIT_POLICIES, WaitParams, WaitResult, run_waits, wait_table  # noqa: E402
+from gridnode.client.nodes import Candidates, NodeInfo, rank_checked, two_choices  # noqa: E402
 
 MIXES: dict[str, tuple[float, ...]] = {
     "mixed": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0),
@@ -166,22 +139,10 @@ MIXES: dict[str, tuple[float, ...]] = {
 """Speed of node i is mix[i % len(mix)]; "mixed": 60 % at 1x, 30 % at 2x, 10 % at 4x."""
 
 POLICIES: tuple[str, ...] = ("random", "two-choices", "two-choices/left", "two-choices/probed",
-                             "two-choices/left+probed", "two-choices/speed")
-DEFAULT_POLICIES: tuple[str, ...] = POLICIES[:5]
-"""The speed variant is run only when asked (--policies): it never helps, see the docstring."""
+                             "two-choices/left+probed")
+DEFAULT_POLICIES = POLICIES
 PUBLISHED_WORKERS = 8.0
 """The workers figure every node publishes when --workers is 0 (unlimited)."""
-
-
-@dataclass(frozen=True)
-class SpeedNodeInfo(NodeInfo):
-    """The proposed change, as a variant: jobs per unit of capacity, workers * speed."""
-
-    @property
-    def busy(self) -> float:
-        workers = self.load.get("workers") or 1.0
-        speed = self.load.get("speed") or 1.0
-        return (self.load.get("running", 0.0) + self.load.get("queued", 0.0)) / (workers * speed)
 
 
 def left_right(ids: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -254,34 +215,37 @@ def simulate(p: Params, policy: str) -> Result:
 
     workers = p.workers
     pub_workers = float(workers) if workers else PUBLISHED_WORKERS
-    make: Callable[..., NodeInfo] = SpeedNodeInfo if policy == "two-choices/speed" else NodeInfo
     ids = [f"s{p.seed}-n{i}" for i in range(n)]    # the seed moves the hash split of "left" as well
     index = {x: i for i, x in enumerate(ids)}
     left, right = left_right(ids)
     asymmetric = policy.startswith("two-choices/left")
     probed = policy.endswith("probed")
 
-    def info(i: int, running: int, queued: int) -> NodeInfo:
-        load = {"running": float(running), "queued": float(queued), "workers": pub_workers}
-        if make is SpeedNodeInfo:
-            load["speed"] = speed[i]
-        return make(ids[i], f"http://{ids[i]}", load)
-
     running = [0] * n
     queues: list[deque[float]] = [deque() for _ in range(n)]
+    ends = [0.0] * n                    # sum of the running jobs' end times
+    queued_work = [0.0] * n             # sum of the queued jobs' durations
+
+    def info(i: int, t: float) -> NodeInfo:
+        """Node i's figures at t, as /health gives them (its speed measured)."""
+        load = {"running": float(running[i]), "queued": float(count[i] - running[i]), "workers": pub_workers,
+                "work": queued_work[i] + speed[i] * (ends[i] - running[i] * t), "speed": speed[i]}
+        return NodeInfo(ids[i], f"http://{ids[i]}", load)
+
+    drawn = Candidates([NodeInfo(x, f"http://{x}", {"speed": s}) for x, s in zip(ids, speed, strict=True)])
     count = [0] * n                     # running + queued, the measured queue length
     hist = [n]                          # hist[c]: how many nodes hold c jobs
     cur_max = 0
     total = 0
     peak = 0
 
-    published = [info(i, 0, 0) for i in range(n)]
+    published = [info(i, 0.0) for i in range(n)]
     pub_count = [0] * n
     phases = [phase_rng.uniform(0.0, p.refresh) for _ in range(n)]
     order = sorted(range(n), key=phases.__getitem__)
     ref_k, ref_cycle = 0, 0
     next_ref = phases[order[0]]
-    stale = policy in ("two-choices", "two-choices/left", "two-choices/speed")
+    stale = policy in ("two-choices", "two-choices/left")
 
     departures: list[tuple[float, int]] = []
     t_last = 0.0
@@ -307,7 +271,7 @@ def simulate(p: Params, policy: str) -> Result:
                 i = order[ref_k]
                 if count[i] != pub_count[i]:
                     pub_count[i] = count[i]
-                    published[i] = info(i, running[i], count[i] - running[i])
+                    published[i] = info(i, next_ref)
                 ref_k += 1
                 if ref_k == n:
                     ref_k = 0
@@ -329,11 +293,10 @@ def simulate(p: Params, policy: str) -> Result:
                 if asymmetric:                  # one candidate from each half
                     i = left[choose_rng.randrange(len(left))]
                     j = right[choose_rng.randrange(len(right))]
-                else:                           # as two_choices samples
-                    i, j = choose_rng.sample(range(n), 2)
+                else:                           # as the client draws them, by speed (imported)
+                    i, j = (index[c.id] for c in drawn.draw(choose_rng))
                 if probed:                      # the two candidates' figures, current
-                    a = info(i, running[i], count[i] - running[i])
-                    b = info(j, running[j], count[j] - running[j])
+                    a, b = info(i, t), info(j, t)
                 else:
                     a, b = published[i], published[j]
                 if asymmetric:
@@ -342,9 +305,11 @@ def simulate(p: Params, policy: str) -> Result:
                     node = index[rank_checked([(a, True), (b, True)], choose_rng)[0].id]
             if workers == 0 or running[node] < workers:
                 running[node] += 1
+                ends[node] += t + d / speed[node]
                 heapq.heappush(departures, (t + d / speed[node], node))
             else:
                 queues[node].append(d)
+                queued_work[node] += d
             c = count[node]
             hist[c] -= 1
             c += 1
@@ -359,9 +324,13 @@ def simulate(p: Params, policy: str) -> Result:
                     peak = c
         else:
             heapq.heappop(departures)
+            ends[node] -= t
             q = queues[node]
             if q:
-                heapq.heappush(departures, (t + q.popleft() / speed[node], node))
+                d = q.popleft()
+                queued_work[node] -= d
+                ends[node] += t + d / speed[node]
+                heapq.heappush(departures, (t + d / speed[node], node))
             else:
                 running[node] -= 1
             c = count[node]
@@ -438,18 +407,23 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Random choice against two choices on stale load figures.")
+    ap = argparse.ArgumentParser(description="Client choice: max/mean jobs per node, or (--wait) p99 wait.")
+    ap.add_argument("--wait", action="store_true",
+                    help="time to result of random, the client's rule and a central dispatcher (bench/loadwait.py)")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                    help=f"comma-separated, of: {', '.join(POLICIES)} (default: all but the speed variant)")
+                    help=f"comma-separated, of: {', '.join(POLICIES)} (default: all)")
     ap.add_argument("--nodes", default="10,1000", help="comma-separated node counts (default 10,1000)")
     ap.add_argument("--refresh", default="2,30", help="comma-separated publish periods in s (default 2,30)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=1,
                     help="average each figure over this many seeds, from --seed on (default 1)")
     ap.add_argument("--jobs-per-node", type=float, default=10.0)
-    ap.add_argument("--mix", default="mixed,uniform", help="comma-separated speed mixes: mixed, uniform")
+    ap.add_argument("--mix", help="comma-separated speed mixes: mixed, uniform (default both); --wait: thirds, "
+                    "mixed, uniform (default thirds)")
     ap.add_argument("--mean-duration", type=float, default=60.0, help="mean base job duration, s")
-    ap.add_argument("--workers", type=int, default=0, help="jobs a node runs at once; 0 = unlimited (default)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="jobs a node runs at once; 0 = unlimited (default; --wait: 0 = 4)")
+    ap.add_argument("--utilization", type=float, default=0.7, help="--wait: share of the pool's capacity offered")
     ap.add_argument("--arrivals", type=int, default=40_000, help="measured arrivals per run")
     ap.add_argument("--warmup-durations", type=float, default=5.0, help="warm-up, in mean durations")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -459,7 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         refreshes = [float(x) for x in a.refresh.split(",") if x]
     except ValueError:
         ap.error("--nodes and --refresh take comma-separated numbers")
-    mixes = [x for x in a.mix.split(",") if x]
+    mixes = [x for x in (a.mix or ("thirds" if a.wait else "mixed,uniform")).split(",") if x]
+    if a.wait:
+        return _main_wait(ap, a, nodes, mixes)
     policies = [x for x in a.policies.split(",") if x]
     if not policies or any(x not in POLICIES for x in policies):
         ap.error(f"--policies takes {', '.join(POLICIES)}")
@@ -485,6 +461,31 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"workers {a.workers or 'unlimited'}, {a.arrivals} measured arrivals per run; "
               f"speeds: mixed = 6x1 3x2 1x4 per 10 nodes, uniform = all 1")
         print(table(results))
+        print(f"\nwall {wall:.1f} s")
+    return 0
+
+
+def _main_wait(ap: argparse.ArgumentParser, a: argparse.Namespace, nodes: list[int], mixes: list[str]) -> int:
+    if not nodes or min(nodes) < 2 or not mixes or any(m not in WAIT_MIXES for m in mixes):
+        ap.error(f"--wait needs node counts >= 2 and --mix of {', '.join(WAIT_MIXES)}")
+    if a.arrivals < 1 or a.mean_duration <= 0 or a.workers < 0 or a.seeds < 1 or not 0 < a.utilization < 1:
+        ap.error("--arrivals, --mean-duration and --seeds must be positive, --workers >= 0, 0 < --utilization < 1")
+    base = WaitParams(2, mixes[0], a.seed, a.workers or 4, a.utilization, a.mean_duration, a.arrivals,
+                      2 * a.warmup_durations)
+    started = time.perf_counter()
+    results: list[WaitResult] = run_waits(nodes, mixes, base, a.seeds)
+    wall = time.perf_counter() - started
+    if a.json:
+        params = {k: v for k, v in asdict(base).items() if k not in ("nodes", "mix")}
+        params |= {"nodes": nodes, "mix": {m: list(WAIT_MIXES[m]) for m in mixes}, "policies": list(WAIT_POLICIES),
+                   "seeds": a.seeds}
+        print(json.dumps({"params": params, "wait": [asdict(r) for r in results], "wall_s": round(wall, 2)}))
+    else:
+        seeds = f"seed {a.seed}" if a.seeds == 1 else f"seeds {a.seed}-{a.seed + a.seeds - 1} (averaged)"
+        print(f"{seeds}, {base.workers} workers a node, {base.utilization:g} of the pool's capacity offered, "
+              f"mean duration {base.mean_duration:g} s, {base.arrivals} measured arrivals per run; speeds: "
+              f"thirds = 1 1 2, mixed = 6x1 3x2 1x4 per 10 nodes; wait = arrival to result")
+        print(wait_table(results))
         print(f"\nwall {wall:.1f} s")
     return 0
 

@@ -11,6 +11,7 @@ it never becomes part of a key.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -79,6 +80,15 @@ class Job:
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+    def input_left(self) -> float:
+        """Seconds of input ffmpeg has still to convert for this job (0 when unknown, or past
+        ffmpeg): what a node's load sums as ``work``."""
+        duration = self.input.get("duration")
+        if (self.final or self.state == STORING or not isinstance(duration, (int, float))
+                or isinstance(duration, bool) or not 0 < duration < math.inf):
+            return 0.0
+        return float(duration) * (1.0 - self.progress)
 
     def advance(self, state: str, now: float) -> None:
         """Move to the next state of the happy path (or back to queued)."""

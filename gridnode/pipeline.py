@@ -481,8 +481,13 @@ class JobService(Service):
         return active.job
 
     def load(self) -> dict[str, float]:
+        """What ``/health`` and the registry record say of this node's load (docs/api.md)."""
         running = sum(1 for a in self.active.values() if a.job.state in (jobs.TRANSCODING, jobs.STORING))
-        return {"running": running, "queued": len(self.active) - running, "workers": self.config.workers,
-                "free_disk": self.spool.free_bytes()}
+        work = sum(a.job.input_left() for a in self.active.values())
+        load: dict[str, float] = {"running": running, "queued": len(self.active) - running,
+                                  "workers": self.config.workers, "free_disk": self.spool.free_bytes(),
+                                  "work": round(work, 1)}
+        speed = self.runner.speed.value
+        return load if speed is None else load | {"speed": round(speed, 3)}
 
 

@@ -32,6 +32,7 @@ from gridnode.job_records import Lost
 from gridnode.jobs import Job
 from gridnode.media.interface import SCRATCH_FULL, SCRATCH_WAIT, WAITING_SCRATCH, Described, Media, Named, Produced
 from gridnode.metrics import Metrics
+from gridnode.speed import Speed
 from gridnode.spool import SpoolFile
 from gridnode.store.base import ObjectStore
 from gridnode.store.rate import KEEP
@@ -93,6 +94,8 @@ class Runner:
         #: the last jobs that ended here, newest last (for the status page)
         self.recent: deque[Job] = deque(maxlen=50)
         self.counts: Counter[str] = Counter()
+        #: this node's conversion speed, smoothed: clients rank nodes by it (its load's ``speed``)
+        self.speed = Speed()
         metrics.scratch_waiting.set_function(
             lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
@@ -276,7 +279,10 @@ class Runner:
             took = now - active.marks["transcoding"]
             self.metrics.phase_seconds.labels("transcode").observe(took)
             if took > 0 and job.input.get("duration"):
-                self.metrics.ffmpeg_speed.observe(float(job.input["duration"]) / took)
+                ratio = float(job.input["duration"]) / took
+                self.metrics.ffmpeg_speed.observe(ratio)
+                if any(p.duration is not None for p in produced):  # a poster alone is no conversion speed
+                    self.speed.observe(ratio)
         self._changed(active)
         yield self._durably("write job record", lambda: self._save(active))
         stored: dict[str, dict[str, Any]] = {}

@@ -80,10 +80,11 @@ class FakeMedia:
         """The run ends with ``error`` (e.g. ``scratch_full``, as the converter ends it)."""
         self.runs[job_id].errback(error)
 
-    def finish(self, job_id: str) -> None:
+    def finish(self, job_id: str, duration: float | None = 3.96) -> None:
+        """ffmpeg is done: one output, timed (a video) unless ``duration`` is None (a poster)."""
         out = self.folder / f"{job_id}.mp4"
         out.write_bytes(b"converted")
-        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9, duration=3.96)])
+        stored = self.hooks[job_id][2]([Output("video.mp4", str(out), 9, duration=duration)])
         stored.chainDeferred(self.runs[job_id])
 
     def cancel(self, job_id: str) -> None:

@@ -8,11 +8,13 @@ Behaviour only; the benchmark itself prints the figures.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
 
 from bench.loadbalance import DEFAULT_POLICIES, Params, arrival_rate, averaged, left_right, main, plan, simulate, speeds
+from bench.loadwait import Central, Pool, WaitParams, averaged_wait, simulate_wait
 
 SMALL = Params(nodes=20, refresh=2.0, seed=7, arrivals=3_000, warmup_durations=3.0)
 
@@ -41,11 +43,13 @@ class SimulatorTests:
         assert two.max_over_mean < rand.max_over_mean - 0.2
 
     def test_live_candidates_undo_the_staleness(self) -> None:
-        """With a 30 s refresh, two choices on the published figures herd; the same rule on the two
-        candidates' current figures does clearly better, whether or not it goes left."""
-        slow = replace(SMALL, refresh=30.0)
+        """On identical nodes with a 30 s refresh, two choices on the published figures herd; the
+        same rule on the two candidates' current figures does better, and better still going left.
+        (With mixed speeds the client's rule puts more jobs on the fast nodes on purpose: job
+        counts are not its figure there, waits are: WaitTests.)"""
+        slow = replace(SMALL, refresh=30.0, mix="uniform")
         stale = simulate(slow, "two-choices").max_over_mean
-        assert simulate(slow, "two-choices/probed").max_over_mean < stale - 0.15
+        assert simulate(slow, "two-choices/probed").max_over_mean < stale - 0.05
         assert simulate(slow, "two-choices/left+probed").max_over_mean < stale - 0.15
 
     def test_left_right_halves(self) -> None:
@@ -90,6 +94,64 @@ class SimulatorTests:
         assert sorted(speeds(10)) == [1.0] * 6 + [2.0] * 3 + [4.0]
 
 
+WAIT = WaitParams(nodes=30, seed=3, arrivals=4_000, warmup_durations=3.0)
+
+
+def key(pool: Pool, i: int, t: float) -> tuple[float, float]:
+    """What the real ``NodeInfo`` says of node i at t: its expected wait at its true speed, its busyness."""
+    info = pool.info(i, t)
+    return round(info.expected_wait(pool.speed[i]), 6), info.busy
+
+
+class WaitTests:
+    def test_runs_deterministic_and_ordered(self) -> None:
+        """A short run measures the asked arrivals, is the same for the same seed, and ranks the
+        policies as they must rank: the central dispatcher and the client's rule far below random
+        (whose slow nodes get 0.93 of their capacity), the client near the central."""
+        runs = {p: simulate_wait(WAIT, p) for p in ("random", "client", "central")}
+        assert all(r.arrivals == WAIT.arrivals for r in runs.values())
+        assert simulate_wait(WAIT, "client") == runs["client"]
+        assert runs["central"].p99 < runs["random"].p99 / 1.5
+        assert runs["client"].p99 < runs["random"].p99 / 1.5
+        assert runs["client"].p99 < 1.5 * runs["central"].p99
+        assert runs["client"].on_fast > runs["random"].on_fast  # the fast third takes more than a third
+        assert runs["central"].queue_p99 <= runs["central"].p99
+
+    def test_central_picks_the_least_expected_wait_of_all(self) -> None:
+        """The dispatcher's heaps find what the real ``NodeInfo.expected_wait`` says of every node
+        (at its true speed): the least wait, the least busy among equal waits."""
+        pool = Pool(WaitParams(nodes=40, seed=9))
+        rng = random.Random(4)
+        t = 100.0
+        central = Central(pool, rng)
+        for step in range(300):
+            i = rng.randrange(pool.n)
+            if pool.running[i] < pool.k:
+                end = t + rng.uniform(1, 200)
+                pool.running[i] += 1
+                pool.finishes[i] += end
+            else:
+                d = rng.uniform(1, 200)
+                pool.queues[i].append((d, step))
+                pool.queued_work[i] += d
+            central.changed(i)
+            t += rng.uniform(0, 0.5)    # no job ends in this test: every end is after t
+
+            chosen = central.choose(t)
+            assert key(pool, chosen, t) == min(key(pool, j, t) for j in range(pool.n))
+
+    def test_averaged_over_seeds(self) -> None:
+        """--seeds averages the per-seed figures."""
+        runs = [simulate_wait(replace(WAIT, seed=s), "client") for s in (3, 4)]
+        avg = averaged_wait(WAIT, "client", 2)
+        assert avg.p99 == pytest.approx((runs[0].p99 + runs[1].p99) / 2)
+        assert avg.arrivals == 2 * WAIT.arrivals
+
+    def test_unknown_policy_is_refused(self) -> None:
+        with pytest.raises(ValueError):
+            simulate_wait(WAIT, "fastest")
+
+
 class CommandLineTests:
     def test_json_output(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--json prints one JSON object with a result per planned run."""
@@ -105,13 +167,25 @@ class CommandLineTests:
         out = capsys.readouterr().out
         assert "| policy | speeds | N | refresh s |" in out
         assert "| two-choices/probed | mixed | 20 | any |" in out
-        assert "two-choices/speed" not in out
         assert main(["--nodes", "20", "--refresh", "2", "--arrivals", "500", "--seeds", "2",
-                     "--policies", "random,two-choices/speed"]) == 0
+                     "--policies", "random,two-choices"]) == 0
         out = capsys.readouterr().out
-        assert "| two-choices/speed | mixed | 20 | 2 |" in out
-        assert "| two-choices/speed | uniform |" not in out
+        assert "| two-choices | mixed | 20 | 2 |" in out
         assert "seeds' range" in out
+
+    def test_wait_output(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--wait prints the three policies' waits per mix and N, as JSON or as a table."""
+        assert main(["--wait", "--nodes", "12", "--arrivals", "300", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [(r["policy"], r["mix"], r["nodes"]) for r in out["wait"]] == [
+            ("random", "thirds", 12), ("client", "thirds", 12), ("central", "thirds", 12)]
+        assert out["params"]["workers"] == 4 and out["params"]["utilization"] == 0.7
+        assert main(["--wait", "--nodes", "12", "--arrivals", "300", "--mix", "mixed"]) == 0
+        assert "| central | mixed | 12 |" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main(["--wait", "--utilization", "1.2"])
+        with pytest.raises(SystemExit):
+            main(["--wait", "--mix", "fast"])
 
     def test_bad_arguments_exit(self) -> None:
         """Nonsense arguments stop with a usage error."""

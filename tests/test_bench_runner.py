@@ -181,6 +181,25 @@ class ReaderTests:
         assert [(r.ratio, r.verdict) for r in rows] == [("1.240", "PASS")]
         assert "read live" in rows[0].measured and "stale registry loads 1.270" in rows[0].measured
 
+    def test_loadbalance_wait_rows_come_first_against_the_central_dispatcher(self) -> None:
+        """With --wait results, one row per N holds the client's p99 over the central dispatcher's
+        against 1.5, with a third of the nodes 2x when that mix is there; the max/mean rows follow."""
+        def w(policy: str, mix: str, n: int, p99: float) -> dict[str, object]:
+            return {"policy": policy, "mix": mix, "nodes": n, "p99": p99, "mean": p99 / 5}
+
+        wait = [w("random", "thirds", 10, 600.0), w("client", "thirds", 10, 225.0), w("central", "thirds", 10, 214.0),
+                w("client", "thirds", 1000, 330.0), w("central", "thirds", 1000, 200.0),
+                w("client", "mixed", 1000, 100.0), w("central", "mixed", 1000, 100.0)]
+        results = [{"policy": "two-choices/probed", "mix": "mixed", "nodes": 10, "refresh": 2.0, "mean": 9,
+                    "max_over_mean": 1.9}]
+        rows = read_loadbalance([{"wait": wait}, {"results": results}])
+        assert [(r.ratio, r.verdict) for r in rows] == [("1.051", "PASS"), ("1.650", "FAIL"), ("1.900", "FAIL")]
+        assert "N=1000, a third of the nodes 2x" in rows[1].figure and rows[1].goal == "<= 1.5"
+        assert "random 600 s" in rows[0].measured and "random" not in rows[1].measured
+        assert read_loadbalance([{"wait": wait}])[0].ratio == "1.051"
+        with pytest.raises(ValueError):
+            read_loadbalance([{"other": 1}])
+
     def test_membership_detection_rows(self) -> None:
         """Median and p99 get their own rows; a kill never seen dead everywhere fails both."""
         o = {"nodes": 1000, "loss": 0.01, "kills": 5, "seconds": 90, "dead_everywhere_median_s": 4.0,

@@ -18,6 +18,7 @@ from gridnode.adoption import KEEPERS, SAMPLE, KeeperRing
 from gridnode.config import build_config
 from gridnode.errors import Busy, GridnodeError, StorageUnavailable
 from gridnode.pipeline import RELEASE_GRACE, JobService
+from gridnode.registry.records import MAX_SPEED
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.fakes import FakeMedia
@@ -68,6 +69,31 @@ class PipelineTests:
         assert not os.path.exists(spool_path) and job.id not in self.jobs.active
         listing = self.jobs.listing()
         assert listing["active"] == [] and listing["recent"][0]["id"] == job.id
+
+    def test_load_says_the_work_held_and_the_speed_measured(self) -> None:
+        """The load (/health, the registry record) gives the seconds of input still to convert and,
+        once a job has finished, the speed measured: no speed before it."""
+        job, _ = self.upload()
+        load = self.jobs.load()
+        assert load["work"] == 4.0 and "speed" not in load  # FakeMedia probes 4.0 s
+        started, progress, _ = self.media.hooks[job.id]
+        started()
+        progress(0.5)
+        assert self.jobs.load()["work"] == 2.0
+        self.media.finish(job.id)
+        load = self.jobs.load()
+        assert load["work"] == 0.0 and load["running"] == 0
+        assert 0 < load["speed"] <= MAX_SPEED  # 4 s of input over the test's real seconds
+
+    def test_a_job_with_no_timed_output_measures_no_speed(self) -> None:
+        """A poster alone takes a frame, not the input: its ratio would make the node look hundreds
+        of times faster than it converts, and draw every client's uploads."""
+        job, _ = self.upload(presets="poster")
+        started, _, _ = self.media.hooks[job.id]
+        started()
+        self.media.finish(job.id, duration=None)
+        assert self.record(job.id)["state"] == "done"
+        assert "speed" not in self.jobs.load()
 
     def test_checksum_mismatch_keeps_nothing(self) -> None:
         """A wrong Upload-Checksum: refused, spool removed, nothing in the store."""

@@ -9,8 +9,17 @@ import pytest
 from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 
+from gridnode.client.nodes import nodes_from_json
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
-from gridnode.registry.records import MAX_RECORD_BYTES, RecordRead, RecordReader, parse_record
+from gridnode.registry.records import (
+    MAX_RECORD_BYTES,
+    MAX_SPEED,
+    MIN_SPEED,
+    NodeRecord,
+    RecordRead,
+    RecordReader,
+    parse_record,
+)
 from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -22,9 +31,10 @@ def make(store: ObjectStore, clock: Clock, node_id: str, **kw: object) -> Regist
     """A registry whose heartbeats are exactly ``heartbeat`` apart (no jitter: these tests count
     them), unless ``spread`` says otherwise."""
     kw.setdefault("spread", 0.0)
+    kw.setdefault("load", lambda: {"running": 1.0})
     return Registry(clock, store, env="prod", pool="east", node_id=node_id,
                     http_url=f"http://127.0.0.1/{node_id}", peer_addr="127.0.0.1:1", heartbeat=30, stale=300,
-                    now=clock.seconds, load=lambda: {"running": 1.0}, **kw)  # type: ignore[arg-type]
+                    now=clock.seconds, **kw)  # type: ignore[arg-type]
 
 
 def listed(store: ObjectStore) -> list[str]:
@@ -439,6 +449,44 @@ class RecordReaderTests:
         fetched, _ = self.read()  # never done
         fetched_again, read = self.read()
         assert fetched == fetched_again == [PREFIX + "a.json"] and read.done()[0].heartbeat == 1010.0
+
+
+class LoadFigureTests:
+    """The load a record carries (``speed`` and ``work`` among it), written and read back, and a
+    hostile record's figures."""
+
+    def test_speed_and_work_round_trip_to_the_client(self) -> None:
+        """A node's load, speed and work included, reaches the record, nodes.json and the client."""
+        store, clock = ObjectStore.synchronous(MemoryBackend()), Clock()
+        clock.advance(1000)
+        load = {"running": 2.0, "queued": 1.0, "workers": 4.0, "free_disk": 5e10, "work": 312.5, "speed": 1.75}
+        a = make(store, clock, "a", load=lambda: dict(load))
+        a.startService()
+        data, _ = store.backend.get_bytes(PREFIX + "a.json")
+        assert parse_record(data, "a").load == load
+        assert parse_record(NodeRecord("b", "http://b", "", 1.0, 1, 2.0, load).dumps()).load == load
+        listed_nodes = nodes_from_json(store.backend.get_bytes("registry/prod/east/nodes.json")[0])
+        assert listed_nodes[0].load == load and listed_nodes[0].speed == 1.75
+        a.stopService()
+
+    @pytest.mark.parametrize("figure", ["NaN", "Infinity", "-Infinity", "-1", "true", '"fast"', "null", "[2]",
+                                        "1e999"])
+    def test_a_hostile_figure_is_left_out_not_the_record(self, figure: str) -> None:
+        """NaN, infinities, negatives and non-numbers in a record's load are left out; the record
+        (and so the node, for its peers' membership) is still read, its other figures kept."""
+        raw = record_bytes("a").replace(b'"load": {}', f'"load": {{"running": 1, "speed": {figure}, '
+                                                       f'"work": {figure}}}'.encode())
+        record = parse_record(raw, "a")
+        assert record.load == {"running": 1.0}
+        assert record.id == "a" and record.heartbeat == 1000.0
+
+    @pytest.mark.parametrize("speed", [0, MIN_SPEED / 2, MAX_SPEED * 2, 1e300])
+    def test_a_speed_out_of_range_is_left_out(self, speed: float) -> None:
+        """A speed no node measures (zero, or one that would draw every upload) is left out."""
+        raw = record_bytes("a").replace(b'"load": {}', f'"load": {{"speed": {speed!r}, "work": 5}}'.encode())
+        assert parse_record(raw, "a").load == {"work": 5.0}
+        raw = record_bytes("a").replace(b'"load": {}', f'"load": {{"speed": {MAX_SPEED!r}}}'.encode())
+        assert parse_record(raw, "a").load == {"speed": MAX_SPEED}
 
 
 class DeleteDeadTests:

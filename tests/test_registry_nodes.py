@@ -9,7 +9,8 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import free_port, wait_for
-from tests.nodes import NodeProcess, get_json, heard_from
+from tests.media_samples import Clips
+from tests.nodes import NodeProcess, get_json, heard_from, upload, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -23,6 +24,31 @@ def registry_ids(store: Path) -> tuple[list[str], list[str]]:
 
 
 class FileRegistryTests:
+    @pytest_twisted.inlineCallbacks
+    def test_a_record_carries_the_speed_measured(self, tmp_path: Path, media_clips: Clips) -> None:
+        """Before its first job a node publishes its work and no speed; after one, /health and its
+        registry record (the next heartbeat) give the speed ffmpeg ran at, which clients rank by."""
+        store = tmp_path / "store"
+        node = NodeProcess(tmp_path / "n0", [
+            "--store", f"file:{store}", "--pool", "p1", "--node-id", "n0", "--heartbeat", "1", "--min-free", "0",
+            "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+        node.start()
+        record = store / "registry" / "dev" / "p1" / "nodes" / "n0.json"
+        try:
+            base = yield node.wait_ready()
+            health = get_json(base + "/health")[1]
+            assert health["work"] == 0 and "speed" not in health
+            status, _, job = upload(base, media_clips.landscape, "mp4-720p")
+            assert status == 201, job
+            job = yield wait_job(base, job["id"])
+            assert job["state"] == "done", job
+            health = get_json(base + "/health")[1]
+            assert health["work"] == 0 and 0 < health["speed"] <= 1000  # 4 s of input over ffmpeg's seconds
+            yield wait_for(lambda: "speed" in json.loads(record.read_text())["load"])
+            assert json.loads(record.read_text())["load"]["speed"] > 0
+        finally:
+            node.stop()
+
     @pytest_twisted.inlineCallbacks
     def test_three_nodes_register_and_leave(self, tmp_path: Path) -> None:
         """3 nodes: 3 records and 3 entries in nodes.json; SIGTERM removes one; it comes back."""

@@ -23,6 +23,7 @@ without ``format`` is format 1 (written before the field existed).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
@@ -33,6 +34,9 @@ from gridnode.errors import GridnodeError, NotFound
 MAX_RECORD_BYTES = 64 * 1024
 #: the record layout's major version: raise it only for a change older readers would misread
 FORMAT = 1
+#: the ``speed`` load figures a reader takes (seconds of input converted per second, per worker):
+#: outside it a figure is a bug or a lie, and one huge speed would draw a whole pool's uploads
+MIN_SPEED, MAX_SPEED = 0.001, 1000.0
 
 
 @dataclass
@@ -87,8 +91,7 @@ def parse_record(data: bytes, expected_id: str | None = None) -> NodeRecord:
             id=_typed(raw, "id", str), http_url=_typed(raw, "http_url", str),
             peer_addr=_typed(raw, "peer_addr", str), started=float(_typed(raw, "started", (int, float))),
             incarnation=_typed(raw, "incarnation", int), heartbeat=float(_typed(raw, "heartbeat", (int, float))),
-            load={str(k): float(v) for k, v in _typed(raw, "load", dict).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            load=clean_load(_typed(raw, "load", dict)),
             version=str(raw.get("version", "")),
         )
     except (TypeError, ValueError) as e:
@@ -106,6 +109,21 @@ def _typed(raw: dict[str, Any], key: str, kind: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"field {key!r} missing or of the wrong type")
     return value
+
+
+def clean_load(raw: Any) -> dict[str, float]:
+    """The load figures of a record, nodes.json entry or ``/health`` answer that can be compared:
+    finite numbers >= 0 (``speed`` within [MIN_SPEED, MAX_SPEED]). Any other figure is left out,
+    not the record: a bad figure must not hide a node from the membership (NaN would also break
+    every sort a client makes)."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            if k != "speed" or MIN_SPEED <= v <= MAX_SPEED:
+                out[str(k)] = float(v)
+    return out
 
 
 def live_list(records: list[NodeRecord], now: float, stale: float) -> list[NodeRecord]:
