@@ -233,21 +233,23 @@ def read_loadbalance(objects: list[JSON]) -> list[Row]:
 
 
 def _read_wait(results: list[JSON]) -> list[Row]:
-    mixes = [str(r["mix"]) for r in results]
-    mix = "thirds" if "thirds" in mixes else mixes[0]
-    by = {(r["policy"], int(r["nodes"])): r for r in results if r["mix"] == mix}
+    """One row per N and per mix of speeds (identical nodes left out: nothing to balance there)."""
     words = {"thirds": "a third of the nodes 2x", "mixed": "speeds 6x1 3x2 1x4", "uniform": "identical nodes"}
+    mixes = list(dict.fromkeys(str(r["mix"]) for r in results))
+    mixes = [m for m in mixes if m != "uniform"] or mixes
     rows = []
-    for n in sorted({n for _, n in by}):
-        client, central, rand = by.get(("client", n)), by.get(("central", n)), by.get(("random", n))
-        if client is None or central is None:
-            continue
-        ratio = float(client["p99"]) / float(central["p99"])
-        measured = (f"client {float(client['p99']):.0f} s, central dispatcher {float(central['p99']):.0f} s"
-                    + (f", random {float(rand['p99']):.0f} s" if rand else "")
-                    + f" (means {float(client['mean']):.0f} / {float(central['mean']):.0f} s)")
-        rows.append(Row(f"client choice, p99 time to result ÷ a central dispatcher's, N={n}, "
-                        f"{words.get(mix, mix)}", "<= 1.5", measured, f"{ratio:.3f}", verdict(ratio <= 1.5)))
+    for mix in mixes:
+        by = {(r["policy"], int(r["nodes"])): r for r in results if r["mix"] == mix}
+        for n in sorted({n for _, n in by}):
+            client, central, rand = by.get(("client", n)), by.get(("central", n)), by.get(("random", n))
+            if client is None or central is None:
+                continue
+            ratio = float(client["p99"]) / float(central["p99"])
+            measured = (f"client {float(client['p99']):.0f} s, central dispatcher {float(central['p99']):.0f} s"
+                        + (f", random {float(rand['p99']):.0f} s" if rand else "")
+                        + f" (means {float(client['mean']):.0f} / {float(central['mean']):.0f} s)")
+            rows.append(Row(f"client choice, p99 time to result ÷ a central dispatcher's, N={n}, "
+                            f"{words.get(mix, mix)}", "<= 1.5", measured, f"{ratio:.3f}", verdict(ratio <= 1.5)))
     return rows
 
 
@@ -425,8 +427,10 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
                            "--max-seconds", "30" if quick else "75"),),
                          60 if quick else 120, read_store_upload))
     lb = (python, "bench/loadbalance.py", "--json", "--nodes", "10,1000") + (("--arrivals", "10000") if quick else ())
-    benches.append(Bench("loadbalance", "loadbalance", "client choice: p99 wait; max/mean", "<= 1.5; <= 1.25",
-                         (lb + ("--wait",), lb + ("--refresh", "2")), 60, read_loadbalance))
+    # Max/mean jobs per node is no longer a goal (a rule that balances time keeps fast nodes
+    # fuller on purpose: bench/README.md); `bench/loadbalance.py` still prints it.
+    benches.append(Bench("loadbalance", "loadbalance", "client choice: p99 wait", "<= 1.5",
+                         (lb + ("--wait", "--mix", "thirds,mixed"),), 60, read_loadbalance))
     sim = (python, "bench/membership_sim.py", "--json", "--seed", "1")
     big = "300" if quick else "1000"
     benches += [
