@@ -193,6 +193,30 @@ class UploadPageTests:
             log = page.inner_text("#log")
             assert "Uploading to" in log and "gone" not in log, log
 
+    def test_page_chooses_by_expected_wait_and_draws_by_speed(self, node: NodeProcess) -> None:
+        """The page's rule is the command line client's: a fast node with a job beats an idle slow
+        one (it would finish a new job sooner), and a node twice as fast is drawn more often than
+        a uniform draw would (0.7 of choices among one 2x and three 1x idle nodes, against 0.5)."""
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.goto(f"{node.url}/")
+            page.wait_for_function("window.gridnodeUpload !== undefined")
+            picks = page.evaluate("""() => {
+              const up = window.gridnodeUpload;
+              const fast = {id: "fast", load: {running: 1, queued: 0, workers: 2, work: 60, speed: 4}};
+              const slow = {id: "slow", load: {running: 0, queued: 0, workers: 2, work: 0, speed: 0.25}};
+              const pair = [];
+              for (let k = 0; k < 50; k++) pair.push(up.chooseNode([slow, fast], new Set()).id);
+              const idle = (id, speed) => ({id: id, load: {running: 0, queued: 0, workers: 2, work: 0, speed: speed}});
+              const four = [idle("a", 1), idle("b", 1), idle("c", 1), idle("fast", 2)];
+              let fastChosen = 0;
+              for (let k = 0; k < 1000; k++) if (up.chooseNode(four, new Set()).id === "fast") fastChosen += 1;
+              return {pair: pair, fastShare: fastChosen / 1000};
+            }""")
+            assert set(picks["pair"]) == {"fast"}, picks["pair"]
+            assert 0.6 < picks["fastShare"] < 0.8, picks["fastShare"]
+            assert errors.errors == []
+
     def test_coded_error_is_shown(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
         """A file that is not a video: the node's error code and message appear in the alert."""
         with chromium_page() as page:
