@@ -193,6 +193,30 @@ class UploadPageTests:
             log = page.inner_text("#log")
             assert "Uploading to" in log and "gone" not in log, log
 
+    def test_hls_result_plays_through_hls_js_to_its_end(self, node: NodeProcess, media_clips: Clips) -> None:
+        """An HLS ladder is played with the vendored hls.js (chromium has Media Source Extensions),
+        loaded only then, from the first segment to the end of the last."""
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.goto(f"{node.url}/")
+            assert page.evaluate("typeof window.Hls") == "undefined"  # not loaded up front
+            submit_on_page(page, media_clips.landscape, ["hls", "poster"])
+            page.wait_for_selector("#result-section:not([hidden])", timeout=40_000)
+            page.wait_for_function("document.getElementById('player').dataset.engine === 'hls.js'")
+            page.evaluate("() => { const p = document.getElementById('player'); p.muted = true; p.play(); }")
+            page.wait_for_function("document.getElementById('player').ended", timeout=30_000)
+            played = page.evaluate("""() => {
+              const p = document.getElementById('player');
+              const ranges = [];
+              for (let i = 0; i < p.played.length; i++) ranges.push([p.played.start(i), p.played.end(i)]);
+              return {ranges: ranges, duration: p.duration, hls_loaded: typeof window.Hls === "function"};
+            }""")
+            assert played["hls_loaded"]
+            assert abs(played["duration"] - 4.0) < 0.3, played
+            start, end = played["ranges"][0][0], played["ranges"][-1][1]
+            assert start < 0.2 and end > played["duration"] - 0.2, played
+            assert errors.errors == [], errors.errors
+
     def test_page_chooses_by_expected_wait_and_draws_by_speed(self, node: NodeProcess) -> None:
         """The page's rule is the command line client's: a fast node with a job beats an idle slow
         one (it would finish a new job sooner), and a node twice as fast is drawn more often than

@@ -459,6 +459,71 @@
     $("log").appendChild(li);
   }
 
+  /* -- the player ------------------------------------------------------ */
+
+  var HLS_JS = "/static/vendor/hls.min.js";
+  var hls = null;  // the hls.js instance playing, if any
+  var scripts = {};
+
+  /** Load a vendored script once, only when it is needed. */
+  function loadScript(src) {
+    if (!scripts[src]) {
+      scripts[src] = new Promise(function (resolve, reject) {
+        var el = document.createElement("script");
+        el.src = src;
+        el.onload = resolve;
+        el.onerror = function () { delete scripts[src]; reject(new Error("could not load " + src)); };
+        document.head.appendChild(el);
+      });
+    }
+    return scripts[src];
+  }
+
+  function stopPlayer(player) {
+    if (hls) { hls.destroy(); hls = null; }
+    player.removeAttribute("src");
+    player.textContent = "";
+    delete player.dataset.engine;
+  }
+
+  function playFile(player, url, type) {
+    var source = document.createElement("source");
+    source.src = url;
+    source.type = type;
+    player.appendChild(source);
+    player.dataset.engine = "file";
+    player.load();
+  }
+
+  /** Adaptive streaming: hls.js where the browser has Media Source Extensions (it switches rungs by
+   *  measured bandwidth), the browser's own HLS where it has that (Safari), else the plain file. */
+  function playStream(player, url, fallback, fallbackType) {
+    var mse = typeof window.MediaSource === "function" || typeof window.ManagedMediaSource === "function";
+    var native = !!player.canPlayType("application/vnd.apple.mpegurl");
+    if (!mse && native) {
+      player.src = url;
+      player.dataset.engine = "native";
+      return Promise.resolve();
+    }
+    if (!mse) {
+      if (fallback) playFile(player, fallback, fallbackType);
+      return Promise.resolve();
+    }
+    return loadScript(HLS_JS).then(function () {
+      if (!window.Hls || !window.Hls.isSupported()) throw new Error("hls.js does not support this browser");
+      hls = new window.Hls();
+      hls.on(window.Hls.Events.ERROR, function (event, data) {
+        if (data.fatal) log("Player: " + data.type + " " + data.details);
+      });
+      hls.loadSource(url);
+      hls.attachMedia(player);
+      player.dataset.engine = "hls.js";
+    }).catch(function (e) {
+      log("Player: " + e.message);
+      if (fallback) playFile(player, fallback, fallbackType);
+    });
+  }
+
   function showResult(node, job) {
     var outputs = job.outputs || [];
     var list = $("outputs");
@@ -477,20 +542,17 @@
     });
 
     var player = $("player");
-    player.textContent = "";
+    stopPlayer(player);
+    var stream = outputs.filter(function (o) { return o.content_type === "application/vnd.apple.mpegurl"; })[0];
     var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
       outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
     var poster = outputs.filter(function (o) { return o.preset === "poster" || /\.jpe?g$/.test(o.name || ""); })[0];
     if (poster) player.setAttribute("poster", resultUrl(node, poster.url));
-    if (video) {
-      var source = document.createElement("source");
-      source.src = resultUrl(node, video.url);
-      source.type = video.content_type;
-      player.appendChild(source);
-      player.hidden = false;
-      player.load();
-    } else {
-      player.hidden = true;
+    player.hidden = !(stream || video);
+    if (stream) {
+      playStream(player, resultUrl(node, stream.url), video && resultUrl(node, video.url), video && video.content_type);
+    } else if (video) {
+      playFile(player, resultUrl(node, video.url), video.content_type);
     }
     $("result-section").hidden = false;
   }
