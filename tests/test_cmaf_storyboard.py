@@ -61,13 +61,17 @@ class CmafOptionsTests:
     def test_rungs_audio_and_manifests(self) -> None:
         rungs = [cmaf.CmafRung("[v0]", 1280, 720, 2800), cmaf.CmafRung("[v1]", 640, 360, 800)]
         opts = cmaf.output_options("/out", rungs, video=["-c:v", "libx264", *cmaf.keyframe_options("libx264")],
-                                   audio=["-c:a", "aac"], audio_kbps=128)
-        assert opts[:6] == ["-map", "[v0]", "-map", "[v1]", "-map", "0:a:0"]
+                                   audio=["-c:a", "aac"], audio_label="[a]", audio_kbps=128)
+        assert opts[:6] == ["-map", "[v0]", "-map", "[v1]", "-map", "[a]"]
         assert opts[opts.index("-b:v:1") + 1] == "800k" and "-sc_threshold" in opts
         assert opts[opts.index("-adaptation_sets") + 1] == "id=0,streams=v id=1,streams=a"
         assert opts[-1] == "/out/cmaf/manifest.mpd"
         silent = cmaf.output_options("/out", rungs[:1], video=["-c:v", "libx264"], audio=None, audio_kbps=128)
-        assert "0:a:0" not in silent and silent[silent.index("-adaptation_sets") + 1] == "id=0,streams=v"
+        assert "[a]" not in silent and silent[silent.index("-adaptation_sets") + 1] == "id=0,streams=v"
+
+    def test_audio_ends_before_the_video(self) -> None:
+        assert cmaf.audio_chain(12.0) == "atrim=end=11.950,asetpts=PTS-STARTPTS"
+        assert cmaf.audio_chain(0.01).startswith("atrim=end=0.001,")
 
     def test_files(self) -> None:
         names = [n for n, _ in cmaf.files(3, audio=True)]
@@ -100,7 +104,7 @@ class RealFfmpegTests:
         board = storyboard.plan(12.0, (1280, 720))
         graph = ";".join(["[0:v]split=4[s0][s1][s2][s3]"]
                          + [f"[s{i}]scale={w}:{h},format=yuv420p[v{i}]" for i, (w, h, _) in enumerate(sizes)]
-                         + [f"[s3]{storyboard.chain(board)}[sb]"])
+                         + [f"[s3]{storyboard.chain(board)}[sb]", f"[0:a:0]{cmaf.audio_chain(12.0)}[a]"])
         rungs = [cmaf.CmafRung(f"[v{i}]", w, h, k) for i, (w, h, k) in enumerate(sizes)]
         # a scene cut every 1.3 s (the picture inverts): keyframes must still fall on boundaries only
         video = ["-c:v", "libx264", "-preset", "veryfast", "-threads", "1", *cmaf.keyframe_options("libx264")]
@@ -110,7 +114,8 @@ class RealFfmpegTests:
               "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
               "-c:v", "libx264", "-preset", "ultrafast", "-qp", "10", "-c:a", "flac", str(source)])
         _run([FFMPEG, "-v", "error", "-nostdin", "-y", "-i", str(source), "-filter_complex", graph,
-              *cmaf.output_options(str(out), rungs, video=video, audio=["-c:a", "aac"], audio_kbps=96),
+              *cmaf.output_options(str(out), rungs, video=video, audio=["-c:a", "aac"], audio_label="[a]",
+                                  audio_kbps=96),
               *storyboard.output_options(str(out), "[sb]")])
         folder = out / cmaf.FOLDER
 

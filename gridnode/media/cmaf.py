@@ -8,6 +8,11 @@ master and one media playlist per stream, all naming the same ``init-N.m4s`` and
 audio a separate rendition (its own adaptation set; ``EXT-X-MEDIA`` in the master), so every
 rung shares one audio track.
 
+The audio is cut to end a little before the video (``audio_chain``): hls.js ends a stream
+only once every track's last fragment is buffered, and audio past the video's end lies past
+the media's duration, where it is never buffered, so the player would stall a frame before
+the end.
+
 Segment boundaries must fall at the same times on every rung, or a player switching rungs
 would skip or repeat media: the encoder is told to put a keyframe at every multiple of the
 segment length and nowhere it would start a segment early (``keyframe_options``), and the
@@ -27,6 +32,9 @@ FOLDER = "cmaf"
 MANIFEST = f"{FOLDER}/manifest.mpd"
 MASTER = f"{FOLDER}/master.m3u8"
 CONTENT_TYPES = {".mpd": "application/dash+xml", ".m4s": "video/iso.segment"}
+#: how much sooner than the video the audio ends: two AAC frames at 44.1 kHz (the encoder's
+#: priming shifts the audio by one), inaudible at the end of a video
+AUDIO_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,22 @@ def keyframe_options(encoder: str, segment: float = SEGMENT_SECONDS) -> list[str
     return opts
 
 
+def audio_chain(video_seconds: float) -> str:
+    """The filter chain for the audio track: cut ``AUDIO_MARGIN`` before the video's end."""
+    return f"atrim=end={max(video_seconds - AUDIO_MARGIN, 0.001):.3f},asetpts=PTS-STARTPTS"
+
+
 def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[str], audio: Sequence[str] | None,
-                   audio_kbps: int, segment: float = SEGMENT_SECONDS) -> list[str]:
+                   audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS) -> list[str]:
     """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` and, when ``audio``
-    (the audio encoder's options) is given, the input's first audio stream, under
-    ``out_dir/cmaf/``. ``video``: the video encoder's options, ``keyframe_options`` included."""
+    (the audio encoder's options) is given, the graph's ``audio_label`` (made with
+    ``audio_chain``), under ``out_dir/cmaf/``. ``video``: the video encoder's options,
+    ``keyframe_options`` included."""
     opts: list[str] = []
     for rung in rungs:
         opts += ["-map", rung.label]
     if audio is not None:
-        opts += ["-map", "0:a:0"]
+        opts += ["-map", audio_label]
     opts += [*video]
     for i, rung in enumerate(rungs):
         opts += [f"-b:v:{i}", f"{rung.video_kbps}k", f"-maxrate:v:{i}", f"{rung.video_kbps}k",

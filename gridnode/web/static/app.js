@@ -462,7 +462,10 @@
   /* -- the player ------------------------------------------------------ */
 
   var HLS_JS = "/static/vendor/hls.min.js";
-  var hls = null;  // the hls.js instance playing, if any
+  var DASH_JS = "/static/vendor/dash.mediaplayer.min.js";
+  var HLS_TYPE = "application/vnd.apple.mpegurl";
+  var DASH_TYPE = "application/dash+xml";
+  var engine = null;  // the hls.js or dash.js instance playing, if any
   var scripts = {};
 
   /** Load a vendored script once, only when it is needed. */
@@ -480,7 +483,7 @@
   }
 
   function stopPlayer(player) {
-    if (hls) { hls.destroy(); hls = null; }
+    if (engine) { engine.destroy(); engine = null; }
     player.removeAttribute("src");
     player.textContent = "";
     delete player.dataset.engine;
@@ -495,29 +498,51 @@
     player.load();
   }
 
-  /** Adaptive streaming: hls.js where the browser has Media Source Extensions (it switches rungs by
-   *  measured bandwidth), the browser's own HLS where it has that (Safari), else the plain file. */
-  function playStream(player, url, fallback, fallbackType) {
-    var mse = typeof window.MediaSource === "function" || typeof window.ManagedMediaSource === "function";
-    var native = !!player.canPlayType("application/vnd.apple.mpegurl");
-    if (!mse && native) {
-      player.src = url;
-      player.dataset.engine = "native";
-      return Promise.resolve();
-    }
-    if (!mse) {
-      if (fallback) playFile(player, fallback, fallbackType);
-      return Promise.resolve();
-    }
+  function hlsEngine(player, url) {
     return loadScript(HLS_JS).then(function () {
       if (!window.Hls || !window.Hls.isSupported()) throw new Error("hls.js does not support this browser");
-      hls = new window.Hls();
+      var hls = new window.Hls();
       hls.on(window.Hls.Events.ERROR, function (event, data) {
         if (data.fatal) log("Player: " + data.type + " " + data.details);
       });
       hls.loadSource(url);
       hls.attachMedia(player);
-      player.dataset.engine = "hls.js";
+      return { name: "hls.js", destroy: function () { hls.destroy(); } };
+    });
+  }
+
+  function dashEngine(player, url) {
+    return loadScript(DASH_JS).then(function () {
+      if (!window.dashjs) throw new Error("dash.js did not load");
+      var dash = window.dashjs.MediaPlayer().create();
+      dash.on(window.dashjs.MediaPlayer.events.ERROR, function (e) {
+        log("Player: " + ((e.error && e.error.message) || "dash.js error"));
+      });
+      dash.initialize(player, url, false);
+      return { name: "dash.js", destroy: function () { dash.reset(); } };
+    });
+  }
+
+  /** Play ``url`` of ``type``. Adaptive streams (HLS, DASH) go through hls.js or dash.js where the
+   *  browser has Media Source Extensions (they switch rungs by measured bandwidth), HLS through the
+   *  browser itself where it has that (Safari); else the plain file ``fallback``, when there is one. */
+  function play(player, url, type, fallback, fallbackType) {
+    stopPlayer(player);
+    var mse = typeof window.MediaSource === "function" || typeof window.ManagedMediaSource === "function";
+    if (type !== HLS_TYPE && type !== DASH_TYPE) {
+      playFile(player, url, type);
+      return Promise.resolve();
+    }
+    if (!mse && type === HLS_TYPE && player.canPlayType(HLS_TYPE)) {
+      player.src = url;
+      player.dataset.engine = "native";
+      return Promise.resolve();
+    }
+    var start = !mse ? Promise.reject(new Error("this browser has no Media Source Extensions"))
+      : type === HLS_TYPE ? hlsEngine(player, url) : dashEngine(player, url);
+    return start.then(function (e) {
+      engine = e;
+      player.dataset.engine = e.name;
     }).catch(function (e) {
       log("Player: " + e.message);
       if (fallback) playFile(player, fallback, fallbackType);
@@ -543,16 +568,18 @@
 
     var player = $("player");
     stopPlayer(player);
-    var stream = outputs.filter(function (o) { return o.content_type === "application/vnd.apple.mpegurl"; })[0];
+    var stream = outputs.filter(function (o) { return o.content_type === HLS_TYPE; })[0] ||
+      outputs.filter(function (o) { return o.content_type === DASH_TYPE; })[0];
     var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
       outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
     var poster = outputs.filter(function (o) { return o.preset === "poster" || /\.jpe?g$/.test(o.name || ""); })[0];
     if (poster) player.setAttribute("poster", resultUrl(node, poster.url));
     player.hidden = !(stream || video);
     if (stream) {
-      playStream(player, resultUrl(node, stream.url), video && resultUrl(node, video.url), video && video.content_type);
+      play(player, resultUrl(node, stream.url), stream.content_type, video && resultUrl(node, video.url),
+        video && video.content_type);
     } else if (video) {
-      playFile(player, resultUrl(node, video.url), video.content_type);
+      play(player, resultUrl(node, video.url), video.content_type);
     }
     $("result-section").hidden = false;
   }
@@ -636,7 +663,10 @@
   }
 
   // For tests and the curious: the pure parts.
-  window.gridnodeUpload = { busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive };
+  window.gridnodeUpload = {
+    busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive,
+    play: function (url, type) { return play($("player"), url, type); }
+  };
 
   token.bind($("token"));
   $("upload-form").addEventListener("submit", submit);
