@@ -28,7 +28,7 @@ from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode import keys
+from gridnode import job_list, keys
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
@@ -48,6 +48,23 @@ def arg(request: Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+_LISTING_ARGS = frozenset({"state", "since", "until", "limit", "cursor", "tenant", "view"})
+
+
+def listing_args(request: Request) -> dict[str, str]:
+    """``GET /jobs``'s parameters, each given once; an unknown or repeated one is a 400 ``bad_query``."""
+    args: dict[str, str] = {}
+    for raw, values in request.args.items():
+        name = raw.decode("utf-8", "replace")
+        if name not in _LISTING_ARGS or len(values) != 1:
+            raise GridnodeError(f"GET /jobs takes each of {', '.join(sorted(_LISTING_ARGS))} once; "
+                                f"not {name[:40]!r} here", code="bad_query", status=400)
+        args[name] = values[0].decode("utf-8", "replace")
+    if args.get("view", "node") != "node":
+        raise GridnodeError("view= takes 'node' (this node's own jobs) only", code="bad_query", status=400)
+    return args
+
+
 #: the largest HLS playlist the node passes on from an S3 store itself (a 10 h rung is ~100 KiB)
 MAX_PLAYLIST_BYTES = 1024 * 1024
 
@@ -56,6 +73,8 @@ def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callab
     """For `respond_later`: answer a job's JSON (its result URLs made now) and finish."""
 
     def done(obj: Any) -> None:
+        if isinstance(obj, dict) and "jobs" in obj:  # a page of the listing
+            obj = {**obj, "jobs": [urls.job_json(j.to_json()) for j in obj["jobs"]]}
         request.write(json_body(request, urls.job_json(obj.to_json()) if isinstance(obj, Job) else obj, status))
         request.finish()
 
@@ -97,10 +116,19 @@ class JobsResource(Resource):
             return ErrorResource(bad_job_id(job_id))
         return JobResource(self.jobs, self.access, self.urls, job_id)
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
-        """``GET /jobs``: this node's running and queued jobs, and its recent finished ones (the
-        caller's tenant's)."""
-        return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        """``GET /jobs``: the caller's tenant's jobs from the store, a page at a time, newest first
+        (gridnode/job_list.py); ``?view=node``: this node's running and queued jobs, and its recent
+        finished ones."""
+        try:
+            args = listing_args(request)
+            if args.get("view") == "node":
+                return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
+            query = job_list.Query.parse(args, self.access.owner_filter(request))
+        except GridnodeError as e:
+            return error_body(request, e)
+        return respond_later(request, job_list.page(self.jobs.store, query),
+                             answer_json(request, self.urls))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         body: Any = request.content  # a SpoolFile (or a form's, around one): GridRequest routed the body there

@@ -1,0 +1,104 @@
+"""
+The job API on real ``twistd -n gridnode`` nodes sharing a bucket on a real S3-compatible server
+(moto on loopback), with tokens minted by PyJWT: the pool-wide listing (gridnode/job_list.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gridnode import job_list, keys
+from gridnode.jobs import DONE, Job
+from tests.helpers import free_port
+from tests.media_samples import Clips
+from tests.nodes import NodeProcess
+from tests.test_auth_nodes import K1, auth, call, done, error, mint, post_clip
+
+pytest_plugins = ["tests.s3server"]
+pytestmark = pytest.mark.integration
+
+PREFIX = "grid/"
+ALICE, BOB = auth(mint("alice", "upload read cancel")), auth(mint("bob", "upload read cancel"))
+ADMIN = auth(mint("ops-team", "admin"))
+
+
+@pytest.fixture
+def pool(tmp_path: Path, s3_endpoint: str, s3_bucket: str) -> Iterator[list[NodeProcess]]:
+    keyring = tmp_path / "tokens.keys"
+    keyring.write_text(f"k1 {K1}\n")
+    nodes = [NodeProcess(tmp_path / f"n{i}", [
+        "--store", f"s3://{s3_bucket}/grid", "--s3-endpoint", s3_endpoint, "--node-id", f"n{i}", "--min-free", "0",
+        "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
+        "--upload-secret", str(keyring)]) for i in range(2)]
+    for n in nodes:
+        n.start()
+    try:
+        for n in nodes:
+            n.block_until_ready(30)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def keys_of(s3: Any, bucket: str) -> set[str]:
+    found: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
+        found.update(o["Key"][len(PREFIX):] for o in page.get("Contents", []))
+    return found
+
+
+def pages(base: str, headers: dict[str, str], limit: int = 100) -> list[list[str]]:
+    """Every page of ``GET /jobs`` (bounded), as lists of ids."""
+    got: list[list[str]] = []
+    cursor = ""
+    for _ in range(20):
+        status, _, body = call("GET", f"{base}/jobs?limit={limit}{cursor}", headers)
+        assert status == 200, body
+        got.append([j["id"] for j in body["jobs"]])
+        if body["next"] is None:
+            return got
+        cursor = f"&cursor={body['next']}"
+    raise AssertionError("the listing did not end")
+
+
+class ListingTests:
+    def test_250_jobs_of_two_tenants(self, pool: list[NodeProcess], media_clips: Clips, s3_client: Any,
+                                     s3_bucket: str) -> None:
+        """A job of alice's and one of bob's, converted, and 248 more stored as a node stores them:
+        each tenant lists only its own, pages of 100 newest first with no duplicate or gap, and both
+        nodes give the same answer; an admin lists both tenants."""
+        a, b = pool[0].url, pool[1].url
+        real = {}
+        for who, headers, node in (("alice", ALICE, a), ("bob", BOB, b)):
+            status, _, body = post_clip(node, media_clips.portrait, headers)
+            assert status == 201, body
+            real[who] = body["id"]
+            assert done(node, body["id"], headers)["state"] == DONE
+        made: dict[str, list[str]] = {"alice": [real["alice"]], "bob": [real["bob"]]}
+        start = time.time() - 10_000
+        for n in range(248):
+            tenant = ("alice", "bob")[n % 2]
+            job = Job.new(keys.new_id(start + n), name=f"c{n}.mov", presets=["poster"], node="n0", size=1,
+                          now=start + n, tenant=tenant)
+            s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + keys.job_record(job.id), Body=job.dumps())
+            for entry in job_list.entries(job):
+                s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + entry, Body=b"")
+            made[tenant].append(job.id)
+        for tenant, headers in (("alice", ALICE), ("bob", BOB)):
+            want = sorted(made[tenant], reverse=True)
+            from_a, from_b = pages(a, headers), pages(b, headers)
+            assert from_a == from_b
+            assert [len(p) for p in from_a] == [100, 25]
+            assert [i for p in from_a for i in p] == want
+        everyone = [i for p in pages(b, ADMIN) for i in p]
+        assert everyone == sorted(made["alice"] + made["bob"], reverse=True)
+        assert error(call("GET", f"{a}/jobs?tenant=alice", BOB)) == (403, "forbidden")
+        status, _, body = call("GET", f"{a}/jobs?state=done", BOB)
+        assert [j["id"] for j in body["jobs"]] == [real["bob"]] and json.dumps(body).count('"tenant": "bob"') == 1
