@@ -196,3 +196,42 @@ class HttpTests:
         assert code(node.request("GET", f"/jobs?cursor={forged}", ALICE)) == (400, "bad_cursor")
         for query in ("limit=1&limit=2", "sort=name", "state=%00", "view=all", "since=1e400"):
             assert code(node.request("GET", f"/jobs?{query}", ALICE)) == (400, "bad_query"), query
+
+
+def all_keys(node: MemoryNode) -> set[str]:
+    return {i.key for i in node.store.backend.list("").items}
+
+
+class PurgeTests:
+    def test_purge_removes_every_key_of_the_job(self, node: MemoryNode) -> None:
+        """A done job purged: every key of it is gone but its tombstone; its GET is 404 gone (to
+        its tenant; bob's is the plain 404); its results 404; bob's job is untouched."""
+        job = node.upload(ALICE).json()["id"]
+        other = node.upload(BOB).json()["id"]
+        node.media.hooks[job][0]()  # ffmpeg started
+        node.media.finish(job)
+        assert node.request("GET", f"/jobs/{job}", ALICE).json()["state"] == "done"
+        before = all_keys(node)
+        mine = {k for k in before if job in k or keys.reversed_id(job) in k}
+        assert {f"inputs/{job}/source", f"jobs/{job}.json", f"outputs/{job}/video.mp4"} <= mine
+        assert code(node.request("DELETE", f"/jobs/{job}", ALICE)) == (409, "already_final")
+        assert code(node.request("DELETE", f"/jobs/{job}?purge=true", BOB)) == (404, "not_found")
+        assert code(node.request("DELETE", f"/jobs/{job}?purge=yes", ALICE)) == (400, "bad_query")
+        r = node.request("DELETE", f"/jobs/{job}?purge=true", ALICE)
+        assert r.status_code == 200 and r.json()["state"] == "gone", r.text
+        after = all_keys(node)
+        assert after == (before - mine) | {keys.tombstone(job)}
+        assert code(node.request("GET", f"/jobs/{job}", ALICE)) == (404, "gone")
+        assert code(node.request("GET", f"/jobs/{job}", BOB)) == (404, "not_found")
+        assert code(node.request("DELETE", f"/jobs/{job}?purge=true", ALICE)) == (404, "gone")
+        assert code(node.request("GET", f"/results/{job}/video.mp4", ALICE)) == (404, "not_found")
+        assert job not in node.request("GET", "/jobs", ALICE).text
+        assert node.request("GET", f"/jobs/{other}", BOB).status_code == 200
+
+    def test_a_running_job_is_cancelled_first(self, node: MemoryNode) -> None:
+        """Purging a job still converting cancels it, then removes it; nothing of it is left."""
+        job = node.upload(ALICE).json()["id"]
+        r = node.request("DELETE", f"/jobs/{job}?purge=true", ALICE)
+        assert r.status_code == 200, r.text
+        assert {k for k in all_keys(node) if job in k or keys.reversed_id(job) in k} == {keys.tombstone(job)}
+        assert code(node.request("GET", f"/jobs/{job}", ADMIN)) == (404, "gone")

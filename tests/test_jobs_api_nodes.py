@@ -102,3 +102,29 @@ class ListingTests:
         assert error(call("GET", f"{a}/jobs?tenant=alice", BOB)) == (403, "forbidden")
         status, _, body = call("GET", f"{a}/jobs?state=done", BOB)
         assert [j["id"] for j in body["jobs"]] == [real["bob"]] and json.dumps(body).count('"tenant": "bob"') == 1
+
+
+class PurgeTests:
+    def test_purge_removes_every_key(self, pool: list[NodeProcess], media_clips: Clips, s3_client: Any,
+                                     s3_bucket: str) -> None:
+        """alice's converted job, purged through the other node: the bucket, listed before and after,
+        has lost every key of the job but its tombstone; its GET is 404 gone from both nodes; bob's
+        job is untouched."""
+        a, b = pool[0].url, pool[1].url
+        status, _, body = post_clip(a, media_clips.portrait, ALICE)
+        assert status == 201, body
+        job = body["id"]
+        status, _, theirs = post_clip(a, media_clips.portrait, BOB)
+        assert status == 201, theirs
+        assert done(a, job, ALICE)["state"] == DONE and done(a, theirs["id"], BOB)["state"] == DONE
+        before = keys_of(s3_client, s3_bucket)
+        mine = {k for k in before if job in k or keys.reversed_id(job) in k}
+        assert {f"inputs/{job}/source", f"jobs/{job}.json", f"outputs/{job}/poster.jpg",
+                keys.listing_entry("alice", job), keys.listing_entry(None, job)} <= mine
+        assert error(call("DELETE", f"{b}/jobs/{job}?purge=true", BOB)) == (404, "not_found")
+        status, _, stone = call("DELETE", f"{b}/jobs/{job}?purge=true", ALICE)
+        assert status == 200 and stone["state"] == "gone", stone
+        assert keys_of(s3_client, s3_bucket) == (before - mine) | {keys.tombstone(job)}
+        for node in (a, b):
+            assert error(call("GET", f"{node}/jobs/{job}", ALICE)) == (404, "gone")
+        assert call("GET", f"{b}/jobs/{theirs['id']}", BOB)[0] == 200

@@ -28,7 +28,7 @@ from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode import job_list, keys
+from gridnode import job_list, keys, purge
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
@@ -97,6 +97,9 @@ async def visible_job(jobs: JobService, access: Access, request: Request, job_id
     try:
         job: Job = await jobs.get(job_id)
     except NotFound:
+        stone = await purge.tombstone(jobs.store, job_id)
+        if stone is not None and access.caller(request).sees(stone["tenant"]):
+            raise purge.Gone(f"job {job_id} was purged: its input, outputs and record are deleted") from None
         raise no_job(job_id) from None
     if not access.caller(request).sees(job.tenant):
         raise no_job(job_id)
@@ -187,9 +190,19 @@ class JobResource(Resource):
                              answer_json(request, self.urls))
 
     def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        """Cancel the job; ``?purge=true``: cancel it (on the node that runs it) and remove its
+        input, outputs and record (gridnode/purge.py)."""
+        purging = arg(request, "purge")
+        if purging not in (None, "true", "false"):
+            return error_body(request, GridnodeError("purge= takes true or false", code="bad_query", status=400))
+
         async def cancel() -> Any:
-            await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
-            return await self.jobs.cancel(self.job_id)
+            job = await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
+            if purging != "true":
+                return await self.jobs.cancel(self.job_id)
+            if not job.final:
+                job = await self.jobs.cancel(self.job_id)
+            return await purge.purge(self.jobs.store, job, self.jobs.now())
 
         return respond_later(request, cancel(), answer_json(request, self.urls))
 
