@@ -112,6 +112,10 @@ def tenant_segment(tenant: str) -> str:
 
 # The object layout (docs/api.md, "Objects in the store").
 
+#: the top-level prefixes the node writes: never a job's input from the bucket (--input-prefixes)
+NODE_PREFIXES = frozenset({"registry/", "jobs/", "active/", "index/", "gone/", "inputs/", "outputs/", "uploads/",
+                           "idempotency/", "retention/", ".gridnode/"})
+
 def registry_prefix(env: str, pool: str) -> str:
     return join("registry", env, pool) + "/"
 
@@ -162,12 +166,17 @@ def listing_entry(tenant: str | None, job_id: str) -> str:
 
 
 def tombstone(job_id: str) -> str:
-    """What is left of a purged job: its id, tenant and when it was purged (GET answers 410-like 404 gone)."""
+    """What is left of a purged job: its id, tenant and when it was purged (its GET: 404 gone)."""
     return join("gone", check_segment(job_id, "job id") + ".json")
 
 
 def tombstones_prefix() -> str:
     return "gone/"
+
+
+def retention_lease() -> str:
+    """The retention sweep's lease: the node that holds it sweeps (gridnode/retention.py)."""
+    return "retention/lease.json"
 
 
 def inputs_prefix() -> str:
@@ -189,6 +198,10 @@ def output(job_id: str, name: str) -> str:
 
 def outputs_prefix(job_id: str) -> str:
     return join("outputs", job_id) + "/"
+
+
+def uploads_root() -> str:
+    return "uploads/"
 
 
 def upload_prefix(upload_id: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gridnode import job_list, keys
-from gridnode.jobs import DONE, Job
-from tests.helpers import free_port
+from gridnode.jobs import DONE, QUEUED, Job
+from tests.helpers import free_port, poll
 from tests.media_samples import Clips
 from tests.nodes import NodeProcess
 from tests.test_auth_nodes import K1, auth, call, done, error, mint, post_clip
@@ -29,13 +29,18 @@ ADMIN = auth(mint("ops-team", "admin"))
 
 
 @pytest.fixture
-def pool(tmp_path: Path, s3_endpoint: str, s3_bucket: str) -> Iterator[list[NodeProcess]]:
+def pool_args() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def pool(tmp_path: Path, s3_endpoint: str, s3_bucket: str, pool_args: list[str]) -> Iterator[list[NodeProcess]]:
     keyring = tmp_path / "tokens.keys"
     keyring.write_text(f"k1 {K1}\n")
     nodes = [NodeProcess(tmp_path / f"n{i}", [
         "--store", f"s3://{s3_bucket}/grid", "--s3-endpoint", s3_endpoint, "--node-id", f"n{i}", "--min-free", "0",
         "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
-        "--upload-secret", str(keyring)]) for i in range(2)]
+        "--upload-secret", str(keyring), *pool_args]) for i in range(2)]
     for n in nodes:
         n.start()
     try:
@@ -128,3 +133,31 @@ class PurgeTests:
         for node in (a, b):
             assert error(call("GET", f"{node}/jobs/{job}", ALICE)) == (404, "gone")
         assert call("GET", f"{b}/jobs/{theirs['id']}", BOB)[0] == 200
+
+
+class RetentionTests:
+    @pytest.fixture
+    def pool_args(self) -> list[str]:
+        return ["--retain-inputs", "0", "--retention-sweep", "1"]
+
+    def test_zero_days(self, pool: list[NodeProcess], media_clips: Clips, s3_client: Any, s3_bucket: str) -> None:
+        """--retain-inputs 0: a converted job's input is deleted at a sweep, its outputs and record
+        kept; a queued job's input (a record written as a node writes it, a day old) is left alone;
+        one node holds the sweep's lease."""
+        a = pool[0].url
+        waiting = Job.new(keys.new_id(time.time() - 86400), name="w.mov", presets=["poster"], node="elsewhere",
+                          size=5, now=time.time() - 86400, tenant="alice")
+        waiting.state = QUEUED
+        s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + keys.job_record(waiting.id), Body=waiting.dumps())
+        s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + keys.input_source(waiting.id), Body=b"bytes")
+        status, _, body = post_clip(a, media_clips.portrait, ALICE)
+        assert status == 201, body
+        job = body["id"]
+        assert done(a, job, ALICE)["state"] == DONE
+        poll(lambda: f"inputs/{job}/source" not in keys_of(s3_client, s3_bucket), 30, "the input to be swept")
+        left = keys_of(s3_client, s3_bucket)
+        assert f"jobs/{job}.json" in left and f"outputs/{job}/poster.jpg" in left
+        assert keys.input_source(waiting.id) in left
+        lease = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=PREFIX + keys.retention_lease())["Body"].read())
+        assert lease["node"] in ("n0", "n1")
+        assert "retention: job" in pool[0].text() + pool[1].text()
