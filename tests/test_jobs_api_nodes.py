@@ -161,3 +161,30 @@ class RetentionTests:
         lease = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=PREFIX + keys.retention_lease())["Body"].read())
         assert lease["node"] in ("n0", "n1")
         assert "retention: job" in pool[0].text() + pool[1].text()
+
+
+class BucketInputTests:
+    @pytest.fixture
+    def pool_args(self) -> list[str]:
+        return ["--input-prefixes", "incoming/"]
+
+    def test_a_job_from_a_key(self, pool: list[NodeProcess], long_clip: Path, s3_client: Any, s3_bucket: str) -> None:
+        """A 24 MB video already in the bucket under incoming/alice/: alice's JSON POST converts it with
+        no upload (its input copied inside the bucket: UploadPartCopy); bob's POST of it is 404, a
+        key outside the prefixes 403, both coded."""
+        b = pool[1].url
+        s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + "incoming/alice/long.mp4", Body=long_clip.read_bytes())
+        s3_client.put_object(Bucket=s3_bucket, Key=PREFIX + "private/alice/long.mp4", Body=b"x")
+        body = json.dumps({"input": {"key": "incoming/alice/long.mp4"}, "presets": ["poster"]}).encode()
+        json_type = {"Content-Type": "application/json"}
+        assert error(call("POST", f"{b}/jobs", {**BOB, **json_type}, body)) == (404, "not_found")
+        outside = json.dumps({"input": {"key": "private/alice/long.mp4"}}).encode()
+        assert error(call("POST", f"{b}/jobs", {**ALICE, **json_type}, outside)) == (403, "input_forbidden")
+        status, _, job = call("POST", f"{b}/jobs", {**ALICE, **json_type}, body)
+        assert status == 201, job
+        assert job["name"] == "long.mp4" and job["input"]["size"] == long_clip.stat().st_size
+        assert done(b, job["id"], ALICE)["state"] == DONE
+        stored = s3_client.head_object(Bucket=s3_bucket, Key=PREFIX + keys.input_source(job["id"]))
+        assert stored["ContentLength"] == long_clip.stat().st_size
+        assert "stored parts copied inside the store" in pool[1].text()
+        assert "poster.jpg" in json.dumps(call("GET", f"{b}/jobs/{job['id']}", ALICE)[2])

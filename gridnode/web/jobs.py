@@ -28,14 +28,15 @@ from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode import job_list, keys, purge
+from gridnode import bucket_input, job_list, keys, purge
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
+from gridnode.job_request import JobRequest
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
 from gridnode.spool import SpoolFile
 from gridnode.web import replay
 from gridnode.web.form import FormBody
-from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
+from gridnode.web.http import ErrorResource, error_body, is_json, json_body, not_found, parse_checksum, respond_later
 from gridnode.web.result_urls import ResultUrls, is_signature
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ class JobsResource(Resource):
                              answer_json(request, self.urls))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        if is_json(request):
+            return self._from_bucket(request)
         body: Any = request.content  # a SpoolFile (or a form's, around one): GridRequest routed the body there
         spool: Any = body.spool if isinstance(body, FormBody) else body
         try:
@@ -167,6 +170,26 @@ class JobsResource(Resource):
             request.setHeader(b"location", f"/jobs/{job.id}".encode())
             if claim is not None and job.id != os.path.basename(spool.path):
                 request.setHeader(*(h.encode() for h in replay.REPLAYED))
+            return job
+
+        return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
+
+
+    def _from_bucket(self, request: Request) -> Any:
+        """``POST /jobs`` with a JSON body: a job of an object already in the bucket."""
+        try:
+            asked = JobRequest.parse(request.content.read() if request.content is not None else b"")
+            caller = self.access.caller(request)
+            work = bucket_input.submit(
+                self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
+                any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
+                allow=lambda presets, size: self.access.creator(request, presets, size))
+        except GridnodeError as e:
+            self.jobs.metrics.upload_rejections.labels(e.code).inc()
+            return error_body(request, e)
+
+        def located(job: Job) -> Job:
+            request.setHeader(b"location", f"/jobs/{job.id}".encode())
             return job
 
         return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))

@@ -23,6 +23,7 @@ from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
+from gridnode.web.http import is_json
 from gridnode.web.result_urls import ResultUrls
 
 if TYPE_CHECKING:
@@ -70,6 +71,12 @@ class NodeView:
             raise
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
+            if is_json(request):
+                # a job of an object in the bucket (gridnode/bucket_input.py): a small body, in memory
+                if request.getHeader(b"idempotency-key") is not None:
+                    raise GridnodeError("Idempotency-Key is not taken with a JSON body yet; send the request "
+                                        "without it", code="bad_idempotency_key", status=400)
+                return None
             query = parse_qs(early_query.decode("latin-1"), keep_blank_values=True)
             try:
                 if "presets" in query:  # refused before the body: an unknown or empty preset
