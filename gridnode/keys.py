@@ -10,6 +10,7 @@ data kept in the job record; it never reaches a key.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -100,14 +101,18 @@ def reversed_id(job_id: str) -> str:
 
 
 def tenant_segment(tenant: str) -> str:
-    """A tenant (a token's ``sub``: any string) as one key segment: ``t-<sub>`` where it is plain
-    letters, digits, ``_`` and ``-``, else ``x-<utf-8 in hex>``; ``open`` for the tenant of a node
-    without tokens. Distinct tenants never share a segment."""
+    """A tenant (a token's ``sub``: any string of up to 256 characters) as one key segment:
+    ``t-<sub>`` where it is plain letters, digits, ``_`` and ``-`` (200 at most), else ``x-<its
+    UTF-8 in hex>`` up to 400 hex digits, else ``h-<its sha256>`` (a key holds 1024 bytes);
+    ``open`` for the tenant of a node without tokens. Distinct tenants never share a segment."""
     if tenant == "":
         return "open"
     if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", tenant):
         return "t-" + tenant
-    return check_segment("x-" + tenant.encode("utf-8").hex(), "tenant")
+    raw = tenant.encode("utf-8")
+    if len(raw) <= 200:
+        return check_segment("x-" + raw.hex(), "tenant")
+    return check_segment("h-" + hashlib.sha256(raw).hexdigest(), "tenant")
 
 
 # The object layout (docs/api.md, "Objects in the store").

@@ -74,6 +74,12 @@ class KeyTests:
         assert keys.check_prefix(pa) and (a == b) == (pa == pb)
         assert a == b or not (pa.startswith(pb) or pb.startswith(pa))
         assert pa != keys.listing_prefix(None) and pa != keys.listing_prefix("")
+        assert keys.check_key(keys.listing_entry(a, keys.new_id()))  # a job of any tenant can be listed
+
+    def test_the_longest_tenants(self) -> None:
+        """256 characters of 4 UTF-8 bytes each still make an entry within the 1024-byte key limit."""
+        for sub in ("\U0001F600" * 256, "a" * 256, "é" * 256):
+            assert len(keys.listing_entry(sub, keys.new_id()).encode()) <= 1024
 
 
 class QueryTests:
