@@ -140,11 +140,18 @@ class RetentionTests:
     def pool_args(self) -> list[str]:
         return ["--retain-inputs", "0", "--retention-sweep", "1"]
 
-    def test_zero_days(self, pool: list[NodeProcess], media_clips: Clips, s3_client: Any, s3_bucket: str) -> None:
+    def test_zero_days(self, pool: list[NodeProcess], media_clips: Clips, long_clip: Path, s3_client: Any,
+                       s3_bucket: str) -> None:
         """--retain-inputs 0: a converted job's input is deleted at a sweep, its outputs and record
-        kept; a queued job's input (a record written as a node writes it, a day old) is left alone;
-        one node holds the sweep's lease."""
+        kept; a job converting meanwhile keeps its input through the sweeps, and loses it once
+        cancelled; a queued job's input (a record written as a node writes it, a day old) is left
+        alone; one node holds the sweep's lease."""
         a = pool[0].url
+        status, _, running = call("POST", f"{a}/jobs?presets=mp4-720p", {"Content-Type": "application/octet-stream",
+                                                                          **ALICE}, long_clip.read_bytes())
+        assert status == 201, running
+        poll(lambda: call("GET", f"{a}/jobs/{running['id']}", ALICE)[2]["state"] == "transcoding", 60,
+             "the long job to start")
         waiting = Job.new(keys.new_id(time.time() - 86400), name="w.mov", presets=["poster"], node="elsewhere",
                           size=5, now=time.time() - 86400, tenant="alice")
         waiting.state = QUEUED
@@ -158,6 +165,12 @@ class RetentionTests:
         left = keys_of(s3_client, s3_bucket)
         assert f"jobs/{job}.json" in left and f"outputs/{job}/poster.jpg" in left
         assert keys.input_source(waiting.id) in left
+        # the sweep that took the first input ran while the long job converted, and left its input
+        assert call("GET", f"{a}/jobs/{running['id']}", ALICE)[2]["state"] == "transcoding"
+        assert keys.input_source(running["id"]) in left
+        assert call("DELETE", f"{a}/jobs/{running['id']}", ALICE)[2]["state"] == "cancelled"
+        poll(lambda: keys.input_source(running["id"]) not in keys_of(s3_client, s3_bucket), 30,
+             "the cancelled job's input to be swept")
         lease = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=PREFIX + keys.retention_lease())["Body"].read())
         assert lease["node"] in ("n0", "n1")
         assert "retention: job" in pool[0].text() + pool[1].text()
