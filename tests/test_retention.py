@@ -138,3 +138,18 @@ class SweepTests:
         assert fired(sweeper(store, clock, "b").take_lease()) is True
         fired(sweeper(store, clock, "a").round())
         assert has(store, keys.input_source(done))
+
+    def test_the_service_sweeps_on_its_timer(self, store: ObjectStore, clock: Clock) -> None:
+        """Started, the sweep runs within 1.25 periods and again after; stopped, never again."""
+        first = job(store, NOW - 100, DONE)
+        s = sweeper(store, clock, "a")
+        s.startService()
+        clock.advance(600 * 1.25)
+        assert not has(store, keys.input_source(first))
+        second = job(store, NOW, DONE)
+        clock.advance(600 * 1.25)
+        assert not has(store, keys.input_source(second))
+        fired(s.stopService())
+        third = job(store, NOW + 1, DONE)
+        clock.advance(600 * 5)
+        assert has(store, keys.input_source(third))
