@@ -200,7 +200,7 @@ class HttpTests:
         assert code(node.request("GET", f"/jobs?cursor={first['next']}", BOB)) == (400, "bad_cursor")
         forged = base64.urlsafe_b64encode(b"1." + b"Z" * 26 + b".0000000000000000").decode()
         assert code(node.request("GET", f"/jobs?cursor={forged}", ALICE)) == (400, "bad_cursor")
-        for query in ("limit=1&limit=2", "sort=name", "state=%00", "view=all", "since=1e400"):
+        for query in ("limit=1&limit=2", "sort=name", "state=%00", "view=all", "since=1e400", "view=node&limit=5"):
             assert code(node.request("GET", f"/jobs?{query}", ALICE)) == (400, "bad_query"), query
 
 

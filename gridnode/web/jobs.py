@@ -61,8 +61,8 @@ def listing_args(request: Request) -> dict[str, str]:
             raise GridnodeError(f"GET /jobs takes each of {', '.join(sorted(_LISTING_ARGS))} once; "
                                 f"not {name[:40]!r} here", code="bad_query", status=400)
         args[name] = values[0].decode("utf-8", "replace")
-    if args.get("view", "node") != "node":
-        raise GridnodeError("view= takes 'node' (this node's own jobs) only", code="bad_query", status=400)
+    if args.get("view", "node") != "node" or ("view" in args and len(args) > 1):
+        raise GridnodeError("view= takes 'node' (this node's own jobs), alone", code="bad_query", status=400)
     return args
 
 
@@ -173,7 +173,6 @@ class JobsResource(Resource):
             return job
 
         return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
-
 
     def _from_bucket(self, request: Request) -> Any:
         """``POST /jobs`` with a JSON body: a job of an object already in the bucket."""
