@@ -61,10 +61,11 @@ def checked_key(key: str, prefixes: tuple[str, ...], tenant: str, any_tenant: bo
 
 @inlineCallbacks
 def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], tenant: str, any_tenant: bool,
-           limit: int | None, allow: Callable[[list[str], int], object]) -> Any:
+           limit: int | None, allow: Callable[[list[str], int], object],
+           claim: Callable[[str], Any] | None = None) -> Any:
     """Make a job of the object ``request`` names, for ``tenant``; fires with the job once it is
     durably accepted (as an upload's ``201``). ``allow(presets, size)`` is the caller's token's
-    say on presets and size."""
+    say on presets and size; ``claim``: its Idempotency-Key's (`JobService.submit`)."""
     presets = ",".join(request.presets) if request.presets is not None else None
     try:
         key = checked_key(request.input.key, prefixes, tenant, any_tenant)
@@ -103,7 +104,7 @@ def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], 
     if size <= MAX_COPY and got.size == size:
         put.copy_first([(key, size)])
     name = request.name if request.name is not None else key.rsplit("/", 1)[-1]
-    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant)
+    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant, claim=claim)
     return job
 
 

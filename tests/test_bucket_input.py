@@ -85,7 +85,7 @@ class BucketInputTests:
     def test_refusals(self, node: MemoryNode, tmp_path: Path) -> None:
         """Outside the prefixes 403 input_forbidden (existing or not); another tenant's key 404, whether
         it exists or not; a missing key 404; a bad key 400; an unknown preset 400; over the token's max_size
-        413; an Idempotency-Key 400; nothing is spooled or stored for any of them."""
+        413; a malformed Idempotency-Key 400; nothing is spooled or stored for any of them."""
         before = {i.key for i in node.store.backend.list("").items}
         cases = [
             (ALICE, {"input": {"key": "elsewhere/alice/movie.mov"}}, (403, "input_forbidden")),
@@ -105,7 +105,7 @@ class BucketInputTests:
         ]
         for headers, body, want in cases:
             assert code(post(node, headers, body)) == want, body
-        r = node.request("POST", "/jobs", {**ALICE, **JSON, "Idempotency-Key": "k1"},
+        r = node.request("POST", "/jobs", {**ALICE, **JSON, "Idempotency-Key": ""},
                          b'{"input": {"key": "incoming/alice/movie.mov"}}')
         assert code(r) == (400, "bad_idempotency_key")
         # whether alice's object exists is not told to bob: the same answer as for a key she lacks
@@ -120,3 +120,20 @@ class BucketInputTests:
         assert r.status_code == 201 and r.json()["tenant"] == "root"
         node.jobs.config = dataclasses.replace(node.jobs.config, input_prefixes=())
         assert code(post(node, ALICE, {"input": {"key": "incoming/alice/movie.mov"}})) == (403, "input_forbidden")
+
+    def test_idempotency_key(self, node: MemoryNode) -> None:
+        """The same JSON body with the same key makes one job (the retry answered it, replayed);
+        another body with that key is 422 idempotency_key_reused; bob's same key is his own."""
+        body = json.dumps({"input": {"key": "incoming/alice/movie.mov"}, "presets": ["poster"]}).encode()
+        keyed = {**ALICE, **JSON, "Idempotency-Key": "movie-1"}
+        first = node.request("POST", "/jobs", keyed, body)
+        again = node.request("POST", "/jobs", keyed, body)
+        assert first.status_code == again.status_code == 201, again.text
+        assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert "idempotent-replayed" not in first.headers
+        other = json.dumps({"input": {"key": "incoming/alice/movie.mov"}, "presets": ["mp4-720p"]}).encode()
+        assert code(node.request("POST", "/jobs", keyed, other)) == (422, "idempotency_key_reused")
+        bobs = json.dumps({"input": {"key": "incoming/bob/clip.mov"}}).encode()
+        r = node.request("POST", "/jobs", {**BOB, **JSON, "Idempotency-Key": "movie-1"}, bobs)
+        assert r.status_code == 201 and r.json()["id"] != first.json()["id"]
+        assert len(node.request("GET", "/jobs", ALICE).json()["jobs"]) == 1

@@ -16,6 +16,7 @@ result URLs made at that moment (`ResultUrls.job_json`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from gridnode import bucket_input, job_list, keys, purge
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
+from gridnode.idempotency import JOB, Found, Intent, Ledger
 from gridnode.job_request import JobRequest
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
@@ -108,11 +110,13 @@ async def visible_job(jobs: JobService, access: Access, request: Request, job_id
 
 
 class JobsResource(Resource):
-    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls, ledger: Ledger | None = None) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
         self.urls = urls
+        #: the Idempotency-Keys of JSON job requests (an upload's are looked up by the body router)
+        self.ledger = ledger or Ledger(jobs.store, now=jobs.now)
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         job_id = path.decode("ascii", "replace")
@@ -175,23 +179,50 @@ class JobsResource(Resource):
         return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
 
     def _from_bucket(self, request: Request) -> Any:
-        """``POST /jobs`` with a JSON body: a job of an object already in the bucket."""
+        """``POST /jobs`` with a JSON body: a job of an object already in the bucket. With an
+        Idempotency-Key, a retry of the same body is answered the job its key made."""
         try:
-            asked = JobRequest.parse(request.content.read() if request.content is not None else b"")
+            body = request.content.read() if request.content is not None else b""
+            asked = JobRequest.parse(body)
             caller = self.access.caller(request)
-            work = bucket_input.submit(
-                self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
-                any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
-                allow=lambda presets, size: self.access.creator(request, presets, size))
+            key = replay.key_of(request)
         except GridnodeError as e:
             self.jobs.metrics.upload_rejections.labels(e.code).inc()
             return error_body(request, e)
+        fetch = replay.job_fetcher(self.jobs, caller.tenant)
+
+        async def make() -> Any:
+            claim = None
+            if key is not None:
+                intent = Intent.of(caller.tenant, key, JOB, json=hashlib.sha256(body).hexdigest())
+                found = await self.ledger.find(intent, fetch)
+                if isinstance(found, Found):
+                    return replayed(found.work)
+                claim = found
+            work = bucket_input.submit(
+                self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
+                any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
+                allow=lambda presets, size: self.access.creator(request, presets, size),
+                claim=claim.claim if claim is not None else None)
+            if claim is not None:
+                settle = replay.settled(claim, fetch)
+
+                def lost(failure: Failure) -> Any:  # another request with the key won: its job
+                    return settle(failure).addCallback(replayed)
+
+                work.addErrback(lost)
+            return await work
+
+        def replayed(job: Job) -> Job:
+            request.setHeader(*(h.encode() for h in replay.REPLAYED))
+            return job
 
         def located(job: Job) -> Job:
             request.setHeader(b"location", f"/jobs/{job.id}".encode())
             return job
 
-        return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
+        return respond_later(request, ensureDeferred(make()).addCallback(located),
+                             answer_json(request, self.urls, 201))
 
 
 class JobResource(Resource):
