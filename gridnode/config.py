@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gridnode.errors import ConfigError
+from gridnode.errors import ConfigError, GridnodeError
 from gridnode.store import parse_store_url
 
 DEFAULT_METADATA_URL = "http://169.254.169.254"
@@ -194,6 +194,31 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _opt_days(value: Any) -> int | None:
+    return None if value is None else _int_range(0, 36500)(value)
+
+
+def _prefixes(value: Any) -> tuple[str, ...]:
+    """Key prefixes jobs may take their input from in the store, each a folder (``incoming/``)."""
+    from gridnode import keys
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of key prefixes such as incoming/")
+    out = []
+    for prefix in value:
+        folder = prefix if prefix.endswith("/") else prefix + "/"
+        try:
+            keys.check_key(folder[:-1])
+        except GridnodeError:
+            raise ValueError(f"{prefix!r} is not a key prefix: segments of A-Z a-z 0-9 . _ - between /") from None
+        if folder.split("/", 1)[0] + "/" in keys.NODE_PREFIXES:
+            raise ValueError(f"{prefix!r} is where the node keeps its own objects: use a prefix of your own")
+        out.append(folder)
+    return tuple(out)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("store", "file:gridnode-data", "where objects live: file:PATH or s3://BUCKET/PREFIX", _store, "URL"),
     Setting("s3-endpoint", None, "S3 endpoint URL, for S3-compatible servers", _url, "URL"),
@@ -249,6 +274,14 @@ SETTINGS: tuple[Setting, ...] = (
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
     Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
             "warn, error", _log_level, "LEVEL"),
+    Setting("retain-inputs", None, "days a finished job's input is kept, then deleted by the retention sweep "
+            "(default: for ever)", _opt_days, "DAYS"),
+    Setting("retain-outputs", None, "days a finished job's outputs are kept, then deleted by the retention sweep "
+            "(default: for ever)", _opt_days, "DAYS"),
+    Setting("retention-sweep", 3600.0, "seconds between retention sweeps (one node of the pool sweeps at a time)",
+            _positive_float, "S"),
+    Setting("input-prefixes", (), "key prefixes of the store a POST /jobs may name as its input (comma-separated; "
+            "with tokens, only <prefix><tenant>/... of the caller's tenant)", _prefixes, "PREFIXES"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -292,6 +325,10 @@ class NodeConfig:
     ffmpeg_user: str
     sandbox: str
     log_level: str
+    retain_inputs: int | None
+    retain_outputs: int | None
+    retention_sweep: float
+    input_prefixes: tuple[str, ...]
     ffmpeg: str
     ffprobe: str
 

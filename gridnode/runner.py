@@ -14,6 +14,7 @@ never a reason to drop an accepted job.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -26,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gridnode import job_records, jobs, keys
+from gridnode import job_list, job_records, jobs, keys
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
 from gridnode.job_records import Lost
 from gridnode.jobs import Job
@@ -108,8 +109,10 @@ class Runner:
         try:
             yield self._save(active)
             yield self.store.put_bytes(keys.active_marker(job_id), b"")
+            for key in job_list.entries(active.job):
+                yield self.store.put_bytes(key, b"")
         except GridnodeError as e:
-            for key in (keys.active_marker(job_id), keys.job_record(job_id)):
+            for key in (*job_list.entries(active.job), keys.active_marker(job_id), keys.job_record(job_id)):
                 try:
                     yield self.store.delete(key)
                 except GridnodeError:
@@ -136,6 +139,8 @@ class Runner:
                 # Only now may peers adopt the job: before, its input is in our spool alone.
                 yield self._durably("mark job active",
                                     lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+                for entry in job_list.entries(job):
+                    yield self._durably("list job", functools.partial(self.store.put_bytes, entry, b""))
                 active.stored = True
             active.marks["queued"] = time.monotonic()
             if active.stopping:

@@ -115,7 +115,7 @@ def api_root(node: NodeView) -> Resource:
     registry = JSONRoot()
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)
-    root.putChild(b"jobs", JobsResource(node.jobs, node.access, node.result_urls))
+    root.putChild(b"jobs", JobsResource(node.jobs, node.access, node.result_urls, node.ledger))
     root.putChild(b"files", node.tus.resource())
     root.putChild(b"results", ResultsResource(node.jobs, node.access, node.result_urls))
     from prometheus_client.twisted import MetricsResource
