@@ -168,6 +168,24 @@ class AdopterTests(AdopterFixture):
         self.adopter("heir", host).check_own().addBoth(got.append)
         assert got == [1] and host.active[job.id].job.node == "heir"
 
+    def test_odd_markers_are_ignored_and_stale_copies_removed(self) -> None:
+        """Keys under a prefix that are not a job id (or nest deeper) are never read; a marker left
+        under a gone node for a job a live node owns is a stale copy, removed; one under a live
+        node's prefix is left to that node; a marker whose record is gone is removed."""
+        nested = f"active/gone/{keys.new_id(1.0)}/extra"
+        for odd in ("active/gone/not-an-id", "active/gone/x/y", nested):
+            self.backend.put_bytes(odd, b"")
+        live = self.orphan(owner="alive")
+        self.backend.put_bytes(keys.active_marker("gone", live.id), b"")
+        self.backend.put_bytes(keys.active_marker("gone", keys.new_id(2.0)), b"")  # no record
+        reads: list[str] = []
+        real = self.backend.get_bytes
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
+        assert self.take(self.adopter("n2", FakeHost())) == 0
+        assert all(k.startswith("jobs/") and k.count("/") == 1 for k in reads), reads
+        assert self.markers() == sorted(["active/gone/not-an-id", "active/gone/x/y", nested,
+                                         f"active/alive/{live.id}"])
+
     def test_poison_is_quarantined_not_handed_back(self) -> None:
         """A job claimed MAX_ATTEMPTS times already is failed as poison, its marker removed, and
         the host told; nothing is handed back to run."""
