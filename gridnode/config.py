@@ -248,7 +248,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
-    Setting("job-lease", 30.0, "seconds a job's owner holds it without renewing; then a peer adopts it",
+    Setting("job-lease", 30.0, "a node looks for jobs handed to it every 2 x this many seconds (a job is "
+            "adopted when its owner is gone, not when this runs out: nothing is renewed)",
             _positive_float, "S"),
     Setting("drain-timeout", 60.0, "on SIGTERM, seconds running jobs get to finish before peers adopt them",
             _positive_float, "S"),

@@ -60,7 +60,8 @@ class Job:
     node: str = ""
     attempts: int = 0
     sha256: str = ""
-    #: the owner (``node``) holds the job until then; past it a peer may adopt it
+    #: set when a node takes the job (accepted, claimed), never renewed: a job is adopted when its
+    #: owner is gone (gridnode/adoption.py), not when this passes; 0 once its owner released it
     lease_until: float = 0.0
     #: the ``sub`` of the token that created it ("" on a node without tokens): only that tenant
     #: (and an admin) sees the job
@@ -109,9 +110,10 @@ class Job:
         self.attempts = 1
         self.lease_until = now + lease
 
-    def renew(self, now: float, lease: float) -> None:
-        """The owner still holds the job: its lease runs ``lease`` seconds from now (never shorter)."""
-        self.lease_until = max(self.lease_until, now + lease)
+    @property
+    def released(self) -> bool:
+        """Its owner gave it back to the pool (`release`): any node may claim it."""
+        return self.state == QUEUED and self.lease_until == 0.0
 
     def set_progress(self, progress: float, now: float) -> bool:
         """Record transcoding progress; True when it moved (progress never goes back)."""

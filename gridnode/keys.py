@@ -149,13 +149,21 @@ def jobs_prefix() -> str:
     return "jobs/"
 
 
-def active_marker(job_id: str) -> str:
-    """An empty object per unfinished job: what adoption scans, instead of every record."""
+def active_marker(owner: str, job_id: str) -> str:
+    """An empty object per unfinished job, under its owner's node id: a dead node's jobs are one
+    LIST of one prefix (`active_prefix`), and a starting node lists only its own."""
+    return join("active", check_segment(owner, "node id"), check_segment(job_id, "job id"))
+
+
+def active_prefix(owner: str | None = None) -> str:
+    """Every marker (``owner`` None), or one node's."""
+    return "active/" if owner is None else f"active/{check_segment(owner, 'node id')}/"
+
+
+def legacy_marker(job_id: str) -> str:
+    """The marker of the layout before owners (``active/<job>``), still written by nodes of
+    earlier versions while a pool is upgraded in place."""
     return join("active", check_segment(job_id, "job id"))
-
-
-def active_prefix() -> str:
-    return "active/"
 
 
 def listing_prefix(tenant: str | None) -> str:

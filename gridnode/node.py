@@ -95,6 +95,7 @@ class NodeService(MultiService):
         self._file_path = file_path
         self.view: NodeView | None = None
         self._media: Any = None
+        self._successor: Any = None
         self.ready: Deferred[NodeView] = Deferred()
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
@@ -174,10 +175,8 @@ class NodeService(MultiService):
         registry.wanted = membership.needs_record
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
-        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
-        jobs.adopter.members = membership.live_members
+        self._wire_adoption(jobs, membership, registry)
         gate.members = lambda: len(membership.live_members())
-        jobs.adopter.earlier_life = lambda: registry.earlier_life
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)
         membership.setServiceParent(self)
@@ -225,8 +224,6 @@ class NodeService(MultiService):
         machine = new_machine(config.node_id, peer_addr, first_incarnation(time.time()), time.time())
         service = MembershipService(
             self.reactor, machine, keys, metrics=metrics, stale=config.stale,
-            # a drained node released its unfinished jobs just before it left: take them now too
-            on_left=lambda member: jobs.adopt_orphans(dead=frozenset({member})),
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))
@@ -245,12 +242,35 @@ class NodeService(MultiService):
 
         return KeyringFile(path, setting, on_change=changed)
 
-    @staticmethod
-    @inlineCallbacks
-    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int) -> Any:
-        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted."""
-        yield registry.delete_dead(member, incarnation)
-        yield jobs.adopt_orphans(dead=frozenset({member}))
+    def _wire_adoption(self, jobs: JobService, membership: Any, registry: Registry) -> None:
+        """Who is gone, who acts on a death or a leave (its watchers, in ring order:
+        gridnode/succession.py), whom our released jobs go to, who reads the old marker layout."""
+        from gridnode.succession import Succession, Successor, is_gone
+
+        machine = membership.machine
+
+        def gone(node: str) -> bool:
+            view = machine.member(node)
+            listed = {r.id for r in registry.live}
+            return is_gone(view.state if view is not None else None, machine.is_confirmed_dead(node),
+                           (node in listed) if listed else None)
+
+        @inlineCallbacks
+        def act(member: str, incarnation: int | None) -> Any:
+            # each step finds out whether it is done already: a GET of the record, a LIST of the jobs
+            if incarnation is not None:
+                yield registry.delete_dead(member, incarnation)
+            yield jobs.adopter.take_over(member)
+
+        successor = self._successor = Successor(self.reactor, Succession(machine.me, machine.watchers_of), act)
+        membership.on_confirmed_dead = successor.dead
+        # a drained node released its unfinished jobs just before it left
+        membership.on_left = successor.left
+        adopter = jobs.adopter
+        adopter.gone = gone
+        adopter.members = membership.live_members
+        adopter.heir = lambda: next(iter(machine.watchers_of(machine.me)), None)
+        adopter.reads_legacy = registry.is_writer
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -304,6 +324,8 @@ class NodeService(MultiService):
         # One part at a time, the last started first (MultiService would stop them all at once):
         # a peer hears we left before our record goes, and ffmpeg is stopped last.
         Service.stopService(self)
+        if self._successor is not None:
+            self._successor.stop()  # a turn to act on a peer's death that has not come is not ours now
         deadline = self.reactor.seconds() + self.stop_budget
         for part in reversed(list(self)):
             if not part.running:
@@ -312,7 +334,7 @@ class NodeService(MultiService):
             if part is self._media:
                 yield stopping  # the ffmpeg children must go: its own timers bound it
                 continue
-            # A part whose stop needs the store (our record's delete, a lease renewal in flight)
+            # A part whose stop needs the store (our record's delete, a record write in flight)
             # waits for it no longer than the budget: the store may be down.
             left = max(deadline - self.reactor.seconds(), MIN_PART_STOP)
             stopping.addTimeout(left, self.reactor)

@@ -33,8 +33,9 @@ class Gone(GridnodeError):
 
 def marker_keys(job: Job) -> list[str]:
     """The keys that mark a job unfinished for adoption: the one place a purge learns the
-    marker layout (gridnode/adoption.py scans them)."""
-    return [keys.active_marker(job.id)]
+    marker layout (gridnode/job_records.py): under its owner, and the layout before issue 19."""
+    owned = [keys.active_marker(job.node, job.id)] if job.node else []
+    return [*owned, keys.legacy_marker(job.id)]
 
 
 @inlineCallbacks

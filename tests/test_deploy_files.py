@@ -87,7 +87,7 @@ class LifecycleTests:
         an unfinished job whose record or input vanished would be lost, and a finished job's
         outputs are the operator's to keep or delete (docs/operations.md, "Retention")."""
         job = keys.new_id()
-        needed = [keys.job_record(job), keys.active_marker(job), keys.input_source(job),
+        needed = [keys.job_record(job), keys.active_marker("n1", job), keys.legacy_marker(job), keys.input_source(job),
                   keys.output(job, "mp4-720p.mp4"), keys.node_record("dev", "p1", "n1"),
                   keys.nodes_list("dev", "p1")]
         for rule in lifecycle_rules():

@@ -484,7 +484,7 @@ class ProtocolTests:
         r = patch(node, upload_id, 10, b"y" * 10)
         assert r.status_code == 204 and r.headers["Gridnode-Job"] == upload_id
         assert pool.stored_input(upload_id) == b"x" * 10 + b"y" * 10
-        assert pool.keys("jobs/") == [f"jobs/{upload_id}.json"] and pool.keys("active/") == [f"active/{upload_id}"]
+        assert pool.keys("jobs/") == [f"jobs/{upload_id}.json"] and pool.keys("active/") == [f"active/n1/{upload_id}"]
 
     def test_method_override(self, pool: Pool) -> None:
         """A client that can only POST says PATCH in X-HTTP-Method-Override."""
