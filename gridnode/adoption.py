@@ -126,6 +126,9 @@ class Adopter:
         self._first_pass = True
         self._ring: KeeperRing | None = None
         self._scanning = DeferredLock()
+        #: a final job found still marked (its owner stopped before unmarking it), or one
+        #: quarantined: what its end owes (webhooks) is seen to before the marker goes
+        self.on_ended: Callable[[Job], Deferred[Any]] | None = None
 
     def scan(self, dead: frozenset[str] = frozenset()) -> Deferred[int]:
         """Claim the unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``);
@@ -182,6 +185,8 @@ class Adopter:
         except NotFound:
             return False
         if job.final:
+            if self.on_ended is not None:
+                yield self.on_ended(job)
             yield self.store.delete(keys.active_marker(job_id))
             return False
         if job_id in self.host.active:
@@ -212,6 +217,8 @@ class Adopter:
             yield job_records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
         except job_records.Lost:
             return
+        if self.on_ended is not None:
+            yield self.on_ended(job)
         yield self.store.delete(keys.active_marker(job.id))
         self.host.quarantined(job)
         self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job.id,

@@ -194,6 +194,30 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _webhooks(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import NotifyRefused, parse_urls
+
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError("must be http(s) URLs (comma-separated)")
+    try:
+        return tuple(parse_urls(value))
+    except NotifyRefused as e:
+        raise ValueError(f"is refused: {e.message}") from None
+
+
+def _cidrs(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import parse_allow
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be CIDRs such as 127.0.0.0/8")
+    parse_allow(value)
+    return tuple(value)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("store", "file:gridnode-data", "where objects live: file:PATH or s3://BUCKET/PREFIX", _store, "URL"),
     Setting("s3-endpoint", None, "S3 endpoint URL, for S3-compatible servers", _url, "URL"),
@@ -249,6 +273,11 @@ SETTINGS: tuple[Setting, ...] = (
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
     Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
             "warn, error", _log_level, "LEVEL"),
+    Setting("webhook-secret", None, "keyring file of the pool's webhook secrets (lines 'ID whsec_BASE64'; every "
+            "key signs): jobs may then name notify URLs", _opt_str, "FILE"),
+    Setting("webhook", (), "notify URLs of every job that names none (comma-separated)", _webhooks, "URLS"),
+    Setting("webhook-allow", (), "address ranges webhooks may go to although not public (CIDR; repeatable, or "
+            "comma-separated)", _cidrs, "CIDR"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -292,6 +321,9 @@ class NodeConfig:
     ffmpeg_user: str
     sandbox: str
     log_level: str
+    webhook_secret: str | None
+    webhook: tuple[str, ...]
+    webhook_allow: tuple[str, ...]
     ffmpeg: str
     ffprobe: str
 
@@ -377,6 +409,8 @@ def build_config(
             "(a keyring file), or allow-anonymous-uploads = true if anyone who reaches it may upload, read and "
             "cancel jobs"
         )
+    if config.webhook and not config.webhook_secret:
+        raise ConfigError("webhook: webhooks are signed; set webhook-secret (a keyring file of whsec_ secrets)")
     return config
 
 

@@ -145,6 +145,7 @@ class NodeService(MultiService):
         media.setServiceParent(self)
         jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         jobs.setServiceParent(self)
+        hooks = self._webhooks(config, store, metrics, jobs)
         # Recover before listening: the spool sweep must not meet uploads in flight.
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
@@ -168,7 +169,11 @@ class NodeService(MultiService):
         registry.wanted = membership.needs_record
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
-        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
+        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation,
+                                                                              hooks)
+        if hooks is not None:
+            hooks.state_of = _member_state(membership.machine)
+            membership.on_left = _and_then(membership.on_left, hooks.adopt)  # a drained node's are taken at once
         jobs.adopter.members = membership.live_members
         gate.members = lambda: len(membership.live_members())
         jobs.adopter.earlier_life = lambda: registry.earlier_life
@@ -227,6 +232,28 @@ class NodeService(MultiService):
         yield service.listen(serverFromString(self.reactor, config.peer))
         return service
 
+    def _webhooks(self, config: NodeConfig, store: ObjectStore, metrics: Metrics, jobs: JobService) -> Any:
+        """Signed webhooks of jobs' events, where the node has a webhook secret (gridnode/notify/)."""
+        if not config.webhook_secret:
+            return None
+        from gridnode.notify.post import post
+        from gridnode.notify.service import Webhooks
+        from gridnode.notify.signing import Signer, check_ring
+        from gridnode.notify.targets import AddressRule, parse_allow, system_resolver
+
+        ring = self._keyring(config.webhook_secret, "webhook-secret")
+        check_ring(ring.ring(), "webhook-secret")
+        assert config.node_id is not None
+        hooks = Webhooks(self.reactor, store.in_lane(BACKGROUND), config.node_id, Signer(ring.ring),
+                         AddressRule(parse_allow(config.webhook_allow)), system_resolver(self.reactor), post,
+                         metrics=metrics)
+        jobs.webhooks = hooks
+        jobs.runner.on_final = hooks.announce_end
+        jobs.runner.on_change = hooks.progress
+        jobs.adopter.on_ended = hooks.announce_end
+        hooks.setServiceParent(self)
+        return hooks
+
     def _keyring(self, path: str, setting: str) -> KeyringFile:
         """A keyring file the node follows while it runs (a rotation needs no restart)."""
 
@@ -241,10 +268,13 @@ class NodeService(MultiService):
 
     @staticmethod
     @inlineCallbacks
-    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int) -> Any:
-        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted."""
+    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int, hooks: Any = None) -> Any:
+        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted, and
+        the webhooks it owed."""
         yield registry.delete_dead(member, incarnation)
         yield jobs.adopt_orphans(dead=frozenset({member}))
+        if hooks is not None:
+            yield hooks.adopt(member)
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -317,6 +347,23 @@ class NodeService(MultiService):
                                part=type(part).__name__, seconds=left)
             except Exception:  # noqa: BLE001 - stopping anyway
                 self._log.failure("{part} failed to stop", part=type(part).__name__)
+
+
+def _and_then(first: Any, then: Any) -> Any:
+    """A callback of one member that calls ``first`` (if any), then ``then``."""
+
+    @inlineCallbacks
+    def both(member: str) -> Any:
+        if first is not None:
+            yield first(member)
+        yield then(member)
+
+    return both
+
+
+def _member_state(machine: Any) -> Any:
+    """A member's state in ``machine``'s view, None for one it does not know."""
+    return lambda member: next((v.state for v in machine.members() if v.member == member), None)
 
 
 def _members_in(machine: Any, state: str) -> Any:

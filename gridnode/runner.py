@@ -96,6 +96,10 @@ class Runner:
         self.counts: Counter[str] = Counter()
         #: this node's conversion speed, smoothed: clients rank nodes by it (its load's ``speed``)
         self.speed = Speed()
+        #: told of every change of a job it runs (job.progress webhooks), and, before its marker
+        #: goes, of its end once stored (the webhooks it owes: gridnode/notify/)
+        self.on_change: Callable[[Job], None] | None = None
+        self.on_final: Callable[[Job], Deferred[Any]] | None = None
         metrics.scratch_waiting.set_function(
             lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
@@ -258,6 +262,8 @@ class Runner:
             if not active.lost:
                 try:
                     yield self._durably("write job record", lambda: self._save(active))
+                    if job.final and self.on_final is not None:
+                        yield self.on_final(job)
                     if job.final:
                         yield self._durably("unmark job", lambda: self.store.delete(keys.active_marker(job.id)))
                 except Lost:
@@ -335,7 +341,8 @@ class Runner:
             self._changed(active)
 
     def _changed(self, active: Active) -> None:
-        for listener in list(active.listeners):
+        listeners = list(active.listeners) + ([self.on_change] if self.on_change is not None else [])
+        for listener in listeners:
             try:
                 listener(active.job)
             except Exception:  # noqa: BLE001 - a broken listener must not break the job
