@@ -169,11 +169,9 @@ class NodeService(MultiService):
         registry.wanted = membership.needs_record
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
-        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation,
-                                                                              hooks)
+        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
         if hooks is not None:
-            hooks.state_of = _member_state(membership.machine)
-            membership.on_left = _and_then(membership.on_left, hooks.adopt)  # a drained node's are taken at once
+            hooks.members = lambda: {v.member: v.state for v in membership.machine.members()}
         jobs.adopter.members = membership.live_members
         gate.members = lambda: len(membership.live_members())
         jobs.adopter.earlier_life = lambda: registry.earlier_life
@@ -250,7 +248,7 @@ class NodeService(MultiService):
         jobs.webhooks = hooks
         jobs.runner.on_final = hooks.announce_end
         jobs.runner.on_change = hooks.progress
-        jobs.adopter.on_ended = hooks.announce_end
+        jobs.adopter.on_ended = hooks.orphan_ended
         hooks.setServiceParent(self)
         return hooks
 
@@ -268,13 +266,10 @@ class NodeService(MultiService):
 
     @staticmethod
     @inlineCallbacks
-    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int, hooks: Any = None) -> Any:
-        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted, and
-        the webhooks it owed."""
+    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int) -> Any:
+        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted."""
         yield registry.delete_dead(member, incarnation)
         yield jobs.adopt_orphans(dead=frozenset({member}))
-        if hooks is not None:
-            yield hooks.adopt(member)
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -347,23 +342,6 @@ class NodeService(MultiService):
                                part=type(part).__name__, seconds=left)
             except Exception:  # noqa: BLE001 - stopping anyway
                 self._log.failure("{part} failed to stop", part=type(part).__name__)
-
-
-def _and_then(first: Any, then: Any) -> Any:
-    """A callback of one member that calls ``first`` (if any), then ``then``."""
-
-    @inlineCallbacks
-    def both(member: str) -> Any:
-        if first is not None:
-            yield first(member)
-        yield then(member)
-
-    return both
-
-
-def _member_state(machine: Any) -> Any:
-    """A member's state in ``machine``'s view, None for one it does not know."""
-    return lambda member: next((v.state for v in machine.members() if v.member == member), None)
 
 
 def _members_in(machine: Any, state: str) -> Any:

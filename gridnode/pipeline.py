@@ -287,9 +287,9 @@ class JobService(Service):
         self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
-        active.work = self.runner.run(active, probe, chosen, input_stored=True)
         if self.webhooks is not None:
-            self.webhooks.announce(job, "job.queued")
+            self.webhooks.announce(job, "job.queued")  # its body as the job is now: queued
+        active.work = self.runner.run(active, probe, chosen, input_stored=True)
         return job
 
     def _store_input(self, spool: SpoolFile) -> Deferred[Any]:

@@ -250,18 +250,48 @@ class DeliveryTests:
         assert {h["webhook-id"] for _, h, _, _ in r2.seen} == {f"msg_{job.id}_done_0", f"msg_{job.id}_done_1"}
         assert self.entries() == []
 
+    def test_a_member_newly_dead_or_left_is_adopted_once_without_waiting_for_a_scan(self) -> None:
+        """A member the membership's view holds dead has what it owed taken at the next watch, once."""
+        self.hooks("n1", Receiver([0])).announce_end(done_job(["https://a.example/1"]))
+        self.clock.advance(0)
+        receiver = Receiver([200])
+        me = self.hooks("n2", receiver)
+        view = {"n1": "alive", "n2": "alive"}
+        me.members = lambda: view
+        self.result(me.watch())
+        assert receiver.seen == []
+        view["n1"] = "dead"
+        self.result(me.watch())
+        self.clock.advance(0)
+        assert len(receiver.seen) == 1 and self.entries() == []
+        self.result(me.watch())
+        assert len(receiver.seen) == 1
+
     def test_a_scan_takes_the_dead_and_an_earlier_life_but_not_the_living(self) -> None:
         self.hooks("alive", Receiver([0])).announce_end(done_job(["https://a.example/1"]))
         self.hooks("dead", Receiver([0])).announce_end(done_job(["https://a.example/2"]))
         self.hooks("me", Receiver([0])).announce_end(done_job(["https://a.example/3"]))
         receiver = Receiver([200])
         me = self.hooks("me", receiver)  # a new life: holds nothing yet
-        states = {"alive": "alive", "dead": "dead", "me": "alive"}
-        me.state_of = states.get
+        me.members = lambda: {"alive": "alive", "dead": "dead", "me": "alive"}
         assert self.result(me.scan()) == 2
         self.clock.advance(0)
         assert sorted(u for u, _, _, _ in receiver.seen) == ["https://a.example/2", "https://a.example/3"]
         assert [k.split("/")[1] for k in self.entries()] == ["alive"]
+
+    def test_a_final_job_found_marked_is_owed_again_only_when_its_owner_is_gone(self) -> None:
+        """The adopter's ``on_ended``: an owner alive is between its last record and its entries (it
+        sees to them); a dead one's end is owed by the adopter; announcing twice owes once."""
+        receiver = Receiver([0])
+        me = self.hooks("n2", receiver)
+        me.members = lambda: {"n1": "alive", "n9": "dead"}
+        self.result(me.orphan_ended(done_job(["https://a.example/1"], node="n1")))
+        assert self.entries() == []
+        job = done_job(["https://a.example/2"], node="n9")
+        self.result(me.orphan_ended(job))
+        self.result(me.announce_end(job))
+        self.clock.advance(0)
+        assert self.entries() == [f"webhooks/n2/msg_{job.id}_done_0.json"] and len(receiver.seen) == 1
 
     def test_progress_is_opt_in_at_most_every_few_seconds_and_stores_nothing(self) -> None:
         receiver = Receiver([200])

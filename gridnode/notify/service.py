@@ -9,12 +9,12 @@ Its message id is the same on every attempt and on every node (``msg_<job>_<even
 so a receiver deduplicates on ``webhook-id``. Attempts back off exponentially with jitter
 (`retry_delay`); they cost the store nothing, only the entry's write and delete do.
 
-An entry's folder names its owner. When the membership says a node died or left (`adopt`), and
-every `SCAN_SECONDS` for owners known dead or long unknown (`scan`), a node takes what the owner
-owed: it marks the entry with a conditional write (one node wins), writes it under its own name,
+An entry's folder names its owner. When the membership holds a node dead or left (`watch`, then
+`adopt`), and every `SCAN_SECONDS` for owners known dead or long unknown (`scan`), a node takes
+what the owner owed: it marks the entry with a conditional write (one node wins), writes it under its own name,
 deletes the old one and delivers. A node that finds entries under its own name it does not hold
 delivers them too (an earlier life's). A job whose owner died between its last record and its
-entries is finished by its adopter (`announce_end`, gridnode/adoption.py's ``on_ended``).
+entries is finished by its adopter (`orphan_ended`, gridnode/adoption.py's ``on_ended``).
 
 ``job.progress`` is opt-in, at most one every `PROGRESS_SECONDS` per job, retried from memory
 only (the next one, or the job's end, says more): no store request.
@@ -51,6 +51,8 @@ FIRST_DELAY, FACTOR, MAX_DELAY = 2.0, 3.0, 4 * 3600.0
 RETRY_FOR = 24 * 3600.0
 #: seconds between two scans of webhooks/ for what dead owners left
 SCAN_SECONDS = 60.0
+#: seconds between two looks at the membership's view for members newly dead or gone (no request)
+WATCH_SECONDS = 1.0
 #: an owner the membership has never heard of is taken for gone once its entry is this old
 STRANGER_AGE = 3600.0
 #: the least time between two job.progress events of one job
@@ -124,25 +126,29 @@ class Webhooks(Service):
         self.metrics = metrics
         self.now = now
         self.rng = rng or random.Random()
-        #: a member's state in the membership ("alive", "suspect", "dead", "left"), None: unknown
-        self.state_of: Callable[[str], str | None] = lambda member: None
+        #: the membership's view: each member's state ("alive", "suspect", "dead", "left")
+        self.members: Callable[[], dict[str, str]] = dict
+        self._gone_seen: set[str] = set()
         #: what this node delivers, by message id and URL
         self.pending: dict[tuple[str, str], Delivery] = {}
         self._progress_at: dict[str, float] = {}
         self._progress_seq: dict[str, int] = {}
-        self._loop: JitteredLoop | None = None
+        self._loops: list[JitteredLoop] = []
 
     # -- life cycle
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
-        self._loop = JitteredLoop(self.reactor, self.scan, SCAN_SECONDS, self.rng)
-        self._loop.start(now=True).addErrback(lambda f: self._log.failure("webhook scan stopped", f))
+        self._loops = [JitteredLoop(self.reactor, self.scan, SCAN_SECONDS, self.rng),
+                       JitteredLoop(self.reactor, self.watch, WATCH_SECONDS, self.rng)]
+        for loop in self._loops:
+            loop.start(now=True).addErrback(lambda f: self._log.failure("a webhook loop stopped", f))
 
     def stopService(self) -> None:  # noqa: N802 - Twisted's name
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
         for d in self.pending.values():
             if d.timer is not None and d.timer.active():
                 d.timer.cancel()
@@ -168,7 +174,7 @@ class Webhooks(Service):
         body = job.dumps()
         writes = [self._owe(Delivery(message_id(job.id, event, i), event, url, job.id, body, self.now(),
                                      key=keys.webhook_entry(self.node_id, message_id(job.id, event, i))))
-                  for i, url in enumerate(job.notify)]
+                  for i, url in enumerate(job.notify) if (message_id(job.id, event, i), url) not in self.pending]
         return DeferredList(writes, consumeErrors=True).addCallback(lambda _: None)
 
     def announce_end(self, job: Job) -> Deferred[None]:
@@ -176,6 +182,14 @@ class Webhooks(Service):
         self.forget(job.id)
         event = EVENTS.get(job.state)
         return self.announce(job, event) if job.final and event else succeed(None)
+
+    def orphan_ended(self, job: Job) -> Deferred[None]:
+        """The adopter found ``job`` final but still marked: its owner may have stopped between its
+        last record and the entries of its end. Owed again unless that owner is alive (then it is
+        between the two, and sees to it)."""
+        if job.node != self.node_id and self.members().get(job.node) in ("alive", "suspect"):
+            return succeed(None)
+        return self.announce_end(job)
 
     def progress(self, job: Job) -> None:
         """A running job moved: a job.progress event, if the job asked for them and the last
@@ -269,8 +283,15 @@ class Webhooks(Service):
 
     # -- what others owed
 
+    def watch(self) -> Deferred[Any]:
+        """Take what each member the membership newly holds dead or left owed (suspected, dead
+        is enough: a duplicate delivery is allowed, a late one is what this is for)."""
+        gone = {m for m, state in self.members().items() if state in ("dead", "left")}
+        new, self._gone_seen = gone - self._gone_seen, gone
+        return DeferredList([self.adopt(m) for m in sorted(new) if m != self.node_id], consumeErrors=True)
+
     def _gone(self, owner: str, modified: float) -> bool:
-        state = self.state_of(owner)
+        state = self.members().get(owner)
         if state is None:
             return self.now() - modified > STRANGER_AGE
         return state in ("dead", "left")
