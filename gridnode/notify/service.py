@@ -99,12 +99,17 @@ class Delivery:
         return d
 
 
-def notify_urls(webhooks: Webhooks | None, defaults: tuple[str, ...], notify: list[str] | None) -> Deferred[list[str]]:
-    """A new job's notify URLs (none named: the pool's ``--webhook``), once each passed its checks."""
-    urls = list(notify or defaults)
+def require_webhooks(webhooks: Webhooks | None, urls: list[str]) -> list[str]:
+    """``urls``, unless there are some and the node sends no webhooks (400 webhooks_off)."""
     if urls and webhooks is None:
         raise GridnodeError("this node sends no webhooks (it has no --webhook-secret); submit without notify, "
                             "or ask its operator", code="webhooks_off", status=400)
+    return urls
+
+
+def notify_urls(webhooks: Webhooks | None, defaults: tuple[str, ...], notify: list[str] | None) -> Deferred[list[str]]:
+    """A new job's notify URLs (none named: the pool's ``--webhook``), once each passed its checks."""
+    urls = require_webhooks(webhooks, list(notify or defaults))
     if not urls or webhooks is None:
         return succeed(urls)
     return webhooks.check(urls).addCallback(lambda _: urls)
