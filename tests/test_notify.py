@@ -267,6 +267,25 @@ class DeliveryTests:
         self.result(me.watch())
         assert len(receiver.seen) == 1
 
+    def test_forged_entries_reach_nothing_inside(self) -> None:
+        """Anyone who can write the bucket can write an entry: one aimed at the metadata address
+        is taken but never sent (checked at each attempt); an id that cannot be a key, an unknown
+        event or garbage is left alone."""
+        forged = {"id": "msg_x_done_0", "event": "job.done", "url": "http://169.254.169.254/latest/meta-data/",
+                  "job": "x", "created": self.base, "owner": "dead", "claimed_by": "", "body": "{}"}
+        self.backend.put_bytes("webhooks/dead/msg_x_done_0.json", json.dumps(forged).encode())
+        for name, change in (("bad1", {"id": "../../x"}), ("bad2", {"event": "job.evil", "id": "msg_bad2"})):
+            self.backend.put_bytes(f"webhooks/dead/{name}.json", json.dumps({**forged, **change}).encode())
+        self.backend.put_bytes("webhooks/dead/bad3.json", b"\xff not json")
+        receiver = Receiver([200])
+        me = self.hooks("me", receiver)
+        me.members = lambda: {"dead": "dead"}
+        assert self.result(me.scan()) == 1
+        self.clock.advance(0)
+        assert receiver.seen == [] and self.counted("job.done", "refused") == 1.0
+        assert sorted(self.entries()) == ["webhooks/dead/bad1.json", "webhooks/dead/bad2.json",
+                                          "webhooks/dead/bad3.json", "webhooks/me/msg_x_done_0.json"]
+
     def test_a_scan_takes_the_dead_and_an_earlier_life_but_not_the_living(self) -> None:
         self.hooks("alive", Receiver([0])).announce_end(done_job(["https://a.example/1"]))
         self.hooks("dead", Receiver([0])).announce_end(done_job(["https://a.example/2"]))

@@ -94,6 +94,7 @@ class Delivery:
         raw = json.loads(data)
         d = cls(str(raw["id"]), str(raw["event"]), str(raw["url"]), str(raw["job"]), str(raw["body"]).encode(),
                 float(raw["created"]), key=key)
+        keys.check_segment(d.msg_id, "message id")  # it names the entry taken over, and is a header
         if not d.msg_id.startswith("msg_") or (d.event not in EVENTS.values()):
             raise ValueError(f"not a webhook entry: {d.msg_id!r} {d.event!r}")
         return d
