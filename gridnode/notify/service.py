@@ -66,6 +66,14 @@ def retry_delay(attempt: int, rng: random.Random) -> float:
     return jittered(min(MAX_DELAY, FIRST_DELAY * FACTOR ** (attempt - 1)), rng)
 
 
+def payload(job: Job) -> bytes:
+    """What a webhook carries: the job's JSON, less its notify URLs (a receiver learns no other's,
+    which may hold a secret of its own)."""
+    record = job.to_json()
+    record.pop("notify", None)
+    return json.dumps(record, sort_keys=True).encode()
+
+
 def message_id(job_id: str, event: str, index: int) -> str:
     return f"msg_{job_id}_{event.split('.', 1)[1]}_{index}"
 
@@ -177,7 +185,7 @@ class Webhooks(Service):
         Fires once the entries are written (or could not be: then delivered from memory)."""
         if not job.notify:
             return succeed(None)
-        body = job.dumps()
+        body = payload(job)
         writes = [self._owe(Delivery(message_id(job.id, event, i), event, url, job.id, body, self.now(),
                                      key=keys.webhook_entry(self.node_id, message_id(job.id, event, i))))
                   for i, url in enumerate(job.notify) if (message_id(job.id, event, i), url) not in self.pending]
@@ -207,7 +215,7 @@ class Webhooks(Service):
             return
         self._progress_at[job.id] = now
         seq = self._progress_seq[job.id] = self._progress_seq.get(job.id, 0) + 1
-        body = job.dumps()
+        body = payload(job)
         for i, url in enumerate(job.notify):
             d = Delivery(f"msg_{job.id}_progress{seq}_{i}", PROGRESS, url, job.id, body, now)
             self.pending[(d.msg_id, d.url)] = d
@@ -267,6 +275,10 @@ class Webhooks(Service):
         except NotifyRefused as e:
             self._log.warn("webhook {id} to {url} refused: {reason}", id=d.msg_id, url=d.url, reason=e.message)
             return "refused"
+        except Exception as e:  # noqa: BLE001 - a resolver that failed otherwise: tried again later
+            self._log.warn("webhook {id} to {url}: its host could not be resolved ({error!r})", id=d.msg_id,
+                           url=d.url, error=e)
+            return "unreachable"
         headers = self.signer.headers(d.msg_id, self.now(), d.body)
         try:
             status = yield self.post(self.reactor, target, address, d.body, headers)
