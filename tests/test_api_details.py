@@ -73,3 +73,16 @@ class NotifyTests:
                                            "Content-Type": "video/mp4"}, b"video")
         assert r.json()["notify"] == ["https://a.example/1", "https://b.example/2"]
         assert r.json()["notify_progress"] is False
+
+    def test_an_idempotency_key_covers_the_notify_urls(self, node: MemoryNode) -> None:
+        """The same key with other notify URLs is another request: 422 idempotency_key_reused."""
+        node.jobs.webhooks = Webhooks(Clock(), node.store, "n1", Signer(lambda: RING), AddressRule(),
+                                      lambda host, port: succeed([PUBLIC]), lambda *_: succeed(200),
+                                      metrics=Metrics())
+        headers = {**ALICE, "Idempotency-Key": "k-1", "Content-Type": "video/mp4"}
+        r = node.request("POST", "/jobs", {**headers, "Notify": "https://a.example/1"}, b"video")
+        assert r.status_code == 201, r.text
+        again = node.request("POST", "/jobs", {**headers, "Notify": "https://a.example/1"}, b"video")
+        assert again.status_code == 201 and again.json()["id"] == r.json()["id"]
+        other = node.request("POST", "/jobs", {**headers, "Notify": "https://evil.example/"}, b"video")
+        assert code(other) == (422, "idempotency_key_reused")

@@ -217,7 +217,8 @@ class Webhooks(Service):
         seq = self._progress_seq[job.id] = self._progress_seq.get(job.id, 0) + 1
         body = payload(job)
         for i, url in enumerate(job.notify):
-            d = Delivery(f"msg_{job.id}_progress{seq}_{i}", PROGRESS, url, job.id, body, now)
+            # the attempt in the id: a node that adopts the job counts its progress events anew
+            d = Delivery(f"msg_{job.id}_progress{job.attempts}-{seq}_{i}", PROGRESS, url, job.id, body, now)
             self.pending[(d.msg_id, d.url)] = d
             self._schedule(d, 0.0)
 
