@@ -322,6 +322,10 @@ class DeliveryTests:
         self.result(me.announce_end(job))
         self.clock.advance(0)
         assert self.entries() == [f"webhooks/n2/msg_{job.id}_done_0.json"] and len(receiver.seen) == 1
+        poisoned = done_job(["https://a.example/3"], node="n1", state=jobs.QUEUED)
+        poisoned.fail("poison", "quarantined", 9.0)  # by this adopter, its owner alive but stalled
+        self.result(me.orphan_ended(poisoned))
+        assert f"webhooks/n2/msg_{poisoned.id}_failed_0.json" in self.entries()
 
     def test_progress_is_opt_in_at_most_every_few_seconds_and_stores_nothing(self) -> None:
         receiver = Receiver([200])
@@ -366,3 +370,28 @@ class DeliveryTests:
         d.addBoth(got.append)
         assert got and hasattr(got[0], "value"), got
         return got[0].value
+
+
+def test_the_adopter_tells_of_a_final_job_still_marked_and_of_poison() -> None:
+    """gridnode/adoption.py's ``on_ended``: called before the marker of a final job goes, and for a
+    job it quarantines; not for one it claims to run."""
+    from gridnode.adoption import MAX_ATTEMPTS, Adopter
+    from tests.test_adoption import FakeHost
+
+    backend = MemoryBackend()
+    store = ObjectStore.synchronous(backend)
+    ended: list[tuple[str, bool]] = []
+    adopter = Adopter(store, FakeHost(), "n2", 30.0, now=lambda: 100.0, rng=random.Random(1))
+    adopter.on_ended = lambda job: ended.append((job.state, backend.list("active/").items != [])) or succeed(None)
+    final = done_job(["https://a.example/"], node="gone")
+    poison = done_job(["https://a.example/"], node="gone", state=jobs.QUEUED)
+    poison.attempts = MAX_ATTEMPTS
+    poison.lease_until = 10.0
+    for job in (final, poison):
+        backend.put_bytes(keys.job_record(job.id), job.dumps())
+    backend.put_bytes(keys.active_marker(final.id), b"")
+    adopter.claim(final.id)
+    assert ended == [(jobs.DONE, True)] and backend.list("active/").items == []
+    backend.put_bytes(keys.active_marker(poison.id), b"")
+    adopter.claim(poison.id)
+    assert ended[1] == (jobs.FAILED, True) and backend.list("active/").items == []

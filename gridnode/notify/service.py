@@ -200,8 +200,9 @@ class Webhooks(Service):
     def orphan_ended(self, job: Job) -> Deferred[None]:
         """The adopter found ``job`` final but still marked: its owner may have stopped between its
         last record and the entries of its end. Owed again unless that owner is alive (then it is
-        between the two, and sees to it)."""
-        if job.node != self.node_id and self.members().get(job.node) in ("alive", "suspect"):
+        between the two, and sees to it). A job the adopter quarantined is its own to announce."""
+        poison = job.error is not None and job.error.get("code") == "poison"
+        if not poison and job.node != self.node_id and self.members().get(job.node) in ("alive", "suspect"):
             return succeed(None)
         return self.announce_end(job)
 
