@@ -149,6 +149,9 @@ class Adopter:
         self._copied: set[str] = set()
         self._ring: KeeperRing | None = None
         self._taking = DeferredLock()
+        #: a final job found still marked (its owner stopped before unmarking it), or one
+        #: quarantined: what its end owes (webhooks) is seen to before the marker goes
+        self.on_ended: Callable[[Job], Deferred[Any]] | None = None
 
     def take_over(self, owner: str) -> Deferred[int]:
         """Claim what fits of the jobs marked under ``owner`` (gone, or ourselves) and hand the rest
@@ -203,6 +206,8 @@ class Adopter:
             yield job_records.unmark(self.store, under, job_id)  # its record is gone: nothing to run
             return False
         if job.final:
+            if self.on_ended is not None:
+                yield self.on_ended(job)
             yield job_records.unmark(self.store, under, job_id)
             return False
         if self.host.holds(job_id):
@@ -243,6 +248,8 @@ class Adopter:
             yield job_records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
         except job_records.Lost:
             return
+        if self.on_ended is not None:
+            yield self.on_ended(job)
         yield job_records.unmark(self.store, under, job.id)
         self.host.quarantined(job)
         self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job.id,

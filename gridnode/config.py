@@ -219,6 +219,30 @@ def _prefixes(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _webhooks(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import NotifyRefused, parse_urls
+
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError("must be http(s) URLs (comma-separated)")
+    try:
+        return tuple(parse_urls(value))
+    except NotifyRefused as e:
+        raise ValueError(f"is refused: {e.message}") from None
+
+
+def _cidrs(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import parse_allow
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be CIDRs such as 127.0.0.0/8")
+    parse_allow(value)
+    return tuple(value)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("store", "file:gridnode-data", "where objects live: file:PATH or s3://BUCKET/PREFIX", _store, "URL"),
     Setting("s3-endpoint", None, "S3 endpoint URL, for S3-compatible servers", _url, "URL"),
@@ -283,6 +307,11 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float, "S"),
     Setting("input-prefixes", (), "key prefixes of the store a POST /jobs may name as its input (comma-separated; "
             "with tokens, only <prefix><tenant>/... of the caller's tenant)", _prefixes, "PREFIXES"),
+    Setting("webhook-secret", None, "keyring file of the pool's webhook secrets (lines 'ID whsec_BASE64'; every "
+            "key signs): jobs may then name notify URLs", _opt_str, "FILE"),
+    Setting("webhook", (), "notify URLs of every job that names none (comma-separated)", _webhooks, "URLS"),
+    Setting("webhook-allow", (), "address ranges webhooks may go to although not public (CIDR; repeatable, or "
+            "comma-separated)", _cidrs, "CIDR"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
@@ -330,6 +359,9 @@ class NodeConfig:
     retain_outputs: int | None
     retention_sweep: float
     input_prefixes: tuple[str, ...]
+    webhook_secret: str | None
+    webhook: tuple[str, ...]
+    webhook_allow: tuple[str, ...]
     ffmpeg: str
     ffprobe: str
 
@@ -415,6 +447,8 @@ def build_config(
             "(a keyring file), or allow-anonymous-uploads = true if anyone who reaches it may upload, read and "
             "cancel jobs"
         )
+    if config.webhook and not config.webhook_secret:
+        raise ConfigError("webhook: webhooks are signed; set webhook-secret (a keyring file of whsec_ secrets)")
     return config
 
 

@@ -119,7 +119,7 @@ def tenant_segment(tenant: str) -> str:
 
 #: the top-level prefixes the node writes: never a job's input from the bucket (--input-prefixes)
 NODE_PREFIXES = frozenset({"registry/", "jobs/", "active/", "index/", "gone/", "inputs/", "outputs/", "uploads/",
-                           "idempotency/", "retention/", ".gridnode/"})
+                           "idempotency/", "retention/", "webhooks/", ".gridnode/"})
 
 def registry_prefix(env: str, pool: str) -> str:
     return join("registry", env, pool) + "/"
@@ -228,3 +228,12 @@ def idempotency_entry(digest: str) -> str:
 
 def idempotency_prefix() -> str:
     return "idempotency/"
+
+
+def webhook_entry(owner: str, msg_id: str) -> str:
+    """A webhook delivery ``owner`` owes, until a 2xx answers it (gridnode/notify/service.py)."""
+    return join("webhooks", check_segment(owner, "node id"), check_segment(msg_id, "message id") + ".json")
+
+
+def webhooks_prefix(owner: str | None = None) -> str:
+    return "webhooks/" if owner is None else join("webhooks", check_segment(owner, "node id")) + "/"

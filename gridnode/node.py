@@ -146,6 +146,7 @@ class NodeService(MultiService):
         media.setServiceParent(self)
         jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         jobs.setServiceParent(self)
+        hooks = self._webhooks(config, store, metrics, jobs)
         # Recover before listening: the spool sweep must not meet uploads in flight.
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
@@ -176,6 +177,8 @@ class NodeService(MultiService):
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
         self._wire_adoption(jobs, membership, registry)
+        if hooks is not None:
+            hooks.members = lambda: {v.member: v.state for v in membership.machine.members()}
         gate.members = lambda: len(membership.live_members())
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)
@@ -229,6 +232,28 @@ class NodeService(MultiService):
             metrics.members.labels(state).set_function(_members_in(machine, state))
         yield service.listen(serverFromString(self.reactor, config.peer))
         return service
+
+    def _webhooks(self, config: NodeConfig, store: ObjectStore, metrics: Metrics, jobs: JobService) -> Any:
+        """Signed webhooks of jobs' events, where the node has a webhook secret (gridnode/notify/)."""
+        if not config.webhook_secret:
+            return None
+        from gridnode.notify.post import post
+        from gridnode.notify.service import Webhooks
+        from gridnode.notify.signing import Signer, check_ring
+        from gridnode.notify.targets import AddressRule, parse_allow, system_resolver
+
+        ring = self._keyring(config.webhook_secret, "webhook-secret")
+        check_ring(ring.ring(), "webhook-secret")
+        assert config.node_id is not None
+        hooks = Webhooks(self.reactor, store.in_lane(BACKGROUND), config.node_id, Signer(ring.ring),
+                         AddressRule(parse_allow(config.webhook_allow)), system_resolver(self.reactor), post,
+                         metrics=metrics)
+        jobs.webhooks = hooks
+        jobs.runner.on_final = hooks.announce_end
+        jobs.runner.on_change = hooks.progress
+        jobs.adopter.on_ended = hooks.orphan_ended
+        hooks.setServiceParent(self)
+        return hooks
 
     def _keyring(self, path: str, setting: str) -> KeyringFile:
         """A keyring file the node follows while it runs (a rotation needs no restart)."""

@@ -37,6 +37,7 @@ from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
+from gridnode.notify.service import Webhooks, notify_urls
 from gridnode.runner import Active, Runner, in_store
 from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
@@ -88,6 +89,7 @@ class JobService(Service):
         self.recovered: Deferred[None] = Deferred()
         #: every loop running, with what fires when it has stopped
         self._loops: dict[JitteredLoop, Deferred[Any]] = {}
+        self.webhooks: Webhooks | None = None
         self.metrics.bind_load(self.load)
         for state in jobs.STATES:
             if state not in jobs.FINAL:
@@ -223,7 +225,8 @@ class JobService(Service):
 
     @inlineCallbacks
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
-               tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None) -> Any:
+               tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None,
+               notify: list[str] | None = None, notify_progress: bool = False) -> Any:
         """Check, probe, store and queue an uploaded body for ``tenant``; returns the job (state
         queued) once it is durably accepted: its input, record and active marker in the store.
         ``claim(job_id)``, called once the job passed every check and before anything of it but its
@@ -251,8 +254,10 @@ class JobService(Service):
                     raise GridnodeError("the upload's sha256 differs from its Upload-Checksum; send it again",
                                         code="checksum_mismatch", status=460)
             chosen = self.media.parse_presets(presets)
+            notify = yield notify_urls(self.webhooks, self.config.webhook, notify)
             job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now(), tenant=tenant)
+                          size=spool.size, now=self.now(), tenant=tenant, notify=notify,
+                          notify_progress=notify_progress and bool(notify))  # notify: checked (gridnode/notify/)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
@@ -284,6 +289,8 @@ class JobService(Service):
         self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
+        if self.webhooks is not None:
+            self.webhooks.announce(job, "job.queued")  # its body as the job is now: queued
         active.work = self.runner.run(active, probe, chosen, input_stored=True)
         return job
 

@@ -97,6 +97,10 @@ class Runner:
         self.speed = Speed()
         #: a job released while this node stays (no scratch space for it) is handed on by this
         self.on_released: Callable[[str], Deferred[Any]] | None = None
+        #: told of every change of a job it runs (job.progress webhooks), and, before its marker
+        #: goes, of its end once stored (the webhooks it owes: gridnode/notify/)
+        self.on_change: Callable[[Job], None] | None = None
+        self.on_final: Callable[[Job], Deferred[Any]] | None = None
         metrics.scratch_waiting.set_function(
             lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
@@ -263,6 +267,8 @@ class Runner:
             if not active.lost:
                 try:
                     yield self._durably("write job record", lambda: self._save(active))
+                    if job.final and self.on_final is not None:
+                        yield self.on_final(job)
                     if job.final:
                         yield self._durably("unmark job", lambda: job_records.unmark(self.store, self.node_id, job.id))
                     elif active.released and (hand_on := self.on_released) is not None:
@@ -342,7 +348,8 @@ class Runner:
             self._changed(active)
 
     def _changed(self, active: Active) -> None:
-        for listener in list(active.listeners):
+        listeners = list(active.listeners) + ([self.on_change] if self.on_change is not None else [])
+        for listener in listeners:
             try:
                 listener(active.job)
             except Exception:  # noqa: BLE001 - a broken listener must not break the job

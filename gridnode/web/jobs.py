@@ -35,6 +35,7 @@ from gridnode.idempotency import JOB, Found, Intent, Ledger
 from gridnode.job_request import JobRequest
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
+from gridnode.notify.targets import parse_urls
 from gridnode.spool import SpoolFile
 from gridnode.web import replay
 from gridnode.web.form import FormBody
@@ -82,6 +83,15 @@ def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callab
         request.finish()
 
     return done
+
+
+def notify_of(request: Request, fields: dict[str, str]) -> tuple[list[str], bool]:
+    """A new job's notify URLs (query ``notify``, else header ``Notify``, else a form's field; comma-
+    separated) and whether it asked for job.progress (``notify_progress=true``, ``Notify-Progress``)."""
+    header = request.getHeader(b"notify")
+    text = arg(request, "notify") or (header.decode("latin-1") if header else None) or fields.get("notify")
+    flag = arg(request, "notify_progress") or (request.getHeader(b"notify-progress") or b"").decode("latin-1")
+    return parse_urls(text), flag.strip().lower() in ("1", "true", "yes")
 
 
 def no_job(job_id: str) -> NotFound:
@@ -160,8 +170,10 @@ class JobsResource(Resource):
             name = arg(request, "name") or fields.get("name") or ""
             tenant = self.access.caller(request).tenant
             claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
+            notify, progress = notify_of(request, fields)
             work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
-                                    claim=claim.claim if claim is not None else None)
+                                    claim=claim.claim if claim is not None else None, notify=notify,
+                                    notify_progress=progress)
         except GridnodeError as e:  # refused before the job service saw it (which counts its own)
             getattr(spool, "discard", lambda: None)()
             self.jobs.metrics.upload_rejections.labels(e.code).inc()

@@ -103,8 +103,9 @@ class NodeView:
 
             if key is None:
                 return sink()
+            notify = query.get("notify") or request.getHeader(b"notify")  # only where sent: older keys still match
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
-                               checksum=request.getHeader(b"upload-checksum"))
+                               checksum=request.getHeader(b"upload-checksum"), **({"notify": notify} if notify else {}))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
                                 replay.job_answer(self.result_urls.job_json), sink)
         return self.tus.route_body(method, path, request, length)
