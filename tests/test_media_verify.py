@@ -19,8 +19,9 @@ from twisted.internet import task
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
 from gridnode.media.headers import mp4_duration, webm_duration
-from gridnode.media.presets import job_output_limit, parse_presets
+from gridnode.media.presets import job_output_limit
 from gridnode.media.probe import ProbeResult
+from gridnode.media.templates import parse_presets
 from gridnode.media.verify import (
     MAX_FILES,
     OutputWatch,
