@@ -6,6 +6,7 @@ naming its field and queues nothing; valid specs become the argv the builder mak
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,21 @@ class ConfigTemplatesTests:
         """templates is a table: a string (as a command line would give) is refused."""
         with pytest.raises(ConfigError):
             build_config(cli={"templates": "web"})
+
+
+class RecordTests:
+    def test_a_record_keeps_the_inline_spec(self) -> None:
+        """The job record keeps its inline outputs, so a peer that adopts it rebuilds the same ones;
+        a record whose spec is not a list is refused."""
+        from gridnode import keys
+        from gridnode.jobs import Job
+
+        job = Job.new(keys.new_id(), name="m.mov", presets=["poster"], node="n1", size=1, now=1.0, spec=[HEVC])
+        again = Job.loads(job.dumps())
+        assert again.spec == [HEVC] and again.presets == ["poster"]
+        outputs = Catalog().parse(",".join(again.presets) or None, again.spec or None)
+        assert [p.name for p in outputs] == ["poster", "hevc"]
+        bad = job.to_json() | {"spec": "hevc"}
+        with pytest.raises(GridnodeError) as e:
+            Job.loads(json.dumps(bad).encode())
+        assert e.value.code == "bad_record"
