@@ -275,3 +275,12 @@ class RecordTests:
         with pytest.raises(GridnodeError) as e:
             Job.loads(json.dumps(bad).encode())
         assert e.value.code == "bad_record"
+
+
+class PresetsRouteTests:
+    def test_any_token_may_list(self) -> None:
+        """GET /presets needs a valid token of any scope where the node has tokens (the list is
+        then cut to the token's presets claim); it is no public route."""
+        from gridnode.web.access import ANY, need
+
+        assert need(b"GET", [b"presets"]).scope == ANY

@@ -1,7 +1,8 @@
 """
 Templates on a real node: a config file's templates (HEVC mp4, AV1 mp4, a poster, a loudness
 target, a clip, a watermark) run by twistd and real ffmpeg on a generated 12 s clip, in one job,
-and every output probed: codecs, the hvc1 tag, sizes, durations, loudness, the watermark's corner.
+and every output probed: codecs, the hvc1 tag, sizes, durations, loudness, the watermark's corner;
+GET /presets and uploads held to a token's presets claim.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from gridnode import tokens
+from gridnode.keyring import parse_keyring
 from tests.helpers import free_port
 from tests.media_samples import ffprobe_json
 from tests.nodes import NodeProcess, get_json, request, upload, wait_job
@@ -150,5 +153,33 @@ class TemplateNodeTests:
             for corner in ((32, 32), (32, 208), (394, 208)):
                 marked, plain = rgb_at(files["marked"], 426, *corner), rgb_at(files["plain"], 426, *corner)
                 assert all(abs(m - p) < 24 for m, p in zip(marked, plain, strict=True)), corner
+        finally:
+            assert node.stop() == 0
+
+    @pytest_twisted.inlineCallbacks
+    def test_presets_list_follows_the_token(self, tmp_path: Path) -> None:
+        """With tokens, GET /presets wants one, and lists what its presets claim allows; an upload
+        naming a template outside the claim is 403 before its body."""
+        secret = b"templates-test-secret-0123456789abcdef"
+        (tmp_path / "upload.secret").write_bytes(secret)
+        (tmp_path / "marks").mkdir()
+        (tmp_path / "marks" / "logo.png").write_bytes(b"\x89PNG")
+        (tmp_path / "node.toml").write_text(CONFIG)
+        node = NodeProcess(tmp_path, ["--config", "node.toml", "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                      "--peer", f"tcp:{free_port()}:interface=127.0.0.1", "--node-id", "t2",
+                                      "--upload-secret", "upload.secret"])
+        node.start()
+        try:
+            base = yield node.wait_ready()
+            status, answer = get_json(base + "/presets")
+            assert status == 401 and answer["error"]["code"] == "unauthorized"
+            token = tokens.mint(parse_keyring(secret, "test"), sub="t", scopes={"upload", "read"}, ttl=600,
+                                presets=["loud", "poster"])
+            status, _, body = request("GET", base + "/presets", headers={"authorization": f"Bearer {token}"})
+            assert status == 200
+            assert [t["name"] for t in json.loads(body)["presets"]] == ["poster", "loud"]
+            status, _, body = request("POST", base + "/jobs?presets=ship", b"x" * 100,
+                                      {"authorization": f"Bearer {token}", "content-type": "video/mp4"})
+            assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
         finally:
             assert node.stop() == 0
