@@ -90,7 +90,6 @@ class Preset:
 
     name: str
     container: Container
-    description: str = ""
     video: str = "h264"  # h264, hevc, av1, vp9 (jpeg: unused)
     short_side: int = 720  # every container but hls: the target's short side
     ladder: tuple[Rung, ...] = ()  # hls only
@@ -109,11 +108,6 @@ class Preset:
     watermark: Watermark | None = None
     #: the preset or template name a caller asked for ("" for an inline spec)
     template: str = ""
-
-    @property
-    def kind(self) -> str:
-        """The container: mp4, webm, mkv, hls, jpeg."""
-        return self.container
 
     def outputs(self, probe: ProbeResult) -> list[OutputFile]:
         """The files this output writes for ``probe``'s source."""
