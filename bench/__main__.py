@@ -18,7 +18,7 @@ On a budget overrun the benchmark's process group gets SIGINT (the scripts unwin
 ``finally`` blocks and stop the servers they started), then SIGTERM, then SIGKILL.
 
 ``--only NAME`` takes a benchmark name (``pool``, ``ingest``, ``memory``, ``latency``,
-``store_upload``, ``loadbalance``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
+``store_upload``, ``loadbalance``, ``encode``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
 ``membership_join``, ``membership_sync``) or a group (``pipeline``, ``membership``); it is repeatable.
 """
 
@@ -214,6 +214,24 @@ def read_store_upload(objects: list[JSON]) -> list[Row]:
                 f">= {goal:g}",
                 f"store {o['store_mb_s']} MB/s vs boto3 {o['boto3_mb_s']} MB/s ({o['rounds']} rounds)",
                 f"{ratio:.3f}", verdict(ratio >= goal))]
+
+
+def read_encode(objects: list[JSON]) -> list[Row]:
+    """bench/encode.py --json: per source, HEVC's and AV1's saving over H.264 at equal SSIM."""
+    rows = []
+    for o in objects:
+        base = o["h264"]
+        for codec in ("hevc", "av1"):
+            r = o[codec]
+            how = "interpolated" if r["interpolated"] else f"crf {r['crf']}"
+            rows.append(Row(f"encode: {codec} vs h264, {o['source']} {o['height']}p {o['seconds']:g} s, equal SSIM",
+                            f">= {100 * r['goal']:.0f} % smaller",
+                            f"{r['bytes']} B ({how}) vs {base['bytes']} B at SSIM {base['ssim']}; "
+                            f"{r['fps_per_core']} vs {base['fps_per_core']} fps/core",
+                            f"{100 * r['saving']:.0f} %", verdict(r["saving"] >= r["goal"])))
+    if not rows:
+        raise ValueError("no encode result")
+    return rows
 
 
 def read_loadbalance(objects: list[JSON]) -> list[Row]:
@@ -455,6 +473,12 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
               ((python, "bench/membership_sync.py", "--json", "--nodes", "1000" if quick else "5000"),),
               30, read_membership_sync),
     ]
+    # Small sources: the issue's 10 s at 1080p takes the better part of an hour on 2 cores
+    # (bench/encode.py alone, --1080, for those figures).
+    enc = (python, "bench/encode.py", "--json") + (("--height", "240", "--seconds", "2", "--sources", "testsrc2")
+                                                   if quick else ("--height", "360", "--seconds", "4"))
+    benches.append(Bench("encode", "encode", "encode: HEVC and AV1 vs H.264 at equal SSIM", ">= 25 % / >= 35 %",
+                         (enc,), 40 if quick else 120, read_encode))
     return benches
 
 

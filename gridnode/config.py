@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gridnode.errors import ConfigError, GridnodeError
+from gridnode.media.templates import Template, parse_templates
 from gridnode.store import parse_store_url
 
 DEFAULT_METADATA_URL = "http://169.254.169.254"
@@ -180,6 +181,12 @@ def _bool(value: Any) -> bool:
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
+def _table(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a table of the config file ([templates.NAME] with description and outputs)")
+    return value
+
+
 def _log_level(value: Any) -> str:
     if value not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -312,12 +319,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("webhook", (), "notify URLs of every job that names none (comma-separated)", _webhooks, "URLS"),
     Setting("webhook-allow", (), "address ranges webhooks may go to although not public (CIDR; repeatable, or "
             "comma-separated)", _cidrs, "CIDR"),
+    Setting("templates", {}, "named output sets ([templates.NAME] tables of the config file; docs/api.md, "
+            "\"Templates\")", _table, "TABLE"),
+    Setting("watermark-dir", None, "folder of the PNG images outputs may lay over the picture as a watermark",
+            _opt_str, "DIR"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
 #: keys that make no sense inside user-data or a config file
 CLI_ONLY = frozenset({"config"})
+#: keys only a file (the config file, user-data) can hold: tables
+FILE_ONLY = frozenset({"templates"})
 #: keys user-data may not set: where to read user-data from is decided before
 USER_DATA_FORBIDDEN = frozenset({"instance-metadata"})
 
@@ -362,6 +375,8 @@ class NodeConfig:
     webhook_secret: str | None
     webhook: tuple[str, ...]
     webhook_allow: tuple[str, ...]
+    templates: Mapping[str, Template]
+    watermark_dir: str | None
     ffmpeg: str
     ffprobe: str
 
@@ -440,6 +455,13 @@ def build_config(
     if values["workers"] is None:
         values["workers"] = cpu_count()
     values["store_rate"] = _store_rate(values["store_rate"])  # the default, 'auto', is None
+    if values["watermark_dir"] is not None:
+        values["watermark_dir"] = os.path.abspath(values["watermark_dir"])
+    try:
+        values["templates"] = parse_templates(values["templates"], watermarks=values["watermark_dir"])
+    except GridnodeError as e:
+        source = merged["templates"][0] if "templates" in merged else "config file"
+        raise ConfigError(f"{source}: {e.message}") from None
     config = NodeConfig(**values)
     if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
         raise ConfigError(

@@ -226,12 +226,14 @@ class JobService(Service):
     @inlineCallbacks
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
                tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None,
-               notify: list[str] | None = None, notify_progress: bool = False) -> Any:
+               notify: list[str] | None = None, notify_progress: bool = False,
+               spec: list[Any] | None = None) -> Any:
         """Check, probe, store and queue an uploaded body for ``tenant``; returns the job (state
         queued) once it is durably accepted: its input, record and active marker in the store.
         ``claim(job_id)``, called once the job passed every check and before anything of it but its
         input is stored, writes its Idempotency-Key's entry (gridnode/idempotency.py); should it
-        fail (another request with the key won), the job is dropped and never written."""
+        fail (another request with the key won), the job is dropped and never written. ``spec``: the
+        job's inline outputs (a JSON list of output specs), besides the ``presets`` named."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
@@ -253,10 +255,11 @@ class JobService(Service):
                 if checksum != digest:
                     raise GridnodeError("the upload's sha256 differs from its Upload-Checksum; send it again",
                                         code="checksum_mismatch", status=460)
-            chosen = self.media.parse_presets(presets)
+            chosen = self.media.parse_presets(presets, spec)
+            asked = list(dict.fromkeys(p.template for p in chosen if p.template))
             notify = yield notify_urls(self.webhooks, self.config.webhook, notify)
-            job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now(), tenant=tenant, notify=notify,
+            job = Job.new(job_id, name=name[:255], presets=asked, node=self.node_id, size=spool.size,
+                          now=self.now(), tenant=tenant, spec=spec, notify=notify,
                           notify_progress=notify_progress and bool(notify))  # notify: checked (gridnode/notify/)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
@@ -361,7 +364,7 @@ class JobService(Service):
                 continue
             job.reclaim(self.node_id, self.now(), self.lease)
             active = self.active[job.id] = Active(job, path)
-            chosen = self.media.parse_presets(",".join(job.presets))
+            chosen = self.media.parse_presets(",".join(job.presets) or None, job.spec or None)
             probe = yield self.media.probe(path)
             self._log.info("job {job} resumed from the local journal", job=job.id)
             active.work = self.runner.run(active, probe, chosen, input_stored=False)

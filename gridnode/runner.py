@@ -186,7 +186,7 @@ class Runner:
             else:
                 yield self._durably("fetch input", lambda: self.store.get_file(keys.input_source(job.id),
                                                                                active.spool_path))
-            chosen = self.media.parse_presets(",".join(job.presets))
+            chosen = self.media.parse_presets(",".join(job.presets) or None, job.spec or None)
             probe = yield self.media.probe(active.spool_path)
         except GridnodeError as e:
             job.fail(e.code, e.message, self.now())

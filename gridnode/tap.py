@@ -15,7 +15,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from gridnode import __version__
-from gridnode.config import SETTINGS, NodeConfig, build_config, load_config_file
+from gridnode.config import FILE_ONLY, SETTINGS, NodeConfig, build_config, load_config_file
 from gridnode.errors import ConfigError
 
 #: options that may be given more than once (their values joined by commas)
@@ -38,7 +38,7 @@ class Options(usage.Options):
     )
     optParameters = [["config", "c", None, "TOML file of configuration keys", str]] + [
         [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS
-        if s.default is not False and s.key not in REPEATABLE
+        if s.default is not False and s.key not in REPEATABLE and s.key not in FILE_ONLY
     ]
     optFlags = [[s.key, None, s.help] for s in SETTINGS if s.default is False]
 

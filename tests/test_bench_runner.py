@@ -26,6 +26,7 @@ from bench.__main__ import (
     header,
     main,
     parse_json_lines,
+    read_encode,
     read_loadbalance,
     read_membership_detect,
     read_membership_fp,
@@ -139,6 +140,18 @@ class RunBenchTests:
 
 
 class ReaderTests:
+    def test_read_encode(self) -> None:
+        """bench/encode.py: a row per codec and source, against its own goal, with its speed."""
+        o = {"source": "noise", "height": 360, "seconds": 4.0, "speed": "fast",
+             "h264": {"crf": 23, "bytes": 1000, "ssim": 0.95, "fps_per_core": 90.0},
+             "hevc": {"crf": 27, "bytes": 700, "ssim": 0.951, "interpolated": False, "saving": 0.3, "goal": 0.25,
+                      "fps_per_core": 30.0},
+             "av1": {"crf": None, "bytes": 700, "ssim": 0.95, "interpolated": True, "saving": 0.3, "goal": 0.35,
+                     "fps_per_core": 20.0}}
+        hevc, av1 = read_encode([o])
+        assert (hevc.ratio, hevc.verdict, av1.verdict) == ("30 %", "PASS", "FAIL")
+        assert "crf 27" in hevc.measured and "interpolated" in av1.measured and "30.0 vs 90.0" in hevc.measured
+
     def test_pipeline_rows_keep_title_goal_and_verdict(self) -> None:
         """pipeline.py's objects become rows; PASS/FAIL leave the ratio text for the verdict column."""
         rows = read_pipeline([
@@ -288,7 +301,7 @@ class SuiteTests:
             benches = suite(quick)
             scripts = {c[1] for b in benches for c in b.commands}
             assert scripts == {"bench/pipeline.py", "bench/store_upload.py", "bench/loadbalance.py",
-                               "bench/membership_sim.py", "bench/membership_sync.py"}
+                               "bench/membership_sim.py", "bench/membership_sync.py", "bench/encode.py"}
             assert all(0 < b.budget_s <= TOTAL_S for b in benches)
             assert all(any("--json" in c for c in b.commands) for b in benches)
 

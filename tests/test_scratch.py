@@ -25,7 +25,7 @@ from gridnode.jobs import Job
 from gridnode.media.ffmpeg import ProgressParser
 from gridnode.media.interface import SCRATCH_WAIT, WAITING_SCRATCH
 from gridnode.media.pool import RECHECK, JobSlot, TranscodePool
-from gridnode.media.presets import job_output_limit, parse_presets
+from gridnode.media.presets import job_output_limit
 from gridnode.media.scratch import (
     FULL_BELOW,
     MAX_WAIT,
@@ -37,6 +37,7 @@ from gridnode.media.scratch import (
     scratch_wait,
     wait_limit,
 )
+from gridnode.media.templates import parse_presets
 from gridnode.pipeline import JobService
 from gridnode.runner import SCRATCH_RETRIES
 from gridnode.store.base import ObjectStore

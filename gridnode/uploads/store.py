@@ -102,8 +102,8 @@ class UploadStore:
 
     def check_presets(self, presets: str | None) -> list[str]:
         """The presets a finished upload will be converted to: an unknown one is refused now, not
-        after the upload."""
-        return [p.name for p in self.jobs.media.parse_presets(presets)]
+        after the upload. The names asked for (presets and templates), as a token's claim names them."""
+        return list(dict.fromkeys(p.template for p in self.jobs.media.parse_presets(presets) if p.template))
 
     def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None,
                    tenant: str = "", notify: str = "") -> UploadInfo:
