@@ -19,15 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode.config import (
-    NodeConfig,
-    build_config,
-    endpoint_interface,
-    endpoint_port,
-    endpoint_scheme,
-    is_loopback,
-    with_backlog,
-)
+from gridnode.config import NodeConfig, build_config
+from gridnode.endpoints import endpoint_interface, endpoint_port, endpoint_scheme, is_loopback, with_backlog
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.keyring import Keyring, KeyringFile
 from gridnode.metrics import Metrics

@@ -34,6 +34,7 @@ from gridnode import job_records, jobs, keys
 from gridnode.adoption import LEGACY, LEGACY_EVERY, Adopter, Claim
 from gridnode.config import NodeConfig
 from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
+from gridnode.job_follow import follow_record
 from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
@@ -444,37 +445,14 @@ class JobService(Service):
         node runs (or adopted) is followed through its record in the store, every ``poll`` s."""
         active = self.active.get(job_id)
         if active is None:
-            return self._follow_record(job_id, callback, poll)
+            # a subscriber's own pace: it reads and writes nothing the pool shares
+            return follow_record(self.get, lambda check: self._every(poll, check, f"following job {job_id}",
+                                                                     spread=0.0), job_id, callback)
         active.listeners.append(callback)
 
         def unsubscribe() -> None:
             if callback in active.listeners:
                 active.listeners.remove(callback)
-
-        return unsubscribe
-
-    def _follow_record(self, job_id: str, callback: Callable[[Job], None], poll: float) -> Callable[[], None]:
-        last: list[bytes] = []
-
-        @inlineCallbacks
-        def check() -> Any:
-            try:
-                job = yield self.get(job_id)
-            except GridnodeError:
-                return  # unreachable for now: try again at the next poll
-            data = job.dumps()
-            if not last or data != last[0]:
-                last[:] = [data]
-                callback(job)
-            if job.final and loop.running:
-                loop.stop()
-
-        # a subscriber's own pace: it reads and writes nothing the pool shares
-        loop = self._every(poll, check, f"following job {job_id}", spread=0.0)
-
-        def unsubscribe() -> None:
-            if loop.running:
-                loop.stop()
 
         return unsubscribe
 
