@@ -61,20 +61,23 @@ def checked_key(key: str, prefixes: tuple[str, ...], tenant: str, any_tenant: bo
 
 @inlineCallbacks
 def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], tenant: str, any_tenant: bool,
-           limit: int | None, allow: Callable[[list[str], int], object],
+           limit: int | None, allow: Callable[[list[str], int, bool], object],
            claim: Callable[[str], Any] | None = None) -> Any:
     """Make a job of the object ``request`` names, for ``tenant``; fires with the job once it is
-    durably accepted (as an upload's ``201``). ``allow(presets, size)`` is the caller's token's
-    say on presets and size; ``claim``: its Idempotency-Key's (`JobService.submit`)."""
+    durably accepted (as an upload's ``201``). ``allow(presets, size, inline)`` is the caller's
+    token's say on presets, size and inline outputs; ``claim``: its Idempotency-Key's
+    (`JobService.submit`)."""
     presets = ",".join(request.presets) if request.presets is not None else None
     try:
         key = checked_key(request.input.key, prefixes, tenant, any_tenant)
-        chosen = jobs.media.parse_presets(presets)  # an unknown preset is refused before any transfer
+        spec = list(request.outputs) if request.outputs is not None else None
+        # an unknown preset or a bad spec is refused before any transfer
+        chosen = jobs.media.parse_presets(presets, spec)
         try:
             info = yield jobs.store.stat(key)
         except NotFound:
             raise NotFound(f"no object {key} in the store") from None
-        allow([p.name for p in chosen], info.size)
+        allow(list(dict.fromkeys(p.template for p in chosen if p.template)), info.size, spec is not None)
     except GridnodeError as e:
         jobs.metrics.upload_rejections.labels(e.code).inc()
         raise
@@ -104,7 +107,7 @@ def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], 
     if size <= MAX_COPY and got.size == size:
         put.copy_first([(key, size)])
     name = request.name if request.name is not None else key.rsplit("/", 1)[-1]
-    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant, claim=claim)
+    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant, claim=claim, spec=spec)
     return job
 
 

@@ -19,10 +19,12 @@ from typing import Any
 from gridnode.errors import GridnodeError
 
 #: the fields a JSON job request may hold
-FIELDS = ("input", "presets", "name")
+FIELDS = ("input", "presets", "outputs", "name")
 #: the input's fields
 INPUT_FIELDS = ("key",)
 MAX_PRESETS = 32
+#: inline output specs a request may carry (each checked field by field by media/templates.py)
+MAX_OUTPUTS = 16
 
 
 def bad_body(message: str) -> GridnodeError:
@@ -44,6 +46,8 @@ class JobRequest:
     presets: tuple[str, ...] | None = None
     #: the file name shown in the job (data only, never a key); None: the key's last segment
     name: str | None = None
+    #: inline output specs, as sent (media/templates.py checks every field: 400 bad_spec)
+    outputs: tuple[Any, ...] | None = None
 
     @classmethod
     def parse(cls, body: bytes) -> JobRequest:
@@ -67,7 +71,12 @@ class JobRequest:
         name = fields.get("name")
         if name is not None and (not isinstance(name, str) or len(name) > 255):
             raise bad_body("name must be a string of at most 255 characters")
-        return cls(InputRef(key), presets, name)
+        outputs = fields.get("outputs")
+        if outputs is not None:
+            if not isinstance(outputs, list) or not 1 <= len(outputs) <= MAX_OUTPUTS:
+                raise bad_body(f"outputs must be a list of 1-{MAX_OUTPUTS} output specs")
+            outputs = tuple(outputs)
+        return cls(InputRef(key), presets, name, outputs)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

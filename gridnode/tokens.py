@@ -175,8 +175,12 @@ def _grant(claims: dict[str, Any], now: float) -> Grant:
     return Grant(sub, scopes, expires, frozenset(presets) if presets is not None else None, max_size)
 
 
-def check_upload(grant: Grant, presets: list[str], length: int | None) -> None:
-    """Refuse what the grant does not allow an upload (before the body is read)."""
+def check_upload(grant: Grant, presets: list[str], length: int | None, *, inline: bool = False) -> None:
+    """Refuse what the grant does not allow an upload (before the body is read). A grant that
+    names its presets allows no inline outputs: those could be anything."""
+    if grant.presets is not None and inline:
+        raise forbidden(f"the access token allows only the presets {', '.join(sorted(grant.presets))}; "
+                        "send presets, not outputs")
     if grant.presets is not None:
         extra = sorted(set(presets) - grant.presets)
         if extra:

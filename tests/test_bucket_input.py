@@ -44,6 +44,8 @@ class ParseTests:
         asked = JobRequest.parse(b'{"input": {"key": "incoming/a/m.mov"}, "presets": ["poster"], "name": "m"}')
         assert asked.input.key == "incoming/a/m.mov" and asked.presets == ("poster",) and asked.name == "m"
         assert JobRequest.parse(b'{"input": {"key": "k"}}').presets is None
+        inline = JobRequest.parse(b'{"input": {"key": "k"}, "outputs": [{"name": "a", "container": "mp4"}]}')
+        assert inline.outputs == ({"name": "a", "container": "mp4"},)
 
     @pytest.mark.parametrize("body", [
         b"", b"not json", b"[]", b'"x"', b"{}", b'{"input": "incoming/a"}', b'{"input": {}}',
@@ -51,6 +53,8 @@ class ParseTests:
         b'{"input": {"key": "k"}, "notify": ["http://x"]}', b'{"input": {"key": "k"}, "presets": "poster"}',
         b'{"input": {"key": "k"}, "presets": []}', b'{"input": {"key": "k"}, "presets": [1]}',
         b'{"input": {"key": "k"}, "input": {"key": "j"}}', b'{"input": {"key": "k"}, "name": 7}',
+        b'{"input": {"key": "k"}, "outputs": []}', b'{"input": {"key": "k"}, "outputs": {"name": "a"}}',
+        b'{"input": {"key": "k"}, "outputs": [' + b"{}, " * 16 + b'{}]}',
         b'\xff\xfe', b'{"input": {"key": "k"}, "name": "' + b"x" * 300 + b'"}',
     ])
     def test_hostile_bodies(self, body: bytes) -> None:
@@ -113,6 +117,21 @@ class BucketInputTests:
         absent = post(node, BOB, {"input": {"key": "incoming/alice/other.mov"}}).json()["error"]["message"]
         assert theirs.replace("movie.mov", "other.mov") == absent
         assert {i.key for i in node.store.backend.list("").items} == before and node.spooled() == []
+
+    def test_inline_outputs(self, node: MemoryNode) -> None:
+        """``outputs`` in the body: checked before any transfer (a bad spec: 400 bad_spec, nothing
+        kept), kept in the job's record for an adopter; a token that names its presets allows none."""
+        before = {i.key for i in node.store.backend.list("").items}
+        assert code(post(node, ALICE, {"input": {"key": "incoming/alice/movie.mov"},
+                                       "outputs": [{"container": "mp4"}]})) == (400, "bad_spec")
+        claimed = bearer(mint("alice", "upload", presets=["mp4-720p"]))
+        assert code(post(node, claimed, {"input": {"key": "incoming/alice/movie.mov"},
+                                         "outputs": [{"name": "mp4-720p"}]})) == (403, "forbidden")
+        assert {i.key for i in node.store.backend.list("").items} == before and node.spooled() == []
+        r = post(node, ALICE, {"input": {"key": "incoming/alice/movie.mov"}, "outputs": [{"name": "small"}]})
+        assert r.status_code == 201, r.text
+        record = json.loads(node.store.backend.get_bytes(keys.job_record(r.json()["id"]))[0])
+        assert record["spec"] == [{"name": "small"}] and record["presets"] == []
 
     def test_admin_and_no_prefixes(self, node: MemoryNode) -> None:
         """An admin takes any key under the prefixes; a node without --input-prefixes takes none."""

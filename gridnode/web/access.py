@@ -174,11 +174,12 @@ class Access:
 
     # -- uploads (the tus handler and POST /jobs)
 
-    def creator(self, request: Any, presets: list[str], length: int | None) -> str:
-        """The tenant a new upload belongs to, once its token allows these presets and this size."""
+    def creator(self, request: Any, presets: list[str], length: int | None, *, inline: bool = False) -> str:
+        """The tenant a new upload belongs to, once its token allows these presets and this size
+        (and, ``inline``, outputs of the request's own)."""
         caller = self.caller(request)
         if caller.grant is not None:
-            tokens.check_upload(caller.grant, presets, length)
+            tokens.check_upload(caller.grant, presets, length, inline=inline)
         return caller.tenant
 
     def upload_limit(self, request: Any) -> int | None:

@@ -214,7 +214,7 @@ class JobsResource(Resource):
             work = bucket_input.submit(
                 self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
                 any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
-                allow=lambda presets, size: self.access.creator(request, presets, size),
+                allow=lambda presets, size, inline: self.access.creator(request, presets, size, inline=inline),
                 claim=claim.claim if claim is not None else None)
             if claim is not None:
                 settle = replay.settled(claim, fetch)
