@@ -98,6 +98,6 @@ def files(rungs: int, audio: bool, folder: str = FOLDER) -> list[tuple[str, str]
              (f"{folder}/{os.path.basename(MASTER)}", "application/vnd.apple.mpegurl")]
     for n in range(streams):
         names += [(f"{folder}/media_{n}.m3u8", "application/vnd.apple.mpegurl"),
-                  (f"{folder}/init-{n}.m4s", "video/mp4"),
+                  (f"{folder}/init-{n}.m4s", CONTENT_TYPES[".m4s"]),  # as a node serves any .m4s
                   (f"{folder}/seg-{n}-*.m4s", CONTENT_TYPES[".m4s"])]
     return names
