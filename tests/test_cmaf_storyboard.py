@@ -17,6 +17,7 @@ import pytest
 
 from gridnode.errors import GridnodeError
 from gridnode.media import cmaf, storyboard
+from gridnode.media.ffmpeg import write_storyboards
 from gridnode.media.presets import build_argv, folders
 from gridnode.media.templates import PRESETS, parse_output, parse_outputs, spec_of
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
@@ -166,6 +167,21 @@ class CmafStoryboardArgvTests:
                           parse_outputs([CMAF], watermarks=None))
         assert value_after(argv, "-adaptation_sets") == "id=0,streams=v" and "-b:v:1" not in argv
         assert "scale=400:300" in value_after(argv, "-filter_complex")  # never upscaled: the lowest rung kept
+
+
+class WriteStoryboardTests:
+    def test_the_vtt_replaces_what_the_child_left_never_through_a_link(self, tmp_path: Path) -> None:
+        """A child that planted a link named storyboard.vtt to a node's file gets the link
+        replaced by the node's VTT; the file it pointed at is left as it was."""
+        secret = tmp_path / "secret"
+        secret.write_text("the node's")
+        (tmp_path / "out" / "board").mkdir(parents=True)
+        (tmp_path / "out" / "board" / "storyboard.vtt").symlink_to(secret)
+        presets = parse_outputs([{**BOARD, "interval": 4}], watermarks=None)
+        write_storyboards(str(tmp_path / "out"), source(duration=10.0), presets)
+        vtt = tmp_path / "out" / "board" / "storyboard.vtt"
+        assert not vtt.is_symlink() and secret.read_text() == "the node's"
+        assert vtt.read_text().startswith("WEBVTT") and "00:00:08.000 --> 00:00:10.000" in vtt.read_text()
 
 
 def _run(argv: list[str]) -> None:
