@@ -7,7 +7,9 @@ rungs' keyframe times, the VTT's cues over the whole duration and the sheet they
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest_twisted
 
 from tests.helpers import free_port
 from tests.media_samples import ffprobe_json
-from tests.nodes import NodeProcess, request, upload, wait_job
+from tests.nodes import BIN, NodeProcess, request, upload, wait_job
 from tests.test_cmaf_storyboard import _keyframes
 from tests.test_templates_nodes import make_source
 
@@ -128,5 +130,18 @@ class CmafNodeTests:
 
             poster = ffprobe_json(get(base, outputs["poster"]["url"], got, "image/jpeg"))["streams"][0]
             assert (poster["codec_name"], poster["width"], poster["height"]) == ("mjpeg", 426, 240)
+
+            # `gridnode fetch` downloads every file of both: the sizes the job states, checked
+            fetched = subprocess.run([os.path.join(BIN, "gridnode"), "fetch", job["id"], str(tmp_path / "dl"),
+                                      "--node", base], capture_output=True, text=True, timeout=120,
+                                     stdin=subprocess.DEVNULL)
+            assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+            dl = tmp_path / "dl" / job["id"]
+            want = {"master.m3u8", "manifest.mpd", *(f"media_{n}.m3u8" for n in range(4)),
+                    *(f"init-{n}.m4s" for n in range(4)), *(name for names in hls.values() for name in names)}
+            assert {p.name for p in (dl / "stream").iterdir()} == want
+            assert {p.name for p in (dl / "board").iterdir()} == {"storyboard.vtt", "sheet-001.jpg"}
+            assert sum(p.stat().st_size for p in (dl / "stream").iterdir()) == stream["size"]
+            assert sum(p.stat().st_size for p in (dl / "board").iterdir()) == board["size"]
         finally:
             assert node.stop() == 0
