@@ -667,7 +667,8 @@
   // For tests and the curious: the pure parts.
   window.gridnodeUpload = {
     busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive,
-    play: function (url, type) { return play($("player"), url, type); }
+    play: function (url, type) { return play($("player"), url, type); },
+    showResult: showResult
   };
 
   token.bind($("token"));
