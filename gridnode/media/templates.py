@@ -14,8 +14,10 @@ in the config file (``[templates.NAME]``), and a job may carry its own outputs i
 (``parse_outputs``). ``Catalog`` resolves ``presets=a,b`` (preset and template names share
 one namespace) and lists what a caller may use (``GET /presets``).
 
-``cmaf`` is a ladder of H.264 rungs under one HLS master and one DASH manifest (``cmaf.py``;
-HEVC and AV1 are refused there until their keyframes are proved on segment boundaries);
+``cmaf`` is a ladder of H.264 rungs under one HLS master and one DASH manifest (``cmaf.py``).
+HEVC and AV1 are refused there: with Debian's ffmpeg 5.1, x265's keyframes do fall on the
+segment boundaries, but the dash muxer states its codec as a bare ``hvc1`` (no profile or
+level), which players' codec checks refuse; SVT-AV1 1.4 keeps its own GOP (no forced keyframes);
 ``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``). ``dash`` alone is a
 container to come: named, it is refused as not supported yet, so a spec written for it
 fails loudly rather than silently.
