@@ -177,11 +177,19 @@ class WriteStoryboardTests:
         secret.write_text("the node's")
         (tmp_path / "out" / "board").mkdir(parents=True)
         (tmp_path / "out" / "board" / "storyboard.vtt").symlink_to(secret)
+        (tmp_path / "out" / "board" / "sheet-001.jpg").write_bytes(b"\xff\xd8")
         presets = parse_outputs([{**BOARD, "interval": 4}], watermarks=None)
         write_storyboards(str(tmp_path / "out"), source(duration=10.0), presets)
         vtt = tmp_path / "out" / "board" / "storyboard.vtt"
         assert not vtt.is_symlink() and secret.read_text() == "the node's"
         assert vtt.read_text().startswith("WEBVTT") and "00:00:08.000 --> 00:00:10.000" in vtt.read_text()
+
+    def test_a_missing_sheet_fails_the_job(self, tmp_path: Path) -> None:
+        (tmp_path / "out" / "board").mkdir(parents=True)
+        presets = parse_outputs([BOARD], watermarks=None)
+        with pytest.raises(GridnodeError) as e:
+            write_storyboards(str(tmp_path / "out"), source(duration=10.0), presets)
+        assert e.value.code == "ffmpeg_failed" and "board/sheet-001.jpg" in e.value.message
 
 
 def _run(argv: list[str]) -> None:

@@ -338,18 +338,25 @@ def transcode_command(
 
 def write_storyboards(out_dir: str, probe: ProbeResult, presets: Iterable[Preset]) -> None:
     """Write each storyboard's VTT beside the sheets ffmpeg made, from the plan the sheets
-    followed. Run once the folder is the node's again (``sandbox.take_back``): whatever the
-    child left under that name is removed, and the file is made new, never opened through a
-    link it planted."""
+    followed (``ffmpeg_failed`` when a planned sheet is missing). Run once the folder is the
+    node's again (``sandbox.take_back``): whatever the child left under that name is removed,
+    and the file is made new, never opened through a link it planted."""
     for preset in dict.fromkeys(presets):
         if preset.container != "storyboard":
             continue
-        path = os.path.join(out_dir, preset.name, os.path.basename(storyboard.VTT))
+        plan = storyboard_plan(probe, preset)
+        folder = os.path.join(out_dir, preset.name)
+        sheets = os.path.basename(storyboard.SHEET)
+        missing = [sheets % n for n in range(1, plan.sheets + 1)
+                   if not os.path.isfile(os.path.join(folder, sheets % n))]
+        if missing:  # the cues would point at nothing
+            raise GridnodeError(f"ffmpeg did not write {preset.name}/{missing[0]}", code="ffmpeg_failed", status=422)
+        path = os.path.join(folder, os.path.basename(storyboard.VTT))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(storyboard.vtt(storyboard_plan(probe, preset)))
+            f.write(storyboard.vtt(plan))
 
 
 def watermarks(presets: Iterable[Preset]) -> list[str]:
