@@ -17,7 +17,14 @@ from twisted.python.failure import Failure
 
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.errors import GridnodeError
-from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, max_time_for, start_transcode
+from gridnode.media.ffmpeg import (
+    FfmpegResult,
+    ProducedFile,
+    collect_outputs,
+    max_time_for,
+    start_transcode,
+    write_storyboards,
+)
 from gridnode.media.interface import SCRATCH_FULL
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset, job_output_limit
@@ -143,6 +150,7 @@ class Converter(Service):
             def transcoded(result: FfmpegResult) -> list[ProducedFile]:
                 slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
                 take_back(self.user, str(slot.scratch))  # what is checked now stays what is read
+                write_storyboards(out_dir, info, presets)  # the VTTs of the sheets ffmpeg made
                 found = collect_outputs(out_dir, info, presets, max_output_bytes=per_output)
                 return measure_outputs(found, info, presets, result.stderr_tail)  # whole, or not done
 

@@ -309,6 +309,8 @@ class Runner:
             if entry is not None:
                 entry["size"] += output.size
                 entry["files"] += 1
+                if output.name.endswith(".mpd"):  # CMAF: the DASH manifest over the same segments
+                    entry["dash"] = f"/results/{job.id}/{output.name}"
                 continue
             entry = stored[output.preset] = {
                 "preset": output.preset, "name": output.name, "size": output.size, "files": 1,

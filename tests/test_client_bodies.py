@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gridnode.client.bodies import StreamReader, download
+from gridnode.client.bodies import StreamReader, download, playlist_entries
 from gridnode.errors import GridnodeError
 
 
@@ -76,3 +76,22 @@ class DownloadTests:
         clock.advance(3)
         assert len(ended) == 1 and ended[0].check(CancelledError)
         assert (tmp_path / "x.part").read_bytes() == b"ab" * 5
+
+
+class PlaylistEntriesTests:
+    def test_cmaf_playlists_name_their_init_segments_and_audio_once(self, tmp_path: Path) -> None:
+        master = tmp_path / "master.m3u8"
+        master.write_text('#EXTM3U\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="a",URI="media_3.m3u8"\n'
+                          '#EXT-X-STREAM-INF:BANDWIDTH=1\nmedia_0.m3u8\n#EXT-X-STREAM-INF:BANDWIDTH=1\nmedia_0.m3u8\n'
+                          '#EXT-X-MAP:URI="../../etc/passwd"\nhttps://elsewhere/x.m4s\n/abs.m4s\n')
+        assert playlist_entries("s/master.m3u8", str(master)) == ["s/media_3.m3u8", "s/media_0.m3u8"]
+        media = tmp_path / "media_0.m3u8"
+        media.write_text('#EXTM3U\n#EXT-X-MAP:URI="init-0.m4s"\n#EXTINF:4,\nseg-0-00001.m4s\n#EXT-X-ENDLIST\n')
+        assert playlist_entries("s/media_0.m3u8", str(media)) == ["s/init-0.m4s", "s/seg-0-00001.m4s"]
+
+    def test_a_storyboard_vtt_names_its_sheets(self, tmp_path: Path) -> None:
+        vtt = tmp_path / "storyboard.vtt"
+        vtt.write_text("WEBVTT\n\n00:00:00.000 --> 00:00:02.000\nsheet-001.jpg#xywh=0,0,160,90\n\n"
+                       "00:00:02.000 --> 00:00:04.000\nsheet-001.jpg#xywh=160,0,160,90\n\n"
+                       "00:00:04.000 --> 00:00:06.000\n../../x.jpg#xywh=0,0,1,1\n")
+        assert playlist_entries("b/storyboard.vtt", str(vtt)) == ["b/sheet-001.jpg"]

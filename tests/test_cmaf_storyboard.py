@@ -11,11 +11,17 @@ import re
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gridnode.errors import GridnodeError
 from gridnode.media import cmaf, storyboard
+from gridnode.media.ffmpeg import write_storyboards
+from gridnode.media.presets import build_argv, folders
+from gridnode.media.templates import PRESETS, parse_output, parse_outputs, spec_of
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+from tests.test_media_presets import source, value_after
 
 
 class StoryboardPlanTests:
@@ -76,6 +82,114 @@ class CmafOptionsTests:
     def test_files(self) -> None:
         names = [n for n, _ in cmaf.files(3, audio=True)]
         assert names[:2] == ["cmaf/manifest.mpd", "cmaf/master.m3u8"] and "cmaf/seg-3-*.m4s" in names
+
+
+LADDER = [{"size": 720, "kbps": 2800}, {"size": 480, "kbps": 1400}, {"size": 360, "kbps": 800}]
+CMAF = {"name": "stream", "container": "cmaf", "ladder": LADDER}
+BOARD = {"name": "board", "container": "storyboard"}
+
+#: hostile and malformed cmaf and storyboard specs, and the field each error must name
+MALFORMED_SPECS: list[tuple[dict[str, Any], str]] = [
+    ({**CMAF, "video": "hevc"}, "o.video"),  # keyframes on boundaries proved for h264 only
+    ({**CMAF, "video": "av1"}, "o.video"),
+    ({**CMAF, "audio": "opus"}, "o.audio"),
+    ({**CMAF, "ladder": None}, "o.ladder"),
+    ({**CMAF, "ladder": [{"size": 100 + 2 * i, "kbps": 500} for i in range(50)]}, "o.ladder"),
+    ({**CMAF, "ladder": [{"size": 720, "kbps": 800, "audio_kbps": 96}]}, "o.ladder[0].audio_kbps"),
+    ({**CMAF, "ladder": [{"size": 720}]}, "o.ladder[0].kbps"),
+    ({**CMAF, "ladder": [{"size": 720, "kbps": 800}, {"size": 720, "kbps": 500}]}, "o.ladder"),
+    ({**CMAF, "size": 720}, "o.size"),  # a ladder's sizes are its rungs'
+    ({**CMAF, "crf": 20}, "o.crf"),
+    ({**CMAF, "seg_duration": 0.001}, "o.seg_duration"),  # no muxer options from a user
+    ({**CMAF, "name": "../../etc"}, "o.name"),
+    ({**BOARD, "interval": 0.01}, "o.interval"),  # a tile per frame: thousands of tiles
+    ({**BOARD, "interval": -2}, "o.interval"),
+    ({**BOARD, "interval": float("inf")}, "o.interval"),
+    ({**BOARD, "width": 100000}, "o.width"),
+    ({**BOARD, "width": 7.5}, "o.width"),
+    ({**BOARD, "columns": 1000}, "o.columns"),
+    ({**BOARD, "clip": {"start": 1}}, "o.clip"),
+    ({**BOARD, "name": "a/b"}, "o.name"),
+]
+
+
+class CmafStoryboardSpecTests:
+    @pytest.mark.parametrize(("spec", "field"), MALFORMED_SPECS)
+    def test_each_malformed_spec_names_its_field(self, spec: dict[str, Any], field: str) -> None:
+        with pytest.raises(GridnodeError) as e:
+            parse_output(spec, "o", watermarks=None)
+        assert (e.value.code, e.value.status) == ("bad_spec", 400)
+        assert e.value.message.startswith(field + ":"), e.value.message
+
+    def test_specs_round_trip(self) -> None:
+        for spec in (CMAF, {**BOARD, "interval": 3, "width": 120}):
+            preset = parse_output(spec, "o", watermarks=None)
+            assert parse_output(spec_of(preset), "o", watermarks=None) == preset
+
+    def test_outputs_name_the_master_first_then_the_manifest(self) -> None:
+        preset = parse_output(CMAF, "o", watermarks=None)
+        files = preset.outputs(source(1280, 720))
+        assert [(f.name, f.content_type) for f in files[:2]] == [
+            ("stream/master.m3u8", "application/vnd.apple.mpegurl"), ("stream/manifest.mpd", "application/dash+xml")]
+        assert "stream/seg-3-*.m4s" in [f.name for f in files]  # three rungs and the audio
+        small = [f.name for f in preset.outputs(source(640, 360, audio=False))]  # one rung, no audio
+        assert small[-1] == "stream/seg-0-*.m4s" and len(small) == 5
+        board = parse_output(BOARD, "o", watermarks=None).outputs(source())
+        assert [(f.name, f.content_type) for f in board] == [("board/storyboard.vtt", "text/vtt"),
+                                                             ("board/sheet-*.jpg", "image/jpeg")]
+        assert folders([parse_output(CMAF, "o", watermarks=None), parse_output(BOARD, "p", watermarks=None),
+                        PRESETS["poster"]]) == ["stream", "board"]
+
+
+class CmafStoryboardArgvTests:
+    def test_one_argv_with_rungs_at_one_aspect_and_the_sheets(self) -> None:
+        presets = parse_outputs([CMAF, {**BOARD, "interval": 3}], watermarks=None)
+        argv = build_argv("ffmpeg", source(1280, 720, duration=12.0), "/in.mp4", "/out", presets, threads=1)
+        graph = value_after(argv, "-filter_complex")
+        assert graph.startswith("[0:v:0]split=4")
+        # 480p rounds to 852x480, a hair off 16:9: shown at the top rung's aspect, as the dash muxer needs
+        assert graph.count("setdar=1280/720") == 3 and "scale=852:480" in graph
+        assert "selected_n*3" in graph and "atrim=end=11.950" in graph
+        assert argv.count("-f") == 3 and value_after(argv, "-seg_duration") == "4"
+        assert "/out/stream/manifest.mpd" in argv and "/out/board/sheet-%03d.jpg" in argv
+        assert value_after(argv, "-force_key_frames") == "expr:gte(t,n_forced*4)"
+        assert value_after(argv, "-b:v:2") == "800k" and value_after(argv, "-b:a") == "128k"
+
+    def test_a_clip_and_loudness_come_before_the_audio_cut(self) -> None:
+        spec = {**CMAF, "clip": {"start": 2, "end": 8}, "loudness": -16}
+        argv = build_argv("ffmpeg", source(duration=12.0), "/in.mp4", "/out", parse_outputs([spec], watermarks=None))
+        audio = value_after(argv, "-filter_complex").split(";")[-1]
+        assert audio.startswith("[0:a:0]asetpts") and "loudnorm" in audio
+        assert audio.endswith("atrim=end=5.950,asetpts=PTS-STARTPTS[a0]")
+
+    def test_silent_source_small_source(self) -> None:
+        argv = build_argv("ffmpeg", source(400, 300, audio=False), "/in.mp4", "/out",
+                          parse_outputs([CMAF], watermarks=None))
+        assert value_after(argv, "-adaptation_sets") == "id=0,streams=v" and "-b:v:1" not in argv
+        assert "scale=400:300" in value_after(argv, "-filter_complex")  # never upscaled: the lowest rung kept
+
+
+class WriteStoryboardTests:
+    def test_the_vtt_replaces_what_the_child_left_never_through_a_link(self, tmp_path: Path) -> None:
+        """A child that planted a link named storyboard.vtt to a node's file gets the link
+        replaced by the node's VTT; the file it pointed at is left as it was."""
+        secret = tmp_path / "secret"
+        secret.write_text("the node's")
+        (tmp_path / "out" / "board").mkdir(parents=True)
+        (tmp_path / "out" / "board" / "storyboard.vtt").symlink_to(secret)
+        (tmp_path / "out" / "board" / "sheet-001.jpg").write_bytes(b"\xff\xd8")
+        presets = parse_outputs([{**BOARD, "interval": 4}], watermarks=None)
+        write_storyboards(str(tmp_path / "out"), source(duration=10.0), presets)
+        vtt = tmp_path / "out" / "board" / "storyboard.vtt"
+        assert not vtt.is_symlink() and secret.read_text() == "the node's"
+        assert vtt.read_text().startswith("WEBVTT") and "00:00:08.000 --> 00:00:10.000" in vtt.read_text()
+
+    def test_a_missing_sheet_fails_the_job(self, tmp_path: Path) -> None:
+        (tmp_path / "out" / "board").mkdir(parents=True)
+        presets = parse_outputs([BOARD], watermarks=None)
+        with pytest.raises(GridnodeError) as e:
+            write_storyboards(str(tmp_path / "out"), source(duration=10.0), presets)
+        assert e.value.code == "ffmpeg_failed" and "board/sheet-001.jpg" in e.value.message
 
 
 def _run(argv: list[str]) -> None:

@@ -2,13 +2,17 @@
 The upload page's player on adaptive streams, in Debian's chromium: a CMAF output made by real
 ffmpeg (gridnode.media.cmaf) plays to its end through the vendored hls.js (its HLS master) and
 through the vendored dash.js (its DASH manifest): one set of segments, two players.
-The files are served to the page by a route, under the node's own origin.
+The files are served to the page by a route, under the node's own origin. And a CMAF and a
+storyboard the node itself made (a config template): the page's result view picks the CMAF,
+plays it through hls.js to its end, dash.js plays its manifest, and the storyboard's VTT parses
+as a track whose cues cover the whole duration.
 """
 
 from __future__ import annotations
 
 import mimetypes
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import pytest
 from gridnode.media import cmaf
 from tests.browser import PageErrors, chromium_page, needs_chromium, node_args
 from tests.media_samples import FFMPEG, needs_ffmpeg
-from tests.nodes import NodeProcess
+from tests.nodes import NodeProcess, get_json, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, needs_chromium, needs_ffmpeg]
 
@@ -46,10 +50,22 @@ def stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / cmaf.FOLDER
 
 
+TEMPLATE = """
+[templates.player]
+outputs = [
+  {name = "stream", container = "cmaf", audio_kbps = 64, ladder = [
+    {size = 360, kbps = 900}, {size = 240, kbps = 500}, {size = 180, kbps = 250}]},
+  {name = "board", container = "storyboard", interval = 2},
+]
+"""
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("node")
-    n = NodeProcess(root / "node", node_args(root / "store"))
+    (root / "node").mkdir()
+    (root / "node" / "node.toml").write_text(TEMPLATE)
+    n = NodeProcess(root / "node", node_args(root / "store", "--config", "node.toml"))
     n.start()
     try:
         n.block_until_ready(20.0)
@@ -98,4 +114,69 @@ def test_cmaf_plays_to_its_end(node: NodeProcess, stream: Path, manifest: str, e
         assert abs(played["duration"] - SECONDS) < 0.3, played
         assert played["ranges"][0][0] < 0.2 and played["ranges"][-1][1] > SECONDS - 0.3, played
         assert played["width"] in (640, 426, 320), played
+        assert errors.errors == [], errors.errors
+
+
+def wait_played_to_end(page: Any) -> dict[str, Any]:
+    page.wait_for_function("document.getElementById('player').readyState >= 1")
+    page.evaluate("() => { const p = document.getElementById('player'); p.muted = true; return p.play(); }")
+    page.wait_for_function("(p => p.ended || (p.paused && p.currentTime >= p.duration - 0.05))"
+                           "(document.getElementById('player'))", timeout=40_000)
+    played: dict[str, Any] = page.evaluate("""() => {
+      const p = document.getElementById('player');
+      const r = [];
+      for (let i = 0; i < p.played.length; i++) r.push([p.played.start(i), p.played.end(i)]);
+      return {ranges: r, duration: p.duration, width: p.videoWidth};
+    }""")
+    return played
+
+
+def test_the_nodes_own_cmaf_and_storyboard(node: NodeProcess, tmp_path: Path) -> None:
+    source = tmp_path / "source.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-nostdin", "-y",
+                    "-f", "lavfi", "-i", f"testsrc2=size=640x360:rate=25:duration={SECONDS}",
+                    "-f", "lavfi", "-i", f"sine=frequency=440:duration={SECONDS}",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(source)],
+                   check=True, capture_output=True, timeout=120)
+    status, _, job = upload(node.url, source, "player")
+    assert status == 201, job
+    for _ in range(3000):  # a blocking poll: this test runs no reactor
+        _, job = get_json(f"{node.url}/jobs/{job['id']}")
+        if job["state"] in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert job["state"] == "done", job
+    outputs = {o["preset"]: o for o in job["outputs"]}
+    with chromium_page() as page:
+        errors = PageErrors(page)
+        page.goto(f"{node.url}/")
+        page.wait_for_function("window.gridnodeUpload !== undefined")
+        # the result view prefers the CMAF output: its HLS master, through hls.js
+        page.evaluate("([base, job]) => window.gridnodeUpload.showResult({base: base}, job)", [node.url, job])
+        page.wait_for_function("document.getElementById('player').dataset.engine === 'hls.js'")
+        assert page.evaluate("document.getElementById('player').dataset.engine") == "hls.js"
+        played = wait_played_to_end(page)
+        assert abs(played["duration"] - SECONDS) < 0.3, played
+        assert played["ranges"][0][0] < 0.2 and played["ranges"][-1][1] > SECONDS - 0.3, played
+
+        # the same segments through dash.js, by the job's "dash" URL
+        page.evaluate("([url]) => window.gridnodeUpload.play(url, 'application/dash+xml')",
+                      [node.url + outputs["stream"]["dash"]])
+        page.wait_for_function("document.getElementById('player').dataset.engine === 'dash.js'")
+        played = wait_played_to_end(page)
+        assert played["ranges"][-1][1] > SECONDS - 0.3, played
+
+        # the storyboard's VTT as the browser parses it: cues from 0 to the end, each a sheet's tile
+        cues = page.evaluate("""(url) => new Promise((ok, fail) => {
+          const p = document.getElementById('player');
+          const t = document.createElement('track');
+          t.kind = 'metadata'; t.src = url;
+          t.addEventListener('load', () => ok(Array.from(t.track.cues).map(c => [c.startTime, c.endTime, c.text])));
+          t.addEventListener('error', () => fail(new Error('the VTT did not load')));
+          p.appendChild(t);
+          t.track.mode = 'hidden';
+        })""", node.url + outputs["board"]["url"])
+        assert len(cues) == 4 and cues[0][0] == 0 and abs(cues[-1][1] - SECONDS) < 0.1, cues
+        assert all(a[1] == b[0] for a, b in zip(cues, cues[1:], strict=False)), cues
+        assert all(c[2].startswith("sheet-001.jpg#xywh=") for c in cues), cues
         assert errors.errors == [], errors.errors

@@ -202,6 +202,15 @@ class SignerTests:
         assert listed["recent"][0]["outputs"][0]["url"].endswith("/hls/master.m3u8")
         assert "/~" in listed["recent"][0]["outputs"][0]["url"]
 
+    def test_a_cmafs_dash_manifest_is_signed_in_its_folder(self) -> None:
+        """A CMAF output's ``dash`` is signed as its ``url`` is: one signature over the folder."""
+        urls = ResultUrls(ring(f"k1 {SECRET}"), 3600, Now())
+        output = {"name": "s/master.m3u8", "url": f"/results/{JOB}/s/master.m3u8",
+                  "dash": f"/results/{JOB}/s/manifest.mpd"}
+        got = urls.job_json({"id": JOB, "outputs": [output]})["outputs"][0]
+        assert got["url"].endswith("/s/master.m3u8") and got["dash"].endswith("/s/manifest.mpd")
+        assert got["url"].rsplit("/", 2)[0] == got["dash"].rsplit("/", 2)[0] and "/~" in got["dash"]
+
 
 # -- a whole node's HTTP side, in memory
 

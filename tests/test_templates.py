@@ -87,8 +87,8 @@ class MalformedSpecTests:
         assert e.value.message.startswith(field + ":"), e.value.message
 
     def test_later_containers_say_not_yet(self) -> None:
-        """dash, cmaf and storyboard are named as not supported yet, not as unknown."""
-        for container in ("dash", "cmaf", "storyboard"):
+        """dash alone is named as not supported yet, not as unknown."""
+        for container in ("dash",):
             with pytest.raises(GridnodeError) as e:
                 parse_output(with_(container=container), "o", watermarks=None)
             assert "not supported yet" in e.value.message

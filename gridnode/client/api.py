@@ -366,7 +366,8 @@ class GridClient:
     async def fetch(self, job: dict[str, Any], folder: str, node: NodeInfo | None = None,
                     on_progress: Callable[[str, int, int], None] | None = None) -> list[str]:
         """Download every output of a done job into ``folder``; sizes are checked. An HLS
-        output is its master playlist and everything the playlists name."""
+        output is its master playlist and everything the playlists name; a CMAF's, its DASH
+        manifest too; a storyboard's, its VTT and the sheets it names."""
         if job.get("state") != "done":
             raise GridnodeError(f"job {job.get('id')} is {job.get('state')}, not done; nothing to fetch",
                                 code="not_done", status=409)
@@ -378,15 +379,22 @@ class GridClient:
             files = int(output.get("files") or 1)
             size = int(output["size"]) if output.get("size") is not None else None
             todo = [name]
+            dash = output.get("dash")
+            if isinstance(dash, str) and "/" in name:  # a CMAF's DASH manifest: over the same segments
+                todo.append(name.rsplit("/", 1)[0] + "/" + dash.rsplit("/", 1)[-1])
+            done: set[str] = set()
             got_total = 0
             while todo:
                 current = todo.pop(0)
+                if current in done:
+                    continue  # CMAF: every media playlist and the master name the audio's files
+                done.add(current)
                 url = output["url"][: -len(name)] + current
                 one = size if files == 1 else None
                 target, got = await self._fetch_one(nodes, url, folder, current, one, on_progress)
                 paths.append(target)
                 got_total += got
-                if current.endswith(".m3u8"):
+                if current.endswith((".m3u8", ".vtt")):
                     todo += playlist_entries(current, target)
             if size is not None and got_total != size:
                 raise GridnodeError(f"{name}: got {got_total} bytes of {size}", code="short_download", status=502)

@@ -7,6 +7,7 @@ response read as it comes and closable from our side, and result downloads.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -90,17 +91,30 @@ class StreamReader(Protocol):
             producer.stopProducing()
 
 
+_URI = re.compile(r'URI="([^"]+)"')
+
+
 def playlist_entries(name: str, path: str) -> list[str]:
-    """The files an HLS playlist names, relative to it (never above the output folder)."""
+    """The files an HLS playlist (its lines, and the ``URI=`` of its tags: CMAF's init segments
+    and audio rendition) or a storyboard's WebVTT (its cues' sheets) names, relative to it,
+    each once (never above the output folder)."""
     base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-    out = []
+    vtt = name.endswith(".vtt")
+    out: list[str] = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
-            if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
-                entry = os.path.normpath(base + line).replace(os.sep, "/")
-                if not entry.startswith(".."):
-                    out.append(entry)
+            if vtt:
+                found = [line.split("#", 1)[0]] if "#xywh=" in line else []
+            elif line.startswith("#"):
+                found = _URI.findall(line)
+            else:
+                found = [line] if line else []
+            for item in found:
+                if item and "://" not in item and not item.startswith("/"):
+                    entry = os.path.normpath(base + item).replace(os.sep, "/")
+                    if not entry.startswith("..") and entry not in out:
+                        out.append(entry)
     return out
 
 

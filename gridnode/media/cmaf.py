@@ -65,11 +65,12 @@ def audio_chain(video_seconds: float) -> str:
 
 
 def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[str], audio: Sequence[str] | None,
-                   audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS) -> list[str]:
+                   audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS,
+                   folder: str = FOLDER) -> list[str]:
     """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` and, when ``audio``
     (the audio encoder's options) is given, the graph's ``audio_label`` (made with
-    ``audio_chain``), under ``out_dir/cmaf/``. ``video``: the video encoder's options,
-    ``keyframe_options`` included."""
+    ``audio_chain``), under ``out_dir/folder/`` (which must exist: the muxer makes no folder).
+    ``video``: the video encoder's options, ``keyframe_options`` included."""
     opts: list[str] = []
     for rung in rungs:
         opts += ["-map", rung.label]
@@ -86,16 +87,17 @@ def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[s
              "-adaptation_sets", sets, "-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER),
              "-init_seg_name", "init-$RepresentationID$.m4s",
              "-media_seg_name", "seg-$RepresentationID$-$Number%05d$.m4s",
-             os.path.join(out_dir, MANIFEST)]
+             os.path.join(out_dir, folder, os.path.basename(MANIFEST))]
     return opts
 
 
-def files(rungs: int, audio: bool) -> list[tuple[str, str]]:
+def files(rungs: int, audio: bool, folder: str = FOLDER) -> list[tuple[str, str]]:
     """(name or glob, content type) of every file the output makes, the DASH manifest first."""
     streams = rungs + (1 if audio else 0)
-    names = [(MANIFEST, CONTENT_TYPES[".mpd"]), (MASTER, "application/vnd.apple.mpegurl")]
+    names = [(f"{folder}/{os.path.basename(MANIFEST)}", CONTENT_TYPES[".mpd"]),
+             (f"{folder}/{os.path.basename(MASTER)}", "application/vnd.apple.mpegurl")]
     for n in range(streams):
-        names += [(f"{FOLDER}/media_{n}.m3u8", "application/vnd.apple.mpegurl"),
-                  (f"{FOLDER}/init-{n}.m4s", "video/mp4"),
-                  (f"{FOLDER}/seg-{n}-*.m4s", CONTENT_TYPES[".m4s"])]
+        names += [(f"{folder}/media_{n}.m3u8", "application/vnd.apple.mpegurl"),
+                  (f"{folder}/init-{n}.m4s", CONTENT_TYPES[".m4s"]),  # as a node serves any .m4s
+                  (f"{folder}/seg-{n}-*.m4s", CONTENT_TYPES[".m4s"])]
     return names

@@ -22,6 +22,7 @@ is tested with ``task.Clock`` and a fake transport, without processes.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import stat
@@ -35,8 +36,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
+from gridnode.media import storyboard
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
-from gridnode.media.presets import Preset, build_argv, default_output_limit, job_output_limit, output_too_large
+from gridnode.media.presets import (
+    Preset,
+    build_argv,
+    default_output_limit,
+    folders,
+    job_output_limit,
+    output_too_large,
+    storyboard_plan,
+)
 from gridnode.media.probe import Limits, ProbeResult, limit_refusal
 from gridnode.media.sandbox import ChildLimits, Sandbox, ffmpeg_processes, let_read, sandboxed_argv, share_with
 
@@ -285,9 +295,13 @@ def start_transcode(
     """Make every preset's outputs of ``input_path`` in ``out_dir`` (created if missing), in a
     box of its own as ``sandbox`` says, under limits scaled to the input; ``on_tick``: see
     ``FfmpegProcess`` (the converter watches the output folder's size with it)."""
+    presets = list(presets)
     os.makedirs(out_dir, exist_ok=True)
+    inner = [os.path.join(out_dir, name) for name in folders(presets)]
+    for folder in inner:
+        os.makedirs(folder, exist_ok=True)  # the dash muxer and image2 make no folder
     let_read(sandbox.user, input_path)
-    share_with(sandbox.user, out_dir)
+    share_with(sandbox.user, out_dir, *inner)
     argv, limits = transcode_command(probe, input_path, out_dir, presets, ffmpeg=ffmpeg, timeouts=timeouts,
                                      max_output_bytes=max_output_bytes, threads=threads, sandbox=sandbox,
                                      input_limits=input_limits)
@@ -320,6 +334,29 @@ def transcode_command(
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
                       threads=threads, input_limits=input_limits)
     return argv, limits
+
+
+def write_storyboards(out_dir: str, probe: ProbeResult, presets: Iterable[Preset]) -> None:
+    """Write each storyboard's VTT beside the sheets ffmpeg made, from the plan the sheets
+    followed (``ffmpeg_failed`` when a planned sheet is missing). Run once the folder is the
+    node's again (``sandbox.take_back``): whatever the child left under that name is removed,
+    and the file is made new, never opened through a link it planted."""
+    for preset in dict.fromkeys(presets):
+        if preset.container != "storyboard":
+            continue
+        plan = storyboard_plan(probe, preset)
+        folder = os.path.join(out_dir, preset.name)
+        sheets = os.path.basename(storyboard.SHEET)
+        missing = [sheets % n for n in range(1, plan.sheets + 1)
+                   if not os.path.isfile(os.path.join(folder, sheets % n))]
+        if missing:  # the cues would point at nothing
+            raise GridnodeError(f"ffmpeg did not write {preset.name}/{missing[0]}", code="ffmpeg_failed", status=422)
+        path = os.path.join(folder, os.path.basename(storyboard.VTT))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(storyboard.vtt(plan))
 
 
 def watermarks(presets: Iterable[Preset]) -> list[str]:

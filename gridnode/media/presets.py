@@ -20,7 +20,10 @@ Sizes follow these rules:
 - the aspect ratio is kept and both sides are even (x264 and VP9 need it).
 
 A clip without audio gets no audio map and no audio encoder. The encoder options
-per codec are in ``codecs.py``.
+per codec are in ``codecs.py``; a CMAF ladder's muxer options in ``cmaf.py``, a
+storyboard's frames and sheets in ``storyboard.py``. Both write into a folder named as
+the output, which must exist before ffmpeg starts (``folders``): the dash muxer and
+image2 make none.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gridnode.errors import GridnodeError
+from gridnode.media import cmaf, storyboard
 from gridnode.media.codecs import audio_chain, audio_options, video_options
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
-Container = Literal["mp4", "webm", "mkv", "hls", "jpeg"]
+Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard"]
 
 HLS_SEGMENT_SECONDS = 6
 CONTENT_TYPES = {
@@ -44,6 +48,8 @@ CONTENT_TYPES = {
     ".jpg": "image/jpeg",
     ".m3u8": "application/vnd.apple.mpegurl",
     ".ts": "video/mp2t",
+    **cmaf.CONTENT_TYPES,
+    ".vtt": "text/vtt",
 }
 EXTENSIONS = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv", "jpeg": ".jpg"}
 MUXERS = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}
@@ -105,6 +111,8 @@ class Preset:
     start: float = 0.0  # the clip's start and end in the input, seconds
     end: float | None = None
     at: float = 0.1  # jpeg: the frame at this fraction of the (clipped) duration
+    interval: float = 0.0  # storyboard: seconds between tiles (0: by the duration)
+    width: int = 160  # storyboard: a tile's width (a portrait video's: its height)
     watermark: Watermark | None = None
     #: the preset or template name a caller asked for ("" for an inline spec)
     template: str = ""
@@ -117,6 +125,14 @@ class Preset:
                 files.append(OutputFile(f"{self.name}/{rung.name}/index.m3u8", CONTENT_TYPES[".m3u8"]))
                 files.append(OutputFile(f"{self.name}/{rung.name}/seg_*.ts", CONTENT_TYPES[".ts"]))
             return files
+        if self.container == "cmaf":
+            named = cmaf.files(len(hls_rungs(probe, self.ladder)), probe.has_audio and bool(self.audio), self.name)
+            named[:2] = named[1::-1]  # the HLS master first: the job lists it, and the manifest beside
+            return [OutputFile(name, kind) for name, kind in named]
+        if self.container == "storyboard":
+            return [OutputFile(f"{self.name}/{os.path.basename(storyboard.VTT)}", CONTENT_TYPES[".vtt"]),
+                    OutputFile(f"{self.name}/{os.path.basename(storyboard.SHEET).replace('%03d', '*')}",
+                               CONTENT_TYPES[".jpg"])]
         ext = EXTENSIONS[self.container]
         return [OutputFile(self.name + ext, CONTENT_TYPES[ext])]
 
@@ -128,7 +144,7 @@ class Preset:
 
     def expected_duration(self, probe: ProbeResult) -> float | None:
         """How long this output should last (None for an image)."""
-        if self.container == "jpeg":
+        if self.container in ("jpeg", "storyboard"):
             return None
         start, end = self.window(probe)
         return max(0.0, end - start)
@@ -159,6 +175,18 @@ def hls_rungs(probe: ProbeResult, ladder: Sequence[Rung]) -> list[tuple[Rung, tu
     return [(r, target_size(probe, r.short_side)) for r in kept]
 
 
+def storyboard_plan(probe: ProbeResult, preset: Preset) -> storyboard.Plan:
+    """The storyboard ``preset`` makes of ``probe``'s source: ffmpeg's sheets and the node's
+    VTT both follow it."""
+    return storyboard.plan(probe.converted_duration, (probe.display_width, probe.display_height),
+                           interval=preset.interval, width=preset.width)
+
+
+def folders(presets: Iterable[Preset]) -> list[str]:
+    """The sub-folders of the output folder to make before ffmpeg starts (CMAF, storyboards)."""
+    return [p.name for p in dict.fromkeys(presets) if p.container in ("cmaf", "storyboard")]
+
+
 def default_output_limit(probe: ProbeResult) -> int:
     """``-fs`` per output: generous next to any sane encode of this input."""
     return max(256 * 1024 * 1024, 4 * probe.size)
@@ -169,7 +197,8 @@ def job_output_limit(probe: ProbeResult, presets: Iterable[Preset], per_output: 
     for each output, an HLS rung counting as one. ``-fs`` bounds each mp4, webm, mkv and jpeg
     file but no HLS segment list, so this total is what bounds HLS."""
     limit = per_output if per_output is not None else default_output_limit(probe)
-    count = sum(len(hls_rungs(probe, p.ladder)) if p.container == "hls" else 1 for p in dict.fromkeys(presets))
+    count = sum(len(hls_rungs(probe, p.ladder)) if p.container in ("hls", "cmaf") else 1
+                for p in dict.fromkeys(presets))
     return limit * count
 
 
@@ -209,8 +238,10 @@ class _Graph:
         self.audio: list[str] = []  # per branch: a chain
         self.images: list[str] = []  # watermark paths, input 1, 2, ...
 
-    def video_branch(self, preset: Preset, size: tuple[int, int], *, frame_at: float | None = None) -> str:
-        """Add a branch for ``preset`` at ``size``; its output label."""
+    def video_branch(self, preset: Preset, size: tuple[int, int], *, frame_at: float | None = None,
+                     dar: tuple[int, int] | None = None) -> str:
+        """Add a branch for ``preset`` at ``size`` (shown at ``dar``, width/height, if given);
+        its output label."""
         i = len(self.video)
         start, end = preset.window(self.probe)
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
@@ -223,6 +254,8 @@ class _Graph:
         if preset.fps and rate is not None and rate > preset.fps + 0.01:
             chain.append(f"fps={_num(preset.fps)}")
         chain.append(_scale(*size))
+        if dar is not None:
+            chain.append(f"setdar={dar[0]}/{dar[1]}")
         if preset.watermark is None:
             if preset.container != "jpeg":
                 chain.append("format=yuv420p")
@@ -237,10 +270,15 @@ class _Graph:
         self.video.append(statements)
         return f"[v{i}]"
 
-    def audio_source(self, preset: Preset) -> str:
+    def branch(self, chain: str) -> str:
+        """Add a video branch of its own ``chain`` (a storyboard's); its output label."""
+        self.video.append(["{src}" + chain + f"[v{len(self.video)}]"])
+        return f"[v{len(self.video) - 1}]"
+
+    def audio_source(self, preset: Preset, tail: str = "") -> str:
         """What an output maps for its audio: the input's stream as it is, or a branch trimmed
-        and normalised as ``preset`` asks."""
-        chain = audio_chain(preset, *preset.window(self.probe))
+        and normalised as ``preset`` asks, then ``tail``."""
+        chain = ",".join(c for c in (audio_chain(preset, *preset.window(self.probe)), tail) if c)
         if not chain:
             return "0:a:0"
         self.audio.append(chain)
@@ -281,7 +319,7 @@ def build_argv(
 ) -> list[str]:
     """One ffmpeg argv writing every output under ``out_dir``.
 
-    ``out_dir`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
+    ``out_dir`` and its ``folders`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
     named as ``Preset.outputs`` says. ``max_output_bytes`` is ``-fs`` for each
     output (default ``default_output_limit``); ``threads`` caps each encoder's
     threads (``-threads``, and x265's and SVT-AV1's own pools), for nodes running
@@ -304,6 +342,13 @@ def build_argv(
                                 status=400)
         if preset.container == "hls":
             outputs.append(_hls(graph, preset, out_dir, limit, threads, audio))
+            continue
+        if preset.container == "cmaf":
+            outputs.append(_cmaf(graph, preset, out_dir, threads, audio))
+            continue
+        if preset.container == "storyboard":
+            label = graph.branch(storyboard.chain(storyboard_plan(probe, preset)))
+            outputs.append(storyboard.output_options(out_dir, label, preset.name))
             continue
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
         size = target_size(probe, preset.short_side)
@@ -367,3 +412,21 @@ def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int |
              "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
              "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
     return opts
+
+
+def _cmaf(graph: _Graph, preset: Preset, out_dir: str, threads: int | None, audio: bool) -> list[str]:
+    """A CMAF ladder: one video branch per rung, keyframes on every segment boundary, one audio
+    rendition cut just before the video's end (``cmaf.audio_chain``)."""
+    kept = hls_rungs(graph.probe, preset.ladder)
+    # Rounded to even sides, rungs differ in aspect by a hair, and the dash muxer refuses that
+    # in one adaptation set: every rung is shown at the top rung's aspect (a pixel a hair wide).
+    top = kept[0][1]
+    rungs = [cmaf.CmafRung(graph.video_branch(preset, size, dar=top), *size, rung.video_kbps) for rung, size in kept]
+    video = ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
+             *(["-threads", str(threads)] if threads else []), *cmaf.keyframe_options("libx264")]
+    if not (audio and preset.audio):
+        return cmaf.output_options(out_dir, rungs, video=video, audio=None, folder=preset.name)
+    start, end = preset.window(graph.probe)
+    label = graph.audio_source(preset, cmaf.audio_chain(end - start))
+    return cmaf.output_options(out_dir, rungs, video=video, audio=["-c:a", "aac"], audio_label=label,
+                               audio_kbps=preset.audio_kbps, folder=preset.name)

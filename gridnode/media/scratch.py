@@ -53,6 +53,11 @@ def preset_bytes(probe: ProbeResult, preset: Preset) -> float:
     if preset.container == "hls":
         rate = sum(r.video_kbps + (r.audio_kbps if audio else 0) for r, _size in hls_rungs(probe, preset.ladder))
         return seconds * rate * 1000 / 8 * TS_OVERHEAD + 64 * 1024  # + playlists
+    if preset.container == "cmaf":
+        rate = sum(r.video_kbps for r, _size in hls_rungs(probe, preset.ladder)) + (preset.audio_kbps if audio else 0)
+        return seconds * rate * 1000 / 8 + 64 * 1024  # + manifests and init segments
+    if preset.container == "storyboard":
+        return 2 * 1024 * 1024.0  # at most 3 sheets of 100 small tiles
     w, h = target_size(probe, preset.short_side)
     if preset.container == "jpeg":
         return float(w * h)

@@ -67,10 +67,11 @@ def chain(p: Plan) -> str:
             f"scale={p.width}:{p.height}:flags=bicubic,setsar=1,tile={p.columns}x{p.rows}")
 
 
-def output_options(out_dir: str, label: str) -> list[str]:
-    """Output options writing the sheets ``storyboard/sheet-001.jpg``... under ``out_dir``."""
+def output_options(out_dir: str, label: str, folder: str = FOLDER) -> list[str]:
+    """Output options writing the sheets ``folder/sheet-001.jpg``... under ``out_dir`` (the
+    folder must exist: image2 makes none)."""
     return ["-map", label, "-c:v", "mjpeg", "-q:v", "4", "-f", "image2", "-start_number", "1",
-            os.path.join(out_dir, SHEET)]
+            os.path.join(out_dir, folder, os.path.basename(SHEET))]
 
 
 def _stamp(t: float) -> str:

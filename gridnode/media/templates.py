@@ -14,8 +14,13 @@ in the config file (``[templates.NAME]``), and a job may carry its own outputs i
 (``parse_outputs``). ``Catalog`` resolves ``presets=a,b`` (preset and template names share
 one namespace) and lists what a caller may use (``GET /presets``).
 
-``dash``, ``cmaf`` and ``storyboard`` are containers to come: named, they are refused as
-not supported yet, so a spec written for them fails loudly rather than silently.
+``cmaf`` is a ladder of H.264 rungs under one HLS master and one DASH manifest (``cmaf.py``).
+HEVC and AV1 are refused there: with Debian's ffmpeg 5.1, x265's keyframes do fall on the
+segment boundaries, but the dash muxer states its codec as a bare ``hvc1`` (no profile or
+level), which players' codec checks refuse; SVT-AV1 1.4 keeps its own GOP (no forced keyframes);
+``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``). ``dash`` alone is a
+container to come: named, it is refused as not supported yet, so a spec written for it
+fails loudly rather than silently.
 """
 
 from __future__ import annotations
@@ -35,12 +40,12 @@ SPEC_ERROR = "bad_spec"
 MAX_OUTPUTS = 16
 MAX_RUNGS = 8
 DEFAULT_PRESET = "mp4-720p"
-CONTAINERS = ("mp4", "webm", "mkv", "hls", "jpeg")
-NOT_YET = ("dash", "cmaf", "storyboard")
+CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard")
+NOT_YET = ("dash",)
 #: the video codecs each container may carry, the first its default
 VIDEO_IN = {"mp4": ("h264", "hevc", "av1"), "webm": ("vp9", "av1"), "mkv": ("h264", "hevc", "av1", "vp9"),
-            "hls": ("h264",)}
-AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",)}
+            "hls": ("h264",), "cmaf": ("h264",)}
+AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",)}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.png\Z")
@@ -51,7 +56,9 @@ FIELDS = {
     "webm": _COMMON | _AUDIO | {"video", "crf", "max_kbps", "keyint", "speed"},
     "mkv": _COMMON | _AUDIO | {"video", "crf", "max_kbps", "keyint", "speed"},
     "hls": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
+    "cmaf": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "jpeg": _COMMON - {"fps"} | {"at"},
+    "storyboard": {"name", "interval", "width"},
 }
 ALL_FIELDS = set().union(*FIELDS.values())
 #: the longest clip end and start, in seconds (a week: past any input a node accepts)
@@ -141,10 +148,16 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
     if container == "jpeg":
         fields["at"] = f.number("at", 0.0, 1.0, 0.1)
         return Preset(**fields)
+    if container == "storyboard":
+        interval = f.number("interval", 0, 600, 0.0) or 0.0
+        if 0 < interval < 0.5:
+            raise spec_error(f.path("interval"), "must be 0 (chosen by the duration) or 0.5 to 600 seconds")
+        fields.update(interval=float(interval), width=f.whole("width", 32, 640, 160))
+        return Preset(**fields)
     fields["fps"] = f.number("fps", 1, 120, 0.0)
     video = fields["video"] = f.choice("video", VIDEO_IN[container], VIDEO_IN[container][0])
-    if container == "hls":
-        fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"))
+    if container in ("hls", "cmaf"):
+        fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"), container)
     else:
         lo, hi = CRF_RANGE[video]
         crf = f.number("crf", lo, hi, None, whole=True)
@@ -200,9 +213,11 @@ def _watermark(raw: Any, where: str, folder: str | None) -> Watermark:
     return Watermark(image, path, corner, margin)
 
 
-def _ladder(raw: Any, where: str) -> tuple[Rung, ...]:
+def _ladder(raw: Any, where: str, container: str) -> tuple[Rung, ...]:
+    # CMAF has one audio rendition for every rung: its bitrate is the output's audio_kbps.
+    fields = {"size", "kbps", "audio_kbps"} if container == "hls" else {"size", "kbps"}
     if raw is None:
-        raise spec_error(where, "an hls output needs a ladder: a list of {size, kbps, audio_kbps}")
+        raise spec_error(where, f"a {container} output needs a ladder: a list of {{{', '.join(sorted(fields))}}}")
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_RUNGS:
         raise spec_error(where, f"must be a list of 1 to {MAX_RUNGS} rungs")
     rungs = []
@@ -214,8 +229,8 @@ def _ladder(raw: Any, where: str) -> tuple[Rung, ...]:
         kbps = r.whole("kbps", 50, 100_000, 0)
         if not kbps:
             raise spec_error(r.path("kbps"), "each rung needs its video bitrate")
-        audio_kbps = r.whole("audio_kbps", 32, 512, 96)
-        r.done({"size", "kbps", "audio_kbps"})
+        audio_kbps = r.whole("audio_kbps", 32, 512, 96) if container == "hls" else 0
+        r.done(fields)
         rungs.append(Rung(f"{size}p", size, kbps, audio_kbps))
     if len({r.short_side for r in rungs}) != len(rungs):
         raise spec_error(where, "two rungs have the same size")
@@ -245,16 +260,20 @@ def spec_of(preset: Preset) -> dict[str, Any]:
     """The spec that ``parse_output`` turns back into ``preset``: what a job record keeps of
     an inline output, and what ``GET /presets`` shows."""
     spec: dict[str, Any] = {"name": preset.name, "container": preset.container}
+    if preset.container == "storyboard":
+        return {**spec, "interval": preset.interval, "width": preset.width}
     if preset.container == "hls":
         spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps, "audio_kbps": r.audio_kbps}
                           for r in preset.ladder]
+    elif preset.container == "cmaf":
+        spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps} for r in preset.ladder]
     else:
         spec["size"] = preset.short_side
     if preset.container == "jpeg":
         spec["at"] = preset.at
     else:
         spec["video"] = preset.video
-        if preset.container != "hls":
+        if preset.container not in ("hls", "cmaf"):
             spec.update({"speed": preset.speed})
             if preset.crf is not None:
                 spec["crf"] = preset.crf

@@ -10,7 +10,7 @@ actually made, not what its input declared.
 - ``truncation``: an output shorter than the input by more than ``tolerance`` means the
   input could not be read to its end: ``input_truncated``, with ffmpeg's own lines.
 - ``measure_outputs``: after ffmpeg exited, how long each output lasts (mp4 and webm:
-  their headers, read in Python by ``headers``; HLS: its playlists), checked by
+  their headers, read in Python by ``headers``; HLS and CMAF: their media playlists), checked by
   ``truncation``; the durations go into the job JSON.
 
 ``OutputWatch`` takes its clock and its measure, so it is tested on a fake of each.
@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
 from gridnode.media.headers import mp4_duration, webm_duration
-from gridnode.media.presets import Preset, output_too_large
+from gridnode.media.presets import Preset, hls_rungs, output_too_large
 from gridnode.media.probe import ProbeResult
 
 #: ffmpeg's -progress period: no point measuring more often
@@ -183,9 +183,14 @@ def measure_outputs(found: Sequence[ProducedFile], probe: ProbeResult, presets: 
         elif preset.container == "hls":
             # Every rung must be whole; the preset is as long as its shortest.
             measured = [f for f in mine if f.name.endswith("/index.m3u8")]
+        elif preset.container == "cmaf":
+            # The video rungs' playlists: the audio's ends short on purpose (``cmaf.audio_chain``).
+            rungs = {f"{preset.name}/media_{n}.m3u8" for n in range(len(hls_rungs(probe, preset.ladder)))}
+            measured = [f for f in mine if f.name in rungs]
         else:
             continue
-        lengths = {output.name: output_duration(output, preset.container) for output in measured}
+        kind = "hls" if preset.container == "cmaf" else preset.container
+        lengths = {output.name: output_duration(output, kind) for output in measured}
         if measured:
             by_preset[preset.name] = min(lengths.values())
         # A clip is held to its own length, the rest to the input's.

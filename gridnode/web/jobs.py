@@ -407,7 +407,7 @@ class ResultsResource(Resource):
                 request.redirect(result.encode())
             else:
                 self._cache_headers(request, valid)
-                request.setHeader(b"content-type", CONTENT_TYPES[".m3u8"].encode())
+                request.setHeader(b"content-type", CONTENT_TYPES[os.path.splitext(key)[1]].encode())
                 request.write(result[0])
             request.finish()
 
@@ -418,9 +418,10 @@ class ResultsResource(Resource):
                 request.finish()
 
         work: Deferred[Any]
-        if key.endswith(".m3u8"):
-            # A redirected playlist's relative URLs would resolve against the presigned URL, where
-            # they name objects with no signature: the node passes it on, one GET to the store.
+        if key.endswith((".m3u8", ".mpd", ".vtt")):
+            # A redirected playlist's (DASH manifest's, storyboard VTT's) relative URLs would resolve
+            # against the presigned URL, where they name objects with no signature: the node passes
+            # it on, one GET to the store.
             work = store.get_bytes(key, max_size=MAX_PLAYLIST_BYTES)
         else:
             work = store.stat(key).addCallback(lambda _: store.presigned_url(key, valid or 3600))

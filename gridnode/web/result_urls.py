@@ -142,6 +142,9 @@ class ResultUrls:
             if isinstance(name, str):
                 try:
                     output = {**output, "url": self.url(job_id, name)}
+                    dash = output.get("dash")  # a CMAF's DASH manifest, in the same signed folder
+                    if isinstance(dash, str) and dash.startswith(f"/results/{job_id}/"):
+                        output["dash"] = self.url(job_id, dash[len(f"/results/{job_id}/"):])
                 except InvalidKey:
                     pass  # a name no key can hold: its plain URL answers 404, as it did
             signed.append(output)

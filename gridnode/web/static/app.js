@@ -568,7 +568,9 @@
 
     var player = $("player");
     stopPlayer(player);
-    var stream = outputs.filter(function (o) { return o.content_type === HLS_TYPE; })[0] ||
+    // CMAF first (its HLS master, its DASH manifest "dash" beside): fMP4 segments both engines play
+    var stream = outputs.filter(function (o) { return o.content_type === HLS_TYPE && o.dash; })[0] ||
+      outputs.filter(function (o) { return o.content_type === HLS_TYPE; })[0] ||
       outputs.filter(function (o) { return o.content_type === DASH_TYPE; })[0];
     var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
       outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
@@ -665,7 +667,8 @@
   // For tests and the curious: the pure parts.
   window.gridnodeUpload = {
     busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive,
-    play: function (url, type) { return play($("player"), url, type); }
+    play: function (url, type) { return play($("player"), url, type); },
+    showResult: showResult
   };
 
   token.bind($("token"));
