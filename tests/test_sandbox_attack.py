@@ -203,7 +203,9 @@ class AttackerTests:
             assert len(report) == 14 and all(v.startswith("denied") for v in report.values()), report
             assert forked < FORKS
             # PWD: bwrap's, the working folder it changed to
-            assert set(env) <= {"PATH", "PWD", *ENV_KEYS} | {k for k in env if k.startswith("LC_")}, env
+            # SVT_LOG=1: set by the node (SVT-AV1's banner off), never inherited
+            assert set(env) <= {"PATH", "PWD", "SVT_LOG", *ENV_KEYS} | {k for k in env if k.startswith("LC_")}, env
+            assert env.get("SVT_LOG", "1") == "1", env
             for path in [*store.rglob("*"), *work.rglob("*")]:
                 if path.is_file() and not path.is_symlink():
                     assert SECRET.encode() not in path.read_bytes(), path
