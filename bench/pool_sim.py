@@ -356,7 +356,24 @@ class PoolSim(Sim):
         for i in range(self.p.nodes):
             self.boot(i, seed=False)
             self._seed(i, self.parts[i])
+        self._settle_registries()
+        for i in range(self.p.nodes):
             self.clock.callLater(self.rng.random() * self.boot_spread, self._serve, i, self.parts[i])
+
+    def _settle_registries(self) -> None:
+        """Two heartbeats of every node's registry, outside the token buckets (setup, not counted):
+        each has read every record once, as in a pool that has run a while. A node's first read
+        fetches every record, new to it; through its bucket (1 a second at N=1000) that alone
+        would take longer than the runs (the ``start`` scenario measures it)."""
+        with cause("setup"):
+            for _ in range(2):
+                for parts in self.parts.values():
+                    reg = parts.registry
+                    assert reg is not None
+                    gated = reg.store, reg.keeping
+                    reg.store, reg.keeping = self.seeding.in_lane(BACKGROUND), self.seeding
+                    reg.beat()
+                    reg.store, reg.keeping = gated
 
     def kill(self, i: int, at: float) -> None:
         """Node ``i``'s process (or host, by the Sim's kill mode) is gone at ``at``: no goodbye."""
