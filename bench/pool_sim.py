@@ -283,9 +283,8 @@ class PoolSim(Sim):
 
     # -- nodes
 
-    def boot(self, i: int, *, seed: bool) -> NodeParts:
-        """Node ``i``'s registry, bucket and job layer (node.py's wiring); ``seed``: its jobs stored
-        as the runner writes them, and its timers started (a node running for a while)."""
+    def boot(self, i: int) -> NodeParts:
+        """Node ``i``'s registry, bucket and job layer, wired as node.py wires them; nothing started."""
         nd = self.nodes[i]
         parts = self.parts[i] = NodeParts()
         rng = random.Random(self.rng.getrandbits(64))
@@ -315,12 +314,11 @@ class PoolSim(Sim):
         registry.on_read.append(lambda records: self._registry_read(nd, records))
         registry.wanted = lambda member: (v := machine.member(member)) is None or v.state in (swim.DEAD, swim.LEFT)
         registry.held = lambda: {v.member: v.state for v in machine.members()}
-        if seed:
-            self._seed(i, parts)
-            self._serve(i, parts)
         return parts
 
-    def _seed(self, i: int, parts: NodeParts) -> None:
+    def _seed(self, i: int, parts: NodeParts, boot_at: float = 0.0) -> None:
+        """Node ``i``'s jobs, each leased from ``boot_at`` (when its renewals begin: a lease that ran
+        out before would hand a healthy job to a peer, which no running pool does)."""
         assert parts.layer is not None
         runner = parts.layer.runner
         node_id = self.nodes[i].id
@@ -331,6 +329,7 @@ class PoolSim(Sim):
                               now=self.clock.seconds())
                 job.advance(jobs.PROBING, self.clock.seconds())
                 job.accept(self.clock.seconds(), self.lease)
+                job.lease_until = boot_at + self.lease
                 if n < self.running:
                     job.advance(jobs.TRANSCODING, self.clock.seconds())
                 written: list[Any] = []
@@ -353,12 +352,13 @@ class PoolSim(Sim):
     def start_all(self) -> None:
         """Every node of the pool boots at a random moment of the first ``boot_spread`` s, so its
         timers are in no step with the others' (a pool that has run a while)."""
+        at = [self.rng.random() * self.boot_spread for _ in range(self.p.nodes)]
         for i in range(self.p.nodes):
-            self.boot(i, seed=False)
-            self._seed(i, self.parts[i])
+            self.boot(i)
+            self._seed(i, self.parts[i], at[i])
         self._settle_registries()
         for i in range(self.p.nodes):
-            self.clock.callLater(self.rng.random() * self.boot_spread, self._serve, i, self.parts[i])
+            self.clock.callLater(at[i], self._serve, i, self.parts[i])
 
     def _settle_registries(self) -> None:
         """Two heartbeats of every node's registry, outside the token buckets (setup, not counted):
@@ -389,7 +389,7 @@ class PoolSim(Sim):
         life's jobs), then serves, joins the membership and registers (node.py's order)."""
 
         def start() -> None:
-            parts = self.boot(i, seed=False)
+            parts = self.boot(i)
             assert parts.layer is not None
             began = self.clock.seconds()
 
