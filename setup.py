@@ -18,5 +18,7 @@ setup(
         "tqdm>=4.66",
         "PyJWT>=2.8",
         "multipart>=1.2",
+        # Standard Webhooks signatures: what receivers verify with signs ours (gridnode/notify/)
+        "standardwebhooks>=1.1",
     ],
 )

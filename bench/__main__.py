@@ -18,9 +18,9 @@ On a budget overrun the benchmark's process group gets SIGINT (the scripts unwin
 ``finally`` blocks and stop the servers they started), then SIGTERM, then SIGKILL.
 
 ``--only NAME`` takes a benchmark name (``pool``, ``ingest``, ``memory``, ``latency``,
-``store_upload``, ``loadbalance``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
-``membership_join``, ``membership_sync``, ``pool_cost_steady``, ``pool_cost_crash``) or a group
-(``pipeline``, ``membership``, ``pool_cost``); it is repeatable.
+``store_upload``, ``loadbalance``, ``encode``, ``membership_detect``, ``membership_fp``,
+``membership_scale``, ``membership_join``, ``membership_sync``, ``pool_cost_steady``,
+``pool_cost_crash``) or a group (``pipeline``, ``membership``, ``pool_cost``); it is repeatable.
 """
 
 from __future__ import annotations
@@ -217,6 +217,24 @@ def read_store_upload(objects: list[JSON]) -> list[Row]:
                 f"{ratio:.3f}", verdict(ratio >= goal))]
 
 
+def read_encode(objects: list[JSON]) -> list[Row]:
+    """bench/encode.py --json: per source, HEVC's and AV1's saving over H.264 at equal SSIM."""
+    rows = []
+    for o in objects:
+        base = o["h264"]
+        for codec in ("hevc", "av1"):
+            r = o[codec]
+            how = "interpolated" if r["interpolated"] else f"crf {r['crf']}"
+            rows.append(Row(f"encode: {codec} vs h264, {o['source']} {o['height']}p {o['seconds']:g} s, equal SSIM",
+                            f">= {100 * r['goal']:.0f} % smaller",
+                            f"{r['bytes']} B ({how}) vs {base['bytes']} B at SSIM {base['ssim']}; "
+                            f"{r['fps_per_core']} vs {base['fps_per_core']} fps/core",
+                            f"{100 * r['saving']:.0f} %", verdict(r["saving"] >= r["goal"])))
+    if not rows:
+        raise ValueError("no encode result")
+    return rows
+
+
 def read_loadbalance(objects: list[JSON]) -> list[Row]:
     """bench/loadbalance.py: ``--wait`` (an object with ``wait``) gives the goal rows, the client's
     p99 time to result against the central dispatcher's, per N, with a third of the nodes 2x (the
@@ -234,21 +252,23 @@ def read_loadbalance(objects: list[JSON]) -> list[Row]:
 
 
 def _read_wait(results: list[JSON]) -> list[Row]:
-    mixes = [str(r["mix"]) for r in results]
-    mix = "thirds" if "thirds" in mixes else mixes[0]
-    by = {(r["policy"], int(r["nodes"])): r for r in results if r["mix"] == mix}
+    """One row per N and per mix of speeds (identical nodes left out: nothing to balance there)."""
     words = {"thirds": "a third of the nodes 2x", "mixed": "speeds 6x1 3x2 1x4", "uniform": "identical nodes"}
+    mixes = list(dict.fromkeys(str(r["mix"]) for r in results))
+    mixes = [m for m in mixes if m != "uniform"] or mixes
     rows = []
-    for n in sorted({n for _, n in by}):
-        client, central, rand = by.get(("client", n)), by.get(("central", n)), by.get(("random", n))
-        if client is None or central is None:
-            continue
-        ratio = float(client["p99"]) / float(central["p99"])
-        measured = (f"client {float(client['p99']):.0f} s, central dispatcher {float(central['p99']):.0f} s"
-                    + (f", random {float(rand['p99']):.0f} s" if rand else "")
-                    + f" (means {float(client['mean']):.0f} / {float(central['mean']):.0f} s)")
-        rows.append(Row(f"client choice, p99 time to result ÷ a central dispatcher's, N={n}, "
-                        f"{words.get(mix, mix)}", "<= 1.5", measured, f"{ratio:.3f}", verdict(ratio <= 1.5)))
+    for mix in mixes:
+        by = {(r["policy"], int(r["nodes"])): r for r in results if r["mix"] == mix}
+        for n in sorted({n for _, n in by}):
+            client, central, rand = by.get(("client", n)), by.get(("central", n)), by.get(("random", n))
+            if client is None or central is None:
+                continue
+            ratio = float(client["p99"]) / float(central["p99"])
+            measured = (f"client {float(client['p99']):.0f} s, central dispatcher {float(central['p99']):.0f} s"
+                        + (f", random {float(rand['p99']):.0f} s" if rand else "")
+                        + f" (means {float(client['mean']):.0f} / {float(central['mean']):.0f} s)")
+            rows.append(Row(f"client choice, p99 time to result ÷ a central dispatcher's, N={n}, "
+                            f"{words.get(mix, mix)}", "<= 1.5", measured, f"{ratio:.3f}", verdict(ratio <= 1.5)))
     return rows
 
 
@@ -445,8 +465,10 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
                            "--max-seconds", "30" if quick else "75"),),
                          60 if quick else 120, read_store_upload))
     lb = (python, "bench/loadbalance.py", "--json", "--nodes", "10,1000") + (("--arrivals", "10000") if quick else ())
-    benches.append(Bench("loadbalance", "loadbalance", "client choice: p99 wait; max/mean", "<= 1.5; <= 1.25",
-                         (lb + ("--wait",), lb + ("--refresh", "2")), 60, read_loadbalance))
+    # Max/mean jobs per node is no longer a goal (a rule that balances time keeps fast nodes
+    # fuller on purpose: bench/README.md); `bench/loadbalance.py` still prints it.
+    benches.append(Bench("loadbalance", "loadbalance", "client choice: p99 wait", "<= 1.5",
+                         (lb + ("--wait", "--mix", "thirds,mixed"),), 60, read_loadbalance))
     sim = (python, "bench/membership_sim.py", "--json", "--seed", "1")
     big = "300" if quick else "1000"
     benches += [
@@ -480,6 +502,12 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
         Bench("pool_cost_crash", "pool_cost", "S3 requests for one crashed process", "<= 20",
               (cost + ("--scenario", "crash", "--nodes", "100" if quick else "300"),), 90, read_pool_cost),
     ]
+    # Small sources: the issue's 10 s at 1080p takes the better part of an hour on 2 cores
+    # (bench/encode.py alone, --1080, for those figures).
+    enc = (python, "bench/encode.py", "--json") + (("--height", "240", "--seconds", "2", "--sources", "testsrc2")
+                                                   if quick else ("--height", "360", "--seconds", "4"))
+    benches.append(Bench("encode", "encode", "encode: HEVC and AV1 vs H.264 at equal SSIM", ">= 25 % / >= 35 %",
+                         (enc,), 40 if quick else 120, read_encode))
     return benches
 
 

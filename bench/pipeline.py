@@ -53,9 +53,9 @@ from _nodes import ServerProcess, memory, post_file, reaped_cpu, wait_idle
 
 from gridnode.config import cpu_count
 from gridnode.media.ffmpeg import NICENESS, transcode_command
-from gridnode.media.presets import parse_presets
 from gridnode.media.probe import parse_probe, probe_argv, probe_command
 from gridnode.media.sandbox import Sandbox, resolve_user, sandboxed_argv, share_with
+from gridnode.media.templates import parse_presets
 
 MiB = 1024 * 1024
 FIGURES = ("pool", "ingest", "memory", "latency")

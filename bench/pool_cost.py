@@ -11,8 +11,9 @@ and CPU per node, for four scenarios, each goal printed PASS or FAIL.
 
 The pool (bench/pool_sim.py): N nodes with EC2 instance ids and public DNS names,
 the real SWIM machines on bench/membership_sim.py's network (1 % loss), and on
-each node the real registry, job layer (lease renewal, orphan scans, adoption)
-and store token bucket, on one virtual clock, writing to one counting in-memory
+each node the real registry, job layer (its own markers' checks, adoption),
+succession (node.py's wiring: the dead node's watchers act, in ring order) and
+store token bucket, on one virtual clock, writing to one counting in-memory
 store (bench/counting_store.py). Each node holds ``--jobs`` jobs (``--running``
 of them transcoding, the rest queued), stored as the runner writes them; they
 never finish. The nodes boot at random moments of the first 30 s; requests are
@@ -35,9 +36,8 @@ Scenarios and goals:
 
 CPU: ``cpu_per_node`` is the whole simulator's process time over the window / (N x window s), an
 upper bound; ``cpu_node_code_per_node`` the time inside the nodes' timers (registry, job layer,
-bucket; not the membership machines); the adopter's keeper ring is built once per member set
-and shared (bench/pool_sim.py `_SharedRing`), so ``ring_lookups_cpu_per_node`` adds what each
-node's own ring would cost: one pass's lookups of every job, measured, over the scan period.
+succession, bucket; not the membership machines). The adopter's keeper ring is built only by a
+node handing on jobs it has no room for, each with its own (real) ring.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ if str(ROOT) not in sys.path:
 
 from bench.counting_store import busiest, dollars, per_class  # noqa: E402
 from bench.membership_sim import Params, _pct  # noqa: E402
-from bench.pool_sim import PoolSim, _SharedRing, ring_cpu  # noqa: E402
-from gridnode import adoption  # noqa: E402
+from bench.pool_sim import PoolSim  # noqa: E402
 
 SCENARIOS = ("steady", "crash", "az", "start")
 #: the event comes this long into the window
@@ -94,26 +93,22 @@ def simulate(r: Run) -> dict[str, Any]:
     sim.p = replace(p, joins=0)  # the joiners start when the scenario says, not at random
     sim.setup()
     sim.p, sim.set_up = p, True
-    saved, adoption.KeeperRing = adoption.KeeperRing, _SharedRing  # type: ignore[misc]
-    try:
-        sim.start_all()
-        victims: list[int] = []
-        if r.scenario in ("crash", "az"):
-            victims = sim.rng.sample(range(r.nodes), 1 if r.scenario == "crash" else min(r.vanish, r.nodes - 2))
-            for i in victims:
-                sim.kill(i, event)
-        elif r.scenario == "start":
-            for j in range(r.joiners):
-                sim.join(r.nodes + j, event)
-        sim.run_to(r.warmup)
-        sim.backend.reset()
-        sim.backend.log = [] if r.scenario == "crash" else None
-        cpu0, wall0, node0 = time.process_time(), time.perf_counter(), sim.clock.busy_s
-        sim.run_to(end)
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        node_cpu = (sim.clock.busy_s - node0) * cpu / max(wall, 1e-9)  # the nodes' share of the process time
-    finally:
-        adoption.KeeperRing = saved  # type: ignore[misc]
+    sim.start_all()
+    victims: list[int] = []
+    if r.scenario in ("crash", "az"):
+        victims = sim.rng.sample(range(r.nodes), 1 if r.scenario == "crash" else min(r.vanish, r.nodes - 2))
+        for i in victims:
+            sim.kill(i, event)
+    elif r.scenario == "start":
+        for j in range(r.joiners):
+            sim.join(r.nodes + j, event)
+    sim.run_to(r.warmup)
+    sim.backend.reset()
+    sim.backend.log = [] if r.scenario == "crash" else None
+    cpu0, wall0, node0 = time.process_time(), time.perf_counter(), sim.clock.busy_s
+    sim.run_to(end)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    node_cpu = (sim.clock.busy_s - node0) * cpu / max(wall, 1e-9)  # the nodes' share of the process time
     out = figures(sim, r, cpu, node_cpu)
     goals = {"steady": steady_goals, "crash": crash_goals, "az": az_goals, "start": start_goals}[r.scenario]
     out["goals"] = goals(sim, r, out, victims)
@@ -123,9 +118,6 @@ def simulate(r: Run) -> dict[str, Any]:
 def figures(sim: PoolSim, r: Run, cpu: float, node_cpu: float) -> dict[str, Any]:
     b, w, n = sim.backend, r.window, r.nodes
     total = b.total()
-    members = [nd.id for nd in sim.nodes[:n]]
-    held = [j for parts in sim.parts.values() for j in parts.jobs]
-    _, lookups = ring_cpu(members, held[: r.jobs * n])
     m = sim.figures()
     return {
         "scenario": r.scenario, "nodes": n, "jobs_per_node": r.jobs, "window_s": w, "seed": r.seed,
@@ -143,7 +135,6 @@ def figures(sim: PoolSim, r: Run, cpu: float, node_cpu: float) -> dict[str, Any]
         "max_message_bytes": m["max_message_bytes"],
         "cpu_per_node": round(cpu / (n * w), 5),
         "cpu_node_code_per_node": round(node_cpu / (n * w), 5),
-        "ring_lookups_cpu_per_node": round(lookups / (r.lease / 2), 5),
         "membership": {k: m[k] for k in ("dead_everywhere_median_s", "dead_everywhere_p99_s", "false_positives",
                                          "kills_not_dead_everywhere", "confirmed_true_deaths")},
     }
@@ -236,8 +227,8 @@ def start_goals(sim: PoolSim, r: Run, out: dict[str, Any], victims: list[int]) -
 
 
 def _job_of(key: str) -> str:
-    """The job id a key is of (``jobs/<id>.json``, ``active/<id>``, ``inputs/<id>/...``; the last
-    segment of a longer marker key), "" when none."""
+    """The job id a key is of (``jobs/<id>.json``, ``active/<owner>/<id>``, ``inputs/<id>/...``; an
+    old-layout marker ``active/<id>`` too), "" when none: a listing of ``active/<owner>/``."""
     parts = key.split("/")
     if parts[0] == "jobs" and len(parts) == 2:
         return parts[1].removesuffix(".json")
@@ -290,7 +281,7 @@ def show(o: dict[str, Any]) -> None:
     print(f"  busiest prefix {top['busiest_prefix']}: {top['busiest_share']:.1%} of S3's limit in its busiest second")
     print(f"  messages/node/s {o['msgs_per_node_s']}, bytes/node/s {o['bytes_per_node_s']} (sync "
           f"{o['sync_bytes_per_node_s']}), CPU/node {o['cpu_per_node']:.2%} (node code "
-          f"{o['cpu_node_code_per_node']:.2%}, + keeper-ring lookups {o['ring_lookups_cpu_per_node']:.2%})")
+          f"{o['cpu_node_code_per_node']:.2%})")
     for g in o["goals"]:
         print(f"  {g['verdict']}  {g['goal']}: {g['measured']} (goal {g['target']})")
 

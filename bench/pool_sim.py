@@ -1,10 +1,12 @@
 """
 A pool of N nodes on one virtual clock: the real membership machines (driven by
 bench/membership_sim.py's `Sim`: its network, loss, kills and joins), and on each
-node the real registry (gridnode/registry/service.py), job layer (the runner's
-lease renewals and the adopter's scans: `job_layer`) and store token bucket
-(gridnode/store/rate.py), all writing to one `CountingBackend`
-(bench/counting_store.py) that counts what S3 would be sent.
+node the real registry (gridnode/registry/service.py), job layer (the runner,
+and the adopter's looks at its own markers: `job_layer`), succession (node.py's
+own `_wire_adoption`: who is gone, which watcher acts on a death or a leave,
+gridnode/succession.py) and store token bucket (gridnode/store/rate.py), all
+writing to one `CountingBackend` (bench/counting_store.py) that counts what S3
+would be sent.
 
 Time: the membership's event heap and a Twisted clock (`PoolClock`, what the
 registry, the job layer and the bucket schedule on) are run as one: whichever
@@ -12,8 +14,8 @@ has the earlier event goes first, so a store request is counted in the second
 it is sent. Store calls are synchronous: a request takes no time.
 
 What is not the product's code: the glue that `gridnode/node.py` and
-`gridnode/membership/service.py` do (each mirrored in a few lines here, named
-where it is), the nodes' jobs (seeded as the runner writes them, and never
+`gridnode/membership/service.py` do besides `_wire_adoption` (each mirrored in a
+few lines here, named where it is), the nodes' jobs (seeded as the runner writes them, and never
 finishing: no state changes, so every request counted in the steady state is
 one not caused by a job's own state change), and adopted jobs, which are only
 counted as claimed (their input is not fetched, nothing is converted). A
@@ -30,24 +32,26 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from twisted.internet.base import DelayedCall
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from bench.counting_store import CausalGate, CountingBackend, cause, caused
 from bench.membership_sim import _JOIN, _KILL, Params, Sim
-from gridnode import adoption, job_records, jobs, keys
-from gridnode.adoption import Adopter, Claim
+from gridnode import job_records, jobs, keys
+from gridnode.adoption import LEGACY_EVERY, Adopter, Claim
 from gridnode.jobs import Job
 from gridnode.membership import swim
 from gridnode.metrics import Metrics
+from gridnode.node import NodeService
 from gridnode.registry.service import Registry
 from gridnode.runner import Active, Runner
 from gridnode.store.base import THREADS, ObjectStore
 from gridnode.store.rate import BACKGROUND
-from gridnode.timers import JitteredLoop
+from gridnode.timers import SPREAD, JitteredLoop
 
 ENV, POOL = "prod", "main"
 #: the node's defaults (gridnode/config.py): --workers (a 4-core instance), --queue
@@ -144,17 +148,16 @@ class JobLayer:
     held: Callable[[], list[str]]
     #: claims its unfinished jobs from an earlier life before the node listens (JobService.recover)
     recover: Callable[[], Deferred[Any]]
-    #: a member confirmed dead (after the registry's delete) or left: adopt its jobs
-    adopt: Callable[[frozenset[str]], Deferred[Any]]
     load: Callable[[], dict[str, float]]
 
 
 def job_layer(clock: Any, store: ObjectStore, node_id: str, *, lease: float, rng: random.Random,
-              members: Callable[[], list[str]], earlier_life: Callable[[], bool | None],
               on_claim: Callable[[str, str], None], metrics: Metrics) -> JobLayer:
     """One node's job layer as gridnode/pipeline.py's JobService builds it, without its HTTP side:
-    the runner (lease renewal every lease/3 s) and the adopter (a scan every lease/2 s, and on a
-    death), on ``store`` (the node's gated store). The one place to re-point at another job layer."""
+    the runner (no timer: a job's record is written when its state changes) and the adopter (our
+    own markers every 2 x lease, the old layout's every `LEGACY_EVERY` s on the registry writer),
+    on ``store`` (the node's gated store). Who is gone and who acts on a death: `wire_adoption`.
+    The one place to re-point at another job layer."""
     runner = Runner(clock, store, _NoMedia(), node_id=node_id, lease=lease, now=clock.seconds,  # type: ignore[arg-type]
                     metrics=metrics, rng=rng)
 
@@ -164,30 +167,69 @@ def job_layer(clock: Any, store: ObjectStore, node_id: str, *, lease: float, rng
         capacity = WORKERS + QUEUE
 
         @staticmethod
+        def holds(job_id: str) -> bool:
+            return job_id in runner.active
+
+        @staticmethod
         def run_claimed(claim: Claim) -> None:  # JobService.run_claimed, less the run
             on_claim(claim.job.id, node_id)
             runner.active[claim.job.id] = Active(claim.job, f"/nonexistent/{claim.job.id}", etag=claim.etag,
-                                                 leased=claim.job.lease_until, stored=True)
+                                                 stored=True)
 
         @staticmethod
         def quarantined(job: Job) -> None:
             pass
 
     adopter = Adopter(store.in_lane(BACKGROUND), Host(), node_id, lease, now=clock.seconds, rng=rng)
-    adopter.members = members
-    adopter.earlier_life = earlier_life
-    # a pass waiting for the one before it runs in its own asker's name, not the releaser's
-    adopter._scanning = CausalLock()
-    loops = [JitteredLoop(clock, caused("renewal", runner.renew_leases), lease / 3, rng),
-             JitteredLoop(clock, caused("scan", adopter.scan), lease / 2, rng)]
+    # one owner's prefix at a time; one waiting for another runs in its own asker's name
+    adopter._taking = CausalLock()
+    loops = [JitteredLoop(clock, caused("own", adopter.check_own), 2 * lease, rng, SPREAD),
+             JitteredLoop(clock, caused("legacy", adopter.migrate), LEGACY_EVERY, rng, SPREAD)]
 
     def load() -> dict[str, float]:
         running = sum(1 for a in runner.active.values() if a.job.state == jobs.TRANSCODING)
         return {"running": running, "queued": len(runner.active) - running, "workers": WORKERS,
                 "free_disk": 50e9, "work": 0.0}
 
-    return JobLayer(runner, adopter, loops, lambda: list(runner.active), caused("start", adopter.claim_mine),
-                    lambda dead: adopter.scan(dead), load)
+    return JobLayer(runner, adopter, loops, lambda: list(runner.active), caused("start", adopter.check_own), load)
+
+
+class _CausalReactor:
+    """The clock the successor waits its turn on: a standby's turn runs in the context of the event
+    it acts on, so its requests are counted as that event's."""
+
+    def __init__(self, clock: PoolClock) -> None:
+        self.clock = clock
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> DelayedCall:  # noqa: N802
+        return self.clock.callLater(delay, contextvars.copy_context().run, f, *args, **kw)
+
+
+class Membership:
+    """What gridnode/node.py's `_wire_adoption` asks of the membership service (its machine, its live
+    members) and sets on it (``on_confirmed_dead``, ``on_left``)."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.on_confirmed_dead: Callable[[str, int], Any] | None = None
+        self.on_left: Callable[[str], Any] | None = None
+
+    def live_members(self) -> list[str]:  # MembershipService.live_members
+        return [v.member for v in self.machine.members() if v.state in (swim.ALIVE, swim.SUSPECT)]
+
+
+def wire_adoption(clock: PoolClock, layer: JobLayer, machine: Any, registry: Registry) -> Membership:
+    """node.py's own wiring (`NodeService._wire_adoption`, called as it is, not copied): the adopter's
+    ``gone``/``members``/``heir``/``reads_legacy``, and a `Successor` (gridnode/succession.py) acting on
+    the deaths and leaves this node is a watcher of, in ring order."""
+    membership = Membership(machine)
+    node = SimpleNamespace(reactor=_CausalReactor(clock))
+    NodeService._wire_adoption(cast(Any, node), cast(Any, SimpleNamespace(adopter=layer.adopter)), membership,
+                               registry)
+    return membership
 
 
 @dataclass
@@ -198,49 +240,8 @@ class NodeParts:
     gate: CausalGate | None = None
     registry: Registry | None = None
     layer: JobLayer | None = None
+    membership: Membership | None = None
     jobs: list[str] = field(default_factory=list)
-
-
-_REAL_RING = adoption.KeeperRing
-
-
-class _SharedRing(adoption.KeeperRing):
-    """`KeeperRing`, built once per member set and shared by the nodes that hold that set, its
-    lookups remembered: the same answers as the real ring, without N builds of N x 64 points (the
-    real cost per node is measured apart: `ring_cpu`)."""
-
-    _rings: dict[frozenset[str], _SharedRing] = {}
-
-    def __new__(cls, members: Any, points: int = adoption.POINTS) -> _SharedRing:
-        key = frozenset(members)
-        ring = cls._rings.get(key)
-        if ring is None:
-            if len(cls._rings) > 64:
-                cls._rings.clear()
-            ring = cls._rings[key] = super().__new__(cls)
-            _REAL_RING.__init__(ring, key, points)
-            ring._memo = {}
-        return ring
-
-    def __init__(self, members: Any, points: int = adoption.POINTS) -> None:
-        pass  # built in __new__
-
-    def keepers(self, job_id: str, k: int) -> list[str]:
-        found = self._memo.get((job_id, k))
-        if found is None:
-            found = self._memo[job_id, k] = super().keepers(job_id, k)
-        return found
-
-
-def ring_cpu(members: list[str], jobs_: list[str]) -> tuple[float, float]:
-    """Process seconds of one real ring build over ``members`` and of one pass's lookups of
-    ``jobs_`` on it: what each node spends that the shared ring spares the simulator."""
-    t0 = time.process_time()
-    ring = _REAL_RING(members)
-    t1 = time.process_time()
-    for j in jobs_:
-        ring.keepers(j, adoption.KEEPERS)
-    return t1 - t0, time.process_time() - t1
 
 
 class PoolSim(Sim):
@@ -306,19 +307,17 @@ class PoolSim(Sim):
             self.clock, store.in_lane(BACKGROUND), env=ENV, pool=POOL, node_id=nd.id,
             http_url=f"https://{host}:8080", peer_addr=nd.m.address, heartbeat=self.heartbeat,
             now=self.clock.seconds, incarnation=lambda: machine.incarnation, rng=rng)
-        parts.layer = job_layer(
-            self.clock, store, nd.id, lease=self.lease, rng=rng,
-            members=lambda: [v.member for v in machine.members() if v.state in (swim.ALIVE, swim.SUSPECT)],
-            earlier_life=lambda: registry.earlier_life, on_claim=self._claimed, metrics=self.metrics)
+        parts.layer = job_layer(self.clock, store, nd.id, lease=self.lease, rng=rng, on_claim=self._claimed,
+                                metrics=self.metrics)
+        parts.membership = wire_adoption(self.clock, parts.layer, machine, registry)
         registry.load = parts.layer.load
         registry.on_read.append(lambda records: self._registry_read(nd, records))
         registry.wanted = lambda member: (v := machine.member(member)) is None or v.state in (swim.DEAD, swim.LEFT)
         registry.held = lambda: {v.member: v.state for v in machine.members()}
         return parts
 
-    def _seed(self, i: int, parts: NodeParts, boot_at: float = 0.0) -> None:
-        """Node ``i``'s jobs, each leased from ``boot_at`` (when its renewals begin: a lease that ran
-        out before would hand a healthy job to a peer, which no running pool does)."""
+    def _seed(self, i: int, parts: NodeParts) -> None:
+        """Node ``i``'s jobs, stored and marked under it as the runner writes them."""
         assert parts.layer is not None
         runner = parts.layer.runner
         node_id = self.nodes[i].id
@@ -329,15 +328,13 @@ class PoolSim(Sim):
                               now=self.clock.seconds())
                 job.advance(jobs.PROBING, self.clock.seconds())
                 job.accept(self.clock.seconds(), self.lease)
-                job.lease_until = boot_at + self.lease
                 if n < self.running:
                     job.advance(jobs.TRANSCODING, self.clock.seconds())
                 written: list[Any] = []
                 job_records.write(self.seeding, jid, job.dumps(), None, node_id).addCallback(written.append)
                 info = written[0]
-                self.seeding.put_bytes(keys.active_marker(jid), b"")
-                runner.active[jid] = Active(job, f"/nonexistent/{jid}", etag=info.etag, leased=job.lease_until,
-                                            stored=True)
+                self.seeding.put_bytes(keys.active_marker(node_id, jid), b"")
+                runner.active[jid] = Active(job, f"/nonexistent/{jid}", etag=info.etag, stored=True)
                 parts.jobs.append(jid)
 
     def _serve(self, i: int, parts: NodeParts) -> None:
@@ -355,7 +352,7 @@ class PoolSim(Sim):
         at = [self.rng.random() * self.boot_spread for _ in range(self.p.nodes)]
         for i in range(self.p.nodes):
             self.boot(i)
-            self._seed(i, self.parts[i], at[i])
+            self._seed(i, self.parts[i])
         self._settle_registries()
         for i in range(self.p.nodes):
             self.clock.callLater(at[i], self._serve, i, self.parts[i])
@@ -439,13 +436,15 @@ class PoolSim(Sim):
 
     @staticmethod
     def _gone(parts: NodeParts, member: str, incarnation: int, why: str) -> None:
-        """MembershipService._gone and node.py's _dead (a death) or on_left (a clean leave)."""
-        registry, layer = parts.registry, parts.layer
-        assert registry is not None and layer is not None
-        with cause(why):
-            registry.forget(member, incarnation)
-            if why == "death":
-                d = registry.delete_dead(member, incarnation)
-                d.addCallback(lambda _: caused(why, layer.adopt)(frozenset({member})))
-            else:
-                layer.adopt(frozenset({member}))
+        """MembershipService._confirmed_dead / _changed (left): ``on_gone`` (the registry forgets it),
+        then ``on_confirmed_dead`` or ``on_left``, which node.py wired to its `Successor`."""
+        registry, membership = parts.registry, parts.membership
+        assert registry is not None and membership is not None
+        registry.forget(member, incarnation)
+        if why == "death":
+            act: Any = membership.on_confirmed_dead
+            args: tuple[Any, ...] = (member, incarnation)
+        else:
+            act, args = membership.on_left, (member,)
+        if act is not None:
+            caused(why, maybeDeferred)(act, *args)  # a failure is logged (at collection) as Twisted does

@@ -1,18 +1,30 @@
 """
-Adoption: finding the unfinished jobs whose owner is gone, and claiming them.
+Adoption: claiming the unfinished jobs whose owner is gone.
 
-``active/<id>`` marks the unfinished jobs whose input is stored, so a pass
-scans only those; and of those a node reads only the records of the jobs it
-keeps (`KEEPERS` per job, see `KeeperRing`) and `SAMPLE` others: not N x M
-reads a round. Its first pass reads them all if an earlier life of its own may
-have left some (the registry found that life's record).
+A job's owner does not renew it: the job is orphaned when its owner is gone,
+which the membership and the registry already know (`Adopter.gone`: confirmed
+dead, left, or unknown to the membership with no fresh registry record), or
+when its owner released it. A frozen or throttled store therefore never makes
+a healthy job look orphaned: nothing here compares a record's time with a clock.
 
-A job whose owner's lease ran out, or whose owner the membership confirmed
-dead, is claimed with a write conditional on the ETag of the record just read,
-so of several nodes claiming it exactly one wins. The adopter only claims: it
-hands each job it won to its `Host` (the node's `JobService`), which runs it
-again from the stored input. A job claimed `MAX_ATTEMPTS` times already is
-quarantined as ``poison`` instead.
+Nothing scans the pool. Unfinished jobs are marked under their owner
+(``active/<owner>/<id>``, gridnode/job_records.py), and the adopter reads one
+owner's prefix at a time (`Adopter.take_over`):
+
+- a dead or departed member's, when this node is the one to act on that event
+  (gridnode/succession.py: its watchers, in ring order);
+- its own, at start and every ``2 x lease`` (`Adopter.check_own`): jobs an
+  earlier life of this node left, and jobs handed to it (a watcher with no room
+  hands the rest on to each job's keeper on the ring; a node short of scratch
+  space hands a job to its first watcher);
+- the old layout's (``active/<id>``), by the pool's registry writer alone,
+  every `LEGACY_EVERY` s, while a pool is upgraded in place (`Adopter.migrate`).
+
+Each job is claimed with a write conditional on the ETag of the record just
+read, so of several nodes claiming it exactly one wins; the claimant marks it
+under its own id first. The adopter only claims: it hands each job it won to
+its `Host` (the node's `JobService`), which runs it again from the stored input.
+A job claimed `MAX_ATTEMPTS` times already is quarantined as ``poison`` instead.
 """
 
 from __future__ import annotations
@@ -34,11 +46,8 @@ from gridnode.store.base import ObjectInfo, ObjectStore
 
 #: tries of one job (first run and adoptions) before it is quarantined as poison
 MAX_ATTEMPTS = 3
-#: nodes that keep each unfinished job (read its record on every pass), see `KeeperRing`
-KEEPERS = 2
-#: jobs kept by others that a pass reads too, at random: found even when their keepers are full or
-#: gone
-SAMPLE = 8
+#: seconds between the registry writer's reads of the old marker layout (``active/<id>``)
+LEGACY_EVERY = 300.0
 #: points per member on the ring: enough to even out the arcs between them
 POINTS = 64
 
@@ -50,12 +59,11 @@ def _point(text: str) -> int:
 class KeeperRing:
     """Which nodes keep which job, by consistent hashing over the live members.
 
-    A node looking for orphaned jobs must read each candidate's record (its owner and lease are
-    in it), so every node reading every unfinished job each pass costs the store N x M GETs.
-    Instead each job is kept by ``k`` nodes: on a ring of points, a few per member, a job's
-    keepers are the first ``k`` distinct members after the job's own point. Every node computes
+    A watcher taking over a dead node's jobs with no room for some hands each of those to its
+    keeper, so they spread over the pool instead of piling onto one node: on a ring of points, a
+    few per member, a job's keepers are the first ``k`` distinct members after the job's own point. Every node computes
     the ring from its own membership view, so views that differ for a moment only make a job kept
-    by one node more or less; claims are conditional writes, so two keepers never both win.
+    by one node more or less; claims are conditional writes, so two nodes never both win.
 
     When a member leaves the ring, only the jobs it kept move, each to the next member on the
     ring: the dead node's own jobs are spread over many nodes.
@@ -102,12 +110,22 @@ class Host(Protocol):
     @property
     def capacity(self) -> int: ...
 
+    def holds(self, job_id: str) -> bool: ...  # works on it, or is accepting it right now
+
     def run_claimed(self, claim: Claim) -> None: ...
 
     def quarantined(self, job: Job) -> None: ...
 
 
+#: `Adopter.claim`'s ``under`` for the old layout's marker
+LEGACY = None
+
+
 class Adopter:
+    """Claims orphaned jobs for its host. Entry points: `take_over` (one owner's jobs: a death or
+    a leave this node acts on), `check_own` (our own prefix), `migrate` (the old layout), `claim`
+    (one job), `hand_on` (a job this node releases while it stays)."""
+
     _log = Logger()
 
     def __init__(self, store: ObjectStore, host: Host, node_id: str, lease: float, *,
@@ -118,121 +136,190 @@ class Adopter:
         self.lease = lease
         self.now = now
         self.rng = rng
-        #: the live members' ids (ourselves included), when there is a membership
-        self.members: Callable[[], list[str]] | None = None
-        #: whether an earlier life of ours may have left jobs (None: not known): the registry found
-        #: its record at start. One that left cleanly deleted it, its jobs released to its peers.
-        self.earlier_life: Callable[[], bool | None] = lambda: None
-        self._first_pass = True
+        #: whether a node is gone (confirmed dead, left, unknown with no fresh registry record);
+        #: the node wires it to its membership and registry. Until then nobody is.
+        self.gone: Callable[[str], bool] = lambda node: False
+        #: the live members' ids (ourselves included): whom leftovers are handed to
+        self.members: Callable[[], list[str]] = lambda: [node_id]
+        #: the live member a job we release while we stay goes to (our first watcher); None: none
+        self.heir: Callable[[], str | None] = lambda: None
+        #: whether this node reads the old layout (the pool's registry writer does)
+        self.reads_legacy: Callable[[], bool] = lambda: False
+        #: old-layout jobs of live owners marked under them already, this life
+        self._copied: set[str] = set()
         self._ring: KeeperRing | None = None
-        self._scanning = DeferredLock()
+        self._taking = DeferredLock()
+        #: a final job found still marked (its owner stopped before unmarking it), or one
+        #: quarantined: what its end owes (webhooks) is seen to before the marker goes
+        self.on_ended: Callable[[Job], Deferred[Any]] | None = None
 
-    def scan(self, dead: frozenset[str] = frozenset()) -> Deferred[int]:
-        """Claim the unfinished jobs whose owner's lease ran out (or whose owner is in ``dead``);
-        fires with how many were won.
+    def take_over(self, owner: str) -> Deferred[int]:
+        """Claim what fits of the jobs marked under ``owner`` (gone, or ourselves) and hand the rest
+        on; fires with how many this node won. One prefix at a time: two passes of ours in flight
+        could both claim one job (the second reading the first's claim as an earlier life's)."""
+        return self._taking.run(self._take_over, owner)
 
-        One pass at a time: a pass started by a confirmed death while the periodic one runs would
-        read a job the first has just claimed, take it for one of our earlier lives, and claim it
-        again (two runs of one job)."""
-        return self._scanning.run(self._pass, dead)
+    def check_own(self) -> Deferred[int]:
+        """Our own prefix: jobs an earlier life left and jobs handed to us."""
+        return self.take_over(self.node_id)
+
+    def migrate(self) -> Deferred[int]:
+        """The old layout (``active/<id>``), read by the registry writer alone: a gone owner's job is
+        claimed, a final one unmarked, a live owner's marked under that owner too (once a life), so
+        that its `check_own` or its watchers find it; nodes of the earlier version go on reading
+        the old markers their way. Fires with how many this node won."""
+        return self._taking.run(self._migrate)
 
     @inlineCallbacks
-    def _pass(self, dead: frozenset[str]) -> Any:
+    def _take_over(self, owner: str) -> Any:
         if self.host.draining:
             return 0
         try:
-            markers = yield self.store.list_all(keys.active_prefix())
+            ids = yield job_records.marked(self.store, owner)
         except GridnodeError as e:
-            self._log.warn("cannot scan for orphaned jobs: {reason}", reason=e.message)
+            self._log.warn("cannot list the jobs of {owner}: {reason}", owner=owner, reason=e.message)
             return 0
-        claimed = 0
-        for job_id in self._to_read(_ids(markers), dead):
-            active = self.host.active
-            if job_id in active or not keys.is_id(job_id) or len(active) >= self.host.capacity:
+        self.rng.shuffle(ids)  # watchers taking over in turn start at different jobs
+        won, left = 0, []
+        for job_id in ids:
+            if self.host.holds(job_id):
+                continue
+            if len(self.host.active) >= self.host.capacity:
+                left.append(job_id)
                 continue
             try:
-                won = yield self.claim(job_id, dead)
-                claimed += int(won)
+                won += int((yield self.claim(job_id, owner)))
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
-        return claimed
-
-    def _to_read(self, ids: list[str], dead: frozenset[str]) -> list[str]:
-        """The jobs whose records a pass reads: all of them without a membership, or on our first
-        pass unless we know no earlier life of ours left any; else those we keep, then a few others."""
-        self.rng.shuffle(ids)  # peers scanning at once start at different jobs
-        first, self._first_pass = self._first_pass, False
-        if self.members is None or (first and self.earlier_life() is not False):
-            return ids
-        members = frozenset(self.members()) - dead | {self.node_id}
-        if self._ring is None or self._ring.members != sorted(members):
-            self._ring = KeeperRing(members)
-        ring = self._ring
-        mine = [j for j in ids if self.node_id in ring.keepers(j, KEEPERS)]
-        kept = set(mine)
-        others = [j for j in ids if j not in kept]
-        return mine + others[:SAMPLE]
+        if left and owner != self.node_id:
+            yield self._hand_leftovers(left, owner)
+        return won
 
     @inlineCallbacks
-    def claim(self, job_id: str, dead: frozenset[str] = frozenset()) -> Any:
-        """Claim one job if its owner is gone (lease out, or in ``dead``) or was an earlier life of
-        ours; True when we won it and handed it to the host. A final job loses its marker."""
+    def claim(self, job_id: str, under: str | None) -> Any:
+        """Claim one job if its owner is gone, released it, or was an earlier life of ours; True
+        when we won it and handed it to the host. ``under``: whose prefix its marker was found in
+        (`LEGACY`: the old layout's); that marker goes once the job is ours, or final."""
         try:
             job, info = yield job_records.read(self.store, job_id)
         except NotFound:
+            yield job_records.unmark(self.store, under, job_id)  # its record is gone: nothing to run
             return False
         if job.final:
-            yield self.store.delete(keys.active_marker(job_id))
+            if self.on_ended is not None:
+                yield self.on_ended(job)
+            yield job_records.unmark(self.store, under, job_id)
             return False
-        if job_id in self.host.active:
-            return False  # ours in this life (the scan and this read are not atomic)
-        earlier_life = job.node == self.node_id
-        if not (earlier_life or job.node in dead or job.lease_until < self.now()):
+        if self.host.holds(job_id):
+            return False  # ours in this life (the listing and this read are not atomic)
+        if not (job.node == self.node_id or job.released or self.gone(job.node)):
+            if under not in (None, job.node, self.node_id) and self.gone(under):
+                yield job_records.unmark(self.store, under, job_id)  # a stale copy: the owner has its own
             return False
         if job.attempts >= MAX_ATTEMPTS:
-            yield self._quarantine(job, info)
+            yield self._quarantine(job, info, under)
             return False
-        previous = job.node
+        previous, foreign = job.node, under != self.node_id
+        if foreign:
+            yield job_records.mark(self.store, self.node_id, job_id)  # an owner always has a marker
         job.reclaim(self.node_id, self.now(), self.lease)
         try:
             info = yield self.store.put_bytes(keys.job_record(job_id), job.dumps(), if_match=info.etag,
                                               content_type="application/json")
         except (PreconditionFailed, NotFound):
+            if foreign:
+                yield job_records.unmark(self.store, self.node_id, job_id)
             return False  # another node was faster
         self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
                        attempts=job.attempts, state=job.state)
         self.host.run_claimed(Claim(job, info.etag))
+        if foreign:
+            try:
+                yield job_records.unmark(self.store, under, job_id)
+            except GridnodeError:
+                pass  # a stale copy: whoever reads it next finds the job ours
         return True
 
     @inlineCallbacks
-    def _quarantine(self, job: Job, info: ObjectInfo) -> Any:
+    def _quarantine(self, job: Job, info: ObjectInfo, under: str | None) -> Any:
         job.fail("poison", f"the job failed {job.attempts} times on nodes that then stopped; it is "
                  "quarantined. Check the input, then submit it again", self.now())
         try:
             yield job_records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
         except job_records.Lost:
             return
-        yield self.store.delete(keys.active_marker(job.id))
+        if self.on_ended is not None:
+            yield self.on_ended(job)
+        yield job_records.unmark(self.store, under, job.id)
         self.host.quarantined(job)
         self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job.id,
                        attempts=job.attempts, code="poison")
 
     @inlineCallbacks
-    def claim_mine(self) -> Any:
-        """At start: claim the unfinished jobs that the store says an earlier life of ours owns."""
-        try:
-            markers = yield self.store.list_all(keys.active_prefix())
-        except GridnodeError:
+    def _hand_leftovers(self, ids: list[str], owner: str) -> Any:
+        """What did not fit here goes to each job's keeper among the other live members, its
+        marker moved to their prefix: that node claims it at its next `check_own`, room allowing."""
+        members = frozenset(self.members()) - {owner, self.node_id}
+        if self._ring is None or self._ring.members != sorted(members):
+            self._ring = KeeperRing(members)
+        for job_id in ids:
+            keepers = self._ring.keepers(job_id, 1)
+            if not keepers:
+                continue  # no one else: it waits under the gone owner for the standby watchers
+            try:
+                yield job_records.move_marker(self.store, job_id, owner, keepers[0])
+            except GridnodeError as e:
+                self._log.warn("could not hand job {job} on: {reason}", job=job_id, reason=e.message)
+                continue
+            self._log.info("job {job} of {owner} handed on to {keeper}", job=job_id, owner=owner, keeper=keepers[0])
+
+    @inlineCallbacks
+    def hand_on(self, job_id: str) -> Any:
+        """A job this node released while it stays (no scratch space for it): its marker goes to
+        our heir, who claims it at its next `check_own`. A drain hands nothing on this way: its
+        watchers take its jobs when it leaves."""
+        heir = self.heir()
+        if heir is None or heir == self.node_id or self.host.draining:
             return
-        for job_id in _ids(markers):
-            if job_id not in self.host.active and keys.is_id(job_id):
-                try:
-                    job, _ = yield job_records.read(self.store, job_id)
-                    if job.node == self.node_id:
-                        yield self.claim(job_id)
-                except GridnodeError:
-                    continue
+        yield job_records.move_marker(self.store, job_id, self.node_id, heir)
+        self._log.info("job {job} handed on to {heir}", job=job_id, heir=heir)
+
+    @inlineCallbacks
+    def _migrate(self) -> Any:
+        if not self.reads_legacy() or self.host.draining:
+            return 0
+        try:
+            ids = yield job_records.legacy_marked(self.store)
+        except GridnodeError as e:
+            self._log.warn("cannot list the old markers: {reason}", reason=e.message)
+            return 0
+        won = 0
+        for job_id in ids:
+            try:
+                won += int((yield self._migrate_one(job_id)))
+            except GridnodeError as e:
+                self._log.warn("could not move the old marker of job {job}: {reason}", job=job_id, reason=e.message)
+        return won
+
+    @inlineCallbacks
+    def _migrate_one(self, job_id: str) -> Any:
+        try:
+            job, _ = yield job_records.read(self.store, job_id)
+        except NotFound:
+            yield job_records.unmark(self.store, LEGACY, job_id)
+            return False
+        if job.final:
+            yield job_records.unmark(self.store, LEGACY, job_id)
+            return False
+        orphaned = job.node == self.node_id or job.released or self.gone(job.node)
+        if orphaned and not self.host.holds(job_id) and len(self.host.active) < self.host.capacity:
+            won = yield self.claim(job_id, LEGACY)
+            return won
+        owner = self.node_id if orphaned else job.node
+        if job_id not in self._copied and owner:
+            # no room here: under us, `check_own` takes it once there is
+            yield job_records.mark(self.store, owner, job_id)
+            self._copied.add(job_id)
+        return False
 
 
-def _ids(markers: list[ObjectInfo]) -> list[str]:
-    return [m.key[len(keys.active_prefix()):] for m in markers]

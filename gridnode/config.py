@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gridnode.errors import ConfigError
+from gridnode.endpoints import default_node_id, endpoint_port, is_loopback
+from gridnode.errors import ConfigError, GridnodeError
+from gridnode.media.templates import Template, parse_templates
 from gridnode.store import parse_store_url
 
 DEFAULT_METADATA_URL = "http://169.254.169.254"
@@ -180,6 +181,12 @@ def _bool(value: Any) -> bool:
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
+def _table(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a table of the config file ([templates.NAME] with description and outputs)")
+    return value
+
+
 def _log_level(value: Any) -> str:
     if value not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -191,6 +198,55 @@ def _origins(value: Any) -> tuple[str, ...]:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError("must be a list of origins such as https://example.com")
+    return tuple(value)
+
+
+def _opt_days(value: Any) -> int | None:
+    return None if value is None else _int_range(0, 36500)(value)
+
+
+def _prefixes(value: Any) -> tuple[str, ...]:
+    """Key prefixes jobs may take their input from in the store, each a folder (``incoming/``)."""
+    from gridnode import keys
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of key prefixes such as incoming/")
+    out = []
+    for prefix in value:
+        folder = prefix if prefix.endswith("/") else prefix + "/"
+        try:
+            keys.check_key(folder[:-1])
+        except GridnodeError:
+            raise ValueError(f"{prefix!r} is not a key prefix: segments of A-Z a-z 0-9 . _ - between /") from None
+        if folder.split("/", 1)[0] + "/" in keys.NODE_PREFIXES:
+            raise ValueError(f"{prefix!r} is where the node keeps its own objects: use a prefix of your own")
+        out.append(folder)
+    return tuple(out)
+
+
+def _webhooks(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import NotifyRefused, parse_urls
+
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError("must be http(s) URLs (comma-separated)")
+    try:
+        return tuple(parse_urls(value))
+    except NotifyRefused as e:
+        raise ValueError(f"is refused: {e.message}") from None
+
+
+def _cidrs(value: Any) -> tuple[str, ...]:
+    from gridnode.notify.targets import parse_allow
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be CIDRs such as 127.0.0.0/8")
+    parse_allow(value)
     return tuple(value)
 
 
@@ -223,7 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", 30.0, "seconds between registry record refreshes", _positive_float, "S"),
     Setting("stale", 300.0, "registry records older than this many seconds are ignored",
             _positive_float, "S"),
-    Setting("job-lease", 30.0, "seconds a job's owner holds it without renewing; then a peer adopts it",
+    Setting("job-lease", 30.0, "a node looks for jobs handed to it every 2 x this many seconds (a job is "
+            "adopted when its owner is gone, not when this runs out: nothing is renewed)",
             _positive_float, "S"),
     Setting("drain-timeout", 60.0, "on SIGTERM, seconds running jobs get to finish before peers adopt them",
             _positive_float, "S"),
@@ -249,12 +306,31 @@ SETTINGS: tuple[Setting, ...] = (
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
     Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
             "warn, error", _log_level, "LEVEL"),
+    Setting("retain-inputs", None, "days a finished job's input is kept, then deleted by the retention sweep "
+            "(default: for ever)", _opt_days, "DAYS"),
+    Setting("retain-outputs", None, "days a finished job's outputs are kept, then deleted by the retention sweep "
+            "(default: for ever)", _opt_days, "DAYS"),
+    Setting("retention-sweep", 3600.0, "seconds between retention sweeps (one node of the pool sweeps at a time)",
+            _positive_float, "S"),
+    Setting("input-prefixes", (), "key prefixes of the store a POST /jobs may name as its input (comma-separated; "
+            "with tokens, only <prefix><tenant>/... of the caller's tenant)", _prefixes, "PREFIXES"),
+    Setting("webhook-secret", None, "keyring file of the pool's webhook secrets (lines 'ID whsec_BASE64'; every "
+            "key signs): jobs may then name notify URLs", _opt_str, "FILE"),
+    Setting("webhook", (), "notify URLs of every job that names none (comma-separated)", _webhooks, "URLS"),
+    Setting("webhook-allow", (), "address ranges webhooks may go to although not public (CIDR; repeatable, or "
+            "comma-separated)", _cidrs, "CIDR"),
+    Setting("templates", {}, "named output sets ([templates.NAME] tables of the config file; docs/api.md, "
+            "\"Templates\")", _table, "TABLE"),
+    Setting("watermark-dir", None, "folder of the PNG images outputs may lay over the picture as a watermark",
+            _opt_str, "DIR"),
     Setting("ffmpeg", "ffmpeg", "ffmpeg binary", _str, "PATH"),
     Setting("ffprobe", "ffprobe", "ffprobe binary", _str, "PATH"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
 #: keys that make no sense inside user-data or a config file
 CLI_ONLY = frozenset({"config"})
+#: keys only a file (the config file, user-data) can hold: tables
+FILE_ONLY = frozenset({"templates"})
 #: keys user-data may not set: where to read user-data from is decided before
 USER_DATA_FORBIDDEN = frozenset({"instance-metadata"})
 
@@ -292,6 +368,15 @@ class NodeConfig:
     ffmpeg_user: str
     sandbox: str
     log_level: str
+    retain_inputs: int | None
+    retain_outputs: int | None
+    retention_sweep: float
+    input_prefixes: tuple[str, ...]
+    webhook_secret: str | None
+    webhook: tuple[str, ...]
+    webhook_allow: tuple[str, ...]
+    templates: Mapping[str, Template]
+    watermark_dir: str | None
     ffmpeg: str
     ffprobe: str
 
@@ -370,6 +455,13 @@ def build_config(
     if values["workers"] is None:
         values["workers"] = cpu_count()
     values["store_rate"] = _store_rate(values["store_rate"])  # the default, 'auto', is None
+    if values["watermark_dir"] is not None:
+        values["watermark_dir"] = os.path.abspath(values["watermark_dir"])
+    try:
+        values["templates"] = parse_templates(values["templates"], watermarks=values["watermark_dir"])
+    except GridnodeError as e:
+        source = merged["templates"][0] if "templates" in merged else "config file"
+        raise ConfigError(f"{source}: {e.message}") from None
     config = NodeConfig(**values)
     if not (config.upload_secret or config.allow_anonymous_uploads or is_loopback(config.http)):
         raise ConfigError(
@@ -377,55 +469,6 @@ def build_config(
             "(a keyring file), or allow-anonymous-uploads = true if anyone who reaches it may upload, read and "
             "cancel jobs"
         )
+    if config.webhook and not config.webhook_secret:
+        raise ConfigError("webhook: webhooks are signed; set webhook-secret (a keyring file of whsec_ secrets)")
     return config
-
-
-def is_loopback(endpoint: str) -> bool:
-    """Does this endpoint listen on loopback only?"""
-    if not endpoint.startswith(("tcp:", "tcp6:", "ssl:")):
-        return endpoint.startswith("unix:")
-    interface = endpoint_interface(endpoint)
-    return interface is not None and (interface.startswith("127.") or interface in ("::1", "localhost"))
-
-
-#: the HTTP accept queue. Twisted's default, 50, overflows under a burst of clients (200 at once
-#: in tests/test_load.py), and clients whose connection overflowed it were reset.
-HTTP_BACKLOG = 1024
-
-
-def with_backlog(endpoint: str, backlog: int = HTTP_BACKLOG) -> str:
-    """``endpoint`` with ``backlog=`` added when it is a TCP or TLS endpoint string that sets none."""
-    if endpoint.split(":", 1)[0] in ("tcp", "tcp6", "ssl") and not re.search(r"(^|:)backlog=", endpoint):
-        return f"{endpoint}:backlog={backlog}"
-    return endpoint
-
-
-def endpoint_port(endpoint: str) -> int | None:
-    """The port of a ``tcp:PORT:...`` endpoint string, if it has one."""
-    parts = endpoint.split(":")
-    for part in parts[1:]:
-        if part.isdigit():
-            return int(part)
-        if part.startswith("port="):
-            return int(part[5:]) if part[5:].isdigit() else None
-    return None
-
-
-def endpoint_scheme(endpoint: str) -> str:
-    """The URL scheme clients use to reach an HTTP endpoint: TLS endpoints serve ``https``."""
-    return "https" if endpoint.split(":", 1)[0] == "ssl" else "http"
-
-
-def endpoint_interface(endpoint: str) -> str | None:
-    for part in endpoint.split(":")[1:]:
-        if part.startswith("interface="):
-            return part[len("interface="):]
-    return None
-
-
-def default_node_id(http_endpoint: str) -> str:
-    """HOSTNAME-HTTPPORT, made safe to stand in a key."""
-    host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "node"
-    port = endpoint_port(http_endpoint)
-    node = f"{host[:50]}-{port}" if port is not None else host[:60]
-    return node

@@ -7,7 +7,7 @@ from `NodeConfig`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
@@ -17,7 +17,6 @@ from twisted.python.failure import Failure
 
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.errors import GridnodeError
-from gridnode.media import presets as presets_mod
 from gridnode.media.ffmpeg import FfmpegResult, ProducedFile, collect_outputs, max_time_for, start_transcode
 from gridnode.media.interface import SCRATCH_FULL
 from gridnode.media.pool import JobSlot, TranscodePool
@@ -44,6 +43,7 @@ from gridnode.media.scratch import (
     scratch_full,
     wait_limit,
 )
+from gridnode.media.templates import Catalog
 from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Converter(Service):
         #: as the configuration asks; ``startService`` confirms it or refuses to start
         self.sandbox = Sandbox(boxed=config.sandbox == "bwrap", user=user)
         self._find = find
+        #: the built-in presets and the config file's templates
+        self.catalog = Catalog(config.templates, config.watermark_dir)
         scratch = os.path.join(config.work_dir, "scratch")
         #: the scratch filesystem's free space, which each job's outputs are checked against
         self.space = ScratchSpace(lambda: free_bytes(scratch))
@@ -107,8 +109,8 @@ class Converter(Service):
         super().stopService()
         return self.pool.stop_all()
 
-    def parse_presets(self, text: str | None) -> list[Preset]:
-        return presets_mod.parse_presets(text)
+    def parse_presets(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
+        return self.catalog.parse(text, spec)
 
     def probe(self, path: str) -> Deferred[ProbeResult]:
         return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, sandbox=self.sandbox)

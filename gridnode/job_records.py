@@ -1,11 +1,20 @@
 """
-A job's record, ``jobs/<id>.json``, in the store and in the local journal.
+A job's record, ``jobs/<id>.json``, in the store and in the local journal;
+and its unfinished-job marker, ``active/<owner>/<id>``.
 
 Any node reads a record; only the job's owner writes it, and each write is
 conditional on the ETag of the owner's last one: a node whose job was taken
 over (adopted by a peer) finds out at its next write (`Lost`) instead of
 writing over the new owner. Until the store has the job, its copy beside the
 spooled body (``spool/<id>.json``, the journal) is what a restart resumes.
+
+The markers are the only index of unfinished jobs: one empty object per job
+under its owner's node id, so a dead node's jobs are one LIST of one prefix
+(`marked`). Whoever becomes a job's owner writes its own marker before it
+claims the record, and removes the previous one after: the record's owner
+always has a marker, and a marker under another prefix is at worst a stale
+copy. Markers of the layout before owners (``active/<id>``, `legacy_marked`)
+are still read while a pool is upgraded in place.
 """
 
 from __future__ import annotations
@@ -55,6 +64,42 @@ def write(store: ObjectStore, job_id: str, data: bytes, etag: str | None, owner:
             raise Lost(f"job {job_id} is owned by another node now") from None
         info = yield store.put_bytes(key, data, if_match=info.etag, content_type="application/json")
     return info
+
+
+def mark(store: ObjectStore, owner: str, job_id: str) -> Deferred[ObjectInfo]:
+    """Mark ``job_id`` unfinished under ``owner``."""
+    return store.put_bytes(keys.active_marker(owner, job_id), b"")
+
+
+def unmark(store: ObjectStore, owner: str | None, job_id: str) -> Deferred[None]:
+    """Remove ``job_id``'s marker under ``owner`` (None: its legacy marker, ``active/<id>``)."""
+    key = keys.legacy_marker(job_id) if owner is None else keys.active_marker(owner, job_id)
+    return store.delete(key)
+
+
+@inlineCallbacks
+def move_marker(store: ObjectStore, job_id: str, owner: str, heir: str) -> Any:
+    """Hand ``job_id``'s marker from ``owner``'s prefix to ``heir``'s: written there first, so the
+    job is never unmarked."""
+    yield mark(store, heir, job_id)
+    yield unmark(store, owner, job_id)
+
+
+@inlineCallbacks
+def marked(store: ObjectStore, owner: str) -> Any:
+    """The ids of the jobs marked under ``owner``: one LIST (a page per 1,000)."""
+    prefix = keys.active_prefix(owner)
+    listing = yield store.list_all(prefix)
+    return [info.key[len(prefix):] for info in listing if keys.is_id(info.key[len(prefix):])]
+
+
+@inlineCallbacks
+def legacy_marked(store: ObjectStore) -> Any:
+    """The ids of the jobs marked in the layout before owners (``active/<id>``): a listing of every
+    marker, so only the pool's registry writer reads it, and seldom (gridnode/adoption.py)."""
+    prefix = keys.active_prefix()
+    listing = yield store.list_all(prefix)
+    return [info.key[len(prefix):] for info in listing if keys.is_id(info.key[len(prefix):])]
 
 
 def journal(spool_path: str, data: bytes) -> None:

@@ -60,7 +60,8 @@ class Job:
     node: str = ""
     attempts: int = 0
     sha256: str = ""
-    #: the owner (``node``) holds the job until then; past it a peer may adopt it
+    #: set when a node takes the job (accepted, claimed), never renewed: a job is adopted when its
+    #: owner is gone (gridnode/adoption.py), not when this passes; 0 once its owner released it
     lease_until: float = 0.0
     #: the ``sub`` of the token that created it ("" on a node without tokens): only that tenant
     #: (and an admin) sees the job
@@ -68,14 +69,22 @@ class Job:
     #: what a queued job waits for beyond a worker: "scratch_space" (its outputs need more
     #: scratch space than is free), else ""
     waiting: str = ""
+    #: URLs its events are POSTed to (gridnode/notify/), and whether job.progress is among them
+    notify: list[str] = field(default_factory=list)
+    notify_progress: bool = False
+    #: the job's inline output specs, as checked (``presets`` names the presets and templates)
+    spec: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
-            sha256: str = "", tenant: str = "") -> Job:
+            sha256: str = "", tenant: str = "", notify: list[str] | None = None,
+            notify_progress: bool = False, spec: list[dict[str, Any]] | None = None) -> Job:
         if not keys.is_id(job_id):
             raise GridnodeError(f"job id {job_id!r} is not a gridnode id", code="bad_request", status=400)
         return cls(id=job_id, state=RECEIVED, created=now, updated=now, name=name, presets=list(presets),
-                   node=node, input={"name": name, "size": size}, sha256=sha256, tenant=tenant)
+                   node=node, input={"name": name, "size": size}, sha256=sha256, tenant=tenant,
+                   notify=list(notify or []), notify_progress=notify_progress,
+                   spec=list(spec or []))
 
     @property
     def final(self) -> bool:
@@ -109,9 +118,10 @@ class Job:
         self.attempts = 1
         self.lease_until = now + lease
 
-    def renew(self, now: float, lease: float) -> None:
-        """The owner still holds the job: its lease runs ``lease`` seconds from now (never shorter)."""
-        self.lease_until = max(self.lease_until, now + lease)
+    @property
+    def released(self) -> bool:
+        """Its owner gave it back to the pool (`release`): any node may claim it."""
+        return self.state == QUEUED and self.lease_until == 0.0
 
     def set_progress(self, progress: float, now: float) -> bool:
         """Record transcoding progress; True when it moved (progress never goes back)."""
@@ -184,6 +194,7 @@ class Job:
         except (ValueError, TypeError, KeyError) as e:
             raise GridnodeError(f"unreadable job record: {e}", code="bad_record", status=500) from None
         if (job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str)
-                or not isinstance(job.waiting, str)):
+                or not isinstance(job.waiting, str) or not isinstance(job.notify, list)
+                or not all(isinstance(u, str) for u in job.notify) or not isinstance(job.spec, list)):
             raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
         return job

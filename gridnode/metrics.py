@@ -61,6 +61,9 @@ class Metrics:
         self.store_throttled = Counter("gridnode_store_throttled", "Store answers that asked us to slow down "
                                        "(S3's 503 SlowDown), each try; botocore retries them",
                                        ["operation"], registry=r)
+        self.webhook_deliveries = Counter("gridnode_webhook_deliveries", "Webhook attempts by event and result "
+                                          "(delivered, rejected, unreachable, refused, gave_up)",
+                                          ["event", "result"], registry=r)
         self.members = Gauge("gridnode_members", "Membership view by state", ["state"], registry=r)
         self.probes = Counter("gridnode_probes", "Peer probes sent", ["result"], registry=r)
         self.suspicions = Counter("gridnode_suspicions", "Peers this node began to suspect", registry=r)

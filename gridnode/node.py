@@ -19,15 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gridnode.config import (
-    NodeConfig,
-    build_config,
-    endpoint_interface,
-    endpoint_port,
-    endpoint_scheme,
-    is_loopback,
-    with_backlog,
-)
+from gridnode.config import NodeConfig, build_config
+from gridnode.endpoints import endpoint_interface, endpoint_port, endpoint_scheme, is_loopback, with_backlog
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.keyring import Keyring, KeyringFile
 from gridnode.metrics import Metrics
@@ -95,6 +88,7 @@ class NodeService(MultiService):
         self._file_path = file_path
         self.view: NodeView | None = None
         self._media: Any = None
+        self._successor: Any = None
         self.ready: Deferred[NodeView] = Deferred()
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
@@ -145,10 +139,17 @@ class NodeService(MultiService):
         media.setServiceParent(self)
         jobs = JobService(self.reactor, config, store, media, metrics=metrics)
         jobs.setServiceParent(self)
+        hooks = self._webhooks(config, store, metrics, jobs)
         # Recover before listening: the spool sweep must not meet uploads in flight.
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
         UploadSweep(uploads).setServiceParent(self)
+        if config.retain_inputs is not None or config.retain_outputs is not None:
+            from gridnode.retention import RetentionSweep
+
+            RetentionSweep(self.reactor, store.in_lane(BACKGROUND), config.node_id or "", period=config.retention_sweep,
+                           retain_inputs=config.retain_inputs, retain_outputs=config.retain_outputs
+                           ).setServiceParent(self)
         view = self.view = NodeView(config, store, jobs, uploads, tokens, store_health)
         site = GridSite(view.cors.wrap(api_root(view)), self.reactor, view.route_body, view.extra_headers,
                         on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())
@@ -168,10 +169,10 @@ class NodeService(MultiService):
         registry.wanted = membership.needs_record
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
-        membership.on_confirmed_dead = lambda member, incarnation: self._dead(registry, jobs, member, incarnation)
-        jobs.adopter.members = membership.live_members
+        self._wire_adoption(jobs, membership, registry)
+        if hooks is not None:
+            hooks.members = lambda: {v.member: v.state for v in membership.machine.members()}
         gate.members = lambda: len(membership.live_members())
-        jobs.adopter.earlier_life = lambda: registry.earlier_life
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)
         membership.setServiceParent(self)
@@ -219,13 +220,33 @@ class NodeService(MultiService):
         machine = new_machine(config.node_id, peer_addr, first_incarnation(time.time()), time.time())
         service = MembershipService(
             self.reactor, machine, keys, metrics=metrics, stale=config.stale,
-            # a drained node released its unfinished jobs just before it left: take them now too
-            on_left=lambda member: jobs.adopt_orphans(dead=frozenset({member})),
         )
         for state in ("alive", "suspect", "dead", "left"):
             metrics.members.labels(state).set_function(_members_in(machine, state))
         yield service.listen(serverFromString(self.reactor, config.peer))
         return service
+
+    def _webhooks(self, config: NodeConfig, store: ObjectStore, metrics: Metrics, jobs: JobService) -> Any:
+        """Signed webhooks of jobs' events, where the node has a webhook secret (gridnode/notify/)."""
+        if not config.webhook_secret:
+            return None
+        from gridnode.notify.post import post
+        from gridnode.notify.service import Webhooks
+        from gridnode.notify.signing import Signer, check_ring
+        from gridnode.notify.targets import AddressRule, parse_allow, system_resolver
+
+        ring = self._keyring(config.webhook_secret, "webhook-secret")
+        check_ring(ring.ring(), "webhook-secret")
+        assert config.node_id is not None
+        hooks = Webhooks(self.reactor, store.in_lane(BACKGROUND), config.node_id, Signer(ring.ring),
+                         AddressRule(parse_allow(config.webhook_allow)), system_resolver(self.reactor), post,
+                         metrics=metrics)
+        jobs.webhooks = hooks
+        jobs.runner.on_final = hooks.announce_end
+        jobs.runner.on_change = hooks.progress
+        jobs.adopter.on_ended = hooks.orphan_ended
+        hooks.setServiceParent(self)
+        return hooks
 
     def _keyring(self, path: str, setting: str) -> KeyringFile:
         """A keyring file the node follows while it runs (a rotation needs no restart)."""
@@ -239,12 +260,35 @@ class NodeService(MultiService):
 
         return KeyringFile(path, setting, on_change=changed)
 
-    @staticmethod
-    @inlineCallbacks
-    def _dead(registry: Registry, jobs: JobService, member: str, incarnation: int) -> Any:
-        """A peer confirmed dead: its record goes (unless it is back), its jobs are adopted."""
-        yield registry.delete_dead(member, incarnation)
-        yield jobs.adopt_orphans(dead=frozenset({member}))
+    def _wire_adoption(self, jobs: JobService, membership: Any, registry: Registry) -> None:
+        """Who is gone, who acts on a death or a leave (its watchers, in ring order:
+        gridnode/succession.py), whom our released jobs go to, who reads the old marker layout."""
+        from gridnode.succession import Succession, Successor, is_gone
+
+        machine = membership.machine
+
+        def gone(node: str) -> bool:
+            view = machine.member(node)
+            listed = {r.id for r in registry.live}
+            return is_gone(view.state if view is not None else None, machine.is_confirmed_dead(node),
+                           (node in listed) if listed else None)
+
+        @inlineCallbacks
+        def act(member: str, incarnation: int | None) -> Any:
+            # each step finds out whether it is done already: a GET of the record, a LIST of the jobs
+            if incarnation is not None:
+                yield registry.delete_dead(member, incarnation)
+            yield jobs.adopter.take_over(member)
+
+        successor = self._successor = Successor(self.reactor, Succession(machine.me, machine.watchers_of), act)
+        membership.on_confirmed_dead = successor.dead
+        # a drained node released its unfinished jobs just before it left
+        membership.on_left = successor.left
+        adopter = jobs.adopter
+        adopter.gone = gone
+        adopter.members = membership.live_members
+        adopter.heir = lambda: next(iter(machine.watchers_of(machine.me)), None)
+        adopter.reads_legacy = registry.is_writer
 
     def _take_sigterm(self) -> None:
         # Only where the reactor installed its own handler (twistd, not tests).
@@ -298,6 +342,8 @@ class NodeService(MultiService):
         # One part at a time, the last started first (MultiService would stop them all at once):
         # a peer hears we left before our record goes, and ffmpeg is stopped last.
         Service.stopService(self)
+        if self._successor is not None:
+            self._successor.stop()  # a turn to act on a peer's death that has not come is not ours now
         deadline = self.reactor.seconds() + self.stop_budget
         for part in reversed(list(self)):
             if not part.running:
@@ -306,7 +352,7 @@ class NodeService(MultiService):
             if part is self._media:
                 yield stopping  # the ffmpeg children must go: its own timers bound it
                 continue
-            # A part whose stop needs the store (our record's delete, a lease renewal in flight)
+            # A part whose stop needs the store (our record's delete, a record write in flight)
             # waits for it no longer than the budget: the store may be down.
             left = max(deadline - self.reactor.seconds(), MIN_PART_STOP)
             stopping.addTimeout(left, self.reactor)

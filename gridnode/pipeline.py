@@ -8,12 +8,12 @@ record and active marker in the store, so a peer adopts it should this node
 and its disk be lost. The job then goes to its `Runner` (gridnode/runner.py),
 which converts and finishes it. A local journal (``spool/<id>.json`` beside
 the spooled body) lets a restarted node resume from its own copy. It also
-runs the jobs its `Adopter` (gridnode/adoption.py) claims: a dead owner's, or
-an earlier life's of this node.
+runs the jobs its `Adopter` (gridnode/adoption.py) claims: a gone owner's, one
+handed to it, or an earlier life's of this node.
 
 Draining (SIGTERM): no new uploads or adoptions; running jobs get
-``--drain-timeout``; the rest are released with an expired lease so peers
-adopt them at once.
+``--drain-timeout``; the rest are released, and the node's watchers take them
+once it has left (gridnode/succession.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import job_records, jobs, keys
-from gridnode.adoption import Adopter, Claim
+from gridnode.adoption import LEGACY, LEGACY_EVERY, Adopter, Claim
 from gridnode.config import NodeConfig
 from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
+from gridnode.job_follow import follow_record
 from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
+from gridnode.notify.service import Webhooks, notify_urls
 from gridnode.runner import Active, Runner, in_store
 from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
@@ -54,8 +56,8 @@ def _listed(ids: dict[str, Any], most: int = 10) -> str:
 
 
 class JobService(Service):
-    """A service: started, it recovers what an earlier life left (`recovered` fires when done),
-    renews its jobs' leases and scans for orphaned jobs; stopped, every loop it started stops."""
+    """A service: started, it recovers what an earlier life left (`recovered` fires when done) and
+    looks for jobs handed to it; stopped, every loop it started stops."""
 
     _log = Logger()
 
@@ -83,10 +85,12 @@ class JobService(Service):
         self._hurried: Deferred[None] = Deferred()
         #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
         self.adopter = Adopter(store.in_lane(BACKGROUND), self, self.node_id, self.lease, now=now, rng=self.rng)
+        self.runner.on_released = self.adopter.hand_on
         #: fires once the recovery that startService begins is over: the node listens only then
         self.recovered: Deferred[None] = Deferred()
         #: every loop running, with what fires when it has stopped
         self._loops: dict[JitteredLoop, Deferred[Any]] = {}
+        self.webhooks: Webhooks | None = None
         self.metrics.bind_load(self.load)
         for state in jobs.STATES:
             if state not in jobs.FINAL:
@@ -100,17 +104,18 @@ class JobService(Service):
     # -- life cycle
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
-        """Resume what an earlier life left in the journal, sweep the spool, then renew
-        leases and look for orphaned jobs periodically (each wait jittered: gridnode/timers.py)."""
+        """Resume what an earlier life left, sweep the spool, then look at our own markers every
+        2 x lease for jobs handed to us, and (the registry writer alone) at the old layout's every
+        `LEGACY_EVERY` s; each wait jittered (gridnode/timers.py)."""
         super().startService()
         d = self.recover()
         d.addCallback(lambda _: self.spool.sweep(keep=self._journaled))
         d.addCallback(lambda _: None).chainDeferred(self.recovered)
-        self._every(self.lease / 3, self.runner.renew_leases, "lease renewal")
-        self._every(self.lease / 2, self.adopt_orphans, "orphan scan")
+        self._every(2 * self.lease, self.adopter.check_own, "own markers")
+        self._every(LEGACY_EVERY, self.adopter.migrate, "old markers")
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
-        """Stop every loop this service started: lease renewal, orphan scans, the polls of records
+        """Stop every loop this service started: looks at the markers, the polls of records
         followed for subscribers. Fires once none is in the middle of a round."""
         super().stopService()
         stopping = list(self._loops.items())
@@ -221,12 +226,15 @@ class JobService(Service):
 
     @inlineCallbacks
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
-               tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None) -> Any:
+               tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None,
+               notify: list[str] | None = None, notify_progress: bool = False,
+               spec: list[Any] | None = None) -> Any:
         """Check, probe, store and queue an uploaded body for ``tenant``; returns the job (state
         queued) once it is durably accepted: its input, record and active marker in the store.
         ``claim(job_id)``, called once the job passed every check and before anything of it but its
         input is stored, writes its Idempotency-Key's entry (gridnode/idempotency.py); should it
-        fail (another request with the key won), the job is dropped and never written."""
+        fail (another request with the key won), the job is dropped and never written. ``spec``: the
+        job's inline outputs (a JSON list of output specs), besides the ``presets`` named."""
         job_id = os.path.basename(spool.path)
         self.metrics.upload_bytes.inc(spool.received())
         started = time.monotonic()
@@ -248,9 +256,12 @@ class JobService(Service):
                 if checksum != digest:
                     raise GridnodeError("the upload's sha256 differs from its Upload-Checksum; send it again",
                                         code="checksum_mismatch", status=460)
-            chosen = self.media.parse_presets(presets)
-            job = Job.new(job_id, name=name[:255], presets=[p.name for p in chosen], node=self.node_id,
-                          size=spool.size, now=self.now(), tenant=tenant)
+            chosen = self.media.parse_presets(presets, spec)
+            asked = list(dict.fromkeys(p.template for p in chosen if p.template))
+            notify = yield notify_urls(self.webhooks, self.config.webhook, notify)
+            job = Job.new(job_id, name=name[:255], presets=asked, node=self.node_id, size=spool.size,
+                          now=self.now(), tenant=tenant, spec=spec, notify=notify,
+                          notify_progress=notify_progress and bool(notify))  # notify: checked (gridnode/notify/)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
@@ -282,6 +293,8 @@ class JobService(Service):
         self.runner.counts["accepted"] += 1
         self._log.info("job {job} accepted: {size} bytes, presets {presets}", job=job.id, size=spool.size,
                        presets=",".join(job.presets), state=job.state)
+        if self.webhooks is not None:
+            self.webhooks.announce(job, "job.queued")  # its body as the job is now: queued
         active.work = self.runner.run(active, probe, chosen, input_stored=True)
         return job
 
@@ -313,17 +326,16 @@ class JobService(Service):
 
     # -- adoption and recovery
 
-    def adopt_orphans(self, dead: frozenset[str] = frozenset()) -> Deferred[int]:
-        """Claim and run the unfinished jobs whose owner's lease ran out (or whose owner is in
-        ``dead``); fires with how many this node took."""
-        return self.adopter.scan(dead)
+    def holds(self, job_id: str) -> bool:
+        """Whether we work on ``job_id`` or are accepting it (its upload's slot is held until then)."""
+        return job_id in self.active or job_id in self.uploading
 
     def run_claimed(self, claim: Claim) -> None:
         """Run a job the adopter won for this node."""
         self.runner.counts["adopted"] += 1
         self.metrics.jobs_adopted.inc()
         job = claim.job
-        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag, leased=job.lease_until)
+        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag)
         active.work = self.runner.resume(active)
 
     def quarantined(self, job: Job) -> None:
@@ -338,7 +350,9 @@ class JobService(Service):
         stored, so a journal whose record is missing was never acknowledged by this version."""
         for job, path in job_records.journaled(self.spool.folder):
             try:
-                won = yield self.adopter.claim(job.id)
+                # where its marker is we do not know (an earlier version's layout, if upgraded in
+                # place): the claim marks it under us and drops an old-layout marker
+                won = yield self.adopter.claim(job.id, LEGACY)
             except GridnodeError as e:
                 self._log.warn("cannot check job {job} in the store: {reason}", job=job.id, reason=e.message)
                 won = False
@@ -351,11 +365,11 @@ class JobService(Service):
                 continue
             job.reclaim(self.node_id, self.now(), self.lease)
             active = self.active[job.id] = Active(job, path)
-            chosen = self.media.parse_presets(",".join(job.presets))
+            chosen = self.media.parse_presets(",".join(job.presets) or None, job.spec or None)
             probe = yield self.media.probe(path)
             self._log.info("job {job} resumed from the local journal", job=job.id)
             active.work = self.runner.run(active, probe, chosen, input_stored=False)
-        yield self.adopter.claim_mine()
+        yield self.adopter.check_own()  # one LIST of our own prefix: whatever the pool's job count
 
     # -- draining
 
@@ -363,8 +377,9 @@ class JobService(Service):
     def drain(self, timeout: float, grace: float = RELEASE_GRACE) -> Any:
         """Refuse uploads; give running jobs ``timeout`` seconds, then release the rest and give the
         record writes that hand them back ``grace`` seconds: with the store down those retry for
-        ever, and what is not written by then is left to the job's lease (peers adopt it) and the
-        local journal (this node resumes it at its next start). `hurry` ends both waits at once."""
+        ever, and what is not written by then is left to our watchers (they adopt the jobs of a
+        node that left) and the local journal (this node resumes it at its next start). `hurry`
+        ends both waits at once."""
         self.draining = True
         pending = {a.job.id: a.work for a in self.active.values() if a.work is not None}
         self._log.info("draining: waiting up to {timeout}s for {count} jobs{ids}", count=len(pending),
@@ -386,7 +401,7 @@ class JobService(Service):
             for active in left:
                 if active.work is not None and not active.work.called:
                     self._log.warn("draining: job {job} ({state}) could not be handed back in {grace}s (the store "
-                                   "is unreachable?); its lease and the local journal settle it", job=active.job.id,
+                                   "is unreachable?); our watchers and the local journal settle it", job=active.job.id,
                                    state=active.job.state, grace=grace)
         return len(left)
 
@@ -430,37 +445,14 @@ class JobService(Service):
         node runs (or adopted) is followed through its record in the store, every ``poll`` s."""
         active = self.active.get(job_id)
         if active is None:
-            return self._follow_record(job_id, callback, poll)
+            # a subscriber's own pace: it reads and writes nothing the pool shares
+            return follow_record(self.get, lambda check: self._every(poll, check, f"following job {job_id}",
+                                                                     spread=0.0), job_id, callback)
         active.listeners.append(callback)
 
         def unsubscribe() -> None:
             if callback in active.listeners:
                 active.listeners.remove(callback)
-
-        return unsubscribe
-
-    def _follow_record(self, job_id: str, callback: Callable[[Job], None], poll: float) -> Callable[[], None]:
-        last: list[bytes] = []
-
-        @inlineCallbacks
-        def check() -> Any:
-            try:
-                job = yield self.get(job_id)
-            except GridnodeError:
-                return  # unreachable for now: try again at the next poll
-            data = job.dumps()
-            if not last or data != last[0]:
-                last[:] = [data]
-                callback(job)
-            if job.final and loop.running:
-                loop.stop()
-
-        # a subscriber's own pace: it reads and writes nothing the pool shares
-        loop = self._every(poll, check, f"following job {job_id}", spread=0.0)
-
-        def unsubscribe() -> None:
-            if loop.running:
-                loop.stop()
 
         return unsubscribe
 

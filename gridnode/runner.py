@@ -5,15 +5,18 @@ final record, the record written at every state and owned as it goes.
 A new upload's job comes with its input, record and active marker in the store
 already (`store_accepted`, before its 201: peers may adopt it from then on); a
 job claimed from an earlier life may still need its input stored and its
-marker written. A run then waits for a worker in the media pool, stores the outputs and writes the end. Every write
-of ``jobs/<id>.json`` is conditional on our last (gridnode/job_records.py); the
-lease in it is renewed every ``lease``/3 s, and a run whose record was taken
-over stops without writing again. A store that is unreachable is waited for,
-never a reason to drop an accepted job.
+marker written. A run then waits for a worker in the media pool, stores the
+outputs and writes the end. The record is written when the job's state
+changes, never to renew it: peers adopt a job when its owner is gone
+(gridnode/adoption.py), not when a lease runs out. Every write of
+``jobs/<id>.json`` is conditional on our last (gridnode/job_records.py), and a
+run whose record was taken over stops without writing again. A store that is
+unreachable is waited for, never a reason to drop an accepted job.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -22,11 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gridnode import job_records, jobs, keys
+from gridnode import job_list, job_records, jobs, keys
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
 from gridnode.job_records import Lost
 from gridnode.jobs import Job
@@ -51,13 +54,11 @@ class Active:
     marks: dict[str, float] = field(default_factory=dict)  # phase -> monotonic start, for metrics
     cancelled: bool = False  # a client asked
     lost: bool = False  # another node took the job over
-    released: bool = False  # draining: handed to the pool
+    released: bool = False  # handed to the pool (draining, or no scratch space here)
     #: the store has its record, input and active marker: a peer may adopt it
     stored: bool = False
-    #: the lease our last stored write of jobs/<id>.json holds (what peers see)
-    leased: float = 0.0
-    #: one write of jobs/<id>.json at a time: a lease renewal in flight must not land after, and
-    #: so over, the write of a later state
+    #: one write of jobs/<id>.json at a time: a write in flight must not land after, and so over,
+    #: the write of a later state
     writing: DeferredLock = field(default_factory=DeferredLock)
 
     @property
@@ -67,13 +68,11 @@ class Active:
 
 #: runs of one job that may run out of scratch space on this node before it goes to the pool
 SCRATCH_RETRIES = 3
-#: seconds before a failed lease renewal is tried again (then doubled, up to a sixth of the lease)
-RENEW_RETRY = 0.5
 
 
 class Runner:
-    """Runs what the job service hands it (`run` an accepted job, `resume` a claimed one) and
-    keeps the records of the jobs running (`renew_leases`)."""
+    """Runs what the job service hands it (`run` an accepted job, `resume` a claimed one), each
+    record written as its state changes."""
 
     _log = Logger()
 
@@ -81,7 +80,7 @@ class Runner:
                  now: Callable[[], float], metrics: Metrics, rng: random.Random | None = None) -> None:
         self.reactor = reactor
         self.store = store
-        #: the record writes, which carry the lease: first in the store's queue (gridnode/store/rate.py)
+        #: the record writes, which say where a job is: first in the store's queue (gridnode/store/rate.py)
         self.keeping = store.in_lane(KEEP)
         self.rng = rng or random.Random()
         self.media = media
@@ -96,6 +95,12 @@ class Runner:
         self.counts: Counter[str] = Counter()
         #: this node's conversion speed, smoothed: clients rank nodes by it (its load's ``speed``)
         self.speed = Speed()
+        #: a job released while this node stays (no scratch space for it) is handed on by this
+        self.on_released: Callable[[str], Deferred[Any]] | None = None
+        #: told of every change of a job it runs (job.progress webhooks), and, before its marker
+        #: goes, of its end once stored (the webhooks it owes: gridnode/notify/)
+        self.on_change: Callable[[Job], None] | None = None
+        self.on_final: Callable[[Job], Deferred[Any]] | None = None
         metrics.scratch_waiting.set_function(
             lambda: sum(1 for a in self.active.values() if a.job.waiting == WAITING_SCRATCH))
 
@@ -107,9 +112,12 @@ class Runner:
         job_id = active.job.id
         try:
             yield self._save(active)
-            yield self.store.put_bytes(keys.active_marker(job_id), b"")
+            yield job_records.mark(self.store, self.node_id, job_id)
+            for key in job_list.entries(active.job):
+                yield self.store.put_bytes(key, b"")
         except GridnodeError as e:
-            for key in (keys.active_marker(job_id), keys.job_record(job_id)):
+            for key in (*job_list.entries(active.job), keys.active_marker(self.node_id, job_id),
+                        keys.job_record(job_id)):
                 try:
                     yield self.store.delete(key)
                 except GridnodeError:
@@ -134,8 +142,9 @@ class Runner:
                                                                                    active.spool_path))
                     self.metrics.phase_seconds.labels("store_input").observe(time.monotonic() - began)
                 # Only now may peers adopt the job: before, its input is in our spool alone.
-                yield self._durably("mark job active",
-                                    lambda: self.store.put_bytes(keys.active_marker(job.id), b""))
+                yield self._durably("mark job active", lambda: job_records.mark(self.store, self.node_id, job.id))
+                for entry in job_list.entries(job):
+                    yield self._durably("list job", functools.partial(self.store.put_bytes, entry, b""))
                 active.stored = True
             active.marks["queued"] = time.monotonic()
             if active.stopping:
@@ -177,7 +186,7 @@ class Runner:
             else:
                 yield self._durably("fetch input", lambda: self.store.get_file(keys.input_source(job.id),
                                                                                active.spool_path))
-            chosen = self.media.parse_presets(",".join(job.presets))
+            chosen = self.media.parse_presets(",".join(job.presets) or None, job.spec or None)
             probe = yield self.media.probe(active.spool_path)
         except GridnodeError as e:
             job.fail(e.code, e.message, self.now())
@@ -258,8 +267,12 @@ class Runner:
             if not active.lost:
                 try:
                     yield self._durably("write job record", lambda: self._save(active))
+                    if job.final and self.on_final is not None:
+                        yield self.on_final(job)
                     if job.final:
-                        yield self._durably("unmark job", lambda: self.store.delete(keys.active_marker(job.id)))
+                        yield self._durably("unmark job", lambda: job_records.unmark(self.store, self.node_id, job.id))
+                    elif active.released and (hand_on := self.on_released) is not None:
+                        yield self._durably("hand job on", lambda: hand_on(job.id))
                 except Lost:
                     self._log.warn("job {job}: another node took it over before its end was written", job=job.id)
         finally:
@@ -335,7 +348,8 @@ class Runner:
             self._changed(active)
 
     def _changed(self, active: Active) -> None:
-        for listener in list(active.listeners):
+        listeners = list(active.listeners) + ([self.on_change] if self.on_change is not None else [])
+        for listener in listeners:
             try:
                 listener(active.job)
             except Exception:  # noqa: BLE001 - a broken listener must not break the job
@@ -351,49 +365,12 @@ class Runner:
     @inlineCallbacks
     def _write_record(self, active: Active) -> Any:
         job = active.job
-        if not job.final and not active.released:
-            job.renew(self.now(), self.lease)
         data = job.dumps()
         info = yield job_records.write(self.keeping, job.id, data, active.etag, self.node_id)
-        active.etag, active.leased = info.etag, job.lease_until
+        active.etag = info.etag
         if not job.final and os.path.exists(active.spool_path):
             job_records.journal(active.spool_path, data)
         return info
-
-    def renew_leases(self) -> Deferred[Any]:
-        """Renew the lease of every job we run, all at once: one write slowed by the store (503
-        SlowDown retried) must not hold back the others'. A job someone took over is stopped here."""
-        until = self.now() + self.lease
-        return DeferredList([self._renew(a, until) for a in list(self.active.values())
-                             if not (a.job.final or a.stopping or a.etag is None)], consumeErrors=True)
-
-    @inlineCallbacks
-    def _renew(self, active: Active, until: float) -> Any:
-        """One job's renewal, tried again after jittered waits while the store is unreachable or
-        throttles us, until ``until`` (a lease after the round began: by then the record has run
-        out anyway, and the next round tries afresh). The waits double, but never reach past the
-        stored lease: half the time it has left (`RENEW_RETRY` at least), so a renewal lands
-        within a second of a throttling spell's end while the lease holds."""
-        delay = RENEW_RETRY
-        while True:
-            try:
-                yield self._save(active)
-                return
-            except Lost:
-                self._lose(active)
-                return
-            except GridnodeError as e:
-                retry = isinstance(e, StorageUnavailable) and self.now() + delay < until
-                self._log.warn("could not renew the lease of job {job}: {reason}{again}", job=active.job.id,
-                               reason=e.message, again=f"; again in ~{delay:.1f}s" if retry else "")
-                if not retry:
-                    return
-            left = active.leased - self.now()
-            wait = delay if left <= 0 else min(delay, max(RENEW_RETRY, left / 2))
-            yield deferLater(self.reactor, jittered(wait, self.rng), lambda: None)
-            if active.stopping or active.job.final:
-                return
-            delay = min(2 * delay, self.lease / 6)
 
     @inlineCallbacks
     def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:

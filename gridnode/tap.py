@@ -15,8 +15,11 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from gridnode import __version__
-from gridnode.config import SETTINGS, NodeConfig, build_config, load_config_file
+from gridnode.config import FILE_ONLY, SETTINGS, NodeConfig, build_config, load_config_file
 from gridnode.errors import ConfigError
+
+#: options that may be given more than once (their values joined by commas)
+REPEATABLE = frozenset({"webhook-allow"})
 
 
 def _shown(default: Any) -> str:
@@ -34,7 +37,8 @@ class Options(usage.Options):
         "which wins over the config file."
     )
     optParameters = [["config", "c", None, "TOML file of configuration keys", str]] + [
-        [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS if s.default is not False
+        [s.key, None, None, f"{s.help} [default: {_shown(s.default)}]"] for s in SETTINGS
+        if s.default is not False and s.key not in REPEATABLE and s.key not in FILE_ONLY
     ]
     optFlags = [[s.key, None, s.help] for s in SETTINGS if s.default is False]
 
@@ -51,6 +55,10 @@ class Options(usage.Options):
             if arg == "--instance-metadata" and (i + 1 == len(args) or args[i + 1].startswith("-")):
                 args[i] = "--instance-metadata="
         super().parseOptions(args)
+
+    def opt_webhook_allow(self, value: str) -> None:
+        """address ranges webhooks may go to although not public (CIDR; repeatable, or comma-separated)"""
+        self.opts["webhook-allow"] = ",".join(filter(None, [self.opts.get("webhook-allow"), value]))
 
     def opt_version(self) -> None:
         """Print gridnode's version and exit."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 @dataclass
 class Preset:
     name: str
+    template: str = ""
 
 
 @dataclass
@@ -55,12 +56,19 @@ class FakeMedia:
         self.waits: dict[str, Callable[[], None] | None] = {}
         self.started_runs: dict[str, int] = {}
 
-    def parse_presets(self, text: str | None) -> list[Preset]:
-        names = (text if text is not None else "mp4-720p").split(",")  # "" is no preset: refused
-        for n in names:
+    def parse_presets(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
+        """Names as the real catalog takes them; an inline ``spec``: its outputs' names, any
+        output without one refused with ``bad_spec``."""
+        names = [] if text is None and spec is not None else (text if text is not None else "mp4-720p").split(",")
+        for n in names:  # "" is no preset: refused
             if n not in ("mp4-720p", "poster"):
                 raise GridnodeError(f"unknown preset {n}", code="unknown_preset", status=400)
-        return [Preset(n) for n in names]
+        inline = []
+        for i, item in enumerate(spec or []):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise GridnodeError(f"outputs[{i}].name: missing", code="bad_spec", status=400)
+            inline.append(Preset(item["name"]))
+        return [Preset(n, n) for n in names] + inline
 
     def probe(self, path: str) -> Deferred[Probe]:
         return fail(self.probe_error) if self.probe_error else succeed(Probe())

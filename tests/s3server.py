@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,20 +125,40 @@ def remove_bucket(endpoint: str, name: str) -> None:
     s3.delete_bucket(Bucket=name)
 
 
+def _credentials(mp: pytest.MonkeyPatch) -> None:
+    for name, value in CREDENTIALS.items():
+        mp.setenv(name, value)
+    for name in _UNSET:
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_CONFIG_FILE", os.devnull)
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a moto S3 server on loopback, with test credentials set."""
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log")
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in CREDENTIALS.items():
-            mp.setenv(name, value)
-        for name in _UNSET:
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        _credentials(mp)
         try:
             yield server.start()
         finally:
+            server.stop()
+
+
+@pytest.fixture
+def own_moto(tmp_path: Path) -> Iterator[MotoServer]:
+    """A moto S3 server of the test's own (started, test credentials set), for a test that
+    freezes it (SIGSTOP to ``process``) without stopping anyone else's."""
+    server = MotoServer(tmp_path / "own_moto.log")
+    with pytest.MonkeyPatch.context() as mp:
+        _credentials(mp)
+        server.start()
+        try:
+            yield server
+        finally:
+            if server.process is not None:
+                os.kill(server.process.pid, signal.SIGCONT)  # never left frozen
             server.stop()
 
 
@@ -163,7 +184,8 @@ class SlowDownProxy:
     """An S3 endpoint in front of another (moto) that answers ``503 SlowDown`` to the requests
     ``throttle(method, path)`` picks, as S3 does while a prefix scales, and passes the rest on.
     Threads of its own: the tests' blocking HTTP calls hold the reactor, and the node behind
-    them needs its store to answer. ``slowed`` counts the SlowDowns sent."""
+    them needs its store to answer. ``slowed`` counts the SlowDowns sent; ``requests`` holds
+    every request's (method, path with query), so a test counts what the nodes sent."""
 
     def __init__(self, target: str, throttle: Any) -> None:
         import http.client
@@ -173,6 +195,7 @@ class SlowDownProxy:
 
         self.throttle = throttle
         self.slowed = 0
+        self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         where = urlsplit(target)
         proxy = self
@@ -206,6 +229,7 @@ class SlowDownProxy:
             def _pass(self) -> None:
                 body = self._body()
                 with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                     slow = bool(proxy.throttle(self.command, self.path))
                     proxy.slowed += int(slow)
                 if slow:

@@ -210,7 +210,7 @@ class NodeTests:
             assert code(theirs) == (404, "not_found"), path
             assert theirs.json()["error"]["message"] == nothing.json()["error"]["message"].replace(missing, job)
         assert node.jobs.active[job].job.state != "cancelled"  # bob's DELETE did nothing
-        listed = {who: [j["id"] for j in node.request("GET", "/jobs", h).json()["active"]]
+        listed = {who: [j["id"] for j in node.request("GET", "/jobs?view=node", h).json()["active"]]
                   for who, h in (("alice", ALICE), ("bob", BOB), ("admin", ADMIN))}
         assert listed["alice"] == [job] and job not in listed["bob"] and len(listed["bob"]) == 1
         assert sorted(listed["admin"]) == sorted(listed["alice"] + listed["bob"])

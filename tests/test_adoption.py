@@ -1,4 +1,5 @@
-"""Adoption (gridnode/adoption.py): the ring of keepers, and the adopter on a memory store."""
+"""Adoption (gridnode/adoption.py): the ring of keepers, and the adopter on a memory store: who
+claims what, from which prefix, and the move from the old marker layout."""
 
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ class FakeHost:
         self.capacity = capacity
         self.active: dict[str, Claim] = {}
         self.poisoned: list[Job] = []
+        self.accepting: set[str] = set()
+
+    def holds(self, job_id: str) -> bool:
+        return job_id in self.active or job_id in self.accepting
 
     def run_claimed(self, claim: Claim) -> None:
         self.active[claim.job.id] = claim
@@ -69,64 +74,162 @@ class FakeHost:
         self.poisoned.append(job)
 
 
-class AdopterTests:
+class AdopterFixture:
     @pytest.fixture(autouse=True)
     def setup(self) -> None:
         self.backend = MemoryBackend()
         self.store = ObjectStore.synchronous(self.backend)
+        self.gone = {"gone"}
 
-    def orphan(self, attempts: int = 1, lease_until: float = 10.0) -> Job:
-        """An unfinished job of node "gone", its input stored and its marker written."""
-        job = Job.new(keys.new_id(1.0), name="m.mov", presets=["mp4-720p"], node="gone", size=5, now=1.0)
+    def orphan(self, attempts: int = 1, owner: str = "gone", legacy: bool = False) -> Job:
+        """An unfinished job of ``owner``, its input stored and its marker written (the old
+        layout's, ``legacy``)."""
+        job = Job.new(keys.new_id(1.0), name="m.mov", presets=["mp4-720p"], node=owner, size=5, now=1.0)
         job.advance(jobs.PROBING, 1.0)
-        job.accept(1.0, lease_until - 1.0)
+        job.accept(1.0, 30.0)
         for _ in range(attempts - 1):
-            job.reclaim("gone", 1.0, lease_until - 1.0)
+            job.reclaim(owner, 1.0, 30.0)
         self.backend.put_bytes(keys.job_record(job.id), job.dumps())
-        self.backend.put_bytes(keys.active_marker(job.id), b"")
+        marker = keys.legacy_marker(job.id) if legacy else keys.active_marker(owner, job.id)
+        self.backend.put_bytes(marker, b"")
         return job
 
     def adopter(self, node: str, host: FakeHost, now: float = 100.0) -> Adopter:
-        return Adopter(self.store, host, node, 30.0, now=lambda: now, rng=random.Random(1))
+        adopter = Adopter(self.store, host, node, 30.0, now=lambda: now, rng=random.Random(1))
+        adopter.gone = self.gone.__contains__
+        return adopter
 
-    def scan(self, adopter: Adopter) -> Any:
+    def take(self, adopter: Adopter, owner: str = "gone") -> Any:
         got: list[Any] = []
-        adopter.scan().addBoth(got.append)
+        adopter.take_over(owner).addBoth(got.append)
         return got[0]
 
+    def markers(self) -> list[str]:
+        return sorted(i.key for i in self.backend.list("active/").items)
+
+
+class AdopterTests(AdopterFixture):
     def test_it_hands_back_what_it_claims(self) -> None:
-        """An orphan (lease out) is claimed with a conditional write and handed to the host as
-        written (ours, queued, one more attempt, with the write's ETag), not run; a second node
-        then finds it taken."""
+        """A gone owner's job is claimed with a conditional write, marked under the claimant (the
+        gone owner's marker removed) and handed to the host as written (ours, queued, one more
+        attempt, with the write's ETag), not run; a second node then finds nothing there."""
         job = self.orphan()
         host, other = FakeHost(), FakeHost()
-        assert self.scan(self.adopter("n2", host)) == 1
+        assert self.take(self.adopter("n2", host)) == 1
         claim = host.active[job.id]
         data, info = self.backend.get_bytes(keys.job_record(job.id))
         assert Job.loads(data) == claim.job and info.etag == claim.etag
         assert (claim.job.node, claim.job.state, claim.job.attempts) == ("n2", jobs.QUEUED, 2)
-        assert claim.job.lease_until == 130.0
-        assert self.scan(self.adopter("n3", other)) == 0 and other.active == {}
+        assert self.markers() == [f"active/n2/{job.id}"]
+        assert self.take(self.adopter("n3", other)) == 0 and other.active == {}
 
-    def test_a_live_lease_a_full_host_or_a_draining_one_claims_nothing(self) -> None:
-        """A job whose lease runs is left alone; a host with no room or draining takes nothing."""
-        self.orphan(lease_until=200.0)
-        assert self.scan(self.adopter("n2", FakeHost())) == 0
+    def test_a_live_owner_a_full_host_or_a_draining_one_claims_nothing(self) -> None:
+        """A live owner's job is left alone, however old its record; a host with no room or
+        draining takes nothing."""
+        live = self.orphan(owner="alive")
+        assert self.take(self.adopter("n2", FakeHost()), "alive") == 0
+        assert self.markers() == [f"active/alive/{live.id}"]
         self.orphan()
-        assert self.scan(self.adopter("n2", FakeHost(capacity=0))) == 0
+        assert self.take(self.adopter("n2", FakeHost(capacity=0))) == 0
         draining = FakeHost()
         draining.draining = True
-        assert self.scan(self.adopter("n2", draining)) == 0
+        assert self.take(self.adopter("n2", draining)) == 0
         host = FakeHost()
-        assert self.scan(self.adopter("n2", host)) == 1 and len(host.active) == 1
+        assert self.take(self.adopter("n2", host)) == 1 and len(host.active) == 1
+
+    def test_a_job_being_accepted_here_is_not_taken_for_an_earlier_lifes(self) -> None:
+        """Our own prefix lists a job whose upload we are still answering (its record and marker
+        written, the job not active yet): not claimed. Once gone from the host, it is (an
+        earlier life's)."""
+        job = self.orphan(owner="n2")
+        host = FakeHost()
+        host.accepting.add(job.id)
+        adopter = self.adopter("n2", host)
+        got: list[Any] = []
+        adopter.check_own().addBoth(got.append)
+        assert got == [0] and host.active == {}
+        host.accepting.clear()
+        adopter.check_own().addBoth(got.append)
+        assert got == [0, 1] and host.active[job.id].job.attempts == 2
+
+    def test_a_released_job_handed_on_is_claimed_by_its_heir(self) -> None:
+        """A live node releases a job (no scratch space) and hands it to its heir: the marker moves
+        to the heir's prefix, and the heir's look at its own prefix claims it."""
+        job = self.orphan(owner="alive")
+        record = Job.loads(self.backend.get_bytes(keys.job_record(job.id))[0])
+        record.release(50.0)
+        self.backend.put_bytes(keys.job_record(job.id), record.dumps())
+        giver = self.adopter("alive", FakeHost())
+        giver.heir = lambda: "heir"
+        giver.hand_on(job.id)
+        assert self.markers() == [f"active/heir/{job.id}"]
+        host = FakeHost()
+        got: list[Any] = []
+        self.adopter("heir", host).check_own().addBoth(got.append)
+        assert got == [1] and host.active[job.id].job.node == "heir"
+
+    def test_odd_markers_are_ignored_and_stale_copies_removed(self) -> None:
+        """Keys under a prefix that are not a job id (or nest deeper) are never read; a marker left
+        under a gone node for a job a live node owns is a stale copy, removed; one under a live
+        node's prefix is left to that node; a marker whose record is gone is removed."""
+        nested = f"active/gone/{keys.new_id(1.0)}/extra"
+        for odd in ("active/gone/not-an-id", "active/gone/x/y", nested):
+            self.backend.put_bytes(odd, b"")
+        live = self.orphan(owner="alive")
+        self.backend.put_bytes(keys.active_marker("gone", live.id), b"")
+        self.backend.put_bytes(keys.active_marker("gone", keys.new_id(2.0)), b"")  # no record
+        reads: list[str] = []
+        real = self.backend.get_bytes
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
+        assert self.take(self.adopter("n2", FakeHost())) == 0
+        assert all(k.startswith("jobs/") and k.count("/") == 1 for k in reads), reads
+        assert self.markers() == sorted(["active/gone/not-an-id", "active/gone/x/y", nested,
+                                         f"active/alive/{live.id}"])
 
     def test_poison_is_quarantined_not_handed_back(self) -> None:
         """A job claimed MAX_ATTEMPTS times already is failed as poison, its marker removed, and
         the host told; nothing is handed back to run."""
         job = self.orphan(attempts=MAX_ATTEMPTS)
         host = FakeHost()
-        assert self.scan(self.adopter("n2", host)) == 0
+        assert self.take(self.adopter("n2", host)) == 0
         record = Job.loads(self.backend.get_bytes(keys.job_record(job.id))[0])
         assert record.state == jobs.FAILED and record.error is not None and record.error["code"] == "poison"
         assert [j.id for j in host.poisoned] == [job.id] and host.active == {}
-        assert self.backend.list("active/").items == []
+        assert self.markers() == []
+
+
+class MigrationTests(AdopterFixture):
+    """The old layout (``active/<id>``), read by the registry writer alone."""
+
+    def migrate(self, adopter: Adopter) -> Any:
+        got: list[Any] = []
+        adopter.migrate().addBoth(got.append)
+        return got[0]
+
+    def test_only_the_writer_reads_the_old_layout(self) -> None:
+        """A node that is not the registry writer lists nothing."""
+        self.orphan(legacy=True)
+        listed: list[str] = []
+        real = self.backend.list
+        self.backend.list = lambda prefix, **kw: listed.append(prefix) or real(prefix, **kw)  # type: ignore
+        assert self.migrate(self.adopter("n2", FakeHost())) == 0 and listed == []
+
+    def test_old_markers_move_to_the_new_layout(self) -> None:
+        """A gone owner's job is claimed (its old marker replaced by ours), a final one's marker
+        removed, a live owner's job marked under that owner as well and left to it (its old
+        marker stays: nodes of the earlier version read it); a second pass writes nothing new."""
+        orphan = self.orphan(legacy=True)
+        live = self.orphan(owner="alive", legacy=True)
+        done = self.orphan(legacy=True)
+        record = Job.loads(self.backend.get_bytes(keys.job_record(done.id))[0])
+        record.fail("ffmpeg_failed", "bad", 5.0)
+        self.backend.put_bytes(keys.job_record(done.id), record.dumps())
+        host = FakeHost()
+        adopter = self.adopter("w", host)
+        adopter.reads_legacy = lambda: True
+        assert self.migrate(adopter) == 1 and list(host.active) == [orphan.id]
+        assert self.markers() == sorted([f"active/w/{orphan.id}", f"active/alive/{live.id}", f"active/{live.id}"])
+        puts: list[str] = []
+        real = self.backend.put_bytes
+        self.backend.put_bytes = lambda key, data, **kw: puts.append(key) or real(key, data, **kw)  # type: ignore
+        assert self.migrate(adopter) == 0 and puts == []

@@ -8,9 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
+from gridnode.metrics import Metrics
+from gridnode.notify.service import Webhooks
+from gridnode.notify.signing import Signer
+from gridnode.notify.targets import AddressRule, literal
 from tests.test_access import ALICE, MemoryNode, code
+from tests.test_notify import PUBLIC, RING
 
 
 @pytest.fixture
@@ -41,3 +47,42 @@ class JobIdTests:
             assert code(r) == (400, "bad_job_id"), path
         assert code(node.request("GET", f"/jobs/{'0' * 26}", ALICE)) == (404, "not_found")
         assert code(node.request("GET", f"/results/{'0' * 26}", ALICE)) == (404, "not_found")
+
+
+class NotifyTests:
+    def test_notify_urls_on_post_jobs(self, node: MemoryNode) -> None:
+        """Query ``notify`` or a ``Notify`` header: a node without a webhook secret refuses them
+        (webhooks_off); with one, the metadata address and a hostile URL are 400 notify_refused and
+        nothing is stored; a public URL becomes the job's, with job.progress when asked."""
+        url = "https%3A%2F%2Fhooks.example.com%2Fin"
+        r = node.request("POST", f"/jobs?notify={url}", {**ALICE, "Content-Type": "video/mp4"}, b"video")
+        assert code(r) == (400, "webhooks_off")
+        node.jobs.webhooks = Webhooks(Clock(), node.store, "n1", Signer(lambda: RING), AddressRule(),
+                                      lambda host, port: succeed([literal(host) or PUBLIC]),
+                                      lambda *_: succeed(200), metrics=Metrics())
+        for query, headers in (("?notify=http://169.254.169.254/latest/", {}), ("", {"Notify": "gopher://x/"}),
+                               ("", {"Notify": "http://[::ffff:10.0.0.1]/"}), ("?notify=http://u:p@a.example/", {})):
+            r = node.request("POST", f"/jobs{query}", {**ALICE, **headers, "Content-Type": "video/mp4"}, b"video")
+            assert code(r) == (400, "notify_refused"), (query, headers)
+        assert [k for k in node.store.backend.list("").items] == []
+        r = node.request("POST", f"/jobs?notify={url}&notify_progress=true", {**ALICE, "Content-Type": "video/mp4"},
+                         b"video")
+        assert r.status_code == 201, r.text
+        assert (r.json()["notify"], r.json()["notify_progress"]) == (["https://hooks.example.com/in"], True)
+        r = node.request("POST", "/jobs", {**ALICE, "Notify": "https://a.example/1, https://b.example/2",
+                                           "Content-Type": "video/mp4"}, b"video")
+        assert r.json()["notify"] == ["https://a.example/1", "https://b.example/2"]
+        assert r.json()["notify_progress"] is False
+
+    def test_an_idempotency_key_covers_the_notify_urls(self, node: MemoryNode) -> None:
+        """The same key with other notify URLs is another request: 422 idempotency_key_reused."""
+        node.jobs.webhooks = Webhooks(Clock(), node.store, "n1", Signer(lambda: RING), AddressRule(),
+                                      lambda host, port: succeed([PUBLIC]), lambda *_: succeed(200),
+                                      metrics=Metrics())
+        headers = {**ALICE, "Idempotency-Key": "k-1", "Content-Type": "video/mp4"}
+        r = node.request("POST", "/jobs", {**headers, "Notify": "https://a.example/1"}, b"video")
+        assert r.status_code == 201, r.text
+        again = node.request("POST", "/jobs", {**headers, "Notify": "https://a.example/1"}, b"video")
+        assert again.status_code == 201 and again.json()["id"] == r.json()["id"]
+        other = node.request("POST", "/jobs", {**headers, "Notify": "https://evil.example/"}, b"video")
+        assert code(other) == (422, "idempotency_key_reused")

@@ -26,6 +26,7 @@ from bench.__main__ import (
     header,
     main,
     parse_json_lines,
+    read_encode,
     read_loadbalance,
     read_membership_detect,
     read_membership_fp,
@@ -140,6 +141,18 @@ class RunBenchTests:
 
 
 class ReaderTests:
+    def test_read_encode(self) -> None:
+        """bench/encode.py: a row per codec and source, against its own goal, with its speed."""
+        o = {"source": "noise", "height": 360, "seconds": 4.0, "speed": "fast",
+             "h264": {"crf": 23, "bytes": 1000, "ssim": 0.95, "fps_per_core": 90.0},
+             "hevc": {"crf": 27, "bytes": 700, "ssim": 0.951, "interpolated": False, "saving": 0.3, "goal": 0.25,
+                      "fps_per_core": 30.0},
+             "av1": {"crf": None, "bytes": 700, "ssim": 0.95, "interpolated": True, "saving": 0.3, "goal": 0.35,
+                     "fps_per_core": 20.0}}
+        hevc, av1 = read_encode([o])
+        assert (hevc.ratio, hevc.verdict, av1.verdict) == ("30 %", "PASS", "FAIL")
+        assert "crf 27" in hevc.measured and "interpolated" in av1.measured and "30.0 vs 90.0" in hevc.measured
+
     def test_pipeline_rows_keep_title_goal_and_verdict(self) -> None:
         """pipeline.py's objects become rows; PASS/FAIL leave the ratio text for the verdict column."""
         rows = read_pipeline([
@@ -183,8 +196,8 @@ class ReaderTests:
         assert "read live" in rows[0].measured and "stale registry loads 1.270" in rows[0].measured
 
     def test_loadbalance_wait_rows_come_first_against_the_central_dispatcher(self) -> None:
-        """With --wait results, one row per N holds the client's p99 over the central dispatcher's
-        against 1.5, with a third of the nodes 2x when that mix is there; the max/mean rows follow."""
+        """With --wait results, one row per N and mix of speeds holds the client's p99 over the
+        central dispatcher's against 1.5; max/mean rows, from a default run, follow."""
         def w(policy: str, mix: str, n: int, p99: float) -> dict[str, object]:
             return {"policy": policy, "mix": mix, "nodes": n, "p99": p99, "mean": p99 / 5}
 
@@ -194,7 +207,8 @@ class ReaderTests:
         results = [{"policy": "two-choices/probed", "mix": "mixed", "nodes": 10, "refresh": 2.0, "mean": 9,
                     "max_over_mean": 1.9}]
         rows = read_loadbalance([{"wait": wait}, {"results": results}])
-        assert [(r.ratio, r.verdict) for r in rows] == [("1.051", "PASS"), ("1.650", "FAIL"), ("1.900", "FAIL")]
+        assert [(r.ratio, r.verdict) for r in rows] == [("1.051", "PASS"), ("1.650", "FAIL"), ("1.000", "PASS"),
+                                                        ("1.900", "FAIL")]
         assert "N=1000, a third of the nodes 2x" in rows[1].figure and rows[1].goal == "<= 1.5"
         assert "random 600 s" in rows[0].measured and "random" not in rows[1].measured
         assert read_loadbalance([{"wait": wait}])[0].ratio == "1.051"
@@ -303,7 +317,8 @@ class SuiteTests:
             benches = suite(quick)
             scripts = {c[1] for b in benches for c in b.commands}
             assert scripts == {"bench/pipeline.py", "bench/store_upload.py", "bench/loadbalance.py",
-                               "bench/membership_sim.py", "bench/membership_sync.py", "bench/pool_cost.py"}
+                               "bench/membership_sim.py", "bench/membership_sync.py", "bench/pool_cost.py",
+                               "bench/encode.py"}
             assert all(0 < b.budget_s <= TOTAL_S for b in benches)
             assert all(any("--json" in c for c in b.commands) for b in benches)
 

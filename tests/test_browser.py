@@ -193,6 +193,54 @@ class UploadPageTests:
             log = page.inner_text("#log")
             assert "Uploading to" in log and "gone" not in log, log
 
+    def test_hls_result_plays_through_hls_js_to_its_end(self, node: NodeProcess, media_clips: Clips) -> None:
+        """An HLS ladder is played with the vendored hls.js (chromium has Media Source Extensions),
+        loaded only then, from the first segment to the end of the last."""
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.goto(f"{node.url}/")
+            assert page.evaluate("typeof window.Hls") == "undefined"  # not loaded up front
+            submit_on_page(page, media_clips.landscape, ["hls", "poster"])
+            page.wait_for_selector("#result-section:not([hidden])", timeout=40_000)
+            page.wait_for_function("document.getElementById('player').dataset.engine === 'hls.js'")
+            page.evaluate("() => { const p = document.getElementById('player'); p.muted = true; p.play(); }")
+            page.wait_for_function("document.getElementById('player').ended", timeout=30_000)
+            played = page.evaluate("""() => {
+              const p = document.getElementById('player');
+              const ranges = [];
+              for (let i = 0; i < p.played.length; i++) ranges.push([p.played.start(i), p.played.end(i)]);
+              return {ranges: ranges, duration: p.duration, hls_loaded: typeof window.Hls === "function"};
+            }""")
+            assert played["hls_loaded"]
+            assert abs(played["duration"] - 4.0) < 0.3, played
+            start, end = played["ranges"][0][0], played["ranges"][-1][1]
+            assert start < 0.2 and end > played["duration"] - 0.2, played
+            assert errors.errors == [], errors.errors
+
+    def test_page_chooses_by_expected_wait_and_draws_by_speed(self, node: NodeProcess) -> None:
+        """The page's rule is the command line client's: a fast node with a job beats an idle slow
+        one (it would finish a new job sooner), and a node twice as fast is drawn more often than
+        a uniform draw would (0.7 of choices among one 2x and three 1x idle nodes, against 0.5)."""
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.goto(f"{node.url}/")
+            page.wait_for_function("window.gridnodeUpload !== undefined")
+            picks = page.evaluate("""() => {
+              const up = window.gridnodeUpload;
+              const fast = {id: "fast", load: {running: 1, queued: 0, workers: 2, work: 60, speed: 4}};
+              const slow = {id: "slow", load: {running: 0, queued: 0, workers: 2, work: 0, speed: 0.25}};
+              const pair = [];
+              for (let k = 0; k < 50; k++) pair.push(up.chooseNode([slow, fast], new Set()).id);
+              const idle = (id, speed) => ({id: id, load: {running: 0, queued: 0, workers: 2, work: 0, speed: speed}});
+              const four = [idle("a", 1), idle("b", 1), idle("c", 1), idle("fast", 2)];
+              let fastChosen = 0;
+              for (let k = 0; k < 1000; k++) if (up.chooseNode(four, new Set()).id === "fast") fastChosen += 1;
+              return {pair: pair, fastShare: fastChosen / 1000};
+            }""")
+            assert set(picks["pair"]) == {"fast"}, picks["pair"]
+            assert 0.6 < picks["fastShare"] < 0.8, picks["fastShare"]
+            assert errors.errors == []
+
     def test_coded_error_is_shown(self, node: NodeProcess, media_clips: Clips, tmp_path: Path) -> None:
         """A file that is not a video: the node's error code and message appear in the alert."""
         with chromium_page() as page:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gridnode.config import HTTP_BACKLOG, build_config, default_node_id, endpoint_port, load_config_file, with_backlog
+from gridnode.config import build_config, load_config_file
+from gridnode.endpoints import HTTP_BACKLOG, default_node_id, endpoint_port, with_backlog
 from gridnode.errors import ConfigError
 
 

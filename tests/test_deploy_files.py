@@ -76,7 +76,9 @@ class LifecycleTests:
         from gridnode.uploads.store import DEFAULT_EXPIRY
 
         expiring = {rule_prefix(r): r["Expiration"]["Days"] for r in lifecycle_rules() if "Expiration" in r}
-        assert expiring == {keys.idempotency_prefix(): 2, top(keys.upload_prefix(keys.new_id())): 7}
+        assert expiring == {keys.idempotency_prefix(): 2, top(keys.upload_prefix(keys.new_id())): 7,
+                            keys.tombstones_prefix(): 30}
+        assert top(keys.tombstone(keys.new_id())) == keys.tombstones_prefix()
         assert keys.idempotency_entry("ab12").startswith(keys.idempotency_prefix())
         assert 2 * 86400 > idempotency.TTL and 7 * 86400 > DEFAULT_EXPIRY
 
@@ -85,7 +87,7 @@ class LifecycleTests:
         an unfinished job whose record or input vanished would be lost, and a finished job's
         outputs are the operator's to keep or delete (docs/operations.md, "Retention")."""
         job = keys.new_id()
-        needed = [keys.job_record(job), keys.active_marker(job), keys.input_source(job),
+        needed = [keys.job_record(job), keys.active_marker("n1", job), keys.legacy_marker(job), keys.input_source(job),
                   keys.output(job, "mp4-720p.mp4"), keys.node_record("dev", "p1", "n1"),
                   keys.nodes_list("dev", "p1")]
         for rule in lifecycle_rules():
@@ -93,6 +95,13 @@ class LifecycleTests:
                 prefix = rule_prefix(rule)
                 assert prefix, f"rule {rule['ID']} expires the whole store"
                 assert not [k for k in needed if k.startswith(prefix)], rule["ID"]
+
+    def test_the_file_is_what_gridnode_lifecycle_prints(self) -> None:
+        """deploy/s3/lifecycle.json is `gridnode lifecycle --store s3://acme-video/grid`'s output:
+        one source for the rules (gridnode/client/lifecycle.py)."""
+        from gridnode.client.lifecycle import rules
+
+        assert json.loads(LIFECYCLE.read_text()) == rules(STORE_PREFIX)
 
     @pytest.mark.integration
     def test_s3_takes_the_configuration(self, s3_client: Any, s3_bucket: str) -> None:

@@ -18,6 +18,8 @@ from twisted.internet.task import Clock
 from gridnode import jobs
 from gridnode.config import build_config
 from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.job_list import entries
+from gridnode.jobs import Job
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -89,7 +91,8 @@ class DurableTests:
         assert job.state == jobs.QUEUED
         assert order == [("put_part", f"inputs/{job.id}/source")] * 4 + [("finish_upload", None),
                                                                           ("put_bytes", f"jobs/{job.id}.json"),
-                                                                          ("put_bytes", f"active/{job.id}")]
+                                                                          ("put_bytes", f"active/n1/{job.id}"),
+                                                                          *(("put_bytes", k) for k in entries(job))]
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == body
         assert self.backend.list_uploads("") == []
 
@@ -156,7 +159,7 @@ class DurableTests:
         spool.write(b"v" * PART)
         answered: list[Any] = []
         self.jobs.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(answered.append)
-        assert self.held.release_all() == ["put_file", "put_bytes", "put_bytes"]
+        assert self.held.release_all() == ["put_file", "put_bytes", "put_bytes", "put_bytes", "put_bytes"]
         assert self.backend.get_bytes(f"inputs/{answered[0].id}/source")[0] == b"v" * PART
 
     def test_streams_only_on_a_parted_store(self) -> None:
@@ -220,8 +223,9 @@ class HttpTests:
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         assert node.backend.get_bytes(f"inputs/{job_id}/source")[0] == body
+        record = Job.loads(node.backend.get_bytes(f"jobs/{job_id}.json")[0])
         assert {i.key for i in node.backend.list("").items} == {f"inputs/{job_id}/source", f"jobs/{job_id}.json",
-                                                               f"active/{job_id}"}
+                                                               f"active/{node.jobs.node_id}/{job_id}", *entries(record)}
 
     def test_store_down_at_admission_reads_no_body(self, tmp_path: Path) -> None:
         """The store refuses to begin the upload: 503 storage_unavailable with Retry-After, before

@@ -57,7 +57,7 @@ def post(base: str, path: Path, key: str) -> tuple[int, dict[str, str], Any]:
 
 
 def jobs_of(base: str) -> set[str]:
-    status, listing = get_json(f"{base}/jobs")
+    status, listing = get_json(f"{base}/jobs?view=node")
     assert status == 200
     return {j["id"] for j in listing["active"] + listing["recent"]}
 

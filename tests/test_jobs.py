@@ -61,15 +61,18 @@ class JobStateTests:
         job.accept(3.0, 30.0)
         assert (job.state, job.attempts, job.lease_until, job.updated) == (jobs.QUEUED, 1, 33.0, 3.0)
 
-    def test_renew_never_shortens_the_lease(self) -> None:
-        """A renewal moves the lease forward from now, never back, and changes nothing else."""
+    def test_only_a_queued_job_given_back_is_released(self) -> None:
+        """`released` (any node may claim it) holds for a queued job its owner gave back, not for
+        one accepted or claimed, nor for one being probed."""
         job = new_job()
         job.advance(jobs.PROBING, 2.0)
+        assert not job.released
         job.accept(2.0, 30.0)
-        job.renew(10.0, 30.0)
-        assert job.lease_until == 40.0 and job.updated == 2.0 and job.state == jobs.QUEUED
-        job.renew(11.0, 5.0)
-        assert job.lease_until == 40.0
+        assert not job.released
+        job.release(3.0)
+        assert job.released
+        job.reclaim("n2", 4.0, 30.0)
+        assert not job.released
 
     def test_release_gives_the_job_back_with_an_expired_lease(self) -> None:
         """Draining: a running job goes back to queued, progress 0, lease expired (a peer adopts

@@ -36,7 +36,7 @@ class LoadTests:
                     return upload(base, media_clips.portrait, "poster")
                 except ConnectionResetError:
                     # Seen under this burst on a loaded machine while the node listened with
-                    # Twisted's default backlog of 50 (now 1024: config.with_backlog); a client
+                    # Twisted's default backlog of 50 (now 1024: endpoints.with_backlog); a client
                     # retries once, as clients do.
                     resets.append(1)
                     return upload(base, media_clips.portrait, "poster")

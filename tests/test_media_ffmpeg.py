@@ -33,9 +33,10 @@ from gridnode.media.ffmpeg import (
     start_transcode,
     transcode_command,
 )
-from gridnode.media.presets import build_argv, default_output_limit, parse_presets
+from gridnode.media.presets import build_argv, default_output_limit
 from gridnode.media.probe import Limits, ProbeResult, decoder_pixels, probe, probe_command
 from gridnode.media.sandbox import sandboxed_argv
+from gridnode.media.templates import parse_presets
 from gridnode.media.verify import OutputWatch, measure_outputs
 from tests.fake_child import PID, ChildRun, FakeGroups, FakeTransport, exited
 from tests.media_samples import (

@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from gridnode.errors import Busy, GridnodeError
 from gridnode.media.ffmpeg import collect_outputs, start_transcode
 from gridnode.media.pool import JobSlot, TranscodePool
-from gridnode.media.presets import parse_presets
 from gridnode.media.probe import probe
+from gridnode.media.templates import parse_presets
 from tests.media_samples import FFMPEG, FFPROBE, Clips, group_alive, wait_for
 
 

@@ -12,15 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gridnode.errors import GridnodeError
-from gridnode.media.presets import (
-    COMMON_OPTIONS,
-    PRESETS,
-    build_argv,
-    hls_rungs,
-    parse_presets,
-    target_size,
-)
+from gridnode.media.presets import COMMON_OPTIONS, build_argv, hls_rungs, target_size
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
+from gridnode.media.templates import PRESETS, parse_presets
 
 
 def source(width: int = 1920, height: int = 1080, *, audio: bool = True, rotation: int = 0,

@@ -19,8 +19,9 @@ from twisted.internet import task
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
 from gridnode.media.headers import mp4_duration, webm_duration
-from gridnode.media.presets import job_output_limit, parse_presets
+from gridnode.media.presets import job_output_limit
 from gridnode.media.probe import ProbeResult
+from gridnode.media.templates import parse_presets
 from gridnode.media.verify import (
     MAX_FILES,
     OutputWatch,
@@ -268,8 +269,8 @@ class MeasureOutputsTests:
                 if name.endswith("index.m3u8"):
                     path.write_text(PLAYLIST + f"#EXTINF:6.0,\nseg_000.ts\n#EXTINF:{seconds - 6},\nseg_001.ts\n"
                                     "#EXT-X-ENDLIST\n")
-                elif preset.kind in ("mp4", "webm"):
-                    path.write_bytes(mp4(seconds) if preset.kind == "mp4" else webm(seconds))
+                elif preset.container in ("mp4", "webm"):
+                    path.write_bytes(mp4(seconds) if preset.container == "mp4" else webm(seconds))
                 else:
                     path.write_bytes(b"data")
                 files.append(ProducedFile(preset.name, name, str(path), path.stat().st_size, declared.content_type))

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 import gridnode.spool
 from gridnode import jobs
-from gridnode.adoption import KEEPERS, SAMPLE, KeeperRing
+from gridnode.adoption import KeeperRing
 from gridnode.config import build_config
 from gridnode.errors import Busy, GridnodeError, StorageUnavailable
 from gridnode.pipeline import RELEASE_GRACE, JobService
@@ -243,7 +243,7 @@ class PipelineTests:
 
 
 class OwnershipTests:
-    """Leases, adoption, poison, drain and recovery, with two nodes sharing one store."""
+    """Adoption, poison, drain and recovery, with two nodes sharing one store."""
 
     @pytest.fixture(autouse=True)
     def setup(self, tmp_path: Path) -> None:
@@ -251,6 +251,8 @@ class OwnershipTests:
         self.clock.advance(1000)
         self.backend = MemoryBackend()
         self.tmp = tmp_path
+        #: the nodes the adopters hold gone (the membership's and the registry's word, in a node)
+        self.gone: set[str] = set()
         self.n1, self.m1 = self.service("n1")
         self.n2, self.m2 = self.service("n2")
 
@@ -258,8 +260,12 @@ class OwnershipTests:
         media = FakeMedia(self.tmp)
         config = build_config(cli={"work-dir": str(self.tmp / node), "workers": 2, "queue": queue, "min-free": 0,
                                    "job-lease": 30}).with_identity(node)
-        return JobService(self.clock, config, ObjectStore.synchronous(self.backend), media,
-                          now=self.clock.seconds), media
+        svc = JobService(self.clock, config, ObjectStore.synchronous(self.backend), media, now=self.clock.seconds)
+        svc.adopter.gone = self.gone.__contains__
+        return svc, media
+
+    def markers(self) -> list[str]:
+        return sorted(i.key for i in self.backend.list("active/").items)
 
     def upload(self, svc: JobService) -> Any:
         spool = svc.admit(5)
@@ -271,21 +277,23 @@ class OwnershipTests:
     def record(self, job_id: str) -> dict[str, Any]:
         return json.loads(self.backend.get_bytes(f"jobs/{job_id}.json")[0])
 
-    def test_owner_renews_lease(self) -> None:
-        """While its owner lives, a job's lease keeps moving and no peer adopts it."""
+    def test_a_live_owners_job_is_never_adopted_whatever_its_age(self) -> None:
+        """Nothing renews a job's record, and nothing needs to: while its owner is not gone, no pass
+        claims the job, however long ago its record was written."""
         job = self.upload(self.n1)
         self.n1.startService()
-        for _ in range(6):
+        for _ in range(30):
             self.clock.advance(10)
-        assert self.record(job.id)["lease_until"] > self.clock.seconds()
+        writes = self.backend.get_bytes(f"jobs/{job.id}.json")[1].etag
+        assert self.backend.get_bytes(f"jobs/{job.id}.json")[1].etag == writes
         adopted: list[Any] = []
-        self.n2.adopt_orphans().addBoth(adopted.append)
-        assert adopted == [0] and job.id not in self.n2.active
+        self.n2.adopter.take_over("n1").addBoth(adopted.append)
+        assert adopted == [0] and job.id not in self.n2.active and self.record(job.id)["node"] == "n1"
 
     def test_stop_service_stops_every_loop(self) -> None:
-        """startService begins lease renewal and orphan scans, and `recovered` fires once recovery
-        is over; a subscriber to a job run elsewhere adds a poll of its record. stopService stops
-        all of them: nothing is left on the clock, and the lease is no longer renewed."""
+        """startService begins the looks at our own and the old markers, and `recovered` fires once
+        recovery is over; a subscriber to a job run elsewhere adds a poll of its record.
+        stopService stops all of them: nothing is left on the clock."""
         job = self.upload(self.n1)
         self.n1.startService()
         self.n2.startService()
@@ -294,7 +302,7 @@ class OwnershipTests:
         assert recovered == [None]
         seen: list[str] = []
         self.n2.subscribe(job.id, lambda j: seen.append(j.state), poll=1.0)
-        assert len(self.clock.getDelayedCalls()) == 5  # each node's renewal and scan, n2's poll
+        assert len(self.clock.getDelayedCalls()) == 5  # each node's two looks, n2's poll
         self.clock.advance(1)
         assert seen == ["queued"]
         stopped: list[Any] = []
@@ -302,48 +310,32 @@ class OwnershipTests:
         self.n2.stopService().addCallback(stopped.append)
         assert stopped == [None, None] and not self.n1.running
         assert self.clock.getDelayedCalls() == []
-        lease = self.record(job.id)["lease_until"]
-        self.clock.advance(60)
-        assert self.record(job.id)["lease_until"] == lease
 
-    def test_a_draining_node_still_renews_its_running_jobs(self) -> None:
-        """Draining refuses new work but stops no loop (the service's stop does): a job still
-        running keeps its lease, so no peer adopts it before the drain timeout releases it, and
-        the draining node's own scans claim nothing."""
-        job = self.upload(self.n1)
-        self.m1.hooks[job.id][0]()
-        self.n1.startService()
-        self.n1.drain(60)
-        self.clock.advance(45)  # past the 30 s lease
-        assert self.record(job.id)["lease_until"] > self.clock.seconds()
-        got: list[Any] = []
-        self.n2.adopt_orphans().addBoth(got.append)
-        assert got == [0] and self.record(job.id)["node"] == "n1"
-
-    def test_orphan_adopted_once_and_finished(self) -> None:
-        """When the owner stops renewing, exactly one peer claims the job, runs it from the stored
-        input with attempts 2, and finishes it."""
-        job = self.upload(self.n1)  # n1 then dies: nothing renews
-        self.clock.advance(31)
+    def test_a_gone_owners_job_is_adopted_once_and_finished(self) -> None:
+        """Its owner gone, two nodes take over its prefix: exactly one claims the job, marks it
+        under its own id, runs it from the stored input with attempts 2, and finishes it."""
+        job = self.upload(self.n1)  # n1 then dies
+        self.gone.add("n1")
         n3, m3 = self.service("n3")
         a: list[Any] = []
         b: list[Any] = []
-        self.n2.adopt_orphans().addBoth(a.append)
-        n3.adopt_orphans().addBoth(b.append)
+        self.n2.adopter.take_over("n1").addBoth(a.append)
+        n3.adopter.take_over("n1").addBoth(b.append)
         assert a[0] + b[0] == 1
         winner, media = (self.n2, self.m2) if a[0] else (n3, m3)
         assert self.record(job.id)["node"] == winner.node_id and self.record(job.id)["attempts"] == 2
+        assert self.markers() == [f"active/{winner.node_id}/{job.id}"]
         media.hooks[job.id][0]()
         media.finish(job.id)
         rec = self.record(job.id)
         assert rec["state"] == "done" and rec["node"] == winner.node_id
-        assert self.backend.list("active/").items == []
+        assert self.markers() == []
 
-    def test_two_adoption_passes_at_once_claim_a_job_once(self) -> None:
-        """A death-triggered pass while the periodic one runs: the job is claimed once (attempts 2),
-        not a second time as "ours from an earlier life"."""
+    def test_two_takeovers_at_once_claim_a_job_once(self) -> None:
+        """A second takeover of the same prefix while the first runs: the job is claimed once
+        (attempts 2), not a second time as "ours from an earlier life"."""
         job = self.upload(self.n1)
-        self.clock.advance(31)
+        self.gone.add("n1")
         held: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
 
         def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -357,81 +349,68 @@ class OwnershipTests:
                                    "job-lease": 30}).with_identity("n3")
         media = FakeMedia(self.tmp)
         n3 = JobService(self.clock, config, ObjectStore(self.backend, run), media, now=self.clock.seconds)
+        n3.adopter.gone = self.gone.__contains__
         passes: list[Any] = []
-        n3.adopt_orphans().addBoth(passes.append)
-        n3.adopt_orphans(dead=frozenset({"n1"})).addBoth(passes.append)
+        n3.adopter.take_over("n1").addBoth(passes.append)
+        n3.adopter.take_over("n1").addBoth(passes.append)
         while held:  # the reads answer in order, each when released
             fn, args, d = held.pop(0)
             d.callback(fn(*args))
         assert sorted(passes) == [0, 1], passes
         assert self.record(job.id)["attempts"] == 2 and list(media.runs) == [job.id]
 
-    def test_a_pass_reads_the_jobs_it_keeps_and_a_few_more(self) -> None:
-        """With a membership of 10, a node's passes after its first read the records of the jobs it
-        keeps (2 keepers a job) and SAMPLE others, not every unfinished job."""
-
-        owner, _ = self.service("n1", queue=30)
-        made = [self.upload(owner) for _ in range(30)]
-        owner.startService()
-        members = [f"n{i}" for i in range(1, 11)]
-        self.n2.adopter.members = lambda: members
+    def test_a_takeover_reads_one_prefix_not_the_pool(self) -> None:
+        """Taking over a dead node's jobs lists that node's prefix alone and reads only its jobs'
+        records, however many jobs the rest of the pool has."""
+        busy, _ = self.service("n9", queue=20)
+        others = [self.upload(busy).id for _ in range(20)]
+        mine = [self.upload(self.n1).id for _ in range(2)]
+        self.gone.add("n1")
         reads: list[str] = []
-        real = self.backend.get_bytes
-        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
-        for _ in range(2):
-            self.n2.adopt_orphans()
-        kept = [j.id for j in made if "n2" in KeeperRing(members).keepers(j.id, KEEPERS)]
-        first, second = reads[:30], reads[30:]
-        assert len(first) == 30  # the first pass reads everything: an earlier life may have left jobs
-        assert {f"jobs/{j}.json" for j in kept} <= set(second)
-        assert len(second) == len(kept) + SAMPLE < 30
+        listed: list[str] = []
+        real_get, real_list = self.backend.get_bytes, self.backend.list
+        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real_get(key, **kw)  # type: ignore
+        self.backend.list = lambda prefix, **kw: listed.append(prefix) or real_list(prefix, **kw)  # type: ignore
+        got: list[Any] = []
+        self.n2.adopter.take_over("n1").addBoth(got.append)
+        assert got == [2] and listed == ["active/n1/"]
+        records = sorted(k for k in reads if k.startswith("jobs/"))  # the rest: the inputs fetched
+        assert records == sorted(f"jobs/{j}.json" for j in mine)
+        assert not set(records) & {f"jobs/{j}.json" for j in others}
 
-    def test_a_node_with_no_earlier_life_skips_the_full_first_pass(self) -> None:
-        """The registry found no record of an earlier life of ours (new, or it left cleanly and
-        released its jobs): the first pass already reads only the kept jobs and a sample."""
-
-        owner, _ = self.service("n1", queue=30)
-        made = [self.upload(owner) for _ in range(30)]
-        owner.startService()
-        members = [f"n{i}" for i in range(1, 11)]
-        self.n2.adopter.members = lambda: members
-        self.n2.adopter.earlier_life = lambda: False
-        reads: list[str] = []
-        real = self.backend.get_bytes
-        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
-        self.n2.adopt_orphans()
-        kept = [j.id for j in made if "n2" in KeeperRing(members).keepers(j.id, KEEPERS)]
-        assert len(reads) == len(kept) + SAMPLE < 30
-
-    def test_a_dead_nodes_jobs_go_to_their_keepers(self) -> None:
-        """A confirmed death: each survivor's pass reads only the jobs it keeps and a sample, and
-        together they claim every job of the dead node exactly once."""
-
-        owner, _ = self.service("n1", queue=20)
-        made = {self.upload(owner).id for _ in range(20)}
-        members = ["n1", "n2", "n3", "n4", "n5"]
-        ring = KeeperRing(members[1:])
-        reads: list[str] = []
-        real = self.backend.get_bytes
-        self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
-        got = []
-        for name in members[1:]:
-            svc = self.service(name, queue=20)[0]
-            svc.adopter.members = lambda: members
-            svc.adopter._first_pass = False
-            del reads[:]
-            svc.adopt_orphans(dead=frozenset({"n1"})).addBoth(got.append)
-            records = [k for k in reads if k.startswith("jobs/")]
-            assert len(records) <= sum(name in ring.keepers(j, KEEPERS) for j in made) + SAMPLE
-        assert sum(got) == 20
-        assert all(self.record(j)["node"] in members[1:] and self.record(j)["attempts"] == 2 for j in made)
+    def test_what_does_not_fit_is_handed_to_its_keepers(self) -> None:
+        """A watcher with room for two of a dead node's six jobs claims two and moves the other
+        markers to each job's keeper among the other live members; each keeper claims its own at
+        its next look at its prefix. Every job ends claimed once."""
+        owner, _ = self.service("n1", queue=6)
+        made = {self.upload(owner).id for _ in range(6)}
+        members = ["n1", "n2", "n3", "n4"]
+        self.gone.add("n1")
+        watcher, _ = self.service("w", queue=0)  # 2 workers: room for 2
+        watcher.adopter.members = lambda: members + ["w"]
+        got: list[Any] = []
+        watcher.adopter.take_over("n1").addBoth(got.append)
+        assert got == [2]
+        ring = KeeperRing(["n2", "n3", "n4"])
+        moved = {k for k in self.markers() if not k.startswith("active/w/")}
+        assert moved == {f"active/{ring.keepers(j, 1)[0]}/{j}" for j in made if j not in watcher.active}
+        total = 2
+        for name in ("n3", "n4"):
+            svc = self.service(name, queue=6)[0]
+            svc.adopter.take_over(name).addBoth(got.append)
+            total += got[-1]
+        self.n2.adopter.check_own().addBoth(got.append)
+        total += got[-1]
+        assert total == 6
+        assert {self.record(j)["attempts"] for j in made} == {2}
 
     def test_lost_owner_stops(self) -> None:
-        """A slow owner whose job was adopted finds out at its next write and writes nothing more."""
+        """An owner taken for dead whose job was adopted finds out at its next write and writes
+        nothing more."""
         job = self.upload(self.n1)
-        self.clock.advance(31)
+        self.gone.add("n1")
         claimed: list[Any] = []
-        self.n2.adopt_orphans().addBoth(claimed.append)
+        self.n2.adopter.take_over("n1").addBoth(claimed.append)
         assert claimed == [1]
         self.m1.hooks[job.id][0]()  # n1 wakes up and starts ffmpeg: its write fails
         assert job.id not in self.n1.active  # stopped there
@@ -441,25 +420,25 @@ class OwnershipTests:
     def test_poison_after_three_attempts(self) -> None:
         """A job whose owners keep dying is quarantined as failed/poison on its third adoption."""
         job = self.upload(self.n1)
-        nodes = []
+        owner = "n1"
         for i in range(2):
-            self.clock.advance(31)
+            self.gone.add(owner)
             svc, _ = self.service(f"x{i}")
             got: list[Any] = []
-            svc.adopt_orphans().addBoth(got.append)
+            svc.adopter.take_over(owner).addBoth(got.append)
             assert got == [1]
-            nodes.append(svc)
+            owner = svc.node_id
         assert self.record(job.id)["attempts"] == 3
-        self.clock.advance(31)
+        self.gone.add(owner)
         svc, _ = self.service("last")
-        svc.adopt_orphans()
+        svc.adopter.take_over(owner)
         rec = self.record(job.id)
         assert rec["state"] == "failed" and rec["error"]["code"] == "poison"
-        assert self.backend.list("active/").items == []
+        assert self.markers() == []
 
     def test_drain_releases_to_the_pool(self) -> None:
-        """Draining refuses uploads, and a job still running at the timeout is released with an
-        expired lease, so a peer adopts it at once."""
+        """Draining refuses uploads, and a job still running at the timeout is released (lease 0),
+        its marker left under the draining node: its watchers take it when it has left."""
         job = self.upload(self.n1)
         self.m1.hooks[job.id][0]()
         drained: list[Any] = []
@@ -470,8 +449,9 @@ class OwnershipTests:
         assert drained == [1]
         rec = self.record(job.id)
         assert rec["state"] == "queued" and rec["lease_until"] == 0.0 and rec["node"] == "n1"
+        assert self.markers() == [f"active/n1/{job.id}"]
         got: list[Any] = []
-        self.n2.adopt_orphans().addBoth(got.append)
+        self.n2.adopter.take_over("n1").addBoth(got.append)
         assert got == [1] and self.record(job.id)["node"] == "n2"
 
     def test_drain_waits_for_running_jobs(self) -> None:
@@ -543,9 +523,9 @@ class OwnershipTests:
 
 
 class RecordWriteOrderTests:
-    def test_a_lease_renewal_in_flight_never_lands_over_a_later_state(self, tmp_path: Path) -> None:
-        """A renewal's write is slow; the job then stores its outputs and ends. Whatever order the
-        store answers in, the record ends 'done' (one write of a job's record at a time)."""
+    def test_a_write_in_flight_never_lands_over_a_later_state(self, tmp_path: Path) -> None:
+        """The write of 'transcoding' is slow; the job then stores its outputs and ends. Whatever
+        order the store answers in, the record ends 'done' (one write of a job's record at a time)."""
         clock, backend, media = Clock(), MemoryBackend(), FakeMedia(tmp_path)
         held: list[tuple[Any, tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
         holding = [False]
@@ -568,9 +548,8 @@ class RecordWriteOrderTests:
         accepted: list[Any] = []
         svc.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(accepted.append)
         job = accepted[0]
-        media.hooks[job.id][0]()  # transcoding
         holding[0] = True
-        svc.runner.renew_leases()  # its write is held...
+        media.hooks[job.id][0]()  # transcoding: its write is held...
         media.finish(job.id)  # ...while the job stores its outputs and ends
         while held:  # the store answers the newest write first
             fn, args, kwargs, d = held.pop()

@@ -311,7 +311,7 @@ class FileStoreTests:
         assert fetch(file_node, url, method="HEAD").status_code == 200
         file_node.clock.advance(1)
         again = file_node.request("GET", f"/jobs/{job['id']}", ALICE).json()["outputs"][0]["url"]
-        listed = file_node.request("GET", "/jobs", ALICE).json()["recent"][0]["outputs"][0]["url"]
+        listed = file_node.request("GET", "/jobs", ALICE).json()["jobs"][0]["outputs"][0]["url"]
         assert again != url and listed == again
         stored = json.loads(file_node.store.backend.get_bytes(keys.job_record(job["id"]))[0])
         assert stored["outputs"][0]["url"] == f"/results/{job['id']}/video.mp4"

@@ -203,7 +203,7 @@ class S3ThrottlingTests:
                                                  s3_client: Any, media_clips: Any) -> None:
         """S3 answers every other write of a job record with 503 SlowDown (a prefix scaling): the
         node's writes are retried with jittered backoff and counted, its job ends done on that node
-        (attempts 1), and its peer, scanning with a short lease, adopts nothing."""
+        (attempts 1), and its peer, past what was once its lease, adopts nothing."""
         from tests.nodes import upload, wait_job
         from tests.s3server import SlowDownProxy
 
@@ -227,7 +227,7 @@ class S3ThrottlingTests:
             assert status == 201, job
             final = yield wait_job(base, job["id"], timeout=90)
             assert final["state"] == "done", final
-            yield sleep(4)  # another scan or two of the peer's, past the lease
+            yield sleep(4)  # past the old lease: once, a peer's scan would have adopted it
             record = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=f"grid/jobs/{job['id']}.json")["Body"]
                                 .read())
             assert record["state"] == "done" and record["node"] == "t1" and record["attempts"] == 1

@@ -119,12 +119,12 @@ class ArgvTests:
         assert (Sandbox(boxed=True).mode, Sandbox(boxed=False).mode) == ("bwrap", "weak")
 
     def test_child_env_is_an_allowlist(self) -> None:
-        """A child's environment: a PATH of its own and the locale, never a credential or a
-        variable its wrapper would obey."""
+        """A child's environment: a PATH of its own, the locale and SVT-AV1's log level, never a
+        credential or a variable its wrapper would obey."""
         env = child_env({"AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "k", "HOME": "/root",
                          "PATH": "/root/bin:/usr/bin", "PERL5OPT": "-Mx", "LD_PRELOAD": "/x.so",
                          "LC_ALL": "C", "LANG": "de_DE.UTF-8", "FFREPORT": "file=/tmp/r"})
-        assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "de_DE.UTF-8", "LC_ALL": "C"}
+        assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "de_DE.UTF-8", "LC_ALL": "C", "SVT_LOG": "1"}
         assert child_env({})["LANG"] == "C.UTF-8"
 
 

@@ -25,7 +25,7 @@ from gridnode.jobs import Job
 from gridnode.media.ffmpeg import ProgressParser
 from gridnode.media.interface import SCRATCH_WAIT, WAITING_SCRATCH
 from gridnode.media.pool import RECHECK, JobSlot, TranscodePool
-from gridnode.media.presets import job_output_limit, parse_presets
+from gridnode.media.presets import job_output_limit
 from gridnode.media.scratch import (
     FULL_BELOW,
     MAX_WAIT,
@@ -37,6 +37,7 @@ from gridnode.media.scratch import (
     scratch_wait,
     wait_limit,
 )
+from gridnode.media.templates import parse_presets
 from gridnode.pipeline import JobService
 from gridnode.runner import SCRATCH_RETRIES
 from gridnode.store.base import ObjectStore
@@ -270,14 +271,17 @@ class RunsOutTests:
         assert rec["state"] == jobs.DONE and rec["waiting"] == "" and rec["attempts"] == 1
 
     def test_out_again_and_again_goes_to_the_pool(self) -> None:
-        """Past SCRATCH_RETRIES runs out of space, the job is handed to the pool (released,
-        lease expired), never failed: another node may have the space."""
+        """Past SCRATCH_RETRIES runs out of space, the job is handed to the pool (released, its
+        marker moved to our heir, who claims it at its next look), never failed: another node may
+        have the space."""
+        self.jobs.adopter.heir = lambda: "n2"
         for _ in range(SCRATCH_RETRIES + 1):
             self.run_out()
         rec = self.record()
         assert rec["state"] == jobs.QUEUED and rec["lease_until"] == 0.0 and rec["error"] is None
         assert rec["waiting"] == "" and self.job.id not in self.jobs.active
         assert self.media.started_runs[self.job.id] == SCRATCH_RETRIES + 1
+        assert [i.key for i in self.backend.list("active/").items] == [f"active/n2/{self.job.id}"]
 
     def test_waited_its_longest_goes_to_the_pool(self) -> None:
         """Space that never came: released to the pool, not failed."""
@@ -287,7 +291,9 @@ class RunsOutTests:
         assert self.job.id not in self.jobs.active
 
     def test_a_draining_node_hands_a_waiting_job_on(self) -> None:
-        """A job waiting for space does not hold the drain: released at its timeout."""
+        """A job waiting for space does not hold the drain: released at its timeout, and left
+        under our id (not handed to our heir)."""
+        self.jobs.adopter.heir = lambda: "n2"
         self.run_out()
         drained: list[Any] = []
         self.jobs.drain(5).addBoth(drained.append)
@@ -295,6 +301,8 @@ class RunsOutTests:
         assert drained == [1]
         rec = self.record()
         assert rec["state"] == jobs.QUEUED and rec["lease_until"] == 0.0 and rec["waiting"] == ""
+        # its marker stays with us: our watchers take it as we leave
+        assert [i.key for i in self.backend.list("active/").items] == [f"active/n1/{self.job.id}"]
 
     def test_other_failures_still_fail(self) -> None:
         """output_too_large (or any other code) fails the job as before: never taken for ENOSPC."""

@@ -114,13 +114,14 @@ class JitteredTests:
             loop.stop()
 
 
-def writes_of(store: ObjectStore, clock: Clock, prefix: str) -> tuple[ObjectStore, list[float]]:
-    """``store`` with the instants of its puts under ``prefix`` recorded."""
+def writes_of(store: ObjectStore, clock: Clock, prefix: str,
+              call: str = "put_bytes") -> tuple[ObjectStore, list[float]]:
+    """``store`` with the instants of its ``call``s (puts) under ``prefix`` recorded."""
     times: list[float] = []
 
     def wrap(run: Any) -> Any:
         def recorded(fn: Any, *args: Any, **kw: Any) -> Any:
-            if getattr(fn, "__name__", "") == "put_bytes" and str(args[0]).startswith(prefix):
+            if getattr(fn, "__name__", "") == call and any(str(a).startswith(prefix) for a in args[:2]):
                 times.append(clock.seconds())
             return run(fn, *args, **kw)
 
@@ -148,9 +149,9 @@ class NodesStartedTogetherTests:
         assert len(a) >= 30 and len(b) >= 30
         assert in_step(a[1:], b[1:], 1.0) < len(b) / 2  # the first, the registration, is together
 
-    def test_lease_renewals_drift_apart(self, tmp_path: Path) -> None:
-        """Two job services started at the same instant renew their jobs' leases at instants that
-        drift apart."""
+    def test_looks_at_own_markers_drift_apart(self, tmp_path: Path) -> None:
+        """Two job services started at the same instant list their own markers (jobs handed to
+        them) at instants that drift apart."""
         clock = Clock()
         clock.advance(1000)
         backend = MemoryBackend()
@@ -158,15 +159,15 @@ class NodesStartedTogetherTests:
         for node, seed in (("n1", 1), ("n2", 2)):
             config = build_config(cli={"work-dir": str(tmp_path / node), "workers": 1, "queue": 1, "min-free": 0,
                                        "job-lease": 30}).with_identity(node)
-            store, written = writes_of(ObjectStore.synchronous(backend), clock, "jobs/")
+            store, written = writes_of(ObjectStore.synchronous(backend), clock, f"active/{node}/", "list_all")
             svc = JobService(clock, config, store, FakeMedia(tmp_path), now=clock.seconds, rng=random.Random(seed))
             spool = svc.admit(5)
             spool.write(b"video")
             svc.submit(spool, name="m.mov", presets=None, checksum=None)
             svc.startService()
             times.append(written)
-        for _ in range(600):
+        for _ in range(2400):
             clock.advance(1)
         a, b = times
-        assert len(a) >= 40 and len(b) >= 40
-        assert in_step(a, b, 0.5) < len(b) / 2
+        assert len(a) >= 30 and len(b) >= 30
+        assert in_step(a[1:], b[1:], 0.5) < len(b) / 2  # the first, at start, is together

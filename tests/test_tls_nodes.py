@@ -30,7 +30,7 @@ from tests.nodes import BIN, NodeProcess
 class EndpointTests:
     def test_scheme_follows_the_endpoint(self) -> None:
         """An ssl: endpoint is advertised as https, every other kind as http."""
-        from gridnode.config import endpoint_scheme
+        from gridnode.endpoints import endpoint_scheme
 
         assert endpoint_scheme("ssl:8443:privateKey=k.pem:certKey=c.pem") == "https"
         assert endpoint_scheme("tcp:8080") == endpoint_scheme("tcp6:8080") == "http"
@@ -38,7 +38,7 @@ class EndpointTests:
 
     def test_tls_listener_gets_the_backlog(self) -> None:
         """A TLS listener gets the same accept queue as a TCP one, unless it sets its own."""
-        from gridnode.config import HTTP_BACKLOG, with_backlog
+        from gridnode.endpoints import HTTP_BACKLOG, with_backlog
 
         assert with_backlog("ssl:8443:privateKey=k.pem") == f"ssl:8443:privateKey=k.pem:backlog={HTTP_BACKLOG}"
         assert with_backlog("ssl:8443:backlog=10:privateKey=k.pem") == "ssl:8443:backlog=10:privateKey=k.pem"

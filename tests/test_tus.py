@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -37,6 +37,10 @@ from gridnode import jobs as job_states
 from gridnode import keys
 from gridnode.config import build_config
 from gridnode.errors import GridnodeError, StorageUnavailable
+from gridnode.metrics import Metrics
+from gridnode.notify.service import Webhooks
+from gridnode.notify.signing import Signer
+from gridnode.notify.targets import AddressRule
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -44,6 +48,7 @@ from gridnode.uploads.store import UploadStore
 from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.tus import EXPOSE_HEADERS, TusHandler, parse_metadata
 from gridnode.web.upload import GridSite
+from tests.test_notify import PUBLIC, RING
 from tests.test_pipeline import FakeMedia
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -394,6 +399,34 @@ class ProtocolTests:
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_metadata"
         assert pool.keys() == []
 
+    def test_notify_in_the_metadata_reaches_the_job_and_its_webhook(self, pool: Pool, tmp_path: Path) -> None:
+        """Upload-Metadata ``notify``: kept with the upload, checked again when the last chunk makes
+        the job, which names it; its job.queued entry is owed in the store."""
+        node = pool.node()
+        posted: list[str] = []
+        node.jobs.webhooks = Webhooks(pool.reactor, pool.store, "n1", Signer(lambda: RING), AddressRule(),
+                                      lambda host, port: succeed([PUBLIC]),
+                                      lambda reactor, target, *_: posted.append(target.url) or succeed(500),
+                                      metrics=Metrics())
+        _, data = video(tmp_path, 100_000)
+        upload_id = create(node, len(data), filename="a.mov", notify="https://hooks.example.com/in")
+        r = patch(node, upload_id, 0, data)
+        assert r.status_code == 204, r.text
+        assert node.jobs.active[upload_id].job.notify == ["https://hooks.example.com/in"]
+        pool.reactor.advance(0)
+        assert posted == ["https://hooks.example.com/in"]
+        assert pool.keys("webhooks/") == [f"webhooks/n1/msg_{upload_id}_queued_0.json"]
+
+    def test_notify_urls_are_checked_at_creation(self, pool: Pool) -> None:
+        """A notify URL that cannot be one (not http, a user in it) is 400 notify_refused; a node
+        without a webhook secret refuses any (webhooks_off); nothing is created."""
+        node = pool.node()
+        for url, code in (("file:///etc/passwd", "notify_refused"), ("http://u:p@example.com/", "notify_refused"),
+                          ("https://hooks.example.com/in", "webhooks_off")):
+            r = node.request("POST", node.base, {**TUS, "Upload-Length": "10", "Upload-Metadata": metadata(notify=url)})
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+        assert pool.keys() == []
+
     def test_unknown_preset_is_refused_at_creation(self, pool: Pool) -> None:
         """An unknown preset in the metadata is refused before any byte is uploaded."""
         node = pool.node()
@@ -484,7 +517,7 @@ class ProtocolTests:
         r = patch(node, upload_id, 10, b"y" * 10)
         assert r.status_code == 204 and r.headers["Gridnode-Job"] == upload_id
         assert pool.stored_input(upload_id) == b"x" * 10 + b"y" * 10
-        assert pool.keys("jobs/") == [f"jobs/{upload_id}.json"] and pool.keys("active/") == [f"active/{upload_id}"]
+        assert pool.keys("jobs/") == [f"jobs/{upload_id}.json"] and pool.keys("active/") == [f"active/n1/{upload_id}"]
 
     def test_method_override(self, pool: Pool) -> None:
         """A client that can only POST says PATCH in X-HTTP-Method-Override."""

@@ -87,9 +87,11 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--ttl", default="1h", type=duration, help="lifetime: 90s, 15m, 1h, 7d (default: %(default)s)")
     tk.add_argument("--presets", help="comma-separated presets its uploads may ask for (default: any)")
     tk.add_argument("--max-size", type=size, metavar="BYTES", help="largest upload: bytes, or 500M, 2G")
+    from gridnode.client import lifecycle
     from gridnode.client.pool import add_arguments
 
     add_arguments(sub.add_parser("pool", help="run a local pool of nodes here until Ctrl-C"))
+    lifecycle.add_arguments(sub.add_parser("lifecycle", help="print (--apply: set) the bucket's S3 lifecycle rules"))
     return p
 
 
@@ -323,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
             Output(False).failed(e)
             raise SystemExit(1) from None
         return
+    if args.command == "lifecycle":
+        from gridnode.client.lifecycle import run as lifecycle
+
+        raise SystemExit(lifecycle(args))
     if args.command == "pool":
         from gridnode.client.pool import run_pool
 

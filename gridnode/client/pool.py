@@ -245,7 +245,8 @@ def run_pool(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 stdin=subprocess.DEVNULL, start_new_session=True)
 
     screen = Screen(out)
-    screen.say(f"gridnode pool: {len(nodes)} nodes on {store}, {workers} workers each; logs in "
+    each = "1 worker each" if workers == 1 else f"{workers} workers each"
+    screen.say(f"gridnode pool: {len(nodes)} nodes on {store}, {each}; logs in "
                f"{os.path.abspath(args.dir)}/nodeN/twistd.log")
     for node in nodes:
         screen.say(f"  {node.id}  {node.url}/")

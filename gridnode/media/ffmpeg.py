@@ -309,16 +309,23 @@ def transcode_command(
     input_limits: Limits = Limits(),
 ) -> tuple[list[str], ChildLimits]:
     """The ffmpeg argv of a job and the limits it runs under, scaled to the input, in a box
-    that shows it ``input_path`` and ``out_dir`` alone (``sandboxed_argv(*transcode_command(...))``
-    is what the node starts)."""
+    that shows it ``input_path``, ``out_dir`` and the outputs' watermark images alone
+    (``sandboxed_argv(*transcode_command(...))`` is what the node starts)."""
+    presets = list(presets)
     max_time = timeouts.max_time if timeouts.max_time is not None else max_time_for(probe.duration)
     out_limit = max_output_bytes if max_output_bytes is not None else default_output_limit(probe)
     limits = sandbox.limits(ChildLimits(cpu_seconds=int(max_time * max(1, threads or os.cpu_count() or 1)) + 60,
                                         file_size=out_limit + 1024 * 1024, processes=ffmpeg_processes()),
-                            reads=[input_path], writes=[out_dir])
+                            reads=[input_path, *watermarks(presets)], writes=[out_dir])
     argv = build_argv(ffmpeg, probe, input_path, out_dir, presets, max_output_bytes=max_output_bytes,
                       threads=threads, input_limits=input_limits)
     return argv, limits
+
+
+def watermarks(presets: Iterable[Preset]) -> list[str]:
+    """The watermark images a job's outputs lay over the picture: its box shows them, read-only
+    (the operator's files, left as they are: readable by ``--ffmpeg-user``, docs/operations.md)."""
+    return list(dict.fromkeys(p.watermark.path for p in presets if p.watermark is not None))
 
 
 @dataclass(frozen=True)

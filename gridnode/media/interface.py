@@ -30,6 +30,11 @@ class Named(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def template(self) -> str:
+        """The preset or template name it was asked by ("" for an output of an inline spec)."""
+        ...
+
 
 class Described(Protocol):
     """A probe result, as the job service sees it: what goes in the job's ``input``."""
@@ -66,8 +71,9 @@ ProbeT = TypeVar("ProbeT", bound=Described)
 
 
 class Media(Protocol[PresetT, ProbeT]):
-    def parse_presets(self, text: str | None) -> list[PresetT]:
-        """``"a,b"`` -> presets; fails with ``unknown_preset``."""
+    def parse_presets(self, text: str | None, spec: Sequence[Any] | None = None) -> list[PresetT]:
+        """``"a,b"`` (presets and templates by name) and ``spec`` (a JSON list of output specs)
+        -> the job's outputs; fails with ``unknown_preset`` or ``bad_spec``."""
         ...
 
     def probe(self, path: str) -> Deferred[ProbeT]:

@@ -1,11 +1,13 @@
 """
-Output presets and the ffmpeg command line built from them. Plain data, no I/O.
+Outputs (``Preset``: one output a job makes, validated from typed fields by
+``templates.py``) and the ffmpeg command line built from them. Plain data, no I/O.
 
 ``build_argv(ffmpeg, probe, input_path, out_dir, presets)`` returns ONE argv
-that makes every requested preset in a single ffmpeg process: the input is
+that makes every requested output in a single ffmpeg process: the input is
 decoded once and split in a filter graph, one branch per output (one per HLS
-rung). On small machines decoding is a large share of the work, and a single
-process gives one progress figure and one thing to cancel.
+rung), and its audio likewise where an output trims or normalises it. On small
+machines decoding is a large share of the work, and a single process gives one
+progress figure and one thing to cancel.
 
 Sizes follow these rules:
 
@@ -17,7 +19,8 @@ Sizes follow these rules:
   kept, at the source size when the source is smaller still);
 - the aspect ratio is kept and both sides are even (x264 and VP9 need it).
 
-A clip without audio gets no audio map and no audio encoder.
+A clip without audio gets no audio map and no audio encoder. The encoder options
+per codec are in ``codecs.py``.
 """
 
 from __future__ import annotations
@@ -28,18 +31,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gridnode.errors import GridnodeError
+from gridnode.media.codecs import audio_chain, audio_options, video_options
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
-PresetKind = Literal["mp4", "webm", "poster", "hls"]
+Container = Literal["mp4", "webm", "mkv", "hls", "jpeg"]
 
 HLS_SEGMENT_SECONDS = 6
 CONTENT_TYPES = {
     ".mp4": "video/mp4",
     ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
     ".jpg": "image/jpeg",
     ".m3u8": "application/vnd.apple.mpegurl",
     ".ts": "video/mp2t",
 }
+EXTENSIONS = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv", "jpeg": ".jpg"}
+MUXERS = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}
+#: the only watermark images: one frame of PNG, read by its own demuxer and nothing else
+WATERMARK_DEMUXER = "png_pipe"
 
 # Options every argv starts with: no stdin, machine-readable progress on stdout.
 COMMON_OPTIONS = ["-nostdin", "-hide_banner", "-y", "-progress", "pipe:1", "-nostats"]
@@ -47,7 +56,7 @@ COMMON_OPTIONS = ["-nostdin", "-hide_banner", "-y", "-progress", "pipe:1", "-nos
 
 @dataclass(frozen=True)
 class OutputFile:
-    """A file a preset writes. ``name`` is relative to the output folder and
+    """A file an output writes. ``name`` is relative to the output folder and
     may hold one ``*`` (HLS segments, whose count depends on the duration)."""
 
     name: str
@@ -58,66 +67,75 @@ class OutputFile:
 class Rung:
     """One HLS variant."""
 
-    name: str  # folder under hls/, e.g. "720p"
+    name: str  # folder under the output's, e.g. "720p"
     short_side: int
     video_kbps: int
     audio_kbps: int = 96
 
 
 @dataclass(frozen=True)
+class Watermark:
+    """An image laid over the picture: ``image`` as the spec names it (a file of the node's
+    watermark folder), ``path`` where ``templates`` found it."""
+
+    image: str
+    path: str
+    corner: str = "bottom-right"
+    margin: int = 16
+
+
+@dataclass(frozen=True)
 class Preset:
+    """One output of a job, every field checked (``templates.parse_output``)."""
+
     name: str
-    kind: PresetKind
-    description: str
-    short_side: int = 0  # mp4, webm, poster: the target's short side
-    video_kbps: int = 0  # 0: constant quality (CRF)
-    audio_kbps: int = 128
+    container: Container
+    video: str = "h264"  # h264, hevc, av1, vp9 (jpeg: unused)
+    short_side: int = 720  # every container but hls: the target's short side
     ladder: tuple[Rung, ...] = ()  # hls only
+    crf: int | None = None  # None: the codec's default (codecs.DEFAULT_CRF)
+    max_kbps: int = 0  # a cap on the video's rate (0: none)
+    fps: float = 0.0  # a cap on the frame rate (0: the source's)
+    keyint: float = 0.0  # seconds between keyframes (0: the encoder's choice)
+    speed: str = "fast"  # fastest, fast, medium, slow
+    audio: str = "aac"  # aac, opus, or "" for none
+    audio_kbps: int = 128
+    loudness: float | None = None  # EBU R128 target, LUFS (None: left as it is)
+    true_peak: float = -1.5  # dBTP, with a loudness target
+    start: float = 0.0  # the clip's start and end in the input, seconds
+    end: float | None = None
+    at: float = 0.1  # jpeg: the frame at this fraction of the (clipped) duration
+    watermark: Watermark | None = None
+    #: the preset or template name a caller asked for ("" for an inline spec)
+    template: str = ""
 
     def outputs(self, probe: ProbeResult) -> list[OutputFile]:
-        """The files this preset writes for ``probe``'s source."""
-        if self.kind == "hls":
-            files = [OutputFile("hls/master.m3u8", CONTENT_TYPES[".m3u8"])]
+        """The files this output writes for ``probe``'s source."""
+        if self.container == "hls":
+            files = [OutputFile(f"{self.name}/master.m3u8", CONTENT_TYPES[".m3u8"])]
             for rung, _size in hls_rungs(probe, self.ladder):
-                files.append(OutputFile(f"hls/{rung.name}/index.m3u8", CONTENT_TYPES[".m3u8"]))
-                files.append(OutputFile(f"hls/{rung.name}/seg_*.ts", CONTENT_TYPES[".ts"]))
+                files.append(OutputFile(f"{self.name}/{rung.name}/index.m3u8", CONTENT_TYPES[".m3u8"]))
+                files.append(OutputFile(f"{self.name}/{rung.name}/seg_*.ts", CONTENT_TYPES[".ts"]))
             return files
-        ext = {"mp4": ".mp4", "webm": ".webm", "poster": ".jpg"}[self.kind]
-        name = "poster.jpg" if self.kind == "poster" else self.name + ext
-        return [OutputFile(name, CONTENT_TYPES[ext])]
+        ext = EXTENSIONS[self.container]
+        return [OutputFile(self.name + ext, CONTENT_TYPES[ext])]
 
+    def window(self, probe: ProbeResult) -> tuple[float, float]:
+        """Start and end of what this output takes of the input, in seconds."""
+        whole = probe.converted_duration
+        end = whole if self.end is None else min(self.end, whole)
+        return min(self.start, whole), end
 
-DEFAULT_PRESET = "mp4-720p"
+    def expected_duration(self, probe: ProbeResult) -> float | None:
+        """How long this output should last (None for an image)."""
+        if self.container == "jpeg":
+            return None
+        start, end = self.window(probe)
+        return max(0.0, end - start)
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("mp4-720p", "mp4", "H.264 + AAC, up to 720p, fast start", short_side=720, audio_kbps=128),
-        Preset("mp4-480p", "mp4", "H.264 + AAC, up to 480p, fast start", short_side=480, audio_kbps=96),
-        Preset("webm-480p", "webm", "VP9 + Opus, up to 480p", short_side=480, audio_kbps=96),
-        Preset("poster", "poster", "JPEG of the frame at 10% of the duration, up to 720p", short_side=720),
-        Preset("hls", "hls", "HLS ladder 720p/480p/360p, 6 s segments, hls/master.m3u8",
-               ladder=(Rung("720p", 720, 2800, 128), Rung("480p", 480, 1400, 96), Rung("360p", 360, 800, 64))),
-    ]
-}
-
-
-def parse_presets(text: str | None) -> list[Preset]:
-    """``"a,b"`` -> presets, in order, without repeats; None (not given) -> the default.
-
-    Unknown names, and a value given empty (``presets=``: a form left blank, a script's empty
-    variable), fail with ``unknown_preset`` (400) listing the known ones.
-    """
-    names = [n.strip() for n in (text if text is not None else DEFAULT_PRESET).split(",") if n.strip()]
-    if not names:
-        raise GridnodeError(f"presets is empty; leave it out for the default ({DEFAULT_PRESET}) or name some of: "
-                            f"{', '.join(PRESETS)}", code="unknown_preset", status=400)
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise GridnodeError(
-            f"unknown preset {', '.join(repr(n[:40]) for n in unknown[:5])}; known presets: {', '.join(PRESETS)}",
-            code="unknown_preset", status=400)
-    return [PRESETS[n] for n in dict.fromkeys(names)]
+    @property
+    def clipped(self) -> bool:
+        return self.start > 0 or self.end is not None
 
 
 def _even(x: float) -> int:
@@ -148,10 +166,10 @@ def default_output_limit(probe: ProbeResult) -> int:
 
 def job_output_limit(probe: ProbeResult, presets: Iterable[Preset], per_output: int | None = None) -> int:
     """What a job's outputs may hold together: ``per_output`` (default ``default_output_limit``)
-    for each output, an HLS rung counting as one. ``-fs`` bounds each mp4, webm and poster
+    for each output, an HLS rung counting as one. ``-fs`` bounds each mp4, webm, mkv and jpeg
     file but no HLS segment list, so this total is what bounds HLS."""
     limit = per_output if per_output is not None else default_output_limit(probe)
-    count = sum(len(hls_rungs(probe, p.ladder)) if p.kind == "hls" else 1 for p in dict.fromkeys(presets))
+    count = sum(len(hls_rungs(probe, p.ladder)) if p.container == "hls" else 1 for p in dict.fromkeys(presets))
     return limit * count
 
 
@@ -163,8 +181,91 @@ def output_too_large(limit: int, total: int | None = None, files: int | None = N
                          code="output_too_large", status=413)
 
 
+def _num(x: float) -> str:
+    """A number for a filter argument: fixed point, no exponent, millisecond precision."""
+    r = round(x, 3)
+    return f"{int(r)}.0" if r == int(r) else f"{r:.3f}".rstrip("0")
+
+
 def _scale(w: int, h: int) -> str:
     return f"scale={w}:{h}:flags=bicubic,setsar=1"
+
+
+_CORNERS = {
+    "top-left": ("{m}", "{m}"),
+    "top-right": ("W-w-{m}", "{m}"),
+    "bottom-left": ("{m}", "H-h-{m}"),
+    "bottom-right": ("W-w-{m}", "H-h-{m}"),
+}
+
+
+class _Graph:
+    """The filter graph under construction: video branches off one split of the decoded
+    input, audio branches off one split of its first audio stream, one -i per watermark."""
+
+    def __init__(self, probe: ProbeResult) -> None:
+        self.probe = probe
+        self.video: list[list[str]] = []  # per branch: statements, "{src}" for its split label
+        self.audio: list[str] = []  # per branch: a chain
+        self.images: list[str] = []  # watermark paths, input 1, 2, ...
+
+    def video_branch(self, preset: Preset, size: tuple[int, int], *, frame_at: float | None = None) -> str:
+        """Add a branch for ``preset`` at ``size``; its output label."""
+        i = len(self.video)
+        start, end = preset.window(self.probe)
+        # Rebase timestamps first so clip times hold for streams that do not start at 0.
+        chain = ["setpts=PTS-STARTPTS"] if preset.clipped or frame_at is not None else []
+        if frame_at is not None:
+            chain.append(f"trim=start={_num(frame_at)}")
+        elif preset.clipped:
+            chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
+        rate = self.probe.frame_rate
+        if preset.fps and rate is not None and rate > preset.fps + 0.01:
+            chain.append(f"fps={_num(preset.fps)}")
+        chain.append(_scale(*size))
+        if preset.watermark is None:
+            if preset.container != "jpeg":
+                chain.append("format=yuv420p")
+            self.video.append(["{src}" + ",".join(chain) + f"[v{i}]"])
+            return f"[v{i}]"
+        mark = preset.watermark
+        self.images.append(mark.path)
+        x, y = (c.format(m=mark.margin) for c in _CORNERS[mark.corner])
+        tail = "" if preset.container == "jpeg" else ",format=yuv420p"
+        statements = ["{src}" + ",".join(chain) + f"[p{i}]",
+                      f"[p{i}][{len(self.images)}:v:0]overlay=x={x}:y={y}{tail}[v{i}]"]
+        self.video.append(statements)
+        return f"[v{i}]"
+
+    def audio_source(self, preset: Preset) -> str:
+        """What an output maps for its audio: the input's stream as it is, or a branch trimmed
+        and normalised as ``preset`` asks."""
+        chain = audio_chain(preset, *preset.window(self.probe))
+        if not chain:
+            return "0:a:0"
+        self.audio.append(chain)
+        return f"[a{len(self.audio) - 1}]"
+
+    def text(self) -> str:
+        parts = []
+        for source, branches, name in (("[0:v:0]", [b[0] for b in self.video], "split"),
+                                       ("[0:a:0]", self.audio, "asplit")):
+            if not branches:
+                continue
+            if len(branches) == 1:
+                labels = [source]
+            else:
+                prefix = "s" if name == "split" else "t"
+                labels = [f"[{prefix}{i}]" for i in range(len(branches))]
+                parts.append(f"{source}{name}={len(branches)}{''.join(labels)}")
+            if name == "split":
+                for label, statements in zip(labels, self.video, strict=True):
+                    parts.append(statements[0].replace("{src}", label, 1))
+                    parts.extend(statements[1:])
+            else:
+                parts.extend(f"{label}{chain}[a{i}]" for i, (label, chain) in enumerate(zip(labels, branches,
+                                                                                           strict=True)))
+        return ";".join(parts)
 
 
 def build_argv(
@@ -178,97 +279,91 @@ def build_argv(
     threads: int | None = None,
     input_limits: Limits = Limits(),
 ) -> list[str]:
-    """One ffmpeg argv writing every preset's outputs under ``out_dir``.
+    """One ffmpeg argv writing every output under ``out_dir``.
 
     ``out_dir`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
     named as ``Preset.outputs`` says. ``max_output_bytes`` is ``-fs`` for each
     output (default ``default_output_limit``); ``threads`` caps each encoder's
-    threads (``-threads``), for nodes running several jobs at once. The decoder
-    stops at a frame over ``input_limits.max_pixels``, the demuxer at a stream past
-    ``input_limits.max_streams`` (``probe.input_options``).
+    threads (``-threads``, and x265's and SVT-AV1's own pools), for nodes running
+    several jobs at once. The decoder stops at a frame over ``input_limits.max_pixels``,
+    the demuxer at a stream past ``input_limits.max_streams`` (``probe.input_options``).
+    A clip that starts past the input's end is ``bad_spec``.
     """
     chosen = list(dict.fromkeys(presets))
     if not chosen:
         raise GridnodeError("no preset chosen", code="unknown_preset", status=400)
     limit = str(max_output_bytes if max_output_bytes is not None else default_output_limit(probe))
-    thread_opts = ["-threads", str(threads)] if threads else []
     audio = probe.has_audio
-
-    # One filter branch per video output; ffmpeg decodes once.
-    branches: list[str] = []  # filter chain after the split, per branch
+    graph = _Graph(probe)
     outputs: list[list[str]] = []
     for preset in chosen:
-        if preset.kind == "hls":
-            rungs = hls_rungs(probe, preset.ladder)
-            first = len(branches)
-            opts: list[str] = []
-            var_map = []
-            for i, (rung, (w, h)) in enumerate(rungs):
-                branches.append(f"{_scale(w, h)},format=yuv420p")
-                opts += ["-map", f"[v{first + i}]"]
-                if audio:
-                    opts += ["-map", "0:a:0"]
-                var_map.append(f"v:{i},a:{i},name:{rung.name}" if audio else f"v:{i},name:{rung.name}")
-            opts += ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", *thread_opts]
-            for i, (rung, _size) in enumerate(rungs):
-                # A bitrate per variant: ffmpeg 5.1 leaves a variant out of the
-                # master playlist when it cannot state its BANDWIDTH.
-                opts += [f"-b:v:{i}", f"{rung.video_kbps}k", f"-maxrate:v:{i}", f"{rung.video_kbps}k",
-                         f"-bufsize:v:{i}", f"{2 * rung.video_kbps}k"]
-                if audio:
-                    opts += [f"-b:a:{i}", f"{rung.audio_kbps}k"]
-            # Keyframes on segment boundaries so every rung cuts at the same times.
-            opts += ["-force_key_frames", f"expr:gte(t,n_forced*{HLS_SEGMENT_SECONDS})"]
-            if audio:
-                opts += ["-c:a", "aac", "-ac", "2"]
-            hls_dir = os.path.join(out_dir, "hls")
-            opts += ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
-                     "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
-                     "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
-                     "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
-            outputs.append(opts)
+        start, end = preset.window(probe)
+        if preset.clipped and end - start < 0.05:
+            raise GridnodeError(f"{preset.name}: the clip {_num(preset.start)}-{_num(end)} s holds nothing of the "
+                                f"input's {probe.converted_duration:.1f} s; clip within it", code="bad_spec",
+                                status=400)
+        if preset.container == "hls":
+            outputs.append(_hls(graph, preset, out_dir, limit, threads, audio))
             continue
-        w, h = target_size(probe, preset.short_side)
-        label = f"[v{len(branches)}]"
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
-        if preset.kind == "poster":
-            at = round(probe.duration * 0.10, 3)
-            # Rebase timestamps first so the 10% mark holds for streams that do not start at 0.
-            branches.append(f"setpts=PTS-STARTPTS,trim=start={at},{_scale(w, h)}")
+        size = target_size(probe, preset.short_side)
+        if preset.container == "jpeg":
+            label = graph.video_branch(preset, size, frame_at=start + preset.at * (end - start))
             outputs.append(["-map", label, "-frames:v", "1", "-c:v", "mjpeg", "-q:v", "3",
                             "-f", "image2", "-update", "1", "-fs", limit, target])
             continue
-        branches.append(f"{_scale(w, h)},format=yuv420p")
-        opts = ["-map", label]
-        if audio:
-            opts += ["-map", "0:a:0"]
-        if preset.kind == "mp4":
-            opts += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-profile:v", "high", *thread_opts]
-            if audio:
-                opts += ["-c:a", "aac", "-b:a", f"{preset.audio_kbps}k", "-ac", "2"]
-            opts += ["-movflags", "+faststart", "-f", "mp4"]
-        else:
-            # Realtime deadline and cpu-used 8: VP9 at a speed small machines can afford.
-            opts += ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1",
-                     "-crf", "36", "-b:v", "0", *thread_opts]
-            if audio:
-                opts += ["-c:a", "libopus", "-b:a", f"{preset.audio_kbps}k", "-ac", "2"]
-            opts += ["-f", "webm"]
-        outputs.append([*opts, "-fs", limit, target])
+        opts = ["-map", graph.video_branch(preset, size)]
+        if audio and preset.audio:
+            opts += ["-map", graph.audio_source(preset)]
+        opts += video_options(preset, threads, probe.frame_rate)
+        if audio and preset.audio:
+            opts += audio_options(preset.audio, preset.audio_kbps)
+        if preset.container == "mp4":
+            opts += ["-movflags", "+faststart"]
+        outputs.append([*opts, "-f", MUXERS[preset.container], "-fs", limit, target])
 
-    if len(branches) == 1:
-        graph = f"[0:v:0]{branches[0]}[v0]"
-    else:
-        split = "".join(f"[s{i}]" for i in range(len(branches)))
-        graph = ";".join([f"[0:v:0]split={len(branches)}{split}"]
-                         + [f"[s{i}]{chain}[v{i}]" for i, chain in enumerate(branches)])
     argv = [ffmpeg, *COMMON_OPTIONS, "-v", "error",
             # Nested demuxers (an HLS playlist hidden in an AVI GAB2 chunk, CVE-2017-9993)
             # inherit this list: only the allowlisted containers may ever open.
             "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
             *input_options(input_limits, probe),
-            "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path),
-            "-filter_complex", graph]
+            "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path)]
+    for image in graph.images:
+        # An operator's file, yet read as any input is: one demuxer, the file protocol.
+        argv += ["-protocol_whitelist", "file", "-format_whitelist", WATERMARK_DEMUXER,
+                 "-f", WATERMARK_DEMUXER, "-i", "file:" + image]
+    argv += ["-filter_complex", graph.text()]
     for opts in outputs:
         argv += opts
     return argv
+
+
+def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int | None, audio: bool) -> list[str]:
+    """A TS HLS ladder: one video branch per rung, bitrates per rung, keyframes on segment
+    boundaries so every rung cuts at the same times."""
+    rungs = hls_rungs(graph.probe, preset.ladder)
+    opts: list[str] = []
+    var_map = []
+    for i, (rung, size) in enumerate(rungs):
+        opts += ["-map", graph.video_branch(preset, size)]
+        if audio and preset.audio:
+            opts += ["-map", graph.audio_source(preset)]
+        var_map.append(f"v:{i},a:{i},name:{rung.name}" if audio and preset.audio else f"v:{i},name:{rung.name}")
+    opts += ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
+             *(["-threads", str(threads)] if threads else [])]
+    for i, (rung, _size) in enumerate(rungs):
+        # A bitrate per variant: ffmpeg 5.1 leaves a variant out of the
+        # master playlist when it cannot state its BANDWIDTH.
+        opts += [f"-b:v:{i}", f"{rung.video_kbps}k", f"-maxrate:v:{i}", f"{rung.video_kbps}k",
+                 f"-bufsize:v:{i}", f"{2 * rung.video_kbps}k"]
+        if audio and preset.audio:
+            opts += [f"-b:a:{i}", f"{rung.audio_kbps}k"]
+    opts += ["-force_key_frames", f"expr:gte(t,n_forced*{HLS_SEGMENT_SECONDS})"]
+    if audio and preset.audio:
+        opts += ["-c:a", "aac", "-ac", "2"]
+    hls_dir = os.path.join(out_dir, preset.name)
+    opts += ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
+             "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
+             "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
+             "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
+    return opts

@@ -115,6 +115,8 @@ class ProbeResult:
     #: how long the first video and audio streams last (what gridnode converts), where the
     #: file says; None: only the file's ``duration`` is known
     streams_duration: float | None = None
+    #: frames a second of the first video stream (its average), where the file says
+    frame_rate: float | None = None
 
     @property
     def converted_duration(self) -> float:
@@ -274,7 +276,17 @@ def parse_probe(
         stream_count=len(streams),
         name=name,
         streams_duration=min(max(stated), duration) if stated else None,
+        frame_rate=_rate(video.get("avg_frame_rate")),
     )
+
+
+def _rate(value: Any) -> float | None:
+    """ffprobe's ``"30000/1001"`` as a number; None when absent, zero or absurd."""
+    try:
+        num, den = (int(x) for x in str(value).split("/"))
+    except ValueError:
+        return None
+    return num / den if den > 0 and 0 < num / den <= 1000 else None
 
 
 def _unsupported(format_name: str) -> GridnodeError:

@@ -232,10 +232,11 @@ def sandboxed_argv(argv: Sequence[str], limits: ChildLimits, *, found: Tools | N
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """A child's whole environment: a PATH of its own and the node's locale, nothing else
-    (no credential, no AWS_*, no PERL5OPT for the wrapper to obey)."""
+    (no credential, no AWS_*, no PERL5OPT for the wrapper to obey). SVT_LOG=1: SVT-AV1 logs
+    errors only, as ``-v error`` has ffmpeg do (else its banner fills a job's stderr tail)."""
     environ = os.environ if environ is None else environ
     env = {key: value for key, value in environ.items() if key in ENV_KEYS or key.startswith("LC_")}
-    return {"PATH": CHILD_PATH, "LANG": "C.UTF-8", **env}
+    return {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "SVT_LOG": "1", **env}
 
 
 # -- at start: what the host offers, and the mode the node runs in

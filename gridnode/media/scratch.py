@@ -30,8 +30,8 @@ from gridnode.media.probe import ProbeResult
 
 #: frame rate assumed for a CRF preset's rate (the probe does not report one)
 NOMINAL_FPS = 30
-#: bits per pixel per frame a CRF encode of ordinary footage stays under
-BITS_PER_PIXEL = {"mp4": 0.15, "webm": 0.10}
+#: bits per pixel per frame a CRF encode of ordinary footage stays under, by video codec
+BITS_PER_PIXEL = {"h264": 0.15, "hevc": 0.10, "av1": 0.10, "vp9": 0.10}
 #: MPEG-TS packet and PES headers over an HLS rung's stream rates
 TS_OVERHEAD = 1.10
 MARGIN = 1.25
@@ -48,15 +48,17 @@ MAX_WAIT = 600.0
 
 def preset_bytes(probe: ProbeResult, preset: Preset) -> float:
     """What one preset's outputs of ``probe`` take, without the margin."""
-    seconds = max(probe.converted_duration, 0.0)
-    audio = probe.has_audio
-    if preset.kind == "hls":
+    seconds = max(preset.expected_duration(probe) or 0.0, 0.0)
+    audio = probe.has_audio and bool(preset.audio)
+    if preset.container == "hls":
         rate = sum(r.video_kbps + (r.audio_kbps if audio else 0) for r, _size in hls_rungs(probe, preset.ladder))
         return seconds * rate * 1000 / 8 * TS_OVERHEAD + 64 * 1024  # + playlists
     w, h = target_size(probe, preset.short_side)
-    if preset.kind == "poster":
+    if preset.container == "jpeg":
         return float(w * h)
-    video = w * h * NOMINAL_FPS * BITS_PER_PIXEL[preset.kind]
+    video = w * h * NOMINAL_FPS * BITS_PER_PIXEL[preset.video]
+    if preset.max_kbps:
+        video = min(video, preset.max_kbps * 1000)
     return seconds * (video + (preset.audio_kbps * 1000 if audio else 0)) / 8 + 64 * 1024  # + headers
 
 

@@ -163,7 +163,7 @@ def output_duration(output: ProducedFile, kind: str) -> float:
             data = f.read(MAX_PLAYLIST + 1)
             seconds = hls_duration(data.decode("utf-8", "replace")) if len(data) <= MAX_PLAYLIST else None
         else:
-            seconds = (mp4_duration if kind == "mp4" else webm_duration)(f, size)
+            seconds = (mp4_duration if kind == "mp4" else webm_duration)(f, size)  # mkv: as webm
     if seconds is None:
         raise unreadable_output(output.name, "no duration in it")
     return seconds
@@ -175,24 +175,23 @@ def measure_outputs(found: Sequence[ProducedFile], probe: ProbeResult, presets: 
     long the preset's output lasts (mp4, webm: the file; HLS: its shortest rung's playlist;
     posters: None). Raises ``input_truncated`` (``truncation``, with ``stderr``: ffmpeg's last
     lines) or ``ffmpeg_failed`` (an output without a readable duration)."""
-    lengths: dict[str, float] = {}  # output name -> seconds
     by_preset: dict[str, float] = {}
     for preset in dict.fromkeys(presets):
         mine = [f for f in found if f.preset == preset.name]
-        if preset.kind in ("mp4", "webm"):
+        if preset.container in ("mp4", "webm", "mkv"):
             measured = mine[:1]
-        elif preset.kind == "hls":
+        elif preset.container == "hls":
             # Every rung must be whole; the preset is as long as its shortest.
             measured = [f for f in mine if f.name.endswith("/index.m3u8")]
         else:
             continue
-        for output in measured:
-            lengths[output.name] = output_duration(output, preset.kind)
+        lengths = {output.name: output_duration(output, preset.container) for output in measured}
         if measured:
-            by_preset[preset.name] = min(lengths[f.name] for f in measured)
-    error = truncation(probe.converted_duration, lengths, stderr)
-    if error is not None:
-        raise error
+            by_preset[preset.name] = min(lengths.values())
+        # A clip is held to its own length, the rest to the input's.
+        error = truncation(preset.expected_duration(probe) or 0.0, lengths, stderr)
+        if error is not None:
+            raise error
     first = {f.preset: f for f in reversed(found)}  # each preset's first file: what the job lists
     return [replace(f, duration=by_preset[f.preset]) if first[f.preset] is f and f.preset in by_preset else f
             for f in found]

@@ -19,7 +19,8 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
   says which records are stale (the bucket as an independent witness).
 - What the rest of the node hears, through callbacks only: a peer that left
   (``on_left``) or was confirmed dead (``on_confirmed_dead``, with the dead
-  incarnation: the node deletes that life's record and adopts its jobs), and
+  incarnation: its watchers, in ring order, delete that life's record and
+  adopt its jobs, gridnode/succession.py), and
   either (``on_gone``: the registry drops it from nodes.json at once).
 
 A Twisted service: ``startService`` joins; ``stopService`` leaves (``left``,
@@ -256,8 +257,8 @@ class MembershipService(Service):
                 self._offer_jobs(self.on_left, change.member)
 
     def _offer_jobs(self, callback: Callable[..., Any], member: str, *args: Any) -> Deferred[Any]:
-        """Hand a gone member to the node, which adopts its jobs; a failure is logged (adoption
-        retries on its own schedule)."""
+        """Hand a gone member to the node, whose watchers of it adopt its jobs; a failure is logged
+        (the member's other watchers take over what is left, gridnode/succession.py)."""
         d = maybeDeferred(callback, member, *args)
         d.addErrback(lambda f: self._log.failure("adopting the jobs of {peer} failed", f, peer=member))
         return d

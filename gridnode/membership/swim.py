@@ -526,11 +526,14 @@ class SwimMachine:
         """The I/O layer: a connection to ``member`` at ``address`` was actively refused."""
         self._now = now
         out: list[Output] = []
-        m = self._host_gone(member, address, out)
+        relaying = any(target == member for _, _, _, target in self._relays.values())
+        m = self._host_gone(member, address, out, relaying)
         if m is None:
             return out  # not news: our own probes, buddy notes and relays keep getting refused
-        if not any(p.target == member and p.expected_nacks for p in self._probes.values()):
-            # no need to wait for an ack timeout: have relays try it now
+        if not relaying and not any(p.target == member and p.expected_nacks for p in self._probes.values()):
+            # no need to wait for an ack timeout: have relays try it now. A relay refused does not
+            # fan out again (its requester asked others already and told the watchers): its
+            # refusal goes back to the requester as a witness, below
             seq = self._next_seq()
             p = self._probes[seq] = _Probe(seq, member)
             self._ping_req(p, m, out)
@@ -819,19 +822,19 @@ class SwimMachine:
 
     # ------------------------------------------------------------ suspicion
 
-    def _suspect(self, m: _Member, out: list[Output]) -> None:
-        """Our own probe of ``m`` failed."""
+    def _suspect(self, m: _Member, out: list[Output], tell_watchers: bool = True) -> None:
+        """Our own probe of ``m`` failed (or a relayed one: its requester tells the watchers)."""
         self._apply(Update(m.id, m.address, m.incarnation, SUSPECT, self.me), out)
         # buddy system: tell the accused right away so that it can refute
         out.append(Gossip(m.id, m.address, *self._hdr(), self._piggyback(m.id)))
         # and its watchers, so that they ask its kernel now rather than when gossip reaches them
         mine = [Update(m.id, m.address, m.incarnation, SUSPECT, self.me)]
-        for w in self.watchers_of(m.id):
+        for w in self.watchers_of(m.id) if tell_watchers else ():
             watcher = self._members.get(w)
             if watcher is not None and watcher.state in (ALIVE, SUSPECT) and w != m.id:
                 out.append(Gossip(w, watcher.address, *self._hdr(), mine))
 
-    def _host_gone(self, member: str, address: str, out: list[Output]) -> _Member | None:
+    def _host_gone(self, member: str, address: str, out: list[Output], relaying: bool = False) -> _Member | None:
         """The I/O layer found ``member``'s host at ``address`` gone (refused or silent). If that is
         news (we hold it live there, and not yet gone at this incarnation), suspect it with the
         short timeout and return it; else None."""
@@ -841,7 +844,7 @@ class SwimMachine:
         if self._gone.get(member) == m.incarnation:
             return None
         self._gone[m.id] = m.incarnation
-        self._suspect(m, out)
+        self._suspect(m, out, tell_watchers=not relaying)
         s = self._suspicions.get(m.id)
         if s is not None:
             self._reschedule(m.id, s)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from gridnode import keys
 from gridnode.errors import GridnodeError
+from gridnode.notify.targets import parse_urls
 
 #: an info object larger than this is not read
 MAX_INFO_BYTES = 4 * 1024 * 1024
@@ -35,12 +36,17 @@ class UploadInfo:
     parts: tuple[Part, ...] = ()
     #: the ``sub`` of the token that created it ("" without tokens): only that tenant may go on
     tenant: str = ""
+    #: its job's notify URLs, comma-separated (Upload-Metadata ``notify``, checked at creation)
+    notify: str = ""
+
+    def notify_urls(self) -> list[str]:
+        return parse_urls(self.notify)
 
     def dumps(self) -> bytes:
         doc = {"id": self.id, "length": self.length, "offset": self.offset, "created": self.created,
                "expires": self.expires, "metadata": self.metadata, "filename": self.filename,
                "presets": self.presets, "parts": [[p.id, p.size, p.sha256] for p in self.parts],
-               "tenant": self.tenant}
+               "tenant": self.tenant, "notify": self.notify}
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -53,7 +59,7 @@ class UploadInfo:
                        created=float(doc["created"]), expires=float(doc["expires"]),
                        metadata=str(doc.get("metadata") or ""), filename=str(doc.get("filename") or ""),
                        presets=None if doc.get("presets") is None else str(doc["presets"]), parts=parts,
-                       tenant=str(doc.get("tenant") or ""))
+                       tenant=str(doc.get("tenant") or ""), notify=str(doc.get("notify") or ""))
         except (ValueError, KeyError, TypeError, IndexError):
             raise GridnodeError(f"the stored state of upload {upload_id} is unreadable; start a new upload",
                                 code="storage_corrupt", status=500) from None

@@ -102,18 +102,18 @@ class UploadStore:
 
     def check_presets(self, presets: str | None) -> list[str]:
         """The presets a finished upload will be converted to: an unknown one is refused now, not
-        after the upload."""
-        return [p.name for p in self.jobs.media.parse_presets(presets)]
+        after the upload. The names asked for (presets and templates), as a token's claim names them."""
+        return list(dict.fromkeys(p.template for p in self.jobs.media.parse_presets(presets) if p.template))
 
     def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None,
-                   tenant: str = "") -> UploadInfo:
+                   tenant: str = "", notify: str = "") -> UploadInfo:
         """Admit a new upload; it is not stored yet (`create`, or the commit of its first chunk)."""
         # The job service's admission (draining, full, too large, low disk) with its coded errors.
         self.jobs.check_admission(length)
         now = self.now()
         return UploadInfo(id=keys.new_id(self.jobs.now()), length=length, offset=0, created=now,
                           expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets,
-                          tenant=tenant)
+                          tenant=tenant, notify=notify)
 
     def first_chunk(self, info: UploadInfo, length: int | None, checksum: str | None) -> Chunk:
         """Where the body of a creation request goes; the upload is created as it is committed."""
@@ -383,7 +383,7 @@ class UploadStore:
         try:
             # answered once the job's input (this file, put whole) and record are in the store
             job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None,
-                                         tenant=info.tenant)
+                                         tenant=info.tenant, notify=info.notify_urls())
         except StorageUnavailable:
             # The upload stays as it was before this chunk (its parts are in the store): the
             # client is told 503 and sends the last chunk again, here or to another node.

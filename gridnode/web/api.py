@@ -12,6 +12,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
+from gridnode.media.templates import Catalog
 from gridnode.web.http import JSONRoot, error_body, json_body
 from gridnode.web.jobs import JobsResource, ResultsResource
 
@@ -80,6 +81,24 @@ class PeersResource(Resource):
                                    "watching": sorted(m.machine.watching()), "host_checks": dict(m.checks)})
 
 
+class PresetsResource(Resource):
+    """``GET /presets``: the presets and templates the caller may ask for, each with its outputs."""
+
+    isLeaf = True
+
+    def __init__(self, node: NodeView) -> None:
+        super().__init__()
+        self.node = node
+        self.catalog = Catalog(node.config.templates, node.config.watermark_dir)
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
+        try:
+            grant = self.node.access.caller(request).grant
+        except GridnodeError as e:
+            return error_body(request, e)
+        return json_body(request, {"presets": self.catalog.listing(grant.presets if grant is not None else None)})
+
+
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
@@ -112,10 +131,11 @@ def api_root(node: NodeView) -> Resource:
     root.putChild(b"static", File(STATIC))
     root.putChild(b"health", HealthResource(node))
     root.putChild(b"peers", PeersResource(node))
+    root.putChild(b"presets", PresetsResource(node))
     registry = JSONRoot()
     registry.putChild(b"nodes.json", NodesListResource(node))
     root.putChild(b"registry", registry)
-    root.putChild(b"jobs", JobsResource(node.jobs, node.access, node.result_urls))
+    root.putChild(b"jobs", JobsResource(node.jobs, node.access, node.result_urls, node.ledger))
     root.putChild(b"files", node.tus.resource())
     root.putChild(b"results", ResultsResource(node.jobs, node.access, node.result_urls))
     from prometheus_client.twisted import MetricsResource

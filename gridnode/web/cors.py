@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 ALLOW_METHODS = "GET, POST, PATCH, HEAD, DELETE, OPTIONS"
-BASE_ALLOW_HEADERS = ("Content-Type", "Upload-Checksum", "Authorization")
+BASE_ALLOW_HEADERS = ("Content-Type", "Upload-Checksum", "Authorization", "Notify", "Notify-Progress")
 BASE_EXPOSE_HEADERS = ("Location", "Retry-After", "ETag")
 
 

@@ -93,3 +93,9 @@ class JSONRoot(Resource):
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         return ErrorResource(not_found(f"no such resource: {request.path.decode('latin-1')}"))
+
+
+def is_json(request: Any) -> bool:
+    """Whether a POST /jobs body is a JSON job request (gridnode/job_request.py), not the video."""
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    return bool(kind == b"application/json")

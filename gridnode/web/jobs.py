@@ -16,6 +16,7 @@ result URLs made at that moment (`ResultUrls.job_json`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -28,14 +29,17 @@ from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode import keys
+from gridnode import bucket_input, job_list, keys, purge
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
+from gridnode.idempotency import JOB, Found, Intent, Ledger
+from gridnode.job_request import JobRequest
 from gridnode.jobs import Job
 from gridnode.media.presets import CONTENT_TYPES
+from gridnode.notify.targets import parse_urls
 from gridnode.spool import SpoolFile
 from gridnode.web import replay
 from gridnode.web.form import FormBody
-from gridnode.web.http import ErrorResource, error_body, json_body, not_found, parse_checksum, respond_later
+from gridnode.web.http import ErrorResource, error_body, is_json, json_body, not_found, parse_checksum, respond_later
 from gridnode.web.result_urls import ResultUrls, is_signature
 
 if TYPE_CHECKING:
@@ -48,6 +52,23 @@ def arg(request: Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+_LISTING_ARGS = frozenset({"state", "since", "until", "limit", "cursor", "tenant", "view"})
+
+
+def listing_args(request: Request) -> dict[str, str]:
+    """``GET /jobs``'s parameters, each given once; an unknown or repeated one is a 400 ``bad_query``."""
+    args: dict[str, str] = {}
+    for raw, values in request.args.items():
+        name = raw.decode("utf-8", "replace")
+        if name not in _LISTING_ARGS or len(values) != 1:
+            raise GridnodeError(f"GET /jobs takes each of {', '.join(sorted(_LISTING_ARGS))} once; "
+                                f"not {name[:40]!r} here", code="bad_query", status=400)
+        args[name] = values[0].decode("utf-8", "replace")
+    if args.get("view", "node") != "node" or ("view" in args and len(args) > 1):
+        raise GridnodeError("view= takes 'node' (this node's own jobs), alone", code="bad_query", status=400)
+    return args
+
+
 #: the largest HLS playlist the node passes on from an S3 store itself (a 10 h rung is ~100 KiB)
 MAX_PLAYLIST_BYTES = 1024 * 1024
 
@@ -56,10 +77,21 @@ def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callab
     """For `respond_later`: answer a job's JSON (its result URLs made now) and finish."""
 
     def done(obj: Any) -> None:
+        if isinstance(obj, dict) and "jobs" in obj:  # a page of the listing
+            obj = {**obj, "jobs": [urls.job_json(j.to_json()) for j in obj["jobs"]]}
         request.write(json_body(request, urls.job_json(obj.to_json()) if isinstance(obj, Job) else obj, status))
         request.finish()
 
     return done
+
+
+def notify_of(request: Request, fields: dict[str, str]) -> tuple[list[str], bool]:
+    """A new job's notify URLs (query ``notify``, else header ``Notify``, else a form's field; comma-
+    separated) and whether it asked for job.progress (``notify_progress=true``, ``Notify-Progress``)."""
+    header = request.getHeader(b"notify")
+    text = arg(request, "notify") or (header.decode("latin-1") if header else None) or fields.get("notify")
+    flag = arg(request, "notify_progress") or (request.getHeader(b"notify-progress") or b"").decode("latin-1")
+    return parse_urls(text), flag.strip().lower() in ("1", "true", "yes")
 
 
 def no_job(job_id: str) -> NotFound:
@@ -78,6 +110,9 @@ async def visible_job(jobs: JobService, access: Access, request: Request, job_id
     try:
         job: Job = await jobs.get(job_id)
     except NotFound:
+        stone = await purge.tombstone(jobs.store, job_id)
+        if stone is not None and access.caller(request).sees(stone["tenant"]):
+            raise purge.Gone(f"job {job_id} was purged: its input, outputs and record are deleted") from None
         raise no_job(job_id) from None
     if not access.caller(request).sees(job.tenant):
         raise no_job(job_id)
@@ -85,11 +120,13 @@ async def visible_job(jobs: JobService, access: Access, request: Request, job_id
 
 
 class JobsResource(Resource):
-    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls) -> None:
+    def __init__(self, jobs: JobService, access: Access, urls: ResultUrls, ledger: Ledger | None = None) -> None:
         super().__init__()
         self.jobs = jobs
         self.access = access
         self.urls = urls
+        #: the Idempotency-Keys of JSON job requests (an upload's are looked up by the body router)
+        self.ledger = ledger or Ledger(jobs.store, now=jobs.now)
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 - Twisted's name
         job_id = path.decode("ascii", "replace")
@@ -97,12 +134,23 @@ class JobsResource(Resource):
             return ErrorResource(bad_job_id(job_id))
         return JobResource(self.jobs, self.access, self.urls, job_id)
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
-        """``GET /jobs``: this node's running and queued jobs, and its recent finished ones (the
-        caller's tenant's)."""
-        return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        """``GET /jobs``: the caller's tenant's jobs from the store, a page at a time, newest first
+        (gridnode/job_list.py); ``?view=node``: this node's running and queued jobs, and its recent
+        finished ones."""
+        try:
+            args = listing_args(request)
+            if args.get("view") == "node":
+                return json_body(request, self.urls.listing(self.jobs.listing(self.access.owner_filter(request))))
+            query = job_list.Query.parse(args, self.access.owner_filter(request))
+        except GridnodeError as e:
+            return error_body(request, e)
+        return respond_later(request, job_list.page(self.jobs.store, query),
+                             answer_json(request, self.urls))
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        if is_json(request):
+            return self._from_bucket(request)
         body: Any = request.content  # a SpoolFile (or a form's, around one): GridRequest routed the body there
         spool: Any = body.spool if isinstance(body, FormBody) else body
         try:
@@ -122,8 +170,10 @@ class JobsResource(Resource):
             name = arg(request, "name") or fields.get("name") or ""
             tenant = self.access.caller(request).tenant
             claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
+            notify, progress = notify_of(request, fields)
             work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
-                                    claim=claim.claim if claim is not None else None)
+                                    claim=claim.claim if claim is not None else None, notify=notify,
+                                    notify_progress=progress)
         except GridnodeError as e:  # refused before the job service saw it (which counts its own)
             getattr(spool, "discard", lambda: None)()
             self.jobs.metrics.upload_rejections.labels(e.code).inc()
@@ -139,6 +189,52 @@ class JobsResource(Resource):
             return job
 
         return respond_later(request, work.addCallback(located), answer_json(request, self.urls, 201))
+
+    def _from_bucket(self, request: Request) -> Any:
+        """``POST /jobs`` with a JSON body: a job of an object already in the bucket. With an
+        Idempotency-Key, a retry of the same body is answered the job its key made."""
+        try:
+            body = request.content.read() if request.content is not None else b""
+            asked = JobRequest.parse(body)
+            caller = self.access.caller(request)
+            key = replay.key_of(request)
+        except GridnodeError as e:
+            self.jobs.metrics.upload_rejections.labels(e.code).inc()
+            return error_body(request, e)
+        fetch = replay.job_fetcher(self.jobs, caller.tenant)
+
+        async def make() -> Any:
+            claim = None
+            if key is not None:
+                intent = Intent.of(caller.tenant, key, JOB, json=hashlib.sha256(body).hexdigest())
+                found = await self.ledger.find(intent, fetch)
+                if isinstance(found, Found):
+                    return replayed(found.work)
+                claim = found
+            work = bucket_input.submit(
+                self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
+                any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
+                allow=lambda presets, size: self.access.creator(request, presets, size),
+                claim=claim.claim if claim is not None else None)
+            if claim is not None:
+                settle = replay.settled(claim, fetch)
+
+                def lost(failure: Failure) -> Any:  # another request with the key won: its job
+                    return settle(failure).addCallback(replayed)
+
+                work.addErrback(lost)
+            return await work
+
+        def replayed(job: Job) -> Job:
+            request.setHeader(*(h.encode() for h in replay.REPLAYED))
+            return job
+
+        def located(job: Job) -> Job:
+            request.setHeader(b"location", f"/jobs/{job.id}".encode())
+            return job
+
+        return respond_later(request, ensureDeferred(make()).addCallback(located),
+                             answer_json(request, self.urls, 201))
 
 
 class JobResource(Resource):
@@ -159,9 +255,19 @@ class JobResource(Resource):
                              answer_json(request, self.urls))
 
     def render_DELETE(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        """Cancel the job; ``?purge=true``: cancel it (on the node that runs it) and remove its
+        input, outputs and record (gridnode/purge.py)."""
+        purging = arg(request, "purge")
+        if purging not in (None, "true", "false"):
+            return error_body(request, GridnodeError("purge= takes true or false", code="bad_query", status=400))
+
         async def cancel() -> Any:
-            await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
-            return await self.jobs.cancel(self.job_id)
+            job = await visible_job(self.jobs, self.access, request, self.job_id)  # the owner never changes
+            if purging != "true":
+                return await self.jobs.cancel(self.job_id)
+            if not job.final:
+                job = await self.jobs.cancel(self.job_id)
+            return await purge.purge(self.jobs.store, job, self.jobs.now())
 
         return respond_later(request, cancel(), answer_json(request, self.urls))
 

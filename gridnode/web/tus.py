@@ -33,6 +33,8 @@ from twisted.web.server import Request
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.idempotency import UPLOAD, Claim, Intent, Ledger
+from gridnode.notify.service import require_webhooks
+from gridnode.notify.targets import parse_urls
 from gridnode.uploads.files import Chunk
 from gridnode.uploads.info import UploadInfo, owned_by
 from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
@@ -121,6 +123,7 @@ class Creation:
     filename: str
     presets: str | None
     tenant: str
+    notify: str = ""  # its job's notify URLs (Upload-Metadata ``notify``), their syntax checked
 
 
 class UploadAccess(Protocol):
@@ -252,7 +255,7 @@ class TusHandler:
 
     def _admit(self, c: Creation) -> UploadInfo:
         return self.uploads.new_upload(c.length, metadata=c.metadata, filename=c.filename, presets=c.presets,
-                                       tenant=c.tenant)
+                                       tenant=c.tenant, notify=c.notify)
 
     def _checked_creation(self, request: Any) -> Creation:
         """What a creation request declared, checked, and whose it is."""
@@ -272,7 +275,9 @@ class TusHandler:
         # The upload id is the upload's name; its tenant, recorded here, is checked on every request
         # that follows. A token's cap is checked against Upload-Length here: no chunk may pass that.
         tenant = self.access.creator(request, chosen, length)
-        return Creation(length, raw, filename, presets, tenant)
+        # the URLs' syntax now; where they resolve to, when the job is submitted (the last chunk)
+        notify = ",".join(require_webhooks(self.uploads.jobs.webhooks, parse_urls(metadata_text(metadata, "notify"))))
+        return Creation(length, raw, filename, presets, tenant, notify)
 
     # -- requests (the resource calls these)
 

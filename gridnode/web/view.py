@@ -23,6 +23,7 @@ from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
 from gridnode.web.access import Access, segments
 from gridnode.web.cors import CORS
+from gridnode.web.http import is_json
 from gridnode.web.result_urls import ResultUrls
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ class NodeView:
             raise
         # The path as the resource tree sees it: POST /%6Aobs is POST /jobs.
         if method == b"POST" and segments(path) == [b"jobs"]:
+            if is_json(request):
+                # a job of an object in the bucket (gridnode/bucket_input.py): a small body in memory,
+                # its Idempotency-Key looked up once it is read (the body is what a retry repeats)
+                replay.key_of(request)  # a malformed key: 400 before the body
+                return None
             query = parse_qs(early_query.decode("latin-1"), keep_blank_values=True)
             try:
                 if "presets" in query:  # refused before the body: an unknown or empty preset
@@ -97,8 +103,9 @@ class NodeView:
 
             if key is None:
                 return sink()
+            notify = query.get("notify") or request.getHeader(b"notify")  # only where sent: older keys still match
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
-                               checksum=request.getHeader(b"upload-checksum"))
+                               checksum=request.getHeader(b"upload-checksum"), **({"notify": notify} if notify else {}))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
                                 replay.job_answer(self.result_urls.job_json), sink)
         return self.tus.route_body(method, path, request, length)

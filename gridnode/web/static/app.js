@@ -1,5 +1,5 @@
 /*
- * The upload page: pick a node (power of two choices on the registry's load
+ * The upload page: pick a node (two choices by expected wait on the registry's load
  * figures), upload to it (tus when the node offers it, else POST /jobs),
  * follow the job (Server-Sent Events, else polling), show the result.
  * A node that fails mid-upload is left for another one. Requests that need
@@ -56,30 +56,83 @@
 
   /* -- nodes ----------------------------------------------------------- */
 
+  /* The command line client's rule (gridnode/client/nodes.py): a pool mixes instance types, so
+   * the two candidates are drawn with a chance in proportion to speed and compared by expected
+   * wait, not by job count. */
+  var SPREAD = 8;  // a node is drawn at most this many times more (or less) often than a typical one
+  var TYPICAL_INPUT_S = 60;  // seconds of input a job stands for where a node does not say its work
+
+  function figure(load, name) {
+    var v = Number(load[name]);
+    return isFinite(v) && v >= 0 ? v : null;
+  }
+
   function busy(node) {
     var load = node.load || {};
-    var workers = Number(load.workers) || 1;
-    return ((Number(load.running) || 0) + (Number(load.queued) || 0)) / Math.max(workers, 1);
+    var workers = figure(load, "workers") || 1;
+    return ((figure(load, "running") || 0) + (figure(load, "queued") || 0)) / Math.max(workers, 1);
   }
 
-  /** Two distinct nodes of ``left`` (at least two) at random. */
-  function randomPair(left) {
-    var i = Math.floor(Math.random() * left.length);
-    var j = Math.floor(Math.random() * (left.length - 1));
-    if (j >= i) j += 1;
-    return [left[i], left[j]];
+  /** Each node's speed; one that has not measured it yet is taken at the median of the others (1 when none has). */
+  function speeds(nodes) {
+    var raw = nodes.map(function (n) {
+      var s = figure(n.load || {}, "speed");
+      return s !== null && s >= 0.001 && s <= 1000 ? s : null;
+    });
+    var known = raw.filter(function (s) { return s !== null; }).sort(function (a, b) { return a - b; });
+    var fallback = known.length ? known[Math.floor(known.length / 2)] : 1;
+    return raw.map(function (s) { return s === null ? fallback : s; });
   }
 
-  /** The power of two choices: two distinct nodes at random, the less busy one (random on ties). */
+  /** Seconds until a new job of typical length would be done on ``node`` at ``speed``. */
+  function expectedWait(node, speed) {
+    var load = node.load || {};
+    var workers = Math.max(1, figure(load, "workers") || 1);
+    var jobs = (figure(load, "running") || 0) + (figure(load, "queued") || 0);
+    var work = figure(load, "work");
+    if (work === null) work = jobs * TYPICAL_INPUT_S;
+    var ahead = jobs >= workers ? work / workers : 0;
+    return (ahead + TYPICAL_INPUT_S) / speed;
+  }
+
+  /** Two distinct nodes of ``left`` (at least two), each drawn with a chance in proportion to its
+   *  speed (kept within SPREAD times the median). */
+  function drawPair(left) {
+    var s = speeds(left);
+    var median = s.slice().sort(function (a, b) { return a - b; })[Math.floor(s.length / 2)];
+    var weights = s.map(function (v) { return Math.min(Math.max(v, median / SPREAD), median * SPREAD); });
+    function pick(skip) {
+      var total = 0;
+      weights.forEach(function (w, k) { if (k !== skip) total += w; });
+      var u = Math.random() * total;
+      for (var k = 0; k < weights.length; k++) {
+        if (k === skip) continue;
+        u -= weights[k];
+        if (u < 0) return k;
+      }
+      return skip === weights.length - 1 ? weights.length - 2 : weights.length - 1;  // float rounding
+    }
+    var i = pick(-1);
+    return [left[i], left[pick(i)]];
+  }
+
+  /** The better of two candidates: the smaller expected wait, the less busy where waits tie, random on full ties. */
+  function better(a, b) {
+    var s = speeds([a, b]);
+    var wa = expectedWait(a, s[0]), wb = expectedWait(b, s[1]);
+    if (wa !== wb) return wa < wb ? a : b;
+    var ba = busy(a), bb = busy(b);
+    if (ba !== bb) return ba < bb ? a : b;
+    return Math.random() < 0.5 ? a : b;
+  }
+
+  /** The power of two choices: two distinct nodes drawn by speed, the better one. */
   function chooseNode(nodes, tried) {
     var left = nodes.filter(function (n) { return !tried.has(n.id); });
     if (left.length === 0) return null;
     if (left.length === 1) return left[0];
-    var pair = randomPair(left);
-    var a = pair[0], b = pair[1];
-    var ba = busy(a), bb = busy(b);
-    if (ba === bb) return Math.random() < 0.5 ? a : b;
-    return ba < bb ? a : b;
+    var pair = drawPair(left);
+    return better(pair[0], pair[1]);
   }
 
   /** ``node`` with its live load (GET /health), or null when it does not answer as ready to work. */
@@ -88,22 +141,24 @@
       var r = await fetchWithTimeout(node.base + "/health", { cache: "no-store" }, CHECK_TIMEOUT_MS);
       if (!r.ok) return null;
       var h = await r.json();
-      return Object.assign({}, node, { load: { running: h.running, queued: h.queued, workers: h.workers } });
+      var live = {};
+      ["running", "queued", "workers", "work", "speed"].forEach(function (k) { if (k in h) live[k] = h[k]; });
+      return Object.assign({}, node, { load: Object.assign({}, node.load || {}, live) });
     } catch (e) {
       return null;
     }
   }
 
   /**
-   * Two choices on live loads, as the command line client does: two distinct nodes at random, both
-   * asked GET /health at once; the less busy of those that answered (the registry's figures are a
+   * Two choices on live loads, as the command line client does: two distinct nodes drawn by speed,
+   * both asked GET /health at once; the better of those that answered (the registry's figures are a
    * heartbeat old, and every page would herd onto the same nodes); the registry's figures when
    * neither answered (a node on another origin answers only with --cors-origins).
    */
   async function chooseNodeLive(nodes, tried) {
     var left = nodes.filter(function (n) { return !tried.has(n.id); });
     if (left.length <= 1) return left[0] || null;
-    var sampled = randomPair(left);
+    var sampled = drawPair(left);
     var checked = (await Promise.all(sampled.map(withLiveLoad))).filter(Boolean);
     var pair = checked.length ? checked : sampled;
     return pair.length === 1 ? pair[0] : chooseNode(pair, new Set());
@@ -404,6 +459,96 @@
     $("log").appendChild(li);
   }
 
+  /* -- the player ------------------------------------------------------ */
+
+  var HLS_JS = "/static/vendor/hls.min.js";
+  var DASH_JS = "/static/vendor/dash.mediaplayer.min.js";
+  var HLS_TYPE = "application/vnd.apple.mpegurl";
+  var DASH_TYPE = "application/dash+xml";
+  var engine = null;  // the hls.js or dash.js instance playing, if any
+  var scripts = {};
+
+  /** Load a vendored script once, only when it is needed. */
+  function loadScript(src) {
+    if (!scripts[src]) {
+      scripts[src] = new Promise(function (resolve, reject) {
+        var el = document.createElement("script");
+        el.src = src;
+        el.onload = resolve;
+        el.onerror = function () { delete scripts[src]; reject(new Error("could not load " + src)); };
+        document.head.appendChild(el);
+      });
+    }
+    return scripts[src];
+  }
+
+  function stopPlayer(player) {
+    if (engine) { engine.destroy(); engine = null; }
+    player.removeAttribute("src");
+    player.textContent = "";
+    delete player.dataset.engine;
+  }
+
+  function playFile(player, url, type) {
+    var source = document.createElement("source");
+    source.src = url;
+    source.type = type;
+    player.appendChild(source);
+    player.dataset.engine = "file";
+    player.load();
+  }
+
+  function hlsEngine(player, url) {
+    return loadScript(HLS_JS).then(function () {
+      if (!window.Hls || !window.Hls.isSupported()) throw new Error("hls.js does not support this browser");
+      var hls = new window.Hls();
+      hls.on(window.Hls.Events.ERROR, function (event, data) {
+        if (data.fatal) log("Player: " + data.type + " " + data.details);
+      });
+      hls.loadSource(url);
+      hls.attachMedia(player);
+      return { name: "hls.js", destroy: function () { hls.destroy(); } };
+    });
+  }
+
+  function dashEngine(player, url) {
+    return loadScript(DASH_JS).then(function () {
+      if (!window.dashjs) throw new Error("dash.js did not load");
+      var dash = window.dashjs.MediaPlayer().create();
+      dash.on(window.dashjs.MediaPlayer.events.ERROR, function (e) {
+        log("Player: " + ((e.error && e.error.message) || "dash.js error"));
+      });
+      dash.initialize(player, url, false);
+      return { name: "dash.js", destroy: function () { dash.reset(); } };
+    });
+  }
+
+  /** Play ``url`` of ``type``. Adaptive streams (HLS, DASH) go through hls.js or dash.js where the
+   *  browser has Media Source Extensions (they switch rungs by measured bandwidth), HLS through the
+   *  browser itself where it has that (Safari); else the plain file ``fallback``, when there is one. */
+  function play(player, url, type, fallback, fallbackType) {
+    stopPlayer(player);
+    var mse = typeof window.MediaSource === "function" || typeof window.ManagedMediaSource === "function";
+    if (type !== HLS_TYPE && type !== DASH_TYPE) {
+      playFile(player, url, type);
+      return Promise.resolve();
+    }
+    if (!mse && type === HLS_TYPE && player.canPlayType(HLS_TYPE)) {
+      player.src = url;
+      player.dataset.engine = "native";
+      return Promise.resolve();
+    }
+    var start = !mse ? Promise.reject(new Error("this browser has no Media Source Extensions"))
+      : type === HLS_TYPE ? hlsEngine(player, url) : dashEngine(player, url);
+    return start.then(function (e) {
+      engine = e;
+      player.dataset.engine = e.name;
+    }).catch(function (e) {
+      log("Player: " + e.message);
+      if (fallback) playFile(player, fallback, fallbackType);
+    });
+  }
+
   function showResult(node, job) {
     var outputs = job.outputs || [];
     var list = $("outputs");
@@ -422,20 +567,19 @@
     });
 
     var player = $("player");
-    player.textContent = "";
+    stopPlayer(player);
+    var stream = outputs.filter(function (o) { return o.content_type === HLS_TYPE; })[0] ||
+      outputs.filter(function (o) { return o.content_type === DASH_TYPE; })[0];
     var video = outputs.filter(function (o) { return o.content_type === "video/mp4"; })[0] ||
       outputs.filter(function (o) { return o.content_type === "video/webm"; })[0];
     var poster = outputs.filter(function (o) { return o.preset === "poster" || /\.jpe?g$/.test(o.name || ""); })[0];
     if (poster) player.setAttribute("poster", resultUrl(node, poster.url));
-    if (video) {
-      var source = document.createElement("source");
-      source.src = resultUrl(node, video.url);
-      source.type = video.content_type;
-      player.appendChild(source);
-      player.hidden = false;
-      player.load();
-    } else {
-      player.hidden = true;
+    player.hidden = !(stream || video);
+    if (stream) {
+      play(player, resultUrl(node, stream.url), stream.content_type, video && resultUrl(node, video.url),
+        video && video.content_type);
+    } else if (video) {
+      play(player, resultUrl(node, video.url), video.content_type);
     }
     $("result-section").hidden = false;
   }
@@ -519,7 +663,10 @@
   }
 
   // For tests and the curious: the pure parts.
-  window.gridnodeUpload = { busy: busy, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive };
+  window.gridnodeUpload = {
+    busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive,
+    play: function (url, type) { return play($("player"), url, type); }
+  };
 
   token.bind($("token"));
   $("upload-form").addEventListener("submit", submit);

@@ -231,7 +231,7 @@
       var results = await Promise.all([
         getJSON("/peers").catch(function (e) { problems.push("peers: " + e.message); return null; }),
         getJSON("/registry/nodes.json").catch(function (e) { problems.push("registry: " + e.message); return null; }),
-        getJSON("/jobs").catch(function (e) { problems.push("jobs: " + e.message); return null; }),
+        getJSON("/jobs?view=node").catch(function (e) { problems.push("jobs: " + e.message); return null; }),
         health()
       ]);
       var self = results[3] ? results[3].node : results[0] ? results[0].node : null;

@@ -1,0 +1,158 @@
+"""
+Retention: a finished job's input after ``--retain-inputs`` days, and its outputs after
+``--retain-outputs`` days, deleted by a sweep that one node of the pool runs at a time.
+
+Every ``--retention-sweep`` seconds (jittered) each node tries to take the sweep's lease
+(``retention/lease.json``: the holder and until when), by a conditional write: a create when
+there is none, else over the ETag it read of one that ran out (or is its own). The loser of a
+race is refused (412) and skips this round; a holder that dies stops holding it when it runs
+out, one period later. The holder then walks ``inputs/`` and ``outputs/`` oldest first (ids sort
+by time) up to the first job made after the cutoff: a job that ended before its cutoff has its
+input (or outputs) deleted; one not final (queued, running) or without a record is left alone.
+A round reads at most `MAX_JOBS` records and goes on where it stopped at the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from gridnode import job_records, keys, purge
+from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.store.base import ObjectStore
+from gridnode.timers import JitteredLoop
+
+#: the most job records one round reads (each prefix): bounds a round's requests
+MAX_JOBS = 500
+DAY = 86400.0
+
+
+class RetentionSweep(Service):
+    """A service: every ``period`` s, the lease then a round, on the node that holds it."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, store: ObjectStore, node_id: str, *, retain_inputs: int | None,
+                 retain_outputs: int | None, period: float, now: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.node_id = node_id
+        self.retain = {keys.inputs_prefix(): retain_inputs, keys.outputs_root(): retain_outputs}
+        self.period = period
+        self.now = now
+        self.rng = rng or random.Random()
+        self._loop: JitteredLoop | None = None
+        self._done: Deferred[Any] | None = None
+        #: where each prefix's walk goes on (the last id it passed), for a round cut short
+        self._resume: dict[str, str | None] = {}
+        self.deleted = {"inputs": 0, "outputs": 0}
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._loop = JitteredLoop(self.reactor, self.round, self.period, self.rng)
+        self._done = self._loop.start(now=False)
+        self._done.addErrback(lambda f: self._log.failure("retention sweep stopped", f))
+
+    def stopService(self) -> Deferred[Any] | None:  # noqa: N802 - Twisted's name
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self._done
+
+    @inlineCallbacks
+    def round(self) -> Any:
+        """Take the lease, then sweep; a store that cannot be reached waits for the next round."""
+        try:
+            held = yield self.take_lease()
+            if held:
+                yield self.sweep()
+        except GridnodeError as e:
+            self._log.warn("retention sweep skipped: {reason}", reason=e.message)
+
+    @inlineCallbacks
+    def take_lease(self) -> Any:
+        """Hold the sweep's lease until past our next round; False when another node holds it."""
+        now = self.now()
+        # held a little past the next round (at most 1.25 periods away), which renews it
+        body = json.dumps({"node": self.node_id, "until": now + 1.5 * self.period}).encode()
+        key = keys.retention_lease()
+        try:
+            data, info = yield self.store.get_bytes(key, max_size=4096)
+        except NotFound:
+            data, info = None, None
+        try:
+            if info is None:
+                yield self.store.put_bytes(key, body, if_none_match="*", content_type="application/json")
+                return True
+            try:
+                lease = json.loads(data)
+                held_by, until = str(lease["node"]), float(lease["until"])
+            except (ValueError, KeyError, TypeError):
+                held_by, until = "", 0.0  # unreadable: taken over as if it had run out
+            if held_by != self.node_id and until > now:
+                return False
+            yield self.store.put_bytes(key, body, if_match=info.etag, content_type="application/json")
+            return True
+        except PreconditionFailed:
+            return False  # another node took it between our read and our write
+
+    @inlineCallbacks
+    def sweep(self) -> Any:
+        """One round over each prefix that has a retention; fires with the jobs it deleted from."""
+        count = 0
+        for prefix, days in self.retain.items():
+            if days is not None:
+                count += yield self._sweep(prefix, self.now() - days * DAY)
+        return count
+
+    @inlineCallbacks
+    def _sweep(self, prefix: str, cutoff: float) -> Any:
+        after, read, deleted = self._resume.get(prefix), 0, 0
+        while True:
+            page = yield self.store.list(prefix, start_after=None if after is None else prefix + after + "0",
+                                         limit=100)
+            ids: list[str] = []
+            for info in page.items:
+                job_id = info.key[len(prefix):].split("/", 1)[0]
+                if keys.is_id(job_id) and (not ids or ids[-1] != job_id):
+                    ids.append(job_id)
+            for job_id in ids:
+                if keys.id_seconds(job_id) > cutoff:
+                    self._resume[prefix] = None  # the newer ones are not due: start over next round
+                    return deleted
+                if read >= MAX_JOBS:
+                    self._resume[prefix] = after  # the next round goes on from here
+                    return deleted
+                read += 1
+                after = job_id
+                deleted += (yield self._expire(prefix, job_id, cutoff))
+            if page.next_after is None:
+                self._resume[prefix] = None
+                return deleted
+            if not ids:
+                after = page.items[-1].key[len(prefix):].split("/", 1)[0]  # past keys that are not a job's
+
+    @inlineCallbacks
+    def _expire(self, prefix: str, job_id: str, cutoff: float) -> Any:
+        try:
+            job, _ = yield job_records.read(self.store, job_id)
+        except NotFound:
+            return 0  # no record (yet, or any more): not ours to judge
+        if not job.final or job.updated > cutoff:
+            return 0
+        if prefix == keys.inputs_prefix():
+            yield self.store.delete(keys.input_source(job_id))
+            self.deleted["inputs"] += 1
+        else:
+            yield purge.delete_outputs(self.store, job_id)
+            self.deleted["outputs"] += 1
+        self._log.info("retention: job {job}'s {what} deleted", job=job_id, what=prefix.rstrip("/"))
+        return 1

@@ -1,0 +1,156 @@
+"""
+CMAF and storyboard outputs: the plans and argv pieces on their own (unit), and the files
+real ffmpeg makes from them (integration): one set of segments under both manifests, the
+same keyframe times on every rung, sheets whose tiles are exactly the VTT's cues.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from gridnode.media import cmaf, storyboard
+from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+
+
+class StoryboardPlanTests:
+    def test_a_tile_every_two_seconds_to_the_end(self) -> None:
+        p = storyboard.plan(12.0, (1280, 720))
+        assert (p.interval, p.count, p.width, p.height, p.columns, p.rows) == (2.0, 6, 160, 90, 6, 1)
+        p = storyboard.plan(12.04, (1280, 720))
+        assert p.count == 7  # the last 0.04 s has its own tile: the cues cover the whole video
+
+    def test_portrait_tiles_keep_the_aspect_with_even_sides(self) -> None:
+        p = storyboard.plan(5.0, (720, 1280))
+        assert (p.width, p.height) == (90, 160)
+        p = storyboard.plan(5.0, (333, 1000), width=100)
+        assert p.width % 2 == 0 and p.height == 100
+
+    def test_long_videos_get_a_longer_interval_not_more_tiles(self) -> None:
+        p = storyboard.plan(6 * 3600.0, (1920, 1080))
+        assert p.count <= storyboard.MAX_TILES and p.interval == 72
+        assert (p.columns, p.rows, p.sheets) == (10, 10, 3)
+
+    def test_a_tiny_video_has_one_tile(self) -> None:
+        p = storyboard.plan(0.08, (64, 64))
+        assert (p.count, p.columns, p.rows, p.sheets) == (1, 1, 1, 1)
+
+    def test_vtt_cues_cover_the_video_and_name_their_tile(self) -> None:
+        p = storyboard.plan(250.5, (1920, 1080))  # 126 tiles: two sheets
+        text = storyboard.vtt(p)
+        assert text.startswith("WEBVTT\n\n")
+        cues = re.findall(r"(\S+) --> (\S+)\n(\S+)#xywh=(\d+),(\d+),(\d+),(\d+)", text)
+        assert len(cues) == 126
+        assert cues[0][:2] == ("00:00:00.000", "00:00:02.000") and cues[-1][1] == "00:04:10.500"
+        assert all(a[1] == b[0] for a, b in zip(cues, cues[1:], strict=False))  # no gap, no overlap
+        assert cues[0][2:] == ("sheet-001.jpg", "0", "0", "160", "90")
+        assert cues[11][2:] == ("sheet-001.jpg", "160", "90", "160", "90")
+        assert cues[100][2:] == ("sheet-002.jpg", "0", "0", "160", "90")
+
+    def test_chain_keeps_exactly_the_planned_frames(self) -> None:
+        chain = storyboard.chain(storyboard.plan(9.0, (640, 360), interval=3))
+        assert "trim=end_frame=3" in chain and "selected_n*3" in chain and chain.endswith("tile=3x1")
+
+
+class CmafOptionsTests:
+    def test_rungs_audio_and_manifests(self) -> None:
+        rungs = [cmaf.CmafRung("[v0]", 1280, 720, 2800), cmaf.CmafRung("[v1]", 640, 360, 800)]
+        opts = cmaf.output_options("/out", rungs, video=["-c:v", "libx264", *cmaf.keyframe_options("libx264")],
+                                   audio=["-c:a", "aac"], audio_label="[a]", audio_kbps=128)
+        assert opts[:6] == ["-map", "[v0]", "-map", "[v1]", "-map", "[a]"]
+        assert opts[opts.index("-b:v:1") + 1] == "800k" and "-sc_threshold" in opts
+        assert opts[opts.index("-adaptation_sets") + 1] == "id=0,streams=v id=1,streams=a"
+        assert opts[-1] == "/out/cmaf/manifest.mpd"
+        silent = cmaf.output_options("/out", rungs[:1], video=["-c:v", "libx264"], audio=None, audio_kbps=128)
+        assert "[a]" not in silent and silent[silent.index("-adaptation_sets") + 1] == "id=0,streams=v"
+
+    def test_audio_ends_before_the_video(self) -> None:
+        assert cmaf.audio_chain(12.0) == "atrim=end=11.950,asetpts=PTS-STARTPTS"
+        assert cmaf.audio_chain(0.01).startswith("atrim=end=0.001,")
+
+    def test_files(self) -> None:
+        names = [n for n, _ in cmaf.files(3, audio=True)]
+        assert names[:2] == ["cmaf/manifest.mpd", "cmaf/master.m3u8"] and "cmaf/seg-3-*.m4s" in names
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _keyframes(files: list[Path]) -> list[float]:
+    """Keyframe times of one rung: its init segment and media segments read as one stream."""
+    joined = files[0].parent / (files[0].stem + ".joined.mp4")
+    joined.write_bytes(b"".join(f.read_bytes() for f in files))
+    out = subprocess.run([FFPROBE, "-v", "error", "-skip_frame", "nokey", "-select_streams", "v:0",
+                          "-show_entries", "frame=pts_time", "-of", "json", str(joined)],
+                         check=True, capture_output=True, timeout=60).stdout
+    return [round(float(f["pts_time"]), 3) for f in json.loads(out)["frames"]]
+
+
+@pytest.mark.integration
+@needs_ffmpeg
+class RealFfmpegTests:
+    def test_one_decode_makes_cmaf_and_a_storyboard(self, tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        (out / cmaf.FOLDER).mkdir(parents=True)
+        (out / storyboard.FOLDER).mkdir()
+        sizes = [(1280, 720, 2800), (854, 480, 1400), (640, 360, 800)]
+        board = storyboard.plan(12.0, (1280, 720))
+        graph = ";".join(["[0:v]split=4[s0][s1][s2][s3]"]
+                         + [f"[s{i}]scale={w}:{h},format=yuv420p[v{i}]" for i, (w, h, _) in enumerate(sizes)]
+                         + [f"[s3]{storyboard.chain(board)}[sb]", f"[0:a:0]{cmaf.audio_chain(12.0)}[a]"])
+        rungs = [cmaf.CmafRung(f"[v{i}]", w, h, k) for i, (w, h, k) in enumerate(sizes)]
+        # a scene cut every 1.3 s (the picture inverts): keyframes must still fall on boundaries only
+        video = ["-c:v", "libx264", "-preset", "veryfast", "-threads", "1", *cmaf.keyframe_options("libx264")]
+        source = tmp_path / "source.mkv"
+        _run([FFMPEG, "-v", "error", "-nostdin", "-y",
+              "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25:duration=12,negate=enable='mod(floor(t/1.3)\\,2)'",
+              "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
+              "-c:v", "libx264", "-preset", "ultrafast", "-qp", "10", "-c:a", "flac", str(source)])
+        _run([FFMPEG, "-v", "error", "-nostdin", "-y", "-i", str(source), "-filter_complex", graph,
+              *cmaf.output_options(str(out), rungs, video=video, audio=["-c:a", "aac"], audio_label="[a]",
+                                  audio_kbps=96),
+              *storyboard.output_options(str(out), "[sb]")])
+        folder = out / cmaf.FOLDER
+
+        # DASH and HLS name the same segment files, and every one of them exists
+        mpd = ET.parse(folder / "manifest.mpd").getroot()
+        ns = {"d": "urn:mpeg:dash:schema:mpd:2011"}
+        reps = mpd.findall(".//d:Representation", ns)
+        sets = mpd.findall(".//d:AdaptationSet", ns)
+        assert sorted(a.get("contentType") or "" for a in sets) == ["audio", "video"]
+        assert len(reps) == 4  # 3 rungs + the one audio rendition
+        hls_segments: set[str] = set()
+        master = (folder / "master.m3u8").read_text()
+        assert master.count("#EXT-X-STREAM-INF") == 3 and "TYPE=AUDIO" in master
+        for n in range(4):
+            playlist = (folder / f"media_{n}.m3u8").read_text()
+            assert f'#EXT-X-MAP:URI="init-{n}.m4s"' in playlist and "#EXT-X-ENDLIST" in playlist
+            hls_segments |= set(re.findall(r"^(seg-\d+-\d+\.m4s)$", playlist, re.M))
+        on_disk = {p.name for p in folder.glob("seg-*.m4s")}
+        assert hls_segments == on_disk
+        templates = {t.get("media") for t in mpd.findall(".//d:SegmentTemplate", ns)}
+        assert templates == {"seg-$RepresentationID$-$Number%05d$.m4s"}
+
+        # the rungs' keyframes fall at the same times: the segment boundaries
+        times = [_keyframes([folder / f"init-{n}.m4s", *sorted(folder.glob(f"seg-{n}-*.m4s"))]) for n in range(3)]
+        assert times[0] == times[1] == times[2] == [0.0, 4.0, 8.0], times
+
+        # the storyboard: one sheet of 6 tiles (6x1) of 160x90, none of them the black padding
+        sheets = sorted((out / storyboard.FOLDER).glob("sheet-*.jpg"))
+        assert [s.name for s in sheets] == ["sheet-001.jpg"]
+        probe = json.loads(subprocess.run([FFPROBE, "-v", "error", "-show_entries", "stream=width,height",
+                                           "-of", "json", str(sheets[0])], check=True, capture_output=True).stdout)
+        assert (probe["streams"][0]["width"], probe["streams"][0]["height"]) == (960, 90)
+        for i in range(board.count):
+            crop = subprocess.run([FFMPEG, "-v", "info", "-i", str(sheets[0]), "-vf",
+                                   f"crop=160:90:{i * 160}:0,signalstats,metadata=print:key=lavfi.signalstats.YAVG",
+                                   "-f", "null", "-"], check=True, capture_output=True, text=True).stderr
+            luma = float(re.findall(r"YAVG=([\d.]+)", crop)[-1])
+            assert luma > 40, (i, luma)  # testsrc2 is bright; a padded tile is black (~16)
