@@ -18,8 +18,9 @@ On a budget overrun the benchmark's process group gets SIGINT (the scripts unwin
 ``finally`` blocks and stop the servers they started), then SIGTERM, then SIGKILL.
 
 ``--only NAME`` takes a benchmark name (``pool``, ``ingest``, ``memory``, ``latency``,
-``store_upload``, ``loadbalance``, ``encode``, ``membership_detect``, ``membership_fp``, ``membership_scale``,
-``membership_join``, ``membership_sync``) or a group (``pipeline``, ``membership``); it is repeatable.
+``store_upload``, ``loadbalance``, ``encode``, ``membership_detect``, ``membership_fp``,
+``membership_scale``, ``membership_join``, ``membership_sync``, ``pool_cost_steady``,
+``pool_cost_crash``) or a group (``pipeline``, ``membership``, ``pool_cost``); it is repeatable.
 """
 
 from __future__ import annotations
@@ -423,6 +424,25 @@ def read_membership_join(objects: list[JSON]) -> list[Row]:
                 "<= 2.5 s", f"{t:.2f} s", f"{t / 2.5:.2f}", verdict(t <= 2.5))]
 
 
+def read_pool_cost(objects: list[JSON]) -> list[Row]:
+    """bench/pool_cost.py --json: a row per goal of each run (N/A ones left out), the steady
+    rows carrying the run's requests, dollars and busiest prefix."""
+    rows: list[Row] = []
+    for o in objects:
+        goals = [o["linear"]] if "linear" in o else o.get("goals", [])
+        extra = ""
+        if "requests_per_s" in o:
+            top = o["busiest"]
+            extra = (f" ({o['requests_per_s']:g} req/s, ${o['dollars_per_day']:g}/day, busiest {top['busiest_prefix']} "
+                     f"{float(top['busiest_share']):.1%} of its S3 limit)")
+        for g in goals:
+            if g["verdict"] in ("PASS", "FAIL"):
+                rows.append(Row(str(g["goal"]), str(g["target"]), f"{g['measured']}{extra}", "-", str(g["verdict"])))
+    if not rows:
+        raise ValueError("no pool-cost result")
+    return rows
+
+
 # -- the suite
 
 
@@ -472,6 +492,15 @@ def suite(quick: bool = False, python: str = sys.executable) -> list[Bench]:
               "level; <= 60,000 B a message",
               ((python, "bench/membership_sync.py", "--json", "--nodes", "1000" if quick else "5000"),),
               30, read_membership_sync),
+    ]
+    # the real registry and job layer on a simulated pool (N=1000 runs take minutes: bench/README.md)
+    cost = (python, "bench/pool_cost.py", "--json", "--window", "30")
+    benches += [
+        Bench("pool_cost_steady", "pool_cost", "S3 requests per node per second, steady state", "<= 0.1",
+              (cost + ("--scenario", "steady", "--nodes", "10,100" if quick else "10,100,300"),), 120,
+              read_pool_cost),
+        Bench("pool_cost_crash", "pool_cost", "S3 requests for one crashed process", "<= 20",
+              (cost + ("--scenario", "crash", "--nodes", "100" if quick else "300"),), 90, read_pool_cost),
     ]
     # Small sources: the issue's 10 s at 1080p takes the better part of an hour on 2 cores
     # (bench/encode.py alone, --1080, for those figures).

@@ -34,6 +34,7 @@ from bench.__main__ import (
     read_membership_scale,
     read_membership_sync,
     read_pipeline,
+    read_pool_cost,
     read_store_upload,
     run_bench,
     select,
@@ -268,6 +269,21 @@ class ReaderTests:
         assert every.verdict == "FAIL" and every.ratio == "1.25" and "N=1000: 1000" in every.measured
         assert largest.verdict == "FAIL" and "61,000 bytes; 1 over" in largest.measured
 
+    def test_pool_cost_rows_one_per_goal_with_the_runs_figures(self) -> None:
+        """A row per PASS/FAIL goal (N/A ones left out); a steady run's row carries its requests, dollars
+        and busiest prefix; the linear object is a row of its own."""
+        run = {"requests_per_s": 390.8, "dollars_per_day": 84.38,
+               "busiest": {"busiest_prefix": "jobs/", "busiest_share": 0.085},
+               "goals": [{"goal": "steady, N=100: requests", "target": "<= 0.1", "measured": 3.9, "verdict": "FAIL"},
+                         {"goal": "inbound", "target": "none", "measured": "not modelled", "verdict": "N/A"}]}
+        linear = {"linear": {"goal": "grows linearly", "target": "never faster", "measured": "3.7 -> 3.9",
+                             "verdict": "PASS"}}
+        rows = read_pool_cost([run, linear])
+        assert [r.verdict for r in rows] == ["FAIL", "PASS"]
+        assert "390.8 req/s, $84.38/day, busiest jobs/ 8.5%" in rows[0].measured
+        with pytest.raises(ValueError):
+            read_pool_cost([{"goals": []}])
+
 
 class TableTests:
     def test_table_shape(self) -> None:
@@ -301,7 +317,8 @@ class SuiteTests:
             benches = suite(quick)
             scripts = {c[1] for b in benches for c in b.commands}
             assert scripts == {"bench/pipeline.py", "bench/store_upload.py", "bench/loadbalance.py",
-                               "bench/membership_sim.py", "bench/membership_sync.py", "bench/encode.py"}
+                               "bench/membership_sim.py", "bench/membership_sync.py", "bench/pool_cost.py",
+                               "bench/encode.py"}
             assert all(0 < b.budget_s <= TOTAL_S for b in benches)
             assert all(any("--json" in c for c in b.commands) for b in benches)
 
