@@ -377,6 +377,13 @@ class RootNodeTests:
             assert job["state"] == "done", job
             status, _, data = request("GET", base + job["outputs"][0]["url"])
             assert status == 200 and len(data) == job["outputs"][0]["size"]
+            # the input is readable by ffmpeg's user while its spool file (a hard link) lives; "done"
+            # shows while the last record is written, the spool goes after: wait for it (bounded)
+            spool = open_folder / "gridnode-work" / "spool"
+            for _ in range(100):
+                if not [n for n in os.listdir(spool) if n.startswith(job["id"])]:
+                    break
+                yield sleep(0.1)
             store = open_folder / "gridnode-data"
             assert stat.S_IMODE(store.stat().st_mode) == 0o700
             for path in store.rglob("*"):
