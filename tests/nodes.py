@@ -253,3 +253,16 @@ def heard_from(node: NodeProcess) -> list[str]:
     status, view = get_json(node.url + "/peers")
     return [p["id"] for p in view["peers"]
             if p["id"] != view["node"] and p["state"] == "alive" and p["last_heard"] is not None]
+
+
+@inlineCallbacks
+def spool_emptied(spool: Path, prefix: str = "", tries: int = 100) -> Any:
+    """Wait (bounded) until the spool folder holds nothing named ``prefix``...: "done" shows while
+    a job's last record is written (fsynced), its spool file goes a moment after. Fires with
+    what is left (nothing, unless the wait ran out)."""
+    for _ in range(tries):
+        left = [n for n in os.listdir(spool) if n.startswith(prefix)]
+        if not left:
+            break
+        yield sleep(0.1)
+    return left

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 
-from tests.helpers import free_port, sleep
+from tests.helpers import free_port
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, wait_job
+from tests.nodes import NodeProcess, spool_emptied, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +44,6 @@ class CurlFormTests:
             assert done["state"] == "done", done
             status, answer = curl("-F", "presets=poster", f"{base}/jobs")
             assert status == 400 and answer["error"]["code"] == "bad_form", answer  # type: ignore[index]
-            spool = tmp_path / "gridnode-work" / "spool"
-            for _ in range(100):  # "done" shows while the last record is written (fsynced); the spool goes after
-                if not os.listdir(spool):
-                    break
-                yield sleep(0.1)
-            assert os.listdir(spool) == []
+            assert (yield spool_emptied(tmp_path / "gridnode-work" / "spool")) == []
         finally:
             node.stop()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.helpers import free_port, sleep
+from tests.helpers import free_port
 from tests.media_samples import Clips, ffprobe_json
-from tests.nodes import NodeProcess, get_json, request, upload, wait_job
+from tests.nodes import NodeProcess, get_json, request, spool_emptied, upload, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -132,12 +132,7 @@ class RefusalTests:
             yield wait_job(base, body_id(tmp_path))
             inputs = tmp_path / "gridnode-data" / "inputs"
             assert len(os.listdir(inputs)) == 1  # only the accepted upload
-            spool = tmp_path / "gridnode-work" / "spool"
-            for _ in range(100):  # "done" shows while the last record is written (fsynced); the spool goes after
-                if not os.listdir(spool):
-                    break
-                yield sleep(0.1)
-            assert os.listdir(spool) == []
+            assert (yield spool_emptied(tmp_path / "gridnode-work" / "spool")) == []
         finally:
             node.stop()
 

@@ -36,7 +36,7 @@ from gridnode.media.sandbox import (
 )
 from tests.helpers import free_port, sleep
 from tests.media_samples import Clips
-from tests.nodes import NodeProcess, boxes_here, get_json, request, run_twistd, upload, wait_job
+from tests.nodes import NodeProcess, boxes_here, get_json, request, run_twistd, spool_emptied, upload, wait_job
 
 TOOLS = Tools(perl="/p/perl", prlimit="/p/prlimit", bwrap="/p/bwrap")
 VIEW = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--proc", "/proc"]
@@ -377,13 +377,8 @@ class RootNodeTests:
             assert job["state"] == "done", job
             status, _, data = request("GET", base + job["outputs"][0]["url"])
             assert status == 200 and len(data) == job["outputs"][0]["size"]
-            # the input is readable by ffmpeg's user while its spool file (a hard link) lives; "done"
-            # shows while the last record is written, the spool goes after: wait for it (bounded)
-            spool = open_folder / "gridnode-work" / "spool"
-            for _ in range(100):
-                if not [n for n in os.listdir(spool) if n.startswith(job["id"])]:
-                    break
-                yield sleep(0.1)
+            # the input is readable by ffmpeg's user while its spool file (a hard link) lives
+            yield spool_emptied(open_folder / "gridnode-work" / "spool", job["id"])
             store = open_folder / "gridnode-data"
             assert stat.S_IMODE(store.stat().st_mode) == 0o700
             for path in store.rglob("*"):
