@@ -57,6 +57,15 @@ def lavfi_audio(seconds: float) -> list[str]:
     return ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}"]
 
 
+def work_clip(path: Path, seconds: int) -> Path:
+    """``seconds`` of 640x360 H.264 + AAC at ``path``: a job with a few seconds of work on two
+    cores (the chaos and succession tests)."""
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25",
+                    "-f", "lavfi", "-i", "sine=frequency=330", "-t", str(seconds), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-c:a", "aac", "-shortest", "-y", str(path)], check=True, timeout=120)
+    return path
+
+
 def make_clips(folder: Path) -> Clips:
     folder.mkdir(parents=True, exist_ok=True)
     x264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import free_port, sleep, wait_for
-from tests.media_samples import FFMPEG
+from tests.media_samples import work_clip
 from tests.nodes import NodeProcess, get_json, heard_from, upload, wait_job
 
 pytest_plugins = ["tests.s3server"]
@@ -26,11 +26,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 s of 640x360 with audio: a couple of seconds of work per job on two cores."""
-    path = tmp_path_factory.mktemp("chaos") / "clip.mp4"
-    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25",
-                    "-f", "lavfi", "-i", "sine=frequency=330", "-t", "30", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-c:a", "aac", "-shortest", "-y", str(path)], check=True, timeout=120)
-    return path
+    return work_clip(tmp_path_factory.mktemp("chaos") / "clip.mp4", 30)
 
 
 def node(tmp_path: Path, endpoint: str, bucket: str, name: str) -> NodeProcess:

@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import free_port, sleep, wait_for
-from tests.media_samples import FFMPEG
+from tests.media_samples import work_clip
 from tests.nodes import NodeProcess, get_json, upload, wait_job
 from tests.s3server import MotoServer, SlowDownProxy, make_bucket
 
@@ -37,11 +37,7 @@ TURNS = 13
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """20 s of 640x360 with audio: a few seconds of work per job."""
-    path = tmp_path_factory.mktemp("succession") / "clip.mp4"
-    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25",
-                    "-f", "lavfi", "-i", "sine=frequency=330", "-t", "20", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-c:a", "aac", "-shortest", "-y", str(path)], check=True, timeout=120)
-    return path
+    return work_clip(tmp_path_factory.mktemp("succession") / "clip.mp4", 20)
 
 
 def node(tmp_path: Path, endpoint: str, bucket: str, name: str) -> NodeProcess:
