@@ -271,6 +271,32 @@ class PoolTests:
         assert "stopped: node1 exited 0" in log.read_text()
         assert nodes and not [p for p in nodes if os.path.exists(f"/proc/{p}") and _alive(p)]
 
+    def test_a_killed_pool_leaves_no_node(self, tmp_path: Path) -> None:
+        """`kill -9` of `gridnode pool`: its nodes get SIGTERM from the kernel and exit."""
+        log = tmp_path / "pool.out"
+        with open(log, "wb") as out:
+            pool = subprocess.Popen([os.path.join(BIN, "gridnode"), "pool", "--nodes", "2", "--dir",
+                                     str(tmp_path / "pool"), "--", "--ffmpeg-user", "none"], cwd=tmp_path,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+        try:
+            deadline = time.monotonic() + 60
+            while log.read_text().count("  ok  ") < 2:
+                assert pool.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            nodes = children_of(pool.pid)
+            assert len(nodes) >= 2
+        finally:
+            pool.kill()
+            pool.wait()
+        deadline = time.monotonic() + 60
+        while [p for p in nodes if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in nodes if _alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, log.read_text()
+
 
 def _alive(pid: int) -> bool:
     try:

@@ -9,7 +9,8 @@ peer secret (both matter only beyond loopback), so the pool is open, as a
 newcomer's ``curl`` expects. It shows each node's ``/health`` live, one line a
 node (plain lines, on change, when not on a terminal), and on Ctrl-C or
 SIGTERM sends SIGTERM to every node, waits for their drain, and exits 0; a
-second Ctrl-C kills them at once.
+second Ctrl-C kills them at once. A pool killed outright (SIGKILL) still stops
+its nodes: the kernel sends each one SIGTERM when the pool dies.
 
 Plain blocking code on purpose: a few processes, one poll a second, and no
 reactor to share with anything.
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -37,6 +40,8 @@ from gridnode.client.discovery import config_path
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
 #: beyond the drain, how long a node may take to exit before it is killed
 EXIT_GRACE = 10.0
+#: prctl(2): the signal a child gets when its parent dies
+PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -242,7 +247,8 @@ def run_pool(args: argparse.Namespace, out: TextIO | None = None) -> int:
             processes[node.id] = subprocess.Popen(
                 node_argv(sys.executable, node, store, workers=workers, drain_timeout=args.drain_timeout,
                           extra=extra), cwd=node.folder, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
     screen = Screen(out)
     each = "1 worker each" if workers == 1 else f"{workers} workers each"
@@ -278,6 +284,15 @@ def run_pool(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 break
             time.sleep(0.1)
     return stop(nodes, processes, screen, signals, args.drain_timeout)
+
+
+def _die_with_parent(pool: int) -> None:
+    """In the node's process before it runs: SIGTERM it (a drain) when the pool dies, even by
+    SIGKILL, so a killed pool leaves no node behind. Linux only; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != pool:  # the pool died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop(nodes: list[PoolNode], processes: dict[str, subprocess.Popen[bytes]], screen: Screen,
