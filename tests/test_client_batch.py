@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from gridnode.client.api import GridClient
-from gridnode.client.batch import FileResult, result_folder, run_batch, table
+from gridnode.client.batch import FileResult, result_folder, run_batch, table, upload_folder
 from gridnode.client.failures import user_error
 from gridnode.client.nodes import NodeInfo
 from gridnode.errors import GridnodeError
@@ -99,9 +99,19 @@ class TableTests:
         assert len({line.index("JOB") if "JOB" in line else lines[0].index("JOB") for line in lines}) == 1
 
     def test_results_layout(self) -> None:
-        """upload --output and fetch share DIR/<job>/; a job id cannot climb out."""
+        """fetch goes to DIR/<job>/; a job id cannot climb out."""
         assert result_folder("out", "01ABC") == "out/01ABC"
         assert result_folder("out", "../x") == "out/x"
+
+    def test_upload_results_are_named_for_the_file(self) -> None:
+        """upload --output: DIR/<file name without extension>/; two files of one name in a batch
+        get their job id too, so neither overwrites the other; a job id cannot climb out."""
+        paths = ["a/movie.mov", "b/movie.mp4", "c/talk.mp4", "d/.hidden", "e/notes"]
+        assert upload_folder("out", "c/talk.mp4", "J3", paths) == "out/talk"
+        assert upload_folder("out", "a/movie.mov", "J1", paths) == "out/movie-J1"
+        assert upload_folder("out", "b/movie.mp4", "../J2", paths) == "out/movie-J2"
+        assert upload_folder("out", "d/.hidden", "J4", paths) == "out/.hidden"
+        assert upload_folder("out", "e/notes", "J5", paths) == "out/notes"
 
 
 class SpreadTests:

@@ -259,7 +259,8 @@ class PoolTests:
             assert all(r[3] == "done" for r in done), out.stdout
             assert len({r[2] for r in done}) >= 2, out.stdout
             assert rows["notes.txt"][3] == "error" and rows["notes.txt"][-1] == "not_a_video"
-            assert sorted(p.name for p in (other / "results").iterdir()) == sorted(r[1] for r in done)
+            assert sorted(p.name for p in (other / "results").iterdir()) == [f"clip{i}" for i in range(4)]
+            assert (other / "results" / "clip0" / "poster.jpg").is_file()
             assert sorted(p.name for p in other.iterdir()) == ["results"]
         finally:
             pool.send_signal(signal.SIGINT)

@@ -90,6 +90,20 @@ def align(rows: list[list[str]]) -> str:
 
 
 def result_folder(output: str, job_id: str) -> str:
-    """Where a job's results go under ``--output DIR`` and ``fetch JOB DIR`` alike: ``DIR/<job>/``
-    (a job id is a ULID: never a path of its own)."""
+    """Where ``fetch JOB DIR`` puts a job's results: ``DIR/<job>/`` (a job id is a ULID: never a
+    path of its own)."""
     return os.path.join(output, os.path.basename(job_id))
+
+
+def upload_folder(output: str, path: str, job_id: str, paths: list[str]) -> str:
+    """Where ``upload --output DIR`` puts a file's results: ``DIR/<file name without extension>/``,
+    the name a user looks for; two files of the batch with the same name get ``<name>-<job>``
+    each, so neither overwrites the other."""
+    stem = _stem(path)
+    shared = sum(1 for p in paths if _stem(p) == stem) > 1
+    return os.path.join(output, f"{stem}-{os.path.basename(job_id)}" if shared else stem)
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path.rstrip(os.sep)) or "input"
+    return os.path.splitext(name)[0] or name

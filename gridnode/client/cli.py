@@ -14,7 +14,8 @@ from your application, or from ``gridnode token``.
 Where the pool is: gridnode/client/discovery.py (the same from any folder).
 Progress bars are drawn only on a terminal; ``--json`` prints JSON lines only.
 A failure exits non-zero with one line, ``gridnode: <code>: <what to try>``;
-results go to ``DIR/<job>/`` for ``upload --output DIR`` and ``fetch JOB DIR``.
+results go to ``DIR/<file name>/`` for ``upload --output DIR`` and ``DIR/<job>/`` for
+``fetch JOB DIR``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from gridnode import __version__
 from gridnode.client.api import NETWORK_ERRORS, BearerHTTP, GridClient, default_http
-from gridnode.client.batch import FileResult, align, result_folder, run_batch, table
+from gridnode.client.batch import FileResult, align, result_folder, run_batch, table, upload_folder
 from gridnode.client.discovery import Where, find_where
 from gridnode.client.failures import network_failure, printable, user_error
 from gridnode.client.nodes import NodeInfo, describe, with_live_load
@@ -67,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("files", nargs="+", metavar="FILE")
     up.add_argument("--preset", action="append", default=[], help="output preset (repeatable; default mp4-720p)")
     up.add_argument("--wait", action="store_true", help="follow the conversion to its end")
-    up.add_argument("--output", metavar="DIR", help="download each job's results to DIR/<job>/ (implies --wait)")
+    up.add_argument("--output", metavar="DIR", help="download each file's results to DIR/<file name>/ (implies --wait)")
     up.add_argument("--parallel", type=parallel, default=4, metavar="N",
                     help="files uploaded and followed at once, across the pool (default: %(default)s)")
     up.add_argument("--idempotency-key", metavar="KEY",
@@ -267,7 +268,7 @@ async def _upload(reactor: Any, client: GridClient, args: argparse.Namespace, ou
             raise GridnodeError(str(error.get("message") or f"the job ended {result.state}"),
                                 code=str(error.get("code") or "job_failed"))
         if args.output:
-            result.outputs = await client.fetch(final, result_folder(args.output, final["id"]), node,
+            result.outputs = await client.fetch(final, upload_folder(args.output, path, final["id"], args.files), node,
                                                 on_progress=lambda n, d, t: out.progress(index, n, d, t))
             out.close(index)
             for p in result.outputs:
