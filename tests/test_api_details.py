@@ -1,6 +1,7 @@
 """
 Small parts of the HTTP contract (docs/api.md) on a whole node's resource tree in memory
-(tests/test_access.py's MemoryNode: fakes, no sockets): an empty ``presets=``, malformed job ids.
+(tests/test_access.py's MemoryNode: fakes, no sockets): an empty ``presets=``, malformed job ids,
+the event stream's keep-alive.
 """
 
 from __future__ import annotations
@@ -8,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from gridnode.metrics import Metrics
 from gridnode.notify.service import Webhooks
@@ -17,6 +22,7 @@ from gridnode.notify.signing import Signer
 from gridnode.notify.targets import AddressRule, literal
 from tests.test_access import ALICE, MemoryNode, code
 from tests.test_notify import PUBLIC, RING
+from tests.test_tus import request_bytes
 
 
 @pytest.fixture
@@ -86,3 +92,29 @@ class NotifyTests:
         assert again.status_code == 201 and again.json()["id"] == r.json()["id"]
         other = node.request("POST", "/jobs", {**headers, "Notify": "https://evil.example/"}, b"video")
         assert code(other) == (422, "idempotency_key_reused")
+
+
+class EventStreamTests:
+    def test_a_quiet_stream_gets_a_comment_every_15_s_until_it_ends(self, tmp_path: Path) -> None:
+        """A job that makes no event for a minute still sends bytes (a comment line EventSource
+        ignores) so a proxy's idle cut does not end the stream; the beat stops with the stream."""
+        clock = Clock()
+        node = MemoryNode(tmp_path, clock)
+        job = node.upload(ALICE).json()["id"]
+        channel = node.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(request_bytes("GET", f"/jobs/{job}/events", ALICE, 0))
+        opened = transport.value()
+        assert opened.startswith(b"HTTP/1.1 200") and b": keep-alive" not in opened
+        clock.advance(14)
+        assert b": keep-alive" not in transport.value()
+        clock.pump([1, 15, 15, 15])
+        assert transport.value().count(b": keep-alive\n\n") == 4
+        node.request("DELETE", f"/jobs/{job}", ALICE)
+        assert b"event: cancelled" in transport.value()
+        clock.pump([15] * 4)
+        assert transport.value().count(b": keep-alive\n\n") == 4
+        assert not [c for c in clock.getDelayedCalls() if getattr(getattr(c.func, "f", None), "__name__", "")
+                    == "keep_alive"]
+        channel.connectionLost(Failure(ConnectionDone()))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.resource import Resource
@@ -71,6 +72,8 @@ def listing_args(request: Request) -> dict[str, str]:
 
 #: the largest HLS playlist the node passes on from an S3 store itself (a 10 h rung is ~100 KiB)
 MAX_PLAYLIST_BYTES = 1024 * 1024
+#: seconds between SSE comment lines on a quiet stream: under the usual 60 s idle cut of proxies
+KEEP_ALIVE = 15.0
 
 
 def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callable[[Any], None]:
@@ -294,8 +297,16 @@ class EventsResource(Resource):
             if job.final:
                 return  # its one event ended the stream
             unsubscribe = self.jobs.subscribe(self.job_id, stream.send)
-            stream.on_close = unsubscribe
-            request.notifyFinish().addBoth(lambda _: unsubscribe())
+            beat = LoopingCall(stream.keep_alive)
+            beat.clock = self.jobs.reactor
+            beat.start(KEEP_ALIVE, now=False)
+
+            def stop(_: object = None) -> None:
+                unsubscribe()
+                if beat.running:
+                    beat.stop()
+
+            request.notifyFinish().addBoth(stop)
 
         def failed(f: Failure) -> None:
             error = f.value if isinstance(f.value, GridnodeError) else GridnodeError("cannot watch this job")
@@ -311,9 +322,14 @@ class _EventStream:
         self.request = request
         self.urls = urls
         self.closed = False
-        self.on_close: Any = None
         self.count = 0
         self.last = ""
+
+    def keep_alive(self) -> None:
+        """A comment line, which EventSource ignores: a proxy or load balancer between the client
+        and the node cuts a connection idle for 60 s, and a long job can go quiet for longer."""
+        if not self.closed:
+            self.request.write(b": keep-alive\n\n")
 
     def send(self, job: Job) -> None:
         record = job.to_json()
