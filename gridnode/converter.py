@@ -50,7 +50,7 @@ from gridnode.media.scratch import (
     scratch_full,
     wait_limit,
 )
-from gridnode.media.templates import Catalog
+from gridnode.media.templates import Catalog, check_clips
 from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
 if TYPE_CHECKING:
@@ -121,6 +121,9 @@ class Converter(Service):
 
     def probe(self, path: str) -> Deferred[ProbeResult]:
         return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, sandbox=self.sandbox)
+
+    def check(self, presets: list[Preset], info: ProbeResult) -> None:
+        check_clips(presets, info.duration)
 
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],

@@ -266,6 +266,7 @@ class JobService(Service):
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
             self._log.info("job {job} probed in {elapsed:.3f}s", job=job_id, elapsed=time.monotonic() - probe_started)
+            self.media.check(chosen, probe)  # e.g. a clip past the end: refused now, not after the 201
             job.sha256 = digest if digest is not None else (yield hashed)
             if claim is not None:
                 yield claim(job_id)

@@ -73,6 +73,9 @@ class FakeMedia:
     def probe(self, path: str) -> Deferred[Probe]:
         return fail(self.probe_error) if self.probe_error else succeed(Probe())
 
+    def check(self, presets: list[Preset], info: Probe) -> None:
+        pass
+
     def run(self, job_id: str, info: Probe, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from gridnode.config import build_config
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.media.presets import Preset, build_argv
-from gridnode.media.templates import BUILTINS, MAX_OUTPUTS, Catalog, parse_output, parse_outputs, spec_of
+from gridnode.media.templates import BUILTINS, MAX_OUTPUTS, Catalog, check_clips, parse_output, parse_outputs, spec_of
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -208,6 +208,16 @@ class ArgvTests:
         assert a[i - 6:i + 2] == ["-protocol_whitelist", "file", "-format_whitelist", "png_pipe", "-f", "png_pipe",
                                   "-i", "file:" + os.path.join(marks, "logo.png")]
         assert a.count("0:a:0") == 1  # c maps the stream as it is
+
+    def test_clip_past_the_end_is_refused_once_probed(self) -> None:
+        """At submission, once the input is probed: a clip that starts less than 0.1 s before the
+        end is bad_spec naming the output; one that starts inside it passes."""
+        outputs = parse_outputs([with_(name="teaser", clip={"start": 19.95})], watermarks=None)
+        with pytest.raises(GridnodeError) as e:
+            check_clips(outputs, 20.0)
+        assert e.value.code == "bad_spec" and e.value.message.startswith("teaser.clip.start: 19.95 s is past")
+        check_clips(parse_outputs([with_(clip={"start": 19.8})], watermarks=None), 20.0)
+        check_clips(parse_outputs([with_()], watermarks=None), 0.05)  # no clip: nothing to check
 
     def test_clip_past_the_end_fails_the_job(self) -> None:
         """A clip that starts past the input's end holds nothing: bad_spec when the job runs."""

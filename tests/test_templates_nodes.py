@@ -46,6 +46,9 @@ outputs = [
   {name = "marked", container = "jpeg", size = 240, watermark = {image = "logo.png", corner = "top-right", margin = 8}},
   {name = "plain", container = "jpeg", size = 240},
 ]
+
+[templates.late]
+outputs = [{name = "late", container = "mp4", size = 144, speed = "fastest", clip = {start = 60}}]
 """
 
 
@@ -109,6 +112,9 @@ class TemplateNodeTests:
 
             status, _, refused = upload(base, source, "ship,nope")
             assert status == 400 and refused["error"]["code"] == "unknown_preset"
+            status, _, refused = upload(base, source, "ship,late")  # a clip from 60 s of a 12 s video
+            assert status == 400 and refused["error"]["code"] == "bad_spec", refused
+            assert refused["error"]["message"].startswith("late.clip.start: 60 s is past the end")
 
             status, _, job = upload(base, source, "ship,cut,loud")
             assert status == 201, job

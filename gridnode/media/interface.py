@@ -80,6 +80,10 @@ class Media(Protocol[PresetT, ProbeT]):
         """The checked facts about an input; fails with ``not_a_video`` and kin."""
         ...
 
+    def check(self, presets: list[PresetT], info: ProbeT) -> None:
+        """Whether these outputs can be made of this input; fails with ``bad_spec``."""
+        ...
+
     def run(self, job_id: str, info: ProbeT, input_path: str, presets: list[PresetT],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],

@@ -196,6 +196,16 @@ def _clip(f: _Reader) -> tuple[float, float | None]:
     return float(start), None if end is None else float(end)
 
 
+def check_clips(presets: list[Preset], duration: float) -> None:
+    """Once the input is probed: a clip that starts past its end (less than 0.1 s of video left)
+    would make an empty output after the 201; refuse it now, naming the output."""
+    for p in presets:
+        if p.clipped and p.start > duration - 0.1:
+            raise spec_error(f"{p.template or p.name}.clip.start",
+                             f"{p.start:g} s is past the end of this {duration:.1f} s video; start the clip "
+                             "within it")
+
+
 def _watermark(raw: Any, where: str, folder: str | None) -> Watermark:
     w = _Reader(raw, where)
     image = w.take("image")
