@@ -183,6 +183,19 @@ class TenantDefaultsTests:
                                    "webhook-secret": "whsec.keys"})
         assert config.webhook.of("alice") == ("https://a.example/",) and config.webhook.pool == ("https://pool.example/",)
 
+    def test_repeated_on_the_command_line(self, tmp_path: Path) -> None:
+        """``--webhook`` given several times adds up, each value URLS or TENANT=URLS."""
+        from gridnode.tap import Options
+
+        options = Options()
+        options.parseOptions(["--work-dir", str(tmp_path), "--webhook-secret", "whsec.keys",
+                              "--webhook", "alice=https://a.example/,https://a.example/2",
+                              "--webhook", "https://pool.example/", "--webhook", "bob=https://b.example/"])
+        assert options.node_config is not None
+        hooks = options.node_config.webhook
+        assert hooks.of("alice") == ("https://a.example/", "https://a.example/2")
+        assert hooks.of("bob") == ("https://b.example/",) and hooks.of("carol") == ("https://pool.example/",)
+
     @pytest.mark.parametrize("value", ["alice=", "=https://a.example/", "a:b=https://a.example/", "alice=ftp://x/",
                                        "alice=https://u:p@a.example/", "a/b=https://x.example/", "not a url",
                                        "alice=https://x.example/#frag", "https://a.example/,alice=https://b/",
