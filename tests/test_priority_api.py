@@ -129,6 +129,16 @@ class PriorityTests:
         load = node.jobs.load()
         assert (load["queued_low"], load["queued_normal"], load["queued_high"]) == (10, 8, 0)
 
+    def test_an_idempotency_key_covers_the_priority(self, node: MemoryNode) -> None:
+        """A retry with the key and the same priority is answered the first job; another priority
+        with the key is another request (422 idempotency_key_reused)."""
+        headers = {**ALICE, **VIDEO, "Idempotency-Key": "k-prio"}
+        first = node.request("POST", "/jobs?priority=low", headers, b"video")
+        assert first.status_code == 201, first.text
+        again = node.request("POST", "/jobs?priority=low", headers, b"video")
+        assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+        assert code(node.request("POST", "/jobs?priority=high", headers, b"video")) == (422, "idempotency_key_reused")
+
     def test_the_metric_counts_jobs_by_tenant_while_they_last(self, node: MemoryNode) -> None:
         """``gridnode_tenant_jobs``: a series per tenant with jobs here, queued or running, gone
         with the tenant's last job."""
