@@ -29,6 +29,7 @@ from twisted.internet.defer import inlineCallbacks
 from gridnode import keys
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.job_request import JobRequest
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
 from gridnode.spool import SpoolFile
 from gridnode.store.streamed import StreamedPut
 
@@ -62,11 +63,11 @@ def checked_key(key: str, prefixes: tuple[str, ...], tenant: str, any_tenant: bo
 @inlineCallbacks
 def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], tenant: str, any_tenant: bool,
            limit: int | None, allow: Callable[[list[str], int, bool], object],
-           claim: Callable[[str], Any] | None = None) -> Any:
+           claim: Callable[[str], Any] | None = None, level: str = DEFAULT_PRIORITY) -> Any:
     """Make a job of the object ``request`` names, for ``tenant``; fires with the job once it is
     durably accepted (as an upload's ``201``). ``allow(presets, size, inline)`` is the caller's
     token's say on presets, size and inline outputs; ``claim``: its Idempotency-Key's
-    (`JobService.submit`)."""
+    (`JobService.submit`); ``level``: the job's priority, as the token allows it."""
     presets = ",".join(request.presets) if request.presets is not None else None
     try:
         key = checked_key(request.input.key, prefixes, tenant, any_tenant)
@@ -82,7 +83,7 @@ def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], 
         jobs.metrics.upload_rejections.labels(e.code).inc()
         raise
     job_id = keys.new_id(jobs.now())
-    release = jobs.hold(job_id, info.size, limit)  # counts its own refusals
+    release = jobs.hold(job_id, info.size, limit, level)  # counts its own refusals
     path = jobs.spool.path(job_id)
     try:
         got = yield jobs.store.get_file(key, path)
@@ -107,7 +108,8 @@ def submit(jobs: JobService, request: JobRequest, *, prefixes: tuple[str, ...], 
     if size <= MAX_COPY and got.size == size:
         put.copy_first([(key, size)])
     name = request.name if request.name is not None else key.rsplit("/", 1)[-1]
-    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant, claim=claim, spec=spec)
+    job = yield jobs.submit(spool, name=name, presets=presets, checksum=None, tenant=tenant, claim=claim, spec=spec,
+                            notify=list(request.notify), notify_progress=request.notify_progress, priority=level)
     return job
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from gridnode.endpoints import default_node_id, endpoint_port, is_loopback
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.media.templates import Template, parse_templates
+from gridnode.notify.targets import Defaults
 from gridnode.store import parse_store_url
 
 DEFAULT_METADATA_URL = "http://169.254.169.254"
@@ -226,15 +227,15 @@ def _prefixes(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _webhooks(value: Any) -> tuple[str, ...]:
-    from gridnode.notify.targets import NotifyRefused, parse_urls
+def _webhooks(value: Any) -> Defaults:
+    from gridnode.notify.targets import NotifyRefused, parse_defaults
 
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        value = ",".join(value)
-    if not isinstance(value, str):
-        raise ValueError("must be http(s) URLs (comma-separated)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be http(s) URLs (comma-separated), or TENANT=URLS")
     try:
-        return tuple(parse_urls(value))
+        return parse_defaults(value)
     except NotifyRefused as e:
         raise ValueError(f"is refused: {e.message}") from None
 
@@ -316,7 +317,8 @@ SETTINGS: tuple[Setting, ...] = (
             "with tokens, only <prefix><tenant>/... of the caller's tenant)", _prefixes, "PREFIXES"),
     Setting("webhook-secret", None, "keyring file of the pool's webhook secrets (lines 'ID whsec_BASE64'; every "
             "key signs): jobs may then name notify URLs", _opt_str, "FILE"),
-    Setting("webhook", (), "notify URLs of every job that names none (comma-separated)", _webhooks, "URLS"),
+    Setting("webhook", Defaults(), "notify URLs of every job that names none: URLS (comma-separated) for every "
+            "tenant, TENANT=URLS for one (repeatable, or space-separated)", _webhooks, "URLS"),
     Setting("webhook-allow", (), "address ranges webhooks may go to although not public (CIDR; repeatable, or "
             "comma-separated)", _cidrs, "CIDR"),
     Setting("templates", {}, "named output sets ([templates.NAME] tables of the config file; docs/api.md, "
@@ -373,7 +375,7 @@ class NodeConfig:
     retention_sweep: float
     input_prefixes: tuple[str, ...]
     webhook_secret: str | None
-    webhook: tuple[str, ...]
+    webhook: Defaults
     webhook_allow: tuple[str, ...]
     templates: Mapping[str, Template]
     watermark_dir: str | None

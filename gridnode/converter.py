@@ -85,7 +85,8 @@ class Converter(Service):
         scratch = os.path.join(config.work_dir, "scratch")
         #: the scratch filesystem's free space, which each job's outputs are checked against
         self.space = ScratchSpace(lambda: free_bytes(scratch))
-        self.pool = TranscodePool(reactor, scratch, workers=config.workers, queue=config.queue, space=self.space)
+        # the admission's bound (gridnode/priority.py): a job of higher priority beyond ``queue``
+        self.pool = TranscodePool(reactor, scratch, workers=config.workers, queue=2 * config.queue, space=self.space)
         #: job id -> the scratch bytes a run that ran out showed it needs (its next run waits for them)
         self._needs: dict[str, int] = {}
 
@@ -128,8 +129,9 @@ class Converter(Service):
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[list[ProducedFile]], Deferred[Any]],
-            waiting: Callable[[], None] | None = None) -> Deferred[Any]:
-        """Queue the job until a worker and the scratch space its outputs need are free
+            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "") -> Deferred[Any]:
+        """Queue the job (at priority ``rank``, among ``tenant``'s: gridnode/media/fair.py) until a
+        worker and the scratch space its outputs need are free
         (``waiting()`` when it waits for space); then ffmpeg (its output folder watched against
         the job's output limit), its outputs checked whole, then ``finish(outputs)`` while the
         scratch folder still holds them. An ffmpeg that ran out of space fails the run with
@@ -181,7 +183,7 @@ class Converter(Service):
             return result
 
         queued = self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
-                                  on_hold=waiting)
+                                  on_hold=waiting, rank=rank, tenant=tenant)
         return queued.addBoth(forget)
 
     def _learn(self, job_id: str, needs: int) -> None:

@@ -2,7 +2,8 @@
 ``POST /jobs`` with a JSON body (``Content-Type: application/json``): the job asked for, parsed
 and checked here, once, into a typed `JobRequest`.
 
-    {"input": {"key": "incoming/alice/movie.mov"}, "presets": ["mp4-720p"], "name": "movie.mov"}
+    {"input": {"key": "incoming/alice/movie.mov"}, "presets": ["mp4-720p"], "name": "movie.mov",
+     "priority": "high", "notify": ["https://you.example/hook"], "notify_progress": false}
 
 Every field is checked for its type and size; a field this version does not know, a key given
 twice, or anything that is not one JSON object is a ``400 bad_body`` that names the known
@@ -16,10 +17,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gridnode import priority as priorities
 from gridnode.errors import GridnodeError
+from gridnode.notify.targets import MAX_URLS, NotifyRefused, parse_url
 
 #: the fields a JSON job request may hold
-FIELDS = ("input", "presets", "outputs", "name")
+FIELDS = ("input", "presets", "outputs", "name", "priority", "notify", "notify_progress")
 #: the input's fields
 INPUT_FIELDS = ("key",)
 MAX_PRESETS = 32
@@ -48,6 +51,11 @@ class JobRequest:
     name: str | None = None
     #: inline output specs, as sent (media/templates.py checks every field: 400 bad_spec)
     outputs: tuple[Any, ...] | None = None
+    #: high, normal or low (gridnode/priority.py)
+    priority: str = priorities.DEFAULT
+    #: notify URLs, their syntax checked (where they resolve to: when the job is submitted)
+    notify: tuple[str, ...] = ()
+    notify_progress: bool = False
 
     @classmethod
     def parse(cls, body: bytes) -> JobRequest:
@@ -76,7 +84,21 @@ class JobRequest:
             if not isinstance(outputs, list) or not 1 <= len(outputs) <= MAX_OUTPUTS:
                 raise bad_body(f"outputs must be a list of 1-{MAX_OUTPUTS} output specs")
             outputs = tuple(outputs)
-        return cls(InputRef(key), presets, name, outputs)
+        level = fields.get("priority")
+        if level is not None and not isinstance(level, str):
+            raise priorities.bad_priority(level)
+        notify = fields.get("notify", [])
+        if not isinstance(notify, list) or not all(isinstance(u, str) for u in notify):
+            raise bad_body("notify must be a list of http(s) URLs")
+        if len(notify) > MAX_URLS:
+            raise NotifyRefused(f"a job may name at most {MAX_URLS} notify URLs; it named {len(notify)}")
+        for url in notify:
+            parse_url(url)  # notify_refused, as from the query
+        progress = fields.get("notify_progress", False)
+        if not isinstance(progress, bool):
+            raise bad_body("notify_progress must be true or false")
+        return cls(InputRef(key), presets, name, outputs, priorities.parse(level), tuple(dict.fromkeys(notify)),
+                   progress)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

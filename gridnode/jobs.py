@@ -17,6 +17,8 @@ from typing import Any
 
 from gridnode import keys
 from gridnode.errors import GridnodeError
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
+from gridnode.priority import RANK as PRIORITY_RANK
 
 RECEIVED = "received"
 PROBING = "probing"
@@ -74,17 +76,21 @@ class Job:
     notify_progress: bool = False
     #: the job's inline output specs, as checked (``presets`` names the presets and templates)
     spec: list[dict[str, Any]] = field(default_factory=list)
+    #: high, normal or low (gridnode/priority.py): the order its node's queue serves it in, kept
+    #: when a peer adopts it
+    priority: str = DEFAULT_PRIORITY
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
             sha256: str = "", tenant: str = "", notify: list[str] | None = None,
-            notify_progress: bool = False, spec: list[dict[str, Any]] | None = None) -> Job:
+            notify_progress: bool = False, spec: list[dict[str, Any]] | None = None,
+            priority: str = DEFAULT_PRIORITY) -> Job:
         if not keys.is_id(job_id):
             raise GridnodeError(f"job id {job_id!r} is not a gridnode id", code="bad_request", status=400)
         return cls(id=job_id, state=RECEIVED, created=now, updated=now, name=name, presets=list(presets),
                    node=node, input={"name": name, "size": size}, sha256=sha256, tenant=tenant,
                    notify=list(notify or []), notify_progress=notify_progress,
-                   spec=list(spec or []))
+                   spec=list(spec or []), priority=priority)
 
     @property
     def final(self) -> bool:
@@ -195,6 +201,7 @@ class Job:
             raise GridnodeError(f"unreadable job record: {e}", code="bad_record", status=500) from None
         if (job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str)
                 or not isinstance(job.waiting, str) or not isinstance(job.notify, list)
-                or not all(isinstance(u, str) for u in job.notify) or not isinstance(job.spec, list)):
+                or not all(isinstance(u, str) for u in job.notify) or not isinstance(job.spec, list)
+                or job.priority not in PRIORITY_RANK):
             raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
         return job

@@ -5,11 +5,12 @@ live in one test process). ``GET /metrics`` serves them in the text format.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _DURATIONS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 _STORE = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -81,6 +82,13 @@ class Metrics:
         self.workers_busy.set_function(lambda: load().get("running", 0.0))
         self.workers.set_function(lambda: load().get("workers", 0.0))
 
+    def bind_tenants(self, jobs: Callable[[], Iterable[Any]]) -> None:
+        """``gridnode_tenant_jobs{tenant, state}``: the node's jobs (anything with ``tenant`` and
+        ``state``) by tenant, queued or running, read when scraped. Only tenants with a job here
+        have a series, so the labels are bounded by the jobs a node holds, and a tenant's series
+        goes when its last job does."""
+        self.registry.register(_TenantJobs(jobs))
+
     def bind_gate(self, gate: Any) -> None:
         """The store's request gate (gridnode/store/rate.py): its waits, queues and rate."""
         from gridnode.store.rate import LANES
@@ -114,3 +122,28 @@ class Metrics:
             return run(fn, *args, **kwargs).addCallbacks(done, failed)
 
         return timed
+
+
+class _TenantJobs:
+    """A collector of the jobs by tenant (prometheus_client's custom collector protocol)."""
+
+    NAME = "gridnode_tenant_jobs"
+
+    def __init__(self, jobs: Callable[[], Iterable[Any]]) -> None:
+        self.jobs = jobs
+
+    def describe(self) -> list[Any]:
+        return [GaugeMetricFamily(self.NAME, _TENANT_HELP, labels=["tenant", "state"])]
+
+    def collect(self) -> Iterator[Any]:
+        counts: dict[tuple[str, str], int] = {}
+        for job in self.jobs():
+            state = "running" if job.state in ("transcoding", "storing") else "queued"
+            counts[(job.tenant, state)] = counts.get((job.tenant, state), 0) + 1
+        family = GaugeMetricFamily(self.NAME, _TENANT_HELP, labels=["tenant", "state"])
+        for (tenant, state), n in sorted(counts.items()):
+            family.add_metric([tenant, state], n)
+        yield family
+
+
+_TENANT_HELP = "Jobs on this node by tenant (the token's sub; empty without tokens): queued or running"

@@ -31,14 +31,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import job_records, jobs, keys
+from gridnode.admission import Admission, by_priority
 from gridnode.adoption import LEGACY, LEGACY_EVERY, Adopter, Claim
 from gridnode.config import NodeConfig
-from gridnode.errors import Busy, GridnodeError, NotFound, StorageUnavailable
+from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
 from gridnode.job_follow import follow_record
 from gridnode.jobs import Job
 from gridnode.media.interface import Media
 from gridnode.metrics import Metrics
 from gridnode.notify.service import Webhooks, notify_urls
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
+from gridnode.priority import load_figures
 from gridnode.runner import Active, Runner, in_store
 from gridnode.spool import FreeSpace, Spool, SpoolFile
 from gridnode.store.base import ObjectStore
@@ -73,14 +76,15 @@ class JobService(Service):
         self.node_id = config.node_id or ""
         self.lease = config.job_lease
         self.spool = Spool(os.path.join(config.work_dir, "spool"), reactor)
-        #: ``--min-free`` at admission and while bodies stream in (POST /jobs and tus chunks alike)
-        self.space = FreeSpace(self.spool.free_bytes, config.min_free * 1024 * 1024)
         self.metrics = metrics or Metrics()
         #: runs what it is given: accepted uploads, claimed and recovered jobs
         self.runner = Runner(reactor, store, media, node_id=self.node_id, lease=self.lease, now=now,
                              metrics=self.metrics, rng=self.rng)
-        self.uploading: set[str] = set()
         self.draining = False
+        #: whether a new upload is taken now, and its spool file
+        free = FreeSpace(self.spool.free_bytes, config.min_free * 1024 * 1024)
+        self.door = Admission(config, store, self.spool, free, self.metrics, now,
+                              lambda: by_priority(a.job for a in self.active.values()), lambda: self.draining)
         #: fired by `hurry`: a drain waits no longer
         self._hurried: Deferred[None] = Deferred()
         #: claims orphaned jobs (and ours from an earlier life) and hands them to `run_claimed`
@@ -95,6 +99,7 @@ class JobService(Service):
         for state in jobs.STATES:
             if state not in jobs.FINAL:
                 self.metrics.jobs_active.labels(state).set_function(self._counter_of(state))
+        self.metrics.bind_tenants(lambda: (a.job for a in self.active.values()))
 
     @property
     def active(self) -> dict[str, Active]:
@@ -145,82 +150,39 @@ class JobService(Service):
         stem = name[:-5] if name.endswith(".json") else name
         return stem in self.active
 
-    # -- admission (before any body byte is read)
+    # -- admission (before any body byte is read): gridnode/admission.py
 
     @property
     def capacity(self) -> int:
+        """The jobs this node holds before it refuses normal work (adoption takes no more)."""
         return self.config.workers + self.config.queue
 
-    def admit(self, length: int | None, limit: int | None = None) -> SpoolFile | Deferred[SpoolFile]:
-        """A spool file for a new upload of ``length`` bytes (None: not declared), or the coded
-        reason it is refused now. ``limit`` is the caller's own cap on the bytes received (an
-        upload token's ``max_size``), under ``--max-upload``; both hold on a chunked body too.
-        On a store that takes parts the body goes there as it arrives: a Deferred then, once its
-        multipart upload is begun (``503 storage_unavailable`` with nothing read, when the store
-        cannot be reached)."""
-        try:
-            spool = self._admit(length, limit)
-        except GridnodeError as e:
-            self.metrics.upload_rejections.labels(e.code).inc()
-            raise
-        put = StreamedPut(self.store, keys.input_source(os.path.basename(spool.path)), spool.path)
-        spool.follower = put
-        if not put.streams(length):
-            return spool
+    @property
+    def uploading(self) -> set[str]:
+        return self.door.uploading
 
-        def refused(failure: Failure) -> Failure:
-            spool.discard()
-            self.metrics.upload_rejections.labels(getattr(failure.value, "code", "error")).inc()
-            return failure
+    @property
+    def space(self) -> FreeSpace:
+        """``--min-free`` at admission and while bodies stream in (POST /jobs and tus chunks alike)."""
+        return self.door.space
 
-        return put.begin().addCallbacks(lambda _: spool, refused)
+    @space.setter
+    def space(self, space: FreeSpace) -> None:
+        self.door.space = space
 
-    def hold(self, name: str, length: int | None, limit: int | None = None) -> Callable[[], None]:
-        """The same admission for a body that goes elsewhere (a tus chunk): the coded refusal, or a
-        slot held for ``name`` until the function returned is called."""
-        try:
-            self.check_admission(length, limit)
-        except GridnodeError as e:
-            self.metrics.upload_rejections.labels(e.code).inc()
-            raise
-        return self._slot(name)
+    def admit(self, length: int | None, limit: int | None = None,
+              level: str = DEFAULT_PRIORITY) -> SpoolFile | Deferred[SpoolFile]:
+        return self.door.admit(length, limit, level)
 
-    def check_admission(self, length: int | None, limit: int | None = None) -> None:
-        """Draining or full (503 busy), over the limit (413), too little disk (507); nothing is held."""
-        if self.draining:
-            raise Busy("this node is draining; upload to another node of the pool", retry_after=30)
-        taken = len(self.active) + len(self.uploading)
-        if taken >= self.capacity:
-            raise Busy(f"this node is full ({len(self.active)} jobs, {len(self.uploading)} uploads); "
-                       "try another node or retry later")
-        limit = self.limit(limit)
-        if length is not None and length > limit:
-            raise GridnodeError(f"the upload is {length} bytes; at most {limit} are allowed here (this node's "
-                                "--max-upload, or your upload token's max_size)", code="too_large", status=413)
-        self.space.check(length)
+    def hold(self, name: str, length: int | None, limit: int | None = None,
+             level: str = DEFAULT_PRIORITY) -> Callable[[], None]:
+        return self.door.hold(name, length, limit, level)
+
+    def check_admission(self, length: int | None, limit: int | None = None, level: str = DEFAULT_PRIORITY) -> None:
+        self.door.check(length, limit, level)
 
     def limit(self, limit: int | None = None) -> int:
-        """The most bytes a body may bring: ``--max-upload``, or less where the caller says so."""
-        node = self.config.max_upload_bytes
-        return node if limit is None else min(node, max(limit, 0))
-
-    def _admit(self, length: int | None, limit: int | None) -> SpoolFile:
-        self.check_admission(length, limit)
-        name = keys.new_id(self.now())
-        spool = self.spool.new(name, limit=self.limit(limit), meter=self.space.meter())
-        if length:
-            try:
-                spool.reserve(length)  # a race with other uploads for the last free space ends here
-            except GridnodeError:
-                spool.discard()
-                raise
-        spool.on_release = self._slot(name)
-        return spool
-
-    def _slot(self, name: str) -> Callable[[], None]:
-        """An upload in flight holds a slot until its body is over (or its job is active)."""
-        self.uploading.add(name)
-        return lambda: self.uploading.discard(name)
+        return self.door.limit(limit)
 
     # -- a finished upload becomes a job
 
@@ -228,8 +190,8 @@ class JobService(Service):
     def submit(self, spool: SpoolFile, *, name: str, presets: str | None, checksum: str | None,
                tenant: str = "", claim: Callable[[str], Deferred[Any]] | None = None,
                notify: list[str] | None = None, notify_progress: bool = False,
-               spec: list[Any] | None = None) -> Any:
-        """Check, probe, store and queue an uploaded body for ``tenant``; returns the job (state
+               spec: list[Any] | None = None, priority: str = DEFAULT_PRIORITY) -> Any:
+        """Check, probe, store and queue an uploaded body for ``tenant`` at ``priority``; returns the job (state
         queued) once it is durably accepted: its input, record and active marker in the store.
         ``claim(job_id)``, called once the job passed every check and before anything of it but its
         input is stored, writes its Idempotency-Key's entry (gridnode/idempotency.py); should it
@@ -258,10 +220,11 @@ class JobService(Service):
                                         code="checksum_mismatch", status=460)
             chosen = self.media.parse_presets(presets, spec)
             asked = list(dict.fromkeys(p.template for p in chosen if p.template))
-            notify = yield notify_urls(self.webhooks, self.config.webhook, notify)
+            notify = yield notify_urls(self.webhooks, self.config.webhook.of(tenant), notify)
             job = Job.new(job_id, name=name[:255], presets=asked, node=self.node_id, size=spool.size,
                           now=self.now(), tenant=tenant, spec=spec, notify=notify,
-                          notify_progress=notify_progress and bool(notify))  # notify: checked (gridnode/notify/)
+                          notify_progress=notify_progress and bool(notify),  # notify: checked (gridnode/notify/)
+                          priority=priority)
             job.advance(jobs.PROBING, self.now())
             probe_started = time.monotonic()
             probe = yield self.media.probe(spool.path)
@@ -480,6 +443,8 @@ class JobService(Service):
         load: dict[str, float] = {"running": running, "queued": len(self.active) - running,
                                   "workers": self.config.workers, "free_disk": self.spool.free_bytes(),
                                   "work": round(work, 1)}
+        load |= load_figures((a.job.priority, a.job.input_left()) for a in self.active.values()
+                             if a.job.state not in (jobs.TRANSCODING, jobs.STORING))
         speed = self.runner.speed.value
         return load if speed is None else load | {"speed": round(speed, 3)}
 

@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlin
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gridnode import job_list, job_records, jobs, keys
+from gridnode import job_list, job_records, jobs, keys, priority
 from gridnode.errors import GridnodeError, NotFound, StorageUnavailable
 from gridnode.job_records import Lost
 from gridnode.jobs import Job
@@ -209,7 +209,8 @@ class Runner:
                                               started=lambda: self._transcoding(active),
                                               progress=lambda p: self._progress(active, p),
                                               finish=lambda produced: self._store_outputs(active, produced),
-                                              waiting=lambda: self._waiting(active, "start"))
+                                              waiting=lambda: self._waiting(active, "start"),
+                                              rank=priority.RANK[active.job.priority], tenant=active.job.tenant)
                 return result
             except GridnodeError as e:
                 if active.stopping or e.code not in ("busy", SCRATCH_FULL, SCRATCH_WAIT):

@@ -17,13 +17,14 @@ from twisted.python import usage
 from gridnode import __version__
 from gridnode.config import FILE_ONLY, SETTINGS, NodeConfig, build_config, load_config_file
 from gridnode.errors import ConfigError
+from gridnode.notify.targets import Defaults
 
 #: options that may be given more than once (their values joined by commas)
-REPEATABLE = frozenset({"webhook-allow"})
+REPEATABLE = frozenset({"webhook-allow", "webhook"})
 
 
 def _shown(default: Any) -> str:
-    if default is None or default == ():
+    if default is None or default == () or default == Defaults():
         return "none"
     return str(default)
 
@@ -59,6 +60,11 @@ class Options(usage.Options):
     def opt_webhook_allow(self, value: str) -> None:
         """address ranges webhooks may go to although not public (CIDR; repeatable, or comma-separated)"""
         self.opts["webhook-allow"] = ",".join(filter(None, [self.opts.get("webhook-allow"), value]))
+
+    def opt_webhook(self, value: str) -> None:
+        """notify URLs of every job that names none: URLS (comma-separated) for every tenant, TENANT=URLS
+        for one (repeatable, or space-separated)"""
+        self.opts["webhook"] = " ".join(filter(None, [self.opts.get("webhook"), value]))
 
     def opt_version(self) -> None:
         """Print gridnode's version and exit."""

@@ -10,7 +10,9 @@ with its own language's JWT library and the pool's token keyring
 - ``scope`` (required): space-separated, among `SCOPES`; ``admin`` holds every
   other scope, over every tenant's jobs;
 - ``presets`` (optional): the presets an upload may ask for;
-  ``max_size`` (optional): the largest upload in bytes.
+  ``max_size`` (optional): the largest upload in bytes;
+  ``priority`` (optional): the highest priority its jobs may ask (``high``, ``normal``,
+  ``low``: gridnode/priority.py).
 
 The header's ``kid`` names the key that signed it; a token without one is
 tried with every key of the ring. Any other algorithm, ``none`` included,
@@ -32,6 +34,7 @@ import jwt
 
 from gridnode.errors import GridnodeError
 from gridnode.keyring import Keyring
+from gridnode.priority import RANK as PRIORITY_RANK
 
 ALGORITHM = "HS256"
 UPLOAD, READ, CANCEL, OPS, ADMIN = "upload", "read", "cancel", "ops", "admin"
@@ -52,6 +55,8 @@ class Grant:
     expires: float
     presets: frozenset[str] | None = None
     max_size: int | None = None
+    #: the highest priority its jobs may ask (None: any)
+    priority: str | None = None
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or ADMIN in self.scopes
@@ -84,7 +89,8 @@ def parse_scope(text: str) -> frozenset[str]:
 
 
 def mint(ring: Keyring, *, sub: str, scopes: frozenset[str] | set[str] | list[str], ttl: float,
-         presets: list[str] | None = None, max_size: int | None = None, now: float | None = None) -> str:
+         presets: list[str] | None = None, max_size: int | None = None, priority: str | None = None,
+         now: float | None = None) -> str:
     """A token signed with the ring's first key (what `gridnode token` prints)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "scope": " ".join(s for s in SCOPES if s in set(scopes)),
@@ -93,6 +99,8 @@ def mint(ring: Keyring, *, sub: str, scopes: frozenset[str] | set[str] | list[st
         claims["presets"] = list(presets)
     if max_size is not None:
         claims["max_size"] = int(max_size)
+    if priority is not None:
+        claims["priority"] = priority
     key = ring.signer
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.id})
 
@@ -172,7 +180,16 @@ def _grant(claims: dict[str, Any], now: float) -> Grant:
     max_size = claims.get("max_size")
     if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0):
         raise unauthorized("the access token's max_size must be a whole number of bytes")
-    return Grant(sub, scopes, expires, frozenset(presets) if presets is not None else None, max_size)
+    most = claims.get("priority")
+    if most is not None and (not isinstance(most, str) or most not in PRIORITY_RANK):
+        raise unauthorized(f"the access token's priority must be one of {', '.join(PRIORITY_RANK)}")
+    return Grant(sub, scopes, expires, frozenset(presets) if presets is not None else None, max_size, most)
+
+
+def check_priority(grant: Grant, asked: str) -> None:
+    """Refuse a job priority above the grant's ``priority``."""
+    if grant.priority is not None and PRIORITY_RANK[asked] < PRIORITY_RANK[grant.priority]:
+        raise forbidden(f"the access token allows priority {grant.priority} at most, not {asked}")
 
 
 def check_upload(grant: Grant, presets: list[str], length: int | None, *, inline: bool = False) -> None:

@@ -54,6 +54,8 @@ class FakeMedia:
                                     Callable[[Sequence[Produced]], Deferred[Any]]]] = {}
         self.probe_error: GridnodeError | None = None
         self.waits: dict[str, Callable[[], None] | None] = {}
+        #: job id -> (priority rank, tenant) it was queued with
+        self.places: dict[str, tuple[int, str]] = {}
         self.started_runs: dict[str, int] = {}
 
     def parse_presets(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
@@ -79,8 +81,9 @@ class FakeMedia:
     def run(self, job_id: str, info: Probe, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],
-            waiting: Callable[[], None] | None = None) -> Deferred[Any]:
+            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "") -> Deferred[Any]:
         d: Deferred[Any] = Deferred(lambda _: None)
+        self.places[job_id] = (rank, tenant)
         self.runs[job_id] = d
         self.hooks[job_id] = (started, progress, finish)
         self.waits[job_id] = waiting

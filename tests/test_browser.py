@@ -219,8 +219,9 @@ class UploadPageTests:
 
     def test_page_chooses_by_expected_wait_and_draws_by_speed(self, node: NodeProcess) -> None:
         """The page's rule is the command line client's: a fast node with a job beats an idle slow
-        one (it would finish a new job sooner), and a node twice as fast is drawn more often than
-        a uniform draw would (0.7 of choices among one 2x and three 1x idle nodes, against 0.5)."""
+        one (it would finish a new job sooner), a node twice as fast is drawn more often than
+        a uniform draw would (0.7 of choices among one 2x and three 1x idle nodes, against 0.5), and
+        a node's queued low work is left out for the page's normal jobs."""
         with chromium_page() as page:
             errors = PageErrors(page)
             page.goto(f"{node.url}/")
@@ -235,9 +236,17 @@ class UploadPageTests:
               const four = [idle("a", 1), idle("b", 1), idle("c", 1), idle("fast", 2)];
               let fastChosen = 0;
               for (let k = 0; k < 1000; k++) if (up.chooseNode(four, new Set()).id === "fast") fastChosen += 1;
-              return {pair: pair, fastShare: fastChosen / 1000};
+              // the page's jobs are normal: queued low work waits behind them (as priority.seen_by)
+              const lows = {id: "lows", load: {running: 2, queued: 8, workers: 2, work: 580, speed: 1,
+                                                queued_high: 0, queued_normal: 0, queued_low: 8, work_low: 480}};
+              const normals = {id: "normals", load: {running: 2, queued: 2, workers: 2, work: 220, speed: 1,
+                                                     queued_high: 0, queued_normal: 2, queued_low: 0, work_low: 0}};
+              const byPriority = [];
+              for (let k = 0; k < 20; k++) byPriority.push(up.chooseNode([normals, lows], new Set()).id);
+              return {pair: pair, fastShare: fastChosen / 1000, byPriority: byPriority};
             }""")
             assert set(picks["pair"]) == {"fast"}, picks["pair"]
+            assert set(picks["byPriority"]) == {"lows"}, picks["byPriority"]
             assert 0.6 < picks["fastShare"] < 0.8, picks["fastShare"]
             assert errors.errors == []
 

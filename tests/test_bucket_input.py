@@ -50,7 +50,7 @@ class ParseTests:
     @pytest.mark.parametrize("body", [
         b"", b"not json", b"[]", b'"x"', b"{}", b'{"input": "incoming/a"}', b'{"input": {}}',
         b'{"input": {"key": 5}}', b'{"input": {"key": ""}}', b'{"input": {"key": "k", "url": "http://x"}}',
-        b'{"input": {"key": "k"}, "notify": ["http://x"]}', b'{"input": {"key": "k"}, "presets": "poster"}',
+        b'{"input": {"key": "k"}, "notify": "http://x"}', b'{"input": {"key": "k"}, "presets": "poster"}',
         b'{"input": {"key": "k"}, "presets": []}', b'{"input": {"key": "k"}, "presets": [1]}',
         b'{"input": {"key": "k"}, "input": {"key": "j"}}', b'{"input": {"key": "k"}, "name": 7}',
         b'{"input": {"key": "k"}, "outputs": []}', b'{"input": {"key": "k"}, "outputs": {"name": "a"}}',
@@ -105,7 +105,7 @@ class BucketInputTests:
              {"input": {"key": "incoming/alice/movie.mov"}, "presets": ["poster"]}, (403, "forbidden")),
             (bearer(mint("alice", "read")), {"input": {"key": "incoming/alice/movie.mov"}}, (403, "forbidden")),
             ({}, {"input": {"key": "incoming/alice/movie.mov"}}, (401, "unauthorized")),
-            (ALICE, {"input": {"key": "incoming/alice/movie.mov"}, "notify": []}, (400, "bad_body")),
+            (ALICE, {"input": {"key": "incoming/alice/movie.mov"}, "notify": "https://x.example"}, (400, "bad_body")),
         ]
         for headers, body, want in cases:
             assert code(post(node, headers, body)) == want, body

@@ -32,6 +32,7 @@ class FakeNode(Resource):
         self.health = {"node": name, "state": "ok", "running": running, "queued": queued, "workers": 2}
         self.frozen = frozen
         self.uploads = 0
+        self.priorities: list[str] = []
         self.hanging: list[Any] = []
 
     def render(self, request: Any) -> Any:
@@ -43,6 +44,7 @@ class FakeNode(Resource):
             return json.dumps(self.health).encode()
         if request.method == b"POST" and request.path == b"/jobs":
             self.uploads += 1
+            self.priorities += [v.decode() for v in request.args.get(b"priority", [])]
             request.setResponseCode(201)
             return json.dumps({"id": f"{self.name}-job", "state": "queued"}).encode()
         request.setResponseCode(404)
@@ -89,5 +91,28 @@ async def test_a_frozen_candidate_costs_one_check_timeout(tmp_path: Path) -> Non
     finally:
         for request in frozen.hanging:
             request.transport.abortConnection()
+        for p in ports:
+            await p.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_priority_upload_ranks_by_the_work_ahead_of_it(tmp_path: Path) -> None:
+    """n0's queue is all low work, n1's normal work: a normal upload goes to n0 (its queue waits
+    behind the job), a low one to n1; each upload names its priority."""
+    lows, normals = FakeNode("n0", 2, 8), FakeNode("n1", 2, 2)
+    lows.health.update(work=580.0, queued_high=0, queued_normal=0, queued_low=8, work_high=0.0, work_normal=0.0,
+                       work_low=480.0)
+    normals.health.update(work=220.0, queued_high=0, queued_normal=2, queued_low=0, work_high=0.0,
+                          work_normal=120.0, work_low=0.0)
+    ports, nodes = zip(*(serve(r) for r in (lows, normals)), strict=True)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x" * 1000)
+    try:
+        for level, want in (("normal", "n0"), ("low", "n1")):
+            client = GridClient(reactor, default_http(reactor), list(nodes), rng=random.Random(3), priority=level)
+            node, _ = await client.upload(str(clip), presets=["poster"])
+            assert node.id == want, level
+        assert (lows.priorities, normals.priorities) == (["normal"], ["low"])
+    finally:
         for p in ports:
             await p.stopListening()

@@ -83,6 +83,26 @@ class ExpectedWaitTests:
         fast = node(1, 2, 8, speed=4.0, work=1200.0)
         assert all(rank_checked([(fast, True), (slow, True)], random.Random(s))[0].id == "n0" for s in range(10))
 
+    def test_queued_work_of_lower_priority_does_not_count(self) -> None:
+        """A node whose queue is all low-priority work beats one with a little normal work for a
+        normal job (its queue waits behind it), loses for a low one; the live figures a client reads
+        carry the figures by priority."""
+        from dataclasses import replace
+
+        from gridnode.priority import load_figures
+
+        lows = node(0, 2, 8, speed=1.0, work=8 * 60.0 + 100.0)
+        lows = replace(lows, load={**lows.load, **load_figures([("low", 60.0)] * 8)})
+        normal = node(1, 2, 2, speed=1.0, work=220.0)
+        normal = replace(normal, load={**normal.load, **load_figures([("normal", 60.0)] * 2)})
+        for s in range(10):
+            assert ranked([normal, lows], random.Random(s), "normal")[0].id == "n0"
+            assert ranked([normal, lows], random.Random(s), "low")[0].id == "n1"
+        assert lows.expected_wait(1.0, "normal") == pytest.approx(100.0 / 2 + TYPICAL_INPUT_S)
+        assert normal.expected_wait(1.0, "normal") == pytest.approx(220.0 / 2 + TYPICAL_INPUT_S)
+        health = {"running": 2, "queued": 8, "workers": 2, "work": 580.0, "queued_low": 8, "work_low": 480.0}
+        assert with_live_load(node(2, 0, 0), health).load["queued_low"] == 8.0
+
     def test_work_is_seconds_of_input_not_jobs(self) -> None:
         """Same speed, same job count: the node with less input left wins; without a ``work``
         figure (a node older than it) each job counts as a typical one."""

@@ -66,6 +66,20 @@ class PoolTests:
         clock = task.Clock()
         return TranscodePool(clock, tmp_path / "scratch", workers=workers, queue=queue), FakeWork(), clock
 
+    def test_serves_higher_priority_first_and_tenants_in_turn(self, tmp_path: Path) -> None:
+        """One worker busy; tenant a queues three low jobs, b one low and c one normal, then a high
+        one comes: high, then normal, then the low ones with a and b in turn; a cancelled queued
+        job leaves the order of the rest as it was."""
+        pool, work, _ = self.make(tmp_path, workers=1, queue=10)
+        pool.submit("busy", work)
+        for job_id, rank, tenant in [("a1", 2, "a"), ("a2", 2, "a"), ("a3", 2, "a"), ("b1", 2, "b"),
+                                     ("c1", 1, "c"), ("x", 2, "a"), ("h1", 0, "a")]:
+            pool.submit(job_id, work, rank=rank, tenant=tenant)
+        assert pool.cancel("x")
+        for job_id in ["busy", "h1", "c1", "a1", "b1", "a2"]:
+            work.finish(job_id)
+        assert [s.job_id for s in work.started] == ["busy", "h1", "c1", "a1", "b1", "a2", "a3"]
+
     def test_runs_workers_at_once_in_fifo_order(self, tmp_path: Path) -> None:
         """Two workers: jobs 1 and 2 run, 3 and 4 wait, and start in submission order as slots free."""
         pool, work, _ = self.make(tmp_path)

@@ -331,6 +331,22 @@ class OwnershipTests:
         assert rec["state"] == "done" and rec["node"] == winner.node_id
         assert self.markers() == []
 
+    def test_an_adopted_job_keeps_its_priority_and_tenant(self) -> None:
+        """A high-priority job of alice's, its owner gone: the adopter queues it at high priority
+        among alice's jobs, as its owner did."""
+        spool = self.n1.admit(5, level="high")
+        spool.write(b"video")
+        done: list[Any] = []
+        self.n1.submit(spool, name="m.mov", presets=None, checksum=None, tenant="alice",
+                       priority="high").addBoth(done.append)
+        job = done[0]
+        assert self.m1.places[job.id] == (0, "alice") and self.record(job.id)["priority"] == "high"
+        self.gone.add("n1")
+        adopted: list[Any] = []
+        self.n2.adopter.take_over("n1").addBoth(adopted.append)
+        assert adopted == [1] and self.m2.places[job.id] == (0, "alice")
+        assert self.n2.active[job.id].job.priority == "high"
+
     def test_two_takeovers_at_once_claim_a_job_once(self) -> None:
         """A second takeover of the same prefix while the first runs: the job is claimed once
         (attempts 2), not a second time as "ours from an earlier life"."""

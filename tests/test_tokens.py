@@ -203,6 +203,19 @@ class TokenCommandTests:
         assert claims["sub"] == "alice" and claims["scope"] == "upload read"
         assert claims["presets"] == ["poster", "mp4-720p"] and claims["max_size"] == 500 * 1024 * 1024
         assert 3590 <= claims["exp"] - time.time() <= 3600
+        assert "priority" not in claims
+
+    def test_a_priority_cap(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """``--priority normal`` puts the cap in the token, which the node reads back as its grant;
+        a priority that is not one is refused by the command line."""
+        keyring = tmp_path / "tokens"
+        keyring.write_text(f"k1 {K1}\n")
+        main(["token", "--secret-file", str(keyring), "--sub", "alice", "--scope", "upload", "--priority", "normal"])
+        text = capsys.readouterr().out.strip()
+        assert jwt.decode(text, K1, algorithms=["HS256"])["priority"] == "normal"
+        assert tokens.verify(parse_keyring(f"k1 {K1}\n".encode(), "f"), text).priority == "normal"
+        with pytest.raises(SystemExit):
+            main(["token", "--secret-file", str(keyring), "--sub", "a", "--scope", "upload", "--priority", "urgent"])
 
     @pytest.mark.parametrize(("args", "says"), [
         (["--scope", "upload root"], "unknown scope root"),

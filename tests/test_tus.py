@@ -555,6 +555,9 @@ class ProtocolTests:
                 header = request.getHeader(b"authorization")
                 return header.decode().split()[-1] if header else None
 
+            def priority(self, request: Any, asked: str) -> str:
+                return asked
+
         node.tus.access = Access()
         meta = metadata(presets="poster")
         r = node.request("POST", node.base, {**TUS, "Upload-Length": "10", "Upload-Metadata": meta})

@@ -39,6 +39,7 @@ from gridnode.client.bodies import CountingFile, StreamReader, download, playlis
 from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import Candidates, NodeInfo, order_for_failover, rank_checked, with_live_load, with_sending
 from gridnode.errors import GridnodeError
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
 
 FINAL = {"done", "failed", "cancelled"}
 #: failures after which another node is worth a try
@@ -128,8 +129,10 @@ class GridClient:
 
     def __init__(self, reactor: Any, http: Any, nodes: list[NodeInfo], *, stall_timeout: float = 15.0,
                  response_timeout: float = 60.0, request_timeout: float = 10.0, check_timeout: float = 2.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, priority: str = DEFAULT_PRIORITY) -> None:
         self.reactor = reactor
+        #: the priority of the jobs it uploads, which its choice of node weighs the queues by
+        self.priority = priority
         self.http = http
         self.nodes = nodes
         self.stall_timeout = stall_timeout
@@ -156,7 +159,7 @@ class GridClient:
         pair = Candidates(order).draw(self.rng)
         checked = await gatherResults([ensureDeferred(self._check(n)) for n in pair])
         chosen = rank_checked([(with_sending(n, self.sending.get(n.id, 0)), ok) for n, ok in checked],
-                              self.rng)
+                              self.rng, self.priority)
         return chosen + [n for n in order if n.id not in {pair[0].id, pair[1].id}]
 
     async def check_all(self) -> list[tuple[NodeInfo, bool]]:
@@ -239,7 +242,8 @@ class GridClient:
             if key is not None:
                 headers["idempotency-key"] = key
             d = self.http.post(f"{node.http_url}/jobs", data=body,
-                               params={"presets": ",".join(presets), "name": name}, headers=headers)
+                               params={"presets": ",".join(presets), "name": name, "priority": self.priority},
+                               headers=headers)
             watchdog = LoopingCall(self._watch, d, sent, size, quiet)
             watchdog.clock = self.reactor
             watchdog.start(0.5, now=False)

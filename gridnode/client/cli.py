@@ -36,6 +36,8 @@ from gridnode.client.nodes import NodeInfo, describe, with_live_load
 from gridnode.client.output import Output
 from gridnode.errors import GridnodeError
 from gridnode.keys import check_segment
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
+from gridnode.priority import PRIORITIES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", parents=[common], help="upload videos, optionally wait and download")
     up.add_argument("files", nargs="+", metavar="FILE")
     up.add_argument("--preset", action="append", default=[], help="output preset (repeatable; default mp4-720p)")
+    up.add_argument("--priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
+                    help="the jobs' priority: a node serves high first (default: %(default)s)")
     up.add_argument("--wait", action="store_true", help="follow the conversion to its end")
     up.add_argument("--output", metavar="DIR", help="download each file's results to DIR/<file name>/ (implies --wait)")
     up.add_argument("--parallel", type=parallel, default=4, metavar="N",
@@ -88,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--ttl", default="1h", type=duration, help="lifetime: 90s, 15m, 1h, 7d (default: %(default)s)")
     tk.add_argument("--presets", help="comma-separated presets its uploads may ask for (default: any)")
     tk.add_argument("--max-size", type=size, metavar="BYTES", help="largest upload: bytes, or 500M, 2G")
+    tk.add_argument("--priority", choices=PRIORITIES, help="the highest priority its jobs may ask (default: any)")
     from gridnode.client import lifecycle
     from gridnode.client.pool import add_arguments
 
@@ -136,7 +141,8 @@ def mint_token(args: argparse.Namespace) -> str:
         raise GridnodeError(f"--sub: the tenant is 1-{tokens.MAX_TENANT} characters", code="bad_argument")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
     ring = read_keyring(args.secret_file, "--secret-file")
-    return tokens.mint(ring, sub=args.sub, scopes=scopes, ttl=args.ttl, presets=presets, max_size=args.max_size)
+    return tokens.mint(ring, sub=args.sub, scopes=scopes, ttl=args.ttl, presets=presets, max_size=args.max_size,
+                       priority=args.priority)
 
 
 async def find_nodes(reactor: Any, where: Where, args: argparse.Namespace, http: Any) -> list[NodeInfo]:
@@ -197,7 +203,8 @@ async def command(reactor: Any, args: argparse.Namespace, out: Output) -> int:
         raise GridnodeError(where.no_nodes_hint(), code="no_nodes", status=503)
     to_nodes = BearerHTTP(http, args.token) if args.token else http
     client = GridClient(reactor, to_nodes, nodes, stall_timeout=args.timeout, response_timeout=2 * args.timeout,
-                        request_timeout=args.timeout, check_timeout=min(2.0, args.timeout))
+                        request_timeout=args.timeout, check_timeout=min(2.0, args.timeout),
+                        priority=getattr(args, "priority", DEFAULT_PRIORITY))
 
     if args.command == "nodes":
         return await _nodes(client, out)

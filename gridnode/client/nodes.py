@@ -24,6 +24,8 @@ from typing import Any
 
 from gridnode import keys
 from gridnode.errors import GridnodeError
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
+from gridnode.priority import PRIORITIES, figure, seen_by
 from gridnode.registry.records import MAX_RECORD_BYTES, MAX_SPEED, MIN_SPEED, RecordReader, clean_load, live_list
 from gridnode.store.base import Backend, list_all
 
@@ -50,13 +52,15 @@ class NodeInfo:
         value = self.load.get("speed")
         return value if isinstance(value, (int, float)) and MIN_SPEED <= value <= MAX_SPEED else None
 
-    def expected_wait(self, speed: float) -> float:
-        """Seconds until a new job of typical length would be done here at ``speed``: the work
-        ahead of it (``work``, else a typical job per job held) shared by the workers when none
-        is free, then its own run."""
-        workers = max(1.0, self.load.get("workers") or 1.0)
-        jobs = self.jobs
-        work = self.load.get("work", jobs * TYPICAL_INPUT_S)
+    def expected_wait(self, speed: float, level: str = DEFAULT_PRIORITY) -> float:
+        """Seconds until a new job of typical length and priority ``level`` would be done here at
+        ``speed``: the work ahead of it (``work``, else a typical job per job held; queued work of
+        lower priorities left out: it waits behind the new job) shared by the workers when none is
+        free, then its own run."""
+        load = seen_by(level, self.load)
+        workers = max(1.0, load.get("workers") or 1.0)
+        jobs = load.get("running", 0.0) + load.get("queued", 0.0)
+        work = load.get("work", jobs * TYPICAL_INPUT_S)
         ahead = work / workers if jobs >= workers else 0.0
         return (ahead + TYPICAL_INPUT_S) / speed
 
@@ -113,12 +117,12 @@ def _speeds(nodes: list[NodeInfo]) -> list[float]:
     return [default if s is None else s for s in speeds]
 
 
-def ranked(nodes: list[NodeInfo], rng: random.Random) -> list[NodeInfo]:
-    """Least expected wait first (speeds as `_speeds` takes them), the less busy first where waits
-    tie, in random order where both tie."""
+def ranked(nodes: list[NodeInfo], rng: random.Random, level: str = DEFAULT_PRIORITY) -> list[NodeInfo]:
+    """Least expected wait for a job of priority ``level`` first (speeds as `_speeds` takes them), the
+    less busy first where waits tie, in random order where both tie."""
     pairs = list(zip(nodes, _speeds(nodes), strict=True))
     rng.shuffle(pairs)
-    return [n for n, _ in sorted(pairs, key=lambda p: (p[0].expected_wait(p[1]), p[0].busy))]  # stable
+    return [n for n, _ in sorted(pairs, key=lambda p: (p[0].expected_wait(p[1], level), p[0].busy))]  # stable
 
 
 class Candidates:
@@ -193,7 +197,8 @@ def with_live_load(node: NodeInfo, health: Any) -> NodeInfo:
 
 
 #: what a node's ``/health`` says of its load that choosing reads
-LIVE_FIGURES = ("running", "queued", "workers", "work", "speed")
+LIVE_FIGURES = ("running", "queued", "workers", "work", "speed",
+                *(figure(kind, p) for p in PRIORITIES for kind in ("queued", "work")))
 
 
 def with_sending(node: NodeInfo, sending: int) -> NodeInfo:
@@ -207,10 +212,11 @@ def with_sending(node: NodeInfo, sending: int) -> NodeInfo:
     return replace(node, load=load)
 
 
-def rank_checked(checked: list[tuple[NodeInfo, bool]], rng: random.Random) -> list[NodeInfo]:
-    """The sampled candidates after a live check: those that answered by `ranked`, then those that
-    did not answer (frozen, draining, gone) in random order."""
-    answered = ranked([n for n, ok in checked if ok], rng)
+def rank_checked(checked: list[tuple[NodeInfo, bool]], rng: random.Random,
+                 level: str = DEFAULT_PRIORITY) -> list[NodeInfo]:
+    """The sampled candidates after a live check: those that answered by `ranked` (for a job of
+    ``level``), then those that did not answer (frozen, draining, gone) in random order."""
+    answered = ranked([n for n, ok in checked if ok], rng, level)
     others = [n for n, ok in checked if not ok]
     rng.shuffle(others)
     return answered + others

@@ -1,6 +1,7 @@
 """
-The conversion pool: ``workers`` jobs at a time, a bounded FIFO queue behind
-them, cancellation by job id, and a private scratch folder per job.
+The conversion pool: ``workers`` jobs at a time, a bounded queue behind them
+served by priority and tenant in turn (gridnode/media/fair.py), cancellation by
+job id, and a private scratch folder per job.
 
 A job is a *work* function ``work(slot) -> Deferred | coroutine`` run when a
 worker is free. ``slot.scratch`` is its folder (created empty, removed after
@@ -17,9 +18,10 @@ ffmpeg has exited, so storing one job's outputs overlaps the next job's ffmpeg
 and ``workers`` bounds the ffmpeg processes, not the store writes.
 
 Scratch space (``space``, gridnode/media/scratch.py): a job submitted with ``needs`` bytes
-starts only when that much is free beside what the jobs converting were promised. The
-queue stays first in, first out: a job held for space holds those behind it too (a large
-job is never overtaken for ever by small ones), and no worker is taken while it waits.
+starts only when that much is free beside what the jobs converting were promised. The job
+served next and held for space holds those behind it too (a large job is never overtaken for
+ever by small ones; only a job of a higher priority goes first), and no worker is taken while it
+waits.
 The pool looks again every ``RECHECK`` seconds and whenever a job ends; a job held longer
 than its ``wait_limit`` fails with ``scratch_wait``, for its owner to hand it to the pool.
 
@@ -45,6 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode.errors import Busy, GridnodeError
+from gridnode.media.fair import FairQueue
 from gridnode.media.scratch import ScratchSpace, scratch_wait
 
 T = TypeVar("T")
@@ -97,8 +100,10 @@ Work = Callable[[JobSlot], "Deferred[T] | Coroutine[Any, Any, T]"]
 
 class _Entry(Generic[T]):
     def __init__(self, job_id: str, work: Work[T], needs: int = 0, wait_limit: float = float("inf"),
-                 on_hold: Callable[[], object] | None = None) -> None:
+                 on_hold: Callable[[], object] | None = None, rank: int = 1, tenant: str = "") -> None:
         self.job_id = job_id
+        self.rank = rank
+        self.tenant = tenant
         self.work = work
         self.needs = needs
         self.wait_limit = wait_limit
@@ -111,7 +116,7 @@ class _Entry(Generic[T]):
 
 
 class TranscodePool:
-    """``workers`` concurrent jobs, ``queue`` more waiting (FIFO), 503 beyond."""
+    """``workers`` concurrent jobs, ``queue`` more waiting (by priority, tenants in turn), 503 beyond."""
 
     _log = Logger()
 
@@ -130,7 +135,7 @@ class TranscodePool:
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self.queue_limit = max(0, queue)
         self.default_retry_after = default_retry_after
-        self._queue: deque[_Entry[Any]] = deque()
+        self._queue: FairQueue[_Entry[Any]] = FairQueue()
         self._running: dict[str, _Entry[Any]] = {}  # holding a worker
         self._finishing: dict[str, _Entry[Any]] = {}  # worker freed, work not ended yet
         self._recent: deque[float] = deque(maxlen=20)  # seconds per finished job, for Retry-After
@@ -171,8 +176,9 @@ class TranscodePool:
     # -- jobs
 
     def submit(self, job_id: str, work: Work[T], *, needs: int = 0, wait_limit: float = float("inf"),
-               on_hold: Callable[[], object] | None = None) -> Deferred[T]:
-        """Queue ``work`` under ``job_id``; the Deferred fires with its result. ``needs``: bytes of
+               on_hold: Callable[[], object] | None = None, rank: int = 1, tenant: str = "") -> Deferred[T]:
+        """Queue ``work`` under ``job_id``, of ``tenant`` at priority ``rank`` (0 first: gridnode/
+        priority.py); the Deferred fires with its result. ``needs``: bytes of
         scratch space it starts with; ``on_hold()`` is called when it is first held for them, and
         after ``wait_limit`` seconds held it fails with ``scratch_wait``.
 
@@ -187,8 +193,8 @@ class TranscodePool:
             self._log.info("pool full, refusing {job} (retry after {retry_after}s)", job=job_id, retry_after=retry)
             raise Busy(f"this node is busy ({self.running} running, {self.queued} queued); "
                        f"try again in {retry} s or use another node", retry)
-        entry: _Entry[T] = _Entry(job_id, work, needs, wait_limit, on_hold)
-        self._queue.append(entry)
+        entry: _Entry[T] = _Entry(job_id, work, needs, wait_limit, on_hold, rank, tenant)
+        self._queue.push(rank, tenant, entry)
         self._log.info("job {job} queued ({queued} waiting)", job=job_id, queued=self.queued)
         self._pump()
         return entry.result
@@ -199,7 +205,7 @@ class TranscodePool:
         A queued job fails at once with ``cancelled``; a running one once its
         work has stopped and its scratch folder is gone.
         """
-        for entry in self._queue:
+        for entry in list(self._queue):
             if entry.job_id == job_id:
                 self._queue.remove(entry)
                 self._log.info("job {job} cancelled while queued", job=job_id)
@@ -251,17 +257,17 @@ class TranscodePool:
 
     @property
     def held(self) -> int:
-        """Jobs held for scratch space now: the head of the queue, or none."""
-        return 1 if self._queue and self._queue[0].held_since is not None else 0
+        """Jobs held for scratch space now: the one served next, or none."""
+        head = self._queue.peek()
+        return 1 if head is not None and head.held_since is not None else 0
 
     def _pump(self) -> None:
-        while self._queue and self.running < self.workers:
-            head = self._queue[0]
+        while (head := self._queue.peek()) is not None and self.running < self.workers:
             if not self._room_for(head):
                 if self._hold(head):
                     continue  # it waited its longest and left the queue: look at the next
                 return
-            self._start(self._queue.popleft())
+            self._start(self._queue.pop())
 
     def _room_for(self, entry: _Entry[Any]) -> bool:
         if self.space is None or entry.needs <= 0:
@@ -279,7 +285,7 @@ class TranscodePool:
                 entry.on_hold()
         waited = now - entry.held_since
         if waited > entry.wait_limit:
-            self._queue.popleft()
+            self._queue.remove(entry)
             entry.result.errback(Failure(scratch_wait(entry.needs, waited)))
             return True
         if self._recheck is None or not self._recheck.active():

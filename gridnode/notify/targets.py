@@ -17,6 +17,7 @@ address checked then, never to a name resolved again (gridnode/notify/post.py).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,48 @@ def parse_urls(text: str | None) -> list[str]:
     if len(urls) > MAX_URLS:
         raise NotifyRefused(f"a job may name at most {MAX_URLS} notify URLs; it named {len(urls)}")
     return urls
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """``--webhook``: the notify URLs of a job that names none: its tenant's, where the operator
+    gave the tenant some, else the pool's."""
+
+    pool: tuple[str, ...] = ()
+    #: (tenant, its URLs), sorted by tenant
+    tenants: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pool or self.tenants)
+
+    def of(self, tenant: str) -> tuple[str, ...]:
+        """The URLs a job of ``tenant`` that names none is notified at."""
+        return next((urls for name, urls in self.tenants if name == tenant), self.pool)
+
+
+#: where a ``--webhook`` item names a tenant: ``TENANT=URLS``, the tenant without ``:``, ``/`` or ``=``
+#: (so a URL, whose scheme holds ``:``, is never read as one)
+_TENANT_ITEM = re.compile(r"([^:/=\s]{1,256})=(.*)", re.DOTALL)
+
+
+def parse_defaults(items: Iterable[str]) -> Defaults:
+    """``--webhook`` values: each holds whitespace-separated items, ``URLS`` (the pool's) or
+    ``TENANT=URLS`` (that tenant's), URLS comma-separated; a tenant named twice gets both lists.
+    `NotifyRefused` for a bad URL, ValueError for an item that is neither."""
+    pool: list[str] = []
+    tenants: dict[str, list[str]] = {}
+    for item in (part for value in items for part in value.split()):
+        named = _TENANT_ITEM.fullmatch(item)
+        if named is None and "=" in item.split("://", 1)[0]:
+            raise ValueError(f"{item[:80]!r} is neither URLS nor TENANT=URLS (a tenant holds no ':', '/' or '=')")
+        target, text = (tenants.setdefault(named[1], []), named[2]) if named else (pool, item)
+        urls = parse_urls(text)
+        if not urls:
+            raise ValueError(f"{item[:80]!r} names no URL")
+        target += [u for u in urls if u not in target]
+        if len(target) > MAX_URLS:
+            raise NotifyRefused(f"at most {MAX_URLS} notify URLs per tenant, and for the pool")
+    return Defaults(tuple(pool), tuple(sorted((t, tuple(u)) for t, u in tenants.items())))
 
 
 def parse_allow(values: Iterable[str]) -> tuple[IPNetwork, ...]:

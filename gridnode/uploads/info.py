@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from gridnode import keys
 from gridnode.errors import GridnodeError
 from gridnode.notify.targets import parse_urls
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
+from gridnode.priority import RANK as PRIORITY_RANK
 
 #: an info object larger than this is not read
 MAX_INFO_BYTES = 4 * 1024 * 1024
@@ -38,6 +40,8 @@ class UploadInfo:
     tenant: str = ""
     #: its job's notify URLs, comma-separated (Upload-Metadata ``notify``, checked at creation)
     notify: str = ""
+    #: its job's priority (Upload-Metadata ``priority``, checked at creation: gridnode/priority.py)
+    priority: str = DEFAULT_PRIORITY
 
     def notify_urls(self) -> list[str]:
         return parse_urls(self.notify)
@@ -46,7 +50,7 @@ class UploadInfo:
         doc = {"id": self.id, "length": self.length, "offset": self.offset, "created": self.created,
                "expires": self.expires, "metadata": self.metadata, "filename": self.filename,
                "presets": self.presets, "parts": [[p.id, p.size, p.sha256] for p in self.parts],
-               "tenant": self.tenant, "notify": self.notify}
+               "tenant": self.tenant, "notify": self.notify, "priority": self.priority}
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -59,12 +63,14 @@ class UploadInfo:
                        created=float(doc["created"]), expires=float(doc["expires"]),
                        metadata=str(doc.get("metadata") or ""), filename=str(doc.get("filename") or ""),
                        presets=None if doc.get("presets") is None else str(doc["presets"]), parts=parts,
-                       tenant=str(doc.get("tenant") or ""), notify=str(doc.get("notify") or ""))
+                       tenant=str(doc.get("tenant") or ""), notify=str(doc.get("notify") or ""),
+                       priority=str(doc.get("priority") or DEFAULT_PRIORITY))
         except (ValueError, KeyError, TypeError, IndexError):
             raise GridnodeError(f"the stored state of upload {upload_id} is unreadable; start a new upload",
                                 code="storage_corrupt", status=500) from None
         if (info.id != upload_id or not all(keys.is_id(p.id) for p in parts)
-                or info.offset != sum(p.size for p in parts) or info.offset > info.length):
+                or info.offset != sum(p.size for p in parts) or info.offset > info.length
+                or info.priority not in PRIORITY_RANK):
             raise GridnodeError(f"the stored state of upload {upload_id} is inconsistent; start a new upload",
                                 code="storage_corrupt", status=500)
         return info

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from gridnode import keys
 from gridnode.errors import Busy, GridnodeError, NotFound, PreconditionFailed, StorageUnavailable
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
 from gridnode.spool import SpoolFile
 from gridnode.store.rate import BACKGROUND
 from gridnode.store.streamed import StreamedPut
@@ -71,12 +72,9 @@ class Progress:
 
 
 class UploadStore:
-    """
-    The uploads of the pool as this node sees them: create, receive and
-    commit chunks, assemble the last one into a job, terminate, sweep.
-    ``clock`` is only used as a clock (``seconds()``), so a `task.Clock`
-    drives expiry in tests.
-    """
+    """The uploads of the pool as this node sees them: create, receive and commit chunks, assemble
+    the last one into a job, terminate, sweep. ``clock`` is only used as a clock (``seconds()``),
+    so a `task.Clock` drives expiry in tests."""
 
     _log = Logger()
 
@@ -106,14 +104,14 @@ class UploadStore:
         return list(dict.fromkeys(p.template for p in self.jobs.media.parse_presets(presets) if p.template))
 
     def new_upload(self, length: int, *, metadata: str, filename: str, presets: str | None,
-                   tenant: str = "", notify: str = "") -> UploadInfo:
+                   tenant: str = "", notify: str = "", level: str = DEFAULT_PRIORITY) -> UploadInfo:
         """Admit a new upload; it is not stored yet (`create`, or the commit of its first chunk)."""
         # The job service's admission (draining, full, too large, low disk) with its coded errors.
-        self.jobs.check_admission(length)
+        self.jobs.check_admission(length, level=level)
         now = self.now()
         return UploadInfo(id=keys.new_id(self.jobs.now()), length=length, offset=0, created=now,
                           expires=now + self.expiry, metadata=metadata, filename=filename[:255], presets=presets,
-                          tenant=tenant, notify=notify)
+                          tenant=tenant, notify=notify, priority=level)
 
     def first_chunk(self, info: UploadInfo, length: int | None, checksum: str | None) -> Chunk:
         """Where the body of a creation request goes; the upload is created as it is committed."""
@@ -152,14 +150,15 @@ class UploadStore:
         if length is not None and length > limit:
             raise _bad(f"this chunk of {length} bytes at offset {start} goes past the upload's length",
                        "too_large", 413)
-        return self._chunk(upload_id, start, limit, length, checksum, None, tenant)
+        return self._chunk(upload_id, start, limit, length, checksum, None, tenant,  # its priority where known here
+                           local.info.priority if local is not None else DEFAULT_PRIORITY)
 
     def _chunk(self, upload_id: str, start: int, limit: int, length: int | None, checksum: str | None,
-               creation: UploadInfo | None, tenant: str | None = None) -> Chunk:
+               creation: UploadInfo | None, tenant: str | None = None, level: str = DEFAULT_PRIORITY) -> Chunk:
         name = f"{upload_id}.{keys.new_id()}.chunk"
         # A chunk in flight takes a slot as a POST /jobs body does (503 busy when the node is full,
         # 507 below --min-free), and gives it back once it is committed or dropped.
-        release = self.jobs.hold(name, length, limit)
+        release = self.jobs.hold(name, length, limit, creation.priority if creation is not None else level)
         meter = self.jobs.space.meter("this node ran low on disk space while the chunk arrived, and dropped it; "
                                       "resume the upload (HEAD for its offset) on another node")
         return Chunk(self.spool_path(name), upload_id, start, limit, checksum, creation, cut_off=self.commit_cut_off,
@@ -383,7 +382,7 @@ class UploadStore:
         try:
             # answered once the job's input (this file, put whole) and record are in the store
             job = yield self.jobs.submit(spool, name=info.filename, presets=info.presets, checksum=None,
-                                         tenant=info.tenant, notify=info.notify_urls())
+                                         tenant=info.tenant, notify=info.notify_urls(), priority=info.priority)
         except StorageUnavailable:
             # The upload stays as it was before this chunk (its parts are in the store): the
             # client is told 503 and sends the last chunk again, here or to another node.

@@ -182,6 +182,13 @@ class Access:
             tokens.check_upload(caller.grant, presets, length, inline=inline)
         return caller.tenant
 
+    def priority(self, request: Any, asked: str) -> str:
+        """``asked``, once the caller's token allows it (its ``priority`` claim)."""
+        grant = self.caller(request).grant
+        if grant is not None:
+            tokens.check_priority(grant, asked)
+        return asked
+
     def upload_limit(self, request: Any) -> int | None:
         """The most bytes the caller's token lets one upload hold (None: no limit of the token's)."""
         grant = self.caller(request).grant

@@ -30,7 +30,7 @@ from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gridnode import bucket_input, job_list, keys, purge
+from gridnode import bucket_input, job_list, keys, priority, purge
 from gridnode.errors import GridnodeError, InvalidKey, NotFound
 from gridnode.idempotency import JOB, Found, Intent, Ledger
 from gridnode.job_request import JobRequest
@@ -174,9 +174,12 @@ class JobsResource(Resource):
             tenant = self.access.caller(request).tenant
             claim = getattr(request, "idempotency", None)  # the router's, for a request with an Idempotency-Key
             notify, progress = notify_of(request, fields)
+            asked = arg(request, "priority")  # the query wins over a form's field, as for presets
+            asked = asked if asked is not None else fields.get("priority")
+            level = self.access.priority(request, priority.parse(asked))
             work = self.jobs.submit(spool, name=name, presets=presets, checksum=checksum, tenant=tenant,
                                     claim=claim.claim if claim is not None else None, notify=notify,
-                                    notify_progress=progress)
+                                    notify_progress=progress, priority=level)
         except GridnodeError as e:  # refused before the job service saw it (which counts its own)
             getattr(spool, "discard", lambda: None)()
             self.jobs.metrics.upload_rejections.labels(e.code).inc()
@@ -200,6 +203,7 @@ class JobsResource(Resource):
             body = request.content.read() if request.content is not None else b""
             asked = JobRequest.parse(body)
             caller = self.access.caller(request)
+            level = self.access.priority(request, asked.priority)
             key = replay.key_of(request)
         except GridnodeError as e:
             self.jobs.metrics.upload_rejections.labels(e.code).inc()
@@ -218,7 +222,7 @@ class JobsResource(Resource):
                 self.jobs, asked, prefixes=self.jobs.config.input_prefixes, tenant=caller.tenant,
                 any_tenant=caller.tenant_filter is None, limit=self.access.upload_limit(request),
                 allow=lambda presets, size, inline: self.access.creator(request, presets, size, inline=inline),
-                claim=claim.claim if claim is not None else None)
+                claim=claim.claim if claim is not None else None, level=level)
             if claim is not None:
                 settle = replay.settled(claim, fetch)
 

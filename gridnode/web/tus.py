@@ -30,11 +30,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from gridnode import keys
+from gridnode import keys, priority
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.idempotency import UPLOAD, Claim, Intent, Ledger
 from gridnode.notify.service import require_webhooks
 from gridnode.notify.targets import parse_urls
+from gridnode.priority import DEFAULT as DEFAULT_PRIORITY
 from gridnode.uploads.files import Chunk
 from gridnode.uploads.info import UploadInfo, owned_by
 from gridnode.uploads.store import Outcome, Progress, UploadStore, not_yours
@@ -124,6 +125,7 @@ class Creation:
     presets: str | None
     tenant: str
     notify: str = ""  # its job's notify URLs (Upload-Metadata ``notify``), their syntax checked
+    priority: str = DEFAULT_PRIORITY  # its job's (Upload-Metadata ``priority``), as the token allows
 
 
 class UploadAccess(Protocol):
@@ -135,6 +137,9 @@ class UploadAccess(Protocol):
     def owner_filter(self, request: Any) -> str | None:
         """Whose uploads ``request`` may touch: a tenant, or None for any."""
 
+    def priority(self, request: Any, asked: str) -> str:
+        """``asked``, once the token allows it (else the coded refusal)."""
+
 
 class _Anyone:
     def creator(self, request: Any, presets: list[str], length: int | None) -> str:
@@ -142,6 +147,9 @@ class _Anyone:
 
     def owner_filter(self, request: Any) -> str | None:
         return None
+
+    def priority(self, request: Any, asked: str) -> str:
+        return asked
 
 
 class TusHandler:
@@ -255,7 +263,7 @@ class TusHandler:
 
     def _admit(self, c: Creation) -> UploadInfo:
         return self.uploads.new_upload(c.length, metadata=c.metadata, filename=c.filename, presets=c.presets,
-                                       tenant=c.tenant, notify=c.notify)
+                                       tenant=c.tenant, notify=c.notify, level=c.priority)
 
     def _checked_creation(self, request: Any) -> Creation:
         """What a creation request declared, checked, and whose it is."""
@@ -277,7 +285,8 @@ class TusHandler:
         tenant = self.access.creator(request, chosen, length)
         # the URLs' syntax now; where they resolve to, when the job is submitted (the last chunk)
         notify = ",".join(require_webhooks(self.uploads.jobs.webhooks, parse_urls(metadata_text(metadata, "notify"))))
-        return Creation(length, raw, filename, presets, tenant, notify)
+        level = priority.parse(metadata_text(metadata, "priority"))
+        return Creation(length, raw, filename, presets, tenant, notify, self.access.priority(request, level))
 
     # -- requests (the resource calls these)
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred
 
-from gridnode import __version__
+from gridnode import __version__, priority
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
 from gridnode.idempotency import JOB, Intent, Ledger
@@ -80,6 +80,7 @@ class NodeView:
             try:
                 if "presets" in query:  # refused before the body: an unknown or empty preset
                     self.jobs.media.parse_presets(",".join(query["presets"]))
+                asked = priority.parse(",".join(query["priority"]) if "priority" in query else None)
                 # a form's file part is its body less the form's parts; it is what the limits count
                 boundary = form.boundary_of(request.getHeader(b"content-type"))
             except GridnodeError as e:
@@ -88,13 +89,15 @@ class NodeView:
             size = form.file_bound(length) if boundary is not None else length
             presets = ",".join(query.get("presets", [])).split(",")
             tenant = self.access.creator(request, [p for p in presets if p] or ["mp4-720p"], size)
+            # admitted at the query's priority; a form's field counts once the body is in
+            level = self.access.priority(request, asked)
             key = replay.key_of(request)
             # Whatever caps the caller's bytes (a token's max_size) is passed on as the body's limit:
             # it holds on the bytes received, so a chunked body cannot pass it either.
             limit = self.access.upload_limit(request)
 
             def sink(claim: Any = None) -> Any:
-                spool = self.jobs.admit(size, limit=limit)  # a Deferred where the store is asked first
+                spool = self.jobs.admit(size, limit=limit, level=level)  # a Deferred where the store is asked first
                 if boundary is None:
                     return spool
                 if isinstance(spool, Deferred):
@@ -105,7 +108,8 @@ class NodeView:
                 return sink()
             notify = query.get("notify") or request.getHeader(b"notify")  # only where sent: older keys still match
             intent = Intent.of(tenant, key, JOB, length=length, name=query.get("name"), presets=query.get("presets"),
-                               checksum=request.getHeader(b"upload-checksum"), **({"notify": notify} if notify else {}))
+                               checksum=request.getHeader(b"upload-checksum"), **({"notify": notify} if notify else {}),
+                               **({"priority": level} if "priority" in query else {}))
             return replay.route(self.ledger, request, intent, replay.job_fetcher(self.jobs, tenant),
                                 replay.job_answer(self.result_urls.job_json), sink)
         return self.tus.route_body(method, path, request, length)

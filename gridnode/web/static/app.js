@@ -84,9 +84,28 @@
     return raw.map(function (s) { return s === null ? fallback : s; });
   }
 
+  /* The page's jobs are of normal priority: a node serves high, then normal, then low
+   * (gridnode/priority.py), so its queued low jobs wait behind ours and are left out of the work
+   * ahead, where the node publishes them (queued_low, work_low). */
+  var LOWER = ["low"];
+
+  /** ``load`` as a new normal job sees it (gridnode/priority.py, seen_by). */
+  function seenBy(load) {
+    if (!LOWER.every(function (p) { return figure(load, "queued_" + p) !== null; })) return load;
+    var out = Object.assign({}, load);
+    var queued = figure(load, "queued"), work = figure(load, "work");
+    LOWER.forEach(function (p) {
+      if (queued !== null) queued -= figure(load, "queued_" + p);
+      if (work !== null) work -= figure(load, "work_" + p) || 0;
+    });
+    if (queued !== null) out.queued = Math.max(0, queued);
+    if (work !== null) out.work = Math.max(0, work);
+    return out;
+  }
+
   /** Seconds until a new job of typical length would be done on ``node`` at ``speed``. */
   function expectedWait(node, speed) {
-    var load = node.load || {};
+    var load = seenBy(node.load || {});
     var workers = Math.max(1, figure(load, "workers") || 1);
     var jobs = (figure(load, "running") || 0) + (figure(load, "queued") || 0);
     var work = figure(load, "work");
@@ -142,7 +161,8 @@
       if (!r.ok) return null;
       var h = await r.json();
       var live = {};
-      ["running", "queued", "workers", "work", "speed"].forEach(function (k) { if (k in h) live[k] = h[k]; });
+      ["running", "queued", "workers", "work", "speed", "queued_high", "queued_normal", "queued_low",
+       "work_high", "work_normal", "work_low"].forEach(function (k) { if (k in h) live[k] = h[k]; });
       return Object.assign({}, node, { load: Object.assign({}, node.load || {}, live) });
     } catch (e) {
       return null;
