@@ -22,6 +22,7 @@ from gridnode.notify.signing import Signer
 from gridnode.notify.targets import AddressRule, literal
 from tests.test_access import ALICE, MemoryNode, code
 from tests.test_notify import PUBLIC, RING
+from tests.test_priority_api import form
 from tests.test_tus import request_bytes
 
 
@@ -79,6 +80,21 @@ class NotifyTests:
                                            "Content-Type": "video/mp4"}, b"video")
         assert r.json()["notify"] == ["https://a.example/1", "https://b.example/2"]
         assert r.json()["notify_progress"] is False
+
+    def test_a_forms_notify_fields(self, node: MemoryNode) -> None:
+        """A browser form's ``notify`` and ``notify_progress`` fields, checked as the query is: a
+        metadata address is 400 notify_refused and nothing is kept."""
+        node.jobs.webhooks = Webhooks(Clock(), node.store, "n1", Signer(lambda: RING), AddressRule(),
+                                      lambda host, port: succeed([literal(host) or PUBLIC]),
+                                      lambda *_: succeed(200), metrics=Metrics())
+        headers, body = form({"notify": "https://hooks.example.com/in", "notify_progress": "true"})
+        r = node.request("POST", "/jobs", {**ALICE, **headers}, body)
+        assert r.status_code == 201, r.text
+        assert (r.json()["notify"], r.json()["notify_progress"]) == (["https://hooks.example.com/in"], True)
+        before = sorted(i.key for i in node.store.backend.list("").items)
+        headers, body = form({"notify": "http://169.254.169.254/latest/"})
+        assert code(node.request("POST", "/jobs", {**ALICE, **headers}, body)) == (400, "notify_refused")
+        assert sorted(i.key for i in node.store.backend.list("").items) == before
 
     def test_an_idempotency_key_covers_the_notify_urls(self, node: MemoryNode) -> None:
         """The same key with other notify URLs is another request: 422 idempotency_key_reused."""

@@ -1,8 +1,8 @@
 """
 ``POST /jobs`` with a ``multipart/form-data`` body (``curl -F file=@clip.mp4``, a browser's form):
 the file part streams to the upload's spool file as it is parsed, in constant memory, exactly as
-a raw body does; the small fields ``presets``, ``name`` and ``priority`` are kept, and the file
-part's file name.
+a raw body does; the small fields ``presets``, ``name``, ``priority``, ``notify`` and
+``notify_progress`` are kept, and the file part's file name.
 
 The parser is `multipart`'s ``PushMultipartParser`` (sans-I/O, fed as bytes arrive). Everything
 but the file part's bytes (boundaries, part headers, fields, a preamble or epilogue) is capped at
@@ -25,7 +25,7 @@ FORM_OVERHEAD = 64 * 1024
 #: the most bytes of one field's value
 FIELD_BYTES = 4096
 #: the fields a form may give beside its file part (other fields are read and dropped)
-FIELDS = ("presets", "name", "priority")
+FIELDS = ("presets", "name", "priority", "notify", "notify_progress")
 #: a part header line's bound (a long file name fits; a header meant to fill memory does not)
 HEADER_BYTES = 4096
 

@@ -90,10 +90,12 @@ def answer_json(request: Request, urls: ResultUrls, status: int = 200) -> Callab
 
 def notify_of(request: Request, fields: dict[str, str]) -> tuple[list[str], bool]:
     """A new job's notify URLs (query ``notify``, else header ``Notify``, else a form's field; comma-
-    separated) and whether it asked for job.progress (``notify_progress=true``, ``Notify-Progress``)."""
+    separated) and whether it asked for job.progress (``notify_progress=true``, ``Notify-Progress``, a form's
+    field)."""
     header = request.getHeader(b"notify")
     text = arg(request, "notify") or (header.decode("latin-1") if header else None) or fields.get("notify")
-    flag = arg(request, "notify_progress") or (request.getHeader(b"notify-progress") or b"").decode("latin-1")
+    flag = (arg(request, "notify_progress") or (request.getHeader(b"notify-progress") or b"").decode("latin-1")
+            or fields.get("notify_progress", ""))
     return parse_urls(text), flag.strip().lower() in ("1", "true", "yes")
 
 
