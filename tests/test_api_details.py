@@ -86,3 +86,16 @@ class NotifyTests:
         assert again.status_code == 201 and again.json()["id"] == r.json()["id"]
         other = node.request("POST", "/jobs", {**headers, "Notify": "https://evil.example/"}, b"video")
         assert code(other) == (422, "idempotency_key_reused")
+
+
+class StaticTests:
+    def test_static_answers_files_only_with_json_404s(self, node: MemoryNode) -> None:
+        """A missing file of /static/, a folder (no listing, no redirect to one) and a name that is
+        not UTF-8 answer a coded JSON 404, never twisted.web's HTML pages. (Its files are served in
+        tests/test_openapi_nodes.py: twisted.web streams them, which this in-memory transport does not.)"""
+        for path in ("/static/nope.js", "/static", "/static/vendor", "/static/vendor/",
+                     "/static/%ff", "/static/style.css/x"):
+            r = node.request("GET", path)
+            assert code(r) == (404, "not_found"), path
+            assert r.headers["content-type"] == "application/json", path
+        assert node.request("HEAD", "/static/vendor").status_code == 404

@@ -14,7 +14,7 @@ from twisted.web.static import File
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.media.templates import Catalog
-from gridnode.web.http import JSONRoot, error_body, json_body
+from gridnode.web.http import ErrorResource, JSONRoot, error_body, json_body
 from gridnode.web.jobs import JobsResource, ResultsResource
 
 if TYPE_CHECKING:
@@ -103,6 +103,26 @@ class PresetsResource(Resource):
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
+class StaticFiles(File):
+    """web/static: its files only, and coded JSON 404s (twisted.web's File lists a folder and answers
+    HTML error pages)."""
+
+    # twisted.web types these as its own HTML pages; any resource renders there
+    childNotFound = ErrorResource(NotFound("no such file"))  # type: ignore[assignment]
+    forbidden = childNotFound  # type: ignore[assignment]
+
+    def directoryListing(self) -> Resource:  # noqa: N802 - Twisted's name
+        return self.childNotFound
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        self.restat(reraise=False)
+        if self.isdir():  # a folder: no listing, no redirect to one
+            return self.childNotFound.render(request)
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
 #: the OpenAPI document of this API (package data; docs/openapi.yaml links it)
 OPENAPI = os.path.join(os.path.dirname(__file__), "openapi.yaml")
 
@@ -134,7 +154,7 @@ def api_root(node: NodeView) -> Resource:
     root.putChild(b"", PageResource(os.path.join(STATIC, "index.html")))
     root.putChild(b"status", PageResource(os.path.join(STATIC, "status.html")))
     root.putChild(b"openapi.yaml", PageResource(OPENAPI, b"application/yaml"))
-    root.putChild(b"static", File(STATIC))
+    root.putChild(b"static", StaticFiles(STATIC))
     root.putChild(b"health", HealthResource(node))
     root.putChild(b"peers", PeersResource(node))
     root.putChild(b"presets", PresetsResource(node))
