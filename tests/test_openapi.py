@@ -116,35 +116,52 @@ class DocumentTests:
                     assert (len(security) == 2) == needed.query_token, (method, path)
 
 
-class RouteTests:
-    def test_every_documented_operation_is_served(self, node: MemoryNode) -> None:
-        """Each path of the document (its parameters filled in) reaches a resource that takes
-        exactly the methods the document lists there: no documented route answers 404, and no
-        method a resource takes is left out."""
-        root = api_root(node.view)
-        for path, item in document()["paths"].items():
-            at = concrete(path)
-            resource = leaf(root, at)
-            assert type(resource) not in NOT_ROUTES, path
-            documented = {m for m in METHODS if m in item}
-            served = served_methods(resource, at)
-            if "head" not in documented and "get" in documented:
-                served.discard("head")
-            assert served == documented, path
+def mismatches(root: Resource, paths: dict[str, Any]) -> list[str]:
+    """Where the document's ``paths`` and the resource tree under ``root`` disagree: a documented path
+    that reaches no route or a route taking other methods, a child of the root no path starts with,
+    a resource class of the web layer no path reaches."""
+    found = []
+    for path, item in paths.items():
+        at = concrete(path)
+        resource = leaf(root, at)
+        if type(resource) in NOT_ROUTES:
+            found.append(f"{path}: no such route")
+            continue
+        documented = {m for m in METHODS if m in item}
+        served = served_methods(resource, at)
+        if "head" not in documented and "get" in documented:
+            served.discard("head")
+        if served != documented:
+            found.append(f"{path}: serves {sorted(served)}, documented {sorted(documented)}")
+    tops = {p.strip("/").split("/")[0] for p in paths}
+    found += [f"/{name.decode()}: not documented" for name in root.children if name.decode() not in tops]
+    reached = {type(leaf(root, concrete(p))) for p in paths} | {type(root.children[b"registry"]), type(root)}
+    for module in (api, jobs, tus, http, cors):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Resource) and cls.__module__ == module.__name__ and cls not in reached | NOT_ROUTES:
+                found.append(f"{cls.__name__}: reached by no documented path")
+    return found
 
-    def test_every_route_is_documented(self, node: MemoryNode) -> None:
-        """Every child of the root and every resource class of the web layer is reached by a path of
-        the document: a route added without its documentation fails here."""
+
+class RouteTests:
+    def test_the_document_and_the_routes_agree(self, node: MemoryNode) -> None:
+        """Each path of the document (its parameters filled in) reaches a resource that takes exactly
+        the methods the document lists there; every child of the root and every resource class of
+        the web layer is reached by a path of the document."""
+        assert mismatches(api_root(node.view), document()["paths"]) == []
+
+    def test_a_stale_document_is_caught(self, node: MemoryNode) -> None:
+        """The check fails for a route left out, a route that does not exist, a method left out and a
+        method the route does not take."""
         root = api_root(node.view)
         paths = document()["paths"]
-        tops = {p.strip("/").split("/")[0] for p in paths}
-        assert {name.decode() for name in root.children} == tops
-        reached = {type(leaf(root, concrete(p))) for p in paths}
-        reached |= {type(root.children[b"registry"]), type(root)}
-        for module in (api, jobs, tus, http, cors):
-            for _, cls in inspect.getmembers(module, inspect.isclass):
-                if issubclass(cls, Resource) and cls.__module__ == module.__name__:
-                    assert cls in reached | NOT_ROUTES, cls
+        left_out = {p: item for p, item in paths.items() if p != "/peers"}
+        assert mismatches(root, left_out) == ["/peers: not documented", "PeersResource: reached by no documented path"]
+        assert mismatches(root, {**paths, "/jobs/{id}/log": {"get": {}}}) == ["/jobs/{id}/log: no such route"]
+        no_delete = {**paths, "/jobs/{id}": {"get": {}}}
+        assert mismatches(root, no_delete) == ["/jobs/{id}: serves ['delete', 'get'], documented ['get']"]
+        put = {**paths, "/health": {"get": {}, "put": {}}}
+        assert mismatches(root, put) == ["/health: serves ['get'], documented ['get', 'put']"]
 
 
 class ServedTests:
