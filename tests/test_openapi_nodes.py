@@ -24,6 +24,7 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
+from openapi_spec_validator import validate
 
 from gridnode.web.api import OPENAPI
 from tests.helpers import free_port, poll
@@ -117,6 +118,7 @@ signatures = {{ values = {json.dumps(signatures)} }}
 [checks.not_a_server_error]
 expected-statuses = {EXPECTED}
 """)
+    # the packaged document, which the node serves byte for byte (test_the_served_document_validates)
     argv = [os.path.join(BIN, "st"), "--config-file", str(config), "run", OPENAPI, "--url", live.node.url,
             "--checks", CHECKS, "--phases", "examples,coverage,fuzzing", "--max-examples", str(examples),
             "--workers", "1", "--request-timeout", "15", "--no-shrink", "--no-color"]
@@ -134,6 +136,14 @@ expected-statuses = {EXPECTED}
 
 
 class SchemathesisTests:
+    def test_the_served_document_validates(self, live: Live) -> None:
+        """``GET /openapi.yaml`` with no token: YAML that openapi-spec-validator accepts, the packaged
+        document byte for byte."""
+        status, head, body = request("GET", f"{live.node.url}/openapi.yaml")
+        assert (status, head["content-type"]) == (200, "application/yaml")
+        validate(yaml.safe_load(body))
+        assert body == Path(OPENAPI).read_bytes()
+
     def test_with_an_admin_token(self, live: Live, tmp_path: Path) -> None:
         """With an admin token (every scope, every tenant) every operation answers as documented, the
         live job's and upload's answers included; none is a 500."""
