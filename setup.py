@@ -8,7 +8,7 @@ setup(
     # twisted/plugins has no __init__.py (and there is no twisted/__init__.py): list it by hand.
     packages=find_packages(include=["gridnode", "gridnode.*"]) + ["twisted.plugins"],
     entry_points={"console_scripts": ["gridnode = gridnode.client.cli:main"]},
-    package_data={"gridnode.web": ["static/*", "static/**/*"], "twisted.plugins": ["gridnode_plugin.py"]},
+    package_data={"gridnode.web": ["openapi.yaml", "static/*", "static/**/*"], "twisted.plugins": ["gridnode_plugin.py"]},
     install_requires=[
         # [tls]: pyOpenSSL and service_identity, for ssl: endpoints and https nodes
         "twisted[tls]>=24.7",

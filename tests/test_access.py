@@ -245,7 +245,8 @@ class NodeTests:
         public resources are leaves (or refuse '..'), so the tree never walks on to /jobs."""
         job = node.upload(ALICE).json()["id"]
         for path in ("//jobs", "/status/../jobs", "/health/../jobs", "/registry/../jobs", f"//jobs/{job}",
-                     "/%2Fjobs", f"/status/%2E%2E/jobs/{job}", "/static/..%2Fjobs"):
+                     "/%2Fjobs", f"/status/%2E%2E/jobs/{job}", "/static/..%2Fjobs", "/openapi.yaml/../jobs",
+                     f"/openapi.yaml/%2E%2E/jobs/{job}"):
             raw = node.raw("GET", path)
             assert b'"active"' not in raw and job.encode() not in raw, (path, raw[:200])
         assert node.raw("DELETE", f"/status/../jobs/{job}").split(b" ")[1] != b"200"

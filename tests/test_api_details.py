@@ -134,3 +134,33 @@ class EventStreamTests:
         assert not [c for c in clock.getDelayedCalls() if getattr(getattr(c.func, "f", None), "__name__", "")
                     == "keep_alive"]
         channel.connectionLost(Failure(ConnectionDone()))
+
+
+class StaticTests:
+    def test_static_answers_files_only_with_json_404s(self, node: MemoryNode) -> None:
+        """A missing file of /static/, a folder (no listing, no redirect to one) and a name that is
+        not UTF-8 answer a coded JSON 404, never twisted.web's HTML pages. (Its files are served in
+        tests/test_openapi_nodes.py: twisted.web streams them, which this in-memory transport does not.)"""
+        for path in ("/static/nope.js", "/static", "/static/vendor", "/static/vendor/",
+                     "/static/%ff", "/static/style.css/x"):
+            r = node.request("GET", path)
+            assert code(r) == (404, "not_found"), path
+            assert r.headers["content-type"] == "application/json", path
+        assert node.request("HEAD", "/static/vendor").status_code == 404
+
+
+class MethodTests:
+    def test_a_method_a_route_does_not_take_is_a_coded_405(self, node: MemoryNode) -> None:
+        """PUT, TRACE or DELETE where a route does not take them answer 405 method_not_allowed as JSON
+        with Allow (twisted.web answered an HTML 405, or 501 for a method it does not know); a HEAD
+        of a GET route still answers as the GET does, without the body."""
+        admin = {"Authorization": ALICE["Authorization"]}
+        for method, path, allowed in (("PUT", "/jobs", {"GET", "POST"}), ("TRACE", "/health", {"GET"}),
+                                      ("DELETE", "/presets", {"GET"}), ("POST", f"/jobs/{'0' * 26}", {"GET", "DELETE"}),
+                                      ("PATCH", "/openapi.yaml", {"GET"})):
+            r = node.request(method, path, admin)
+            assert code(r) == (405, "method_not_allowed"), (method, path)
+            assert r.headers["content-type"] == "application/json"
+            assert allowed <= {m.strip() for m in r.headers["allow"].split(",")}, (method, path)
+        r = node.request("HEAD", "/health")
+        assert r.status_code == 200 and r.content == b""

@@ -2,7 +2,7 @@
 Who may do what over HTTP: the one place the web layer authorizes a request.
 
 With a token keyring (``--upload-secret``) every request but the public ones
-(the pages, /static, /health, /registry, CORS preflights) needs a JWT
+(the pages, /static, /health, /registry, /openapi.yaml, CORS preflights) needs a JWT
 (gridnode/tokens.py) whose scope fits its route (`need`). It is decided
 once the headers are in, before any body byte is read (`Access.authorize`,
 called by the body router for every request), on the path as the resource
@@ -40,8 +40,9 @@ from gridnode.web.result_urls import is_signature
 
 #: "any valid token": a route with no scope of its own (unknown paths answer 404 after it)
 ANY = "any"
-#: routes that need no token: the pages and what they load, the live check, the public node list
-_PUBLIC = frozenset({b"", b"status", b"static", b"health", b"registry"})
+#: routes that need no token: the pages and what they load, the live check, the public node list,
+#: the API's OpenAPI document
+_PUBLIC = frozenset({b"", b"status", b"static", b"health", b"registry", b"openapi.yaml"})
 #: job owners remembered for result requests (an owner never changes)
 _OWNERS_KEPT = 10_000
 #: a signed result URL's MAC (web/result_urls.py): what follows the last "." of its segment

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.static import File
 
 from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.media.templates import Catalog
-from gridnode.web.http import JSONRoot, error_body, json_body
+from gridnode.web.http import ErrorResource, JSONRoot, error_body, json_body
 from gridnode.web.jobs import JobsResource, ResultsResource
 
 if TYPE_CHECKING:
@@ -102,14 +103,40 @@ class PresetsResource(Resource):
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
+class StaticFiles(File):
+    """web/static: its files only, and coded JSON 404s (twisted.web's File lists a folder and answers
+    HTML error pages)."""
+
+    # twisted.web types these as its own HTML pages; any resource renders there
+    childNotFound = ErrorResource(NotFound("no such file"))  # type: ignore[assignment]
+    forbidden = childNotFound  # type: ignore[assignment]
+
+    def directoryListing(self) -> Resource:  # noqa: N802 - Twisted's name
+        return self.childNotFound
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        self.restat(reraise=False)
+        if self.isdir():  # a folder: no listing, no redirect to one
+            return self.childNotFound.render(request)
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
+#: the OpenAPI document of this API (package data; docs/openapi.yaml links it)
+OPENAPI = os.path.join(os.path.dirname(__file__), "openapi.yaml")
+
+
 class PageResource(Resource):
-    """A page of web/static, served as HTML without caching (it changes with releases)."""
+    """A file of the package, served without caching (it changes with releases): a page of
+    web/static as HTML, or the API's OpenAPI document."""
 
     isLeaf = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, path: str, content_type: bytes = b"text/html; charset=utf-8") -> None:
         super().__init__()
-        self.path = os.path.join(STATIC, name)
+        self.path = path
+        self.content_type = content_type
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802 - Twisted's name
         try:
@@ -117,18 +144,17 @@ class PageResource(Resource):
                 body = f.read()
         except FileNotFoundError:
             return error_body(request, NotFound("this page is not installed"))
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         return body
 
 
 def api_root(node: NodeView) -> Resource:
-    from twisted.web.static import File
-
     root = JSONRoot()
-    root.putChild(b"", PageResource("index.html"))
-    root.putChild(b"status", PageResource("status.html"))
-    root.putChild(b"static", File(STATIC))
+    root.putChild(b"", PageResource(os.path.join(STATIC, "index.html")))
+    root.putChild(b"status", PageResource(os.path.join(STATIC, "status.html")))
+    root.putChild(b"openapi.yaml", PageResource(OPENAPI, b"application/yaml"))
+    root.putChild(b"static", StaticFiles(STATIC))
     root.putChild(b"health", HealthResource(node))
     root.putChild(b"peers", PeersResource(node))
     root.putChild(b"presets", PresetsResource(node))

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -99,3 +100,25 @@ def is_json(request: Any) -> bool:
     """Whether a POST /jobs body is a JSON job request (gridnode/job_request.py), not the video."""
     kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     return bool(kind == b"application/json")
+
+
+class MethodChecked:
+    """A resource as `GridRequest` renders it: a method it does not take is a coded ``405
+    method_not_allowed`` with ``Allow`` (twisted.web answers an HTML page, and ``501`` for a method
+    it does not know, such as PUT). A HEAD of a GET-only resource is left to twisted.web's."""
+
+    def __init__(self, resource: Any) -> None:
+        self.resource = resource
+
+    def render(self, request: Request) -> Any:
+        try:
+            return self.resource.render(request)
+        except UnsupportedMethod as e:
+            allowed: list[bytes] = list(e.allowedMethods)
+            if request.method == b"HEAD" and b"GET" in allowed:
+                raise
+            request.setHeader(b"allow", b", ".join(allowed))
+            method = request.method.decode("latin-1")[:20]
+            return error_body(request, GridnodeError(
+                f"{method} is not allowed here; this path takes {b', '.join(allowed).decode()}",
+                code="method_not_allowed", status=405))

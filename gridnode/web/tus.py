@@ -59,6 +59,11 @@ EXPOSE_HEADERS = ("Upload-Offset", "Location", "Upload-Length", "Tus-Version", "
 MAX_METADATA = 8 * 1024
 
 
+def methods(upload_id: str) -> tuple[bytes, ...]:
+    """The methods the collection ('') and an upload take (``Allow``; the OpenAPI document's)."""
+    return (b"OPTIONS", b"POST") if upload_id == "" else (b"OPTIONS", b"HEAD", b"PATCH", b"DELETE")
+
+
 def _bad(message: str, code: str, status: int = 400) -> GridnodeError:
     return GridnodeError(message, code=code, status=status)
 
@@ -315,7 +320,7 @@ class TusHandler:
             return self._patch(request)
         if upload_id and method == b"DELETE":
             return self._delete(request, upload_id)
-        request.setHeader(b"allow", b"OPTIONS, POST" if upload_id == "" else b"OPTIONS, HEAD, PATCH, DELETE")
+        request.setHeader(b"allow", b", ".join(methods(upload_id)))
         raise _bad(f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", 405)
 
     def _options(self, request: Request) -> bytes:

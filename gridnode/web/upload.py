@@ -44,6 +44,7 @@ from twisted.web.server import Request, Site
 
 from gridnode.errors import GridnodeError
 from gridnode.web.access import redacted_log_line
+from gridnode.web.http import MethodChecked
 from gridnode.web.splice import BodySplice, can_splice
 
 #: socket reads of an upload body
@@ -229,6 +230,10 @@ class GridRequest(Request):
         super().requestReceived(command, path, version)
 
     _body_done = False
+
+    def render(self, resrc: Any) -> None:
+        # a method the resource does not take is a coded 405, not twisted.web's HTML 405 or 501
+        super().render(MethodChecked(resrc))
 
     def _channel(self) -> Any:
         # Twisted's stubs type channel.site/transport loosely; they are always set here.
