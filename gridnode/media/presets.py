@@ -239,9 +239,9 @@ class _Graph:
         self.images: list[str] = []  # watermark paths, input 1, 2, ...
 
     def video_branch(self, preset: Preset, size: tuple[int, int], *, frame_at: float | None = None,
-                     dar: tuple[int, int] | None = None) -> str:
-        """Add a branch for ``preset`` at ``size`` (shown at ``dar``, width/height, if given);
-        its output label."""
+                     dar: tuple[int, int] | None = None, rate: float | None = None) -> str:
+        """Add a branch for ``preset`` at ``size`` (shown at ``dar``, width/height, if given; made
+        at the constant frame ``rate`` if given); its output label."""
         i = len(self.video)
         start, end = preset.window(self.probe)
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
@@ -250,8 +250,10 @@ class _Graph:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
-        rate = self.probe.frame_rate
-        if preset.fps and rate is not None and rate > preset.fps + 0.01:
+        source = self.probe.frame_rate
+        if rate is not None:
+            chain.append(f"fps={_num(rate)}")
+        elif preset.fps and source is not None and source > preset.fps + 0.01:
             chain.append(f"fps={_num(preset.fps)}")
         chain.append(_scale(*size))
         if dar is not None:
@@ -416,17 +418,20 @@ def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int |
 
 def _cmaf(graph: _Graph, preset: Preset, out_dir: str, threads: int | None, audio: bool) -> list[str]:
     """A CMAF ladder: one video branch per rung, keyframes on every segment boundary, one audio
-    rendition cut just before the video's end (``cmaf.audio_chain``)."""
+    rendition cut just before the video's end (``cmaf.audio_chain``). AV1 rungs are made at
+    a constant rate: SVT-AV1 places its keyframes by frame count."""
     kept = hls_rungs(graph.probe, preset.ladder)
+    rate = cmaf.ladder_rate(graph.probe.frame_rate, preset.fps) if preset.video == "av1" else None
     # Rounded to even sides, rungs differ in aspect by a hair, and the dash muxer refuses that
     # in one adaptation set: every rung is shown at the top rung's aspect (a pixel a hair wide).
     top = kept[0][1]
-    rungs = [cmaf.CmafRung(graph.video_branch(preset, size, dar=top), *size, rung.video_kbps) for rung, size in kept]
-    video = ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
-             *(["-threads", str(threads)] if threads else []), *cmaf.keyframe_options("libx264")]
+    rungs = [cmaf.CmafRung(graph.video_branch(preset, size, dar=top, rate=rate), *size, rung.video_kbps)
+             for rung, size in kept]
+    video = cmaf.video_options(preset.video, threads, rate)
+    segment = cmaf.segment_length(rate)
     if not (audio and preset.audio):
-        return cmaf.output_options(out_dir, rungs, video=video, audio=None, folder=preset.name)
+        return cmaf.output_options(out_dir, rungs, video=video, audio=None, segment=segment, folder=preset.name)
     start, end = preset.window(graph.probe)
     label = graph.audio_source(preset, cmaf.audio_chain(end - start))
     return cmaf.output_options(out_dir, rungs, video=video, audio=["-c:a", "aac"], audio_label=label,
-                               audio_kbps=preset.audio_kbps, folder=preset.name)
+                               audio_kbps=preset.audio_kbps, segment=segment, folder=preset.name)

@@ -14,10 +14,8 @@ in the config file (``[templates.NAME]``), and a job may carry its own outputs i
 (``parse_outputs``). ``Catalog`` resolves ``presets=a,b`` (preset and template names share
 one namespace) and lists what a caller may use (``GET /presets``).
 
-``cmaf`` is a ladder of H.264 rungs under one HLS master and one DASH manifest (``cmaf.py``).
-HEVC and AV1 are refused there: with Debian's ffmpeg 5.1, x265's keyframes do fall on the
-segment boundaries, but the dash muxer states its codec as a bare ``hvc1`` (no profile or
-level), which players' codec checks refuse; SVT-AV1 1.4 keeps its own GOP (no forced keyframes);
+``cmaf`` is a ladder of H.264, HEVC or AV1 rungs under one HLS master and one DASH manifest
+(``cmaf.py``: how each codec's keyframes are kept on the segment boundaries);
 ``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``). ``dash`` alone is a
 container to come: named, it is refused as not supported yet, so a spec written for it
 fails loudly rather than silently.
@@ -44,7 +42,7 @@ CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard")
 NOT_YET = ("dash",)
 #: the video codecs each container may carry, the first its default
 VIDEO_IN = {"mp4": ("h264", "hevc", "av1"), "webm": ("vp9", "av1"), "mkv": ("h264", "hevc", "av1", "vp9"),
-            "hls": ("h264",), "cmaf": ("h264",)}
+            "hls": ("h264",), "cmaf": ("h264", "hevc", "av1")}
 AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",)}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
