@@ -112,9 +112,8 @@ class WithCodecsTests:
     def test_each_rung_gets_its_own_string_in_both(self) -> None:
         """What ffmpeg 5.1's dash muxer wrote for an HEVC ladder, each rung's bare ``hvc1``
         replaced; the audio left as it is."""
-        rewritten = cmaf.with_codecs(MPD, MASTER, CODECS)
-        assert rewritten is not None
-        mpd, master = rewritten
+        mpd, master = cmaf.mpd_with_codecs(MPD, CODECS), cmaf.master_with_codecs(MASTER, CODECS)
+        assert mpd is not None and master is not None
         assert re.findall(r'codecs="([^"]+)"', mpd) == [*CODECS, "mp4a.40.2"]
         assert re.findall(r'CODECS="([^"]+)"', master) == [f"{c},mp4a.40.2" for c in CODECS]
         assert mpd.replace(CODECS[0], "hvc1").replace(CODECS[1], "hvc1") == MPD
@@ -122,10 +121,11 @@ class WithCodecsTests:
 
     def test_a_manifest_that_misses_a_rung_is_refused(self) -> None:
         """A rung missing from either manifest, or named twice, is not what the muxer writes."""
-        assert cmaf.with_codecs(MPD, MASTER.replace("media_1.m3u8", "media_9.m3u8"), CODECS) is None
-        assert cmaf.with_codecs(MPD.replace('id="1"', 'id="0"'), MASTER, CODECS) is None
-        assert cmaf.with_codecs(MPD, MASTER, [*CODECS, "hvc1.1.6.L90.90"]) is None
-        assert cmaf.with_codecs("", "", CODECS) is None
+        assert cmaf.master_with_codecs(MASTER.replace("media_1.m3u8", "media_9.m3u8"), CODECS) is None
+        assert cmaf.mpd_with_codecs(MPD.replace('id="1"', 'id="0"'), CODECS) is None
+        assert cmaf.mpd_with_codecs(MPD, [*CODECS, "hvc1.1.6.L90.90"]) is None
+        assert cmaf.master_with_codecs(MASTER, [*CODECS, "hvc1.1.6.L90.90"]) is None
+        assert cmaf.mpd_with_codecs("", CODECS) is None and cmaf.master_with_codecs("", CODECS) is None
 
 
 def cmaf_folder(root: Path, codec: bytes = b"hvc1", kind: bytes = b"hvcC", config: bytes = CONFIGS[0][2]) -> Path:

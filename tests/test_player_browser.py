@@ -65,6 +65,7 @@ def stream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 TEMPLATE = """
 [templates.player]
+description = "A CMAF ladder and its storyboard"
 outputs = [
   {name = "stream", container = "cmaf", audio_kbps = 64, ladder = [
     {size = 360, kbps = 900}, {size = 240, kbps = 500}, {size = 180, kbps = 250}]},
@@ -287,3 +288,35 @@ def test_a_bandwidth_drop_switches_rungs_and_plays_to_the_end(node: NodeProcess,
     assert len(played["ranges"]) == 1 and played["ranges"][0][0] < 0.2, played
     assert played["ranges"][0][1] > 20 - 0.3, played
     assert errors.errors == [], errors.errors
+
+
+def test_the_page_lists_what_get_presets_lists_and_uploads_a_template(node: NodeProcess, tmp_path: Path) -> None:
+    """The upload page's outputs are what ``GET /presets`` lists for the caller (the node's
+    template with its description among the built-in presets), the default still checked; a
+    template checked there is what the node converts with."""
+    _, listing = get_json(f"{node.url}/presets")
+    names = [t["name"] for t in listing["presets"] if t["name"] != "poster"]
+    assert "player" in names
+    clip = tmp_path / "clip.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x180:rate=25:duration=4", "-f", "lavfi", "-i", "sine=duration=4",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(clip)],
+                   check=True, capture_output=True, timeout=60)
+    with chromium_page() as page:
+        errors = PageErrors(page)
+        page.goto(f"{node.url}/")
+        page.wait_for_function("window.gridnodeUpload !== undefined && "
+                               "window.gridnodeUpload.presetsShown().some(p => p[0] === 'player')")
+        shown = page.evaluate("window.gridnodeUpload.presetsShown()")
+        assert [name for name, _ in shown] == [*names, "poster"], shown
+        assert [name for name, checked in shown if checked] == ["mp4-720p", "poster"], shown
+        assert "player — A CMAF ladder and its storyboard" in page.inner_text("#preset-list")
+        page.set_input_files("#file", str(clip))
+        page.check('input[name="preset"][value="player"]')
+        page.uncheck('input[name="preset"][value="mp4-720p"]')
+        page.click("#submit")
+        page.wait_for_selector("#result-section:not([hidden])", timeout=60_000)
+        outputs = page.inner_text("#outputs")
+        assert "stream" in outputs and "board" in outputs and "mp4-720p" not in outputs, outputs
+        page.wait_for_function("document.getElementById('player').dataset.engine === 'hls.js'")
+        assert errors.errors == [], errors.errors

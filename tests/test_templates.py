@@ -57,7 +57,9 @@ MALFORMED: list[tuple[Any, str]] = [
     ([with_(crf=True)], "outputs[0].crf"),  # a boolean is no number
     ([with_(ffmpeg_args="-i /etc/shadow")], "outputs[0].ffmpeg_args"),  # unknown field: no raw arguments
     ([with_(container="avi")], "outputs[0].container"),
-    ([with_(container="dash")], "outputs[0].container"),  # later: not supported yet
+    ([with_(container="dash")], "outputs[0].size"),  # a ladder's sizes are its rungs'
+    ([{"name": "d", "container": "dash", "video": "vp9", "ladder": [{"size": 360, "kbps": 500}]}],
+     "outputs[0].video"),
     ([with_(name="../x")], "outputs[0].name"),
     ([with_(audio="mp3")], "outputs[0].audio"),
     ([with_(audio_kbps=9000)], "outputs[0].audio_kbps"),
@@ -86,12 +88,18 @@ class MalformedSpecTests:
         assert (e.value.code, e.value.status) == ("bad_spec", 400)
         assert e.value.message.startswith(field + ":"), e.value.message
 
-    def test_later_containers_say_not_yet(self) -> None:
-        """dash alone is named as not supported yet, not as unknown."""
-        for container in ("dash",):
-            with pytest.raises(GridnodeError) as e:
-                parse_output(with_(container=container), "o", watermarks=None)
-            assert "not supported yet" in e.value.message
+    def test_dash_is_a_ladder_under_a_manifest_alone(self) -> None:
+        """``dash``: the fields of a ``cmaf`` ladder; its files are the manifest, init segments and
+        segments, no HLS playlist; it round-trips through its spec."""
+        spec = {"name": "d", "container": "dash", "video": "av1", "ladder": [{"size": 360, "kbps": 500}]}
+        preset = parse_output(spec, "o", watermarks=None)
+        assert parse_output(spec_of(preset), "o", watermarks=None) == preset
+        files = [(f.name, f.content_type) for f in preset.outputs(source(640, 360))]
+        assert files == [("d/manifest.mpd", "application/dash+xml"), ("d/init-0.m4s", "video/iso.segment"),
+                         ("d/seg-0-*.m4s", "video/iso.segment"), ("d/init-1.m4s", "video/iso.segment"),
+                         ("d/seg-1-*.m4s", "video/iso.segment")]
+        argv = build_argv("ffmpeg", source(640, 360), "/in.mp4", "/out", [preset])
+        assert "-hls_playlist" not in argv and argv[-1] == "/out/d/manifest.mpd"
 
     def test_watermark_without_a_folder(self) -> None:
         """A node without watermark-dir refuses any watermark, saying so."""

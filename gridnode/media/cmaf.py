@@ -24,7 +24,7 @@ makes (``segment_length``: 4.004 s at 29.97 fps).
 The dash muxer of ffmpeg 5.1 states an HEVC stream's codec as a bare ``hvc1``, which players'
 codec checks refuse: once ffmpeg is done, the node reads each rung's codec string (RFC 6381)
 from its init segment (``headers.codec_string``) and writes it into both manifests
-(``with_codecs``).
+(``mpd_with_codecs``, ``master_with_codecs``).
 """
 
 from __future__ import annotations
@@ -125,12 +125,13 @@ def audio_chain(video_seconds: float) -> str:
 
 def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[str], audio: Sequence[str] | None,
                    audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS,
-                   folder: str = FOLDER) -> list[str]:
+                   folder: str = FOLDER, hls: bool = True) -> list[str]:
     """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` and, when ``audio``
     (the audio encoder's options) is given, the graph's ``audio_label`` (made with
     ``audio_chain``), under ``out_dir/folder/`` (which must exist: the muxer makes no folder).
     ``video``: the video encoder's options (``video_options``); ``segment``: as
-    ``segment_length`` says."""
+    ``segment_length`` says; ``hls``: the HLS playlists too (the ``cmaf`` container), or
+    the DASH manifest alone (``dash``)."""
     opts: list[str] = []
     for rung in rungs:
         opts += ["-map", rung.label]
@@ -145,22 +146,28 @@ def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[s
         opts += [*audio, "-b:a", f"{audio_kbps}k", "-ac", "2"]
     sets = "id=0,streams=v id=1,streams=a" if audio is not None else "id=0,streams=v"
     seconds = f"{segment:.4f}".rstrip("0").rstrip(".")
-    opts += ["-f", "dash", "-seg_duration", seconds, "-use_template", "1", "-use_timeline", "0",
-             "-adaptation_sets", sets, "-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER),
+    # DASH alone: segment timelines, which name every segment exactly (the presented duration
+    # is stated to 0.1 s only); with HLS, its playlists do that.
+    opts += ["-f", "dash", "-seg_duration", seconds, "-use_template", "1", "-use_timeline", "0" if hls else "1",
+             "-adaptation_sets", sets,
+             *(["-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER)] if hls else []),
              "-init_seg_name", "init-$RepresentationID$.m4s",
              "-media_seg_name", "seg-$RepresentationID$-$Number%05d$.m4s",
              os.path.join(out_dir, folder, os.path.basename(MANIFEST))]
     return opts
 
 
-def files(rungs: int, audio: bool, folder: str = FOLDER) -> list[tuple[str, str]]:
-    """(name or glob, content type) of every file the output makes, the DASH manifest first."""
+def files(rungs: int, audio: bool, folder: str = FOLDER, hls: bool = True) -> list[tuple[str, str]]:
+    """(name or glob, content type) of every file the output makes, the DASH manifest first
+    (``hls``: the HLS master and playlists too)."""
     streams = rungs + (1 if audio else 0)
-    names = [(f"{folder}/{os.path.basename(MANIFEST)}", CONTENT_TYPES[".mpd"]),
-             (f"{folder}/{os.path.basename(MASTER)}", "application/vnd.apple.mpegurl")]
+    names = [(f"{folder}/{os.path.basename(MANIFEST)}", CONTENT_TYPES[".mpd"])]
+    if hls:
+        names.append((f"{folder}/{os.path.basename(MASTER)}", "application/vnd.apple.mpegurl"))
     for n in range(streams):
-        names += [(f"{folder}/media_{n}.m3u8", "application/vnd.apple.mpegurl"),
-                  (f"{folder}/init-{n}.m4s", CONTENT_TYPES[".m4s"]),  # as a node serves any .m4s
+        if hls:
+            names.append((f"{folder}/media_{n}.m3u8", "application/vnd.apple.mpegurl"))
+        names += [(f"{folder}/init-{n}.m4s", CONTENT_TYPES[".m4s"]),  # as a node serves any .m4s
                   (f"{folder}/seg-{n}-*.m4s", CONTENT_TYPES[".m4s"])]
     return names
 
@@ -170,10 +177,9 @@ _STREAM_INF = re.compile(r'^(#EXT-X-STREAM-INF:[^\n]*?CODECS=")([^",\n]*)([^"\n]
                          re.M)
 
 
-def with_codecs(mpd: str, master: str, codecs: Sequence[str]) -> tuple[str, str] | None:
-    """Both manifests with rung N's codec string ``codecs[N]`` in place of the muxer's (in the
-    master, the first of a variant's CODECS, its video); None when either does not name every
-    rung exactly once (the muxer did not write them)."""
+def mpd_with_codecs(mpd: str, codecs: Sequence[str]) -> str | None:
+    """The DASH manifest with video rung N's ``codecs`` attribute ``codecs[N]`` in place of the
+    muxer's; None unless it names every rung exactly once (what the muxer writes)."""
     done: list[int] = []
 
     def representation(m: re.Match[str]) -> str:
@@ -184,13 +190,21 @@ def with_codecs(mpd: str, master: str, codecs: Sequence[str]) -> tuple[str, str]
         done.append(int(n.group(1)))
         return re.sub(r'\bcodecs="[^"]*"', f'codecs="{codecs[int(n.group(1))]}"', tag, count=1)
 
+    mpd = _REPRESENTATION.sub(representation, mpd)
+    return mpd if sorted(done) == list(range(len(codecs))) else None
+
+
+def master_with_codecs(master: str, codecs: Sequence[str]) -> str | None:
+    """The HLS master with the first of variant N's CODECS (its video) ``codecs[N]``; None
+    unless it names every rung exactly once."""
+    done: list[int] = []
+
     def variant(m: re.Match[str]) -> str:
         n = int(m.group(4))
         if n >= len(codecs):
             return m.group(0)
-        done.append(len(codecs) + n)
+        done.append(n)
         return f"{m.group(1)}{codecs[n]}{m.group(3)}media_{n}.m3u8"
 
-    mpd = _REPRESENTATION.sub(representation, mpd)
     master = _STREAM_INF.sub(variant, master)
-    return (mpd, master) if sorted(done) == list(range(2 * len(codecs))) else None
+    return master if sorted(done) == list(range(len(codecs))) else None

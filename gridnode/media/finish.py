@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from gridnode.errors import GridnodeError
 from gridnode.media import cmaf, headers, storyboard
 from gridnode.media.ffmpeg import plain_file
-from gridnode.media.presets import Preset, hls_rungs, storyboard_plan
+from gridnode.media.presets import LADDERS, Preset, hls_rungs, storyboard_plan
 from gridnode.media.probe import ProbeResult
 
 #: an init segment's most bytes (ffmpeg's are under 1 KiB)
@@ -45,13 +45,11 @@ def write_storyboards(out_dir: str, probe: ProbeResult, presets: Iterable[Preset
 
 
 def write_cmaf_codecs(out_dir: str, probe: ProbeResult, presets: Iterable[Preset]) -> None:
-    """Write each CMAF rung's codec string, read from its init segment, into both manifests
-    (ffmpeg 5.1's dash muxer states HEVC as a bare ``hvc1``); ``ffmpeg_failed`` when a file
-    is missing, unreadable or not what the muxer writes. Run once the folder is the node's
-    again: the child's files are read only as plain files reached through no link (a planted
-    link must not copy a node's file into a manifest), and the manifests are made new."""
+    """Write each CMAF (and DASH) rung's codec string, read from its init segment, into its
+    manifests (ffmpeg 5.1's dash muxer states HEVC as a bare ``hvc1``); ``ffmpeg_failed`` when
+    a file is missing, unreadable or not what the muxer writes."""
     for preset in dict.fromkeys(presets):
-        if preset.container != "cmaf":
+        if preset.container not in LADDERS:
             continue
         folder = os.path.join(out_dir, preset.name)
         codecs = []
@@ -62,14 +60,20 @@ def write_cmaf_codecs(out_dir: str, probe: ProbeResult, presets: Iterable[Preset
                 raise GridnodeError(f"ffmpeg wrote no codec this node knows in {preset.name}/init-{n}.m4s",
                                     code="ffmpeg_failed", status=422)
             codecs.append(codec)
-        mpd, master = (_read_plain(out_dir, f"{preset.name}/{os.path.basename(name)}", cmaf.MAX_MANIFEST)
-                       for name in (cmaf.MANIFEST, cmaf.MASTER))
-        rewritten = cmaf.with_codecs(mpd.decode("utf-8", "replace"), master.decode("utf-8", "replace"), codecs)
-        if rewritten is None:
-            raise GridnodeError(f"ffmpeg's manifests of {preset.name} do not name each rung once",
-                                code="ffmpeg_failed", status=422)
-        for name, text in zip((cmaf.MANIFEST, cmaf.MASTER), rewritten, strict=True):
-            _write_new(os.path.join(folder, os.path.basename(name)), text)
+        manifests: list[tuple[str, Callable[[str, Sequence[str]], str | None]]] = [
+            (cmaf.MANIFEST, cmaf.mpd_with_codecs)]
+        if preset.container == "cmaf":
+            manifests.append((cmaf.MASTER, cmaf.master_with_codecs))
+        rewritten = []
+        for name, rewrite in manifests:
+            text = _read_plain(out_dir, f"{preset.name}/{os.path.basename(name)}", cmaf.MAX_MANIFEST)
+            done = rewrite(text.decode("utf-8", "replace"), codecs)
+            if done is None:
+                raise GridnodeError(f"ffmpeg's {preset.name}/{os.path.basename(name)} does not name each rung once",
+                                    code="ffmpeg_failed", status=422)
+            rewritten.append((name, done))
+        for name, done in rewritten:
+            _write_new(os.path.join(folder, os.path.basename(name)), done)
 
 
 def _read_plain(out_dir: str, name: str, most: int) -> bytes:

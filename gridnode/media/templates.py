@@ -16,9 +16,8 @@ one namespace) and lists what a caller may use (``GET /presets``).
 
 ``cmaf`` is a ladder of H.264, HEVC or AV1 rungs under one HLS master and one DASH manifest
 (``cmaf.py``: how each codec's keyframes are kept on the segment boundaries);
-``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``). ``dash`` alone is a
-container to come: named, it is refused as not supported yet, so a spec written for it
-fails loudly rather than silently.
+``dash`` is the same ladder under a DASH manifest alone (no HLS playlists);
+``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``).
 """
 
 from __future__ import annotations
@@ -32,18 +31,18 @@ from typing import Any
 
 from gridnode.errors import GridnodeError
 from gridnode.media.codecs import CRF_RANGE, SPEEDS
-from gridnode.media.presets import Preset, Rung, Watermark
+from gridnode.media.presets import LADDERS, Preset, Rung, Watermark
 
 SPEC_ERROR = "bad_spec"
 MAX_OUTPUTS = 16
 MAX_RUNGS = 8
 DEFAULT_PRESET = "mp4-720p"
-CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard")
-NOT_YET = ("dash",)
+CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard")
 #: the video codecs each container may carry, the first its default
 VIDEO_IN = {"mp4": ("h264", "hevc", "av1"), "webm": ("vp9", "av1"), "mkv": ("h264", "hevc", "av1", "vp9"),
-            "hls": ("h264",), "cmaf": ("h264", "hevc", "av1")}
-AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",)}
+            "hls": ("h264",), "cmaf": ("h264", "hevc", "av1"), "dash": ("h264", "hevc", "av1")}
+AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",),
+            "dash": ("aac",)}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.png\Z")
@@ -55,6 +54,7 @@ FIELDS = {
     "mkv": _COMMON | _AUDIO | {"video", "crf", "max_kbps", "keyint", "speed"},
     "hls": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "cmaf": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
+    "dash": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "jpeg": _COMMON - {"fps"} | {"at"},
     "storyboard": {"name", "interval", "width"},
 }
@@ -120,8 +120,6 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
     the output's name when the spec gives none (a template of one output takes its own)."""
     f = _Reader(raw, where)
     container = f.take("container")
-    if container in NOT_YET:
-        raise spec_error(f.path("container"), f"{container} is not supported yet; use one of {', '.join(CONTAINERS)}")
     if not isinstance(container, str) or container not in CONTAINERS:
         raise spec_error(f.path("container"), f"must be one of {', '.join(CONTAINERS)}")
     allowed = FIELDS[container]
@@ -154,7 +152,7 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
         return Preset(**fields)
     fields["fps"] = f.number("fps", 1, 120, 0.0)
     video = fields["video"] = f.choice("video", VIDEO_IN[container], VIDEO_IN[container][0])
-    if container in ("hls", "cmaf"):
+    if container in ("hls", *LADDERS):
         fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"), container)
     else:
         lo, hi = CRF_RANGE[video]
@@ -263,7 +261,7 @@ def spec_of(preset: Preset) -> dict[str, Any]:
     if preset.container == "hls":
         spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps, "audio_kbps": r.audio_kbps}
                           for r in preset.ladder]
-    elif preset.container == "cmaf":
+    elif preset.container in LADDERS:
         spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps} for r in preset.ladder]
     else:
         spec["size"] = preset.short_side
@@ -271,7 +269,7 @@ def spec_of(preset: Preset) -> dict[str, Any]:
         spec["at"] = preset.at
     else:
         spec["video"] = preset.video
-        if preset.container not in ("hls", "cmaf"):
+        if preset.container not in ("hls", *LADDERS):
             spec.update({"speed": preset.speed})
             if preset.crf is not None:
                 spec["crf"] = preset.crf
