@@ -37,9 +37,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration, needs_chromium, need
 SECONDS = 8
 
 
-def make_cmaf(out: Path, video: str, seconds: float) -> Path:
-    """A 3-rung CMAF output of a ``seconds`` clip with audio, made as a node makes it: its argv,
-    then its codec strings written into the manifests."""
+def make_cmaf(out: Path, video: str, seconds: float, container: str = "cmaf") -> Path:
+    """A 3-rung CMAF (or ``dash``) output of a ``seconds`` clip with audio, made as a node makes
+    it: its argv, then its codec strings written into the manifests."""
     src = out / "source.mkv"
     subprocess.run([FFMPEG, "-v", "error", "-nostdin", "-y",
                     "-f", "lavfi", "-i", f"testsrc2=size=640x360:rate=25:duration={seconds:g}",
@@ -47,7 +47,7 @@ def make_cmaf(out: Path, video: str, seconds: float) -> Path:
                     "-c:v", "libx264", "-preset", "ultrafast", "-qp", "10", "-c:a", "flac", str(src)],
                    check=True, capture_output=True, timeout=120)
     probe = dataclasses.replace(source(640, 360, duration=seconds), frame_rate=25.0, demuxer="matroska")
-    presets = parse_outputs([{"name": cmaf.FOLDER, "container": "cmaf", "video": video, "audio_kbps": 96, "ladder": [
+    presets = parse_outputs([{"name": cmaf.FOLDER, "container": container, "video": video, "audio_kbps": 96, "ladder": [
         {"size": 360, "kbps": 900}, {"size": 240, "kbps": 500}, {"size": 180, "kbps": 250}]}], watermarks=None)
     (out / cmaf.FOLDER).mkdir()
     subprocess.run(build_argv(FFMPEG, probe, str(src), str(out), presets, threads=1), check=True,
@@ -143,6 +143,25 @@ def test_cmaf_plays_to_its_end(node: NodeProcess, stream: tuple[str, Path], mani
         assert abs(played["duration"] - SECONDS) < 0.3, played
         assert played["ranges"][0][0] < 0.2 and played["ranges"][-1][1] > SECONDS - 0.3, played
         assert played["width"] in (640, 426, 320), played
+        assert errors.errors == [], errors.errors
+
+
+def test_a_dash_output_plays_through_dash_js(node: NodeProcess, tmp_path: Path) -> None:
+    """A ``dash`` output (the manifest alone, segment timelines, no HLS playlist) plays to its
+    end through the page's dash.js."""
+    folder = make_cmaf(tmp_path, "h264", SECONDS, container="dash")
+    assert not list(folder.glob("*.m3u8"))
+    with chromium_page() as page:
+        errors = PageErrors(page)
+        serve(page, node.url, folder)
+        page.goto(f"{node.url}/")
+        page.wait_for_function("window.gridnodeUpload !== undefined")
+        page.evaluate("([url]) => window.gridnodeUpload.play(url, 'application/dash+xml')",
+                      [f"{node.url}/media-under-test/manifest.mpd"])
+        page.wait_for_function("document.getElementById('player').dataset.engine === 'dash.js'")
+        played = wait_played_to_end(page)
+        assert abs(played["duration"] - SECONDS) < 0.3, played
+        assert played["ranges"][0][0] < 0.2 and played["ranges"][-1][1] > SECONDS - 0.3, played
         assert errors.errors == [], errors.errors
 
 
