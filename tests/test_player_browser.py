@@ -324,8 +324,7 @@ def test_the_page_lists_what_get_presets_lists_and_uploads_a_template(node: Node
     with chromium_page() as page:
         errors = PageErrors(page)
         page.goto(f"{node.url}/")
-        page.wait_for_function("window.gridnodeUpload !== undefined && "
-                               "window.gridnodeUpload.presetsShown().some(p => p[0] === 'player')")
+        page.wait_for_selector("#preset-list[data-loaded='node']", state="attached")
         shown = page.evaluate("window.gridnodeUpload.presetsShown()")
         assert [name for name, _ in shown] == [*names, "poster"], shown
         assert [name for name, checked in shown if checked] == ["mp4-720p", "poster"], shown

@@ -621,7 +621,10 @@
     });
   }
 
+  /** Ask ``node`` for the caller's presets; ``#preset-list`` carries ``data-loaded`` once it has
+   *  its answer ("node") or kept the built-in list ("static"). */
   function loadPresets(node) {
+    var box = $("preset-list");
     return fetchWithTimeout(node.base + "/presets", { cache: "no-store", headers: token.headers() },
       PROBE_TIMEOUT_MS).then(function (res) {
       if (!res.ok) return null;
@@ -629,7 +632,10 @@
         if (body && Array.isArray(body.presets)) showPresets(body.presets);
         return body;
       });
-    }).catch(function () { return null; });
+    }).catch(function () { return null; }).then(function (body) {
+      box.dataset.loaded = body ? "node" : "static";
+      return body;
+    });
   }
 
   function start() {
