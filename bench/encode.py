@@ -8,6 +8,7 @@ different difficulty:
   noise       testsrc2 under temporal noise: what no encoder predicts
   camera      closer to footage: a still fractal panned slowly (a camera move), softened (a
               lens) and under light temporal grain (a sensor)
+  pan         camera without the grain
 
 Each source is made once, losslessly (x264 -qp 0), and is the reference every encode's SSIM is
 measured against (ffmpeg's ssim filter, "All"). H.264 at its default CRF (23) sets the quality;
@@ -53,6 +54,10 @@ SOURCES = {
     "camera": "mandelbrot=size={pw}x{ph}:rate={r}:start_scale=0.02:end_scale=0.02:start_x=-0.745:start_y=0.11,"
               "trim=end_frame=1,loop=loop=-1:size=1,trim=duration={d},"
               "crop={w}:{h}:x='t*{w}/40':y='t*{h}/60',gblur=sigma=1.2,noise=alls=6:allf=t",
+    # camera without its grain: how much of the newer codecs' lead the grain makes
+    "pan": "mandelbrot=size={pw}x{ph}:rate={r}:start_scale=0.02:end_scale=0.02:start_x=-0.745:start_y=0.11,"
+           "trim=end_frame=1,loop=loop=-1:size=1,trim=duration={d},"
+           "crop={w}:{h}:x='t*{w}/40':y='t*{h}/60',gblur=sigma=1.2",
 }
 
 
