@@ -18,7 +18,15 @@ from twisted.internet.task import Clock
 from gridnode.config import build_config
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.media.presets import Preset, build_argv
-from gridnode.media.templates import BUILTINS, MAX_OUTPUTS, Catalog, parse_output, parse_outputs, spec_of
+from gridnode.media.templates import (
+    BUILTINS,
+    MAX_OUTPUTS,
+    Catalog,
+    parse_output,
+    parse_outputs,
+    parse_templates,
+    spec_of,
+)
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -292,3 +300,29 @@ class PresetsRouteTests:
         from gridnode.web.access import ANY, need
 
         assert need(b"GET", [b"presets"]).scope == ANY
+
+
+class TenantTemplatesTests:
+    RAW = {"mine": {"tenants": ["alice"], "outputs": [{"container": "mp4", "size": 360}]},
+           "ours": {"outputs": [{"container": "mp4", "size": 240}]}}
+
+    def test_tenants_limit_who_sees_a_template(self) -> None:
+        """``tenants``: only those callers list it; a node without tokens (None) and an admin
+        see every template; an unknown name's message lists no tenant's template."""
+        catalog = Catalog(parse_templates(self.RAW, watermarks=None))
+
+        def names(tenant: str | None) -> list[str]:
+            return [t["name"] for t in catalog.listing(None, tenant)]
+
+        assert "mine" in names("alice") and "mine" not in names("bob") and "ours" in names("bob")
+        assert "mine" in names(None)
+        assert catalog.owners() == {"mine": frozenset({"alice"})}
+        with pytest.raises(GridnodeError) as e:
+            catalog.parse("nope")
+        assert e.value.code == "unknown_preset" and "ours" in e.value.message and "mine" not in e.value.message
+
+    @pytest.mark.parametrize("tenants", [[], "alice", [1], [""], ["x" * 257], ["a"] * 1001])
+    def test_bad_tenants_name_the_field(self, tenants: Any) -> None:
+        with pytest.raises(GridnodeError) as e:
+            parse_templates({"mine": {**self.RAW["mine"], "tenants": tenants}}, watermarks=None)
+        assert e.value.code == "bad_spec" and e.value.message.startswith("templates.mine.tenants:"), e.value.message

@@ -296,6 +296,12 @@ class Template:
     description: str
     outputs: tuple[Preset, ...]
     builtin: bool = False
+    #: the tenants (token ``sub``) that may see and use it; None: every caller
+    tenants: frozenset[str] | None = None
+
+    def visible_to(self, tenant: str | None) -> bool:
+        """Whether a caller of ``tenant`` sees it (None: a node without tokens, or an admin)."""
+        return self.tenants is None or tenant is None or tenant in self.tenants
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "builtin": self.builtin,
@@ -318,8 +324,24 @@ BUILTIN: dict[str, tuple[str, list[dict[str, Any]]]] = {
 }
 
 
+#: the most tenants one template may name, and the longest name (a token's ``sub``)
+MAX_TENANTS = 1000
+MAX_TENANT = 256
+
+
+def _tenants(raw: Any, where: str) -> frozenset[str] | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not 1 <= len(raw) <= MAX_TENANTS
+            or not all(isinstance(t, str) and 1 <= len(t) <= MAX_TENANT for t in raw)):
+        raise spec_error(where, f"must be a list of 1 to {MAX_TENANTS} tenants (token sub), each 1-{MAX_TENANT} "
+                                "characters; leave it out for a template every caller may use")
+    return frozenset(raw)
+
+
 def parse_template(name: str, raw: Any, *, watermarks: str | None, where: str) -> Template:
-    """A ``[templates.NAME]`` table: ``description`` and ``outputs``."""
+    """A ``[templates.NAME]`` table: ``description``, ``outputs`` and, for a template of some
+    tenants only, ``tenants``."""
     if not _NAME.match(name):
         raise spec_error(where, "a template's name is 1-40 characters of a-z, 0-9, - and _")
     t = _Reader(raw, where)
@@ -327,8 +349,9 @@ def parse_template(name: str, raw: Any, *, watermarks: str | None, where: str) -
     if not isinstance(description, str) or len(description) > 200:
         raise spec_error(t.path("description"), "must be text of at most 200 characters")
     outputs = parse_outputs(t.take("outputs"), watermarks=watermarks, where=t.path("outputs"), template=name)
-    t.done({"description", "outputs"})
-    return Template(name, description, tuple(outputs))
+    tenants = _tenants(t.take("tenants"), t.path("tenants"))
+    t.done({"description", "outputs", "tenants"})
+    return Template(name, description, tuple(outputs), tenants=tenants)
 
 
 BUILTINS: dict[str, Template] = {
@@ -367,8 +390,7 @@ class Catalog:
                                 f"some of: {', '.join(self.templates)}", code="unknown_preset", status=400)
         unknown = [n for n in names if n not in self.templates]
         if unknown:
-            raise GridnodeError(f"unknown preset {', '.join(repr(n[:40]) for n in unknown[:5])}; known presets "
-                                f"and templates: {', '.join(self.templates)}", code="unknown_preset", status=400)
+            raise unknown_preset(unknown, self.shared())
         return list(dict.fromkeys(names))
 
     def parse(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
@@ -385,9 +407,26 @@ class Catalog:
         _distinct(outputs, "presets")
         return outputs
 
-    def listing(self, allowed: frozenset[str] | None = None) -> list[dict[str, Any]]:
-        """``GET /presets``: every template the caller may ask for (``allowed``: its token's)."""
-        return [t.to_json() for name, t in self.templates.items() if allowed is None or name in allowed]
+    def shared(self) -> list[str]:
+        """The names every caller may use: a tenant's own templates are named to that tenant only."""
+        return [name for name, t in self.templates.items() if t.tenants is None]
+
+    def owners(self) -> dict[str, frozenset[str]]:
+        """The templates of some tenants only, and those tenants."""
+        return {name: t.tenants for name, t in self.templates.items() if t.tenants is not None}
+
+    def listing(self, allowed: frozenset[str] | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        """``GET /presets``: every template the caller may ask for (``allowed``: its token's
+        presets claim; ``tenant``: its tenant, None for every one)."""
+        return [t.to_json() for name, t in self.templates.items()
+                if (allowed is None or name in allowed) and t.visible_to(tenant)]
+
+
+def unknown_preset(names: Sequence[str], known: Sequence[str] = ()) -> GridnodeError:
+    """``unknown_preset`` (400) for ``names``, listing ``known`` (never another tenant's)."""
+    listed = f"known presets and templates: {', '.join(known)}; " if known else ""
+    return GridnodeError(f"unknown preset {', '.join(repr(n[:40]) for n in names[:5])}; {listed}GET /presets "
+                         "lists those this caller may use", code="unknown_preset", status=400)
 
 
 #: each built-in preset's one output
