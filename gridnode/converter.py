@@ -23,8 +23,8 @@ from gridnode.media.ffmpeg import (
     collect_outputs,
     max_time_for,
     start_transcode,
-    write_storyboards,
 )
+from gridnode.media.finish import write_cmaf_codecs, write_storyboards
 from gridnode.media.interface import SCRATCH_FULL
 from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.presets import Preset, job_output_limit
@@ -156,6 +156,7 @@ class Converter(Service):
                 slot.free_worker()  # ffmpeg is done: the next job's may start while these are stored
                 take_back(self.user, str(slot.scratch))  # what is checked now stays what is read
                 write_storyboards(out_dir, info, presets)  # the VTTs of the sheets ffmpeg made
+                write_cmaf_codecs(out_dir, info, presets)  # each rung's codec string in the manifests
                 found = collect_outputs(out_dir, info, presets, max_output_bytes=per_output)
                 return measure_outputs(found, info, presets, result.stderr_tail)  # whole, or not done
 

@@ -128,11 +128,12 @@ class LogTests:
 class MemoryNode:
     """A node's resource tree behind a real GridSite, with a token keyring, in memory."""
 
-    def __init__(self, tmp_path: Path, clock: Clock) -> None:
+    def __init__(self, tmp_path: Path, clock: Clock, file: dict[str, Any] | None = None) -> None:
         keyring = tmp_path / "tokens"
         keyring.write_text(f"k1 {SECRET}\n")  # ends in a newline, as editors write it
-        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 2, "queue": 8, "min-free": 0,
-                                   "max-upload": 4, "upload-secret": str(keyring)}).with_identity("n1")
+        config = build_config(file=file, cli={"work-dir": str(tmp_path / "work"), "workers": 2, "queue": 8,
+                                              "min-free": 0, "max-upload": 4,
+                                              "upload-secret": str(keyring)}).with_identity("n1")
         self.store = ObjectStore.synchronous(MemoryBackend())
         self.media = FakeMedia(tmp_path)
         self.jobs = JobService(clock, config, self.store, self.media)
@@ -295,3 +296,50 @@ class NodeTests:
         assert r.status_code == 204 and r.headers["Gridnode-Job"] == upload
         assert node.request("GET", f"/jobs/{upload}", ALICE).json()["tenant"] == "alice"
         assert code(node.request("HEAD", path, {**TUS, **BOB}))[0] == 404  # finished: still not bob's
+
+
+#: a config file's templates: one of alice's (and carol's), one every tenant may use
+TENANT_TEMPLATES = {"templates": {
+    "alice-ladder": {"description": "alice's own", "tenants": ["alice", "carol"],
+                     "outputs": [{"container": "mp4", "size": 360}]},
+    "shared-small": {"outputs": [{"container": "mp4", "size": 240}]},
+}}
+
+
+class TenantTemplateTests:
+    def test_a_tenants_template_is_unknown_to_every_other_tenant(self, tmp_path: Path) -> None:
+        """Another tenant's template is answered as a name that does not exist (400
+        unknown_preset, before the body, nothing spooled; the message names no other template
+        of a tenant's), and GET /presets lists a caller only the templates it may use."""
+        node = MemoryNode(tmp_path, Clock(), TENANT_TEMPLATES)
+        bob = bearer(mint("bob", "upload read"))
+        r = node.request("POST", "/jobs?presets=alice-ladder&name=clip.mov",
+                         {**bob, "Content-Type": "application/octet-stream"}, b"video bytes")
+        assert code(r) == (400, "unknown_preset") and node.spooled() == []
+        assert "alice-ladder" in r.json()["error"]["message"]  # the name asked for, nothing more
+        r = node.request("POST", "/jobs?presets=mp4-720p,alice-ladder&name=clip.mov",
+                         {**bob, "Content-Type": "application/octet-stream"}, b"video bytes")
+        assert code(r) == (400, "unknown_preset") and node.spooled() == []
+        r = node.request("POST", "/jobs?presets=no-such&name=clip.mov",
+                         {**bob, "Content-Type": "application/octet-stream"}, b"video bytes")
+        assert code(r) == (400, "unknown_preset") and "alice-ladder" not in r.json()["error"]["message"]
+
+        def listed(headers: dict[str, str]) -> list[str]:
+            r = node.request("GET", "/presets", headers)
+            assert r.status_code == 200
+            return [t["name"] for t in r.json()["presets"]]
+
+        assert "alice-ladder" not in listed(bob) and "shared-small" in listed(bob)
+        for who in ("alice", "carol"):
+            assert "alice-ladder" in listed(bearer(mint(who, "read")))
+        assert "alice-ladder" in listed(bearer(mint("ops", "admin")))  # every tenant's
+
+    def test_its_tenant_may_use_it(self, tmp_path: Path) -> None:
+        """The owner's upload naming its template gets past the check (FakeMedia then parses
+        built-in names only, so the job itself is tried with a preset it knows)."""
+        node = MemoryNode(tmp_path, Clock(), TENANT_TEMPLATES)
+        alice = bearer(mint("alice", "upload"))
+        assert node.view.access.owners == {"alice-ladder": frozenset({"alice", "carol"})}
+        r = node.request("POST", "/jobs?presets=alice-ladder&name=clip.mov",
+                         {**alice, "Content-Type": "application/octet-stream"}, b"video bytes")
+        assert code(r) != (400, "unknown_preset") or "GET /presets" not in r.json()["error"]["message"]

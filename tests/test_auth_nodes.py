@@ -6,6 +6,7 @@ pool of three moving its token and peer keys from k1 to k2 one node at a time.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -258,3 +259,47 @@ class RotationTests:
         finally:
             for n in nodes.values():
                 n.stop()
+
+
+TENANT_TEMPLATE = """
+[templates.alice-small]
+description = "alice's own"
+tenants = ["alice"]
+outputs = [{container = "jpeg", size = 120}]
+"""
+
+
+def test_a_tenants_template_on_a_real_node(tmp_path: Path, media_clips: Clips) -> None:
+    """A template of alice's: bob's GET /presets does not list it, and bob naming it (tus or
+    POST /jobs) gets 400 unknown_preset before the body, nothing queued; alice's job with it is
+    made (its one output named as the template)."""
+    keyring = tmp_path / "tokens.keys"
+    keyring.write_text(f"k1 {K1}\n")
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "node.toml").write_text(TENANT_TEMPLATE)
+    n = NodeProcess(tmp_path / "node", ["--store", f"file:{tmp_path / 'store'}", "--min-free", "0",
+                                        "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                        "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
+                                        "--upload-secret", str(keyring), "--config", "node.toml"])
+    n.start()
+    try:
+        base = n.block_until_ready(30)
+        alice, bob = auth(mint("alice", "upload read")), auth(mint("bob", "upload read"))
+        listed = [t["name"] for t in call("GET", f"{base}/presets", bob)[2]["presets"]]
+        assert "alice-small" not in listed and "mp4-720p" in listed
+        assert "alice-small" in [t["name"] for t in call("GET", f"{base}/presets", alice)[2]["presets"]]
+        clip = media_clips.portrait
+        refused = call("POST", f"{base}/jobs?presets=alice-small&name=x.mp4",
+                       {"Content-Type": "application/octet-stream", **bob}, clip.read_bytes())
+        assert error(refused) == (400, "unknown_preset"), refused
+        meta = "presets " + base64.b64encode(b"alice-small").decode()
+        tus = call("POST", f"{base}/files/", {**TUS, **bob, "Upload-Length": "10", "Upload-Metadata": meta})
+        assert error(tus) == (400, "unknown_preset"), tus
+        assert call("GET", f"{base}/jobs", bob)[2]["jobs"] == []  # nothing queued
+        status, _, body = call("POST", f"{base}/jobs?presets=alice-small&name=x.mp4",
+                               {"Content-Type": "application/octet-stream", **alice}, clip.read_bytes())
+        assert status == 201, body
+        finished = done(base, body["id"], alice)
+        assert finished["state"] == "done" and [o["preset"] for o in finished["outputs"]] == ["alice-small"]
+    finally:
+        n.stop()

@@ -64,6 +64,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 
 def submit_on_page(page: Any, clip: Path, presets: list[str]) -> None:
     page.wait_for_function("document.getElementById('node-info').textContent.indexOf('chosen:') >= 0")
+    page.wait_for_selector("#preset-list[data-loaded]", state="attached")  # GET /presets answered (or not)
     page.set_input_files("#file", str(clip))
     for box in page.query_selector_all('input[name="preset"]:not([disabled])'):
         value = box.get_attribute("value")

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gridnode.client.bodies import StreamReader, download, playlist_entries
+from gridnode.client.bodies import StreamReader, download, manifest_entries, playlist_entries
 from gridnode.errors import GridnodeError
 
 
@@ -95,3 +95,35 @@ class PlaylistEntriesTests:
                        "00:00:02.000 --> 00:00:04.000\nsheet-001.jpg#xywh=160,0,160,90\n\n"
                        "00:00:04.000 --> 00:00:06.000\n../../x.jpg#xywh=0,0,1,1\n")
         assert playlist_entries("b/storyboard.vtt", str(vtt)) == ["b/sheet-001.jpg"]
+
+
+#: what ffmpeg's dash muxer writes for a ``dash`` output: a timeline per representation
+TIMELINE_MPD = """<MPD><Period id="0" start="PT0.0S">
+<AdaptationSet id="0" contentType="video">
+<Representation id="0" mimeType="video/mp4" codecs="avc1.4d401e" bandwidth="900000">
+<SegmentTemplate timescale="12800" initialization="init-$RepresentationID$.m4s"
+ media="seg-$RepresentationID$-$Number%05d$.m4s" startNumber="1">
+<SegmentTimeline><S t="0" d="51200" r="1" /><S d="13312" /></SegmentTimeline></SegmentTemplate></Representation>
+<Representation id="../../x" mimeType="video/mp4"><SegmentTemplate initialization="$RepresentationID$.m4s"
+ media="$Number$.m4s"><SegmentTimeline><S t="0" d="1" /></SegmentTimeline></SegmentTemplate></Representation>
+<Representation id="9" mimeType="video/mp4"><SegmentTemplate initialization="https://elsewhere/i.m4s"
+ media="/abs-$Number$.m4s"><SegmentTimeline><S t="0" d="1" r="99999999999" /></SegmentTimeline></SegmentTemplate>
+</Representation></AdaptationSet></Period></MPD>
+"""
+
+
+class ManifestEntriesTests:
+    def test_a_dash_output_names_its_init_and_every_timeline_segment(self, tmp_path: Path) -> None:
+        """Two segments repeated and one more: three, numbered from startNumber; names that
+        leave the output folder or point elsewhere are dropped; a huge repeat is bounded."""
+        mpd = tmp_path / "manifest.mpd"
+        mpd.write_text(TIMELINE_MPD)
+        assert manifest_entries("d/manifest.mpd", str(mpd)) == [
+            "d/init-0.m4s", "d/seg-0-00001.m4s", "d/seg-0-00002.m4s", "d/seg-0-00003.m4s",
+            "d/1.m4s"]  # (the second's init, named by its id, would leave the folder)
+
+    def test_a_cmaf_manifest_without_timelines_names_nothing(self, tmp_path: Path) -> None:
+        """A CMAF's manifest (no timeline): its HLS playlists name the same files."""
+        mpd = tmp_path / "manifest.mpd"
+        mpd.write_text(TIMELINE_MPD.replace("<SegmentTimeline>", "<X>").replace("</SegmentTimeline>", "</X>"))
+        assert manifest_entries("s/manifest.mpd", str(mpd)) == []

@@ -1,12 +1,15 @@
 """
-CMAF and storyboards on a real node: a config template of a 3-rung CMAF ladder, a storyboard and
-a poster, run by twistd and real ffmpeg on a generated 12 s clip in one job, and everything read
-back over HTTP as a player would: both manifests, the segments they name (the same files), the
-rungs' keyframe times, the VTT's cues over the whole duration and the sheet they point into.
+CMAF and storyboards on a real node: a config template of an HEVC mp4, an AV1 mp4, a 3-rung
+H.264 CMAF ladder, a 3-rung AV1 one, a storyboard and a poster, run by twistd and real ffmpeg
+on a generated 12 s clip in one job, and everything read back over HTTP as a player would:
+every output probed, both manifests, the segments they name (the same files), the codec
+strings they state, the rungs' keyframe times, the VTT's cues over the whole duration and the
+sheet they point into.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from gridnode.media.headers import codec_string
 from tests.helpers import free_port
 from tests.media_samples import ffprobe_json
 from tests.nodes import BIN, NodeProcess, request, upload, wait_job
@@ -27,8 +31,13 @@ pytestmark = pytest.mark.integration
 
 CONFIG = """
 [templates.player]
-description = "A CMAF ladder, its storyboard and a poster"
+description = "HEVC and AV1 files, CMAF ladders in H.264 and AV1, a storyboard and a poster"
 outputs = [
+  {name = "hevc", container = "mp4", video = "hevc", size = 240, audio_kbps = 64},
+  {name = "av1", container = "mp4", video = "av1", size = 240, audio_kbps = 64},
+  {name = "stream-av1", container = "cmaf", video = "av1", audio = "none", ladder = [
+    {size = 360, kbps = 600}, {size = 240, kbps = 300}, {size = 144, kbps = 150}]},
+  {name = "dash", container = "dash", audio_kbps = 64, ladder = [{size = 240, kbps = 400}, {size = 144, kbps = 150}]},
   {name = "stream", container = "cmaf", audio_kbps = 64, ladder = [
     {size = 360, kbps = 900}, {size = 240, kbps = 500}, {size = 144, kbps = 200}]},
   {name = "board", container = "storyboard", interval = 2.5, width = 96},
@@ -70,19 +79,19 @@ class CmafNodeTests:
             job = yield wait_job(base, job["id"], timeout=300)
             assert job["state"] == "done", job
             outputs: dict[str, Any] = {o["preset"]: o for o in job["outputs"]}
-            assert sorted(outputs) == ["board", "poster", "stream"]
+            assert sorted(outputs) == ["av1", "board", "dash", "hevc", "poster", "stream", "stream-av1"]
             stream, board = outputs["stream"], outputs["board"]
             prefix = f"/results/{job['id']}/"
             assert stream["url"] == prefix + "stream/master.m3u8" and stream["dash"] == prefix + "stream/manifest.mpd"
             assert stream["content_type"] == "application/vnd.apple.mpegurl"
             assert stream["duration"] == pytest.approx(12.0, abs=0.1)
             got = tmp_path / "got"
+            m3u8 = "application/vnd.apple.mpegurl"
 
             # HLS: the master names three rungs and one audio rendition; their playlists name segments
             master = get(base, stream["url"], got, "application/vnd.apple.mpegurl").read_text()
             assert master.count("#EXT-X-STREAM-INF") == 3 and "TYPE=AUDIO" in master
             hls: dict[int, list[str]] = {}
-            m3u8 = "application/vnd.apple.mpegurl"
             for n in range(4):
                 playlist = get(base, prefix + f"stream/media_{n}.m3u8", got, m3u8).read_text()
                 assert f'#EXT-X-MAP:URI="init-{n}.m4s"' in playlist and "#EXT-X-ENDLIST" in playlist
@@ -128,6 +137,46 @@ class CmafNodeTests:
             assert all(int(x) + int(w) <= sheet["width"] and int(y) + int(h) <= sheet["height"]
                        for *_, x, y, w, h in cues)
 
+            # the HEVC (tagged hvc1, as Apple's players need) and AV1 files, as ffprobe sees them
+            for name, codec, tag in (("hevc", "hevc", "hvc1"), ("av1", "av1", "av01")):
+                doc = ffprobe_json(get(base, outputs[name]["url"], got, "video/mp4"))
+                video, audio = doc["streams"]
+                assert (video["codec_name"], video["codec_tag_string"], video["width"], video["height"]) == (
+                    codec, tag, 426, 240), video
+                assert audio["codec_name"] == "aac"
+                assert float(doc["format"]["duration"]) == pytest.approx(12.0, abs=0.1)
+                assert outputs[name]["duration"] == pytest.approx(12.0, abs=0.1)
+
+            # the AV1 ladder: keyframes at the same times on every rung, the codec each init
+            # segment carries stated in both manifests, the same segment files under both
+            av1 = outputs["stream-av1"]
+            master = get(base, av1["url"], got, m3u8).read_text()
+            mpd_text = get(base, av1["dash"], got, "application/dash+xml").read_text()
+            assert "TYPE=AUDIO" not in master
+            times, codecs = [], []
+            for n in range(3):
+                playlist = get(base, prefix + f"stream-av1/media_{n}.m3u8", got, m3u8).read_text()
+                names = re.findall(r"^(seg-\d+-\d+\.m4s)$", playlist, re.M)
+                assert names == [f"seg-{n}-{k:05d}.m4s" for k in range(1, 4)], names  # the DASH template's
+                init = get(base, prefix + f"stream-av1/init-{n}.m4s", got, "video/iso.segment")
+                segs = [get(base, prefix + "stream-av1/" + name, got, "video/iso.segment") for name in names]
+                times.append(_keyframes([init, *segs]))
+                video = ffprobe_json(got / "stream-av1" / f"init-{n}.joined.mp4")["streams"][0]
+                codecs.append(codec_string(io.BytesIO(init.read_bytes()), init.stat().st_size))
+                assert video["codec_name"] == "av1" and codecs[-1] and codecs[-1].startswith("av01.0.")
+            assert times[0] == times[1] == times[2] == [0.0, 4.0, 8.0], times
+            assert re.findall(r'codecs="([^"]+)"', mpd_text) == codecs
+            assert re.findall(r'CODECS="([^"]+)"', master) == codecs
+            assert 'media="seg-$RepresentationID$-$Number%05d$.m4s"' in mpd_text
+
+            # DASH alone: the manifest is the output, no HLS playlist; its timelines name every segment
+            dash = outputs["dash"]
+            assert dash["url"] == prefix + "dash/manifest.mpd" and dash["content_type"] == "application/dash+xml"
+            assert dash["duration"] == pytest.approx(12.0, abs=0.1) and "dash" not in dash
+            dash_mpd = get(base, dash["url"], got, "application/dash+xml").read_text()
+            assert "<SegmentTimeline>" in dash_mpd
+            assert re.findall(r'mimeType="video/mp4" codecs="([^"]+)"', dash_mpd)[0].startswith("avc1.")
+
             poster = ffprobe_json(get(base, outputs["poster"]["url"], got, "image/jpeg"))["streams"][0]
             assert (poster["codec_name"], poster["width"], poster["height"]) == ("mjpeg", 426, 240)
 
@@ -143,5 +192,12 @@ class CmafNodeTests:
             assert {p.name for p in (dl / "board").iterdir()} == {"storyboard.vtt", "sheet-001.jpg"}
             assert sum(p.stat().st_size for p in (dl / "stream").iterdir()) == stream["size"]
             assert sum(p.stat().st_size for p in (dl / "board").iterdir()) == board["size"]
+            # (the audio's segments are cut by AAC frames: a last one of a few ms may follow)
+            fetched_dash = {p.name for p in (dl / "dash").iterdir()}
+            audio_segments = {name for name in fetched_dash if name.startswith("seg-2-")}
+            assert fetched_dash - audio_segments == {"manifest.mpd", *(f"init-{n}.m4s" for n in range(3)),
+                                                     *(f"seg-{n}-{k:05d}.m4s" for n in range(2) for k in range(1, 4))}
+            assert len(audio_segments) in (3, 4) and len(fetched_dash) == dash["files"]
+            assert sum(p.stat().st_size for p in (dl / "dash").iterdir()) == dash["size"]
         finally:
             assert node.stop() == 0

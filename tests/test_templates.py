@@ -18,7 +18,16 @@ from twisted.internet.task import Clock
 from gridnode.config import build_config
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.media.presets import Preset, build_argv
-from gridnode.media.templates import BUILTINS, MAX_OUTPUTS, Catalog, check_clips, parse_output, parse_outputs, spec_of
+from gridnode.media.templates import (
+    BUILTINS,
+    MAX_OUTPUTS,
+    Catalog,
+    check_clips,
+    parse_output,
+    parse_outputs,
+    parse_templates,
+    spec_of,
+)
 from gridnode.pipeline import JobService
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
@@ -57,7 +66,9 @@ MALFORMED: list[tuple[Any, str]] = [
     ([with_(crf=True)], "outputs[0].crf"),  # a boolean is no number
     ([with_(ffmpeg_args="-i /etc/shadow")], "outputs[0].ffmpeg_args"),  # unknown field: no raw arguments
     ([with_(container="avi")], "outputs[0].container"),
-    ([with_(container="dash")], "outputs[0].container"),  # later: not supported yet
+    ([with_(container="dash")], "outputs[0].size"),  # a ladder's sizes are its rungs'
+    ([{"name": "d", "container": "dash", "video": "vp9", "ladder": [{"size": 360, "kbps": 500}]}],
+     "outputs[0].video"),
     ([with_(name="../x")], "outputs[0].name"),
     ([with_(audio="mp3")], "outputs[0].audio"),
     ([with_(audio_kbps=9000)], "outputs[0].audio_kbps"),
@@ -86,12 +97,18 @@ class MalformedSpecTests:
         assert (e.value.code, e.value.status) == ("bad_spec", 400)
         assert e.value.message.startswith(field + ":"), e.value.message
 
-    def test_later_containers_say_not_yet(self) -> None:
-        """dash alone is named as not supported yet, not as unknown."""
-        for container in ("dash",):
-            with pytest.raises(GridnodeError) as e:
-                parse_output(with_(container=container), "o", watermarks=None)
-            assert "not supported yet" in e.value.message
+    def test_dash_is_a_ladder_under_a_manifest_alone(self) -> None:
+        """``dash``: the fields of a ``cmaf`` ladder; its files are the manifest, init segments and
+        segments, no HLS playlist; it round-trips through its spec."""
+        spec = {"name": "d", "container": "dash", "video": "av1", "ladder": [{"size": 360, "kbps": 500}]}
+        preset = parse_output(spec, "o", watermarks=None)
+        assert parse_output(spec_of(preset), "o", watermarks=None) == preset
+        files = [(f.name, f.content_type) for f in preset.outputs(source(640, 360))]
+        assert files == [("d/manifest.mpd", "application/dash+xml"), ("d/init-0.m4s", "video/iso.segment"),
+                         ("d/seg-0-*.m4s", "video/iso.segment"), ("d/init-1.m4s", "video/iso.segment"),
+                         ("d/seg-1-*.m4s", "video/iso.segment")]
+        argv = build_argv("ffmpeg", source(640, 360), "/in.mp4", "/out", [preset])
+        assert "-hls_playlist" not in argv and argv[-1] == "/out/d/manifest.mpd"
 
     def test_watermark_without_a_folder(self) -> None:
         """A node without watermark-dir refuses any watermark, saying so."""
@@ -294,3 +311,29 @@ class PresetsRouteTests:
         from gridnode.web.access import ANY, need
 
         assert need(b"GET", [b"presets"]).scope == ANY
+
+
+class TenantTemplatesTests:
+    RAW = {"mine": {"tenants": ["alice"], "outputs": [{"container": "mp4", "size": 360}]},
+           "ours": {"outputs": [{"container": "mp4", "size": 240}]}}
+
+    def test_tenants_limit_who_sees_a_template(self) -> None:
+        """``tenants``: only those callers list it; a node without tokens (None) and an admin
+        see every template; an unknown name's message lists no tenant's template."""
+        catalog = Catalog(parse_templates(self.RAW, watermarks=None))
+
+        def names(tenant: str | None) -> list[str]:
+            return [t["name"] for t in catalog.listing(None, tenant)]
+
+        assert "mine" in names("alice") and "mine" not in names("bob") and "ours" in names("bob")
+        assert "mine" in names(None)
+        assert catalog.owners() == {"mine": frozenset({"alice"})}
+        with pytest.raises(GridnodeError) as e:
+            catalog.parse("nope")
+        assert e.value.code == "unknown_preset" and "ours" in e.value.message and "mine" not in e.value.message
+
+    @pytest.mark.parametrize("tenants", [[], "alice", [1], [""], ["x" * 257], ["a"] * 1001])
+    def test_bad_tenants_name_the_field(self, tenants: Any) -> None:
+        with pytest.raises(GridnodeError) as e:
+            parse_templates({"mine": {**self.RAW["mine"], "tenants": tenants}}, watermarks=None)
+        assert e.value.code == "bad_spec" and e.value.message.startswith("templates.mine.tenants:"), e.value.message

@@ -35,7 +35,7 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
-from gridnode.client.bodies import CountingFile, StreamReader, download, playlist_entries, read_stream
+from gridnode.client.bodies import CountingFile, StreamReader, download, manifest_entries, playlist_entries, read_stream
 from gridnode.client.failures import hint, network_failure
 from gridnode.client.nodes import Candidates, NodeInfo, order_for_failover, rank_checked, with_live_load, with_sending
 from gridnode.errors import GridnodeError
@@ -371,7 +371,8 @@ class GridClient:
                     on_progress: Callable[[str, int, int], None] | None = None) -> list[str]:
         """Download every output of a done job into ``folder``; sizes are checked. An HLS
         output is its master playlist and everything the playlists name; a CMAF's, its DASH
-        manifest too; a storyboard's, its VTT and the sheets it names."""
+        manifest too; a DASH output's, its manifest and the segments its timelines name; a
+        storyboard's, its VTT and the sheets it names."""
         if job.get("state") != "done":
             raise GridnodeError(f"job {job.get('id')} is {job.get('state')}, not done; nothing to fetch",
                                 code="not_done", status=409)
@@ -400,6 +401,8 @@ class GridClient:
                 got_total += got
                 if current.endswith((".m3u8", ".vtt")):
                     todo += playlist_entries(current, target)
+                elif current.endswith(".mpd"):
+                    todo += manifest_entries(current, target)
             if size is not None and got_total != size:
                 raise GridnodeError(f"{name}: got {got_total} bytes of {size}", code="short_download", status=502)
         return paths

@@ -118,6 +118,48 @@ def playlist_entries(name: str, path: str) -> list[str]:
     return out
 
 
+_REPRESENTATION = re.compile(r'<Representation\b[^>]*?\bid="([^"]{1,40})"[^>]*>(.*?)</Representation>', re.S)
+_SEGMENT_TEMPLATE = re.compile(r"<SegmentTemplate\b([^>]*)>")
+_ATTRIBUTE = re.compile(r'(\w+)="([^"]*)"')
+_TIMELINE_ENTRY = re.compile(r"<S\b([^>]*)/?>")
+_NUMBER = re.compile(r"\$Number(?:%0(\d)d)?\$")
+#: the most segments a manifest may name for one representation (a week of 4 s segments)
+MAX_SEGMENTS = 151_200
+
+
+def manifest_entries(name: str, path: str, most: int = 1024 * 1024) -> list[str]:
+    """The files a DASH manifest with segment timelines (a ``dash`` output's) names, relative
+    to it, each once: every representation's init segment and numbered segments. A manifest
+    without timelines (a CMAF's: its HLS playlists name the same files) names none here."""
+    base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(most)
+    out: list[str] = []
+    for rep_id, body in _REPRESENTATION.findall(text):
+        template = _SEGMENT_TEMPLATE.search(body)
+        if template is None or "<SegmentTimeline" not in body:
+            continue
+        attrs = dict(_ATTRIBUTE.findall(template.group(1)))
+        count = 0
+        for entry in _TIMELINE_ENTRY.findall(body):
+            repeat = dict(_ATTRIBUTE.findall(entry)).get("r", "0")
+            count += 1 + (int(repeat) if repeat.isdigit() else 0)
+        start = attrs.get("startNumber", "1")
+        first = int(start) if start.isdigit() else 1
+        names = [attrs.get("initialization", "")]
+        media = attrs.get("media", "")
+        width = _NUMBER.search(media)
+        digits = int(width.group(1) or 1) if width else 1
+        names += [_NUMBER.sub(f"{n:0{digits}d}", media) for n in range(first, first + min(count, MAX_SEGMENTS))]
+        for item in names:
+            item = item.replace("$RepresentationID$", rep_id)
+            if item and "$" not in item and "://" not in item and not item.startswith("/"):
+                entry_name = os.path.normpath(base + item).replace(os.sep, "/")
+                if not entry_name.startswith("..") and entry_name not in out:
+                    out.append(entry_name)
+    return out
+
+
 async def read_stream(response: Any, on_data: Callable[[bytes], None], clock: Any,
                       on_tick: Callable[[StreamReader], None]) -> None:
     """Read ``response``'s body into ``on_data``; ``on_tick(reader)`` runs every second meanwhile

@@ -22,7 +22,6 @@ is tested with ``task.Clock`` and a fake transport, without processes.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import stat
@@ -36,7 +35,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gridnode.errors import GridnodeError
-from gridnode.media import storyboard
 from gridnode.media.child import ChildProcess, Timeouts, spawn_child
 from gridnode.media.presets import (
     Preset,
@@ -45,7 +43,6 @@ from gridnode.media.presets import (
     folders,
     job_output_limit,
     output_too_large,
-    storyboard_plan,
 )
 from gridnode.media.probe import Limits, ProbeResult, limit_refusal
 from gridnode.media.sandbox import ChildLimits, Sandbox, ffmpeg_processes, let_read, sandboxed_argv, share_with
@@ -336,29 +333,6 @@ def transcode_command(
     return argv, limits
 
 
-def write_storyboards(out_dir: str, probe: ProbeResult, presets: Iterable[Preset]) -> None:
-    """Write each storyboard's VTT beside the sheets ffmpeg made, from the plan the sheets
-    followed (``ffmpeg_failed`` when a planned sheet is missing). Run once the folder is the
-    node's again (``sandbox.take_back``): whatever the child left under that name is removed,
-    and the file is made new, never opened through a link it planted."""
-    for preset in dict.fromkeys(presets):
-        if preset.container != "storyboard":
-            continue
-        plan = storyboard_plan(probe, preset)
-        folder = os.path.join(out_dir, preset.name)
-        sheets = os.path.basename(storyboard.SHEET)
-        missing = [sheets % n for n in range(1, plan.sheets + 1)
-                   if not os.path.isfile(os.path.join(folder, sheets % n))]
-        if missing:  # the cues would point at nothing
-            raise GridnodeError(f"ffmpeg did not write {preset.name}/{missing[0]}", code="ffmpeg_failed", status=422)
-        path = os.path.join(folder, os.path.basename(storyboard.VTT))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(storyboard.vtt(plan))
-
-
 def watermarks(presets: Iterable[Preset]) -> list[str]:
     """The watermark images a job's outputs lay over the picture: its box shows them, read-only
     (the operator's files, left as they are: readable by ``--ffmpeg-user``, docs/operations.md)."""
@@ -401,7 +375,7 @@ def collect_outputs(
                 relative = os.path.relpath(path, out_dir)
                 name = relative.replace(os.sep, "/")
                 st = os.lstat(path)
-                if not _plain_file(st, path, os.path.join(root, relative)):
+                if not plain_file(st, path, os.path.join(root, relative)):
                     raise GridnodeError(f"ffmpeg wrote {name} as something other than a plain file",
                                         code="ffmpeg_failed", status=422)
                 size = st.st_size
@@ -419,7 +393,7 @@ def collect_outputs(
     return found
 
 
-def _plain_file(st: os.stat_result, path: str, inside: str) -> bool:
+def plain_file(st: os.stat_result, path: str, inside: str) -> bool:
     """``path`` (``st``: its lstat) is a regular file with one name, reached through no symbolic
     link (``inside``: where it lies if no link below the output folder is followed): never a
     link (or a folder behind one) to something outside that the node may read and the child

@@ -1,5 +1,6 @@
 """
-How long an mp4 or a webm says it lasts, read from its container header in Python.
+How long an mp4 or a webm says it lasts, and an mp4's video codec string, read from its
+container header in Python.
 
 ``verify.measure_outputs`` reads every output back after ffmpeg exits; an ffprobe for
 it would cost ~50-100 ms of CPU (mostly its start-up: the dynamic loader binding
@@ -9,7 +10,10 @@ wrote into the header anyway:
 - ``mp4_duration``: the movie header (``moov/mvhd``), duration / timescale: the
   longest track as presented, which ffmpeg's mov muxer computes from what it wrote;
 - ``webm_duration``: the segment's ``Info``, ``Duration`` x ``TimecodeScale`` ns, which
-  ffmpeg's matroska muxer rewrites at the end from the last timestamp.
+  ffmpeg's matroska muxer rewrites at the end from the last timestamp;
+- ``codec_string``: the RFC 6381 ``codecs`` value of an mp4's (a CMAF init segment's) first
+  track, from its sample entry's decoder configuration (``avcC``, ``hvcC``, ``av1C``): what
+  a player asks ``MediaSource.isTypeSupported`` before it fetches a segment.
 
 The files are ffmpeg's, but ffmpeg read a hostile input: every size is checked against
 the file, reads are small and few (at most ``MAX_ELEMENTS`` boxes or elements, an
@@ -74,6 +78,56 @@ def mp4_duration(f: BinaryIO, size: int) -> float | None:
     if timescale == 0 or duration == unknown:
         return None
     return duration / timescale
+
+
+#: the sample entry's fields before its child boxes: SampleEntry (8) and VisualSampleEntry (70)
+_VISUAL_ENTRY = 78
+_CONFIG = {b"avc1": b"avcC", b"avc3": b"avcC", b"hvc1": b"hvcC", b"hev1": b"hvcC", b"av01": b"av1C"}
+
+
+def codec_string(f: BinaryIO, size: int) -> str | None:
+    """The ``codecs`` value of the first track's first sample entry (H.264, HEVC or AV1);
+    None if there is none readable."""
+    at: tuple[int, int] | None = (0, size)
+    for kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"):
+        at = _box(f, *at, kind) if at else None
+    if at is None or at[1] - at[0] < 8 + 8 + _VISUAL_ENTRY:
+        return None
+    f.seek(at[0] + 8)  # the full box's version and flags, and the entry count
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    entry_size, entry = struct.unpack(">I4s", head)
+    config = _CONFIG.get(entry)
+    start = at[0] + 8
+    if config is None or entry_size < 8 + _VISUAL_ENTRY or start + entry_size > at[1]:
+        return None
+    box = _box(f, start + 8 + _VISUAL_ENTRY, start + entry_size, config)
+    if box is None:
+        return None
+    f.seek(box[0])
+    body = f.read(min(box[1] - box[0], 16))
+    return _from_config(entry.decode("ascii"), body)
+
+
+def _from_config(entry: str, body: bytes) -> str | None:
+    if entry.startswith("avc") and len(body) >= 4 and body[0] == 1:
+        # AVCDecoderConfigurationRecord: profile, constraint flags, level (ISO/IEC 14496-15 5.3.3)
+        return f"{entry}.{body[1:4].hex()}"
+    if entry.startswith("h") and len(body) >= 13 and body[0] == 1:
+        # HEVCDecoderConfigurationRecord, as ISO/IEC 14496-15 annex E spells it out
+        space, tier, profile = body[1] >> 6, (body[1] >> 5) & 1, body[1] & 0x1F
+        compatible = int(f"{int.from_bytes(body[2:6], 'big'):032b}"[::-1], 2)  # bits in reverse order
+        constraints = body[6:12].rstrip(b"\0")
+        tail = "".join(f".{b:02X}" for b in constraints)
+        return f"{entry}.{['', 'A', 'B', 'C'][space]}{profile}.{compatible:X}.{'HL'[tier == 0]}{body[12]}{tail}"
+    if entry == "av01" and len(body) >= 3 and body[0] == 0x81:
+        # AV1CodecConfigurationRecord (AV1 in ISOBMFF 2.3): profile, level, tier, bit depth
+        profile, level, tier = body[1] >> 5, body[1] & 0x1F, body[2] >> 7
+        high, twelve = (body[2] >> 6) & 1, (body[2] >> 5) & 1
+        depth = 12 if twelve else 10 if high else 8
+        return f"av01.{profile}.{level:02d}{'MH'[tier]}.{depth:02d}"
+    return None
 
 
 def _vint_length(head: bytes, at: int, most: int) -> int | None:

@@ -38,7 +38,9 @@ from gridnode.media import cmaf, storyboard
 from gridnode.media.codecs import audio_chain, audio_options, video_options
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
-Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard"]
+Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard"]
+#: the containers of a fragmented-MP4 ladder (``cmaf.py``): under HLS and DASH, or DASH alone
+LADDERS = ("cmaf", "dash")
 
 HLS_SEGMENT_SECONDS = 6
 CONTENT_TYPES = {
@@ -125,9 +127,12 @@ class Preset:
                 files.append(OutputFile(f"{self.name}/{rung.name}/index.m3u8", CONTENT_TYPES[".m3u8"]))
                 files.append(OutputFile(f"{self.name}/{rung.name}/seg_*.ts", CONTENT_TYPES[".ts"]))
             return files
-        if self.container == "cmaf":
-            named = cmaf.files(len(hls_rungs(probe, self.ladder)), probe.has_audio and bool(self.audio), self.name)
-            named[:2] = named[1::-1]  # the HLS master first: the job lists it, and the manifest beside
+        if self.container in LADDERS:
+            hls = self.container == "cmaf"
+            named = cmaf.files(len(hls_rungs(probe, self.ladder)), probe.has_audio and bool(self.audio), self.name,
+                               hls)
+            if hls:
+                named[:2] = named[1::-1]  # the HLS master first: the job lists it, and the manifest beside
             return [OutputFile(name, kind) for name, kind in named]
         if self.container == "storyboard":
             return [OutputFile(f"{self.name}/{os.path.basename(storyboard.VTT)}", CONTENT_TYPES[".vtt"]),
@@ -184,7 +189,7 @@ def storyboard_plan(probe: ProbeResult, preset: Preset) -> storyboard.Plan:
 
 def folders(presets: Iterable[Preset]) -> list[str]:
     """The sub-folders of the output folder to make before ffmpeg starts (CMAF, storyboards)."""
-    return [p.name for p in dict.fromkeys(presets) if p.container in ("cmaf", "storyboard")]
+    return [p.name for p in dict.fromkeys(presets) if p.container in (*LADDERS, "storyboard")]
 
 
 def default_output_limit(probe: ProbeResult) -> int:
@@ -197,7 +202,7 @@ def job_output_limit(probe: ProbeResult, presets: Iterable[Preset], per_output: 
     for each output, an HLS rung counting as one. ``-fs`` bounds each mp4, webm, mkv and jpeg
     file but no HLS segment list, so this total is what bounds HLS."""
     limit = per_output if per_output is not None else default_output_limit(probe)
-    count = sum(len(hls_rungs(probe, p.ladder)) if p.container in ("hls", "cmaf") else 1
+    count = sum(len(hls_rungs(probe, p.ladder)) if p.container in ("hls", *LADDERS) else 1
                 for p in dict.fromkeys(presets))
     return limit * count
 
@@ -239,9 +244,9 @@ class _Graph:
         self.images: list[str] = []  # watermark paths, input 1, 2, ...
 
     def video_branch(self, preset: Preset, size: tuple[int, int], *, frame_at: float | None = None,
-                     dar: tuple[int, int] | None = None) -> str:
-        """Add a branch for ``preset`` at ``size`` (shown at ``dar``, width/height, if given);
-        its output label."""
+                     dar: tuple[int, int] | None = None, rate: float | None = None) -> str:
+        """Add a branch for ``preset`` at ``size`` (shown at ``dar``, width/height, if given; made
+        at the constant frame ``rate`` if given); its output label."""
         i = len(self.video)
         start, end = preset.window(self.probe)
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
@@ -250,8 +255,10 @@ class _Graph:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
-        rate = self.probe.frame_rate
-        if preset.fps and rate is not None and rate > preset.fps + 0.01:
+        source = self.probe.frame_rate
+        if rate is not None:
+            chain.append(f"fps={_num(rate)}")
+        elif preset.fps and source is not None and source > preset.fps + 0.01:
             chain.append(f"fps={_num(preset.fps)}")
         chain.append(_scale(*size))
         if dar is not None:
@@ -343,7 +350,7 @@ def build_argv(
         if preset.container == "hls":
             outputs.append(_hls(graph, preset, out_dir, limit, threads, audio))
             continue
-        if preset.container == "cmaf":
+        if preset.container in LADDERS:
             outputs.append(_cmaf(graph, preset, out_dir, threads, audio))
             continue
         if preset.container == "storyboard":
@@ -415,18 +422,24 @@ def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int |
 
 
 def _cmaf(graph: _Graph, preset: Preset, out_dir: str, threads: int | None, audio: bool) -> list[str]:
-    """A CMAF ladder: one video branch per rung, keyframes on every segment boundary, one audio
-    rendition cut just before the video's end (``cmaf.audio_chain``)."""
+    """A CMAF ladder (``dash``: under the DASH manifest alone): one video branch per rung,
+    keyframes on every segment boundary, one audio rendition cut just before the video's end
+    (``cmaf.audio_chain``). AV1 rungs are made at a constant rate: SVT-AV1 places its
+    keyframes by frame count."""
     kept = hls_rungs(graph.probe, preset.ladder)
+    rate = cmaf.ladder_rate(graph.probe.frame_rate, preset.fps) if preset.video == "av1" else None
     # Rounded to even sides, rungs differ in aspect by a hair, and the dash muxer refuses that
     # in one adaptation set: every rung is shown at the top rung's aspect (a pixel a hair wide).
     top = kept[0][1]
-    rungs = [cmaf.CmafRung(graph.video_branch(preset, size, dar=top), *size, rung.video_kbps) for rung, size in kept]
-    video = ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main",
-             *(["-threads", str(threads)] if threads else []), *cmaf.keyframe_options("libx264")]
+    rungs = [cmaf.CmafRung(graph.video_branch(preset, size, dar=top, rate=rate), *size, rung.video_kbps)
+             for rung, size in kept]
+    video = cmaf.video_options(preset.video, threads, rate)
+    segment = cmaf.segment_length(rate)
+    hls = preset.container == "cmaf"
     if not (audio and preset.audio):
-        return cmaf.output_options(out_dir, rungs, video=video, audio=None, folder=preset.name)
+        return cmaf.output_options(out_dir, rungs, video=video, audio=None, segment=segment, folder=preset.name,
+                                   hls=hls)
     start, end = preset.window(graph.probe)
     label = graph.audio_source(preset, cmaf.audio_chain(end - start))
     return cmaf.output_options(out_dir, rungs, video=video, audio=["-c:a", "aac"], audio_label=label,
-                               audio_kbps=preset.audio_kbps, folder=preset.name)
+                               audio_kbps=preset.audio_kbps, segment=segment, folder=preset.name, hls=hls)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from gridnode.errors import GridnodeError
 from gridnode.media.interface import SCRATCH_FULL, SCRATCH_WAIT
-from gridnode.media.presets import Preset, hls_rungs, job_output_limit, target_size
+from gridnode.media.presets import LADDERS, Preset, hls_rungs, job_output_limit, target_size
 from gridnode.media.probe import ProbeResult
 
 #: frame rate assumed for a CRF preset's rate (the probe does not report one)
@@ -53,7 +53,7 @@ def preset_bytes(probe: ProbeResult, preset: Preset) -> float:
     if preset.container == "hls":
         rate = sum(r.video_kbps + (r.audio_kbps if audio else 0) for r, _size in hls_rungs(probe, preset.ladder))
         return seconds * rate * 1000 / 8 * TS_OVERHEAD + 64 * 1024  # + playlists
-    if preset.container == "cmaf":
+    if preset.container in LADDERS:
         rate = sum(r.video_kbps for r, _size in hls_rungs(probe, preset.ladder)) + (preset.audio_kbps if audio else 0)
         return seconds * rate * 1000 / 8 + 64 * 1024  # + manifests and init segments
     if preset.container == "storyboard":

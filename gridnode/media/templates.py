@@ -14,13 +14,10 @@ in the config file (``[templates.NAME]``), and a job may carry its own outputs i
 (``parse_outputs``). ``Catalog`` resolves ``presets=a,b`` (preset and template names share
 one namespace) and lists what a caller may use (``GET /presets``).
 
-``cmaf`` is a ladder of H.264 rungs under one HLS master and one DASH manifest (``cmaf.py``).
-HEVC and AV1 are refused there: with Debian's ffmpeg 5.1, x265's keyframes do fall on the
-segment boundaries, but the dash muxer states its codec as a bare ``hvc1`` (no profile or
-level), which players' codec checks refuse; SVT-AV1 1.4 keeps its own GOP (no forced keyframes);
-``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``). ``dash`` alone is a
-container to come: named, it is refused as not supported yet, so a spec written for it
-fails loudly rather than silently.
+``cmaf`` is a ladder of H.264, HEVC or AV1 rungs under one HLS master and one DASH manifest
+(``cmaf.py``: how each codec's keyframes are kept on the segment boundaries);
+``dash`` is the same ladder under a DASH manifest alone (no HLS playlists);
+``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``).
 """
 
 from __future__ import annotations
@@ -34,18 +31,18 @@ from typing import Any
 
 from gridnode.errors import GridnodeError
 from gridnode.media.codecs import CRF_RANGE, SPEEDS
-from gridnode.media.presets import Preset, Rung, Watermark
+from gridnode.media.presets import LADDERS, Preset, Rung, Watermark
 
 SPEC_ERROR = "bad_spec"
 MAX_OUTPUTS = 16
 MAX_RUNGS = 8
 DEFAULT_PRESET = "mp4-720p"
-CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard")
-NOT_YET = ("dash",)
+CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard")
 #: the video codecs each container may carry, the first its default
 VIDEO_IN = {"mp4": ("h264", "hevc", "av1"), "webm": ("vp9", "av1"), "mkv": ("h264", "hevc", "av1", "vp9"),
-            "hls": ("h264",), "cmaf": ("h264",)}
-AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",)}
+            "hls": ("h264",), "cmaf": ("h264", "hevc", "av1"), "dash": ("h264", "hevc", "av1")}
+AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",),
+            "dash": ("aac",)}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.png\Z")
@@ -57,6 +54,7 @@ FIELDS = {
     "mkv": _COMMON | _AUDIO | {"video", "crf", "max_kbps", "keyint", "speed"},
     "hls": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "cmaf": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
+    "dash": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "jpeg": _COMMON - {"fps"} | {"at"},
     "storyboard": {"name", "interval", "width"},
 }
@@ -122,8 +120,6 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
     the output's name when the spec gives none (a template of one output takes its own)."""
     f = _Reader(raw, where)
     container = f.take("container")
-    if container in NOT_YET:
-        raise spec_error(f.path("container"), f"{container} is not supported yet; use one of {', '.join(CONTAINERS)}")
     if not isinstance(container, str) or container not in CONTAINERS:
         raise spec_error(f.path("container"), f"must be one of {', '.join(CONTAINERS)}")
     allowed = FIELDS[container]
@@ -156,7 +152,7 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
         return Preset(**fields)
     fields["fps"] = f.number("fps", 1, 120, 0.0)
     video = fields["video"] = f.choice("video", VIDEO_IN[container], VIDEO_IN[container][0])
-    if container in ("hls", "cmaf"):
+    if container in ("hls", *LADDERS):
         fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"), container)
     else:
         lo, hi = CRF_RANGE[video]
@@ -275,7 +271,7 @@ def spec_of(preset: Preset) -> dict[str, Any]:
     if preset.container == "hls":
         spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps, "audio_kbps": r.audio_kbps}
                           for r in preset.ladder]
-    elif preset.container == "cmaf":
+    elif preset.container in LADDERS:
         spec["ladder"] = [{"size": r.short_side, "kbps": r.video_kbps} for r in preset.ladder]
     else:
         spec["size"] = preset.short_side
@@ -283,7 +279,7 @@ def spec_of(preset: Preset) -> dict[str, Any]:
         spec["at"] = preset.at
     else:
         spec["video"] = preset.video
-        if preset.container not in ("hls", "cmaf"):
+        if preset.container not in ("hls", *LADDERS):
             spec.update({"speed": preset.speed})
             if preset.crf is not None:
                 spec["crf"] = preset.crf
@@ -310,6 +306,12 @@ class Template:
     description: str
     outputs: tuple[Preset, ...]
     builtin: bool = False
+    #: the tenants (token ``sub``) that may see and use it; None: every caller
+    tenants: frozenset[str] | None = None
+
+    def visible_to(self, tenant: str | None) -> bool:
+        """Whether a caller of ``tenant`` sees it (None: a node without tokens, or an admin)."""
+        return self.tenants is None or tenant is None or tenant in self.tenants
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "builtin": self.builtin,
@@ -332,8 +334,24 @@ BUILTIN: dict[str, tuple[str, list[dict[str, Any]]]] = {
 }
 
 
+#: the most tenants one template may name, and the longest name (a token's ``sub``)
+MAX_TENANTS = 1000
+MAX_TENANT = 256
+
+
+def _tenants(raw: Any, where: str) -> frozenset[str] | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not 1 <= len(raw) <= MAX_TENANTS
+            or not all(isinstance(t, str) and 1 <= len(t) <= MAX_TENANT for t in raw)):
+        raise spec_error(where, f"must be a list of 1 to {MAX_TENANTS} tenants (token sub), each 1-{MAX_TENANT} "
+                                "characters; leave it out for a template every caller may use")
+    return frozenset(raw)
+
+
 def parse_template(name: str, raw: Any, *, watermarks: str | None, where: str) -> Template:
-    """A ``[templates.NAME]`` table: ``description`` and ``outputs``."""
+    """A ``[templates.NAME]`` table: ``description``, ``outputs`` and, for a template of some
+    tenants only, ``tenants``."""
     if not _NAME.match(name):
         raise spec_error(where, "a template's name is 1-40 characters of a-z, 0-9, - and _")
     t = _Reader(raw, where)
@@ -341,8 +359,9 @@ def parse_template(name: str, raw: Any, *, watermarks: str | None, where: str) -
     if not isinstance(description, str) or len(description) > 200:
         raise spec_error(t.path("description"), "must be text of at most 200 characters")
     outputs = parse_outputs(t.take("outputs"), watermarks=watermarks, where=t.path("outputs"), template=name)
-    t.done({"description", "outputs"})
-    return Template(name, description, tuple(outputs))
+    tenants = _tenants(t.take("tenants"), t.path("tenants"))
+    t.done({"description", "outputs", "tenants"})
+    return Template(name, description, tuple(outputs), tenants=tenants)
 
 
 BUILTINS: dict[str, Template] = {
@@ -381,8 +400,7 @@ class Catalog:
                                 f"some of: {', '.join(self.templates)}", code="unknown_preset", status=400)
         unknown = [n for n in names if n not in self.templates]
         if unknown:
-            raise GridnodeError(f"unknown preset {', '.join(repr(n[:40]) for n in unknown[:5])}; known presets "
-                                f"and templates: {', '.join(self.templates)}", code="unknown_preset", status=400)
+            raise unknown_preset(unknown, self.shared())
         return list(dict.fromkeys(names))
 
     def parse(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
@@ -399,9 +417,26 @@ class Catalog:
         _distinct(outputs, "presets")
         return outputs
 
-    def listing(self, allowed: frozenset[str] | None = None) -> list[dict[str, Any]]:
-        """``GET /presets``: every template the caller may ask for (``allowed``: its token's)."""
-        return [t.to_json() for name, t in self.templates.items() if allowed is None or name in allowed]
+    def shared(self) -> list[str]:
+        """The names every caller may use: a tenant's own templates are named to that tenant only."""
+        return [name for name, t in self.templates.items() if t.tenants is None]
+
+    def owners(self) -> dict[str, frozenset[str]]:
+        """The templates of some tenants only, and those tenants."""
+        return {name: t.tenants for name, t in self.templates.items() if t.tenants is not None}
+
+    def listing(self, allowed: frozenset[str] | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        """``GET /presets``: every template the caller may ask for (``allowed``: its token's
+        presets claim; ``tenant``: its tenant, None for every one)."""
+        return [t.to_json() for name, t in self.templates.items()
+                if (allowed is None or name in allowed) and t.visible_to(tenant)]
+
+
+def unknown_preset(names: Sequence[str], known: Sequence[str] = ()) -> GridnodeError:
+    """``unknown_preset`` (400) for ``names``, listing ``known`` (never another tenant's)."""
+    listed = f"known presets and templates: {', '.join(known)}; " if known else ""
+    return GridnodeError(f"unknown preset {', '.join(repr(n[:40]) for n in names[:5])}; {listed}GET /presets "
+                         "lists those this caller may use", code="unknown_preset", status=400)
 
 
 #: each built-in preset's one output

@@ -6,11 +6,13 @@ actually made, not what its input declared.
   (about two a second) and less often when the folder holds thousands of files. Over the
   job's limit (``presets.job_output_limit``) it answers ``output_too_large`` and
   ``FfmpegProcess`` stops the process group: ``-fs`` bounds each file, not HLS segments.
-- ``hls_duration``: a media playlist's length, the sum of its ``#EXTINF``.
+- ``hls_duration``: a media playlist's length, the sum of its ``#EXTINF``; ``dash_duration``: a
+  DASH manifest's ``mediaPresentationDuration``.
 - ``truncation``: an output shorter than the input by more than ``tolerance`` means the
   input could not be read to its end: ``input_truncated``, with ffmpeg's own lines.
 - ``measure_outputs``: after ffmpeg exited, how long each output lasts (mp4 and webm:
-  their headers, read in Python by ``headers``; HLS and CMAF: their media playlists), checked by
+  their headers, read in Python by ``headers``; HLS and CMAF: their media playlists; DASH: its
+  manifest), checked by
   ``truncation``; the durations go into the job JSON.
 
 ``OutputWatch`` takes its clock and its measure, so it is tested on a fake of each.
@@ -19,6 +21,7 @@ actually made, not what its input declared.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -120,6 +123,20 @@ def hls_duration(text: str) -> float | None:
     return total if ended and segments else None
 
 
+_PRESENTATION = re.compile(r'\bmediaPresentationDuration="PT(?:(\d{1,6})H)?(?:(\d{1,6})M)?'
+                           r'(?:(\d{1,9}(?:\.\d{1,9})?)S)?"')
+
+
+def dash_duration(text: str) -> float | None:
+    """The length a DASH manifest states (``mediaPresentationDuration``, as ffmpeg's muxer
+    writes it once every segment is out: ``PT1H2M3.5S``); None when it states none."""
+    m = _PRESENTATION.search(text)
+    if m is None or not any(m.groups()):
+        return None
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 def tolerance(expected: float) -> float:
     """How much shorter than ``expected`` seconds an output may be and still be whole."""
     return TOLERANCE_SECONDS + TOLERANCE_SHARE * expected
@@ -159,9 +176,10 @@ def output_duration(output: ProducedFile, kind: str) -> float:
     fd = os.open(output.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if kind == "hls":
+        if kind in ("hls", "dash"):
             data = f.read(MAX_PLAYLIST + 1)
-            seconds = hls_duration(data.decode("utf-8", "replace")) if len(data) <= MAX_PLAYLIST else None
+            text = data.decode("utf-8", "replace")
+            seconds = (hls_duration if kind == "hls" else dash_duration)(text) if len(data) <= MAX_PLAYLIST else None
         else:
             seconds = (mp4_duration if kind == "mp4" else webm_duration)(f, size)  # mkv: as webm
     if seconds is None:
@@ -187,6 +205,8 @@ def measure_outputs(found: Sequence[ProducedFile], probe: ProbeResult, presets: 
             # The video rungs' playlists: the audio's ends short on purpose (``cmaf.audio_chain``).
             rungs = {f"{preset.name}/media_{n}.m3u8" for n in range(len(hls_rungs(probe, preset.ladder)))}
             measured = [f for f in mine if f.name in rungs]
+        elif preset.container == "dash":
+            measured = mine[:1]  # the manifest: no playlist per rung
         else:
             continue
         kind = "hls" if preset.container == "cmaf" else preset.container

@@ -25,7 +25,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -35,6 +35,7 @@ from twisted.web.http import combinedLogFormatter, unquote
 
 from gridnode import tokens
 from gridnode.keyring import Keyring
+from gridnode.media.templates import unknown_preset
 from gridnode.tokens import CANCEL, OPS, READ, UPLOAD, Grant
 from gridnode.web.result_urls import is_signature
 
@@ -132,9 +133,12 @@ def token_of(request: Any, query: bytes, allowed_in_query: bool) -> str | None:
 class Access:
     """The node's authorization: ``keyring()`` answers the token keys now (None: no tokens)."""
 
-    def __init__(self, keyring: Callable[[], Keyring] | None, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, keyring: Callable[[], Keyring] | None, now: Callable[[], float] = time.time,
+                 owners: Mapping[str, frozenset[str]] | None = None) -> None:
         self.keyring = keyring
         self.now = now
+        #: the templates of some tenants only (``Catalog.owners``): another tenant's is unknown to it
+        self.owners = dict(owners or {})
         self._callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
         self._owners: OrderedDict[str, str] = OrderedDict()
 
@@ -181,6 +185,11 @@ class Access:
         caller = self.caller(request)
         if caller.grant is not None:
             tokens.check_upload(caller.grant, presets, length, inline=inline)
+            if not caller.grant.every_tenant:
+                # Answered as a name that does not exist: another tenant's templates are not named.
+                hidden = [p for p in presets if p in self.owners and caller.tenant not in self.owners[p]]
+                if hidden:
+                    raise unknown_preset(hidden)
         return caller.tenant
 
     def priority(self, request: Any, asked: str) -> str:

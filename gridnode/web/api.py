@@ -97,7 +97,9 @@ class PresetsResource(Resource):
             grant = self.node.access.caller(request).grant
         except GridnodeError as e:
             return error_body(request, e)
-        return json_body(request, {"presets": self.catalog.listing(grant.presets if grant is not None else None)})
+        tenant = None if grant is None or grant.every_tenant else grant.tenant
+        return json_body(request, {"presets": self.catalog.listing(grant.presets if grant is not None else None,
+                                                                   tenant)})
 
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")

@@ -18,6 +18,7 @@ from gridnode import __version__, priority
 from gridnode.config import NodeConfig
 from gridnode.errors import GridnodeError
 from gridnode.idempotency import JOB, Intent, Ledger
+from gridnode.media.templates import Catalog
 from gridnode.store_health import StoreHealth
 from gridnode.web import form, replay
 from gridnode.web import tus as tus_web
@@ -48,7 +49,8 @@ class NodeView:
         self.membership: MembershipService | None = None
         self.cors = CORS(config.cors_origins, tus_web.ALLOW_HEADERS, tus_web.EXPOSE_HEADERS)
         #: the one authorization of every request (open when the node has no token keyring)
-        self.access = Access(tokens.ring if tokens is not None else None)
+        self.access = Access(tokens.ring if tokens is not None else None,
+                             owners=Catalog(config.templates).owners())
         #: result URLs in a job's JSON: signed with the same keyring (none: plain paths)
         self.result_urls = ResultUrls(tokens.ring if tokens is not None else None, config.result_url_ttl)
         #: the Idempotency-Keys of POST /jobs and tus creations, in the store

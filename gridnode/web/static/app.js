@@ -619,11 +619,52 @@
     return "node " + node.id + " (" + node.base + "), busy " + busy(node).toFixed(2) + " when the page loaded";
   }
 
+  /** The outputs list: what ``GET /presets`` says the caller may use (the node's templates
+   *  included), each named with its description; what was checked stays checked. A node that
+   *  does not answer (a token not given yet: 401) leaves the list as it is. The poster is
+   *  always made, so the player has one. */
+  function showPresets(listing) {
+    var box = $("preset-list");
+    var checked = checkedPresets();
+    box.textContent = "";
+    listing.forEach(function (t) {
+      if (t.name === "poster") return;
+      var label = document.createElement("label");
+      var input = document.createElement("input");
+      input.type = "checkbox";
+      input.name = "preset";
+      input.value = t.name;
+      input.checked = checked.indexOf(t.name) >= 0;
+      label.appendChild(input);
+      label.appendChild(document.createTextNode(" " + t.name + (t.description ? " — " + t.description : "")));
+      box.appendChild(label);
+    });
+  }
+
+  /** Ask ``node`` for the caller's presets; ``#preset-list`` carries ``data-loaded`` once it has
+   *  its answer ("node") or kept the built-in list ("static"). */
+  function loadPresets(node) {
+    var box = $("preset-list");
+    return fetchWithTimeout(node.base + "/presets", { cache: "no-store", headers: token.headers() },
+      PROBE_TIMEOUT_MS).then(function (res) {
+      if (!res.ok) return null;
+      return res.json().then(function (body) {
+        if (body && Array.isArray(body.presets)) showPresets(body.presets);
+        return body;
+      });
+    }).catch(function () { return null; }).then(function (body) {
+      box.dataset.loaded = body ? "node" : "static";
+      return body;
+    });
+  }
+
   function start() {
     nodesReady = loadNodes().then(function (nodes) {
       var first = chooseNode(nodes, new Set());
       $("node-info").textContent = nodes.length + " node" + (nodes.length === 1 ? "" : "s") +
         " in the pool; chosen: " + describe(first);
+      loadPresets(first);
+      $("token").addEventListener("change", function () { loadPresets(first); });
       return { nodes: nodes, first: first };
     });
     return nodesReady;
@@ -688,6 +729,11 @@
   window.gridnodeUpload = {
     busy: busy, expectedWait: expectedWait, chooseNode: chooseNode, chooseNodeLive: chooseNodeLive,
     play: function (url, type) { return play($("player"), url, type); },
+    presetsShown: function () {
+      return Array.prototype.map.call(document.querySelectorAll('input[name="preset"]'), function (el) {
+        return [el.value, el.checked];
+      });
+    },
     showResult: showResult
   };
 
