@@ -154,6 +154,37 @@ class Preset:
         return self.start > 0 or self.end is not None
 
 
+def rate_filter(probe: ProbeResult, preset: Preset) -> list[str]:
+    """The fps filter an output's video goes through: its cap (``preset.fps``) where the source is
+    faster, else the source's nominal rate. Made in the graph, not by ffmpeg's own frame-rate
+    conversion after it, so which frame fills each slot of the output depends on timestamps
+    alone: a chunk decoded from a keyframe before its cut fills its slots as the whole does."""
+    rate = probe.frame_rate
+    if preset.fps and rate is not None and rate > preset.fps + 0.01:
+        return [f"fps={_num(preset.fps)}"]
+    if probe.rate is None:
+        return []
+    if preset.fps and probe.rate > preset.fps + 0.01:
+        return [f"fps={_num(preset.fps)}"]
+    return [f"fps={probe.rate.numerator}/{probe.rate.denominator}"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One chunk of a split job as its argv sees it (``chunks.py`` plans them): decoded from
+    ``seek`` s (from the keyframe at or before it, every frame kept, timestamps put back as the
+    whole's), the output frames ``first`` to ``end`` (exclusive; None: to the input's end) of
+    the frame grid, from 0."""
+
+    seek: int
+    first: int
+    end: int | None
+
+    def trim(self) -> str:
+        end = "" if self.end is None else f":end_pts={self.end}"
+        return f"trim=start_pts={self.first}{end},setpts=PTS-STARTPTS"
+
+
 def _even(x: float) -> int:
     # Round down so an odd source never grows by a pixel.
     return max(2, int(x) // 2 * 2)
@@ -232,8 +263,9 @@ class _Graph:
     """The filter graph under construction: video branches off one split of the decoded
     input, audio branches off one split of its first audio stream, one -i per watermark."""
 
-    def __init__(self, probe: ProbeResult) -> None:
+    def __init__(self, probe: ProbeResult, cut: Cut | None = None) -> None:
         self.probe = probe
+        self.cut = cut
         self.video: list[list[str]] = []  # per branch: statements, "{src}" for its split label
         self.audio: list[str] = []  # per branch: a chain
         self.images: list[str] = []  # watermark paths, input 1, 2, ...
@@ -250,21 +282,22 @@ class _Graph:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
-        rate = self.probe.frame_rate
-        if preset.fps and rate is not None and rate > preset.fps + 0.01:
-            chain.append(f"fps={_num(preset.fps)}")
+        if preset.container != "jpeg":
+            chain += rate_filter(self.probe, preset)
         chain.append(_scale(*size))
         if dar is not None:
             chain.append(f"setdar={dar[0]}/{dar[1]}")
+        # A chunk's frames: slots of the output's frame grid (the fps filter's time base).
+        cut = "" if self.cut is None else f",{self.cut.trim()}"
         if preset.watermark is None:
             if preset.container != "jpeg":
                 chain.append("format=yuv420p")
-            self.video.append(["{src}" + ",".join(chain) + f"[v{i}]"])
+            self.video.append(["{src}" + ",".join(chain) + f"{cut}[v{i}]"])
             return f"[v{i}]"
         mark = preset.watermark
         self.images.append(mark.path)
         x, y = (c.format(m=mark.margin) for c in _CORNERS[mark.corner])
-        tail = "" if preset.container == "jpeg" else ",format=yuv420p"
+        tail = ("" if preset.container == "jpeg" else ",format=yuv420p") + cut
         statements = ["{src}" + ",".join(chain) + f"[p{i}]",
                       f"[p{i}][{len(self.images)}:v:0]overlay=x={x}:y={y}{tail}[v{i}]"]
         self.video.append(statements)
@@ -286,7 +319,8 @@ class _Graph:
 
     def text(self) -> str:
         parts = []
-        for source, branches, name in (("[0:v:0]", [b[0] for b in self.video], "split"),
+        video = "[0:v:0]" if self.cut is None or not self.cut.seek else f"[0:v:0]setpts=PTS+{self.cut.seek}/TB,"
+        for source, branches, name in ((video, [b[0] for b in self.video], "split"),
                                        ("[0:a:0]", self.audio, "asplit")):
             if not branches:
                 continue
@@ -316,8 +350,10 @@ def build_argv(
     max_output_bytes: int | None = None,
     threads: int | None = None,
     input_limits: Limits = Limits(),
+    cut: Cut | None = None,
 ) -> list[str]:
-    """One ffmpeg argv writing every output under ``out_dir``.
+    """One ffmpeg argv writing every output under ``out_dir`` (of a chunk's frames alone with
+    ``cut``: video outputs only, and each must go through a ``rate_filter``).
 
     ``out_dir`` and its ``folders`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
     named as ``Preset.outputs`` says. ``max_output_bytes`` is ``-fs`` for each
@@ -332,7 +368,7 @@ def build_argv(
         raise GridnodeError("no preset chosen", code="unknown_preset", status=400)
     limit = str(max_output_bytes if max_output_bytes is not None else default_output_limit(probe))
     audio = probe.has_audio
-    graph = _Graph(probe)
+    graph = _Graph(probe, cut)
     outputs: list[list[str]] = []
     for preset in chosen:
         start, end = preset.window(probe)
@@ -372,6 +408,7 @@ def build_argv(
             # inherit this list: only the allowlisted containers may ever open.
             "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
             *input_options(input_limits, probe),
+            *(["-ss", str(cut.seek), "-noaccurate_seek"] if cut is not None and cut.seek else []),
             "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path)]
     for image in graph.images:
         # An operator's file, yet read as any input is: one demuxer, the file protocol.

@@ -1,0 +1,255 @@
+"""
+Split-and-stitch without ffmpeg: the plan of chunks (cover the video exactly, cuts on every
+output's keyframe grid, when to chunk at all), each chunk's argv, the concat lists, and the
+run of a chunked job's tasks through a fake runner (progress, a failed chunk redone alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+
+from gridnode.errors import GridnodeError
+from gridnode.media import chunks, stitch
+from gridnode.media.probe import ProbeResult, nominal_rate
+from gridnode.media.split import SplitJob, Task, TasksFailed
+from gridnode.media.templates import Catalog, parse_outputs
+
+RATES = [Fraction(25), Fraction(30), Fraction(30000, 1001), Fraction(24000, 1001), Fraction(60), Fraction(50),
+         Fraction(15), Fraction(8290, 301)]
+
+
+def source(duration: float = 600.0, rate: Fraction | None = Fraction(25), audio: bool = True) -> ProbeResult:
+    return ProbeResult(size=10_000_000, format_name="mov,mp4,m4a,3gp,3g2,mj2", container="mp4", demuxer="mov",
+                       duration=duration, width=1280, height=720, video_codec="h264",
+                       audio_codec="aac" if audio else None, has_audio=audio, rotation=0, display_width=1280,
+                       display_height=720, stream_count=2 if audio else 1,
+                       frame_rate=float(rate) if rate else None, rate=rate)
+
+
+def outputs(*specs: dict[str, Any]) -> list[Any]:
+    return parse_outputs(list(specs), watermarks=None)
+
+
+MP4 = {"name": "v", "container": "mp4"}
+LADDER = [{"size": 720, "kbps": 2800}, {"size": 360, "kbps": 800}]
+CMAF = {"name": "c", "container": "cmaf", "audio": "none", "ladder": LADDER}
+
+
+class PlanTests:
+    @settings(max_examples=200, deadline=None)
+    @given(duration=st.floats(0.05, 4 * 3600.0), rate=st.sampled_from(RATES),
+           chunk_seconds=st.floats(1.0, 600.0), keyint=st.sampled_from([0, 1, 2, 2.5, 5]),
+           cmaf=st.booleans())
+    def test_chunks_cover_the_video_on_the_grid(self, duration: float, rate: Fraction, chunk_seconds: float,
+                                                keyint: float, cmaf: bool) -> None:
+        """The chunks cover the video exactly (from slot 0, each ending where the next starts,
+        the last open), every cut is the slot the whole forces a keyframe on at a multiple of
+        the grid, chunks are about ``chunk_seconds`` (the last may be short), tiny videos are one
+        chunk."""
+        specs = [{**MP4, "keyint": keyint} if keyint else MP4] + ([CMAF] if cmaf else [])
+        presets = outputs(*specs)
+        plan = chunks.plan(source(duration, rate), presets, chunk_seconds=chunk_seconds, chunk_over=0)
+        step = chunks.grid(presets)
+        assert plan.chunks[0].first == 0 and plan.chunks[-1].end is None
+        for a, b in zip(plan.chunks, plan.chunks[1:], strict=False):
+            assert a.end == b.first and a.first < b.first
+        spacing = step * max(1, round(Fraction(chunk_seconds) / step))
+        for i, c in enumerate(plan.chunks[1:], 1):
+            assert c.first == chunks.keyframe_slot(i * spacing, rate)  # on the grid, spacing apart
+        if duration < float(spacing) + 0.5:
+            assert len(plan.chunks) == 1 and not plan.chunked
+        if plan.chunked:  # the last chunk holds at least half a chunk (or a second) of the probed video
+            assert duration - float(plan.chunks[-1].start) >= min(float(spacing) / 2, 1.0) - 1 / float(rate)
+
+    def test_grid_is_the_common_multiple(self) -> None:
+        """HLS 6 s, CMAF 4 s and a 2.5 s keyint cut only at multiples of 60 s; none asks: 1 s."""
+        hls = {"name": "h", "container": "hls", "audio": "none", "ladder": LADDER}
+        assert chunks.grid(outputs({**MP4, "keyint": 2.5}, CMAF, hls)) == 60
+        assert chunks.grid(outputs({**MP4, "keyint": 2.5}, CMAF)) == 20
+        assert chunks.grid(outputs(MP4)) == 1
+
+    @given(seconds=st.integers(0, 100_000).map(lambda n: Fraction(n, 4)), rate=st.sampled_from(RATES))
+    def test_keyframe_slot_is_ffmpegs(self, seconds: Fraction, rate: Fraction) -> None:
+        """The slot is the first whose time, in doubles as ffmpeg's expression has it, reaches
+        the grid point."""
+        n = chunks.keyframe_slot(seconds, rate)
+        tick = rate.denominator / rate.numerator
+        assert n * tick >= float(seconds) and (n == 0 or (n - 1) * tick < float(seconds))
+
+    @pytest.mark.parametrize("over, duration, why", [(None, 600.0, "off"), (300.0, 300.0, "not longer"),
+                                                      (0.0, 600.0, "")])
+    def test_when_to_chunk(self, over: float | None, duration: float, why: str) -> None:
+        """chunk_over None: never; a video no longer than it: whole; 0: always."""
+        plan = chunks.plan(source(duration), outputs(MP4), chunk_over=over)
+        assert plan.chunked == (why == "") and why in plan.reason
+
+    @pytest.mark.parametrize("spec, why", [
+        ({"name": "s", "container": "storyboard"}, "storyboard"),
+        ({**MP4, "name": "clip", "clip": {"start": 5}}, "clipped"),
+        ({"name": "c", "container": "cmaf", "ladder": LADDER}, "CMAF with audio"),
+    ])
+    def test_outputs_made_whole(self, spec: dict[str, Any], why: str) -> None:
+        """A job with an output the stitch cannot join yet is made whole, and says why."""
+        plan = chunks.plan(source(), outputs(MP4, spec), chunk_over=0)
+        assert not plan.chunked and why in plan.reason
+
+    def test_unknown_rate_is_made_whole(self) -> None:
+        """No frame rate: no slot grid to cut on."""
+        plan = chunks.plan(source(rate=None), outputs(MP4), chunk_over=0)
+        assert not plan.chunked and "frame rate" in plan.reason
+
+    def test_nominal_rate(self) -> None:
+        """ffprobe's r_frame_rate, unless it is a time base's beside a video's average."""
+        assert nominal_rate("30000/1001", "8290/301") == Fraction(30000, 1001)
+        assert nominal_rate("90000/1", "30/1") == 30
+        assert nominal_rate("0/0", "25/1") == 25
+        assert nominal_rate("junk", "0/0") is None
+
+
+class ChunkArgvTests:
+    def test_a_chunk_seeks_trims_and_forces_its_keyframes(self) -> None:
+        """A middle chunk decodes from a whole second before its cut with every frame kept, puts
+        the whole's timestamps back, keeps its slots, has no audio, and lists the keyframes the
+        whole forces (no expression, which would count from the chunk's start)."""
+        presets = outputs({**MP4, "keyint": 2}, CMAF)
+        plan = chunks.plan(source(100.0, Fraction(30000, 1001)), presets, chunk_seconds=20, chunk_over=0)
+        c = plan.chunks[1]
+        argv = chunks.chunk_argv("ffmpeg", source(100.0, Fraction(30000, 1001)), "/in.mp4", "/w", presets, c)
+        assert argv[argv.index("-ss") + 1] == "19" and argv[argv.index("-ss") + 2] == "-noaccurate_seek"
+        graph = argv[argv.index("-filter_complex") + 1]
+        assert graph.startswith("[0:v:0]setpts=PTS+19/TB,split=3")  # mp4 and two rungs
+        assert graph.count(f"trim=start_pts={c.first}:end_pts={c.end},setpts=PTS-STARTPTS") == 3
+        assert graph.count("fps=30000/1001") == 3
+        assert "-c:a" not in argv and "0:a:0" not in argv
+        lists = [argv[i + 1] for i, a in enumerate(argv) if a == "-force_key_frames"]
+        assert len(lists) == 2 and not any("expr" in x for x in lists)
+        for text, step in zip(lists, (2, 4), strict=True):
+            slots = [c.first + round(float(t) * 30000 / 1001) for t in text.split(",")]
+            grid = {chunks.keyframe_slot(Fraction(step * n), Fraction(30000, 1001)) for n in range(60)}
+            assert slots[0] == c.first and set(slots) <= grid
+            assert len(slots) == 20 // step
+
+    def test_first_chunk_needs_no_seek(self) -> None:
+        """Chunk 0 starts at the input's start: no seek, the whole's timestamps as they are."""
+        plan = chunks.plan(source(100.0), outputs(MP4), chunk_seconds=20, chunk_over=0)
+        argv = chunks.chunk_argv("ffmpeg", source(100.0), "/in.mp4", "/w", outputs(MP4), plan.chunks[0])
+        assert "-ss" not in argv and "setpts=PTS+" not in argv[argv.index("-filter_complex") + 1]
+
+    def test_audio_and_images_argv(self) -> None:
+        """The audio pass makes each output's audio as the whole does; posters come from the
+        whole's argv with the posters alone; no audio, no pass."""
+        presets = Catalog().parse("mp4-720p,webm-480p,poster")
+        a = chunks.audio_argv("ffmpeg", source(), "/in.mp4", "/w", presets)
+        assert a is not None and a.count("0:a:0") == 2 and "/w/audio-mp4-720p.m4a" in a
+        assert "/w/audio-webm-480p.webm" in a and "libopus" in a and "-filter_complex" not in a
+        assert chunks.audio_argv("ffmpeg", source(audio=False), "/in.mp4", "/w", presets) is None
+        images = chunks.image_argv("ffmpeg", source(), "/in.mp4", "/o", presets)
+        assert images is not None and images[-1] == "/o/poster.jpg" and "-c:a" not in images
+
+
+class StitchTests:
+    @given(starts=st.lists(st.integers(1, 10**7), min_size=1, max_size=40, unique=True),
+           rate=st.sampled_from(RATES))
+    def test_concat_durations_add_up_to_the_cuts(self, starts: list[int], rate: Fraction) -> None:
+        """Each file starts where the list's durations put it: the cut, to the microsecond, however
+        many chunks (no rounding error adds up)."""
+        bounds = [0, *sorted(starts)]
+        plan = [chunks.Chunk(i, b, bounds[i + 1] if i + 1 < len(bounds) else None, rate)
+                for i, b in enumerate(bounds)]
+        text = stitch.concat_list(outputs(MP4)[0], plan)
+        durations = [line.split()[1] for line in text.splitlines() if line.startswith("duration")]
+        total = 0
+        for chunk, d in zip(plan[1:], durations, strict=True):
+            whole, frac = d.split(".")
+            total += int(whole) * 1_000_000 + int(frac)
+            assert total == round(chunk.start * 1_000_000)
+
+    def test_a_name_that_would_inject_a_directive_is_refused(self) -> None:
+        """A concat list names files by output name: one that is not a template name never
+        reaches the list (hostile: a newline would add a directive, a path another file)."""
+        bad = dataclasses.replace(outputs(MP4)[0], name="v\nfile /etc/passwd")
+        with pytest.raises(ValueError):
+            stitch.concat_list(bad, [chunks.Chunk(0, 0, None, Fraction(25))])
+
+
+class SplitJobTests:
+    def job(self, tmp_path: Path, run: Any, duration: float = 100.0) -> SplitJob:
+        presets = Catalog().parse("mp4-720p,poster")
+        plan = chunks.plan(source(duration), presets, chunk_seconds=25, chunk_over=0)
+        return SplitJob(plan, source(duration), str(tmp_path / "in.mp4"), presets, str(tmp_path / "work"),
+                        str(tmp_path / "out"), run, parallel=2)
+
+    def test_tasks_run_then_stitch_and_progress_sums_chunks(self, tmp_path: Path) -> None:
+        """Every chunk, the audio and the posters run before the stitch; progress is the chunks'
+        weighted by their seconds, 1.0 only once stitched."""
+        ran: list[str] = []
+        reports: list[float] = []
+        waiting: dict[str, defer.Deferred[None]] = {}
+
+        def run(task: Task, progress: Any) -> defer.Deferred[None]:
+            ran.append(task.key)
+            if task.kind == "chunk":
+                progress(0.5)
+            d: defer.Deferred[None] = defer.Deferred()
+            waiting[task.key] = d
+            return d
+
+        job = self.job(tmp_path, run)
+        job.on_progress = reports.append
+        done = job.run()
+        assert ran == ["chunk-0", "chunk-1"]  # two at a time
+        assert job.progress() == pytest.approx(0.5 * 50 / 100)
+        for key in ["chunk-0", "chunk-1", "chunk-2", "chunk-3", "audio-0", "images-0"]:
+            waiting.pop(key).callback(None)
+        assert ran[-1] == "stitch-0" and (tmp_path / "work" / "concat-mp4-720p.ffconcat").exists()
+        assert reports[-1] == 0.99 and all(a <= b for a, b in zip(reports, reports[1:], strict=False))
+        waiting.pop("stitch-0").callback(None)
+        assert self.successResultOf(done) == str(tmp_path / "out") and reports[-1] == 1.0
+
+    def test_a_failed_chunk_is_named_and_redone_alone(self, tmp_path: Path) -> None:
+        """A chunk whose process fails is reported by its index; run() again redoes it alone."""
+        ran: list[str] = []
+        fail = {"chunk-2"}
+
+        def run(task: Task, progress: Any) -> defer.Deferred[None]:
+            ran.append(task.key)
+            if task.key in fail:
+                return defer.fail(GridnodeError("boom", code="ffmpeg_failed", status=422))
+            return defer.succeed(None)
+
+        job = self.job(tmp_path, run)
+        failure = self.failureResultOf(job.run(), TasksFailed)
+        assert list(failure.value.failed) == ["chunk-2"] and failure.value.code == "ffmpeg_failed"
+        assert "stitch-0" not in ran
+        fail.clear()
+        ran.clear()
+        self.successResultOf(job.run())
+        assert ran == ["chunk-2", "stitch-0"]
+
+    # trial-style helpers on a plain pytest class
+    @staticmethod
+    def successResultOf(d: defer.Deferred[Any]) -> Any:  # noqa: N802 - trial's name
+        out: list[Any] = []
+        d.addBoth(out.append)
+        assert out and not isinstance(out[0], Exception), out
+        from twisted.python.failure import Failure
+
+        assert not isinstance(out[0], Failure), out[0]
+        return out[0]
+
+    @staticmethod
+    def failureResultOf(d: defer.Deferred[Any], kind: type) -> Any:  # noqa: N802 - trial's name
+        from twisted.python.failure import Failure
+
+        out: list[Any] = []
+        d.addBoth(out.append)
+        assert out and isinstance(out[0], Failure) and out[0].check(kind), out
+        return out[0]
