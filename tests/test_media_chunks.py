@@ -94,7 +94,7 @@ class PlanTests:
     @pytest.mark.parametrize("spec, why", [
         ({"name": "s", "container": "storyboard"}, "storyboard"),
         ({**MP4, "name": "clip", "clip": {"start": 5}}, "clipped"),
-        ({"name": "c", "container": "cmaf", "ladder": LADDER}, "CMAF with audio"),
+        ({"name": "h", "container": "hls", "ladder": LADDER}, "HLS with audio"),
     ])
     def test_outputs_made_whole(self, spec: dict[str, Any], why: str) -> None:
         """A job with an output the stitch cannot join yet is made whole, and says why."""
@@ -129,6 +129,9 @@ class ChunkArgvTests:
         assert graph.count(f"trim=start_pts={c.first}:end_pts={c.end},setpts=PTS-STARTPTS") == 3
         assert graph.count("fps=30000/1001") == 3
         assert "-c:a" not in argv and "0:a:0" not in argv
+        dash = argv.index("dash")
+        assert argv[dash - 5:dash - 1] == ["-output_ts_offset", f"{float(c.start):.6f}", "-format_options",
+                                           "movflags=+frag_discont"]
         lists = [argv[i + 1] for i, a in enumerate(argv) if a == "-force_key_frames"]
         assert len(lists) == 2 and not any("expr" in x for x in lists)
         for text, step in zip(lists, (2, 4), strict=True):
@@ -142,6 +145,15 @@ class ChunkArgvTests:
         plan = chunks.plan(source(100.0), outputs(MP4), chunk_seconds=20, chunk_over=0)
         argv = chunks.chunk_argv("ffmpeg", source(100.0), "/in.mp4", "/w", outputs(MP4), plan.chunks[0])
         assert "-ss" not in argv and "setpts=PTS+" not in argv[argv.index("-filter_complex") + 1]
+
+    def test_cmaf_audio_pass(self) -> None:
+        """A CMAF output's audio: the whole's rendition (cut before the video's end) in a
+        manifest of its own, the only adaptation set, mapped by the pass itself."""
+        presets = outputs({"name": "c", "container": "cmaf", "ladder": LADDER})
+        a = chunks.audio_argv("ffmpeg", source(100.0), "/in.mp4", "/w", presets)
+        assert a is not None and a[-1] == "/w/audio-c/manifest.mpd"
+        assert a[a.index("-adaptation_sets") + 1] == "id=0,streams=a" and a.count("-map") == 1
+        assert a[a.index("-af") + 1] == "atrim=end=99.950,asetpts=PTS-STARTPTS"
 
     def test_audio_and_images_argv(self) -> None:
         """The audio pass makes each output's audio as the whole does; posters come from the
@@ -178,6 +190,66 @@ class StitchTests:
         bad = dataclasses.replace(outputs(MP4)[0], name="v\nfile /etc/passwd")
         with pytest.raises(ValueError):
             stitch.concat_list(bad, [chunks.Chunk(0, 0, None, Fraction(25))])
+
+
+class JoinCmafTests:
+    def chunk(self, work: Path, index: int, playlist: str) -> Path:
+        folder = work / stitch.chunk_dir(index) / "c"
+        folder.mkdir(parents=True)
+        (folder / "init-0.m4s").write_bytes(b"init")
+        (folder / "seg-0-00001.m4s").write_bytes(b"seg")
+        (folder / "media_0.m3u8").write_text(playlist)
+        (folder / "manifest.mpd").write_text('<MPD mediaPresentationDuration="PT4.0S">\n\t</Period>\n</MPD>\n')
+        (folder / "master.m3u8").write_text('#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,CODECS="avc1"\nmedia_0.m3u8\n')
+        return folder
+
+    def join(self, tmp_path: Path) -> None:
+        preset = outputs({"name": "c", "container": "cmaf", "ladder": LADDER[:1], "audio": "none"})[0]
+        plan = [chunks.Chunk(0, 0, 100, Fraction(25)), chunks.Chunk(1, 100, None, Fraction(25))]
+        stitch.join_cmaf(str(tmp_path / "work"), str(tmp_path / "out"), preset, plan, 1, audio=False)
+
+    def test_segments_renumbered_and_listed(self, tmp_path: Path) -> None:
+        """Two chunks' segments become one list, numbered on, under the first's init segment."""
+        good = "#EXTM3U\n#EXTINF:4.000000,\nseg-0-00001.m4s\n#EXT-X-ENDLIST\n"
+        for i in range(2):
+            self.chunk(tmp_path / "work", i, good)
+        self.join(tmp_path)
+        out = tmp_path / "out" / "c"
+        assert sorted(p.name for p in out.iterdir()) == ["init-0.m4s", "manifest.mpd", "master.m3u8",
+                                                         "media_0.m3u8", "seg-0-00001.m4s", "seg-0-00002.m4s"]
+        assert "seg-0-00002.m4s" in (out / "media_0.m3u8").read_text()
+        assert 'mediaPresentationDuration="PT8.0S"' in (out / "manifest.mpd").read_text()
+
+    @pytest.mark.parametrize("entry", ["../../../etc/passwd", "/etc/passwd", "seg-0-00002.m4s", "seg-1-00001.m4s"])
+    def test_a_playlist_naming_another_file_is_refused(self, tmp_path: Path, entry: str) -> None:
+        """Hostile: a chunk's playlist (written by a child that read the user's file) that names
+        anything but the segment its place says fails the join; nothing is moved for it."""
+        self.chunk(tmp_path / "work", 0, "#EXTM3U\n#EXTINF:4.0,\nseg-0-00001.m4s\n")
+        self.chunk(tmp_path / "work", 1, f"#EXTM3U\n#EXTINF:4.0,\n{entry}\n")
+        with pytest.raises(GridnodeError) as e:
+            self.join(tmp_path)
+        assert e.value.code == "ffmpeg_failed"
+
+    def test_a_planted_link_is_not_read(self, tmp_path: Path) -> None:
+        """Hostile: a playlist that is a link to a node's file is not followed."""
+        folder = self.chunk(tmp_path / "work", 0, "")
+        self.chunk(tmp_path / "work", 1, "#EXTM3U\n#EXTINF:4.0,\nseg-0-00001.m4s\n")
+        secret = tmp_path / "secret"
+        secret.write_text("#EXTINF:4.0,\nseg-0-00001.m4s\n")
+        (folder / "media_0.m3u8").unlink()
+        (folder / "media_0.m3u8").symlink_to(secret)
+        with pytest.raises(GridnodeError) as e:
+            self.join(tmp_path)
+        assert e.value.code == "ffmpeg_failed"
+
+    def test_chunks_with_different_init_segments_are_refused(self, tmp_path: Path) -> None:
+        """Chunks encoded with different parameters cannot share one init segment."""
+        good = "#EXTM3U\n#EXTINF:4.0,\nseg-0-00001.m4s\n"
+        self.chunk(tmp_path / "work", 0, good)
+        (self.chunk(tmp_path / "work", 1, good) / "init-0.m4s").write_bytes(b"other")
+        with pytest.raises(GridnodeError) as e:
+            self.join(tmp_path)
+        assert "init-0.m4s differs" in e.value.message
 
 
 class SplitJobTests:

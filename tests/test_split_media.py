@@ -167,3 +167,42 @@ async def test_stitched_webm_keeps_the_frames(sources: dict[str, Path], real_rea
     assert {round(a - b, 3) for a, b in zip(expected, got, strict=True)} == {round(expected[0] - got[0], 3)}
     assert abs(expected[0] - got[0]) <= 0.007
     assert min(psnr_per_frame(tmp_path / "out" / "webm-480p.webm", src, info, tmp_path)) >= 30
+
+
+def stream_frames(playlist: Path, stream: str) -> list[float]:
+    out = subprocess.run([FFPROBE, "-v", "error", "-select_streams", stream, "-show_entries", "frame=pts_time",
+                          "-of", "json", str(playlist)], check=True, capture_output=True, timeout=120).stdout
+    return [float(f["pts_time"]) for f in json.loads(out)["frames"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stitched_cmaf_joins_the_segments(sources: dict[str, Path], real_reactor: Any, tmp_path: Path) -> None:
+    """CMAF: the chunks' segments joined as they are: the whole's files, each rung's init segment
+    byte for byte the whole's, every stream's frames at the whole's timestamps (every segment
+    plays: ffmpeg decodes the joined master playlist to its end, each seam crossed), each frame
+    its source frame."""
+    src = sources["opengop"]
+    info = await probe(real_reactor, str(src), ffprobe=FFPROBE)
+    ladder = [{"size": 240, "kbps": 500}, {"size": 120, "kbps": 200}]
+    presets = Catalog().parse(None, [{"name": "cmaf", "container": "cmaf", "ladder": ladder}])
+    plan = chunks.plan(info, presets, chunk_seconds=8, chunk_over=0)
+    assert len(plan.chunks) == 3 and plan.step == 4
+    await whole(real_reactor, info, src, tmp_path / "whole", presets)
+    job = SplitJob(plan, info, str(src), presets, str(tmp_path / "work"), str(tmp_path / "out"),
+                   run_task(real_reactor, info.duration), ffmpeg=FFMPEG, threads=1, parallel=2)
+    await job.run()
+    one, made = tmp_path / "whole" / "cmaf", tmp_path / "out" / "cmaf"
+    assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in one.iterdir())
+    for n in range(3):
+        assert (made / f"init-{n}.m4s").read_bytes() == (one / f"init-{n}.m4s").read_bytes()
+    for n, stream in [(0, "v:0"), (1, "v:0"), (2, "a:0")]:
+        assert stream_frames(made / f"media_{n}.m3u8", stream) == stream_frames(one / f"media_{n}.m3u8", stream)
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-xerror", "-i", str(made / "master.m3u8"), "-map", "0",
+                    "-f", "null", "-"], check=True, timeout=120)
+    assert 'AUDIO="group_A1"' in (made / "master.m3u8").read_text()
+    stated = re.compile(r'mediaPresentationDuration="[^"]*"')
+    assert stated.findall((made / "manifest.mpd").read_text()) == stated.findall((one / "manifest.mpd").read_text())
+    rung0 = tmp_path / "rung0.mp4"
+    rung0.write_bytes((made / "init-0.m4s").read_bytes()
+                      + b"".join(p.read_bytes() for p in sorted(made.glob("seg-0-*.m4s"))))
+    assert min(psnr_per_frame(rung0, src, info, tmp_path)) >= 30

@@ -172,8 +172,8 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole("a storyboard is made whole")
     if any(p.clipped for p in video):
         return whole("a clipped output is made whole")
-    if probe.has_audio and any(p.audio and p.container not in AUDIO_FILES for p in video):
-        return whole("HLS and CMAF with audio are made whole")
+    if probe.has_audio and any(p.audio and p.container == "hls" for p in video):
+        return whole("HLS with audio is made whole")
     spacing = step * max(1, round(Fraction(chunk_seconds) / step))
     # The last cut leaves at least half a chunk (and a second) of video after it: a probe's
     # duration may run past the video's last frame.
@@ -211,6 +211,12 @@ def chunk_argv(ffmpeg: str, probe: ProbeResult, input_path: str, out_dir: str, p
         step = keyframe_step(preset)
         assert step is not None
         argv[i + 1] = chunk_keyframes(chunk, step)
+    # Segmented outputs keep the whole's timestamps, so their segments join as they are.
+    for i in reversed([i for i, a in enumerate(argv) if a == "-f" and argv[i + 1] == "dash"]):
+        argv[i:i] = ["-output_ts_offset", f"{float(chunk.start):.6f}",
+                     # each fragment's tfdt from its first frame's time, as the whole's has it, and
+                     # no edit list that would shift the chunk's start instead
+                     "-format_options", "movflags=+frag_discont"]
     return argv
 
 
@@ -233,16 +239,19 @@ def chunk_keyframes(chunk: Chunk, step: Fraction) -> str:
 
 
 def audio_file(preset: Preset) -> str:
-    """The name of ``preset``'s audio, made by the audio pass, in the job's work folder."""
+    """The name of ``preset``'s audio, made by the audio pass, in the job's work folder: a file,
+    or for CMAF a folder of segments under its own manifest."""
+    if preset.container == "cmaf":
+        return f"audio-{preset.name}"
     ext, _muxer = AUDIO_FILES[preset.container]
     return f"audio-{preset.name}.{ext}"
 
 
 def audio_presets(probe: ProbeResult, presets: Iterable[Preset]) -> list[Preset]:
-    """The outputs whose audio the audio pass makes: mp4, webm and mkv with audio (HLS and CMAF
-    audio is not stitched yet: such a job is made whole)."""
+    """The outputs whose audio the audio pass makes: mp4, webm, mkv and CMAF with audio (HLS
+    audio lies in the video's segments: such a job is made whole)."""
     return [p for p in dict.fromkeys(presets)
-            if probe.has_audio and p.audio and p.container in AUDIO_FILES]
+            if probe.has_audio and p.audio and (p.container in AUDIO_FILES or p.container == "cmaf")]
 
 
 def audio_argv(ffmpeg: str, probe: ProbeResult, input_path: str, work_dir: str, presets: Iterable[Preset],
@@ -257,11 +266,17 @@ def audio_argv(ffmpeg: str, probe: ProbeResult, input_path: str, work_dir: str, 
             "-format_whitelist", FORMAT_WHITELIST, *input_options(input_limits, probe),
             "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path)]
     for p in chosen:
-        chain = audio_chain(p, *p.window(probe))
+        start, end = p.window(probe)
+        chain = ",".join(c for c in (audio_chain(p, start, end),
+                                     cmaf.audio_chain(end - start) if p.container == "cmaf" else "") if c)
+        opts = ["-map", "0:a:0", "-vn", *(["-af", chain] if chain else [])]
+        if p.container == "cmaf":  # the whole's audio rendition, in a manifest of its own
+            argv += [*opts, *cmaf.output_options(work_dir, [], video=[], audio=["-c:a", "aac"], audio_kbps=p.audio_kbps,
+                                                 folder=audio_file(p))]
+            continue
         _ext, muxer = AUDIO_FILES[p.container]
-        argv += ["-map", "0:a:0", "-vn", *(["-af", chain] if chain else []), *audio_options(p.audio, p.audio_kbps),
-                 *(["-threads", str(threads)] if threads else []),
-                 "-f", muxer, "-fs", limit, os.path.join(work_dir, audio_file(p))]
+        argv += [*opts, *audio_options(p.audio, p.audio_kbps), "-f", muxer, "-fs", limit,
+                 os.path.join(work_dir, audio_file(p))]
     return argv
 
 

@@ -67,14 +67,14 @@ def audio_chain(video_seconds: float) -> str:
 def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[str], audio: Sequence[str] | None,
                    audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS,
                    folder: str = FOLDER) -> list[str]:
-    """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` and, when ``audio``
+    """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` (none: audio alone) and, when ``audio``
     (the audio encoder's options) is given, the graph's ``audio_label`` (made with
     ``audio_chain``), under ``out_dir/folder/`` (which must exist: the muxer makes no folder).
     ``video``: the video encoder's options, ``keyframe_options`` included."""
     opts: list[str] = []
     for rung in rungs:
         opts += ["-map", rung.label]
-    if audio is not None:
+    if audio is not None and audio_label:  # none: the caller maps the audio (a split job's audio pass)
         opts += ["-map", audio_label]
     opts += [*video]
     for i, rung in enumerate(rungs):
@@ -82,9 +82,11 @@ def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[s
                  f"-bufsize:v:{i}", f"{2 * rung.video_kbps}k"]
     if audio is not None:
         opts += [*audio, "-b:a", f"{audio_kbps}k", "-ac", "2"]
-    sets = "id=0,streams=v id=1,streams=a" if audio is not None else "id=0,streams=v"
+    # Set ids count from 0: an audio-only output's one set is 0.
+    sets = [*(["streams=v"] if rungs else []), *(["streams=a"] if audio is not None else [])]
+    sets_text = " ".join(f"id={i},{s}" for i, s in enumerate(sets))
     opts += ["-f", "dash", "-seg_duration", f"{segment:g}", "-use_template", "1", "-use_timeline", "0",
-             "-adaptation_sets", sets, "-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER),
+             "-adaptation_sets", sets_text, "-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER),
              "-init_seg_name", "init-$RepresentationID$.m4s",
              "-media_seg_name", "seg-$RepresentationID$-$Number%05d$.m4s",
              os.path.join(out_dir, folder, os.path.basename(MANIFEST))]

@@ -9,7 +9,8 @@ and the posters (``chunks.audio_argv``, ``image_argv``), then one stitch per out
 ``parallel`` at once, and fires with the outputs' folder when the stitch is done, or fails with
 ``TasksFailed`` naming the chunks (by index) and passes that failed: calling ``run()`` again
 redoes those alone. Progress is the sum over the chunks of each one's progress times its
-seconds, over the video's; the audio, posters and stitch count when the job ends.
+seconds, over the video's; the audio, posters and stitch count when the job ends. CMAF outputs
+are joined in the node's own process (``stitch.join_cmaf``: renames and playlists).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from twisted.internet.defer import Deferred
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks as plan_chunks
 from gridnode.media import stitch
-from gridnode.media.presets import Preset, default_output_limit, folders
+from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs
 from gridnode.media.probe import Limits, ProbeResult
 
 
@@ -103,7 +104,15 @@ class SplitJob:
         with_audio = {p.name for p in plan_chunks.audio_presets(self.probe, self.presets)}
         return [stitch.stitch(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
                               audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe))
-                for p in plan_chunks.video_presets(self.presets)]
+                for p in plan_chunks.video_presets(self.presets) if p.container in plan_chunks.AUDIO_FILES]
+
+    def join_segments(self) -> None:
+        """Join each CMAF output's segments (files renamed, playlists written: no process)."""
+        with_audio = {p.name for p in plan_chunks.audio_presets(self.probe, self.presets)}
+        for p in plan_chunks.video_presets(self.presets):
+            if p.container == "cmaf":
+                stitch.join_cmaf(self.work_dir, self.out_dir, p, self.plan.chunks,
+                                 len(hls_rungs(self.probe, p.ladder)), p.name in with_audio)
 
     def _seconds(self, chunk: plan_chunks.Chunk) -> float:
         seconds = chunk.seconds
@@ -116,6 +125,9 @@ class SplitJob:
             base = os.path.join(self.work_dir, stitch.chunk_dir(chunk.index))
             for name in ["", *folders(video)]:
                 os.makedirs(os.path.join(base, name), exist_ok=True)
+        for p in plan_chunks.audio_presets(self.probe, self.presets):
+            if p.container == "cmaf":
+                os.makedirs(os.path.join(self.work_dir, plan_chunks.audio_file(p)), exist_ok=True)
         os.makedirs(self.out_dir, exist_ok=True)
 
     @defer.inlineCallbacks
@@ -135,6 +147,7 @@ class SplitJob:
                 yield self.run_task(task, lambda _p: None)
             except Exception as e:  # noqa: BLE001 - named with its task, as the others
                 raise TasksFailed({task.key: e}) from e
+        self.join_segments()
         self._report(1.0)
         return self.out_dir
 
