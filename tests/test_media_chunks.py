@@ -101,6 +101,12 @@ class PlanTests:
         plan = chunks.plan(source(), outputs(MP4, spec), chunk_over=0)
         assert not plan.chunked and why in plan.reason
 
+    def test_an_input_without_a_seek_index_is_made_whole(self) -> None:
+        """An MPEG-TS (or AVI, FLV...) input: its seeks are estimates, so it is made whole."""
+        plan = chunks.plan(dataclasses.replace(source(), demuxer="mpegts", container="mpegts"), outputs(MP4),
+                           chunk_over=0)
+        assert not plan.chunked and "mpegts" in plan.reason
+
     def test_unknown_rate_is_made_whole(self) -> None:
         """No frame rate: no slot grid to cut on."""
         plan = chunks.plan(source(rate=None), outputs(MP4), chunk_over=0)

@@ -53,6 +53,9 @@ CHUNK_OVER = 300.0
 #: containers whose video is made in chunks and stitched (``stitch.py``); images are made apart
 CHUNKED = ("mp4", "webm", "mkv", "hls", "cmaf")
 IMAGES = ("jpeg",)
+#: the demuxers that seek to the keyframe at or before a time by an index (mp4/mov's sample
+#: table, matroska's cues): others estimate, and a seek landing past its target would lose frames
+SEEKABLE = ("mov", "matroska")
 #: the audio file the audio pass writes per output, by container: one the stitch can copy from
 AUDIO_FILES = {"mp4": ("m4a", "mp4"), "mkv": ("mka", "matroska"), "webm": ("webm", "webm")}
 
@@ -166,6 +169,8 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole(f"the video is not longer than {chunk_over:g} s")
     if rate is None:
         return whole("the video's frame rate is unknown")
+    if probe.demuxer not in SEEKABLE:
+        return whole(f"a {probe.container} input is made whole (no keyframe index to seek by)")
     if not video:
         return whole("no output is a video")
     if any(p.container not in CHUNKED + IMAGES for p in chosen):

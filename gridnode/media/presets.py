@@ -284,20 +284,20 @@ class _Graph:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
         if preset.container != "jpeg":
             chain += rate_filter(self.probe, preset)
+            if self.cut is not None:  # a chunk's slots of the fps filter's grid, before any scaling
+                chain.append(self.cut.trim())
         chain.append(_scale(*size))
         if dar is not None:
             chain.append(f"setdar={dar[0]}/{dar[1]}")
-        # A chunk's frames: slots of the output's frame grid (the fps filter's time base).
-        cut = "" if self.cut is None else f",{self.cut.trim()}"
         if preset.watermark is None:
             if preset.container != "jpeg":
                 chain.append("format=yuv420p")
-            self.video.append(["{src}" + ",".join(chain) + f"{cut}[v{i}]"])
+            self.video.append(["{src}" + ",".join(chain) + f"[v{i}]"])
             return f"[v{i}]"
         mark = preset.watermark
         self.images.append(mark.path)
         x, y = (c.format(m=mark.margin) for c in _CORNERS[mark.corner])
-        tail = ("" if preset.container == "jpeg" else ",format=yuv420p") + cut
+        tail = "" if preset.container == "jpeg" else ",format=yuv420p"
         statements = ["{src}" + ",".join(chain) + f"[p{i}]",
                       f"[p{i}][{len(self.images)}:v:0]overlay=x={x}:y={y}{tail}[v{i}]"]
         self.video.append(statements)
