@@ -18,6 +18,7 @@ from twisted.internet import defer
 
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks, stitch
+from gridnode.media.presets import default_output_limit
 from gridnode.media.probe import ProbeResult, nominal_rate
 from gridnode.media.split import SplitJob, Task, TasksFailed
 from gridnode.media.templates import Catalog, parse_outputs
@@ -94,7 +95,6 @@ class PlanTests:
     @pytest.mark.parametrize("spec, why", [
         ({"name": "s", "container": "storyboard"}, "storyboard"),
         ({**MP4, "name": "clip", "clip": {"start": 5}}, "clipped"),
-        ({"name": "h", "container": "hls", "ladder": LADDER}, "HLS with audio"),
     ])
     def test_outputs_made_whole(self, spec: dict[str, Any], why: str) -> None:
         """A job with an output the stitch cannot join yet is made whole, and says why."""
@@ -145,6 +145,22 @@ class ChunkArgvTests:
             grid = {chunks.keyframe_slot(Fraction(step * n), Fraction(30000, 1001)) for n in range(60)}
             assert slots[0] == c.first and set(slots) <= grid
             assert len(slots) == 20 // step
+
+    def test_an_hls_chunk_is_one_mp4_of_its_rungs(self) -> None:
+        """An HLS ladder's chunk writes its rungs' video to one mp4 (the stitch segments them with
+        the audio); the encoder options stay the whole's."""
+        hls = outputs({"name": "h", "container": "hls", "ladder": [{**r, "audio_kbps": 64} for r in LADDER]})
+        plan = chunks.plan(source(100.0), hls, chunk_seconds=20, chunk_over=0)
+        argv = chunks.chunk_argv("ffmpeg", source(100.0), "/in.mp4", "/w", hls, plan.chunks[1])
+        assert argv[-5:] == ["-f", "mp4", "-fs", str(default_output_limit(source(100.0))), "/w/h.mp4"]
+        assert "hls" not in argv and argv.count("-map") == 2 and "-b:v:1" in argv
+        audio = chunks.audio_argv("ffmpeg", source(100.0), "/in.mp4", "/w", hls)
+        assert audio is not None and audio.count("0:a:0") == 2 and audio[-1] == "/w/audio-h.m4a"
+        assert audio[audio.index("-b:a:1") + 1] == "64k"
+        text = stitch.stitch("ffmpeg", "/w", "/o", hls[0], plan.chunks, audio=True, max_output_bytes=9,
+                             rungs=["720p", "360p"]).argv
+        assert text[text.index("-var_stream_map") + 1] == "v:0,a:0,name:720p v:1,a:1,name:360p"
+        assert text[text.index("-c") + 1] == "copy" and text[-1] == "/o/h/%v/index.m3u8"
 
     def test_first_chunk_needs_no_seek(self) -> None:
         """Chunk 0 starts at the input's start: no seek, the whole's timestamps as they are."""

@@ -206,3 +206,32 @@ async def test_stitched_cmaf_joins_the_segments(sources: dict[str, Path], real_r
     rung0.write_bytes((made / "init-0.m4s").read_bytes()
                       + b"".join(p.read_bytes() for p in sorted(made.glob("seg-0-*.m4s"))))
     assert min(psnr_per_frame(rung0, src, info, tmp_path)) >= 30
+
+
+@pytest_twisted.ensureDeferred
+async def test_stitched_hls_is_the_wholes(sources: dict[str, Path], real_reactor: Any, tmp_path: Path) -> None:
+    """HLS (MPEG-TS segments holding video and audio): the chunks' rungs joined and muxed with
+    the audio pass's into the whole's segments: the same files and media playlists, every
+    stream's frames at the whole's timestamps, the master decodes to its end; every variant
+    listed."""
+    src = sources["vfr"]
+    info = await probe(real_reactor, str(src), ffprobe=FFPROBE)
+    ladder = [{"size": 240, "kbps": 500, "audio_kbps": 96}, {"size": 120, "kbps": 200, "audio_kbps": 64}]
+    presets = Catalog().parse(None, [{"name": "hls", "container": "hls", "ladder": ladder}])
+    plan = chunks.plan(info, presets, chunk_seconds=6, chunk_over=0)
+    assert len(plan.chunks) >= 3 and plan.step == 6
+    await whole(real_reactor, info, src, tmp_path / "whole", presets)
+    job = SplitJob(plan, info, str(src), presets, str(tmp_path / "work"), str(tmp_path / "out"),
+                   run_task(real_reactor, info.duration), ffmpeg=FFMPEG, threads=1, parallel=2)
+    await job.run()
+    one, made = tmp_path / "whole" / "hls", tmp_path / "out" / "hls"
+    assert sorted(str(p.relative_to(made)) for p in made.rglob("*")) == sorted(
+        str(p.relative_to(one)) for p in one.rglob("*"))
+    for rung in ("240p", "120p"):
+        assert (made / rung / "index.m3u8").read_text() == (one / rung / "index.m3u8").read_text()
+        for stream in ("v:0", "a:0"):
+            assert stream_frames(made / rung / "index.m3u8", stream) == stream_frames(one / rung / "index.m3u8",
+                                                                                      stream)
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-xerror", "-i", str(made / "master.m3u8"), "-map", "0",
+                    "-f", "null", "-"], check=True, timeout=120)
+    assert (made / "master.m3u8").read_text().count("#EXT-X-STREAM-INF") == 2

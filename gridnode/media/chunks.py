@@ -41,6 +41,7 @@ from gridnode.media.presets import (
     Preset,
     build_argv,
     default_output_limit,
+    hls_rungs,
 )
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
@@ -177,8 +178,6 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole("a storyboard is made whole")
     if any(p.clipped for p in video):
         return whole("a clipped output is made whole")
-    if probe.has_audio and any(p.audio and p.container == "hls" for p in video):
-        return whole("HLS with audio is made whole")
     spacing = step * max(1, round(Fraction(chunk_seconds) / step))
     # The last cut leaves at least half a chunk (and a second) of video after it: a probe's
     # duration may run past the video's last frame.
@@ -216,7 +215,13 @@ def chunk_argv(ffmpeg: str, probe: ProbeResult, input_path: str, out_dir: str, p
         step = keyframe_step(preset)
         assert step is not None
         argv[i + 1] = chunk_keyframes(chunk, step)
-    # Segmented outputs keep the whole's timestamps, so their segments join as they are.
+    # An HLS ladder's chunk is one mp4 of its rungs' video: the stitch muxes the joined rungs
+    # with the audio into the whole's segments (MPEG-TS segments hold the audio too).
+    at = [i for i, a in enumerate(argv) if a == "-f" and argv[i + 1] == "hls"]
+    for i, preset in reversed(list(zip(at, [p for p in chosen if p.container == "hls"], strict=True))):
+        end = argv.index("-fs", i)
+        argv[i:end + 3] = ["-f", "mp4", "-fs", argv[end + 1], os.path.join(out_dir, preset.name + ".mp4")]
+    # CMAF segments keep the whole's timestamps, so they join as they are.
     for i in reversed([i for i, a in enumerate(argv) if a == "-f" and argv[i + 1] == "dash"]):
         argv[i:i] = ["-output_ts_offset", f"{float(chunk.start):.6f}",
                      # each fragment's tfdt from its first frame's time, as the whole's has it, and
@@ -248,15 +253,16 @@ def audio_file(preset: Preset) -> str:
     or for CMAF a folder of segments under its own manifest."""
     if preset.container == "cmaf":
         return f"audio-{preset.name}"
+    if preset.container == "hls":
+        return f"audio-{preset.name}.m4a"
     ext, _muxer = AUDIO_FILES[preset.container]
     return f"audio-{preset.name}.{ext}"
 
 
 def audio_presets(probe: ProbeResult, presets: Iterable[Preset]) -> list[Preset]:
-    """The outputs whose audio the audio pass makes: mp4, webm, mkv and CMAF with audio (HLS
-    audio lies in the video's segments: such a job is made whole)."""
+    """The outputs whose audio the audio pass makes: every video output with audio."""
     return [p for p in dict.fromkeys(presets)
-            if probe.has_audio and p.audio and (p.container in AUDIO_FILES or p.container == "cmaf")]
+            if probe.has_audio and p.audio and (p.container in AUDIO_FILES or p.container in ("cmaf", "hls"))]
 
 
 def audio_argv(ffmpeg: str, probe: ProbeResult, input_path: str, work_dir: str, presets: Iterable[Preset],
@@ -278,6 +284,13 @@ def audio_argv(ffmpeg: str, probe: ProbeResult, input_path: str, work_dir: str, 
         if p.container == "cmaf":  # the whole's audio rendition, in a manifest of its own
             argv += [*opts, *cmaf.output_options(work_dir, [], video=[], audio=["-c:a", "aac"], audio_kbps=p.audio_kbps,
                                                  folder=audio_file(p))]
+            continue
+        if p.container == "hls":  # one audio stream per rung, at the rung's rate, as the whole's
+            rungs = hls_rungs(probe, p.ladder)
+            argv += [x for _ in rungs for x in ("-map", "0:a:0")]
+            for i, (rung, _size) in enumerate(rungs):
+                argv += [*([f"-filter:a:{i}", chain] if chain else []), f"-b:a:{i}", f"{rung.audio_kbps}k"]
+            argv += ["-vn", "-c:a", "aac", "-ac", "2", "-f", "mp4", "-fs", limit, os.path.join(work_dir, audio_file(p))]
             continue
         _ext, muxer = AUDIO_FILES[p.container]
         argv += [*opts, *audio_options(p.audio, p.audio_kbps), "-f", muxer, "-fs", limit,

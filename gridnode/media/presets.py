@@ -443,12 +443,16 @@ def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int |
     opts += ["-force_key_frames", f"expr:gte(t,n_forced*{HLS_SEGMENT_SECONDS})"]
     if audio and preset.audio:
         opts += ["-c:a", "aac", "-ac", "2"]
-    hls_dir = os.path.join(out_dir, preset.name)
-    opts += ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
-             "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
-             "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
-             "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
-    return opts
+    return opts + hls_muxer(os.path.join(out_dir, preset.name), var_map, limit)
+
+
+def hls_muxer(hls_dir: str, var_map: Sequence[str], limit: str) -> list[str]:
+    """The HLS muxer's options: ``var_map`` the variants (``v:0,a:0,name:720p``), segments and
+    playlists under ``hls_dir`` (a split job's stitch muxes the same way)."""
+    return ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
+            "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
+            "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
+            "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
 
 
 def _cmaf(graph: _Graph, preset: Preset, out_dir: str, threads: int | None, audio: bool) -> list[str]:

@@ -103,8 +103,9 @@ class SplitJob:
     def stitches(self) -> list[stitch.Stitch]:
         with_audio = {p.name for p in plan_chunks.audio_presets(self.probe, self.presets)}
         return [stitch.stitch(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
-                              audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe))
-                for p in plan_chunks.video_presets(self.presets) if p.container in plan_chunks.AUDIO_FILES]
+                              audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe),
+                              rungs=[r.name for r, _size in hls_rungs(self.probe, p.ladder)])
+                for p in plan_chunks.video_presets(self.presets) if p.container != "cmaf"]
 
     def join_segments(self) -> None:
         """Join each CMAF output's segments (files renamed, playlists written: no process)."""

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from gridnode.errors import GridnodeError
-from gridnode.media.chunks import AUDIO_FILES, Chunk, audio_file
-from gridnode.media.presets import COMMON_OPTIONS, MUXERS, Preset
+from gridnode.media.chunks import Chunk, audio_file
+from gridnode.media.presets import COMMON_OPTIONS, MUXERS, Preset, hls_muxer
 
 #: the concat list a stitch reads, in the job's work folder
 LIST = "concat-{name}.ffconcat"
 #: what each demuxer of a stitch may be: the list's and the chunks' (our own ffmpeg's output)
-_DEMUXERS = {"mp4": "mov", "mkv": "matroska", "webm": "matroska"}
+_DEMUXERS = {"mp4": "mov", "mkv": "matroska", "webm": "matroska", "hls": "mov"}
+#: a chunk's file of each output (an HLS ladder's: an mp4 of its rungs' video)
+_EXTENSIONS = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv", "hls": ".mp4"}
 #: an output's name as templates.py allows it: nothing a concat list would read as a directive
 _SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 
@@ -49,7 +51,7 @@ def concat_list(preset: Preset, chunks: Sequence[Chunk]) -> str:
     last with its duration, so the next starts exactly at its cut."""
     if not _SAFE_NAME.match(preset.name):  # templates.py checks names: a bug, not an input
         raise ValueError(f"an output named {preset.name!r} cannot be listed")
-    ext = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv"}[preset.container]
+    ext = _EXTENSIONS[preset.container]
     lines = ["ffconcat version 1.0"]
     for i, chunk in enumerate(chunks):
         lines.append(f"file {chunk_dir(chunk.index)}/{preset.name}{ext}")
@@ -70,25 +72,30 @@ class Stitch:
 
 
 def stitch(ffmpeg: str, work_dir: str, out_dir: str, preset: Preset, chunks: Sequence[Chunk],
-           *, audio: bool, max_output_bytes: int) -> Stitch:
+           *, audio: bool, max_output_bytes: int, rungs: Sequence[str] = ()) -> Stitch:
     """The join of an mp4, webm or mkv output: its chunks' video, and (``audio``) the audio
-    pass's file, copied into ``out_dir/NAME.ext``."""
+    pass's file, copied into ``out_dir/NAME.ext``; of an HLS ladder (``rungs``: their names):
+    each rung's video joined and its audio, copied into the whole's segments and playlists."""
     name = LIST.format(name=preset.name)
     demuxer = _DEMUXERS[preset.container]
-    ext = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv"}[preset.container]
     argv = [ffmpeg, *COMMON_OPTIONS, "-v", "error",
             # The chunks are our own ffmpeg's files; still only the list's and theirs may open.
             "-protocol_whitelist", "file", "-format_whitelist", f"concat,{demuxer}",
             "-f", "concat", "-safe", "1", "-i", "file:" + os.path.join(os.path.abspath(work_dir), name)]
     if audio:
-        _ext, muxer = AUDIO_FILES[preset.container]
         argv += ["-protocol_whitelist", "file", "-format_whitelist", demuxer, "-f", demuxer,
                  "-i", "file:" + os.path.join(os.path.abspath(work_dir), audio_file(preset))]
+    if preset.container == "hls":
+        for i in range(len(rungs)):
+            argv += ["-map", f"0:v:{i}", *(["-map", f"1:a:{i}"] if audio else [])]
+        var_map = [f"v:{i},a:{i},name:{r}" if audio else f"v:{i},name:{r}" for i, r in enumerate(rungs)]
+        argv += ["-c", "copy", *hls_muxer(os.path.join(out_dir, preset.name), var_map, str(max_output_bytes))]
+        return Stitch(preset, name, concat_list(preset, chunks), argv)
     argv += ["-map", "0:v:0", *(["-map", "1:a:0"] if audio else []), "-c", "copy"]
     if preset.container == "mp4":
         argv += ["-movflags", "+faststart"]
     argv += ["-f", MUXERS[preset.container], "-fs", str(max_output_bytes),
-             os.path.join(out_dir, preset.name + ext)]
+             os.path.join(out_dir, preset.name + _EXTENSIONS[preset.container])]
     return Stitch(preset, name, concat_list(preset, chunks), argv)
 
 
