@@ -328,6 +328,15 @@ class SplitJobTests:
         self.successResultOf(job.run())
         assert ran == ["chunk-2", "stitch-0"]
 
+    def test_a_chunk_short_of_frames_fails(self, tmp_path: Path) -> None:
+        """A chunk whose ffmpeg says it wrote fewer frames than its slots (a seek that landed
+        late) fails by its index, never stitched with a gap."""
+        def run(task: Task, progress: Any) -> defer.Deferred[Any]:
+            return defer.succeed(10 if task.key == "chunk-1" else None)
+
+        failure = self.failureResultOf(self.job(tmp_path, run).run(), TasksFailed)
+        assert list(failure.value.failed) == ["chunk-1"] and "made 10 frames of its 625" in str(failure.value)
+
     # trial-style helpers on a plain pytest class
     @staticmethod
     def successResultOf(d: defer.Deferred[Any]) -> Any:  # noqa: N802 - trial's name

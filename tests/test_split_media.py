@@ -64,8 +64,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_task(reactor: Any, duration: float) -> Any:
     def run(task: Task, progress: Any) -> Any:
-        return spawn_ffmpeg(reactor, task.argv, duration=task.seconds or duration, on_progress=progress,
-                            label=task.key).deferred
+        proto = spawn_ffmpeg(reactor, task.argv, duration=task.seconds or duration, on_progress=progress,
+                             label=task.key)
+        return proto.deferred.addCallback(lambda _r: int(proto.parser.fields.get("frame", "-1")))
     return run
 
 

@@ -86,6 +86,11 @@ class Chunk:
         return Cut(self.seek, self.first, self.end)
 
     @property
+    def frames(self) -> int | None:
+        """How many frames each of its outputs holds (None: to the end, not known here)."""
+        return None if self.end is None else self.end - self.first
+
+    @property
     def seconds(self) -> float | None:
         return None if self.end is None else float((self.end - self.first) / self.rate)
 

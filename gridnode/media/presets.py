@@ -276,16 +276,17 @@ class _Graph:
         its output label."""
         i = len(self.video)
         start, end = preset.window(self.probe)
+        # The frame rate first, on the input's own timestamps (after a trim, ffmpeg 5.1's fps
+        # filter would pad the clip to where its input ended), then a chunk's slots of its grid.
+        chain = [] if preset.container == "jpeg" else rate_filter(self.probe, preset)
+        if self.cut is not None and chain:
+            chain.append(self.cut.trim())
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
-        chain = ["setpts=PTS-STARTPTS"] if preset.clipped or frame_at is not None else []
+        chain += ["setpts=PTS-STARTPTS"] if preset.clipped or frame_at is not None else []
         if frame_at is not None:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
-        if preset.container != "jpeg":
-            chain += rate_filter(self.probe, preset)
-            if self.cut is not None:  # a chunk's slots of the fps filter's grid, before any scaling
-                chain.append(self.cut.trim())
         chain.append(_scale(*size))
         if dar is not None:
             chain.append(f"setdar={dar[0]}/{dar[1]}")

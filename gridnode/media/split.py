@@ -46,7 +46,8 @@ class Task:
         return f"{self.kind}-{self.index}"
 
 
-#: runs one task's argv and fires when it exits 0 (fails otherwise), telling its progress 0..1
+#: runs one task's argv and fires when it exits 0 (fails otherwise), telling its progress 0..1;
+#: fires with the number of video frames it wrote where known (``-progress``' last ``frame=``)
 RunTask = Callable[[Task, Callable[[float], None]], "Deferred[Any]"]
 
 
@@ -160,7 +161,13 @@ class SplitJob:
                 self._report(None)
 
         try:
-            yield self.run_task(task, progress)
+            frames = yield self.run_task(task, progress)
+            expected = self.plan.chunks[task.index].frames if task.kind == "chunk" else None
+            if isinstance(frames, int) and expected is not None and frames != expected:
+                # A seek that landed past its keyframe, a source that ends early: never a seam
+                # with frames lost or repeated.
+                raise GridnodeError(f"chunk {task.index} made {frames} frames of its {expected}",
+                                    code="ffmpeg_failed", status=422)
         except Exception as e:  # noqa: BLE001 - every failure is reported by its task's key
             failed[task.key] = e
             if task.kind == "chunk":
