@@ -2,10 +2,11 @@
 Split-and-stitch on real ffmpeg: a job made in chunks (run two at a time, as the pool would
 run them) and stitched, beside the same job made whole by the node's one argv, for three
 sources that break naive splitting: a frame counter (CFR), an open-GOP x264 source with
-B-frames, and a variable-frame-rate phone-style clip (jittered timestamps, a rate change and a
-1.2 s gap). For each: the stitched mp4's frame count and every frame's timestamp equal the
-whole's; each frame matches its source frame (PSNR >= 30 dB: a shifted or repeated frame of
-these sources is far below); audio and video as long as the whole's.
+B-frames, a source with one keyframe, and a variable-frame-rate phone-style clip (jittered
+timestamps, a rate change and a 1.2 s gap). For each: the stitched mp4's frame count and every
+frame's timestamp equal the whole's; each frame matches its source frame (PSNR >= 30 dB: a
+shifted or repeated frame of these sources is far below); audio and video as long as the
+whole's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SOURCES = {
     "opengop": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30000/1001:duration={SECONDS}",
                 "-c:v", "libx264", "-preset", "fast",
                 "-x264-params", "open-gop=1:bframes=3:b-pyramid=normal:keyint=90"],
+    # One keyframe for the whole clip (a screen recording's): every chunk decodes from the start.
+    "sparse": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=25:duration={SECONDS}",
+               "-c:v", "libx264", "-preset", "ultrafast", "-x264-params", "keyint=100000:min-keyint=100000"],
     # A phone's clip: 30 fps nominal, every 7th frame 11 ms late, then slower frames after a gap.
     "vfr": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30:duration={SECONDS - 2},"
             "setpts='N/30/TB+if(mod(N,7),0,0.011/TB)+if(gt(N,300),N*0.003/TB,0)'",
