@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 
 from gridnode.errors import GridnodeError
-from gridnode.media import chunks, stitch
+from gridnode.media import chunks, stitch, storyboard
 from gridnode.media.presets import default_output_limit
 from gridnode.media.probe import ProbeResult, nominal_rate
 from gridnode.media.split import SplitJob, Task, TasksFailed
@@ -93,7 +93,6 @@ class PlanTests:
         assert plan.chunked == (why == "") and why in plan.reason
 
     @pytest.mark.parametrize("spec, why", [
-        ({"name": "s", "container": "storyboard"}, "storyboard"),
         ({**MP4, "name": "clip", "clip": {"start": 5}}, "clipped"),
     ])
     def test_outputs_made_whole(self, spec: dict[str, Any], why: str) -> None:
@@ -106,6 +105,26 @@ class PlanTests:
         plan = chunks.plan(dataclasses.replace(source(), demuxer="mpegts", container="mpegts"), outputs(MP4),
                            chunk_over=0)
         assert not plan.chunked and "mpegts" in plan.reason
+
+    def test_a_storyboard_alone_is_made_whole(self) -> None:
+        """Storyboard tiles come from the chunks of a video output; alone, the job is made whole."""
+        plan = chunks.plan(source(), outputs({"name": "s", "container": "storyboard"}), chunk_over=0)
+        assert not plan.chunked and "no output is a video" in plan.reason
+
+    def test_storyboard_tiles_come_from_the_chunk_holding_their_time(self) -> None:
+        """Each tile is made by the chunk whose time range holds the tile's time, once; the last
+        chunk pads the end as the whole does; the stitch lays them out as the whole does."""
+        board = storyboard.plan(100.0, (1280, 720), interval=3.0)
+        plan = chunks.plan(source(100.0), outputs(MP4, {"name": "s", "container": "storyboard", "interval": 3}),
+                           chunk_seconds=20, chunk_over=0)
+        shares = [storyboard.tiles_of(board, float(c.start), c.cut.stop) for c in plan.chunks]
+        assert shares[0] == (0, 7) and sum(n for _f, n in shares) == board.count
+        assert all(a[0] + a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
+        argv = chunks.chunk_argv("ffmpeg", source(100.0), "/in.mp4", "/w", outputs(
+            MP4, {"name": "s", "container": "storyboard", "interval": 3}), plan.chunks[1])
+        graph = argv[argv.index("-filter_complex") + 1]
+        assert "select='gte(t\\,(selected_n+7)*3)',trim=end_frame=7," in graph and "tpad" not in graph
+        assert argv[-3:] == ["-f", "matroska", "/w/s.mkv"]
 
     def test_unknown_rate_is_made_whole(self) -> None:
         """No frame rate: no slot grid to cut on."""

@@ -111,10 +111,12 @@ def psnr_per_frame(made: Path, src: Path, info: ProbeResult, tmp: Path) -> list[
 async def test_stitched_mp4_is_frame_exact(name: str, sources: dict[str, Path], real_reactor: Any,
                                            tmp_path: Path) -> None:
     """The stitched mp4 has the whole's frames at the whole's timestamps, each its source frame,
-    and the whole's audio; the poster is the whole's, byte for byte."""
+    and the whole's audio; the poster and the storyboard's sheets are the whole's, byte for
+    byte (the tiles come from the chunks that hold their frames)."""
     src = sources[name]
     info = await probe(real_reactor, str(src), ffprobe=FFPROBE)
-    presets = Catalog().parse("mp4-720p,poster")
+    presets = Catalog().parse("mp4-720p,poster", [{"name": "board", "container": "storyboard", "interval": 0.5,
+                                                   "width": 64}])
     plan = chunks.plan(info, presets, chunk_seconds=5, chunk_over=0)
     assert plan.chunked and len(plan.chunks) >= 4, plan
     await whole(real_reactor, info, src, tmp_path / "whole", presets)
@@ -138,6 +140,11 @@ async def test_stitched_mp4_is_frame_exact(name: str, sources: dict[str, Path], 
     scores = psnr_per_frame(made, src, info, tmp_path)
     assert len(scores) == len(expected) and min(scores) >= 30, [i for i, s in enumerate(scores) if s < 30][:10]
     assert (tmp_path / "out" / "poster.jpg").read_bytes() == (tmp_path / "whole" / "poster.jpg").read_bytes()
+    sheets = sorted((tmp_path / "whole" / "board").iterdir())
+    made_sheets = sorted(p.name for p in (tmp_path / "out" / "board").iterdir())
+    assert len(sheets) >= 1 and [p.name for p in sheets] == made_sheets
+    for sheet in sheets:
+        assert (tmp_path / "out" / "board" / sheet.name).read_bytes() == sheet.read_bytes(), sheet.name
 
 
 @pytest_twisted.ensureDeferred

@@ -20,7 +20,8 @@ integers in the fps filter's time base). Its keyframes are forced on the same sl
 whole's, from the chunk's start: the chunk's own first frame is one (a closed GOP), the rest
 are listed. The encoder and its options are the whole's: the argv is ``presets.build_argv``'s
 with a ``Cut``. Audio is made once for the whole job (``audio_argv``), images from the
-source (``image_argv``: a poster decodes up to its frame; a storyboard is not chunked yet).
+source (``image_argv``: a poster decodes up to its frame); a storyboard's tiles come from the
+chunks that hold their frames and are laid out in sheets by the stitch.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ PREROLL = 1
 CHUNK_SECONDS = 60.0
 CHUNK_OVER = 300.0
 #: containers whose video is made in chunks and stitched (``stitch.py``); images are made apart
-CHUNKED = ("mp4", "webm", "mkv", "hls", "cmaf")
+CHUNKED = ("mp4", "webm", "mkv", "hls", "cmaf", "storyboard")
 IMAGES = ("jpeg",)
 #: the demuxers that seek to the keyframe at or before a time by an index (mp4/mov's sample
 #: table, matroska's cues): others estimate, and a seek landing past its target would lose frames
@@ -83,7 +84,8 @@ class Chunk:
 
     @property
     def cut(self) -> Cut:
-        return Cut(self.seek, self.first, self.end)
+        stop = None if self.end is None else float(self.end / self.rate)
+        return Cut(self.seek, self.first, self.end, float(self.start), stop)
 
     @property
     def frames(self) -> int | None:
@@ -177,10 +179,8 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole("the video's frame rate is unknown")
     if probe.demuxer not in SEEKABLE:
         return whole(f"a {probe.container} input is made whole (no keyframe index to seek by)")
-    if not video:
+    if not any(p.container != "storyboard" for p in video):
         return whole("no output is a video")
-    if any(p.container not in CHUNKED + IMAGES for p in chosen):
-        return whole("a storyboard is made whole")
     if any(p.clipped for p in video):
         return whole("a clipped output is made whole")
     spacing = step * max(1, round(Fraction(chunk_seconds) / step))
@@ -199,7 +199,7 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
 
 
 def video_presets(presets: Iterable[Preset]) -> list[Preset]:
-    """The outputs a chunk makes: each video output without its audio."""
+    """The outputs a chunk makes: each video output without its audio, and storyboard tiles."""
     return [replace(p, audio="") for p in dict.fromkeys(presets) if p.container in CHUNKED]
 
 

@@ -179,6 +179,9 @@ class Cut:
     seek: int
     first: int
     end: int | None
+    #: the chunk's start and the next's, seconds (None: the last chunk), for storyboard tiles
+    start: float = 0.0
+    stop: float | None = None
 
     def trim(self) -> str:
         end = "" if self.end is None else f":end_pts={self.end}"
@@ -384,8 +387,13 @@ def build_argv(
             outputs.append(_cmaf(graph, preset, out_dir, threads, audio))
             continue
         if preset.container == "storyboard":
-            label = graph.branch(storyboard.chain(storyboard_plan(probe, preset)))
-            outputs.append(storyboard.output_options(out_dir, label, preset.name))
+            board = storyboard_plan(probe, preset)
+            if cut is None:
+                label = graph.branch(storyboard.chain(board))
+                outputs.append(storyboard.output_options(out_dir, label, preset.name))
+            elif (tiles := storyboard.tiles_of(board, cut.start, cut.stop))[1]:  # a chunk's tiles alone
+                label = graph.branch(storyboard.chunk_chain(board, *tiles, last=cut.end is None))
+                outputs.append(storyboard.tiles_options(os.path.join(out_dir, preset.name + ".mkv"), label))
             continue
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
         size = target_size(probe, preset.short_side)

@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks as plan_chunks
 from gridnode.media import stitch
-from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs
+from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs, storyboard_plan
 from gridnode.media.probe import Limits, ProbeResult
 
 
@@ -106,7 +106,10 @@ class SplitJob:
         return [stitch.stitch(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
                               audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe),
                               rungs=[r.name for r, _size in hls_rungs(self.probe, p.ladder)])
-                for p in plan_chunks.video_presets(self.presets) if p.container != "cmaf"]
+                for p in plan_chunks.video_presets(self.presets) if p.container not in ("cmaf", "storyboard")] + [
+            stitch.stitch_storyboard(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
+                                     storyboard_plan(self.probe, p))
+            for p in self.presets if p.container == "storyboard"]
 
     def join_segments(self) -> None:
         """Join each CMAF output's segments (files renamed, playlists written: no process)."""
@@ -127,6 +130,8 @@ class SplitJob:
             base = os.path.join(self.work_dir, stitch.chunk_dir(chunk.index))
             for name in ["", *folders(video)]:
                 os.makedirs(os.path.join(base, name), exist_ok=True)
+        for name in folders(self.presets):  # the stitch's sheets (the image2 muxer makes no folder)
+            os.makedirs(os.path.join(self.out_dir, name), exist_ok=True)
         for p in plan_chunks.audio_presets(self.probe, self.presets):
             if p.container == "cmaf":
                 os.makedirs(os.path.join(self.work_dir, plan_chunks.audio_file(p)), exist_ok=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from gridnode.errors import GridnodeError
+from gridnode.media import storyboard
 from gridnode.media.chunks import Chunk, audio_file
 from gridnode.media.presets import COMMON_OPTIONS, MUXERS, Preset, hls_muxer
 
@@ -97,6 +98,27 @@ def stitch(ffmpeg: str, work_dir: str, out_dir: str, preset: Preset, chunks: Seq
     argv += ["-f", MUXERS[preset.container], "-fs", str(max_output_bytes),
              os.path.join(out_dir, preset.name + _EXTENSIONS[preset.container])]
     return Stitch(preset, name, concat_list(preset, chunks), argv)
+
+
+def stitch_storyboard(ffmpeg: str, work_dir: str, out_dir: str, preset: Preset, chunks: Sequence[Chunk],
+                      board: storyboard.Plan) -> Stitch:
+    """The sheets of a storyboard: the chunks' tiles (those that hold some), in order, laid out as
+    the whole lays them out."""
+    if not _SAFE_NAME.match(preset.name):  # templates.py checks names: a bug, not an input
+        raise ValueError(f"an output named {preset.name!r} cannot be listed")
+    holding = [c for c in chunks if storyboard.tiles_of(board, float(c.start), _stop(c))[1]]
+    text = "\n".join(["ffconcat version 1.0", *(f"file {chunk_dir(c.index)}/{preset.name}.mkv" for c in holding)])
+    name = LIST.format(name=preset.name)
+    argv = [ffmpeg, *COMMON_OPTIONS, "-v", "error", "-protocol_whitelist", "file",
+            "-format_whitelist", "concat,matroska", "-f", "concat", "-safe", "1",
+            "-i", "file:" + os.path.join(os.path.abspath(work_dir), name),
+            "-filter_complex", f"[0:v:0]{storyboard.join(board)}[s]",
+            *storyboard.output_options(out_dir, "[s]", preset.name)]
+    return Stitch(preset, name, text + "\n", argv)
+
+
+def _stop(chunk: Chunk) -> float | None:
+    return None if chunk.end is None else float(chunk.end / chunk.rate)
 
 
 def write_concat(work_dir: str, item: Stitch) -> None:
