@@ -196,16 +196,23 @@ class ChunkArgvTests:
         assert a[a.index("-adaptation_sets") + 1] == "id=0,streams=a" and a.count("-map") == 1
         assert a[a.index("-af") + 1] == "atrim=end=99.950,asetpts=PTS-STARTPTS"
 
-    def test_audio_and_images_argv(self) -> None:
-        """The audio pass makes each output's audio as the whole does; posters come from the
-        whole's argv with the posters alone; no audio, no pass."""
+    def test_audio_argv_and_the_poster_in_its_chunk(self) -> None:
+        """The audio pass makes each output's audio as the whole does (none: no pass); the poster
+        is made by the chunk that holds its frame, on the whole's timestamps, alone."""
         presets = Catalog().parse("mp4-720p,webm-480p,poster")
         a = chunks.audio_argv("ffmpeg", source(), "/in.mp4", "/w", presets)
         assert a is not None and a.count("0:a:0") == 2 and "/w/audio-mp4-720p.m4a" in a
         assert "/w/audio-webm-480p.webm" in a and "libopus" in a and "-filter_complex" not in a
         assert chunks.audio_argv("ffmpeg", source(audio=False), "/in.mp4", "/w", presets) is None
-        images = chunks.image_argv("ffmpeg", source(), "/in.mp4", "/o", presets)
-        assert images is not None and images[-1] == "/o/poster.jpg" and "-c:a" not in images
+        plan = chunks.plan(source(), presets, chunk_seconds=25, chunk_over=0)
+        holder = chunks.poster_chunk(source(), presets[2], plan.chunks)
+        assert holder.index == 2  # 60 s of 600: the third chunk of 25 s
+        for c in plan.chunks:
+            argv = chunks.chunk_argv("ffmpeg", source(), "/in.mp4", "/w", presets, c)
+            graph = argv[argv.index("-filter_complex") + 1]
+            assert ("/w/poster.jpg" in argv) == (c is holder)
+            if c is holder:
+                assert "trim=start=60.0,scale" in graph and "STARTPTS,trim=start=60" not in graph
 
 
 class StitchTests:
@@ -301,14 +308,16 @@ class SplitJobTests:
                         str(tmp_path / "out"), run, parallel=2)
 
     def test_tasks_run_then_stitch_and_progress_sums_chunks(self, tmp_path: Path) -> None:
-        """Every chunk, the audio and the posters run before the stitch; progress is the chunks'
-        weighted by their seconds, 1.0 only once stitched."""
+        """Every chunk and the audio run before the stitch; progress is the chunks' weighted by
+        their seconds, 1.0 only once stitched."""
         ran: list[str] = []
         reports: list[float] = []
         waiting: dict[str, defer.Deferred[None]] = {}
 
         def run(task: Task, progress: Any) -> defer.Deferred[None]:
             ran.append(task.key)
+            if task.key == "chunk-0":  # the poster's chunk (10 % of 100 s)
+                (tmp_path / "work" / "chunk-000" / "poster.jpg").write_bytes(b"jpeg")
             if task.kind == "chunk":
                 progress(0.5)
             d: defer.Deferred[None] = defer.Deferred()
@@ -320,12 +329,13 @@ class SplitJobTests:
         done = job.run()
         assert ran == ["chunk-0", "chunk-1"]  # two at a time
         assert job.progress() == pytest.approx(0.5 * 50 / 100)
-        for key in ["chunk-0", "chunk-1", "chunk-2", "chunk-3", "audio-0", "images-0"]:
+        for key in ["chunk-0", "chunk-1", "chunk-2", "chunk-3", "audio-0"]:
             waiting.pop(key).callback(None)
         assert ran[-1] == "stitch-0" and (tmp_path / "work" / "concat-mp4-720p.ffconcat").exists()
         assert reports[-1] == 0.99 and all(a <= b for a, b in zip(reports, reports[1:], strict=False))
         waiting.pop("stitch-0").callback(None)
         assert self.successResultOf(done) == str(tmp_path / "out") and reports[-1] == 1.0
+        assert (tmp_path / "out" / "poster.jpg").read_bytes() == b"jpeg"
 
     def test_a_failed_chunk_is_named_and_redone_alone(self, tmp_path: Path) -> None:
         """A chunk whose process fails is reported by its index; run() again redoes it alone."""
@@ -339,6 +349,8 @@ class SplitJobTests:
             return defer.succeed(None)
 
         job = self.job(tmp_path, run)
+        (tmp_path / "work" / "chunk-000").mkdir(parents=True)
+        (tmp_path / "work" / "chunk-000" / "poster.jpg").write_bytes(b"jpeg")
         failure = self.failureResultOf(job.run(), TasksFailed)
         assert list(failure.value.failed) == ["chunk-2"] and failure.value.code == "ffmpeg_failed"
         assert "stitch-0" not in ran

@@ -1,6 +1,6 @@
 """
 Split-and-stitch, the plan: whether a job's video is made in chunks, where each chunk starts
-and ends, and the ffmpeg argv of each chunk, of the job's audio and of its images. Plain data,
+and ends, and the ffmpeg argv of each chunk and of the job's audio. Plain data,
 no I/O.
 
 Cuts. Every video output goes through an fps filter (``presets.rate_filter``), so an output's
@@ -19,9 +19,9 @@ timestamps and fills the same slots), and keeps its slots alone (``trim`` on the
 integers in the fps filter's time base). Its keyframes are forced on the same slots as the
 whole's, from the chunk's start: the chunk's own first frame is one (a closed GOP), the rest
 are listed. The encoder and its options are the whole's: the argv is ``presets.build_argv``'s
-with a ``Cut``. Audio is made once for the whole job (``audio_argv``), images from the
-source (``image_argv``: a poster decodes up to its frame); a storyboard's tiles come from the
-chunks that hold their frames and are laid out in sheets by the stitch.
+with a ``Cut``. Audio is made once for the whole job (``audio_argv``); a poster is made by
+the chunk that holds its frame, a storyboard's tiles by the chunks that hold theirs (laid out in
+sheets by the stitch).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from gridnode.media.presets import (
     build_argv,
     default_output_limit,
     hls_rungs,
+    poster_time,
 )
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
@@ -52,9 +53,10 @@ PREROLL = 1
 #: default chunk length and threshold (the node's flags, once wired: --chunk-seconds, --chunk-over)
 CHUNK_SECONDS = 60.0
 CHUNK_OVER = 300.0
-#: containers whose video is made in chunks and stitched (``stitch.py``); images are made apart
-CHUNKED = ("mp4", "webm", "mkv", "hls", "cmaf", "storyboard")
-IMAGES = ("jpeg",)
+#: the outputs made in chunks and stitched (``stitch.py``)
+CHUNKED = ("mp4", "webm", "mkv", "hls", "cmaf", "storyboard", "jpeg")
+#: what a chunk makes beside video: the images of the frames it holds
+IMAGES = ("storyboard", "jpeg")
 #: the demuxers that seek to the keyframe at or before a time by an index (mp4/mov's sample
 #: table, matroska's cues): others estimate, and a seek landing past its target would lose frames
 SEEKABLE = ("mov", "matroska")
@@ -179,7 +181,7 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole("the video's frame rate is unknown")
     if probe.demuxer not in SEEKABLE:
         return whole(f"a {probe.container} input is made whole (no keyframe index to seek by)")
-    if not any(p.container != "storyboard" for p in video):
+    if not any(p.container not in IMAGES for p in video):
         return whole("no output is a video")
     if any(p.clipped for p in video):
         return whole("a clipped output is made whole")
@@ -199,7 +201,7 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
 
 
 def video_presets(presets: Iterable[Preset]) -> list[Preset]:
-    """The outputs a chunk makes: each video output without its audio, and storyboard tiles."""
+    """The outputs a chunk makes: each video output without its audio, storyboard tiles, posters."""
     return [replace(p, audio="") for p in dict.fromkeys(presets) if p.container in CHUNKED]
 
 
@@ -303,14 +305,10 @@ def audio_argv(ffmpeg: str, probe: ProbeResult, input_path: str, work_dir: str, 
     return argv
 
 
-def image_argv(ffmpeg: str, probe: ProbeResult, input_path: str, out_dir: str, presets: Iterable[Preset],
-               *, threads: int | None = None, input_limits: Limits = Limits()) -> list[str] | None:
-    """The whole's argv for the job's posters alone: it decodes the source up to the last
-    poster's frame and stops. None when the job has none."""
-    chosen = [p for p in dict.fromkeys(presets) if p.container in IMAGES]
-    if not chosen:
-        return None
-    return build_argv(ffmpeg, probe, input_path, out_dir, chosen, threads=threads, input_limits=input_limits)
+def poster_chunk(probe: ProbeResult, preset: Preset, chunks: Sequence[Chunk]) -> Chunk:
+    """The chunk that makes a jpeg output: the one whose time range holds its frame's time."""
+    at = poster_time(probe, preset)
+    return next((c for c in chunks if c.cut.holds(at)), chunks[-1])
 
 
 def muxer_of(preset: Preset) -> str:

@@ -183,6 +183,9 @@ class Cut:
     start: float = 0.0
     stop: float | None = None
 
+    def holds(self, seconds: float) -> bool:
+        return self.start <= seconds and (self.stop is None or seconds < self.stop)
+
     def trim(self) -> str:
         end = "" if self.end is None else f":end_pts={self.end}"
         return f"trim=start_pts={self.first}{end},setpts=PTS-STARTPTS"
@@ -214,6 +217,12 @@ def storyboard_plan(probe: ProbeResult, preset: Preset) -> storyboard.Plan:
     VTT both follow it."""
     return storyboard.plan(probe.converted_duration, (probe.display_width, probe.display_height),
                            interval=preset.interval, width=preset.width)
+
+
+def poster_time(probe: ProbeResult, preset: Preset) -> float:
+    """Where a jpeg output's frame is: the first at or after this time, seconds."""
+    start, end = preset.window(probe)
+    return start + preset.at * (end - start)
 
 
 def folders(presets: Iterable[Preset]) -> list[str]:
@@ -285,7 +294,8 @@ class _Graph:
         if self.cut is not None and chain:
             chain.append(self.cut.trim())
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
-        chain += ["setpts=PTS-STARTPTS"] if preset.clipped or frame_at is not None else []
+        # (a chunk's frames carry the whole's timestamps already: its first is not the whole's)
+        chain += ["setpts=PTS-STARTPTS"] if (preset.clipped or frame_at is not None) and self.cut is None else []
         if frame_at is not None:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
@@ -398,7 +408,10 @@ def build_argv(
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
         size = target_size(probe, preset.short_side)
         if preset.container == "jpeg":
-            label = graph.video_branch(preset, size, frame_at=start + preset.at * (end - start))
+            at = poster_time(probe, preset)
+            if cut is not None and not cut.holds(at):  # made by the chunk that holds its frame
+                continue
+            label = graph.video_branch(preset, size, frame_at=at)
             outputs.append(["-map", label, "-frames:v", "1", "-c:v", "mjpeg", "-q:v", "3",
                             "-f", "image2", "-update", "1", "-fs", limit, target])
             continue

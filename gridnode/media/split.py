@@ -3,8 +3,8 @@ Split-and-stitch, the run: a chunked job's processes, each started through a cal
 caller gives (``RunTask``: today a local ffmpeg, next the pool's workers through the store),
 so this object decides the order and keeps the count, and knows nothing of where they run.
 
-``SplitJob(plan, ...)`` holds the tasks: one per chunk (``chunks.chunk_argv``), the audio pass
-and the posters (``chunks.audio_argv``, ``image_argv``), then one stitch per output
+``SplitJob(plan, ...)`` holds the tasks: one per chunk (``chunks.chunk_argv``: posters and
+storyboard tiles too), the audio pass (``chunks.audio_argv``), then one stitch per output
 (``stitch.py``) once all of those are done. ``run()`` starts every task not yet done, at most
 ``parallel`` at once, and fires with the outputs' folder when the stitch is done, or fails with
 ``TasksFailed`` naming the chunks (by index) and passes that failed: calling ``run()`` again
@@ -32,8 +32,8 @@ from gridnode.media.probe import Limits, ProbeResult
 
 @dataclass(frozen=True)
 class Task:
-    """One process of a chunked job: ``kind`` is ``chunk`` (``index``: the chunk's), ``audio``,
-    ``images`` or ``stitch`` (``index``: the output's place in the job); ``seconds`` of video it
+    """One process of a chunked job: ``kind`` is ``chunk`` (``index``: the chunk's), ``audio``
+    or ``stitch`` (``index``: the output's place in the job); ``seconds`` of video it
     converts (its share of the progress: 0 for all but chunks)."""
 
     kind: str
@@ -95,10 +95,6 @@ class SplitJob:
                                        threads=self.threads, input_limits=self.input_limits)
         if audio is not None:
             out.append(Task("audio", 0, audio))
-        images = plan_chunks.image_argv(self.ffmpeg, self.probe, self.input_path, self.out_dir, self.presets,
-                                        threads=self.threads, input_limits=self.input_limits)
-        if images is not None:
-            out.append(Task("images", 0, images))
         return out
 
     def stitches(self) -> list[stitch.Stitch]:
@@ -106,15 +102,25 @@ class SplitJob:
         return [stitch.stitch(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
                               audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe),
                               rungs=[r.name for r, _size in hls_rungs(self.probe, p.ladder)])
-                for p in plan_chunks.video_presets(self.presets) if p.container not in ("cmaf", "storyboard")] + [
+                for p in plan_chunks.video_presets(self.presets)
+                if p.container not in ("cmaf", *plan_chunks.IMAGES)] + [
             stitch.stitch_storyboard(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
                                      storyboard_plan(self.probe, p))
             for p in self.presets if p.container == "storyboard"]
 
     def join_segments(self) -> None:
-        """Join each CMAF output's segments (files renamed, playlists written: no process)."""
+        """Join each CMAF output's segments (files renamed, playlists written: no process); move
+        each poster from the chunk that made it."""
         with_audio = {p.name for p in plan_chunks.audio_presets(self.probe, self.presets)}
         for p in plan_chunks.video_presets(self.presets):
+            if p.container == "jpeg":
+                chunk = plan_chunks.poster_chunk(self.probe, p, self.plan.chunks)
+                name = p.outputs(self.probe)[0].name
+                try:  # a link the child planted moves as a link: collect_outputs refuses it
+                    os.replace(os.path.join(self.work_dir, stitch.chunk_dir(chunk.index), name),
+                               os.path.join(self.out_dir, name))
+                except FileNotFoundError:
+                    raise GridnodeError(f"ffmpeg did not write {name}", code="ffmpeg_failed", status=422) from None
             if p.container == "cmaf":
                 stitch.join_cmaf(self.work_dir, self.out_dir, p, self.plan.chunks,
                                  len(hls_rungs(self.probe, p.ladder)), p.name in with_audio)
