@@ -58,7 +58,7 @@ class PlanTests:
         specs = [{**MP4, "keyint": keyint} if keyint else MP4] + ([CMAF] if cmaf else [])
         presets = outputs(*specs)
         plan = chunks.plan(source(duration, rate), presets, chunk_seconds=chunk_seconds, chunk_over=0)
-        step = chunks.grid(presets)
+        step = chunks.cut_step(presets)
         assert plan.chunks[0].first == 0 and plan.chunks[-1].end is None
         for a, b in zip(plan.chunks, plan.chunks[1:], strict=False):
             assert a.end == b.first and a.first < b.first
@@ -73,9 +73,9 @@ class PlanTests:
     def test_grid_is_the_common_multiple(self) -> None:
         """HLS 6 s, CMAF 4 s and a 2.5 s keyint cut only at multiples of 60 s; none asks: 1 s."""
         hls = {"name": "h", "container": "hls", "audio": "none", "ladder": LADDER}
-        assert chunks.grid(outputs({**MP4, "keyint": 2.5}, CMAF, hls)) == 60
-        assert chunks.grid(outputs({**MP4, "keyint": 2.5}, CMAF)) == 20
-        assert chunks.grid(outputs(MP4)) == 1
+        assert chunks.cut_step(outputs({**MP4, "keyint": 2.5}, CMAF, hls)) == 60
+        assert chunks.cut_step(outputs({**MP4, "keyint": 2.5}, CMAF)) == 20
+        assert chunks.cut_step(outputs(MP4)) == 1
 
     @given(seconds=st.integers(0, 100_000).map(lambda n: Fraction(n, 4)), rate=st.sampled_from(RATES))
     def test_keyframe_slot_is_ffmpegs(self, seconds: Fraction, rate: Fraction) -> None:

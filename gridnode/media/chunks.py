@@ -3,7 +3,7 @@ Split-and-stitch, the plan: whether a job's video is made in chunks, where each 
 and ends, and the ffmpeg argv of each chunk and of the job's audio. Plain data,
 no I/O.
 
-Cuts. Every video output goes through an fps filter (``presets.rate_filter``), so an output's
+Cuts. Every video output goes through an fps filter (``grid.rate_filter``), so an output's
 frames sit on a grid of slots, one per 1/rate s, and which source frame fills a slot depends on
 timestamps alone. A chunk is a range of slots ``[first, end)``. Cut points are taken on the
 outputs' keyframe grid: the least common multiple of every HLS/CMAF segment length and every
@@ -34,11 +34,11 @@ from fractions import Fraction
 
 from gridnode.media import cmaf
 from gridnode.media.codecs import audio_chain, audio_options
+from gridnode.media.grid import Cut
 from gridnode.media.presets import (
     COMMON_OPTIONS,
     HLS_SEGMENT_SECONDS,
     MUXERS,
-    Cut,
     Preset,
     build_argv,
     default_output_limit,
@@ -121,7 +121,7 @@ class Plan:
                 "chunks": [c.to_json() for c in self.chunks]}
 
 
-def grid(presets: Iterable[Preset]) -> Fraction:
+def cut_step(presets: Iterable[Preset]) -> Fraction:
     """Seconds between the cut points every output allows: the least common multiple of their
     segment lengths and keyframe intervals (1 s where none asks for one)."""
     steps = [keyframe_step(p) for p in presets]
@@ -166,7 +166,7 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
     lasts longer than ``chunk_over`` s (0: always; None: never); one chunk otherwise."""
     chosen = list(dict.fromkeys(presets))
     video = [p for p in chosen if p.container in CHUNKED]
-    step = grid(video)
+    step = cut_step(video)
     rate = probe.rate
     duration = probe.converted_duration
 

@@ -36,6 +36,7 @@ from typing import Literal
 from gridnode.errors import GridnodeError
 from gridnode.media import cmaf, storyboard
 from gridnode.media.codecs import audio_chain, audio_options, video_options
+from gridnode.media.grid import Cut, rate_filter
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
 Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "jpeg", "storyboard"]
@@ -154,43 +155,6 @@ class Preset:
         return self.start > 0 or self.end is not None
 
 
-def rate_filter(probe: ProbeResult, preset: Preset) -> list[str]:
-    """The fps filter an output's video goes through: its cap (``preset.fps``) where the source is
-    faster, else the source's nominal rate. Made in the graph, not by ffmpeg's own frame-rate
-    conversion after it, so which frame fills each slot of the output depends on timestamps
-    alone: a chunk decoded from a keyframe before its cut fills its slots as the whole does."""
-    rate = probe.frame_rate
-    if preset.fps and rate is not None and rate > preset.fps + 0.01:
-        return [f"fps={_num(preset.fps)}"]
-    if probe.rate is None:
-        return []
-    if preset.fps and probe.rate > preset.fps + 0.01:
-        return [f"fps={_num(preset.fps)}"]
-    return [f"fps={probe.rate.numerator}/{probe.rate.denominator}"]
-
-
-@dataclass(frozen=True)
-class Cut:
-    """One chunk of a split job as its argv sees it (``chunks.py`` plans them): decoded from
-    ``seek`` s (from the keyframe at or before it, every frame kept, timestamps put back as the
-    whole's), the output frames ``first`` to ``end`` (exclusive; None: to the input's end) of
-    the frame grid, from 0."""
-
-    seek: int
-    first: int
-    end: int | None
-    #: the chunk's start and the next's, seconds (None: the last chunk), for storyboard tiles
-    start: float = 0.0
-    stop: float | None = None
-
-    def holds(self, seconds: float) -> bool:
-        return self.start <= seconds and (self.stop is None or seconds < self.stop)
-
-    def trim(self) -> str:
-        end = "" if self.end is None else f":end_pts={self.end}"
-        return f"trim=start_pts={self.first}{end},setpts=PTS-STARTPTS"
-
-
 def _even(x: float) -> int:
     # Round down so an odd source never grows by a pixel.
     return max(2, int(x) // 2 * 2)
@@ -290,7 +254,7 @@ class _Graph:
         start, end = preset.window(self.probe)
         # The frame rate first, on the input's own timestamps (after a trim, ffmpeg 5.1's fps
         # filter would pad the clip to where its input ended), then a chunk's slots of its grid.
-        chain = [] if preset.container == "jpeg" else rate_filter(self.probe, preset)
+        chain = [] if preset.container == "jpeg" else rate_filter(self.probe, preset.fps)
         if self.cut is not None and chain:
             chain.append(self.cut.trim())
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
