@@ -35,6 +35,7 @@ from bench.__main__ import (
     read_membership_sync,
     read_pipeline,
     read_pool_cost,
+    read_split,
     read_store_upload,
     run_bench,
     select,
@@ -152,6 +153,15 @@ class ReaderTests:
         hevc, av1 = read_encode([o])
         assert (hevc.ratio, hevc.verdict, av1.verdict) == ("30 %", "PASS", "FAIL")
         assert "crf 27" in hevc.measured and "interpolated" in av1.measured and "30.0 vs 90.0" in hevc.measured
+
+    def test_read_split(self) -> None:
+        """bench/split.py: four rows (wall, CPU, SSIM, size), each against its goal."""
+        figure = {"measured": "m", "ratio": 1.9, "goal": ">= 1.8", "pass": True}
+        o = {"seconds": 60.0, "frame_size": "640x360", "chunks": 4, "parallel": 2, "wall": figure,
+             "cpu": {**figure, "ratio": 1.2, "pass": False}, "ssim": figure, "size": figure}
+        rows = read_split([o])
+        assert [r.verdict for r in rows] == ["PASS", "FAIL", "PASS", "PASS"]
+        assert rows[0].figure.startswith("split: wall") and "4 chunks 2 at a time" in rows[0].figure
 
     def test_pipeline_rows_keep_title_goal_and_verdict(self) -> None:
         """pipeline.py's objects become rows; PASS/FAIL leave the ratio text for the verdict column."""
@@ -318,7 +328,7 @@ class SuiteTests:
             scripts = {c[1] for b in benches for c in b.commands}
             assert scripts == {"bench/pipeline.py", "bench/store_upload.py", "bench/loadbalance.py",
                                "bench/membership_sim.py", "bench/membership_sync.py", "bench/pool_cost.py",
-                               "bench/encode.py"}
+                               "bench/encode.py", "bench/split.py"}
             assert all(0 < b.budget_s <= TOTAL_S for b in benches)
             assert all(any("--json" in c for c in b.commands) for b in benches)
 

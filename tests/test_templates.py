@@ -6,6 +6,7 @@ naming its field and queues nothing; valid specs become the argv the builder mak
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -249,6 +250,19 @@ class ArgvTests:
         assert "fps=30.0" in value_after(argv(outputs, probe=_rate(fast, 60.0)), "-filter_complex")
         assert "fps=" not in value_after(argv(outputs, probe=_rate(fast, 25.0)), "-filter_complex")
         assert "fps=" not in value_after(argv(outputs, probe=fast), "-filter_complex")
+
+    def test_every_video_output_has_a_constant_rate_before_its_clip(self) -> None:
+        """Without a cap, a video output is made at the source's nominal rate (ffmpeg's fps filter:
+        which frame fills each slot depends on timestamps alone); the filter comes before a clip's
+        trim (after it, ffmpeg 5.1 pads the clip to where the input ended); a poster has none."""
+        from fractions import Fraction
+
+        vfr = dataclasses.replace(source(), frame_rate=27.5, rate=Fraction(30000, 1001))
+        outputs = parse_outputs([with_(clip={"start": 2, "end": 5})], watermarks=None)
+        graph = value_after(argv(outputs, probe=vfr), "-filter_complex")
+        assert graph.index("fps=30000/1001") < graph.index("trim=start=2.0:end=5.0")
+        poster = parse_outputs([{"name": "p", "container": "jpeg"}], watermarks=None)
+        assert "fps=" not in value_after(argv(poster, probe=vfr), "-filter_complex")
 
     def test_silent_source_has_no_audio_filters(self) -> None:
         """No audio stream: no audio map, no loudnorm, whatever the spec asks."""

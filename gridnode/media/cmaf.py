@@ -126,16 +126,16 @@ def audio_chain(video_seconds: float) -> str:
 def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[str], audio: Sequence[str] | None,
                    audio_label: str = "", audio_kbps: int = 128, segment: float = SEGMENT_SECONDS,
                    folder: str = FOLDER, hls: bool = True) -> list[str]:
-    """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` and, when ``audio``
-    (the audio encoder's options) is given, the graph's ``audio_label`` (made with
-    ``audio_chain``), under ``out_dir/folder/`` (which must exist: the muxer makes no folder).
+    """The output options (maps, codecs, bitrates, muxer) writing ``rungs`` (none: audio alone)
+    and, when ``audio`` (the audio encoder's options) is given, the graph's ``audio_label`` (made
+    with ``audio_chain``), under ``out_dir/folder/`` (which must exist: the muxer makes no folder).
     ``video``: the video encoder's options (``video_options``); ``segment``: as
     ``segment_length`` says; ``hls``: the HLS playlists too (the ``cmaf`` container), or
     the DASH manifest alone (``dash``)."""
     opts: list[str] = []
     for rung in rungs:
         opts += ["-map", rung.label]
-    if audio is not None:
+    if audio is not None and audio_label:  # none: the caller maps the audio (a split job's audio pass)
         opts += ["-map", audio_label]
     opts += [*video]
     for i, rung in enumerate(rungs):
@@ -144,12 +144,14 @@ def output_options(out_dir: str, rungs: Sequence[CmafRung], *, video: Sequence[s
             opts += [f"-maxrate:v:{i}", f"{rung.video_kbps}k", f"-bufsize:v:{i}", f"{2 * rung.video_kbps}k"]
     if audio is not None:
         opts += [*audio, "-b:a", f"{audio_kbps}k", "-ac", "2"]
-    sets = "id=0,streams=v id=1,streams=a" if audio is not None else "id=0,streams=v"
+    # Set ids count from 0: an audio-only output's one set is 0.
+    sets = [*(["streams=v"] if rungs else []), *(["streams=a"] if audio is not None else [])]
+    sets_text = " ".join(f"id={i},{s}" for i, s in enumerate(sets))
     seconds = f"{segment:.4f}".rstrip("0").rstrip(".")
     # DASH alone: segment timelines, which name every segment exactly (the presented duration
     # is stated to 0.1 s only); with HLS, its playlists do that.
     opts += ["-f", "dash", "-seg_duration", seconds, "-use_template", "1", "-use_timeline", "0" if hls else "1",
-             "-adaptation_sets", sets,
+             "-adaptation_sets", sets_text,
              *(["-hls_playlist", "1", "-hls_master_name", os.path.basename(MASTER)] if hls else []),
              "-init_seg_name", "init-$RepresentationID$.m4s",
              "-media_seg_name", "seg-$RepresentationID$-$Number%05d$.m4s",

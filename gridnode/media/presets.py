@@ -36,6 +36,7 @@ from typing import Literal
 from gridnode.errors import GridnodeError
 from gridnode.media import cmaf, storyboard
 from gridnode.media.codecs import audio_chain, audio_options, video_options
+from gridnode.media.grid import Cut, rate_filter
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
 Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard"]
@@ -187,6 +188,12 @@ def storyboard_plan(probe: ProbeResult, preset: Preset) -> storyboard.Plan:
                            interval=preset.interval, width=preset.width)
 
 
+def poster_time(probe: ProbeResult, preset: Preset) -> float:
+    """Where a jpeg output's frame is: the first at or after this time, seconds."""
+    start, end = preset.window(probe)
+    return start + preset.at * (end - start)
+
+
 def folders(presets: Iterable[Preset]) -> list[str]:
     """The sub-folders of the output folder to make before ffmpeg starts (CMAF, storyboards)."""
     return [p.name for p in dict.fromkeys(presets) if p.container in (*LADDERS, "storyboard")]
@@ -237,8 +244,9 @@ class _Graph:
     """The filter graph under construction: video branches off one split of the decoded
     input, audio branches off one split of its first audio stream, one -i per watermark."""
 
-    def __init__(self, probe: ProbeResult) -> None:
+    def __init__(self, probe: ProbeResult, cut: Cut | None = None) -> None:
         self.probe = probe
+        self.cut = cut
         self.video: list[list[str]] = []  # per branch: statements, "{src}" for its split label
         self.audio: list[str] = []  # per branch: a chain
         self.images: list[str] = []  # watermark paths, input 1, 2, ...
@@ -249,17 +257,23 @@ class _Graph:
         at the constant frame ``rate`` if given); its output label."""
         i = len(self.video)
         start, end = preset.window(self.probe)
+        # The frame rate first, on the input's own timestamps (after a trim, ffmpeg 5.1's fps
+        # filter would pad the clip to where its input ended), then a chunk's slots of its grid.
+        if preset.container == "jpeg":
+            chain = []
+        elif rate is not None:  # an AV1 ladder's own rate: SVT-AV1 counts its keyframe interval in frames
+            chain = [f"fps={_num(rate)}"]
+        else:
+            chain = rate_filter(self.probe, preset.fps)
+        if self.cut is not None and chain:
+            chain.append(self.cut.trim())
         # Rebase timestamps first so clip times hold for streams that do not start at 0.
-        chain = ["setpts=PTS-STARTPTS"] if preset.clipped or frame_at is not None else []
+        # (a chunk's frames carry the whole's timestamps already: its first is not the whole's)
+        chain += ["setpts=PTS-STARTPTS"] if (preset.clipped or frame_at is not None) and self.cut is None else []
         if frame_at is not None:
             chain.append(f"trim=start={_num(frame_at)}")
         elif preset.clipped:
             chain += [f"trim=start={_num(start)}:end={_num(end)}", "setpts=PTS-STARTPTS"]
-        source = self.probe.frame_rate
-        if rate is not None:
-            chain.append(f"fps={_num(rate)}")
-        elif preset.fps and source is not None and source > preset.fps + 0.01:
-            chain.append(f"fps={_num(preset.fps)}")
         chain.append(_scale(*size))
         if dar is not None:
             chain.append(f"setdar={dar[0]}/{dar[1]}")
@@ -293,7 +307,8 @@ class _Graph:
 
     def text(self) -> str:
         parts = []
-        for source, branches, name in (("[0:v:0]", [b[0] for b in self.video], "split"),
+        video = "[0:v:0]" if self.cut is None or not self.cut.seek else f"[0:v:0]setpts=PTS+{self.cut.seek}/TB,"
+        for source, branches, name in ((video, [b[0] for b in self.video], "split"),
                                        ("[0:a:0]", self.audio, "asplit")):
             if not branches:
                 continue
@@ -323,8 +338,10 @@ def build_argv(
     max_output_bytes: int | None = None,
     threads: int | None = None,
     input_limits: Limits = Limits(),
+    cut: Cut | None = None,
 ) -> list[str]:
-    """One ffmpeg argv writing every output under ``out_dir``.
+    """One ffmpeg argv writing every output under ``out_dir`` (of a chunk's frames alone with
+    ``cut``: video outputs only, and each must go through a ``rate_filter``).
 
     ``out_dir`` and its ``folders`` must exist (HLS sub-folders are made by ffmpeg). Outputs are
     named as ``Preset.outputs`` says. ``max_output_bytes`` is ``-fs`` for each
@@ -339,7 +356,7 @@ def build_argv(
         raise GridnodeError("no preset chosen", code="unknown_preset", status=400)
     limit = str(max_output_bytes if max_output_bytes is not None else default_output_limit(probe))
     audio = probe.has_audio
-    graph = _Graph(probe)
+    graph = _Graph(probe, cut)
     outputs: list[list[str]] = []
     for preset in chosen:
         start, end = preset.window(probe)
@@ -354,13 +371,21 @@ def build_argv(
             outputs.append(_cmaf(graph, preset, out_dir, threads, audio))
             continue
         if preset.container == "storyboard":
-            label = graph.branch(storyboard.chain(storyboard_plan(probe, preset)))
-            outputs.append(storyboard.output_options(out_dir, label, preset.name))
+            board = storyboard_plan(probe, preset)
+            if cut is None:
+                label = graph.branch(storyboard.chain(board))
+                outputs.append(storyboard.output_options(out_dir, label, preset.name))
+            elif (tiles := storyboard.tiles_of(board, cut.start, cut.stop))[1]:  # a chunk's tiles alone
+                label = graph.branch(storyboard.chunk_chain(board, *tiles, last=cut.end is None))
+                outputs.append(storyboard.tiles_options(os.path.join(out_dir, preset.name + ".mkv"), label))
             continue
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
         size = target_size(probe, preset.short_side)
         if preset.container == "jpeg":
-            label = graph.video_branch(preset, size, frame_at=start + preset.at * (end - start))
+            at = poster_time(probe, preset)
+            if cut is not None and not cut.holds(at):  # made by the chunk that holds its frame
+                continue
+            label = graph.video_branch(preset, size, frame_at=at)
             outputs.append(["-map", label, "-frames:v", "1", "-c:v", "mjpeg", "-q:v", "3",
                             "-f", "image2", "-update", "1", "-fs", limit, target])
             continue
@@ -379,6 +404,7 @@ def build_argv(
             # inherit this list: only the allowlisted containers may ever open.
             "-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST,
             *input_options(input_limits, probe),
+            *(["-ss", str(cut.seek), "-noaccurate_seek"] if cut is not None and cut.seek else []),
             "-f", probe.demuxer, "-i", "file:" + os.path.abspath(input_path)]
     for image in graph.images:
         # An operator's file, yet read as any input is: one demuxer, the file protocol.
@@ -413,12 +439,16 @@ def _hls(graph: _Graph, preset: Preset, out_dir: str, limit: str, threads: int |
     opts += ["-force_key_frames", f"expr:gte(t,n_forced*{HLS_SEGMENT_SECONDS})"]
     if audio and preset.audio:
         opts += ["-c:a", "aac", "-ac", "2"]
-    hls_dir = os.path.join(out_dir, preset.name)
-    opts += ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
-             "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
-             "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
-             "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
-    return opts
+    return opts + hls_muxer(os.path.join(out_dir, preset.name), var_map, limit)
+
+
+def hls_muxer(hls_dir: str, var_map: Sequence[str], limit: str) -> list[str]:
+    """The HLS muxer's options: ``var_map`` the variants (``v:0,a:0,name:720p``), segments and
+    playlists under ``hls_dir`` (a split job's stitch muxes the same way)."""
+    return ["-f", "hls", "-hls_time", str(HLS_SEGMENT_SECONDS), "-hls_playlist_type", "vod",
+            "-var_stream_map", " ".join(var_map), "-master_pl_name", "master.m3u8",
+            "-hls_segment_filename", os.path.join(hls_dir, "%v", "seg_%03d.ts"),
+            "-fs", limit, os.path.join(hls_dir, "%v", "index.m3u8")]
 
 
 def _cmaf(graph: _Graph, preset: Preset, out_dir: str, threads: int | None, audio: bool) -> list[str]:

@@ -39,6 +39,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -117,6 +118,8 @@ class ProbeResult:
     streams_duration: float | None = None
     #: frames a second of the first video stream (its average), where the file says
     frame_rate: float | None = None
+    #: the rate ffmpeg makes a constant-rate output of this video at (``nominal_rate``), exact
+    rate: Fraction | None = None
 
     @property
     def converted_duration(self) -> float:
@@ -277,6 +280,7 @@ def parse_probe(
         name=name,
         streams_duration=min(max(stated), duration) if stated else None,
         frame_rate=_rate(video.get("avg_frame_rate")),
+        rate=nominal_rate(video.get("r_frame_rate"), video.get("avg_frame_rate")),
     )
 
 
@@ -287,6 +291,24 @@ def _rate(value: Any) -> float | None:
     except ValueError:
         return None
     return num / den if den > 0 and 0 < num / den <= 1000 else None
+
+
+def _fraction(value: Any) -> Fraction | None:
+    try:
+        num, den = (int(x) for x in str(value).split("/"))
+    except ValueError:
+        return None
+    return Fraction(num, den) if 0 < num <= 1_000_000 and 0 < den <= 1_000_000 and num <= 1000 * den else None
+
+
+def nominal_rate(real: Any, average: Any) -> Fraction | None:
+    """The frame rate ffmpeg guesses for a stream (``av_guess_frame_rate``): ffprobe's
+    ``r_frame_rate``, unless that is a time base's (over 210) while the average is a video's
+    (under 70). A constant-rate output is made at it, one frame a slot."""
+    real_rate, avg = _fraction(real), _fraction(average)
+    if real_rate is not None and avg is not None and avg < 70 and real_rate > 210:
+        return avg
+    return real_rate or avg
 
 
 def _unsupported(format_name: str) -> GridnodeError:

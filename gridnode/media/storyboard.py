@@ -67,6 +67,34 @@ def chain(p: Plan) -> str:
             f"scale={p.width}:{p.height}:flags=bicubic,setsar=1,tile={p.columns}x{p.rows}")
 
 
+def tiles_of(p: Plan, start: float, stop: float | None) -> tuple[int, int]:
+    """The tiles (first, how many) whose times fall in ``[start, stop)`` s (a chunk of a split
+    job: None, to the end)."""
+    first = min(p.count, math.ceil(start / p.interval - 1e-9))
+    end = p.count if stop is None else min(p.count, math.ceil(stop / p.interval - 1e-9))
+    return first, max(0, end - first)
+
+
+def chunk_chain(p: Plan, first: int, count: int, last: bool) -> str:
+    """A chunk's share of ``chain``: the same frames (the first at or after each tile's time, on
+    the whole's timestamps), tiles ``first`` on, scaled, not laid out (``join``, once every chunk
+    made its own); the last chunk pads the end as the whole does."""
+    pad = f"tpad=stop_mode=clone:stop_duration={2 * p.interval:g}," if last else ""
+    return (f"{pad}select='gte(t\\,(selected_n+{first})*{p.interval:g})',trim=end_frame={count},"
+            f"scale={p.width}:{p.height}:flags=bicubic,setsar=1,format=yuvj420p")
+
+
+def tiles_options(path: str, label: str) -> list[str]:
+    """A chunk's tiles, losslessly, in one file for the join (matroska keeps their full range)."""
+    return ["-map", label, "-c:v", "rawvideo", "-f", "matroska", path]
+
+
+def join(p: Plan) -> str:
+    """The filters laying the chunks' tiles out in sheets, as ``chain`` ends: in the JPEG's full
+    range first, so a last sheet's empty places are the whole's black."""
+    return f"format=yuvj420p,tile={p.columns}x{p.rows}"
+
+
 def output_options(out_dir: str, label: str, folder: str = FOLDER) -> list[str]:
     """Output options writing the sheets ``folder/sheet-001.jpg``... under ``out_dir`` (the
     folder must exist: image2 makes none)."""

@@ -1,0 +1,227 @@
+"""
+Split-and-stitch against the whole encode, side by side in one run on one machine (issue 23):
+one long input made by one ffmpeg (the node's one argv, ``presets.build_argv``) against the
+same job made in chunks, ``--parallel`` at a time, plus its audio pass and stitch
+(``gridnode.media.split.SplitJob``, the argv the node will run). Each encoder gets the thread
+share a node with ``--workers`` = ``--parallel`` gives it (``cpu_count // workers``, at least 1).
+
+    .venv/bin/python bench/split.py                      # 4 min at 1280x720, 2 at a time
+    .venv/bin/python bench/split.py --seconds 40 --size 640x360 --json   # a quick run
+
+Figures (the ratio of the medians over ``--rounds``, the two sides alternating, the order
+flipped each round):
+
+  wall   whole wall time / chunked wall time                    goal >= 1.8 (2 at a time)
+  cpu    chunked CPU / whole CPU (children's rusage: every ffmpeg)  goal <= 1.05
+  ssim   SSIM against the source of each (ffmpeg's ssim "All"; the source at the output's rate
+         and size): chunked within 0.002 of whole
+  size   chunked bytes / whole bytes                            goal within 3 %
+
+The source is made once (lavfi testsrc2 + sine, x264 veryfast CRF 12 + AAC), so the figures
+carry no generator; ``--keep DIR`` keeps the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gridnode.media import chunks  # noqa: E402
+from gridnode.media.presets import build_argv  # noqa: E402
+from gridnode.media.probe import ProbeResult, parse_probe, probe_argv  # noqa: E402
+from gridnode.media.split import SplitJob, Task  # noqa: E402
+from gridnode.media.templates import Catalog  # noqa: E402
+
+GOALS = {"wall": 1.8, "cpu": 1.05, "ssim": 0.002, "size": 0.03}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def make_source(path: Path, seconds: float, size: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}:rate=30:duration={seconds:g}", "-f", "lavfi", "-i",
+                    f"sine=frequency=440:duration={seconds:g}", "-c:v", "libx264", "-preset", "veryfast",
+                    "-crf", "12", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True)
+
+
+def quiet(argv: list[str]) -> list[str]:
+    """The node's argv without its progress pipe (nothing reads it here)."""
+    out = list(argv)
+    i = out.index("-progress")
+    del out[i:i + 2]
+    return out
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def whole(probe: ProbeResult, src: Path, out: Path, presets: list[Any], threads: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    argv = quiet(build_argv("ffmpeg", probe, str(src), str(out), presets, threads=threads))
+    c0, t0 = cpu(), time.monotonic()
+    subprocess.run(argv, check=True)
+    return time.monotonic() - t0, cpu() - c0
+
+
+def chunked(probe: ProbeResult, src: Path, work: Path, presets: list[Any], threads: int, parallel: int,
+            chunk_seconds: float) -> tuple[float, float, int]:
+    from twisted.internet import threads as twisted_threads
+
+    shutil.rmtree(work, ignore_errors=True)
+    plan = chunks.plan(probe, presets, chunk_seconds=chunk_seconds, chunk_over=0)
+
+    def run_task(t: Task, _progress: Any) -> Any:
+        return twisted_threads.deferToThread(subprocess.run, quiet(t.argv), check=True)
+
+    job = SplitJob(plan, probe, str(src), presets, str(work / "work"), str(work / "out"), run_task,
+                   threads=threads, parallel=parallel)
+    c0, t0 = cpu(), time.monotonic()
+    _run(job)
+    return time.monotonic() - t0, cpu() - c0, len(plan.chunks)
+
+
+def _run(job: SplitJob) -> None:
+    """Run the job's Deferreds on a reactor of their own, once (the reactor cannot restart: each
+    round runs in a child Python, see ``side``)."""
+    from twisted.internet import reactor
+
+    failure: list[Any] = []
+
+    def start() -> None:
+        d = job.run()
+        d.addErrback(failure.append)
+        d.addBoth(lambda _r: reactor.stop())  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    if failure:
+        failure[0].raiseException()
+
+
+def ssim(made: Path, src: Path, probe: ProbeResult) -> float:
+    assert probe.rate is not None
+    out = subprocess.run(["ffmpeg", "-nostdin", "-i", str(made), "-i", str(src), "-lavfi",
+                          f"[1:v]fps={probe.rate.numerator}/{probe.rate.denominator},scale={probe.display_width}:"
+                          f"{probe.display_height},format=yuv420p[ref];[0:v][ref]ssim", "-f", "null", "-"],
+                         capture_output=True, text=True, check=True).stderr
+    m = re.search(r"All:([0-9.]+)", out)
+    if m is None:
+        raise RuntimeError("ffmpeg's ssim printed no figure")
+    return float(m.group(1))
+
+
+def side(args: argparse.Namespace, which: str, src: Path, work: Path) -> dict[str, Any]:
+    """One side of one round in a child Python (a Twisted reactor runs once per process)."""
+    out = subprocess.run([sys.executable, __file__, "--side", which, "--source", str(src), "--work", str(work),
+                          "--parallel", str(args.parallel), "--chunk-seconds", str(args.chunk_seconds),
+                          "--presets", args.presets], check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_side(args: argparse.Namespace) -> None:
+    src = Path(args.source)
+    probe = parse_probe(subprocess.run(probe_argv("ffprobe", str(src)), capture_output=True, check=True).stdout,
+                        size=src.stat().st_size)
+    presets = Catalog().parse(args.presets)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    work = Path(args.work)
+    if args.side == "whole":
+        wall, used = whole(probe, src, work / "out", presets, threads)
+        n = 1
+    else:
+        wall, used, n = chunked(probe, src, work, presets, threads, args.parallel, args.chunk_seconds)
+    made = work / "out" / presets[0].outputs(probe)[0].name
+    print(json.dumps({"wall": wall, "cpu": used, "chunks": n, "bytes": made.stat().st_size,
+                      "ssim": ssim(made, src, probe)}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=240.0, help="the input's length (default 240)")
+    parser.add_argument("--size", default="1280x720", help="the input's size (default 1280x720)")
+    parser.add_argument("--parallel", type=int, default=2, help="chunks at once, and the node's workers (default 2)")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="default 30")
+    parser.add_argument("--presets", default="mp4-720p", help="the job's presets (default mp4-720p)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--keep", help="a folder to keep the source and outputs in")
+    parser.add_argument("--side", choices=["whole", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        run_side(args)
+        return 0
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gridnode-split-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        src = folder / "source.mp4"
+        log(f"making a {args.seconds:g} s {args.size} source")
+        make_source(src, args.seconds, args.size)
+        samples: dict[str, list[dict[str, Any]]] = {"whole": [], "chunked": []}
+        for r in range(args.rounds):
+            order = ["whole", "chunked"] if r % 2 == 0 else ["chunked", "whole"]
+            for which in order:
+                log(f"round {r + 1}: {which}")
+                samples[which].append(side(args, which, src, folder / which))
+        result = summary(args, samples)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key in ("wall", "cpu", "ssim", "size"):
+            print(f"{key:5} {result[key]['measured']:>40}  ratio {result[key]['ratio']}  "
+                  f"{'PASS' if result[key]['pass'] else 'FAIL'}")
+    return 0
+
+
+def summary(args: argparse.Namespace, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    def med(which: str, key: str) -> float:
+        return float(statistics.median(s[key] for s in samples[which]))
+
+    wall = med("whole", "wall") / med("chunked", "wall")
+    used = med("chunked", "cpu") / med("whole", "cpu")
+    ssim_gap = med("whole", "ssim") - med("chunked", "ssim")
+    size = med("chunked", "bytes") / med("whole", "bytes")
+    chunks_n = samples["chunked"][0]["chunks"]
+    return {
+        "seconds": args.seconds, "frame_size": args.size, "parallel": args.parallel, "chunks": chunks_n,
+        "rounds": args.rounds, "samples": samples,
+        "wall": {"measured": f"{med('whole', 'wall'):.1f} s whole vs {med('chunked', 'wall'):.1f} s in {chunks_n}",
+                 "ratio": round(wall, 3), "goal": f">= {GOALS['wall']}", "pass": wall >= GOALS["wall"]},
+        "cpu": {"measured": f"{med('chunked', 'cpu'):.1f} s chunked vs {med('whole', 'cpu'):.1f} s whole",
+                "ratio": round(used, 3), "goal": f"<= {GOALS['cpu']}", "pass": used <= GOALS["cpu"]},
+        "ssim": {"measured": f"{med('chunked', 'ssim'):.5f} chunked vs {med('whole', 'ssim'):.5f} whole",
+                 "ratio": round(ssim_gap, 5), "goal": f"within {GOALS['ssim']}",
+                 "pass": abs(ssim_gap) <= GOALS["ssim"]},
+        "size": {"measured": f"{med('chunked', 'bytes'):.0f} B chunked vs {med('whole', 'bytes'):.0f} B whole",
+                 "ratio": round(size, 4), "goal": f"within {100 * GOALS['size']:g} %",
+                 "pass": abs(size - 1) <= GOALS["size"]},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
