@@ -22,6 +22,7 @@ from gridnode.endpoints import default_node_id, endpoint_port, is_loopback
 from gridnode.errors import ConfigError, GridnodeError
 from gridnode.media.templates import Template, parse_templates
 from gridnode.notify.targets import Defaults
+from gridnode.retention import Retention
 from gridnode.store import parse_store_url
 
 DEFAULT_METADATA_URL = "http://169.254.169.254"
@@ -202,8 +203,17 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _opt_days(value: Any) -> int | None:
-    return None if value is None else _int_range(0, 36500)(value)
+_NO_RETENTION = Retention()
+
+
+def _retention(value: Any) -> Retention:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be DAYS, or TENANT=DAYS (repeatable, or space-separated)")
+    return Retention.parse(value)
 
 
 def _prefixes(value: Any) -> tuple[str, ...]:
@@ -307,10 +317,12 @@ SETTINGS: tuple[Setting, ...] = (
             "does not start where none can be made), or 'weak', none: accept that on purpose", _sandbox, "MODE"),
     Setting("log-level", "info", "the least level logged: debug (Twisted's per-connection lines too), info, "
             "warn, error", _log_level, "LEVEL"),
-    Setting("retain-inputs", None, "days a finished job's input is kept, then deleted by the retention sweep "
-            "(default: for ever)", _opt_days, "DAYS"),
-    Setting("retain-outputs", None, "days a finished job's outputs are kept, then deleted by the retention sweep "
-            "(default: for ever)", _opt_days, "DAYS"),
+    Setting("retain-inputs", _NO_RETENTION, "days a finished job's input is kept, then deleted by the retention "
+            "sweep (default: for ever); TENANT=DAYS for one tenant's jobs (repeatable, or space-separated)",
+            _retention, "DAYS"),
+    Setting("retain-outputs", _NO_RETENTION, "days a finished job's outputs are kept, then deleted by the retention "
+            "sweep (default: for ever); TENANT=DAYS for one tenant's jobs (repeatable, or space-separated)",
+            _retention, "DAYS"),
     Setting("retention-sweep", 3600.0, "seconds between retention sweeps (one node of the pool sweeps at a time)",
             _positive_float, "S"),
     Setting("input-prefixes", (), "key prefixes of the store a POST /jobs may name as its input (comma-separated; "
@@ -370,8 +382,8 @@ class NodeConfig:
     ffmpeg_user: str
     sandbox: str
     log_level: str
-    retain_inputs: int | None
-    retain_outputs: int | None
+    retain_inputs: Retention
+    retain_outputs: Retention
     retention_sweep: float
     input_prefixes: tuple[str, ...]
     webhook_secret: str | None

@@ -144,7 +144,7 @@ class NodeService(MultiService):
         yield jobs.recovered
         uploads = UploadStore(self.reactor, jobs, store, max_upload_bytes=config.max_upload_bytes)
         UploadSweep(uploads).setServiceParent(self)
-        if config.retain_inputs is not None or config.retain_outputs is not None:
+        if config.retain_inputs or config.retain_outputs:
             from gridnode.retention import RetentionSweep
 
             RetentionSweep(self.reactor, store.in_lane(BACKGROUND), config.node_id or "", period=config.retention_sweep,

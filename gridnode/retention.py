@@ -1,14 +1,16 @@
 """
 Retention: a finished job's input after ``--retain-inputs`` days, and its outputs after
-``--retain-outputs`` days, deleted by a sweep that one node of the pool runs at a time.
+``--retain-outputs`` days, deleted by a sweep that one node of the pool runs at a time. Either
+may name days for one tenant (``TENANT=DAYS``) beside or instead of the pool's.
 
 Every ``--retention-sweep`` seconds (jittered) each node tries to take the sweep's lease
 (``retention/lease.json``: the holder and until when), by a conditional write: a create when
 there is none, else over the ETag it read of one that ran out (or is its own). The loser of a
 race is refused (412) and skips this round; a holder that dies stops holding it when it runs
 out, one period later. The holder then walks ``inputs/`` and ``outputs/`` oldest first (ids sort
-by time) up to the first job made after the cutoff: a job that ended before its cutoff has its
-input (or outputs) deleted; one not final (queued, running) or without a record is left alone.
+by time) up to the first job made after the shortest retention's cutoff: a job that ended before
+its tenant's cutoff has its input (or outputs) deleted; one not final (queued, running), kept by
+its tenant's longer retention, or without a record is left alone (and read again next round).
 A round reads at most `MAX_JOBS` records and goes on where it stopped at the next round.
 """
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -32,6 +36,55 @@ from gridnode.timers import JitteredLoop
 #: the most job records one round reads (each prefix): bounds a round's requests
 MAX_JOBS = 500
 DAY = 86400.0
+#: the most days a retention may be (100 years)
+MAX_DAYS = 36500
+_TENANT_DAYS = re.compile(r"([^\s=]{1,128})=(\d{1,6})")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Days a finished job's input (or outputs) are kept: the pool's (None: for ever) and, by
+    tenant, days that replace it for that tenant's jobs."""
+
+    pool: int | None = None
+    tenants: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, value: Retention | int | None) -> Retention:
+        return value if isinstance(value, Retention) else cls(value)
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> Retention:
+        """``--retain-inputs`` values, each whitespace-separated ``DAYS`` (the pool's) or
+        ``TENANT=DAYS``; ValueError names the item that is neither, or a tenant named twice."""
+        pool: int | None = None
+        tenants: dict[str, int] = {}
+        for item in (part for value in items for part in value.split()):
+            named = _TENANT_DAYS.fullmatch(item)
+            text = named[2] if named else item
+            if not text.isdigit() or int(text) > MAX_DAYS:
+                raise ValueError(f"{item[:80]!r} is neither DAYS (0-{MAX_DAYS}) nor TENANT=DAYS")
+            if named is None:
+                if pool is not None:
+                    raise ValueError("gives the pool's days twice")
+                pool = int(text)
+            elif named[1] in tenants:
+                raise ValueError(f"gives tenant {named[1]!r}'s days twice")
+            else:
+                tenants[named[1]] = int(text)
+        return cls(pool, tuple(sorted(tenants.items())))
+
+    def days(self, tenant: str) -> int | None:
+        """The days a job of ``tenant`` is kept (None: for ever)."""
+        return dict(self.tenants).get(tenant, self.pool)
+
+    def shortest(self) -> int | None:
+        """The fewest days any job is kept: how far back a sweep must look (None: nothing expires)."""
+        every = [d for d in (self.pool, *dict(self.tenants).values()) if d is not None]
+        return min(every) if every else None
+
+    def __bool__(self) -> bool:
+        return self.shortest() is not None
 
 
 class RetentionSweep(Service):
@@ -39,13 +92,14 @@ class RetentionSweep(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, store: ObjectStore, node_id: str, *, retain_inputs: int | None,
-                 retain_outputs: int | None, period: float, now: Callable[[], float] = time.time,
+    def __init__(self, reactor: Any, store: ObjectStore, node_id: str, *, retain_inputs: Retention | int | None,
+                 retain_outputs: Retention | int | None, period: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.reactor = reactor
         self.store = store
         self.node_id = node_id
-        self.retain = {keys.inputs_prefix(): retain_inputs, keys.outputs_root(): retain_outputs}
+        self.retain = {keys.inputs_prefix(): Retention.of(retain_inputs),
+                       keys.outputs_root(): Retention.of(retain_outputs)}
         self.period = period
         self.now = now
         self.rng = rng or random.Random()
@@ -108,13 +162,16 @@ class RetentionSweep(Service):
     def sweep(self) -> Any:
         """One round over each prefix that has a retention; fires with the jobs it deleted from."""
         count = 0
-        for prefix, days in self.retain.items():
-            if days is not None:
-                count += yield self._sweep(prefix, self.now() - days * DAY)
+        for prefix, retention in self.retain.items():
+            if retention:
+                count += yield self._sweep(prefix, retention)
         return count
 
     @inlineCallbacks
-    def _sweep(self, prefix: str, cutoff: float) -> Any:
+    def _sweep(self, prefix: str, retention: Retention) -> Any:
+        shortest = retention.shortest()
+        assert shortest is not None
+        cutoff = self.now() - shortest * DAY
         after, read, deleted = self._resume.get(prefix), 0, 0
         while True:
             page = yield self.store.list(prefix, start_after=None if after is None else prefix + after + "0",
@@ -133,7 +190,7 @@ class RetentionSweep(Service):
                     return deleted
                 read += 1
                 after = job_id
-                deleted += (yield self._expire(prefix, job_id, cutoff))
+                deleted += (yield self._expire(prefix, job_id, retention))
             if page.next_after is None:
                 self._resume[prefix] = None
                 return deleted
@@ -141,12 +198,13 @@ class RetentionSweep(Service):
                 after = page.items[-1].key[len(prefix):].split("/", 1)[0]  # past keys that are not a job's
 
     @inlineCallbacks
-    def _expire(self, prefix: str, job_id: str, cutoff: float) -> Any:
+    def _expire(self, prefix: str, job_id: str, retention: Retention) -> Any:
         try:
             job, _ = yield job_records.read(self.store, job_id)
         except NotFound:
             return 0  # no record (yet, or any more): not ours to judge
-        if not job.final or job.updated > cutoff:
+        days = retention.days(job.tenant)
+        if not job.final or days is None or job.updated > self.now() - days * DAY:
             return 0
         if prefix == keys.inputs_prefix():
             yield self.store.delete(keys.input_source(job_id))

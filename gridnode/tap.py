@@ -20,7 +20,7 @@ from gridnode.errors import ConfigError
 from gridnode.notify.targets import Defaults
 
 #: options that may be given more than once (their values joined by commas)
-REPEATABLE = frozenset({"webhook-allow", "webhook"})
+REPEATABLE = frozenset({"webhook-allow", "webhook", "retain-inputs", "retain-outputs"})
 
 
 def _shown(default: Any) -> str:
@@ -65,6 +65,16 @@ class Options(usage.Options):
         """notify URLs of every job that names none: URLS (comma-separated) for every tenant, TENANT=URLS
         for one (repeatable, or space-separated)"""
         self.opts["webhook"] = " ".join(filter(None, [self.opts.get("webhook"), value]))
+
+    def opt_retain_inputs(self, value: str) -> None:
+        """days a finished job's input is kept (default: for ever); TENANT=DAYS for one tenant's jobs
+        (repeatable, or space-separated)"""
+        self.opts["retain-inputs"] = " ".join(filter(None, [self.opts.get("retain-inputs"), value]))
+
+    def opt_retain_outputs(self, value: str) -> None:
+        """days a finished job's outputs are kept (default: for ever); TENANT=DAYS for one tenant's
+        jobs (repeatable, or space-separated)"""
+        self.opts["retain-outputs"] = " ".join(filter(None, [self.opts.get("retain-outputs"), value]))
 
     def opt_version(self) -> None:
         """Print gridnode's version and exit."""

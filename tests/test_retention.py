@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from gridnode import keys, retention
 from gridnode.jobs import DONE, QUEUED, TRANSCODING, Job
-from gridnode.retention import DAY, RetentionSweep
+from gridnode.retention import DAY, Retention, RetentionSweep
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 
@@ -25,9 +25,11 @@ def sweeper(store: ObjectStore, clock: Clock, node: str, inputs: int | None = 0,
                           now=clock.seconds)
 
 
-def job(store: ObjectStore, created: float, state: str, ended: float | None = None, outputs: int = 2) -> str:
+def job(store: ObjectStore, created: float, state: str, ended: float | None = None, outputs: int = 2,
+        tenant: str = "") -> str:
     """A job stored as its node leaves it: record, input, ``outputs`` output files."""
-    j = Job.new(keys.new_id(created), name="m.mov", presets=["poster"], node="n1", size=1, now=created)
+    j = Job.new(keys.new_id(created), name="m.mov", presets=["poster"], node="n1", size=1, now=created,
+                tenant=tenant)
     j.state = state
     j.updated = ended if ended is not None else created
     store.backend.put_bytes(keys.job_record(j.id), j.dumps())
@@ -120,6 +122,30 @@ class SweepTests:
         assert not has(store, keys.outputs_prefix(old)) and has(store, keys.outputs_prefix(late))
         assert has(store, keys.input_source(old))
 
+    def test_a_tenants_days_replace_the_pools(self, store: ObjectStore, clock: Clock) -> None:
+        """Inputs kept 30 days, acme's 1, keep's for ever: of jobs that all ended 2 days ago only
+        acme's input goes; 40 days ago, the pool's go too, keep's never."""
+        ended = {t: job(store, NOW - 3 * DAY, DONE, ended=NOW - 2 * DAY, tenant=t) for t in ("", "acme", "keep")}
+        old = {t: job(store, NOW - 50 * DAY, DONE, ended=NOW - 40 * DAY, tenant=t) for t in ("", "acme", "keep")}
+        inputs = Retention(30, (("acme", 1),))
+        keep_forever = Retention.parse(["30 acme=1"])
+        assert keep_forever == inputs and inputs.days("keep") == 30 and inputs.shortest() == 1
+        s = sweeper(store, clock, "a", inputs=Retention(30, (("acme", 1), ("keep", 36500))))
+        fired(s.round())
+        assert [t for t, j in ended.items() if not has(store, keys.input_source(j))] == ["acme"]
+        assert [t for t, j in old.items() if not has(store, keys.input_source(j))] == ["", "acme"]
+        only_acme = sweeper(store, clock, "a", inputs=Retention(None, (("acme", 0),)))
+        late = job(store, NOW - DAY, DONE, ended=NOW - 60, tenant="other")
+        fired(only_acme.round())
+        assert has(store, keys.input_source(late)) and has(store, keys.input_source(old["keep"]))
+
+    @pytest.mark.parametrize("values", [["x"], ["-1"], ["36501"], ["acme="], ["=3"], ["a=b=3"], ["3 4"],
+                                        ["acme=1", "acme=2"], ["1.5"], ["acme=1x"], ["a/b c=1 \x00=2"]])
+    def test_bad_retention_values(self, values: list[str]) -> None:
+        """Hostile or mistaken values are refused with a message, never taken in part."""
+        with pytest.raises(ValueError):
+            Retention.parse(values)
+
     def test_a_round_is_bounded_and_goes_on(self, store: ObjectStore, clock: Clock,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """A round reads at most MAX_JOBS records; the next round goes on where it stopped."""
@@ -153,3 +179,26 @@ class SweepTests:
         third = job(store, NOW + 1, DONE)
         clock.advance(600 * 5)
         assert has(store, keys.input_source(third))
+
+
+class ConfigTests:
+    def test_from_the_command_line_and_the_config_file(self, tmp_path: Any) -> None:
+        """``--retain-inputs`` given several times adds up; a config file's integer is the pool's
+        days, a list holds items; a bad value stops the node with a line naming the option."""
+        from gridnode.config import build_config
+        from gridnode.errors import ConfigError
+        from gridnode.tap import Options
+
+        options = Options()
+        options.parseOptions(["--work-dir", str(tmp_path), "--retain-inputs", "30", "--retain-inputs", "acme=1",
+                              "--retain-outputs", "bob=7"])
+        assert options.node_config is not None
+        assert options.node_config.retain_inputs == Retention(30, (("acme", 1),))
+        assert options.node_config.retain_outputs == Retention(None, (("bob", 7),))
+        assert build_config(file={"retain-inputs": 5}).retain_inputs == Retention(5)
+        assert build_config(file={"retain-inputs": ["5", "acme=0"]}).retain_inputs == Retention(5, (("acme", 0),))
+        assert not build_config().retain_inputs
+        for bad in ("acme=x", True, 1.5, {"acme": 1}):
+            with pytest.raises(ConfigError) as e:
+                build_config(file={"retain-inputs": bad})
+            assert "retain-inputs" in str(e.value)
