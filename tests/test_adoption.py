@@ -8,12 +8,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from gridnode import jobs, keys
 from gridnode.adoption import MAX_ATTEMPTS, Adopter, Claim, KeeperRing
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
+from gridnode.store.rate import BACKGROUND, EVENT, Gate
 
 JOBS = [f"job{i:05d}" for i in range(10_000)]
 MEMBERS = [f"i-{i:04x}" for i in range(20)]
@@ -196,6 +198,43 @@ class AdopterTests(AdopterFixture):
         assert record.state == jobs.FAILED and record.error is not None and record.error["code"] == "poison"
         assert [j.id for j in host.poisoned] == [job.id] and host.active == {}
         assert self.markers() == []
+
+
+class LaneTests(AdopterFixture):
+    """A gone owner's jobs are taken over through the store's EVENT lane (a bucket shared by the
+    events in progress, gridnode/store/rate.py); our own prefix through the store's own lane."""
+
+    def gated(self) -> list[str]:
+        lanes: list[str] = []
+
+        class Recording(Gate):
+            def run(self, lane: str, send: Any) -> Any:
+                lanes.append(lane)
+                return super().run(lane, send)
+
+        self.store = ObjectStore.synchronous(self.backend).gated(Recording(Clock(), rate=1000.0, slots=8))
+        self.store = self.store.in_lane(BACKGROUND)
+        return lanes
+
+    def test_a_takeover_spends_the_event_lane_and_our_own_look_does_not(self) -> None:
+        lanes = self.gated()
+        self.orphan()
+        host = FakeHost()
+        assert self.take(self.adopter("n2", host)) == 1
+        assert len(lanes) == 5 and set(lanes) == {EVENT}  # the listing, then a claim's 4
+        lanes.clear()
+        assert self.take(self.adopter("n2", host), "n2") == 0
+        assert lanes == [BACKGROUND]  # our own markers: one listing, in our lane
+
+    def test_leftovers_are_handed_on_in_the_event_lane(self) -> None:
+        lanes = self.gated()
+        for _ in range(3):
+            self.orphan()
+        adopter = self.adopter("n2", FakeHost(capacity=1))
+        adopter.members = lambda: ["n2", "n3", "gone"]
+        assert self.take(adopter) == 1
+        assert set(lanes) == {EVENT}
+        assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 2
 
 
 class MigrationTests(AdopterFixture):
