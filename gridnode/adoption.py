@@ -224,9 +224,23 @@ class Adopter:
             return False
         if self.host.holds(job_id):
             return False  # ours in this life (the listing and this read are not atomic)
-        if not (job.node == self.node_id or job.released or self.gone(job.node)):
+        orphaned = job.node == self.node_id or job.released or self.gone(job.node)
+        if not orphaned and under == self.node_id and job.node:
+            # handed to us by a watcher acting on its owner's death, which we may hold dead but not
+            # confirmed (a node confirms what it checked itself): an owner always has a marker, so
+            # one whose marker was moved away is gone
+            orphaned = not (yield job_records.is_marked(store, job.node, job_id))
+        if not orphaned:
             if under not in (None, job.node, self.node_id) and self.gone(under):
-                yield job_records.unmark(store, under, job_id)  # a stale copy: the owner has its own
+                # a marker under a gone node for a job whose owner is not gone to us: a stale copy
+                # when the owner has its own; else the job was handed on to that node after its
+                # owner's death, which we have not heard of yet (many deaths at once): deleting it
+                # would lose the job, so it moves under us, and our own look claims it once its
+                # owner is gone to us too (or drops it once it is final)
+                if job.node and (yield job_records.is_marked(store, job.node, job_id)):
+                    yield job_records.unmark(store, under, job_id)
+                else:
+                    yield job_records.move_marker(store, job_id, under, self.node_id)
             return False
         if job.attempts >= MAX_ATTEMPTS:
             yield self._quarantine(job, info, under, store)

@@ -170,6 +170,36 @@ class AdopterTests(AdopterFixture):
         self.adopter("heir", host).check_own().addBoth(got.append)
         assert got == [1] and host.active[job.id].job.node == "heir"
 
+    def test_a_job_handed_on_after_a_death_we_did_not_confirm_is_claimed(self) -> None:
+        """A watcher of a dead node hands us a job it had no room for; we hold the owner dead but
+        not confirmed (only the nodes that checked it confirm), so it is not gone to us. Its owner
+        has no marker of its own any more (it was moved to us): the job is claimed. A job of a live
+        owner marked under us as well (a copy) is not: its owner still has its own marker."""
+        self.gone = set()  # nobody is gone to this node
+        handed = self.orphan(owner="dead")
+        self.backend.delete(keys.active_marker("dead", handed.id))
+        self.backend.put_bytes(keys.active_marker("keeper", handed.id), b"")
+        live = self.orphan(owner="alive")
+        self.backend.put_bytes(keys.active_marker("keeper", live.id), b"")
+        host = FakeHost()
+        assert self.take(self.adopter("keeper", host), "keeper") == 1
+        assert list(host.active) == [handed.id]
+        assert self.markers() == sorted([f"active/keeper/{handed.id}", f"active/alive/{live.id}",
+                                         f"active/keeper/{live.id}"])
+
+    def test_a_handed_on_marker_under_a_dead_keeper_is_never_dropped(self) -> None:
+        """Many deaths at once: a job of X was handed on to K, then K died too. K's watcher holds K
+        gone but not yet X. The marker under K is not a stale copy (X has none of its own): it moves
+        under the watcher, whose own look claims the job; the job is never left unmarked."""
+        self.gone = {"K"}
+        job = self.orphan(owner="X")
+        self.backend.delete(keys.active_marker("X", job.id))
+        self.backend.put_bytes(keys.active_marker("K", job.id), b"")
+        host = FakeHost()
+        assert self.take(self.adopter("w", host), "K") == 0
+        assert self.markers() == [f"active/w/{job.id}"]
+        assert self.take(self.adopter("w", host), "w") == 1 and host.active[job.id].job.node == "w"
+
     def test_odd_markers_are_ignored_and_stale_copies_removed(self) -> None:
         """Keys under a prefix that are not a job id (or nest deeper) are never read; a marker left
         under a gone node for a job a live node owns is a stale copy, removed; one under a live
@@ -184,7 +214,9 @@ class AdopterTests(AdopterFixture):
         real = self.backend.get_bytes
         self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
         assert self.take(self.adopter("n2", FakeHost())) == 0
-        assert all(k.startswith("jobs/") and k.count("/") == 1 for k in reads), reads
+        # job records, and the live owner's own marker (is the copy under "gone" stale?)
+        assert all((k.startswith("jobs/") and k.count("/") == 1) or k == keys.active_marker("alive", live.id)
+                   for k in reads), reads
         assert self.markers() == sorted(["active/gone/not-an-id", "active/gone/x/y", nested,
                                          f"active/alive/{live.id}"])
 
