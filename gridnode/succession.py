@@ -13,12 +13,6 @@ still marked under the member (an empty LIST otherwise); every claim is a
 conditional write, so a standby that acts while the first is still at work
 wins nothing twice.
 
-Many deaths at once (a zone lost) can leave a death with no live watcher in
-a node's ring when it hears of it (its watchers die with it, not yet held
-dead), and no second event for it once they are: so a node remembers the
-deaths and leaves that were not its to act on, for `REMEMBER` seconds, and at
-every later event looks again whether one has become its own (its ring moved).
-
 `Succession` decides (no I/O, an injected random source); `Successor` runs the
 decision on a reactor's timers.
 """
@@ -31,13 +25,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 #: seconds between the watchers' turns (rank 1 waits 1 to 1.5 x this, rank 2 twice that)
 STANDBY = 5.0
-#: seconds an event not ours to act on is remembered, in case the ring moves it to us (the
-#: membership forgets dead and left members after as long: swim.py ``reap_after``)
-REMEMBER = 600.0
 
 
 def is_gone(state: str | None, confirmed_dead: bool, listed: bool | None) -> bool:
@@ -89,43 +79,18 @@ class Successor:
         self.act = act
         #: events waiting for our turn, by member
         self.pending: dict[str, Any] = {}
-        #: events that were not ours to act on: member -> (incarnation, what, when heard)
-        self.others: dict[str, tuple[int | None, str, float]] = {}
 
     def dead(self, member: str, incarnation: int) -> Deferred[Any]:
         """``member`` was confirmed dead at ``incarnation``."""
-        return self._heard(member, incarnation, "dead")
+        return self._event(member, incarnation, "dead")
 
     def left(self, member: str) -> Deferred[Any]:
         """``member`` left (a drain handed its jobs back before it went)."""
-        return self._heard(member, None, "left")
-
-    def _heard(self, member: str, incarnation: int | None, what: str) -> Deferred[Any]:
-        self.others.pop(member, None)
-        done = self._event(member, incarnation, what)
-        self._look_again(member)
-        return done
-
-    def _look_again(self, but: str) -> None:
-        """Each event may move the ring: the remembered events that are ours now are acted on,
-        each after its own wait; those older than `REMEMBER` are forgotten."""
-        now = self.reactor.seconds()
-        for member, (incarnation, what, heard) in list(self.others.items()):
-            if member == but:
-                continue
-            if now - heard > REMEMBER:
-                del self.others[member]
-            elif self.succession.rank(member) is not None:
-                del self.others[member]
-                self._event(member, incarnation, what).addErrback(self._failed, member)
-
-    def _failed(self, failure: Failure, member: str) -> None:
-        self._log.failure("acting on {peer} failed", failure, peer=member)
+        return self._event(member, None, "left")
 
     def _event(self, member: str, incarnation: int | None, what: str) -> Deferred[Any]:
         wait = self.succession.wait(member)
         if wait is None:
-            self.others[member] = (incarnation, what, self.reactor.seconds())
             return succeed(None)
         self._log.info("peer {peer} {what}: we act in {wait:.1f}s (watcher {rank})", peer=member, what=what,
                        wait=wait, rank=self.succession.rank(member))

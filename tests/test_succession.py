@@ -17,7 +17,7 @@ from gridnode.errors import StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.succession import REMEMBER, STANDBY, Succession, Successor, is_gone
+from gridnode.succession import STANDBY, Succession, Successor, is_gone
 from tests.test_adoption import FakeHost
 
 
@@ -145,44 +145,3 @@ class SuccessorTests:
         assert h1.active == {} and not self.clock.getDelayedCalls()
         s0.left("gone")
         assert sorted(h0.active) == sorted(made)
-
-
-class LookAgainTests:
-    """A zone lost: a death whose watchers died with it is not ours when we hear of it, and
-    becomes ours once the ring moves (its watchers held dead): we act on it then, at our turn."""
-
-    def successor(self, ring: dict[str, list[str]], acted: list[str], clock: Clock) -> Successor:
-        succession = Succession("me", lambda member: ring.get(member, ["a", "b", "c"]), rng=random.Random(1))
-
-        def act(member: str, incarnation: int | None) -> Deferred[Any]:
-            acted.append(member)
-            return succeed(None)
-
-        return Successor(clock, succession, act)
-
-    def test_a_death_not_ours_becomes_ours_when_the_ring_moves(self) -> None:
-        clock, acted = Clock(), []  # type: list[str]
-        ring = {"x": ["w1", "w2", "w3"]}
-        s = self.successor(ring, acted, clock)
-        s.dead("x", 1)
-        assert acted == [] and "x" in s.others
-        ring["x"] = ["me", "w2", "w3"]  # w1 died too: the ring moved
-        s.dead("w1", 1)
-        assert acted == ["x"] and s.others == {"w1": (1, "dead", 0.0)}
-
-    def test_a_standby_rank_waits_its_turn_and_old_events_are_forgotten(self) -> None:
-        clock, acted = Clock(), []  # type: list[str]
-        ring = {"x": ["w1", "w2", "w3"], "y": ["w1", "w2", "w3"]}
-        s = self.successor(ring, acted, clock)
-        s.dead("x", 1)
-        s.left("y")
-        clock.advance(REMEMBER + 1)
-        ring["x"] = ["w2", "me", "w3"]
-        ring["y"] = ["me"]
-        s.dead("z", 1)  # not ours either; x and y are too old to be looked at again
-        assert acted == [] and set(s.others) == {"z"}
-        ring["z"] = ["w2", "me"]
-        s.dead("w9", 1)
-        assert acted == []  # our turn as the second watcher comes later
-        clock.advance(1.5 * STANDBY)
-        assert acted == ["z"]
