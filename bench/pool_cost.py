@@ -197,7 +197,11 @@ def az_goals(sim: PoolSim, r: Run, out: dict[str, Any], victims: list[int]) -> l
     _, unclaimed, twice = _claims(sim, own, None, math.inf)
     after = busiest(sim.backend, r.warmup + EVENT_AFTER, r.warmup + r.window)
     p99 = m["dead_everywhere_p99_s"]
+    event = r.warmup + EVENT_AFTER
+    delays = sorted(sim.claims[j][0][0] - event for j in own if j in sim.claims)
     out["az"] = {"vanished": len(victims), "orphaned_jobs": len(own), "unclaimed": unclaimed, "claimed_twice": twice,
+                 "claimed_after_event_s": {q: _pct(delays, f) for q, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+                 | {"max": round(delays[-1], 2) if delays else None},
                  "busiest_after_event": after}
     return [goal(f"az, {len(victims)} of {r.nodes} hosts vanish: dead everywhere p99", "<= 20 s",
                  f"{p99} s ({m['kills_not_dead_everywhere']} not dead everywhere by the end)",

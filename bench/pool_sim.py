@@ -220,6 +220,9 @@ class Membership:
     def live_members(self) -> list[str]:  # MembershipService.live_members
         return [v.member for v in self.machine.members() if v.state in (swim.ALIVE, swim.SUSPECT)]
 
+    def unsettled(self) -> int:  # MembershipService.unsettled
+        return sum(1 for v in self.machine.members() if v.state != swim.ALIVE)
+
 
 def wire_adoption(clock: PoolClock, layer: JobLayer, machine: Any, registry: Registry) -> Membership:
     """node.py's own wiring (`NodeService._wire_adoption`, called as it is, not copied): the adopter's
@@ -342,6 +345,8 @@ class PoolSim(Sim):
         assert parts.layer is not None and parts.registry is not None and parts.gate is not None
         machine = self.nodes[i].m
         parts.gate.members = machine.live_count
+        assert parts.membership is not None
+        parts.gate.events = parts.membership.unsettled
         for loop in parts.layer.loops:
             loop.start(now=False)
         parts.registry.startService()

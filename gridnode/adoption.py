@@ -20,6 +20,12 @@ owner's prefix at a time (`Adopter.take_over`):
 - the old layout's (``active/<id>``), by the pool's registry writer alone,
   every `LEGACY_EVERY` s, while a pool is upgraded in place (`Adopter.migrate`).
 
+A gone owner's jobs are claimed through the store's `EVENT` lane
+(gridnode/store/rate.py), whose bucket is shared by the events in progress
+rather than by the pool's members, so a death's jobs are claimed within a
+second or two however large the pool; our own prefix and the old layout go
+through the store's own lane (the node gives `BACKGROUND`).
+
 Each job is claimed with a write conditional on the ETag of the record just
 read, so of several nodes claiming it exactly one wins; the claimant marks it
 under its own id first. The adopter only claims: it hands each job it won to
@@ -43,6 +49,7 @@ from gridnode import job_records, keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectInfo, ObjectStore
+from gridnode.store.rate import EVENT
 
 #: tries of one job (first run and adoptions) before it is quarantined as poison
 MAX_ATTEMPTS = 3
@@ -131,6 +138,8 @@ class Adopter:
     def __init__(self, store: ObjectStore, host: Host, node_id: str, lease: float, *,
                  now: Callable[[], float], rng: random.Random) -> None:
         self.store = store
+        #: the same store in the EVENT lane: taking over a gone owner's jobs
+        self.acting = store.in_lane(EVENT)
         self.host = host
         self.node_id = node_id
         self.lease = lease
@@ -174,8 +183,9 @@ class Adopter:
     def _take_over(self, owner: str) -> Any:
         if self.host.draining:
             return 0
+        store = self.store if owner == self.node_id else self.acting
         try:
-            ids = yield job_records.marked(self.store, owner)
+            ids = yield job_records.marked(store, owner)
         except GridnodeError as e:
             self._log.warn("cannot list the jobs of {owner}: {reason}", owner=owner, reason=e.message)
             return 0
@@ -188,7 +198,7 @@ class Adopter:
                 left.append(job_id)
                 continue
             try:
-                won += int((yield self.claim(job_id, owner)))
+                won += int((yield self.claim(job_id, owner, store=store)))
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
         if left and owner != self.node_id:
@@ -196,61 +206,77 @@ class Adopter:
         return won
 
     @inlineCallbacks
-    def claim(self, job_id: str, under: str | None) -> Any:
+    def claim(self, job_id: str, under: str | None, *, store: ObjectStore | None = None) -> Any:
         """Claim one job if its owner is gone, released it, or was an earlier life of ours; True
         when we won it and handed it to the host. ``under``: whose prefix its marker was found in
-        (`LEGACY`: the old layout's); that marker goes once the job is ours, or final."""
+        (`LEGACY`: the old layout's); that marker goes once the job is ours, or final. ``store``:
+        the lane to claim through (ours by default)."""
+        store = store or self.store
         try:
-            job, info = yield job_records.read(self.store, job_id)
+            job, info = yield job_records.read(store, job_id)
         except NotFound:
-            yield job_records.unmark(self.store, under, job_id)  # its record is gone: nothing to run
+            yield job_records.unmark(store, under, job_id)  # its record is gone: nothing to run
             return False
         if job.final:
             if self.on_ended is not None:
                 yield self.on_ended(job)
-            yield job_records.unmark(self.store, under, job_id)
+            yield job_records.unmark(store, under, job_id)
             return False
         if self.host.holds(job_id):
             return False  # ours in this life (the listing and this read are not atomic)
-        if not (job.node == self.node_id or job.released or self.gone(job.node)):
+        orphaned = job.node == self.node_id or job.released or self.gone(job.node)
+        if not orphaned and under == self.node_id and job.node:
+            # handed to us by a watcher acting on its owner's death, which we may hold dead but not
+            # confirmed (a node confirms what it checked itself): an owner always has a marker, so
+            # one whose marker was moved away is gone
+            orphaned = not (yield job_records.is_marked(store, job.node, job_id))
+        if not orphaned:
             if under not in (None, job.node, self.node_id) and self.gone(under):
-                yield job_records.unmark(self.store, under, job_id)  # a stale copy: the owner has its own
+                # a marker under a gone node for a job whose owner is not gone to us: a stale copy
+                # when the owner has its own; else the job was handed on to that node after its
+                # owner's death, which we have not heard of yet (many deaths at once): deleting it
+                # would lose the job, so it moves under us, and our own look claims it once its
+                # owner is gone to us too (or drops it once it is final)
+                if job.node and (yield job_records.is_marked(store, job.node, job_id)):
+                    yield job_records.unmark(store, under, job_id)
+                else:
+                    yield job_records.move_marker(store, job_id, under, self.node_id)
             return False
         if job.attempts >= MAX_ATTEMPTS:
-            yield self._quarantine(job, info, under)
+            yield self._quarantine(job, info, under, store)
             return False
         previous, foreign = job.node, under != self.node_id
         if foreign:
-            yield job_records.mark(self.store, self.node_id, job_id)  # an owner always has a marker
+            yield job_records.mark(store, self.node_id, job_id)  # an owner always has a marker
         job.reclaim(self.node_id, self.now(), self.lease)
         try:
-            info = yield self.store.put_bytes(keys.job_record(job_id), job.dumps(), if_match=info.etag,
-                                              content_type="application/json")
+            info = yield store.put_bytes(keys.job_record(job_id), job.dumps(), if_match=info.etag,
+                                         content_type="application/json")
         except (PreconditionFailed, NotFound):
             if foreign:
-                yield job_records.unmark(self.store, self.node_id, job_id)
+                yield job_records.unmark(store, self.node_id, job_id)
             return False  # another node was faster
         self._log.info("job {job} adopted from {previous} (attempt {attempts})", job=job_id, previous=previous,
                        attempts=job.attempts, state=job.state)
         self.host.run_claimed(Claim(job, info.etag))
         if foreign:
             try:
-                yield job_records.unmark(self.store, under, job_id)
+                yield job_records.unmark(store, under, job_id)
             except GridnodeError:
                 pass  # a stale copy: whoever reads it next finds the job ours
         return True
 
     @inlineCallbacks
-    def _quarantine(self, job: Job, info: ObjectInfo, under: str | None) -> Any:
+    def _quarantine(self, job: Job, info: ObjectInfo, under: str | None, store: ObjectStore) -> Any:
         job.fail("poison", f"the job failed {job.attempts} times on nodes that then stopped; it is "
                  "quarantined. Check the input, then submit it again", self.now())
         try:
-            yield job_records.write(self.store, job.id, job.dumps(), info.etag, self.node_id)
+            yield job_records.write(store, job.id, job.dumps(), info.etag, self.node_id)
         except job_records.Lost:
             return
         if self.on_ended is not None:
             yield self.on_ended(job)
-        yield job_records.unmark(self.store, under, job.id)
+        yield job_records.unmark(store, under, job.id)
         self.host.quarantined(job)
         self._log.warn("job {job} quarantined as poison after {attempts} attempts", job=job.id,
                        attempts=job.attempts, code="poison")
@@ -267,7 +293,7 @@ class Adopter:
             if not keepers:
                 continue  # no one else: it waits under the gone owner for the standby watchers
             try:
-                yield job_records.move_marker(self.store, job_id, owner, keepers[0])
+                yield job_records.move_marker(self.acting, job_id, owner, keepers[0])
             except GridnodeError as e:
                 self._log.warn("could not hand job {job} on: {reason}", job=job_id, reason=e.message)
                 continue

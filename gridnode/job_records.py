@@ -71,6 +71,16 @@ def mark(store: ObjectStore, owner: str, job_id: str) -> Deferred[ObjectInfo]:
     return store.put_bytes(keys.active_marker(owner, job_id), b"")
 
 
+@inlineCallbacks
+def is_marked(store: ObjectStore, owner: str, job_id: str) -> Any:
+    """Whether ``job_id`` is marked under ``owner``: one HEAD."""
+    try:
+        yield store.stat(keys.active_marker(owner, job_id))
+    except NotFound:
+        return False
+    return True
+
+
 def unmark(store: ObjectStore, owner: str | None, job_id: str) -> Deferred[None]:
     """Remove ``job_id``'s marker under ``owner`` (None: its legacy marker, ``active/<id>``)."""
     key = keys.legacy_marker(job_id) if owner is None else keys.active_marker(owner, job_id)

@@ -173,6 +173,7 @@ class NodeService(MultiService):
         if hooks is not None:
             hooks.members = lambda: {v.member: v.state for v in membership.machine.members()}
         gate.members = lambda: len(membership.live_members())
+        gate.events = membership.unsettled
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)
         membership.setServiceParent(self)

@@ -8,12 +8,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from gridnode import jobs, keys
 from gridnode.adoption import MAX_ATTEMPTS, Adopter, Claim, KeeperRing
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
+from gridnode.store.rate import BACKGROUND, EVENT, Gate
 
 JOBS = [f"job{i:05d}" for i in range(10_000)]
 MEMBERS = [f"i-{i:04x}" for i in range(20)]
@@ -168,6 +170,36 @@ class AdopterTests(AdopterFixture):
         self.adopter("heir", host).check_own().addBoth(got.append)
         assert got == [1] and host.active[job.id].job.node == "heir"
 
+    def test_a_job_handed_on_after_a_death_we_did_not_confirm_is_claimed(self) -> None:
+        """A watcher of a dead node hands us a job it had no room for; we hold the owner dead but
+        not confirmed (only the nodes that checked it confirm), so it is not gone to us. Its owner
+        has no marker of its own any more (it was moved to us): the job is claimed. A job of a live
+        owner marked under us as well (a copy) is not: its owner still has its own marker."""
+        self.gone = set()  # nobody is gone to this node
+        handed = self.orphan(owner="dead")
+        self.backend.delete(keys.active_marker("dead", handed.id))
+        self.backend.put_bytes(keys.active_marker("keeper", handed.id), b"")
+        live = self.orphan(owner="alive")
+        self.backend.put_bytes(keys.active_marker("keeper", live.id), b"")
+        host = FakeHost()
+        assert self.take(self.adopter("keeper", host), "keeper") == 1
+        assert list(host.active) == [handed.id]
+        assert self.markers() == sorted([f"active/keeper/{handed.id}", f"active/alive/{live.id}",
+                                         f"active/keeper/{live.id}"])
+
+    def test_a_handed_on_marker_under_a_dead_keeper_is_never_dropped(self) -> None:
+        """Many deaths at once: a job of X was handed on to K, then K died too. K's watcher holds K
+        gone but not yet X. The marker under K is not a stale copy (X has none of its own): it moves
+        under the watcher, whose own look claims the job; the job is never left unmarked."""
+        self.gone = {"K"}
+        job = self.orphan(owner="X")
+        self.backend.delete(keys.active_marker("X", job.id))
+        self.backend.put_bytes(keys.active_marker("K", job.id), b"")
+        host = FakeHost()
+        assert self.take(self.adopter("w", host), "K") == 0
+        assert self.markers() == [f"active/w/{job.id}"]
+        assert self.take(self.adopter("w", host), "w") == 1 and host.active[job.id].job.node == "w"
+
     def test_odd_markers_are_ignored_and_stale_copies_removed(self) -> None:
         """Keys under a prefix that are not a job id (or nest deeper) are never read; a marker left
         under a gone node for a job a live node owns is a stale copy, removed; one under a live
@@ -182,7 +214,9 @@ class AdopterTests(AdopterFixture):
         real = self.backend.get_bytes
         self.backend.get_bytes = lambda key, **kw: reads.append(key) or real(key, **kw)  # type: ignore
         assert self.take(self.adopter("n2", FakeHost())) == 0
-        assert all(k.startswith("jobs/") and k.count("/") == 1 for k in reads), reads
+        # job records, and the live owner's own marker (is the copy under "gone" stale?)
+        assert all((k.startswith("jobs/") and k.count("/") == 1) or k == keys.active_marker("alive", live.id)
+                   for k in reads), reads
         assert self.markers() == sorted(["active/gone/not-an-id", "active/gone/x/y", nested,
                                          f"active/alive/{live.id}"])
 
@@ -196,6 +230,43 @@ class AdopterTests(AdopterFixture):
         assert record.state == jobs.FAILED and record.error is not None and record.error["code"] == "poison"
         assert [j.id for j in host.poisoned] == [job.id] and host.active == {}
         assert self.markers() == []
+
+
+class LaneTests(AdopterFixture):
+    """A gone owner's jobs are taken over through the store's EVENT lane (a bucket shared by the
+    events in progress, gridnode/store/rate.py); our own prefix through the store's own lane."""
+
+    def gated(self) -> list[str]:
+        lanes: list[str] = []
+
+        class Recording(Gate):
+            def run(self, lane: str, send: Any) -> Any:
+                lanes.append(lane)
+                return super().run(lane, send)
+
+        self.store = ObjectStore.synchronous(self.backend).gated(Recording(Clock(), rate=1000.0, slots=8))
+        self.store = self.store.in_lane(BACKGROUND)
+        return lanes
+
+    def test_a_takeover_spends_the_event_lane_and_our_own_look_does_not(self) -> None:
+        lanes = self.gated()
+        self.orphan()
+        host = FakeHost()
+        assert self.take(self.adopter("n2", host)) == 1
+        assert len(lanes) == 5 and set(lanes) == {EVENT}  # the listing, then a claim's 4
+        lanes.clear()
+        assert self.take(self.adopter("n2", host), "n2") == 0
+        assert lanes == [BACKGROUND]  # our own markers: one listing, in our lane
+
+    def test_leftovers_are_handed_on_in_the_event_lane(self) -> None:
+        lanes = self.gated()
+        for _ in range(3):
+            self.orphan()
+        adopter = self.adopter("n2", FakeHost(capacity=1))
+        adopter.members = lambda: ["n2", "n3", "gone"]
+        assert self.take(adopter) == 1
+        assert set(lanes) == {EVENT}
+        assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 2
 
 
 class MigrationTests(AdopterFixture):

@@ -233,6 +233,20 @@ def test_registry_records_are_needed_only_for_nodes_not_held_alive() -> None:
     assert service.needs_record("b")
 
 
+def test_unsettled_counts_suspect_dead_and_left_members() -> None:
+    """What the store's EVENT lane shares the pool's budget by: every member not held alive (a
+    suspicion counts, so a mass failure counts before its deaths are confirmed)."""
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    machine.add_members([(m, f"127.0.0.1:{i + 2}") for i, m in enumerate("bcde")], 0.0)
+    service = MembershipService(MemoryReactorClock(), machine, wire.fixed_keys(KEY))
+    assert service.unsettled() == 0
+    for member, state in (("b", swim.SUSPECT), ("c", swim.DEAD), ("d", swim.LEFT)):
+        machine.receive(swim.Gossip("e", "127.0.0.1:5", "a", "127.0.0.1:1", 0,
+                                    [swim.Update(member, "127.0.0.1:9", 0, state, "e")]), 1.0)
+    assert {v.member: v.state for v in machine.members()}["b"] == swim.SUSPECT
+    assert service.unsettled() == 3 and len(service.live_members()) == 3  # a, b (suspect), e
+
+
 def test_a_member_known_only_from_its_record_is_deleted_at_its_death() -> None:
     """A node that dies before we ever hear from it: we hold it at its record's incarnation (the
     registry bootstrap once said 0), so its confirmed death, reported with that incarnation,

@@ -19,6 +19,7 @@ from gridnode.store.rate import (
     ASSUMED_POOL,
     BACKGROUND,
     BURST,
+    EVENT,
     KEEP,
     MIN_RATE,
     POOL_BUDGET,
@@ -154,6 +155,81 @@ class GateTests:
         clock.advance(1)
         g.take(ANSWER)
         assert g.rate == pool_rate(3)
+
+    def test_an_event_spends_a_bucket_of_its_own(self) -> None:
+        """Acting on a death (EVENT) does not wait behind the node's own requests, nor they behind
+        it: with the node's bucket in debt, the takeover goes at its own rate, and the background
+        waits for the node's bucket alone."""
+        clock = Clock()
+        g = gate(clock, rate=None, members=lambda: 1000, events=lambda: 1)  # the node's share: 1/s
+        order: list[str] = []
+        for _ in range(3):
+            g.take(KEEP)  # the node's own writes: its bucket owes them
+        g.take(BACKGROUND).addCallback(lambda _: order.append("look"))
+        for i in range(64):  # a dead node's 16 jobs, 4 requests each
+            g.take(EVENT).addCallback(lambda _, i=i: order.append(f"claim{i}"))
+        assert order == [f"claim{i}" for i in range(64)]  # pool_rate(1) = 875/s: all at once
+        assert g.waiting(BACKGROUND) == 1
+        clock.advance(3)
+        assert order[-1] == "look"
+
+    def test_the_event_rate_is_the_pool_budget_shared_by_the_events(self) -> None:
+        """The EVENT lane's rate is `pool_rate` of the members held suspect, dead or left (however
+        many live members), so N actors each counting N events spend at most the pool's budget;
+        counted again at most once a second, and only while an event's requests wait."""
+        clock = Clock()
+        events = [300]
+        calls: list[int] = []
+
+        def count() -> int:
+            calls.append(events[0])
+            return events[0]
+
+        g = gate(clock, rate=None, members=lambda: 1000, events=count)
+        n = len(calls)
+        g.take(ANSWER)
+        clock.advance(2)
+        g.take(ANSWER)
+        assert len(calls) == n  # nothing waits in EVENT: the membership is not walked
+        granted: list[float] = []
+        for _ in range(20):
+            g.take(EVENT).addCallback(lambda _: granted.append(clock.seconds()))
+        assert g.event_bucket.rate == pool_rate(300) == pytest.approx(POOL_BUDGET / (2 * 300))
+        assert 300 * g.event_bucket.rate * (1 + BURST) <= POOL_BUDGET + 1e-9
+        for _ in range(20):
+            clock.advance(0.5)
+        assert len(granted) == 20 and granted[-1] > granted[0]  # at the shared rate, not at once
+        events[0] = 1
+        g.take(EVENT)
+        clock.advance(1)
+        g.take(EVENT)
+        assert g.event_bucket.rate == pool_rate(1)
+
+    def test_a_fixed_rate_holds_for_events_too(self) -> None:
+        """With --store-rate the EVENT lane spends at that rate, from a bucket of its own."""
+        clock = Clock()
+        g = gate(clock, rate=2.0, events=lambda: 1)
+        granted: list[str] = []
+        for i in range(4):
+            g.take(EVENT).addCallback(lambda _, i=i: granted.append(f"e{i}"))
+        g.take(ANSWER).addCallback(lambda _: granted.append("read"))
+        assert granted == ["e0", "e1", "read"]  # the event burst, then the node's own token
+        clock.advance(0.5)
+        assert granted == ["e0", "e1", "read", "e2"]
+
+    def test_an_event_token_due_sooner_is_not_held_by_the_other_lanes_timer(self) -> None:
+        """The gate wakes for the lane whose token comes first: an EVENT request that waits 0.1 s
+        is not held until the node's bucket, 1 s away, pays its debt."""
+        clock = Clock()
+        g = gate(clock, rate=None, members=lambda: 1000, events=lambda: 400)  # EVENT: ~2.2/s
+        g.take(ANSWER)
+        g.take(BACKGROUND)  # waits a second for the node's bucket: the timer is set for it
+        granted: list[float] = []
+        for _ in range(4):
+            g.take(EVENT).addCallback(lambda _: granted.append(clock.seconds()))
+        assert len(granted) == 2  # the event bucket's burst
+        clock.advance(0.5)
+        assert len(granted) == 3 and g.waiting(BACKGROUND) == 1
 
     def test_waits_are_measured_by_lane(self) -> None:
         """The metrics see each request's wait for its token, by lane, and what waits now."""

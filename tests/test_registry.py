@@ -23,6 +23,7 @@ from gridnode.registry.records import (
 from gridnode.registry.service import Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
+from gridnode.store.rate import BACKGROUND, EVENT, Gate
 
 PREFIX = "registry/prod/east/nodes/"
 
@@ -538,6 +539,22 @@ class DeleteDeadTests:
 
         self.store.backend.get_bytes = down  # type: ignore[method-assign]
         self.delete_dead("b", 9)
+
+    def test_the_delete_is_an_events_request(self) -> None:
+        """Acting on a death spends the store's EVENT lane (a bucket shared by the events in
+        progress, gridnode/store/rate.py), not the registry's background lane."""
+        lanes: list[str] = []
+
+        class Recording(Gate):
+            def run(self, lane: str, send: Any) -> Any:
+                lanes.append(lane)
+                return super().run(lane, send)
+
+        store = ObjectStore.synchronous(self.store.backend).gated(Recording(self.clock, rate=100.0, slots=8))
+        self.registry = make(store.in_lane(BACKGROUND), self.clock, "a")
+        self.store.backend.put_bytes(PREFIX + "b.json", record_bytes("b", incarnation=5))
+        self.delete_dead("b", 5)
+        assert lanes == [EVENT, EVENT] and self.store.backend.list(PREFIX).items == []
 
 
 class RegistryServiceTests:

@@ -429,6 +429,13 @@ class MembershipService(Service):
         """The ids of the members held alive or suspect, ourselves included."""
         return [v.member for v in self.machine.members() if v.state in (swim.ALIVE, swim.SUSPECT)]
 
+    def unsettled(self) -> int:
+        """Members held suspect, dead or left (until forgotten): at least the deaths and leaves that
+        may be acted on at once, as this node sees the pool (the store's EVENT lane shares the
+        pool's budget by it). Suspicions count, so a mass failure counts before its deaths are
+        confirmed."""
+        return sum(1 for v in self.machine.members() if v.state != swim.ALIVE)
+
     def needs_record(self, member: str) -> bool:
         """Whether a changed registry record of ``member`` can tell us anything: not while we hold
         it alive or suspect (the protocol knows its address and incarnation better)."""

@@ -47,7 +47,7 @@ from gridnode import keys
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
 from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, RecordReader, live_list, nodes_json, parse_record
 from gridnode.store.base import ObjectStore
-from gridnode.store.rate import KEEP
+from gridnode.store.rate import EVENT, KEEP
 from gridnode.timers import SPREAD, JitteredLoop, jittered
 
 
@@ -76,6 +76,8 @@ class Registry(Service):
         self.store = store
         #: our own record's writes: a heartbeat keeps this node listed, so it waits for no scan
         self.keeping = store.in_lane(KEEP)
+        #: acting on a member's death (its record's delete): the store's EVENT lane
+        self.acting = store.in_lane(EVENT)
         #: heartbeats (and the looks at the membership) are `spread` apart from their period, so
         #: nodes started together do not write together for ever
         self.rng = rng or random.Random()
@@ -306,13 +308,13 @@ class Registry(Service):
         node that came back keeps its new record. Never fails (logged)."""
         try:
             key = keys.node_record(self.env, self.pool, member)
-            data, info = yield self.store.get_bytes(key, max_size=MAX_RECORD_BYTES)
+            data, info = yield self.acting.get_bytes(key, max_size=MAX_RECORD_BYTES)
             record = parse_record(data, member)
             if record.incarnation > incarnation:
                 self._log.info("peer {peer} is back with incarnation {incarnation}; record kept",
                                peer=member, incarnation=record.incarnation)
                 return
-            yield self.store.delete(key, if_match=info.etag)
+            yield self.acting.delete(key, if_match=info.etag)
             self._log.info("deleted the registry record of dead peer {peer}", peer=member)
         except (NotFound, PreconditionFailed):
             pass  # gone already, or rewritten by the node itself: not ours to delete
