@@ -87,6 +87,8 @@ class Converter(Service):
         self.space = ScratchSpace(lambda: free_bytes(scratch))
         # the admission's bound (gridnode/priority.py): a job of higher priority beyond ``queue``
         self.pool = TranscodePool(reactor, scratch, workers=config.workers, queue=2 * config.queue, space=self.space)
+        #: a node stopping at once (a second SIGTERM): cancelled ffmpegs get SIGKILL, not a grace
+        self.hurried = False
         #: job id -> the scratch bytes a run that ran out showed it needs (its next run waits for them)
         self._needs: dict[str, int] = {}
 
@@ -149,7 +151,7 @@ class Converter(Service):
                                       on_progress=progress, on_tick=watch.tick, max_output_bytes=per_output,
                                       threads=self.threads, label=f"ffmpeg {job_id}", sandbox=self.sandbox,
                                       input_limits=self.limits)
-            slot.on_cancel(process.cancel)
+            slot.on_cancel(lambda: process.cancel(at_once=self.hurried))
             d: Deferred[Any] = process.deferred
 
             def transcoded(result: FfmpegResult) -> list[ProducedFile]:

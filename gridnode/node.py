@@ -310,6 +310,8 @@ class NodeService(MultiService):
         if self._stopping:
             self._log.warn("second SIGTERM: stopping now")
             self.stop_budget = HURRIED_STOP
+            if self._media is not None:
+                self._media.hurried = True  # its running ffmpegs are the pool's now: no flush waited for
             if self.view is not None:
                 self.view.jobs.hurry()
             return

@@ -102,6 +102,17 @@ class ChildProcessTests:
         run.end(exited(None, signal.SIGTERM))
         assert run.error().message == "first"
 
+    def test_stop_at_once_is_sigkill_now(self) -> None:
+        """at_once (a node stopping at once): SIGKILL at the stop, no SIGTERM, no grace; the end
+        fails with the stop's error."""
+        run = Run()
+        run.child.stop(GridnodeError("now", code="cancelled", status=409), at_once=True)
+        assert run.groups.sent == [(PID, signal.SIGKILL)]
+        run.clock.advance(3)
+        assert run.groups.sent == [(PID, signal.SIGKILL)]
+        run.end(exited(None, signal.SIGKILL))
+        assert run.error().message == "now" and run.clock.getDelayedCalls() == []
+
     def test_stop_after_the_end_does_nothing(self) -> None:
         """Once the result is out (the group swept at the end), a stop sends no signal and starts
         no timer."""

@@ -129,8 +129,9 @@ class ChildProcess(ProcessProtocol, Generic[T]):
 
     # -- control
 
-    def stop(self, error: GridnodeError) -> None:
-        """Stop the child; ``deferred`` fails with ``error`` once it is gone. Only the first stop counts."""
+    def stop(self, error: GridnodeError, *, at_once: bool = False) -> None:
+        """Stop the child; ``deferred`` fails with ``error`` once it is gone. SIGTERM first, SIGKILL
+        after ``kill_grace``; ``at_once``: SIGKILL now. Only the first stop counts."""
         if self._done or self._stopping is not None:
             return
         self._stopping = error
@@ -142,6 +143,10 @@ class ChildProcess(ProcessProtocol, Generic[T]):
         if self.pid is None:
             # Never started: nothing to wait for.
             self._finish(Failure(error))
+            return
+        if at_once:
+            self._signal_group(signal.SIGKILL)
+            self._backup_timer = self._clock.callLater(self.timeouts.backup, self._give_up)
             return
         self._signal_group(signal.SIGTERM)
         self._kill_timer = self._clock.callLater(self.timeouts.kill_grace, self._kill)

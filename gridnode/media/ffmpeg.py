@@ -227,9 +227,10 @@ class FfmpegProcess(ChildProcess[FfmpegResult]):
         return GridnodeError(f"the conversion took longer than {self.timeouts.max_time:.0f} s and was stopped",
                              code="timeout", status=504)
 
-    def cancel(self) -> None:
-        """Stop the child; ``deferred`` fails with ``cancelled`` once it is gone."""
-        self.stop(GridnodeError("the job was cancelled", code="cancelled", status=409))
+    def cancel(self, at_once: bool = False) -> None:
+        """Stop the child; ``deferred`` fails with ``cancelled`` once it is gone (``at_once``: by
+        SIGKILL, not waiting for ffmpeg to flush what nobody will keep)."""
+        self.stop(GridnodeError("the job was cancelled", code="cancelled", status=409), at_once=at_once)
 
     def _report(self, value: float) -> None:
         if self._on_progress is None:
