@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +23,7 @@ from tests.helpers import free_port, sleep, wait_for
 from tests.media_samples import work_clip
 from tests.nodes import NodeProcess, get_json, upload, wait_job
 from tests.s3server import MotoServer, SlowDownProxy, make_bucket
+from tests.test_chaos import kill_machine
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration
@@ -45,17 +45,6 @@ def node(tmp_path: Path, endpoint: str, bucket: str, name: str) -> NodeProcess:
         "--store", f"s3://{bucket}/grid", "--s3-endpoint", endpoint, "--pool", "acts", "--node-id", name,
         "--heartbeat", "1", "--job-lease", str(LEASE), "--workers", "1", "--queue", "8", "--min-free", "0",
         "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
-
-
-def kill_machine(n: NodeProcess) -> None:
-    """kill -9 the node and every ffmpeg it started, as when its instance dies."""
-    assert n.process is not None
-    os.kill(n.process.pid, signal.SIGKILL)
-    n.process.wait()
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if "ffmpeg" in line and str(n.folder) in line:
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def alive(n: NodeProcess) -> list[str]:

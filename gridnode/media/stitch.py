@@ -144,15 +144,7 @@ def _failed(what: str) -> GridnodeError:
 
 def _read(path: str) -> str:
     """A text file a child wrote, never through a link it planted, bounded."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise _failed(f"{os.path.basename(path)} is missing or not a file") from e
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(_MAX_TEXT + 1)
-    if len(data) > _MAX_TEXT:
-        raise _failed(f"{os.path.basename(path)} is too long")
-    return data.decode("utf-8", "replace")
+    return _read_bytes(path).decode("utf-8", "replace")
 
 
 def _write(path: str, text: str) -> None:
@@ -263,6 +255,7 @@ def join_cmaf(work_dir: str, out_dir: str, preset: Preset, chunks: Sequence[Chun
 
 
 def _read_bytes(path: str) -> bytes:
+    """A file a child wrote, never through a link it planted, bounded."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
