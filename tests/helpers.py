@@ -9,6 +9,8 @@ the reactor must keep running while we wait). The reactor is imported only when 
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -19,10 +21,29 @@ from twisted.internet.task import deferLater
 
 
 def free_port() -> int:
-    """A loopback TCP port that is free just now (bound, then released): for a server to listen on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port that is free just now, for a server to listen on.
+
+    Drawn below the kernel's ephemeral range (32768 and up on Linux), so that no outgoing
+    connection of this or another test can take it between now and the server's bind, nor while
+    a killed node is restarted on it; each process draws from its own stride, and never hands out
+    a port twice."""
+    for _ in _PORTS:
+        port = _PORTS.start + (next(_draws) * 7919 + os.getpid() * 101) % len(_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {_PORTS}")
+
+
+_PORTS = range(20000, 32000)
+_draws = itertools.count()
+_given: set[int] = set()
 
 
 def closed_port() -> int:

@@ -59,6 +59,13 @@ def keys_of(s3: Any, bucket: str) -> set[str]:
     return found
 
 
+def settled_keys(s3: Any, bucket: str) -> set[str] | None:
+    """The bucket's keys once no owner marker is left: a done job's marker goes a moment after
+    its done record, and a listing taken between the two races the cleanup."""
+    found = keys_of(s3, bucket)
+    return None if any(k.startswith("active/") for k in found) else found
+
+
 def pages(base: str, headers: dict[str, str], limit: int = 100) -> list[list[str]]:
     """Every page of ``GET /jobs`` (bounded), as lists of ids."""
     got: list[list[str]] = []
@@ -122,7 +129,7 @@ class PurgeTests:
         status, _, theirs = post_clip(a, media_clips.portrait, BOB)
         assert status == 201, theirs
         assert done(a, job, ALICE)["state"] == DONE and done(a, theirs["id"], BOB)["state"] == DONE
-        before = keys_of(s3_client, s3_bucket)
+        before = poll(lambda: settled_keys(s3_client, s3_bucket), 30, "finished jobs' markers gone")
         mine = {k for k in before if job in k or keys.reversed_id(job) in k}
         assert {f"inputs/{job}/source", f"jobs/{job}.json", f"outputs/{job}/poster.jpg",
                 keys.listing_entry("alice", job), keys.listing_entry(None, job)} <= mine
