@@ -34,10 +34,10 @@ def endpoint_port(endpoint: str) -> int | None:
     """The port of a ``tcp:PORT:...`` endpoint string, if it has one."""
     parts = endpoint.split(":")
     for part in parts[1:]:
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             return int(part)
         if part.startswith("port="):
-            return int(part[5:]) if part[5:].isdigit() else None
+            return int(part[5:]) if part[5:].isascii() and part[5:].isdigit() else None
     return None
 
 

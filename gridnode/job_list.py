@@ -102,7 +102,7 @@ class Query:
         limit = DEFAULT_LIMIT
         if args.get("limit"):
             text = args["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
                 raise bad_query(f"limit={text[:40]!r}: give a whole number from 1 to {MAX_LIMIT}")
             limit = int(text)
         query = cls(tenant, state, since, until, limit)

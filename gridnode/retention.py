@@ -62,7 +62,7 @@ class Retention:
         for item in (part for value in items for part in value.split()):
             named = _TENANT_DAYS.fullmatch(item)
             text = named[2] if named else item
-            if not text.isdigit() or int(text) > MAX_DAYS:
+            if not (text.isascii() and text.isdigit()) or int(text) > MAX_DAYS:
                 raise ValueError(f"{item[:80]!r} is neither DAYS (0-{MAX_DAYS}) nor TENANT=DAYS")
             if named is None:
                 if pool is not None:

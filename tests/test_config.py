@@ -70,6 +70,7 @@ class LayeringTests:
         assert endpoint_port("tcp:8080:interface=127.0.0.1") == 8080
         assert endpoint_port("tcp:port=81") == 81
         assert endpoint_port("unix:/tmp/x") is None
+        assert endpoint_port("tcp:\u00b2") is None and endpoint_port("tcp:port=\u0663") is None
 
     def test_http_backlog(self) -> None:
         """TCP endpoints get a deep accept queue unless they set one; others are left alone."""

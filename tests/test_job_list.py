@@ -87,7 +87,8 @@ class QueryTests:
         """Each bad parameter is a coded 400 (403 for another tenant), never a 500."""
         for args, want in [({"state": "nope"}, "bad_query"), ({"limit": "0"}, "bad_query"),
                            ({"limit": "101"}, "bad_query"), ({"limit": "-1"}, "bad_query"),
-                           ({"limit": "1e3"}, "bad_query"), ({"since": "yesterday"}, "bad_query"),
+                           ({"limit": "1e3"}, "bad_query"), ({"limit": "\u00b2"}, "bad_query"),
+                           ({"limit": "\u0663"}, "bad_query"), ({"since": "yesterday"}, "bad_query"),
                            ({"since": "nan"}, "bad_query"), ({"until": "inf"}, "bad_query"),
                            ({"since": "2026-01-01T00:00:00"}, "bad_query"), ({"until": "-5"}, "bad_query"),
                            ({"cursor": "!!!"}, "bad_cursor"), ({"cursor": "x" * 500}, "bad_cursor"),

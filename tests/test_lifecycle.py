@@ -38,7 +38,7 @@ class RulesTests:
         assert by_id(json.loads(capsys.readouterr().out))["gridnode-retain-outputs"]["Expiration"]["Days"] == 9
         assert run(parser().parse_args(["lifecycle", "--store", "file:x"])) == 1
         assert "bad_config" in capsys.readouterr().err
-        for bad in ("-1", "1.5", "99999", "x"):
+        for bad in ("-1", "1.5", "99999", "x", "\u00b2", "\u0663"):
             with pytest.raises(SystemExit) as e:
                 parser().parse_args(["lifecycle", "--store", "s3://b", "--retain-inputs", bad])
             assert e.value.code == 2

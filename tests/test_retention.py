@@ -139,8 +139,9 @@ class SweepTests:
         fired(only_acme.round())
         assert has(store, keys.input_source(late)) and has(store, keys.input_source(old["keep"]))
 
-    @pytest.mark.parametrize("values", [["x"], ["-1"], ["36501"], ["acme="], ["=3"], ["a=b=3"], ["3 4"],
-                                        ["acme=1", "acme=2"], ["1.5"], ["acme=1x"], ["a/b c=1 \x00=2"]])
+    @pytest.mark.parametrize("values", [["x"], ["-1"], ["\u00b2"], ["acme=\u0663"], ["36501"], ["acme="], ["=3"],
+                                        ["a=b=3"], ["3 4"], ["acme=1", "acme=2"], ["1.5"], ["acme=1x"],
+                                        ["a/b c=1 \x00=2"]])
     def test_bad_retention_values(self, values: list[str]) -> None:
         """Hostile or mistaken values are refused with a message, never taken in part."""
         with pytest.raises(ValueError):

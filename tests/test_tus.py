@@ -46,7 +46,7 @@ from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from gridnode.uploads.store import UploadStore
 from gridnode.uploads.sweep import UploadSweep
-from gridnode.web.tus import EXPOSE_HEADERS, TusHandler, parse_metadata
+from gridnode.web.tus import EXPOSE_HEADERS, TusHandler, parse_count, parse_metadata
 from gridnode.web.upload import GridSite
 from tests.test_notify import PUBLIC, RING
 from tests.test_pipeline import FakeMedia
@@ -716,6 +716,21 @@ class CommitRaceTests:
         assert e.value.status == 409
         assert head(node, upload_id).headers["Upload-Offset"] == "5"
         assert [f for f in node.spool_files() if f.endswith(".chunk")] == []
+
+
+class CountTests:
+    @pytest.mark.parametrize("value", [b"", b"-1", b"+5", b"1e3", b"0x10", b"1 0", b"\xb2", b"\xb9\xb3",
+                                       "\u0663".encode(), b"9" * 20])
+    def test_only_ascii_digits_count(self, value: bytes) -> None:
+        """Upload-Length and Upload-Offset are ASCII digits only: a superscript or another script's digit,
+        which str.isdigit() takes and int() then chokes on or reads, is a coded 400, never a 500."""
+        for header in ("Upload-Length", "Upload-Offset"):
+            with pytest.raises(GridnodeError) as e:
+                parse_count(value, header)
+            assert e.value.status == 400 and e.value.code == f"bad_{header.lower().replace('-', '_')}"
+
+    def test_plain_counts(self) -> None:
+        assert [parse_count(v, "Upload-Length") for v in (b"0", b" 42 ", b"9" * 19)] == [0, 42, int("9" * 19)]
 
 
 class MetadataTests:

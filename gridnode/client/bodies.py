@@ -143,9 +143,9 @@ def manifest_entries(name: str, path: str, most: int = 1024 * 1024) -> list[str]
         count = 0
         for entry in _TIMELINE_ENTRY.findall(body):
             repeat = dict(_ATTRIBUTE.findall(entry)).get("r", "0")
-            count += 1 + (int(repeat) if repeat.isdigit() else 0)
+            count += 1 + (int(repeat) if repeat.isascii() and repeat.isdigit() else 0)
         start = attrs.get("startNumber", "1")
-        first = int(start) if start.isdigit() else 1
+        first = int(start) if start.isascii() and start.isdigit() else 1
         names = [attrs.get("initialization", "")]
         media = attrs.get("media", "")
         width = _NUMBER.search(media)

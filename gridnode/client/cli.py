@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parallel(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 64:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of files from 1 to 64")
     return int(text)
 

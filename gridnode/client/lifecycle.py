@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def days(text: str) -> int:
-    if not text.isdigit() or int(text) > 36500:
+    if not (text.isascii() and text.isdigit()) or int(text) > 36500:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of days from 0 to 36500")
     return int(text)
 

@@ -143,7 +143,7 @@ def resolve_user(name: str | None) -> str | None:
             return None
         name = "nobody"
     try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        entry = pwd.getpwuid(int(name)) if name.isascii() and name.isdigit() else pwd.getpwnam(name)
     except KeyError:
         raise ConfigError(f"ffmpeg-user: no such user {name!r}") from None
     return f"{entry.pw_uid}:{entry.pw_gid}"

@@ -108,7 +108,7 @@ def parse_count(value: bytes | None, header: str) -> int:
     if value is None:
         raise _bad(f"{header} is required", f"bad_{header.lower().replace('-', '_')}")
     text = value.decode("latin-1").strip()
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise _bad(f"{header} must be a non-negative integer", f"bad_{header.lower().replace('-', '_')}")
     return int(text)
 
