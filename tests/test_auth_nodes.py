@@ -139,7 +139,7 @@ class TenantTests:
         assert "?token=REDACTED" in log and token not in log and token[:40] not in log
 
     def test_ops_and_hostile_paths(self, node: NodeProcess) -> None:
-        """/metrics with an ops token is Prometheus text; without one 401; POST /%6Aobs is a coded error
+        """/metrics with an ops token is Prometheus text (GET alone); without one 401; POST /%6Aobs is a coded error
         (401 without a token, 422 not_a_video with one), never a 500; the node stays healthy."""
         base = node.url
         assert error(call("GET", f"{base}/metrics")) == (401, "unauthorized")
@@ -147,6 +147,9 @@ class TenantTests:
         assert status == 200
         names = {f.name for f in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text)}
         assert any(n.startswith("gridnode_") for n in names), names
+        for method in ("POST", "DELETE"):  # the exposition's WSGI app would answer any method
+            assert error(call(method, f"{base}/metrics", auth(mint("prometheus", "ops")))) == (
+                405, "method_not_allowed")
         assert call("GET", f"{base}/peers", auth(mint("prometheus", "ops")))[0] == 200
         assert error(call("GET", f"{base}/peers", auth(mint("alice", "read")))) == (403, "forbidden")
         hostile = {"Content-Type": "application/octet-stream"}

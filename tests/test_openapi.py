@@ -18,7 +18,6 @@ from openapi_spec_validator import validate
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
-from twisted.web.wsgi import WSGIResource
 
 from gridnode.web import api, cors, http, jobs, tus
 from gridnode.web.api import OPENAPI, api_root
@@ -62,8 +61,6 @@ def served_methods(resource: Resource, path: str) -> set[str]:
     if isinstance(resource, tus._FilesResource):
         upload = path.rstrip("/").rsplit("/", 1)[-1]
         return {m.decode().lower() for m in tus.methods("" if upload == "files" else upload)}
-    if isinstance(resource, WSGIResource):  # /metrics, prometheus_client's WSGI app: what it is for
-        return {"get"}
     return {m for m in METHODS if callable(getattr(resource, f"render_{m.upper()}", None))}
 
 

@@ -102,6 +102,22 @@ class PresetsResource(Resource):
                                                                    tenant)})
 
 
+class MetricsResource(Resource):
+    """``GET /metrics``: prometheus_client's exposition, a WSGI app on the reactor's threads, for
+    GET (and HEAD) alone: the app itself answers any method."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        from prometheus_client.twisted import MetricsResource as exposition  # imports the reactor
+
+        self.exposition = exposition(registry)
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        return self.exposition.render(request)
+
+
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
@@ -166,7 +182,5 @@ def api_root(node: NodeView) -> Resource:
     root.putChild(b"jobs", JobsResource(node.jobs, node.access, node.result_urls, node.ledger))
     root.putChild(b"files", node.tus.resource())
     root.putChild(b"results", ResultsResource(node.jobs, node.access, node.result_urls))
-    from prometheus_client.twisted import MetricsResource
-
     root.putChild(b"metrics", MetricsResource(node.jobs.metrics.registry))
     return root
