@@ -24,6 +24,10 @@ class Metrics:
         self.jobs_accepted = Counter("gridnode_jobs_accepted", "Uploads accepted as jobs", ["preset"], registry=r)
         self.jobs_adopted = Counter("gridnode_jobs_adopted", "Orphaned jobs this node claimed", registry=r)
         self.jobs_active = Gauge("gridnode_jobs_active", "Jobs on this node by state", ["state"], registry=r)
+        self.jobs_purged = Counter("gridnode_jobs_purged", "Jobs purged through this node (DELETE ?purge=true)",
+                                   registry=r)
+        self.retention_deleted = Counter("gridnode_retention_deleted", "Jobs whose input or outputs this node's "
+                                         "retention sweep deleted", ["what"], registry=r)
         self.job_seconds = Histogram("gridnode_job_duration_seconds", "Accepted to final state",
                                      ["state"], buckets=_DURATIONS, registry=r)
         self.phase_seconds = Histogram("gridnode_job_phase_duration_seconds",

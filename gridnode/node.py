@@ -148,8 +148,8 @@ class NodeService(MultiService):
             from gridnode.retention import RetentionSweep
 
             RetentionSweep(self.reactor, store.in_lane(BACKGROUND), config.node_id or "", period=config.retention_sweep,
-                           retain_inputs=config.retain_inputs, retain_outputs=config.retain_outputs
-                           ).setServiceParent(self)
+                           retain_inputs=config.retain_inputs, retain_outputs=config.retain_outputs,
+                           metrics=metrics).setServiceParent(self)
         view = self.view = NodeView(config, store, jobs, uploads, tokens, store_health)
         site = GridSite(view.cors.wrap(api_root(view)), self.reactor, view.route_body, view.extra_headers,
                         on_refused=lambda e: metrics.upload_rejections.labels(e.code).inc())

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from gridnode import job_records, keys, purge
 from gridnode.errors import GridnodeError, NotFound, PreconditionFailed
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 from gridnode.timers import JitteredLoop
 
@@ -94,8 +95,9 @@ class RetentionSweep(Service):
 
     def __init__(self, reactor: Any, store: ObjectStore, node_id: str, *, retain_inputs: Retention | int | None,
                  retain_outputs: Retention | int | None, period: float, now: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, metrics: Metrics | None = None) -> None:
         self.reactor = reactor
+        self.metrics = metrics or Metrics()
         self.store = store
         self.node_id = node_id
         self.retain = {keys.inputs_prefix(): Retention.of(retain_inputs),
@@ -107,7 +109,6 @@ class RetentionSweep(Service):
         self._done: Deferred[Any] | None = None
         #: where each prefix's walk goes on (the last id it passed), for a round cut short
         self._resume: dict[str, str | None] = {}
-        self.deleted = {"inputs": 0, "outputs": 0}
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
@@ -208,9 +209,10 @@ class RetentionSweep(Service):
             return 0
         if prefix == keys.inputs_prefix():
             yield self.store.delete(keys.input_source(job_id))
-            self.deleted["inputs"] += 1
+            what = "inputs"
         else:
             yield purge.delete_outputs(self.store, job_id)
-            self.deleted["outputs"] += 1
+            what = "outputs"
+        self.metrics.retention_deleted.labels(what).inc()
         self._log.info("retention: job {job}'s {what} deleted", job=job_id, what=prefix.rstrip("/"))
         return 1

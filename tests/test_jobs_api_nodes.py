@@ -136,6 +136,8 @@ class PurgeTests:
         assert error(call("DELETE", f"{b}/jobs/{job}?purge=true", BOB)) == (404, "not_found")
         status, _, stone = call("DELETE", f"{b}/jobs/{job}?purge=true", ALICE)
         assert status == 200 and stone["state"] == "gone", stone
+        _, _, text = call("GET", f"{b}/metrics", auth(mint("prometheus", "ops")))
+        assert "\ngridnode_jobs_purged_total 1.0\n" in (text.decode() if isinstance(text, bytes) else text)
         assert keys_of(s3_client, s3_bucket) == (before - mine) | {keys.tombstone(job)}
         for node in (a, b):
             assert error(call("GET", f"{node}/jobs/{job}", ALICE)) == (404, "gone")

@@ -276,7 +276,9 @@ class JobResource(Resource):
                 return await self.jobs.cancel(self.job_id)
             if not job.final:
                 job = await self.jobs.cancel(self.job_id)
-            return await purge.purge(self.jobs.store, job, self.jobs.now())
+            stone = await purge.purge(self.jobs.store, job, self.jobs.now())
+            self.jobs.metrics.jobs_purged.inc()
+            return stone
 
         return respond_later(request, cancel(), answer_json(request, self.urls))
 
