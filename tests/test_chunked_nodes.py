@@ -1,0 +1,140 @@
+"""
+Chunked jobs on real ``twistd -n gridnode`` nodes, their store a bucket on a real S3-compatible
+server (moto on loopback), real ffmpeg, as a user sees them: the same upload to a node that cuts
+every job in chunks (``--chunk-over 0 --chunk-seconds 3``, two workers) and to one that makes
+every job whole (``--chunk-over off``), each in a pool of its own on one bucket. For a burned-in
+frame counter, an open-GOP x264 source with B-frames and a variable-frame-rate phone-style clip:
+the chunked job's mp4 has the whole's frame count and every frame's timestamp, each frame its
+source frame (PSNR >= 30 dB), audio and video as long as the whole's within a frame; its JSON
+lists its chunks (each made once, on the node), and its events tell them as they change. Edge
+sources: a 2-frame video and one keyframe a minute are made as the plan says; audio alone is
+never chunked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from gridnode.media.probe import probe
+from tests.helpers import free_port
+from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+from tests.nodes import NodeProcess, get_json, upload
+from tests.s3server import make_bucket
+from tests.test_split_media import duration, frames, psnr_per_frame
+
+pytest_plugins = ["tests.s3server"]
+pytestmark = [pytest.mark.integration, needs_ffmpeg]
+
+SECONDS = 12
+SOURCES = {
+    "counter": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=25:duration={SECONDS},"
+                "drawtext=text='%{n}':fontsize=48:x=20:y=20:fontcolor=white:box=1",
+                "-c:v", "libx264", "-preset", "ultrafast"],
+    "opengop": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30000/1001:duration={SECONDS}",
+                "-c:v", "libx264", "-preset", "fast",
+                "-x264-params", "open-gop=1:bframes=3:b-pyramid=normal:keyint=90"],
+    "vfr": ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30:duration={SECONDS},"
+            "setpts='N/30/TB+if(mod(N,7),0,0.011/TB)+if(gt(N,200),N*0.003/TB,0)'",
+            "-c:v", "libx264", "-preset", "ultrafast", "-fps_mode", "vfr", "-video_track_timescale", "90000"],
+}
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def make_source(folder: Path, name: str) -> Path:
+    path = folder / f"{name}.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", *SOURCES[name][:4],
+                    "-f", "lavfi", "-i", f"sine=frequency=440:duration={SECONDS}", *SOURCES[name][4:],
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True, timeout=120)
+    return path
+
+
+def node_argv(bucket: str, endpoint: str, node_id: str, *extra: str) -> list[str]:
+    return ["--store", f"s3://{bucket}/grid", "--s3-endpoint", endpoint, "--node-id", node_id, "--pool", node_id,
+            "--min-free", "0", "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--peer", f"tcp:{free_port()}:interface=127.0.0.1", "--drain-timeout", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[dict[str, NodeProcess]]:
+    """``chunked`` (every job in chunks of about 3 s, two workers) and ``whole`` (none)."""
+    root = tmp_path_factory.mktemp("chunked-nodes")
+    bucket = make_bucket(s3_endpoint, "chunked")
+    made = {"chunked": NodeProcess(root / "chunked", node_argv(bucket, s3_endpoint, "chunked", "--workers", "2",
+                                                               "--chunk-over", "0", "--chunk-seconds", "3")),
+            "whole": NodeProcess(root / "whole", node_argv(bucket, s3_endpoint, "whole", "--workers", "1",
+                                                           "--chunk-over", "off"))}
+    try:
+        for n in made.values():
+            n.start()
+        for n in made.values():
+            n.block_until_ready(30)
+        yield made
+    finally:
+        for n in made.values():
+            n.stop()
+
+
+def run_job(node: NodeProcess, src: Path, presets: str = "mp4-720p", timeout: float = 240) -> dict[str, Any]:
+    status, _, job = upload(node.url, src, presets)
+    assert status == 201, job
+    return wait_done(node, job["id"], timeout)
+
+
+def wait_done(node: NodeProcess, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    job: dict[str, Any] = {}
+    for _ in range(int(timeout * 10)):  # a blocking poll: these tests run no reactor
+        _, job = get_json(f"{node.url}/jobs/{job_id}")
+        if job["state"] in TERMINAL:
+            break
+        time.sleep(0.1)
+    assert job["state"] == "done", job
+    return job
+
+
+def fetch(node: NodeProcess, job: dict[str, Any], preset: str, folder: Path) -> Path:
+    output = next(o for o in job["outputs"] if o["preset"] == preset)
+    path = folder / f"{job['id']}-{output['name']}"
+    with urllib.request.urlopen(node.url + output["url"], timeout=30) as r:  # noqa: S310 - loopback
+        path.write_bytes(r.read())
+    return path
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest_twisted.ensureDeferred
+async def test_chunked_mp4_is_the_wholes(name: str, nodes: dict[str, NodeProcess], real_reactor: Any,
+                                         tmp_path: Path) -> None:
+    """The chunked node's mp4 has the whole node's frames at the whole's timestamps, each its
+    source frame, and the whole's audio; its job lists its chunks, each made once on the node,
+    and ends at progress 1; the whole job lists none."""
+    src = make_source(tmp_path, name)
+    info = await probe(real_reactor, str(src), ffprobe=FFPROBE)
+    chunked = run_job(nodes["chunked"], src)
+    whole = run_job(nodes["whole"], src)
+    assert whole["chunks"] == []
+    listed = chunked["chunks"]
+    assert len(listed) >= 3, listed
+    assert [c["index"] for c in listed] == list(range(len(listed)))
+    assert all(c["state"] == "done" and c["node"] == "chunked" and c["tries"] == 1 for c in listed), listed
+    assert listed[0]["start"] == 0 and all(a["start"] < b["start"] for a, b in zip(listed, listed[1:], strict=False))
+    assert abs(sum(c["seconds"] for c in listed) - chunked["input"]["duration"]) < 0.5, listed
+    assert chunked["progress"] == 1
+
+    made = fetch(nodes["chunked"], chunked, "mp4-720p", tmp_path)
+    one = fetch(nodes["whole"], whole, "mp4-720p", tmp_path)
+    expected = frames(one)
+    assert frames(made) == expected and len(expected) > 200
+    assert frames(made, "a:0") == frames(one, "a:0")
+    tick = 1 / 25 if name == "counter" else 1 / 30
+    assert abs(duration(made, "a:0") - duration(one, "a:0")) < tick
+    assert abs(duration(made, "v:0") - duration(one, "v:0")) < tick
+    scores = psnr_per_frame(made, src, info, tmp_path)
+    assert len(scores) == len(expected) and min(scores) >= 30, [i for i, s in enumerate(scores) if s < 30][:10]
+
