@@ -153,7 +153,9 @@ class Converter(Service):
             states = ChunkStates(plan, info, chunks)
             states.tell()
             run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
-                             self.threads, self.pool.workers, self.limits, per_output, lambda: self.user,
+                             # one task more than the workers stays queued: the job keeps its turn
+                             # among the tenants (media/fair.py) between the end of a chunk and the next
+                             self.threads, self.pool.workers + 1, self.limits, per_output, lambda: self.user,
                              rank=rank, tenant=tenant)
             # the chunks' files and the stitched outputs are in the scratch folder at once
             return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
