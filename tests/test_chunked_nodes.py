@@ -138,3 +138,45 @@ async def test_chunked_mp4_is_the_wholes(name: str, nodes: dict[str, NodeProcess
     scores = psnr_per_frame(made, src, info, tmp_path)
     assert len(scores) == len(expected) and min(scores) >= 30, [i for i, s in enumerate(scores) if s < 30][:10]
 
+
+
+def test_a_two_frame_video_is_made_whole(nodes: dict[str, NodeProcess], tmp_path: Path) -> None:
+    """A 2-frame video on the node that cuts every job: too short for two chunks, made whole,
+    its two frames at the whole node's timestamps."""
+    src = tmp_path / "two.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25",
+                    "-frames:v", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(src)], check=True, timeout=60)
+    chunked, whole = run_job(nodes["chunked"], src), run_job(nodes["whole"], src)
+    assert chunked["chunks"] == [] and whole["chunks"] == []
+    made = fetch(nodes["chunked"], chunked, "mp4-720p", tmp_path)
+    assert frames(made) == frames(fetch(nodes["whole"], whole, "mp4-720p", tmp_path)) and len(frames(made)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyframes_a_minute_apart_are_cut_frame_exact(nodes: dict[str, NodeProcess], real_reactor: Any,
+                                                            tmp_path: Path) -> None:
+    """A source whose keyframes are 60 s apart (one in its 15 s, as a screen recording's): each
+    chunk decodes from that keyframe, and the stitched mp4 is the whole's frame for frame."""
+    src = tmp_path / "sparse.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=25:duration=15", "-f", "lavfi", "-i", "sine=duration=15",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-x264-params", "keyint=1500:min-keyint=1500",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src)], check=True, timeout=60)
+    info = await probe(real_reactor, str(src), ffprobe=FFPROBE)
+    chunked, whole = run_job(nodes["chunked"], src), run_job(nodes["whole"], src)
+    assert len(chunked["chunks"]) >= 4 and all(c["state"] == "done" for c in chunked["chunks"])
+    made = fetch(nodes["chunked"], chunked, "mp4-720p", tmp_path)
+    expected = frames(fetch(nodes["whole"], whole, "mp4-720p", tmp_path))
+    assert frames(made) == expected and len(expected) == 375
+    scores = psnr_per_frame(made, src, info, tmp_path)
+    assert len(scores) == len(expected) and min(scores) >= 30
+
+
+def test_audio_alone_is_never_chunked(nodes: dict[str, NodeProcess], tmp_path: Path) -> None:
+    """An audio-only input on the node that cuts every job: the node makes no audio-only outputs,
+    so it is refused at its probe (``not_a_video``), as on any node; nothing is queued."""
+    src = tmp_path / "talk.m4a"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=300:duration=15",
+                    "-c:a", "aac", str(src)], check=True, timeout=60)
+    status, _, body = upload(nodes["chunked"].url, src)
+    assert status == 422 and body["error"]["code"] == "not_a_video", body

@@ -1,0 +1,140 @@
+"""
+gridnode/chunked.py: the node's plan (``--chunk-over``, ``--chunk-seconds``, at most
+``MAX_CHUNKS``), the chunk list a job shows, and on real ffmpeg and a real pool a chunked run's
+redo of a failed task alone, its failure when a task fails twice, and its cancellation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail, succeed
+
+from gridnode.chunked import MAX_CHUNKS, ChunkedRun, ChunkJob, ChunkStates, LocalTasks, plan_for
+from gridnode.errors import GridnodeError
+from gridnode.media.pool import TranscodePool
+from gridnode.media.probe import Limits, probe
+from gridnode.media.sandbox import Sandbox
+from gridnode.media.split import Task, TasksFailed
+from gridnode.media.templates import Catalog
+from tests.media_samples import FFMPEG, FFPROBE, Clips, needs_ffmpeg, wait_for
+from tests.test_media_presets import source
+
+VIDEO = dataclasses.replace(source(640, 360, duration=20.0), rate=Fraction(25), frame_rate=25.0)
+
+
+class PlanTests:
+    def test_over_and_off(self) -> None:
+        """Longer than --chunk-over: chunks of about --chunk-seconds; off, or not longer: whole."""
+        presets = Catalog().parse("mp4-720p")
+        assert len(plan_for(VIDEO, presets, chunk_over=0, chunk_seconds=5).chunks) == 4
+        assert not plan_for(VIDEO, presets, chunk_over=20, chunk_seconds=5).chunked
+        assert not plan_for(VIDEO, presets, chunk_over=None, chunk_seconds=5).chunked
+
+    def test_at_most_max_chunks(self) -> None:
+        """A long input with short chunks gets longer ones: its record lists at most MAX_CHUNKS."""
+        long = dataclasses.replace(VIDEO, duration=4 * 3600.0)
+        plan = plan_for(long, Catalog().parse("mp4-720p"), chunk_over=0, chunk_seconds=1)
+        assert MAX_CHUNKS // 2 < len(plan.chunks) <= MAX_CHUNKS
+
+    def test_audio_alone_is_never_chunked(self) -> None:
+        """No video rate (audio alone): made whole."""
+        audio = dataclasses.replace(VIDEO, rate=None, frame_rate=None, video_codec="")
+        assert not plan_for(audio, Catalog().parse("mp4-720p"), chunk_over=0, chunk_seconds=1).chunked
+
+
+class ChunkStatesTests:
+    def test_the_list_as_it_changes(self) -> None:
+        """Every chunk queued at first (index, start, seconds, no node, no try); a start puts it
+        running on a node and counts a try; failed keys mark their chunks, not other tasks."""
+        plan = plan_for(VIDEO, Catalog().parse("mp4-720p"), chunk_over=0, chunk_seconds=5)
+        told: list[list[dict[str, Any]]] = []
+        states = ChunkStates(plan, VIDEO, told.append)
+        states.tell()
+        assert told[-1] == [{"index": i, "start": 5.0 * i, "seconds": 5.0, "state": "queued", "node": "", "tries": 0}
+                            for i in range(4)]
+        states.started(Task("chunk", 2, []), "n1")
+        states.started(Task("audio", 0, []), "n1")
+        assert told[-1][2] == {"index": 2, "start": 10.0, "seconds": 5.0, "state": "running", "node": "n1", "tries": 1}
+        states.failed(["chunk-2", "audio-0", "stitch-0", "chunk-99"])
+        assert [c["state"] for c in told[-1]] == ["queued", "queued", "failed", "queued"]
+        told[-1][0]["state"] = "changed by a listener"
+        assert states.listing()[0]["state"] == "queued"  # listeners get copies
+
+
+class Flaky:
+    """Local tasks, but chunk 1 fails its first ``times`` runs after starting on "elsewhere"."""
+
+    def __init__(self, inner: LocalTasks, times: int) -> None:
+        self.inner = inner
+        self.times = times
+
+    def run(self, job: ChunkJob, task: Task, progress: Any) -> Deferred[Any]:
+        if task.key == "chunk-1" and self.times > 0:
+            self.times -= 1
+            job.started(task, "elsewhere")
+            return fail(GridnodeError("ffmpeg was killed by signal 9", code="ffmpeg_failed", status=422))
+        return self.inner.run(job, task, progress)
+
+    def cancel(self, job: ChunkJob) -> None:
+        self.inner.cancel(job)
+
+
+async def start(reactor: Any, clip: Path, tmp_path: Path, flaky: int) -> tuple[TranscodePool, Any, list[Any],
+                                                                                  Deferred[Any]]:
+    info = await probe(reactor, str(clip), ffprobe=FFPROBE)
+    presets = Catalog().parse("mp4-480p")
+    plan = plan_for(info, presets, chunk_over=0, chunk_seconds=1)
+    pool = TranscodePool(reactor, tmp_path / "scratch", workers=2)
+    tasks = Flaky(LocalTasks(reactor, pool, "me", lambda: Sandbox(boxed=False)), flaky)
+    told: list[Any] = []
+    states = ChunkStates(plan, info, told.append)
+    run = ChunkedRun("job1", info, str(clip), presets, plan, tasks, FFMPEG, 1, 3, Limits(), None, lambda: None)
+    done = pool.submit("job1", lambda slot: run.work(slot, lambda: None, lambda _p: None,
+                                                     lambda produced: succeed([p.name for p in produced]), states))
+    return pool, states, told, done
+
+
+@pytest.mark.integration
+@needs_ffmpeg
+class ChunkedRunTests:
+    @pytest_twisted.ensureDeferred
+    async def test_a_failed_chunk_is_redone_alone(self, media_clips: Clips, real_reactor: Any,
+                                                  tmp_path: Path) -> None:
+        """Chunk 1 fails once (its node lost): it alone runs again, the job's outputs are made, and
+        the list shows it tried twice, now done here; every other chunk once."""
+        pool, states, told, done = await start(real_reactor, media_clips.landscape, tmp_path, 1)
+        assert await done == ["mp4-480p.mp4"]
+        listed = states.listing()
+        assert len(listed) == 4 and [c["tries"] for c in listed] == [1, 2, 1, 1], listed
+        assert all(c["state"] == "done" and c["node"] == "me" for c in listed), listed
+        assert any(c[1]["state"] == "failed" and c[1]["node"] == "elsewhere" for c in told), told
+        assert pool.running == pool.queued == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_chunk_failing_twice_fails_the_job(self, media_clips: Clips, real_reactor: Any,
+                                                       tmp_path: Path) -> None:
+        """Chunk 1 fails on both runs: the job fails naming it, with its error's code."""
+        _pool, states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 2)
+        with pytest.raises(TasksFailed) as e:
+            await done
+        assert e.value.code == "ffmpeg_failed" and list(e.value.failed) == ["chunk-1"]
+        assert states.listing()[1]["state"] == "failed"
+
+    @pytest_twisted.ensureDeferred
+    async def test_cancelled_while_its_chunks_run(self, media_clips: Clips, real_reactor: Any,
+                                                  tmp_path: Path) -> None:
+        """Cancelling the job stops its running chunks and drops its queued ones: it fails with
+        ``cancelled`` and the pool is empty."""
+        pool, _states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 0)
+        await wait_for(real_reactor, lambda: pool.running >= 2, 30)
+        assert pool.cancel("job1")
+        with pytest.raises(GridnodeError) as e:
+            await done
+        assert e.value.code == "cancelled"
+        assert pool.running == pool.queued == 0 and not pool.has_job("job1.chunk-0")
