@@ -17,7 +17,7 @@ import pytest
 
 from tests.browser import PageErrors, chromium_page, needs_chromium, node_args
 from tests.media_samples import FFMPEG, needs_ffmpeg
-from tests.nodes import NodeProcess, get_json, upload
+from tests.nodes import NodeProcess, get_json, request, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, needs_chromium, needs_ffmpeg]
 
@@ -98,3 +98,31 @@ def test_a_chunked_stream_plays_across_its_seams(node: NodeProcess, clip: Path, 
         assert len(played["ranges"]) == 1, played  # a seam hls.js had to jump over would split it
         assert played["ranges"][0][0] < 0.2 and played["ranges"][0][1] > SECONDS - 0.3, played
         assert errors.errors == [], errors.errors
+
+
+def test_the_status_page_shows_a_jobs_chunks(node: NodeProcess, tmp_path: Path) -> None:
+    """A 30 s 720p upload made in chunks: the status page lists its chunks in the job's row,
+    one running on a worker at some point and, later, more of them done."""
+    src = tmp_path / "long.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=1280x720:rate=25:duration=30", "-f", "lavfi", "-i", "sine=duration=30",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(src)], check=True, capture_output=True, timeout=120)
+    status, _, job = upload(node.url, src, "mp4-720p")
+    assert status == 201 and len(job["chunks"]) == 8, job
+    try:
+        with chromium_page() as page:
+            errors = PageErrors(page)
+            page.goto(f"{node.url}/status")
+            items = f'#jobs tr[data-job="{job["id"]}"] ol.chunks li'
+            page.wait_for_function(f"document.querySelectorAll('{items}').length === 8", timeout=20_000)
+            page.wait_for_selector(f'{items}[data-state="running"]', timeout=30_000)
+            title = page.get_attribute(f'{items}[data-state="running"]', "title") or ""
+            assert title.startswith("chunk ") and " running on " in title, title
+            page.wait_for_function(f"document.querySelectorAll('{items}[data-state=\"done\"]').length >= 2",
+                                   timeout=60_000)
+            label = page.get_attribute(f'#jobs tr[data-job="{job["id"]}"] ol.chunks', "aria-label") or ""
+            assert label.endswith(" of 8 chunks done"), label
+            assert errors.errors == [], errors.errors
+    finally:  # a job still running would hold up the node's stop
+        request("DELETE", f"{node.url}/jobs/{job['id']}", timeout=10)
