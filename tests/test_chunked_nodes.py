@@ -13,6 +13,7 @@ never chunked.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import urllib.request
@@ -25,9 +26,10 @@ import pytest_twisted
 
 from gridnode.media.probe import probe
 from tests.helpers import free_port
-from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+from tests.media_samples import FFMPEG, FFPROBE, Clips, needs_ffmpeg
 from tests.nodes import NodeProcess, get_json, upload
 from tests.s3server import make_bucket
+from tests.test_sandbox import root_node
 from tests.test_split_media import duration, frames, psnr_per_frame
 
 pytest_plugins = ["tests.s3server"]
@@ -180,3 +182,21 @@ def test_audio_alone_is_never_chunked(nodes: dict[str, NodeProcess], tmp_path: P
                     "-c:a", "aac", str(src)], check=True, timeout=60)
     status, _, body = upload(nodes["chunked"].url, src)
     assert status == 422 and body["error"]["code"] == "not_a_video", body
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_root_node_makes_chunks_as_nobody(open_folder: Path, media_clips: Clips) -> None:
+    """A node run as root, its children as nobody in their boxes: a chunked job of an mp4, a
+    webm and a poster is done (the chunks written by nobody, the stitches reading them and
+    the node's concat lists), every output served."""
+    node = root_node(open_folder, "rootchunks", "--chunk-over", "0", "--chunk-seconds", "1", "--workers", "2")
+    node.start()
+    try:
+        node.block_until_ready(30)
+        job = run_job(node, media_clips.landscape, "mp4-480p,webm-480p,poster")
+        assert len(job["chunks"]) >= 2 and all(c["state"] == "done" for c in job["chunks"]), job["chunks"]
+        for output in job["outputs"]:
+            with urllib.request.urlopen(node.url + output["url"], timeout=30) as r:  # noqa: S310 - loopback
+                assert r.status == 200 and len(r.read()) > 0
+    finally:
+        node.stop()
