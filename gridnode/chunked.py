@@ -236,7 +236,7 @@ class ChunkedRun:
                 if slot.cancelled:
                     raise cancelled_error() from None
                 states.failed(list(e.failed))
-                if attempt == TRIES:
+                if attempt == TRIES or e.code == "input_truncated":  # the input will not grow
                     raise
                 self._log.warn("job {job}: {failed} failed ({error}); redoing them", job=self.job_id,
                                failed=", ".join(e.failed), error=e.message.splitlines()[0])

@@ -67,6 +67,15 @@ class ChunkStatesTests:
         assert states.listing()[0]["state"] == "queued"  # listeners get copies
 
 
+class TasksFailedTests:
+    def test_a_cut_input_is_the_reason(self) -> None:
+        """Chunks past the end of a cut input fail too: the job fails with input_truncated,
+        whichever failed first."""
+        e = TasksFailed({"chunk-4": GridnodeError("exited with status 1", code="ffmpeg_failed", status=422),
+                         "chunk-2": GridnodeError("only 9.8 s of 20 s", code="input_truncated", status=422)})
+        assert e.code == "input_truncated" and "only 9.8 s" in e.message and list(e.failed) == ["chunk-4", "chunk-2"]
+
+
 class Flaky:
     """Local tasks, but chunk 1 fails its first ``times`` runs after starting on "elsewhere"."""
 

@@ -26,7 +26,7 @@ import pytest_twisted
 
 from gridnode.media.probe import probe
 from tests.helpers import free_port
-from tests.media_samples import FFMPEG, FFPROBE, Clips, needs_ffmpeg
+from tests.media_samples import FFMPEG, FFPROBE, Clips, cut_faststart, needs_ffmpeg
 from tests.nodes import NodeProcess, get_json, upload
 from tests.s3server import make_bucket
 from tests.test_sandbox import root_node
@@ -198,5 +198,40 @@ def test_a_root_node_makes_chunks_as_nobody(open_folder: Path, media_clips: Clip
         for output in job["outputs"]:
             with urllib.request.urlopen(node.url + output["url"], timeout=30) as r:  # noqa: S310 - loopback
                 assert r.status == 200 and len(r.read()) > 0
+    finally:
+        node.stop()
+
+
+def test_hostile_inputs_fail_a_chunked_job_with_their_codes(tmp_path: Path, media_clips: Clips) -> None:
+    """On a node that cuts every job, with --max-output 0.3 MB: a faststart mp4 cut to half its
+    bytes (its header says 20 s) fails with input_truncated, its chunks not redone, an mp4 past the output limit with
+    output_too_large, as they would made whole; nothing is stored under outputs/, the node's
+    scratch is empty again and it still converts."""
+    half = cut_faststart(tmp_path)
+    node = NodeProcess(tmp_path / "node", ["--store", f"file:{tmp_path / 'store'}", "--min-free", "0",
+                                           "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                                           "--peer", f"tcp:{free_port()}:interface=127.0.0.1", "--workers", "2",
+                                           "--chunk-over", "0", "--chunk-seconds", "2", "--max-output", "0.3"])
+    node.start()
+    try:
+        node.block_until_ready(30)
+        ended = {}
+        for label, path, presets in [("half", half, "mp4-480p"), ("big", media_clips.landscape, "mp4-720p")]:
+            status, _, job = upload(node.url, path, presets)
+            assert status == 201 and len(job["chunks"]) >= 2, (label, job)
+            for _ in range(1200):  # bounded: 120 s
+                _, job = get_json(f"{node.url}/jobs/{job['id']}")
+                if job["state"] in TERMINAL:
+                    break
+                time.sleep(0.1)
+            ended[label] = job
+        codes = {label: (job["state"], (job["error"] or {}).get("code")) for label, job in ended.items()}
+        assert codes == {"half": ("failed", "input_truncated"), "big": ("failed", "output_too_large")}, ended
+        assert "of the input's 20.0 s could be read" in ended["half"]["error"]["message"]
+        listed = ended["half"]["chunks"]  # not redone: the input will not grow
+        assert "failed" in {c["state"] for c in listed} and max(c["tries"] for c in listed) == 1, listed
+        for job in ended.values():
+            assert job["outputs"] == [] and not (tmp_path / "store" / "outputs" / job["id"]).exists()
+        assert run_job(node, media_clips.portrait, "mp4-480p")["state"] == "done"
     finally:
         node.stop()

@@ -28,6 +28,7 @@ from gridnode.media import chunks as plan_chunks
 from gridnode.media import stitch
 from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs, storyboard_plan
 from gridnode.media.probe import Limits, ProbeResult
+from gridnode.media.verify import truncation
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class TasksFailed(GridnodeError):
     error. ``run()`` again redoes those alone."""
 
     def __init__(self, failed: dict[str, BaseException]) -> None:
-        first = next(iter(failed.values()))
+        # a chunk that found the input cut short says why the later ones failed too
+        first = next((e for e in failed.values() if getattr(e, "code", "") == "input_truncated"),
+                     next(iter(failed.values())))
         code = first.code if isinstance(first, GridnodeError) else "ffmpeg_failed"
         super().__init__(f"{', '.join(failed)} failed: {first}", code=code, status=422)
         self.failed = failed
@@ -186,8 +189,11 @@ class SplitJob:
             if isinstance(frames, int) and expected is not None and frames != expected:
                 # A seek that landed past its keyframe, a source that ends early: never a seam
                 # with frames lost or repeated.
-                raise GridnodeError(f"chunk {task.index} made {frames} frames of its {expected}",
-                                    code="ffmpeg_failed", status=422)
+                chunk = self.plan.chunks[task.index]
+                reached = float((chunk.first + min(frames, expected)) / chunk.rate)
+                short = frames < expected and truncation(self.probe.converted_duration, {"its video": reached})
+                raise short or GridnodeError(f"chunk {task.index} made {frames} frames of its {expected}",
+                                             code="ffmpeg_failed", status=422)
         except Exception as e:  # noqa: BLE001 - every failure is reported by its task's key
             failed[task.key] = e
             if task.kind == "chunk":
