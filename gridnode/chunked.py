@@ -103,7 +103,11 @@ class LocalTasks:
                                                 else None)
 
         def forget(result: Any) -> Any:
-            self._queued.get(job.job_id, set()).discard(entry)
+            left = self._queued.get(job.job_id)
+            if left is not None:
+                left.discard(entry)
+                if not left:
+                    del self._queued[job.job_id]
             return result
 
         self._queued.setdefault(job.job_id, set()).add(entry)

@@ -94,8 +94,8 @@ class Flaky:
         self.inner.cancel(job)
 
 
-async def start(reactor: Any, clip: Path, tmp_path: Path, flaky: int) -> tuple[TranscodePool, Any, list[Any],
-                                                                                  Deferred[Any]]:
+async def start(reactor: Any, clip: Path, tmp_path: Path,
+                flaky: int) -> tuple[TranscodePool, Flaky, ChunkStates, list[Any], Deferred[Any]]:
     info = await probe(reactor, str(clip), ffprobe=FFPROBE)
     presets = Catalog().parse("mp4-480p")
     plan = plan_for(info, presets, chunk_over=0, chunk_seconds=1)
@@ -106,7 +106,7 @@ async def start(reactor: Any, clip: Path, tmp_path: Path, flaky: int) -> tuple[T
     run = ChunkedRun("job1", info, str(clip), presets, plan, tasks, FFMPEG, 1, 3, Limits(), None, lambda: None)
     done = pool.submit("job1", lambda slot: run.work(slot, lambda: None, lambda _p: None,
                                                      lambda produced: succeed([p.name for p in produced]), states))
-    return pool, states, told, done
+    return pool, tasks, states, told, done
 
 
 @pytest.mark.integration
@@ -117,19 +117,19 @@ class ChunkedRunTests:
                                                   tmp_path: Path) -> None:
         """Chunk 1 fails once (its node lost): it alone runs again, the job's outputs are made, and
         the list shows it tried twice, now done here; every other chunk once."""
-        pool, states, told, done = await start(real_reactor, media_clips.landscape, tmp_path, 1)
+        pool, tasks, states, told, done = await start(real_reactor, media_clips.landscape, tmp_path, 1)
         assert await done == ["mp4-480p.mp4"]
         listed = states.listing()
         assert len(listed) == 4 and [c["tries"] for c in listed] == [1, 2, 1, 1], listed
         assert all(c["state"] == "done" and c["node"] == "me" for c in listed), listed
         assert any(c[1]["state"] == "failed" and c[1]["node"] == "elsewhere" for c in told), told
-        assert pool.running == pool.queued == 0
+        assert pool.running == pool.queued == 0 and tasks.inner._queued == {}  # nothing kept of the job
 
     @pytest_twisted.ensureDeferred
     async def test_a_chunk_failing_twice_fails_the_job(self, media_clips: Clips, real_reactor: Any,
                                                        tmp_path: Path) -> None:
         """Chunk 1 fails on both runs: the job fails naming it, with its error's code."""
-        _pool, states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 2)
+        _pool, _tasks, states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 2)
         with pytest.raises(TasksFailed) as e:
             await done
         assert e.value.code == "ffmpeg_failed" and list(e.value.failed) == ["chunk-1"]
@@ -140,7 +140,7 @@ class ChunkedRunTests:
                                                   tmp_path: Path) -> None:
         """Cancelling the job stops its running chunks and drops its queued ones: it fails with
         ``cancelled`` and the pool is empty."""
-        pool, _states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 0)
+        pool, _tasks, _states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 0)
         await wait_for(real_reactor, lambda: pool.running >= 2, 30)
         assert pool.cancel("job1")
         with pytest.raises(GridnodeError) as e:
