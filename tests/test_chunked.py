@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 
 from gridnode.chunked import MAX_CHUNKS, ChunkedRun, ChunkJob, ChunkStates, LocalTasks, plan_for
 from gridnode.errors import GridnodeError
-from gridnode.media.pool import TranscodePool
+from gridnode.media.pool import JobSlot, TranscodePool
 from gridnode.media.probe import Limits, probe
 from gridnode.media.sandbox import Sandbox
 from gridnode.media.split import Task, TasksFailed
@@ -74,6 +75,76 @@ class TasksFailedTests:
         e = TasksFailed({"chunk-4": GridnodeError("exited with status 1", code="ffmpeg_failed", status=422),
                          "chunk-2": GridnodeError("only 9.8 s of 20 s", code="input_truncated", status=422)})
         assert e.code == "input_truncated" and "only 9.8 s" in e.message and list(e.failed) == ["chunk-4", "chunk-2"]
+
+
+class HandTasks:
+    """Each task a pool entry of the job's tenant and priority, as ``LocalTasks``, ended by the
+    test (no process)."""
+
+    def __init__(self, pool: TranscodePool) -> None:
+        self.pool = pool
+        self.pending: dict[str, Deferred[Any]] = {}
+        self.submitted: list[str] = []
+
+    def run(self, job: ChunkJob, task: Task, progress: Any) -> Deferred[Any]:
+        entry = f"{job.job_id}.{task.key}"
+        self.submitted.append(entry)
+
+        def work(_slot: JobSlot) -> Deferred[Any]:
+            job.started(task, "me")
+            self.pending[entry] = Deferred()
+            return self.pending[entry]
+
+        return self.pool.submit(entry, work, rank=job.rank, tenant=job.tenant, bounded=False)
+
+    def cancel(self, job: ChunkJob) -> None:
+        for entry in self.submitted:
+            self.pool.cancel(entry)
+
+
+class FairShareTests:
+    def test_another_tenants_jobs_take_turns_with_the_chunks(self, tmp_path: Path) -> None:
+        """One worker; bob's eight jobs queued, then alice's chunked job: the worker serves them in
+        turn, one of bob's between two of alice's starts while both have some queued (her job
+        itself takes a turn, frees its worker as soon as its tasks are queued, and with the
+        converter's ``parallel`` of workers + 1 keeps one queued, so she never leaves the round
+        between two chunks: with 1 she would get one start to his two). Cancelled, it leaves
+        nothing of hers."""
+        pool = TranscodePool(Clock(), tmp_path / "scratch", workers=1)
+        order: list[str] = []
+        bob: dict[str, Deferred[Any]] = {}
+
+        def short(slot: JobSlot) -> Deferred[Any]:
+            order.append(slot.job_id)
+            bob[slot.job_id] = Deferred()
+            return bob[slot.job_id]
+
+        for i in range(8):
+            pool.submit(f"bob{i}", short, tenant="bob")
+        presets = Catalog().parse("mp4-480p")
+        plan = plan_for(VIDEO, presets, chunk_over=0, chunk_seconds=5)
+        tasks = HandTasks(pool)
+        states = ChunkStates(plan, VIDEO, None)
+        run = ChunkedRun("job1", VIDEO, str(tmp_path / "in.mp4"), presets, plan, tasks, FFMPEG, 1, 2, Limits(),
+                         None, lambda: None, tenant="alice")
+
+        def coordinator(slot: JobSlot) -> Deferred[Any]:
+            order.append(slot.job_id)
+            return run.work(slot, lambda: None, lambda _p: None, succeed, states)
+
+        done = pool.submit("job1", coordinator, tenant="alice")
+        done.addErrback(lambda f: f.value.code)
+        for _ in range(12):  # end whatever holds the worker
+            running = [d for d in [*bob.values(), *tasks.pending.values()] if not d.called]
+            assert len(running) == 1, order
+            running[0].callback(None)
+            order.extend(k.split(".", 1)[1] for k in tasks.pending if k.split(".", 1)[1] not in order)
+        assert order == ["bob0", "bob1", "job1", "bob2", "chunk-0", "bob3", "chunk-1", "bob4", "chunk-2", "bob5",
+                         "chunk-3", "bob6", "audio-0", "bob7"], " ".join(order)
+        assert [c["tries"] for c in states.listing()] == [1, 1, 1, 1]
+        assert pool.cancel("job1") and done.result == "cancelled"
+        assert "job1.stitch-0" in tasks.submitted and not any(pool.has_job(e) for e in ["job1", *tasks.submitted])
+        assert pool.running == 1 and pool.queued == 0  # bob's last job
 
 
 class Flaky:
