@@ -191,9 +191,11 @@ class SplitJob:
                 # with frames lost or repeated.
                 chunk = self.plan.chunks[task.index]
                 reached = float((chunk.first + min(frames, expected)) / chunk.rate)
+                made = f"chunk {task.index} made {frames} frames of its {expected}"
                 short = frames < expected and truncation(self.probe.converted_duration, {"its video": reached})
-                raise short or GridnodeError(f"chunk {task.index} made {frames} frames of its {expected}",
-                                             code="ffmpeg_failed", status=422)
+                if short:  # the input ends early: what a whole job of it fails with
+                    raise GridnodeError(f"{short.message} ({made})", code=short.code, status=short.status)
+                raise GridnodeError(made, code="ffmpeg_failed", status=422)
         except Exception as e:  # noqa: BLE001 - every failure is reported by its task's key
             failed[task.key] = e
             if task.kind == "chunk":
