@@ -6,9 +6,10 @@ every job whole (``--chunk-over off``), each in a pool of its own on one bucket.
 frame counter, an open-GOP x264 source with B-frames and a variable-frame-rate phone-style clip:
 the chunked job's mp4 has the whole's frame count and every frame's timestamp, each frame its
 source frame (PSNR >= 30 dB), audio and video as long as the whole's within a frame; its JSON
-lists its chunks (each made once, on the node), and its events tell them as they change. Edge
-sources: a 2-frame video and one keyframe a minute are made as the plan says; audio alone is
-never chunked.
+lists its chunks (each made once, on the node). Edge sources: a 2-frame video and one keyframe
+a minute are made as the plan says; audio alone is never chunked. Hostile inputs fail with the
+codes a whole job's would; a root node's children make chunks as nobody; a node killed while its
+chunked job runs makes it again from its first chunk once restarted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.helpers import free_port
 from tests.media_samples import FFMPEG, FFPROBE, Clips, cut_faststart, needs_ffmpeg
 from tests.nodes import NodeProcess, get_json, upload
 from tests.s3server import make_bucket
+from tests.test_chaos import kill_machine
 from tests.test_sandbox import root_node
 from tests.test_split_media import duration, frames, psnr_per_frame
 
@@ -235,3 +237,41 @@ def test_hostile_inputs_fail_a_chunked_job_with_their_codes(tmp_path: Path, medi
         assert run_job(node, media_clips.portrait, "mp4-480p")["state"] == "done"
     finally:
         node.stop()
+
+
+def test_a_restarted_node_makes_its_chunked_job_again(tmp_path: Path) -> None:
+    """kill -9 of a node (and its ffmpegs) while its chunked job runs, some chunks done: started
+    again, the node runs the job again from its first chunk (a second attempt, every chunk listed
+    afresh and made once more), and it ends done with every frame of the input."""
+    src = tmp_path / "src.mp4"
+    subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=640x360:rate=25:duration=20", "-f", "lavfi", "-i", "sine=duration=20",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(src)], check=True, timeout=60)
+    args = ["--store", f"file:{tmp_path / 'store'}", "--node-id", "again", "--min-free", "0", "--workers", "1",
+            "--chunk-over", "0", "--chunk-seconds", "2", "--peer", f"tcp:{free_port()}:interface=127.0.0.1"]
+    first = NodeProcess(tmp_path / "node", [*args, "--http", f"tcp:{free_port()}:interface=127.0.0.1"])
+    first.start()
+    try:
+        first.block_until_ready(30)
+        status, _, job = upload(first.url, src, "mp4-720p")
+        assert status == 201 and len(job["chunks"]) == 10, job
+        for _ in range(1200):  # bounded: 120 s
+            _, job = get_json(f"{first.url}/jobs/{job['id']}")
+            if sum(c["state"] == "done" for c in job["chunks"]) >= 2:
+                break
+            time.sleep(0.1)
+        assert job["state"] == "transcoding" and sum(c["state"] == "done" for c in job["chunks"]) >= 2, job
+        kill_machine(first)
+    finally:
+        first.stop()
+    again = NodeProcess(tmp_path / "node", [*args, "--http", f"tcp:{free_port()}:interface=127.0.0.1"])
+    again.start()
+    try:
+        again.block_until_ready(30)
+        done = wait_done(again, job["id"])
+        assert done["attempts"] == 2 and done["node"] == "again", done
+        assert [(c["state"], c["tries"]) for c in done["chunks"]] == [("done", 1)] * 10, done["chunks"]
+        assert len(frames(fetch(again, done, "mp4-720p", tmp_path))) == 500
+    finally:
+        again.stop()
