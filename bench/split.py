@@ -19,6 +19,15 @@ flipped each round):
 
 The source is made once (lavfi testsrc2 + sine, x264 veryfast CRF 12 + AAC), so the figures
 carry no generator; ``--keep DIR`` keeps the files.
+
+``--node``: through real nodes instead, as a user sees it: the same upload to a ``twistd -n
+gridnode`` with ``--workers`` = ``--parallel`` and ``--chunk-over off`` and to one with
+``--chunk-over 0 --chunk-seconds`` (each its own file store), one job at a time, the sides
+alternating; wall is from the upload's first byte to the job's last record (``updated``)::
+
+  node   whole node's wall / chunked node's wall               goal >= 1.8 (--workers 2)
+
+    .venv/bin/python bench/split.py --node --seconds 20 --size 640x360 --chunk-seconds 5   # a quick run
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from gridnode.media.probe import ProbeResult, parse_probe, probe_argv  # noqa: E
 from gridnode.media.split import SplitJob, Task  # noqa: E402
 from gridnode.media.templates import Catalog  # noqa: E402
 
-GOALS = {"wall": 1.8, "cpu": 1.05, "ssim": 0.002, "size": 0.03}
+GOALS = {"wall": 1.8, "cpu": 1.05, "ssim": 0.002, "size": 0.03, "node": 1.8}
 
 
 def log(text: str) -> None:
@@ -166,6 +175,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--keep", help="a folder to keep the source and outputs in")
+    parser.add_argument("--node", action="store_true", help="through real nodes, --workers = --parallel")
     parser.add_argument("--side", choices=["whole", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -179,6 +189,12 @@ def main() -> int:
         src = folder / "source.mp4"
         log(f"making a {args.seconds:g} s {args.size} source")
         make_source(src, args.seconds, args.size)
+        if args.node:
+            result = node_rounds(args, src, folder)
+            print(json.dumps(result) if args.json else
+                  f"node  {result['node']['measured']:>40}  ratio {result['node']['ratio']}  "
+                  f"{'PASS' if result['node']['pass'] else 'FAIL'}")
+            return 0
         samples: dict[str, list[dict[str, Any]]] = {"whole": [], "chunked": []}
         for r in range(args.rounds):
             order = ["whole", "chunked"] if r % 2 == 0 else ["chunked", "whole"]
@@ -196,6 +212,49 @@ def main() -> int:
             print(f"{key:5} {result[key]['measured']:>40}  ratio {result[key]['ratio']}  "
                   f"{'PASS' if result[key]['pass'] else 'FAIL'}")
     return 0
+
+
+def node_rounds(args: argparse.Namespace, src: Path, folder: Path) -> dict[str, Any]:
+    """``--node``: the same upload to a node that makes it whole and to one that chunks it."""
+    import _nodes  # bench/, on the path when this file runs as a script
+
+    def by_node(server: Any) -> dict[str, Any]:
+        began = time.time()
+        posted = _nodes.post_file(server.host, server.port, f"/jobs?presets={args.presets}&name=source.mp4", src)
+        if posted.status != 201:
+            raise RuntimeError(f"upload refused: {posted.status} {posted.body}")
+        record: dict[str, Any] = {}
+        for _ in range(100_000):  # bounded: the wait below ends it first
+            _, record = _nodes.get_json(f"{server.url}/jobs/{posted.body['id']}")
+            if record.get("state") in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
+        if record.get("state") != "done":
+            raise RuntimeError(f"the job ended {record.get('state')}: {record.get('error')}")
+        return {"wall": float(record["updated"]) - began, "chunks": len(record.get("chunks") or [])}
+
+    folder.chmod(0o755)  # a root node's children run as nobody and pass through it to the work folders
+    workers = ["--workers", str(args.parallel), "--min-free", "0"]
+    sides = {"whole": ["--chunk-over", "off"],
+             "chunked": ["--chunk-over", "0", "--chunk-seconds", str(args.chunk_seconds)]}
+    for which in sides:
+        (folder / f"node-{which}").mkdir(exist_ok=True)
+    samples: dict[str, list[dict[str, Any]]] = {"whole": [], "chunked": []}
+    with _nodes.node(folder / "node-whole", *workers, *sides["whole"]) as whole_node, \
+            _nodes.node(folder / "node-chunked", *workers, *sides["chunked"]) as chunked_node:
+        servers = {"whole": whole_node, "chunked": chunked_node}
+        for r in range(args.rounds):
+            for which in (["whole", "chunked"] if r % 2 == 0 else ["chunked", "whole"]):
+                samples[which].append(by_node(servers[which]))
+                log(f"round {r + 1}: {which} node {samples[which][-1]['wall']:.1f} s")
+    whole_s = statistics.median(s["wall"] for s in samples["whole"])
+    chunked_s = statistics.median(s["wall"] for s in samples["chunked"])
+    ratio = whole_s / chunked_s
+    n = samples["chunked"][0]["chunks"]
+    return {"seconds": args.seconds, "frame_size": args.size, "workers": args.parallel, "chunks": n,
+            "rounds": args.rounds, "samples": samples,
+            "node": {"measured": f"{whole_s:.1f} s whole vs {chunked_s:.1f} s in {n}", "ratio": round(ratio, 3),
+                     "goal": f">= {GOALS['node']}", "pass": ratio >= GOALS["node"]}}
 
 
 def summary(args: argparse.Namespace, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from gridnode.endpoints import default_node_id, endpoint_port, is_loopback
 from gridnode.errors import ConfigError, GridnodeError
+from gridnode.media.chunks import CHUNK_OVER, CHUNK_SECONDS, chunk_over_setting, chunk_seconds_setting
 from gridnode.media.templates import Template, parse_templates
 from gridnode.notify.targets import Defaults
 from gridnode.retention import Retention
@@ -278,6 +279,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node-id", None, "this node's id (default: the EC2 instance-id, else HOSTNAME-HTTPPORT)",
             _opt_name, "ID"),
     Setting("workers", None, "concurrent ffmpeg processes (default: CPU count)", _int_range(1, 256), "N"),
+    Setting("chunk-over", CHUNK_OVER, "inputs longer than this many seconds are converted in chunks, several "
+            "workers at once (0: every input; 'off': none)", chunk_over_setting, "S"),
+    Setting("chunk-seconds", CHUNK_SECONDS, "about how long each chunk is, in seconds", chunk_seconds_setting, "S"),
     Setting("queue", 32, "jobs waiting for a worker before uploads get 503", _int_range(0, 100000), "N"),
     Setting("max-upload", 4096, "largest upload accepted, in MB", _int_range(1, 1024 * 1024), "MB"),
     Setting("min-free", 512, "refuse uploads when the work folder has less free space, in MB",
@@ -362,6 +366,8 @@ class NodeConfig:
     advertise: str | None
     node_id: str | None
     workers: int
+    chunk_over: float | None
+    chunk_seconds: float
     queue: int
     max_upload: int
     min_free: int

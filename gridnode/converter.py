@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gridnode.chunked import ChunkedRun, ChunkStates, ChunkTasks, LocalTasks, plan_for
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import (
@@ -91,6 +92,9 @@ class Converter(Service):
         self.hurried = False
         #: job id -> the scratch bytes a run that ran out showed it needs (its next run waits for them)
         self._needs: dict[str, int] = {}
+        #: where a chunked job's tasks run (gridnode/chunked.py): this node's workers by default
+        self.chunk_tasks: ChunkTasks = LocalTasks(reactor, self.pool, config.node_id or "", lambda: self.sandbox,
+                                                  lambda: self.hurried)
 
     @property
     def user(self) -> str | None:
@@ -131,16 +135,32 @@ class Converter(Service):
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[list[ProducedFile]], Deferred[Any]],
-            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "") -> Deferred[Any]:
+            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "",
+            chunks: Callable[[list[dict[str, Any]]], None] | None = None) -> Deferred[Any]:
         """Queue the job (at priority ``rank``, among ``tenant``'s: gridnode/media/fair.py) until a
         worker and the scratch space its outputs need are free
         (``waiting()`` when it waits for space); then ffmpeg (its output folder watched against
         the job's output limit), its outputs checked whole, then ``finish(outputs)`` while the
         scratch folder still holds them. An ffmpeg that ran out of space fails the run with
-        ``scratch_full``, and the job's next run waits for what it showed it needs."""
+        ``scratch_full``, and the job's next run waits for what it showed it needs. A job the
+        plan cuts in chunks runs them as tasks of its own (gridnode/chunked.py), ``chunks``
+        told of their states."""
         per_output = self.config.max_output_bytes
         limit = job_output_limit(info, presets, per_output)
         needs = max(output_estimate(info, presets, per_output), self._needs.get(job_id, 0))
+        plan = plan_for(info, presets, chunk_over=self.config.chunk_over, chunk_seconds=self.config.chunk_seconds)
+        if plan.chunked:
+            states = ChunkStates(plan, info, chunks)
+            states.tell()
+            run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
+                             # one task more than the workers stays queued: the job keeps its turn
+                             # among the tenants (media/fair.py) between the end of a chunk and the next
+                             self.threads, self.pool.workers + 1, self.limits, per_output, lambda: self.user,
+                             rank=rank, tenant=tenant)
+            # the chunks' files and the stitched outputs are in the scratch folder at once
+            return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
+                                    needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),
+                                    on_hold=waiting, rank=rank, tenant=tenant)
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()

@@ -38,6 +38,8 @@ _NEXT = {
     TRANSCODING: {STORING, QUEUED},  # back to queued when a node gives the job up
     STORING: {DONE, QUEUED},
 }
+#: a chunk's states in a job's ``chunks``: waiting for a worker, on one, made, failed (redone once)
+CHUNK_STATES = ("queued", "running", "done", "failed")
 #: the largest job record a reader accepts
 MAX_RECORD_BYTES = 256 * 1024
 
@@ -79,6 +81,9 @@ class Job:
     #: high, normal or low (gridnode/priority.py): the order its node's queue serves it in, kept
     #: when a peer adopts it
     priority: str = DEFAULT_PRIORITY
+    #: a job made in chunks (gridnode/chunked.py): each chunk's index, start and seconds of video,
+    #: state (``CHUNK_STATES``), node and tries; empty for a job made whole
+    chunks: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def new(cls, job_id: str, *, name: str, presets: list[str], node: str, size: int, now: float,
@@ -104,6 +109,14 @@ class Job:
                 or isinstance(duration, bool) or not 0 < duration < math.inf):
             return 0.0
         return float(duration) * (1.0 - self.progress)
+
+    def set_chunks(self, chunks: list[dict[str, Any]], now: float) -> bool:
+        """Record the chunks' states; True when they changed."""
+        if self.final or chunks == self.chunks:
+            return False
+        self.chunks = chunks
+        self.updated = now
+        return True
 
     def advance(self, state: str, now: float) -> None:
         """Move to the next state of the happy path (or back to queued)."""
@@ -148,6 +161,7 @@ class Job:
         self.attempts += 1
         self.progress = 0.0
         self.outputs = []
+        self.chunks = []  # an adopter makes every chunk again (its work folder is not here)
         self.lease_until = now + lease
         self.updated = now
 
@@ -159,6 +173,7 @@ class Job:
         self.state = QUEUED
         self.waiting = ""
         self.progress = 0.0
+        self.chunks = []
         self.lease_until = 0.0
         self.updated = now
 
@@ -202,6 +217,7 @@ class Job:
         if (job.state not in STATES or not keys.is_id(job.id) or not isinstance(job.tenant, str)
                 or not isinstance(job.waiting, str) or not isinstance(job.notify, list)
                 or not all(isinstance(u, str) for u in job.notify) or not isinstance(job.spec, list)
+                or not isinstance(job.chunks, list) or not all(isinstance(c, dict) for c in job.chunks)
                 or job.priority not in PRIORITY_RANK):
             raise GridnodeError(f"job record with state {job.state!r}", code="bad_record", status=500)
         return job

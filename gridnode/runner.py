@@ -210,7 +210,8 @@ class Runner:
                                               progress=lambda p: self._progress(active, p),
                                               finish=lambda produced: self._store_outputs(active, produced),
                                               waiting=lambda: self._waiting(active, "start"),
-                                              rank=priority.RANK[active.job.priority], tenant=active.job.tenant)
+                                              rank=priority.RANK[active.job.priority], tenant=active.job.tenant,
+                                              chunks=lambda chunks: self._chunks(active, chunks))
                 return result
             except GridnodeError as e:
                 if active.stopping or e.code not in ("busy", SCRATCH_FULL, SCRATCH_WAIT):
@@ -295,7 +296,8 @@ class Runner:
             if took > 0 and job.input.get("duration"):
                 ratio = float(job.input["duration"]) / took
                 self.metrics.ffmpeg_speed.observe(ratio)
-                if any(p.duration is not None for p in produced):  # a poster alone is no conversion speed
+                # a poster alone is no conversion speed; a chunked job's is several workers'
+                if any(p.duration is not None for p in produced) and not job.chunks:
                     self.speed.observe(ratio)
         self._changed(active)
         yield self._durably("write job record", lambda: self._save(active))
@@ -348,6 +350,11 @@ class Runner:
     def _progress(self, active: Active, progress: float) -> None:
         # a stopped ffmpeg says "progress=end" (1.0) as it goes: a cancelled job keeps what it had
         if not active.stopping and active.job.set_progress(progress, self.now()):
+            self._changed(active)
+
+    def _chunks(self, active: Active, chunks: list[dict[str, Any]]) -> None:
+        # told to subscribers (the status page, SSE); stored with the job's next state
+        if not active.stopping and active.job.set_chunks(chunks, self.now()):
             self._changed(active)
 
     def _changed(self, active: Active) -> None:

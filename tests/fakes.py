@@ -45,7 +45,8 @@ class FakeMedia:
     """Presets ``mp4-720p`` and ``poster``; every probe passes (or fails with ``probe_error``);
     a run waits until the test calls ``finish(job_id)``, ``cancel(job_id)`` or ``fail(job_id, error)``,
     and the test plays its ``started`` and ``progress`` through ``hooks[job_id]``, and its
-    ``waiting`` (held for scratch space) through ``waits[job_id]``; ``started_runs`` counts runs."""
+    ``waiting`` (held for scratch space) through ``waits[job_id]``, its chunk list through
+    ``chunk_hooks[job_id]``; ``started_runs`` counts runs."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -57,6 +58,8 @@ class FakeMedia:
         #: job id -> (priority rank, tenant) it was queued with
         self.places: dict[str, tuple[int, str]] = {}
         self.started_runs: dict[str, int] = {}
+        #: job id -> its run's ``chunks`` hook (a chunked job's chunk list)
+        self.chunk_hooks: dict[str, Callable[[list[dict[str, Any]]], None] | None] = {}
 
     def parse_presets(self, text: str | None, spec: Sequence[Any] | None = None) -> list[Preset]:
         """Names as the real catalog takes them; an inline ``spec``: its outputs' names, any
@@ -81,8 +84,10 @@ class FakeMedia:
     def run(self, job_id: str, info: Probe, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],
-            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "") -> Deferred[Any]:
+            waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "",
+            chunks: Callable[[list[dict[str, Any]]], None] | None = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred(lambda _: None)
+        self.chunk_hooks[job_id] = chunks
         self.places[job_id] = (rank, tenant)
         self.runs[job_id] = d
         self.hooks[job_id] = (started, progress, finish)

@@ -42,6 +42,15 @@ class LayeringTests:
         assert build_config(cli={"max-output": "0.5"}).max_output_bytes == 512 * 1024
         assert build_config(file={"max-output": 300}).max_output_bytes == 300 * 1024 * 1024
 
+    def test_chunking(self) -> None:
+        """--chunk-over in seconds (0: every job), or off; --chunk-seconds a number of seconds."""
+        c = build_config()
+        assert (c.chunk_over, c.chunk_seconds) == (300.0, 60.0)
+        assert build_config(cli={"chunk-over": "off"}).chunk_over is None
+        assert build_config(file={"chunk-over": "OFF"}).chunk_over is None
+        assert build_config(cli={"chunk-over": "0"}).chunk_over == 0
+        assert build_config(file={"chunk-over": 90, "chunk-seconds": 2.5}).chunk_seconds == 2.5
+
     def test_instance_metadata_default_url(self) -> None:
         """--instance-metadata with no URL means the EC2 link-local service."""
         assert build_config(cli={"instance-metadata": ""}).instance_metadata == "http://169.254.169.254"
@@ -103,6 +112,14 @@ class RefusalTests:
             ("cli", {"peer": "tcp:7000:bogus=1"}, "peer = 'tcp:7000:bogus=1' is not a Twisted endpoint"),
             ("cli", {"http": "nope:1"}, "Unknown endpoint type"),
             ("cli", {"http": "tcp:70000"}, "ports go up to 65535"),
+            ("cli", {"chunk-over": "never"}, "chunk-over = 'never' must be 'off' or a number of seconds"),
+            ("cli", {"chunk-over": "-1"}, "between 0 and 604800"),
+            ("cli", {"chunk-over": "nan"}, "must be 'off' or a number"),
+            ("file", {"chunk-over": True}, "must be 'off' or a number"),
+            ("file", {"chunk-over": [300]}, "must be 'off' or a number"),
+            ("cli", {"chunk-seconds": "0.5"}, "a chunk is at least a second"),
+            ("cli", {"chunk-seconds": "inf"}, "chunk-seconds = 'inf' must be a number of seconds"),
+            ("cli", {"chunk-seconds": "off"}, "must be a number of seconds"),
         ],
     )
     def test_bad_values(self, layer: str, values: dict[str, object], needle: str) -> None:

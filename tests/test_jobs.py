@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -107,6 +109,23 @@ class JobRecordTests:
         job = new_job()
         job.advance(jobs.PROBING, 2.0)
         assert Job.loads(job.dumps()) == job
+
+    def test_chunks_kept_and_reset(self) -> None:
+        """A chunk list round-trips in the record; a record whose chunks are not a list of
+        objects is refused; taken over or released, a job's chunks are made again: none listed."""
+        job = new_job()
+        chunk = {"index": 0, "start": 0.0, "seconds": 60.0, "state": "done", "node": "n1", "tries": 1}
+        assert job.set_chunks([chunk], 3.0) and not job.set_chunks([chunk], 4.0) and job.updated == 3.0
+        assert Job.loads(job.dumps()).chunks == [chunk]
+        for bad in ({"index": 0}, [1, 2], "chunks"):
+            with pytest.raises(GridnodeError) as e:
+                Job.loads(json.dumps({**job.to_json(), "chunks": bad}).encode())
+            assert e.value.code == "bad_record"
+        job.reclaim("n2", 5.0, 30.0)
+        assert job.chunks == []
+        job.set_chunks([chunk], 6.0)
+        job.release(7.0)
+        assert job.chunks == []
 
     @given(st.binary(max_size=300))
     def test_garbage_refused(self, data: bytes) -> None:

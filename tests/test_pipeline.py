@@ -95,6 +95,30 @@ class PipelineTests:
         assert self.record(job.id)["state"] == "done"
         assert "speed" not in self.jobs.load()
 
+    def test_a_chunked_jobs_chunks_are_told_and_stored(self) -> None:
+        """The media side's chunk list: on the job at once (answers and subscribers), not a write of
+        its own, in the record with the job's next state; no speed measured (several workers)."""
+        job, _ = self.upload()
+        seen: list[list[str]] = []
+        self.jobs.subscribe(job.id, lambda j: seen.append([c["state"] for c in j.chunks]))
+        started, _, _ = self.media.hooks[job.id]
+        tell = self.media.chunk_hooks[job.id]
+        assert tell is not None
+        chunk = {"index": 0, "start": 0.0, "seconds": 2.0, "state": "queued", "node": "", "tries": 0}
+        tell([chunk, {**chunk, "index": 1, "start": 2.0}])
+        assert self.record(job.id)["chunks"] == []  # no store write for a chunk's change
+        started()
+        assert [c["state"] for c in self.record(job.id)["chunks"]] == ["queued", "queued"]
+        tell([{**chunk, "state": "running", "node": "n1", "tries": 1}, {**chunk, "index": 1, "start": 2.0}])
+        tell([{**chunk, "state": "running", "node": "n1", "tries": 1}, {**chunk, "index": 1, "start": 2.0}])
+        assert seen == [["queued", "queued"], ["queued", "queued"], ["running", "queued"]]  # a repeat is no change
+        done = [{**chunk, "state": "done", "node": "n1", "tries": 1}, {**chunk, "index": 1, "state": "done"}]
+        tell(done)
+        self.media.finish(job.id)
+        rec = self.record(job.id)
+        assert rec["state"] == "done" and rec["chunks"] == done
+        assert "speed" not in self.jobs.load()
+
     def test_checksum_mismatch_keeps_nothing(self) -> None:
         """A wrong Upload-Checksum: refused, spool removed, nothing in the store."""
         result, spool_path = self.upload(checksum=hashlib.sha256(b"other").hexdigest())

@@ -317,3 +317,34 @@ def poster_chunk(probe: ProbeResult, preset: Preset, chunks: Sequence[Chunk]) ->
 
 def muxer_of(preset: Preset) -> str:
     return MUXERS[preset.container]
+
+
+def chunk_over_setting(value: object) -> float | None:
+    """``--chunk-over``: seconds of input a job must pass to be made in chunks (0: every job),
+    or ``off`` (None: none)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    seconds = _seconds(value, "must be 'off' or a number of seconds, 0 or more, such as 300")
+    if not 0 <= seconds <= 7 * 24 * 3600:
+        raise ValueError("must be 'off' or between 0 and 604800 seconds")
+    return seconds
+
+
+def chunk_seconds_setting(value: object) -> float:
+    """``--chunk-seconds``: about how long each chunk is (cuts fall on the outputs' keyframe grid)."""
+    seconds = _seconds(value, "must be a number of seconds, such as 60")
+    if not 1 <= seconds <= 24 * 3600:
+        raise ValueError("must be between 1 and 86400 seconds (a chunk is at least a second of video)")
+    return seconds
+
+
+def _seconds(value: object, message: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(message)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(message) from None
+    if not math.isfinite(seconds):
+        raise ValueError(message)
+    return seconds

@@ -176,19 +176,21 @@ class TranscodePool:
     # -- jobs
 
     def submit(self, job_id: str, work: Work[T], *, needs: int = 0, wait_limit: float = float("inf"),
-               on_hold: Callable[[], object] | None = None, rank: int = 1, tenant: str = "") -> Deferred[T]:
+               on_hold: Callable[[], object] | None = None, rank: int = 1, tenant: str = "",
+               bounded: bool = True) -> Deferred[T]:
         """Queue ``work`` under ``job_id``, of ``tenant`` at priority ``rank`` (0 first: gridnode/
         priority.py); the Deferred fires with its result. ``needs``: bytes of
         scratch space it starts with; ``on_hold()`` is called when it is first held for them, and
         after ``wait_limit`` seconds held it fails with ``scratch_wait``.
 
-        Raises (synchronously) ``Busy`` when the queue is full.
+        Raises (synchronously) ``Busy`` when the queue is full, unless not ``bounded`` (a task of
+        a job already running, such as a chunk: gridnode/chunked.py).
         """
         if not _JOB_ID.fullmatch(job_id):
             raise GridnodeError(f"invalid job id {job_id[:40]!r}", code="invalid_job_id", status=400)
         if self.has_job(job_id):
             raise GridnodeError(f"job {job_id} is already in the pool", code="duplicate_job", status=409)
-        if self.running >= self.workers and self.queued >= self.queue_limit:
+        if bounded and self.running >= self.workers and self.queued >= self.queue_limit:
             retry = self.retry_after()
             self._log.info("pool full, refusing {job} (retry after {retry_after}s)", job=job_id, retry_after=retry)
             raise Busy(f"this node is busy ({self.running} running, {self.queued} queued); "

@@ -28,6 +28,7 @@ from gridnode.media import chunks as plan_chunks
 from gridnode.media import stitch
 from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs, storyboard_plan
 from gridnode.media.probe import Limits, ProbeResult
+from gridnode.media.verify import truncation
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class TasksFailed(GridnodeError):
     error. ``run()`` again redoes those alone."""
 
     def __init__(self, failed: dict[str, BaseException]) -> None:
-        first = next(iter(failed.values()))
+        # a chunk that found the input cut short says why the later ones failed too
+        first = next((e for e in failed.values() if getattr(e, "code", "") == "input_truncated"),
+                     next(iter(failed.values())))
         code = first.code if isinstance(first, GridnodeError) else "ffmpeg_failed"
         super().__init__(f"{', '.join(failed)} failed: {first}", code=code, status=422)
         self.failed = failed
@@ -79,6 +82,11 @@ class SplitJob:
     parallel: int = 1
     input_limits: Limits = Limits()
     on_progress: Callable[[float], None] | None = None
+    #: each output's ``-fs`` (None: ``default_output_limit``)
+    max_output_bytes: int | None = None
+    #: told of each concat list written, before its stitch reads it (the node lets the
+    #: children's user read it)
+    on_list: Callable[[str], None] | None = None
     #: the keys of the tasks done: kept across ``run()``s
     done: set[str] = field(default_factory=set, init=False)
     _progress: dict[int, float] = field(default_factory=dict, init=False)
@@ -89,7 +97,8 @@ class SplitJob:
         for chunk in self.plan.chunks:
             folder = os.path.join(self.work_dir, stitch.chunk_dir(chunk.index))
             argv = plan_chunks.chunk_argv(self.ffmpeg, self.probe, self.input_path, folder, self.presets, chunk,
-                                          threads=self.threads, input_limits=self.input_limits)
+                                          threads=self.threads, input_limits=self.input_limits,
+                                          max_output_bytes=self.max_output_bytes)
             out.append(Task("chunk", chunk.index, argv, self._seconds(chunk)))
         audio = plan_chunks.audio_argv(self.ffmpeg, self.probe, self.input_path, self.work_dir, self.presets,
                                        threads=self.threads, input_limits=self.input_limits)
@@ -100,7 +109,8 @@ class SplitJob:
     def stitches(self) -> list[stitch.Stitch]:
         with_audio = {p.name for p in plan_chunks.audio_presets(self.probe, self.presets)}
         return [stitch.stitch(self.ffmpeg, self.work_dir, self.out_dir, p, self.plan.chunks,
-                              audio=p.name in with_audio, max_output_bytes=default_output_limit(self.probe),
+                              audio=p.name in with_audio,
+                              max_output_bytes=self.max_output_bytes or default_output_limit(self.probe),
                               rungs=[r.name for r, _size in hls_rungs(self.probe, p.ladder)])
                 for p in plan_chunks.video_presets(self.presets)
                 if p.container not in ("cmaf", *plan_chunks.IMAGES)] + [
@@ -155,6 +165,8 @@ class SplitJob:
             raise TasksFailed(failed)
         for i, item in enumerate(self.stitches()):
             stitch.write_concat(self.work_dir, item)
+            if self.on_list is not None:
+                self.on_list(os.path.join(self.work_dir, item.list_name))
             task = Task("stitch", i, item.argv)
             try:
                 yield self.run_task(task, lambda _p: None)
@@ -177,8 +189,13 @@ class SplitJob:
             if isinstance(frames, int) and expected is not None and frames != expected:
                 # A seek that landed past its keyframe, a source that ends early: never a seam
                 # with frames lost or repeated.
-                raise GridnodeError(f"chunk {task.index} made {frames} frames of its {expected}",
-                                    code="ffmpeg_failed", status=422)
+                chunk = self.plan.chunks[task.index]
+                reached = float((chunk.first + min(frames, expected)) / chunk.rate)
+                made = f"chunk {task.index} made {frames} frames of its {expected}"
+                short = frames < expected and truncation(self.probe.converted_duration, {"its video": reached})
+                if short:  # the input ends early: what a whole job of it fails with
+                    raise GridnodeError(f"{short.message} ({made})", code=short.code, status=short.status)
+                raise GridnodeError(made, code="ffmpeg_failed", status=422)
         except Exception as e:  # noqa: BLE001 - every failure is reported by its task's key
             failed[task.key] = e
             if task.kind == "chunk":

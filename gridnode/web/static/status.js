@@ -139,8 +139,14 @@
       out.className = "percent";
       td.appendChild(bar);
       td.appendChild(out);
+      var list = document.createElement("ol");
+      list.className = "chunks";
+      var chunkCell = cell(tr, "", "chunk-cell");
+      chunkCell.setAttribute("data-label", "Chunks");
+      chunkCell.appendChild(list);
       body.appendChild(tr);
     }
+    showChunks(tr.querySelector("ol.chunks"), job);
     var pct = percent(job);
     tr.querySelector(".name").textContent = job.name || (job.input && job.input.name) || "";
     tr.querySelector(".state").textContent = job.state;
@@ -148,6 +154,25 @@
     var out2 = tr.querySelector(".percent");
     out2.textContent = pct + "%";
     out2.setAttribute("data-value", String(pct));
+  }
+
+  /* A chunked job's chunks, one item each: its index, coloured by its state, the rest in its title. */
+  function showChunks(list, job) {
+    var chunks = Array.isArray(job.chunks) ? job.chunks : [];
+    list.textContent = "";
+    var done = 0;
+    chunks.forEach(function (c) {
+      var li = document.createElement("li");
+      var start = Number(c.start) || 0;
+      var end = start + (Number(c.seconds) || 0);
+      li.setAttribute("data-state", String(c.state || ""));
+      li.textContent = String(c.index);
+      li.title = "chunk " + c.index + ": " + start.toFixed(1) + "-" + end.toFixed(1) + " s, " + (c.state || "") +
+        (c.node ? " on " + c.node : "") + (Number(c.tries) > 1 ? " (" + c.tries + " tries)" : "");
+      if (c.state === "done") done += 1;
+      list.appendChild(li);
+    });
+    list.setAttribute("aria-label", chunks.length ? done + " of " + chunks.length + " chunks done" : "made whole");
   }
 
   function dropJob(id) {
