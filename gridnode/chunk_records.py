@@ -207,6 +207,11 @@ def disagrees(record: ChunkRecord, plan: Any) -> str:
     return ""
 
 
+def poison(index: int, lost: int) -> dict[str, str]:
+    return {"code": "poison", "message": f"chunk {index} was lost with {lost} nodes that held it; the job is "
+            "quarantined. Check the input, then submit it again"}
+
+
 @dataclass(frozen=True)
 class Held:
     """A record as last read or written, and that object's ETag."""
@@ -276,11 +281,33 @@ class Board:
 
     @inlineCallbacks
     def _as_holder(self, held: Held, change: dict[str, Any]) -> Any:
-        record = ChunkRecord(**{**asdict(held.record), **change})
-        written = yield self._write(held, record)
-        if written is None:
-            raise NotHeld(f"chunk {held.record.index} of job {held.record.job} is not held by {self.node_id} any more")
-        return written
+        """``change`` by the holder; a record written since but still claimed by us (the job's
+        adopter made itself the owner) is changed again over that write."""
+        for _ in range(3):
+            written = yield self._write(held, ChunkRecord(**{**asdict(held.record), **change}))
+            if written is not None:
+                return written
+            try:
+                held = yield self.read(held.record.job, held.record.task)
+            except NotFound:
+                break
+            if held.record.state != CLAIMED or held.record.holder != self.node_id:
+                break
+        raise NotHeld(f"chunk {held.record.index} of job {held.record.job} is not held by {self.node_id} any more")
+
+    def replace(self, held: Held, record: ChunkRecord) -> Any:
+        """The owner's ``record`` over ``held`` (a record of an earlier plan, or of the job's
+        previous owner); fires the new `Held`, or None when something wrote since."""
+        return self._write(held, record)
+
+    def redo(self, held: Held) -> Any:
+        """The owner sends a done task back to open (its archive was bad), counting one holder
+        lost as `reopen` does; fires the new `Held`, or None when something wrote since."""
+        lost = held.record.lost + 1
+        change: dict[str, Any] = {"state": OPEN, "holder": "", "lost": lost, "frames": None, "size": 0}
+        if lost >= POISON:
+            change = {"state": FAILED, "lost": lost, "error": poison(held.record.index, lost)}
+        return self._write(held, ChunkRecord(**{**asdict(held.record), **change}))
 
     def finish(self, held: Held, frames: int | None, size: int) -> Any:
         """Our claimed task is done, its archive stored: fails with `NotHeld` when it was reopened."""
@@ -297,18 +324,17 @@ class Board:
         return self._as_holder(held, {"state": OPEN, "holder": "", "refused": names})
 
     @inlineCallbacks
-    def reopen(self, job_id: str, task: str, gone: Callable[[str], bool]) -> Any:
+    def reopen(self, job_id: str, task: str, gone: Callable[[str], bool], count: bool = True) -> Any:
         """The owner's look at a task whose holder may be gone (``gone(holder)``, the membership's
-        word): reopened with one more holder lost, or failed ``poison`` at `POISON`; fires with the
+        word): reopened with one more holder lost (``count``; not for the job's own earlier owner,
+        whose loss the job's attempts count), or failed ``poison`` at `POISON`; fires with the
         record as it now is (`Held`), whatever was done."""
         held = yield self.read(job_id, task)
         while held.record.state == CLAIMED and gone(held.record.holder):
             record = held.record
-            lost = record.lost + 1
+            lost = record.lost + int(count)
             if lost >= POISON:
-                change: dict[str, Any] = {"state": FAILED, "lost": lost, "error": {
-                    "code": "poison", "message": f"chunk {record.index} was lost with {lost} nodes that held it; the "
-                    "job is quarantined. Check the input, then submit it again"}}
+                change: dict[str, Any] = {"state": FAILED, "lost": lost, "error": poison(record.index, lost)}
             else:
                 change = {"state": OPEN, "holder": "", "lost": lost}
             written = yield self._write(held, ChunkRecord(**{**asdict(record), **change}))

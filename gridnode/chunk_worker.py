@@ -42,7 +42,7 @@ from gridnode.store.base import ObjectStore
 #: runs one chunk's ``Task`` on a worker of this node under the record's tenant and priority,
 #: telling its progress; fires with the frames it wrote where known (as `split.RunTask`)
 RunChunk = Callable[[ChunkRecord, Task, Callable[[float], None]], "Deferred[Any]"]
-#: tells a task's owner what became of it: (owner, what, job id, task); what is done, failed or released
+#: tells a task's owner of it: (owner, what, job id, task); what is claimed, done, failed or released
 Tell = Callable[[str, str, str, str], object]
 #: errors of a chunk's own making: the record fails with them (anything else releases it)
 CHUNK_ERRORS = frozenset({"ffmpeg_failed", "output_too_large", "timeout", "frames"})
@@ -154,6 +154,8 @@ class ChunkWorker:
             return False
         if held is None:
             return False
+        self.tell(held.record.owner, "claimed", job_id, task)
+
         def ended(outcome: Any) -> Any:
             self.running.pop((job_id, task), None)
             return outcome

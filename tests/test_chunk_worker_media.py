@@ -86,4 +86,4 @@ async def test_a_peer_makes_chunks_from_the_store(real_reactor: Any, tmp_path: P
         assert held.record.frames == expected
         data, _ = store.backend.get_bytes(keys.chunk_files(job, f"chunk-{c.index}") + chunk_files.ARCHIVE)
         assert count_frames(data, tmp_path) == expected
-    assert sorted(t[1] for t in told) == ["done", "done"]
+    assert sorted(t[1] for t in told) == ["claimed", "claimed", "done", "done"]
