@@ -239,6 +239,10 @@ def webhooks_prefix(owner: str | None = None) -> str:
     return "webhooks/" if owner is None else join("webhooks", check_segment(owner, "node id")) + "/"
 
 
+def chunks_root() -> str:
+    return "chunks/"
+
+
 def chunks_prefix(job_id: str) -> str:
     """A chunked job's tasks run by any node of the pool (gridnode/chunk_records.py): one record
     and one folder of files per task, all removed with the job's end."""
