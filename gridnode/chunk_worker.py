@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from gridnode import chunk_files, keys
 from gridnode.chunk_records import BadChunk, Board, ChunkRecord, Held, NotHeld, disagrees
+from gridnode.chunk_run import ChunkRun
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks as plan_chunks
 from gridnode.media.presets import Preset, folders, job_output_limit
@@ -39,9 +40,10 @@ from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.split import Task
 from gridnode.store.base import ObjectStore
 
-#: runs one chunk's ``Task`` on a worker of this node under the record's tenant and priority,
-#: telling its progress; fires with the frames it wrote where known (as `split.RunTask`)
-RunChunk = Callable[[ChunkRecord, Task, Callable[[float], None]], "Deferred[Any]"]
+#: runs one chunk on a worker of this node under the record's tenant and priority, telling its
+#: progress; fires with the frames it wrote where known (as `split.RunTask`; the node's:
+#: `chunk_run.pool_runner`)
+RunChunk = Callable[[ChunkRun, Callable[[float], None]], "Deferred[Any]"]
 #: tells a task's owner of it: (owner, what, job id, task); what is claimed, done, failed or released
 Tell = Callable[[str, str, str, str], object]
 #: errors of a chunk's own making: the record fails with them (anything else releases it)
@@ -215,13 +217,14 @@ class ChunkWorker:
         argv = plan_chunks.chunk_argv(self.ffmpeg, info, source, out, presets, chunk, threads=self.threads,
                                       input_limits=self.input_limits)
         task = Task("chunk", record.index, argv, record.seconds)
+        limit = job_output_limit(info, presets)
         try:
-            frames = yield self.run_chunk(record, task, lambda _p: None)
+            frames = yield self.run_chunk(ChunkRun(record, task, source, out, limit), lambda _p: None)
             if isinstance(frames, int) and chunk.frames is not None and frames != chunk.frames:
                 raise GridnodeError(f"chunk {record.index} made {frames} frames of its {chunk.frames}",
                                     code="frames", status=422)
             archive = os.path.join(folder, chunk_files.ARCHIVE)
-            size = chunk_files.pack(out, archive, job_output_limit(info, presets))
+            size = chunk_files.pack(out, archive, limit)
         except GridnodeError as e:
             if e.code not in CHUNK_ERRORS:
                 self._log.warn("chunk {task} of job {job} released ({code}): {reason}", task=record.task,

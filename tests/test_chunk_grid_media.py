@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred, succeed
 
 from gridnode import keys
 from gridnode.chunk_owner import ChunkJob, ChunkOwner
-from gridnode.chunk_records import Board, ChunkRecord
+from gridnode.chunk_records import Board
+from gridnode.chunk_run import ChunkRun
 from gridnode.chunk_worker import ChunkWorker, Sources
 from gridnode.media import chunks
 from gridnode.media.ffmpeg import spawn_ffmpeg
@@ -82,7 +83,8 @@ async def test_two_nodes_make_one_job(real_reactor: Any, tmp_path: Path, kill: b
     peer_run = ffmpeg_task(real_reactor, running)
     killed: list[str] = []
 
-    def run_chunk(rec: ChunkRecord, task: Task, progress: Any) -> Deferred[Any]:
+    def run_chunk(chunk: ChunkRun, progress: Any) -> Deferred[Any]:
+        task = chunk.task
         d = peer_run(task, progress)
         if kill and not killed:
             killed.append(task.key)

@@ -125,7 +125,7 @@ class GridTests:
         clock = Clock()
         grid = ChunkGrid(clock, ObjectStore.synchronous(backend), membership, node_id="me",
                          nodes_list=keys.nodes_list("dev", "default"), parse_presets=lambda t, s: [],
-                         probe=lambda p: Deferred(), run_chunk=lambda r, t, p: Deferred(),
+                         probe=lambda p: Deferred(), run_chunk=lambda c, p: Deferred(),
                          local_free=lambda: free, draining=lambda: draining, gone=lambda n: False,
                          scratch=str(tmp / "chunks"))
         return grid, membership, backend

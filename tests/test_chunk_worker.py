@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from gridnode import chunk_files, keys
 from gridnode.chunk_records import DONE, FAILED, OPEN, Board, ChunkRecord
+from gridnode.chunk_run import ChunkRun
 from gridnode.chunk_worker import ChunkWorker, Sources
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks
@@ -64,8 +65,10 @@ class Rig:
         self.worker = ChunkWorker(self.board, self.store, self.sources, parse_presets=Catalog().parse,
                                   run_chunk=run or self.run, tell=lambda *a: self.told.append(a), threads=1)
 
-    def run(self, rec: ChunkRecord, task: Task, progress: Any) -> Deferred[Any]:
+    def run(self, chunk: ChunkRun, progress: Any) -> Deferred[Any]:
         """ffmpeg's stand-in: writes the argv's output file and answers the chunk's frames."""
+        rec, task = chunk.record, chunk.task
+        assert chunk.source in task.argv[task.argv.index("-i") + 1] and task.argv[-1].startswith(chunk.out_dir)
         self.runs.append((rec, task))
         out = task.argv[-1]
         Path(out).write_bytes(b"chunk video")
@@ -122,13 +125,13 @@ class WorkerTests:
 
     def test_a_chunks_own_failure_fails_the_record(self, tmp_path: Path) -> None:
         """ffmpeg failing, or a chunk with the wrong number of frames: the record fails with the code."""
-        rig = Rig(tmp_path, run=lambda r, t, p: fail(GridnodeError("boom", code="ffmpeg_failed", status=422)))
+        rig = Rig(tmp_path, run=lambda c, p: fail(GridnodeError("boom", code="ffmpeg_failed", status=422)))
         rig.publish(2)
         result(rig.worker.offered(JOB, "chunk-2"))
         now = result(rig.owner.read(JOB, "chunk-2")).record
         assert (now.state, now.error["code"]) == (FAILED, "ffmpeg_failed")
         assert rig.told[-1] == ("owner", "failed", JOB, "chunk-2")
-        rig = Rig(tmp_path, run=lambda r, t, p: succeed(7))
+        rig = Rig(tmp_path, run=lambda c, p: succeed(7))
         rig.publish(2)
         result(rig.worker.offered(JOB, "chunk-2"))
         now = result(rig.owner.read(JOB, "chunk-2")).record
@@ -142,7 +145,7 @@ class WorkerTests:
         result(rig.worker.offered(JOB, "chunk-2"))
         now = result(rig.owner.read(JOB, "chunk-2")).record
         assert (now.state, now.lost, now.refused) == (OPEN, 0, [])
-        rig = Rig(tmp_path, run=lambda r, t, p: fail(GridnodeError("stop", code="cancelled", status=409)))
+        rig = Rig(tmp_path, run=lambda c, p: fail(GridnodeError("stop", code="cancelled", status=409)))
         rig.publish(2)
         result(rig.worker.offered(JOB, "chunk-2"))
         assert result(rig.owner.read(JOB, "chunk-2")).record.state == OPEN
@@ -153,9 +156,9 @@ class WorkerTests:
         rig = Rig(tmp_path)
         rig.publish(2)
 
-        def run(rec: ChunkRecord, task: Task, progress: Any) -> Deferred[Any]:
+        def run(chunk: ChunkRun, progress: Any) -> Deferred[Any]:
             result(rig.owner.reopen(JOB, "chunk-2", lambda n: True))
-            return rig.run(rec, task, progress)
+            return rig.run(chunk, progress)
 
         rig.worker.run_chunk = run
         result(rig.worker.offered(JOB, "chunk-2"))

@@ -13,19 +13,20 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 
 from gridnode import chunk_files, keys
 from gridnode.chunk_records import DONE, Board, ChunkRecord
+from gridnode.chunk_run import pool_runner
 from gridnode.chunk_worker import ChunkWorker, Sources
 from gridnode.media import chunks
-from gridnode.media.ffmpeg import spawn_ffmpeg
+from gridnode.media.pool import TranscodePool
 from gridnode.media.probe import probe
-from gridnode.media.split import Task
+from gridnode.media.sandbox import Sandbox
 from gridnode.media.templates import Catalog
 from gridnode.store.base import ObjectStore
 from gridnode.store.file import FileBackend
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+from tests.nodes import boxes_here
 
 pytestmark = [pytest.mark.integration, needs_ffmpeg]
 SPEC = [{"name": "v", "container": "mp4", "size": 240}]
@@ -51,8 +52,9 @@ def count_frames(data: bytes, tmp: Path) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_a_peer_makes_chunks_from_the_store(real_reactor: Any, tmp_path: Path) -> None:
-    """Two chunks of a 12 s source, offered to a worker with nothing but the store: each record
-    ends done with the chunk's frames, and its archive's mp4 holds exactly those frames."""
+    """Two chunks of a 12 s source, offered to a worker with nothing but the store, run on its
+    pool's workers (in a box where this host makes one): each record ends done with the chunk's
+    frames, and its archive's mp4 holds exactly those frames."""
     src = tmp_path / "src.mp4"
     make_source(src)
     store = ObjectStore.synchronous(FileBackend(str(tmp_path / "store")))
@@ -67,10 +69,8 @@ async def test_a_peer_makes_chunks_from_the_store(real_reactor: Any, tmp_path: P
         await owner.publish(ChunkRecord(job=job, index=c.index, owner="owner", chunks=3, first=c.first, end=c.end,
                                         rate=str(c.rate), chunk_seconds=4.0, spec=SPEC))
 
-    def run(rec: ChunkRecord, task: Task, progress: Any) -> Deferred[Any]:
-        proto = spawn_ffmpeg(real_reactor, task.argv, duration=task.seconds or 12, label=task.key)
-        return proto.deferred.addCallback(lambda _r: int(proto.parser.fields.get("frame", "-1")))
-
+    pool = TranscodePool(real_reactor, str(tmp_path / "scratch"), workers=2)
+    run = pool_runner(real_reactor, pool, lambda: Sandbox(boxed=boxes_here() is None))
     sources = Sources(store, str(tmp_path / "peer"), lambda p: probe(real_reactor, p, ffprobe=FFPROBE))
     told: list[tuple[str, ...]] = []
     worker = ChunkWorker(Board(store, "peer", real_reactor.seconds), store, sources, parse_presets=Catalog().parse,
