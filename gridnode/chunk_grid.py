@@ -102,7 +102,8 @@ class ChunkGrid:
         self.loads = PeerLoads(store, nodes_list, clock)
         self.sources = Sources(store, scratch, probe)
         self.worker = ChunkWorker(self.board, store, self.sources, parse_presets=parse_presets, run_chunk=run_chunk,
-                                  tell=self.send, can_take=lambda: self.idle() > 0, ffmpeg=ffmpeg, threads=threads,
+                                  tell=self.send, can_take=lambda: self.idle() > self.worker.preparing,
+                                  ffmpeg=ffmpeg, threads=threads,
                                   input_limits=input_limits)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
                                 local_free=self.idle)

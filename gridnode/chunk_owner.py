@@ -18,7 +18,8 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
   code, which fails the job as a local run would.
 - **Deaths.** A holder gone by the membership's word (``holder_gone``, and at each look,
   ``gone(holder)``) has its task reopened (one holder lost; ``poison`` at three) and offered
-  again: only that task is redone.
+  again: only that task is redone. A task a peer holds is looked at in the store after 60 s,
+  then 120, 240 and every 480 s, in case its note was lost.
 - **Adoption.** A job's adopter publishes the same tasks: records already there are kept, a
   done one collected rather than run again, one held by a live peer waited for (the record now
   names us as its owner), one the previous owner was running itself reopened without counting a
@@ -52,6 +53,9 @@ from gridnode.timers import jittered
 REOFFER = 15.0
 #: peers each open task is offered to at once
 FANOUT = 2
+#: seconds before a task a peer holds is looked at in the store (a note lost on the way),
+#: doubling at each look to 8 x
+LOOK = 60.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class _Entry:
     running_here: bool = False
     offers: int = 0
     next_offer: float = 0.0
+    looks: int = 0
+    next_look: float = 0.0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,7 +112,7 @@ class ChunkOwner:
     def __init__(self, board: Board, store: ObjectStore, clock: Any, *, send: Callable[[str, str, str, str], object],
                  peers: Callable[[], Deferred[list[tuple[str, float]]]], gone: Callable[[str], bool],
                  local_free: Callable[[], int], reoffer: float = REOFFER, fanout: int = FANOUT,
-                 rng: random.Random | None = None) -> None:
+                 look: float = LOOK, rng: random.Random | None = None) -> None:
         self.board = board
         #: the archives' fetches (bodies)
         self.store = store
@@ -120,6 +126,7 @@ class ChunkOwner:
         self.local_free = local_free
         self.reoffer = reoffer
         self.fanout = fanout
+        self.look = look
         self.rng = rng or random.Random()
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
@@ -173,8 +180,7 @@ class ChunkOwner:
         if record.state == CLAIMED and self.gone(record.holder):
             yield self._reopen(entry)
         elif record.state == CLAIMED:
-            entry.holder = record.holder
-            self.holders.setdefault(record.job, set()).add(record.holder)
+            self._hold(entry, record.holder)
         elif record.state == DONE:
             yield self._collect(entry, held)
         elif record.state == FAILED:
@@ -241,10 +247,18 @@ class ChunkOwner:
         if entry is None:
             return
         if kind == "claimed":
-            entry.holder = sender
-            self.holders.setdefault(job_id, set()).add(sender)
+            self._hold(entry, sender)
         elif kind in ("done", "failed", "released"):
             self._look(entry)
+
+    def _hold(self, entry: _Entry, holder: str) -> None:
+        """``holder`` holds the task: wait for its note, and look in the store now and then."""
+        if entry.holder != holder:
+            entry.holder, entry.looks = holder, 0
+        self.holders.setdefault(entry.job.id, set()).add(holder)
+        entry.next_look = self.clock.seconds() + jittered(self.look * min(8, 2 ** entry.looks), self.rng)
+        entry.looks += 1
+        self._schedule(max(1.0, entry.next_look - self.clock.seconds()))
 
     def holder_gone(self, member: str) -> None:
         """``member`` is gone (confirmed dead, left): its tasks of ours are reopened and offered."""
@@ -290,9 +304,11 @@ class ChunkOwner:
     @inlineCallbacks
     def _round(self) -> Any:
         now = self.clock.seconds()
-        for entry in list(self.entries.values()):  # a holder gone without our hearing of it
-            if entry.holder and self.gone(entry.holder):
+        for entry in list(self.entries.values()):
+            if entry.holder and self.gone(entry.holder):  # gone without our hearing of it
                 self._guard(entry, self._reopen(entry))
+            elif entry.holder and not entry.result.called and entry.next_look <= now:
+                self._look(entry)  # its note may be lost: the record says
         free = self.local_free()
         for entry in self._open():
             if free <= 0:
@@ -306,7 +322,7 @@ class ChunkOwner:
         due = [e for e in self._open() if e.next_offer <= now]
         if due:
             yield self._offer(due, now)
-        waiting = [e.next_offer for e in self._open()]
+        waiting = [e.next_offer for e in self._open()] + [e.next_look for e in self.entries.values() if e.holder]
         if waiting:
             self._schedule(max(1.0, min(waiting) - now))
 

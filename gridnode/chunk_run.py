@@ -56,7 +56,8 @@ def pool_runner(reactor: Any, pool: TranscodePool, sandbox: Callable[[], Sandbox
         def work(slot: JobSlot) -> Deferred[Any]:
             box = sandbox()
             folders = [os.path.join(root, name) for root, names, _ in os.walk(chunk.out_dir) for name in names]
-            for folder in (os.path.dirname(chunk.source), os.path.dirname(chunk.out_dir)):
+            job_folder = os.path.dirname(chunk.source)
+            for folder in (os.path.dirname(job_folder), job_folder, os.path.dirname(chunk.out_dir)):
                 private_folder(folder, box.user)  # the child's group may pass, not list
             let_read(box.user, chunk.source)
             share_with(box.user, chunk.out_dir, *folders)

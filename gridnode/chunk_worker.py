@@ -141,6 +141,9 @@ class ChunkWorker:
         self.running: dict[tuple[str, str], Deferred[Any]] = {}
         #: how each run here ended: done, failed, released, lost (for /metrics and tests)
         self.counts: dict[str, int] = {}
+        #: runs claimed that have not reached a worker yet (fetching, probing): not in the
+        #: node's pool's figures, so ``can_take`` counts them
+        self.preparing = 0
 
     @inlineCallbacks
     def offered(self, job_id: str, task: str) -> Any:
@@ -195,6 +198,17 @@ class ChunkWorker:
     @inlineCallbacks
     def _work(self, held: Held) -> Any:
         """(how it ended, the record as last written): done, failed or released."""
+        self.preparing += 1
+        started: list[bool] = []
+        try:
+            outcome = yield self._prepare_and_run(held, started)
+        finally:
+            if not started:
+                self.preparing -= 1
+        return outcome
+
+    @inlineCallbacks
+    def _prepare_and_run(self, held: Held, started: list[bool]) -> Any:
         record = held.record
         try:
             source, info = yield self.sources.get(record.job)
@@ -218,6 +232,8 @@ class ChunkWorker:
                                       input_limits=self.input_limits)
         task = Task("chunk", record.index, argv, record.seconds)
         limit = job_output_limit(info, presets)
+        started.append(True)
+        self.preparing -= 1  # the node's pool counts it from here
         try:
             frames = yield self.run_chunk(ChunkRun(record, task, source, out, limit), lambda _p: None)
             if isinstance(frames, int) and chunk.frames is not None and frames != chunk.frames:

@@ -159,6 +159,19 @@ class OwnerTests:
         rig.owner.noted("p2", "done", JOB, "chunk-2")
         assert result(d) == plan().chunks[2].frames
 
+    def test_a_lost_done_note_is_found_by_a_look(self, tmp_path: Path) -> None:
+        """The holder's done note never arrives: a look at the record (after 60 s, jittered) finds it
+        done and collects it; before, the held task costs no read."""
+        rig = Rig(tmp_path)
+        d = rig.start(2)
+        rig.owner.noted("p1", "claimed", JOB, "chunk-2")
+        rig.finish_as("p1", 2)
+        reads = rig.backend.calls.get("get", 0)
+        rig.clock.advance(40)
+        assert rig.backend.calls.get("get", 0) == reads and not d.called
+        rig.clock.advance(40)
+        assert result(d) == plan().chunks[2].frames
+
     def test_a_holder_gone_unheard_is_found_at_the_next_look(self, tmp_path: Path) -> None:
         """No death reported to us, but the membership holds the holder gone: the next round
         reopens its task."""

@@ -102,6 +102,7 @@ class WorkerTests:
         assert rig.told == [("owner", "claimed", JOB, "chunk-2"), ("owner", "done", JOB, "chunk-2"),
                             ("owner", "claimed", JOB, "chunk-3"), ("owner", "done", JOB, "chunk-3")]
         assert not os.path.exists(rig.worker._folder(rec)) and rig.worker.running == {}
+        assert rig.worker.preparing == 0
 
     def test_not_taken_when_busy_or_already_claimed(self) -> None:
         """No worker free: no claim (no request); a task claimed by another node: False."""
