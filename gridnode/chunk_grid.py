@@ -122,10 +122,20 @@ class ChunkGrid:
     def run_task(self, job: Job, plan: Plan, chunk_seconds: float, work_dir: str, limit: int,
                  local: RunTask) -> RunTask:
         """The `RunTask` a chunked job's `SplitJob` runs its tasks through: chunks on the pool (ours
-        first), the audio pass and the stitches ``local``. Call `end` when the job is over."""
+        first), the audio pass and the stitches ``local`` (the node's own runner of a task under
+        the job's tenant and priority). Give the `SplitJob` ``parallel`` of every task at once
+        (``len(plan.chunks) + 1``): how many run is the pool's idle workers' to say. ``limit``:
+        the most bytes a chunk's archive may hold (``presets.job_output_limit``). Call `end`
+        when the job is over, whichever way."""
         chunk_job = ChunkJob(job.id, job.tenant, job.priority, list(job.presets), list(job.spec), chunk_seconds,
                              plan, work_dir, limit)
         return self.owner.run_task(chunk_job, local)
+
+    def recorded_chunk_seconds(self, job_id: str) -> Deferred[Any]:
+        """The chunk length a job's existing records were planned with, or None: the job's adopter
+        plans with it (if its own ``--chunk-seconds`` differs, the records' cuts would not match
+        and every chunk would be made again)."""
+        return self.board.chunk_seconds(job_id)
 
     def end(self, job_id: str) -> Deferred[Any]:
         """The job is over: its chunk records and archives go, its holders drop its source."""

@@ -163,6 +163,9 @@ class ChunkOwner:
     def _settle(self, entry: _Entry, held: Held) -> Any:
         record = held.record
         mine = entry.job.record(entry.task, self.node_id)
+        if entry.running_here and record.state == CLAIMED and record.holder == self.node_id:
+            entry.held = held  # ours, running: its end says the rest
+            return
         if disagrees(record, entry.job.plan):
             held = yield self._rewrite(entry, held, mine)  # an earlier plan's: ours replaces it
             record = held.record
@@ -376,7 +379,12 @@ class ChunkOwner:
 
     @inlineCallbacks
     def end(self, job_id: str) -> Any:
-        """The job is over (whichever way): its records and archives deleted, its holders told."""
+        """The job is over (whichever way): its tasks still waiting fail (``cancelled``), its records
+        and archives are deleted, its holders told."""
+        for key, entry in list(self.entries.items()):
+            if key[0] == job_id:
+                del self.entries[key]
+                self._fail(entry, GridnodeError("the job ended", code="cancelled", status=409))
         for peer in sorted(self.holders.pop(job_id, set())):
             self.send(peer, "ended", job_id, "")
         try:

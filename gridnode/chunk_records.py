@@ -352,6 +352,18 @@ class Board:
         return sorted(n[:-5] for n in names if n.endswith(".json") and "/" not in n)
 
     @inlineCallbacks
+    def chunk_seconds(self, job_id: str) -> Any:
+        """The chunk length ``job_id``'s records were planned with (None: no record): a job's
+        adopter plans with it, so the chunks done before are kept. One LIST, one GET."""
+        for task in (yield self.tasks(job_id)):
+            try:
+                held = yield self.read(job_id, task)
+            except (NotFound, BadChunk):
+                continue
+            return held.record.chunk_seconds
+        return None
+
+    @inlineCallbacks
     def remove(self, job_id: str) -> Any:
         """Every record and archive of ``job_id`` (its end, whichever way): one LIST and a DELETE
         each, the records last, so a retry after a failure finds what is left."""

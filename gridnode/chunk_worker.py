@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from gridnode import chunk_files, keys
 from gridnode.chunk_records import BadChunk, Board, ChunkRecord, Held, NotHeld, disagrees
 from gridnode.chunk_run import ChunkRun
-from gridnode.errors import GridnodeError
+from gridnode.errors import GridnodeError, NotFound
 from gridnode.media import chunks as plan_chunks
 from gridnode.media.presets import Preset, folders, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult
@@ -157,6 +157,8 @@ class ChunkWorker:
             self._log.warn("chunk record {task} of job {job} refused: {reason}", task=task, job=job_id,
                            reason=e.message)
             return False
+        except NotFound:
+            return False  # the job ended since the offer
         if held is None:
             return False
         self.tell(held.record.owner, "claimed", job_id, task)

@@ -267,14 +267,19 @@ class OwnerTests:
         assert rig.backend.calls == {"put": 3, "get": 2, "put_body": 1, "get_body": 1}
 
     def test_end_removes_records_and_tells_holders(self, tmp_path: Path) -> None:
-        """The job's end: its records and archives deleted, each peer that held a task told."""
+        """The job's end: a task still waiting fails (cancelled), the records and archives are
+        deleted, each peer that held a task told."""
         rig = Rig(tmp_path)
+        waiting = rig.start(3)
         d = rig.start(2)
         rig.owner.noted("p1", "claimed", JOB, "chunk-2")
         rig.finish_as("p1", 2)
         rig.owner.noted("p1", "done", JOB, "chunk-2")
         result(d)
         result(rig.owner.end(JOB))
+        with pytest.raises(GridnodeError) as e:
+            result(waiting)
+        assert e.value.code == "cancelled" and rig.owner.entries == {}
         assert ("p1", "ended", JOB, "") in rig.sent
         assert result(rig.store.list_all(keys.chunks_prefix(JOB))) == []
 

@@ -132,12 +132,15 @@ class BoardTests:
         assert now.state == FAILED and now.error == {"code": "ffmpeg_failed", "message": "exited with status 1"}
 
     def test_tasks_and_remove(self) -> None:
-        """The tasks are one listing; remove deletes records and archives."""
+        """The tasks are one listing, the chunk length they were planned with one more read;
+        remove deletes records and archives."""
         store, (owner,) = boards("owner")
         for i in range(3):
             result(owner.publish(record(i, first=1500 * i, end=None if i == 2 else 1500 * (i + 1))))
         result(store.put_bytes(keys.chunk_files(JOB, "chunk-0") + "files.tar", b"x"))
         assert result(owner.tasks(JOB)) == ["chunk-0", "chunk-1", "chunk-2"]
+        assert result(owner.chunk_seconds(JOB)) == 60.0
+        assert result(owner.chunk_seconds(keys.new_id(1_700_000_009))) is None
         result(owner.remove(JOB))
         assert result(store.list_all(keys.chunks_prefix(JOB))) == []
         with pytest.raises(NotFound):

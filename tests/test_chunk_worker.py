@@ -167,6 +167,12 @@ class WorkerTests:
         assert (now.state, now.lost) == (OPEN, 1)
         assert [t[1] for t in rig.told] == ["claimed"] and rig.worker.counts == {"lost": 1}
 
+    def test_an_offer_for_a_job_that_ended(self, tmp_path: Path) -> None:
+        """The record is gone (the job ended since the offer): not taken, nothing run, no error."""
+        rig = Rig(tmp_path)
+        assert result(rig.worker.offered(JOB, "chunk-2")) is False
+        assert rig.runs == [] and rig.told == []
+
     def test_a_hostile_record_is_not_claimed(self, tmp_path: Path) -> None:
         """A record of another job planted under this one is refused before any claim."""
         rig = Rig(tmp_path)
