@@ -107,8 +107,6 @@ class ChunkGrid:
                                   input_limits=input_limits)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
                                 local_free=self.idle)
-        #: notes dropped before any request, by reason
-        self.dropped: dict[str, int] = {}
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 
@@ -159,7 +157,7 @@ class ChunkGrid:
     def on_note(self, note: Note) -> None:
         """A note for us, authenticated: checked before it leads to any request."""
         if not keys.is_id(note.job) or (note.kind != "ended" and not _TASK.fullmatch(note.task)):
-            self._drop("bad_note")
+            self.membership.drop("bad_note")  # counted with the peer messages dropped (/peers, metrics)
             return
         if note.kind == "offer":
             d = self.worker.offered(note.job, note.task)
@@ -169,9 +167,6 @@ class ChunkGrid:
             self.sources.forget(note.job)
         else:
             self.owner.noted(note.sender, note.kind, note.job, note.task)
-
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
 def idle_workers(pool: Any) -> int:

@@ -113,9 +113,13 @@ class _Membership:
         self.on_gone: list[Any] = []
         self.on_note: Any = None
         self.sent: list[Note] = []
+        self.dropped: dict[str, int] = {}
 
     def send_note(self, n: Note) -> None:
         self.sent.append(n)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
 class GridTests:
@@ -133,10 +137,11 @@ class GridTests:
     @pytest.mark.parametrize("bad", [{"job": "../x"}, {"job": "01"}, {"task": "chunk-x"}, {"task": "audio-0"},
                                      {"task": "chunk-1/../../x"}])
     def test_a_hostile_note_is_dropped_before_any_request(self, tmp_path: Path, bad: dict[str, str]) -> None:
-        """A note naming no job id or no chunk task leads to no request, counted as bad_note."""
+        """A note naming no job id or no chunk task leads to no request, counted with the peer
+        messages dropped (bad_note)."""
         grid, membership, backend = self.grid(tmp_path)
         membership.on_note(note(**bad))
-        assert grid.dropped == {"bad_note": 1} and backend._objects == {}
+        assert membership.dropped == {"bad_note": 1} and backend._objects == {}
 
     def test_notes_go_where_they_belong(self, tmp_path: Path) -> None:
         """An offer reaches the worker (which reads the record: none here, so nothing is claimed);
