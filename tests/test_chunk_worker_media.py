@@ -32,9 +32,10 @@ pytestmark = [pytest.mark.integration, needs_ffmpeg]
 SPEC = [{"name": "v", "container": "mp4", "size": 240}]
 
 
-def make_source(path: Path) -> None:
+def make_source(path: Path, seconds: int = 12) -> None:
     subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc2=size=320x240:rate=25:duration=12", "-f", "lavfi", "-i", "sine=duration=12",
+                    f"testsrc2=size=320x240:rate=25:duration={seconds}",
+                    "-f", "lavfi", "-i", f"sine=duration={seconds}",
                     "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
                     str(path)], check=True, timeout=120)
 
