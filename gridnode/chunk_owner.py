@@ -14,8 +14,10 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
   is offered again after ``reoffer`` s, doubling to 8 x while nobody takes it; before an offer is
   repeated its record is read once (a ``claimed`` note lost on the way).
 - **Collect.** A done task's archive is fetched and unpacked into the job's work folder
-  (``stitch.chunk_dir``), so the stitch runs unchanged; a failed one fails the task with its
-  code, which fails the job as a local run would.
+  (``stitch.chunk_dir``), so the stitch runs unchanged (a bad or missing archive: made again;
+  the store's trouble: the task fails, and a run of the job again collects it); a failed one
+  fails the task with its code, which fails the job's run as a local run would. A run of the
+  job again (or its adopter's) makes a failed chunk again, unless it failed as ``poison``.
 - **Deaths.** A holder gone by the membership's word (``holder_gone``, and at each look,
   ``gone(holder)``) has its task reopened (one holder lost; ``poison`` at three) and offered
   again: only that task is redone. A task a peer holds is looked at in the store after 60 s,
@@ -147,7 +149,13 @@ class ChunkOwner:
 
     @inlineCallbacks
     def _start(self, job: ChunkJob, task: Task, local: RunTask, progress: Callable[[float], None]) -> Any:
-        held = yield self.board.publish(job.record(task, self.node_id))
+        mine = job.record(task, self.node_id)
+        held = yield self.board.publish(mine)
+        error = held.record.error or {}
+        if held.record.state == FAILED and error.get("code") != "poison":
+            # a run of the job again (or its adopter's) makes a failed chunk again, as it would here
+            again = ChunkRecord(**{**asdict(held.record), "state": OPEN, "holder": "", "error": None})
+            held = (yield self.board.replace(held, again)) or (yield self.board.read(job.id, task.key))
         entry = _Entry(job, task, local, progress, held)
         self.entries[entry.key] = entry
         try:
@@ -220,10 +228,11 @@ class ChunkOwner:
             if info.size != record.size:
                 raise chunk_files.bad_archive(f"of {info.size} bytes is not the {record.size} its record says")
             chunk_files.unpack(archive, folder, entry.job.limit)
-        except (GridnodeError, OSError) as e:
-            reason = e.message if isinstance(e, GridnodeError) else str(e)
+        except GridnodeError as e:
+            if e.code not in ("bad_chunk", "not_found"):
+                raise  # the store's trouble or ours, not the holder's: the task fails, a retry collects
             self._log.warn("chunk {task} of job {job} made again: {reason}", task=record.task, job=record.job,
-                           reason=reason)
+                           reason=e.message)
             again = yield self.board.redo(held)
             if again is None:
                 again = yield self.board.read(record.job, record.task)
@@ -297,12 +306,17 @@ class ChunkOwner:
         self._pumping = True
         d = self._round()
 
+        def failed(f: Failure) -> None:
+            self._log.warn("offering chunks failed: {reason}; again in {delay}s", reason=f.getErrorMessage(),
+                           delay=self.reoffer)
+            self._schedule(self.reoffer)
+
         def ended(_: Any) -> None:
             self._pumping = False
             if self._again:
                 self._again = False
                 self._schedule(0)
-        d.addErrback(lambda f: self._log.failure("offering chunks failed", f)).addBoth(ended)
+        d.addErrback(failed).addBoth(ended)
 
     @inlineCallbacks
     def _round(self) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from gridnode import chunk_files, keys
@@ -208,6 +208,64 @@ class OwnerTests:
         with pytest.raises(GridnodeError) as e:
             result(d)
         assert e.value.code == "ffmpeg_failed"
+
+    def test_a_failed_chunk_is_made_again_by_a_new_run_a_poisoned_one_not(self, tmp_path: Path) -> None:
+        """A run of the job again finds a chunk a peer failed: it is open again (attempts kept) and
+        offered; a chunk failed as poison fails the new run at once."""
+        rig = Rig(tmp_path)
+        first = rig.start(2)
+        board = rig.peer("p1")
+        result(board.fail(result(board.claim(JOB, "chunk-2")), "ffmpeg_failed", "exited 1"))
+        rig.owner.noted("p1", "failed", JOB, "chunk-2")
+        with pytest.raises(GridnodeError):
+            result(first)
+        rig.sent.clear()
+        rig.start(2)
+        assert (rig.record(2).state, rig.record(2).attempts, rig.record(2).error) == (OPEN, 1, None)
+        assert rig.offers(2)
+        for i in range(POISON):
+            result(rig.peer(f"x{i}").claim(JOB, "chunk-2"))
+            result(rig.owner.board.reopen(JOB, "chunk-2", lambda n: True))
+        with pytest.raises(GridnodeError) as e:
+            result(rig.start(2))
+        assert e.value.code == "poison"
+
+    def test_the_stores_trouble_while_collecting_redoes_nothing(self, tmp_path: Path) -> None:
+        """The archive cannot be fetched now (the store's trouble): the task fails with that code
+        and the chunk stays done, collected by the next run."""
+        rig = Rig(tmp_path)
+        d = rig.start(2)
+        rig.finish_as("p1", 2)
+        fetch = rig.backend.get_file
+
+        def down(key: str, path: str) -> Any:
+            raise GridnodeError("the store is unreachable", code="storage_unavailable", status=503)
+
+        rig.backend.get_file = down  # type: ignore[method-assign]
+        rig.owner.noted("p1", "done", JOB, "chunk-2")
+        with pytest.raises(GridnodeError) as e:
+            result(d)
+        assert e.value.code == "storage_unavailable" and rig.record(2).state == DONE
+        rig.backend.get_file = fetch  # type: ignore[method-assign]
+        assert result(rig.start(2)) == plan().chunks[2].frames
+
+    def test_a_failed_round_is_tried_again(self, tmp_path: Path) -> None:
+        """The peers' loads cannot be read: the round is logged and tried again later, and offers go
+        out once they can."""
+        rig = Rig(tmp_path)
+        calls = []
+
+        def peers() -> Deferred[Any]:
+            calls.append(1)
+            if len(calls) == 1:
+                return fail(GridnodeError("nodes.json unreadable", code="storage_unavailable"))
+            return succeed(list(rig.idle))
+
+        rig.owner.peers = peers
+        rig.start(2)
+        assert rig.offers(2) == []
+        rig.clock.advance(20)
+        assert sorted(rig.offers(2)) == ["p1", "p2"]
 
     def test_a_bad_archive_is_made_again(self, tmp_path: Path) -> None:
         """An archive whose size is not its record's: the task is sent back to open (a holder lost)
