@@ -122,9 +122,13 @@ def _str(raw: dict[str, Any], name: str, limit: int = 256) -> str:
 
 def _number(raw: dict[str, Any], name: str) -> float:
     value = raw.get(name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer past any float
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
         raise BadChunk(f"field {name!r} is not a finite number >= 0")
-    return float(value)
+    return number
 
 
 def _node(value: str, name: str) -> str:
@@ -172,10 +176,10 @@ def load(data: bytes, job_id: str, task: str) -> ChunkRecord:
     if not isinstance(refused, list) or len(refused) > MAX_REFUSED or not all(isinstance(n, str) for n in refused):
         raise BadChunk("field 'refused' is not a list of node ids")
     state = raw.get("state")
-    if state not in STATES:
+    if not isinstance(state, str) or state not in STATES:
         raise BadChunk(f"field 'state' is {str(state)[:20]!r}, not one of {', '.join(STATES)}")
     priority = raw.get("priority")
-    if priority not in RANK:
+    if not isinstance(priority, str) or priority not in RANK:
         raise BadChunk(f"field 'priority' is {str(priority)[:20]!r}")
     error = raw.get("error")
     if error is not None and not (isinstance(error, dict) and all(isinstance(v, str) for v in error.values())):

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -58,6 +60,21 @@ class WireTests:
             with pytest.raises(wire.Dropped) as e:
                 open_(wire.Opener(wire.fixed_keys(*keys_), lambda: 1000.0), args, command)
             assert e.value.reason == reason
+
+
+class NoteFuzzTests:
+    @settings(max_examples=150, deadline=None)
+    @given(raw=st.dictionaries(st.sampled_from(["dest", "dest_addr", "sender", "kind", "job", "task", "extra"]),
+                               st.none() | st.integers() | st.text(max_size=300) | st.lists(st.integers(), max_size=2),
+                               max_size=7))
+    def test_any_payload_is_a_note_or_malformed(self, raw: dict[str, Any]) -> None:
+        """A note's payload opens to a Note of short strings and a known kind, or is refused with
+        the errors the opener counts as malformed."""
+        try:
+            got = wire.note_from_dict(raw)
+        except (KeyError, TypeError, ValueError):
+            return
+        assert got.kind in wire.NOTE_KINDS and all(len(v) <= wire.NOTE_FIELD for v in got.__dict__.values())
 
 
 class CarriedTests:

@@ -8,6 +8,8 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 
 from gridnode import chunk_records, keys
@@ -194,6 +196,39 @@ class HostileRecordTests:
     def test_a_valid_record_round_trips(self) -> None:
         """What the owner writes is what a reader loads."""
         assert load(record().dumps(), JOB, "chunk-1") == record()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                max_size=4),
+                    max_leaves=20)
+
+
+class FuzzTests:
+    @settings(max_examples=200, deadline=None)
+    @given(change=st.dictionaries(st.sampled_from(sorted(json.loads(record().dumps()))), JSON, max_size=4))
+    def test_any_record_loads_or_is_refused(self, change: dict[str, Any]) -> None:
+        """Whatever a writer put in a record's fields, reading it gives a record or BadChunk,
+        never another error, and what loads names this job's task."""
+        body = {**json.loads(record().dumps()), **change}
+        try:
+            got = load(json.dumps(body).encode(), JOB, "chunk-1")
+        except BadChunk:
+            return
+        assert (got.job, got.task) == (JOB, "chunk-1") and 0 <= got.index < got.chunks
+
+    def test_a_number_past_any_float_is_refused(self) -> None:
+        """An integer too large for a float in a number field: BadChunk, not an overflow."""
+        body = {**json.loads(record().dumps()), "seconds": 10**400}
+        with pytest.raises(BadChunk, match="seconds"):
+            load(json.dumps(body).encode(), JOB, "chunk-1")
+
+    @settings(max_examples=200, deadline=None)
+    @given(raw=st.binary(max_size=200))
+    def test_any_bytes_load_or_are_refused(self, raw: bytes) -> None:
+        """Bytes that are not a record are refused as BadChunk."""
+        with pytest.raises(BadChunk):
+            load(raw, JOB, "chunk-1")
 
 
 class DisagreesTests:
