@@ -135,6 +135,11 @@ class ChunkGrid:
         and every chunk would be made again)."""
         return self.board.chunk_seconds(job_id)
 
+    def status(self, job_id: str) -> list[dict[str, Any]]:
+        """A chunked job's chunks as its owner knows them (index, state, node, seconds, lost): for
+        the job's JSON and the status page; no request."""
+        return self.owner.status(job_id)
+
     def end(self, job_id: str) -> Deferred[Any]:
         """The job is over: its chunk records and archives go, its holders drop its source."""
         return self.owner.end(job_id)

@@ -133,6 +133,9 @@ class ChunkOwner:
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
         self.holders: dict[str, set[str]] = {}
+        #: job id -> chunk index -> where it stands here: its ``state`` (open, claimed, done,
+        #: failed), ``node`` (who makes or made it), ``seconds`` (its video), ``lost`` (holders lost)
+        self.chunks: dict[str, dict[int, dict[str, Any]]] = {}
         self._pumping = False
         self._again = False
         self._timer: Any = None
@@ -200,6 +203,7 @@ class ChunkOwner:
                                             code=error.get("code", "ffmpeg_failed"), status=422))
         else:
             entry.holder = ""
+            self._note_state(entry, OPEN, "")
             self._schedule(0)
 
     @inlineCallbacks
@@ -243,12 +247,24 @@ class ChunkOwner:
             if os.path.exists(archive):
                 os.unlink(archive)
         entry.progress(1.0)
+        self._note_state(entry, DONE, record.holder)
         if not entry.result.called:
             entry.result.callback(record.frames)
 
     def _fail(self, entry: _Entry, error: BaseException | Failure) -> None:
         if not entry.result.called:
+            self._note_state(entry, FAILED, entry.holder)
             entry.result.errback(error)
+
+    def _note_state(self, entry: _Entry, state: str, node: str) -> None:
+        self.chunks.setdefault(entry.job.id, {})[entry.task.index] = {
+            "index": entry.task.index, "state": state, "node": node, "seconds": round(entry.task.seconds, 3),
+            "lost": entry.held.record.lost}
+
+    def status(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's chunks as this owner knows them, by index (no request): for the job's JSON and
+        its status page. A chunk not started yet is absent."""
+        return [dict(c) for _i, c in sorted(self.chunks.get(job_id, {}).items())]
 
     # -- notes and deaths
 
@@ -267,6 +283,7 @@ class ChunkOwner:
         """``holder`` holds the task: wait for its note, and look in the store now and then."""
         if entry.holder != holder:
             entry.holder, entry.looks = holder, 0
+        self._note_state(entry, CLAIMED, holder)
         self.holders.setdefault(entry.job.id, set()).add(holder)
         entry.next_look = self.clock.seconds() + jittered(self.look * min(8, 2 ** entry.looks), self.rng)
         entry.looks += 1
@@ -349,6 +366,7 @@ class ChunkOwner:
 
     def _run_here(self, entry: _Entry, held: Held) -> None:
         entry.held, entry.running_here = held, True
+        self._note_state(entry, CLAIMED, self.node_id)
         d = entry.local(entry.task, entry.progress)
 
         def ended(result: Any) -> Any:
@@ -356,6 +374,7 @@ class ChunkOwner:
             if isinstance(result, Failure):
                 self._fail(entry, result)
             elif not entry.result.called:
+                self._note_state(entry, DONE, self.node_id)
                 entry.result.callback(result)
             self._schedule(0)  # a worker of ours is free
             return None
@@ -399,6 +418,7 @@ class ChunkOwner:
             if key[0] == job_id:
                 del self.entries[key]
                 self._fail(entry, GridnodeError("the job ended", code="cancelled", status=409))
+        self.chunks.pop(job_id, None)
         for peer in sorted(self.holders.pop(job_id, set())):
             self.send(peer, "ended", job_id, "")
         try:

@@ -118,7 +118,8 @@ class Rig:
 class OwnerTests:
     def test_our_idle_worker_first_then_offers(self, tmp_path: Path) -> None:
         """With one idle worker, the first task is claimed and run here (never offered), the second
-        offered to two idle peers; the audio pass goes to the local runner as it is."""
+        offered to two idle peers; the status lists each chunk where it stands; the audio pass goes
+        to the local runner as it is."""
         rig = Rig(tmp_path, free=1)
         first, _second = rig.start(1), rig.start(2)
         assert [t.index for t, _ in rig.local_runs] == [1]
@@ -126,6 +127,10 @@ class OwnerTests:
         assert rig.offers(1) == [] and sorted(rig.offers(2)) == ["p1", "p2"]
         rig.local_runs[0][1].callback(1500)
         assert result(first) == 1500
+        assert [(c["index"], c["state"], c["node"]) for c in rig.owner.status(JOB)] == [
+            (1, DONE, "owner"), (2, OPEN, "")]
+        rig.owner.noted("p2", "claimed", JOB, "chunk-2")
+        assert rig.owner.status(JOB)[1] == {"index": 2, "state": CLAIMED, "node": "p2", "seconds": 60.0, "lost": 0}
         run = rig.owner.run_task(rig.job, rig.local)
         run(Task("audio", 0, ["ffmpeg"]), lambda p: None)
         assert rig.local_runs[-1][0].kind == "audio"
@@ -338,7 +343,7 @@ class OwnerTests:
         with pytest.raises(GridnodeError) as e:
             result(waiting)
         assert e.value.code == "cancelled" and rig.owner.entries == {}
-        assert ("p1", "ended", JOB, "") in rig.sent
+        assert ("p1", "ended", JOB, "") in rig.sent and rig.owner.status(JOB) == []
         assert result(rig.store.list_all(keys.chunks_prefix(JOB))) == []
 
 
@@ -362,6 +367,8 @@ class AdoptionTests:
         assert [t.index for t, _ in new.local_runs] == [1]
         assert (new.record(1).holder, new.record(1).lost) == ("new", 0)
         assert (new.record(3).owner, new.record(3).holder) == ("new", "p2")
+        assert [(c["state"], c["node"]) for c in new.owner.status(JOB)] == [
+            (CLAIMED, "new"), (DONE, "p1"), (CLAIMED, "p2")]
         new.done_by(old.peer("p2"), held)  # the holder's finish lands over the adopter's rewrite
         assert new.record(3).state == DONE
         new.owner.noted("p2", "done", JOB, "chunk-3")
