@@ -119,7 +119,7 @@ def tenant_segment(tenant: str) -> str:
 
 #: the top-level prefixes the node writes: never a job's input from the bucket (--input-prefixes)
 NODE_PREFIXES = frozenset({"registry/", "jobs/", "active/", "index/", "gone/", "inputs/", "outputs/", "uploads/",
-                           "idempotency/", "retention/", "webhooks/", ".gridnode/"})
+                           "idempotency/", "retention/", "webhooks/", "chunks/", ".gridnode/"})
 
 def registry_prefix(env: str, pool: str) -> str:
     return join("registry", env, pool) + "/"
@@ -237,3 +237,23 @@ def webhook_entry(owner: str, msg_id: str) -> str:
 
 def webhooks_prefix(owner: str | None = None) -> str:
     return "webhooks/" if owner is None else join("webhooks", check_segment(owner, "node id")) + "/"
+
+
+def chunks_root() -> str:
+    return "chunks/"
+
+
+def chunks_prefix(job_id: str) -> str:
+    """A chunked job's tasks run by any node of the pool (gridnode/chunk_records.py): one record
+    and one folder of files per task, all removed with the job's end."""
+    return join("chunks", check_segment(job_id, "job id")) + "/"
+
+
+def chunk_record(job_id: str, task: str) -> str:
+    """The record of one task of a chunked job (``task``: its key, ``chunk-3``)."""
+    return join("chunks", check_segment(job_id, "job id"), check_segment(task, "task") + ".json")
+
+
+def chunk_files(job_id: str, task: str) -> str:
+    """Where a task's holder stores what it made (one archive of its folder): ``chunks/<job>/<task>/``."""
+    return join("chunks", check_segment(job_id, "job id"), check_segment(task, "task")) + "/"

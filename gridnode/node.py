@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gridnode import keys
 from gridnode.config import NodeConfig, build_config
 from gridnode.endpoints import endpoint_interface, endpoint_port, endpoint_scheme, is_loopback, with_backlog
 from gridnode.errors import ConfigError, GridnodeError
@@ -88,6 +89,8 @@ class NodeService(MultiService):
         self._file_path = file_path
         self.view: NodeView | None = None
         self._media: Any = None
+        #: this node's part in chunks run by the pool (gridnode/chunk_grid.py), once it runs
+        self.chunks: Any = None
         self._successor: Any = None
         self.ready: Deferred[NodeView] = Deferred()
 
@@ -160,10 +163,11 @@ class NodeService(MultiService):
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
+        grid = self.chunks = self._chunk_grid(config, view.node_id, store, media, jobs, membership)
         registry = Registry(
             self.reactor, store.in_lane(BACKGROUND), env=config.env, pool=config.pool, node_id=view.node_id,
-            http_url=http_url, peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale, load=jobs.load,
-            incarnation=lambda: membership.machine.incarnation,
+            http_url=http_url, peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale,
+            load=lambda: jobs.load() | grid.load_figures(), incarnation=lambda: membership.machine.incarnation,
         )
         registry.on_read.append(membership.registry_read)
         registry.wanted = membership.needs_record
@@ -183,6 +187,21 @@ class NodeService(MultiService):
             port=address.port, store=store.url,
         )
         return view
+
+    def _chunk_grid(self, config: NodeConfig, node_id: str, store: ObjectStore, media: Any, jobs: JobService,
+                    membership: Any) -> Any:
+        """This node's part in chunks run by the pool (gridnode/chunk_grid.py): peers' chunks on its
+        idle workers, offered by notes; its own chunked jobs' chunks through ``run_task``."""
+        from gridnode.chunk_grid import ChunkGrid, idle_workers
+        from gridnode.chunk_run import pool_runner
+
+        return ChunkGrid(
+            self.reactor, store, membership, node_id=node_id, nodes_list=keys.nodes_list(config.env, config.pool),
+            parse_presets=media.parse_presets, probe=media.probe,
+            run_chunk=pool_runner(self.reactor, media.pool, lambda: media.sandbox, lambda: media.hurried),
+            local_free=lambda: idle_workers(media.pool), draining=lambda: jobs.draining,
+            gone=lambda member: jobs.adopter.gone(member), scratch=os.path.join(config.work_dir, "scratch", ".chunks"),
+            ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits)
 
     @inlineCallbacks
     def _settle(self) -> Any:

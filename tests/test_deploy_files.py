@@ -77,7 +77,7 @@ class LifecycleTests:
 
         expiring = {rule_prefix(r): r["Expiration"]["Days"] for r in lifecycle_rules() if "Expiration" in r}
         assert expiring == {keys.idempotency_prefix(): 2, top(keys.upload_prefix(keys.new_id())): 7,
-                            keys.tombstones_prefix(): 30}
+                            keys.tombstones_prefix(): 30, top(keys.chunk_record(keys.new_id(), "chunk-1")): 7}
         assert top(keys.tombstone(keys.new_id())) == keys.tombstones_prefix()
         assert keys.idempotency_entry("ab12").startswith(keys.idempotency_prefix())
         assert 2 * 86400 > idempotency.TTL and 7 * 86400 > DEFAULT_EXPIRY

@@ -24,6 +24,8 @@ from gridnode.store import parse_store_url
 RULE_PREFIX = "gridnode-"
 #: days a purged job's tombstone answers ``404 gone``
 TOMBSTONE_DAYS = 30
+#: days a chunk's record and archive are kept at most (a chunked job runs hours, not days)
+CHUNK_DAYS = 7
 
 
 def _expire(rule_id: str, prefix: str, days: int) -> dict[str, Any]:
@@ -40,6 +42,9 @@ def rules(store_prefix: str, retain_inputs: int | None = None, retain_outputs: i
         _expire("idempotency-entries", store_prefix + keys.idempotency_prefix(), 2),
         _expire("abandoned-tus-uploads", store_prefix + keys.uploads_root(), 7),
         _expire("purged-job-tombstones", store_prefix + keys.tombstones_prefix(), TOMBSTONE_DAYS),
+        # a chunked job's owner deletes them at its end: the rule is the backstop for one whose
+        # owners all died, or a pool that stopped
+        _expire("chunk-leftovers", store_prefix + keys.chunks_root(), CHUNK_DAYS),
     ]
     if retain_inputs is not None:
         made.append(_expire("retain-inputs", store_prefix + keys.inputs_prefix(), retain_inputs))

@@ -1,7 +1,8 @@
 """
 One AMP connection between peers, either way. An inbound one hands what it
 receives to its `Receiver` (the membership service) and is cut when a sender
-streams past ``MAX_UNFRAMED`` bytes without completing a box.
+streams past ``MAX_UNFRAMED`` bytes without completing a box. A command it does
+not know (a later release's) is dropped and counted, the connection kept.
 """
 
 from __future__ import annotations
@@ -40,18 +41,26 @@ class PeerProtocol(amp.AMP):
 
     def locateResponder(self, name: bytes) -> Any:  # noqa: N802 - AMP's name
         command = name.decode("ascii", "replace")
-        if self.service is not None and command in wire.COMMANDS:
+        if self.service is not None and (command in wire.COMMANDS or command in wire.NOTES):
             return lambda box: self._deliver(command, box)
-        return super().locateResponder(name)
+        found = super().locateResponder(name)
+        if found is None and self.service is not None:
+            return self._unknown
+        return found
 
     @wire.Version.responder
     def version(self) -> dict[str, int]:
         return {"version": wire.VERSION}
 
+    def _unknown(self, box: amp.AmpBox) -> amp.AmpBox:
+        assert self.service is not None
+        self.service.drop("unknown_command")
+        return amp.AmpBox()  # the answer to one that asks for one: empty
+
     def _deliver(self, command: str, box: amp.AmpBox) -> Any:
         assert self.service is not None
         try:
-            values = wire.COMMANDS[command].parseArguments(box, self)
+            values = (wire.COMMANDS.get(command) or wire.NOTES[command]).parseArguments(box, self)
         except Exception:  # noqa: BLE001 - a malformed box is the sender's problem, counted
             self.service.drop("malformed")
             return None

@@ -122,6 +122,8 @@ class MembershipService(Service):
         self.last_heard: dict[str, float] = {}
         self.dropped: dict[str, int] = {}
         self._port: Any = None
+        #: called with each `wire.Note` for us, opened and checked (gridnode/chunk_grid.py)
+        self.on_note: Callable[[wire.Note], None] | None = None
 
     # -- life cycle
 
@@ -221,6 +223,12 @@ class MembershipService(Service):
             self.drop("not_for_me")
             return
         self.last_heard[msg.sender] = self.now()
+        if isinstance(msg, wire.Note):
+            if self.on_note is None:
+                self.drop("no_handler")
+            elif self.running:
+                self.on_note(msg)
+            return
         if self.running:
             self.act(self.machine.receive(msg, self.now()))
 
@@ -230,7 +238,11 @@ class MembershipService(Service):
             self.metrics.peer_dropped.labels(reason).inc()
         self._log.debug("dropped a peer message: {reason}", reason=reason)
 
-    def _send_failed(self, failure: Any, msg: swim.Message) -> None:
+    def send_note(self, note: wire.Note) -> None:
+        """Send ``note`` one way, as a message of the machine's (a failure counted and logged)."""
+        self._send(note).addErrback(self._send_failed, note)
+
+    def _send_failed(self, failure: Any, msg: swim.Message | wire.Note) -> None:
         """Counted, logged, and a refusal told to the machine; never silent: a sync that cannot be
         sent would otherwise stop anti-entropy without a trace."""
         self.drop("send_failed")
@@ -240,7 +252,8 @@ class MembershipService(Service):
                             error=failure.getErrorMessage())
         else:
             self._log.failure("{kind} to {peer} not sent", failure, kind=type(msg).__name__, peer=msg.dest)
-        if failure.check(ConnectionRefusedError) and self.running:
+        # a note's refusal is left to the machine's own probes of that member
+        if failure.check(ConnectionRefusedError) and self.running and not isinstance(msg, wire.Note):
             self.act(self.machine.refused(msg.dest, msg.dest_addr, self.now()))
 
     def _changed(self, change: swim.MemberChanged) -> None:
@@ -269,7 +282,7 @@ class MembershipService(Service):
 
     # -- connections
 
-    def _send(self, msg: swim.Message) -> Deferred[Any]:
+    def _send(self, msg: swim.Message | wire.Note) -> Deferred[Any]:
         command, args = wire.seal(self.keys()[0], msg, self.now())
         if len(args["payload"]) > wire.MAX_PAYLOAD:
             # the receiver would drop it (and AMP refuses a value over 65,535 bytes)

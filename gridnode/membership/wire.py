@@ -27,6 +27,14 @@ pool with the release before it. A new command, member state or element of an
 update, or any change an older node would misread, needs a new ``VERSION``:
 older nodes drop those messages (``version``) and count them, never crash; a
 release that raises it must open the previous version too for a roll to work.
+
+Notes: messages between nodes that are not the membership's (`Note`: split-and-stitch's
+chunk offers and reports, gridnode/chunk_grid.py) are one command, ``ChunkNote``, sealed and
+checked exactly as the membership's, handed to the node rather than the machine. A node of a
+release before notes does not know the command: it counts it (``protocol_error``) and closes
+that connection, so a note goes only to a node that says it takes them (its ``chunk_idle``
+load figure); a node of this release drops a command it does not know (``unknown_command``)
+and keeps the connection.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from twisted.protocols import amp
@@ -117,6 +126,30 @@ class SyncState(_OneWay):
     """Anti-entropy: my members of the buckets whose digests differ (push-pull), in parts that fit."""
 
 
+class ChunkNote(_OneWay):
+    """Split-and-stitch: a chunk offered to an idle node, or its holder telling the owner of it."""
+
+
+@dataclass(frozen=True)
+class Note:
+    """A note from ``sender`` to ``dest`` (at ``dest_addr``) about ``task`` of ``job``: ``kind``
+    is one of `NOTE_KINDS`. What the fields name is checked by whoever acts on it."""
+
+    dest: str
+    dest_addr: str
+    sender: str
+    kind: str
+    job: str
+    task: str
+
+
+#: offer (owner to an idle node), claimed/done/failed/released (holder to owner), ended (owner to
+#: holders: the job is over, drop its source)
+NOTE_KINDS = frozenset({"offer", "claimed", "done", "failed", "released", "ended"})
+#: the most characters of a note's field
+NOTE_FIELD = 256
+
+
 class Version(amp.Command):
     """The peer protocol version spoken here."""
 
@@ -126,6 +159,8 @@ class Version(amp.Command):
 
 COMMANDS: dict[str, type[amp.Command]] = {c.__name__: c for c in (Ping, Ack, Nack, PingReq, Gossip, SyncDigest,
                                                                   SyncState)}
+#: commands carrying a `Note`, for the node rather than the machine
+NOTES: dict[str, type[amp.Command]] = {"ChunkNote": ChunkNote}
 
 
 def _mac(key: bytes, command: str, version: int, sent: float, nonce: bytes, payload: bytes) -> bytes:
@@ -135,13 +170,18 @@ def _mac(key: bytes, command: str, version: int, sent: float, nonce: bytes, payl
     return h.digest()
 
 
-def seal(key: bytes, msg: swim.Message, now: float | None = None) -> tuple[type[amp.Command], dict[str, Any]]:
+def seal(key: bytes, msg: swim.Message | Note, now: float | None = None) -> tuple[type[amp.Command], dict[str, Any]]:
     """The AMP command and arguments that carry ``msg``."""
-    name = type(msg).__name__
-    payload = json.dumps(swim.message_to_dict(msg), separators=(",", ":")).encode()
+    command: type[amp.Command]
+    if isinstance(msg, Note):
+        name, command, body = "ChunkNote", ChunkNote, {"type": "ChunkNote", **asdict(msg)}
+    else:
+        name = type(msg).__name__
+        command, body = COMMANDS[name], swim.message_to_dict(msg)
+    payload = json.dumps(body, separators=(",", ":")).encode()
     sent = time.time() if now is None else now
     nonce = os.urandom(12)
-    return COMMANDS[name], {"version": VERSION, "sent": sent, "nonce": nonce, "payload": payload,
+    return command, {"version": VERSION, "sent": sent, "nonce": nonce, "payload": payload,
                             "mac": _mac(key, name, VERSION, sent, nonce, payload)}
 
 
@@ -161,7 +201,7 @@ class Opener:
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     def open(self, command: str, version: int, sent: float, nonce: bytes, payload: bytes, mac: bytes
-             ) -> swim.Message:
+             ) -> swim.Message | Note:
         if version != VERSION:
             raise Dropped("version")
         if len(payload) > MAX_PAYLOAD:
@@ -178,7 +218,7 @@ class Opener:
         self._seen[nonce] = sent
         try:
             raw = json.loads(payload)
-            msg = swim.message_from_dict(raw)
+            msg = note_from_dict(raw) if command in NOTES else swim.message_from_dict(raw)
         except (ValueError, KeyError, TypeError):
             raise Dropped("malformed") from None
         if raw.get("type") != command:
@@ -189,3 +229,14 @@ class Opener:
         seen = self._seen
         while seen and (len(seen) > self.max_nonces or next(iter(seen.values())) < now - 2 * WINDOW):
             seen.popitem(last=False)
+
+
+def note_from_dict(raw: dict[str, Any]) -> Note:
+    """A `Note` from its payload: every field a short string, the kind a known one (a field
+    added by a later release is left out)."""
+    values = {name: raw[name] for name in ("dest", "dest_addr", "sender", "kind", "job", "task")}
+    if not all(isinstance(v, str) and len(v) <= NOTE_FIELD for v in values.values()):
+        raise ValueError("a note's fields are short strings")
+    if values["kind"] not in NOTE_KINDS:
+        raise ValueError(f"a note of kind {values['kind'][:20]!r}")
+    return Note(**values)

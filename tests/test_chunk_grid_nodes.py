@@ -1,0 +1,198 @@
+"""Chunks made by real twistd nodes: two nodes of a pool on a file: store publish ``chunk_idle``
+in nodes.json, take the chunks an owner offers them by ChunkNote over their peer port, fetch the
+source from the store, run each chunk on a worker of theirs (boxed where the host boxes) and
+store its archive; the owner (this test, with the library's ChunkOwner, none of its own workers)
+stitches a file that has the one-piece encode's frames."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from gridnode import keys
+from gridnode.chunk_grid import FIGURE, PeerLoads
+from gridnode.chunk_owner import ChunkJob, ChunkOwner
+from gridnode.chunk_records import Board
+from gridnode.media import chunks
+from gridnode.media.probe import probe
+from gridnode.media.split import SplitJob
+from gridnode.media.templates import Catalog
+from gridnode.membership import wire
+from gridnode.membership.peer import PeerProtocol
+from gridnode.store.base import ObjectStore
+from gridnode.store.file import FileBackend
+from tests.helpers import free_port, wait_for
+from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
+from tests.nodes import NodeProcess
+from tests.test_chunk_grid_media import ffmpeg_task
+from tests.test_chunk_worker_media import make_source
+from tests.test_split_media import frames, whole
+
+pytestmark = [pytest.mark.integration, needs_ffmpeg]
+SPEC = [{"name": "v", "container": "mp4", "size": 240}]
+
+
+class Notes:
+    """Sends sealed ChunkNotes to nodes at the peer addresses their registry records give."""
+
+    def __init__(self, reactor: Any, store: Path) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.key = wire.peer_key(b"", "dev", "default")  # loopback peers without a secret file
+        self.sent: list[tuple[str, str, str]] = []
+
+    def address(self, node: str) -> str:
+        record = json.loads((self.store / "registry" / "dev" / "default" / "nodes" / f"{node}.json").read_text())
+        return str(record["peer_addr"])
+
+    def send(self, peer: str, kind: str, job: str, task: str) -> None:
+        try:
+            address = self.address(peer)
+        except FileNotFoundError:
+            return  # gone: as ChunkGrid.send, nothing to a member not alive
+        self.sent.append((peer, kind, task))
+        self._send(wire.Note(peer, address, "tester", kind, job, task))
+
+    @inlineCallbacks
+    def _send(self, note: wire.Note) -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        host, _, port = note.dest_addr.rpartition(":")
+        proto = yield connectProtocol(TCP4ClientEndpoint(self.reactor, host, int(port)), PeerProtocol())
+        command, args = wire.seal(self.key, note)
+        yield proto.callRemote(command, **args)
+        proto.transport.loseConnection()
+
+
+def listed(store: Path) -> dict[str, dict[str, float]]:
+    path = store / "registry" / "dev" / "default" / "nodes.json"
+    return {n["id"]: n["load"] for n in json.loads(path.read_text())["nodes"]} if path.exists() else {}
+
+
+def start_nodes(tmp_path: Path, store_dir: Path, names: tuple[str, ...],
+                workers: dict[str, int] | None = None) -> dict[str, NodeProcess]:
+    nodes = {name: NodeProcess(tmp_path / name, [
+        "--store", f"file:{store_dir}", "--node-id", name, "--heartbeat", "1", "--min-free", "0",
+        "--workers", str((workers or {}).get(name, 1)),
+        "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+        for name in names}
+    for node in nodes.values():
+        node.start()
+    return nodes
+
+
+class Owner:
+    """This test as a chunked job's owner: the library's ChunkOwner with none of its own workers,
+    offering by ChunkNote to the nodes nodes.json lists idle; ``gone``: the node's registry record
+    is gone (its watcher deleted it once the membership confirmed its death)."""
+
+    def __init__(self, reactor: Any, tmp_path: Path, store_dir: Path) -> None:
+        self.reactor = reactor
+        self.tmp = tmp_path
+        self.store_dir = store_dir
+        self.store = ObjectStore.synchronous(FileBackend(str(store_dir)))
+        self.notes = Notes(reactor, store_dir)
+        self.owner = ChunkOwner(Board(self.store, "tester", reactor.seconds), self.store, reactor,
+                                send=self.notes.send,
+                                peers=PeerLoads(self.store, keys.nodes_list("dev", "default"), reactor).idle,
+                                gone=self.gone, local_free=lambda: 0, reoffer=1.0, look=2.0, rng=random.Random(2))
+
+    def gone(self, node: str) -> bool:
+        return not (self.store_dir / "registry" / "dev" / "default" / "nodes" / f"{node}.json").exists()
+
+    async def job(self, seconds: int = 12, chunk_seconds: float = 2.0) -> tuple[str, Any, Any, Deferred[Any]]:
+        src = self.tmp / "src.mp4"
+        make_source(src, seconds)
+        job_id = keys.new_id()
+        self.store.backend.put_file(keys.input_source(job_id), str(src))
+        presets = Catalog().parse(None, SPEC)
+        info = await probe(self.reactor, str(src), ffprobe=FFPROBE)
+        plan = chunks.plan(info, presets, chunk_seconds=chunk_seconds, chunk_over=0)
+        work = self.tmp / "work"
+        split = SplitJob(plan, info, str(src), presets, str(work), str(self.tmp / "out"),
+                         self.owner.run_task(ChunkJob(job_id, "", "normal", [], SPEC, chunk_seconds, plan, str(work),
+                                                      10**8), ffmpeg_task(self.reactor)),
+                         ffmpeg=FFMPEG, threads=1, parallel=len(plan.chunks) + 1)
+        return job_id, info, plan, split.run()
+
+    async def check(self, job_id: str, info: Any, plan: Any) -> list[Any]:
+        """The stitch is the whole's frame for frame; the records, then the job's end."""
+        presets = Catalog().parse(None, SPEC)
+        await whole(self.reactor, info, self.tmp / "src.mp4", self.tmp / "whole", presets)
+        assert frames(self.tmp / "out" / "v.mp4") == frames(self.tmp / "whole" / "v.mp4")
+        records = [(await self.owner.board.read(job_id, f"chunk-{c.index}")).record for c in plan.chunks]
+        await self.owner.end(job_id)
+        assert self.store.backend.list(keys.chunks_prefix(job_id)).items == []
+        return records
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path) -> None:
+    """The owner offers each chunk to the idle nodes of nodes.json; the nodes make them all (each
+    on its one worker, so both take some); the owner, which hears nothing back (it is no member:
+    every note to it is lost), finds each done at its looks in the store, and stitches the
+    whole's frames."""
+    store_dir = tmp_path / "store"
+    nodes = start_nodes(tmp_path, store_dir, ("na", "nb"))
+    try:
+        for node in nodes.values():
+            await node.wait_ready()
+        await wait_for(lambda: {n: load.get(FIGURE) for n, load in listed(store_dir).items()} == {"na": 1, "nb": 1},
+                       20)
+        owner = Owner(real_reactor, tmp_path, store_dir)
+        job_id, info, plan, done = await owner.job()
+        await wait_for(lambda: done.called, 120, interval=0.5)
+        await done
+        records = await owner.check(job_id, info, plan)
+        assert {r.holder for r in records} == {"na", "nb"}
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_killed_holding_a_chunk(real_reactor: Any, tmp_path: Path) -> None:
+    """Three nodes; kill -9 of one while it holds a chunk: once its death is confirmed (its record
+    deleted by its watcher), the chunk is reopened (one holder lost) and another node makes it;
+    only the chunks the dead node held are redone, and the stitch is still the whole's frames."""
+    store_dir = tmp_path / "store"
+    nodes = start_nodes(tmp_path, store_dir, ("na", "nb", "nc"), {"na": 2})  # na: offered the most
+    try:
+        for node in nodes.values():
+            await node.wait_ready()
+        await wait_for(lambda: {n: load.get(FIGURE) for n, load in listed(store_dir).items()}
+                       == {"na": 2, "nb": 1, "nc": 1}, 20)
+        owner = Owner(real_reactor, tmp_path, store_dir)
+        job_id, info, plan, done = await owner.job(24, 2.0)
+
+        def held_by_na() -> list[str]:
+            found = []
+            for path in (store_dir / "chunks" / job_id).glob("chunk-*.json"):
+                record = json.loads(path.read_text())
+                if record["state"] == "claimed" and record["holder"] == "na":
+                    found.append(path.stem)
+            return found
+
+        await wait_for(held_by_na, 60, interval=0.02)
+        nodes["na"].signal(signal.SIGKILL)
+        process = nodes["na"].process
+        assert process is not None
+        process.wait()
+        held = held_by_na()
+        assert held
+        await wait_for(lambda: done.called, 180, interval=0.5)
+        await done
+        records = await owner.check(job_id, info, plan)
+        lost = sorted(r.task for r in records if r.lost)
+        assert lost == sorted(held), (held, records)
+        assert all(r.holder in ("nb", "nc") and r.lost == 1 for r in records if r.lost)
+    finally:
+        for node in nodes.values():
+            node.stop()
