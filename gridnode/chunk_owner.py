@@ -74,6 +74,9 @@ class ChunkJob:
     work_dir: str
     #: the most bytes a chunk's archive may hold (the job's outputs' limit)
     limit: int
+    #: told of each chunk's change here: (index, state, node making or that made it); the job's
+    #: chunk list (gridnode/chunked.py ``ChunkStates.noted``)
+    told: Callable[[int, str, str], None] = field(default=lambda _i, _s, _n: None, compare=False)
 
     def record(self, task: Task, owner: str) -> ChunkRecord:
         chunk = self.plan.chunks[task.index]
@@ -133,9 +136,6 @@ class ChunkOwner:
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
         self.holders: dict[str, set[str]] = {}
-        #: job id -> chunk index -> where it stands here: its ``state`` (open, claimed, done,
-        #: failed), ``node`` (who makes or made it), ``seconds`` (its video), ``lost`` (holders lost)
-        self.chunks: dict[str, dict[int, dict[str, Any]]] = {}
         self._pumping = False
         self._again = False
         self._timer: Any = None
@@ -257,14 +257,7 @@ class ChunkOwner:
             entry.result.errback(error)
 
     def _note_state(self, entry: _Entry, state: str, node: str) -> None:
-        self.chunks.setdefault(entry.job.id, {})[entry.task.index] = {
-            "index": entry.task.index, "state": state, "node": node, "seconds": round(entry.task.seconds, 3),
-            "lost": entry.held.record.lost}
-
-    def status(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's chunks as this owner knows them, by index (no request): for the job's JSON and
-        its status page. A chunk not started yet is absent."""
-        return [dict(c) for _i, c in sorted(self.chunks.get(job_id, {}).items())]
+        entry.job.told(entry.task.index, state, node)
 
     # -- notes and deaths
 
@@ -418,7 +411,6 @@ class ChunkOwner:
             if key[0] == job_id:
                 del self.entries[key]
                 self._fail(entry, GridnodeError("the job ended", code="cancelled", status=409))
-        self.chunks.pop(job_id, None)
         for peer in sorted(self.holders.pop(job_id, set())):
             self.send(peer, "ended", job_id, "")
         try:

@@ -74,8 +74,14 @@ class Rig:
                                 send=lambda *a: self.sent.append(a), peers=lambda: succeed(list(self.idle)),
                                 gone=lambda n: n in self.dead, local_free=lambda: self.free,
                                 rng=random.Random(3))
-        self.job = ChunkJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000)
+        #: each chunk's last state and node as the owner told the job's chunk list
+        self.told: dict[int, tuple[str, str]] = {}
+        self.job = ChunkJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000,
+                            lambda index, state, node: self.told.__setitem__(index, (state, node)))
         (tmp / "work").mkdir(exist_ok=True)
+
+    def status(self) -> list[tuple[int, str, str]]:
+        return [(index, state, node) for index, (state, node) in sorted(self.told.items())]
 
     def local(self, task: Task, progress: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -127,10 +133,9 @@ class OwnerTests:
         assert rig.offers(1) == [] and sorted(rig.offers(2)) == ["p1", "p2"]
         rig.local_runs[0][1].callback(1500)
         assert result(first) == 1500
-        assert [(c["index"], c["state"], c["node"]) for c in rig.owner.status(JOB)] == [
-            (1, DONE, "owner"), (2, OPEN, "")]
+        assert rig.status() == [(1, DONE, "owner"), (2, OPEN, "")]
         rig.owner.noted("p2", "claimed", JOB, "chunk-2")
-        assert rig.owner.status(JOB)[1] == {"index": 2, "state": CLAIMED, "node": "p2", "seconds": 60.0, "lost": 0}
+        assert rig.status()[1] == (2, CLAIMED, "p2")
         run = rig.owner.run_task(rig.job, rig.local)
         run(Task("audio", 0, ["ffmpeg"]), lambda p: None)
         assert rig.local_runs[-1][0].kind == "audio"
@@ -343,7 +348,7 @@ class OwnerTests:
         with pytest.raises(GridnodeError) as e:
             result(waiting)
         assert e.value.code == "cancelled" and rig.owner.entries == {}
-        assert ("p1", "ended", JOB, "") in rig.sent and rig.owner.status(JOB) == []
+        assert ("p1", "ended", JOB, "") in rig.sent and rig.status()[0] == (2, DONE, "p1")
         assert result(rig.store.list_all(keys.chunks_prefix(JOB))) == []
 
 
@@ -367,8 +372,7 @@ class AdoptionTests:
         assert [t.index for t, _ in new.local_runs] == [1]
         assert (new.record(1).holder, new.record(1).lost) == ("new", 0)
         assert (new.record(3).owner, new.record(3).holder) == ("new", "p2")
-        assert [(c["state"], c["node"]) for c in new.owner.status(JOB)] == [
-            (CLAIMED, "new"), (DONE, "p1"), (CLAIMED, "p2")]
+        assert new.status() == [(1, CLAIMED, "new"), (2, DONE, "p1"), (3, CLAIMED, "p2")]
         new.done_by(old.peer("p2"), held)  # the holder's finish lands over the adopter's rewrite
         assert new.record(3).state == DONE
         new.owner.noted("p2", "done", JOB, "chunk-3")
