@@ -145,10 +145,16 @@ class ChunkOwner:
 
         def run(task: Task, progress: Callable[[float], None]) -> Deferred[Any]:
             if task.kind != "chunk":
-                return local(task, progress)
+                return local(task, progress).addBoth(self._freed)  # the audio pass took a worker of ours
             return self._start(job, task, local, progress)
 
         return run
+
+    def _freed(self, result: Any) -> Any:
+        """A worker of ours is free: our open tasks first, before the next offer to a peer."""
+        if self.entries:
+            self._schedule(0)
+        return result
 
     @inlineCallbacks
     def _start(self, job: ChunkJob, task: Task, local: RunTask, progress: Callable[[float], None]) -> Any:
@@ -369,9 +375,8 @@ class ChunkOwner:
             elif not entry.result.called:
                 self._note_state(entry, DONE, self.node_id)
                 entry.result.callback(result)
-            self._schedule(0)  # a worker of ours is free
             return None
-        d.addBoth(ended)
+        d.addBoth(ended).addBoth(self._freed)
 
     @inlineCallbacks
     def _offer(self, due: list[_Entry], now: float) -> Any:

@@ -149,6 +149,8 @@ class ChunkStates:
     def __init__(self, split_plan: plan_chunks.Plan, probe: ProbeResult,
                  on_change: Callable[[list[dict[str, Any]]], None] | None) -> None:
         self.on_change = on_change
+        #: the plan the list is of
+        self.plan = split_plan
         self.entries: list[dict[str, Any]] = []
         for c in split_plan.chunks:
             seconds = c.seconds if c.seconds is not None else max(0.0, probe.converted_duration - float(c.start))

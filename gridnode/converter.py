@@ -18,7 +18,6 @@ from twisted.python.failure import Failure
 from gridnode.chunked import ChunkedRun, ChunkStates, ChunkTasks, LocalTasks, plan_for
 from gridnode.config import NodeConfig, cpu_count
 from gridnode.errors import GridnodeError
-from gridnode.media.chunks import Plan
 from gridnode.media.ffmpeg import (
     FfmpegResult,
     ProducedFile,
@@ -157,20 +156,26 @@ class Converter(Service):
         seconds = self.config.chunk_seconds
         plan = plan_for(info, presets, chunk_over=self.config.chunk_over, chunk_seconds=seconds)
         if plan.chunked:
+            states = ChunkStates(plan, info, chunks)
+            states.tell()  # listed at once (the upload's answer shows them)
             grid = self.chunk_grid if job is not None else None
             if grid is None:
-                return self._chunked(job_id, info, input_path, presets, plan, None, rank, tenant, needs, started,
-                                     progress, finish, waiting, chunks)
+                return self._chunked(job_id, info, input_path, presets, states, None, rank, tenant, needs, started,
+                                     progress, finish, waiting)
 
             def planned(recorded: float | None) -> Deferred[Any]:
                 # an adopter plans the cuts its records were made with, and keeps the chunks done
                 length = recorded or seconds
-                again = plan_for(info, presets, chunk_over=self.config.chunk_over, chunk_seconds=length)
+                cuts = states
+                if length != seconds:
+                    cuts = ChunkStates(plan_for(info, presets, chunk_over=self.config.chunk_over,
+                                                chunk_seconds=length), info, chunks)
+                    cuts.tell()
 
-                def on_pool(work_dir: str, local: RunTask, states: ChunkStates) -> RunTask:
-                    return grid.run_task(job, again, length, work_dir, limit, local, told=states.noted)
-                return self._chunked(job_id, info, input_path, presets, again, on_pool, rank, tenant, needs,
-                                     started, progress, finish, waiting, chunks)
+                def on_pool(work_dir: str, local: RunTask) -> RunTask:
+                    return grid.run_task(job, cuts.plan, length, work_dir, limit, local, told=cuts.noted)
+                return self._chunked(job_id, info, input_path, presets, cuts, on_pool, rank, tenant, needs,
+                                     started, progress, finish, waiting)
             def unread(failure: Failure) -> None:
                 self._log.warn("job {job}: its chunk records not read ({reason}); planned anew", job=job_id,
                                reason=failure.getErrorMessage())
@@ -223,22 +228,21 @@ class Converter(Service):
                                   on_hold=waiting, rank=rank, tenant=tenant)
         return queued.addBoth(forget)
 
-    def _chunked(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset], plan: Plan,
-                 on_pool: Callable[[str, RunTask, ChunkStates], RunTask] | None, rank: int, tenant: str,
-                 needs: int, started: Callable[[], None], progress: Callable[[float], None],
-                 finish: Callable[[list[ProducedFile]], Deferred[Any]], waiting: Callable[[], None] | None,
-                 chunks: Callable[[list[dict[str, Any]]], None] | None) -> Deferred[Any]:
-        """A job made in chunks: on the pool's workers (``on_pool``), or on this node's alone."""
-        states = ChunkStates(plan, info, chunks)
-        states.tell()
+    def _chunked(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset], states: ChunkStates,
+                 on_pool: Callable[[str, RunTask], RunTask] | None, rank: int, tenant: str, needs: int,
+                 started: Callable[[], None], progress: Callable[[float], None],
+                 finish: Callable[[list[ProducedFile]], Deferred[Any]],
+                 waiting: Callable[[], None] | None) -> Deferred[Any]:
+        """A job made in chunks (``states.plan``'s): on the pool's workers (``on_pool``), or on
+        this node's alone."""
+        plan = states.plan
         # on the pool, every chunk at once (the pool's idle workers say how many run); here, one
         # task more than the workers stays queued: the job keeps its turn among the tenants
         # (media/fair.py) between the end of a chunk and the next
         parallel = len(plan.chunks) + 1 if on_pool is not None else self.pool.workers + 1
-        pool = None if on_pool is None else (lambda work_dir, local: on_pool(work_dir, local, states))
         run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
                          self.threads, parallel, self.limits, self.config.max_output_bytes, lambda: self.user,
-                         rank=rank, tenant=tenant, pool=pool)
+                         rank=rank, tenant=tenant, pool=on_pool)
         # the chunks' files and the stitched outputs are in the scratch folder at once
         return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
                                 needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),

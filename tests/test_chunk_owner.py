@@ -352,6 +352,24 @@ class OwnerTests:
         assert result(rig.store.list_all(keys.chunks_prefix(JOB))) == []
 
 
+    def test_a_worker_freed_by_the_audio_pass_takes_an_open_task(self, tmp_path: Path) -> None:
+        """No idle worker at first (the audio pass holds it): the task is offered; once the audio
+        pass ends, our freed worker claims the task still open rather than wait for its next offer."""
+        rig = Rig(tmp_path)
+        run = rig.owner.run_task(rig.job, rig.local)
+        audio = run(Task("audio", 0, ["ffmpeg"]), lambda p: None)
+        chunk = rig.start(1)
+        assert sorted(rig.offers(1)) == ["p1", "p2"] and [t.kind for t, _ in rig.local_runs] == ["audio"]
+        rig.free = 1
+        rig.local_runs[0][1].callback(None)
+        result(audio)
+        rig.clock.advance(0)
+        assert [t.key for t, _ in rig.local_runs] == ["audio-0", "chunk-1"]
+        assert (rig.record(1).state, rig.record(1).holder) == (CLAIMED, "owner")
+        rig.local_runs[1][1].callback(1500)
+        assert result(chunk) == 1500
+
+
 class AdoptionTests:
     def test_the_adopter_keeps_done_chunks_and_redoes_the_old_owners_own(self, tmp_path: Path) -> None:
         """The old owner's records: a peer's done chunk is collected (not run again), a task the old
