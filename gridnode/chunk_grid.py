@@ -136,6 +136,11 @@ class ChunkGrid:
         and every chunk would be made again)."""
         return self.board.chunk_seconds(job_id)
 
+    def stop(self, job_id: str) -> None:
+        """The job's run here stopped (its entry cancelled): its chunks still waiting on the pool
+        fail ``cancelled``; their records stay for a run again or the job's adopter."""
+        self.owner.stop(job_id)
+
     def end(self, job_id: str) -> Deferred[Any]:
         """The job is over: its chunk records and archives go, its holders drop its source."""
         return self.owner.end(job_id)

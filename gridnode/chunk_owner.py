@@ -139,9 +139,13 @@ class ChunkOwner:
         self._pumping = False
         self._again = False
         self._timer: Any = None
+        #: jobs whose run here stopped (`stop`): a task whose record was still being written fails
+        self._stopped: set[str] = set()
 
     def run_task(self, job: ChunkJob, local: RunTask) -> RunTask:
         """The `RunTask` of ``job``'s `SplitJob`: chunks on the pool, its other tasks ``local``."""
+
+        self._stopped.discard(job.id)  # a new run of the job here
 
         def run(task: Task, progress: Callable[[float], None]) -> Deferred[Any]:
             if task.kind != "chunk":
@@ -165,6 +169,8 @@ class ChunkOwner:
             # a run of the job again (or its adopter's) makes a failed chunk again, as it would here
             again = ChunkRecord(**{**asdict(held.record), "state": OPEN, "holder": "", "error": None})
             held = (yield self.board.replace(held, again)) or (yield self.board.read(job.id, task.key))
+        if job.id in self._stopped:
+            raise _ended()
         entry = _Entry(job, task, local, progress, held)
         self.entries[entry.key] = entry
         try:
@@ -408,17 +414,28 @@ class ChunkOwner:
 
     # -- the job's end
 
+    def stop(self, job_id: str) -> None:
+        """The job's run here stopped (cancelled, lost, the node stopping): its tasks still waiting
+        fail (``cancelled``); its records stay, for a run again or an adopter."""
+        self._stopped.add(job_id)
+        for key, entry in list(self.entries.items()):
+            if key[0] == job_id:
+                del self.entries[key]
+                self._fail(entry, _ended())
+
     @inlineCallbacks
     def end(self, job_id: str) -> Any:
         """The job is over (whichever way): its tasks still waiting fail (``cancelled``), its records
         and archives are deleted, its holders told."""
-        for key, entry in list(self.entries.items()):
-            if key[0] == job_id:
-                del self.entries[key]
-                self._fail(entry, GridnodeError("the job ended", code="cancelled", status=409))
+        self.stop(job_id)
+        self._stopped.discard(job_id)
         for peer in sorted(self.holders.pop(job_id, set())):
             self.send(peer, "ended", job_id, "")
         try:
             yield self.board.remove(job_id)
         except NotFound:
             pass
+
+
+def _ended() -> GridnodeError:
+    return GridnodeError("the job ended", code="cancelled", status=409)

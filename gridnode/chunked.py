@@ -225,6 +225,8 @@ class ChunkedRun:
     rank: int = 1
     tenant: str = ""
     pool: Callable[[str, RunTask], RunTask] | None = None
+    #: called when the job's entry is cancelled: stops what ``pool`` waits for
+    stop_pool: Callable[[], object] | None = None
 
     _log = Logger()
 
@@ -263,6 +265,8 @@ class ChunkedRun:
         let_read(user, self.input_path)
         share_with(user, *_folders(scratch))  # private (0700) to the node, and to its children
         slot.on_cancel(lambda: self.tasks.cancel(job))
+        if self.stop_pool is not None:
+            slot.on_cancel(self.stop_pool)  # chunks held by peers or still open: waited for no more
         for attempt in range(1, TRIES + 1):
             running = split.run()
             if attempt == 1:

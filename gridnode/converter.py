@@ -174,8 +174,8 @@ class Converter(Service):
 
                 def on_pool(work_dir: str, local: RunTask) -> RunTask:
                     return grid.run_task(job, cuts.plan, length, work_dir, limit, local, told=cuts.noted)
-                return self._chunked(job_id, info, input_path, presets, cuts, on_pool, rank, tenant, needs,
-                                     started, progress, finish, waiting)
+                return self._chunked(job_id, info, input_path, presets, cuts, (on_pool, lambda: grid.stop(job_id)),
+                                     rank, tenant, needs, started, progress, finish, waiting)
             def unread(failure: Failure) -> None:
                 self._log.warn("job {job}: its chunk records not read ({reason}); planned anew", job=job_id,
                                reason=failure.getErrorMessage())
@@ -229,12 +229,13 @@ class Converter(Service):
         return queued.addBoth(forget)
 
     def _chunked(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset], states: ChunkStates,
-                 on_pool: Callable[[str, RunTask], RunTask] | None, rank: int, tenant: str, needs: int,
+                 on_pool: tuple[Callable[[str, RunTask], RunTask], Callable[[], object]] | None, rank: int,
+                 tenant: str, needs: int,
                  started: Callable[[], None], progress: Callable[[float], None],
                  finish: Callable[[list[ProducedFile]], Deferred[Any]],
                  waiting: Callable[[], None] | None) -> Deferred[Any]:
-        """A job made in chunks (``states.plan``'s): on the pool's workers (``on_pool``), or on
-        this node's alone."""
+        """A job made in chunks (``states.plan``'s): on the pool's workers (``on_pool``: the
+        `RunTask` for a work folder and a local runner, and what stops it), or on this node's."""
         plan = states.plan
         # on the pool, every chunk at once (the pool's idle workers say how many run); here, one
         # task more than the workers stays queued: the job keeps its turn among the tenants
@@ -242,7 +243,8 @@ class Converter(Service):
         parallel = len(plan.chunks) + 1 if on_pool is not None else self.pool.workers + 1
         run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
                          self.threads, parallel, self.limits, self.config.max_output_bytes, lambda: self.user,
-                         rank=rank, tenant=tenant, pool=on_pool)
+                         rank=rank, tenant=tenant, pool=on_pool[0] if on_pool else None,
+                         stop_pool=on_pool[1] if on_pool else None)
         # the chunks' files and the stitched outputs are in the scratch folder at once
         return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
                                 needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),

@@ -370,6 +370,24 @@ class OwnerTests:
         assert result(chunk) == 1500
 
 
+    def test_a_stopped_run_waits_no_more_and_keeps_the_records(self, tmp_path: Path) -> None:
+        """The job's entry cancelled (a client's cancel, the node stopping): its chunks held by a
+        peer or still open fail ``cancelled`` at once; the records stay for a run again or an
+        adopter, and no holder is told the job ended."""
+        rig = Rig(tmp_path)
+        held, still_open = rig.start(1), rig.start(2)
+        rig.owner.noted("p1", "claimed", JOB, "chunk-1")
+        rig.owner.stop(JOB)
+        for d in (held, still_open):
+            with pytest.raises(GridnodeError) as e:
+                result(d)
+            assert e.value.code == "cancelled"
+        assert rig.owner.entries == {} and not [s for s in rig.sent if s[1] == "ended"]
+        assert rig.record(1).state == rig.record(2).state == OPEN
+        again = rig.start(2)  # a run again of the job publishes over the same records
+        assert not again.called and rig.record(2).state == OPEN
+
+
 class AdoptionTests:
     def test_the_adopter_keeps_done_chunks_and_redoes_the_old_owners_own(self, tmp_path: Path) -> None:
         """The old owner's records: a peer's done chunk is collected (not run again), a task the old
