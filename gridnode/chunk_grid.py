@@ -106,7 +106,7 @@ class ChunkGrid:
                                   ffmpeg=ffmpeg, threads=threads,
                                   input_limits=input_limits)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
-                                local_free=self.idle)
+                                local_free=self.idle, turn=lambda: not self.draining())
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 

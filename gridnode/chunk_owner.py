@@ -6,7 +6,10 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
 
 - **Ours first.** While this node has idle workers (``local_free()``), it claims its open
   tasks itself (one conditional PUT, on the ETag it just wrote) and runs them through the
-  node's own runner (``local``), on its own paths, as a job without peers would.
+  node's own runner (``local``), on its own paths, as a job without peers would. With
+  ``turn()``, a job with fewer than ``TURN`` tasks running or queued here claims one even with
+  no worker idle: one always waits in the node's fair queue, so the job keeps its turn among
+  the tenants' jobs there (another tenant's short jobs take turns with its chunks).
 - **Offers.** What is left is offered by a peer note to nodes that say they have idle workers
   (``peers()``: their ``chunk_idle`` load figure), each task to ``fanout`` of them, spread by
   their idle workers; none is sent when no peer is idle. A node that claims one says so
@@ -55,6 +58,8 @@ from gridnode.timers import jittered
 REOFFER = 15.0
 #: peers each open task is offered to at once
 FANOUT = 2
+#: a job's tasks kept here (running or queued) while no worker is idle, with ``turn()``
+TURN = 2
 #: seconds before a task a peer holds is looked at in the store (a note lost on the way),
 #: doubling at each look to 8 x
 LOOK = 60.0
@@ -116,7 +121,8 @@ class ChunkOwner:
 
     def __init__(self, board: Board, store: ObjectStore, clock: Any, *, send: Callable[[str, str, str, str], object],
                  peers: Callable[[], Deferred[list[tuple[str, float]]]], gone: Callable[[str], bool],
-                 local_free: Callable[[], int], reoffer: float = REOFFER, fanout: int = FANOUT,
+                 local_free: Callable[[], int], turn: Callable[[], bool] = lambda: False,
+                 reoffer: float = REOFFER, fanout: int = FANOUT,
                  look: float = LOOK, rng: random.Random | None = None) -> None:
         self.board = board
         #: the archives' fetches (bodies)
@@ -129,6 +135,7 @@ class ChunkOwner:
         self.peers = peers
         self.gone = gone
         self.local_free = local_free
+        self.turn = turn
         self.reoffer = reoffer
         self.fanout = fanout
         self.look = look
@@ -350,8 +357,9 @@ class ChunkOwner:
                 self._look(entry)  # its note may be lost: the record says
         free = self.local_free()
         for entry in self._open():
-            if free <= 0:
-                break
+            here = sum(e.running_here for e in self.entries.values() if e.job.id == entry.job.id)
+            if free <= 0 and (here >= TURN or not self.turn()):
+                continue
             won = yield self.board.claim(entry.job.id, entry.task.key, entry.held)
             if won is None:  # claimed meanwhile: learn by whom
                 self._look(entry)

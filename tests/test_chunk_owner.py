@@ -388,6 +388,21 @@ class OwnerTests:
         assert not again.called and rig.record(2).state == OPEN
 
 
+    def test_a_job_keeps_its_turn_in_a_busy_node(self, tmp_path: Path) -> None:
+        """With ``turn``, no worker idle: the job's first two open tasks are claimed here anyway
+        (one runs, one waits its tenant's turn in the node's queue), the next offered; once one
+        ends, the next open one is claimed here."""
+        rig = Rig(tmp_path)
+        rig.owner.turn = lambda: True
+        first, second, third, fourth = rig.start(1), rig.start(2), rig.start(3), rig.start(4)
+        assert [t.index for t, _ in rig.local_runs] == [1, 2]
+        assert rig.offers(1) == rig.offers(2) == [] and rig.offers(3) and rig.offers(4)
+        rig.local_runs[0][1].callback(1500)
+        rig.clock.advance(0)
+        assert result(first) == 1500 and [t.index for t, _ in rig.local_runs] == [1, 2, 3]
+        assert not second.called and not third.called and not fourth.called
+
+
 class AdoptionTests:
     def test_the_adopter_keeps_done_chunks_and_redoes_the_old_owners_own(self, tmp_path: Path) -> None:
         """The old owner's records: a peer's done chunk is collected (not run again), a task the old

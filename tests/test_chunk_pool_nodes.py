@@ -28,7 +28,7 @@ from gridnode.media.probe import probe
 from gridnode.media.templates import Catalog
 from tests.helpers import free_port
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
-from tests.nodes import NodeProcess, get_json, heard_from, upload
+from tests.nodes import NodeProcess, get_json, heard_from, request, upload
 from tests.s3server import client, make_bucket
 from tests.test_chaos import kill_machine
 from tests.test_chunked_nodes import fetch
@@ -219,3 +219,25 @@ async def test_the_owner_killed_mid_job(pool: Pool, real_reactor: Any, tmp_path:
     assert all(listed[i][1] != "na" for i in own), listed
     adopter = final["node"]
     await frame_exact(real_reactor, pool[adopter], final, src, tmp_path, 2 * SECONDS)
+
+
+def test_a_cancelled_job_stops_and_leaves_no_chunks(pool: Pool, tmp_path: Path) -> None:
+    """DELETE of na's job while a peer makes one of its chunks: it ends cancelled, and its chunk
+    records and archives are gone from the bucket (the job's end, not its run's, removes them)."""
+    src = make_source(tmp_path / "src.mp4", 2 * SECONDS)
+    status, _, job = upload(pool["na"].url, src, PRESET)
+    assert status == 201, job
+    job_id = job["id"]
+
+    def peer_holding() -> bool:
+        assert job_of(pool["na"], job_id)["state"] not in TERMINAL
+        return bool(pool.held(job_id, "nb") or pool.held(job_id, "nc"))
+
+    poll(peer_holding, 120, "chunk held by a peer", interval=0.05)
+    status, _, body = request("DELETE", f"{pool['na'].url}/jobs/{job_id}")
+    assert status in (200, 202), body
+    final = poll(lambda: (now := job_of(pool["na"], job_id))["state"] in TERMINAL and now, 30, "cancelled job")
+    assert final["state"] == "cancelled", final
+    prefix = "grid/" + keys.chunks_prefix(job_id)
+    poll(lambda: not pool.s3.list_objects_v2(Bucket=pool.bucket, Prefix=prefix).get("Contents"), 30,
+         "chunk records removed")
