@@ -106,7 +106,7 @@ class ChunkGrid:
                                   ffmpeg=ffmpeg, threads=threads,
                                   input_limits=input_limits)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
-                                local_free=self.idle)
+                                local_free=self.idle, turn=lambda: not self.draining())
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 
@@ -118,15 +118,16 @@ class ChunkGrid:
         return {FIGURE: float(self.idle())}
 
     def run_task(self, job: Job, plan: Plan, chunk_seconds: float, work_dir: str, limit: int,
-                 local: RunTask) -> RunTask:
+                 local: RunTask, told: Callable[[int, str, str], None] = lambda _i, _s, _n: None) -> RunTask:
         """The `RunTask` a chunked job's `SplitJob` runs its tasks through: chunks on the pool (ours
         first), the audio pass and the stitches ``local`` (the node's own runner of a task under
         the job's tenant and priority). Give the `SplitJob` ``parallel`` of every task at once
         (``len(plan.chunks) + 1``): how many run is the pool's idle workers' to say. ``limit``:
         the most bytes a chunk's archive may hold (``presets.job_output_limit``). Call `end`
-        when the job is over, whichever way."""
+        when the job is over, whichever way. ``told(index, state, node)``: each chunk's change,
+        for the job's chunk list."""
         chunk_job = ChunkJob(job.id, job.tenant, job.priority, list(job.presets), list(job.spec), chunk_seconds,
-                             plan, work_dir, limit)
+                             plan, work_dir, limit, told)
         return self.owner.run_task(chunk_job, local)
 
     def recorded_chunk_seconds(self, job_id: str) -> Deferred[Any]:
@@ -135,10 +136,10 @@ class ChunkGrid:
         and every chunk would be made again)."""
         return self.board.chunk_seconds(job_id)
 
-    def status(self, job_id: str) -> list[dict[str, Any]]:
-        """A chunked job's chunks as its owner knows them (index, state, node, seconds, lost): for
-        the job's JSON and the status page; no request."""
-        return self.owner.status(job_id)
+    def stop(self, job_id: str) -> None:
+        """The job's run here stopped (its entry cancelled): its chunks still waiting on the pool
+        fail ``cancelled``; their records stay for a run again or the job's adopter."""
+        self.owner.stop(job_id)
 
     def end(self, job_id: str) -> Deferred[Any]:
         """The job is over: its chunk records and archives go, its holders drop its source."""

@@ -6,7 +6,10 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
 
 - **Ours first.** While this node has idle workers (``local_free()``), it claims its open
   tasks itself (one conditional PUT, on the ETag it just wrote) and runs them through the
-  node's own runner (``local``), on its own paths, as a job without peers would.
+  node's own runner (``local``), on its own paths, as a job without peers would. With
+  ``turn()``, a job with fewer than ``TURN`` tasks running or queued here claims one even with
+  no worker idle: one always waits in the node's fair queue, so the job keeps its turn among
+  the tenants' jobs there (another tenant's short jobs take turns with its chunks).
 - **Offers.** What is left is offered by a peer note to nodes that say they have idle workers
   (``peers()``: their ``chunk_idle`` load figure), each task to ``fanout`` of them, spread by
   their idle workers; none is sent when no peer is idle. A node that claims one says so
@@ -55,6 +58,8 @@ from gridnode.timers import jittered
 REOFFER = 15.0
 #: peers each open task is offered to at once
 FANOUT = 2
+#: a job's tasks kept here (running or queued) while no worker is idle, with ``turn()``
+TURN = 2
 #: seconds before a task a peer holds is looked at in the store (a note lost on the way),
 #: doubling at each look to 8 x
 LOOK = 60.0
@@ -74,6 +79,9 @@ class ChunkJob:
     work_dir: str
     #: the most bytes a chunk's archive may hold (the job's outputs' limit)
     limit: int
+    #: told of each chunk's change here: (index, state, node making or that made it); the job's
+    #: chunk list (gridnode/chunked.py ``ChunkStates.noted``)
+    told: Callable[[int, str, str], None] = field(default=lambda _i, _s, _n: None, compare=False)
 
     def record(self, task: Task, owner: str) -> ChunkRecord:
         chunk = self.plan.chunks[task.index]
@@ -113,7 +121,8 @@ class ChunkOwner:
 
     def __init__(self, board: Board, store: ObjectStore, clock: Any, *, send: Callable[[str, str, str, str], object],
                  peers: Callable[[], Deferred[list[tuple[str, float]]]], gone: Callable[[str], bool],
-                 local_free: Callable[[], int], reoffer: float = REOFFER, fanout: int = FANOUT,
+                 local_free: Callable[[], int], turn: Callable[[], bool] = lambda: False,
+                 reoffer: float = REOFFER, fanout: int = FANOUT,
                  look: float = LOOK, rng: random.Random | None = None) -> None:
         self.board = board
         #: the archives' fetches (bodies)
@@ -126,6 +135,7 @@ class ChunkOwner:
         self.peers = peers
         self.gone = gone
         self.local_free = local_free
+        self.turn = turn
         self.reoffer = reoffer
         self.fanout = fanout
         self.look = look
@@ -133,22 +143,29 @@ class ChunkOwner:
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
         self.holders: dict[str, set[str]] = {}
-        #: job id -> chunk index -> where it stands here: its ``state`` (open, claimed, done,
-        #: failed), ``node`` (who makes or made it), ``seconds`` (its video), ``lost`` (holders lost)
-        self.chunks: dict[str, dict[int, dict[str, Any]]] = {}
         self._pumping = False
         self._again = False
         self._timer: Any = None
+        #: jobs whose run here stopped (`stop`): a task whose record was still being written fails
+        self._stopped: set[str] = set()
 
     def run_task(self, job: ChunkJob, local: RunTask) -> RunTask:
         """The `RunTask` of ``job``'s `SplitJob`: chunks on the pool, its other tasks ``local``."""
 
+        self._stopped.discard(job.id)  # a new run of the job here
+
         def run(task: Task, progress: Callable[[float], None]) -> Deferred[Any]:
             if task.kind != "chunk":
-                return local(task, progress)
+                return local(task, progress).addBoth(self._freed)  # the audio pass took a worker of ours
             return self._start(job, task, local, progress)
 
         return run
+
+    def _freed(self, result: Any) -> Any:
+        """A worker of ours is free: our open tasks first, before the next offer to a peer."""
+        if self.entries:
+            self._schedule(0)
+        return result
 
     @inlineCallbacks
     def _start(self, job: ChunkJob, task: Task, local: RunTask, progress: Callable[[float], None]) -> Any:
@@ -159,6 +176,8 @@ class ChunkOwner:
             # a run of the job again (or its adopter's) makes a failed chunk again, as it would here
             again = ChunkRecord(**{**asdict(held.record), "state": OPEN, "holder": "", "error": None})
             held = (yield self.board.replace(held, again)) or (yield self.board.read(job.id, task.key))
+        if job.id in self._stopped:
+            raise _ended()
         entry = _Entry(job, task, local, progress, held)
         self.entries[entry.key] = entry
         try:
@@ -257,14 +276,7 @@ class ChunkOwner:
             entry.result.errback(error)
 
     def _note_state(self, entry: _Entry, state: str, node: str) -> None:
-        self.chunks.setdefault(entry.job.id, {})[entry.task.index] = {
-            "index": entry.task.index, "state": state, "node": node, "seconds": round(entry.task.seconds, 3),
-            "lost": entry.held.record.lost}
-
-    def status(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's chunks as this owner knows them, by index (no request): for the job's JSON and
-        its status page. A chunk not started yet is absent."""
-        return [dict(c) for _i, c in sorted(self.chunks.get(job_id, {}).items())]
+        entry.job.told(entry.task.index, state, node)
 
     # -- notes and deaths
 
@@ -345,8 +357,9 @@ class ChunkOwner:
                 self._look(entry)  # its note may be lost: the record says
         free = self.local_free()
         for entry in self._open():
-            if free <= 0:
-                break
+            here = sum(e.running_here for e in self.entries.values() if e.job.id == entry.job.id)
+            if free <= 0 and (here >= TURN or not self.turn()):
+                continue
             won = yield self.board.claim(entry.job.id, entry.task.key, entry.held)
             if won is None:  # claimed meanwhile: learn by whom
                 self._look(entry)
@@ -376,9 +389,8 @@ class ChunkOwner:
             elif not entry.result.called:
                 self._note_state(entry, DONE, self.node_id)
                 entry.result.callback(result)
-            self._schedule(0)  # a worker of ours is free
             return None
-        d.addBoth(ended)
+        d.addBoth(ended).addBoth(self._freed)
 
     @inlineCallbacks
     def _offer(self, due: list[_Entry], now: float) -> Any:
@@ -410,18 +422,28 @@ class ChunkOwner:
 
     # -- the job's end
 
+    def stop(self, job_id: str) -> None:
+        """The job's run here stopped (cancelled, lost, the node stopping): its tasks still waiting
+        fail (``cancelled``); its records stay, for a run again or an adopter."""
+        self._stopped.add(job_id)
+        for key, entry in list(self.entries.items()):
+            if key[0] == job_id:
+                del self.entries[key]
+                self._fail(entry, _ended())
+
     @inlineCallbacks
     def end(self, job_id: str) -> Any:
         """The job is over (whichever way): its tasks still waiting fail (``cancelled``), its records
         and archives are deleted, its holders told."""
-        for key, entry in list(self.entries.items()):
-            if key[0] == job_id:
-                del self.entries[key]
-                self._fail(entry, GridnodeError("the job ended", code="cancelled", status=409))
-        self.chunks.pop(job_id, None)
+        self.stop(job_id)
+        self._stopped.discard(job_id)
         for peer in sorted(self.holders.pop(job_id, set())):
             self.send(peer, "ended", job_id, "")
         try:
             yield self.board.remove(job_id)
         except NotFound:
             pass
+
+
+def _ended() -> GridnodeError:
+    return GridnodeError("the job ended", code="cancelled", status=409)

@@ -5,13 +5,17 @@ by a ``ChunkTasks``. ``LocalTasks``, the default, runs each one on a worker of t
 as an entry of the job's own tenant and priority, so fair share (gridnode/media/fair.py) covers
 chunks: another tenant's short jobs take turns with a long job's chunks instead of waiting for
 all of them. Another ``ChunkTasks`` may run them anywhere, as long as each task's files end up
-in the job's work folder.
+in the job's work folder. On a node, the chunks themselves go to the pool (gridnode/chunk_grid.py:
+``ChunkedRun.pool``): any node's idle workers make them, this node's first, through records in the
+store; the audio pass and the stitches stay here.
 
 The job itself holds no worker while its tasks run (it would hold one idle, and with one worker
 wait for ever): its pool entry keeps the scratch folder (the chunks' files, the stitched
 outputs) and frees its worker once its first tasks are queued. A failed task is redone alone
-once (``SplitJob.run()`` again) before the job fails. The job's chunk list (index, start,
-seconds, state, node, tries) is told to the runner at each change (``ChunkStates``).
+once (``SplitJob.run()`` again) before the job fails, unless it failed as ``poison`` (a chunk
+whose holders kept dying). The job's chunk list (index, start, seconds, state, node, tries) is
+told to the runner at each change (``ChunkStates``, the one list: the pool's owner side tells it
+too).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from gridnode.media.pool import JobSlot, TranscodePool, cancelled_error
 from gridnode.media.presets import Preset, default_output_limit
 from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.sandbox import ChildLimits, Sandbox, ffmpeg_processes, let_read, share_with, take_back
-from gridnode.media.split import SplitJob, Task, TasksFailed
+from gridnode.media.split import RunTask, SplitJob, Task, TasksFailed
 from gridnode.media.stitch import chunk_dir
 from gridnode.media.verify import measure_outputs
 
@@ -145,6 +149,8 @@ class ChunkStates:
     def __init__(self, split_plan: plan_chunks.Plan, probe: ProbeResult,
                  on_change: Callable[[list[dict[str, Any]]], None] | None) -> None:
         self.on_change = on_change
+        #: the plan the list is of
+        self.plan = split_plan
         self.entries: list[dict[str, Any]] = []
         for c in split_plan.chunks:
             seconds = c.seconds if c.seconds is not None else max(0.0, probe.converted_duration - float(c.start))
@@ -159,12 +165,27 @@ class ChunkStates:
             self.on_change(self.listing())
 
     def set(self, index: int, state: str, node: str | None = None) -> None:
+        """Chunk ``index`` is ``state``; a ``node`` it starts running on counts one try (told
+        again of the same run, by the pool and by the worker, it counts once)."""
         entry = self.entries[index]
-        entry["state"] = state
+        if node is not None and (entry["state"] != "running" or entry["node"] != node):
+            entry["tries"] += 1
         if node is not None:
             entry["node"] = node
-            entry["tries"] += 1
+        entry["state"] = state
         self.tell()
+
+    def noted(self, index: int, state: str, node: str) -> None:
+        """The pool's word on a chunk (gridnode/chunk_owner.py's states): a holder runs it, it is
+        open again (its holder gone), made (here, by a peer, or before an adoption), or failed."""
+        if 0 <= index < len(self.entries):
+            shown = _POOL_STATES.get(state, "queued")
+            if shown == "running":
+                self.set(index, shown, node)
+            else:
+                if node:
+                    self.entries[index]["node"] = node
+                self.set(index, shown)
 
     def started(self, task: Task, node: str) -> None:
         if task.kind == "chunk":
@@ -178,10 +199,16 @@ class ChunkStates:
         self.tell()
 
 
+#: a chunk record's state (gridnode/chunk_records.py) as the job's chunk list shows it
+_POOL_STATES = {"open": "queued", "claimed": "running", "done": "done", "failed": "failed"}
+
+
 @dataclass
 class ChunkedRun:
     """One chunked job's run on this node: queued in ``pool`` as the job, then its tasks through
-    ``tasks``; ``finish(outputs)`` once they are stitched, as a whole job's."""
+    ``tasks``; ``finish(outputs)`` once they are stitched, as a whole job's. ``pool``, given the
+    job's work folder and the local `RunTask`, gives the `RunTask` that makes its chunks on the
+    pool (gridnode/chunk_grid.py); None: every task here."""
 
     job_id: str
     probe: ProbeResult
@@ -197,6 +224,9 @@ class ChunkedRun:
     user: Callable[[], str | None]
     rank: int = 1
     tenant: str = ""
+    pool: Callable[[str, RunTask], RunTask] | None = None
+    #: called when the job's entry is cancelled: stops what ``pool`` waits for
+    stop_pool: Callable[[], object] | None = None
 
     _log = Logger()
 
@@ -210,17 +240,23 @@ class ChunkedRun:
         user = self.user()
         scratch = str(slot.scratch)
         job: ChunkJob | None = None
+        work_dir = os.path.join(scratch, "work")
+
+        def local(task: Task, told: Callable[[float], None]) -> Deferred[Any]:
+            assert job is not None
+            return self.tasks.run(job, task, told)
+
+        runner = local if self.pool is None else self.pool(work_dir, local)
 
         def run_task(task: Task, told: Callable[[float], None]) -> Deferred[Any]:
-            assert job is not None
             if task.kind == "chunk":
                 states.set(task.index, "queued")
-            d = self.tasks.run(job, task, told)
+            d = runner(task, told)
             if task.kind == "chunk":
                 d.addCallback(_then, lambda: states.set(task.index, "done"))
             return d
 
-        split = SplitJob(self.plan, self.probe, self.input_path, self.presets, os.path.join(scratch, "work"),
+        split = SplitJob(self.plan, self.probe, self.input_path, self.presets, work_dir,
                          os.path.join(scratch, "out"), run_task, ffmpeg=self.ffmpeg, threads=self.threads,
                          parallel=self.parallel, input_limits=self.input_limits, on_progress=progress,
                          max_output_bytes=self.max_output_bytes, on_list=lambda path: let_read(user, path))
@@ -229,6 +265,8 @@ class ChunkedRun:
         let_read(user, self.input_path)
         share_with(user, *_folders(scratch))  # private (0700) to the node, and to its children
         slot.on_cancel(lambda: self.tasks.cancel(job))
+        if self.stop_pool is not None:
+            slot.on_cancel(self.stop_pool)  # chunks held by peers or still open: waited for no more
         for attempt in range(1, TRIES + 1):
             running = split.run()
             if attempt == 1:
@@ -240,8 +278,8 @@ class ChunkedRun:
                 if slot.cancelled:
                     raise cancelled_error() from None
                 states.failed(list(e.failed))
-                if attempt == TRIES or e.code == "input_truncated":  # the input will not grow
-                    raise
+                if attempt == TRIES or e.code in ("input_truncated", "poison"):  # the input will not grow,
+                    raise  # and a chunk that killed its holders kills more
                 self._log.warn("job {job}: {failed} failed ({error}); redoing them", job=self.job_id,
                                failed=", ".join(e.failed), error=e.message.splitlines()[0])
         take_back(user, scratch)  # what is checked now stays what is read

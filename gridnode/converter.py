@@ -51,6 +51,7 @@ from gridnode.media.scratch import (
     scratch_full,
     wait_limit,
 )
+from gridnode.media.split import RunTask
 from gridnode.media.templates import Catalog, check_clips
 from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
@@ -95,6 +96,9 @@ class Converter(Service):
         #: where a chunked job's tasks run (gridnode/chunked.py): this node's workers by default
         self.chunk_tasks: ChunkTasks = LocalTasks(reactor, self.pool, config.node_id or "", lambda: self.sandbox,
                                                   lambda: self.hurried)
+        #: the pool's chunks (gridnode/chunk_grid.py), set by the node: a chunked job's chunks are
+        #: made by any node's idle workers (None: all on this node's)
+        self.chunk_grid: Any = None
 
     @property
     def user(self) -> str | None:
@@ -136,7 +140,7 @@ class Converter(Service):
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[list[ProducedFile]], Deferred[Any]],
             waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "",
-            chunks: Callable[[list[dict[str, Any]]], None] | None = None) -> Deferred[Any]:
+            chunks: Callable[[list[dict[str, Any]]], None] | None = None, job: Any = None) -> Deferred[Any]:
         """Queue the job (at priority ``rank``, among ``tenant``'s: gridnode/media/fair.py) until a
         worker and the scratch space its outputs need are free
         (``waiting()`` when it waits for space); then ffmpeg (its output folder watched against
@@ -144,23 +148,38 @@ class Converter(Service):
         scratch folder still holds them. An ffmpeg that ran out of space fails the run with
         ``scratch_full``, and the job's next run waits for what it showed it needs. A job the
         plan cuts in chunks runs them as tasks of its own (gridnode/chunked.py), ``chunks``
-        told of their states."""
+        told of their states; with ``job`` (its record) and a ``chunk_grid``, its chunks are
+        made by the pool."""
         per_output = self.config.max_output_bytes
         limit = job_output_limit(info, presets, per_output)
         needs = max(output_estimate(info, presets, per_output), self._needs.get(job_id, 0))
-        plan = plan_for(info, presets, chunk_over=self.config.chunk_over, chunk_seconds=self.config.chunk_seconds)
+        seconds = self.config.chunk_seconds
+        plan = plan_for(info, presets, chunk_over=self.config.chunk_over, chunk_seconds=seconds)
         if plan.chunked:
             states = ChunkStates(plan, info, chunks)
-            states.tell()
-            run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
-                             # one task more than the workers stays queued: the job keeps its turn
-                             # among the tenants (media/fair.py) between the end of a chunk and the next
-                             self.threads, self.pool.workers + 1, self.limits, per_output, lambda: self.user,
-                             rank=rank, tenant=tenant)
-            # the chunks' files and the stitched outputs are in the scratch folder at once
-            return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
-                                    needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),
-                                    on_hold=waiting, rank=rank, tenant=tenant)
+            states.tell()  # listed at once (the upload's answer shows them)
+            grid = self.chunk_grid if job is not None else None
+            if grid is None:
+                return self._chunked(job_id, info, input_path, presets, states, None, rank, tenant, needs, started,
+                                     progress, finish, waiting)
+
+            def planned(recorded: float | None) -> Deferred[Any]:
+                # an adopter plans the cuts its records were made with, and keeps the chunks done
+                length = recorded or seconds
+                cuts = states
+                if length != seconds:
+                    cuts = ChunkStates(plan_for(info, presets, chunk_over=self.config.chunk_over,
+                                                chunk_seconds=length), info, chunks)
+                    cuts.tell()
+
+                def on_pool(work_dir: str, local: RunTask) -> RunTask:
+                    return grid.run_task(job, cuts.plan, length, work_dir, limit, local, told=cuts.noted)
+                return self._chunked(job_id, info, input_path, presets, cuts, (on_pool, lambda: grid.stop(job_id)),
+                                     rank, tenant, needs, started, progress, finish, waiting)
+            def unread(failure: Failure) -> None:
+                self._log.warn("job {job}: its chunk records not read ({reason}); planned anew", job=job_id,
+                               reason=failure.getErrorMessage())
+            return grid.recorded_chunk_seconds(job_id).addErrback(unread).addCallback(planned)
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
@@ -208,6 +227,28 @@ class Converter(Service):
         queued = self.pool.submit(job_id, work, needs=needs, wait_limit=wait_limit(max_time_for(info.duration)),
                                   on_hold=waiting, rank=rank, tenant=tenant)
         return queued.addBoth(forget)
+
+    def _chunked(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset], states: ChunkStates,
+                 on_pool: tuple[Callable[[str, RunTask], RunTask], Callable[[], object]] | None, rank: int,
+                 tenant: str, needs: int,
+                 started: Callable[[], None], progress: Callable[[float], None],
+                 finish: Callable[[list[ProducedFile]], Deferred[Any]],
+                 waiting: Callable[[], None] | None) -> Deferred[Any]:
+        """A job made in chunks (``states.plan``'s): on the pool's workers (``on_pool``: the
+        `RunTask` for a work folder and a local runner, and what stops it), or on this node's."""
+        plan = states.plan
+        # on the pool, every chunk at once (the pool's idle workers say how many run); here, one
+        # task more than the workers stays queued: the job keeps its turn among the tenants
+        # (media/fair.py) between the end of a chunk and the next
+        parallel = len(plan.chunks) + 1 if on_pool is not None else self.pool.workers + 1
+        run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
+                         self.threads, parallel, self.limits, self.config.max_output_bytes, lambda: self.user,
+                         rank=rank, tenant=tenant, pool=on_pool[0] if on_pool else None,
+                         stop_pool=on_pool[1] if on_pool else None)
+        # the chunks' files and the stitched outputs are in the scratch folder at once
+        return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
+                                needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),
+                                on_hold=waiting, rank=rank, tenant=tenant)
 
     def _learn(self, job_id: str, needs: int) -> None:
         # A job handed to the pool never comes back for its entry: keep the newest few.

@@ -38,7 +38,8 @@ _NEXT = {
     TRANSCODING: {STORING, QUEUED},  # back to queued when a node gives the job up
     STORING: {DONE, QUEUED},
 }
-#: a chunk's states in a job's ``chunks``: waiting for a worker, on one, made, failed (redone once)
+#: a chunk's states in a job's ``chunks``: waiting for a worker, on one, made, failed (redone once,
+#: unless ``poison``)
 CHUNK_STATES = ("queued", "running", "done", "failed")
 #: the largest job record a reader accepts
 MAX_RECORD_BYTES = 256 * 1024
@@ -161,7 +162,7 @@ class Job:
         self.attempts += 1
         self.progress = 0.0
         self.outputs = []
-        self.chunks = []  # an adopter makes every chunk again (its work folder is not here)
+        self.chunks = []  # the adopter's run lists them again (the chunks done on the pool are kept)
         self.lease_until = now + lease
         self.updated = now
 

@@ -164,6 +164,9 @@ class NodeService(MultiService):
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
         grid = self.chunks = self._chunk_grid(config, view.node_id, store, media, jobs, membership)
+        media.chunk_grid = grid
+        announce = jobs.runner.on_final
+        jobs.runner.on_final = lambda job: self._ended(grid, job, announce)
         registry = Registry(
             self.reactor, store.in_lane(BACKGROUND), env=config.env, pool=config.pool, node_id=view.node_id,
             http_url=http_url, peer_addr=peer_addr, heartbeat=config.heartbeat, stale=config.stale,
@@ -202,6 +205,18 @@ class NodeService(MultiService):
             local_free=lambda: idle_workers(media.pool), draining=lambda: jobs.draining,
             gone=lambda member: jobs.adopter.gone(member), scratch=os.path.join(config.work_dir, "scratch", ".chunks"),
             ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits)
+
+    @inlineCallbacks
+    def _ended(self, grid: Any, job: Any, announce: Any) -> Any:
+        """A job of ours is final: a chunked one's chunk records and archives go (not before: a
+        run again, or an adopter, keeps the chunks done); then its end is announced."""
+        if job.chunks:
+            try:
+                yield grid.end(job.id)
+            except GridnodeError as e:
+                self._log.warn("job {job}: its chunks not removed ({reason})", job=job.id, reason=e.message)
+        if announce is not None:
+            yield announce(job)
 
     @inlineCallbacks
     def _settle(self) -> Any:

@@ -211,7 +211,8 @@ class Runner:
                                               finish=lambda produced: self._store_outputs(active, produced),
                                               waiting=lambda: self._waiting(active, "start"),
                                               rank=priority.RANK[active.job.priority], tenant=active.job.tenant,
-                                              chunks=lambda chunks: self._chunks(active, chunks))
+                                              chunks=lambda chunks: self._chunks(active, chunks),
+                                              job=active.job)
                 return result
             except GridnodeError as e:
                 if active.stopping or e.code not in ("busy", SCRATCH_FULL, SCRATCH_WAIT):

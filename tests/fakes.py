@@ -85,7 +85,7 @@ class FakeMedia:
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],
             waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "",
-            chunks: Callable[[list[dict[str, Any]]], None] | None = None) -> Deferred[Any]:
+            chunks: Callable[[list[dict[str, Any]]], None] | None = None, job: Any = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred(lambda _: None)
         self.chunk_hooks[job_id] = chunks
         self.places[job_id] = (rank, tenant)

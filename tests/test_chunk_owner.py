@@ -74,8 +74,14 @@ class Rig:
                                 send=lambda *a: self.sent.append(a), peers=lambda: succeed(list(self.idle)),
                                 gone=lambda n: n in self.dead, local_free=lambda: self.free,
                                 rng=random.Random(3))
-        self.job = ChunkJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000)
+        #: each chunk's last state and node as the owner told the job's chunk list
+        self.told: dict[int, tuple[str, str]] = {}
+        self.job = ChunkJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000,
+                            lambda index, state, node: self.told.__setitem__(index, (state, node)))
         (tmp / "work").mkdir(exist_ok=True)
+
+    def status(self) -> list[tuple[int, str, str]]:
+        return [(index, state, node) for index, (state, node) in sorted(self.told.items())]
 
     def local(self, task: Task, progress: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -127,10 +133,9 @@ class OwnerTests:
         assert rig.offers(1) == [] and sorted(rig.offers(2)) == ["p1", "p2"]
         rig.local_runs[0][1].callback(1500)
         assert result(first) == 1500
-        assert [(c["index"], c["state"], c["node"]) for c in rig.owner.status(JOB)] == [
-            (1, DONE, "owner"), (2, OPEN, "")]
+        assert rig.status() == [(1, DONE, "owner"), (2, OPEN, "")]
         rig.owner.noted("p2", "claimed", JOB, "chunk-2")
-        assert rig.owner.status(JOB)[1] == {"index": 2, "state": CLAIMED, "node": "p2", "seconds": 60.0, "lost": 0}
+        assert rig.status()[1] == (2, CLAIMED, "p2")
         run = rig.owner.run_task(rig.job, rig.local)
         run(Task("audio", 0, ["ffmpeg"]), lambda p: None)
         assert rig.local_runs[-1][0].kind == "audio"
@@ -343,8 +348,59 @@ class OwnerTests:
         with pytest.raises(GridnodeError) as e:
             result(waiting)
         assert e.value.code == "cancelled" and rig.owner.entries == {}
-        assert ("p1", "ended", JOB, "") in rig.sent and rig.owner.status(JOB) == []
+        assert ("p1", "ended", JOB, "") in rig.sent and rig.status()[0] == (2, DONE, "p1")
         assert result(rig.store.list_all(keys.chunks_prefix(JOB))) == []
+
+
+    def test_a_worker_freed_by_the_audio_pass_takes_an_open_task(self, tmp_path: Path) -> None:
+        """No idle worker at first (the audio pass holds it): the task is offered; once the audio
+        pass ends, our freed worker claims the task still open rather than wait for its next offer."""
+        rig = Rig(tmp_path)
+        run = rig.owner.run_task(rig.job, rig.local)
+        audio = run(Task("audio", 0, ["ffmpeg"]), lambda p: None)
+        chunk = rig.start(1)
+        assert sorted(rig.offers(1)) == ["p1", "p2"] and [t.kind for t, _ in rig.local_runs] == ["audio"]
+        rig.free = 1
+        rig.local_runs[0][1].callback(None)
+        result(audio)
+        rig.clock.advance(0)
+        assert [t.key for t, _ in rig.local_runs] == ["audio-0", "chunk-1"]
+        assert (rig.record(1).state, rig.record(1).holder) == (CLAIMED, "owner")
+        rig.local_runs[1][1].callback(1500)
+        assert result(chunk) == 1500
+
+
+    def test_a_stopped_run_waits_no_more_and_keeps_the_records(self, tmp_path: Path) -> None:
+        """The job's entry cancelled (a client's cancel, the node stopping): its chunks held by a
+        peer or still open fail ``cancelled`` at once; the records stay for a run again or an
+        adopter, and no holder is told the job ended."""
+        rig = Rig(tmp_path)
+        held, still_open = rig.start(1), rig.start(2)
+        rig.owner.noted("p1", "claimed", JOB, "chunk-1")
+        rig.owner.stop(JOB)
+        for d in (held, still_open):
+            with pytest.raises(GridnodeError) as e:
+                result(d)
+            assert e.value.code == "cancelled"
+        assert rig.owner.entries == {} and not [s for s in rig.sent if s[1] == "ended"]
+        assert rig.record(1).state == rig.record(2).state == OPEN
+        again = rig.start(2)  # a run again of the job publishes over the same records
+        assert not again.called and rig.record(2).state == OPEN
+
+
+    def test_a_job_keeps_its_turn_in_a_busy_node(self, tmp_path: Path) -> None:
+        """With ``turn``, no worker idle: the job's first two open tasks are claimed here anyway
+        (one runs, one waits its tenant's turn in the node's queue), the next offered; once one
+        ends, the next open one is claimed here."""
+        rig = Rig(tmp_path)
+        rig.owner.turn = lambda: True
+        first, second, third, fourth = rig.start(1), rig.start(2), rig.start(3), rig.start(4)
+        assert [t.index for t, _ in rig.local_runs] == [1, 2]
+        assert rig.offers(1) == rig.offers(2) == [] and rig.offers(3) and rig.offers(4)
+        rig.local_runs[0][1].callback(1500)
+        rig.clock.advance(0)
+        assert result(first) == 1500 and [t.index for t, _ in rig.local_runs] == [1, 2, 3]
+        assert not second.called and not third.called and not fourth.called
 
 
 class AdoptionTests:
@@ -367,8 +423,7 @@ class AdoptionTests:
         assert [t.index for t, _ in new.local_runs] == [1]
         assert (new.record(1).holder, new.record(1).lost) == ("new", 0)
         assert (new.record(3).owner, new.record(3).holder) == ("new", "p2")
-        assert [(c["state"], c["node"]) for c in new.owner.status(JOB)] == [
-            (CLAIMED, "new"), (DONE, "p1"), (CLAIMED, "p2")]
+        assert new.status() == [(1, CLAIMED, "new"), (2, DONE, "p1"), (3, CLAIMED, "p2")]
         new.done_by(old.peer("p2"), held)  # the holder's finish lands over the adopter's rewrite
         assert new.record(3).state == DONE
         new.owner.noted("p2", "done", JOB, "chunk-3")

@@ -68,6 +68,29 @@ class ChunkStatesTests:
         assert states.listing()[0]["state"] == "queued"  # listeners get copies
 
 
+    def test_the_pools_word(self) -> None:
+        """The pool's owner side tells each chunk's record state: a holder's run counts one try
+        however often it is told (by the pool, then by the worker that runs it here); a holder
+        gone puts it back in the queue, its next holder a second try; a chunk made before an
+        adoption shows done by its maker with no try of this run."""
+        plan = plan_for(VIDEO, Catalog().parse("mp4-720p"), chunk_over=0, chunk_seconds=5)
+        states = ChunkStates(plan, VIDEO, None)
+        states.noted(1, "claimed", "n1")
+        states.noted(1, "claimed", "n1")
+        states.started(Task("chunk", 1, []), "n1")
+        assert {k: states.listing()[1][k] for k in ("state", "node", "tries")} == {
+            "state": "running", "node": "n1", "tries": 1}
+        states.noted(1, "open", "")
+        assert states.listing()[1]["state"] == "queued"
+        states.noted(1, "claimed", "n2")
+        states.noted(1, "done", "n2")
+        states.noted(3, "done", "p1")
+        states.noted(99, "done", "p1")  # no such chunk: nothing changes
+        listed = states.listing()
+        assert [(c["state"], c["node"], c["tries"]) for c in listed] == [
+            ("queued", "", 0), ("done", "n2", 2), ("queued", "", 0), ("done", "p1", 0)]
+
+
 class TasksFailedTests:
     def test_a_cut_input_is_the_reason(self) -> None:
         """Chunks past the end of a cut input fail too: the job fails with input_truncated,
@@ -75,6 +98,14 @@ class TasksFailedTests:
         e = TasksFailed({"chunk-4": GridnodeError("exited with status 1", code="ffmpeg_failed", status=422),
                          "chunk-2": GridnodeError("only 9.8 s of 20 s", code="input_truncated", status=422)})
         assert e.code == "input_truncated" and "only 9.8 s" in e.message and list(e.failed) == ["chunk-4", "chunk-2"]
+
+
+    def test_poison_before_a_plain_failure(self) -> None:
+        """A chunk lost with the nodes that held it (``poison``) says why the job fails, not a
+        chunk that merely failed beside it."""
+        e = TasksFailed({"chunk-1": GridnodeError("exited with status 1", code="ffmpeg_failed", status=422),
+                         "chunk-3": GridnodeError("lost with 3 nodes", code="poison", status=422)})
+        assert e.code == "poison" and "lost with 3 nodes" in e.message
 
 
 class HandTasks:
@@ -150,15 +181,16 @@ class FairShareTests:
 class Flaky:
     """Local tasks, but chunk 1 fails its first ``times`` runs after starting on "elsewhere"."""
 
-    def __init__(self, inner: LocalTasks, times: int) -> None:
+    def __init__(self, inner: LocalTasks, times: int, code: str = "ffmpeg_failed") -> None:
         self.inner = inner
         self.times = times
+        self.code = code
 
     def run(self, job: ChunkJob, task: Task, progress: Any) -> Deferred[Any]:
         if task.key == "chunk-1" and self.times > 0:
             self.times -= 1
             job.started(task, "elsewhere")
-            return fail(GridnodeError("ffmpeg was killed by signal 9", code="ffmpeg_failed", status=422))
+            return fail(GridnodeError("ffmpeg was killed by signal 9", code=self.code, status=422))
         return self.inner.run(job, task, progress)
 
     def cancel(self, job: ChunkJob) -> None:
@@ -166,12 +198,13 @@ class Flaky:
 
 
 async def start(reactor: Any, clip: Path, tmp_path: Path,
-                flaky: int) -> tuple[TranscodePool, Flaky, ChunkStates, list[Any], Deferred[Any]]:
+                flaky: int, code: str = "ffmpeg_failed") -> tuple[TranscodePool, Flaky, ChunkStates, list[Any],
+                                                                  Deferred[Any]]:
     info = await probe(reactor, str(clip), ffprobe=FFPROBE)
     presets = Catalog().parse("mp4-480p")
     plan = plan_for(info, presets, chunk_over=0, chunk_seconds=1)
     pool = TranscodePool(reactor, tmp_path / "scratch", workers=2)
-    tasks = Flaky(LocalTasks(reactor, pool, "me", lambda: Sandbox(boxed=False)), flaky)
+    tasks = Flaky(LocalTasks(reactor, pool, "me", lambda: Sandbox(boxed=False)), flaky, code)
     told: list[Any] = []
     states = ChunkStates(plan, info, told.append)
     run = ChunkedRun("job1", info, str(clip), presets, plan, tasks, FFMPEG, 1, 3, Limits(), None, lambda: None)
@@ -205,6 +238,16 @@ class ChunkedRunTests:
             await done
         assert e.value.code == "ffmpeg_failed" and list(e.value.failed) == ["chunk-1"]
         assert states.listing()[1]["state"] == "failed"
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_poison_chunk_is_not_run_again(self, media_clips: Clips, real_reactor: Any,
+                                                   tmp_path: Path) -> None:
+        """Chunk 1 fails as ``poison`` (its holders kept dying): no second run, the job fails
+        ``poison``."""
+        _pool, tasks, states, _told, done = await start(real_reactor, media_clips.landscape, tmp_path, 2, "poison")
+        with pytest.raises(TasksFailed) as e:
+            await done
+        assert e.value.code == "poison" and tasks.times == 1 and states.listing()[1]["tries"] == 1
 
     @pytest_twisted.ensureDeferred
     async def test_cancelled_while_its_chunks_run(self, media_clips: Clips, real_reactor: Any,

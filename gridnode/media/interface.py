@@ -88,7 +88,7 @@ class Media(Protocol[PresetT, ProbeT]):
             started: Callable[[], None], progress: Callable[[float], None],
             finish: Callable[[Sequence[Produced]], Deferred[Any]],
             waiting: Callable[[], None] | None = None, rank: int = 1, tenant: str = "",
-            chunks: Callable[[list[dict[str, Any]]], None] | None = None) -> Deferred[Any]:
+            chunks: Callable[[list[dict[str, Any]]], None] | None = None, job: Any = None) -> Deferred[Any]:
         """Queue the job (raises ``busy`` when the queue is full), served by priority ``rank``
         (gridnode/priority.py's) and among the other tenants' in turn; when a worker takes it,
         ``started()``, ffmpeg with ``progress(0..1)``, then ``finish(outputs)`` while the
@@ -96,7 +96,8 @@ class Media(Protocol[PresetT, ProbeT]):
         ``waiting()``: the job is held for scratch space before it starts. Fails with
         ``SCRATCH_FULL`` when ffmpeg ran out of it (its partial outputs gone), and with
         ``SCRATCH_WAIT`` when the space never came. ``chunks(list)``: a job made in chunks, each
-        chunk's state as it changes (the job's ``chunks``)."""
+        chunk's state as it changes (the job's ``chunks``); ``job``: its record (whose chunks
+        the pool may make)."""
         ...
 
     def cancel(self, job_id: str) -> object:

@@ -1,6 +1,6 @@
 """
 Split-and-stitch, the run: a chunked job's processes, each started through a callable the
-caller gives (``RunTask``: today a local ffmpeg, next the pool's workers through the store),
+caller gives (``RunTask``: a local ffmpeg, or the pool's workers through the store),
 so this object decides the order and keeps the count, and knows nothing of where they run.
 
 ``SplitJob(plan, ...)`` holds the tasks: one per chunk (``chunks.chunk_argv``: posters and
@@ -57,9 +57,10 @@ class TasksFailed(GridnodeError):
     error. ``run()`` again redoes those alone."""
 
     def __init__(self, failed: dict[str, BaseException]) -> None:
-        # a chunk that found the input cut short says why the later ones failed too
-        first = next((e for e in failed.values() if getattr(e, "code", "") == "input_truncated"),
-                     next(iter(failed.values())))
+        # a chunk that found the input cut short says why the later ones failed too; a poison
+        # chunk (its holders kept dying) says the job is not to be run again
+        codes = {getattr(e, "code", ""): e for e in reversed(failed.values())}
+        first = codes.get("input_truncated") or codes.get("poison") or next(iter(failed.values()))
         code = first.code if isinstance(first, GridnodeError) else "ffmpeg_failed"
         super().__init__(f"{', '.join(failed)} failed: {first}", code=code, status=422)
         self.failed = failed
