@@ -93,7 +93,10 @@ def unpack(archive: str, folder: str, limit: int) -> list[str]:
                     if total > limit or len(names) >= MAX_FILES:
                         raise bad_archive(f"holds more than {limit} bytes or {MAX_FILES} files")
                     target = os.path.join(fresh, *member.name.split("/"))
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    try:
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                    except OSError:  # a file of the archive holds the folder's name
+                        raise bad_archive(f"holds {member.name[:200]!r} under a file's name") from None
                     source = tar.extractfile(member)
                     assert source is not None  # a regular file's
                     try:

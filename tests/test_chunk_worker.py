@@ -253,6 +253,15 @@ class ArchiveTests:
             chunk_files.unpack(str(tmp_path / "b.tar"), str(tmp_path / "d"), 1000)
         with pytest.raises(GridnodeError, match="twice"):
             chunk_files.unpack(str(tmp_path / "b.tar"), str(tmp_path / "d"), 10_000)
+        for names in (["a", "a/b"], ["a/b", "a"]):  # a file where a folder must be, and the other way
+            with tarfile.open(tmp_path / "f.tar", "w") as tar:
+                for name in names:
+                    info = tarfile.TarInfo(name)
+                    info.size = 1
+                    tar.addfile(info, io.BytesIO(b"x"))
+            with pytest.raises(GridnodeError) as e:
+                chunk_files.unpack(str(tmp_path / "f.tar"), str(tmp_path / "d"), 10_000)
+            assert e.value.code == "bad_chunk", names
 
 
 def test_the_plan_is_chunked() -> None:
