@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from gridnode import keys
-from gridnode.chunk_owner import ChunkJob, ChunkOwner
+from gridnode.chunk_owner import ChunkOwner, OwnedJob
 from gridnode.chunk_records import Board
 from gridnode.chunk_worker import ChunkWorker, RunChunk, Sources
 from gridnode.errors import GridnodeError
@@ -126,7 +126,7 @@ class ChunkGrid:
         the most bytes a chunk's archive may hold (``presets.job_output_limit``). Call `end`
         when the job is over, whichever way. ``told(index, state, node)``: each chunk's change,
         for the job's chunk list."""
-        chunk_job = ChunkJob(job.id, job.tenant, job.priority, list(job.presets), list(job.spec), chunk_seconds,
+        chunk_job = OwnedJob(job.id, job.tenant, job.priority, list(job.presets), list(job.spec), chunk_seconds,
                              plan, work_dir, limit, told)
         return self.owner.run_task(chunk_job, local)
 

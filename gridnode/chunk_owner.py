@@ -66,7 +66,7 @@ LOOK = 60.0
 
 
 @dataclass(frozen=True)
-class ChunkJob:
+class OwnedJob:
     """What a job's chunk records carry of it, and where its chunks are made."""
 
     id: str
@@ -95,7 +95,7 @@ class ChunkJob:
 class _Entry:
     """One chunk task of ours in flight."""
 
-    job: ChunkJob
+    job: OwnedJob
     task: Task
     local: RunTask
     progress: Callable[[float], None]
@@ -149,7 +149,7 @@ class ChunkOwner:
         #: jobs whose run here stopped (`stop`): a task whose record was still being written fails
         self._stopped: set[str] = set()
 
-    def run_task(self, job: ChunkJob, local: RunTask) -> RunTask:
+    def run_task(self, job: OwnedJob, local: RunTask) -> RunTask:
         """The `RunTask` of ``job``'s `SplitJob`: chunks on the pool, its other tasks ``local``."""
 
         self._stopped.discard(job.id)  # a new run of the job here
@@ -168,7 +168,7 @@ class ChunkOwner:
         return result
 
     @inlineCallbacks
-    def _start(self, job: ChunkJob, task: Task, local: RunTask, progress: Callable[[float], None]) -> Any:
+    def _start(self, job: OwnedJob, task: Task, local: RunTask, progress: Callable[[float], None]) -> Any:
         mine = job.record(task, self.node_id)
         held = yield self.board.publish(mine)
         error = held.record.error or {}

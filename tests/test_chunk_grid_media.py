@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 
 from gridnode import keys
-from gridnode.chunk_owner import ChunkJob, ChunkOwner
+from gridnode.chunk_owner import ChunkOwner, OwnedJob
 from gridnode.chunk_records import Board
 from gridnode.chunk_run import ChunkRun
 from gridnode.chunk_worker import ChunkWorker, Sources
@@ -114,7 +114,7 @@ async def test_two_nodes_make_one_job(real_reactor: Any, tmp_path: Path, kill: b
                          run_chunk=run_chunk, tell=tell, can_take=lambda: len(worker.running) < 2, ffmpeg=FFMPEG,
                          threads=1)
     work = tmp_path / "work"
-    chunk_job = ChunkJob(job_id, "", "normal", [], SPEC, 2.0, plan, str(work), 100_000_000)
+    chunk_job = OwnedJob(job_id, "", "normal", [], SPEC, 2.0, plan, str(work), 100_000_000)
     split = SplitJob(plan, info, str(src), presets, str(work), str(tmp_path / "out"),
                      owner.run_task(chunk_job, local), ffmpeg=FFMPEG, threads=1, parallel=len(plan.chunks) + 1)
     await split.run()

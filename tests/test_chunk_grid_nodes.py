@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from gridnode import keys
 from gridnode.chunk_grid import FIGURE, PeerLoads
-from gridnode.chunk_owner import ChunkJob, ChunkOwner
+from gridnode.chunk_owner import ChunkOwner, OwnedJob
 from gridnode.chunk_records import Board
 from gridnode.media import chunks
 from gridnode.media.probe import probe
@@ -117,7 +117,7 @@ class Owner:
         plan = chunks.plan(info, presets, chunk_seconds=chunk_seconds, chunk_over=0)
         work = self.tmp / "work"
         split = SplitJob(plan, info, str(src), presets, str(work), str(self.tmp / "out"),
-                         self.owner.run_task(ChunkJob(job_id, "", "normal", [], SPEC, chunk_seconds, plan, str(work),
+                         self.owner.run_task(OwnedJob(job_id, "", "normal", [], SPEC, chunk_seconds, plan, str(work),
                                                       10**8), ffmpeg_task(self.reactor)),
                          ffmpeg=FFMPEG, threads=1, parallel=len(plan.chunks) + 1)
         return job_id, info, plan, split.run()

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from gridnode import chunk_files, keys
-from gridnode.chunk_owner import ChunkJob, ChunkOwner
+from gridnode.chunk_owner import ChunkOwner, OwnedJob
 from gridnode.chunk_records import CLAIMED, DONE, OPEN, POISON, Board, Held
 from gridnode.errors import GridnodeError
 from gridnode.media import stitch
@@ -76,7 +76,7 @@ class Rig:
                                 rng=random.Random(3))
         #: each chunk's last state and node as the owner told the job's chunk list
         self.told: dict[int, tuple[str, str]] = {}
-        self.job = ChunkJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000,
+        self.job = OwnedJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000,
                             lambda index, state, node: self.told.__setitem__(index, (state, node)))
         (tmp / "work").mkdir(exist_ok=True)
 
