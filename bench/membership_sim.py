@@ -514,7 +514,7 @@ class Sim:
                 if p.kill_mode == "process":
                     self.close_standing(nd)
             elif kind == _JOIN:
-                registry = [n for n in nodes if n.started]  # the registry lags deaths
+                registry = self.join_seeds(nd)
                 self.dispatch(nd, nd.m.add_members([(n.id, n.m.address) for n in registry], t,
                                                    {n.id: n.m.incarnation for n in registry}))
                 nd.started = True
@@ -535,6 +535,10 @@ class Sim:
                 else:
                     self.push(t + 0.5, _LEVEL, i)
         return True
+
+    def join_seeds(self, nd: _Node) -> list[_Node]:
+        """The members a joiner starts with: the registry's whole list (it lags deaths)."""
+        return [n for n in self.nodes if n.started]
 
     def level(self, nd: _Node) -> bool:
         """Whether ``nd``'s live table is the pool's: its digest equals that of most of 5 others

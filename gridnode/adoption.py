@@ -2,8 +2,8 @@
 Adoption: claiming the unfinished jobs whose owner is gone.
 
 A job's owner does not renew it: the job is orphaned when its owner is gone,
-which the membership and the registry already know (`Adopter.gone`: confirmed
-dead, left, or unknown to the membership with no fresh registry record), or
+which the membership and the registry already know (`Adopter.gone`: held
+dead on two members' word, left, or unknown to the membership with no fresh registry record), or
 when its owner released it. A frozen or throttled store therefore never makes
 a healthy job look orphaned: nothing here compares a record's time with a clock.
 
@@ -145,7 +145,7 @@ class Adopter:
         self.lease = lease
         self.now = now
         self.rng = rng
-        #: whether a node is gone (confirmed dead, left, unknown with no fresh registry record);
+        #: whether a node is gone (held dead, left, unknown with no fresh registry record);
         #: the node wires it to its membership and registry. Until then nobody is.
         self.gone: Callable[[str], bool] = lambda node: False
         #: the live members' ids (ourselves included): whom leftovers are handed to
@@ -162,11 +162,13 @@ class Adopter:
         #: quarantined: what its end owes (webhooks) is seen to before the marker goes
         self.on_ended: Callable[[Job], Deferred[Any]] | None = None
 
-    def take_over(self, owner: str) -> Deferred[int]:
+    def take_over(self, owner: str, *, hand_on: bool = True) -> Deferred[int]:
         """Claim what fits of the jobs marked under ``owner`` (gone, or ourselves) and hand the rest
-        on; fires with how many this node won. One prefix at a time: two passes of ours in flight
-        could both claim one job (the second reading the first's claim as an earlier life's)."""
-        return self._taking.run(self._take_over, owner)
+        on (``hand_on``; else they stay for the owner's next watcher in turn, whose look comes
+        within seconds, where a keeper's comes within a minute); fires with how many this node won.
+        One prefix at a time: two passes of ours in flight could both claim one job (the second
+        reading the first's claim as an earlier life's)."""
+        return self._taking.run(self._take_over, owner, hand_on)
 
     def check_own(self) -> Deferred[int]:
         """Our own prefix: jobs an earlier life left and jobs handed to us."""
@@ -180,7 +182,7 @@ class Adopter:
         return self._taking.run(self._migrate)
 
     @inlineCallbacks
-    def _take_over(self, owner: str) -> Any:
+    def _take_over(self, owner: str, hand_on: bool = True) -> Any:
         if self.host.draining:
             return 0
         store = self.store if owner == self.node_id else self.acting
@@ -201,7 +203,7 @@ class Adopter:
                 won += int((yield self.claim(job_id, owner, store=store)))
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
-        if left and owner != self.node_id:
+        if left and owner != self.node_id and hand_on:
             yield self._hand_leftovers(left, owner)
         return won
 
