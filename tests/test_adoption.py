@@ -269,6 +269,26 @@ class LaneTests(AdopterFixture):
         assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 2
 
 
+    def test_a_watcher_not_last_leaves_what_does_not_fit_for_the_next(self) -> None:
+        """A watcher with another after it (``hand_on`` False) claims what fits and leaves the rest
+        under the gone owner, where the next one's look finds it within seconds; the last one in
+        turn claims what fits and hands the rest on to keepers."""
+        for _ in range(4):
+            self.orphan()
+        first = self.adopter("n2", FakeHost(capacity=1))
+        first.members = lambda: ["n2", "n3", "n4", "gone"]
+        got: list[Any] = []
+        first.take_over("gone", hand_on=False).addBoth(got.append)
+        assert got == [1] and len([m for m in self.markers() if m.startswith("active/gone/")]) == 3
+        last = self.adopter("n3", FakeHost(capacity=1))
+        last.members = first.members
+        assert self.take(last) == 1
+        assert [m for m in self.markers() if m.startswith("active/gone/")] == []
+        # n2's claim, n3's claim, and the two handed on to keepers among n2 and n4
+        assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 1
+        assert len([m for m in self.markers() if m.startswith(("active/n2/", "active/n4/"))]) == 3
+
+
 class MigrationTests(AdopterFixture):
     """The old layout (``active/<id>``), read by the registry writer alone."""
 

@@ -17,7 +17,7 @@ from gridnode.errors import StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.succession import REMEMBER, STANDBY, Succession, Successor, is_gone
+from gridnode.succession import REMEMBER, STANDBY, Succession, Successor, heirs, is_gone
 from tests.test_adoption import FakeHost
 
 
@@ -51,6 +51,15 @@ class SuccessionTests:
         """A ring that still holds the member does not make it its own heir."""
         s = Succession("w1", lambda member: ["dead", "w1"])
         assert s.rank("dead") == 0
+
+
+def test_more_heirs_take_turns_when_several_members_are_down() -> None:
+    """One death: its 3 watchers; several members down at once: 6 heirs (watchers may be dead or
+    out of room). The last heir in turn is the one that hands leftovers on."""
+    assert heirs(0) == heirs(1) == 3 and heirs(2) == heirs(300) == 6
+    s = Succession("w2", lambda member: ["w0", "w1", "w2"])
+    assert s.last("x") and not Succession("w1", s.watchers_of).last("x")
+    assert Succession("w0", lambda member: []).last("x")
 
 
 class SuccessorTests:
