@@ -299,6 +299,19 @@ class ConfirmedDeathTests:
                                 [Update("m2", address("m2"), 0, DEAD, "m1")], False), 3.0)
         assert net_state(fresh, "m2") == SUSPECT and not fresh.holds_dead("m2")
 
+    def test_down_counts_suspicions_and_recent_deaths(self) -> None:
+        """`down_count`: members held suspect now and deaths learned of in the last minute (how
+        many take turns acting on a death, gridnode/succession.py, follows it)."""
+        m = SwimMachine("n0", address("n0"), config=CFG, rng=random.Random(2))
+        m.add_members([(f"m{i}", address(f"m{i}")) for i in range(4)], 0.0)
+        assert m.down_count() == 0
+        m.receive(Gossip("n0", address("n0"), "m1", address("m1"), 0,
+                         [Update("m0", address("m0"), 0, DEAD, "m1"), Update("m2", address("m2"), 0, SUSPECT, "m1")]),
+                  1.0)
+        assert m.down_count() == 2
+        m.receive(Gossip("n0", address("n0"), "m2", address("m2"), 1, []), 70.0)  # m2 refuted; m0's death is old
+        assert m.down_count() == 0
+
     def test_confirmed_by_registry_stale_witness(self) -> None:
         """A lone suspector's death is confirmed only once the registry says that incarnation's heartbeat is stale."""
         net = network(3)

@@ -87,6 +87,7 @@ import heapq
 import json
 import math
 import random
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -417,6 +418,7 @@ class SwimMachine:
         self._live: list[str] = []
         self._live_pos: dict[str, int] = {}
         self._dead: list[str] = []  # dead (not left) members, for the occasional healing sync
+        self._deaths: deque[float] = deque()  # when we learned of each recent death (down_count)
         self._dead_pos: dict[str, int] = {}
         self._probe_list: list[str] = []
         self._probe_idx = 0
@@ -585,9 +587,12 @@ class SwimMachine:
         count = self.config.watchers if count is None else count
         return [ring[(i - j) % len(ring)][1] for j in range(1, min(count, others) + 1)]
 
-    def down_count(self) -> int:
-        """Members held suspect or dead now (dead until forgotten, ``reap_after``)."""
-        return len(self._dead) + len(self._suspicions)
+    def down_count(self, within: float = 60.0) -> int:
+        """Members held suspect now, and deaths we learned of in the last ``within`` s."""
+        deaths = self._deaths
+        while deaths and deaths[0] < self._now - within:
+            deaths.popleft()
+        return len(deaths) + len(self._suspicions)
 
     def is_confirmed_dead(self, member: str) -> bool:
         """True if we declared ``member`` dead and that death is confirmed (see module docstring)."""
@@ -1012,6 +1017,7 @@ class SwimMachine:
         is_live = u.state in (ALIVE, SUSPECT)
         if u.state == DEAD:
             self._bag_add(self._dead, self._dead_pos, m.id)
+            self._deaths.append(self._now)
         else:
             self._bag_remove(self._dead, self._dead_pos, m.id)
         if is_live:
