@@ -91,9 +91,10 @@ class Succession:
         return watchers.index(self.me) if self.me in watchers else None
 
     def last(self, member: str) -> bool:
-        """Whether no watcher of ``member`` comes after us: what we have no room for, we hand on."""
+        """Whether no heir of ``member`` comes after us (none does when we are no longer among its
+        heirs: fewer take turns once the pool settles): what we have no room for, we hand on."""
         watchers = [w for w in self.watchers_of(member) if w != member]
-        return not watchers or watchers[-1] == self.me
+        return self.me not in watchers or watchers[-1] == self.me
 
     def wait(self, member: str) -> float | None:
         """Seconds before we act on ``member``'s event; None: not ours to act on."""

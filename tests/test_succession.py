@@ -60,6 +60,7 @@ def test_more_heirs_take_turns_when_several_members_are_down() -> None:
     s = Succession("w2", lambda member: ["w0", "w1", "w2"])
     assert s.last("x") and not Succession("w1", s.watchers_of).last("x")
     assert Succession("w0", lambda member: []).last("x")
+    assert Succession("w5", s.watchers_of).last("x")  # an heir no longer among them: nobody after it
 
 
 class SuccessorTests:

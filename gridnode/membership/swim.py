@@ -62,7 +62,9 @@ Protocol choices, and why:
   probe or answer we send it), so it refutes at once by bumping its incarnation.
 - Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
   ``gossip_fanout`` random members every ``gossip_interval`` *only while there is
-  something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times.
+  something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times,
+  up to ``max_piggyback`` to a message (the least sent first), so a burst of news (many
+  hosts gone at once) goes out in a few large messages rather than queueing.
   The steady state thus costs one ping and one ack per member per period.
 - Anti-entropy (gridnode/membership/sync.py): every ``sync_interval`` the pool-wide digest
   of the live table goes to one random member; where it differs, the two compare per-bucket
