@@ -272,7 +272,7 @@ class NodeService(MultiService):
     def _wire_adoption(self, jobs: JobService, membership: Any, registry: Registry) -> None:
         """Who is gone, who acts on a death or a leave (its watchers, in ring order:
         gridnode/succession.py), whom our released jobs go to, who reads the old marker layout."""
-        from gridnode.succession import Succession, Successor, heirs, is_gone
+        from gridnode.succession import MANY_HEIRS, Succession, Successor, heirs, is_gone
 
         machine = membership.machine
 
@@ -293,7 +293,7 @@ class NodeService(MultiService):
             yield jobs.adopter.take_over(member, hand_on=succession.last(member))
 
         succession = Succession(machine.me, lambda member: machine.watchers_of(member, heirs(machine.down_count())),
-                                watching=machine.watching)
+                                after=lambda: machine.successors(MANY_HEIRS))
         successor = self._successor = Successor(self.reactor, succession, act)
         membership.on_confirmed_dead = successor.dead
         # a death a peer declared: as one confirmed here (a watcher whose own timer had not run out)

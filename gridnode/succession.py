@@ -22,9 +22,9 @@ A death counts here whether this node confirmed it or a peer declared it (a
 death spreads only when two members suspected it): a watcher that heard it by
 gossip before its own timer ran out acts all the same. When many hosts go at
 once (an availability zone), a dead member's watchers may all be dead too:
-each node remembers the deaths it was no watcher of for `REMEMBER` s, and
-looks at them again whenever the members it watches change (a death before it
-on the ring moved it up): the next live members in ring order then act, with
+each node remembers the deaths it was no heir of for `REMEMBER` s, and looks
+at them again whenever the members after it on the ring change (a death
+between it and them moved it up): the next live members in ring order then act, with
 the same first-write-wins rule. Each event is acted on once per node.
 
 `Succession` decides (no I/O, an injected random source); `Successor` runs the
@@ -76,14 +76,15 @@ class Succession:
     ``standby``; not a watcher, never."""
 
     def __init__(self, me: str, watchers_of: Callable[[str], list[str]], *, standby: float = STANDBY,
-                 rng: random.Random | None = None, watching: Callable[[], Iterable[str]] = tuple) -> None:
+                 rng: random.Random | None = None, after: Callable[[], Iterable[str]] = tuple) -> None:
         self.me = me
         self.watchers_of = watchers_of
         self.standby = standby
         self.rng = rng or random.Random()
-        #: the members this node watches now (the machine's ``watching``): when they change, the
-        #: ring moved near us and we may have become a watcher of a member that died before
-        self.watching = watching
+        #: the live members after us on the ring, as many as the most heirs (the machine's
+        #: ``successors``): when they change, the ring moved near us and we may have become an
+        #: heir of a member that died before
+        self.after = after
 
     def rank(self, member: str) -> int | None:
         """Our place among ``member``'s watchers (0: the first), None when we are not one."""
@@ -112,8 +113,8 @@ class Successor:
     """Acts on the deaths and leaves `Succession` gives this node, each after its wait, once per
     event. ``act(member, incarnation)`` does the work (incarnation None for a leave: the member
     deleted its own record) and must be safe to repeat: a standby runs it again to finish what the
-    first did not. Events it is no watcher of are remembered (`REMEMBER` s) and looked at again
-    when the members it watches change."""
+    first did not. Events it is no heir of are remembered (`REMEMBER` s) and looked at again
+    when the members after it on the ring change."""
 
     _log = Logger()
 
@@ -128,7 +129,7 @@ class Successor:
         self.remembered: dict[str, tuple[int | None, str, float]] = {}
         #: events acted on or waiting for our turn: (member, incarnation) -> when
         self._taken: dict[tuple[str, int | None], float] = {}
-        self._watched: frozenset[str] = frozenset(succession.watching())
+        self._after: frozenset[str] = frozenset(succession.after())
 
     def dead(self, member: str, incarnation: int) -> Deferred[Any]:
         """``member`` is dead at ``incarnation``: confirmed here, or declared by a peer."""
@@ -139,12 +140,13 @@ class Successor:
         return self._event(member, None, "left")
 
     def moved(self) -> None:
-        """The ring may have moved (a member died or left): if the members we watch changed, the
-        remembered events we now watch are ours, and a turn waiting at a lower place comes now."""
-        watched = frozenset(self.succession.watching())
-        if watched == self._watched:
+        """The ring may have moved (a member died or left): if the members after us changed, the
+        remembered events we are now an heir of are ours, and a turn waiting at a lower place
+        comes now."""
+        after = frozenset(self.succession.after())
+        if after == self._after:
             return
-        self._watched = watched
+        self._after = after
         now = self.reactor.seconds()
         for member, (incarnation, what, heard) in list(self.remembered.items()):
             if now - heard > REMEMBER:

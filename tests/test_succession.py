@@ -159,19 +159,20 @@ class SuccessorTests:
 
 class MovingRingTests:
     """When a dead member's watchers die with it, the next live members in ring order act: each
-    node remembers the deaths it was no watcher of and looks again when the members it watches
-    change. A ring of fakes: ``watchers`` is what the node's machine would answer now."""
+    node remembers the deaths it was no heir of and looks again when the members after it on the
+    ring change. A ring of fakes: ``watchers`` and ``after`` are what the node's machine would
+    answer now."""
 
     @pytest.fixture(autouse=True)
     def setup(self) -> None:
         self.clock = Clock()
         self.watchers = {"x": ["w0", "w1", "w2"]}
-        self.watched: list[str] = ["a", "b", "c"]
+        self.after: list[str] = ["a", "b", "c"]
         self.acted: list[tuple[str, int | None, float]] = []
 
     def successor(self, me: str) -> Successor:
         succession = Succession(me, lambda member: self.watchers.get(member, []), rng=random.Random(5),
-                                watching=lambda: self.watched)
+                                after=lambda: self.after)
 
         def act(member: str, incarnation: int | None) -> Deferred[None]:
             self.acted.append((member, incarnation, self.clock.seconds()))
@@ -181,14 +182,14 @@ class MovingRingTests:
 
     def test_the_next_live_member_acts_once_the_watchers_died_too(self) -> None:
         """x dies with its three watchers: w3, no watcher when it heard of x, becomes the first
-        once the ring drops them (the members it watches change) and acts at once, once."""
+        once the ring drops them (the members after it on the ring change) and acts at once, once."""
         s = self.successor("w3")
         s.dead("x", 4)
         assert self.acted == [] and "x" in s.remembered
         self.watchers["x"] = ["w3", "w4", "w5"]
         s.dead("w2", 9)  # a death that moves the ring without changing what we watch: nothing yet
         assert self.acted == []
-        self.watched = ["a", "b", "d"]
+        self.after = ["a", "b", "d"]
         s.dead("w1", 9)
         assert self.acted == [("x", 4, 0.0)] and "x" not in s.remembered
         s.dead("x", 4)  # heard again (a peer's declaration after our own confirmation)
@@ -201,7 +202,7 @@ class MovingRingTests:
         s.dead("x", 4)
         assert self.acted == [] and s.pending
         self.watchers["x"] = ["w1", "w2", "w3"]
-        self.watched = ["a", "b", "e"]
+        self.after = ["a", "b", "e"]
         s.dead("w0", 2)
         self.clock.advance(0)
         assert self.acted == [("x", 4, 0.0)]
@@ -214,6 +215,6 @@ class MovingRingTests:
         s.dead("x", 4)
         self.clock.advance(REMEMBER + 1)
         self.watchers["x"] = ["w3"]
-        self.watched = ["z"]
+        self.after = ["z"]
         s.moved()
         assert self.acted == [] and s.remembered == {}

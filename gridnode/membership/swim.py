@@ -589,6 +589,13 @@ class SwimMachine:
         count = self.config.watchers if count is None else count
         return [ring[(i - j) % len(ring)][1] for j in range(1, min(count, others) + 1)]
 
+    def successors(self, count: int) -> list[str]:
+        """The ``count`` live members after us on the ring, nearest first (the first ``watchers``
+        are those we watch; we are among the first ``count`` watchers of each of them)."""
+        ring = self._ring
+        i = bisect.bisect_left(ring, _ring_point(self.me))
+        return [ring[(i + j) % len(ring)][1] for j in range(1, min(count, len(ring) - 1) + 1)]
+
     def down_count(self, within: float = 60.0) -> int:
         """Members held suspect now, and deaths we learned of in the last ``within`` s."""
         deaths = self._deaths
