@@ -158,6 +158,8 @@ class Adopter:
         self._copied: set[str] = set()
         self._ring: KeeperRing | None = None
         self._taking = DeferredLock()
+        #: jobs found claimed by another node since the listing they were found in (a collision)
+        self._lost = 0
         #: a final job found still marked (its owner stopped before unmarking it), or one
         #: quarantined: what its end owes (webhooks) is seen to before the marker goes
         self.on_ended: Callable[[Job], Deferred[Any]] | None = None
@@ -192,17 +194,25 @@ class Adopter:
             self._log.warn("cannot list the jobs of {owner}: {reason}", owner=owner, reason=e.message)
             return 0
         self.rng.shuffle(ids)  # watchers taking over in turn start at different jobs
-        won, left = 0, []
+        won, left, gone_since = 0, [], set()
         for job_id in ids:
-            if self.host.holds(job_id):
+            if self.host.holds(job_id) or job_id in gone_since:
                 continue
             if len(self.host.active) >= self.host.capacity:
                 left.append(job_id)
                 continue
+            lost = self._lost
             try:
                 won += int((yield self.claim(job_id, owner, store=store)))
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
+            if self._lost != lost and owner != self.node_id:
+                # another heir is at work on this prefix (it claimed that one since our listing):
+                # list again rather than read each job it has claimed since
+                try:
+                    gone_since = set(ids) - set((yield job_records.marked(store, owner)))
+                except GridnodeError:
+                    pass
         if left and owner != self.node_id and hand_on:
             yield self._hand_leftovers(left, owner)
         return won
@@ -240,6 +250,7 @@ class Adopter:
                 # would lose the job, so it moves under us, and our own look claims it once its
                 # owner is gone to us too (or drops it once it is final)
                 if job.node and (yield job_records.is_marked(store, job.node, job_id)):
+                    self._lost += 1
                     yield job_records.unmark(store, under, job_id)
                 else:
                     yield job_records.move_marker(store, job_id, under, self.node_id)
