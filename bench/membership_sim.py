@@ -26,6 +26,7 @@ The model
   standing connections its watchers hold: each watcher reads the FIN (200 ms later
   when it is lost), reconnects at once and is refused. ``--kill-mode host``: the
   instance vanishes and messages to it are silently lost, as over UDP.
+  ``--kill-together``: every kill at ``--quiet`` s (300 of 1000 hosts of one zone at once).
   Stalled nodes and partitions never refuse: their kernel accepts, or nothing
   answers.
 - Host checks (``CheckHost``, see gridnode/membership/hostcheck.py): a watcher's
@@ -195,6 +196,8 @@ class Params:
     quiet: float = 40.0
     kill: int = 0
     kill_mode: str = "process"
+    #: every kill at the same moment (``quiet`` s): an availability zone lost at once
+    kill_together: bool = False
     joins: int = 1
     partition_one: bool = False
     partition_seconds: float = 30.0
@@ -431,7 +434,8 @@ class Sim:
         span = max(1.0, p.seconds - p.quiet - 25.0)
         victims = rng.sample(range(p.nodes), min(p.kill, p.nodes - 2))
         for i in victims:
-            self.push(p.quiet + rng.random() * span, _KILL, i)
+            at = p.quiet + rng.random() * span
+            self.push(p.quiet if p.kill_together else at, _KILL, i)
         for j in range(p.joins):
             self.push(p.quiet + rng.random() * span, _JOIN, p.nodes + j)
         if p.partition_one:
@@ -514,7 +518,7 @@ class Sim:
                 if p.kill_mode == "process":
                     self.close_standing(nd)
             elif kind == _JOIN:
-                registry = [n for n in nodes if n.started]  # the registry lags deaths
+                registry = self.join_seeds(nd)
                 self.dispatch(nd, nd.m.add_members([(n.id, n.m.address) for n in registry], t,
                                                    {n.id: n.m.incarnation for n in registry}))
                 nd.started = True
@@ -535,6 +539,10 @@ class Sim:
                 else:
                     self.push(t + 0.5, _LEVEL, i)
         return True
+
+    def join_seeds(self, nd: _Node) -> list[_Node]:
+        """The members a joiner starts with: the registry's whole list (it lags deaths)."""
+        return [n for n in self.nodes if n.started]
 
     def level(self, nd: _Node) -> bool:
         """Whether ``nd``'s live table is the pool's: its digest equals that of most of 5 others
@@ -710,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill", type=int, default=d.kill)
     ap.add_argument("--kill-mode", choices=KILL_MODES, default=d.kill_mode,
                     help="process: connections to the dead node are refused; host: silence")
+    ap.add_argument("--kill-together", action="store_true", help="every kill at --quiet s (hosts of one zone)")
     ap.add_argument("--joins", type=int, default=d.joins)
     ap.add_argument("--partition-one", action="store_true")
     ap.add_argument("--partition-seconds", type=float, default=d.partition_seconds)
@@ -734,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, **{k: type(cur)(v) if not isinstance(cur, bool) else v.lower() in ("1", "true")})
     p = Params(nodes=a.nodes, loss=a.loss, jitter_ms=a.jitter_ms, one_way=a.one_way, stall_fraction=a.stall_fraction,
                stall_every=a.stall_every, seconds=a.seconds, warmup=a.warmup, quiet=a.quiet, kill=a.kill,
-               kill_mode=a.kill_mode,
+               kill_mode=a.kill_mode, kill_together=a.kill_together,
                joins=a.joins, partition_one=a.partition_one, partition_seconds=a.partition_seconds, seed=a.seed,
                config=cfg)
     sim = load(a.resume) if a.resume else Sim(p)

@@ -46,7 +46,7 @@ from gridnode.adoption import LEGACY_EVERY, Adopter, Claim
 from gridnode.jobs import Job
 from gridnode.membership import swim
 from gridnode.metrics import Metrics
-from gridnode.node import NodeService
+from gridnode.node import NodeService, pool_size
 from gridnode.registry.service import Registry
 from gridnode.runner import Active, Runner
 from gridnode.store.base import THREADS, ObjectStore
@@ -210,11 +210,12 @@ class _CausalReactor:
 
 class Membership:
     """What gridnode/node.py's `_wire_adoption` asks of the membership service (its machine, its live
-    members) and sets on it (``on_confirmed_dead``, ``on_left``)."""
+    members) and sets on it (``on_confirmed_dead``, ``on_declared_dead``, ``on_left``)."""
 
     def __init__(self, machine: Any) -> None:
         self.machine = machine
         self.on_confirmed_dead: Callable[[str, int], Any] | None = None
+        self.on_declared_dead: Callable[[str, int], Any] | None = None
         self.on_left: Callable[[str], Any] | None = None
 
     def live_members(self) -> list[str]:  # MembershipService.live_members
@@ -315,6 +316,7 @@ class PoolSim(Sim):
         parts.membership = wire_adoption(self.clock, parts.layer, machine, registry)
         registry.load = parts.layer.load
         registry.on_read.append(lambda records: self._registry_read(nd, records))
+        registry.on_seed.append(lambda records: self._registry_seeds(nd, records))
         registry.wanted = lambda member: (v := machine.member(member)) is None or v.state in (swim.DEAD, swim.LEFT)
         registry.held = lambda: {v.member: v.state for v in machine.members()}
         return parts
@@ -344,7 +346,8 @@ class PoolSim(Sim):
         """What node.py does once the job layer recovered: the membership, the registry, the timers."""
         assert parts.layer is not None and parts.registry is not None and parts.gate is not None
         machine = self.nodes[i].m
-        parts.gate.members = machine.live_count
+        registry = parts.registry
+        parts.gate.members = lambda: pool_size(machine.live_count(), registry.listed_count)  # node.py's
         assert parts.membership is not None
         parts.gate.events = parts.membership.unsettled
         for loop in parts.layer.loops:
@@ -397,8 +400,10 @@ class PoolSim(Sim):
 
             def served(_: Any) -> None:
                 self.served[self.nodes[i].id] = self.clock.seconds() - began
+                # its membership starts knowing no one (node.py: the registry's first look seeds it),
+                # then the registry and the timers start
                 self.push(self.clock.seconds(), _JOIN, i)
-                self._serve(i, parts)
+                self.clock.callLater(0, self._serve, i, parts)
 
             parts.layer.recover().addCallback(served)
 
@@ -414,8 +419,9 @@ class PoolSim(Sim):
         if not nd.started or not nd.up:
             return
         m, now = nd.m, self.now
-        outs = m.add_members([(r.id, r.peer_addr) for r in records], now, {r.id: r.incarnation for r in records})
         fresh = {r.id for r in records}
+        records = [r for r in records if r.peer_addr]  # listed only: known alive, no address
+        outs = m.add_members([(r.id, r.peer_addr) for r in records], now, {r.id: r.incarnation for r in records})
         for r in records:
             view = m.member(r.id)
             if view is not None and view.state in (swim.DEAD, swim.LEFT) and r.incarnation > view.incarnation:
@@ -423,6 +429,21 @@ class PoolSim(Sim):
         for view in m.members():
             if view.member != m.me and view.member not in fresh and view.state in (swim.SUSPECT, swim.DEAD):
                 outs += m.registry_stale(view.member, None, now)
+        self.dispatch(nd, outs)
+        self.reschedule(nd)
+
+    def join_seeds(self, nd: Any) -> list[Any]:
+        """A joiner's membership knows no one when it starts: its registry seeds it."""
+        return []
+
+    def _registry_seeds(self, nd: Any, records: list[Any]) -> None:
+        """MembershipService.registry_seeds: admit a starting node's few seeds, sync with one."""
+        if not nd.started or not nd.up:
+            return
+        m, now = nd.m, self.now
+        outs = m.add_members([(r.id, r.peer_addr) for r in records if r.peer_addr], now,
+                             {r.id: r.incarnation for r in records})
+        outs += m.sync_now(now)
         self.dispatch(nd, outs)
         self.reschedule(nd)
 
@@ -438,6 +459,12 @@ class PoolSim(Sim):
                 self._gone(parts, o.member, o.incarnation, "death")
             elif isinstance(o, swim.MemberChanged) and o.state == swim.LEFT:
                 self._gone(parts, o.member, o.incarnation, "left")
+            elif isinstance(o, swim.MemberChanged) and o.state == swim.DEAD and src.m.holds_dead(o.member):
+                # MembershipService._changed: a death a peer declared
+                self.clock.rightNow = max(self.clock.rightNow, self.now)
+                act = parts.membership.on_declared_dead if parts.membership is not None else None
+                if act is not None:
+                    caused("death", maybeDeferred)(act, o.member, o.incarnation)
 
     @staticmethod
     def _gone(parts: NodeParts, member: str, incarnation: int, why: str) -> None:

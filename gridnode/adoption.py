@@ -2,8 +2,8 @@
 Adoption: claiming the unfinished jobs whose owner is gone.
 
 A job's owner does not renew it: the job is orphaned when its owner is gone,
-which the membership and the registry already know (`Adopter.gone`: confirmed
-dead, left, or unknown to the membership with no fresh registry record), or
+which the membership and the registry already know (`Adopter.gone`: held
+dead on two members' word, left, or unknown to the membership with no fresh registry record), or
 when its owner released it. A frozen or throttled store therefore never makes
 a healthy job look orphaned: nothing here compares a record's time with a clock.
 
@@ -145,7 +145,7 @@ class Adopter:
         self.lease = lease
         self.now = now
         self.rng = rng
-        #: whether a node is gone (confirmed dead, left, unknown with no fresh registry record);
+        #: whether a node is gone (held dead, left, unknown with no fresh registry record);
         #: the node wires it to its membership and registry. Until then nobody is.
         self.gone: Callable[[str], bool] = lambda node: False
         #: the live members' ids (ourselves included): whom leftovers are handed to
@@ -158,15 +158,19 @@ class Adopter:
         self._copied: set[str] = set()
         self._ring: KeeperRing | None = None
         self._taking = DeferredLock()
+        #: jobs found claimed by another node since the listing they were found in (a collision)
+        self._lost = 0
         #: a final job found still marked (its owner stopped before unmarking it), or one
         #: quarantined: what its end owes (webhooks) is seen to before the marker goes
         self.on_ended: Callable[[Job], Deferred[Any]] | None = None
 
-    def take_over(self, owner: str) -> Deferred[int]:
+    def take_over(self, owner: str, *, hand_on: bool = True) -> Deferred[int]:
         """Claim what fits of the jobs marked under ``owner`` (gone, or ourselves) and hand the rest
-        on; fires with how many this node won. One prefix at a time: two passes of ours in flight
-        could both claim one job (the second reading the first's claim as an earlier life's)."""
-        return self._taking.run(self._take_over, owner)
+        on (``hand_on``; else they stay for the owner's next watcher in turn, whose look comes
+        within seconds, where a keeper's comes within a minute); fires with how many this node won.
+        One prefix at a time: two passes of ours in flight could both claim one job (the second
+        reading the first's claim as an earlier life's)."""
+        return self._taking.run(self._take_over, owner, hand_on)
 
     def check_own(self) -> Deferred[int]:
         """Our own prefix: jobs an earlier life left and jobs handed to us."""
@@ -180,7 +184,7 @@ class Adopter:
         return self._taking.run(self._migrate)
 
     @inlineCallbacks
-    def _take_over(self, owner: str) -> Any:
+    def _take_over(self, owner: str, hand_on: bool = True) -> Any:
         if self.host.draining:
             return 0
         store = self.store if owner == self.node_id else self.acting
@@ -190,18 +194,26 @@ class Adopter:
             self._log.warn("cannot list the jobs of {owner}: {reason}", owner=owner, reason=e.message)
             return 0
         self.rng.shuffle(ids)  # watchers taking over in turn start at different jobs
-        won, left = 0, []
+        won, left, gone_since = 0, [], set()
         for job_id in ids:
-            if self.host.holds(job_id):
+            if self.host.holds(job_id) or job_id in gone_since:
                 continue
             if len(self.host.active) >= self.host.capacity:
                 left.append(job_id)
                 continue
+            lost = self._lost
             try:
                 won += int((yield self.claim(job_id, owner, store=store)))
             except GridnodeError as e:
                 self._log.warn("could not adopt job {job}: {reason}", job=job_id, reason=e.message)
-        if left and owner != self.node_id:
+            if self._lost != lost and owner != self.node_id:
+                # another heir is at work on this prefix (it claimed that one since our listing):
+                # list again rather than read each job it has claimed since
+                try:
+                    gone_since = set(ids) - set((yield job_records.marked(store, owner)))
+                except GridnodeError:
+                    pass
+        if left and owner != self.node_id and hand_on:
             yield self._hand_leftovers(left, owner)
         return won
 
@@ -238,6 +250,7 @@ class Adopter:
                 # would lose the job, so it moves under us, and our own look claims it once its
                 # owner is gone to us too (or drops it once it is final)
                 if job.node and (yield job_records.is_marked(store, job.node, job_id)):
+                    self._lost += 1
                     yield job_records.unmark(store, under, job_id)
                 else:
                     yield job_records.move_marker(store, job_id, under, self.node_id)

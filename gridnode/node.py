@@ -36,6 +36,13 @@ from gridnode.uploads.sweep import UploadSweep
 from gridnode.web.view import NodeView
 
 
+def pool_size(live: int, listed: int | None) -> int:
+    """The pool's size as a node sees it, for its share of the store budget: the members its
+    membership holds live, or the registry's records if more (a starting node, its membership not
+    joined yet); 0 (unknown: the gate assumes a pool) before the registry's first listing."""
+    return 0 if listed is None else max(live, listed)
+
+
 class Listener(Service):
     """Listens on an endpoint while it runs; ``listening`` fires with the port (or the failure)."""
 
@@ -173,13 +180,14 @@ class NodeService(MultiService):
             load=lambda: jobs.load() | grid.load_figures(), incarnation=lambda: membership.machine.incarnation,
         )
         registry.on_read.append(membership.registry_read)
+        registry.on_seed.append(membership.registry_seeds)
         registry.wanted = membership.needs_record
         registry.held = lambda: {v.member: v.state for v in membership.machine.members()}
         membership.on_gone.append(registry.forget)
         self._wire_adoption(jobs, membership, registry)
         if hooks is not None:
             hooks.members = lambda: {v.member: v.state for v in membership.machine.members()}
-        gate.members = lambda: len(membership.live_members())
+        gate.members = lambda: pool_size(len(membership.live_members()), registry.listed_count)
         gate.events = membership.unsettled
         view.registry, view.membership = registry, membership
         registry.setServiceParent(self)
@@ -298,25 +306,32 @@ class NodeService(MultiService):
     def _wire_adoption(self, jobs: JobService, membership: Any, registry: Registry) -> None:
         """Who is gone, who acts on a death or a leave (its watchers, in ring order:
         gridnode/succession.py), whom our released jobs go to, who reads the old marker layout."""
-        from gridnode.succession import Succession, Successor, is_gone
+        from gridnode.succession import MANY_HEIRS, Succession, Successor, heirs, is_gone
 
         machine = membership.machine
 
         def gone(node: str) -> bool:
             view = machine.member(node)
             listed = {r.id for r in registry.live}
-            return is_gone(view.state if view is not None else None, machine.is_confirmed_dead(node),
+            return is_gone(view.state if view is not None else None, machine.holds_dead(node),
                            (node in listed) if listed else None)
 
         @inlineCallbacks
         def act(member: str, incarnation: int | None) -> Any:
+            if not gone(member):
+                return  # back since (a remembered event whose turn came late)
             # each step finds out whether it is done already: a GET of the record, a LIST of the jobs
             if incarnation is not None:
                 yield registry.delete_dead(member, incarnation)
-            yield jobs.adopter.take_over(member)
+            # what does not fit here stays for the next watcher in turn; the last hands it on
+            yield jobs.adopter.take_over(member, hand_on=succession.last(member))
 
-        successor = self._successor = Successor(self.reactor, Succession(machine.me, machine.watchers_of), act)
+        succession = Succession(machine.me, lambda member: machine.watchers_of(member, heirs(machine.down_count())),
+                                after=lambda: machine.successors(MANY_HEIRS))
+        successor = self._successor = Successor(self.reactor, succession, act)
         membership.on_confirmed_dead = successor.dead
+        # a death a peer declared: as one confirmed here (a watcher whose own timer had not run out)
+        membership.on_declared_dead = successor.dead
         # a drained node released its unfinished jobs just before it left
         membership.on_left = successor.left
         adopter = jobs.adopter

@@ -170,6 +170,36 @@ class AdopterTests(AdopterFixture):
         self.adopter("heir", host).check_own().addBoth(got.append)
         assert got == [1] and host.active[job.id].job.node == "heir"
 
+    def test_a_second_heir_lists_again_once_it_finds_another_at_work(self) -> None:
+        """Two heirs of one gone node at work at once: the second's listing is older than the
+        first's claims. At its first collision (a job the first claimed since) it lists again and
+        reads none of the other jobs the first has claimed: one LIST instead of a GET, a HEAD and a
+        DELETE each."""
+        made = [self.orphan() for _ in range(4)]
+        snapshot = self.backend.list("active/gone/")
+        first = self.adopter("n2", FakeHost(capacity=8))
+        assert self.take(first) == 4
+        second = self.adopter("n3", FakeHost(capacity=8))
+        real_list = self.backend.list
+        reads: list[str] = []
+        lists = iter([snapshot])
+
+        def stale_then_real(prefix: str, **kw: Any) -> Any:
+            return next(lists, None) or real_list(prefix, **kw)
+
+        real_get = self.backend.get_bytes
+
+        def counted(key: str, **kw: Any) -> Any:
+            reads.append(key)
+            return real_get(key, **kw)
+
+        self.backend.list = stale_then_real  # type: ignore[method-assign]
+        self.backend.get_bytes = counted  # type: ignore[method-assign]
+        assert self.take(second) == 0
+        job_reads = [k for k in reads if k.startswith("jobs/")]
+        assert len(job_reads) == 1 and job_reads[0] in {keys.job_record(j.id) for j in made}
+        assert [m for m in self.markers() if m.startswith("active/gone/")] == []
+
     def test_a_job_handed_on_after_a_death_we_did_not_confirm_is_claimed(self) -> None:
         """A watcher of a dead node hands us a job it had no room for; we hold the owner dead but
         not confirmed (only the nodes that checked it confirm), so it is not gone to us. Its owner
@@ -267,6 +297,26 @@ class LaneTests(AdopterFixture):
         assert self.take(adopter) == 1
         assert set(lanes) == {EVENT}
         assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 2
+
+
+    def test_a_watcher_not_last_leaves_what_does_not_fit_for_the_next(self) -> None:
+        """A watcher with another after it (``hand_on`` False) claims what fits and leaves the rest
+        under the gone owner, where the next one's look finds it within seconds; the last one in
+        turn claims what fits and hands the rest on to keepers."""
+        for _ in range(4):
+            self.orphan()
+        first = self.adopter("n2", FakeHost(capacity=1))
+        first.members = lambda: ["n2", "n3", "n4", "gone"]
+        got: list[Any] = []
+        first.take_over("gone", hand_on=False).addBoth(got.append)
+        assert got == [1] and len([m for m in self.markers() if m.startswith("active/gone/")]) == 3
+        last = self.adopter("n3", FakeHost(capacity=1))
+        last.members = first.members
+        assert self.take(last) == 1
+        assert [m for m in self.markers() if m.startswith("active/gone/")] == []
+        # n2's claim, n3's claim, and the two handed on to keepers among n2 and n4
+        assert len([m for m in self.markers() if m.startswith("active/n3/")]) == 1
+        assert len([m for m in self.markers() if m.startswith(("active/n2/", "active/n4/"))]) == 3
 
 
 class MigrationTests(AdopterFixture):

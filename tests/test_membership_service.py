@@ -289,6 +289,39 @@ def test_a_confirmed_death_is_reported_through_callbacks_only() -> None:
     assert done.called
 
 
+def test_a_death_a_peer_declared_is_offered_ours_alone_is_not() -> None:
+    """A death that reaches us from a peer (a death spreads only with two suspectors) goes to
+    ``on_declared_dead`` with its incarnation, its record left to the registry's own rules; a dead
+    entry of a sync (a suspicion here) and a suspicion are not deaths."""
+    declared: list[tuple[str, int]] = []
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    machine.add_members([(m, f"127.0.0.1:{i + 2}") for i, m in enumerate("bcde")], 0.0)
+    service = MembershipService(MemoryReactorClock(), machine, wire.fixed_keys(KEY))
+    service.on_declared_dead = lambda member, incarnation: declared.append((member, incarnation))
+    service.act(machine.receive(swim.Gossip("a", "127.0.0.1:1", "e", "127.0.0.1:5", 0,
+                                            [swim.Update("b", "127.0.0.1:2", 0, swim.DEAD, "e"),
+                                             swim.Update("c", "127.0.0.1:3", 0, swim.SUSPECT, "e")]), 1.0))
+    service.act(machine.receive(swim.SyncState("a", "127.0.0.1:1", "e", "127.0.0.1:5", 0,
+                                               [swim.Update("d", "127.0.0.1:4", 0, swim.DEAD, "e")], False), 2.0))
+    assert declared == [("b", 0)]
+
+
+def test_a_starting_node_joins_through_its_seeds_at_once() -> None:
+    """The registry's few records of a large pool (a node starting): admitted, and a sync opened
+    with one of them at once (its answer brings every member); a seed without an address (listed
+    only) admits no one."""
+    sent: list[swim.Message] = []
+    machine = swim.SwimMachine("a", "127.0.0.1:1", rng=random.Random(1), now=0.0)
+    service = MembershipService(MemoryReactorClock(), machine, wire.fixed_keys(KEY))
+    service._send = lambda msg: (sent.append(msg), succeed(None))[1]  # type: ignore[method-assign]
+    service.startService()
+    assert sent == []  # knowing no one, its join opened no sync
+    service.registry_seeds([NodeRecord("b", "http://127.0.0.1:2", "127.0.0.1:2", 1.0, 7, 1.0),
+                            NodeRecord("c", "", "", 0.0, 0, 1.0)])
+    assert [v.member for v in machine.members()] == ["a", "b"]
+    assert any(isinstance(m, swim.SyncDigest) and m.dest == "b" for m in sent)
+
+
 def _huge_state(to: str, addr: str, size: int) -> swim.SyncState:
     """A SyncState from a to ``to`` whose payload is about ``size`` bytes (one member's long address)."""
     big = swim.Update("x", "h" * size + ":1", 0, swim.ALIVE, "x")

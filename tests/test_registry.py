@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from gridnode.registry.records import (
     RecordReader,
     parse_record,
 )
-from gridnode.registry.service import Registry
+from gridnode.registry.service import SEEDS, Registry
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from gridnode.store.rate import BACKGROUND, EVENT, Gate
@@ -241,6 +242,57 @@ class RegistryTests:
         self.clock.advance(30)
         assert sorted(gets) == ["a.json", "b.json", "b.json", "b.json", "c.json"]
 
+    def _requests(self) -> list[tuple[str, str]]:
+        """Every request to the store from now on: (operation, key's last part)."""
+        seen: list[tuple[str, str]] = []
+        backend = self.store.backend
+        for name in ("get_bytes", "put_bytes", "list", "delete"):
+            def counted(key: str, *args: object, _real: Any = getattr(backend, name), _name: str = name,
+                        **kw: object) -> object:
+                seen.append((_name, key.rstrip("/").rsplit("/", 1)[-1]))
+                return _real(key, *args, **kw)
+
+            setattr(backend, name, counted)
+        return seen
+
+    def test_a_node_starting_in_a_large_pool_reads_a_few_records_not_all(self) -> None:
+        """A node whose membership knows no one, in a pool of more than `SMALL_POOL` records:
+        its first heartbeat registers (one conditional PUT: no record of an earlier life), lists one
+        page and GETs `SEEDS` fresh records for its membership to join through; it is no writer
+        and publishes nothing. Once its membership knows the pool, its next read GETs no record of
+        a member held alive, and every listed node counts as listed."""
+        for i in range(40):
+            self.store.backend.put_bytes(f"{PREFIX}n{i:02}.json", record_bytes(f"n{i:02}", heartbeat=1000.0))
+        view: dict[str, str] = {}
+        seeded: list[list[str]] = []
+        reg = make(self.store, self.clock, "z")  # not the lowest id: no writer
+        reg.held = lambda: view
+        reg.wanted = lambda member: view.get(member) != "alive"
+        reg.on_seed.append(lambda records: seeded.append([r.id for r in records]))
+        seen = self._requests()
+        reg.startService()
+        assert [op for op, _ in seen] == ["put_bytes", "list"] + ["get_bytes"] * SEEDS
+        assert len(seeded) == 1 and len(set(seeded[0])) == SEEDS and "z" not in seeded[0]
+        assert not reg.read_once and not reg.is_writer() and reg.listed_count == 41
+        assert not self.store.backend.list("registry/prod/east/nodes.json").items
+        view.update({f"n{i:02}": "alive" for i in range(40)} | {"z": "alive"})
+        seen.clear()
+        self.clock.advance(30)
+        assert [op for op, _ in seen] == ["put_bytes", "list"]
+        assert len(reg.live) == 41 and reg.read_once and not reg.is_writer()
+        assert all(r.listed_only for r in reg.live if r.id != "z")
+
+    def test_a_small_pool_is_read_whole_at_once(self) -> None:
+        """At most `SMALL_POOL` records: a starting node's first page is the whole listing, read in
+        full at its first heartbeat (one listing), as before; it knows at once whether it writes."""
+        for node_id in "bc":
+            make(self.store, self.clock, node_id).startService()
+        a = make(self.store, self.clock, "a")
+        a.held = lambda: {}
+        seen = self._requests()
+        a.startService()
+        assert [op for op, _ in seen].count("list") == 1 and a.is_writer() and listed(self.store) == ["a", "b", "c"]
+
     def test_a_silent_node_goes_stale_for_readers(self) -> None:
         """A node that stops writing keeps its ETag: a reader's view of it ages and goes stale."""
         a, b, c = (make(self.store, self.clock, n) for n in "abc")
@@ -425,22 +477,51 @@ class RecordReaderTests:
         with pytest.raises(StorageUnavailable):
             read.failed(PREFIX + "a.json", StorageUnavailable("bucket unreachable"))
 
-    def test_a_later_read_fetches_only_new_and_wanted_changes(self) -> None:
-        """Unchanged records are not fetched again. A changed one is fetched when wanted; when not,
-        it is kept, dated by when the change was seen, and fetched in full when wanted next."""
+    def test_a_later_read_fetches_only_wanted_news_and_changes(self) -> None:
+        """Unchanged records are not fetched again. A new or changed one is fetched when wanted;
+        when not, a changed one is kept, dated by when the change was seen, a new one is held as
+        listed only (its id, dated when seen), and either is fetched in full when wanted next."""
         for node_id in "abc":
             self.backend.put_bytes(PREFIX + f"{node_id}.json", record_bytes(node_id, heartbeat=1000.0))
         self.read()[1].done()
         self.backend.put_bytes(PREFIX + "b.json", record_bytes("b", heartbeat=1010.0))
-        self.backend.put_bytes(PREFIX + "c.json", record_bytes("c", heartbeat=1010.0))
-        self.backend.put_bytes(PREFIX + "d.json", record_bytes("d", heartbeat=1010.0))
-        fetched, read = self.read(now=1030.0, wanted=lambda node_id: node_id == "c")
-        assert fetched == [PREFIX + "c.json", PREFIX + "d.json"]
-        assert {r.id: r.heartbeat for r in read.done()} == {"a": 1000.0, "b": 1030.0, "c": 1010.0, "d": 1010.0}
+        for node_id in "cde":
+            self.backend.put_bytes(PREFIX + f"{node_id}.json", record_bytes(node_id, heartbeat=1010.0))
+        fetched, read = self.read(now=1030.0, wanted=lambda node_id: node_id in "ce")
+        assert fetched == [PREFIX + "c.json", PREFIX + "e.json"]
+        records = {r.id: r for r in read.done()}
+        assert {i: r.heartbeat for i, r in records.items()} == {"a": 1000.0, "b": 1030.0, "c": 1010.0, "d": 1030.0,
+                                                                 "e": 1010.0}
+        assert records["d"].listed_only and not records["d"].peer_addr and not records["e"].listed_only
         fetched, read = self.read(now=1060.0, wanted=lambda node_id: False)
         assert fetched == [] and {r.id: r.heartbeat for r in read.done()}["b"] == 1030.0
         fetched, read = self.read(now=1090.0)
-        assert fetched == [PREFIX + "b.json"] and {r.id: r.heartbeat for r in read.done()}["b"] == 1010.0
+        assert fetched == [PREFIX + "b.json", PREFIX + "d.json"]
+        assert {r.id: r.heartbeat for r in read.done()}["b"] == 1010.0 and not read.done()[3].listed_only
+
+    def test_a_read_fetches_at_most_its_limit_and_lists_the_rest(self) -> None:
+        """A node whose membership knows no one wants every record: a read with a limit fetches that
+        many at random and holds the others as listed only (never as absent: a node missing from
+        the list could be taken for gone); the next reads fetch the rest, limit by limit."""
+        for i in range(10):
+            self.backend.put_bytes(PREFIX + f"n{i}.json", record_bytes(f"n{i}"))
+        first, read = self.read_limited(4)
+        records = read.done()
+        assert len(first) == 4 and len(records) == 10
+        assert sorted(r.id for r in records if not r.listed_only) == sorted(k[len(PREFIX):-5] for k in first)
+        second, read = self.read_limited(4)
+        assert len(second) == 4 and not set(first) & set(second)
+        third, read = self.read_limited(4)
+        assert len(third) == 2 and not any(r.listed_only for r in read.done())
+
+    def read_limited(self, limit: int) -> tuple[list[str], RecordRead]:
+        read = self.reader.begin(self.backend.list(PREFIX).items, 1000.0, lambda node_id: True, limit=limit,
+                                 rng=random.Random(4))
+        for key in read.fetch:
+            data, info = self.backend.get_bytes(key)
+            read.got(key, data, info.etag)
+        read.done()
+        return list(read.fetch), read
 
     def test_a_failed_read_leaves_the_last_one_standing(self) -> None:
         """Only a finished read replaces what the reader holds."""

@@ -17,7 +17,7 @@ from gridnode.errors import StorageUnavailable
 from gridnode.jobs import Job
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
-from gridnode.succession import STANDBY, Succession, Successor, is_gone
+from gridnode.succession import REMEMBER, STANDBY, Succession, Successor, heirs, is_gone
 from tests.test_adoption import FakeHost
 
 
@@ -51,6 +51,16 @@ class SuccessionTests:
         """A ring that still holds the member does not make it its own heir."""
         s = Succession("w1", lambda member: ["dead", "w1"])
         assert s.rank("dead") == 0
+
+
+def test_more_heirs_take_turns_when_several_members_are_down() -> None:
+    """One death: its 3 watchers; several members down at once: 6 heirs (watchers may be dead or
+    out of room). The last heir in turn is the one that hands leftovers on."""
+    assert heirs(0) == heirs(1) == 3 and heirs(2) == heirs(300) == 6
+    s = Succession("w2", lambda member: ["w0", "w1", "w2"])
+    assert s.last("x") and not Succession("w1", s.watchers_of).last("x")
+    assert Succession("w0", lambda member: []).last("x")
+    assert Succession("w5", s.watchers_of).last("x")  # an heir no longer among them: nobody after it
 
 
 class SuccessorTests:
@@ -145,3 +155,66 @@ class SuccessorTests:
         assert h1.active == {} and not self.clock.getDelayedCalls()
         s0.left("gone")
         assert sorted(h0.active) == sorted(made)
+
+
+class MovingRingTests:
+    """When a dead member's watchers die with it, the next live members in ring order act: each
+    node remembers the deaths it was no heir of and looks again when the members after it on the
+    ring change. A ring of fakes: ``watchers`` and ``after`` are what the node's machine would
+    answer now."""
+
+    @pytest.fixture(autouse=True)
+    def setup(self) -> None:
+        self.clock = Clock()
+        self.watchers = {"x": ["w0", "w1", "w2"]}
+        self.after: list[str] = ["a", "b", "c"]
+        self.acted: list[tuple[str, int | None, float]] = []
+
+    def successor(self, me: str) -> Successor:
+        succession = Succession(me, lambda member: self.watchers.get(member, []), rng=random.Random(5),
+                                after=lambda: self.after)
+
+        def act(member: str, incarnation: int | None) -> Deferred[None]:
+            self.acted.append((member, incarnation, self.clock.seconds()))
+            return succeed(None)
+
+        return Successor(self.clock, succession, act)
+
+    def test_the_next_live_member_acts_once_the_watchers_died_too(self) -> None:
+        """x dies with its three watchers: w3, no watcher when it heard of x, becomes the first
+        once the ring drops them (the members after it on the ring change) and acts at once, once."""
+        s = self.successor("w3")
+        s.dead("x", 4)
+        assert self.acted == [] and "x" in s.remembered
+        self.watchers["x"] = ["w3", "w4", "w5"]
+        s.dead("w2", 9)  # a death that moves the ring without changing what we watch: nothing yet
+        assert self.acted == []
+        self.after = ["a", "b", "d"]
+        s.dead("w1", 9)
+        assert self.acted == [("x", 4, 0.0)] and "x" not in s.remembered
+        s.dead("x", 4)  # heard again (a peer's declaration after our own confirmation)
+        s.moved()
+        assert self.acted == [("x", 4, 0.0)]
+
+    def test_a_standby_whose_turn_is_waiting_acts_now_when_those_before_it_die(self) -> None:
+        """w1 waits its turn behind w0; w0 dies too: w1's turn comes at once."""
+        s = self.successor("w1")
+        s.dead("x", 4)
+        assert self.acted == [] and s.pending
+        self.watchers["x"] = ["w1", "w2", "w3"]
+        self.after = ["a", "b", "e"]
+        s.dead("w0", 2)
+        self.clock.advance(0)
+        assert self.acted == [("x", 4, 0.0)]
+        self.clock.advance(3 * STANDBY)
+        assert len(self.acted) == 1
+
+    def test_an_old_death_is_forgotten(self) -> None:
+        """A death remembered longer than `REMEMBER` is not acted on when the ring moves later."""
+        s = self.successor("w3")
+        s.dead("x", 4)
+        self.clock.advance(REMEMBER + 1)
+        self.watchers["x"] = ["w3"]
+        self.after = ["z"]
+        s.moved()
+        assert self.acted == [] and s.remembered == {}

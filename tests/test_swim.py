@@ -41,6 +41,11 @@ from tests.swimnet import SwimNet, address
 CFG = SwimConfig(sync_interval=30.0)
 
 
+def net_state(m: SwimMachine, member: str) -> str | None:
+    view = m.member(member)
+    return None if view is None else view.state
+
+
 def network(n: int) -> SwimNet:
     """m0 ... m{n-1} on 1 ms links."""
     return SwimNet(n, prefix="m", config=CFG)
@@ -270,6 +275,42 @@ class ConfirmedDeathTests:
         assert not any(net.machines["m0"].is_confirmed_dead(x) for x in ("m1", "m2", "m3", "m4"))
         # the others do confirm the unreachable m0
         assert net.confirmed("m0")
+
+    def test_held_dead_on_a_peers_declaration_never_on_our_lone_one(self) -> None:
+        """`holds_dead`: a death a peer declared (it spreads only with two suspectors) or one we
+        confirmed; not our own lone declaration (partitioned: held dead, unconfirmed), and not a
+        dead entry of a sync (only a suspicion here)."""
+        net = network(5)
+        net.run(3.0)
+        net.isolated.add("m0")
+        net.run(197.0)
+        m0 = net.machines["m0"]
+        assert net.view("m0", "m1")[0] == DEAD and not m0.holds_dead("m1")
+        peer = net.machines["m1"]
+        assert peer.holds_dead("m0") and net.view("m1", "m0")[0] == DEAD
+        fresh = SwimMachine("n0", address("n0"), config=CFG, rng=random.Random(2))
+        fresh.add_members([("m0", address("m0")), ("m1", address("m1"))], 0.0)
+        fresh.receive(Gossip("n0", address("n0"), "m1", address("m1"), 0, [Update("m0", address("m0"), 0, DEAD, "m1")]),
+                      1.0)
+        assert fresh.holds_dead("m0")
+        fresh.receive(SyncState("n0", address("n0"), "m1", address("m1"), 0,
+                                [Update("m2", address("m2"), 0, ALIVE, "m2")], False), 2.0)
+        fresh.receive(SyncState("n0", address("n0"), "m1", address("m1"), 0,
+                                [Update("m2", address("m2"), 0, DEAD, "m1")], False), 3.0)
+        assert net_state(fresh, "m2") == SUSPECT and not fresh.holds_dead("m2")
+
+    def test_down_counts_suspicions_and_recent_deaths(self) -> None:
+        """`down_count`: members held suspect now and deaths learned of in the last minute (how
+        many take turns acting on a death, gridnode/succession.py, follows it)."""
+        m = SwimMachine("n0", address("n0"), config=CFG, rng=random.Random(2))
+        m.add_members([(f"m{i}", address(f"m{i}")) for i in range(4)], 0.0)
+        assert m.down_count() == 0
+        m.receive(Gossip("n0", address("n0"), "m1", address("m1"), 0,
+                         [Update("m0", address("m0"), 0, DEAD, "m1"), Update("m2", address("m2"), 0, SUSPECT, "m1")]),
+                  1.0)
+        assert m.down_count() == 2
+        m.receive(Gossip("n0", address("n0"), "m2", address("m2"), 1, []), 70.0)  # m2 refuted; m0's death is old
+        assert m.down_count() == 0
 
     def test_confirmed_by_registry_stale_witness(self) -> None:
         """A lone suspector's death is confirmed only once the registry says that incarnation's heartbeat is stale."""

@@ -18,10 +18,12 @@ on the reactor, and what the machine's outputs mean to the rest of the node.
 - Bootstrap and healing: every registry read adds the records' nodes, and
   says which records are stale (the bucket as an independent witness).
 - What the rest of the node hears, through callbacks only: a peer that left
-  (``on_left``) or was confirmed dead (``on_confirmed_dead``, with the dead
-  incarnation: its watchers, in ring order, delete that life's record and
-  adopt its jobs, gridnode/succession.py), and
-  either (``on_gone``: the registry drops it from nodes.json at once).
+  (``on_left``), was confirmed dead here (``on_confirmed_dead``, with the dead
+  incarnation) or was declared dead by a peer (``on_declared_dead``: a death
+  spreads only when two members suspected it): its watchers, in ring order,
+  delete that life's record and adopt its jobs, gridnode/succession.py; and a
+  peer that left or was confirmed dead here (``on_gone``: the registry drops it
+  from nodes.json at once).
 
 A Twisted service: ``startService`` joins; ``stopService`` leaves (``left``,
 not ``dead``) and closes every timer and connection, and the port ``listen``
@@ -100,6 +102,9 @@ class MembershipService(Service):
         self.on_confirmed_dead = on_confirmed_dead
         #: called with a member that left cleanly (a drained node: its jobs were just released)
         self.on_left = on_left
+        #: called with (member, incarnation) when a peer's declaration of a death reaches us and we
+        #: hold it dead (not our own declaration: that one comes confirmed, `on_confirmed_dead`)
+        self.on_declared_dead: Callable[[str, int], Any] | None = None
         #: called with (member, incarnation) when a peer left or was confirmed dead
         self.on_gone: list[Callable[[str, int], Any]] = []
         self.stale = stale
@@ -268,6 +273,9 @@ class MembershipService(Service):
             self._gone(change.member, change.incarnation)
             if self.on_left is not None:
                 self._offer_jobs(self.on_left, change.member)
+        elif (change.state == swim.DEAD and self.on_declared_dead is not None
+              and self.machine.holds_dead(change.member)):
+            self._offer_jobs(self.on_declared_dead, change.member, change.incarnation)
 
     def _offer_jobs(self, callback: Callable[..., Any], member: str, *args: Any) -> Deferred[Any]:
         """Hand a gone member to the node, whose watchers of it adopt its jobs; a failure is logged
@@ -424,9 +432,12 @@ class MembershipService(Service):
     # -- the registry as bootstrap list and witness
 
     def registry_read(self, records: Sequence[RegisteredPeer]) -> None:
-        """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale."""
+        """Every registry read: admit the nodes it lists; tell the machine whose heartbeat is stale.
+        A record known from the listing alone (no address: we held its node alive) is fresh, and
+        admits no one."""
         now = self.now()
         fresh = {r.id for r in records}
+        records = [r for r in records if r.peer_addr]
         self.act(self.machine.add_members([(r.id, r.peer_addr) for r in records], now,
                                           {r.id: r.incarnation for r in records}))
         for r in records:
@@ -437,6 +448,15 @@ class MembershipService(Service):
             if view.member != self.machine.me and view.member not in fresh and view.state in (swim.SUSPECT,
                                                                                              swim.DEAD):
                 self.act(self.machine.registry_stale(view.member, None, now))
+
+    def registry_seeds(self, records: Sequence[RegisteredPeer]) -> None:
+        """A starting node's first look at a large pool's registry (a few records): admit them and
+        sync with one at once (the join sync brings every member: the registry's other records
+        need no reading)."""
+        now = self.now()
+        self.act(self.machine.add_members([(r.id, r.peer_addr) for r in records if r.peer_addr], now,
+                                          {r.id: r.incarnation for r in records}))
+        self.act(self.machine.sync_now(now))
 
     def live_members(self) -> list[str]:
         """The ids of the members held alive or suspect, ourselves included."""

@@ -62,7 +62,9 @@ Protocol choices, and why:
   probe or answer we send it), so it refutes at once by bumping its incarnation.
 - Dissemination: updates are piggybacked on every ping/ack/ping-req, and pushed to
   ``gossip_fanout`` random members every ``gossip_interval`` *only while there is
-  something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times.
+  something to say*; each update is sent ``retransmit_mult * ceil(log10(N + 1))`` times,
+  up to ``max_piggyback`` to a message (the least sent first), so a burst of news (many
+  hosts gone at once) goes out in a few large messages rather than queueing.
   The steady state thus costs one ping and one ack per member per period.
 - Anti-entropy (gridnode/membership/sync.py): every ``sync_interval`` the pool-wide digest
   of the live table goes to one random member; where it differs, the two compare per-bucket
@@ -87,6 +89,7 @@ import heapq
 import json
 import math
 import random
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -126,7 +129,11 @@ class SwimConfig:
     health_max: int = 8
     gossip_interval: float = 0.2
     gossip_fanout: int = 3
-    max_piggyback: int = 8
+    #: updates one message carries at most. Only a mass event fills the queue: with 300 of 1,000
+    #: hosts gone at once, 8 a message made the deaths queue behind one another (dead everywhere
+    #: p99 26 s in bench/membership_sim.py); 64 (~9 KB with EC2 names, under the wire's limit)
+    #: 12-14 s. Each update is still sent `retransmit_limit` times: batching, not more traffic.
+    max_piggyback: int = 64
     sync_interval: float = 30.0
     #: False: always exchange the full table (memberlist's push-pull), cut into messages that fit
     sync_digest: bool = True
@@ -413,6 +420,7 @@ class SwimMachine:
         self._live: list[str] = []
         self._live_pos: dict[str, int] = {}
         self._dead: list[str] = []  # dead (not left) members, for the occasional healing sync
+        self._deaths: deque[float] = deque()  # when we learned of each recent death (down_count)
         self._dead_pos: dict[str, int] = {}
         self._probe_list: list[str] = []
         self._probe_idx = 0
@@ -496,6 +504,16 @@ class SwimMachine:
                 self._open_sync(peer, self._members[peer].address, out)
         return out
 
+    def sync_now(self, now: float) -> list[Output]:
+        """Open a sync with one live member now: a node that knew no one when it started, seeded
+        later (a few registry records), joins this way (``start``'s join found no one)."""
+        self._now = now
+        out: list[Output] = []
+        if self._started and not self._left:
+            for peer in self._sample(1, ()):
+                self._open_sync(peer, self._members[peer].address, out)
+        return out
+
     def leave(self, now: float) -> list[Output]:
         """Graceful leave: gossip ``left`` to 2*fanout members now; the machine then goes quiet."""
         self._now = now
@@ -561,18 +579,42 @@ class SwimMachine:
         """The members we watch (member -> address)."""
         return dict(self._watching)
 
-    def watchers_of(self, member: str) -> list[str]:
-        """The members that watch ``member`` (as we see the ring; us included)."""
+    def watchers_of(self, member: str, count: int | None = None) -> list[str]:
+        """The members that watch ``member`` (as we see the ring; us included), nearest first;
+        ``count``: that many of the live members before it (default: its ``watchers``)."""
         ring = self._ring
         i = bisect.bisect_left(ring, _ring_point(member))
         found = i < len(ring) and ring[i][1] == member
         others = len(ring) - found
-        return [ring[(i - j) % len(ring)][1] for j in range(1, min(self.config.watchers, others) + 1)]
+        count = self.config.watchers if count is None else count
+        return [ring[(i - j) % len(ring)][1] for j in range(1, min(count, others) + 1)]
+
+    def successors(self, count: int) -> list[str]:
+        """The ``count`` live members after us on the ring, nearest first (the first ``watchers``
+        are those we watch; we are among the first ``count`` watchers of each of them)."""
+        ring = self._ring
+        i = bisect.bisect_left(ring, _ring_point(self.me))
+        return [ring[(i + j) % len(ring)][1] for j in range(1, min(count, len(ring) - 1) + 1)]
+
+    def down_count(self, within: float = 60.0) -> int:
+        """Members held suspect now, and deaths we learned of in the last ``within`` s."""
+        deaths = self._deaths
+        while deaths and deaths[0] < self._now - within:
+            deaths.popleft()
+        return len(deaths) + len(self._suspicions)
 
     def is_confirmed_dead(self, member: str) -> bool:
         """True if we declared ``member`` dead and that death is confirmed (see module docstring)."""
         m = self._members.get(member)
         return m is not None and m.state == DEAD and self._confirmed.get(member) == m.incarnation
+
+    def holds_dead(self, member: str) -> bool:
+        """True if we hold ``member`` dead on two members' word: we confirmed the death, or a peer
+        declared it (a death spreads only when two members suspected it; one whose only accuser
+        is us stays here, unconfirmed, and a dead entry in a sync is only a suspicion)."""
+        m = self._members.get(member)
+        return m is not None and m.state == DEAD and (m.origin != self.me or
+                                                      self._confirmed.get(member) == m.incarnation)
 
     def member(self, member: str) -> MemberView | None:
         if member == self.me:
@@ -804,8 +846,10 @@ class SwimMachine:
     def _ping_req(self, p: _Probe, m: _Member, out: list[Output]) -> None:
         for relay in self._sample(self.config.indirect_k, (p.target,)):
             ups = self._piggyback(relay)
-            if m.state != ALIVE and not any(u.member == m.id for u in ups):
-                ups.insert(0, m.update())  # what we hold about the target: a relay that knows better says so
+            if m.state == SUSPECT and not any(u.member == m.id for u in ups):
+                # what we hold about the target: a relay that knows better says so (never a death
+                # of ours: one we alone declared must not spread)
+                ups.insert(0, m.update())
             out.append(PingReq(relay, self._members[relay].address, *self._hdr(), p.seq, m.id, m.address, ups))
             p.expected_nacks += 1
 
@@ -982,6 +1026,7 @@ class SwimMachine:
         is_live = u.state in (ALIVE, SUSPECT)
         if u.state == DEAD:
             self._bag_add(self._dead, self._dead_pos, m.id)
+            self._deaths.append(self._now)
         else:
             self._bag_remove(self._dead, self._dead_pos, m.id)
         if is_live:

@@ -8,9 +8,13 @@ which records to GET, takes the answers, and ends with the valid records: the
 node drives it with its asynchronous store, the client with a blocking
 backend, and both get the same checks (size, schema, key, id) and the same
 skips. Kept from one read to the next, it GETs only what it must: a record
-it has not read, or one that changed and is needed in full (``wanted``);
-a changed record it does not need is taken as that node's heartbeat, seen
-then.
+that is needed in full (``wanted``) and that it has not read, or that changed
+since; a record it does not need is not fetched: a new one is held as listed
+only (`listed_record`: its id, dated when first seen), a changed one is taken
+as that node's heartbeat, seen then. A read fetches at most ``limit`` records
+(chosen at random), so a node whose membership does not know the pool yet
+never reads every record at once: the rest are held as listed only, and
+fetched by later reads if still needed.
 
 Versions: a record carries ``format``, the major version of this layout. A
 reader ignores fields it does not know, so a release that only adds fields
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
@@ -59,6 +64,17 @@ class NodeRecord:
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), sort_keys=True).encode()
+
+    @property
+    def listed_only(self) -> bool:
+        """A record known from the listing alone (`RecordRead`: its node's membership knew it
+        alive, so it was not fetched): its id and a heartbeat, nothing else."""
+        return not self.http_url
+
+
+def listed_record(node_id: str, seen: float) -> NodeRecord:
+    """A record known from the listing alone, dated when it was first seen or last changed."""
+    return NodeRecord(node_id, "", "", 0.0, 0, seen)
 
 
 class BadRecord(GridnodeError):
@@ -176,11 +192,12 @@ class RecordReader:
         #: until it changes, and its reason not reported again while it stays the same
         self._unreadable: dict[str, tuple[str, str]] = {}
 
-    def begin(self, listing: Iterable[Listed], now: float,
-              wanted: Callable[[str], bool] | None = None) -> RecordRead:
-        """A read of ``listing`` (every object under the prefix). ``wanted``: whether a changed
-        record of a node id must be read in full (None: every one); ``now`` dates the others."""
-        return RecordRead(self, listing, now, wanted)
+    def begin(self, listing: Iterable[Listed], now: float, wanted: Callable[[str], bool] | None = None, *,
+              limit: int | None = None, rng: random.Random | None = None) -> RecordRead:
+        """A read of ``listing`` (every object under the prefix). ``wanted``: whether a record of a
+        node id must be read in full (None: every one); ``now`` dates the others. ``limit``: the
+        most records fetched (None: all), picked by ``rng`` (else the first listed)."""
+        return RecordRead(self, listing, now, wanted, limit, rng)
 
 
 class RecordRead:
@@ -188,7 +205,8 @@ class RecordRead:
     `done` gives the records. ``skipped`` says which objects were left out, and why."""
 
     def __init__(self, reader: RecordReader, listing: Iterable[Listed], now: float,
-                 wanted: Callable[[str], bool] | None) -> None:
+                 wanted: Callable[[str], bool] | None, limit: int | None = None,
+                 rng: random.Random | None = None) -> None:
         self._reader = reader
         self.fetch: list[str] = []
         #: (key, reason) of every object left out, for the caller's log
@@ -197,6 +215,7 @@ class RecordRead:
         self._order: list[str] = []
         self._held: dict[str, _Held] = {}
         self._unreadable: dict[str, tuple[str, str]] = {}
+        etags: dict[str, str] = {}
         for info in listing:
             name = info.key[len(reader.prefix):]
             if "/" in name or not name.endswith(".json"):
@@ -210,9 +229,13 @@ class RecordRead:
                 self._unreadable[info.key] = bad
                 continue
             self._order.append(info.key)
+            etags[info.key] = info.etag
             known = reader._held.get(info.key)
-            if known is not None and ((known.etag == info.etag and known.exact)
-                                      or (wanted is not None and not wanted(known.record.id))):
+            needed = wanted is None or wanted(name[: -len(".json")])
+            if known is None and not needed:
+                # its node is known alive: no need to fetch what the membership knows better
+                self._held[info.key] = self._later(None, info.key, info.etag, now)
+            elif known is not None and ((known.etag == info.etag and known.exact) or not needed):
                 if known.etag != info.etag:
                     # rewritten since we read it: alive then, which is all we need to know here
                     known = _Held(info.etag, replace(known.record, heartbeat=max(known.record.heartbeat, now)),
@@ -220,6 +243,21 @@ class RecordRead:
                 self._held[info.key] = known
             else:
                 self.fetch.append(info.key)
+        if limit is not None and len(self.fetch) > limit:
+            chosen = set(rng.sample(self.fetch, limit) if rng is not None else self.fetch[:limit])
+            for key in self.fetch:
+                if key not in chosen:
+                    # left for a later read: held as it was (dated now if it changed), or as listed
+                    # only; never left out (a node missing from the list may be taken for gone)
+                    self._held[key] = self._later(reader._held.get(key), key, etags[key], now)
+            self.fetch = [key for key in self.fetch if key in chosen]
+
+    def _later(self, known: _Held | None, key: str, etag: str, now: float) -> _Held:
+        if known is None:
+            return _Held(etag, listed_record(key[len(self._reader.prefix): -len(".json")], now), False)
+        if known.etag == etag:
+            return known
+        return _Held(etag, replace(known.record, heartbeat=max(known.record.heartbeat, now)), False)
 
     def got(self, key: str, data: bytes, etag: str) -> None:
         """The GET of ``key`` answered ``data`` at ``etag``."""

@@ -13,9 +13,13 @@ command line read. A node:
 - reads everyone's records every heartbeat: one LIST, then a GET only for the
   records it needs in full. The writer needs them all (nodes.json carries
   every load); the others only those of nodes their membership does not hold
-  alive (``wanted``), and take a changed ETag as that node's heartbeat, seen
-  then. N nodes GETting N records each heartbeat would be N² requests; this
-  is N + the few that matter;
+  alive (``wanted``), at most `READ_LIMIT` a heartbeat, and take a changed ETag
+  as that node's heartbeat, seen then. N nodes GETting N records each
+  heartbeat would be N² requests; this is N + the few that matter;
+- starts without reading every record: in a pool of over `SMALL_POOL` nodes
+  it GETs `SEEDS` records of the listing's first page for ``on_seed`` (the
+  membership joins through them; its join sync brings every member), and is
+  no writer until it has read the whole listing;
 - deletes its record on a clean stop, and a dead peer's record when the
   membership confirms the death (``delete_dead``), only if it still holds the
   dead life.
@@ -49,6 +53,14 @@ from gridnode.registry.records import MAX_RECORD_BYTES, NodeRecord, RecordReader
 from gridnode.store.base import ObjectStore
 from gridnode.store.rate import EVENT, KEEP
 from gridnode.timers import SPREAD, JitteredLoop, jittered
+
+#: records a node that is not the writer GETs at most per read (chosen at random): a node whose
+#: membership does not know the pool yet never reads every record at once
+READ_LIMIT = 32
+#: a pool of at most this many records is read whole even by a starting node
+SMALL_POOL = 32
+#: records a starting node reads in a larger pool: its membership joins through them
+SEEDS = 3
 
 
 def first_incarnation(now: float) -> int:
@@ -104,6 +116,12 @@ class Registry(Service):
         self.live: list[NodeRecord] = []
         #: called with (records) after each read of the registry
         self.on_read: list[Callable[[list[NodeRecord]], None]] = []
+        #: called with a few records (`SEEDS`) by a node starting in a large pool, instead of a read
+        self.on_seed: list[Callable[[list[NodeRecord]], None]] = []
+        #: whether the whole listing was read once (until then this node is no writer)
+        self.read_once = False
+        #: records in the last listing (a starting node's first page included); None: none yet
+        self.listed_count: int | None = None
         #: id -> the highest incarnation the membership saw leave or confirmed dead
         self.gone: dict[str, int] = {}
         #: whether a changed record must be read in full (None: always); the writer reads them all
@@ -191,8 +209,14 @@ class Registry(Service):
         Fires True, or False after a failure (logged, never raised)."""
         try:
             yield self.write()
-            everything = self.is_writer()
-            records = yield self.read(everything)
+            if not self.read_once and self.held is not None and self._knows_no_one():
+                listing = yield self.seed()
+                if listing is None:
+                    return self._beat_done()  # seeded: the next heartbeat reads
+                everything, records = True, (yield self.read(True, listing))  # a small pool: whole
+            else:
+                everything = self.is_writer() or (self.held is None and not self.read_once)
+                records = yield self.read(everything)
             if not everything and self._writes(self._live_of(records)):
                 records = yield self.read(True)  # we just became the writer: publish exact loads
             # A record deleted since it was forgotten needs no memory; one written again by a
@@ -206,10 +230,7 @@ class Registry(Service):
                 # since, while we stalled or both of us held the other dead
                 self._published = None
                 yield self.publish()
-            self._backoff = 1.0
-            self.last_error = None
-            self._follow_failed = False
-            return True
+            return self._beat_done()
         except GridnodeError as e:
             self.last_error = e.message
             self._log.warn("registry unreachable ({code}): {reason}; retrying in {delay}s",
@@ -218,6 +239,17 @@ class Registry(Service):
             self.last_error = "internal error"
             self._log.failure("registry heartbeat failed")
         return False
+
+    def _beat_done(self) -> bool:
+        self._backoff = 1.0
+        self.last_error = None
+        self._follow_failed = False
+        return True
+
+    def _knows_no_one(self) -> bool:
+        """Whether our membership holds no other member alive (a node starting)."""
+        held = self.held() if self.held is not None else {}
+        return not any(state in ("alive", "suspect") for m, state in held.items() if m != self.node_id)
 
     # -- our record
 
@@ -241,18 +273,12 @@ class Registry(Service):
 
     @inlineCallbacks
     def register(self) -> Any:
-        """Write our record conditionally, replacing an earlier life's record only after reading it."""
+        """Write our record conditionally: if there is none (a new node: one request), else
+        replacing an earlier life's record by its ETag, after reading it."""
+        etag: str | None = None
+        previous: NodeRecord | None = None
+        found = False
         for _ in range(5):
-            try:
-                data, info = yield self.keeping.get_bytes(self.key, max_size=MAX_RECORD_BYTES)
-            except NotFound:
-                previous, etag = None, None
-            else:
-                etag = info.etag
-                try:
-                    previous = parse_record(data, self.node_id)
-                except GridnodeError:
-                    previous = None
             # Higher than any earlier life: peers may still remember that one as dead.
             # The membership's own number when there is one: the two must agree, or a peer that saw
             # this life leave at the machine's number would take the record for a later life.
@@ -267,11 +293,22 @@ class Registry(Service):
                     info = yield self.keeping.put_bytes(self.key, self.record.dumps(), if_match=etag,
                                                         content_type="application/json")
             except (PreconditionFailed, NotFound):
-                continue  # raced with another writer: read again
+                # a record is there (an earlier life's), or it changed: read it, replace it by its ETag
+                try:
+                    data, got = yield self.keeping.get_bytes(self.key, max_size=MAX_RECORD_BYTES)
+                except NotFound:
+                    etag, previous = None, None
+                    continue
+                etag, found = got.etag, True
+                try:
+                    previous = parse_record(data, self.node_id)
+                except GridnodeError:
+                    previous = None
+                continue
             self.etag = info.etag
             self.registered = True
             if self.earlier_life is None:
-                self.earlier_life = etag is not None  # a record, even an unreadable one
+                self.earlier_life = found  # a record, even an unreadable one
             self._log.info("registered as {node} incarnation {incarnation} in {key}", node=self.node_id,
                            incarnation=self.record.incarnation, key=self.key)
             return
@@ -280,11 +317,42 @@ class Registry(Service):
     # -- everyone's records
 
     @inlineCallbacks
-    def read(self, everything: bool = True) -> Any:
+    def seed(self) -> Any:
+        """A starting node's first look: one page of the listing. Fires with it when it is a small
+        pool's whole listing (read it all); else GETs `SEEDS` records at random, hands the fresh
+        ones to ``on_seed`` and fires None."""
+        page = yield self.store.list(self.prefix)
+        if page.next_after is None and len(page.items) <= SMALL_POOL:
+            return page.items
+        self.listed_count = max(self.listed_count or 0, len(page.items))
+        others = [i for i in page.items if i.key != self.key]
+        read = RecordReader(self.prefix).begin(self.rng.sample(others, min(SEEDS, len(others))), self.now())
+        yield self._fetch(read)
+        seeds = live_list(read.done(), self.now(), self.stale)
+        self._log.info("starting in a pool of {count}+ nodes: joining through {seeds}", count=len(page.items),
+                       seeds=", ".join(r.id for r in seeds) or "none (trying again at the next heartbeat)")
+        for callback in self.on_seed:
+            callback(seeds)
+        return None
+
+    @inlineCallbacks
+    def read(self, everything: bool = True, listing: Any = None) -> Any:
         """Every valid record under the prefix; malformed ones are logged and skipped. A record is
-        fetched when it is new, or changed and needed in full (``everything``, or ``wanted``)."""
-        listing = yield self.store.list_all(self.prefix)
-        read = self.reader.begin(listing, self.now(), None if everything else self.wanted)
+        fetched when it is needed in full (``everything``, or ``wanted``: at most `READ_LIMIT`) and
+        new or changed. ``listing``: the prefix's listing, when the caller has it."""
+        if listing is None:
+            listing = yield self.store.list_all(self.prefix)
+        read = self.reader.begin(listing, self.now(), None if everything else self.wanted,
+                                 limit=None if everything else READ_LIMIT, rng=self.rng)
+        yield self._fetch(read)
+        records = read.done()
+        self.read_once = True
+        self.listed_count = len(records)
+        return records
+
+    @inlineCallbacks
+    def _fetch(self, read: Any) -> Any:
+        """GET what ``read`` asks for, one after another; skipped records are logged."""
         try:
             for key in read.fetch:
                 try:
@@ -296,7 +364,6 @@ class Registry(Service):
         finally:
             for key, reason in read.skipped:
                 self._log.warn("ignoring registry record {key}: {reason}", key=key, reason=reason)
-        return read.done()
 
     def _live_of(self, records: list[NodeRecord]) -> list[NodeRecord]:
         return [r for r in live_list(records, self.now(), self.stale) if not self._forgotten(r)]
@@ -353,8 +420,9 @@ class Registry(Service):
         return [r for r in self.live if r.id not in down]
 
     def is_writer(self) -> bool:
-        """The listed node with the lowest id writes nodes.json."""
-        return self._writes(self.listed())
+        """The listed node with the lowest id writes nodes.json (a node that has not read the whole
+        listing yet does not know whether it is)."""
+        return self.read_once and self._writes(self.listed())
 
     def takes_writing(self) -> bool:
         """`is_writer`, noting a takeover: a node that just became the writer publishes its list
@@ -418,6 +486,10 @@ class Registry(Service):
 
     @inlineCallbacks
     def _publish(self) -> Any:
+        if any(r.listed_only for r in self.listed()):
+            # we became the writer holding records known from the listing alone: read them first
+            records = yield self.read(True)
+            self.live = self._live_of(records)
         records = self.listed()
         body = nodes_json(records, self.env, self.pool)
         if body == self._published:
