@@ -113,6 +113,7 @@ def test_mp3_with_cover_art(node: NodeProcess, tmp_path: Path) -> None:
     assert (job["input"]["format"], job["input"]["video_codec"], job["input"]["width"]) == ("mp3", None, 0)
     job = wait_done(node, job["id"], 120)
     assert job["chunks"] == [] and job["progress"] == 1
+    assert {o["preset"]: o["content_type"] for o in job["outputs"]} == {"audio": "audio/mp4", "podcast": "audio/ogg"}
     source = stream_seconds(src)
     m4a, opus = fetch(node, job, "audio", tmp_path), fetch(node, job, "podcast", tmp_path)
     assert ffprobe_json(m4a)["streams"][0]["codec_name"] == "aac" and len(ffprobe_json(m4a)["streams"]) == 1
