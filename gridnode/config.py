@@ -287,6 +287,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("min-free", 512, "refuse uploads when the work folder has less free space, in MB",
             _int_range(0, 1024 * 1024), "MB"),
     Setting("max-duration", 4 * 3600, "longest input accepted, in seconds", _int_range(1, 7 * 24 * 3600), "S"),
+    Setting("max-audio-duration", 24 * 3600, "longest input of audio alone accepted, in seconds",
+            _int_range(1, 7 * 24 * 3600), "S"),
     Setting("max-pixels", 8192 * 4320, "largest input frame accepted, in pixels", _int_range(1, 1 << 31), "N"),
     Setting("max-output", None, "largest output, in MB: each file and each HLS rung; a job's outputs together "
             "may hold this times their number (default: 256, or 4 times the input when that is more)",
@@ -372,6 +374,7 @@ class NodeConfig:
     max_upload: int
     min_free: int
     max_duration: int
+    max_audio_duration: int
     max_pixels: int
     max_output: float | None
     heartbeat: float

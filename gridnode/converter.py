@@ -52,7 +52,7 @@ from gridnode.media.scratch import (
     wait_limit,
 )
 from gridnode.media.split import RunTask
-from gridnode.media.templates import Catalog, check_clips
+from gridnode.media.templates import Catalog, check_inputs
 from gridnode.media.verify import OutputWatch, folder_size, measure_outputs
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class Converter(Service):
                  find: Callable[..., Host] = find_host) -> None:
         self.reactor = reactor
         self.config = config
-        self.limits = Limits(max_duration=float(config.max_duration), max_pixels=config.max_pixels)
+        self.limits = Limits(max_duration=float(config.max_duration), max_pixels=config.max_pixels,
+                             max_audio_duration=float(config.max_audio_duration))
         # Each ffmpeg gets its share of the cores, not all of them: with every
         # worker busy, that is less context switching and a responsive reactor.
         self.threads = max(1, cpu_count() // config.workers)
@@ -134,7 +135,7 @@ class Converter(Service):
         return probe(self.reactor, path, ffprobe=self.config.ffprobe, limits=self.limits, sandbox=self.sandbox)
 
     def check(self, presets: list[Preset], info: ProbeResult) -> None:
-        check_clips(presets, info.duration)
+        check_inputs(presets, info)
 
     def run(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset],
             started: Callable[[], None], progress: Callable[[float], None],

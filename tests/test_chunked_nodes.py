@@ -186,13 +186,17 @@ async def test_keyframes_a_minute_apart_are_cut_frame_exact(nodes: dict[str, Nod
 
 
 def test_audio_alone_is_never_chunked(nodes: dict[str, NodeProcess], tmp_path: Path) -> None:
-    """An audio-only input on the node that cuts every job: the node makes no audio-only outputs,
-    so it is refused at its probe (``not_a_video``), as on any node; nothing is queued."""
+    """An audio-only input on the node that cuts every job: the default mp4 is refused at its
+    probe (``needs_video``), as on any node; the ``audio`` preset is made in one piece, as long
+    as the input."""
     src = tmp_path / "talk.m4a"
     subprocess.run([FFMPEG, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=300:duration=15",
                     "-c:a", "aac", str(src)], check=True, timeout=60)
     status, _, body = upload(nodes["chunked"].url, src)
-    assert status == 422 and body["error"]["code"] == "not_a_video", body
+    assert status == 422 and body["error"]["code"] == "needs_video", body
+    job = run_job(nodes["chunked"], src, "audio")
+    assert job["chunks"] == [] and job["outputs"][0]["name"] == "audio.m4a"
+    assert job["outputs"][0]["duration"] == pytest.approx(duration(src, "a:0"), abs=0.05)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

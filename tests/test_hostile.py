@@ -23,8 +23,8 @@ from tests.nodes import NodeProcess, get_json, request, upload, wait_job
 
 pytestmark = pytest.mark.integration
 
-CODES = {"not_a_video", "unsupported_format", "too_long", "too_large", "too_many_streams", "ffmpeg_failed",
-         "timeout", "output_too_large", "input_truncated"}
+CODES = {"not_a_video", "needs_video", "unsupported_format", "too_long", "too_large", "too_many_streams",
+         "ffmpeg_failed", "timeout", "output_too_large", "input_truncated"}
 SECRET = Path("/etc/passwd").read_bytes().split(b"\n")[0]  # "root:x:0:0:..."
 
 

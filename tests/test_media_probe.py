@@ -119,19 +119,51 @@ class ParseProbeTests:
         """A real video container off the allowlist (ASF/WMV) is unsupported_format."""
         assert refused(doc("asf")).code == "unsupported_format"
 
-    def test_audio_format_is_not_a_video(self) -> None:
-        """A format that is no video container at all (mp3) is not_a_video."""
-        assert refused(doc("mp3")).code == "not_a_video"
+    def test_audio_format_off_the_allowlist_is_not_a_video(self) -> None:
+        """An audio format that is not allowlisted (raw ADTS AAC, WavPack) is not_a_video."""
+        assert refused(doc("aac")).code == "not_a_video"
+        assert refused(doc("wv")).code == "not_a_video"
 
-    def test_no_video_stream(self) -> None:
-        """An mp4 holding only audio is not_a_video (422)."""
-        error = refused(doc(streams=[{"codec_type": "audio", "codec_name": "aac"}]))
-        assert (error.code, error.status) == ("not_a_video", 422)
+    @pytest.mark.parametrize(("format_name", "container"), [
+        ("mov,mp4,m4a,3gp,3g2,mj2", "m4a"), ("mp3", "mp3"), ("flac", "flac"), ("wav", "wav"), ("ogg", "ogg"),
+        ("matroska,webm", "matroska"),
+    ])
+    def test_audio_alone_is_accepted(self, format_name: str, container: str) -> None:
+        """A file of audio alone is an input without video: no video codec, no frame size, no
+        frame rate; its own demuxer, and its audio stream's length where the file says none."""
+        audio = {"codec_type": "audio", "codec_name": "mp3", "duration": "3600.5"}
+        result = parse_probe(doc(format_name, duration=None, streams=[audio]), size=10)
+        assert (result.has_video, result.has_audio, result.container) == (False, True, container)
+        assert (result.width, result.height, result.display_width, result.rate, result.frame_rate) == (0, 0, 0,
+                                                                                                    None, None)
+        assert result.duration == result.converted_duration == 3600.5
+        assert result.to_json()["video_codec"] is None
 
     def test_cover_art_is_not_a_video(self) -> None:
-        """An attached picture is not a video stream."""
-        art = video(disposition={"attached_pic": 1})
-        assert refused(doc(streams=[art, {"codec_type": "audio"}])).code == "not_a_video"
+        """An attached picture (an mp3's or m4a's cover) is not a video stream: the file is audio
+        alone, never a one-frame video; without audio it is not_a_video."""
+        art = video(disposition={"attached_pic": 1}, codec_name="mjpeg")
+        result = parse_probe(doc("mp3", streams=[art, {"codec_type": "audio", "codec_name": "mp3"}]), size=1)
+        assert (result.has_video, result.width, result.stream_count) == (False, 0, 2)
+        assert refused(doc("mp3", streams=[art])).code == "not_a_video"
+
+    @pytest.mark.parametrize("kind", ["data", "subtitle", "attachment"])
+    def test_neither_video_nor_audio(self, kind: str) -> None:
+        """A file of a data, subtitle or attachment stream alone is not_a_video (422)."""
+        error = refused(doc("matroska,webm", streams=[{"codec_type": kind, "codec_name": "bin_data"}]))
+        assert (error.code, error.status) == ("not_a_video", 422)
+        assert refused(doc(streams=[])).code == "not_a_video"
+
+    def test_audio_has_its_own_length_limit(self) -> None:
+        """Audio alone may last ``max_audio_duration`` (24 h by default: a 6 h recording passes
+        where a 6 h video does not); a huge declared length is too_long (413) either way."""
+        audio = [{"codec_type": "audio", "codec_name": "aac"}]
+        assert parse_probe(doc(duration="21600", streams=audio), size=1).duration == 21600
+        assert refused(doc(duration="21600")).code == "too_long"
+        for huge in ("86401", "1e15"):
+            error = refused(doc(duration=huge, streams=audio))
+            assert (error.code, error.status) == ("too_long", 413) and "audio" in error.message
+        assert refused(doc(duration="61", streams=audio), Limits(max_audio_duration=60)).code == "too_long"
 
     def test_too_long(self) -> None:
         """Longer than max_duration: too_long (413)."""
@@ -340,13 +372,19 @@ class ProbeProcessTests:
         ts = await probe(real_reactor, str(media_clips.mpegts), ffprobe=FFPROBE)
         assert ts.demuxer == "mpegts"
 
+    @pytest_twisted.ensureDeferred
+    async def test_audio_alone(self, real_reactor: Any, media_clips: Clips) -> None:
+        """An mp4 of audio alone is an input without video (not refused: audio outputs take it)."""
+        info = await probe(real_reactor, str(media_clips.audio_only), ffprobe=FFPROBE)
+        assert (info.has_video, info.audio_codec, info.container) == (False, "aac", "m4a")
+
     @pytest.mark.parametrize(("clip", "code"), [
-        ("random", "not_a_video"), ("audio_only", "not_a_video"),
+        ("random", "not_a_video"),
         ("playlist", "unsupported_format"), ("concat", "unsupported_format"),
     ])
     @pytest_twisted.ensureDeferred
     async def test_refusals(self, real_reactor: Any, media_clips: Clips, clip: str, code: str) -> None:
-        """Random bytes and audio are not videos; an m3u8 playlist and a concat list are refused."""
+        """Random bytes are not videos; an m3u8 playlist and a concat list are refused."""
         with pytest.raises(GridnodeError) as info:
             await probe(real_reactor, str(getattr(media_clips, clip)), ffprobe=FFPROBE)
         assert info.value.code == code

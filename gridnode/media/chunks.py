@@ -177,6 +177,8 @@ def plan(probe: ProbeResult, presets: Sequence[Preset], *, chunk_seconds: float 
         return whole("chunking is off")
     if duration <= chunk_over:
         return whole(f"the video is not longer than {chunk_over:g} s")
+    if not probe.has_video:
+        return whole("an input without video is made whole (its audio is one pass anyway)")
     if rate is None:
         return whole("the video's frame rate is unknown")
     if probe.demuxer not in SEEKABLE:

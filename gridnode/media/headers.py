@@ -189,3 +189,26 @@ def webm_duration(f: BinaryIO, size: int) -> float | None:
     if duration is None or scale <= 0 or not 0 <= duration < float("inf"):
         return None
     return duration * scale / 1e9
+
+
+#: how far from an Ogg file's end its last page starts, at most (a page is under 64 KiB)
+OGG_TAIL = 65536 + 27
+
+
+def opus_duration(f: BinaryIO, size: int) -> float | None:
+    """An Ogg Opus file's length: its last page's granule position (48 kHz samples) less the
+    ``OpusHead``'s pre-skip; None when either is missing."""
+    f.seek(0)
+    head = f.read(4096)
+    at = head.find(b"OpusHead")
+    if at < 0 or len(head) < at + 12:
+        return None
+    pre_skip = int.from_bytes(head[at + 10:at + 12], "little")
+    start = max(0, size - OGG_TAIL)
+    f.seek(start)
+    tail = f.read(size - start)
+    page = tail.rfind(b"OggS")
+    if page < 0 or len(tail) < page + 14:
+        return None
+    granule = int.from_bytes(tail[page + 6:page + 14], "little", signed=True)
+    return (granule - pre_skip) / 48000 if granule >= pre_skip else None

@@ -19,7 +19,9 @@ Sizes follow these rules:
   kept, at the source size when the source is smaller still);
 - the aspect ratio is kept and both sides are even (x264 and VP9 need it).
 
-A clip without audio gets no audio map and no audio encoder. The encoder options
+A clip without audio gets no audio map and no audio encoder. An audio output (``AUDIO_ONLY``:
+m4a, opus) maps the audio alone, capped at its window's length (a header that lies short
+is not believed); it is the only kind an input without video takes. The encoder options
 per codec are in ``codecs.py``; a CMAF ladder's muxer options in ``cmaf.py``, a
 storyboard's frames and sheets in ``storyboard.py``. Both write into a folder named as
 the output, which must exist before ffmpeg starts (``folders``): the dash muxer and
@@ -39,7 +41,9 @@ from gridnode.media.codecs import audio_chain, audio_options, video_options
 from gridnode.media.grid import Cut, rate_filter
 from gridnode.media.probe import FORMAT_WHITELIST, Limits, ProbeResult, input_options
 
-Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard"]
+Container = Literal["mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard", "m4a", "opus"]
+#: the containers of audio alone
+AUDIO_ONLY = ("m4a", "opus")
 #: the containers of a fragmented-MP4 ladder (``cmaf.py``): under HLS and DASH, or DASH alone
 LADDERS = ("cmaf", "dash")
 
@@ -53,9 +57,11 @@ CONTENT_TYPES = {
     ".ts": "video/mp2t",
     **cmaf.CONTENT_TYPES,
     ".vtt": "text/vtt",
+    ".m4a": "audio/mp4",
+    ".opus": "audio/ogg",
 }
-EXTENSIONS = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv", "jpeg": ".jpg"}
-MUXERS = {"mp4": "mp4", "webm": "webm", "mkv": "matroska"}
+EXTENSIONS = {"mp4": ".mp4", "webm": ".webm", "mkv": ".mkv", "jpeg": ".jpg", "m4a": ".m4a", "opus": ".opus"}
+MUXERS = {"mp4": "mp4", "webm": "webm", "mkv": "matroska", "m4a": "ipod", "opus": "ogg"}
 #: the only watermark images: one frame of PNG, read by its own demuxer and nothing else
 WATERMARK_DEMUXER = "png_pipe"
 
@@ -158,6 +164,10 @@ class Preset:
     @property
     def clipped(self) -> bool:
         return self.start > 0 or self.end is not None
+
+    @property
+    def needs_video(self) -> bool:
+        return self.container not in AUDIO_ONLY
 
 
 def _even(x: float) -> int:
@@ -380,6 +390,11 @@ def build_argv(
                 outputs.append(storyboard.tiles_options(os.path.join(out_dir, preset.name + ".mkv"), label))
             continue
         target = os.path.join(out_dir, preset.outputs(probe)[0].name)
+        if preset.container in AUDIO_ONLY:
+            outputs.append(["-map", graph.audio_source(preset), *audio_options(preset.audio, preset.audio_kbps),
+                            *(["-movflags", "+faststart"] if preset.container == "m4a" else []),
+                            "-t", _num(end - start + 1), "-f", MUXERS[preset.container], "-fs", limit, target])
+            continue
         size = target_size(probe, preset.short_side)
         if preset.container == "jpeg":
             at = poster_time(probe, preset)
@@ -410,7 +425,8 @@ def build_argv(
         # An operator's file, yet read as any input is: one demuxer, the file protocol.
         argv += ["-protocol_whitelist", "file", "-format_whitelist", WATERMARK_DEMUXER,
                  "-f", WATERMARK_DEMUXER, "-i", "file:" + image]
-    argv += ["-filter_complex", graph.text()]
+    text = graph.text()
+    argv += ["-filter_complex", text] if text else []
     for opts in outputs:
         argv += opts
     return argv

@@ -10,13 +10,14 @@ unit-testable.
 
 Refusals are ``GridnodeError`` with stable codes:
 
-- ``not_a_video`` (422): not media at all, audio or image only, unreadable;
+- ``not_a_video`` (422): not media at all, image or data only, unreadable;
 - ``unsupported_format`` (422): a container outside the allowlist, including
   playlists and concat lists (hls, m3u8, ffconcat), which would make ffmpeg
   open other files;
 - ``too_many_streams`` (422): more than ``Limits.max_streams`` streams, counted in the JSON
   or by the demuxer itself (``-max_streams``: past it, ffprobe stops reading the header);
-- ``too_long`` (413): duration over ``Limits.max_duration``, or unknown;
+- ``too_long`` (413): duration over ``Limits.max_duration`` (an audio-only input's: over
+  ``Limits.max_audio_duration``), or unknown;
 - ``too_large`` (413): more pixels per frame than ``Limits.max_pixels``, declared or met by a
   decoder (``-max_pixels``);
 - ``timeout`` (504): ffprobe did not answer within ``Limits.probe_timeout``;
@@ -28,6 +29,10 @@ rejected by ffprobe itself after format detection and before it would open any
 file it names. ``limit_refusal`` reads what ffprobe and ffmpeg say on stderr when a
 limit stops them (a frame over ``-max_pixels``, a stream past ``-max_streams``): a
 limit on what the file holds, not on what its header declares.
+
+An input with audio and no video (a podcast, a music track; cover art is a picture, not a
+video) is a ``ProbeResult`` whose ``video_codec`` is None and whose frame size is 0: only the
+outputs made of audio alone take it (``templates.check_inputs``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ ALLOWED_FORMATS: dict[str, str] = {
     "flv": "flv",
     "mpeg": "mpeg",  # MPEG program stream (.mpg, .vob)
     "ogg": "ogg",
+    # audio-only containers (an m4a is "mov,mp4,..." above)
+    "mp3": "mp3",
+    "flac": "flac",
+    "wav": "wav",
 }
 
 # Formats that name other files or URLs: refused with their own message.
@@ -84,9 +93,11 @@ _STREAMS = re.compile(r"Number of streams exceeds max_streams parameter \((\d{1,
 
 @dataclass(frozen=True)
 class Limits:
-    """What a node accepts. Defaults: 4 h, 8192x4320, 16 streams, 30 s to probe."""
+    """What a node accepts. Defaults: 4 h (audio alone: 24 h), 8192x4320, 16 streams, 30 s to probe."""
 
     max_duration: float = 4 * 3600.0
+    #: an input without video costs a hundredth of a video's time a second: a longer one is fine
+    max_audio_duration: float = 24 * 3600.0
     max_pixels: int = 8192 * 4320
     max_streams: int = 16
     probe_timeout: float = 30.0
@@ -103,9 +114,9 @@ class ProbeResult:
     container: str  # short label for users: mp4, mov, 3gp, matroska, webm, avi, mpegts, flv, mpeg, ogg
     demuxer: str  # what to force with ``-f`` on the ffmpeg input
     duration: float  # seconds
-    width: int  # coded frame size of the first video stream
+    width: int  # coded frame size of the first video stream (0 without video)
     height: int
-    video_codec: str
+    video_codec: str | None  # None: audio alone
     audio_codec: str | None
     has_audio: bool
     rotation: int  # clockwise degrees to display: 0, 90, 180 or 270
@@ -120,6 +131,10 @@ class ProbeResult:
     frame_rate: float | None = None
     #: the rate ffmpeg makes a constant-rate output of this video at (``nominal_rate``), exact
     rate: Fraction | None = None
+
+    @property
+    def has_video(self) -> bool:
+        return self.video_codec is not None
 
     @property
     def converted_duration(self) -> float:
@@ -148,7 +163,8 @@ def _error(code: str, status: int, message: str) -> GridnodeError:
     return GridnodeError(message, code=code, status=status)
 
 
-def not_a_video(message: str = "this file is not a video gridnode can read; upload a video file") -> GridnodeError:
+def not_a_video(message: str = "this file is not a video or audio file gridnode can read; upload a "
+                               "video or an audio file (m4a, mp3, flac, wav, ogg)") -> GridnodeError:
     return _error("not_a_video", 422, message)
 
 
@@ -191,9 +207,11 @@ def _sample_aspect(stream: dict[str, Any]) -> float:
     return ratio if 0.25 <= ratio <= 4.0 else 1.0
 
 
-def _container(format_name: str, fmt: dict[str, Any], video_codec: str) -> str:
+def _container(format_name: str, fmt: dict[str, Any], video_codec: str | None) -> str:
     if format_name.startswith("mov,"):
         brand = str((fmt.get("tags") or {}).get("major_brand", "")).strip().lower()
+        if video_codec is None:
+            return "m4a"
         if brand.startswith("3g"):
             return "3gp"
         return "mov" if brand == "qt" else "mp4"
@@ -234,34 +252,38 @@ def parse_probe(
     # Cover art is a "video" stream with one picture: not a video.
     videos = [s for s in streams if s.get("codec_type") == "video"
               and not (s.get("disposition") or {}).get("attached_pic")]
-    if not videos:
-        raise not_a_video("the file has no video stream; upload a video file")
-    video = videos[0]
-    width, height = int(video.get("width") or 0), int(video.get("height") or 0)
-    if width <= 0 or height <= 0:
-        raise not_a_video("the video stream has no frame size; the file may be damaged")
-    if width * height > limits.max_pixels:
-        raise _error("too_large", 413,
-                     f"the video is {width}x{height}, larger than this node accepts "
-                     f"({limits.max_pixels} pixels per frame); scale it down and upload again")
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    if not videos and not audios:
+        raise not_a_video("the file has no video or audio stream; upload a video or audio file")
+    video = videos[0] if videos else None
+    first = video if video is not None else audios[0]
+    width = height = 0
+    if video is not None:
+        width, height = int(video.get("width") or 0), int(video.get("height") or 0)
+        if width <= 0 or height <= 0:
+            raise not_a_video("the video stream has no frame size; the file may be damaged")
+        if width * height > limits.max_pixels:
+            raise _error("too_large", 413,
+                         f"the video is {width}x{height}, larger than this node accepts "
+                         f"({limits.max_pixels} pixels per frame); scale it down and upload again")
     duration = _float(fmt.get("duration"))
     if duration is None or duration <= 0:
-        duration = _float(video.get("duration"))
+        duration = _float(first.get("duration"))
     if duration is None or duration <= 0:
         raise _error("too_long", 413,
                      "the file does not say how long it is, so its length cannot be checked; "
                      "remux it (ffmpeg -i IN -c copy OUT) and upload again")
-    if duration > limits.max_duration:
+    most, what = (limits.max_duration, "video") if video is not None else (limits.max_audio_duration, "audio")
+    if duration > most:
         raise _error("too_long", 413,
-                     f"the video lasts {duration:.0f} s, longer than the {limits.max_duration:.0f} s "
+                     f"the {what} lasts {duration:.0f} s, longer than the {most:.0f} s "
                      "this node accepts; cut it and upload again")
-    audios = [s for s in streams if s.get("codec_type") == "audio"]
     # The streams gridnode converts, as long as the file says they are, and never longer than it.
-    stated = [d for d in (_float(s.get("duration")) for s in [video, *audios[:1]]) if d is not None and d > 0]
-    rotation = _rotation(video)
-    shown_w = max(1, round(width * _sample_aspect(video)))
+    stated = [d for d in (_float(s.get("duration")) for s in [*videos[:1], *audios[:1]]) if d is not None and d > 0]
+    rotation = _rotation(video) if video is not None else 0
+    shown_w = max(1, round(width * _sample_aspect(video))) if video is not None else 0
     display_w, display_h = (height, shown_w) if rotation in (90, 270) else (shown_w, height)
-    video_codec = str(video.get("codec_name") or "unknown")
+    video_codec = str(video.get("codec_name") or "unknown") if video is not None else None
     return ProbeResult(
         size=size,
         format_name=format_name,
@@ -279,8 +301,8 @@ def parse_probe(
         stream_count=len(streams),
         name=name,
         streams_duration=min(max(stated), duration) if stated else None,
-        frame_rate=_rate(video.get("avg_frame_rate")),
-        rate=nominal_rate(video.get("r_frame_rate"), video.get("avg_frame_rate")),
+        frame_rate=_rate(video.get("avg_frame_rate")) if video is not None else None,
+        rate=nominal_rate(video.get("r_frame_rate"), video.get("avg_frame_rate")) if video is not None else None,
     )
 
 
@@ -319,7 +341,8 @@ def _unsupported(format_name: str) -> GridnodeError:
     if names & _OTHER_VIDEO_FORMATS:
         return _error("unsupported_format", 422,
                       f"the {format_name} format is not accepted; accepted containers are "
-                      "mp4/mov, mkv/webm, avi, mpeg-ts, flv, mpeg-ps, ogg and 3gp")
+                      "mp4/mov, mkv/webm, avi, mpeg-ts, flv, mpeg-ps, ogg and 3gp; for audio alone m4a, mp3, "
+                      "flac, wav and ogg")
     return not_a_video()
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from gridnode.errors import GridnodeError
 from gridnode.media.interface import SCRATCH_FULL, SCRATCH_WAIT
-from gridnode.media.presets import LADDERS, Preset, hls_rungs, job_output_limit, target_size
+from gridnode.media.presets import AUDIO_ONLY, LADDERS, Preset, hls_rungs, job_output_limit, target_size
 from gridnode.media.probe import ProbeResult
 
 #: frame rate assumed for a CRF preset's rate (the probe does not report one)
@@ -57,7 +57,9 @@ def preset_bytes(probe: ProbeResult, preset: Preset) -> float:
         rate = sum(r.video_kbps for r, _size in hls_rungs(probe, preset.ladder)) + (preset.audio_kbps if audio else 0)
         return seconds * rate * 1000 / 8 + 64 * 1024  # + manifests and init segments
     if preset.container == "storyboard":
-        return 2 * 1024 * 1024.0  # at most 3 sheets of 100 small tiles
+        return 2 * 1024 * 1024.0
+    if preset.container in AUDIO_ONLY:
+        return seconds * preset.audio_kbps * 1000 / 8 + 64 * 1024  # at most 3 sheets of 100 small tiles
     w, h = target_size(probe, preset.short_side)
     if preset.container == "jpeg":
         return float(w * h)

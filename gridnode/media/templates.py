@@ -17,7 +17,9 @@ one namespace) and lists what a caller may use (``GET /presets``).
 ``cmaf`` is a ladder of H.264, HEVC or AV1 rungs under one HLS master and one DASH manifest
 (``cmaf.py``: how each codec's keyframes are kept on the segment boundaries);
 ``dash`` is the same ladder under a DASH manifest alone (no HLS playlists);
-``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``).
+``storyboard`` is sprite sheets and their WebVTT (``storyboard.py``); ``m4a`` (AAC) and
+``opus`` (Opus in Ogg) are audio alone, the only outputs an input without video can make
+(``check_inputs``).
 """
 
 from __future__ import annotations
@@ -31,18 +33,19 @@ from typing import Any
 
 from gridnode.errors import GridnodeError
 from gridnode.media.codecs import CRF_RANGE, SPEEDS
-from gridnode.media.presets import LADDERS, Preset, Rung, Watermark
+from gridnode.media.presets import AUDIO_ONLY, LADDERS, Preset, Rung, Watermark
+from gridnode.media.probe import ProbeResult
 
 SPEC_ERROR = "bad_spec"
 MAX_OUTPUTS = 16
 MAX_RUNGS = 8
 DEFAULT_PRESET = "mp4-720p"
-CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard")
+CONTAINERS = ("mp4", "webm", "mkv", "hls", "cmaf", "dash", "jpeg", "storyboard", *AUDIO_ONLY)
 #: the video codecs each container may carry, the first its default
 VIDEO_IN = {"mp4": ("h264", "hevc", "av1"), "webm": ("vp9", "av1"), "mkv": ("h264", "hevc", "av1", "vp9"),
             "hls": ("h264",), "cmaf": ("h264", "hevc", "av1"), "dash": ("h264", "hevc", "av1")}
 AUDIO_IN = {"mp4": ("aac", "opus"), "webm": ("opus",), "mkv": ("aac", "opus"), "hls": ("aac",), "cmaf": ("aac",),
-            "dash": ("aac",)}
+            "dash": ("aac",), "m4a": ("aac",), "opus": ("opus",)}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.png\Z")
@@ -57,6 +60,8 @@ FIELDS = {
     "dash": (_COMMON - {"size"}) | _AUDIO | {"video", "ladder"},
     "jpeg": _COMMON - {"fps"} | {"at"},
     "storyboard": {"name", "interval", "width"},
+    "m4a": {"name", "container", "clip"} | _AUDIO,
+    "opus": {"name", "container", "clip"} | _AUDIO,
 }
 ALL_FIELDS = set().union(*FIELDS.values())
 #: the longest clip end and start, in seconds (a week: past any input a node accepts)
@@ -150,21 +155,13 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
             raise spec_error(f.path("interval"), "must be 0 (chosen by the duration) or 0.5 to 600 seconds")
         fields.update(interval=float(interval), width=f.whole("width", 32, 640, 160))
         return Preset(**fields)
-    fields["fps"] = f.number("fps", 1, 120, 0.0)
-    video = fields["video"] = f.choice("video", VIDEO_IN[container], VIDEO_IN[container][0])
-    if container in ("hls", *LADDERS):
-        fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"), container)
-    else:
-        lo, hi = CRF_RANGE[video]
-        crf = f.number("crf", lo, hi, None, whole=True)
-        fields["crf"] = None if crf is None else int(crf)
-        fields["max_kbps"] = f.whole("max_kbps", 50, 200_000, 0)
-        fields["keyint"] = f.number("keyint", 0.5, 20, 0.0)
-        fields["speed"] = f.choice("speed", SPEEDS, "fast")
+    if container not in AUDIO_ONLY:
+        _video_fields(f, container, fields)
     audio = f.take("audio")
-    if audio is not None and audio not in (*AUDIO_IN[container], "none"):
-        raise spec_error(f.path("audio"), f"{str(audio)[:40]!r} is not one of "
-                                          f"{', '.join((*AUDIO_IN[container], 'none'))} in {container}")
+    # an audio output without its audio would be empty
+    choices = AUDIO_IN[container] if container in AUDIO_ONLY else (*AUDIO_IN[container], "none")
+    if audio is not None and audio not in choices:
+        raise spec_error(f.path("audio"), f"{str(audio)[:40]!r} is not one of {', '.join(choices)} in {container}")
     fields["audio"] = "" if audio == "none" else audio or AUDIO_IN[container][0]
     fields["audio_kbps"] = f.whole("audio_kbps", 32, 512, 128)
     loudness = f.take("loudness")
@@ -179,6 +176,20 @@ def parse_output(raw: Any, where: str, *, watermarks: str | None, template: str 
     return Preset(**fields)
 
 
+def _video_fields(f: _Reader, container: str, fields: dict[str, Any]) -> None:
+    fields["fps"] = f.number("fps", 1, 120, 0.0)
+    video = fields["video"] = f.choice("video", VIDEO_IN[container], VIDEO_IN[container][0])
+    if container in ("hls", *LADDERS):
+        fields["ladder"] = _ladder(f.take("ladder"), f.path("ladder"), container)
+        return
+    lo, hi = CRF_RANGE[video]
+    crf = f.number("crf", lo, hi, None, whole=True)
+    fields["crf"] = None if crf is None else int(crf)
+    fields["max_kbps"] = f.whole("max_kbps", 50, 200_000, 0)
+    fields["keyint"] = f.number("keyint", 0.5, 20, 0.0)
+    fields["speed"] = f.choice("speed", SPEEDS, "fast")
+
+
 def _clip(f: _Reader) -> tuple[float, float | None]:
     clip = f.take("clip")
     if clip is None:
@@ -190,6 +201,21 @@ def _clip(f: _Reader) -> tuple[float, float | None]:
     if end is not None and end - start < 0.1:
         raise spec_error(c.path("end"), f"must be at least 0.1 s after the start ({start:g})")
     return float(start), None if end is None else float(end)
+
+
+def check_inputs(presets: list[Preset], probe: ProbeResult) -> None:
+    """Once the input is probed: an input without video makes audio outputs alone, and one
+    without audio no audio output. A job that asks for both kinds is refused whole (422
+    ``needs_video``, ``needs_audio``) naming the outputs it cannot make, before the 201: a job
+    is never accepted to end without some of its outputs."""
+    if not probe.has_video and (video := [p.template or p.name for p in presets if p.needs_video]):
+        raise GridnodeError(f"this file has audio and no video, so it cannot make {', '.join(video)}; ask for "
+                            "audio outputs only (the audio preset, or an m4a or opus output)",
+                            code="needs_video", status=422)
+    if not probe.has_audio and (audio := [p.template or p.name for p in presets if not p.needs_video]):
+        raise GridnodeError(f"this file has no audio, so it cannot make {', '.join(audio)}; ask for video "
+                            "outputs only", code="needs_audio", status=422)
+    check_clips(presets, probe.duration)
 
 
 def check_clips(presets: list[Preset], duration: float) -> None:
@@ -277,6 +303,11 @@ def spec_of(preset: Preset) -> dict[str, Any]:
         spec["size"] = preset.short_side
     if preset.container == "jpeg":
         spec["at"] = preset.at
+    elif preset.container in AUDIO_ONLY:
+        spec.pop("size")
+        spec.update(audio=preset.audio, audio_kbps=preset.audio_kbps)
+        if preset.loudness is not None:
+            spec.update(loudness=preset.loudness, true_peak=preset.true_peak)
     else:
         spec["video"] = preset.video
         if preset.container not in ("hls", *LADDERS):
@@ -327,6 +358,8 @@ BUILTIN: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "webm-480p": ("VP9 + Opus, up to 480p", [{"container": "webm", "video": "vp9", "size": 480, "audio_kbps": 96}]),
     "poster": ("JPEG of the frame at 10% of the duration, up to 720p",
                [{"container": "jpeg", "size": 720, "at": 0.1}]),
+    "audio": ("AAC audio alone, 128 kb/s stereo, audio.m4a (an audio-only input takes this kind only)",
+              [{"container": "m4a", "audio_kbps": 128}]),
     "hls": ("HLS ladder 720p/480p/360p, 6 s segments, hls/master.m3u8",
             [{"container": "hls", "ladder": [{"size": 720, "kbps": 2800, "audio_kbps": 128},
                                              {"size": 480, "kbps": 1400, "audio_kbps": 96},

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from gridnode.errors import GridnodeError
 from gridnode.media.ffmpeg import ProducedFile
-from gridnode.media.headers import mp4_duration, webm_duration
+from gridnode.media.headers import mp4_duration, opus_duration, webm_duration
 from gridnode.media.presets import Preset, hls_rungs, output_too_large
 from gridnode.media.probe import ProbeResult
 
@@ -181,7 +181,8 @@ def output_duration(output: ProducedFile, kind: str) -> float:
             text = data.decode("utf-8", "replace")
             seconds = (hls_duration if kind == "hls" else dash_duration)(text) if len(data) <= MAX_PLAYLIST else None
         else:
-            seconds = (mp4_duration if kind == "mp4" else webm_duration)(f, size)  # mkv: as webm
+            read = {"mp4": mp4_duration, "m4a": mp4_duration, "opus": opus_duration}.get(kind, webm_duration)
+            seconds = read(f, size)  # mkv: as webm
     if seconds is None:
         raise unreadable_output(output.name, "no duration in it")
     return seconds
@@ -196,7 +197,7 @@ def measure_outputs(found: Sequence[ProducedFile], probe: ProbeResult, presets: 
     by_preset: dict[str, float] = {}
     for preset in dict.fromkeys(presets):
         mine = [f for f in found if f.preset == preset.name]
-        if preset.container in ("mp4", "webm", "mkv"):
+        if preset.container in ("mp4", "webm", "mkv", "m4a", "opus"):
             measured = mine[:1]
         elif preset.container == "hls":
             # Every rung must be whole; the preset is as long as its shortest.
