@@ -9,6 +9,7 @@ before the 201 with their codes.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -34,13 +35,14 @@ outputs = [{container = "opus", audio_kbps = 48, loudness = -16}]
 description = "Opus, 32 kb/s"
 outputs = [{container = "opus", audio_kbps = 32}]
 """
-#: an hour: a 6-hour file takes ffmpeg minutes on one core (the report says so)
-LONG = 3600
+#: the long recording's seconds: an hour in the suite; the issue's 6 hours take ffmpeg minutes on
+#: one core, so they run on request (GRIDNODE_TEST_AUDIO_HOURS=6)
+LONG = round(3600 * float(os.environ.get("GRIDNODE_TEST_AUDIO_HOURS", "1")))
 
 
 def ffmpeg(*args: str) -> str:
     return subprocess.run([FFMPEG, "-nostdin", "-hide_banner", "-y", "-v", "error", *args], check=True,
-                          capture_output=True, text=True, timeout=120).stderr
+                          capture_output=True, text=True, timeout=120 * max(1, LONG / 3600)).stderr
 
 
 def loudness(path: Path) -> float:
@@ -125,14 +127,14 @@ def test_mp3_with_cover_art(node: NodeProcess, tmp_path: Path) -> None:
 
 
 def test_hour_long_recording(node: NodeProcess, tmp_path: Path) -> None:
-    """An hour of mono speech-rate audio on a node taking videos of a minute at most: accepted
+    """An hour (or ``LONG``) of mono speech-rate audio on a node taking videos of a minute at most: accepted
     (audio alone has its own limit), made whole, as long as its input."""
     src = tmp_path / "lecture.m4a"
     ffmpeg("-f", "lavfi", "-i", f"sine=frequency=300:sample_rate=8000:duration={LONG}", "-ac", "1",
            "-c:a", "aac", "-b:a", "12k", str(src))
     status, _, job = upload(node.url, src, "speech")
     assert status == 201, job
-    job = wait_done(node, job["id"], 300)
+    job = wait_done(node, job["id"], 300 * max(1, LONG / 3600))
     assert job["chunks"] == [] and job["input"]["duration"] == pytest.approx(LONG, abs=0.1)
     out = fetch(node, job, "speech", tmp_path)
     assert stream_seconds(out) == pytest.approx(stream_seconds(src), abs=0.02 + 0.03)
