@@ -32,7 +32,11 @@ K2 = "7Q0f3cX0nOa2y7mJ0w8rS6uY4hB1vK9dE5tZ2pL3qM8="
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-def mint(sub: str, scope: str, ttl: float = 600, secret: str = K1, kid: str = "k1") -> str:
+#: a test token's life: modules mint theirs at import, and the suite runs for longer than 10 minutes
+TTL = 4 * 3600
+
+
+def mint(sub: str, scope: str, ttl: float = TTL, secret: str = K1, kid: str = "k1") -> str:
     return jwt.encode({"sub": sub, "scope": scope, "exp": int(time.time() + ttl)}, secret, algorithm="HS256",
                       headers={"kid": kid})
 
