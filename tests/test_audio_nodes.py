@@ -13,7 +13,6 @@ import os
 import re
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from tests.helpers import free_port
 from tests.media_samples import FFMPEG, ffprobe_json, needs_ffmpeg
 from tests.nodes import NodeProcess, get_json, request, upload
+from tests.test_chunked_nodes import wait_done
 
 pytestmark = [pytest.mark.integration, needs_ffmpeg]
 
@@ -69,17 +69,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         yield made
     finally:
         made.stop()
-
-
-def wait_done(node: NodeProcess, job_id: str, timeout: float) -> dict[str, Any]:
-    job: dict[str, Any] = {}
-    for _ in range(int(timeout * 10)):  # a blocking poll: these tests run no reactor
-        _, job = get_json(f"{node.url}/jobs/{job_id}")
-        if job["state"] in ("done", "failed", "cancelled"):
-            break
-        time.sleep(0.1)
-    assert job["state"] == "done", job
-    return job
 
 
 def fetch(node: NodeProcess, job: dict[str, Any], preset: str, folder: Path) -> Path:
