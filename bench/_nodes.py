@@ -127,9 +127,12 @@ def _started(server: ServerProcess, timeout: float = 60.0) -> ServerProcess:
     return server
 
 
-def node(folder: Path, *args: str, json_log: bool = False) -> ServerProcess:
-    """A started ``twistd -n gridnode`` in ``folder`` (its store and work folder live there)."""
-    return _started(ServerProcess(folder, gridnode_argv(
+def node(folder: Path, *args: str, json_log: bool = False, cpus: str | None = None) -> ServerProcess:
+    """A started ``twistd -n gridnode`` in ``folder`` (its store and work folder live there; ARGS
+    may name others). ``cpus``: the node and its children run on those cores only (``taskset``),
+    as on a machine of that many cores: the node sizes its encoders by its affinity."""
+    pinned = ["taskset", "-c", cpus] if cpus is not None else []
+    return _started(ServerProcess(folder, pinned + gridnode_argv(
         "--http", "tcp:0:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
         "--node-id", "bench", "--store", "file:store", "--work-dir", "work", "--drain-timeout", "2", *args,
         json_log=json_log)))

@@ -92,7 +92,8 @@ class ChunkGrid:
                  parse_presets: Callable[[str | None, list[Any] | None], list[Preset]],
                  probe: Callable[[str], Deferred[ProbeResult]], run_chunk: RunChunk, local_free: Callable[[], int],
                  draining: Callable[[], bool], gone: Callable[[str], bool], scratch: str, ffmpeg: str = "ffmpeg",
-                 threads: int | None = None, input_limits: Limits = Limits()) -> None:
+                 threads: int | None = None, input_limits: Limits = Limits(),
+                 children_user: Callable[[], str | None] = lambda: None) -> None:
         self.clock = clock
         self.membership = membership
         self.node_id = node_id
@@ -100,13 +101,13 @@ class ChunkGrid:
         self.draining = draining
         self.board = Board(store, node_id, clock.seconds)
         self.loads = PeerLoads(store, nodes_list, clock)
-        self.sources = Sources(store, scratch, probe)
+        self.sources = Sources(store, scratch, probe, user=children_user)
         self.worker = ChunkWorker(self.board, store, self.sources, parse_presets=parse_presets, run_chunk=run_chunk,
                                   tell=self.send, can_take=lambda: self.idle() > self.worker.preparing,
                                   ffmpeg=ffmpeg, threads=threads,
                                   input_limits=input_limits)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
-                                local_free=self.idle, turn=lambda: not self.draining())
+                                local_free=self.idle, turn=lambda: not self.draining(), user=children_user)
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 

@@ -50,6 +50,7 @@ from gridnode.chunk_records import CLAIMED, DONE, FAILED, OPEN, Board, ChunkReco
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.media import stitch
 from gridnode.media.chunks import Plan
+from gridnode.media.sandbox import share_with
 from gridnode.media.split import RunTask, Task
 from gridnode.store.base import ObjectStore
 from gridnode.timers import jittered
@@ -123,7 +124,8 @@ class ChunkOwner:
                  peers: Callable[[], Deferred[list[tuple[str, float]]]], gone: Callable[[str], bool],
                  local_free: Callable[[], int], turn: Callable[[], bool] = lambda: False,
                  reoffer: float = REOFFER, fanout: int = FANOUT,
-                 look: float = LOOK, rng: random.Random | None = None) -> None:
+                 look: float = LOOK, rng: random.Random | None = None,
+                 user: Callable[[], str | None] = lambda: None) -> None:
         self.board = board
         #: the archives' fetches (bodies)
         self.store = store
@@ -140,6 +142,9 @@ class ChunkOwner:
         self.fanout = fanout
         self.look = look
         self.rng = rng or random.Random()
+        #: the children's user ("uid:gid"; None: the node's own): a peer's chunk is theirs to read
+        #: in the stitch's box, as one made here by them is
+        self.user = user
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
         self.holders: dict[str, set[str]] = {}
@@ -251,6 +256,8 @@ class ChunkOwner:
             if info.size != record.size:
                 raise chunk_files.bad_archive(f"of {info.size} bytes is not the {record.size} its record says")
             chunk_files.unpack(archive, folder, entry.job.limit)
+            share_with(self.user(), *(os.path.join(path, name) for path, dirs, files in os.walk(folder)
+                                      for name in [".", *dirs, *files]))
         except GridnodeError as e:
             if e.code not in ("bad_chunk", "not_found"):
                 raise  # the store's trouble or ours, not the holder's: the task fails, a retry collects

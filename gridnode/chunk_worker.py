@@ -37,6 +37,7 @@ from gridnode.errors import GridnodeError, NotFound
 from gridnode.media import chunks as plan_chunks
 from gridnode.media.presets import Preset, folders, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult
+from gridnode.media.sandbox import private_folder
 from gridnode.media.split import Task
 from gridnode.store.base import ObjectStore
 
@@ -56,11 +57,13 @@ class Sources:
     _log = Logger()
 
     def __init__(self, store: ObjectStore, folder: str, probe: Callable[[str], Deferred[ProbeResult]],
-                 keep: int = 4) -> None:
+                 keep: int = 4, user: Callable[[], str | None] = lambda: None) -> None:
         self.store = store
         self.folder = folder
         self.probe = probe
         self.keep = keep
+        #: the children's user ("uid:gid"; None: the node's own), settled at the node's start
+        self.user = user
         #: job id -> (path, probe) once fetched; LRU order
         self._ready: OrderedDict[str, tuple[str, ProbeResult]] = OrderedDict()
         self._waiting: dict[str, list[Deferred[tuple[str, ProbeResult]]]] = {}
@@ -87,7 +90,8 @@ class Sources:
     def _fetch(self, job_id: str) -> Any:
         path = os.path.join(self.folder_of(job_id), "source")
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            for folder in (self.folder, self.folder_of(job_id)):
+                private_folder(folder, self.user())  # the probe's box, run as that user, binds the source
             yield self.store.get_file(keys.input_source(job_id), path)
             info = yield self.probe(path)
         except Exception as e:  # noqa: BLE001 - every waiter hears of it; the next offer fetches again

@@ -103,8 +103,8 @@ class LocalTasks:
             process = spawn_ffmpeg(self.reactor, task.argv, duration=task.seconds or split.probe.duration,
                                    on_progress=progress, label=f"ffmpeg {entry}", limits=self.limits(split, task))
             slot.on_cancel(lambda: process.cancel(at_once=self.hurried()))
-            return process.deferred.addCallback(lambda _r: _frames(process.parser.fields) if task.kind == "chunk"
-                                                else None)
+            return process.deferred.addCallback(lambda _r: _frames(process.parser.fields)
+                                                if task.kind in ("chunk", "stitch") else None)
 
         def forget(result: Any) -> Any:
             left = self._queued.get(job.job_id)

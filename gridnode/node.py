@@ -212,7 +212,7 @@ class NodeService(MultiService):
             run_chunk=pool_runner(self.reactor, media.pool, lambda: media.sandbox, lambda: media.hurried),
             local_free=lambda: idle_workers(media.pool), draining=lambda: jobs.draining,
             gone=lambda member: jobs.adopter.gone(member), scratch=os.path.join(config.work_dir, "scratch", ".chunks"),
-            ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits)
+            ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits, children_user=lambda: media.user)
 
     @inlineCallbacks
     def _ended(self, grid: Any, job: Any, announce: Any) -> Any:

@@ -7,8 +7,10 @@ stitches a file that has the one-piece encode's frames."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from gridnode.chunk_owner import ChunkOwner, OwnedJob
 from gridnode.chunk_records import Board
 from gridnode.media import chunks
 from gridnode.media.probe import probe
+from gridnode.media.sandbox import resolve_user
 from gridnode.media.split import SplitJob
 from gridnode.media.templates import Catalog
 from gridnode.membership import wire
@@ -30,9 +33,10 @@ from gridnode.store.base import ObjectStore
 from gridnode.store.file import FileBackend
 from tests.helpers import free_port, wait_for
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
-from tests.nodes import NodeProcess
+from tests.nodes import NodeProcess, boxes_here, upload
 from tests.test_chunk_grid_media import ffmpeg_task
 from tests.test_chunk_worker_media import make_source
+from tests.test_chunked_nodes import fetch, wait_done
 from tests.test_split_media import frames, whole
 
 pytestmark = [pytest.mark.integration, needs_ffmpeg]
@@ -77,11 +81,11 @@ def listed(store: Path) -> dict[str, dict[str, float]]:
 
 
 def start_nodes(tmp_path: Path, store_dir: Path, names: tuple[str, ...],
-                workers: dict[str, int] | None = None) -> dict[str, NodeProcess]:
+                workers: dict[str, int] | None = None, *args: str) -> dict[str, NodeProcess]:
     nodes = {name: NodeProcess(tmp_path / name, [
         "--store", f"file:{store_dir}", "--node-id", name, "--heartbeat", "1", "--min-free", "0",
         "--workers", str((workers or {}).get(name, 1)),
-        "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1"])
+        "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--peer", f"tcp:{free_port()}:interface=127.0.0.1", *args])
         for name in names}
     for node in nodes.values():
         node.start()
@@ -154,6 +158,40 @@ async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path
         # both are offered chunks; which takes how many is the scheduler's (on a busy machine one
         # node may take them all)
         assert {r.holder for r in records} <= {"na", "nb"} and all(r.holder for r in records)
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the node runs as root here, its children as nobody (CI runs as root)")
+def test_children_as_nobody_make_and_stitch_a_peers_chunks(tmp_path: Path, open_folder: Path) -> None:
+    """Two nodes run as root, their ffprobe and ffmpeg as nobody in boxes (a root node's default).
+    The peer's fetched source lies in folders nobody's box may pass, so it probes and cuts it
+    (not releases it as unreadable); the owner's stitch, as nobody, reads the chunks unpacked
+    from the peer's archives as it reads its own."""
+    why = boxes_here(resolve_user("auto"))
+    if why is not None:
+        pytest.skip(f"no box for nobody here: {why}")
+    store_dir = tmp_path / "store"
+    src = open_folder / "src.mp4"
+    make_source(src, 20)
+    nodes = start_nodes(open_folder, store_dir, ("na", "nb"), None, "--ffmpeg-user", "auto", "--chunk-over", "0",
+                        "--chunk-seconds", "2")
+    try:
+        for node in nodes.values():
+            node.block_until_ready(30)
+        for _ in range(400):  # bounded: both listed idle, or the assert below says so
+            if {n: load.get(FIGURE) for n, load in listed(store_dir).items()} == {"na": 1, "nb": 1}:
+                break
+            time.sleep(0.05)
+        status, _, body = upload(nodes["na"].url, src, "mp4-720p")
+        assert status == 201, body
+        job = wait_done(nodes["na"], body["id"], 180)
+        # na's worker takes the audio pass and keeps two chunks queued: nb is offered the rest
+        assert "nb" in {c["node"] for c in job["chunks"]}, job["chunks"]
+        assert all(c["state"] == "done" for c in job["chunks"])
+        made = fetch(nodes["na"], job, "mp4-720p", tmp_path)
+        assert len(frames(made)) == 20 * 25  # every chunk's frames, the peer's too
     finally:
         for node in nodes.values():
             node.stop()

@@ -370,6 +370,23 @@ class SplitJobTests:
         failure = self.failureResultOf(self.job(tmp_path, run).run(), TasksFailed)
         assert list(failure.value.failed) == ["chunk-1"] and "made 10 frames of its 625" in str(failure.value)
 
+    @pytest.mark.parametrize("joined, ok", [(2500, True), (1250, False)])
+    def test_a_join_short_of_the_chunks_frames_fails(self, tmp_path: Path, joined: int, ok: bool) -> None:
+        """The stitch must write every frame the chunks made: ffmpeg's concat ends quietly at a
+        chunk's file it cannot open, which would make a short video look done."""
+        def run(task: Task, progress: Any) -> defer.Deferred[Any]:
+            if task.key == "chunk-0":
+                (tmp_path / "work" / "chunk-000" / "poster.jpg").write_bytes(b"jpeg")
+            return defer.succeed({"chunk": 625, "stitch": joined}.get(task.kind))
+
+        done = self.job(tmp_path, run).run()
+        if ok:
+            self.successResultOf(done)
+        else:
+            failure = self.failureResultOf(done, TasksFailed)
+            assert list(failure.value.failed) == ["stitch-0"] and failure.value.code == "ffmpeg_failed"
+            assert "joined 1250 video frames of the chunks' 2500" in str(failure.value)
+
     # trial-style helpers on a plain pytest class
     @staticmethod
     def successResultOf(d: defer.Deferred[Any]) -> Any:  # noqa: N802 - trial's name

@@ -90,6 +90,8 @@ class SplitJob:
     on_list: Callable[[str], None] | None = None
     #: the keys of the tasks done: kept across ``run()``s
     done: set[str] = field(default_factory=set, init=False)
+    #: each chunk done's video frames, as its run told them: what a join must write in all
+    made: dict[int, int] = field(default_factory=dict, init=False)
     _progress: dict[int, float] = field(default_factory=dict, init=False)
 
     def tasks(self) -> list[Task]:
@@ -170,7 +172,13 @@ class SplitJob:
                 self.on_list(os.path.join(self.work_dir, item.list_name))
             task = Task("stitch", i, item.argv)
             try:
-                yield self.run_task(task, lambda _p: None)
+                frames = yield self.run_task(task, lambda _p: None)
+                made = [self.made[c.index] for c in self.plan.chunks if c.index in self.made]
+                if item.preset.container != "storyboard" and isinstance(frames, int) \
+                        and len(made) == len(self.plan.chunks) and frames != sum(made):
+                    # ffmpeg's concat ends quietly at a chunk's file it cannot open
+                    raise GridnodeError(f"{task.key} joined {frames} video frames of the chunks' {sum(made)}",
+                                        code="ffmpeg_failed", status=422)
             except Exception as e:  # noqa: BLE001 - named with its task, as the others
                 raise TasksFailed({task.key: e}) from e
         self.join_segments()
@@ -202,6 +210,8 @@ class SplitJob:
             if task.kind == "chunk":
                 self._progress.pop(task.index, None)
             return
+        if task.kind == "chunk" and isinstance(frames, int):
+            self.made[task.index] = frames
         self.done.add(task.key)
         progress(1.0)
 
