@@ -183,7 +183,7 @@ class ChunkStates:
             if shown == "running":
                 self.set(index, shown, node)
             else:
-                if node:
+                if node or shown == "queued":  # open again: its holder is gone, none is shown
                     self.entries[index]["node"] = node
                 self.set(index, shown)
 
