@@ -12,7 +12,8 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
   the tenants' jobs there (another tenant's short jobs take turns with its chunks).
 - **Offers.** What is left is offered by a peer note to nodes that say they have idle workers
   (``peers()``: their ``chunk_idle`` load figure), each task to ``fanout`` of them, spread by
-  their idle workers; none is sent when no peer is idle. A node that claims one says so
+  their idle workers; none is sent when no peer is idle. A peer that says it made one is
+  offered the next open task at once: it has a worker free. A node that claims one says so
   (``claimed``) and, when it ends, how (``done``, ``failed``, ``released``). A task still open
   is offered again after ``reoffer`` s, doubling to 8 x while nobody takes it; before an offer is
   repeated its record is read once (a ``claimed`` note lost on the way).
@@ -297,6 +298,20 @@ class ChunkOwner:
             self._hold(entry, sender)
         elif kind in ("done", "failed", "released"):
             self._look(entry)
+            if kind == "done":
+                self._offer_to(sender)
+
+    def _offer_to(self, peer: str) -> None:
+        """``peer`` just made a task of ours, so a worker of its is free now (its load figure may
+        say otherwise until its next heartbeat): offer it the next open task at once, a note and
+        no request, rather than leave it idle until that task's next round of offers."""
+        if peer == self.node_id or self.gone(peer):
+            return
+        for entry in self._open():
+            if peer not in entry.held.record.refused:
+                self.send(peer, "offer", entry.job.id, entry.task.key)
+                entry.offers += 1  # a later round reads its record first: this claim's note may be lost
+                return
 
     def _hold(self, entry: _Entry, holder: str) -> None:
         """``holder`` holds the task: wait for its note, and look in the store now and then."""

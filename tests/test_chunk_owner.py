@@ -152,6 +152,25 @@ class OwnerTests:
         made = tmp_path / "work" / stitch.chunk_dir(2) / "v.mp4"
         assert made.read_bytes() == b"video" and not (tmp_path / "work" / "chunk-002.tar").exists()
 
+    def test_a_peer_that_made_one_is_offered_the_next_at_once(self, tmp_path: Path) -> None:
+        """A peer's done note says a worker of its is free: it is offered the next open task it has
+        not refused right away, by a note (no request), not at that task's next round of offers;
+        a failed or released note offers nothing."""
+        rig = Rig(tmp_path)
+        rig.idle = [("p1", 1)]
+        d, d2, d3 = rig.start(1), rig.start(2), rig.start(3)
+        assert (rig.offers(1), rig.offers(2), rig.offers(3)) == (["p1"], ["p1"], ["p1"])
+        rig.owner.noted("p1", "claimed", JOB, "chunk-1")
+        rig.owner.noted("p2", "released", JOB, "chunk-2")
+        rig.owner.noted("p2", "failed", JOB, "chunk-3")
+        rig.finish_as("p1", 1)
+        calls = dict(rig.backend.calls)
+        rig.owner.noted("p1", "done", JOB, "chunk-1")
+        assert result(d) == plan().chunks[1].frames
+        assert (rig.offers(2), rig.offers(3)) == (["p1", "p1"], ["p1"])  # the next one, and one only
+        assert rig.backend.calls["get"] - calls["get"] == 1  # the done record's read, no more
+        assert not d2.called and not d3.called
+
     def test_a_dead_holder_is_reopened_and_offered_elsewhere(self, tmp_path: Path) -> None:
         """The holder dies: its task is reopened (one holder lost) and offered to the live peer only;
         another node then makes it."""
