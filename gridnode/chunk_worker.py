@@ -155,14 +155,20 @@ class ChunkWorker:
         then (the run goes on in ``running``), False when we cannot or another node was faster."""
         if (job_id, task) in self.running or not self.can_take():
             return False
+        # The claim holds a worker from now on: offers that come while it is on its way (an owner
+        # offers several at once) see it taken, and one worker never claims several chunks.
+        self.preparing += 1
+        held = None
         try:
             held = yield self.board.claim(job_id, task)
         except BadChunk as e:
             self._log.warn("chunk record {task} of job {job} refused: {reason}", task=task, job=job_id,
                            reason=e.message)
-            return False
         except NotFound:
-            return False  # the job ended since the offer
+            pass  # the job ended since the offer
+        finally:
+            if held is None:
+                self.preparing -= 1
         if held is None:
             return False
         self.tell(held.record.owner, "claimed", job_id, task)
@@ -203,8 +209,8 @@ class ChunkWorker:
 
     @inlineCallbacks
     def _work(self, held: Held) -> Any:
-        """(how it ended, the record as last written): done, failed or released."""
-        self.preparing += 1
+        """(how it ended, the record as last written): done, failed or released. Its claim is
+        counted in ``preparing`` (by `offered`) until the node's pool counts it."""
         started: list[bool] = []
         try:
             outcome = yield self._prepare_and_run(held, started)

@@ -115,6 +115,28 @@ class WorkerTests:
         rig.worker.can_take = lambda: True
         assert result(rig.worker.offered(JOB, "chunk-2")) is False
 
+    def test_one_worker_claims_one_of_offers_that_come_together(self, tmp_path: Path) -> None:
+        """An owner offers several chunks at once: while the first claim is on its way, the
+        worker's one idle worker counts as taken, so the others are not claimed (to wait in its
+        queue while the owner's own worker idles)."""
+        rig = Rig(tmp_path)
+        rig.worker.can_take = lambda: 1 > rig.worker.preparing  # one idle worker, as ChunkGrid says
+        rig.publish(2)
+        rig.publish(3)
+        claim, pending = rig.board.claim, []
+
+        def slow_claim(*args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d.addCallback(lambda _: claim(*args))
+
+        rig.board.claim = slow_claim  # type: ignore[method-assign]
+        first = rig.worker.offered(JOB, "chunk-2")
+        assert result(rig.worker.offered(JOB, "chunk-3")) is False and len(pending) == 1
+        pending[0].callback(None)
+        assert result(first) is True and rig.worker.preparing == 0
+        assert result(rig.owner.read(JOB, "chunk-3")).record.state == OPEN
+
     def test_a_plan_that_disagrees_is_refused(self, tmp_path: Path) -> None:
         """A record whose cut this node's plan does not give: released as refused, nothing run."""
         rig = Rig(tmp_path)
