@@ -36,6 +36,7 @@ from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.split import RunTask
 from gridnode.membership import swim
 from gridnode.membership.wire import Note
+from gridnode.metrics import Metrics
 from gridnode.registry.records import clean_load
 from gridnode.store.base import ObjectStore
 
@@ -93,7 +94,7 @@ class ChunkGrid:
                  probe: Callable[[str], Deferred[ProbeResult]], run_chunk: RunChunk, local_free: Callable[[], int],
                  draining: Callable[[], bool], gone: Callable[[str], bool], scratch: str, ffmpeg: str = "ffmpeg",
                  threads: int | None = None, input_limits: Limits = Limits(),
-                 children_user: Callable[[], str | None] = lambda: None) -> None:
+                 children_user: Callable[[], str | None] = lambda: None, metrics: Metrics | None = None) -> None:
         self.clock = clock
         self.membership = membership
         self.node_id = node_id
@@ -104,10 +105,10 @@ class ChunkGrid:
         self.sources = Sources(store, scratch, probe, user=children_user)
         self.worker = ChunkWorker(self.board, store, self.sources, parse_presets=parse_presets, run_chunk=run_chunk,
                                   tell=self.send, can_take=lambda: self.idle() > self.worker.preparing,
-                                  ffmpeg=ffmpeg, threads=threads,
-                                  input_limits=input_limits)
+                                  ffmpeg=ffmpeg, threads=threads, input_limits=input_limits, metrics=metrics)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
-                                local_free=self.idle, turn=lambda: not self.draining(), user=children_user)
+                                local_free=self.idle, turn=lambda: not self.draining(), user=children_user,
+                                metrics=metrics)
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 

@@ -47,12 +47,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gridnode import chunk_files, keys
-from gridnode.chunk_records import CLAIMED, DONE, FAILED, OPEN, Board, ChunkRecord, Held, disagrees
+from gridnode.chunk_records import CHUNK_ERRORS, CLAIMED, DONE, FAILED, OPEN, Board, ChunkRecord, Held, disagrees
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.media import stitch
 from gridnode.media.chunks import Plan
 from gridnode.media.sandbox import share_with
 from gridnode.media.split import RunTask, Task
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 from gridnode.timers import jittered
 
@@ -126,7 +127,7 @@ class ChunkOwner:
                  local_free: Callable[[], int], turn: Callable[[], bool] = lambda: False,
                  reoffer: float = REOFFER, fanout: int = FANOUT,
                  look: float = LOOK, rng: random.Random | None = None,
-                 user: Callable[[], str | None] = lambda: None) -> None:
+                 user: Callable[[], str | None] = lambda: None, metrics: Metrics | None = None) -> None:
         self.board = board
         #: the archives' fetches (bodies)
         self.store = store
@@ -146,6 +147,7 @@ class ChunkOwner:
         #: the children's user ("uid:gid"; None: the node's own): a peer's chunk is theirs to read
         #: in the stitch's box, as one made here by them is
         self.user = user
+        self.metrics = metrics or Metrics()
         self.entries: dict[tuple[str, str], _Entry] = {}
         #: job id -> peers that held a task of it (told when it ends)
         self.holders: dict[str, set[str]] = {}
@@ -163,9 +165,19 @@ class ChunkOwner:
         def run(task: Task, progress: Callable[[float], None]) -> Deferred[Any]:
             if task.kind != "chunk":
                 return local(task, progress).addBoth(self._freed)  # the audio pass took a worker of ours
-            return self._start(job, task, local, progress)
+            return self._start(job, task, local, progress).addErrback(self._failed)
 
         return run
+
+    def _failed(self, failure: Failure) -> Failure:
+        """Counts a chunk task that ended without its chunk (its successes count where they land)."""
+        code = getattr(failure.value, "code", "")
+        if code == "cancelled":
+            self.metrics.chunks_finished.labels("cancelled", "").inc()
+        else:  # a peer's record may carry any code: the label's values stay few
+            label = code if code in CHUNK_ERRORS or code == "poison" else "other"
+            self.metrics.chunks_finished.labels("failed", label).inc()
+        return failure
 
     def _freed(self, result: Any) -> Any:
         """A worker of ours is free: our open tasks first, before the next offer to a peer."""
@@ -241,7 +253,9 @@ class ChunkOwner:
     @inlineCallbacks
     def _reopen(self, entry: _Entry) -> Any:
         held = yield self.board.reopen(entry.job.id, entry.task.key, self.gone)
-        entry.holder, entry.next_offer = "", 0.0  # offered again at once
+        if held.record.state == OPEN and held.record.lost > entry.held.record.lost:
+            self.metrics.chunks_redone.labels("lost_holder").inc()
+        entry.held, entry.holder, entry.next_offer = held, "", 0.0  # offered again at once
         yield self._settle(entry, held)
 
     @inlineCallbacks
@@ -267,6 +281,8 @@ class ChunkOwner:
             again = yield self.board.redo(held)
             if again is None:
                 again = yield self.board.read(record.job, record.task)
+            elif again.record.state == OPEN:
+                self.metrics.chunks_redone.labels("bad_archive").inc()
             entry.next_offer = 0.0
             yield self._settle(entry, again)
             return
@@ -276,6 +292,7 @@ class ChunkOwner:
         entry.progress(1.0)
         self._note_state(entry, DONE, record.holder)
         if not entry.result.called:
+            self.metrics.chunks_finished.labels("collected", "").inc()
             entry.result.callback(record.frames)
 
     def _fail(self, entry: _Entry, error: BaseException | Failure) -> None:
@@ -310,6 +327,7 @@ class ChunkOwner:
         for entry in self._open():
             if peer not in entry.held.record.refused:
                 self.send(peer, "offer", entry.job.id, entry.task.key)
+                self.metrics.chunk_offers_sent.inc()
                 entry.offers += 1  # a later round reads its record first: this claim's note may be lost
                 return
 
@@ -410,6 +428,7 @@ class ChunkOwner:
                 self._fail(entry, result)
             elif not entry.result.called:
                 self._note_state(entry, DONE, self.node_id)
+                self.metrics.chunks_finished.labels("made_here", "").inc()
                 entry.result.callback(result)
             return None
         d.addBoth(ended).addBoth(self._freed)
@@ -439,6 +458,7 @@ class ChunkOwner:
                     break
             for peer in chosen:
                 self.send(peer, "offer", entry.job.id, entry.task.key)
+            self.metrics.chunk_offers_sent.inc(len(chosen))
             entry.offers += 1
             entry.next_offer = now + jittered(self.reoffer * min(8, 2 ** (entry.offers - 1)), self.rng)
 

@@ -41,6 +41,9 @@ STATES = (OPEN, CLAIMED, DONE, FAILED)
 FORMAT = 1
 #: the largest record read (a job record's limit: the presets and specs are the job's)
 MAX_BYTES = 256 * 1024
+#: errors of a chunk's own making (ffmpeg, its limits): its holder fails the record with one
+#: (anything else releases it); these and ``poison`` are the codes a failed record should carry
+CHUNK_ERRORS = frozenset({"ffmpeg_failed", "output_too_large", "timeout", "frames"})
 #: holders a task may lose (each gone while it held the task) before the job is ``poison``, as a
 #: job is after as many adoptions (gridnode/adoption.py's MAX_ATTEMPTS)
 POISON = 3

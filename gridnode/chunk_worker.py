@@ -21,8 +21,10 @@ the record done.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from gridnode import chunk_files, keys
-from gridnode.chunk_records import BadChunk, Board, ChunkRecord, Held, NotHeld, disagrees
+from gridnode.chunk_records import CHUNK_ERRORS, BadChunk, Board, ChunkRecord, Held, NotHeld, disagrees
 from gridnode.chunk_run import ChunkRun
 from gridnode.errors import GridnodeError, NotFound
 from gridnode.media import chunks as plan_chunks
@@ -39,6 +41,7 @@ from gridnode.media.presets import Preset, folders, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.sandbox import private_folder
 from gridnode.media.split import Task
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 
 #: runs one chunk on a worker of this node under the record's tenant and priority, telling its
@@ -47,8 +50,6 @@ from gridnode.store.base import ObjectStore
 RunChunk = Callable[[ChunkRun, Callable[[float], None]], "Deferred[Any]"]
 #: tells a task's owner of it: (owner, what, job id, task); what is claimed, done, failed or released
 Tell = Callable[[str, str, str, str], object]
-#: errors of a chunk's own making: the record fails with them (anything else releases it)
-CHUNK_ERRORS = frozenset({"ffmpeg_failed", "output_too_large", "timeout", "frames"})
 
 
 class Sources:
@@ -128,7 +129,8 @@ class ChunkWorker:
     def __init__(self, board: Board, store: ObjectStore, sources: Sources, *,
                  parse_presets: Callable[[str | None, list[Any] | None], list[Preset]], run_chunk: RunChunk,
                  tell: Tell, can_take: Callable[[], bool] = lambda: True, ffmpeg: str = "ffmpeg",
-                 threads: int | None = None, input_limits: Limits = Limits()) -> None:
+                 threads: int | None = None, input_limits: Limits = Limits(), metrics: Metrics | None = None,
+                 now: Callable[[], float] = time.monotonic) -> None:
         self.board = board
         #: the archives' puts (bodies: no token)
         self.store = store
@@ -143,8 +145,10 @@ class ChunkWorker:
         self.input_limits = input_limits
         #: (job, task) -> its run here
         self.running: dict[tuple[str, str], Deferred[Any]] = {}
-        #: how each run here ended: done, failed, released, lost (for /metrics and tests)
-        self.counts: dict[str, int] = {}
+        self.metrics = metrics or Metrics()
+        self.metrics.peer_chunks_running.set_function(lambda: len(self.running))
+        #: the clock of the runs' durations
+        self.now = now
         #: runs claimed that have not reached a worker yet (fetching, probing): not in the
         #: node's pool's figures, so ``can_take`` counts them
         self.preparing = 0
@@ -153,7 +157,9 @@ class ChunkWorker:
     def offered(self, job_id: str, task: str) -> Any:
         """A task of ``job_id`` is offered to us: claimed and started if we can take it; fires True
         then (the run goes on in ``running``), False when we cannot or another node was faster."""
+        answered = self.metrics.peer_chunk_offers.labels
         if (job_id, task) in self.running or not self.can_take():
+            answered("taken" if (job_id, task) in self.running else "busy").inc()
             return False
         # The claim holds a worker from now on: offers that come while it is on its way (an owner
         # offers several at once) see it taken, and one worker never claims several chunks.
@@ -164,13 +170,18 @@ class ChunkWorker:
         except BadChunk as e:
             self._log.warn("chunk record {task} of job {job} refused: {reason}", task=task, job=job_id,
                            reason=e.message)
+            answered("bad_record").inc()
+            return False
         except NotFound:
-            pass  # the job ended since the offer
+            answered("ended").inc()
+            return False  # the job ended since the offer
         finally:
             if held is None:
                 self.preparing -= 1
         if held is None:
+            answered("taken").inc()
             return False
+        answered("claimed").inc()
         self.tell(held.record.owner, "claimed", job_id, task)
 
         def ended(outcome: Any) -> Any:
@@ -185,13 +196,14 @@ class ChunkWorker:
     @inlineCallbacks
     def _run(self, held: Held) -> Any:
         record = held.record
+        began = self.now()
         try:
-            outcome, held = yield self._work(held)
+            outcome, reason, held = yield self._work(held)
         except NotHeld:
-            outcome = "lost"
-        except Exception:  # noqa: BLE001 - a bug must not leave the task claimed for ever
+            outcome, reason = "lost", ""
+        except Exception as e:  # noqa: BLE001 - a bug must not leave the task claimed for ever
             self._log.failure("chunk {task} of job {job} failed here", task=record.task, job=record.job)
-            outcome = "released"
+            outcome, reason = "released", _trouble(e)
             try:
                 yield self.board.release(held)
             except GridnodeError:
@@ -199,7 +211,8 @@ class ChunkWorker:
         finally:
             self.sources.done_with(record.job)
             shutil.rmtree(self._folder(record), ignore_errors=True)
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        self.metrics.peer_chunks_finished.labels(outcome, reason).inc()
+        self.metrics.peer_chunk_seconds.labels(outcome).observe(max(0.0, self.now() - began))
         if outcome != "lost":
             self.tell(record.owner, outcome, record.job, record.task)
         return outcome
@@ -209,8 +222,9 @@ class ChunkWorker:
 
     @inlineCallbacks
     def _work(self, held: Held) -> Any:
-        """(how it ended, the record as last written): done, failed or released. Its claim is
-        counted in ``preparing`` (by `offered`) until the node's pool counts it."""
+        """(how it ended: done, failed or released; why: the failure's code or the release's
+        reason; the record as last written). Its claim is counted in ``preparing`` (by
+        `offered`) until the node's pool counts it."""
         started: list[bool] = []
         try:
             outcome = yield self._prepare_and_run(held, started)
@@ -222,19 +236,21 @@ class ChunkWorker:
     @inlineCallbacks
     def _prepare_and_run(self, held: Held, started: list[bool]) -> Any:
         record = held.record
+        why = "source"  # the source cannot be fetched or probed here; then "refused": our templates differ
         try:
             source, info = yield self.sources.get(record.job)
+            why = "refused"
             presets = self.parse_presets(",".join(record.presets) or None, record.spec or None)
         except GridnodeError as e:
             self._log.warn("chunk {task} of job {job} released: {reason}", task=record.task, job=record.job,
                            reason=e.message)
-            return "released", (yield self.board.release(held))
+            return "released", why, (yield self.board.release(held))
         plan = plan_chunks.plan(info, presets, chunk_seconds=record.chunk_seconds, chunk_over=0)
         reason = disagrees(record, plan)
         if reason:
             self._log.warn("chunk {task} of job {job} refused: {reason}", task=record.task, job=record.job,
                            reason=reason)
-            return "released", (yield self.board.release(held, refused=True))
+            return "released", "refused", (yield self.board.release(held, refused=True))
         chunk = plan.chunks[record.index]
         folder = self._folder(record)
         out = os.path.join(folder, "out")
@@ -257,10 +273,21 @@ class ChunkWorker:
             if e.code not in CHUNK_ERRORS:
                 self._log.warn("chunk {task} of job {job} released ({code}): {reason}", task=record.task,
                                job=record.job, code=e.code, reason=e.message)
-                return "released", (yield self.board.release(held))
+                why = "stopped" if e.code == "cancelled" else "run"
+                return "released", why, (yield self.board.release(held))
             code = "ffmpeg_failed" if e.code == "frames" else e.code
-            return "failed", (yield self.board.fail(held, code, e.message))
+            return "failed", code, (yield self.board.fail(held, code, e.message))
         yield self.store.put_file(keys.chunk_files(record.job, record.task) + chunk_files.ARCHIVE, archive,
                                   content_type="application/x-tar", handed_over=True)
         written = yield self.board.finish(held, frames if isinstance(frames, int) else None, size)
-        return "done", written
+        return "done", "", written
+
+
+def _trouble(error: Exception) -> str:
+    """Why a run released on an unexpected error: the store's trouble (storing the archive or
+    the record), a full scratch disk, or anything else (a bug: its traceback is logged)."""
+    if isinstance(error, GridnodeError) and error.code.startswith("storage_"):
+        return "store"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "scratch"
+    return "error"

@@ -79,6 +79,23 @@ class Metrics:
                               registry=r)
         self.peer_dropped = Counter("gridnode_peer_messages_dropped", "Peer messages dropped", ["reason"],
                                     registry=r)
+        # chunks run by the pool: this node's jobs' (the owner's side), and peers' made here
+        self.chunks_finished = Counter("gridnode_chunks_finished", "Chunks of this node's jobs by how they ended: "
+                                       "made_here, collected (a peer's), failed (code), cancelled",
+                                       ["result", "code"], registry=r)
+        self.chunks_redone = Counter("gridnode_chunks_redone", "Chunks of this node's jobs open again: "
+                                     "lost_holder (it died), bad_archive", ["reason"], registry=r)
+        self.chunk_offers_sent = Counter("gridnode_chunk_offers_sent", "Offers of this node's chunks sent to "
+                                         "idle peers", registry=r)
+        self.peer_chunk_offers = Counter("gridnode_peer_chunk_offers", "Peers' chunks offered here, by answer: "
+                                         "claimed, busy, taken, ended, bad_record", ["answer"], registry=r)
+        self.peer_chunks_finished = Counter("gridnode_peer_chunks_finished", "Peers' chunks claimed here by how "
+                                            "they ended: done, failed, released, lost (reason: the failure's "
+                                            "code, or why released)", ["result", "reason"], registry=r)
+        self.peer_chunk_seconds = Histogram("gridnode_peer_chunk_duration_seconds", "A peer's chunk here, claim "
+                                            "to end", ["result"], buckets=_DURATIONS, registry=r)
+        self.peer_chunks_running = Gauge("gridnode_peer_chunks_running", "Peers' chunks claimed here and not "
+                                         "ended", registry=r)
 
     def bind_load(self, load: Callable[[], dict[str, float]]) -> None:
         """Gauges read from the job service when scraped."""

@@ -170,7 +170,7 @@ class NodeService(MultiService):
         peer_port = endpoint_port(config.peer) or 0
         peer_addr = f"{public_host(config.advertise, endpoint_interface(config.peer) or '')}:{peer_port}"
         membership = yield self._membership(config, jobs, peer_addr, metrics, peer_ring)
-        grid = self.chunks = self._chunk_grid(config, view.node_id, store, media, jobs, membership)
+        grid = self.chunks = self._chunk_grid(config, view.node_id, store, media, jobs, membership, metrics)
         media.chunk_grid = grid
         announce = jobs.runner.on_final
         jobs.runner.on_final = lambda job: self._ended(grid, job, announce)
@@ -200,7 +200,7 @@ class NodeService(MultiService):
         return view
 
     def _chunk_grid(self, config: NodeConfig, node_id: str, store: ObjectStore, media: Any, jobs: JobService,
-                    membership: Any) -> Any:
+                    membership: Any, metrics: Metrics) -> Any:
         """This node's part in chunks run by the pool (gridnode/chunk_grid.py): peers' chunks on its
         idle workers, offered by notes; its own chunked jobs' chunks through ``run_task``."""
         from gridnode.chunk_grid import ChunkGrid, idle_workers
@@ -212,7 +212,8 @@ class NodeService(MultiService):
             run_chunk=pool_runner(self.reactor, media.pool, lambda: media.sandbox, lambda: media.hurried),
             local_free=lambda: idle_workers(media.pool), draining=lambda: jobs.draining,
             gone=lambda member: jobs.adopter.gone(member), scratch=os.path.join(config.work_dir, "scratch", ".chunks"),
-            ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits, children_user=lambda: media.user)
+            ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits, children_user=lambda: media.user,
+            metrics=metrics)
 
     @inlineCallbacks
     def _ended(self, grid: Any, job: Any, announce: Any) -> Any:

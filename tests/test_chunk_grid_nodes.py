@@ -33,7 +33,7 @@ from gridnode.store.base import ObjectStore
 from gridnode.store.file import FileBackend
 from tests.helpers import free_port, wait_for
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
-from tests.nodes import NodeProcess, boxes_here, upload
+from tests.nodes import NodeProcess, boxes_here, request, upload
 from tests.test_chunk_grid_media import ffmpeg_task
 from tests.test_chunk_worker_media import make_source
 from tests.test_chunked_nodes import fetch, wait_done
@@ -137,12 +137,27 @@ class Owner:
         return records
 
 
+def peer_chunks(node: NodeProcess) -> dict[str, float]:
+    """What a node's /metrics says of the peers' chunks it made: done, their durations' count,
+    and those running now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, text = request("GET", node.url + "/metrics")
+    assert status == 200, text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+    return {"made": samples.get(("gridnode_peer_chunks_finished_total", (("reason", ""), ("result", "done"))), 0.0),
+            "timed": samples.get(("gridnode_peer_chunk_duration_seconds_count", (("result", "done"),)), 0.0),
+            "running": samples[("gridnode_peer_chunks_running", ())]}
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path) -> None:
     """The owner offers each chunk to the idle nodes of nodes.json; the nodes make them all (each
     on its one worker, most often both take some); the owner, which hears nothing back (it is no member:
     every note to it is lost), finds each done at its looks in the store, and stitches the
-    whole's frames."""
+    whole's frames. Each node's /metrics counts as made (and timed) the chunks its records say
+    it made, and none running."""
     store_dir = tmp_path / "store"
     nodes = start_nodes(tmp_path, store_dir, ("na", "nb"))
     try:
@@ -158,6 +173,11 @@ async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path
         # both are offered chunks; which takes how many is the scheduler's (on a busy machine one
         # node may take them all)
         assert {r.holder for r in records} <= {"na", "nb"} and all(r.holder for r in records)
+        for name, node in nodes.items():
+            made = sum(r.holder == name for r in records)
+            # counted once the finish is written: a scrape may come a moment before
+            await wait_for(lambda n=node, m=made: peer_chunks(n)["made"] == m, 10)
+            assert peer_chunks(node) == {"made": made, "timed": made, "running": 0}, name
     finally:
         for node in nodes.values():
             node.stop()

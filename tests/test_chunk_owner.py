@@ -19,6 +19,7 @@ from gridnode.chunk_records import CLAIMED, DONE, OPEN, POISON, Board, Held
 from gridnode.errors import GridnodeError
 from gridnode.media import stitch
 from gridnode.media.split import Task
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.test_chunk_records import result
@@ -59,7 +60,7 @@ class Counting(MemoryBackend):
 
 
 class Rig:
-    def __init__(self, tmp: Path, free: int = 0, node: str = "owner") -> None:
+    def __init__(self, tmp: Path, free: int = 0, node: str = "owner", metrics: Metrics | None = None) -> None:
         self.backend = Counting()
         self.store = ObjectStore.synchronous(self.backend)
         self.clock = Clock()
@@ -73,7 +74,7 @@ class Rig:
         self.owner = ChunkOwner(Board(self.store, node, self.clock.seconds), self.store, self.clock,
                                 send=lambda *a: self.sent.append(a), peers=lambda: succeed(list(self.idle)),
                                 gone=lambda n: n in self.dead, local_free=lambda: self.free,
-                                rng=random.Random(3))
+                                rng=random.Random(3), metrics=metrics)
         #: each chunk's last state and node as the owner told the job's chunk list
         self.told: dict[int, tuple[str, str]] = {}
         self.job = OwnedJob(JOB, "t1", "low", [], SPEC, 60.0, plan(), str(tmp / "work"), 10_000_000,

@@ -23,6 +23,7 @@ from gridnode.errors import GridnodeError
 from gridnode.media import chunks
 from gridnode.media.split import Task
 from gridnode.media.templates import Catalog
+from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
 from gridnode.store.memory import MemoryBackend
 from tests.test_chunk_records import result
@@ -48,7 +49,7 @@ def record(index: int = 2, **kw: Any) -> ChunkRecord:
 class Rig:
     """An owner's board, a worker's, and the worker over the memory store with fake media."""
 
-    def __init__(self, tmp: Path, run: Any = None) -> None:
+    def __init__(self, tmp: Path, run: Any = None, metrics: Metrics | None = None) -> None:
         self.store = ObjectStore.synchronous(MemoryBackend())
         self.owner = Board(self.store, "owner", lambda: 1.0)
         self.board = Board(self.store, "w1", lambda: 2.0)
@@ -63,7 +64,8 @@ class Rig:
 
         self.sources = Sources(self.store, str(tmp / "chunks"), probe, keep=1)
         self.worker = ChunkWorker(self.board, self.store, self.sources, parse_presets=Catalog().parse,
-                                  run_chunk=run or self.run, tell=lambda *a: self.told.append(a), threads=1)
+                                  run_chunk=run or self.run, tell=lambda *a: self.told.append(a), threads=1,
+                                  metrics=metrics)
 
     def run(self, chunk: ChunkRun, progress: Any) -> Deferred[Any]:
         """ffmpeg's stand-in: writes the argv's output file and answers the chunk's frames."""
@@ -176,7 +178,7 @@ class WorkerTests:
     def test_reopened_under_the_holder(self, tmp_path: Path) -> None:
         """The owner reopened the task while it ran (it held us gone): the finish writes nothing,
         no archive counts, the owner is not told."""
-        rig = Rig(tmp_path)
+        rig = Rig(tmp_path, metrics=Metrics())
         rig.publish(2)
 
         def run(chunk: ChunkRun, progress: Any) -> Deferred[Any]:
@@ -187,7 +189,9 @@ class WorkerTests:
         result(rig.worker.offered(JOB, "chunk-2"))
         now = result(rig.owner.read(JOB, "chunk-2")).record
         assert (now.state, now.lost) == (OPEN, 1)
-        assert [t[1] for t in rig.told] == ["claimed"] and rig.worker.counts == {"lost": 1}
+        assert [t[1] for t in rig.told] == ["claimed"]
+        lost = {"result": "lost", "reason": ""}
+        assert rig.worker.metrics.registry.get_sample_value("gridnode_peer_chunks_finished_total", lost) == 1
 
     def test_an_offer_for_a_job_that_ended(self, tmp_path: Path) -> None:
         """The record is gone (the job ended since the offer): not taken, nothing run, no error."""
