@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from gridnode.errors import GridnodeError
 from gridnode.media import chunks as plan_chunks
 from gridnode.media import stitch
+from gridnode.media.ffmpeg import collect_outputs
 from gridnode.media.presets import Preset, default_output_limit, folders, hls_rungs, storyboard_plan
 from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.verify import truncation
@@ -176,7 +177,9 @@ class SplitJob:
                 made = [self.made[c.index] for c in self.plan.chunks if c.index in self.made]
                 if item.preset.container != "storyboard" and isinstance(frames, int) \
                         and len(made) == len(self.plan.chunks) and frames != sum(made):
-                    # ffmpeg's concat ends quietly at a chunk's file it cannot open
+                    # ffmpeg's concat ends quietly at a chunk's file it cannot open, and -fs at the
+                    # size limit: that one is the job's output_too_large
+                    self._too_large(item.preset)
                     raise GridnodeError(f"{task.key} joined {frames} video frames of the chunks' {sum(made)}",
                                         code="ffmpeg_failed", status=422)
             except Exception as e:  # noqa: BLE001 - named with its task, as the others
@@ -184,6 +187,15 @@ class SplitJob:
         self.join_segments()
         self._report(1.0)
         return self.out_dir
+
+    def _too_large(self, preset: Preset) -> None:
+        """Raise ``output_too_large`` where an output of ``preset`` reached its size limit."""
+        try:
+            collect_outputs(self.out_dir, self.probe, [preset],
+                            max_output_bytes=self.max_output_bytes or default_output_limit(self.probe))
+        except GridnodeError as e:
+            if e.code == "output_too_large":
+                raise
 
     @defer.inlineCallbacks
     def _one(self, task: Task, failed: dict[str, BaseException]) -> Any:
