@@ -11,7 +11,8 @@ member gone (``on_gone``).
 
 Which peers are idle: the pool's ``nodes.json`` (every node's load as of the registry writer's
 last heartbeat), read at most once every ``refresh`` s and only while this node has a task to
-offer; a peer it holds busy or gone is not offered anything.
+offer, and once more when a chunked job starts; a peer it holds busy or gone is not offered
+anything.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from gridnode.store.base import ObjectStore
 FIGURE = "chunk_idle"
 #: seconds between reads of nodes.json for the peers' idle workers
 REFRESH = 30.0
+#: a chunked job starting reads nodes.json anew unless it was read this many seconds ago
+FRESH = 2.0
 #: the largest nodes.json read (5,000 nodes' entries)
 MAX_LIST_BYTES = 8 * 1024 * 1024
 _TASK = re.compile(r"chunk-[0-9]{1,5}")
@@ -61,6 +64,12 @@ class PeerLoads:
         self.refresh = refresh
         self._figures: list[tuple[str, float]] = []
         self._read_at: float | None = None
+
+    def stale(self) -> None:
+        """A chunked job starts here: its first offers go by figures read now (a heartbeat old at
+        most), not by up to ``refresh`` s older ones, from when every peer may have been busy."""
+        if self._read_at is not None and self.clock.seconds() - self._read_at >= FRESH:
+            self._read_at = None
 
     @inlineCallbacks
     def idle(self) -> Any:
@@ -130,6 +139,7 @@ class ChunkGrid:
         for the job's chunk list."""
         chunk_job = OwnedJob(job.id, job.tenant, job.priority, list(job.presets), list(job.spec), chunk_seconds,
                              plan, work_dir, limit, told)
+        self.loads.stale()
         return self.owner.run_task(chunk_job, local)
 
     def recorded_chunk_seconds(self, job_id: str) -> Deferred[Any]:

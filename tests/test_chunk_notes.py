@@ -209,3 +209,21 @@ class PeerLoadsTests:
         backend.put_bytes(key, b"not json")
         clock.advance(30)
         assert result(loads.idle()) == []
+
+    def test_a_job_starting_reads_them_anew(self) -> None:
+        """A chunked job starting (``stale``) reads nodes.json at its first offer, unless it was
+        read in the last FRESH s: peers busy a refresh ago may be idle now."""
+        backend = MemoryBackend()
+        store = ObjectStore.synchronous(backend)
+        key = keys.nodes_list("dev", "default")
+        backend.put_bytes(key, json.dumps({"nodes": [{"id": "p1", "load": {FIGURE: 0}}]}).encode())
+        clock = Clock()
+        loads = PeerLoads(store, key, clock, refresh=30)
+        assert result(loads.idle()) == []
+        backend.put_bytes(key, json.dumps({"nodes": [{"id": "p1", "load": {FIGURE: 1}}]}).encode())
+        clock.advance(1)
+        loads.stale()
+        assert result(loads.idle()) == []  # read a moment ago: kept
+        clock.advance(2)
+        loads.stale()
+        assert result(loads.idle()) == [("p1", 1.0)]
