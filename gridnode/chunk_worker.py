@@ -25,7 +25,7 @@ import errno
 import os
 import shutil
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +50,10 @@ from gridnode.store.base import ObjectStore
 RunChunk = Callable[[ChunkRun, Callable[[float], None]], "Deferred[Any]"]
 #: tells a task's owner of it: (owner, what, job id, task); what is claimed, done, failed or released
 Tell = Callable[[str, str, str, str], object]
+
+
+#: offers turned away while a claim was on its way, kept to try if that claim is lost
+MISSED = 16
 
 
 class Sources:
@@ -152,6 +156,8 @@ class ChunkWorker:
         #: runs claimed that have not reached a worker yet (fetching, probing): not in the
         #: node's pool's figures, so ``can_take`` counts them
         self.preparing = 0
+        #: offers turned away while a claim was on its way, newest kept
+        self._missed: deque[tuple[str, str]] = deque(maxlen=MISSED)
 
     @inlineCallbacks
     def offered(self, job_id: str, task: str) -> Any:
@@ -160,26 +166,27 @@ class ChunkWorker:
         answered = self.metrics.peer_chunk_offers.labels
         if (job_id, task) in self.running or not self.can_take():
             answered("taken" if (job_id, task) in self.running else "busy").inc()
+            if self.preparing and (job_id, task) not in self.running:
+                self._missed.append((job_id, task))  # its chance if the claim on its way is lost
             return False
         # The claim holds a worker from now on: offers that come while it is on its way (an owner
         # offers several at once) see it taken, and one worker never claims several chunks.
         self.preparing += 1
-        held = None
+        held, lost = None, "taken"  # by another node
         try:
             held = yield self.board.claim(job_id, task)
         except BadChunk as e:
             self._log.warn("chunk record {task} of job {job} refused: {reason}", task=task, job=job_id,
                            reason=e.message)
-            answered("bad_record").inc()
-            return False
+            lost = "bad_record"
         except NotFound:
-            answered("ended").inc()
-            return False  # the job ended since the offer
+            lost = "ended"  # the job ended since the offer
         finally:
             if held is None:
                 self.preparing -= 1
         if held is None:
-            answered("taken").inc()
+            answered(lost).inc()
+            self._try_missed()
             return False
         answered("claimed").inc()
         self.tell(held.record.owner, "claimed", job_id, task)
@@ -192,6 +199,14 @@ class ChunkWorker:
         if not d.called:  # ended already where the store answers at once (tests)
             self.running[(job_id, task)] = d.addBoth(ended)
         return True
+
+    def _try_missed(self) -> None:
+        """A claim was lost (another node was faster, or the chunk is gone): the offers turned
+        away while it was on its way get their chance, one at a time (a loss tries the next)."""
+        if self._missed and self.can_take():
+            job_id, task = self._missed.popleft()
+            self.offered(job_id, task).addErrback(
+                lambda f: self._log.failure("offer of {task} of job {job}", f, task=task, job=job_id))
 
     @inlineCallbacks
     def _run(self, held: Held) -> Any:

@@ -139,6 +139,29 @@ class WorkerTests:
         assert result(first) is True and rig.worker.preparing == 0
         assert result(rig.owner.read(JOB, "chunk-3")).record.state == OPEN
 
+    def test_an_offer_turned_away_gets_its_chance_when_the_claim_is_lost(self, tmp_path: Path) -> None:
+        """Two nodes are offered the same chunks: the one whose claim loses (the other was faster)
+        claims the next offer it turned away meanwhile, instead of taking none."""
+        rig = Rig(tmp_path)
+        rig.worker.can_take = lambda: 1 > rig.worker.preparing
+        rig.publish(2)
+        rig.publish(3)
+        claim, pending = rig.board.claim, []
+
+        def slow_claim(*args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d.addCallback(lambda _: claim(*args))
+
+        rig.board.claim = slow_claim  # type: ignore[method-assign]
+        first = rig.worker.offered(JOB, "chunk-2")
+        assert result(rig.worker.offered(JOB, "chunk-3")) is False
+        result(Board(rig.store, "w2", lambda: 1.0).claim(JOB, "chunk-2"))  # the other node first
+        pending[0].callback(None)
+        assert result(first) is False and len(pending) == 2
+        pending[1].callback(None)
+        assert [(r.index, r.holder) for r, _task in rig.runs] == [(3, "w1")] and rig.worker.preparing == 0
+
     def test_a_plan_that_disagrees_is_refused(self, tmp_path: Path) -> None:
         """A record whose cut this node's plan does not give: released as refused, nothing run."""
         rig = Rig(tmp_path)
