@@ -103,8 +103,11 @@ class ChunkGrid:
                  probe: Callable[[str], Deferred[ProbeResult]], run_chunk: RunChunk, local_free: Callable[[], int],
                  draining: Callable[[], bool], gone: Callable[[str], bool], scratch: str, ffmpeg: str = "ffmpeg",
                  threads: int | None = None, input_limits: Limits = Limits(),
-                 children_user: Callable[[], str | None] = lambda: None, metrics: Metrics | None = None) -> None:
+                 children_user: Callable[[], str | None] = lambda: None, metrics: Metrics | None = None,
+                 others_waiting: Callable[[str], bool] = lambda _job: True) -> None:
         self.clock = clock
+        #: whether a task of a job other than the one named waits for this node's workers
+        self.others_waiting = others_waiting
         self.membership = membership
         self.node_id = node_id
         self.local_free = local_free
@@ -116,13 +119,18 @@ class ChunkGrid:
                                   tell=self.send, can_take=lambda: self.idle() > self.worker.preparing,
                                   ffmpeg=ffmpeg, threads=threads, input_limits=input_limits, metrics=metrics)
         self.owner = ChunkOwner(self.board, store, clock, send=self.send, peers=self._idle_peers, gone=gone,
-                                local_free=self.idle, turn=lambda: not self.draining(), user=children_user,
+                                local_free=self.idle, turn=self._turn, user=children_user,
                                 metrics=metrics)
         membership.on_note = self.on_note
         membership.on_gone.append(lambda member, incarnation: self.owner.holder_gone(member))
 
     def idle(self) -> int:
         return 0 if self.draining() else max(0, self.local_free())
+
+    def _turn(self, job_id: str) -> bool:
+        """Whether a job's chunks keep their turn here with no worker idle: while another job's
+        task waits for this node's workers (fair share); else they stay open for idle peers."""
+        return not self.draining() and self.others_waiting(job_id)
 
     def load_figures(self) -> dict[str, float]:
         """What the node's load adds: its workers free for a peer's chunk (and that it takes notes)."""
@@ -185,6 +193,12 @@ class ChunkGrid:
             self.sources.forget(note.job)
         else:
             self.owner.noted(note.sender, note.kind, note.job, note.task)
+
+
+def others_waiting(pool: Any, job_id: str) -> bool:
+    """Whether a `TranscodePool` entry of a job other than ``job_id`` (its tasks: ``<job>.chunk-3``)
+    waits for a worker."""
+    return any(entry.split(".", 1)[0] != job_id for entry in pool.waiting())
 
 
 def idle_workers(pool: Any) -> int:

@@ -7,9 +7,11 @@ Each chunk task is published as a record (gridnode/chunk_records.py), then:
 - **Ours first.** While this node has idle workers (``local_free()``), it claims its open
   tasks itself (one conditional PUT, on the ETag it just wrote) and runs them through the
   node's own runner (``local``), on its own paths, as a job without peers would. With
-  ``turn()``, a job with fewer than ``TURN`` tasks running or queued here claims one even with
-  no worker idle: one always waits in the node's fair queue, so the job keeps its turn among
-  the tenants' jobs there (another tenant's short jobs take turns with its chunks).
+  ``turn(job)`` (another job's task waits for this node's workers), a job with fewer than
+  ``TURN`` tasks running or queued here claims one even with no worker idle: one always waits
+  in the node's fair queue, so the job keeps its turn among the tenants' jobs there (another
+  tenant's short jobs take turns with its chunks). With nothing else waiting here, its open
+  tasks stay open for idle peers until a worker here is free.
 - **Offers.** What is left is offered by a peer note to nodes that say they have idle workers
   (``peers()``: their ``chunk_idle`` load figure), each task to ``fanout`` of them, spread by
   their idle workers; none is sent when no peer is idle. A peer that says it made one is
@@ -61,7 +63,7 @@ from gridnode.timers import jittered
 REOFFER = 15.0
 #: peers each open task is offered to at once
 FANOUT = 2
-#: a job's tasks kept here (running or queued) while no worker is idle, with ``turn()``
+#: a job's tasks kept here (running or queued) while no worker is idle, with ``turn(job)``
 TURN = 2
 #: seconds before a task a peer holds is looked at in the store (a note lost on the way),
 #: doubling at each look to 8 x
@@ -124,7 +126,7 @@ class ChunkOwner:
 
     def __init__(self, board: Board, store: ObjectStore, clock: Any, *, send: Callable[[str, str, str, str], object],
                  peers: Callable[[], Deferred[list[tuple[str, float]]]], gone: Callable[[str], bool],
-                 local_free: Callable[[], int], turn: Callable[[], bool] = lambda: False,
+                 local_free: Callable[[], int], turn: Callable[[str], bool] = lambda _job: False,
                  reoffer: float = REOFFER, fanout: int = FANOUT,
                  look: float = LOOK, rng: random.Random | None = None,
                  user: Callable[[], str | None] = lambda: None, metrics: Metrics | None = None) -> None:
@@ -398,7 +400,7 @@ class ChunkOwner:
         free = self.local_free()
         for entry in self._open():
             here = sum(e.running_here for e in self.entries.values() if e.job.id == entry.job.id)
-            if free <= 0 and (here >= TURN or not self.turn()):
+            if free <= 0 and (here >= TURN or not self.turn(entry.job.id)):
                 continue
             won = yield self.board.claim(entry.job.id, entry.task.key, entry.held)
             if won is None:  # claimed meanwhile: learn by whom

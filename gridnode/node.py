@@ -203,7 +203,7 @@ class NodeService(MultiService):
                     membership: Any, metrics: Metrics) -> Any:
         """This node's part in chunks run by the pool (gridnode/chunk_grid.py): peers' chunks on its
         idle workers, offered by notes; its own chunked jobs' chunks through ``run_task``."""
-        from gridnode.chunk_grid import ChunkGrid, idle_workers
+        from gridnode.chunk_grid import ChunkGrid, idle_workers, others_waiting
         from gridnode.chunk_run import pool_runner
 
         return ChunkGrid(
@@ -211,6 +211,7 @@ class NodeService(MultiService):
             parse_presets=media.parse_presets, probe=media.probe,
             run_chunk=pool_runner(self.reactor, media.pool, lambda: media.sandbox, lambda: media.hurried),
             local_free=lambda: idle_workers(media.pool), draining=lambda: jobs.draining,
+            others_waiting=lambda job_id: others_waiting(media.pool, job_id),
             gone=lambda member: jobs.adopter.gone(member), scratch=os.path.join(config.work_dir, "scratch", ".chunks"),
             ffmpeg=config.ffmpeg, threads=media.threads, input_limits=media.limits, children_user=lambda: media.user,
             metrics=metrics)

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from gridnode import keys
-from gridnode.chunk_grid import FIGURE, ChunkGrid, PeerLoads
+from gridnode.chunk_grid import FIGURE, ChunkGrid, PeerLoads, others_waiting
 from gridnode.membership import swim, wire
 from gridnode.membership.wire import Note
 from gridnode.store.base import ObjectStore
@@ -181,6 +181,23 @@ class GridTests:
         for peer in ("p1", "p2", "p3"):
             grid.send(peer, "offer", JOB, "chunk-1")
         assert membership.sent == [Note("p1", "10.0.0.2:8081", "me", "offer", JOB, "chunk-1")]
+
+    def test_a_job_keeps_its_turn_only_while_another_waits(self) -> None:
+        """A job's chunks keep their turn in the node's queue while another job's task waits for
+        its workers; with only the job's own tasks waiting, they stay open for idle peers."""
+        class Pool:
+            queued: list[str] = []
+
+            def waiting(self) -> list[str]:
+                return self.queued
+
+        pool = Pool()
+        pool.queued = ["J1.chunk-3", "J1.audio-0"]
+        assert not others_waiting(pool, "J1")
+        pool.queued = ["J1.chunk-3", "J2"]
+        assert others_waiting(pool, "J1") and others_waiting(pool, "J2")
+        pool.queued = ["J2.chunk-0"]
+        assert others_waiting(pool, "J1")
 
     def test_the_load_figure(self, tmp_path: Path) -> None:
         """chunk_idle: the free workers; none while draining."""

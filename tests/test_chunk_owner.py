@@ -413,7 +413,7 @@ class OwnerTests:
         (one runs, one waits its tenant's turn in the node's queue), the next offered; once one
         ends, the next open one is claimed here."""
         rig = Rig(tmp_path)
-        rig.owner.turn = lambda: True
+        rig.owner.turn = lambda job_id: job_id == JOB
         first, second, third, fourth = rig.start(1), rig.start(2), rig.start(3), rig.start(4)
         assert [t.index for t, _ in rig.local_runs] == [1, 2]
         assert rig.offers(1) == rig.offers(2) == [] and rig.offers(3) and rig.offers(4)

@@ -169,6 +169,10 @@ class TranscodePool:
         ahead = (self.queued + 1) / self.workers
         return int(min(300, max(5, math.ceil(mean * ahead))))
 
+    def waiting(self) -> list[str]:
+        """The ids of the entries waiting for a worker."""
+        return [e.job_id for e in self._queue]
+
     def has_job(self, job_id: str) -> bool:
         return (job_id in self._running or job_id in self._finishing
                 or any(e.job_id == job_id for e in self._queue))
