@@ -80,6 +80,22 @@ class Rig:
     def publish(self, index: int = 2, **kw: Any) -> None:
         result(self.owner.publish(record(index, **kw)))
 
+    def one_worker_slow_claims(self) -> list[Deferred[Any]]:
+        """Chunks 2 and 3 published; the worker has one idle worker (as ChunkGrid's ``can_take``
+        says) and each claim waits until its Deferred in the list is fired."""
+        self.worker.can_take = lambda: 1 > self.worker.preparing
+        self.publish(2)
+        self.publish(3)
+        claim, pending = self.board.claim, []
+
+        def slow_claim(*args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d.addCallback(lambda _: claim(*args))
+
+        self.board.claim = slow_claim  # type: ignore[method-assign]
+        return pending
+
 
 class WorkerTests:
     def test_a_chunk_run_end_to_end(self, tmp_path: Path) -> None:
@@ -122,17 +138,7 @@ class WorkerTests:
         worker's one idle worker counts as taken, so the others are not claimed (to wait in its
         queue while the owner's own worker idles)."""
         rig = Rig(tmp_path)
-        rig.worker.can_take = lambda: 1 > rig.worker.preparing  # one idle worker, as ChunkGrid says
-        rig.publish(2)
-        rig.publish(3)
-        claim, pending = rig.board.claim, []
-
-        def slow_claim(*args: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            pending.append(d)
-            return d.addCallback(lambda _: claim(*args))
-
-        rig.board.claim = slow_claim  # type: ignore[method-assign]
+        pending = rig.one_worker_slow_claims()
         first = rig.worker.offered(JOB, "chunk-2")
         assert result(rig.worker.offered(JOB, "chunk-3")) is False and len(pending) == 1
         pending[0].callback(None)
@@ -143,17 +149,7 @@ class WorkerTests:
         """Two nodes are offered the same chunks: the one whose claim loses (the other was faster)
         claims the next offer it turned away meanwhile, instead of taking none."""
         rig = Rig(tmp_path)
-        rig.worker.can_take = lambda: 1 > rig.worker.preparing
-        rig.publish(2)
-        rig.publish(3)
-        claim, pending = rig.board.claim, []
-
-        def slow_claim(*args: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            pending.append(d)
-            return d.addCallback(lambda _: claim(*args))
-
-        rig.board.claim = slow_claim  # type: ignore[method-assign]
+        pending = rig.one_worker_slow_claims()
         first = rig.worker.offered(JOB, "chunk-2")
         assert result(rig.worker.offered(JOB, "chunk-3")) is False
         result(Board(rig.store, "w2", lambda: 1.0).claim(JOB, "chunk-2"))  # the other node first
