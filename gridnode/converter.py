@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,7 +27,7 @@ from gridnode.media.ffmpeg import (
 )
 from gridnode.media.finish import write_cmaf_codecs, write_storyboards
 from gridnode.media.interface import SCRATCH_FULL
-from gridnode.media.pool import JobSlot, TranscodePool
+from gridnode.media.pool import JobSlot, TranscodePool, cancelled_error
 from gridnode.media.presets import Preset, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult, probe
 from gridnode.media.sandbox import (
@@ -160,11 +160,18 @@ class Converter(Service):
             states = ChunkStates(plan, info, chunks)
             states.tell()  # listed at once (the upload's answer shows them)
             grid = self.chunk_grid if job is not None else None
-            if grid is None:
-                return self._chunked(job_id, info, input_path, presets, states, None, rank, tenant, needs, started,
-                                     progress, finish, waiting)
 
-            def planned(recorded: float | None) -> Deferred[Any]:
+            def chunked(slot: JobSlot) -> Deferred[Any]:
+                if grid is None:
+                    return self._chunked(job_id, info, input_path, presets, states, None, rank, tenant,
+                                         self.pool.workers + 1).work(slot, started, progress, finish, states)
+                # read with a worker taken, not before the job is queued: the queue keeps the order
+                # jobs were accepted in (gridnode/media/fair.py)
+                return grid.recorded_chunk_seconds(job_id).addErrback(unread).addCallback(planned, slot, grid)
+
+            def planned(recorded: float | None, slot: JobSlot, grid: Any) -> Deferred[Any]:
+                if slot.cancelled:  # while its records were read
+                    return fail(cancelled_error())
                 # an adopter plans the cuts its records were made with, and keeps the chunks done
                 length = recorded or seconds
                 cuts = states
@@ -175,12 +182,18 @@ class Converter(Service):
 
                 def on_pool(work_dir: str, local: RunTask) -> RunTask:
                     return grid.run_task(job, cuts.plan, length, work_dir, limit, local, told=cuts.noted)
-                return self._chunked(job_id, info, input_path, presets, cuts, (on_pool, lambda: grid.stop(job_id)),
-                                     rank, tenant, needs, started, progress, finish, waiting)
+                # on the pool, every chunk at once (the pool's idle workers say how many run)
+                run = self._chunked(job_id, info, input_path, presets, cuts, (on_pool, lambda: grid.stop(job_id)),
+                                    rank, tenant, len(cuts.plan.chunks) + 1)
+                return run.work(slot, started, progress, finish, cuts)
+
             def unread(failure: Failure) -> None:
                 self._log.warn("job {job}: its chunk records not read ({reason}); planned anew", job=job_id,
                                reason=failure.getErrorMessage())
-            return grid.recorded_chunk_seconds(job_id).addErrback(unread).addCallback(planned)
+
+            # the chunks' files and the stitched outputs are in the scratch folder at once
+            return self.pool.submit(job_id, chunked, needs=2 * needs, on_hold=waiting, rank=rank, tenant=tenant,
+                                    wait_limit=wait_limit(max_time_for(info.duration)))
 
         def work(slot: JobSlot) -> Deferred[Any]:
             started()
@@ -231,25 +244,15 @@ class Converter(Service):
 
     def _chunked(self, job_id: str, info: ProbeResult, input_path: str, presets: list[Preset], states: ChunkStates,
                  on_pool: tuple[Callable[[str, RunTask], RunTask], Callable[[], object]] | None, rank: int,
-                 tenant: str, needs: int,
-                 started: Callable[[], None], progress: Callable[[float], None],
-                 finish: Callable[[list[ProducedFile]], Deferred[Any]],
-                 waiting: Callable[[], None] | None) -> Deferred[Any]:
-        """A job made in chunks (``states.plan``'s): on the pool's workers (``on_pool``: the
-        `RunTask` for a work folder and a local runner, and what stops it), or on this node's."""
-        plan = states.plan
-        # on the pool, every chunk at once (the pool's idle workers say how many run); here, one
-        # task more than the workers stays queued: the job keeps its turn among the tenants
-        # (media/fair.py) between the end of a chunk and the next
-        parallel = len(plan.chunks) + 1 if on_pool is not None else self.pool.workers + 1
-        run = ChunkedRun(job_id, info, input_path, presets, plan, self.chunk_tasks, self.config.ffmpeg,
-                         self.threads, parallel, self.limits, self.config.max_output_bytes, lambda: self.user,
-                         rank=rank, tenant=tenant, pool=on_pool[0] if on_pool else None,
-                         stop_pool=on_pool[1] if on_pool else None)
-        # the chunks' files and the stitched outputs are in the scratch folder at once
-        return self.pool.submit(job_id, lambda slot: run.work(slot, started, progress, finish, states),
-                                needs=2 * needs, wait_limit=wait_limit(max_time_for(info.duration)),
-                                on_hold=waiting, rank=rank, tenant=tenant)
+                 tenant: str, parallel: int) -> ChunkedRun:
+        """A job made in chunks (``states.plan``'s), ``parallel`` tasks queued at a time: on the
+        pool's workers (``on_pool``: the `RunTask` for a work folder and a local runner, and what
+        stops it), or on this node's. Here, one task more than the workers stays queued: the job
+        keeps its turn among the tenants (media/fair.py) between the end of a chunk and the next."""
+        return ChunkedRun(job_id, info, input_path, presets, states.plan, self.chunk_tasks, self.config.ffmpeg,
+                          self.threads, parallel, self.limits, self.config.max_output_bytes, lambda: self.user,
+                          rank=rank, tenant=tenant, pool=on_pool[0] if on_pool else None,
+                          stop_pool=on_pool[1] if on_pool else None)
 
     def _learn(self, job_id: str, needs: int) -> None:
         # A job handed to the pool never comes back for its entry: keep the newest few.
