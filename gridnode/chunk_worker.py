@@ -15,7 +15,8 @@ the record done.
   ``chunks/<job>/<task>/``; then the record is marked done, conditional on our claim.
 - Failures: the chunk's own (ffmpeg failed, a limit) fail the record with their code, which
   fails the job as the owner's own run would; this node's trouble (the source cannot be
-  fetched, no scratch space, a stop) releases it for another node, no holder lost. A record
+  fetched, its scratch disk full, ffmpeg out of space there, a stop) releases it for another
+  node, no holder lost and no try counted. A record
   reopened under us (`NotHeld`) ends the work silently. Either way the owner is told (``tell``).
 """
 
@@ -40,6 +41,7 @@ from gridnode.media import chunks as plan_chunks
 from gridnode.media.presets import Preset, folders, job_output_limit
 from gridnode.media.probe import Limits, ProbeResult
 from gridnode.media.sandbox import private_folder
+from gridnode.media.scratch import free_bytes, ran_out
 from gridnode.media.split import Task
 from gridnode.metrics import Metrics
 from gridnode.store.base import ObjectStore
@@ -54,6 +56,14 @@ Tell = Callable[[str, str, str, str], object]
 
 #: offers turned away while a claim was on its way, kept to try if that claim is lost
 MISSED = 16
+
+
+def folder_free(folder: str) -> int | None:
+    """The bytes free on ``folder``'s filesystem, or None where it cannot be asked."""
+    try:
+        return free_bytes(folder)
+    except OSError:
+        return None
 
 
 class Sources:
@@ -134,7 +144,8 @@ class ChunkWorker:
                  parse_presets: Callable[[str | None, list[Any] | None], list[Preset]], run_chunk: RunChunk,
                  tell: Tell, can_take: Callable[[], bool] = lambda: True, ffmpeg: str = "ffmpeg",
                  threads: int | None = None, input_limits: Limits = Limits(), metrics: Metrics | None = None,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic,
+                 free_space: Callable[[str], int | None] = folder_free) -> None:
         self.board = board
         #: the archives' puts (bodies: no token)
         self.store = store
@@ -153,6 +164,9 @@ class ChunkWorker:
         self.metrics.peer_chunks_running.set_function(lambda: len(self.running))
         #: the clock of the runs' durations
         self.now = now
+        #: the bytes free on a folder's filesystem (None: unknown): a failed ffmpeg that found it
+        #: full ran out of space here
+        self.free_space = free_space
         #: runs claimed that have not reached a worker yet (fetching, probing): not in the
         #: node's pool's figures, so ``can_take`` counts them
         self.preparing = 0
@@ -217,8 +231,12 @@ class ChunkWorker:
         except NotHeld:
             outcome, reason = "lost", ""
         except Exception as e:  # noqa: BLE001 - a bug must not leave the task claimed for ever
-            self._log.failure("chunk {task} of job {job} failed here", task=record.task, job=record.job)
             outcome, reason = "released", _trouble(e)
+            if reason == "error":
+                self._log.failure("chunk {task} of job {job} failed here", task=record.task, job=record.job)
+            else:  # the store's trouble or a full disk: what happened, no traceback
+                self._log.warn("chunk {task} of job {job} released ({reason}): {error}", task=record.task,
+                               job=record.job, reason=reason, error=getattr(e, "message", None) or str(e))
             try:
                 yield self.board.release(held)
             except GridnodeError:
@@ -285,6 +303,11 @@ class ChunkWorker:
             archive = os.path.join(folder, chunk_files.ARCHIVE)
             size = chunk_files.pack(out, archive, limit)
         except GridnodeError as e:
+            if e.code == "ffmpeg_failed" and ran_out(getattr(e, "stderr_tail", ()), self.free_space(folder)):
+                # our disk, not the chunk: another node makes it, and it is no try of the chunk's
+                self._log.warn("chunk {task} of job {job} released: this node's scratch space ran out",
+                               task=record.task, job=record.job)
+                return "released", "scratch", (yield self.board.release(held))
             if e.code not in CHUNK_ERRORS:
                 self._log.warn("chunk {task} of job {job} released ({code}): {reason}", task=record.task,
                                job=record.job, code=e.code, reason=e.message)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import globalLogPublisher
 
 from gridnode import chunk_files, keys
 from gridnode.chunk_records import POISON, Board
@@ -49,6 +50,12 @@ def worker_rig(tmp: Path, run: Any = None) -> worker_side.Rig:
 
 def failing(code: str) -> Any:
     return lambda c, p: fail(GridnodeError(code, code=code, status=422))
+
+
+def out_of_space(chunk: ChunkRun, progress: Any) -> Deferred[Any]:
+    error = GridnodeError("ffmpeg exited with 1", code="ffmpeg_failed", status=422)
+    error.stderr_tail = ("av_interleaved_write_frame(): No space left on device",)  # type: ignore[attr-defined]
+    return fail(error)
 
 
 class OwnerMetricsTests:
@@ -201,6 +208,7 @@ class WorkerMetricsTests:
         (lambda c, p: succeed(7), "failed", "ffmpeg_failed"),  # the wrong number of frames
         (failing("cancelled"), "released", "stopped"),
         (failing("duplicate_job"), "released", "run"),
+        (out_of_space, "released", "scratch"),  # ffmpeg filled this node's disk
     ])
     def test_a_run_that_ends_without_its_chunk(self, tmp_path: Path, run: Any, result_: str, reason: str) -> None:
         """The chunk's own failure counts failed with its code; this node's, released with why."""
@@ -236,7 +244,8 @@ class WorkerMetricsTests:
         (KeyError("a bug"), "error"),
     ])
     def test_trouble_after_the_run(self, tmp_path: Path, trouble: Exception, reason: str) -> None:
-        """Storing the archive fails (the store, a full disk, a bug): released, with why."""
+        """Storing the archive fails (the store, a full disk, a bug): released, with why; only a
+        bug's traceback is logged."""
         rig = worker_rig(tmp_path)
         rig.publish(2)
 
@@ -244,7 +253,13 @@ class WorkerMetricsTests:
             raise trouble
 
         rig.store.backend.put_file = put_file  # type: ignore[method-assign]
-        result(rig.worker.offered(worker_side.JOB, "chunk-2"))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            result(rig.worker.offered(worker_side.JOB, "chunk-2"))
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert sum("log_failure" in e for e in events) == (reason == "error"), events
         assert moved(rig.worker.metrics) == {
             "gridnode_peer_chunk_offers_total{answer=claimed}": 1,
             f"gridnode_peer_chunks_finished_total{{reason={reason},result=released}}": 1,

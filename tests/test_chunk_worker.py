@@ -194,6 +194,27 @@ class WorkerTests:
         result(rig.worker.offered(JOB, "chunk-2"))
         assert result(rig.owner.read(JOB, "chunk-2")).record.state == OPEN
 
+    def test_ffmpeg_out_of_space_here_releases_it(self, tmp_path: Path) -> None:
+        """ffmpeg failed as this node's scratch disk filled (its ENOSPC line, or the disk found
+        full as it exited): the task is open again for another node, no try of the chunk's."""
+        def no_space(chunk: ChunkRun, progress: Any) -> Deferred[Any]:
+            error = GridnodeError("ffmpeg exited with 1", code="ffmpeg_failed", status=422)
+            error.stderr_tail = ("[mp4 @ 0x1] Error writing trailer: No space left on device",)  # type: ignore[attr-defined]
+            return fail(error)
+
+        rig = Rig(tmp_path, run=no_space)
+        rig.publish(2)
+        result(rig.worker.offered(JOB, "chunk-2"))
+        now = result(rig.owner.read(JOB, "chunk-2")).record
+        assert (now.state, now.error, now.lost, now.refused) == (OPEN, None, 0, [])
+        assert rig.told[-1] == ("owner", "released", JOB, "chunk-2")
+        rig = Rig(tmp_path, run=lambda c, p: fail(GridnodeError("ffmpeg exited with 1", code="ffmpeg_failed",
+                                                               status=422)))
+        rig.worker.free_space = lambda folder: 0
+        rig.publish(2)
+        result(rig.worker.offered(JOB, "chunk-2"))
+        assert result(rig.owner.read(JOB, "chunk-2")).record.state == OPEN
+
     def test_reopened_under_the_holder(self, tmp_path: Path) -> None:
         """The owner reopened the task while it ran (it held us gone): the finish writes nothing,
         no archive counts, the owner is not told."""
