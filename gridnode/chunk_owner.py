@@ -223,6 +223,8 @@ class ChunkOwner:
             # our earlier life's run, or the previous owner's own: neither runs now, and the job's
             # attempts count that loss
             held = yield self.board.reopen(record.job, record.task, lambda h: True, count=False)
+            if held.record.state == OPEN:
+                self.metrics.chunks_redone.labels("lost_holder").inc()
             entry.next_offer = 0.0
             yield self._settle(entry, held)
             return

@@ -103,6 +103,19 @@ class OwnerMetricsTests:
         assert counted == {"gridnode_chunks_redone_total{reason=lost_holder}": POISON - 1,
                            "gridnode_chunks_finished_total{code=poison,result=failed}": 1}
 
+    def test_the_old_owners_own_chunk_is_counted_redone(self, tmp_path: Path) -> None:
+        """An adopter reopens the chunk the dead owner was making itself: lost_holder too (the
+        record counts no lost holder: the job's attempts count that loss)."""
+        old = owner_rig(tmp_path, free=1)
+        old.start(1)
+        new = owner_side.Rig(tmp_path, free=1, node="new", metrics=Metrics())
+        new.backend, new.store = old.backend, old.store
+        new.owner.board.store = new.owner.store = old.store
+        new.dead.add("owner")
+        new.start(1)
+        assert [t.index for t, _ in new.local_runs] == [1] and new.record(1).lost == 0
+        assert moved(new.owner.metrics) == {"gridnode_chunks_redone_total{reason=lost_holder}": 1}
+
     def test_a_bad_archive_is_counted_redone(self, tmp_path: Path) -> None:
         """An archive that is not its record's size: bad_archive, and nothing finished."""
         rig = owner_rig(tmp_path)
