@@ -225,9 +225,10 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 5.0) -> Deferred[float]:
+def wait_for(reactor: Any, check: Callable[[], object], timeout: float = 30.0) -> Deferred[float]:
     """``tests.helpers.wait_for`` every 50 ms, spelt as test_media_ffmpeg.py and test_media_pool.py
-    (other branches) call it; new tests call tests.helpers."""
+    (other branches) call it; new tests call tests.helpers. What they wait for (an ffmpeg's first
+    progress line, a second job's start) takes seconds on a loaded machine."""
     return helpers.wait_for(check, timeout, interval=0.05, reactor=reactor)
 
 

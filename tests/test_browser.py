@@ -348,8 +348,8 @@ class StatusPageTests:
             for n in nodes:
                 n.block_until_ready(20.0)
             base = nodes[0].url
-            poll(lambda: all(alive_peers(n.url) == 3 for n in nodes), 20, "3 alive members everywhere")
-            poll(lambda: len(get_json(f"{base}/registry/nodes.json", timeout=5)[1].get("nodes", [])) == 3, 10,
+            poll(lambda: all(alive_peers(n.url) == 3 for n in nodes), 60, "3 alive members everywhere")
+            poll(lambda: len(get_json(f"{base}/registry/nodes.json", timeout=5)[1].get("nodes", [])) == 3, 60,
                  "3 nodes in nodes.json")
             status, _, job = upload(base, clip, presets="mp4-720p")
             assert status == 201, job
@@ -366,13 +366,13 @@ class StatusPageTests:
                 assert names == ["n0", "n1", "n2"], names
 
                 percent = f'#jobs tr[data-job="{job_id}"] .percent'
-                page.wait_for_selector(percent, timeout=20_000)
+                page.wait_for_selector(percent, timeout=60_000)
 
                 def shown() -> int:
                     return int(page.get_attribute(percent, "data-value") or "0")
 
-                first = poll(lambda: shown() > 0 and shown(), 20, "conversion progress above 0 %")
-                later = poll(lambda: shown() > first and shown(), 20, f"conversion progress above {first} %")
+                first = poll(lambda: shown() > 0 and shown(), 60, "conversion progress above 0 %")
+                later = poll(lambda: shown() > first and shown(), 60, f"conversion progress above {first} %")
                 assert 0 < first < later <= 100
                 assert "transcoding" in page.inner_text(f'#jobs tr[data-job="{job_id}"]')
                 # this node's row shows its live load (its /health), not nodes.json's heartbeat-old one

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from gridnode.membership import wire
 from gridnode.membership.peer import PeerProtocol
 from gridnode.store.base import ObjectStore
 from gridnode.store.file import FileBackend
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, poll, wait_for
 from tests.media_samples import FFMPEG, FFPROBE, needs_ffmpeg
 from tests.nodes import NodeProcess, boxes_here, request, upload
 from tests.test_chunk_grid_media import ffmpeg_task
@@ -164,7 +163,7 @@ async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path
         for node in nodes.values():
             await node.wait_ready()
         await wait_for(lambda: {n: load.get(FIGURE) for n, load in listed(store_dir).items()} == {"na": 1, "nb": 1},
-                       20)
+                       60)
         owner = Owner(real_reactor, tmp_path, store_dir)
         job_id, info, plan, done = await owner.job()
         await wait_for(lambda: done.called, 120, interval=0.5)
@@ -176,7 +175,7 @@ async def test_two_nodes_make_an_owners_chunks(real_reactor: Any, tmp_path: Path
         for name, node in nodes.items():
             made = sum(r.holder == name for r in records)
             # counted once the finish is written: a scrape may come a moment before
-            await wait_for(lambda n=node, m=made: peer_chunks(n)["made"] == m, 10)
+            await wait_for(lambda n=node, m=made: peer_chunks(n)["made"] == m, 30)
             assert peer_chunks(node) == {"made": made, "timed": made, "running": 0}, name
     finally:
         for node in nodes.values():
@@ -200,10 +199,9 @@ def test_children_as_nobody_make_and_stitch_a_peers_chunks(tmp_path: Path, open_
     try:
         for node in nodes.values():
             node.block_until_ready(30)
-        for _ in range(400):  # bounded: both listed idle (else nb may be offered nothing)
-            if {n: load.get(FIGURE) for n, load in listed(store_dir).items()} == {"na": 1, "nb": 1}:
-                break
-            time.sleep(0.05)
+        both_idle = {"na": 1, "nb": 1}  # else nb may be offered nothing
+        poll(lambda: {n: load.get(FIGURE) for n, load in listed(store_dir).items()} == both_idle, 60,
+             "both nodes listed idle")
         status, _, body = upload(nodes["na"].url, src, "mp4-720p")
         assert status == 201, body
         job = wait_done(nodes["na"], body["id"], 180)
@@ -228,7 +226,7 @@ async def test_a_node_killed_holding_a_chunk(real_reactor: Any, tmp_path: Path) 
         for node in nodes.values():
             await node.wait_ready()
         await wait_for(lambda: {n: load.get(FIGURE) for n, load in listed(store_dir).items()}
-                       == {"na": 2, "nb": 1, "nc": 1}, 20)
+                       == {"na": 2, "nb": 1, "nc": 1}, 60)
         owner = Owner(real_reactor, tmp_path, store_dir)
         job_id, info, plan, done = await owner.job(24, 2.0)
 

@@ -102,11 +102,13 @@ class AcknowledgedMeansStoredTests:
                 s.sendall((f"POST /jobs?presets=mp4-480p HTTP/1.1\r\nHost: {host}\r\n"
                            f"Content-Length: {len(data)}\r\n\r\n").encode())
                 s.sendall(data[:len(data) * 2 // 3])
-                for _ in range(100):  # until a part is in the bucket, at least begun
+                for _ in range(600):  # bounded: until a part is in the bucket, at least begun
                     if s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
                         break
                     yield sleep(0.05)
-            for _ in range(200):
+                else:
+                    raise AssertionError("no multipart upload begun: nothing was cut mid-way")
+            for _ in range(600):  # bounded: the abort is a request to the store, the spool a moment after
                 uploads = s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
                 spool = list((n.folder / "gridnode-work" / "spool").iterdir())
                 if not uploads and not spool:

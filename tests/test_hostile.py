@@ -187,6 +187,6 @@ class ActualLimitsTests:
             assert status == 200 and health["state"] == "ok"
             work = open_folder / "gridnode-work"
             # The spool goes once the last record is written, a moment after the job shows failed.
-            yield wait_for(lambda: os.listdir(work / "spool") == [] and os.listdir(work / "scratch") == [])
+            yield wait_for(lambda: os.listdir(work / "spool") == [] and os.listdir(work / "scratch") == [], 60)
         finally:
             node.stop()

@@ -87,7 +87,7 @@ def test_cut_connection_retried_on_another_node_makes_one_job(tmp_path: Path, me
         b = yield nodes[1].wait_ready()
         clip = media_clips.landscape
         yield deferToThread(cut_off_post, a, clip, "retry-me")
-        for _ in range(200):  # the cut-off request is accepted all the same
+        for _ in range(600):  # bounded: the cut-off request is accepted all the same (its input stored)
             if jobs_of(a):
                 break
             yield deferLater(reactor, 0.05, lambda: None)

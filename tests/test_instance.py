@@ -365,7 +365,7 @@ class LoopbackTests:
 
         await fetch_instance(reactor, imds.url)
         assert imds.connections_made == 1
-        for _ in range(100):
+        for _ in range(1000):  # bounded: the standin sees the close a moment later
             if not imds.open_connections:
                 break
             await deferLater(reactor, 0.01, lambda: None)

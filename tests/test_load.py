@@ -60,7 +60,7 @@ class LoadTests:
             status, health = get_json(base + "/health")
             assert status == 200 and health["state"] == "ok"
             work = tmp_path / "gridnode-work"
-            for _ in range(50):
+            for _ in range(300):  # bounded: a job's spool file goes a moment after it shows done
                 if not os.listdir(work / "spool") and not os.listdir(work / "scratch"):
                     break
                 yield sleep(0.1)

@@ -44,7 +44,7 @@ class FileRegistryTests:
             assert job["state"] == "done", job
             health = get_json(base + "/health")[1]
             assert health["work"] == 0 and 0 < health["speed"] <= 1000  # 4 s of input over ffmpeg's seconds
-            yield wait_for(lambda: "speed" in json.loads(record.read_text())["load"])
+            yield wait_for(lambda: "speed" in json.loads(record.read_text())["load"], 30)
             assert json.loads(record.read_text())["load"]["speed"] > 0
         finally:
             node.stop()
@@ -64,7 +64,7 @@ class FileRegistryTests:
         try:
             for node in nodes:
                 yield node.wait_ready()
-            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]))
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]), 60)
             status, listing = get_json(nodes[2].url + "/registry/nodes.json")
             assert status == 200 and [n["id"] for n in listing["nodes"]] == ["n0", "n1", "n2"]
             assert all(n["http_url"].startswith("http://127.0.0.1:") for n in listing["nodes"])
@@ -72,18 +72,18 @@ class FileRegistryTests:
             assert health["registry"]["registered"] is True
             # a leave reaches the peers that know the leaver (one stopped before anyone heard from
             # it is confirmed dead instead): wait until every node has heard from every other
-            yield wait_for(lambda: all(len(heard_from(node)) == 2 for node in nodes))
+            yield wait_for(lambda: all(len(heard_from(node)) == 2 for node in nodes), 60)
 
             assert nodes[1].stop() == 0
             assert registry_ids(store)[0] == ["n0", "n2"]
-            yield wait_for(lambda: registry_ids(store) == (["n0", "n2"], ["n0", "n2"]))
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n2"], ["n0", "n2"]), 60)
             # n0 writes nodes.json; the leave or its own next heartbeat (1 s) may be what drops n1
             # from it, so only the leave itself is checked here (test_registry pins down forget)
-            yield wait_for(lambda: "peer n1 is left" in nodes[0].text())
+            yield wait_for(lambda: "peer n1 is left" in nodes[0].text(), 30)
 
             nodes[1].start()
             yield nodes[1].wait_ready()
-            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]))
+            yield wait_for(lambda: registry_ids(store) == (["n0", "n1", "n2"], ["n0", "n1", "n2"]), 60)
         finally:
             for node in nodes:
                 node.stop()

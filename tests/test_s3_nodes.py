@@ -50,16 +50,18 @@ class S3RegistryTests:
             for node in nodes:
                 yield node.wait_ready()
             all3 = (["n0", "n1", "n2"], ["n0", "n1", "n2"])
-            yield wait_for(lambda: registry(s3_client, s3_bucket) == all3)
+            yield wait_for(lambda: registry(s3_client, s3_bucket) == all3, 60)
 
             s3_client.put_object(Bucket=s3_bucket, Key="grid/registry/dev/east/nodes/evil.json", Body=b"\x00{{")
             s3_client.put_object(Bucket=s3_bucket, Key="grid/registry/dev/east/nodes/n9.json",
                                  Body=json.dumps({"id": "n9"}).encode())
-            yield sleep(2.5)
+            # a heartbeat (1 s) has read both records: each is named as ignored (an accepted n9
+            # would never be), and nodes.json still lists the three
+            ignored = [f"ignoring registry record registry/dev/east/nodes/{name}.json" for name in ("evil", "n9")]
+            yield wait_for(lambda: all(line in nodes[0].text() for line in ignored), 60)
             assert registry(s3_client, s3_bucket)[1] == ["n0", "n1", "n2"]
             for node in nodes:
                 assert get_json(node.url + "/health")[0] == 200
-            assert "ignoring registry record" in nodes[0].text()
 
             out = subprocess.run(
                 [os.path.join(BIN, "gridnode"), "nodes", "--store", f"s3://{s3_bucket}/grid", "--s3-endpoint",
@@ -67,15 +69,15 @@ class S3RegistryTests:
             assert out.returncode == 0, out.stderr
             assert sorted(json.loads(line)["id"] for line in out.stdout.splitlines()) == ["n0", "n1", "n2"]
 
-            yield wait_for(lambda: all(len(heard_from(node)) == 2 for node in nodes))  # n0 hears n1's leave
+            yield wait_for(lambda: all(len(heard_from(node)) == 2 for node in nodes), 60)  # n0 hears n1's leave
             assert nodes[1].stop() == 0
-            yield wait_for(lambda: registry(s3_client, s3_bucket)[1] == ["n0", "n2"])
-            assert "n1 left or was confirmed dead: publishing the live list now" in nodes[0].text()
+            yield wait_for(lambda: registry(s3_client, s3_bucket)[1] == ["n0", "n2"], 60)
+            yield wait_for(lambda: "n1 left or was confirmed dead: publishing the live list now" in nodes[0].text(), 30)
             assert registry(s3_client, s3_bucket)[0][:2] == ["evil", "n0"]
 
             nodes[1].start()
             yield nodes[1].wait_ready()
-            yield wait_for(lambda: registry(s3_client, s3_bucket)[1] == ["n0", "n1", "n2"])
+            yield wait_for(lambda: registry(s3_client, s3_bucket)[1] == ["n0", "n1", "n2"], 60)
         finally:
             for node in nodes:
                 node.stop()
@@ -87,10 +89,16 @@ class S3RegistryTests:
         node.start()
         try:
             yield node.wait_ready()
-            yield sleep(1.5)
-            status, health = get_json(node.url + "/health")
-            assert status == 200
-            assert health["registry"]["registered"] is False and health["registry"]["error"]
+
+            seen: list[Any] = []
+
+            def failed_once() -> bool:  # its first attempt to register has been answered
+                status, health = get_json(node.url + "/health")
+                seen.append(health)
+                return status == 200 and bool(health["registry"]["error"])
+
+            yield wait_for(failed_once, 60)
+            assert seen[-1]["registry"]["registered"] is False
         finally:
             assert node.stop() == 0
 
@@ -178,7 +186,7 @@ class S3OutageTests:
                 again = sp.Popen(moto_server_command() + ["-H", "127.0.0.1", "-p", port], stdout=out,
                                  stderr=sp.STDOUT, start_new_session=True)
             try:
-                for _ in range(100):
+                for _ in range(600):  # bounded: moto_server takes seconds to start (MotoServer allows 30)
                     if answers(endpoint + "/"):
                         break
                     yield sleep(0.1)

@@ -177,7 +177,7 @@ class AttackerTests:
             work, store = open_folder / "gridnode-work", open_folder / "gridnode-data"
             victim_out = work / "scratch" / victim["id"] / "out"
             running = {}
-            for _ in range(100):
+            for _ in range(600):  # bounded: the box starts the fake (bwrap, then python)
                 running = {pid: line for pid, line in processes(str(fake), victim["id"]).items()
                            if line.startswith("/usr/bin/python3")}
                 if running:
@@ -210,7 +210,7 @@ class AttackerTests:
                 if path.is_file() and not path.is_symlink():
                     assert SECRET.encode() not in path.read_bytes(), path
             assert not (work / "planted").exists()
-            for _ in range(100):
+            for _ in range(300):  # bounded
                 if not processes(MARKER):
                     break
                 yield sleep(0.1)

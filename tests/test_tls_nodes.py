@@ -121,7 +121,7 @@ class TLSNodeTests:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
 
             listing = store / "registry" / "dev" / "default" / "nodes.json"
-            yield wait_for(lambda: listing.exists())
+            yield wait_for(lambda: listing.exists(), 60)
             assert [n["http_url"] for n in json.loads(listing.read_text())["nodes"]] == [base]
             record = json.loads((store / "registry" / "dev" / "default" / "nodes" / "n1.json").read_text())
             assert record["http_url"] == base
@@ -161,7 +161,7 @@ class TLSNodeTests:
         try:
             yield node.wait_ready()
             listing = store / "registry" / "dev" / "default" / "nodes.json"
-            yield wait_for(lambda: listing.exists())
+            yield wait_for(lambda: listing.exists(), 60)
             work = tmp_path / "client"
             work.mkdir()
 

@@ -56,7 +56,7 @@ class HealthTests:
                 status, health = get_json(base + "/health")
                 return status == 200 and health["state"] == "degraded"
 
-            yield wait_for(degraded, timeout=15)
+            yield wait_for(degraded, timeout=60)
             health = get_json(base + "/health")[1]
             assert "no-such-bucket-here" in health["reasons"][0] and "does not exist" in health["reasons"][0]
         finally:
@@ -83,7 +83,7 @@ class DrainTests:
             def degraded() -> bool:
                 return bool(get_json(base + "/health")[1]["state"] == "degraded")
 
-            yield wait_for(degraded, timeout=15)
+            yield wait_for(degraded, timeout=60)
             node.signal(signal.SIGTERM)
             code = yield exited_within(node, 3 + STOP_SLACK)
             assert code == 0, node.text()[-3000:]
@@ -108,7 +108,7 @@ class DrainTests:
             assert status == 201, job
             yield wait_job(base, job["id"], {"transcoding"})
             node.signal(signal.SIGTERM)
-            yield wait_for(lambda: "a second SIGTERM stops at once" in node.text(), timeout=10)
+            yield wait_for(lambda: "a second SIGTERM stops at once" in node.text(), timeout=30)
             node.signal(signal.SIGTERM)
             code = yield exited_within(node, STOP_SLACK)
             assert code == 0, node.text()[-3000:]

@@ -177,7 +177,7 @@ async def cut_off_patch(node: Served, upload_id: str, offset: int, data: bytes, 
 
 async def wait_for_offset(reactor: Any, node: Served, upload_id: str, offset: int) -> Any:
     """The server notices a dropped connection a moment after the client closed it."""
-    for _ in range(200):
+    for _ in range(1000):  # bounded
         r = await head(node, upload_id)
         if r.headers.get("Upload-Offset") == str(offset):
             return r

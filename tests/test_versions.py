@@ -215,11 +215,11 @@ class MixedPoolTests:
         try:
             for node in nodes:
                 yield node.wait_ready()
-            yield wait_for(lambda: (folder / "n0.json").exists() and (folder / "n1.json").exists())
+            yield wait_for(lambda: (folder / "n0.json").exists() and (folder / "n1.json").exists(), 60)
             newer = record("n9", format=FORMAT + 1, version="9.0.0", http_url={"moved": "elsewhere"})
             (folder / "n9.json").write_bytes(data(newer))
             why = "ignoring registry record registry/dev/p1/nodes/n9.json: record format 2"
-            yield wait_for(lambda: all(why in node.text() for node in nodes))
+            yield wait_for(lambda: all(why in node.text() for node in nodes), 60)
             for beat in range(3):  # the newer node heartbeats: its record changes, for the same reason
                 (folder / "n9.json").write_bytes(data({**newer, "heartbeat": 2000.0 + beat}))
                 yield sleep(1.5)
