@@ -254,7 +254,13 @@ class RotationTests:
                         ring(f, *keys)
                     uploads_pass([nodes[name]], *meanwhile)
                     views(ops_key)
-                time.sleep(RELOAD_SECONDS + 1)  # every node has read its files again
+                # Every node has read its files again: its token file at its next use (the uploads
+                # below, past RELOAD_SECONDS); its peer file at a peer message in the meantime, which
+                # a stalled node may not have had: waited for, before the next step signs with it.
+                time.sleep(RELOAD_SECONDS + 1)
+                peer_keys = f"secret-file: keyring read again, keys {' '.join(keys)} ("
+                poll(lambda line=peer_keys: all(line in n.text() for n in nodes.values()), 30,
+                     f"every node to read {' '.join(keys)} from its peer file")
                 uploads_pass(nodes.values(), *after)
                 views(ops_key)
             old = auth(mint("alice", "upload"))
