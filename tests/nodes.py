@@ -247,6 +247,18 @@ def wait_job(base: str, job_id: str, states: set[str] | frozenset[str] = frozens
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
 
 
+@inlineCallbacks
+def stored_final(s3: Any, bucket: str, key: str, timeout: float = 30.0) -> Any:
+    """The job record at ``key`` in the bucket once it says the job ended (bounded): its owner's
+    GET /jobs/<id> shows the end while that record is being written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        if record["state"] in ("done", "failed", "cancelled") or time.monotonic() > deadline:
+            return record
+        yield sleep(0.1)
+
+
 def heard_from(node: NodeProcess) -> list[str]:
     """The peers ``node`` holds alive and has had a message from (not only read in the registry):
     they know ``node`` too, so its leave reaches them."""

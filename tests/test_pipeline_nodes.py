@@ -75,7 +75,8 @@ class ConversionTests:
             store = tmp_path / "gridnode-data"
             assert (store / "inputs" / job["id"] / "source").read_bytes() == media_clips.landscape.read_bytes()
             assert (store / "jobs" / f"{job['id']}.json").exists()
-            assert os.listdir(tmp_path / "gridnode-work" / "spool") == []
+            # "done" shows while the last record is written; the spool file goes a moment after
+            assert (yield spool_emptied(tmp_path / "gridnode-work" / "spool")) == []
             assert os.listdir(tmp_path / "gridnode-work" / "scratch") == []
             check_metrics(base)
         finally:
