@@ -390,9 +390,11 @@ class JobService(Service):
 
     @inlineCallbacks
     def get(self, job_id: str) -> Any:
-        """This node's live view of a job, else its record in the store."""
-        if job_id in self.active:
-            return self.active[job_id].job
+        """This node's live view of a job, else its record in the store (also while the record
+        of a job that ended here is being written: its end is told once it is stored)."""
+        active = self.active.get(job_id)
+        if active is not None and (active.ended or not active.job.final):
+            return active.job
         try:
             job, _ = yield job_records.read(self.store, job_id)
         except NotFound:
@@ -401,7 +403,8 @@ class JobService(Service):
 
     def listing(self, tenant: str | None = None) -> dict[str, Any]:
         """This node's jobs now, and the last ones that ended here: ``tenant``'s only, unless None."""
-        return {"active": [a.job.to_json() for a in self.active.values() if tenant in (None, a.job.tenant)],
+        shown = (a.job for a in self.active.values() if a.ended or not a.job.final)  # as `get` tells them
+        return {"active": [j.to_json() for j in shown if tenant in (None, j.tenant)],
                 "recent": [j.to_json() for j in reversed(self.runner.recent) if tenant in (None, j.tenant)]}
 
     def subscribe(self, job_id: str, callback: Callable[[Job], None], poll: float = 1.0) -> Callable[[], None]:

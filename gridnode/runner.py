@@ -57,6 +57,8 @@ class Active:
     released: bool = False  # handed to the pool (draining, or no scratch space here)
     #: the store has its record, input and active marker: a peer may adopt it
     stored: bool = False
+    #: its last record is written (or the job is another node's): clients may hear how it ended
+    ended: bool = False
     #: one write of jobs/<id>.json at a time: a write in flight must not land after, and so over,
     #: the write of a later state
     writing: DeferredLock = field(default_factory=DeferredLock)
@@ -258,7 +260,6 @@ class Runner:
         """Write the last record (unless the job is someone else's now) and forget the job."""
         job = active.job
         if job.final:
-            self.recent.append(job)
             for preset in job.presets:
                 self.metrics.jobs_finished.labels(job.state, preset).inc()
             if "accepted" in active.marks:
@@ -266,10 +267,10 @@ class Runner:
         try:
             if active.released and not job.final and not active.lost:
                 job.release(self.now())
-            self._changed(active)
             if not active.lost:
                 try:
                     yield self._durably("write job record", lambda: self._save(active))
+                    self._ended(active)
                     if job.final and self.on_final is not None:
                         yield self.on_final(job)
                     if job.final:
@@ -279,6 +280,7 @@ class Runner:
                 except Lost:
                     self._log.warn("job {job}: another node took it over before its end was written", job=job.id)
         finally:
+            self._ended(active)
             self.active.pop(job.id, None)
             SpoolFile.remove(active.spool_path)
             SpoolFile.remove(active.spool_path + ".json")
@@ -356,6 +358,15 @@ class Runner:
     def _chunks(self, active: Active, chunks: list[dict[str, Any]]) -> None:
         # told to subscribers (the status page, SSE); stored with the job's next state
         if not active.stopping and active.job.set_chunks(chunks, self.now()):
+            self._changed(active)
+
+    def _ended(self, active: Active) -> None:
+        """Tell the job's listeners how it ended, once its record says so: a client that heard
+        `done` never sees the job run again after a crash (its adopter reads the same record)."""
+        if not active.ended:
+            active.ended = True
+            if active.job.final:
+                self.recent.append(active.job)
             self._changed(active)
 
     def _changed(self, active: Active) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 import gridnode.spool
@@ -562,41 +563,71 @@ class OwnershipTests:
         assert self.clock.getDelayedCalls() == []  # the poll stopped at the final state
 
 
+class HeldRecords:
+    """A job service on a memory store whose job record writes wait, while ``holding``, until the
+    test lands them (``land``); the job ``job`` accepted."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock, self.backend, self.media = Clock(), MemoryBackend(), FakeMedia(tmp_path)
+        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.holding = False
+        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 1, "min-free": 0,
+                                   "job-lease": 30}).with_identity("n1")
+        self.svc = JobService(self.clock, config, ObjectStore(self.backend, self.run), self.media,
+                              now=self.clock.seconds)
+        spool = self.svc.admit(5)
+        spool.write(b"video")
+        accepted: list[Any] = []
+        self.svc.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(accepted.append)
+        self.job = accepted[0]
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if self.holding and fn == self.backend.put_bytes and str(args[0]).startswith("jobs/"):
+            d: Deferred[Any] = Deferred()
+            self.held.append((lambda: fn(*args, **kwargs), d))
+            return d
+        return maybeDeferred(fn, *args, **kwargs)
+
+    def land(self, index: int = -1) -> None:
+        """The store answers a held write (the newest by default)."""
+        write, d = self.held.pop(index)
+        maybeDeferred(write).chainDeferred(d)
+
+    def record(self) -> dict[str, Any]:
+        return json.loads(self.backend.get_bytes(f"jobs/{self.job.id}.json")[0])
+
+
 class RecordWriteOrderTests:
     def test_a_write_in_flight_never_lands_over_a_later_state(self, tmp_path: Path) -> None:
         """The write of 'transcoding' is slow; the job then stores its outputs and ends. Whatever
         order the store answers in, the record ends 'done' (one write of a job's record at a time)."""
-        clock, backend, media = Clock(), MemoryBackend(), FakeMedia(tmp_path)
-        held: list[tuple[Any, tuple[Any, ...], dict[str, Any], Deferred[Any]]] = []
-        holding = [False]
+        rig = HeldRecords(tmp_path)
+        rig.holding = True
+        rig.media.hooks[rig.job.id][0]()  # transcoding: its write is held...
+        rig.media.finish(rig.job.id)  # ...while the job stores its outputs and ends
+        while rig.held:  # the store answers the newest write first
+            rig.land()
+        assert rig.record()["state"] == "done", rig.record()["state"]
+        assert rig.job.id not in rig.svc.active
 
-        def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-            if holding[0] and fn == backend.put_bytes and str(args[0]).startswith("jobs/"):
-                d: Deferred[Any] = Deferred()
-                held.append((fn, args, kwargs, d))
-                return d
-            try:
-                return succeed(fn(*args, **kwargs))
-            except Exception as e:  # noqa: BLE001 - as ObjectStore.synchronous
-                return fail(e)
-
-        config = build_config(cli={"work-dir": str(tmp_path / "work"), "workers": 1, "queue": 1, "min-free": 0,
-                                   "job-lease": 30}).with_identity("n1")
-        svc = JobService(clock, config, ObjectStore(backend, run), media, now=clock.seconds)
-        spool = svc.admit(5)
-        spool.write(b"video")
-        accepted: list[Any] = []
-        svc.submit(spool, name="m.mov", presets=None, checksum=None).addBoth(accepted.append)
-        job = accepted[0]
-        holding[0] = True
-        media.hooks[job.id][0]()  # transcoding: its write is held...
-        media.finish(job.id)  # ...while the job stores its outputs and ends
-        while held:  # the store answers the newest write first
-            fn, args, kwargs, d = held.pop()
-            try:
-                d.callback(fn(*args, **kwargs))
-            except Exception as e:  # noqa: BLE001
-                d.errback(e)
-        record = json.loads(backend.get_bytes(f"jobs/{job.id}.json")[0])
-        assert record["state"] == "done", record["state"]
-        assert job.id not in svc.active
+    def test_the_end_is_told_once_its_record_is_stored(self, tmp_path: Path) -> None:
+        """The final record's write is slow: until it lands the owner's answer, its node view and
+        its subscribers still say 'storing' (what the store says, and what an adopter would read
+        after a crash); then 'done'."""
+        rig = HeldRecords(tmp_path)
+        svc, job = rig.svc, rig.job
+        seen: list[str] = []
+        svc.subscribe(job.id, lambda j: seen.append(j.state))
+        rig.media.hooks[job.id][0]()
+        rig.holding = True
+        rig.media.finish(job.id)  # its 'storing' write is held, and the job ends behind it
+        rig.land()  # 'storing' lands; 'done' is sent, and held
+        assert len(rig.held) == 1
+        answers: list[Any] = []
+        svc.get(job.id).addBoth(answers.append)
+        assert answers[0].state == jobs.STORING and seen[-1] == jobs.STORING
+        assert svc.listing()["active"] == [] and svc.listing()["recent"] == []
+        rig.land()
+        svc.get(job.id).addBoth(answers.append)
+        assert answers[1].state == jobs.DONE and seen[-1] == jobs.DONE
+        assert svc.listing()["recent"][0]["state"] == "done"
