@@ -16,7 +16,7 @@ import pytest_twisted
 
 from tests.helpers import free_port, sleep, wait_for
 from tests.media_samples import work_clip
-from tests.nodes import NodeProcess, get_json, heard_from, stored_final, upload, wait_job
+from tests.nodes import NodeProcess, get_json, heard_from, stored_record, upload, wait_job
 
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ class ChaosTests:
                 key = f"grid/outputs/{j['id']}/mp4-480p.mp4"
                 head = s3_client.head_object(Bucket=s3_bucket, Key=key)
                 assert head["ContentLength"] == j["outputs"][0]["size"] > 1000
-                record = yield stored_final(s3_client, s3_bucket, f"grid/jobs/{j['id']}.json")
+                record = stored_record(s3_client, s3_bucket, f"grid/jobs/{j['id']}.json")
                 assert record["state"] == "done" and len(record["outputs"]) == 1
             # a done job's owner marker and scratch folder go a moment after its done record
             yield wait_for(lambda: s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="grid/active/")

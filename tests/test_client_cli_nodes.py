@@ -136,8 +136,10 @@ class FailureLineTests:
             node.start()
             node.block_until_ready()
             client = subprocess.Popen(
+                # --timeout: a live node's answer to the upload (its probe and store first) may take
+                # seconds on a loaded machine; the frozen one is noticed that long after the freeze
                 [os.path.join(BIN, "gridnode"), "upload", str(long_clip), "--node", node.url, "--wait", "--json",
-                 "--timeout", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 "--timeout", "10"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 stdin=subprocess.DEVNULL)
             try:
                 assert client.stdout is not None

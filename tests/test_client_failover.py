@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.helpers import free_port, sleep
+from tests.helpers import free_port, wait_for
 from tests.media_samples import Clips
 from tests.nodes import BIN, NodeProcess, get_json
 
@@ -39,13 +39,12 @@ class FailoverTests:
         try:
             for n in nodes:
                 yield n.wait_ready()
-            for _ in range(100):
-                status, listing = get_json(nodes[0].url + "/registry/nodes.json")
-                if status == 200 and len(listing["nodes"]) == 3:
-                    break
-                yield sleep(0.1)
+            yield wait_for(lambda: len(get_json(nodes[0].url + "/registry/nodes.json")[1]["nodes"]) == 3, 60)
             nodes[1].signal(signal.SIGSTOP)
-            common = ["--store", f"file:{store}", "--timeout", "3"]
+            # the frozen node fails the client's 2-s health check and is tried last, if at all: a
+            # live node's silence (--timeout) may last seconds on a loaded machine, as it probes
+            # and stores the upload before its answer
+            common = ["--store", f"file:{store}", "--timeout", "15"]
             for run in range(10):
                 out = yield deferToThread(gridnode, "upload", str(media_clips.portrait), "--preset", "poster",
                                           "--wait", "--output", str(tmp_path / "out"), "--json", *common,

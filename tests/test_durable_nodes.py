@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 
 from tests.helpers import sleep
 from tests.media_samples import FFMPEG
-from tests.nodes import stored_final, upload, wait_job
+from tests.nodes import stored_record, upload, wait_job
 from tests.test_chaos import kill_machine, node
 
 pytest_plugins = ["tests.s3server"]
@@ -78,7 +78,7 @@ class AcknowledgedMeansStoredTests:
                 assert j["input"]["size"] == path.stat().st_size
                 head = s3_client.head_object(Bucket=s3_bucket, Key=f"grid/outputs/{j['id']}/mp4-480p.mp4")
                 assert head["ContentLength"] == j["outputs"][0]["size"] > 1000
-                record = yield stored_final(s3_client, s3_bucket, f"grid/jobs/{j['id']}.json")
+                record = stored_record(s3_client, s3_bucket, f"grid/jobs/{j['id']}.json")
                 assert record["state"] == "done"
             assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
         finally:

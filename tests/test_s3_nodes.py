@@ -112,7 +112,7 @@ class S3JobTests:
         import urllib.error
         import urllib.request
 
-        from tests.nodes import request, stored_final, upload, wait_job
+        from tests.nodes import request, stored_record, upload, wait_job
 
         node = s3_node(tmp_path, s3_endpoint, s3_bucket, "s3job", "--min-free", "0")
         node.start()
@@ -126,7 +126,7 @@ class S3JobTests:
             jid = job["id"]
             assert {f"grid/inputs/{jid}/source", f"grid/jobs/{jid}.json", f"grid/outputs/{jid}/mp4-480p.mp4",
                     f"grid/outputs/{jid}/poster.jpg"} <= keys
-            stored = yield stored_final(s3_client, s3_bucket, f"grid/jobs/{jid}.json")
+            stored = stored_record(s3_client, s3_bucket, f"grid/jobs/{jid}.json")
             assert stored["state"] == "done"
 
             class NoRedirect(urllib.request.HTTPRedirectHandler):
