@@ -144,8 +144,8 @@ class ChaosTests:
                 job = yield wait_job(b.url, job_id, timeout=120)
                 assert job["state"] == "done", job
             # b republishes at a's leave (or its next heartbeat): the list it has written by now
-            yield wait_for(lambda: [n["id"] for n in get_json(b.url + "/registry/nodes.json")[1]["nodes"]] == ["d1"],
-                           30)
+            yield wait_for(lambda: [n["id"] for n in get_json(b.url + "/registry/nodes.json")[1].get("nodes", [])]
+                           == ["d1"], 30)
             status, view = get_json(b.url + "/peers")
             assert {p["id"]: p["state"] for p in view["peers"]}["d0"] == "left"
         finally:
