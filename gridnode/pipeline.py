@@ -299,7 +299,7 @@ class JobService(Service):
         self.runner.counts["adopted"] += 1
         self.metrics.jobs_adopted.inc()
         job = claim.job
-        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag)
+        active = self.active[job.id] = Active(job, self.spool.path(job.id), etag=claim.etag, record=job.dumps())
         active.work = self.runner.resume(active)
 
     def quarantined(self, job: Job) -> None:
@@ -390,11 +390,13 @@ class JobService(Service):
 
     @inlineCallbacks
     def get(self, job_id: str) -> Any:
-        """This node's live view of a job, else its record in the store (also while the record
-        of a job that ended here is being written: its end is told once it is stored)."""
+        """This node's live view of a job, else its record in the store. While the record of a job
+        that ended here is being written, the record as this node last stored it: its end is told
+        once it is stored."""
         active = self.active.get(job_id)
-        if active is not None and (active.ended or not active.job.final):
-            return active.job
+        told = active.told if active is not None else None
+        if told is not None:
+            return told
         try:
             job, _ = yield job_records.read(self.store, job_id)
         except NotFound:
@@ -403,7 +405,7 @@ class JobService(Service):
 
     def listing(self, tenant: str | None = None) -> dict[str, Any]:
         """This node's jobs now, and the last ones that ended here: ``tenant``'s only, unless None."""
-        shown = (a.job for a in self.active.values() if a.ended or not a.job.final)  # as `get` tells them
+        shown = [t for a in self.active.values() if (t := a.told) is not None]  # as `get` tells them
         return {"active": [j.to_json() for j in shown if tenant in (None, j.tenant)],
                 "recent": [j.to_json() for j in reversed(self.runner.recent) if tenant in (None, j.tenant)]}
 

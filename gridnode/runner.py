@@ -59,6 +59,8 @@ class Active:
     stored: bool = False
     #: its last record is written (or the job is another node's): clients may hear how it ended
     ended: bool = False
+    #: jobs/<id>.json as this node last stored it (its claim, or our last write)
+    record: bytes | None = None
     #: one write of jobs/<id>.json at a time: a write in flight must not land after, and so over,
     #: the write of a later state
     writing: DeferredLock = field(default_factory=DeferredLock)
@@ -66,6 +68,14 @@ class Active:
     @property
     def stopping(self) -> bool:
         return self.cancelled or self.lost or self.released
+
+    @property
+    def told(self) -> Job | None:
+        """The job as clients may hear of it: its end only once its record says so; until then
+        the record last stored (None: this node stored none, ask the store)."""
+        if self.ended or not self.job.final:
+            return self.job
+        return Job.loads(self.record) if self.record is not None else None
 
 
 #: runs of one job that may run out of scratch space on this node before it goes to the pool
@@ -389,7 +399,7 @@ class Runner:
         job = active.job
         data = job.dumps()
         info = yield job_records.write(self.keeping, job.id, data, active.etag, self.node_id)
-        active.etag = info.etag
+        active.etag, active.record = info.etag, data
         if not job.final and os.path.exists(active.spool_path):
             job_records.journal(active.spool_path, data)
         return info
