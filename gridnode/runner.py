@@ -279,7 +279,8 @@ class Runner:
                 job.release(self.now())
             if not active.lost:
                 try:
-                    yield self._durably("write job record", lambda: self._save(active))
+                    # its end is told once stored: a refusal waits for the operator, not a lie
+                    yield self._durably("write job record", lambda: self._save(active), refusals=True)
                     self._ended(active)
                     if job.final and self.on_final is not None:
                         yield self.on_final(job)
@@ -405,8 +406,12 @@ class Runner:
         return info
 
     @inlineCallbacks
-    def _durably(self, what: str, action: Callable[[], Deferred[Any]]) -> Any:
-        """Run a store action until it succeeds: while the store is unreachable, wait and retry."""
+    def _durably(self, what: str, action: Callable[[], Deferred[Any]], refusals: bool = False) -> Any:
+        """Run a store action until it succeeds: while the store is unreachable, wait and retry.
+        With ``refusals``, also while it refuses the action for a reason of its own (an S3 error
+        this node does not know, such as a bucket policy or a KMS key; a `file:` store's full or
+        read-only disk): what waits on it must not go on without it, and an operator can mend
+        the cause."""
         delay = 0.5
         while True:
             try:
@@ -416,8 +421,14 @@ class Runner:
                 wait = jittered(delay, self.rng)  # nodes that failed together do not retry together
                 self._log.warn("{what}: store unreachable ({reason}); retrying in {delay:.1f}s", what=what,
                                reason=e.message, delay=wait)
-                yield deferLater(self.reactor, wait, lambda: None)
-                delay = min(delay * 2, 30.0)
+            except (GridnodeError, OSError) as e:
+                if not refusals or (isinstance(e, GridnodeError) and e.code != "storage_error"):
+                    raise  # Lost, among others: the action is moot
+                wait = jittered(delay, self.rng)
+                self._log.error("{what}: the store refused it ({reason}); retrying in {delay:.1f}s", what=what,
+                                reason=getattr(e, "message", str(e)), delay=wait)
+            yield deferLater(self.reactor, wait, lambda: None)
+            delay = min(delay * 2, 30.0)
 
 
 @inlineCallbacks

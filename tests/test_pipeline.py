@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -593,6 +594,22 @@ class HeldRecords:
         write, d = self.held.pop(index)
         maybeDeferred(write).chainDeferred(d)
 
+    def end_held(self) -> list[str]:
+        """Run the job to its end with the write of that end held; returns the states its
+        subscriber has heard."""
+        seen: list[str] = []
+        self.svc.subscribe(self.job.id, lambda j: seen.append(j.state))
+        self.media.hooks[self.job.id][0]()
+        self.holding = True
+        self.media.finish(self.job.id)  # its 'storing' write is held, and the job ends behind it
+        self.land()  # 'storing' lands; 'done' is sent, and held
+        return seen
+
+    def refuse(self, error: Exception, index: int = -1) -> None:
+        """The store refuses a held write (the newest by default)."""
+        _, d = self.held.pop(index)
+        d.errback(error)
+
     def record(self) -> dict[str, Any]:
         return json.loads(self.backend.get_bytes(f"jobs/{self.job.id}.json")[0])
 
@@ -616,12 +633,7 @@ class RecordWriteOrderTests:
         after a crash); then 'done'."""
         rig = HeldRecords(tmp_path)
         svc, job = rig.svc, rig.job
-        seen: list[str] = []
-        svc.subscribe(job.id, lambda j: seen.append(j.state))
-        rig.media.hooks[job.id][0]()
-        rig.holding = True
-        rig.media.finish(job.id)  # its 'storing' write is held, and the job ends behind it
-        rig.land()  # 'storing' lands; 'done' is sent, and held
+        seen = rig.end_held()
         assert len(rig.held) == 1
         answers: list[Any] = []
         svc.get(job.id).addBoth(answers.append)
@@ -631,3 +643,23 @@ class RecordWriteOrderTests:
         svc.get(job.id).addBoth(answers.append)
         assert answers[1].state == jobs.DONE and seen[-1] == jobs.DONE
         assert svc.listing()["active"] == [] and svc.listing()["recent"][0]["state"] == "done"
+
+    def test_a_refused_end_waits_for_the_store(self, tmp_path: Path) -> None:
+        """The store refuses the final record's write for a reason of its own (an S3 error the node
+        does not know; a full disk under a `file:` store): the job still says 'storing' to its
+        clients, and the write is tried again until the store takes it; then 'done'."""
+        rig = HeldRecords(tmp_path)
+        svc, job = rig.svc, rig.job
+        seen = rig.end_held()
+        refusals = [GridnodeError("S3 refused put jobs/x.json: KMS.DisabledException", code="storage_error"),
+                    OSError(errno.ENOSPC, "No space left on device")]
+        for refusal in refusals:
+            rig.refuse(refusal)
+            answers: list[Any] = []
+            svc.get(job.id).addBoth(answers.append)
+            assert answers[0].state == jobs.STORING and seen[-1] == jobs.STORING
+            assert rig.record()["state"] == "storing" and job.id in svc.active
+            rig.clock.advance(60)  # the retry
+            assert len(rig.held) == 1
+        rig.land()
+        assert seen[-1] == jobs.DONE and rig.record()["state"] == "done" and job.id not in svc.active
