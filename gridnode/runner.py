@@ -118,13 +118,15 @@ class Runner:
 
     @inlineCallbacks
     def store_accepted(self, active: Active) -> Any:
-        """A new job whose input is stored: its record, then its active marker (a peer adopts only
-        what is marked, and finds the record and the input there). Not retried: on failure what was
-        written is removed and `StorageUnavailable` raised; the client is told 503 and sends again."""
+        """A new job whose input is stored: its active marker, then its record (a peer adopts only
+        what is marked, and drops a marker without a record; a retried Idempotency-Key is answered
+        with the record's job: a record is never left without a marker, a job no one would run).
+        Not retried: on failure what was written is removed and `StorageUnavailable` raised; the
+        client is told 503 and sends again."""
         job_id = active.job.id
         try:
-            yield self._save(active)
             yield job_records.mark(self.store, self.node_id, job_id)
+            yield self._save(active)
             for key in job_list.entries(active.job):
                 yield self.store.put_bytes(key, b"")
         except GridnodeError as e:

@@ -154,6 +154,22 @@ class AdopterTests(AdopterFixture):
         adopter.check_own().addBoth(got.append)
         assert got == [0, 1] and host.active[job.id].job.attempts == 2
 
+    def test_a_job_being_accepted_here_keeps_its_marker_before_its_record(self) -> None:
+        """Our own prefix lists a job whose upload we are still answering, its marker written and
+        its record not yet: the marker stays. Once the job is gone from the host with no record,
+        the marker goes (its acceptance failed, or died with an earlier life)."""
+        job = self.orphan(owner="n2")
+        self.backend.delete(keys.job_record(job.id))
+        host = FakeHost()
+        host.accepting.add(job.id)
+        adopter = self.adopter("n2", host)
+        got: list[Any] = []
+        adopter.check_own().addBoth(got.append)
+        assert got == [0] and self.markers() == [keys.active_marker("n2", job.id)]
+        host.accepting.clear()
+        adopter.check_own().addBoth(got.append)
+        assert got == [0, 0] and self.markers() == [] and host.active == {}
+
     def test_a_released_job_handed_on_is_claimed_by_its_heir(self) -> None:
         """A live node releases a job (no scratch space) and hands it to its heir: the marker moves
         to the heir's prefix, and the heir's look at its own prefix claims it."""

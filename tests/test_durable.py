@@ -73,8 +73,11 @@ class DurableTests:
         return got[0]
 
     def test_no_answer_before_input_record_and_marker(self) -> None:
-        """The job's answer waits for the completion of the input, then the record, then the
-        active marker; when it comes, all three are in the store."""
+        """The job's answer waits for the completion of the input, then the active marker, then the
+        record; when it comes, all three are in the store. Should the node die at any point before
+        it, no record is left without its marker: a retried Idempotency-Key is answered with the
+        record's job, and only a marked job is adopted (one unmarked would be a 201 for a job no
+        node runs)."""
         body = os.urandom(3 * PART + 100)
         spool = self.admitted(len(body))
         spool.write(body)
@@ -87,11 +90,14 @@ class DurableTests:
             order.append((name, args[0] if name.startswith("put") else None))
             assert not answered, f"answered before {name} ran"
             maybeDeferred(call).chainDeferred(d)
+            if order[-1][1] is not None and order[-1][1].startswith("jobs/"):
+                job_id = order[-1][1][len("jobs/"):-len(".json")]
+                assert self.backend.get_bytes(f"active/n1/{job_id}"), "a record without its marker"
         job = answered[0]
         assert job.state == jobs.QUEUED
         assert order == [("put_part", f"inputs/{job.id}/source")] * 4 + [("finish_upload", None),
-                                                                          ("put_bytes", f"jobs/{job.id}.json"),
                                                                           ("put_bytes", f"active/n1/{job.id}"),
+                                                                          ("put_bytes", f"jobs/{job.id}.json"),
                                                                           *(("put_bytes", k) for k in entries(job))]
         assert self.backend.get_bytes(f"inputs/{job.id}/source")[0] == body
         assert self.backend.list_uploads("") == []
