@@ -350,23 +350,6 @@ class RegistryTests:
         again.startService()
         assert again.record.incarnation > first
 
-    def test_it_says_whether_an_earlier_life_left_a_record(self) -> None:
-        """A crash leaves the record (its jobs may be waiting); a clean leave deletes it."""
-        a = make(self.store, self.clock, "a")
-        a.startService()
-        assert a.earlier_life is False
-        a.running = False  # a crash: the record stays
-        crashed = make(self.store, self.clock, "a")
-        crashed.startService()
-        assert crashed.earlier_life is True
-        crashed.stopService()
-        clean = make(self.store, self.clock, "a")
-        clean.startService()
-        assert clean.earlier_life is False
-        self.store.backend.delete(PREFIX + "a.json")  # a peer deleted it: registering again says nothing new
-        self.clock.advance(30)
-        assert clean.earlier_life is False
-
     def test_reregisters_when_deleted(self) -> None:
         """If a peer deletes our record, the next heartbeat writes it again."""
         a = make(self.store, self.clock, "a")

@@ -110,8 +110,6 @@ class Registry(Service):
         self.incarnation = incarnation
         self.etag: str | None = None
         self.registered = False
-        #: whether our first registration found a record of an earlier life (None: not registered yet)
-        self.earlier_life: bool | None = None
         self.last_error: str | None = None
         self.live: list[NodeRecord] = []
         #: called with (records) after each read of the registry
@@ -277,7 +275,6 @@ class Registry(Service):
         replacing an earlier life's record by its ETag, after reading it."""
         etag: str | None = None
         previous: NodeRecord | None = None
-        found = False
         for _ in range(5):
             # Higher than any earlier life: peers may still remember that one as dead.
             # The membership's own number when there is one: the two must agree, or a peer that saw
@@ -299,7 +296,7 @@ class Registry(Service):
                 except NotFound:
                     etag, previous = None, None
                     continue
-                etag, found = got.etag, True
+                etag = got.etag
                 try:
                     previous = parse_record(data, self.node_id)
                 except GridnodeError:
@@ -307,8 +304,6 @@ class Registry(Service):
                 continue
             self.etag = info.etag
             self.registered = True
-            if self.earlier_life is None:
-                self.earlier_life = found  # a record, even an unreadable one
             self._log.info("registered as {node} incarnation {incarnation} in {key}", node=self.node_id,
                            incarnation=self.record.incarnation, key=self.key)
             return
