@@ -118,11 +118,11 @@ class Runner:
 
     @inlineCallbacks
     def store_accepted(self, active: Active) -> Any:
-        """A new job whose input is stored: its active marker, then its record (a peer adopts only
-        what is marked, and drops a marker without a record; a retried Idempotency-Key is answered
-        with the record's job: a record is never left without a marker, a job no one would run).
-        Not retried: on failure what was written is removed and `StorageUnavailable` raised; the
-        client is told 503 and sends again."""
+        """A new job whose input is stored: its active marker, then its record, so that no record
+        is left without a marker (a retried Idempotency-Key is answered with the record's job, and
+        a peer adopts only what is marked; it drops a marker without a record). Not retried: on
+        failure what was written is removed and `StorageUnavailable` raised; the client is told
+        503 and sends again."""
         job_id = active.job.id
         try:
             yield job_records.mark(self.store, self.node_id, job_id)
